@@ -1,0 +1,138 @@
+"""Rate budgets: the contract between the engine and the counter stores, and GCRA math.
+
+A decision hands the store a list of :class:`BudgetCheck` and gets one :class:`Evaluation`
+back from ONE atomic operation (one Lua call on Redis, one lock-free step in memory):
+
+* every check is tested against its bucket at ``now_ms``;
+* if any *blocking* check fails, nothing is spent (all-or-nothing);
+* otherwise every check with ``consume`` that passed is spent; a failing non-blocking
+  check (monitor, demote) is simply not spent;
+* with a ``once_key``: if the key already exists, the message was already counted and
+  nothing is tested or spent (``duplicate``); otherwise the key is set when the decision
+  commits, so the next front-end that sees the same message does not count it again.
+
+GCRA ("generic cell rate algorithm"): each key stores one number, the theoretical arrival
+time ``tat`` in ms. ``interval_ms`` is the time one unit of budget takes to come back
+(period / count); ``burst`` units may be spent at once. The Lua script
+``lua/gcra_batch.lua`` implements exactly :func:`gcra_step`; both are tested by one suite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+NEVER = -1
+"""``retry_after_ms`` when a cost can never fit in the bucket (cost larger than burst)."""
+
+DEFAULT_ONCE_TTL_MS = 86_400_000
+
+
+class StoreError(Exception):
+    """A counter store could not answer (connection lost, timeout, script error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCheck:
+    """One bucket to test (and maybe spend) in a decision."""
+
+    key: str
+    interval_ms: float
+    burst: int
+    cost: int
+    consume: bool = True
+    blocking: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetResult:
+    """What one check found. ``remaining`` is what is left after this decision."""
+
+    allowed: bool
+    remaining: int
+    retry_after_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    results: tuple[BudgetResult, ...]
+    committed: bool
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    """A bucket as ``counters`` shows it."""
+
+    key: str
+    tat_ms: float
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class GcraOutcome:
+    allowed: bool
+    new_tat_ms: float
+    remaining: int
+    retry_after_ms: int
+
+
+def gcra_step(
+    tat_ms: float | None, now_ms: int, interval_ms: float, burst: int, cost: int
+) -> GcraOutcome:
+    """Test ``cost`` units against a bucket whose stored tat is ``tat_ms`` (None = empty).
+
+    ``new_tat_ms`` is the tat to store if the caller decides to spend.
+    """
+    tat = now_ms if tat_ms is None or tat_ms < now_ms else tat_ms
+    tolerance = interval_ms * burst
+    increment = interval_ms * cost
+    new_tat = tat + increment
+    allow_at = new_tat - tolerance
+    if increment > tolerance:
+        left = math.floor((tolerance - (tat - now_ms)) / interval_ms + 1e-9)
+        return GcraOutcome(False, tat, max(0, left), NEVER)
+    if allow_at <= now_ms:
+        left = math.floor((now_ms - allow_at) / interval_ms + 1e-9)
+        return GcraOutcome(True, new_tat, max(0, left), 0)
+    left = math.floor((tolerance - (tat - now_ms)) / interval_ms + 1e-9)
+    return GcraOutcome(False, tat, max(0, left), max(1, math.ceil(allow_at - now_ms)))
+
+
+def ttl_for(tat_ms: float, now_ms: int) -> int:
+    """How long a key must live: until its bucket is full again (at least 1 ms)."""
+    return max(1, math.ceil(tat_ms - now_ms))
+
+
+class CounterStore(Protocol):
+    """A place where budgets live. Implementations: memory, redis."""
+
+    async def evaluate(
+        self,
+        checks: Sequence[BudgetCheck],
+        now_ms: int,
+        once_key: str | None = None,
+        once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+    ) -> Evaluation:
+        """Test and spend atomically, as described in this module's docstring."""
+        ...
+
+    async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
+        """The stored state of each key (None when absent or expired)."""
+        ...
+
+    async def scan(self, pattern: str, count: int = 1000) -> list[str]:
+        """Keys (without the store's prefix) matching a glob ``pattern``, at most ``count``."""
+        ...
+
+    async def reset(self, keys: Sequence[str]) -> int:
+        """Delete buckets; returns how many existed."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store answers."""
+        ...
+
+    async def close(self) -> None: ...
