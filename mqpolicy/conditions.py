@@ -1,0 +1,425 @@
+"""Match conditions for ``classify`` rules and the ``when``/``except`` of limits.
+
+Conditions are compiled once at config load into plain predicates ``Request -> bool``.
+Compilation reports problems through :class:`ConditionError` with the YAML path; the
+config loader adds the file and line. Evaluation is pure and never raises.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mqpolicy.rates import RateSyntaxError, parse_size
+from mqpolicy.request import Request, domain_of
+
+Predicate = Callable[[Request], bool]
+
+
+class ConditionError(ValueError):
+    """A condition that cannot be compiled. ``key`` is the offending sub-key, if any."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _always(_: Request) -> bool:
+    return True
+
+
+def _never(_: Request) -> bool:
+    return False
+
+
+# ---------------------------------------------------------------- string matchers
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatcher:
+    """Case-insensitive exact / glob / regex matching of one string."""
+
+    exact: frozenset[str]
+    pattern: re.Pattern[str] | None
+
+    def __call__(self, value: str) -> bool:
+        value = value.lower()
+        if value in self.exact:
+            return True
+        return self.pattern is not None and self.pattern.search(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AddressMatcher:
+    """Addresses: exact, ``@domain``, ``@.domain`` (domain and subdomains), glob, regex."""
+
+    exact: frozenset[str]
+    domains: frozenset[str]
+    suffixes: tuple[str, ...]
+    pattern: re.Pattern[str] | None
+
+    def __call__(self, address: str) -> bool:
+        address = address.lower()
+        if address in self.exact:
+            return True
+        if self.domains or self.suffixes:
+            domain = domain_of(address)
+            if domain in self.domains:
+                return True
+            for suffix in self.suffixes:
+                if domain == suffix or domain.endswith("." + suffix):
+                    return True
+        return self.pattern is not None and self.pattern.search(address) is not None
+
+
+def _as_list(value: Any, what: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConditionError(f"{what}: expected a string or a list of strings, got {value!r}")
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ConditionError(f"bad regex {text!r}: {exc}") from None
+    return text
+
+
+def _join(patterns: list[str]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
+
+
+def _read_list_file(path_text: str) -> list[str]:
+    path = Path(path_text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConditionError(f"cannot read list file {path_text!r}: {exc.strerror}") from None
+    entries = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            entries.append(line)
+    return entries
+
+
+_STRING_FORMS = {"exact", "glob", "regex", "file"}
+_ADDRESS_FORMS = {"exact", "domain", "glob", "regex", "file"}
+
+
+def compile_string_matcher(value: Any, what: str) -> StringMatcher:
+    """A string, a list, or ``{exact, glob, regex, file}``; ``/re/`` and globs auto-detected."""
+    exact: set[str] = set()
+    patterns: list[str] = []
+
+    def add_auto(item: str) -> None:
+        if len(item) >= 2 and item.startswith("/") and item.endswith("/"):
+            patterns.append(_regex(item[1:-1]))
+        elif any(c in item for c in "*?["):
+            patterns.append(fnmatch.translate(item.lower()))
+        else:
+            exact.add(item.lower())
+
+    if isinstance(value, Mapping):
+        for form, items in value.items():
+            if form not in _STRING_FORMS:
+                raise ConditionError(
+                    f"{what}: unknown matcher {form!r} (use {', '.join(sorted(_STRING_FORMS))})",
+                    key=str(form),
+                )
+            for item in _as_list(items, f"{what}.{form}"):
+                if form == "exact":
+                    exact.add(item.lower())
+                elif form == "glob":
+                    patterns.append(fnmatch.translate(item.lower()))
+                elif form == "regex":
+                    patterns.append(_regex(item))
+                else:
+                    for entry in _read_list_file(item):
+                        add_auto(entry)
+    else:
+        for item in _as_list(value, what):
+            add_auto(item)
+    return StringMatcher(frozenset(exact), _join(patterns))
+
+
+def compile_address_matcher(value: Any, what: str) -> AddressMatcher:
+    """Like strings, plus ``@domain`` and ``@.domain`` forms (and ``domain:`` lists)."""
+    exact: set[str] = set()
+    domains: set[str] = set()
+    suffixes: list[str] = []
+    patterns: list[str] = []
+
+    def add_domain(item: str) -> None:
+        item = item.lower().lstrip("@")
+        if item.startswith("."):
+            suffixes.append(item[1:])
+        elif item:
+            domains.add(item)
+        else:
+            raise ConditionError(f"{what}: empty domain")
+
+    def add_auto(item: str) -> None:
+        if len(item) >= 2 and item.startswith("/") and item.endswith("/"):
+            patterns.append(_regex(item[1:-1]))
+        elif any(c in item for c in "*?["):
+            patterns.append(fnmatch.translate(item.lower()))
+        elif item.startswith("@"):
+            add_domain(item)
+        else:
+            exact.add(item.lower())
+
+    if isinstance(value, Mapping):
+        for form, items in value.items():
+            if form not in _ADDRESS_FORMS:
+                raise ConditionError(
+                    f"{what}: unknown matcher {form!r} (use {', '.join(sorted(_ADDRESS_FORMS))})",
+                    key=str(form),
+                )
+            for item in _as_list(items, f"{what}.{form}"):
+                if form == "exact":
+                    exact.add(item.lower())
+                elif form == "domain":
+                    add_domain(item)
+                elif form == "glob":
+                    patterns.append(fnmatch.translate(item.lower()))
+                elif form == "regex":
+                    patterns.append(_regex(item))
+                else:
+                    for entry in _read_list_file(item):
+                        add_auto(entry)
+    else:
+        for item in _as_list(value, what):
+            add_auto(item)
+    return AddressMatcher(frozenset(exact), frozenset(domains), tuple(suffixes), _join(patterns))
+
+
+# ---------------------------------------------------------------- networks and ranges
+
+
+def compile_networks(
+    value: Any, what: str
+) -> tuple[tuple[ipaddress.IPv4Network, ...], tuple[ipaddress.IPv6Network, ...]]:
+    v4: list[ipaddress.IPv4Network] = []
+    v6: list[ipaddress.IPv6Network] = []
+    for item in _as_list(value, what):
+        try:
+            net = ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            raise ConditionError(f"{what}: bad address or CIDR {item!r}") from None
+        if isinstance(net, ipaddress.IPv4Network):
+            v4.append(net)
+        else:
+            v6.append(net)
+    return tuple(v4), tuple(v6)
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address as Postfix sends it (``ipv6:`` prefix tolerated), or None."""
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _range(value: Any, what: str, *, sizes: bool) -> tuple[int | None, int | None]:
+    def number(v: Any, sub: str) -> int:
+        try:
+            if sizes:
+                return parse_size(v)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise RateSyntaxError(f"{v!r}")
+            return v
+        except RateSyntaxError:
+            raise ConditionError(f"{what}.{sub}: not a non-negative number: {v!r}", key=sub) from None
+
+    if not isinstance(value, Mapping) or not value:
+        raise ConditionError(f"{what}: expected {{min: N, max: N}}, got {value!r}")
+    low = high = None
+    for sub, v in value.items():
+        if sub == "min":
+            low = number(v, sub)
+        elif sub == "max":
+            high = number(v, sub)
+        else:
+            raise ConditionError(f"{what}: unknown key {sub!r} (use min, max)", key=str(sub))
+    if low is not None and high is not None and low > high:
+        raise ConditionError(f"{what}: min {low} is above max {high}")
+    return low, high
+
+
+# ---------------------------------------------------------------- the compiler
+
+_STRING_FIELDS = {
+    "client_name": "client_name",
+    "reverse_client_name": "reverse_client_name",
+    "helo_name": "helo_name",
+    "sasl_username": "sasl_username",
+    "protocol_name": "protocol_name",
+}
+
+CONDITION_KEYS = frozenset(
+    {
+        "sender",
+        "recipient",
+        "client_address",
+        "authenticated",
+        "size",
+        "recipient_count",
+        "protocol_state",
+        "header",
+        "header_present",
+        "any",
+        "all",
+        "not",
+        *_STRING_FIELDS,
+    }
+)
+
+
+def compile_condition(spec: Any, what: str = "when") -> Predicate:
+    """Compile a condition mapping (all keys must hold) into a predicate."""
+    if not isinstance(spec, Mapping):
+        raise ConditionError(f"{what}: expected a mapping of conditions, got {spec!r}")
+    if not spec:
+        raise ConditionError(f"{what}: empty condition (leave it out to match everything)")
+    parts: list[Predicate] = []
+    for key, value in spec.items():
+        try:
+            parts.append(_compile_one(str(key), value, f"{what}.{key}"))
+        except ConditionError as exc:
+            if exc.key is None:
+                exc.key = str(key)
+            raise
+    if len(parts) == 1:
+        return parts[0]
+    preds = tuple(parts)
+
+    def all_of(req: Request) -> bool:
+        return all(p(req) for p in preds)
+
+    return all_of
+
+
+def _compile_list(value: Any, what: str) -> tuple[Predicate, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConditionError(f"{what}: expected a non-empty list of conditions")
+    return tuple(compile_condition(item, f"{what}[{i}]") for i, item in enumerate(value))
+
+
+def _compile_one(key: str, value: Any, what: str) -> Predicate:
+    if key == "any":
+        preds = _compile_list(value, what)
+        return lambda req: any(p(req) for p in preds)
+    if key == "all":
+        preds = _compile_list(value, what)
+        return lambda req: all(p(req) for p in preds)
+    if key == "not":
+        inner = compile_condition(value, what)
+        return lambda req: not inner(req)
+    if key == "sender":
+        match = compile_address_matcher(value, what)
+        return lambda req: match(req.sender)
+    if key == "recipient":
+        rmatch = compile_address_matcher(value, what)
+
+        def recipient(req: Request) -> bool:
+            if req.recipient and rmatch(req.recipient):
+                return True
+            return any(rmatch(r) for r in req.recipients)
+
+        return recipient
+    if key in _STRING_FIELDS:
+        smatch = compile_string_matcher(value, what)
+        attr = _STRING_FIELDS[key]
+        return lambda req: smatch(getattr(req, attr))
+    if key == "client_address":
+        v4, v6 = compile_networks(value, what)
+
+        def client_address(req: Request) -> bool:
+            ip = parse_ip(req.client_address)
+            if ip is None:
+                return False
+            nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (
+                v4 if ip.version == 4 else v6
+            )
+            return any(ip in net for net in nets)
+
+        return client_address
+    if key == "authenticated":
+        if not isinstance(value, bool):
+            raise ConditionError(f"{what}: expected true or false, got {value!r}")
+        want = value
+        return lambda req: bool(req.sasl_username) is want
+    if key in ("size", "recipient_count"):
+        low, high = _range(value, what, sizes=key == "size")
+        field_name = key
+
+        def in_range(req: Request) -> bool:
+            n: int = getattr(req, field_name)
+            if field_name == "recipient_count" and n == 0 and req.recipients:
+                n = len(req.recipients)
+            return (low is None or n >= low) and (high is None or n <= high)
+
+        return in_range
+    if key == "protocol_state":
+        states = frozenset(s.upper() for s in _as_list(value, what))
+        return lambda req: req.stage in states
+    if key == "header_present":
+        names = frozenset(n.lower() for n in _as_list(value, what))
+
+        def header_present(req: Request) -> bool:
+            if req.headers is None:
+                return False
+            return any(name.lower() in names for name, _ in req.headers)
+
+        return header_present
+    if key == "header":
+        return _compile_header(value, what)
+    raise ConditionError(
+        f"{what}: unknown condition {key!r} (use one of {', '.join(sorted(CONDITION_KEYS))})"
+    )
+
+
+def _compile_header(value: Any, what: str) -> Predicate:
+    items = value if isinstance(value, list) else [value]
+    tests: list[tuple[str, re.Pattern[str]]] = []
+    for i, item in enumerate(items):
+        where = f"{what}[{i}]" if isinstance(value, list) else what
+        if not isinstance(item, Mapping) or set(item) - {"name", "regex"} or "name" not in item:
+            raise ConditionError(f"{where}: expected {{name: HEADER, regex: PATTERN}}")
+        name = item["name"]
+        pattern = item.get("regex", ".*")
+        if not isinstance(name, str) or not isinstance(pattern, str):
+            raise ConditionError(f"{where}: name and regex must be strings")
+        tests.append((name.lower(), re.compile(_regex(pattern), re.IGNORECASE)))
+    frozen = tuple(tests)
+
+    def header(req: Request) -> bool:
+        if req.headers is None:
+            return False
+        for want, rx in frozen:
+            for name, val in req.headers:
+                if name.lower() == want and rx.search(val):
+                    break
+            else:
+                return False
+        return True
+
+    return header
+
+
+ALWAYS: Predicate = _always
+NEVER: Predicate = _never

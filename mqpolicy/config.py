@@ -1,0 +1,859 @@
+"""The YAML policy: loaded with ``yaml.safe_load`` semantics, validated, frozen.
+
+Every problem is collected with its file and line; :class:`ConfigError` lists them all.
+Rates, CIDRs, regexes and message templates are compiled here, once, so that no
+decision repeats work that the load could do.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mqpolicy.conditions import ConditionError, Predicate, compile_condition
+from mqpolicy.endpoints import Endpoint, EndpointSyntaxError, parse_endpoint
+from mqpolicy.rates import (
+    Rate,
+    RateSyntaxError,
+    parse_duration_ms,
+    parse_rate,
+    parse_size,
+)
+
+# ---------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    source: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The policy file is not valid. ``issues`` lists every problem found."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+class _LineMap(dict[Any, Any]):
+    line: int = 0
+    key_lines: dict[Any, int]
+
+
+class _LineList(list[Any]):
+    line: int = 0
+    item_lines: list[int]
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key and list item."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineMap:
+    result = _LineMap()
+    result.line = node.start_mark.line + 1
+    result.key_lines = {}
+    loader.flatten_mapping(node)
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in result.key_lines:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.key_lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> _LineList:
+    result = _LineList(loader.construct_object(child, deep=True) for child in node.value)
+    result.line = node.start_mark.line + 1
+    result.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return result
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+def _line_of(container: Any, key: Any = None) -> int:
+    if isinstance(container, _LineMap):
+        if key is not None and key in container.key_lines:
+            return container.key_lines[key]
+        return container.line
+    if isinstance(container, _LineList):
+        if isinstance(key, int) and 0 <= key < len(container.item_lines):
+            return container.item_lines[key]
+        return container.line
+    return 0
+
+
+# ---------------------------------------------------------------- the frozen policy
+
+
+class Count(Enum):
+    MESSAGES = "messages"
+    RECIPIENTS = "recipients"
+    BYTES = "bytes"
+
+
+class ActionKind(Enum):
+    DEFER = "defer"
+    HOLD = "hold"
+    REJECT = "reject"
+    DEMOTE = "demote"
+
+
+class StoreErrorMode(Enum):
+    ACCEPT = "accept"
+    DEFER = "defer"
+
+
+RECIPIENT_KEY_PARTS = frozenset({"recipient", "recipient_domain", "destination"})
+KEY_PARTS = frozenset(
+    {
+        "sender",
+        "sender_domain",
+        "sasl_username",
+        "client_address",
+        "client_network",
+        "client_name",
+        "helo_name",
+        *RECIPIENT_KEY_PARTS,
+    }
+)
+TEMPLATE_FIELDS = frozenset({"limit", "key", "rate", "retry_after", "remaining", "lane"})
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPart:
+    name: str
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+
+    def __str__(self) -> str:
+        if self.name == "client_network":
+            return f"client_network/{self.ipv4_prefix}/{self.ipv6_prefix}"
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    name: str
+    transport: str
+    priority: int  # 0 = highest
+    concurrency: int | None = None
+    initial_concurrency: int | None = None
+    rate_delay_ms: int | None = None
+    recipient_limit: int | None = None
+    hold: bool = False
+
+    @property
+    def uses_default_transport(self) -> bool:
+        return self.transport == "smtp"
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyRule:
+    name: str
+    when: Predicate
+    lane: str
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    name: str
+    rate: Rate
+    burst: int
+    key: tuple[KeyPart, ...]
+    count: Count
+    action: ActionKind
+    demote_to: str | None
+    message: str | None
+    monitor: bool
+    lanes: frozenset[str] | None
+    when: Predicate | None
+    exempt: Predicate | None
+    on_store_error: StoreErrorMode
+
+    @property
+    def recipient_keyed(self) -> bool:
+        return any(part.name in RECIPIENT_KEY_PARTS for part in self.key)
+
+    @property
+    def blocking(self) -> bool:
+        """Whether a spent budget stops the whole decision (and so spends nothing)."""
+        return not self.monitor and self.action is not ActionKind.DEMOTE
+
+    @property
+    def key_text(self) -> str:
+        return "+".join(str(p) for p in self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class Messages:
+    defer: str = "Rate limit {limit} reached for {key}, try again in {retry_after}s"
+    hold: str = "held by mqpolicy limit {limit}"
+    reject: str = "Quota {limit} exceeded for {key}"
+    store_error: str = "Policy store unavailable, try again later"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    idle_timeout_s: float = 300.0
+    max_request_size: int = 65536
+    max_connections: int = 4096
+    drain_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    url: str = "memory://"
+    timeout_ms: int = 50
+    on_store_error: StoreErrorMode = StoreErrorMode.ACCEPT
+    key_prefix: str = "mqpolicy:"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    format: str = "kv"
+    level: str = "info"
+
+
+_DEFAULT_LANES = (Lane(name="normal", transport="smtp", priority=0),)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    source: str = "<default>"
+    listen: tuple[Endpoint, ...] = (Endpoint(host="127.0.0.1", port=10040),)
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    log: LogSettings = LogSettings()
+    lanes: tuple[Lane, ...] = _DEFAULT_LANES
+    default_lane: str = "normal"
+    classify: tuple[ClassifyRule, ...] = ()
+    limits: tuple[Limit, ...] = ()
+    messages: Messages = Messages()
+    lanes_by_name: Mapping[str, Lane] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.lanes_by_name:
+            object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
+
+    def lane(self, name: str) -> Lane:
+        return self.lanes_by_name[name]
+
+
+# ---------------------------------------------------------------- the loader
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TRANSPORT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+class _Reader:
+    """Walks the loaded YAML, converting values and collecting issues with lines."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.issues: list[ConfigIssue] = []
+
+    def error(self, container: Any, key: Any, path: str, message: str) -> None:
+        self.issues.append(ConfigIssue(self.source, _line_of(container, key), path, message))
+
+    def mapping(
+        self, container: Any, key: Any, path: str, allowed: set[str] | frozenset[str]
+    ) -> Mapping[str, Any] | None:
+        value = container[key] if key is not None else container
+        if not isinstance(value, Mapping):
+            self.error(container, key, path, f"expected a mapping, got {_kind(value)}")
+            return None
+        for k in value:
+            if k not in allowed:
+                hint = _suggest(str(k), allowed)
+                self.error(
+                    value, k, f"{path}.{k}" if path else str(k), f"unknown key{hint}"
+                )
+        return value
+
+    def convert(
+        self, container: Mapping[str, Any], key: str, path: str, fn: Callable[[Any], Any]
+    ) -> Any:
+        try:
+            return fn(container[key])
+        except (RateSyntaxError, EndpointSyntaxError, ValueError, TypeError) as exc:
+            self.error(container, key, path, str(exc))
+            return None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _suggest(word: str, allowed: set[str] | frozenset[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, sorted(allowed), n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (allowed: {', '.join(sorted(allowed))})"
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {_kind(value)}")
+    return value
+
+
+def _template(value: Any) -> str:
+    text = _string(value)
+    if "\n" in text or "\r" in text:
+        raise ValueError("a reply text must be one line")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as exc:
+        raise ValueError(f"bad template {text!r}: {exc}") from None
+    unknown = fields - TEMPLATE_FIELDS
+    if unknown:
+        raise ValueError(
+            f"unknown placeholder(s) {', '.join('{' + f + '}' for f in sorted(unknown))} "
+            f"(use {', '.join('{' + f + '}' for f in sorted(TEMPLATE_FIELDS))})"
+        )
+    return text
+
+
+def _store_error_mode(value: Any) -> StoreErrorMode:
+    try:
+        return StoreErrorMode(value)
+    except ValueError:
+        raise ValueError(f"expected accept or defer, got {value!r}") from None
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)  # YAML 0660 without quotes is octal already: 432
+        if value > 0o777:
+            return int(text, 8)
+        return value
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    raise ValueError(f"expected a file mode like \"0660\", got {value!r}")
+
+
+def _key_part(text: Any) -> KeyPart:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a key name, got {_kind(text)}")
+    name, _, rest = text.partition("/")
+    if name not in KEY_PARTS:
+        raise ValueError(f"unknown key {name!r}{_suggest(name, KEY_PARTS)}")
+    if not rest:
+        return KeyPart(name)
+    if name != "client_network":
+        raise ValueError(f"only client_network takes a prefix length: {text!r}")
+    parts = rest.split("/")
+    try:
+        v4 = int(parts[0])
+        v6 = int(parts[1]) if len(parts) > 1 else 64
+    except ValueError:
+        raise ValueError(f"bad prefix length in {text!r}") from None
+    if len(parts) > 2 or not 1 <= v4 <= 32 or not 1 <= v6 <= 128:
+        raise ValueError(f"bad prefix length in {text!r} (IPv4 1-32, IPv6 1-128)")
+    return KeyPart(name, v4, v6)
+
+
+_TOP_KEYS = {
+    "listen",
+    "listen_mode",
+    "server",
+    "store",
+    "log",
+    "lanes",
+    "default_lane",
+    "classify",
+    "limits",
+    "messages",
+}
+_LANE_KEYS = {
+    "name",
+    "transport",
+    "concurrency",
+    "initial_concurrency",
+    "rate_delay",
+    "recipient_limit",
+    "hold",
+}
+_LIMIT_KEYS = {
+    "name",
+    "rate",
+    "burst",
+    "key",
+    "count",
+    "action",
+    "message",
+    "monitor",
+    "lanes",
+    "when",
+    "except",
+    "on_store_error",
+}
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; raise :class:`ConfigError` listing every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(source, 0, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(source, 0, "", "not UTF-8 text")]) from None
+    return parse_policy(text, source)
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    try:
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([ConfigIssue(source, line, "", f"YAML syntax: {problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(source, 0, "", f"YAML: {exc}")]) from None
+    if data is None:
+        data = _LineMap()
+        data.key_lines = {}
+    reader = _Reader(source)
+    policy = _read_policy(reader, data)
+    if reader.issues or policy is None:
+        raise ConfigError(reader.issues)
+    return policy
+
+
+def _read_policy(r: _Reader, data: Any) -> Policy | None:
+    top = r.mapping(data, None, "", _TOP_KEYS)
+    if top is None:
+        return None
+    defaults = Policy()
+
+    listen_mode = 0o660
+    if "listen_mode" in top:
+        listen_mode = r.convert(top, "listen_mode", "listen_mode", _mode) or 0o660
+    listen = defaults.listen
+    if "listen" in top:
+        listen = tuple(_read_listen(r, top, listen_mode))
+
+    server = _read_server(r, top) if "server" in top else defaults.server
+    store = _read_store(r, top) if "store" in top else defaults.store
+    log = _read_log(r, top) if "log" in top else defaults.log
+    messages = _read_messages(r, top) if "messages" in top else defaults.messages
+
+    lanes = tuple(_read_lanes(r, top)) if "lanes" in top else defaults.lanes
+    lane_names = {lane.name for lane in lanes}
+    default_lane = defaults.default_lane
+    if "default_lane" in top:
+        default_lane = top["default_lane"]
+        if default_lane not in lane_names:
+            r.error(top, "default_lane", "default_lane", _unknown_lane(default_lane, lane_names))
+    elif len(lanes) == 1:
+        default_lane = lanes[0].name
+    elif lanes and default_lane not in lane_names:
+        r.error(top, "lanes", "default_lane", "set default_lane: the lane of unmatched mail")
+
+    classify = tuple(_read_classify(r, top, lane_names)) if "classify" in top else ()
+    limits = tuple(_read_limits(r, top, lane_names, store)) if "limits" in top else ()
+    return Policy(
+        source=r.source,
+        listen=listen,
+        server=server,
+        store=store,
+        log=log,
+        lanes=lanes,
+        default_lane=default_lane,
+        classify=classify,
+        limits=limits,
+        messages=messages,
+    )
+
+
+def _unknown_lane(name: Any, lane_names: set[str]) -> str:
+    return f"unknown lane {name!r} (lanes: {', '.join(sorted(lane_names))})"
+
+
+def _items(r: _Reader, top: Mapping[str, Any], key: str) -> Iterator[tuple[int, Any, str]]:
+    value = top[key]
+    if not isinstance(value, list):
+        r.error(top, key, key, f"expected a list, got {_kind(value)}")
+        return
+    for i, item in enumerate(value):
+        yield i, value, f"{key}[{i}]"
+
+
+def _read_listen(r: _Reader, top: Mapping[str, Any], mode: int) -> Iterator[Endpoint]:
+    value = top["listen"]
+    if isinstance(value, str):
+        ep = r.convert(top, "listen", "listen", lambda v: parse_endpoint(v, mode=mode))
+        if ep is not None:
+            yield ep
+        return
+    for i, container, path in _items(r, top, "listen"):
+        item = container[i]
+        if not isinstance(item, str):
+            r.error(container, i, path, f"expected HOST:PORT or unix:/path, got {_kind(item)}")
+            continue
+        try:
+            yield parse_endpoint(item, mode=mode)
+        except EndpointSyntaxError as exc:
+            r.error(container, i, path, str(exc))
+
+
+def _read_server(r: _Reader, top: Mapping[str, Any]) -> ServerSettings:
+    m = r.mapping(
+        top,
+        "server",
+        "server",
+        {"idle_timeout", "max_request_size", "max_connections", "drain_timeout"},
+    )
+    d = ServerSettings()
+    if m is None:
+        return d
+    idle = r.convert(m, "idle_timeout", "server.idle_timeout", parse_duration_ms) if (
+        "idle_timeout" in m
+    ) else None
+    size = r.convert(m, "max_request_size", "server.max_request_size", parse_size) if (
+        "max_request_size" in m
+    ) else None
+    conns = r.convert(m, "max_connections", "server.max_connections", _positive_int) if (
+        "max_connections" in m
+    ) else None
+    drain = r.convert(m, "drain_timeout", "server.drain_timeout", parse_duration_ms) if (
+        "drain_timeout" in m
+    ) else None
+    if size is not None and size < 1024:
+        r.error(m, "max_request_size", "server.max_request_size", "must be at least 1KiB")
+    return ServerSettings(
+        idle_timeout_s=idle / 1000 if idle else d.idle_timeout_s,
+        max_request_size=size or d.max_request_size,
+        max_connections=conns or d.max_connections,
+        drain_timeout_s=drain / 1000 if drain is not None else d.drain_timeout_s,
+    )
+
+
+def _read_store(r: _Reader, top: Mapping[str, Any]) -> StoreSettings:
+    m = r.mapping(top, "store", "store", {"url", "timeout_ms", "on_store_error", "key_prefix"})
+    d = StoreSettings()
+    if m is None:
+        return d
+    url = d.url
+    if "url" in m:
+        url = r.convert(m, "url", "store.url", _store_url) or d.url
+    timeout = d.timeout_ms
+    if "timeout_ms" in m:
+        timeout = r.convert(m, "timeout_ms", "store.timeout_ms", _positive_int) or d.timeout_ms
+    mode = d.on_store_error
+    if "on_store_error" in m:
+        mode = r.convert(m, "on_store_error", "store.on_store_error", _store_error_mode) or mode
+    prefix = d.key_prefix
+    if "key_prefix" in m:
+        prefix = r.convert(m, "key_prefix", "store.key_prefix", _string) or prefix
+    return StoreSettings(url=url, timeout_ms=timeout, on_store_error=mode, key_prefix=prefix)
+
+
+_STORE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+
+
+def _store_url(value: Any) -> str:
+    text = _string(value)
+    if not text.startswith(_STORE_SCHEMES):
+        raise ValueError(f"unsupported store URL {text!r} (use {', '.join(_STORE_SCHEMES)}...)")
+    return text
+
+
+def _read_log(r: _Reader, top: Mapping[str, Any]) -> LogSettings:
+    m = r.mapping(top, "log", "log", {"format", "level"})
+    d = LogSettings()
+    if m is None:
+        return d
+    fmt, level = d.format, d.level
+    if "format" in m:
+        if m["format"] in ("kv", "json"):
+            fmt = m["format"]
+        else:
+            r.error(m, "format", "log.format", f"expected kv or json, got {m['format']!r}")
+    if "level" in m:
+        lv = str(m["level"]).lower()
+        if lv in ("debug", "info", "warning", "error"):
+            level = lv
+        else:
+            r.error(m, "level", "log.level", "expected debug, info, warning or error")
+    return LogSettings(format=fmt, level=level)
+
+
+def _read_messages(r: _Reader, top: Mapping[str, Any]) -> Messages:
+    d = Messages()
+    m = r.mapping(top, "messages", "messages", {"defer", "hold", "reject", "store_error"})
+    if m is None:
+        return d
+    values = {}
+    for key in ("defer", "hold", "reject", "store_error"):
+        if key in m:
+            text = r.convert(m, key, f"messages.{key}", _template)
+            if text is not None:
+                values[key] = text
+    return Messages(**values)
+
+
+def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
+    seen: set[str] = set()
+    priority = 0
+    for i, container, path in _items(r, top, "lanes"):
+        m = r.mapping(container, i, path, _LANE_KEYS)
+        if m is None:
+            continue
+        name = m.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            r.error(m, "name", f"{path}.name", f"a lane needs a name ([A-Za-z0-9_.-]), got {name!r}")
+            continue
+        if name in seen:
+            r.error(m, "name", f"{path}.name", f"duplicate lane {name!r}")
+            continue
+        seen.add(name)
+        transport = m.get("transport", "smtp")
+        if not isinstance(transport, str) or not _TRANSPORT.match(transport):
+            r.error(m, "transport", f"{path}.transport", f"bad transport name {transport!r}")
+            transport = "smtp"
+
+        def opt(key: str, fn: Callable[[Any], Any], lane_path: str = path) -> Any:
+            return r.convert(m, key, f"{lane_path}.{key}", fn) if key in m else None
+
+        rate_delay = opt("rate_delay", parse_duration_ms)
+        if rate_delay is not None and rate_delay % 1000 and rate_delay >= 1000:
+            r.error(m, "rate_delay", f"{path}.rate_delay", "Postfix takes whole seconds here")
+        yield Lane(
+            name=name,
+            transport=transport,
+            priority=priority,
+            concurrency=opt("concurrency", _positive_int),
+            initial_concurrency=opt("initial_concurrency", _positive_int),
+            rate_delay_ms=rate_delay,
+            recipient_limit=opt("recipient_limit", _positive_int),
+            hold=bool(opt("hold", _bool)),
+        )
+        priority += 1
+    if not seen and isinstance(top["lanes"], list):
+        r.error(top, "lanes", "lanes", "at least one lane is needed")
+
+
+def _condition(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> Predicate | None:
+    try:
+        return compile_condition(m[key], f"{path}.{key}")
+    except ConditionError as exc:
+        line = _find_line(m[key], exc.key) or _line_of(m, key)
+        r.issues.append(ConfigIssue(r.source, line, "", str(exc)))
+        return None
+
+
+def _find_line(value: Any, key: str | None) -> int:
+    """The line of ``key`` anywhere inside ``value`` (first found, depth-first)."""
+    if key is None:
+        return 0
+    if isinstance(value, _LineMap):
+        if key in value.key_lines:
+            return value.key_lines[key]
+        for v in value.values():
+            line = _find_line(v, key)
+            if line:
+                return line
+    if isinstance(value, _LineList):
+        for v in value:
+            line = _find_line(v, key)
+            if line:
+                return line
+    return 0
+
+
+def _read_classify(r: _Reader, top: Mapping[str, Any], lanes: set[str]) -> Iterator[ClassifyRule]:
+    for i, container, path in _items(r, top, "classify"):
+        m = r.mapping(container, i, path, {"name", "when", "lane"})
+        if m is None:
+            continue
+        name = m.get("name", f"rule-{i + 1}")
+        if not isinstance(name, str):
+            r.error(m, "name", f"{path}.name", "expected a string")
+            name = f"rule-{i + 1}"
+        lane = m.get("lane")
+        if lane is None:
+            r.error(container, i, path, "a classify rule needs a lane")
+        elif lane not in lanes:
+            r.error(m, "lane", f"{path}.lane", _unknown_lane(lane, lanes))
+            lane = None
+        when = None
+        if "when" not in m:
+            r.error(container, i, path, "a classify rule needs a when")
+        else:
+            when = _condition(r, m, "when", path)
+        if when is not None and lane is not None:
+            yield ClassifyRule(name=name, when=when, lane=lane)
+
+
+def _read_limits(
+    r: _Reader, top: Mapping[str, Any], lanes: set[str], store: StoreSettings
+) -> Iterator[Limit]:
+    seen: set[str] = set()
+    for i, container, path in _items(r, top, "limits"):
+        m = r.mapping(container, i, path, _LIMIT_KEYS)
+        if m is None:
+            continue
+        before = len(r.issues)
+        name = m.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            r.error(m, "name", f"{path}.name", f"a limit needs a name ([A-Za-z0-9_.-]), got {name!r}")
+            name = f"limit-{i + 1}"
+        elif name in seen:
+            r.error(m, "name", f"{path}.name", f"duplicate limit {name!r}")
+        seen.add(name)
+        path = f"limits[{name}]"
+
+        rate = None
+        if "rate" not in m:
+            r.error(container, i, path, "a limit needs a rate (e.g. 100/1h)")
+        else:
+            rate = r.convert(m, "rate", f"{path}.rate", parse_rate)
+        burst = None
+        if "burst" in m:
+            burst = r.convert(m, "burst", f"{path}.burst", parse_size)
+            if burst == 0:
+                r.error(m, "burst", f"{path}.burst", "burst must be at least 1")
+
+        key: tuple[KeyPart, ...] = ()
+        if "key" not in m:
+            r.error(container, i, path, "a limit needs a key (e.g. sender)")
+        else:
+            raw = m["key"]
+            items = raw if isinstance(raw, list) else [raw]
+            parts = []
+            for j, item in enumerate(items):
+                try:
+                    parts.append(_key_part(item))
+                except ValueError as exc:
+                    where = raw if isinstance(raw, list) else m
+                    r.error(where, j if isinstance(raw, list) else "key", f"{path}.key", str(exc))
+            if not items:
+                r.error(m, "key", f"{path}.key", "empty key list")
+            key = tuple(parts)
+
+        count = Count.MESSAGES
+        if "count" in m:
+            try:
+                count = Count(m["count"])
+            except ValueError:
+                r.error(
+                    m, "count", f"{path}.count",
+                    f"expected messages, recipients or bytes, got {m['count']!r}",
+                )
+
+        action, demote_to = ActionKind.DEFER, None
+        if "action" in m:
+            action, demote_to = _read_action(r, m, path, lanes)
+
+        message = None
+        if "message" in m:
+            message = r.convert(m, "message", f"{path}.message", _template)
+        monitor = bool(r.convert(m, "monitor", f"{path}.monitor", _bool)) if "monitor" in m else False
+
+        scope: frozenset[str] | None = None
+        if "lanes" in m:
+            raw_lanes = m["lanes"]
+            names = [raw_lanes] if isinstance(raw_lanes, str) else raw_lanes
+            if not isinstance(names, list) or not names:
+                r.error(m, "lanes", f"{path}.lanes", "expected a lane name or a list of lanes")
+            else:
+                for j, lane_name in enumerate(names):
+                    if lane_name not in lanes:
+                        where = names if isinstance(raw_lanes, list) else m
+                        r.error(
+                            where, j if isinstance(raw_lanes, list) else "lanes",
+                            f"{path}.lanes", _unknown_lane(lane_name, lanes),
+                        )
+                scope = frozenset(str(n) for n in names)
+        when = _condition(r, m, "when", path) if "when" in m else None
+        exempt = _condition(r, m, "except", path) if "except" in m else None
+        on_error = store.on_store_error
+        if "on_store_error" in m:
+            on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", _store_error_mode)
+
+        if len(r.issues) > before or rate is None or on_error is None:
+            continue
+        yield Limit(
+            name=name,
+            rate=rate,
+            burst=burst or rate.count,
+            key=key,
+            count=count,
+            action=action,
+            demote_to=demote_to,
+            message=message,
+            monitor=monitor,
+            lanes=scope,
+            when=when,
+            exempt=exempt,
+            on_store_error=on_error,
+        )
+
+
+def _read_action(
+    r: _Reader, m: Mapping[str, Any], path: str, lanes: set[str]
+) -> tuple[ActionKind, str | None]:
+    value = m["action"]
+    where = f"{path}.action"
+    if isinstance(value, str) and value.startswith("demote:"):
+        value = {"demote": value.partition(":")[2].strip()}
+    if isinstance(value, Mapping):
+        if set(value) != {"demote"}:
+            r.error(m, "action", where, "expected defer, hold, reject or {demote: LANE}")
+            return ActionKind.DEFER, None
+        target = value["demote"]
+        if target not in lanes:
+            r.error(value, "demote", f"{where}.demote", _unknown_lane(target, lanes))
+            return ActionKind.DEFER, None
+        return ActionKind.DEMOTE, str(target)
+    if value in ("defer", "hold", "reject"):
+        return ActionKind(value), None
+    r.error(m, "action", where, f"expected defer, hold, reject or {{demote: LANE}}, got {value!r}")
+    return ActionKind.DEFER, None
