@@ -1,0 +1,28 @@
+# make run    start the policy server on the embedded memory store with conf/mqpolicy.yaml
+# make test   install everything (Debian packages, .venv) and run the whole suite
+# make bench  policy server throughput and latency, memory and Redis stores (see README)
+SHELL := /bin/bash
+VENV ?= .venv
+CONFIG ?= conf/mqpolicy.yaml
+
+.PHONY: run test bench bootstrap
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+run: bootstrap
+	$(VENV)/bin/mqpolicy serve -c $(CONFIG)
+
+# Runs pytest, ruff and mypy even when an earlier one fails, then fails if any did.
+# pytest's exit code 5 ("no tests collected") is a failure here.
+test: bootstrap
+	@failed=(); \
+	$(VENV)/bin/pytest; rc=$$?; \
+	if [[ $$rc -eq 5 ]]; then echo "make test: pytest collected no tests" >&2; fi; \
+	[[ $$rc -eq 0 ]] || failed+=(pytest); \
+	$(VENV)/bin/ruff check mqpolicy tests bench || failed+=(ruff); \
+	$(VENV)/bin/mypy --strict mqpolicy || failed+=(mypy); \
+	if (( $${#failed[@]} )); then echo "make test: FAILED: $${failed[*]}" >&2; exit 1; fi
+
+bench: bootstrap
+	$(VENV)/bin/python bench/policy_bench.py --baseline
