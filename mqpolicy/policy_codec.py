@@ -1,0 +1,223 @@
+"""Postfix policy delegation protocol: an incremental, bounded decoder and the encoders. Pure.
+
+Wire format (Postfix ``SMTPD_POLICY_README``): a request is ``name=value`` lines, each ended
+by ``\\n``, and the request is ended by an empty line. The reply is ``action=TEXT\\n\\n``.
+Postfix keeps the connection open and sends the next request on it.
+
+Decisions made here (each one tested):
+
+* ``\\r\\n`` is accepted wherever ``\\n`` is (a ``\\r`` directly before a ``\\n`` is dropped);
+  a lone ``\\r`` elsewhere is kept as part of the value.
+* Bytes are decoded as UTF-8 with ``surrogateescape``: Postfix sends UTF-8 for SMTPUTF8 mail,
+  but a client may put raw 8-bit bytes in HELO or an address. Rejecting them would close the
+  connection and make Postfix answer ``451`` forever for that mail; instead every byte is kept
+  losslessly and deterministically (an invalid byte ``0xNN`` becomes ``U+DCNN``). Code that
+  re-encodes a value must use ``errors="surrogateescape"`` (as :func:`encode_request` does).
+* A duplicate attribute name: the last one wins.
+* A lone empty line (a request with no attributes) yields an empty dict.
+* A request larger than ``max_request_bytes`` (counting every byte including the line ends
+  and the empty line) raises :class:`RequestTooLarge` as soon as that many bytes are
+  buffered, even before any line end. More than ``max_lines`` attribute lines raises
+  :class:`TooManyLines`. A line without ``=`` or with an empty name raises
+  :class:`MalformedLine`.
+* After any error the decoder is unusable: every later :meth:`PolicyDecoder.feed` raises
+  :class:`DecoderFailed`. Requests completed in the same chunk before the error are
+  discarded with it (the caller closes the connection; Postfix treats that as a temporary
+  failure).
+* Bytes after the last empty line are kept until more data arrives; at EOF they are simply
+  an incomplete request (:attr:`PolicyDecoder.pending_bytes` tells how many).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+__all__ = [
+    "DEFAULT_MAX_LINES",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DecoderFailed",
+    "MalformedLine",
+    "PolicyDecoder",
+    "PolicyProtocolError",
+    "RequestTooLarge",
+    "TooManyLines",
+    "encode_reply",
+    "encode_request",
+]
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024
+# Postfix sends about 30 attributes; leave ample room for future ones.
+DEFAULT_MAX_LINES = 1000
+
+# The empty line that ends a request, when it follows an attribute line.
+_END = re.compile(rb"\n\r?\n")
+
+
+class PolicyProtocolError(Exception):
+    """The peer broke the policy delegation protocol; the connection must be closed."""
+
+
+class RequestTooLarge(PolicyProtocolError):
+    """A request exceeded the maximum size in bytes."""
+
+
+class TooManyLines(PolicyProtocolError):
+    """A request had more attribute lines than allowed."""
+
+
+class MalformedLine(PolicyProtocolError):
+    """An attribute line without ``=`` or with an empty name."""
+
+
+class DecoderFailed(PolicyProtocolError):
+    """``feed()`` was called again after the decoder had raised an error."""
+
+
+class PolicyDecoder:
+    """Turns a byte stream into policy requests, incrementally and within bounds.
+
+    ``feed()`` may be given any slicing of the stream (one byte at a time or many requests
+    at once) and returns, in order, every request completed by that data.
+    """
+
+    __slots__ = ("_buf", "_error", "_lines", "_max_lines", "_max_request_bytes", "_scan")
+
+    def __init__(
+        self,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_lines: int = DEFAULT_MAX_LINES,
+    ) -> None:
+        if max_request_bytes < 2:
+            raise ValueError("max_request_bytes must be at least 2")
+        if max_lines < 1:
+            raise ValueError("max_lines must be at least 1")
+        self._max_request_bytes = max_request_bytes
+        self._max_lines = max_lines
+        # Bytes of the incomplete request (always starts at a request boundary).
+        self._buf = bytearray()
+        # Where to resume searching ``_buf`` for the end of the request.
+        self._scan = 0
+        # Line ends in ``_buf[:_scan]`` (every one ends an attribute line).
+        self._lines = 0
+        self._error: PolicyProtocolError | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an incomplete request held back (non-zero at EOF: a truncated request)."""
+        return len(self._buf)
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, str]]:
+        """Add ``data``; return the requests it completes (possibly none).
+
+        Raises a :class:`PolicyProtocolError` subclass when the stream is invalid.
+        """
+        if self._error is not None:
+            raise DecoderFailed("decoder unusable after an earlier protocol error") from (
+                self._error
+            )
+        try:
+            return self._feed(data)
+        except PolicyProtocolError as exc:
+            self._error = exc
+            self._buf.clear()
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, str]]:
+        buf = self._buf
+        buf += data
+        limit = self._max_request_bytes
+        requests: list[dict[str, str]] = []
+        start = 0
+        scan = self._scan
+        while True:
+            # An empty line right at the start of a request: a request with no attributes.
+            if buf.startswith(b"\n", start):
+                requests.append({})
+                start += 1
+                scan = start
+                continue
+            if buf.startswith(b"\r\n", start):
+                requests.append({})
+                start += 2
+                scan = start
+                continue
+            match = _END.search(buf, scan)
+            if match is None:
+                break
+            end = match.end()
+            if end - start > limit:
+                raise RequestTooLarge(f"request of {end - start} bytes exceeds {limit}")
+            # The attribute lines, each with its line end.
+            block = bytes(buf[start : match.start() + 1])
+            requests.append(self._parse(block))
+            start = scan = end
+        if start:
+            del buf[:start]
+            scan = 0
+            self._lines = 0
+        if len(buf) > limit:
+            raise RequestTooLarge(f"incomplete request of {len(buf)} bytes exceeds {limit}")
+        # Resume two bytes back: the end marker (``\n\r\n``) may straddle the next chunk.
+        new_scan = max(len(buf) - 2, 0)
+        if new_scan > scan:
+            self._lines += buf.count(b"\n", scan, new_scan)
+        self._scan = new_scan
+        if self._lines + buf.count(b"\n", new_scan) > self._max_lines:
+            raise TooManyLines(f"request has more than {self._max_lines} lines")
+        return requests
+
+    def _parse(self, block: bytes) -> dict[str, str]:
+        nlines = block.count(b"\n")
+        if nlines > self._max_lines:
+            raise TooManyLines(f"request has {nlines} lines, more than {self._max_lines}")
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n")
+        attrs: dict[str, str] = {}
+        for line in block.decode("utf-8", "surrogateescape")[:-1].split("\n"):
+            name, sep, value = line.partition("=")
+            if not sep:
+                raise MalformedLine(f"attribute line without '=': {line[:80]!r}")
+            if not name:
+                raise MalformedLine(f"attribute line with an empty name: {line[:80]!r}")
+            attrs[name] = value
+        return attrs
+
+
+_REPLY_FORBIDDEN = ("\n", "\r", "\x00")
+
+
+def encode_reply(action: str) -> bytes:
+    """``action=<action>\\n\\n``.
+
+    Raises ValueError for an empty action or one containing a line break or NUL (the text
+    often carries data from the request: a line break would inject attributes or replies).
+    """
+    for char in _REPLY_FORBIDDEN:
+        if char in action:
+            raise ValueError(f"policy action contains {char!r}: {action[:80]!r}")
+    if not action.strip():
+        raise ValueError("policy action is empty")
+    return b"action=" + action.encode("utf-8", "surrogateescape") + b"\n\n"
+
+
+def encode_request(attrs: Mapping[str, str]) -> bytes:
+    """Encode one request as Postfix sends it (for tests and load generators).
+
+    Raises ValueError for a name that is empty or contains ``=``, or a name or value
+    containing ``\\r``, ``\\n`` or NUL, since those cannot round-trip.
+    """
+    parts: list[str] = []
+    for name, value in attrs.items():
+        if not name or "=" in name:
+            raise ValueError(f"invalid attribute name {name!r}")
+        for char in _REPLY_FORBIDDEN:
+            if char in name or char in value:
+                raise ValueError(f"attribute {name!r} contains {char!r}")
+        parts.append(f"{name}={value}\n")
+    parts.append("\n")
+    return "".join(parts).encode("utf-8", "surrogateescape")
