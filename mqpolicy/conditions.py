@@ -85,11 +85,11 @@ def _as_list(value: Any, what: str) -> list[str]:
     raise ConditionError(f"{what}: expected a string or a list of strings, got {value!r}")
 
 
-def _regex(text: str) -> str:
+def _regex(text: str, what: str) -> str:
     try:
         re.compile(text)
     except re.error as exc:
-        raise ConditionError(f"bad regex {text!r}: {exc}") from None
+        raise ConditionError(f"{what}: bad regex {text!r}: {exc}") from None
     return text
 
 
@@ -124,7 +124,7 @@ def compile_string_matcher(value: Any, what: str) -> StringMatcher:
 
     def add_auto(item: str) -> None:
         if len(item) >= 2 and item.startswith("/") and item.endswith("/"):
-            patterns.append(_regex(item[1:-1]))
+            patterns.append(_regex(item[1:-1], what))
         elif any(c in item for c in "*?["):
             patterns.append(fnmatch.translate(item.lower()))
         else:
@@ -143,7 +143,7 @@ def compile_string_matcher(value: Any, what: str) -> StringMatcher:
                 elif form == "glob":
                     patterns.append(fnmatch.translate(item.lower()))
                 elif form == "regex":
-                    patterns.append(_regex(item))
+                    patterns.append(_regex(item, what))
                 else:
                     for entry in _read_list_file(item):
                         add_auto(entry)
@@ -171,7 +171,7 @@ def compile_address_matcher(value: Any, what: str) -> AddressMatcher:
 
     def add_auto(item: str) -> None:
         if len(item) >= 2 and item.startswith("/") and item.endswith("/"):
-            patterns.append(_regex(item[1:-1]))
+            patterns.append(_regex(item[1:-1], what))
         elif any(c in item for c in "*?["):
             patterns.append(fnmatch.translate(item.lower()))
         elif item.startswith("@"):
@@ -194,7 +194,7 @@ def compile_address_matcher(value: Any, what: str) -> AddressMatcher:
                 elif form == "glob":
                     patterns.append(fnmatch.translate(item.lower()))
                 elif form == "regex":
-                    patterns.append(_regex(item))
+                    patterns.append(_regex(item, what))
                 else:
                     for entry in _read_list_file(item):
                         add_auto(entry)
@@ -243,7 +243,8 @@ def _range(value: Any, what: str, *, sizes: bool) -> tuple[int | None, int | Non
                 raise RateSyntaxError(f"{v!r}")
             return v
         except RateSyntaxError:
-            raise ConditionError(f"{what}.{sub}: not a non-negative number: {v!r}", key=sub) from None
+            message = f"{what}.{sub}: not a non-negative number: {v!r}"
+            raise ConditionError(message, key=sub) from None
 
     if not isinstance(value, Mapping) or not value:
         raise ConditionError(f"{what}: expected {{min: N, max: N}}, got {value!r}")
@@ -404,7 +405,7 @@ def _compile_header(value: Any, what: str) -> Predicate:
         pattern = item.get("regex", ".*")
         if not isinstance(name, str) or not isinstance(pattern, str):
             raise ConditionError(f"{where}: name and regex must be strings")
-        tests.append((name.lower(), re.compile(_regex(pattern), re.IGNORECASE)))
+        tests.append((name.lower(), re.compile(_regex(pattern, where), re.IGNORECASE)))
     frozen = tuple(tests)
 
     def header(req: Request) -> bool:

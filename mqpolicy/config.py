@@ -7,6 +7,7 @@ decision repeats work that the load could do.
 
 from __future__ import annotations
 
+import difflib
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping
@@ -315,8 +316,6 @@ def _kind(value: Any) -> str:
 
 
 def _suggest(word: str, allowed: set[str] | frozenset[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(word, sorted(allowed), n=1)
     if close:
         return f" (did you mean {close[0]!r}?)"
@@ -521,7 +520,7 @@ def _items(r: _Reader, top: Mapping[str, Any], key: str) -> Iterator[tuple[int, 
     if not isinstance(value, list):
         r.error(top, key, key, f"expected a list, got {_kind(value)}")
         return
-    for i, item in enumerate(value):
+    for i in range(len(value)):
         yield i, value, f"{key}[{i}]"
 
 
@@ -648,7 +647,7 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
             continue
         name = m.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            r.error(m, "name", f"{path}.name", f"a lane needs a name ([A-Za-z0-9_.-]), got {name!r}")
+            r.error(m, "name", f"{path}.name", f"a lane needs a name ([A-Za-z0-9_.-]): {name!r}")
             continue
         if name in seen:
             r.error(m, "name", f"{path}.name", f"duplicate lane {name!r}")
@@ -659,7 +658,9 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
             r.error(m, "transport", f"{path}.transport", f"bad transport name {transport!r}")
             transport = "smtp"
 
-        def opt(key: str, fn: Callable[[Any], Any], lane_path: str = path) -> Any:
+        def opt(
+            key: str, fn: Callable[[Any], Any], m: Mapping[str, Any] = m, lane_path: str = path
+        ) -> Any:
             return r.convert(m, key, f"{lane_path}.{key}", fn) if key in m else None
 
         rate_delay = opt("rate_delay", parse_duration_ms)
@@ -743,7 +744,7 @@ def _read_limits(
         before = len(r.issues)
         name = m.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            r.error(m, "name", f"{path}.name", f"a limit needs a name ([A-Za-z0-9_.-]), got {name!r}")
+            r.error(m, "name", f"{path}.name", f"a limit needs a name ([A-Za-z0-9_.-]): {name!r}")
             name = f"limit-{i + 1}"
         elif name in seen:
             r.error(m, "name", f"{path}.name", f"duplicate limit {name!r}")
@@ -795,7 +796,9 @@ def _read_limits(
         message = None
         if "message" in m:
             message = r.convert(m, "message", f"{path}.message", _template)
-        monitor = bool(r.convert(m, "monitor", f"{path}.monitor", _bool)) if "monitor" in m else False
+        monitor = False
+        if "monitor" in m:
+            monitor = bool(r.convert(m, "monitor", f"{path}.monitor", _bool))
 
         scope: frozenset[str] | None = None
         if "lanes" in m:

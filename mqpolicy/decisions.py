@@ -1,0 +1,164 @@
+"""The decision service: one engine plan, one store round trip, one verdict.
+
+Shared by every front-end (policy server, milter, ``explain``). Owns the current policy
+(swapped whole on reload), the store deadline and the failure contract: a store that
+errs or misses its deadline yields ``evaluation=None`` and the engine applies each
+limit's ``on_store_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from mqpolicy.budget import CounterStore, Evaluation, StoreError
+from mqpolicy.config import Policy
+from mqpolicy.engine import Action, Plan, Verdict, decide, make_plan, no_store_needed
+from mqpolicy.request import STAGE_END_OF_MESSAGE, Request
+
+log = logging.getLogger("mqpolicy.decision")
+store_log = logging.getLogger("mqpolicy.store")
+
+
+def wall_clock_ms() -> int:
+    """Milliseconds since the epoch: the clock shared by every process and host."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class DecisionStats:
+    """Counters for metrics and ``top``."""
+
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (action, lane)
+    limits_hit: Counter[tuple[str, str]] = field(default_factory=Counter)  # (limit, action)
+    store_errors: int = 0
+    store_timeouts: int = 0
+
+
+class DecisionService:
+    def __init__(
+        self,
+        policy: Policy,
+        store: CounterStore,
+        *,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        error_log_interval_s: float = 10.0,
+    ) -> None:
+        self.policy = policy
+        self.store = store
+        self.clock_ms = clock_ms
+        self.stats = DecisionStats()
+        self._error_log_interval_s = error_log_interval_s
+        self._last_error_log = float("-inf")
+        self._suppressed_errors = 0
+
+    def replace_policy(self, policy: Policy) -> None:
+        """Swap the policy; decisions in flight finish with the one they started with."""
+        self.policy = policy
+
+    async def decide(self, request: Request, *, consume: bool = True) -> Verdict:
+        policy = self.policy
+        plan = make_plan(request, policy)
+        if not consume:
+            plan = _dry(plan)
+        evaluation: Evaluation | None
+        if not plan.limits:
+            evaluation = no_store_needed(plan)
+        else:
+            evaluation = await self._evaluate(plan, policy.store.timeout_ms)
+        verdict = decide(plan, evaluation, policy)
+        self._account(request, verdict)
+        return verdict
+
+    async def _evaluate(self, plan: Plan, timeout_ms: int) -> Evaluation | None:
+        checks = [p.check for p in plan.limits]
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
+        except TimeoutError:
+            self.stats.store_timeouts += 1
+            self._store_failed(f"no answer within {timeout_ms} ms")
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            self._store_failed(str(exc))
+        return None
+
+    def _store_failed(self, why: str) -> None:
+        """Log once per burst: the first error, then a summary every interval."""
+        now = time.monotonic()
+        if now - self._last_error_log >= self._error_log_interval_s:
+            fields = {"error": why, "suppressed": self._suppressed_errors}
+            store_log.warning("store unavailable, applying on_store_error",
+                              extra={"fields": fields})
+            self._last_error_log = now
+            self._suppressed_errors = 0
+        else:
+            self._suppressed_errors += 1
+
+    def _account(self, request: Request, verdict: Verdict) -> None:
+        stats = self.stats
+        stats.decisions[(verdict.action.value, verdict.lane.name)] += 1
+        spoke = [o for o in verdict.limits if not o.allowed]
+        for o in spoke:
+            stats.limits_hit[(o.name, "monitor" if o.monitor else o.action.value)] += 1
+        quiet = (
+            verdict.action is Action.ACCEPT
+            and not spoke
+            and not verdict.store_error
+            and request.stage != STAGE_END_OF_MESSAGE
+        )
+        level = logging.DEBUG if quiet else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "decision", extra={"fields": decision_fields(request, verdict)})
+
+
+def decision_fields(request: Request, verdict: Verdict) -> dict[str, object]:
+    """The fields of a decision's log line."""
+    fields: dict[str, object] = {
+        "stage": request.stage,
+        "action": verdict.action.value,
+        "lane": verdict.lane.name,
+    }
+    if request.queue_id:
+        fields["qid"] = request.queue_id
+    if request.instance:
+        fields["instance"] = request.instance
+    fields["sender"] = request.sender or "<>"
+    if request.recipient:
+        fields["rcpt"] = request.recipient
+    if request.recipient_count:
+        fields["nrcpt"] = request.recipient_count
+    if request.client_address:
+        fields["client"] = request.client_address
+    if request.sasl_username:
+        fields["user"] = request.sasl_username
+    if verdict.rule:
+        fields["rule"] = verdict.rule
+    if verdict.demoted:
+        fields["demoted_from"] = verdict.classified_lane.name
+    if verdict.deciding:
+        fields["by"] = verdict.deciding
+    if verdict.retry_after_ms > 0:
+        fields["retry_after_s"] = round(verdict.retry_after_ms / 1000, 1)
+    if verdict.store_error:
+        fields["store_error"] = "yes"
+    if verdict.duplicate:
+        fields["duplicate"] = "yes"
+    hits = [
+        f"{o.name}:{'monitor' if o.monitor else o.action.value}:{o.key}"
+        for o in verdict.limits
+        if not o.allowed
+    ]
+    if hits:
+        fields["limits"] = ",".join(hits)
+    return fields
+
+
+def _dry(plan: Plan) -> Plan:
+    """The same plan, spending nothing (``explain`` without ``--consume``)."""
+    limits = tuple(replace(p, check=replace(p.check, consume=False)) for p in plan.limits)
+    return replace(plan, limits=limits, once_key=None)

@@ -1,0 +1,330 @@
+"""The decision engine. Pure: no I/O, no clock, no globals.
+
+A decision has two steps around one store round trip::
+
+    plan = make_plan(request, policy)              # lane + the budget checks to run
+    evaluation = await store.evaluate(...)         # done by the caller (I/O)
+    verdict = decide(plan, evaluation, policy)     # action, lane, reasons
+
+Counting rules (see README "How counting works"):
+
+* recipient-keyed limits (recipient, recipient_domain, destination) are spent per
+  recipient at RCPT;
+* every other limit is only *checked* before END-OF-MESSAGE (so an exhausted sender is
+  deferred at RCPT already) and spent once per message at END-OF-MESSAGE, where the final
+  recipient count and size are known; a ``once_key`` (queue id, else instance) keeps a
+  message from being counted twice when several front-ends see it;
+* a decision that defers, holds or rejects spends nothing (all-or-nothing in the store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from enum import Enum
+
+from mqpolicy.budget import NEVER, BudgetCheck, BudgetResult, Evaluation
+from mqpolicy.conditions import parse_ip
+from mqpolicy.config import (
+    ActionKind,
+    Count,
+    KeyPart,
+    Lane,
+    Limit,
+    Policy,
+    StoreErrorMode,
+)
+from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
+
+
+class Action(Enum):
+    ACCEPT = "accept"
+    DEFER = "defer"
+    HOLD = "hold"
+    REJECT = "reject"
+
+
+_SEVERITY = {ActionKind.REJECT: 3, ActionKind.DEFER: 2, ActionKind.HOLD: 1}
+_MAX_KEY_LENGTH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedLimit:
+    limit: Limit
+    key: str  # the key value this request maps to, e.g. "alice@example.com"
+    check: BudgetCheck
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    request: Request
+    lane: Lane
+    rule: str | None  # the classify rule that chose the lane (None: default lane)
+    limits: tuple[PlannedLimit, ...]
+    once_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitOutcome:
+    """What one limit said in one decision."""
+
+    name: str
+    key: str
+    allowed: bool
+    spent: bool
+    remaining: int
+    retry_after_ms: int
+    action: ActionKind
+    monitor: bool
+    rate: str
+    counted: str  # what the check counted: "1 messages", "12 recipients", "peek", ...
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    lane: Lane
+    classified_lane: Lane
+    rule: str | None
+    text: str
+    retry_after_ms: int
+    limits: tuple[LimitOutcome, ...]
+    deciding: str | None = None  # name of the limit that decided, or "lane:<name>"
+    store_error: bool = False
+    duplicate: bool = False
+
+    @property
+    def demoted(self) -> bool:
+        return self.lane.name != self.classified_lane.name
+
+
+# ---------------------------------------------------------------- classify
+
+
+def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
+    for rule in policy.classify:
+        if rule.when(request):
+            return policy.lane(rule.lane), rule.name
+    return policy.lane(policy.default_lane), None
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _network(address: str, part: KeyPart) -> str:
+    ip = parse_ip(address)
+    if ip is None:
+        return ""
+    prefix = part.ipv4_prefix if ip.version == 4 else part.ipv6_prefix
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def _key_value(part: KeyPart, request: Request) -> str:
+    name = part.name
+    if name == "sender":
+        return request.sender.lower()
+    if name == "sender_domain":
+        return request.sender_domain
+    if name == "sasl_username":
+        return request.sasl_username.lower()
+    if name == "client_address":
+        return request.client_address.lower()
+    if name == "client_network":
+        return _network(request.client_address, part)
+    if name == "client_name":
+        return request.client_name.lower()
+    if name == "helo_name":
+        return request.helo_name.lower()
+    if name == "recipient":
+        return request.recipient.lower()
+    # recipient_domain, destination (MX rollup arrives with destinations)
+    return domain_of(request.recipient)
+
+
+def limit_key(limit: Limit, request: Request) -> str | None:
+    """The key value of ``limit`` for this request; None when a part is missing."""
+    values = []
+    for part in limit.key:
+        value = _key_value(part, request)
+        if not value:
+            return None
+        values.append(value)
+    return values[0] if len(values) == 1 else "|".join(values)
+
+
+def store_key(limit_name: str, key: str) -> str:
+    """The store's logical key for a limit's bucket (the store adds its prefix)."""
+    if not key.isascii():
+        key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if len(key) > _MAX_KEY_LENGTH:
+        key = "sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
+    return f"rl:{limit_name}:{key}"
+
+
+def once_key_for(request: Request) -> str | None:
+    key = request.message_key
+    return f"seen:{key}" if key else None
+
+
+# ---------------------------------------------------------------- plan
+
+
+def applies(limit: Limit, lane: Lane, request: Request) -> bool:
+    if limit.lanes is not None and lane.name not in limit.lanes:
+        return False
+    if limit.when is not None and not limit.when(request):
+        return False
+    return not (limit.exempt is not None and limit.exempt(request))
+
+
+def _message_cost(limit: Limit, request: Request) -> int:
+    if limit.count is Count.MESSAGES:
+        return 1
+    if limit.count is Count.RECIPIENTS:
+        return max(1, request.recipient_count or len(request.recipients))
+    return max(1, request.size)
+
+
+def make_plan(request: Request, policy: Policy) -> Plan:
+    lane, rule = classify(request, policy)
+    at_end = request.stage == STAGE_END_OF_MESSAGE
+    at_rcpt = request.stage == STAGE_RCPT
+    planned: list[PlannedLimit] = []
+    for limit in policy.limits:
+        if limit.recipient_keyed and not at_rcpt:
+            continue
+        if not applies(limit, lane, request):
+            continue
+        key = limit_key(limit, request)
+        if key is None:
+            continue
+        if limit.recipient_keyed:
+            cost = max(1, request.size) if limit.count is Count.BYTES else 1
+            consume = True
+        elif at_end:
+            cost = _message_cost(limit, request)
+            consume = True
+        else:
+            cost = max(1, request.size) if limit.count is Count.BYTES else 1
+            consume = False
+        check = BudgetCheck(
+            key=store_key(limit.name, key),
+            interval_ms=limit.rate.interval_ms,
+            burst=limit.burst,
+            cost=cost,
+            consume=consume,
+            blocking=limit.blocking,
+        )
+        planned.append(PlannedLimit(limit, key, check))
+    once = once_key_for(request) if at_end and planned else None
+    return Plan(request, lane, rule, tuple(planned), once)
+
+
+# ---------------------------------------------------------------- decide
+
+
+def _counted(p: PlannedLimit) -> str:
+    if not p.check.consume:
+        return "checked"
+    return f"{p.check.cost} {p.limit.count.value}"
+
+
+def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: int,
+          remaining: int) -> str:
+    retry = "later" if retry_ms == NEVER else str(max(1, -(-retry_ms // 1000)))
+    return template.format(
+        limit=limit.name if limit else "",
+        key=key,
+        rate=str(limit.rate) if limit else "",
+        retry_after=retry,
+        remaining=remaining,
+        lane=lane.name,
+    )
+
+
+def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict:
+    """Turn the store's answer (None: the store failed) into a verdict."""
+    classified = plan.lane
+    if evaluation is None:
+        return _store_failed(plan, policy)
+
+    outcomes: list[LimitOutcome] = []
+    worst: tuple[int, int, PlannedLimit, BudgetResult] | None = None
+    lane = classified
+    for planned, result in zip(plan.limits, evaluation.results, strict=True):
+        limit = planned.limit
+        spent = evaluation.committed and planned.check.consume and result.allowed
+        outcomes.append(
+            LimitOutcome(
+                name=limit.name,
+                key=planned.key,
+                allowed=result.allowed,
+                spent=spent and not evaluation.duplicate,
+                remaining=result.remaining,
+                retry_after_ms=result.retry_after_ms,
+                action=limit.action,
+                monitor=limit.monitor,
+                rate=str(limit.rate),
+                counted="already counted" if evaluation.duplicate else _counted(planned),
+            )
+        )
+        if result.allowed or limit.monitor:
+            continue
+        if limit.action is ActionKind.DEMOTE and limit.demote_to is not None:
+            target = policy.lane(limit.demote_to)
+            if target.priority > lane.priority:
+                lane = target
+            continue
+        retry = result.retry_after_ms if result.retry_after_ms != NEVER else 1 << 62
+        rank = (_SEVERITY[limit.action], retry, planned, result)
+        if worst is None or rank[:2] > worst[:2]:
+            worst = rank
+
+    limits = tuple(outcomes)
+    if worst is not None:
+        _, _, planned, result = worst
+        limit = planned.limit
+        action = Action(limit.action.value)
+        default = {
+            Action.DEFER: policy.messages.defer,
+            Action.HOLD: policy.messages.hold,
+            Action.REJECT: policy.messages.reject,
+        }[action]
+        text = _fill(limit.message or default, limit, planned.key, lane,
+                     result.retry_after_ms, result.remaining)
+        return Verdict(action, lane, classified, plan.rule, text, result.retry_after_ms,
+                       limits, deciding=limit.name, duplicate=evaluation.duplicate)
+    if lane.hold:
+        text = _fill(policy.messages.hold, None, "", lane, 0, 0)
+        return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,
+                       deciding=f"lane:{lane.name}", duplicate=evaluation.duplicate)
+    return Verdict(Action.ACCEPT, lane, classified, plan.rule, "", 0, limits,
+                   duplicate=evaluation.duplicate)
+
+
+def _store_failed(plan: Plan, policy: Policy) -> Verdict:
+    outcomes = tuple(
+        LimitOutcome(
+            name=p.limit.name, key=p.key, allowed=True, spent=False, remaining=-1,
+            retry_after_ms=0, action=p.limit.action, monitor=p.limit.monitor,
+            rate=str(p.limit.rate), counted="store error",
+        )
+        for p in plan.limits
+    )
+    deferring = [
+        p for p in plan.limits
+        if not p.limit.monitor and p.limit.on_store_error is StoreErrorMode.DEFER
+    ]
+    if deferring:
+        text = _fill(policy.messages.store_error, deferring[0].limit, deferring[0].key,
+                     plan.lane, 0, 0)
+        return Verdict(Action.DEFER, plan.lane, plan.lane, plan.rule, text, 0, outcomes,
+                       deciding=deferring[0].limit.name, store_error=True)
+    return Verdict(Action.ACCEPT, plan.lane, plan.lane, plan.rule, "", 0, outcomes,
+                   store_error=True)
+
+
+def no_store_needed(plan: Plan) -> Evaluation:
+    """The evaluation of a plan with no limits (skip the round trip)."""
+    return Evaluation(results=(), committed=True)
