@@ -738,6 +738,9 @@ def _read_limits(
 ) -> Iterator[Limit]:
     seen: set[str] = set()
     for i, container, path in _items(r, top, "limits"):
+        item = container[i]
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            path = f"limits[{item['name']}]"
         m = r.mapping(container, i, path, _LIMIT_KEYS)
         if m is None:
             continue
@@ -749,7 +752,6 @@ def _read_limits(
         elif name in seen:
             r.error(m, "name", f"{path}.name", f"duplicate limit {name!r}")
         seen.add(name)
-        path = f"limits[{name}]"
 
         rate = None
         if "rate" not in m:

@@ -1,0 +1,200 @@
+"""Policy file validation: every error names its file and line; good files load frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mqpolicy.config import (
+    ActionKind,
+    ConfigError,
+    Count,
+    StoreErrorMode,
+    load_policy,
+    parse_policy,
+)
+from mqpolicy.request import Request
+
+LANES = """\
+lanes:
+  - name: fast
+    transport: mq-fast
+  - name: normal
+  - name: bulk
+    transport: mq-bulk
+    rate_delay: 2s
+default_lane: normal
+"""
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_policy(textwrap.dedent(text), "p.yaml")
+    return [str(issue) for issue in info.value.issues]
+
+
+def test_example_policy_loads() -> None:
+    policy = load_policy(Path(__file__).parent.parent / "conf" / "mqpolicy.yaml")
+    assert [lane.name for lane in policy.lanes] == ["transactional", "normal", "bulk"]
+    assert policy.default_lane == "normal"
+    assert {limit.name for limit in policy.limits} >= {"per-user", "per-sender"}
+    per_sender = next(limit for limit in policy.limits if limit.name == "per-sender")
+    assert per_sender.action is ActionKind.DEMOTE and per_sender.demote_to == "bulk"
+    assert per_sender.burst == per_sender.rate.count == 100
+
+
+def test_empty_file_gives_defaults() -> None:
+    policy = parse_policy("", "empty.yaml")
+    assert policy.store.url == "memory://"
+    assert policy.store.timeout_ms == 50
+    assert policy.store.on_store_error is StoreErrorMode.ACCEPT
+    assert [lane.name for lane in policy.lanes] == ["normal"]
+    assert str(policy.listen[0]) == "127.0.0.1:10040"
+
+
+def test_policy_is_frozen() -> None:
+    policy = parse_policy(LANES)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.default_lane = "bulk"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("stor: {}\n", "p.yaml:1: stor: unknown key (did you mean 'store'?)"),
+        ("listen: [127.0.0.1:70000]\n", "p.yaml:1: listen[0]: port out of range"),
+        ("listen:\n  - unix:relative.sock\n", "p.yaml:2: listen[0]: unix socket path must be"),
+        ("store:\n  url: mysql://x\n", "p.yaml:2: store.url: unsupported store URL"),
+        ("store:\n  timeout_ms: -5\n", "p.yaml:2: store.timeout_ms: expected a positive"),
+        ("store:\n  on_store_error: panic\n", "p.yaml:2: store.on_store_error: expected accept"),
+        ("server:\n  idle_timeout: soon\n", "p.yaml:2: server.idle_timeout: not a duration"),
+        ("log:\n  format: xml\n", "p.yaml:2: log.format: expected kv or json"),
+        ("lanes:\n  - name: a\n    concurency: 2\n", "p.yaml:3: lanes[0].concurency: unknown key"),
+        ("lanes:\n  - name: a\n  - name: a\n", "p.yaml:3: lanes[1].name: duplicate lane 'a'"),
+        ("lanes:\n  - name: a\n    transport: 'b c'\n", "p.yaml:3: lanes[0].transport: bad"),
+        ("lanes: []\n", "p.yaml:1: lanes: at least one lane"),
+        ("key: [unclosed\n", "p.yaml:2: YAML syntax"),
+        ("a: 1\na: 2\n", "p.yaml:2: YAML syntax: duplicate key 'a'"),
+    ],
+)
+def test_top_level_errors(body: str, expected: str) -> None:
+    messages = errors_of(body)
+    assert any(m.startswith(expected) for m in messages), messages
+
+
+@pytest.mark.parametrize(
+    ("limit", "line", "expected"),
+    [
+        ("rate: 10/x\n    key: sender", 11, "limits[l].rate: bad period in rate '10/x'"),
+        ("rate: ten/1h\n    key: sender", 11, "limits[l].rate: bad count"),
+        ("rate: 0/1h\n    key: sender", 11, "limits[l].rate: rate count must be positive"),
+        ("rate: 10/1h\n    key: sendr", 12, "limits[l].key: unknown key 'sendr'"),
+        ("rate: 10/1h\n    key: sender/24", 12, "limits[l].key: only client_network takes"),
+        ("rate: 10/1h\n    key: client_network/33", 12, "limits[l].key: bad prefix length"),
+        ("rate: 10/1h\n    key: sender\n    count: msgs", 13, "limits[l].count: expected"),
+        ("rate: 10/1h\n    key: sender\n    action: drop", 13, "limits[l].action: expected"),
+        ("rate: 10/1h\n    key: sender\n    action: {demote: nowhere}", 13,
+         "limits[l].action.demote: unknown lane 'nowhere'"),
+        ("rate: 10/1h\n    key: sender\n    lanes: [fast, slow]", 13,
+         "limits[l].lanes: unknown lane 'slow'"),
+        ("rate: 10/1h\n    key: sender\n    message: 'wait {retry}'", 13,
+         "limits[l].message: unknown placeholder(s) {retry}"),
+        ("rate: 10/1h\n    key: sender\n    burst: 0", 13, "limits[l].burst: burst must be"),
+        ("rate: 10/1h\n    key: sender\n    monitor: maybe", 13, "limits[l].monitor: expected"),
+        ("rate: 10/1h\n    key: sender\n    colour: red", 13, "limits[l].colour: unknown key"),
+        ("rate: 10/1h\n    key: sender\n    when:\n      client_address: 10.0.0.0/33", 14,
+         "limits[l].when.client_address: bad address or CIDR '10.0.0.0/33'"),
+        ("rate: 10/1h\n    key: sender\n    when:\n      sender: '/[x/'", 14,
+         "limits[l].when.sender: bad regex"),
+        ("rate: 10/1h\n    key: sender\n    except:\n      helo: x", 14,
+         "limits[l].except.helo: unknown condition 'helo'"),
+        ("rate: 10/1h\n    key: sender\n    when:\n      size: {min: 10XB}", 14,
+         "limits[l].when.size.min: not a non-negative number"),
+        ("key: sender", 10, "limits[l]: a limit needs a rate"),
+    ],
+)
+def test_limit_errors_carry_line(limit: str, line: int, expected: str) -> None:
+    text = LANES + "limits:\n  - name: l\n    " + limit + "\n"
+    messages = errors_of(text)
+    assert f"p.yaml:{line}: {expected}" in "\n".join(messages), messages
+
+
+def test_classify_errors_carry_line() -> None:
+    text = LANES + textwrap.dedent("""\
+        classify:
+          - when: {sender: "@x.com"}
+            lane: nope
+          - lane: fast
+          - when:
+              recipient_count: {min: 5, max: 2}
+            lane: fast
+        """)
+    messages = errors_of(text)
+    assert "p.yaml:11: classify[0].lane: unknown lane 'nope' (lanes: bulk, fast, normal)" in messages
+    assert "p.yaml:12: classify[1]: a classify rule needs a when" in messages
+    assert any(m.startswith("p.yaml:14: classify[2].when.recipient_count: min 5 is above max")
+               for m in messages), messages
+
+
+def test_every_error_is_listed_not_just_the_first() -> None:
+    text = "stor: {}\nlog: {format: xml}\nlanes:\n  - name: a\n    colour: red\n"
+    assert len(errors_of(text)) == 3
+
+
+def test_unreadable_and_non_utf8_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_policy(tmp_path / "missing.yaml")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"lanes:\n  - name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_policy(bad)
+
+
+def test_unsafe_yaml_tags_are_refused() -> None:
+    messages = errors_of("x: !!python/object/apply:os.system ['true']\n")
+    assert messages and "YAML" in messages[0]
+
+
+def test_limit_defaults_and_forms() -> None:
+    policy = parse_policy(LANES + textwrap.dedent("""\
+        store: {on_store_error: defer}
+        limits:
+          - name: net
+            rate: 50MB/1h
+            key: [client_network/16, sender_domain]
+            count: bytes
+            action: "demote: bulk"
+        """))
+    (limit,) = policy.limits
+    assert limit.count is Count.BYTES
+    assert limit.rate.count == 50_000_000 and limit.burst == 50_000_000
+    assert limit.key_text == "client_network/16/64+sender_domain"
+    assert limit.action is ActionKind.DEMOTE and limit.demote_to == "bulk"
+    assert not limit.blocking
+    assert limit.on_store_error is StoreErrorMode.DEFER
+
+
+def test_listen_mode_and_unix_endpoint() -> None:
+    policy = parse_policy('listen: ["unix:/run/x.sock", "[::1]:10041"]\nlisten_mode: "0600"\n')
+    assert policy.listen[0].path == "/run/x.sock" and policy.listen[0].mode == 0o600
+    assert policy.listen[1].host == "::1" and policy.listen[1].port == 10041
+
+
+def test_address_list_file(tmp_path: Path) -> None:
+    listing = tmp_path / "vip.txt"
+    listing.write_text("# the board\nceo@example.com\n@partners.example\n")
+    policy = parse_policy(LANES + f"classify:\n  - when: {{sender: {{file: {listing}}}}}\n"
+                          "    lane: fast\n")
+    rule = policy.classify[0]
+    assert rule.when(Request(sender="CEO@Example.com"))
+    assert rule.when(Request(sender="x@partners.example"))
+    assert not rule.when(Request(sender="x@example.com"))
+
+
+def test_missing_list_file_is_an_error() -> None:
+    messages = errors_of(LANES + "classify:\n  - when: {sender: {file: /nonexistent/list}}\n"
+                         "    lane: fast\n")
+    assert any("cannot read list file '/nonexistent/list'" in m for m in messages), messages
