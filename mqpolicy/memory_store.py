@@ -1,0 +1,259 @@
+"""The embedded counter store: budgets in a dict, for one process.
+
+Implements :class:`mqpolicy.budget.CounterStore` with exactly the rules of
+``lua/gcra_batch.lua``; one suite (``tests/test_stores.py``) runs against both.
+
+Decision rules, shared with the Lua script (the budget module's docstring gives the contract):
+
+* checks are tested in order with :func:`gcra_step`; a check sees what earlier checks of the
+  same decision spent on the same key (so two checks on one key cannot both take the last unit);
+* the decision commits unless a *blocking* check failed; if it commits, every passing
+  ``consume`` check is spent and the once key (if any) is set; if not, nothing is written;
+* ``remaining`` is what the bucket holds after the decision: for the check that made the last
+  spend on its key it is :func:`gcra_step`'s own figure; otherwise (peek, failed check,
+  uncommitted decision) it is the bucket's free units, ``floor((burst*interval - (tat - now))
+  / interval)``, the same expression :func:`gcra_step` uses for a failing check;
+* a duplicate (once key present) tests and spends nothing: ``committed=False``,
+  ``duplicate=True`` and, per check, ``allowed=True``, the bucket's free units, no retry.
+
+Every entry carries an expiry in the callers' clock (``now_ms``): lazy expiry on read, plus a
+bounded round-robin sweep (``_SWEEP_BATCH`` entries every ``_SWEEP_EVERY`` writes) so keys
+nobody reads again do not pile up.
+
+All work happens synchronously inside the coroutines, so each call is atomic on its event
+loop; callers on other threads must go through ``asyncio.run_coroutine_threadsafe`` on that
+loop.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from mqpolicy.budget import (
+    DEFAULT_ONCE_TTL_MS,
+    BucketState,
+    BudgetCheck,
+    BudgetResult,
+    Evaluation,
+    gcra_step,
+    ttl_for,
+)
+
+_SWEEP_EVERY = 16
+"""Run one sweep slice after this many writes."""
+_SWEEP_BATCH = 32
+"""Entries looked at per sweep slice: twice the write rate, so garbage stays bounded."""
+_ONCE_VALUE = 1.0
+"""What a once key holds (Redis stores the string ``1``)."""
+
+
+def validate_decision(checks: Sequence[BudgetCheck], once_ttl_ms: int) -> None:
+    """Reject arguments no bucket can hold (both stores call this before any I/O)."""
+    for check in checks:
+        if not (math.isfinite(check.interval_ms) and check.interval_ms > 0):
+            raise ValueError(f"interval_ms must be a positive number: {check!r}")
+        if check.burst < 0 or check.cost < 0:
+            raise ValueError(f"burst and cost must not be negative: {check!r}")
+    if once_ttl_ms <= 0:
+        raise ValueError(f"once_ttl_ms must be positive: {once_ttl_ms}")
+
+
+def free_units(interval_ms: float, burst: int, tat_ms: float, now_ms: int) -> int:
+    """Units a bucket holds at ``now_ms`` (``tat_ms`` already raised to at least ``now_ms``)."""
+    tolerance = interval_ms * burst
+    return max(0, math.floor((tolerance - (tat_ms - now_ms)) / interval_ms + 1e-9))
+
+
+def redis_glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a Redis ``SCAN MATCH`` glob (``*``, ``?``, ``[abc]``, ``[^a]``, ``[a-z]``, ``\\x``)
+    into a regex to use with ``fullmatch``."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "\\" and i + 1 < n:
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif c == "[":
+            j = i + 1
+            negate = j < n and pattern[j] == "^"
+            if negate:
+                j += 1
+            members: list[str] = []
+            while j < n and pattern[j] != "]":
+                if pattern[j] == "\\" and j + 1 < n:
+                    j += 1
+                    members.append(re.escape(pattern[j]))
+                elif pattern[j] == "-" and members and j + 1 < n and pattern[j + 1] != "]":
+                    j += 1
+                    low = members.pop()
+                    high = re.escape(pattern[j])
+                    if low > high:
+                        low, high = high, low
+                    members.append(f"{low}-{high}")
+                else:
+                    members.append(re.escape(pattern[j]))
+                j += 1
+            if j >= n:  # no closing bracket: Redis treats the rest as the class
+                j = n - 1
+            if members:
+                out.append(("[^" if negate else "[") + "".join(members) + "]")
+            else:
+                out.append("." if negate else "(?!)")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+class MemoryStore:
+    """Budgets in this process's memory (the default store; not shared between processes)."""
+
+    def __init__(self, key_prefix: str = "mqpolicy:") -> None:
+        self._prefix = key_prefix
+        # prefixed key -> (tat or once marker, expiry in the callers' ms clock)
+        self._data: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._writes = 0
+        self._last_now = 0
+
+    def __len__(self) -> int:
+        """Entries held, including expired ones the sweep has not reached yet."""
+        return len(self._data)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _get(self, key: str, now_ms: int) -> tuple[float, int] | None:
+        entry = self._data.get(key)
+        if entry is not None and entry[1] <= now_ms:
+            del self._data[key]
+            return None
+        return entry
+
+    def _tat(self, key: str, now_ms: int) -> float:
+        entry = self._get(key, now_ms)
+        if entry is None or entry[0] < now_ms:
+            return now_ms
+        return entry[0]
+
+    def _put(self, key: str, value: float, expiry: int) -> None:
+        self._data[key] = (value, expiry)
+        self._writes += 1
+        if self._writes % _SWEEP_EVERY == 0:
+            self._sweep(self._last_now)
+
+    def _sweep(self, now_ms: int) -> None:
+        """Look at the oldest ``_SWEEP_BATCH`` entries: drop expired ones, requeue the rest."""
+        data = self._data
+        for _ in range(min(_SWEEP_BATCH, len(data))):
+            key, entry = data.popitem(last=False)
+            if entry[1] > now_ms:
+                data[key] = entry
+
+    def _seen(self, now_ms: int) -> None:
+        self._last_now = max(self._last_now, now_ms)
+
+    # -- CounterStore ----------------------------------------------------------------------
+
+    async def evaluate(
+        self,
+        checks: Sequence[BudgetCheck],
+        now_ms: int,
+        once_key: str | None = None,
+        once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+    ) -> Evaluation:
+        validate_decision(checks, once_ttl_ms)
+        self._seen(now_ms)
+        prefix = self._prefix
+        keys = [prefix + check.key for check in checks]
+        once = None if once_key is None else prefix + once_key
+
+        if once is not None and self._get(once, now_ms) is not None:
+            return Evaluation(
+                tuple(
+                    BudgetResult(
+                        True, free_units(c.interval_ms, c.burst, self._tat(k, now_ms), now_ms), 0
+                    )
+                    for c, k in zip(checks, keys, strict=True)
+                ),
+                committed=False,
+                duplicate=True,
+            )
+
+        original: dict[str, float] = {}
+        tentative: dict[str, float] = {}
+        last_spender: dict[str, int] = {}
+        outcomes = []
+        blocked = False
+        for i, (check, key) in enumerate(zip(checks, keys, strict=True)):
+            tat = tentative.get(key)
+            if tat is None:
+                tat = original[key] = tentative[key] = self._tat(key, now_ms)
+            outcome = gcra_step(tat, now_ms, check.interval_ms, check.burst, check.cost)
+            if outcome.allowed and check.consume:
+                tentative[key] = outcome.new_tat_ms
+                last_spender[key] = i
+            elif not outcome.allowed and check.blocking:
+                blocked = True
+            outcomes.append(outcome)
+
+        results = []
+        for i, (check, key, outcome) in enumerate(zip(checks, keys, outcomes, strict=True)):
+            if blocked:
+                left = free_units(check.interval_ms, check.burst, original[key], now_ms)
+            elif last_spender.get(key) == i:
+                left = outcome.remaining
+            else:
+                left = free_units(check.interval_ms, check.burst, tentative[key], now_ms)
+            results.append(BudgetResult(outcome.allowed, left, outcome.retry_after_ms))
+
+        if not blocked:
+            for key in last_spender:
+                tat = tentative[key]
+                self._put(key, tat, now_ms + ttl_for(tat, now_ms))
+            if once is not None:
+                self._put(once, _ONCE_VALUE, now_ms + once_ttl_ms)
+        return Evaluation(tuple(results), committed=not blocked)
+
+    async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
+        self._seen(now_ms)
+        states: list[BucketState | None] = []
+        for key in keys:
+            entry = self._get(self._prefix + key, now_ms)
+            states.append(None if entry is None else BucketState(key, entry[0], entry[1] - now_ms))
+        return states
+
+    async def scan(self, pattern: str, count: int = 1000) -> list[str]:
+        """Keys matching ``pattern`` (Redis glob syntax), sorted; which ones when more than
+        ``count`` match is unspecified (as with Redis SCAN)."""
+        matcher = redis_glob_to_regex(pattern)
+        now = self._last_now
+        prefix, n = self._prefix, len(self._prefix)
+        found = [
+            key[n:]
+            for key, (_, expiry) in self._data.items()
+            if expiry > now and key.startswith(prefix) and matcher.fullmatch(key[n:])
+        ]
+        found.sort()
+        return found[: max(0, count)]
+
+    async def reset(self, keys: Sequence[str]) -> int:
+        existed = 0
+        for key in dict.fromkeys(keys):
+            if self._get(self._prefix + key, self._last_now) is not None:
+                del self._data[self._prefix + key]
+                existed += 1
+        return existed
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
