@@ -1,0 +1,459 @@
+"""The asyncio server for Postfix policy delegation (``check_policy_service``).
+
+This module is the only place that touches sockets; decoding lives in
+:mod:`mqpolicy.policy_codec` and decisions in the :class:`PolicyHandler` passed in.
+
+Per connection (Postfix keeps it open and sends request after request):
+
+* requests are answered strictly in order, one at a time; requests that arrive together
+  (pipelined) are answered in arrival order;
+* no complete request within ``idle_timeout_s`` (also a client trickling bytes) or a client
+  that stops reading its answers for that long: the connection is closed;
+* a protocol error (oversized or malformed request) is logged with the peer and closes that
+  connection only;
+* a handler exception is logged and answered with ``error_action``; the connection goes on.
+  ``CancelledError`` is never swallowed.
+
+Over ``max_connections`` a new connection is accepted and closed at once. :meth:`drain` stops
+accepting, lets requests already received be answered within ``drain_timeout_s``, then
+closes everything. Log lines about a connection carry its id, and :data:`connection_id`
+holds it while the handler runs so that the handler's own log lines can carry it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+from mqpolicy.endpoints import Endpoint
+from mqpolicy.policy_codec import (
+    DEFAULT_MAX_LINES,
+    DEFAULT_MAX_REQUEST_BYTES,
+    PolicyDecoder,
+    PolicyProtocolError,
+    encode_reply,
+)
+
+__all__ = [
+    "DEFAULT_ERROR_ACTION",
+    "PolicyHandler",
+    "PolicyServer",
+    "ServerCounters",
+    "connection_id",
+]
+
+log = logging.getLogger("mqpolicy.server")
+
+#: The id of the policy connection being served ("-" outside one).
+connection_id: ContextVar[str] = ContextVar("mqpolicy_connection_id", default="-")
+
+DEFAULT_ERROR_ACTION = "DEFER_IF_PERMIT 4.3.0 policy service error"
+
+_READ_SIZE = 65536
+# Distinct encoded replies kept; handlers return few distinct texts (DUNNO, a few defers).
+_REPLY_CACHE_SIZE = 256
+
+
+class PolicyHandler(Protocol):
+    """What the server calls for every request."""
+
+    async def handle(self, attrs: dict[str, str]) -> str:
+        """Return the action text, e.g. ``"DUNNO"`` or ``"450 4.7.1 slow down"``."""
+        ...
+
+
+@dataclass(slots=True)
+class ServerCounters:
+    """Monotonic counts (``connections_active`` is a gauge) for metrics."""
+
+    connections_accepted: int = 0
+    connections_active: int = 0
+    connections_refused: int = 0
+    requests: int = 0
+    protocol_errors: int = 0
+    handler_errors: int = 0
+    idle_timeouts: int = 0
+
+
+class _Burst:
+    """Lets the first event of a burst be logged, then one line per ``interval_s``."""
+
+    __slots__ = ("_interval_s", "_next", "_suppressed")
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._next = 0.0
+        self._suppressed = 0
+
+    def take(self) -> int | None:
+        """None: stay quiet. Otherwise log now, mentioning the returned suppressed count."""
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next = now + self._interval_s
+        return suppressed
+
+
+class _Conn:
+    __slots__ = ("busy", "cid", "peer", "writer")
+
+    def __init__(self, cid: str, peer: str, writer: asyncio.StreamWriter) -> None:
+        self.cid = cid
+        self.peer = peer
+        self.writer = writer
+        # True from a request's arrival until its answer is handed to the kernel.
+        self.busy = False
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    sockname = writer.get_extra_info("sockname")
+    return f"unix:{sockname}" if sockname else "unix"
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a unix socket left behind by a dead process; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as exc:
+        raise OSError(errno.EADDRINUSE, f"socket in use ({exc})", path) from exc
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another process is listening on", path)
+
+
+class PolicyServer:
+    """Serves Postfix policy requests on TCP and unix endpoints with one asyncio loop."""
+
+    def __init__(
+        self,
+        handler: PolicyHandler,
+        endpoints: Sequence[Endpoint],
+        *,
+        idle_timeout_s: float = 300,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_lines: int = DEFAULT_MAX_LINES,
+        max_connections: int = 4096,
+        drain_timeout_s: float = 10,
+        error_action: str = DEFAULT_ERROR_ACTION,
+        backlog: int = 1024,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("no endpoints to listen on")
+        if idle_timeout_s <= 0 or drain_timeout_s < 0:
+            raise ValueError("timeouts must be positive")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        PolicyDecoder(max_request_bytes, max_lines)  # validates the limits
+        self._handler = handler
+        self._endpoints = tuple(endpoints)
+        self._idle_timeout_s = float(idle_timeout_s)
+        self._max_request_bytes = max_request_bytes
+        self._max_lines = max_lines
+        self._max_connections = max_connections
+        self._drain_timeout_s = float(drain_timeout_s)
+        self._error_reply = encode_reply(error_action)  # ValueError for a bad fallback
+        self._backlog = backlog
+
+        self.counters = ServerCounters()
+        #: The endpoints actually listened on (real ports when 0 was asked for).
+        self.bound_endpoints: list[Endpoint] = []
+
+        self._servers: list[asyncio.Server] = []
+        self._unix_sockets: list[tuple[str, int, int]] = []  # path, st_dev, st_ino
+        self._conns: dict[asyncio.Task[None], _Conn] = {}
+        self._next_cid = 0
+        self._started = False
+        self._draining = False
+        self._reply_cache: dict[str, bytes] = {}
+        self._refused_log = _Burst(10.0)
+        self._protocol_error_log = _Burst(1.0)
+        self._handler_error_log = _Burst(1.0)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and listen on every endpoint (all or none)."""
+        if self._started:
+            raise RuntimeError("server already started")
+        self._started = True
+        try:
+            for endpoint in self._endpoints:
+                if endpoint.is_unix:
+                    await self._start_unix(endpoint)
+                else:
+                    await self._start_tcp(endpoint)
+        except BaseException:
+            self.close()
+            raise
+        log.info("policy server listening on %s", " ".join(str(e) for e in self.bound_endpoints))
+
+    async def _start_tcp(self, endpoint: Endpoint) -> None:
+        server = await asyncio.start_server(
+            self._on_connect,
+            endpoint.host or None,
+            endpoint.port,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
+        self._servers.append(server)
+        for sock in server.sockets:
+            address = sock.getsockname()
+            self.bound_endpoints.append(Endpoint(host=address[0], port=address[1]))
+
+    async def _start_unix(self, endpoint: Endpoint) -> None:
+        path = endpoint.path
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            # Before listen(): nobody can connect with the umask's permissions meanwhile.
+            os.chmod(path, endpoint.mode)
+            st = os.stat(path)
+            self._unix_sockets.append((path, st.st_dev, st.st_ino))
+            server = await asyncio.start_unix_server(
+                self._on_connect, sock=sock, backlog=self._backlog
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self._servers.append(server)
+        self.bound_endpoints.append(Endpoint(path=path, mode=endpoint.mode))
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Start if needed, serve until ``stop`` is set, then :meth:`drain`."""
+        if not self._started:
+            await self.start()
+        try:
+            await stop.wait()
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Stop accepting; answer requests already received (within ``drain_timeout_s``);
+        close every connection; return when all are closed."""
+        self._draining = True
+        self._stop_listening()
+        for task, conn in list(self._conns.items()):
+            if not conn.busy:
+                task.cancel()  # waiting for its next request: nothing in flight
+        tasks = list(self._conns)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self._drain_timeout_s)
+            if pending:
+                log.warning(
+                    "drain timeout after %.1fs: closing %d busy connections",
+                    self._drain_timeout_s,
+                    len(pending),
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending)
+        await self._wait_listeners_closed()
+
+    def close(self) -> None:
+        """Stop accepting and cut every connection now (no drain)."""
+        self._draining = True
+        self._stop_listening()
+        for task in self._conns:
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until every connection task and listener is gone (after :meth:`close`)."""
+        tasks = list(self._conns)
+        if tasks:
+            await asyncio.wait(tasks)
+        await self._wait_listeners_closed()
+
+    async def __aenter__(self) -> PolicyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.drain()
+
+    def _stop_listening(self) -> None:
+        for server in self._servers:
+            server.close()
+        for path, dev, ino in self._unix_sockets:
+            # Only our own socket file: a successor may already have replaced it.
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    os.unlink(path)
+        self._unix_sockets.clear()
+
+    async def _wait_listeners_closed(self) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            await server.wait_closed()
+
+    # --- connections -------------------------------------------------------------------
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counters = self.counters
+        if self._draining:
+            writer.close()
+            return
+        if len(self._conns) >= self._max_connections:
+            counters.connections_refused += 1
+            suppressed = self._refused_log.take()
+            if suppressed is not None:
+                log.warning(
+                    "connection limit reached: max_connections=%d refused_since_last_log=%d",
+                    self._max_connections,
+                    suppressed + 1,
+                )
+            writer.close()
+            return
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - always run as a task by asyncio.start_server
+            writer.close()
+            return
+        self._next_cid += 1
+        cid = f"{self._next_cid:x}"
+        connection_id.set(cid)
+        conn = _Conn(cid, _peer_name(writer), writer)
+        self._conns[task] = conn
+        counters.connections_accepted += 1
+        counters.connections_active += 1
+        try:
+            await self._serve(conn, reader, writer)
+        except ConnectionError as exc:
+            log.debug("connection lost conn=%s peer=%s error=%r", cid, conn.peer, exc)
+        except Exception:
+            log.exception("connection failed conn=%s peer=%s", cid, conn.peer)
+        finally:
+            counters.connections_active -= 1
+            del self._conns[task]
+            transport = writer.transport
+            if transport.get_write_buffer_size():
+                transport.abort()  # the peer stopped reading: don't wait for it
+            else:
+                transport.close()
+
+    async def _serve(
+        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        counters = self.counters
+        handle = self._handler.handle
+        cache = self._reply_cache
+        transport = writer.transport
+        read = reader.read
+        write = writer.write
+        idle = self._idle_timeout_s
+        decoder = PolicyDecoder(self._max_request_bytes, self._max_lines)
+        deadline = loop.time() + idle
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await read(_READ_SIZE)
+            except TimeoutError:
+                counters.idle_timeouts += 1
+                log.debug("idle timeout conn=%s peer=%s", conn.cid, conn.peer)
+                return
+            if not data:
+                if decoder.pending_bytes:
+                    log.debug(
+                        "eof inside a request conn=%s peer=%s pending_bytes=%d",
+                        conn.cid,
+                        conn.peer,
+                        decoder.pending_bytes,
+                    )
+                return
+            try:
+                requests = decoder.feed(data)
+            except PolicyProtocolError as exc:
+                counters.protocol_errors += 1
+                suppressed = self._protocol_error_log.take()
+                if suppressed is not None:
+                    log.warning(
+                        "policy protocol error, closing conn=%s peer=%s error=%s: %s suppressed=%d",
+                        conn.cid,
+                        conn.peer,
+                        type(exc).__name__,
+                        exc,
+                        suppressed,
+                    )
+                return
+            if not requests:
+                continue
+            conn.busy = True
+            for attrs in requests:
+                try:
+                    action = await handle(attrs)
+                    reply = cache.get(action)
+                    if reply is None:
+                        reply = encode_reply(action)
+                        if len(cache) >= _REPLY_CACHE_SIZE:
+                            cache.clear()
+                        cache[action] = reply
+                except Exception:  # not CancelledError (a BaseException): that propagates
+                    counters.handler_errors += 1
+                    reply = self._error_reply
+                    suppressed = self._handler_error_log.take()
+                    if suppressed is not None:
+                        log.exception(
+                            "policy handler failed, answered fallback conn=%s peer=%s"
+                            " suppressed=%d",
+                            conn.cid,
+                            conn.peer,
+                            suppressed,
+                        )
+                write(reply)
+            counters.requests += len(requests)
+            deadline = loop.time() + idle
+            if transport.get_write_buffer_size():
+                # The peer is slow to read: wait, but no longer than the idle timeout.
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await writer.drain()
+                except TimeoutError:
+                    counters.idle_timeouts += 1
+                    log.debug("peer not reading conn=%s peer=%s", conn.cid, conn.peer)
+                    return
+            else:
+                await writer.drain()  # not paused: returns at once, surfaces a lost peer
+            conn.busy = False
+            if self._draining:
+                return
