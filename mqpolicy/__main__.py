@@ -1,0 +1,3 @@
+from mqpolicy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,381 @@
+"""The ``mqpolicy`` command: the one composition root.
+
+``main(argv)`` parses the command line, builds every part with its dependencies passed
+explicitly, runs it and returns the exit code. Nothing is configured at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TextIO
+
+from mqpolicy import __version__
+from mqpolicy.budget import CounterStore, StoreError
+from mqpolicy.config import ConfigError, Policy, load_policy
+from mqpolicy.decisions import DecisionService, wall_clock_ms
+from mqpolicy.engine import Verdict, applies, limit_key, store_key
+from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
+from mqpolicy.policy_server import PolicyServer
+from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
+from mqpolicy.request import Request
+from mqpolicy.sd_notify import sd_notify
+from mqpolicy.store_factory import open_store
+from mqpolicy.structured_log import configure_logging, set_level
+
+DEFAULT_CONFIG = "/etc/mqpolicy/mqpolicy.yaml"
+log = logging.getLogger("mqpolicy.main")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config",
+        default=os.environ.get("MQPOLICY_CONFIG", DEFAULT_CONFIG),
+        help=f"policy file (default: $MQPOLICY_CONFIG or {DEFAULT_CONFIG})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mqpolicy",
+        description="Priority lanes, shared rate budgets and delayed delivery for Postfix.",
+    )
+    parser.add_argument("--version", action="version", version=f"mqpolicy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the Postfix policy server")
+    _config_arg(serve)
+    serve.add_argument("--log-level", help="override log.level from the policy file")
+
+    check = sub.add_parser("check", help="validate a policy file, list every error")
+    _config_arg(check)
+
+    explain = sub.add_parser(
+        "explain", help="show the decision for a request given as name=value lines"
+    )
+    _config_arg(explain)
+    explain.add_argument("request", nargs="?", default="-",
+                         help="file with name=value lines as Postfix sends them (- = stdin)")
+    explain.add_argument("--consume", action="store_true",
+                         help="spend the budgets as a real decision would")
+    explain.add_argument("--json", action="store_true", help="print JSON")
+
+    counters = sub.add_parser("counters", help="inspect or reset budgets by key")
+    _config_arg(counters)
+    csub = counters.add_subparsers(dest="counters_command", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="budgets in use (optionally one limit, one key)")
+    show.add_argument("limit", nargs="?")
+    show.add_argument("key", nargs="?")
+    show.add_argument("--max", type=int, default=1000, help="list at most this many keys")
+    reset = csub.add_parser("reset", help="give a key its full budget back")
+    reset.add_argument("limit")
+    reset.add_argument("key", nargs="?", help="the key value; omit with --all")
+    reset.add_argument("--all", action="store_true", help="every key of the limit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command: str = args.command
+    if command == "check":
+        return cmd_check(args.config, sys.stdout)
+    try:
+        policy = load_policy(args.config)
+    except ConfigError as exc:
+        print(f"mqpolicy: invalid policy file, nothing started:\n{exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if command == "serve":
+        return asyncio.run(serve(policy, Path(args.config), args.log_level))
+    if command == "explain":
+        return asyncio.run(cmd_explain(policy, args.request, args.consume, args.json))
+    return asyncio.run(cmd_counters(policy, args))
+
+
+# ---------------------------------------------------------------- check
+
+
+def cmd_check(path: str, out: TextIO) -> int:
+    try:
+        policy = load_policy(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=out)
+        print(f"{len(exc.issues)} error(s) in {path}", file=out)
+        return EXIT_FAILURE
+    print(
+        f"{path}: OK: {len(policy.lanes)} lanes, {len(policy.classify)} classify rules, "
+        f"{len(policy.limits)} limits, store {policy.store.url}",
+        file=out,
+    )
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- serve
+
+
+async def serve(policy: Policy, path: Path, log_level: str | None = None) -> int:
+    listener = configure_logging(policy.log.format, log_level or policy.log.level)
+    try:
+        return await _serve(policy, path, log_level)
+    finally:
+        listener.stop()
+
+
+async def _serve(policy: Policy, path: Path, log_level: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    store = open_store(policy.store.url, timeout_ms=policy.store.timeout_ms,
+                       key_prefix=policy.store.key_prefix)
+    service = DecisionService(policy, store)
+    server = PolicyServer(
+        PostfixPolicyHandler(service),
+        policy.listen,
+        idle_timeout_s=policy.server.idle_timeout_s,
+        max_request_bytes=policy.server.max_request_size,
+        max_connections=policy.server.max_connections,
+        drain_timeout_s=policy.server.drain_timeout_s,
+    )
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot listen", extra={"fields": {"error": str(exc)}})
+        await store.close()
+        return EXIT_FAILURE
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(_reload(service, path, log_level))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    endpoints = " ".join(str(e) for e in server.bound_endpoints)
+    log.info("ready", extra={"fields": {"listen": endpoints, "store": policy.store.url,
+                                        "policy": str(path), "version": __version__}})
+    sd_notify(f"READY=1\nSTATUS=serving policy on {endpoints}")
+    await stop.wait()
+    sd_notify("STOPPING=1")
+    log.info("stopping: draining connections")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+    await server.drain()
+    await store.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+async def _reload(service: DecisionService, path: Path, log_level: str | None) -> None:
+    loop = asyncio.get_running_loop()
+    sd_notify("RELOADING=1")
+    try:
+        new = await loop.run_in_executor(None, load_policy, path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            log.error("reload refused, keeping the running policy",
+                      extra={"fields": {"problem": str(issue)}})
+        sd_notify("READY=1")
+        return
+    old = service.policy
+    for what in ("listen", "store", "server"):
+        if getattr(old, what) != getattr(new, what):
+            log.warning("changed setting needs a restart to take effect",
+                        extra={"fields": {"setting": what}})
+    service.replace_policy(new)
+    set_level(log_level or new.log.level)
+    log.info("policy reloaded", extra={"fields": {"policy": str(path),
+                                                  "limits": len(new.limits)}})
+    sd_notify("READY=1")
+
+
+# ---------------------------------------------------------------- explain
+
+
+def parse_request_text(text: str) -> dict[str, str]:
+    """``name=value`` lines (one request) as Postfix sends them; blank line optional."""
+    decoder = PolicyDecoder()
+    data = text.encode("utf-8", "surrogateescape")
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    requests = decoder.feed(data + b"\n")
+    if not requests:
+        raise PolicyProtocolError("no request found")
+    return requests[0]
+
+
+async def cmd_explain(policy: Policy, source: str, consume: bool, as_json: bool) -> int:
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    try:
+        attrs = parse_request_text(text)
+    except PolicyProtocolError as exc:
+        print(f"mqpolicy explain: malformed request: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    request = Request.from_policy_attributes(attrs)
+    store = open_store(policy.store.url, timeout_ms=max(policy.store.timeout_ms, 1000),
+                       key_prefix=policy.store.key_prefix)
+    try:
+        service = DecisionService(policy, store)
+        verdict = await service.decide(request, consume=consume)
+    finally:
+        await store.close()
+    if as_json:
+        print(json.dumps(explain_data(request, verdict, policy, consume), indent=2))
+    else:
+        print(explain_text(request, verdict, policy, consume))
+    return EXIT_OK
+
+
+def explain_data(request: Request, verdict: Verdict, policy: Policy,
+                 consume: bool) -> dict[str, object]:
+    consulted = {o.name for o in verdict.limits}
+    return {
+        "stage": request.stage,
+        "lane": verdict.lane.name,
+        "classified_lane": verdict.classified_lane.name,
+        "rule": verdict.rule,
+        "action": verdict.action.value,
+        "postfix_action": postfix_action(verdict),
+        "retry_after_ms": verdict.retry_after_ms,
+        "decided_by": verdict.deciding,
+        "store": policy.store.url,
+        "consumed": consume,
+        "store_error": verdict.store_error,
+        "limits": [
+            {**asdict(o), "action": o.action.value} for o in verdict.limits
+        ],
+        "not_applied": [
+            {"name": limit.name, "why": _why_not(limit.name, request, verdict, policy)}
+            for limit in policy.limits
+            if limit.name not in consulted
+        ],
+    }
+
+
+def _why_not(name: str, request: Request, verdict: Verdict, policy: Policy) -> str:
+    limit = next(lim for lim in policy.limits if lim.name == name)
+    if limit.recipient_keyed and request.stage != "RCPT":
+        return "recipient-keyed: spent per recipient at RCPT"
+    if not applies(limit, verdict.classified_lane, request):
+        if limit.lanes is not None and verdict.classified_lane.name not in limit.lanes:
+            return f"lanes {', '.join(sorted(limit.lanes))} only"
+        return "when/except does not match"
+    if limit_key(limit, request) is None:
+        return f"request has no {limit.key_text}"
+    return "not applicable"
+
+
+def explain_text(request: Request, verdict: Verdict, policy: Policy, consume: bool) -> str:
+    data = explain_data(request, verdict, policy, consume)
+    lines = [f"stage:   {request.stage}"]
+    rule = f" (rule {verdict.rule})" if verdict.rule else " (default lane)"
+    lines.append(f"lane:    {verdict.classified_lane.name}{rule}")
+    if verdict.demoted:
+        lines.append(f"         demoted to {verdict.lane.name}")
+    lines.append(f"action:  {verdict.action.value}" +
+                 (f" by {verdict.deciding}" if verdict.deciding else ""))
+    lines.append(f"postfix: action={postfix_action(verdict)}")
+    if verdict.store_error:
+        lines.append("store:   ERROR (on_store_error applied)")
+    lines.append(f"budgets: {'spent' if consume else 'not spent (use --consume)'} "
+                 f"in {policy.store.url}")
+    if verdict.limits:
+        lines.append("limits consulted:")
+        for o in verdict.limits:
+            state = "ok" if o.allowed else ("would " if o.monitor else "") + o.action.value
+            retry = ""
+            if not o.allowed:
+                retry = " retry=never" if o.retry_after_ms < 0 else \
+                    f" retry={math.ceil(o.retry_after_ms / 1000)}s"
+            lines.append(f"  {o.name:<24} key={o.key} rate={o.rate} counted={o.counted} "
+                         f"remaining={o.remaining} -> {state}{retry}")
+    skipped = data["not_applied"]
+    if isinstance(skipped, list) and skipped:
+        lines.append("limits not applied:")
+        for item in skipped:
+            lines.append(f"  {item['name']:<24} {item['why']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- counters
+
+
+async def cmd_counters(policy: Policy, args: argparse.Namespace) -> int:
+    if policy.store.url.startswith("memory://"):
+        print("mqpolicy counters: the memory:// store lives inside the serving process; "
+              "use a redis:// store to inspect or reset budgets from outside",
+              file=sys.stderr)
+        return EXIT_USAGE
+    limits = {limit.name: limit for limit in policy.limits}
+    wanted = args.limit
+    if wanted is not None and wanted not in limits:
+        print(f"mqpolicy counters: no limit named {wanted!r} "
+              f"(limits: {', '.join(sorted(limits))})", file=sys.stderr)
+        return EXIT_USAGE
+    store = open_store(policy.store.url, timeout_ms=max(policy.store.timeout_ms, 2000),
+                       key_prefix=policy.store.key_prefix)
+    try:
+        if args.counters_command == "reset":
+            return await _reset(store, args)
+        return await _show(store, policy, wanted, args.key, args.max)
+    except StoreError as exc:
+        print(f"mqpolicy counters: store error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        await store.close()
+
+
+async def _reset(store: CounterStore, args: argparse.Namespace) -> int:
+    if args.all:
+        keys = await store.scan(store_key(args.limit, "*"), count=1_000_000)
+    elif args.key:
+        keys = [store_key(args.limit, args.key.lower())]
+    else:
+        print("mqpolicy counters reset: give a KEY or --all", file=sys.stderr)
+        return EXIT_USAGE
+    removed = await store.reset(keys) if keys else 0
+    print(f"reset {removed} budget(s) of {args.limit}")
+    return EXIT_OK
+
+
+async def _show(store: CounterStore, policy: Policy, wanted: str | None, key: str | None,
+                maximum: int) -> int:
+    now = wall_clock_ms()
+    names = [wanted] if wanted else [limit.name for limit in policy.limits]
+    by_name = {limit.name: limit for limit in policy.limits}
+    print(f"{'limit':<24} {'key':<40} {'remaining':>10} {'burst':>8}  full in")
+    for name in names:
+        limit = by_name[name]
+        keys = ([store_key(name, key.lower())] if key
+                else await store.scan(store_key(name, "*"), count=maximum))
+        states = await store.inspect(keys, now)
+        prefix = store_key(name, "")
+        for k, state in zip(keys, states, strict=True):
+            if state is None:
+                if key:
+                    print(f"{name:<24} {k[len(prefix):]:<40} {limit.burst:>10} "
+                          f"{limit.burst:>8}  (unused)")
+                continue
+            interval = limit.rate.interval_ms
+            used = max(0.0, state.tat_ms - now)
+            remaining = max(0, math.floor((limit.burst * interval - used) / interval))
+            print(f"{name:<24} {k[len(prefix):]:<40} {remaining:>10} {limit.burst:>8}  "
+                  f"{math.ceil(used / 1000)}s")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

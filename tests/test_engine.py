@@ -1,0 +1,410 @@
+"""The engine through the decision service on the memory store, with a fixed clock."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import Sequence
+
+import pytest
+
+from mqpolicy.budget import BucketState, BudgetCheck, Evaluation, StoreError
+from mqpolicy.config import Policy, parse_policy
+from mqpolicy.decisions import DecisionService
+from mqpolicy.engine import Action, classify, make_plan
+from mqpolicy.memory_store import MemoryStore
+from mqpolicy.policy_service import postfix_action
+from mqpolicy.request import Request
+
+BASE = """\
+lanes:
+  - name: transactional
+    transport: mq-transactional
+  - name: normal
+  - name: bulk
+    transport: mq-bulk
+  - name: scheduled
+    transport: mq-bulk
+    hold: true
+default_lane: normal
+classify:
+  - name: resets
+    when: {sender: "noreply@app.example"}
+    lane: transactional
+  - name: news
+    when:
+      any:
+        - sender: "@.news.example"
+        - recipient_count: {min: 50}
+    lane: bulk
+  - name: later
+    when: {sasl_username: "scheduler"}
+    lane: scheduled
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def service(limits: str, **extra: str) -> tuple[DecisionService, Clock]:
+    text = BASE + "limits:\n" + textwrap.indent(textwrap.dedent(limits), "  ")
+    for key, value in extra.items():
+        text += f"{key}: {value}\n"
+    clock = Clock()
+    return DecisionService(parse_policy(text), MemoryStore(), clock_ms=clock), clock
+
+
+def rcpt(sender: str = "alice@example.com", recipient: str = "bob@dest.example",
+         **kw: object) -> Request:
+    return Request(stage="RCPT", sender=sender, recipient=recipient,
+                   client_address=str(kw.pop("client", "192.0.2.10")), **kw)  # type: ignore[arg-type]
+
+
+def eom(sender: str = "alice@example.com", count: int = 1, size: int = 1000,
+        queue_id: str = "", **kw: object) -> Request:
+    return Request(stage="END-OF-MESSAGE", sender=sender, recipient_count=count, size=size,
+                   queue_id=queue_id, client_address=str(kw.pop("client", "192.0.2.10")),
+                   **kw)  # type: ignore[arg-type]
+
+
+def run(svc: DecisionService, request: Request):  # type: ignore[no-untyped-def]
+    return asyncio.run(svc.decide(request))
+
+
+def run_all(svc: DecisionService, requests: Sequence[Request]) -> list[object]:
+    async def go() -> list[object]:
+        return [await svc.decide(r) for r in requests]
+    return asyncio.run(go())
+
+
+# ---------------------------------------------------------------- classify
+
+
+@pytest.mark.parametrize(
+    ("request_", "lane", "rule"),
+    [
+        (Request(sender="noreply@app.example"), "transactional", "resets"),
+        (Request(sender="NoReply@App.Example"), "transactional", "resets"),
+        (Request(sender="x@mail.news.example"), "bulk", "news"),
+        (Request(sender="x@news.example"), "bulk", "news"),
+        (Request(sender="x@othernews.example"), "normal", None),
+        (Request(stage="END-OF-MESSAGE", sender="a@b.c", recipient_count=50), "bulk", "news"),
+        (Request(stage="END-OF-MESSAGE", sender="a@b.c", recipient_count=49), "normal", None),
+        (Request(sasl_username="scheduler"), "scheduled", "later"),
+        (Request(sender=""), "normal", None),
+    ],
+)
+def test_classify_first_match_wins(request_: Request, lane: str, rule: str | None) -> None:
+    policy = parse_policy(BASE)
+    chosen, rule_name = classify(request_, policy)
+    assert (chosen.name, rule_name) == (lane, rule)
+
+
+@pytest.mark.parametrize(
+    ("when", "matching", "other"),
+    [
+        ("{client_address: [192.0.2.0/24, '2001:db8::/32']}",
+         Request(client_address="2001:db8::5"), Request(client_address="198.51.100.1")),
+        ("{client_address: 192.0.2.0/24}",
+         Request(client_address="192.0.2.77"), Request(client_address="not-an-ip")),
+        ("{helo_name: '*.example.net'}", Request(helo_name="mx1.Example.NET"),
+         Request(helo_name="example.net")),
+        ("{client_name: '/^mail[0-9]+\\./'}", Request(client_name="mail12.x.org"),
+         Request(client_name="mailx.x.org")),
+        ("{authenticated: true}", Request(sasl_username="u"), Request()),
+        ("{authenticated: false}", Request(), Request(sasl_username="u")),
+        ("{size: {min: 1MB}}", Request(size=2_000_000), Request(size=999_999)),
+        ("{protocol_state: [rcpt]}", Request(stage="RCPT"), Request(stage="END-OF-MESSAGE")),
+        ("{recipient: {domain: [gmail.com]}}", Request(recipient="x@GMAIL.com"),
+         Request(recipient="x@gmail.com.evil")),
+        ("{recipient: '@gmail.com'}", Request(recipients=("a@b.c", "d@gmail.com")),
+         Request(recipients=("a@b.c",))),
+        ("{sender: {regex: '^bounce-'}}", Request(sender="bounce-1@x"), Request(sender="a@x")),
+        ("{not: {sender: '@x.org'}}", Request(sender="a@y.org"), Request(sender="a@x.org")),
+        ("{all: [{sender: '@x.org'}, {authenticated: true}]}",
+         Request(sender="a@x.org", sasl_username="u"), Request(sender="a@x.org")),
+        ("{header: {name: Precedence, regex: '^bulk$'}}",
+         Request(headers=(("precedence", "bulk"),)), Request(headers=None)),
+        ("{header_present: List-Unsubscribe}",
+         Request(headers=(("List-Unsubscribe", "<mailto:u@x>"),)), Request(headers=())),
+    ],
+)
+def test_conditions(when: str, matching: Request, other: Request) -> None:
+    policy = parse_policy(BASE.replace('when: {sender: "noreply@app.example"}', f"when: {when}"))
+    assert classify(matching, policy)[0].name == "transactional"
+    assert classify(other, policy)[0].name != "transactional"
+
+
+# ---------------------------------------------------------------- keys
+
+
+@pytest.mark.parametrize(
+    ("key", "request_", "value"),
+    [
+        ("sender", rcpt(sender="Alice@Example.COM"), "alice@example.com"),
+        ("sender_domain", rcpt(sender="a@Sub.Example.com"), "sub.example.com"),
+        ("sasl_username", rcpt(sasl_username="Bob"), "bob"),
+        ("client_address", rcpt(client="192.0.2.10"), "192.0.2.10"),
+        ("client_network", rcpt(client="192.0.2.10"), "192.0.2.0/24"),
+        ("client_network/16", rcpt(client="192.0.2.10"), "192.0.0.0/16"),
+        ("client_network", rcpt(client="2001:db8:1:2:3::4"), "2001:db8:1:2::/64"),
+        ("client_network/24/48", rcpt(client="2001:db8:1:2:3::4"), "2001:db8:1::/48"),
+        ("helo_name", rcpt(helo_name="MX.example"), "mx.example"),
+        ("client_name", rcpt(client_name="Host.example"), "host.example"),
+        ("recipient", rcpt(recipient="Bob@Dest.Example"), "bob@dest.example"),
+        ("recipient_domain", rcpt(recipient="bob@Dest.Example"), "dest.example"),
+        ("destination", rcpt(recipient="bob@dest.example"), "dest.example"),
+        ("[sasl_username, recipient_domain]", rcpt(sasl_username="u", recipient="b@d.example"),
+         "u|d.example"),
+    ],
+)
+def test_key_values(key: str, request_: Request, value: str) -> None:
+    svc, _ = service(f"- {{name: l, rate: 10/1h, key: {key}}}\n")
+    plan = make_plan(request_, svc.policy)
+    assert [p.key for p in plan.limits] == [value]
+    assert plan.limits[0].check.key == f"rl:l:{value}"
+
+
+@pytest.mark.parametrize("key", ["sasl_username", "sender", "client_network", "helo_name"])
+def test_limit_skipped_when_key_part_missing(key: str) -> None:
+    svc, _ = service(f"- {{name: l, rate: 10/1h, key: {key}}}\n")
+    request = Request(stage="RCPT", sender="", recipient="b@d.example", client_address="unknown")
+    assert make_plan(request, svc.policy).limits == ()
+
+
+# ---------------------------------------------------------------- actions
+
+
+def test_defer_when_spent_with_retry_hint_and_nothing_spent_meanwhile() -> None:
+    svc, clock = service("""\
+        - {name: per-sender, rate: 2/1m, key: sender, count: messages}
+        - {name: per-client, rate: 100/1m, key: client_address, count: messages}
+        """)
+    results = run_all(svc, [eom(queue_id=f"Q{i}") for i in range(3)])
+    actions = [r.action for r in results]  # type: ignore[attr-defined]
+    assert actions == [Action.ACCEPT, Action.ACCEPT, Action.DEFER]
+    deferred = results[2]
+    assert deferred.deciding == "per-sender"  # type: ignore[attr-defined]
+    assert 29_000 < deferred.retry_after_ms <= 30_000  # type: ignore[attr-defined]
+    reply = postfix_action(deferred)  # type: ignore[arg-type]
+    assert reply.startswith("450 4.7.1 Rate limit per-sender reached for alice@example.com")
+    assert reply.endswith("try again in 30s")
+    client = next(o for o in deferred.limits if o.name == "per-client")  # type: ignore[attr-defined]
+    assert client.allowed
+    assert not client.spent
+    assert client.remaining == 98  # 100 - 2 spent; the deferred message spent nothing
+    clock.now += 30_000
+    assert run(svc, eom(queue_id="Q9")).action is Action.ACCEPT
+
+
+def test_custom_message_template() -> None:
+    svc, _ = service("""\
+        - name: quota
+          rate: 1/1d
+          key: sasl_username
+          action: reject
+          message: "{key} used today's {rate}; {remaining} left"
+        """)
+    run(svc, eom(sasl_username="carol"))
+    verdict = run(svc, eom(sasl_username="carol", queue_id="2"))
+    assert verdict.action is Action.REJECT
+    assert postfix_action(verdict) == "550 5.7.1 carol used today's 1/1d; 0 left"
+
+
+def test_hold_action() -> None:
+    svc, _ = service("- {name: l, rate: 1/1h, key: sender, action: hold}\n")
+    run(svc, eom(queue_id="1"))
+    verdict = run(svc, eom(queue_id="2"))
+    assert verdict.action is Action.HOLD
+    assert postfix_action(verdict) == "HOLD held by mqpolicy limit l"
+
+
+def test_demote_moves_to_slower_lane_and_still_spends_the_others() -> None:
+    svc, _ = service("""\
+        - {name: fast-budget, rate: 1/1h, key: sender, action: {demote: bulk}}
+        - {name: client, rate: 10/1h, key: client_address}
+        """)
+    first = run(svc, eom(queue_id="1"))
+    assert (first.action, first.lane.name) == (Action.ACCEPT, "normal")
+    second = run(svc, eom(queue_id="2"))
+    assert (second.action, second.lane.name, second.classified_lane.name) == (
+        Action.ACCEPT, "bulk", "normal")
+    assert postfix_action(second) == "FILTER mq-bulk:"
+    client = next(o for o in second.limits if o.name == "client")
+    assert client.spent
+    assert client.remaining == 8
+
+
+def test_demote_never_promotes() -> None:
+    svc, _ = service("- {name: l, rate: 1/1h, key: sender, action: {demote: normal}}\n")
+    run(svc, eom(sender="x@news.example", queue_id="1"))
+    verdict = run(svc, eom(sender="x@news.example", queue_id="2"))
+    assert verdict.lane.name == "bulk"
+
+
+def test_monitor_reports_but_changes_nothing() -> None:
+    svc, _ = service("- {name: l, rate: 1/1h, key: sender, action: reject, monitor: true}\n")
+    run(svc, eom(queue_id="1"))
+    verdict = run(svc, eom(queue_id="2"))
+    assert verdict.action is Action.ACCEPT
+    (outcome,) = verdict.limits
+    assert not outcome.allowed
+    assert outcome.monitor
+    assert svc.stats.limits_hit[("l", "monitor")] == 1
+
+
+def test_severity_reject_beats_defer_beats_hold() -> None:
+    svc, _ = service("""\
+        - {name: h, rate: 1/1h, key: sender, action: hold}
+        - {name: r, rate: 1/1h, key: client_address, action: reject}
+        - {name: d, rate: 1/1h, key: sender_domain, action: defer}
+        """)
+    run(svc, eom(queue_id="1"))
+    verdict = run(svc, eom(queue_id="2"))
+    assert (verdict.action, verdict.deciding) == (Action.REJECT, "r")
+
+
+def test_lane_scoped_limit_and_except() -> None:
+    svc, _ = service("""\
+        - name: bulk-only
+          rate: 1/1h
+          key: sender
+          lanes: [bulk]
+          except: {sender: vip@news.example}
+        """)
+    assert make_plan(eom(sender="a@example.com"), svc.policy).limits == ()
+    assert len(make_plan(eom(sender="a@news.example"), svc.policy).limits) == 1
+    assert make_plan(eom(sender="vip@news.example"), svc.policy).limits == ()
+
+
+def test_hold_lane() -> None:
+    svc, _ = service("[]\n")
+    verdict = run(svc, eom(sasl_username="scheduler"))
+    assert (verdict.action, verdict.deciding) == (Action.HOLD, "lane:scheduled")
+
+
+def test_accept_in_lane_with_own_transport_filters() -> None:
+    svc, _ = service("[]\n")
+    assert postfix_action(run(svc, rcpt(sender="noreply@app.example"))) == (
+        "FILTER mq-transactional:")
+    assert postfix_action(run(svc, rcpt())) == "DUNNO"
+
+
+# ---------------------------------------------------------------- counting
+
+
+def test_ten_recipient_message_counts_ten_recipients_and_one_message() -> None:
+    svc, _ = service("""\
+        - {name: msgs, rate: 100/1h, key: sender, count: messages}
+        - {name: rcpts, rate: 100/1h, key: sender, count: recipients}
+        - {name: bytes, rate: 1MB/1h, key: sender, count: bytes}
+        - {name: per-domain, rate: 100/1h, key: recipient_domain, count: recipients}
+        """)
+    requests = [rcpt(recipient=f"u{i}@dest.example", instance="I1") for i in range(10)]
+    verdicts = run_all(svc, [*requests, eom(count=10, size=20_000, queue_id="Q1",
+                                             instance="I1")])
+    for v in verdicts[:10]:
+        checked = {o.name: o.counted for o in v.limits}  # type: ignore[attr-defined]
+        assert checked == {"msgs": "checked", "rcpts": "checked", "bytes": "checked",
+                           "per-domain": "1 recipients"}
+    final = {o.name: o for o in verdicts[10].limits}  # type: ignore[attr-defined]
+    assert set(final) == {"msgs", "rcpts", "bytes"}
+    assert final["msgs"].remaining == 99
+    assert final["rcpts"].remaining == 90
+    assert final["bytes"].remaining == 1_000_000 - 20_000
+    domain_state = asyncio.run(svc.store.inspect(["rl:per-domain:dest.example"], svc.clock_ms()))
+    assert domain_state[0] is not None
+    assert domain_state[0].tat_ms == svc.clock_ms() + 10 * 36_000
+
+
+def test_end_of_message_counted_once_per_queue_id() -> None:
+    svc, _ = service("- {name: msgs, rate: 10/1h, key: sender}\n")
+    first, again = run_all(svc, [eom(queue_id="ABC"), eom(queue_id="ABC")])
+    assert first.limits[0].remaining == 9  # type: ignore[attr-defined]
+    assert again.duplicate  # type: ignore[attr-defined]
+    third = run(svc, eom(queue_id="DEF"))
+    assert third.limits[0].remaining == 8
+
+
+def test_rcpt_defers_early_when_sender_budget_is_spent() -> None:
+    svc, _ = service("- {name: msgs, rate: 1/1h, key: sender}\n")
+    assert run(svc, rcpt()).action is Action.ACCEPT
+    run(svc, eom(queue_id="1"))
+    verdict = run(svc, rcpt())
+    assert verdict.action is Action.DEFER
+    assert not verdict.limits[0].spent
+
+
+def test_recipient_keyed_limit_defers_only_that_recipient() -> None:
+    svc, _ = service("- {name: dom, rate: 2/1h, key: recipient_domain, count: recipients}\n")
+    verdicts = run_all(svc, [rcpt(recipient=f"u{i}@slow.example") for i in range(3)]
+                       + [rcpt(recipient="u@fast.example")])
+    assert [v.action for v in verdicts] == [  # type: ignore[attr-defined]
+        Action.ACCEPT, Action.ACCEPT, Action.DEFER, Action.ACCEPT]
+
+
+# ---------------------------------------------------------------- store failures
+
+
+class BrokenStore(MemoryStore):
+    """Fails or stalls on evaluate; everything else as the memory store."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
+                       once_key: str | None = None, once_ttl_ms: int = 0) -> Evaluation:
+        if self.mode == "error":
+            raise StoreError("connection refused")
+        await asyncio.sleep(5)
+        raise AssertionError("deadline not applied")
+
+    async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
+        return []
+
+
+@pytest.mark.parametrize("mode", ["error", "stall"])
+@pytest.mark.parametrize(("on_error", "action", "reply"), [
+    ("accept", Action.ACCEPT, "DUNNO"),
+    ("defer", Action.DEFER, "451 4.3.0 Policy store unavailable, try again later"),
+])
+def test_store_failure_follows_on_store_error(mode: str, on_error: str, action: Action,
+                                              reply: str) -> None:
+    policy: Policy = parse_policy(BASE + f"store: {{on_store_error: {on_error}, timeout_ms: 50}}\n"
+                                  "limits:\n  - {name: l, rate: 1/1h, key: sender}\n")
+    svc = DecisionService(policy, BrokenStore(mode))
+
+    async def timed() -> tuple[object, float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        verdict = await svc.decide(eom())
+        return verdict, loop.time() - start
+
+    verdict, elapsed = asyncio.run(timed())
+    assert verdict.action is action  # type: ignore[attr-defined]
+    assert verdict.store_error  # type: ignore[attr-defined]
+    assert postfix_action(verdict) == reply  # type: ignore[arg-type]
+    assert elapsed < 0.5
+    assert svc.stats.store_errors + svc.stats.store_timeouts == 1
+
+
+def test_per_limit_on_store_error_overrides_store_default() -> None:
+    policy = parse_policy(BASE + "limits:\n  - {name: l, rate: 1/1h, key: sender, "
+                          "on_store_error: defer}\n  - {name: m, rate: 1/1h, key: client_address}\n")
+    svc = DecisionService(policy, BrokenStore("error"))
+    verdict = asyncio.run(svc.decide(eom()))
+    assert (verdict.action, verdict.deciding) == (Action.DEFER, "l")
+
+
+def test_dry_run_spends_nothing() -> None:
+    svc, _ = service("- {name: l, rate: 1/1h, key: sender}\n")
+    for _ in range(3):
+        verdict = asyncio.run(svc.decide(eom(queue_id="Q"), consume=False))
+        assert verdict.action is Action.ACCEPT
+        assert not verdict.limits[0].spent
