@@ -100,7 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         return asyncio.run(serve(policy, Path(args.config), args.log_level))
     if command == "explain":
-        return asyncio.run(cmd_explain(policy, args.request, args.consume, args.json))
+        source: str = args.request
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"mqpolicy explain: cannot read {source}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return asyncio.run(cmd_explain(policy, text, args.consume, args.json))
     return asyncio.run(cmd_counters(policy, args))
 
 
@@ -217,8 +223,7 @@ def parse_request_text(text: str) -> dict[str, str]:
     return requests[0]
 
 
-async def cmd_explain(policy: Policy, source: str, consume: bool, as_json: bool) -> int:
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -> int:
     try:
         attrs = parse_request_text(text)
     except PolicyProtocolError as exc:
