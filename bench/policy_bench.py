@@ -1,0 +1,527 @@
+"""Policy server throughput and latency: the figures of the README's benchmark table.
+
+Starts its own ``redis-server`` (temporary unix socket and free loopback port, nothing saved),
+writes a temporary policy file (the example policy with budgets large enough that most
+requests pass), then for each store runs ``mqpolicy serve -c FILE``, waits until it accepts
+connections, and drives it with ``bench/policy_load.py`` at each concurrency. Every process
+it starts is stopped by its PID when it is done, also on error or Ctrl-C.
+
+``--baseline`` first measures a plain asyncio server that answers ``action=DUNNO`` to every
+request without looking at it: the ceiling of a Python asyncio policy server on this
+machine, and a check that the load generator is not the bottleneck.
+
+    python bench/policy_bench.py                     # memory, redis (tcp), redis (unix)
+    python bench/policy_bench.py --baseline --duration 5 --concurrency 1,8,64
+    python bench/policy_bench.py --stores memory --markdown
+
+Only loopback addresses and private unix sockets are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+LOAD = Path(__file__).resolve().parent / "policy_load.py"
+STORES = ("memory", "redis-tcp", "redis-unix")
+
+POLICY_TEMPLATE = """\
+# Written by bench/policy_bench.py: the example policy with budgets large enough that
+# most requests pass (the bulk lane's per-domain budget still holds some mail).
+listen:
+  - 127.0.0.1:{port}
+listen_mode: "0660"
+
+server:
+  idle_timeout: 300s
+  max_request_size: 64KiB
+  max_connections: 4096
+  drain_timeout: 5s
+
+store:
+  url: {store_url}
+  timeout_ms: 50
+  on_store_error: accept
+  key_prefix: "mqbench:"
+
+log:
+  format: kv
+  level: {log_level}
+
+lanes:
+  - name: transactional
+    transport: mq-transactional
+    concurrency: 20
+    rate_delay: 0s
+  - name: normal
+    transport: smtp
+  - name: bulk
+    transport: mq-bulk
+    concurrency: 4
+    initial_concurrency: 2
+    rate_delay: 1s
+
+default_lane: normal
+
+classify:
+  - name: password-resets
+    when:
+      sender: ["noreply@app.example.com", "@auth.example.com"]
+    lane: transactional
+  - name: newsletters
+    when:
+      any:
+        - sender: "@news.example.com"
+        - sasl_username: "newsletter-*"
+        - recipient_count: {{min: 50}}
+    lane: bulk
+
+limits:
+  - name: per-user
+    rate: 10000000/1h
+    burst: 100000
+    key: sasl_username
+    count: recipients
+    action: defer
+    except:
+      sasl_username: ["app-transactional"]
+
+  - name: per-sender
+    rate: 10000000/1h
+    burst: 100000
+    key: sender
+    count: messages
+    lanes: [normal, bulk]
+    action: {{demote: bulk}}
+
+  - name: per-client-network
+    rate: 10000000/1h
+    burst: 100000
+    key: client_network/24
+    count: messages
+    action: defer
+
+  - name: per-recipient-domain-bulk
+    rate: 3000/1m
+    burst: 500
+    key: recipient_domain
+    count: recipients
+    lanes: [bulk]
+    action: hold
+
+  - name: big-senders
+    rate: 1000GB/1d
+    key: sender_domain
+    count: bytes
+    action: reject
+    monitor: true
+"""
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_connectable(
+    address: str | tuple[str, int], proc: subprocess.Popen[bytes], timeout: float = 30.0
+) -> None:
+    """Poll a connect until it succeeds; fail early if ``proc`` exits."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(address)
+            except OSError:
+                pass
+            else:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args!r} is not accepting on {address!r} after {timeout}s")
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM by PID, wait, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of ``pid`` and its live descendants, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    family = {pid}
+    changed = True
+    while changed:
+        changed = False
+        for child, parent in parents.items():
+            if parent in family and child not in family:
+                family.add(child)
+                changed = True
+    for member in family:
+        total += cpu.get(member, 0.0)
+    return total
+
+
+@dataclass
+class Started:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+class Processes:
+    """Everything this run started, stopped in reverse order by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[Started] = []
+
+    def start(self, name: str, argv: Sequence[str]) -> Started:
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        started = Started(name, proc, log)
+        self.started.append(started)
+        return started
+
+    def stop(self, started: Started) -> None:
+        stop(started.proc)
+        self.started.remove(started)
+
+    def stop_all(self) -> None:
+        for started in reversed(self.started):
+            stop(started.proc)
+        self.started.clear()
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def run_load(
+    args: argparse.Namespace, target: str, concurrency: int, server_pid: int,
+    redis_pid: int | None,
+) -> dict[str, Any]:
+    argv = [
+        sys.executable, str(LOAD), "--target", target, "--concurrency", str(concurrency),
+        "--duration", str(args.duration), "--warmup", str(args.warmup),
+        "--seed", str(args.seed), "--processes", str(args.processes), "--json",
+    ]
+    server_cpu0 = cpu_seconds(server_pid)
+    redis_cpu0 = cpu_seconds(redis_pid) if redis_pid else 0.0
+    t0 = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False,
+                          timeout=args.warmup + args.duration + 120)
+    elapsed = time.monotonic() - t0
+    if done.returncode != 0 and not done.stdout.strip():
+        raise RuntimeError(f"policy_load failed ({done.returncode}): {done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    # Whole-run CPU (workload generation and warmup included) over the load's wall time.
+    result["server_cpu_percent"] = round(100 * (cpu_seconds(server_pid) - server_cpu0) / elapsed)
+    if redis_pid:
+        result["redis_cpu_percent"] = round(100 * (cpu_seconds(redis_pid) - redis_cpu0) / elapsed)
+    return result
+
+
+def bench_server(
+    args: argparse.Namespace, procs: Processes, label: str, argv: Sequence[str], port: int,
+    redis: Started | None,
+) -> list[dict[str, Any]]:
+    server = procs.start(label, argv)
+    try:
+        wait_connectable(("127.0.0.1", port), server.proc)
+    except RuntimeError:
+        print(log_tail(server.log), file=sys.stderr)
+        raise
+    rows = []
+    try:
+        for c in args.concurrency:
+            result = run_load(args, f"127.0.0.1:{port}", c, server.proc.pid,
+                              redis.proc.pid if redis else None)
+            result["store"] = label
+            rows.append(result)
+            print_row(result, file=sys.stderr)
+            if server.proc.poll() is not None:
+                print(log_tail(server.log), file=sys.stderr)
+                raise RuntimeError(f"{label}: the server exited with {server.proc.returncode}")
+    finally:
+        procs.stop(server)
+    return rows
+
+
+def start_redis(args: argparse.Namespace, procs: Processes) -> tuple[Started, int, Path]:
+    port = free_port()
+    sock = procs.workdir / "redis.sock"
+    redis = procs.start(
+        "redis-server",
+        [
+            args.redis_server, "--port", str(port), "--bind", "127.0.0.1",
+            "--unixsocket", str(sock), "--unixsocketperm", "700",
+            "--save", "", "--appendonly", "no", "--dir", str(procs.workdir),
+            "--daemonize", "no", "--protected-mode", "yes",
+        ],
+    )
+    try:
+        wait_connectable(("127.0.0.1", port), redis.proc)
+        wait_connectable(str(sock), redis.proc)
+    except RuntimeError:
+        print(log_tail(redis.log), file=sys.stderr)
+        raise
+    return redis, port, sock
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    workdir = Path(tempfile.mkdtemp(prefix="mqpolicy-bench-"))
+    procs = Processes(workdir)
+    try:
+        if args.baseline:
+            port = free_port()
+            rows += bench_server(
+                args, procs, "baseline",
+                [sys.executable, str(Path(__file__).resolve()), "--serve-dunno",
+                 f"127.0.0.1:{port}"],
+                port, None,
+            )
+        redis: Started | None = None
+        redis_port = 0
+        redis_sock = Path()
+        if any(s.startswith("redis") for s in args.stores):
+            redis, redis_port, redis_sock = start_redis(args, procs)
+        for store in args.stores:
+            url = {
+                "memory": "memory://",
+                "redis-tcp": f"redis://127.0.0.1:{redis_port}/0",
+                "redis-unix": f"unix://{redis_sock}?db=0",
+            }[store]
+            port = free_port()
+            policy = workdir / f"policy-{store}.yaml"
+            policy.write_text(
+                POLICY_TEMPLATE.format(port=port, store_url=url, log_level=args.log_level)
+            )
+            rows += bench_server(
+                args, procs, store, [args.mqpolicy, "serve", "-c", str(policy)], port,
+                redis if store != "memory" else None,
+            )
+    finally:
+        procs.stop_all()
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+
+def print_row(r: dict[str, Any], file: Any = sys.stdout) -> None:
+    lat = r["latency_ms"]
+    other = {k: v for k, v in r["actions"].items() if k != "DUNNO"}
+    total = sum(r["actions"].values()) or 1
+    passed = 100 * r["actions"].get("DUNNO", 0) / total
+    errors = sum(r["errors"].values())
+    print(
+        f"{r['store']:<11} C={r['concurrency']:<3} {r['rps']:>9.0f} req/s"
+        f"  p50 {lat['p50']:.3f}  p99 {lat['p99']:.3f}  p99.9 {lat['p99.9']:.3f} ms"
+        f"  server CPU {r['server_cpu_percent']}%  load CPU"
+        f" {r['generator_cpu']['percent_of_one_core']:.0f}%"
+        f"  DUNNO {passed:.1f}% {json.dumps(other) if other else ''}"
+        f"{f'  errors {errors}' if errors else ''}",
+        file=file,
+    )
+
+
+def print_table(rows: list[dict[str, Any]], markdown: bool) -> None:
+    head = ("store", "C", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "server CPU", "load CPU")
+    body = [
+        (
+            r["store"],
+            str(r["concurrency"]),
+            f"{r['rps']:.0f}",
+            f"{r['latency_ms']['p50']:.2f}",
+            f"{r['latency_ms']['p99']:.2f}",
+            f"{r['latency_ms']['p99.9']:.2f}",
+            f"{r['server_cpu_percent']}%"
+            + (f" (+redis {r['redis_cpu_percent']}%)" if "redis_cpu_percent" in r else ""),
+            f"{r['generator_cpu']['percent_of_one_core']:.0f}%",
+        )
+        for r in rows
+    ]
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|")
+        for row in body:
+            print("| " + " | ".join(row) + " |")
+        return
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    for row in (head, *body):
+        print("  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ))
+
+
+# --------------------------------------------------------------------------- baseline
+
+
+async def _dunno(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            await reader.readuntil(b"\n\n")
+            writer.write(b"action=DUNNO\n\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _serve_dunno(host: str, port: int) -> None:
+    server = await asyncio.start_server(_dunno, host, port)
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    async with server:
+        await stopped.wait()
+
+
+def serve_dunno(address: str) -> int:
+    """The baseline: one asyncio loop, streams, ``action=DUNNO`` to every request."""
+    host, _, port = address.rpartition(":")
+    asyncio.run(_serve_dunno(host, int(port)))
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--stores", default=",".join(STORES),
+                   help=f"comma-separated, from {', '.join(STORES)} (default all)")
+    p.add_argument("--concurrency", default="1,8,64",
+                   help="comma-separated connection counts (default 1,8,64)")
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="measured seconds per run (default 10)")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="unmeasured seconds before each run (default 1)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--processes", type=int, default=1,
+                   help="load generator processes (default 1)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also measure a plain asyncio server that answers DUNNO")
+    p.add_argument("--mqpolicy", default=str(REPO / ".venv" / "bin" / "mqpolicy"),
+                   help="the mqpolicy command (default .venv/bin/mqpolicy)")
+    p.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    p.add_argument("--log-level", default="warning",
+                   help="log.level of the policy file (default warning)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--json", dest="json_out", metavar="FILE",
+                   help="also write every result to FILE as JSON")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory (policy files, logs)")
+    p.add_argument("--serve-dunno", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_dunno:
+        return args
+    args.stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    unknown = sorted(set(args.stores) - set(STORES))
+    if unknown:
+        p.error(f"unknown store(s) {', '.join(unknown)} (choose from {', '.join(STORES)})")
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        p.error("--concurrency takes numbers such as 1,8,64")
+    if not args.concurrency or min(args.concurrency) < 1:
+        p.error("--concurrency takes numbers of at least 1")
+    return args
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process started."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_dunno:
+        return serve_dunno(args.serve_dunno)
+    try:
+        with sigterm_as_interrupt():
+            rows = run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"policy_bench: {exc}", file=sys.stderr)
+        return 1
+    print_table(rows, args.markdown)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
