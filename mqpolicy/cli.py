@@ -21,9 +21,9 @@ from typing import TextIO
 
 from mqpolicy import __version__
 from mqpolicy.budget import CounterStore, StoreError
-from mqpolicy.config import ConfigError, Policy, load_policy
+from mqpolicy.config import ConfigError, Limit, Policy, load_policy
 from mqpolicy.decisions import DecisionService, wall_clock_ms
-from mqpolicy.engine import Verdict, applies, limit_key, store_key
+from mqpolicy.engine import Verdict, applies, bucket_prefix, limit_key, store_key
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
@@ -334,7 +334,7 @@ async def cmd_counters(policy: Policy, args: argparse.Namespace) -> int:
                        key_prefix=policy.store.key_prefix)
     try:
         if args.counters_command == "reset":
-            return await _reset(store, args)
+            return await _reset(store, limits[args.limit], args)
         return await _show(store, policy, wanted, args.key, args.max)
     except StoreError as exc:
         print(f"mqpolicy counters: store error: {exc}", file=sys.stderr)
@@ -343,11 +343,11 @@ async def cmd_counters(policy: Policy, args: argparse.Namespace) -> int:
         await store.close()
 
 
-async def _reset(store: CounterStore, args: argparse.Namespace) -> int:
+async def _reset(store: CounterStore, limit: Limit, args: argparse.Namespace) -> int:
     if args.all:
-        keys = await store.scan(store_key(args.limit, "*"), count=1_000_000)
+        keys = await store.scan(store_key(limit, "*"), count=1_000_000)
     elif args.key:
-        keys = [store_key(args.limit, args.key.lower())]
+        keys = [store_key(limit, args.key.lower())]
     else:
         print("mqpolicy counters reset: give a KEY or --all", file=sys.stderr)
         return EXIT_USAGE
@@ -364,10 +364,10 @@ async def _show(store: CounterStore, policy: Policy, wanted: str | None, key: st
     print(f"{'limit':<24} {'key':<40} {'remaining':>10} {'burst':>8}  full in")
     for name in names:
         limit = by_name[name]
-        keys = ([store_key(name, key.lower())] if key
-                else await store.scan(store_key(name, "*"), count=maximum))
+        keys = ([store_key(limit, key.lower())] if key
+                else await store.scan(store_key(limit, "*"), count=maximum))
         states = await store.inspect(keys, now)
-        prefix = store_key(name, "")
+        prefix = bucket_prefix(limit)
         for k, state in zip(keys, states, strict=True):
             if state is None:
                 if key:

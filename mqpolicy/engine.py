@@ -54,6 +54,7 @@ class PlannedLimit:
     limit: Limit
     key: str  # the key value this request maps to, e.g. "alice@example.com"
     check: BudgetCheck
+    spends: bool  # whether a real decision spends here (a dry run's check does not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,13 +154,19 @@ def limit_key(limit: Limit, request: Request) -> str | None:
     return values[0] if len(values) == 1 else "|".join(values)
 
 
-def store_key(limit_name: str, key: str) -> str:
-    """The store's logical key for a limit's bucket (the store adds its prefix)."""
+def bucket_prefix(limit: Limit) -> str:
+    """Where a limit's buckets live: its name plus its rate and burst, so that a reload
+    which changes the rate starts fresh buckets instead of misreading the old ones."""
+    return f"rl:{limit.name}:{limit.rate.count}/{limit.rate.period_ms}/{limit.burst}:"
+
+
+def store_key(limit: Limit, key: str) -> str:
+    """The store's logical key for one bucket of a limit (the store adds its prefix)."""
     if not key.isascii():
         key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if len(key) > _MAX_KEY_LENGTH:
         key = "sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
-    return f"rl:{limit_name}:{key}"
+    return bucket_prefix(limit) + key
 
 
 def once_key_for(request: Request) -> str | None:
@@ -209,14 +216,14 @@ def make_plan(request: Request, policy: Policy) -> Plan:
             cost = max(1, request.size) if limit.count is Count.BYTES else 1
             consume = False
         check = BudgetCheck(
-            key=store_key(limit.name, key),
+            key=store_key(limit, key),
             interval_ms=limit.rate.interval_ms,
             burst=limit.burst,
             cost=cost,
             consume=consume,
             blocking=limit.blocking,
         )
-        planned.append(PlannedLimit(limit, key, check))
+        planned.append(PlannedLimit(limit, key, check, consume))
     once = once_key_for(request) if at_end and planned else None
     return Plan(request, lane, rule, tuple(planned), once)
 
@@ -225,7 +232,7 @@ def make_plan(request: Request, policy: Policy) -> Plan:
 
 
 def _counted(p: PlannedLimit) -> str:
-    if not p.check.consume:
+    if not p.spends:
         return "checked"
     return f"{p.check.cost} {p.limit.count.value}"
 

@@ -1,0 +1,177 @@
+"""The mqpolicy command as operators run it: check, explain, serve (reload, drain), counters."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.redis_fixture import RedisServer
+from tests.serve_process import ServeProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mq(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mqpolicy", *args], input=stdin,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def policy_text(port: int, rate: str = "2/1h", store: str = "memory://") -> str:
+    return f"""\
+listen: [127.0.0.1:{port}]
+store: {{url: "{store}"}}
+lanes:
+  - {{name: transactional, transport: mq-transactional}}
+  - {{name: normal}}
+default_lane: normal
+classify:
+  - {{name: resets, when: {{sender: "@app.example"}}, lane: transactional}}
+limits:
+  - {{name: per-sender, rate: {rate}, key: sender, count: messages,
+      message: "slow down {{key}}, retry in {{retry_after}}s"}}
+  - {{name: per-domain, rate: 100/1m, key: recipient_domain, count: recipients}}
+"""
+
+
+def eom(i: int, sender: str = "a@example.com") -> dict[str, str]:
+    return {"request": "smtpd_access_policy", "protocol_state": "END-OF-MESSAGE",
+            "sender": sender, "queue_id": f"Q{i}", "recipient_count": "1",
+            "client_address": "192.0.2.9"}
+
+
+def test_check_ok_and_errors(tmp_path: Path) -> None:
+    ok = mq("check", "-c", str(ROOT / "conf" / "mqpolicy.yaml"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "OK: 3 lanes" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stor: {}\nlimits:\n  - {name: x, rate: 5/fortnight, key: sender}\n")
+    result = mq("check", "-c", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}:1: stor: unknown key" in result.stdout
+    assert f"{bad}:3: limits[x].rate: bad period" in result.stdout
+    assert "2 error(s)" in result.stdout
+
+
+def test_serve_refuses_a_broken_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lanes: [\n")
+    result = mq("serve", "-c", str(bad))
+    assert result.returncode == 1
+    assert "invalid policy file, nothing started" in result.stderr
+    assert "YAML syntax" in result.stderr
+
+
+def test_explain_shows_lane_limits_and_postfix_action(tmp_path: Path) -> None:
+    config = tmp_path / "p.yaml"
+    config.write_text(policy_text(free_port()))
+    request = "protocol_state=RCPT\nsender=noreply@app.example\nrecipient=u@d.example\n"
+    result = mq("explain", "-c", str(config), stdin=request)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "lane:    transactional (rule resets)" in out
+    assert "postfix: action=FILTER mq-transactional:" in out
+    assert "per-sender" in out
+    assert "counted=checked" in out
+    assert "per-domain" in out
+    assert "counted=1 recipients" in out
+    data = json.loads(mq("explain", "-c", str(config), "--json", stdin=request).stdout)
+    assert data["lane"] == "transactional"
+    assert {limit["name"] for limit in data["limits"]} == {"per-sender", "per-domain"}
+
+
+def test_explain_rejects_malformed_request(tmp_path: Path) -> None:
+    config = tmp_path / "p.yaml"
+    config.write_text(policy_text(free_port()))
+    result = mq("explain", "-c", str(config), stdin="this is not a policy request\n")
+    assert result.returncode == 2
+    assert "malformed request" in result.stderr
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[ServeProcess]:
+    port = free_port()
+    config = tmp_path / "p.yaml"
+    config.write_text(policy_text(port))
+    proc = ServeProcess(config, port, tmp_path / "serve.log")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def wait_for_log(proc: ServeProcess, needle: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in proc.log_text():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not logged:\n{proc.log_text()}")
+        time.sleep(0.05)
+
+
+def test_serve_decides_and_logs(served: ServeProcess) -> None:
+    assert served.ask(eom(1)) == "DUNNO"
+    assert served.ask(eom(2)) == "DUNNO"
+    assert served.ask(eom(3)) == "450 4.7.1 slow down a@example.com, retry in 1800s"
+    wait_for_log(served, "action=defer")
+    line = next(ln for ln in served.log_text().splitlines() if "action=defer" in ln)
+    assert "qid=Q3" in line
+    assert "by=per-sender" in line
+    assert "limits=per-sender:defer:a@example.com" in line
+
+
+def test_sighup_reload_applies_good_file_and_keeps_old_on_bad(served: ServeProcess) -> None:
+    assert served.ask(eom(1, "b@example.com")) == "DUNNO"
+    assert served.ask(eom(2, "b@example.com")) == "DUNNO"
+    assert served.ask(eom(3, "b@example.com")).startswith("450 4.7.1")
+    # a broken file: the running policy stays
+    good = served.config.read_text()
+    served.config.write_text(good + "limits: oops\n")
+    served.signal(signal.SIGHUP)
+    wait_for_log(served, "reload refused")
+    assert served.ask(eom(4, "b@example.com")).startswith("450 4.7.1")
+    # a good file with a new limit takes effect without a restart
+    served.config.write_text(good.replace("rate: 2/1h", "rate: 1000/1h"))
+    served.signal(signal.SIGHUP)
+    wait_for_log(served, "policy reloaded")
+    assert served.ask(eom(5, "b@example.com")) == "DUNNO"
+
+
+def test_sigterm_drains_and_exits_zero(served: ServeProcess) -> None:
+    assert served.ask(eom(1)) == "DUNNO"
+    assert served.stop() == 0
+    assert "msg=stopped" in served.log_text()
+
+
+def test_counters_show_and_reset_on_redis(tmp_path: Path, redis_clean: RedisServer) -> None:
+    config = tmp_path / "p.yaml"
+    config.write_text(policy_text(free_port(), store=redis_clean.tcp_url))
+    def request(i: int) -> str:
+        return "\n".join(f"{k}={v}" for k, v in eom(i).items()) + "\n"
+
+    for i in range(2):
+        assert mq("explain", "-c", str(config), "--consume", stdin=request(i)).returncode == 0
+    shown = mq("counters", "-c", str(config), "show", "per-sender")
+    assert shown.returncode == 0, shown.stderr
+    row = next(ln for ln in shown.stdout.splitlines() if "a@example.com" in ln)
+    assert row.split()[2] == "0"  # remaining of a burst of 2
+    third = mq("explain", "-c", str(config), "--consume", stdin=request(3))
+    assert "-> defer" in third.stdout
+    reset = mq("counters", "-c", str(config), "reset", "per-sender", "a@example.com")
+    assert "reset 1 budget(s)" in reset.stdout
+    fourth = mq("explain", "-c", str(config), "--consume", stdin=request(4))
+    assert "-> ok" in fourth.stdout
+
+
+def test_counters_on_memory_store_explains_why_not(tmp_path: Path) -> None:
+    config = tmp_path / "p.yaml"
+    config.write_text(policy_text(free_port()))
+    result = mq("counters", "-c", str(config), "show")
+    assert result.returncode == 2
+    assert "memory:// store lives inside the serving process" in result.stderr
