@@ -52,6 +52,8 @@ DEFAULT_MAX_LINES = 1000
 
 # The empty line that ends a request, when it follows an attribute line.
 _END = re.compile(rb"\n\r?\n")
+# Every byte but '=' and the line end: deleting them leaves a request's separators.
+_NOT_SEPARATORS = bytes(b for b in range(256) if b not in b"=\n")
 
 
 class PolicyProtocolError(Exception):
@@ -129,35 +131,44 @@ class PolicyDecoder:
 
     def _feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, str]]:
         buf = self._buf
-        buf += data
+        stream: bytes | bytearray
+        if buf:
+            buf += data
+            stream = buf
+        else:
+            # Nothing held back (the usual case): work on the chunk itself, no copy.
+            stream = data if isinstance(data, bytes) else bytes(data)
         limit = self._max_request_bytes
         requests: list[dict[str, str]] = []
         start = 0
         scan = self._scan
         while True:
             # An empty line right at the start of a request: a request with no attributes.
-            if buf.startswith(b"\n", start):
+            if stream.startswith(b"\n", start):
                 requests.append({})
                 start += 1
                 scan = start
                 continue
-            if buf.startswith(b"\r\n", start):
+            if stream.startswith(b"\r\n", start):
                 requests.append({})
                 start += 2
                 scan = start
                 continue
-            match = _END.search(buf, scan)
+            match = _END.search(stream, scan)
             if match is None:
                 break
             end = match.end()
             if end - start > limit:
                 raise RequestTooLarge(f"request of {end - start} bytes exceeds {limit}")
             # The attribute lines, each with its line end.
-            block = bytes(buf[start : match.start() + 1])
-            requests.append(self._parse(block))
+            requests.append(self._parse(bytes(stream[start : match.start() + 1])))
             start = scan = end
+        if stream is buf:
+            if start:
+                del buf[:start]
+        elif start < len(stream):
+            buf += stream[start:]
         if start:
-            del buf[:start]
             scan = 0
             self._lines = 0
         if len(buf) > limit:
@@ -172,13 +183,23 @@ class PolicyDecoder:
         return requests
 
     def _parse(self, block: bytes) -> dict[str, str]:
+        """``block``: the attribute lines of one request, each ended by ``\\n``."""
         nlines = block.count(b"\n")
         if nlines > self._max_lines:
             raise TooManyLines(f"request has {nlines} lines, more than {self._max_lines}")
         if b"\r" in block:
             block = block.replace(b"\r\n", b"\n")
-        attrs: dict[str, str] = {}
-        for line in block.decode("utf-8", "surrogateescape")[:-1].split("\n"):
+        text = block.decode("utf-8", "surrogateescape")
+        # '=' and line ends are ASCII, so they sit at the same places in bytes and text.
+        if block.translate(None, _NOT_SEPARATORS) == b"=\n" * nlines:
+            # Every line has exactly one '=' (no value contains one): split all at once.
+            fields = iter(text.replace("\n", "=").split("="))
+            attrs = dict(zip(fields, fields, strict=False))  # drops the '' after the last line
+            if "" in attrs:
+                raise MalformedLine("attribute line with an empty name")
+            return attrs
+        attrs = {}
+        for line in text[:-1].split("\n"):
             name, sep, value = line.partition("=")
             if not sep:
                 raise MalformedLine(f"attribute line without '=': {line[:80]!r}")

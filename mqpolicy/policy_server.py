@@ -108,14 +108,18 @@ class _Burst:
 
 
 class _Conn:
-    __slots__ = ("busy", "cid", "peer", "writer")
+    __slots__ = ("busy", "cid", "deadline", "expired", "peer")
 
-    def __init__(self, cid: str, peer: str, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, cid: str, peer: str, deadline: float) -> None:
         self.cid = cid
         self.peer = peer
-        self.writer = writer
         # True from a request's arrival until its answer is handed to the kernel.
         self.busy = False
+        # Loop time after which the idle sweeper closes the connection. Moved forward when
+        # a complete request arrives and when its answer is written, never by partial data.
+        self.deadline = deadline
+        # Set by the sweeper when it closes the connection for idleness.
+        self.expired = False
 
 
 def _peer_name(writer: asyncio.StreamWriter) -> str:
@@ -191,6 +195,7 @@ class PolicyServer:
         self._unix_sockets: list[tuple[str, int, int]] = []  # path, st_dev, st_ino
         self._conns: dict[asyncio.Task[None], _Conn] = {}
         self._next_cid = 0
+        self._sweeper: asyncio.Task[None] | None = None
         self._started = False
         self._draining = False
         self._reply_cache: dict[str, bytes] = {}
@@ -214,6 +219,7 @@ class PolicyServer:
         except BaseException:
             self.close()
             raise
+        self._sweeper = asyncio.create_task(self._sweep_idle(), name="policy-idle-sweeper")
         log.info("policy server listening on %s", " ".join(str(e) for e in self.bound_endpoints))
 
     async def _start_tcp(self, endpoint: Endpoint) -> None:
@@ -279,6 +285,7 @@ class PolicyServer:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending)
+        self._stop_sweeper()
         await self._wait_listeners_closed()
 
     def close(self) -> None:
@@ -287,6 +294,7 @@ class PolicyServer:
         self._stop_listening()
         for task in self._conns:
             task.cancel()
+        self._stop_sweeper()
 
     async def wait_closed(self) -> None:
         """Wait until every connection task and listener is gone (after :meth:`close`)."""
@@ -317,6 +325,28 @@ class PolicyServer:
                 if (st.st_dev, st.st_ino) == (dev, ino):
                     os.unlink(path)
         self._unix_sockets.clear()
+
+    def _stop_sweeper(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    async def _sweep_idle(self) -> None:
+        """Close connections past their deadline.
+
+        One timer for all connections instead of one per read keeps the per-request cost
+        down; a connection is closed between ``idle_timeout_s`` and 1/8 of it (at most 1 s)
+        later.
+        """
+        loop = asyncio.get_running_loop()
+        interval = min(1.0, self._idle_timeout_s / 8)
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for task, conn in self._conns.items():
+                if now >= conn.deadline and not conn.expired:
+                    conn.expired = True
+                    task.cancel()
 
     async def _wait_listeners_closed(self) -> None:
         servers, self._servers = self._servers, []
@@ -352,7 +382,8 @@ class PolicyServer:
         self._next_cid += 1
         cid = f"{self._next_cid:x}"
         connection_id.set(cid)
-        conn = _Conn(cid, _peer_name(writer), writer)
+        loop = asyncio.get_running_loop()
+        conn = _Conn(cid, _peer_name(writer), loop.time() + self._idle_timeout_s)
         self._conns[task] = conn
         counters.connections_accepted += 1
         counters.connections_active += 1
@@ -365,11 +396,18 @@ class PolicyServer:
         finally:
             counters.connections_active -= 1
             del self._conns[task]
+            if conn.expired:
+                counters.idle_timeouts += 1
+                log.debug("idle timeout conn=%s peer=%s", cid, conn.peer)
             transport = writer.transport
             if transport.get_write_buffer_size():
                 transport.abort()  # the peer stopped reading: don't wait for it
             else:
                 transport.close()
+            # Collects a connection error stored for wait_closed() (else asyncio logs
+            # "exception never retrieved"); returns as soon as the socket is closed.
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
     async def _serve(
         self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -378,20 +416,12 @@ class PolicyServer:
         counters = self.counters
         handle = self._handler.handle
         cache = self._reply_cache
-        transport = writer.transport
         read = reader.read
         write = writer.write
         idle = self._idle_timeout_s
         decoder = PolicyDecoder(self._max_request_bytes, self._max_lines)
-        deadline = loop.time() + idle
         while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    data = await read(_READ_SIZE)
-            except TimeoutError:
-                counters.idle_timeouts += 1
-                log.debug("idle timeout conn=%s peer=%s", conn.cid, conn.peer)
-                return
+            data = await read(_READ_SIZE)
             if not data:
                 if decoder.pending_bytes:
                     log.debug(
@@ -419,6 +449,7 @@ class PolicyServer:
             if not requests:
                 continue
             conn.busy = True
+            conn.deadline = loop.time() + idle
             for attrs in requests:
                 try:
                     action = await handle(attrs)
@@ -442,18 +473,9 @@ class PolicyServer:
                         )
                 write(reply)
             counters.requests += len(requests)
-            deadline = loop.time() + idle
-            if transport.get_write_buffer_size():
-                # The peer is slow to read: wait, but no longer than the idle timeout.
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await writer.drain()
-                except TimeoutError:
-                    counters.idle_timeouts += 1
-                    log.debug("peer not reading conn=%s peer=%s", conn.cid, conn.peer)
-                    return
-            else:
-                await writer.drain()  # not paused: returns at once, surfaces a lost peer
+            # Waits only while the peer is slow to read; the sweeper bounds that wait.
+            await writer.drain()
+            conn.deadline = loop.time() + idle
             conn.busy = False
             if self._draining:
                 return

@@ -149,6 +149,10 @@ def test_missing_blank_line_at_eof_returns_nothing(size: int) -> None:
 
 def test_value_may_contain_equals_and_be_empty() -> None:
     assert PolicyDecoder().feed(b"a==b=c\nb=\n\n") == [{"a": "=b=c", "b": ""}]
+    assert PolicyDecoder().feed(b"a=\nb=\n\n") == [{"a": "", "b": ""}]
+    assert PolicyDecoder().feed(b"x=1\ns=CN=a,O=b\ny=\n\n") == [
+        {"x": "1", "s": "CN=a,O=b", "y": ""}
+    ]
 
 
 def test_duplicate_attribute_last_wins() -> None:
@@ -221,6 +225,8 @@ def test_too_many_lines_raises_before_request_ends() -> None:
         pytest.param(b"no equals sign\n\n", id="no-equals"),
         pytest.param(b"a=1\n=value\n\n", id="empty-name"),
         pytest.param(b"a=1\nbare\r\n\r\n", id="crlf-no-equals"),
+        # As many '=' as lines, but one line has none and another two.
+        pytest.param(b"a\nb=c=d\n\n", id="equals-count-matches-lines"),
     ],
 )
 @pytest.mark.parametrize("size", READ_SIZES)
