@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -177,35 +176,6 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU of ``pid`` and its live descendants, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry)] = int(fields[1])
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    total = 0.0
-    family = {pid}
-    changed = True
-    while changed:
-        changed = False
-        for child, parent in parents.items():
-            if parent in family and child not in family:
-                family.add(child)
-                changed = True
-    for member in family:
-        total += cpu.get(member, 0.0)
-    return total
-
-
 @dataclass
 class Started:
     name: str
@@ -259,19 +229,19 @@ def run_load(
         "--duration", str(args.duration), "--warmup", str(args.warmup),
         "--seed", str(args.seed), "--processes", str(args.processes), "--json",
     ]
-    server_cpu0 = cpu_seconds(server_pid)
-    redis_cpu0 = cpu_seconds(redis_pid) if redis_pid else 0.0
-    t0 = time.monotonic()
+    argv += ["--watch-pid", str(server_pid)]
+    if redis_pid:
+        argv += ["--watch-pid", str(redis_pid)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False,
                           timeout=args.warmup + args.duration + 120)
-    elapsed = time.monotonic() - t0
     if done.returncode != 0 and not done.stdout.strip():
         raise RuntimeError(f"policy_load failed ({done.returncode}): {done.stderr.strip()}")
     result: dict[str, Any] = json.loads(done.stdout)
-    # Whole-run CPU (workload generation and warmup included) over the load's wall time.
-    result["server_cpu_percent"] = round(100 * (cpu_seconds(server_pid) - server_cpu0) / elapsed)
+    # CPU of the server (and Redis) inside the measured window, in % of one core.
+    watched = result["watched_cpu_percent"]
+    result["server_cpu_percent"] = round(watched.get(str(server_pid), 0.0))
     if redis_pid:
-        result["redis_cpu_percent"] = round(100 * (cpu_seconds(redis_pid) - redis_cpu0) / elapsed)
+        result["redis_cpu_percent"] = round(watched.get(str(redis_pid), 0.0))
     return result
 
 

@@ -95,6 +95,34 @@ def connect(target: Target, timeout: float = 5.0) -> socket.socket:
     return sock
 
 
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of ``pid`` and its descendants, from /proc (0 if gone).
+
+    Reads only the process tree (``/proc/PID/task/*/children``), so it is cheap enough to
+    call from the load loop.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+            except OSError:
+                continue
+    return total
+
+
 # --------------------------------------------------------------------------- workload
 
 
@@ -288,6 +316,7 @@ class WorkerResult:
     completed: int = 0  # replies inside the measured window
     window_s: float = 0.0
     cpu_s: float = 0.0
+    watched_cpu_s: dict[int, float] = field(default_factory=dict)  # pid -> CPU in the window
 
 
 def run_worker(
@@ -301,6 +330,7 @@ def run_worker(
     max_requests: int | None,
     timeout_s: float,
     max_time_s: float,
+    watch_pids: Sequence[int] = (),
 ) -> WorkerResult:
     """Drive ``conn_ids`` connections until the window ends; return what was measured.
 
@@ -397,6 +427,7 @@ def run_worker(
     t0 = t_last = 0.0
     completed = 0
     next_check = 0.0
+    watched_done = False
 
     now_ns = perf_ns()
     for c in conns:
@@ -427,7 +458,7 @@ def run_worker(
                 continue
             c.buf = b""
             now_ns = perf_ns()
-            if c.sent_at >= measure_from_ns and measuring:
+            if measuring and not stopping and c.sent_at >= measure_from_ns:
                 latencies.append(now_ns - c.sent_at)
                 replies[data] = replies.get(data, 0) + 1
                 completed += 1
@@ -446,9 +477,15 @@ def run_worker(
             t0 = now
             cpu = os.times()
             cpu0 = cpu.user + cpu.system
+            res.watched_cpu_s = {pid: cpu_seconds(pid) for pid in watch_pids}
         if not stopping and now >= stop_at:
             stopping = True
             t_last = now
+        if stopping and measuring and watch_pids and not watched_done:
+            watched_done = True
+            res.watched_cpu_s = {
+                pid: cpu_seconds(pid) - start for pid, start in res.watched_cpu_s.items()
+            }
         if now >= next_check:
             next_check = now + 0.1
             deadline_ns = perf_ns() - int(timeout_s * 1e9)
@@ -546,6 +583,11 @@ def summarise(results: list[WorkerResult], args: argparse.Namespace) -> dict[str
             "percent_of_one_core": round(100 * cpu / window, 1) if window else 0.0,
             "us_per_request": round(1e6 * cpu / completed, 2) if completed else 0.0,
         },
+        "watched_cpu_percent": {
+            str(pid): round(100 * cpu_s / window, 1) if window else 0.0
+            for r in results
+            for pid, cpu_s in r.watched_cpu_s.items()
+        },
         "actions": dict(sorted(actions.items(), key=lambda kv: -kv[1])),
         "errors": errors,
     }
@@ -576,6 +618,8 @@ def print_report(s: dict[str, Any], out: Any = sys.stdout) -> None:
         file=out,
     )
     total = sum(s["actions"].values()) or 1
+    for pid, pct in s["watched_cpu_percent"].items():
+        print(f"pid {pid:<6} CPU {pct:.0f}% of one core", file=out)
     print("actions", file=out)
     for key, n in s["actions"].items():
         print(f"  {key:<32} {n:>10}  {100 * n / total:6.2f}%", file=out)
@@ -606,6 +650,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="distinct messages generated up front (default 20000)")
     p.add_argument("--processes", "-p", type=int, default=1,
                    help="spread the connections over this many processes (default 1)")
+    p.add_argument("--watch-pid", type=int, action="append", default=[], metavar="PID",
+                   help="also report the CPU use of PID (and its children) in the window")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     if args.duration is None and args.requests is None:
@@ -647,6 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "max_requests": share,
                 "timeout_s": args.timeout,
                 "max_time_s": args.max_time,
+                "watch_pids": args.watch_pid if k == 0 else (),
             }
         )
     if procs == 1:
