@@ -193,7 +193,7 @@ class PolicyServer:
 
         self._servers: list[asyncio.Server] = []
         self._unix_sockets: list[tuple[str, int, int]] = []  # path, st_dev, st_ino
-        self._conns: dict[asyncio.Task[None], _Conn] = {}
+        self._conns: dict[_Conn, asyncio.Task[None]] = {}
         self._next_cid = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._started = False
@@ -270,10 +270,10 @@ class PolicyServer:
         close every connection; return when all are closed."""
         self._draining = True
         self._stop_listening()
-        for task, conn in list(self._conns.items()):
+        for conn, task in list(self._conns.items()):
             if not conn.busy:
                 task.cancel()  # waiting for its next request: nothing in flight
-        tasks = list(self._conns)
+        tasks = list(self._conns.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self._drain_timeout_s)
             if pending:
@@ -292,13 +292,13 @@ class PolicyServer:
         """Stop accepting and cut every connection now (no drain)."""
         self._draining = True
         self._stop_listening()
-        for task in self._conns:
+        for task in self._conns.values():
             task.cancel()
         self._stop_sweeper()
 
     async def wait_closed(self) -> None:
         """Wait until every connection task and listener is gone (after :meth:`close`)."""
-        tasks = list(self._conns)
+        tasks = list(self._conns.values())
         if tasks:
             await asyncio.wait(tasks)
         await self._wait_listeners_closed()
@@ -343,7 +343,7 @@ class PolicyServer:
         while True:
             await asyncio.sleep(interval)
             now = loop.time()
-            for task, conn in self._conns.items():
+            for conn, task in self._conns.items():
                 if now >= conn.deadline and not conn.expired:
                     conn.expired = True
                     task.cancel()
@@ -359,7 +359,10 @@ class PolicyServer:
     def connection_count(self) -> int:
         return len(self._conns)
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain function: the connection runs in a task of our own, so that cancelling it
+        # (drain, close, idle sweep) does not trip asyncio 3.11's stream callback, which
+        # calls task.exception() on the finished task and logs an error when cancelled.
         counters = self.counters
         if self._draining:
             writer.close()
@@ -375,18 +378,19 @@ class PolicyServer:
                 )
             writer.close()
             return
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - always run as a task by asyncio.start_server
-            writer.close()
-            return
         self._next_cid += 1
-        cid = f"{self._next_cid:x}"
-        connection_id.set(cid)
         loop = asyncio.get_running_loop()
-        conn = _Conn(cid, _peer_name(writer), loop.time() + self._idle_timeout_s)
-        self._conns[task] = conn
+        conn = _Conn(f"{self._next_cid:x}", _peer_name(writer), loop.time() + self._idle_timeout_s)
+        self._conns[conn] = loop.create_task(self._connection(conn, reader, writer))
         counters.connections_accepted += 1
         counters.connections_active += 1
+
+    async def _connection(
+        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        cid = conn.cid
+        connection_id.set(cid)
+        counters = self.counters
         try:
             await self._serve(conn, reader, writer)
         except ConnectionError as exc:
@@ -395,7 +399,7 @@ class PolicyServer:
             log.exception("connection failed conn=%s peer=%s", cid, conn.peer)
         finally:
             counters.connections_active -= 1
-            del self._conns[task]
+            del self._conns[conn]
             if conn.expired:
                 counters.idle_timeouts += 1
                 log.debug("idle timeout conn=%s peer=%s", cid, conn.peer)
