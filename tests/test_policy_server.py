@@ -267,6 +267,21 @@ def test_silent_and_trickling_clients_do_not_block_others_and_are_dropped() -> N
     run(scenario())
 
 
+def test_idle_time_counts_from_the_last_answer_not_the_request() -> None:
+    async def scenario() -> None:
+        async with serving(Echo(), idle_timeout_s=0.8) as server:
+            client = await Client.to(tcp(server))
+            # A handler slower than most of the idle timeout is not cut off ...
+            assert await client.ask(n="slow", sleep="0.6") == "OK slow"
+            # ... and the pause after its answer starts a fresh idle period.
+            await asyncio.sleep(0.5)
+            assert await client.ask(n="next") == "OK next"
+            assert server.counters.idle_timeouts == 0
+            client.close()
+
+    run(scenario())
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
