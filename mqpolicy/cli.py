@@ -23,10 +23,13 @@ from mqpolicy import __version__
 from mqpolicy.budget import CounterStore, StoreError
 from mqpolicy.config import ConfigError, Limit, Policy, load_policy
 from mqpolicy.decisions import DecisionService, wall_clock_ms
+from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.engine import Verdict, applies, bucket_prefix, limit_key, store_key
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
+from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
+from mqpolicy.postfix_config import cmd_postfix_config
 from mqpolicy.request import Request
 from mqpolicy.sd_notify import sd_notify
 from mqpolicy.store_factory import open_store
@@ -84,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("limit")
     reset.add_argument("key", nargs="?", help="the key value; omit with --all")
     reset.add_argument("--all", action="store_true", help="every key of the limit")
+
+    postfix_config = sub.add_parser(
+        "postfix-config", help="print the Postfix settings the policy needs, or --check them"
+    )
+    _config_arg(postfix_config)
+    add_postfix_config_arguments(postfix_config)
+
+    demo = sub.add_parser("demo", help="run a private Postfix with mqpolicy and send a mix")
+    add_demo_arguments(demo)
     return parser
 
 
@@ -107,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mqpolicy explain: cannot read {source}: {exc}", file=sys.stderr)
             return EXIT_USAGE
         return asyncio.run(cmd_explain(policy, text, args.consume, args.json))
+    if command == "postfix-config":
+        return cmd_postfix_config(policy, args)
+    if command == "demo":
+        return run_demo(policy, Path(args.config), args)
     return asyncio.run(cmd_counters(policy, args))
 
 

@@ -1,0 +1,759 @@
+"""``mqpolicy postfix-config``: the Postfix settings a policy needs, and a check of them.
+
+Pure: :func:`generate` turns a :class:`~mqpolicy.config.Policy` into three commented
+blocks, and :func:`compare` turns ``postconf`` output into findings. The only I/O is in
+:func:`read_postfix` (runs ``postconf``, reads the header-checks map) and
+:func:`cmd_postfix_config` (the command).
+
+How a policy reaches Postfix:
+
+* ``check_policy_service`` in ``smtpd_recipient_restrictions`` (per recipient) and in
+  ``smtpd_end_of_data_restrictions`` (per message): the policy server answers ``DUNNO``,
+  ``450 4.7.1 ...``, ``HOLD ...``, ``550 5.7.1 ...`` or ``FILTER <transport>:`` for a lane
+  decided from the envelope. ``FILTER`` works at both stages; the last one wins.
+* Each lane with its own transport is a ``smtp`` service in master.cf with its own
+  ``syslog_name`` (logs show the lane); its concurrency and rate delay are
+  ``<transport>_destination_*`` parameters in main.cf (the queue manager reads them only
+  there, never from ``-o`` in master.cf).
+* The milter adds ``X-MQ-Lane: <lane>``; ``milter_header_checks`` turns it into
+  ``FILTER <transport>:``.
+* ``FILTER transport:`` names no next hop: Postfix then uses ``default_filter_nexthop``,
+  else the recipient domain's MX, *bypassing relayhost*. ``default_filter_nexthop =
+  $relayhost`` keeps lane mail on the relay host when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TextIO
+
+from mqpolicy.config import Lane, Policy
+from mqpolicy.endpoints import Endpoint, EndpointSyntaxError, parse_endpoint
+
+DEFAULT_POSTFIX_DIR = "/etc/postfix"
+HEADER_CHECKS_FILE = "mqpolicy_header_checks"
+LANE_HEADER = "X-MQ-Lane"
+DEFAULT_POLICY_ACTION = "451 4.3.5 Policy service unavailable, try again later"
+POSTCONF = "/usr/sbin/postconf"
+
+SECTION_MAIN = "main.cf"
+SECTION_MASTER = "master.cf"
+SECTION_HEADER_CHECKS = "header_checks"
+SECTIONS = (SECTION_MAIN, SECTION_MASTER, SECTION_HEADER_CHECKS)
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_USAGE = 2
+
+# ---------------------------------------------------------------- what the policy needs
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """``name = value`` in main.cf, preceded by comment lines."""
+
+    name: str
+    value: str
+    comment: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    """An entry that must appear in a list parameter (restrictions, milters)."""
+
+    name: str  # the parameter, e.g. smtpd_recipient_restrictions
+    entry: str  # e.g. "check_policy_service inet:127.0.0.1:10040"
+    comment: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A master.cf service: ``name unix - - - - - smtp -o syslog_name=...``."""
+
+    name: str
+    command: str
+    options: tuple[tuple[str, str], ...]
+    comment: tuple[str, ...] = ()
+    kind: str = "unix"
+
+    def line(self) -> str:
+        columns = "  ".join(["-"] * 5)
+        head = f"{self.name:<10} {self.kind:<5} {columns}  {self.command}"
+        return "\n".join([head, *(f"  -o {k}={v}" for k, v in self.options)])
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRule:
+    lane: str
+    pattern: str  # the regexp, between slashes
+    action: str  # FILTER transport:
+
+    def line(self) -> str:
+        return f"/{self.pattern}/ {self.action}"
+
+
+@dataclass(frozen=True, slots=True)
+class PostfixConfigOptions:
+    """What the policy file does not say: where Postfix reaches mqpolicy, and how."""
+
+    policy_endpoint: str | None = None  # default: the first of policy.listen
+    milter: str | None = None  # the milter's address; None: milter lines commented out
+    config_directory: str = DEFAULT_POSTFIX_DIR  # where the header-checks map lives
+    default_action: str = DEFAULT_POLICY_ACTION
+    policy_timeout_s: int = 10
+    lane_header: str = LANE_HEADER  # the header the milter sets
+
+
+@dataclass(frozen=True, slots=True)
+class PostfixConfig:
+    """The generated configuration: text blocks and what ``--check`` compares."""
+
+    policy_source: str
+    policy_address: str
+    header_checks_path: str
+    lists: tuple[ListEntry, ...]
+    settings: tuple[Setting, ...]
+    milter_settings: tuple[Setting, ...]  # commented out unless a milter address is given
+    milter_enabled: bool
+    lane_settings: tuple[tuple[Lane, tuple[Setting, ...], tuple[str, ...]], ...]
+    services: tuple[Service, ...]
+    header_rules: tuple[HeaderRule, ...]
+    notes: tuple[str, ...] = ()
+    lane_header: str = LANE_HEADER
+
+    @property
+    def all_settings(self) -> tuple[Setting, ...]:
+        lanes = tuple(s for _, settings, _ in self.lane_settings for s in settings)
+        milter = self.milter_settings if self.milter_enabled else ()
+        return (*self.settings, *milter, *lanes)
+
+    # ------------------------------------------------------------ text
+
+    def main_cf(self) -> str:
+        out: list[str] = []
+        out.append("# --- mqpolicy: the policy server, per recipient and per message")
+        for entry in self.lists:
+            if entry.name.endswith("_milters"):
+                continue
+            out.extend(f"# {c}" for c in entry.comment)
+            out.append(f"{entry.name} =\n    {entry.entry}")
+        for setting in self.settings:
+            out.extend(_setting_lines(setting))
+        out.append("")
+        out.append("# --- mqpolicy: the milter (header-based lanes, locally submitted mail)")
+        if not self.milter_enabled:
+            out.append("# Uncomment when the mqpolicy milter runs (or run postfix-config with")
+            out.append("# --milter ADDRESS). Already running milters? Add it to your lists.")
+        for entry in self.lists:
+            if entry.name.endswith("_milters"):
+                out.extend(f"# {c}" for c in entry.comment)
+                line = f"{entry.name} = {entry.entry}"
+                out.append(line if self.milter_enabled else f"#{line}")
+        for setting in self.milter_settings:
+            lines = _setting_lines(setting)
+            if not self.milter_enabled:
+                lines = [ln if ln.startswith("#") else f"#{ln}" for ln in lines]
+            out.extend(lines)
+        out.append("")
+        out.append("# --- mqpolicy: lanes as transports (the queue manager reads these here only)")
+        for lane, settings, lane_notes in self.lane_settings:
+            out.append(f"# lane {lane.name} (priority {lane.priority + 1}): "
+                       f"transport {lane.transport}")
+            out.extend(f"# {n}" for n in lane_notes)
+            for setting in settings:
+                out.extend(_setting_lines(setting))
+        return "\n".join(out) + "\n"
+
+    def master_cf(self) -> str:
+        out = ["# --- mqpolicy: one smtp client per lane; its syslog_name puts the lane in the log"]
+        if not self.services:
+            out.append("# (every lane uses Postfix's default smtp transport: nothing to add)")
+        for service in self.services:
+            out.extend(f"# {c}" for c in service.comment)
+            out.append(service.line())
+        return "\n".join(out) + "\n"
+
+    def header_checks(self) -> str:
+        out = [
+            f"# {self.lane_header}: <lane> (added by the mqpolicy milter) -> the lane's "
+            "transport.",
+            "# A regexp table: no postmap needed; postfix reload after a change.",
+        ]
+        if not self.header_rules:
+            out.append("# (no lane has its own transport: no rules)")
+        out.extend(rule.line() for rule in self.header_rules)
+        return "\n".join(out) + "\n"
+
+    def section(self, name: str) -> str:
+        if name == SECTION_MAIN:
+            return self.main_cf()
+        if name == SECTION_MASTER:
+            return self.master_cf()
+        if name == SECTION_HEADER_CHECKS:
+            return self.header_checks()
+        raise ValueError(f"no section {name!r} (sections: {', '.join(SECTIONS)})")
+
+    def render(self) -> str:
+        names = ", ".join(f"{lane.name}={lane.transport}" for lane, _, _ in self.lane_settings)
+        head = [
+            f"# Postfix settings for the mqpolicy policy {self.policy_source}",
+            f"# policy server: {self.policy_address}; lanes with their own transport: "
+            f"{names or 'none'}",
+            "# Add each block to the file named in its header, then run:",
+            "#   postfix check && postfix reload",
+            "# and verify with: mqpolicy postfix-config -c POLICY --check /etc/postfix",
+        ]
+        head.extend(f"# NOTE: {n}" for n in self.notes)
+        blocks = [
+            _banner(SECTION_MAIN, "add to main.cf"),
+            self.main_cf(),
+            _banner(SECTION_MASTER, "add to master.cf"),
+            self.master_cf(),
+            _banner(SECTION_HEADER_CHECKS, f"write to {self.header_checks_path}"),
+            self.header_checks(),
+        ]
+        return "\n".join(head) + "\n\n" + "\n".join(blocks)
+
+
+def _banner(section: str, what: str) -> str:
+    return f"# ======== {section}: {what} ========"
+
+
+_BANNER = re.compile(r"^# =+ (\S+): .* =+$")
+
+
+def split_sections(text: str) -> dict[str, str]:
+    """The blocks of :meth:`PostfixConfig.render` output by section name."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        match = _BANNER.match(line)
+        if match and match.group(1) in SECTIONS:
+            current = sections.setdefault(match.group(1), [])
+            continue
+        if current is not None:
+            current.append(line)
+    return {name: "\n".join(lines).strip("\n") + "\n" for name, lines in sections.items()}
+
+
+def _setting_lines(setting: Setting) -> list[str]:
+    return [*(f"# {c}" for c in setting.comment), f"{setting.name} = {setting.value}"]
+
+
+# ---------------------------------------------------------------- generate
+
+
+def postfix_address(endpoint: Endpoint) -> str:
+    """How ``check_policy_service`` / ``smtpd_milters`` name an endpoint; a wildcard
+    listen address is reached on loopback."""
+    if endpoint.is_unix:
+        return f"unix:{endpoint.path}"
+    host = endpoint.host
+    if host in ("", "0.0.0.0"):  # a listen wildcard: connect on loopback
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        return f"inet:[{host}]:{endpoint.port}"
+    return f"inet:{host}:{endpoint.port}"
+
+
+def parse_address(text: str) -> str:
+    """An address given on the command line (``127.0.0.1:10041``, ``inet:h:p``,
+    ``unix:/path``) in Postfix form; raises EndpointSyntaxError."""
+    return postfix_address(parse_endpoint(text))
+
+
+def _seconds(ms: int) -> str:
+    if ms % 1000 == 0:
+        return f"{ms // 1000}s"
+    return f"{ms}ms"
+
+
+def lane_transport_settings(lane: Lane) -> tuple[tuple[Setting, ...], tuple[str, ...]]:
+    """main.cf parameters and notes for one lane's transport."""
+    t = lane.transport
+    settings: list[Setting] = []
+    notes: list[str] = []
+    if lane.concurrency is not None:
+        settings.append(Setting(f"{t}_destination_concurrency_limit", str(lane.concurrency)))
+    if lane.initial_concurrency is not None:
+        settings.append(
+            Setting(f"{t}_initial_destination_concurrency", str(lane.initial_concurrency))
+        )
+        if lane.concurrency is not None and lane.initial_concurrency > lane.concurrency:
+            notes.append(f"initial_concurrency {lane.initial_concurrency} is above the "
+                         f"concurrency limit {lane.concurrency}: the limit wins")
+    if lane.rate_delay_ms is not None:
+        delay = lane.rate_delay_ms
+        if 0 < delay < 1000:
+            notes.append(f"rate_delay {delay}ms: Postfix waits at least 1s between deliveries")
+        settings.append(Setting(f"{t}_destination_rate_delay", _seconds(delay)))
+        if delay > 0 and (lane.concurrency or 0) > 1:
+            notes.append(f"with a rate delay Postfix delivers to one destination one at a "
+                         f"time: concurrency {lane.concurrency} has no effect")
+    if lane.recipient_limit is not None:
+        settings.append(Setting(f"{t}_destination_recipient_limit", str(lane.recipient_limit)))
+    if lane.uses_default_transport and settings:
+        notes.append("smtp is Postfix's default transport: these apply to all mail that has "
+                     "no lane transport")
+    return tuple(settings), tuple(notes)
+
+
+def _lane_pattern(lane: Lane, header: str) -> str:
+    name = re.sub(r"([.\\^$|?*+()\[\]{}])", r"\\\1", lane.name)
+    return f"^{header}:[[:space:]]*{name}[[:space:]]*$"
+
+
+def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> PostfixConfig:
+    """Every setting the policy needs, derived from the policy file and the options."""
+    opts = options or PostfixConfigOptions()
+    notes: list[str] = []
+    if opts.policy_endpoint:
+        address = parse_address(opts.policy_endpoint)
+    else:
+        tcp = [e for e in policy.listen if not e.is_unix]
+        address = postfix_address((tcp or list(policy.listen))[0])
+        if len(policy.listen) > 1:
+            notes.append(f"the policy listens on {len(policy.listen)} endpoints; Postfix is "
+                         f"pointed at {address} (choose another with --policy-endpoint)")
+    if address.startswith("unix:"):
+        notes.append("a unix-socket policy server is unreachable from a chrooted smtpd: "
+                     "set the chroot column of smtpd in master.cf to n")
+    header_path = str(Path(opts.config_directory) / HEADER_CHECKS_FILE)
+    check = f"check_policy_service {address}"
+    lists = [
+        ListEntry(
+            "smtpd_recipient_restrictions", check,
+            (
+                "Per recipient (RCPT): admission, and lanes decided from the envelope.",
+                "Have your own list? Add the entry to it BEFORE any permit (permit_mynetworks,",
+                "permit_sasl_authenticated...): a permit ends the list and the policy never",
+                "sees that mail. Relay control belongs in smtpd_relay_restrictions.",
+            ),
+        ),
+        ListEntry(
+            "smtpd_end_of_data_restrictions", check,
+            ("Per message (END-OF-MESSAGE): recipient count and size known; budgets are",
+             "spent here, once per message."),
+        ),
+    ]
+    idle = max(1, int(policy.server.idle_timeout_s * 0.9))
+    settings = [
+        Setting("smtpd_policy_service_default_action", opts.default_action,
+                ("When the policy server does not answer (Postfix's default: 451 4.3.5).",)),
+        Setting("smtpd_policy_service_timeout", f"{opts.policy_timeout_s}s",
+                (f"The server answers within store.timeout_ms ({policy.store.timeout_ms} ms) "
+                 "plus little; Postfix's default wait is 100s.",)),
+        Setting("smtpd_policy_service_request_limit", "0",
+                ("Keep each connection for any number of requests (the server answers",
+                 "them in order).")),
+        Setting("smtpd_policy_service_max_idle", f"{idle}s",
+                (f"Close an idle connection before the server does "
+                 f"(server.idle_timeout {int(policy.server.idle_timeout_s)}s).",)),
+    ]
+    milter_address = parse_address(opts.milter) if opts.milter else "inet:127.0.0.1:10041"
+    lists.append(ListEntry("smtpd_milters", milter_address, ("Mail received by smtpd.",)))
+    lists.append(ListEntry(
+        "non_smtpd_milters", milter_address,
+        ("Locally submitted mail (sendmail, pickup): it never meets the policy server.",),
+    ))
+    milter_settings = (
+        Setting("milter_default_action", "tempfail",
+                ("A dead milter defers mail (451) rather than letting it through unchecked.",)),
+    )
+    header_setting = Setting(
+        "milter_header_checks", f"regexp:{header_path}",
+        (f"The milter's {opts.lane_header} header -> FILTER <transport>: (the map below).",),
+    )
+    settings.append(header_setting)
+    settings.append(Setting(
+        "default_filter_nexthop", "$relayhost",
+        ("FILTER <transport>: names no next hop: Postfix then uses this, else the",
+         "recipient domain's MX -- bypassing relayhost, transport_maps and",
+         "sender_dependent_relayhost_maps. $relayhost keeps lane mail on your relay",
+         "host (and on MX delivery when relayhost is empty)."),
+    ))
+
+    lane_settings: list[tuple[Lane, tuple[Setting, ...], tuple[str, ...]]] = []
+    services: list[Service] = []
+    rules: list[HeaderRule] = []
+    seen: dict[str, Lane] = {}
+    for lane in policy.lanes:
+        lane_set, lane_notes = lane_transport_settings(lane)
+        if lane.transport in seen:
+            first = seen[lane.transport]
+            lane_notes = (*lane_notes, f"shares transport {lane.transport} with lane "
+                          f"{first.name}: its settings come from lane {first.name}")
+            lane_set = ()
+        if lane_set or lane_notes or not lane.uses_default_transport:
+            lane_settings.append((lane, lane_set, lane_notes))
+        if lane.uses_default_transport:
+            continue
+        rules.append(HeaderRule(lane.name, _lane_pattern(lane, opts.lane_header),
+                                f"FILTER {lane.transport}:"))
+        if lane.transport in seen:
+            continue
+        seen[lane.transport] = lane
+        services.append(Service(
+            lane.transport, "smtp", (("syslog_name", f"postfix/{lane.transport}"),),
+            (f"lane {lane.name}",),
+        ))
+    return PostfixConfig(
+        policy_source=policy.source,
+        policy_address=address,
+        header_checks_path=header_path,
+        lists=tuple(lists),
+        settings=tuple(settings),
+        milter_settings=milter_settings,
+        milter_enabled=opts.milter is not None,
+        lane_settings=tuple(lane_settings),
+        services=tuple(services),
+        header_rules=tuple(rules),
+        notes=tuple(notes),
+        lane_header=opts.lane_header,
+    )
+
+
+# ---------------------------------------------------------------- check: parsing postconf
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledService:
+    name: str
+    kind: str
+    command: str
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PostfixState:
+    """What a Postfix config directory holds, as postconf reports it."""
+
+    params: Mapping[str, str]  # postconf -n (raw, $names unexpanded)
+    expanded: Mapping[str, str]  # postconf -nx
+    services: Mapping[str, InstalledService]  # postconf -M, by name (inet: host:port)
+    service_params: Mapping[str, Mapping[str, str]]  # postconf -P: service -> -o overrides
+    files: Mapping[str, str | None] = field(default_factory=dict)  # map path -> text
+
+
+def parse_postconf_n(text: str) -> dict[str, str]:
+    """``name = value`` lines (continuation lines start with white space)."""
+    params: dict[str, str] = {}
+    name: str | None = None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and name is not None:
+            params[name] = f"{params[name]} {line.strip()}".strip()
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        name = key.strip()
+        params[name] = value.strip()
+    return params
+
+
+def parse_postconf_m(text: str) -> dict[str, InstalledService]:
+    """``postconf -M`` lines: name type private unpriv chroot wakeup maxproc command args."""
+    services: dict[str, InstalledService] = {}
+    joined: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and joined:
+            joined[-1] += " " + line.strip()
+        else:
+            joined.append(line.strip())
+    for line in joined:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        name, kind = fields[0], fields[1]
+        services[f"{name}/{kind}"] = InstalledService(name, kind, fields[7], tuple(fields[8:]))
+    return services
+
+
+def parse_postconf_p(text: str) -> dict[str, dict[str, str]]:
+    """``postconf -P`` lines: ``service/type/name = value``."""
+    result: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        parts = key.strip().split("/")
+        if len(parts) != 3:
+            continue
+        result.setdefault(f"{parts[0]}/{parts[1]}", {})[parts[2]] = value.strip()
+    return result
+
+
+# ---------------------------------------------------------------- check: comparing
+
+
+class Status(Enum):
+    OK = "ok"
+    MISSING = "missing"
+    DIFFERENT = "different"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    status: Status
+    where: str  # main.cf, master.cf, or the map's path
+    what: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.status.value:<9} {self.where}: {self.what}"
+        return f"{text}  ({self.detail})" if self.detail else text
+
+
+_TOKEN = re.compile(r"\{[^}]*\}|[^\s,]+")
+_VAR = re.compile(r"\$(\{(\w+)\}|\((\w+)\)|(\w+))")
+_TIME = re.compile(r"^(\d+)(ms|s|m|h|d|w)?$")
+_TIME_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def list_tokens(value: str) -> list[str]:
+    """A Postfix list value as items; ``{ ... }`` groups stay whole."""
+    return _TOKEN.findall(value)
+
+
+def _entries(value: str) -> list[str]:
+    """Restriction or milter list → entries, joining ``check_* ADDRESS`` pairs."""
+    tokens = list_tokens(value)
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("check_") and i + 1 < len(tokens):
+            target = tokens[i + 1]
+            if target.startswith("{"):
+                inner = list_tokens(target.strip("{} "))
+                target = inner[0] if inner else ""
+            out.append(f"{token} {target}")
+            i += 2
+            continue
+        if token.startswith("{"):
+            inner = list_tokens(token.strip("{} "))
+            token = inner[0] if inner else token
+        out.append(token)
+        i += 1
+    return out
+
+
+def _expand(value: str, params: Mapping[str, str]) -> str:
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(2) or match.group(3) or match.group(4)
+        return params.get(name, "")
+
+    return _VAR.sub(sub, value)
+
+
+def _same_value(name: str, want: str, have: str) -> bool:
+    norm_want, norm_have = " ".join(want.split()), " ".join(have.split())
+    if norm_want == norm_have:
+        return True
+    if name.endswith(("_rate_delay", "_timeout", "_max_idle")):
+        a, b = _TIME.match(norm_want), _TIME.match(norm_have)
+        if a and b:
+            return int(a[1]) * _TIME_MS[a[2] or "s"] == int(b[1]) * _TIME_MS[b[2] or "s"]
+    return False
+
+
+def compare(config: PostfixConfig, state: PostfixState) -> list[Finding]:
+    """What is there against what the policy needs, one finding per requirement."""
+    found: list[Finding] = []
+    main = "main.cf"
+    for entry in config.lists:
+        if entry.name.endswith("_milters") and not config.milter_enabled:
+            continue
+        value = state.expanded.get(entry.name, state.params.get(entry.name, ""))
+        entries = _entries(value)
+        want = entry.entry
+        if want not in entries:
+            found.append(Finding(Status.MISSING, main, f"{entry.name}: add {want}",
+                                 f"now: {value or '(empty)'}"))
+            continue
+        found.append(Finding(Status.OK, main, f"{entry.name} has {want}"))
+        if entry.name == "smtpd_recipient_restrictions":
+            before = entries[: entries.index(want)]
+            permits = [e for e in before if e.startswith("permit")]
+            if permits:
+                found.append(Finding(
+                    Status.WARNING, main,
+                    f"{entry.name}: {', '.join(permits)} before check_policy_service",
+                    "mail accepted by those is never seen by the policy server",
+                ))
+    for setting in config.all_settings:
+        have = state.params.get(setting.name)
+        if have is None:
+            found.append(Finding(Status.MISSING, main, f"{setting.name} = {setting.value}"))
+            continue
+        if _same_value(setting.name, setting.value, have):
+            found.append(Finding(Status.OK, main, f"{setting.name} = {have}"))
+            continue
+        want_x = _expand(setting.value, state.expanded)
+        have_x = state.expanded.get(setting.name, have)
+        if "$" in setting.value and want_x and _same_value(setting.name, want_x, have_x):
+            found.append(Finding(Status.OK, main, f"{setting.name} = {have}",
+                                 f"same as {setting.value}"))
+            continue
+        found.append(Finding(Status.DIFFERENT, main, f"{setting.name} = {setting.value}",
+                             f"now: {have}"))
+    for service in config.services:
+        key = f"{service.name}/{service.kind}"
+        installed = state.services.get(key)
+        if installed is None:
+            found.append(Finding(Status.MISSING, "master.cf",
+                                 f"service {service.name} ({service.kind}, {service.command})"))
+            continue
+        if installed.command != service.command:
+            found.append(Finding(Status.DIFFERENT, "master.cf",
+                                 f"service {service.name} runs {service.command}",
+                                 f"now: {installed.command}"))
+            continue
+        found.append(Finding(Status.OK, "master.cf", f"service {service.name}"))
+        overrides = state.service_params.get(key, {})
+        for name, value in service.options:
+            have = overrides.get(name)
+            if have is None:
+                found.append(Finding(Status.WARNING, "master.cf",
+                                     f"service {service.name}: no -o {name}",
+                                     "the log will not show the lane"))
+            elif have != value:
+                found.append(Finding(Status.OK, "master.cf",
+                                     f"service {service.name}: -o {name}={have}",
+                                     f"suggested {value}"))
+    found.extend(_compare_header_checks(config, state))
+    return found
+
+
+def header_map_path(value: str) -> str | None:
+    """``regexp:/path`` (or pcre:) → /path; None for other map types."""
+    kind, sep, path = value.partition(":")
+    if sep and kind in ("regexp", "pcre") and path.startswith("/"):
+        return path
+    return None
+
+
+def _compare_header_checks(config: PostfixConfig, state: PostfixState) -> list[Finding]:
+    if not config.header_rules:
+        return []
+    value = state.expanded.get("milter_header_checks", state.params.get("milter_header_checks"))
+    path = header_map_path(value or "")
+    if path is None:
+        return []  # already reported as a missing or different setting
+    text = state.files.get(path)
+    if text is None:
+        return [Finding(Status.MISSING, path, "the header-checks map (file not readable)")]
+    lines = {" ".join(line.split()) for line in text.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")}
+    found = []
+    for rule in config.header_rules:
+        status = Status.OK if " ".join(rule.line().split()) in lines else Status.MISSING
+        found.append(Finding(status, path, rule.line()))
+    return found
+
+
+# ---------------------------------------------------------------- I/O
+
+
+def read_postfix(config_dir: str, postconf: str = POSTCONF) -> PostfixState:
+    """Run postconf on ``config_dir`` and read the header-checks map it names."""
+
+    def run(*args: str) -> str:
+        proc = subprocess.run(
+            [postconf, "-c", config_dir, *args], capture_output=True, text=True,
+            timeout=30, check=False, stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode != 0:
+            raise OSError(f"postconf -c {config_dir} {' '.join(args)}: "
+                          f"{proc.stderr.strip() or f'exit {proc.returncode}'}")
+        return proc.stdout
+
+    params = parse_postconf_n(run("-n"))
+    expanded = parse_postconf_n(run("-nx"))
+    services = parse_postconf_m(run("-M"))
+    service_params = parse_postconf_p(run("-P"))
+    files: dict[str, str | None] = {}
+    path = header_map_path(expanded.get("milter_header_checks", ""))
+    if path is not None:
+        try:
+            files[path] = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            files[path] = None
+    return PostfixState(params, expanded, services, service_params, files)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``mqpolicy postfix-config`` (after ``-c``)."""
+    parser.add_argument("--milter", metavar="ADDRESS",
+                        help="the mqpolicy milter's address (inet:HOST:PORT or unix:/PATH); "
+                             "without it the milter lines are printed commented out")
+    parser.add_argument("--policy-endpoint", metavar="ADDRESS",
+                        help="where Postfix reaches the policy server (default: the first "
+                             "listen entry of the policy file)")
+    parser.add_argument("--config-directory", metavar="DIR", default=None,
+                        help=f"Postfix config directory holding the header-checks map "
+                             f"(default: the --check DIR, else {DEFAULT_POSTFIX_DIR})")
+    parser.add_argument("--default-action", default=DEFAULT_POLICY_ACTION, metavar="ACTION",
+                        help="smtpd_policy_service_default_action (default: %(default)s)")
+    parser.add_argument("--section", choices=SECTIONS,
+                        help="print one block only (to append to the file it belongs in)")
+    parser.add_argument("--check", metavar="DIR",
+                        help="compare the Postfix configuration in DIR with what the policy "
+                             "needs; exit 1 when something is missing or different")
+
+
+def cmd_postfix_config(policy: Policy, args: argparse.Namespace,
+                       out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    config_dir = args.config_directory or args.check or DEFAULT_POSTFIX_DIR
+    try:
+        config = generate(policy, PostfixConfigOptions(
+            policy_endpoint=args.policy_endpoint, milter=args.milter,
+            config_directory=config_dir, default_action=args.default_action,
+        ))
+    except EndpointSyntaxError as exc:
+        print(f"mqpolicy postfix-config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.check:
+        try:
+            state = read_postfix(args.check)
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"mqpolicy postfix-config: cannot read the Postfix configuration: {exc}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return report(compare(config, state), args.check, out)
+    if args.section:
+        out.write(config.section(args.section))
+    else:
+        out.write(config.render())
+    return EXIT_OK
+
+
+def report(findings: Sequence[Finding], config_dir: str, out: TextIO) -> int:
+    bad = [f for f in findings if f.status in (Status.MISSING, Status.DIFFERENT)]
+    for finding in _ordered(findings):
+        print(finding, file=out)
+    counts = {s: sum(1 for f in findings if f.status is s) for s in Status}
+    summary = ", ".join(f"{counts[s]} {s.value}" for s in Status if counts[s])
+    verdict = "needs changes" if bad else "has what the policy needs"
+    print(f"{config_dir}: {verdict} ({summary})", file=out)
+    return EXIT_MISMATCH if bad else EXIT_OK
+
+
+def _ordered(findings: Iterable[Finding]) -> list[Finding]:
+    rank = {Status.MISSING: 0, Status.DIFFERENT: 1, Status.WARNING: 2, Status.OK: 3}
+    return sorted(findings, key=lambda f: rank[f.status])
