@@ -282,6 +282,8 @@ CONDITION_KEYS = frozenset(
         "protocol_state",
         "header",
         "header_present",
+        "bulk_signals",
+        "priority",
         "any",
         "all",
         "not",
@@ -389,6 +391,10 @@ def _compile_one(key: str, value: Any, what: str) -> Predicate:
         return header_present
     if key == "header":
         return _compile_header(value, what)
+    if key == "bulk_signals":
+        return _compile_bulk_signals(value, what)
+    if key == "priority":
+        return _compile_priority(value, what)
     raise ConditionError(
         f"{what}: unknown condition {key!r} (use one of {', '.join(sorted(CONDITION_KEYS))})"
     )
@@ -420,6 +426,90 @@ def _compile_header(value: Any, what: str) -> Predicate:
         return True
 
     return header
+
+
+# Ready-made header signals (milter only: like header conditions they never match a request
+# without headers, whatever the value asked for).
+#
+# bulk_signals: true   the message says it is bulk or automatic: "Precedence: bulk|list|junk",
+#                      a List-Id, List-Unsubscribe or Feedback-ID header, or Auto-Submitted
+#                      with any value but "no" (RFC 3834).
+# bulk_signals: false  headers known and none of those present.
+# priority: high | normal | low (or a list of them): the priority the sender asked for, from
+#                      X-Priority (1-2 high, 3 normal, 4-5 low), Importance (high/normal/low),
+#                      Priority (urgent/normal/non-urgent) and X-MSMail-Priority (high/normal/
+#                      low). A message asking for both high and low counts as high; a message
+#                      with none of these headers is normal.
+
+_PRECEDENCE_BULK = frozenset({"bulk", "list", "junk"})
+_BULK_PRESENT = frozenset({"list-id", "list-unsubscribe", "feedback-id"})
+_PRIORITIES = ("high", "normal", "low")
+_PRIORITY_WORDS = {
+    "importance": {"high": "high", "normal": "normal", "low": "low"},
+    "priority": {"urgent": "high", "normal": "normal", "non-urgent": "low"},
+    "x-msmail-priority": {"high": "high", "normal": "normal", "low": "low"},
+}
+_X_PRIORITY = {"1": "high", "2": "high", "3": "normal", "4": "low", "5": "low"}
+
+
+def has_bulk_signal(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether any header marks the message as bulk, list or automatic mail."""
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _BULK_PRESENT:
+            return True
+        if lname == "precedence" and value.strip().lower() in _PRECEDENCE_BULK:
+            return True
+        if lname == "auto-submitted" and value.split(";", 1)[0].strip().lower() != "no":
+            return True
+    return False
+
+
+def message_priority(headers: Iterable[tuple[str, str]]) -> str:
+    """``high``, ``normal`` or ``low``: what the priority headers ask for."""
+    seen: set[str] = set()
+    for name, value in headers:
+        lname = name.lower()
+        word = value.strip().lower()
+        if lname == "x-priority":
+            level = _X_PRIORITY.get(word[:1])
+        else:
+            words = _PRIORITY_WORDS.get(lname)
+            if words is None:
+                continue
+            level = words.get(word.split(None, 1)[0] if word else "")
+        if level is not None:
+            seen.add(level)
+    if "high" in seen:
+        return "high"
+    return "low" if "low" in seen else "normal"
+
+
+def _compile_bulk_signals(value: Any, what: str) -> Predicate:
+    if not isinstance(value, bool):
+        raise ConditionError(f"{what}: expected true or false, got {value!r}")
+    want = value
+
+    def bulk_signals(req: Request) -> bool:
+        if req.headers is None:
+            return False
+        return has_bulk_signal(req.headers) is want
+
+    return bulk_signals
+
+
+def _compile_priority(value: Any, what: str) -> Predicate:
+    levels = frozenset(v.lower() for v in _as_list(value, what))
+    unknown = levels - set(_PRIORITIES)
+    if unknown or not levels:
+        raise ConditionError(f"{what}: expected high, normal or low, got {value!r}")
+
+    def priority(req: Request) -> bool:
+        if req.headers is None:
+            return False
+        return message_priority(req.headers) in levels
+
+    return priority
 
 
 ALWAYS: Predicate = _always

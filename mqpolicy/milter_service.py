@@ -1,0 +1,944 @@
+"""The milter front-end (pymilter): milter callbacks in, a Request out, a verdict applied.
+
+Translates only; every decision is made by :class:`~mqpolicy.decisions.DecisionService`,
+which lives on ONE asyncio loop (in ``serve`` the loop of the policy server too). libmilter
+runs the callbacks on its own threads; each decision is handed to the loop with
+``asyncio.run_coroutine_threadsafe`` and waited for at most ``milter.timeout`` (by default
+50 ms above the store deadline). A decision that misses that deadline, a loop that is gone
+and any exception in policy code become the configured ``on_error`` action, logged once per
+burst: a milter callback never raises into libmilter.
+
+What the milter decides, per message:
+
+* RCPT: limits keyed on the recipient are spent per recipient (the others only checked, so
+  an exhausted sender is refused at RCPT already); defer -> ``451 4.7.1 <text>`` for this
+  recipient only, reject -> ``550 5.7.1 <text>``; hold -> the message is quarantined at the
+  end. With ``rcpt_limits: policy_server`` Postfix's policy server already decides RCPT for
+  SMTP mail, so the milter only remembers the recipient (locally submitted mail, which
+  never meets the policy server, is still decided here).
+* END-OF-MESSAGE: classification with headers and envelope (all recipients, size), message
+  limits spent once per queue id (the once key the policy server uses at END-OF-MESSAGE, so
+  a message both see is counted once); every client-sent lane header is deleted and
+  ``X-MQ-Lane: <lane>`` added; hold -> ``quarantine(reason)``; defer -> ``451 4.7.1``;
+  reject -> ``550 5.7.1``.
+* Mail submitted locally to Postfix (``non_smtpd_milters``: connect from ``localhost``
+  ``127.0.0.1`` port 0) cannot refuse one recipient; a recipient decision that refuses is
+  kept and applied to the whole message at END-OF-MESSAGE.
+
+Only ADDHDRS, CHGHDRS and QUARANTINE are negotiated; the MTA skips DATA, EOH and unknown
+commands and does not wait for replies to connect, HELO, MAIL, headers and body chunks.
+
+The milter binds its socket itself and hands it to libmilter as ``fd:N``: a unix socket
+gets its mode before anyone can connect, and a TCP socket gets ``TCP_NODELAY``. libmilter
+writes each reply (a header change, then the final answer) with its own ``writev``; without
+``TCP_NODELAY`` Nagle's algorithm holds the second write until the MTA acknowledges the
+first, which a waiting MTA does only when its delayed-ACK timer fires: ~40 ms per message
+that changes a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import functools
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import Milter
+import yaml
+
+from mqpolicy.config import ConfigError, ConfigIssue, Lane, Policy, parse_policy
+from mqpolicy.decisions import DecisionService
+from mqpolicy.engine import Action, Verdict, classify
+from mqpolicy.rates import RateSyntaxError, parse_duration_ms
+from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
+from mqpolicy.structured_log import queue_id_var
+
+__all__ = [
+    "DecisionGateway",
+    "DecisionUnavailable",
+    "ErrorAction",
+    "MilterEndpoint",
+    "MilterRunner",
+    "MilterSettings",
+    "PolicyMilter",
+    "RcptLimits",
+    "load_policy_file",
+    "parse_milter_endpoint",
+    "parse_policy_text",
+]
+
+log = logging.getLogger("mqpolicy.milter")
+
+# Bounds on what one message may make the milter keep (the MTA bounds the rest).
+MAX_HEADER_VALUE = 8192  # characters of one header value kept for classification
+MAX_HEADERS = 1000  # headers kept for classification (lane headers are always counted)
+MAX_RECIPIENTS = 10000  # recipients kept for conditions (all are counted)
+MAX_REPLY_TEXT = 400  # characters of an SMTP reply text
+
+ERROR_TEXT = "Policy service error, try again later"
+DEFAULT_TIMEOUT_MARGIN_MS = 50
+
+
+# ---------------------------------------------------------------- settings
+
+
+class ErrorAction(Enum):
+    TEMPFAIL = "tempfail"
+    ACCEPT = "accept"
+
+
+class RcptLimits(Enum):
+    """Who decides RCPT for SMTP mail: the milter, or Postfix's policy server."""
+
+    MILTER = "milter"
+    POLICY_SERVER = "policy_server"
+
+
+class MilterEndpointError(ValueError):
+    """A ``milter.listen`` value that cannot be parsed."""
+
+
+@dataclass(frozen=True, slots=True)
+class MilterEndpoint:
+    """``unix:/path``, ``inet:PORT@HOST``, ``inet6:PORT@HOST`` or ``fd:N``."""
+
+    kind: str  # "unix", "inet", "inet6", "fd"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+    fd: int = -1
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "fd":
+            return f"fd:{self.fd}"
+        return f"{self.kind}:{self.port}@{self.host}"
+
+
+def parse_milter_endpoint(text: str) -> MilterEndpoint:
+    """Parse libmilter's socket syntax (``local:`` is ``unix:``; a host is required)."""
+    kind, sep, rest = text.strip().partition(":")
+    kind = kind.lower()
+    if not sep:
+        raise MilterEndpointError(
+            f"bad milter socket {text!r} (use unix:/path, inet:PORT@HOST or fd:N)"
+        )
+    if kind in ("unix", "local"):
+        if not rest.startswith("/"):
+            raise MilterEndpointError(f"unix socket path must be absolute: {text!r}")
+        if len(rest.encode()) > 107:
+            raise MilterEndpointError(f"unix socket path too long: {text!r}")
+        return MilterEndpoint("unix", path=rest)
+    if kind == "fd":
+        if not rest.isdigit() or int(rest) < 3:
+            raise MilterEndpointError(f"fd: needs an inherited descriptor >= 3, got {text!r}")
+        return MilterEndpoint("fd", fd=int(rest))
+    if kind in ("inet", "inet6"):
+        port_text, at, host = rest.partition("@")
+        host = host.strip("[]")
+        if not at or not host:
+            raise MilterEndpointError(f"bad milter socket {text!r} (use inet:PORT@HOST)")
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise MilterEndpointError(f"bad port in milter socket {text!r}")
+        return MilterEndpoint(kind, host=host, port=int(port_text))
+    raise MilterEndpointError(
+        f"unknown milter socket type {kind!r} in {text!r} (use unix:, inet:, inet6: or fd:)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MilterSettings:
+    """The ``milter:`` section of the policy file."""
+
+    listen: MilterEndpoint = MilterEndpoint("unix", path="/run/mqpolicy/milter.sock")
+    listen_mode: int = 0o660
+    on_error: ErrorAction = ErrorAction.TEMPFAIL
+    lane_header: str = "X-MQ-Lane"
+    timeout_ms: int | None = None  # None: the store deadline + DEFAULT_TIMEOUT_MARGIN_MS
+    rcpt_limits: RcptLimits = RcptLimits.MILTER
+    mta_timeout_s: int = 300  # libmilter's read/write timeout towards the MTA
+    drain_timeout_s: float = 10.0
+    name: str = "mqpolicy"
+
+    def wait_s(self, store_timeout_ms: int) -> float:
+        """How long a callback waits for a decision."""
+        ms = self.timeout_ms
+        if ms is None:
+            ms = store_timeout_ms + DEFAULT_TIMEOUT_MARGIN_MS
+        return ms / 1000
+
+
+_MILTER_KEYS = frozenset(
+    {"listen", "listen_mode", "on_error", "lane_header", "timeout", "rcpt_limits",
+     "mta_timeout", "drain_timeout"}
+)
+_HEADER_NAME = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+# ---------------------------------------------------------------- policy file with a milter section
+
+
+def load_policy_file(path: str | Path) -> tuple[Policy, MilterSettings | None]:
+    """Read a policy file that may have a ``milter:`` section.
+
+    The policy itself is validated by :func:`mqpolicy.config.parse_policy` (with the
+    ``milter:`` lines blanked, so every line number stays right); the ``milter:`` section is
+    validated here. Problems of both are raised together in one :class:`ConfigError`.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(source, 0, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(source, 0, "", "not UTF-8 text")]) from None
+    return parse_policy_text(text, source)
+
+
+def parse_policy_text(text: str, source: str = "<string>") -> tuple[Policy, MilterSettings | None]:
+    issues: list[ConfigIssue] = []
+    rest, section = _split_milter_section(text, source, issues)
+    policy: Policy | None = None
+    try:
+        policy = parse_policy(rest, source)
+    except ConfigError as exc:
+        issues = [*exc.issues, *issues]
+    settings = None
+    if section is not None:
+        settings = _read_milter(section, source, issues, policy)
+    if issues or policy is None:
+        raise ConfigError(sorted(issues, key=lambda i: i.line))
+    return policy, settings
+
+
+def _split_milter_section(
+    text: str, source: str, issues: list[ConfigIssue]
+) -> tuple[str, yaml.Node | None]:
+    """The text without the top-level ``milter:`` entry (lines blanked) and its value node."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return text, None  # parse_policy reports the syntax error with its line
+    if not isinstance(root, yaml.MappingNode):
+        return text, None
+    found = [
+        (k, v) for k, v in root.value if isinstance(k, yaml.ScalarNode) and k.value == "milter"
+    ]
+    if not found:
+        return text, None
+    key, value = found[0]
+    if len(found) > 1:
+        line = found[1][0].start_mark.line + 1
+        issues.append(ConfigIssue(source, line, "", "duplicate key 'milter'"))
+    if root.flow_style:
+        issues.append(ConfigIssue(source, key.start_mark.line + 1, "milter",
+                                  "write the policy file in block style to use a milter section"))
+        return text, None
+    first = key.start_mark.line
+    last = value.end_mark.line if value.end_mark.column else value.end_mark.line - 1
+    lines = text.splitlines(keepends=True)
+    for n in range(first, min(last, len(lines) - 1) + 1):
+        lines[n] = "\n"
+    return "".join(lines), value
+
+
+def _read_milter(
+    node: yaml.Node, source: str, issues: list[ConfigIssue], policy: Policy | None
+) -> MilterSettings:
+    d = MilterSettings()
+    line0 = node.start_mark.line + 1
+    if not isinstance(node, yaml.MappingNode):
+        issues.append(ConfigIssue(source, line0, "milter", "expected a mapping"))
+        return d
+    loader = yaml.SafeLoader("")
+    values: dict[str, tuple[Any, int]] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+        line = key_node.start_mark.line + 1
+        if key not in _MILTER_KEYS:
+            issues.append(ConfigIssue(source, line, f"milter.{key}",
+                                      f"unknown key (allowed: {', '.join(sorted(_MILTER_KEYS))})"))
+            continue
+        try:
+            values[key] = (loader.construct_object(value_node, deep=True), line)
+        except yaml.YAMLError as exc:
+            issues.append(ConfigIssue(source, line, f"milter.{key}", str(exc)))
+
+    def read(key: str, fn: Callable[[Any], Any]) -> Any:
+        if key not in values:
+            return None
+        value, line = values[key]
+        try:
+            return fn(value)
+        except (ValueError, TypeError) as exc:
+            issues.append(ConfigIssue(source, line, f"milter.{key}", str(exc)))
+            return None
+
+    listen = read("listen", lambda v: parse_milter_endpoint(_text(v)))
+    mode = read("listen_mode", _mode)
+    on_error = read("on_error", lambda v: _choice(ErrorAction, v))
+    header = read("lane_header", _header_name)
+    timeout = read("timeout", _duration_ms)
+    rcpt = read("rcpt_limits", lambda v: _choice(RcptLimits, v))
+    mta_timeout = read("mta_timeout", _duration_ms)
+    drain = read("drain_timeout", parse_duration_ms)
+    if timeout is not None and policy is not None and timeout <= policy.store.timeout_ms:
+        issues.append(ConfigIssue(
+            source, values["timeout"][1], "milter.timeout",
+            f"must be above store.timeout_ms ({policy.store.timeout_ms} ms): the store "
+            "deadline applies on_store_error, this one on_error",
+        ))
+    return MilterSettings(
+        listen=listen or d.listen,
+        listen_mode=d.listen_mode if mode is None else mode,
+        on_error=on_error or d.on_error,
+        lane_header=header or d.lane_header,
+        timeout_ms=timeout,
+        rcpt_limits=rcpt or d.rcpt_limits,
+        mta_timeout_s=max(1, -(-mta_timeout // 1000)) if mta_timeout else d.mta_timeout_s,
+        drain_timeout_s=drain / 1000 if drain is not None else d.drain_timeout_s,
+    )
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(enum: type[ErrorAction] | type[RcptLimits], value: Any) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = " or ".join(m.value for m in enum)
+        raise ValueError(f"expected {allowed}, got {value!r}") from None
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value  # YAML reads 0660 without quotes as octal already
+    if isinstance(value, str) and len(value) in (3, 4) and all(c in "01234567" for c in value):
+        return int(value, 8)
+    raise ValueError(f'expected a file mode like "0660", got {value!r}')
+
+
+def _header_name(value: Any) -> str:
+    text = _text(value)
+    if len(text) > 64 or not all(c in _HEADER_NAME for c in text):
+        raise ValueError(f"not a header name: {text!r}")
+    return text
+
+
+def _duration_ms(value: Any) -> int:
+    try:
+        ms = parse_duration_ms(value)
+    except RateSyntaxError as exc:
+        raise ValueError(str(exc)) from None
+    if ms <= 0:
+        raise ValueError(f"expected a positive duration, got {value!r}")
+    return ms
+
+
+# ---------------------------------------------------------------- thread -> loop
+
+
+class DecisionUnavailable(Exception):
+    """No verdict in time (deadline, loop gone, or an error in policy code)."""
+
+
+class _Burst:
+    """Lets the first event of a burst be logged, then one line per ``interval_s``."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self._interval_s = interval_s
+        self._next = 0.0
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return None
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self._interval_s
+            return suppressed
+
+
+@dataclass
+class MilterCounters:
+    """Monotonic counts (``messages_active`` and ``connections_active`` are gauges)."""
+
+    connections_active: int = 0
+    messages_active: int = 0
+    decisions: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    idle: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def add(self, name: str, delta: int = 1) -> None:
+        with self.lock:
+            value = getattr(self, name) + delta
+            setattr(self, name, value)
+            if name == "messages_active":
+                if value:
+                    self.idle.clear()
+                else:
+                    self.idle.set()
+
+
+class DecisionGateway:
+    """Hands decisions from libmilter threads to the loop that owns the DecisionService."""
+
+    def __init__(
+        self,
+        service: DecisionService,
+        loop: asyncio.AbstractEventLoop,
+        settings: MilterSettings,
+    ) -> None:
+        self.service = service
+        self.loop = loop
+        self.settings = settings
+        self.counters = MilterCounters()
+        self._failure_log = _Burst()
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force (swapped whole on reload; reading it is atomic)."""
+        return self.service.policy
+
+    def decide(self, request: Request) -> Verdict:
+        """The verdict, or :class:`DecisionUnavailable` after logging why."""
+        coro: Coroutine[Any, Any, Verdict] = self.service.decide(request)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError as exc:  # the loop is closed or gone
+            coro.close()
+            self.failed(request.stage, f"decision loop unavailable: {exc}")
+            raise DecisionUnavailable(str(exc)) from None
+        wait_s = self.settings.wait_s(self.service.policy.store.timeout_ms)
+        try:
+            verdict = future.result(timeout=wait_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            self.counters.add("timeouts")
+            self.failed(request.stage, f"no decision within {round(wait_s * 1000)} ms")
+            raise DecisionUnavailable("timeout") from None
+        except concurrent.futures.CancelledError:
+            self.failed(request.stage, "decision cancelled")
+            raise DecisionUnavailable("cancelled") from None
+        except Exception as exc:
+            self.failed(request.stage, f"{type(exc).__name__}: {exc}", exc)
+            raise DecisionUnavailable(str(exc)) from exc
+        self.counters.add("decisions")
+        return verdict
+
+    def failed(self, where: str, why: str, exc: BaseException | None = None) -> None:
+        """Count and log (once per burst) a failure that applies ``on_error``."""
+        self.counters.add("failures")
+        suppressed = self._failure_log.take()
+        if suppressed is None:
+            return
+        fields = {"stage": where, "error": why, "on_error": self.settings.on_error.value,
+                  "suppressed": suppressed}
+        log.warning("milter decision failed, applying on_error", extra={"fields": fields},
+                    exc_info=exc)
+
+
+# ---------------------------------------------------------------- the milter
+
+_F = TypeVar("_F", bound=Callable[..., int])
+# pymilter is untyped: give its decorator a type. @noreply callbacks answer nothing when the
+# MTA agrees (always CONTINUE); the protocol steps of callbacks not overridden are skipped.
+_noreply: Callable[[_F], _F] = Milter.noreply
+CONTINUE: int = Milter.CONTINUE
+TEMPFAIL: int = Milter.TEMPFAIL
+REJECT: int = Milter.REJECT
+
+
+def _strip_brackets(address: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return address
+
+
+def _reply_text(text: str) -> str:
+    """One ASCII line for setreply: controls blanked, '%' doubled, bounded."""
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if " " <= c <= "~" else " " for c in text)[:MAX_REPLY_TEXT]
+    return text.replace("%", "%%")
+
+
+@dataclass(slots=True)
+class _Message:
+    """What one transaction (MAIL FROM ... end of message) accumulates."""
+
+    sender: str = ""
+    sasl_username: str = ""
+    queue_id: str = ""
+    recipients: list[str] = field(default_factory=list)
+    recipient_total: int = 0
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    header_bytes: int = 0
+    lane_headers: int = 0  # client-sent lane headers seen (each is deleted at the end)
+    body_bytes: int = 0
+    refusal: Verdict | None = None  # a recipient refusal kept for the end (local submission)
+    hold: Verdict | None = None  # a hold decided at RCPT, applied at the end
+    demoted_to: Lane | None = None  # the lowest lane a RCPT decision demoted to
+    failed: str = ""  # a callback without a reply failed: apply on_error at the next reply
+
+
+class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
+    """One MTA connection. libmilter calls one instance from one thread at a time."""
+
+    def __init__(self, gateway: DecisionGateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self._lane_header = gateway.settings.lane_header.lower()
+        self.client_address = ""
+        self.client_name = ""
+        self.helo_name = ""
+        self.local_submission = False
+        self.msg: _Message | None = None
+        gateway.counters.add("connections_active")
+
+    # --- negotiation ------------------------------------------------------------------
+
+    def negotiate(self, opts: list[int]) -> Any:
+        rc = super().negotiate(opts)  # protocol steps from the decorators below
+        if rc == CONTINUE:
+            wanted = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
+            opts[0] = self._actions = opts[0] & wanted
+        return rc
+
+    # --- connection -------------------------------------------------------------------
+
+    @_noreply
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        try:
+            address, port = "", -1
+            if family in (socket.AF_INET, socket.AF_INET6):
+                if isinstance(hostaddr, tuple):
+                    address, port = str(hostaddr[0]), int(hostaddr[1])
+                elif isinstance(hostaddr, str):
+                    address = hostaddr
+            if not address:
+                macro = self.getsymval("{client_addr}")
+                address = str(macro) if macro else ""
+            self.client_address = address
+            name = str(hostname or "")
+            self.client_name = "unknown" if name.startswith("[") or not name else name
+            # Postfix's cleanup announces locally submitted mail as localhost/127.0.0.1/port 0.
+            self.local_submission = (port == 0 and address == "127.0.0.1"
+                                     and name.lower() == "localhost")
+        except Exception as exc:
+            self.gateway.failed("CONNECT", f"{type(exc).__name__}: {exc}", exc)
+        return CONTINUE
+
+    @_noreply
+    def hello(self, hostname: str) -> int:
+        self.helo_name = str(hostname or "")
+        return CONTINUE
+
+    # --- message ----------------------------------------------------------------------
+
+    def _begin(self) -> _Message:
+        if self.msg is not None:
+            self.gateway.counters.add("messages_active", -1)
+        self.msg = _Message()
+        self.gateway.counters.add("messages_active")
+        return self.msg
+
+    def _end(self) -> None:
+        if self.msg is not None:
+            self.msg = None
+            self.gateway.counters.add("messages_active", -1)
+
+    @_noreply
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        msg = self._begin()  # a new transaction: nothing of the previous one survives
+        try:
+            msg.sender = _strip_brackets(str(mailfrom))
+            msg.sasl_username = str(self.getsymval("{auth_authen}") or "")
+            msg.queue_id = str(self.getsymval("i") or "")
+        except Exception as exc:
+            msg.failed = f"MAIL: {type(exc).__name__}: {exc}"
+        return CONTINUE
+
+    def envrcpt(self, to: str, *params: str) -> int:
+        msg = self.msg if self.msg is not None else self._begin()
+        recipient = _strip_brackets(str(to))
+        try:
+            return self._envrcpt(msg, recipient)
+        except Exception as exc:
+            self.gateway.failed(STAGE_RCPT, f"{type(exc).__name__}: {exc}", exc)
+            return self._rcpt_error(msg, recipient, "")
+
+    def _envrcpt(self, msg: _Message, recipient: str) -> int:
+        msg.recipient_total += 1
+        if len(msg.recipients) < MAX_RECIPIENTS:
+            msg.recipients.append(recipient)
+        if msg.failed:
+            return self._rcpt_error(msg, recipient, msg.failed)
+        if (self.settings.rcpt_limits is RcptLimits.POLICY_SERVER
+                and not self.local_submission):
+            return CONTINUE
+        msg.queue_id = str(self.getsymval("i") or msg.queue_id)
+        queue_id_var.set(msg.queue_id)
+        request = self._request(msg, STAGE_RCPT, recipient=recipient)
+        try:
+            verdict = self.gateway.decide(request)
+        except DecisionUnavailable:
+            return self._rcpt_error(msg, recipient, "")
+        if verdict.demoted and (msg.demoted_to is None
+                                or verdict.lane.priority > msg.demoted_to.priority):
+            msg.demoted_to = verdict.lane
+        action = verdict.action
+        if action is Action.HOLD:
+            msg.hold = msg.hold or verdict
+        elif action in (Action.DEFER, Action.REJECT):
+            if self.local_submission:
+                msg.refusal = msg.refusal or verdict
+                return CONTINUE
+            self._forget(msg, recipient)
+            return self._refuse(verdict)
+        return CONTINUE
+
+    def _rcpt_error(self, msg: _Message, recipient: str, why: str) -> int:
+        """on_error at RCPT (``why``: a failure not logged yet). Locally submitted mail
+        cannot refuse one recipient: the failure is kept for the end of the message."""
+        if why:
+            self.gateway.failed(STAGE_RCPT, why)
+        if self.local_submission:
+            msg.failed = msg.failed or "RCPT: no decision"
+            return CONTINUE
+        rc = self._on_error()
+        if rc != CONTINUE:
+            self._forget(msg, recipient)
+        return rc
+
+    @staticmethod
+    def _forget(msg: _Message, recipient: str) -> None:
+        """A refused recipient is no recipient of the message."""
+        msg.recipient_total -= 1
+        if msg.recipients and msg.recipients[-1] == recipient:
+            msg.recipients.pop()
+
+    @_noreply
+    def header(self, name: str, value: str) -> int:
+        msg = self.msg
+        if msg is None:
+            return CONTINUE
+        try:
+            name = str(name)
+            if name.lower() == self._lane_header:
+                msg.lane_headers += 1  # a client may not choose its lane: never classified
+                return CONTINUE
+            value = value if isinstance(value, str) else bytes(value).decode(
+                "utf-8", "surrogateescape")
+            msg.header_bytes += len(name) + len(value) + 4
+            if len(msg.headers) < MAX_HEADERS:
+                msg.headers.append((name, value[:MAX_HEADER_VALUE]))
+        except Exception as exc:
+            msg.failed = f"header: {type(exc).__name__}: {exc}"
+        return CONTINUE
+
+    @_noreply
+    def body(self, chunk: bytes) -> int:
+        if self.msg is not None:
+            self.msg.body_bytes += len(chunk)
+        return CONTINUE
+
+    def eom(self) -> int:
+        msg = self.msg if self.msg is not None else self._begin()
+        try:
+            return self._eom(msg)
+        except Exception as exc:
+            self.gateway.failed(STAGE_END_OF_MESSAGE, f"{type(exc).__name__}: {exc}", exc)
+            return self._on_error(msg)
+        finally:
+            self._end()
+
+    def _eom(self, msg: _Message) -> int:
+        msg.queue_id = str(self.getsymval("i") or msg.queue_id)
+        queue_id_var.set(msg.queue_id)
+        if msg.failed:
+            self.gateway.failed(STAGE_END_OF_MESSAGE, msg.failed)
+            return self._on_error(msg)
+        if msg.refusal is not None:
+            return self._refuse(msg.refusal)
+        request = self._request(msg, STAGE_END_OF_MESSAGE)
+        try:
+            verdict = self.gateway.decide(request)
+        except DecisionUnavailable:
+            return self._on_error(msg, request)
+        action = verdict.action
+        if action in (Action.DEFER, Action.REJECT):
+            return self._refuse(verdict)
+        lane = verdict.lane
+        if msg.demoted_to is not None and msg.demoted_to.priority > lane.priority:
+            lane = msg.demoted_to
+        self._set_lane(msg, lane.name)
+        hold = verdict if action is Action.HOLD else msg.hold
+        if hold is not None:
+            self.quarantine(_reply_text(hold.text or "held by mqpolicy"))
+        return CONTINUE
+
+    def abort(self) -> int:
+        self._end()
+        return CONTINUE
+
+    def close(self) -> int:
+        self._end()
+        self.gateway.counters.add("connections_active", -1)
+        return CONTINUE
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _request(self, msg: _Message, stage: str, recipient: str = "") -> Request:
+        at_end = stage == STAGE_END_OF_MESSAGE
+        if at_end and msg.recipient_total == 1 and msg.recipients:
+            recipient = msg.recipients[0]  # as Postfix's policy server sees a single recipient
+        return Request(
+            stage=stage,
+            client_address=self.client_address,
+            client_name=self.client_name,
+            reverse_client_name=self.client_name,
+            helo_name=self.helo_name,
+            sasl_username=msg.sasl_username,
+            sender=msg.sender,
+            recipient=recipient,
+            recipient_count=msg.recipient_total if at_end else 0,
+            size=msg.header_bytes + 2 + msg.body_bytes if at_end else 0,
+            queue_id=msg.queue_id,
+            protocol_name="milter",
+            recipients=tuple(msg.recipients) if at_end else (),
+            headers=tuple(msg.headers) if at_end else None,
+        )
+
+    def _set_lane(self, msg: _Message, lane: str | None) -> None:
+        """Delete every client-sent lane header (last first), then add ours."""
+        name = self.settings.lane_header
+        for index in range(msg.lane_headers, 0, -1):
+            self.chgheader(name, index, "")
+        if lane is not None:
+            self.addheader(name, lane)
+
+    def _refuse(self, verdict: Verdict) -> int:
+        text = _reply_text(verdict.text)
+        if verdict.action is Action.REJECT:
+            self.setreply("550", "5.7.1", text)
+            return REJECT
+        self.setreply("451", "4.3.0" if verdict.store_error else "4.7.1", text)
+        return TEMPFAIL
+
+    def _on_error(self, msg: _Message | None = None, request: Request | None = None) -> int:
+        """The configured failure action. At the end of a message that is accepted anyway,
+        forged lane headers still go, and the lane is classified without the store."""
+        if self.settings.on_error is ErrorAction.TEMPFAIL:
+            self.setreply("451", "4.3.0", ERROR_TEXT)
+            return TEMPFAIL
+        if msg is not None:
+            lane: str | None = None
+            try:
+                if request is not None:
+                    lane = classify(request, self.gateway.policy)[0].name
+            except Exception as exc:
+                self.gateway.failed(STAGE_END_OF_MESSAGE, f"classify: {exc}", exc)
+            try:
+                self._set_lane(msg, lane)
+            except Exception as exc:
+                self.gateway.failed(STAGE_END_OF_MESSAGE, f"lane header: {exc}", exc)
+        return CONTINUE
+
+
+# ---------------------------------------------------------------- running it
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a unix socket left behind by a dead process; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another process is listening on", path)
+
+
+def bind_milter_socket(endpoint: MilterEndpoint, mode: int, backlog: int = 128) -> socket.socket:
+    """A listening socket for libmilter: unix sockets get ``mode`` before ``listen()``, TCP
+    sockets (also inherited ones) get ``TCP_NODELAY``, which accepted sockets inherit."""
+    if endpoint.kind == "fd":
+        sock = socket.socket(fileno=endpoint.fd)
+    elif endpoint.kind == "unix":
+        _remove_stale_socket(endpoint.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(endpoint.path)
+            os.chmod(endpoint.path, mode)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    else:
+        family = socket.AF_INET6 if endpoint.kind == "inet6" else socket.AF_INET
+        infos = socket.getaddrinfo(endpoint.host, endpoint.port, family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _describe(sock: socket.socket) -> str:
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{address}"
+    if sock.family == socket.AF_INET6:
+        return f"inet6:{address[1]}@[{address[0]}]"
+    return f"inet:{address[1]}@{address[0]}"
+
+
+class MilterRunner:
+    """Runs libmilter (``Milter.runmilter``) in a thread of its own, beside the asyncio loop
+    that owns the DecisionService and the signal handlers.
+
+    The loop stays in the main thread because SIGHUP must reload: libmilter turns SIGHUP,
+    SIGTERM and SIGINT into "stop" in a signal thread of its own, and a Python signal
+    handler only runs in the main thread. libmilter blocks those signals in the threads it
+    starts, so the kernel hands them to the main thread and its loop.
+    """
+
+    def __init__(
+        self,
+        service: DecisionService,
+        settings: MilterSettings,
+        loop: asyncio.AbstractEventLoop,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.loop = loop
+        self.gateway = DecisionGateway(service, loop, settings)
+        self.endpoint = ""
+        self._on_exit = on_exit
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[int, Any] | None = None  # family and address to wake the listener
+        self._unix: tuple[str, int, int] | None = None  # path, st_dev, st_ino
+        self._stopping = False
+        self.exit_error: BaseException | None = None
+
+    def start(self) -> str:
+        """Bind, register with libmilter and start serving; OSError when it cannot bind."""
+        settings = self.settings
+        sock = bind_milter_socket(settings.listen, settings.listen_mode)
+        self.endpoint = _describe(sock)
+        self._wake = (sock.family, sock.getsockname())
+        if sock.family == socket.AF_UNIX:
+            st = os.stat(sock.getsockname())
+            self._unix = (sock.getsockname(), st.st_dev, st.st_ino)
+        fd = sock.detach()  # libmilter owns and closes it from now on
+        # The one library global: libmilter creates every connection through it.
+        Milter.factory = functools.partial(PolicyMilter, self.gateway)
+        exception_policy = (Milter.TEMPFAIL if settings.on_error is ErrorAction.TEMPFAIL
+                            else Milter.CONTINUE)
+        Milter.set_exception_policy(exception_policy)
+        self._thread = threading.Thread(
+            target=self._run, args=(f"fd:{fd}",), name="libmilter", daemon=True
+        )
+        self._thread.start()
+        return self.endpoint
+
+    def _run(self, conn: str) -> None:
+        try:
+            Milter.runmilter(self.settings.name, conn, self.settings.mta_timeout_s,
+                             rmsock=False)
+        except BaseException as exc:
+            self.exit_error = exc
+        finally:
+            if not self._stopping:
+                log.error("milter stopped unexpectedly",
+                          extra={"fields": {"error": repr(self.exit_error)}})
+                if self._on_exit is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop is gone already
+                        self.loop.call_soon_threadsafe(self._on_exit)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def stop(self) -> None:
+        """Stop accepting, wait (at most ``drain_timeout``) for messages in flight, then
+        return. The loop must keep running meanwhile: those messages need decisions."""
+        self._stopping = True
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            Milter.stop()
+            self._wake_listener()
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 10.0)
+        self._remove_socket()
+        counters = self.gateway.counters
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, counters.idle.wait,
+                                          self.settings.drain_timeout_s):
+            log.warning("milter drain timeout: messages still in flight",
+                        extra={"fields": {"messages": counters.messages_active}})
+
+    def _wake_listener(self) -> None:
+        """libmilter looks at its stop flag only between accepts (or every 5 s): connect."""
+        if self._wake is None:
+            return
+        family, address = self._wake
+        if family in (socket.AF_INET, socket.AF_INET6) and address[0] in ("0.0.0.0", "::"):
+            address = ("127.0.0.1", address[1]) if family == socket.AF_INET else ("::1",
+                                                                                   *address[1:])
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(address)
+
+    def _remove_socket(self) -> None:
+        if self._unix is None:
+            return
+        path, dev, ino = self._unix
+        self._unix = None
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
