@@ -180,6 +180,7 @@ class RedisStore:
                     pending.future.set_result(evaluation)
         finally:
             self._in_flight -= 1
+            self._fail(batch, StoreError("redis store: batch ended without an answer"))
             if self._queue and not self._closed:
                 self._flush()
 
