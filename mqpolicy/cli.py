@@ -21,10 +21,11 @@ from typing import TextIO
 
 from mqpolicy import __version__
 from mqpolicy.budget import CounterStore, StoreError
-from mqpolicy.config import ConfigError, Limit, Policy, load_policy
+from mqpolicy.config import ConfigError, Limit, Policy
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.engine import Verdict, applies, bucket_prefix, limit_key, store_key
+from mqpolicy.milter_service import MilterRunner, MilterSettings, load_policy_file
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
@@ -59,9 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mqpolicy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the Postfix policy server")
+    serve = sub.add_parser("serve", help="run the Postfix policy server "
+                           "(and the milter when the policy has a milter: section)")
     _config_arg(serve)
     serve.add_argument("--log-level", help="override log.level from the policy file")
+
+    milter = sub.add_parser("milter", help="run the milter only (Postfix, Sendmail)")
+    _config_arg(milter)
+    milter.add_argument("--log-level", help="override log.level from the policy file")
 
     check = sub.add_parser("check", help="validate a policy file, list every error")
     _config_arg(check)
@@ -105,12 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         return cmd_check(args.config, sys.stdout)
     try:
-        policy = load_policy(args.config)
+        policy, milter = load_policy_file(args.config)
     except ConfigError as exc:
         print(f"mqpolicy: invalid policy file, nothing started:\n{exc}", file=sys.stderr)
         return EXIT_FAILURE
     if command == "serve":
-        return asyncio.run(serve(policy, Path(args.config), args.log_level))
+        return asyncio.run(serve(policy, Path(args.config), args.log_level, milter))
+    if command == "milter":
+        return asyncio.run(serve(policy, Path(args.config), args.log_level,
+                                 milter or MilterSettings(), policy_server=False))
     if command == "explain":
         source: str = args.request
         try:
@@ -131,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_check(path: str, out: TextIO) -> int:
     try:
-        policy = load_policy(path)
+        policy, milter = load_policy_file(path)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=out)
@@ -139,7 +148,8 @@ def cmd_check(path: str, out: TextIO) -> int:
         return EXIT_FAILURE
     print(
         f"{path}: OK: {len(policy.lanes)} lanes, {len(policy.classify)} classify rules, "
-        f"{len(policy.limits)} limits, store {policy.store.url}",
+        f"{len(policy.limits)} limits, store {policy.store.url}"
+        + (f", milter {milter.listen}" if milter else ""),
         file=out,
     )
     return EXIT_OK
@@ -148,15 +158,17 @@ def cmd_check(path: str, out: TextIO) -> int:
 # ---------------------------------------------------------------- serve
 
 
-async def serve(policy: Policy, path: Path, log_level: str | None = None) -> int:
+async def serve(policy: Policy, path: Path, log_level: str | None = None,
+                milter: MilterSettings | None = None, policy_server: bool = True) -> int:
     listener = configure_logging(policy.log.format, log_level or policy.log.level)
     try:
-        return await _serve(policy, path, log_level)
+        return await _serve(policy, path, log_level, milter, policy_server)
     finally:
         listener.stop()
 
 
-async def _serve(policy: Policy, path: Path, log_level: str | None) -> int:
+async def _serve(policy: Policy, path: Path, log_level: str | None,
+                 milter: MilterSettings | None, policy_server: bool) -> int:
     loop = asyncio.get_running_loop()
     store = open_store(policy.store.url, timeout_ms=policy.store.timeout_ms,
                        key_prefix=policy.store.key_prefix)
@@ -169,13 +181,19 @@ async def _serve(policy: Policy, path: Path, log_level: str | None) -> int:
         max_connections=policy.server.max_connections,
         drain_timeout_s=policy.server.drain_timeout_s,
     )
+    stop = asyncio.Event()
+    runner = MilterRunner(service, milter, loop, on_exit=stop.set) if milter else None
     try:
-        await server.start()
+        if policy_server:
+            await server.start()
+        if runner is not None:
+            runner.start()
     except OSError as exc:
         log.error("cannot listen", extra={"fields": {"error": str(exc)}})
+        server.close()
+        await server.wait_closed()
         await store.close()
         return EXIT_FAILURE
-    stop = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
@@ -186,7 +204,8 @@ async def _serve(policy: Policy, path: Path, log_level: str | None) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    endpoints = " ".join(str(e) for e in server.bound_endpoints)
+    endpoints = " ".join([*(str(e) for e in server.bound_endpoints),
+                          *([f"milter={runner.endpoint}"] if runner else [])])
     log.info("ready", extra={"fields": {"listen": endpoints, "store": policy.store.url,
                                         "policy": str(path), "version": __version__}})
     sd_notify(f"READY=1\nSTATUS=serving policy on {endpoints}")
@@ -195,7 +214,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None) -> int:
     log.info("stopping: draining connections")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
-    await server.drain()
+    await asyncio.gather(server.drain(), *([runner.stop()] if runner else []))
     await store.close()
     log.info("stopped")
     return EXIT_OK
@@ -205,7 +224,7 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None) -
     loop = asyncio.get_running_loop()
     sd_notify("RELOADING=1")
     try:
-        new = await loop.run_in_executor(None, load_policy, path)
+        new, _ = await loop.run_in_executor(None, load_policy_file, path)
     except ConfigError as exc:
         for issue in exc.issues:
             log.error("reload refused, keeping the running policy",

@@ -908,14 +908,21 @@ class MilterRunner:
         """Stop accepting, wait (at most ``drain_timeout``) for messages in flight, then
         return. The loop must keep running meanwhile: those messages need decisions."""
         self._stopping = True
+        loop = asyncio.get_running_loop()
         thread = self._thread
         if thread is not None and thread.is_alive():
-            Milter.stop()
-            self._wake_listener()
-            await asyncio.get_running_loop().run_in_executor(None, thread.join, 10.0)
+            # smfi_stop() waits for the listener, which holds its lock while it polls the
+            # socket for up to 5 s: connect until the listener has seen the stop flag.
+            stopper = loop.run_in_executor(None, Milter.stop)
+            for _ in range(500):
+                done, _ = await asyncio.wait({stopper}, timeout=0.02)
+                if done:
+                    break
+                await loop.run_in_executor(None, self._wake_listener)
+            await stopper
+            await loop.run_in_executor(None, thread.join, 10.0)
         self._remove_socket()
         counters = self.gateway.counters
-        loop = asyncio.get_running_loop()
         if not await loop.run_in_executor(None, counters.idle.wait,
                                           self.settings.drain_timeout_s):
             log.warning("milter drain timeout: messages still in flight",
