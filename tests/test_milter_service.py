@@ -1,0 +1,716 @@
+"""The milter through pymilter's test context, with the decision service on a real asyncio
+loop in a thread of its own (as in ``mqpolicy milter``) and the memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import textwrap
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import Milter
+import Milter.test  # makes @noreply callbacks answer CONTINUE under test
+import pytest
+from Milter.testctx import TestCtx as MilterTestCtx
+
+from mqpolicy.budget import BudgetCheck, Evaluation
+from mqpolicy.conditions import ConditionError, compile_condition, has_bulk_signal, message_priority
+from mqpolicy.config import ConfigError
+from mqpolicy.decisions import DecisionService
+from mqpolicy.memory_store import MemoryStore
+from mqpolicy.milter_service import (
+    MAX_HEADER_VALUE,
+    DecisionGateway,
+    ErrorAction,
+    MilterEndpointError,
+    MilterSettings,
+    PolicyMilter,
+    RcptLimits,
+    parse_milter_endpoint,
+    parse_policy_text,
+)
+from mqpolicy.policy_service import PostfixPolicyHandler
+from mqpolicy.request import Request
+
+POLICY = """\
+lanes:
+  - name: transactional
+    transport: mq-transactional
+  - name: normal
+  - name: bulk
+    transport: mq-bulk
+  - name: scheduled
+    transport: mq-bulk
+    hold: true
+default_lane: normal
+classify:
+  - name: urgent
+    when: {priority: high}
+    lane: transactional
+  - name: lists
+    when: {bulk_signals: true}
+    lane: bulk
+  - name: forged
+    when: {header: {name: X-MQ-Lane, regex: transactional}}
+    lane: transactional
+  - name: later
+    when: {header: {name: X-Send-At, regex: "."}}
+    lane: scheduled
+  - name: many
+    when: {recipient_count: {min: 1000}}
+    lane: bulk
+  - name: eight-bit
+    when: {header: {name: Subject, regex: "café"}}
+    lane: bulk
+"""
+
+
+class RecordingCtx(MilterTestCtx):  # type: ignore[misc]
+    """TestCtx that records the actions instead of applying them to a parsed message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[tuple[str, str]] = []
+        self.changed: list[tuple[str, int, str]] = []
+        self.quarantined: list[str] = []
+        self.replies: list[tuple[str, ...]] = []
+
+    def addheader(self, field: str, value: str, idx: int) -> None:
+        self.added.append((field, value))
+
+    def chgheader(self, field: str, idx: int, value: str) -> None:
+        self.changed.append((field, idx, value))
+
+    def quarantine(self, reason: str) -> None:
+        self.quarantined.append(reason)
+
+    def setreply(self, rcode: str, xcode: str, *msg: str) -> None:
+        self.replies.append((rcode, xcode, *msg))
+
+
+class Session:
+    """One MTA connection to a PolicyMilter, driven in libmilter's order."""
+
+    def __init__(self, gateway: DecisionGateway) -> None:
+        self.ctx = RecordingCtx()
+        self.milter = PolicyMilter(gateway)
+        self.milter._setctx(self.ctx)
+        self.ctx._stage = -1
+        self.opts = list(MilterTestCtx.default_opts)
+        assert self.milter.negotiate(self.opts) == Milter.CONTINUE
+        self.ctx._opts = self.opts
+        self.ctx._protocol = self.opts[1]
+
+    def macro(self, **values: str) -> None:
+        for name, value in values.items():
+            self.ctx._setsymval(name if len(name) == 1 else "{" + name + "}", value)
+
+    def connect(self, host: str = "mx.example.net", ip: str = "192.0.2.10",
+                port: int = 40000) -> int:
+        self.ctx._stage = Milter.M_CONNECT
+        rc: int = self.milter.connect(host, socket.AF_INET, (ip, port))
+        self.ctx._stage = Milter.M_HELO
+        self.milter.hello("client.example.net")
+        self.ctx._stage = None
+        return rc
+
+    def mail(self, sender: str) -> int:
+        rc: int = self.ctx._envfrom(f"<{sender}>")
+        return rc
+
+    def rcpt(self, recipient: str) -> int:
+        rc: int = self.ctx._envrcpt(f"<{recipient}>")
+        return rc
+
+    def header(self, name: str, value: str | bytes) -> int:
+        raw = value if isinstance(value, bytes) else value.encode()
+        rc: int = self.milter.header_bytes(name, raw)
+        return rc
+
+    def body(self, data: bytes) -> int:
+        rc: int = self.milter.body(data)
+        return rc
+
+    def eom(self) -> int:
+        rc: int = self.ctx._eom()
+        return rc
+
+    def message(self, sender: str, recipients: Sequence[str],
+                headers: Sequence[tuple[str, str | bytes]] = (), body: bytes = b"hello\r\n",
+                queue_id: str = "") -> int:
+        """A whole transaction; the first answer that is not CONTINUE, else the EOM one."""
+        if queue_id:
+            self.macro(i=queue_id)
+        self.mail(sender)
+        for r in recipients:
+            rc = self.rcpt(r)
+            if rc not in (Milter.CONTINUE,):
+                return rc
+        for name, value in headers:
+            self.header(name, value)
+        self.body(body)
+        return self.eom()
+
+
+class Loop:
+    """An asyncio loop in a thread of its own: where the decision service lives."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    lp = Loop()
+    try:
+        yield lp
+    finally:
+        lp.close()
+
+
+def make_gateway(loop: Loop, extra: str = "", store: MemoryStore | None = None,
+                 **settings: Any) -> DecisionGateway:
+    policy, _ = parse_policy_text(POLICY + textwrap.dedent(extra))
+    service = DecisionService(policy, store if store is not None else MemoryStore())
+    return DecisionGateway(service, loop.loop, MilterSettings(**settings))
+
+
+def session(loop: Loop, extra: str = "", **settings: Any) -> Session:
+    s = Session(make_gateway(loop, extra, **settings))
+    s.connect()
+    return s
+
+
+# ---------------------------------------------------------------- negotiation
+
+
+def test_only_needed_actions_and_steps_are_negotiated(loop: Loop) -> None:
+    s = session(loop)
+    assert s.opts[0] == Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
+    proto = s.opts[1]
+    for skipped in (Milter.P_NODATA, Milter.P_NOEOH, Milter.P_NOUNKNOWN):
+        assert proto & skipped
+    for no_reply in (Milter.P_NR_CONN, Milter.P_NR_HELO, Milter.P_NR_MAIL, Milter.P_NR_HDR,
+                     Milter.P_NR_BODY):
+        assert proto & no_reply
+    for needed in (Milter.P_NOCONNECT, Milter.P_NOMAIL, Milter.P_NORCPT, Milter.P_NOHDRS,
+                   Milter.P_NOBODY, Milter.P_NR_RCPT):
+        assert not proto & needed
+
+
+# ---------------------------------------------------------------- lanes
+
+
+def test_default_lane_header_added(loop: Loop) -> None:
+    s = session(loop)
+    assert s.message("a@example.com", ["b@example.org"], [("Subject", "hi")]) == Milter.CONTINUE
+    assert s.ctx.added == [("X-MQ-Lane", "normal")]
+    assert s.ctx.changed == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "lane"),
+    [
+        ([("Precedence", "bulk")], "bulk"),
+        ([("precedence", " List ")], "bulk"),
+        ([("List-Id", "<news.example.com>")], "bulk"),
+        ([("List-Unsubscribe", "<mailto:u@example.com>")], "bulk"),
+        ([("Auto-Submitted", "auto-generated")], "bulk"),
+        ([("Auto-Submitted", "no")], "normal"),
+        ([("Feedback-ID", "1:2:3:esp")], "bulk"),
+        ([("Precedence", "first-class")], "normal"),
+        ([("X-Priority", "1 (Highest)")], "transactional"),
+        ([("Importance", "High")], "transactional"),
+        ([("Priority", "urgent")], "transactional"),
+        ([("X-Priority", "5"), ("List-Id", "x")], "bulk"),
+        ([("X-Send-At", "2030-01-01T08:00")], "scheduled"),
+    ],
+)
+def test_lane_from_headers(loop: Loop, headers: list[tuple[str, str]], lane: str) -> None:
+    s = session(loop)
+    s.message("a@example.com", ["b@example.org"], headers)
+    assert s.ctx.added == [("X-MQ-Lane", lane)]
+
+
+def test_forged_lane_headers_are_removed_and_never_classified(loop: Loop) -> None:
+    s = session(loop)
+    rc = s.message("a@example.com", ["b@example.org"],
+                   [("X-MQ-Lane", "transactional"), ("Subject", "x"),
+                    ("x-mq-lane", "transactional")])
+    assert rc == Milter.CONTINUE
+    # every occurrence deleted, last first (indexes stay valid), then ours added
+    assert s.ctx.changed == [("X-MQ-Lane", 2, ""), ("X-MQ-Lane", 1, "")]
+    assert s.ctx.added == [("X-MQ-Lane", "normal")]
+
+
+def test_custom_lane_header(loop: Loop) -> None:
+    s = session(loop, lane_header="X-Lane")
+    s.message("a@example.com", ["b@example.org"], [("X-Lane", "bulk"), ("X-MQ-Lane", "x")])
+    assert s.ctx.changed == [("X-Lane", 1, "")]
+    assert s.ctx.added == [("X-Lane", "normal")]
+
+
+def test_hold_lane_quarantines_with_reason(loop: Loop) -> None:
+    s = session(loop)
+    rc = s.message("a@example.com", ["b@example.org"], [("X-Send-At", "tomorrow")])
+    assert rc == Milter.CONTINUE
+    assert s.ctx.quarantined == ["held by mqpolicy limit "]
+    assert s.ctx.added == [("X-MQ-Lane", "scheduled")]
+
+
+# ---------------------------------------------------------------- limits
+
+PER_DOMAIN = """\
+limits:
+  - name: per-domain
+    rate: 2/1h
+    key: recipient_domain
+    action: defer
+    message: "Too much mail for {key}, try again in {retry_after}s"
+"""
+
+
+def test_recipient_keyed_limit_tempfails_one_recipient_with_text(loop: Loop) -> None:
+    s = session(loop, PER_DOMAIN)
+    s.mail("a@example.com")
+    assert s.rcpt("x@slow.example") == Milter.CONTINUE
+    assert s.rcpt("y@slow.example") == Milter.CONTINUE
+    assert s.rcpt("z@slow.example") == Milter.TEMPFAIL
+    rcode, xcode, text = s.ctx.replies[-1]
+    assert (rcode, xcode) == ("451", "4.7.1")
+    assert text.startswith("Too much mail for slow.example, try again in ")
+    assert s.rcpt("w@other.example") == Milter.CONTINUE
+    s.body(b"x")
+    assert s.eom() == Milter.CONTINUE
+
+
+def test_reject_at_rcpt(loop: Loop) -> None:
+    s = session(loop, """\
+        limits:
+          - name: quota
+            rate: 1/1d
+            key: recipient
+            action: reject
+        """)
+    s.mail("a@example.com")
+    assert s.rcpt("x@example.org") == Milter.CONTINUE
+    assert s.rcpt("x@example.org") == Milter.REJECT
+    assert s.ctx.replies[-1][:3] == ("550", "5.7.1", "Quota quota exceeded for x@example.org")
+
+
+PER_SENDER_RCPTS = """\
+limits:
+  - name: per-sender
+    rate: 3/1h
+    key: sender
+    count: recipients
+    action: defer
+"""
+
+
+def test_message_limit_spent_at_end_by_recipient_count(loop: Loop) -> None:
+    s = session(loop, PER_SENDER_RCPTS)
+    assert s.message("a@example.com", ["1@x.example", "2@x.example"]) == Milter.CONTINUE
+    # 1 left: RCPT only checks (passes), the end spends 2 (fails)
+    assert s.message("a@example.com", ["3@x.example", "4@x.example"]) == Milter.TEMPFAIL
+    assert s.ctx.replies[-1][:2] == ("451", "4.7.1")
+    assert s.ctx.added == [("X-MQ-Lane", "normal")]  # only the first message got a lane
+    # a deferred message spent nothing: one recipient still fits
+    assert s.message("a@example.com", ["5@x.example"]) == Milter.CONTINUE
+
+
+def test_exhausted_sender_is_refused_at_rcpt_already(loop: Loop) -> None:
+    s = session(loop, PER_SENDER_RCPTS)
+    assert s.message("a@example.com", ["1@x", "2@x", "3@x"]) == Milter.CONTINUE
+    s.mail("a@example.com")
+    assert s.rcpt("4@x") == Milter.TEMPFAIL
+
+
+def test_reject_at_end_of_message(loop: Loop) -> None:
+    s = session(loop, """\
+        limits:
+          - name: bytes
+            rate: 100/1d
+            key: sender
+            count: bytes
+            action: reject
+        """)
+    assert s.message("a@example.com", ["b@x"], body=b"x" * 500) == Milter.REJECT
+    assert s.ctx.replies[-1][:2] == ("550", "5.7.1")
+
+
+def test_hold_at_rcpt_quarantines_at_end(loop: Loop) -> None:
+    s = session(loop, """\
+        limits:
+          - name: domain-hold
+            rate: 1/1h
+            key: recipient_domain
+            action: hold
+        """)
+    s.mail("a@example.com")
+    assert s.rcpt("x@big.example") == Milter.CONTINUE
+    assert s.rcpt("y@big.example") == Milter.CONTINUE  # hold: accepted, held later
+    s.body(b"x")
+    assert s.eom() == Milter.CONTINUE
+    assert s.ctx.quarantined == ["held by mqpolicy limit domain-hold"]
+
+
+def test_demotion_at_rcpt_sets_the_lane(loop: Loop) -> None:
+    s = session(loop, """\
+        limits:
+          - name: gmail
+            rate: 1/1h
+            key: recipient_domain
+            action: {demote: bulk}
+        """)
+    s.message("a@example.com", ["x@gmail.example"])
+    s.message("a@example.com", ["y@gmail.example"])
+    assert s.ctx.added == [("X-MQ-Lane", "normal"), ("X-MQ-Lane", "bulk")]
+
+
+def test_reply_text_percent_doubled_and_controls_blanked(loop: Loop) -> None:
+    s = session(loop, """\
+        limits:
+          - name: per-rcpt
+            rate: 1/1h
+            key: recipient
+            message: "slow down {key}\\tnow"
+        """)
+    s.mail("a@example.com")
+    s.rcpt("100%x@example.org")
+    assert s.rcpt("100%x@example.org") == Milter.TEMPFAIL
+    assert s.ctx.replies[-1] == ("451", "4.7.1", "slow down 100%%x@example.org now")
+
+
+# ---------------------------------------------------------------- counted once
+
+
+def test_message_seen_by_policy_server_and_milter_counted_once(loop: Loop) -> None:
+    gateway = make_gateway(loop, """\
+        limits:
+          - name: per-sender
+            rate: 2/1h
+            key: sender
+        """)
+    handler = PostfixPolicyHandler(gateway.service)
+    eom = {"request": "smtpd_access_policy", "protocol_state": "END-OF-MESSAGE",
+           "sender": "a@example.com", "recipient_count": "1", "queue_id": "4XyZ1"}
+    assert loop.run(handler.handle(eom)) == "DUNNO"  # the policy server spends 1
+    s = Session(gateway)
+    s.connect()
+    assert s.message("a@example.com", ["b@x"], queue_id="4XyZ1") == Milter.CONTINUE  # same
+    assert s.message("a@example.com", ["b@x"], queue_id="4XyZ2") == Milter.CONTINUE  # spends
+    assert s.message("a@example.com", ["b@x"], queue_id="4XyZ3") == Milter.TEMPFAIL  # spent
+
+
+# ---------------------------------------------------------------- per-message state
+
+
+def test_state_is_reset_per_transaction(loop: Loop) -> None:
+    s = session(loop, """\
+        limits:
+          - name: big
+            rate: 1/1h
+            key: sender
+            when: {recipient_count: {min: 2}}
+            action: reject
+        """)
+    s.message("a@example.com", ["1@x"], [("List-Id", "l"), ("X-MQ-Lane", "f")])
+    s.mail("a@example.com")  # a new transaction after abort: nothing survives
+    s.rcpt("2@x")
+    s.milter.abort()
+    s.message("a@example.com", ["3@x"], [("Subject", "s")])
+    assert s.ctx.added == [("X-MQ-Lane", "bulk"), ("X-MQ-Lane", "normal")]
+    assert s.ctx.changed == [("X-MQ-Lane", 1, "")]  # only the first message's forgery
+
+
+def test_rcpt_left_to_the_policy_server(loop: Loop) -> None:
+    s = session(loop, PER_DOMAIN, rcpt_limits=RcptLimits.POLICY_SERVER)
+    s.mail("a@example.com")
+    for r in ("1@slow.example", "2@slow.example", "3@slow.example"):
+        assert s.rcpt(r) == Milter.CONTINUE
+
+
+def test_local_submission_refuses_the_whole_message_at_the_end(loop: Loop) -> None:
+    gateway = make_gateway(loop, PER_DOMAIN, rcpt_limits=RcptLimits.POLICY_SERVER)
+    s = Session(gateway)
+    s.connect(host="localhost", ip="127.0.0.1", port=0)  # Postfix non_smtpd_milters
+    s.mail("cron@example.com")
+    for r in ("1@slow.example", "2@slow.example", "3@slow.example"):
+        assert s.rcpt(r) == Milter.CONTINUE  # Postfix cannot refuse one recipient here
+    s.body(b"x")
+    assert s.eom() == Milter.TEMPFAIL
+    assert s.ctx.replies[-1][:2] == ("451", "4.7.1")
+    assert s.ctx.added == []
+
+
+# ---------------------------------------------------------------- failures
+
+
+class BlockingStore(MemoryStore):
+    """Blocks the loop thread itself: only the milter's own deadline can help."""
+
+    def __init__(self, block_s: float) -> None:
+        super().__init__()
+        self.block_s = block_s
+
+    async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
+                       once_key: str | None = None, once_ttl_ms: int = 86_400_000) -> Evaluation:
+        time.sleep(self.block_s)  # noqa: ASYNC251 - blocking the loop is the point
+        return await super().evaluate(checks, now_ms, once_key, once_ttl_ms)
+
+
+class BrokenStore(MemoryStore):
+    async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
+                       once_key: str | None = None, once_ttl_ms: int = 86_400_000) -> Evaluation:
+        raise ZeroDivisionError("bug in policy code")
+
+
+ANY_LIMIT = """\
+limits:
+  - name: per-rcpt
+    rate: 100/1h
+    key: recipient
+"""
+TWO_LIMITS = ANY_LIMIT + """\
+  - name: per-sender
+    rate: 100/1h
+    key: sender
+"""
+
+
+@pytest.mark.parametrize("where", ["rcpt", "eom"])
+def test_slow_store_never_stalls_past_the_deadline(loop: Loop, where: str) -> None:
+    store = BlockingStore(0.0)
+    s = Session(make_gateway(loop, TWO_LIMITS, store=store, timeout_ms=150))
+    s.connect()
+    s.mail("a@example.com")
+    if where == "eom":
+        assert s.rcpt("b@x") == Milter.CONTINUE
+    store.block_s = 1.5
+    started = time.monotonic()
+    rc = s.rcpt("c@x") if where == "rcpt" else (s.body(b"x"), s.eom())[1]
+    elapsed = time.monotonic() - started
+    assert rc == Milter.TEMPFAIL
+    assert s.ctx.replies[-1] == ("451", "4.3.0", "Policy service error, try again later")
+    assert elapsed < 0.6
+
+
+def test_exception_in_policy_code_becomes_tempfail(loop: Loop) -> None:
+    s = Session(make_gateway(loop, ANY_LIMIT, store=BrokenStore()))
+    s.connect()
+    s.mail("a@example.com")
+    assert s.rcpt("b@x") == Milter.TEMPFAIL
+    assert s.ctx.replies[-1][:2] == ("451", "4.3.0")
+
+
+def test_on_error_accept_still_sets_the_lane_and_drops_forgeries(loop: Loop) -> None:
+    s = Session(make_gateway(loop, TWO_LIMITS, store=BrokenStore(),
+                                on_error=ErrorAction.ACCEPT))
+    s.connect()
+    rc = s.message("a@example.com", ["b@x"], [("X-MQ-Lane", "transactional"),
+                                             ("List-Id", "x")])
+    assert rc == Milter.CONTINUE
+    assert s.ctx.changed == [("X-MQ-Lane", 1, "")]
+    assert s.ctx.added == [("X-MQ-Lane", "bulk")]
+    assert s.ctx.replies == []
+
+
+def test_loop_gone_becomes_on_error() -> None:
+    lp = Loop()
+    gateway = make_gateway(lp, ANY_LIMIT)
+    lp.close()
+    s = Session(gateway)
+    s.connect()
+    s.mail("a@example.com")
+    assert s.rcpt("b@x") == Milter.TEMPFAIL
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+def test_eight_bit_and_malformed_headers(loop: Loop) -> None:
+    s = session(loop)
+    rc = s.message("a@example.com", ["b@x"], [
+        ("Subject", "caf\xe9".encode("latin-1")),  # not UTF-8
+        ("Subject", "café".encode()),
+        ("X-Bad", b"\xff\xfe\x00\r\n\tcontinued"),
+        ("", b"no name"),
+        ("X-Priority", b""),
+        ("Importance", b"   "),
+    ])
+    assert rc == Milter.CONTINUE
+    assert s.ctx.added == [("X-MQ-Lane", "bulk")]  # the UTF-8 Subject matched
+
+
+def test_huge_header_value_is_bounded(loop: Loop) -> None:
+    s = session(loop)
+    huge = "x" * 2_000_000
+    s.mail("a@example.com")
+    s.rcpt("b@x")
+    for _ in range(3):
+        s.header("X-Huge", huge)
+    s.header("List-Id", "l")
+    kept = s.milter.msg.headers
+    assert all(len(v) <= MAX_HEADER_VALUE for _, v in kept)
+    s.body(b"x")
+    assert s.eom() == Milter.CONTINUE
+    assert s.ctx.added == [("X-MQ-Lane", "bulk")]
+
+
+def test_thousand_recipients(loop: Loop) -> None:
+    s = session(loop, """\
+        limits:
+          - name: per-domain
+            rate: 100000/1h
+            key: recipient_domain
+          - name: per-sender
+            rate: 100000/1h
+            key: sender
+            count: recipients
+        """)
+    started = time.monotonic()
+    rc = s.message("a@example.com", [f"r{i}@d{i % 7}.example" for i in range(1000)])
+    assert rc == Milter.CONTINUE
+    assert s.ctx.added == [("X-MQ-Lane", "bulk")]  # recipient_count min 1000
+    assert time.monotonic() - started < 10
+
+
+def test_forged_lane_header_many_times(loop: Loop) -> None:
+    s = session(loop)
+    s.message("a@example.com", ["b@x"], [("X-MQ-Lane", "transactional")] * 50)
+    assert [c[1] for c in s.ctx.changed] == list(range(50, 0, -1))
+    assert s.ctx.added == [("X-MQ-Lane", "normal")]
+
+
+def test_callbacks_without_a_transaction_do_not_crash(loop: Loop) -> None:
+    s = session(loop)
+    assert s.header("Subject", "x") == Milter.CONTINUE
+    assert s.body(b"x") == Milter.CONTINUE
+    assert s.eom() == Milter.CONTINUE
+    assert s.milter.abort() == Milter.CONTINUE
+    assert s.milter.close() == Milter.CONTINUE
+
+
+# ---------------------------------------------------------------- header signal conditions
+
+
+@pytest.mark.parametrize(
+    ("headers", "bulk", "priority"),
+    [
+        ([], False, "normal"),
+        ([("Precedence", "junk")], True, "normal"),
+        ([("Auto-Submitted", "No ; comment")], False, "normal"),
+        ([("Auto-Submitted", "auto-replied")], True, "normal"),
+        ([("X-Priority", "2 (High)")], False, "high"),
+        ([("X-Priority", "4")], False, "low"),
+        ([("X-MSMail-Priority", "Low")], False, "low"),
+        ([("Priority", "non-urgent")], False, "low"),
+        ([("Importance", "low"), ("X-Priority", "1")], False, "high"),
+        ([("X-Priority", "x")], False, "normal"),
+    ],
+)
+def test_header_signals(headers: list[tuple[str, str]], bulk: bool, priority: str) -> None:
+    assert has_bulk_signal(headers) is bulk
+    assert message_priority(headers) == priority
+    with_headers = Request(headers=tuple(headers))
+    assert compile_condition({"bulk_signals": True})(with_headers) is bulk
+    assert compile_condition({"bulk_signals": False})(with_headers) is not bulk
+    assert compile_condition({"priority": priority})(with_headers)
+    assert compile_condition({"priority": ["high", "normal", "low"]})(with_headers)
+
+
+def test_header_signals_never_match_without_headers() -> None:
+    request = Request()
+    for spec in ({"bulk_signals": True}, {"bulk_signals": False}, {"priority": "normal"}):
+        assert not compile_condition(spec)(request)
+
+
+@pytest.mark.parametrize("spec", [{"bulk_signals": "yes"}, {"priority": "urgent"},
+                                  {"priority": []}])
+def test_header_signal_condition_errors(spec: dict[str, Any]) -> None:
+    with pytest.raises(ConditionError):
+        compile_condition(spec)
+
+
+# ---------------------------------------------------------------- the milter: section
+
+
+def test_milter_section_read_and_policy_lines_kept() -> None:
+    text = textwrap.dedent("""\
+        milter:
+          listen: inet:9000@127.0.0.1
+          on_error: accept
+          lane_header: X-Lane
+          timeout: 200ms
+          rcpt_limits: policy_server
+          mta_timeout: 2m
+          drain_timeout: 3s
+        lanes:
+          - name: normal
+        """)
+    policy, settings = parse_policy_text(text)
+    assert settings is not None
+    assert str(settings.listen) == "inet:9000@127.0.0.1"
+    assert settings.on_error is ErrorAction.ACCEPT
+    assert settings.lane_header == "X-Lane"
+    assert settings.wait_s(policy.store.timeout_ms) == 0.2
+    assert settings.rcpt_limits is RcptLimits.POLICY_SERVER
+    assert (settings.mta_timeout_s, settings.drain_timeout_s) == (120, 3.0)
+    assert parse_policy_text("lanes:\n  - name: normal\n")[1] is None
+    assert MilterSettings().wait_s(50) == pytest.approx(0.1)
+
+
+def test_milter_section_errors_with_lines() -> None:
+    text = textwrap.dedent("""\
+        store:
+          timeout_ms: 100
+        milter:
+          listen: tcp:9000
+          on_error: maybe
+          timeout: 50ms
+          colour: red
+        lanes:
+          - name: normal
+        """)
+    with pytest.raises(ConfigError) as info:
+        parse_policy_text(text, "p.yaml")
+    found = [(i.line, i.path) for i in info.value.issues]
+    assert found == [(4, "milter.listen"), (5, "milter.on_error"), (6, "milter.timeout"),
+                     (7, "milter.colour")]
+    # the policy's own errors keep their lines, after and before the milter section
+    text = text.replace("timeout_ms: 100", "timeout_ms: -1").replace("- name: normal",
+                                                                   "- name: normal\n    x: 1")
+    with pytest.raises(ConfigError) as info:
+        parse_policy_text(text, "p.yaml")
+    lines = [(i.line, i.path.split(".")[0]) for i in info.value.issues]
+    assert lines[0] == (2, "store") and lines[-1] == (10, "lanes[0]")
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [("unix:/run/m.sock", "unix"), ("local:/run/m.sock", "unix"), ("inet:10025@127.0.0.1", "inet"),
+     ("inet6:10025@[::1]", "inet6"), ("fd:3", "fd")],
+)
+def test_milter_endpoints(text: str, kind: str) -> None:
+    assert parse_milter_endpoint(text).kind == kind
+
+
+@pytest.mark.parametrize("text", ["unix:relative", "inet:10025", "inet:x@h", "fd:1", "tcp:1@h",
+                                  "/run/m.sock", "inet:70000@h"])
+def test_bad_milter_endpoints(text: str) -> None:
+    with pytest.raises(MilterEndpointError):
+        parse_milter_endpoint(text)
