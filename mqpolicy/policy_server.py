@@ -7,8 +7,11 @@ Per connection (Postfix keeps it open and sends request after request):
 
 * requests are answered strictly in order, one at a time; requests that arrive together
   (pipelined) are answered in arrival order;
-* no complete request within ``idle_timeout_s`` (also a client trickling bytes) or a client
-  that stops reading its answers for that long: the connection is closed;
+* no complete request within ``idle_timeout_s`` (also a client trickling bytes), or a
+  request not answered and flushed within that time (a handler stuck, a client that stops
+  reading its answers): the connection is closed. One sweeper task checks every connection's
+  deadline, so a read costs no timer; a connection goes between ``idle_timeout_s`` and
+  1/8 of it (at most 1 s) later;
 * a protocol error (oversized or malformed request) is logged with the peer and closes that
   connection only;
 * a handler exception is logged and answered with ``error_action``; the connection goes on.
