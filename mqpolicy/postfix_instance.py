@@ -13,18 +13,36 @@ every command). Readiness is waited for by polling a connect, never by sleeping.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 import os
 import re
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mqpolicy.config import load_policy
+from mqpolicy.postfix_config import (
+    HEADER_CHECKS_FILE,
+    SECTION_HEADER_CHECKS,
+    SECTION_MAIN,
+    SECTION_MASTER,
+    PostfixConfigOptions,
+    generate,
+    split_sections,
+)
+from mqpolicy.smtp_sink import SinkMessage, ThreadedSmtpSink
 
 POSTFIX = os.environ.get("MQPOLICY_POSTFIX", "/usr/sbin/postfix")
 POSTCONF = os.environ.get("MQPOLICY_POSTCONF", "/usr/sbin/postconf")
@@ -275,6 +293,10 @@ class PostfixInstance:
         self._checked = False
         self._running = False
 
+    @property
+    def running(self) -> bool:
+        return self._running
+
     # ------------------------------------------------------------ files
 
     @classmethod
@@ -485,3 +507,376 @@ def running_instance(
         yield instance
     finally:
         instance.remove()
+
+
+# ---------------------------------------------------------------- an SMTP client
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+_QUEUE_ID = re.compile(r"queued as ([0-9A-Za-z]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """The server's answer to each command of one message."""
+
+    mail: Reply
+    rcpts: tuple[tuple[str, Reply], ...]
+    data: Reply | None  # None: DATA not sent (no recipient accepted, or disconnected)
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        return tuple(r for r, reply in self.rcpts if reply.ok)
+
+    @property
+    def queued(self) -> bool:
+        return self.data is not None and self.data.ok
+
+    @property
+    def queue_id(self) -> str:
+        match = _QUEUE_ID.search(self.data.text) if self.data else None
+        return match.group(1) if match else ""
+
+    def replies(self) -> list[Reply]:
+        out = [self.mail, *(reply for _, reply in self.rcpts)]
+        return [*out, self.data] if self.data is not None else out
+
+
+def _reply(answer: tuple[int, bytes]) -> Reply:
+    code, text = answer
+    return Reply(code, text.decode("utf-8", "replace").replace("\n", " "))
+
+
+def submit_on(conn: smtplib.SMTP, sender: str, recipients: Iterable[str],
+              message: bytes | str) -> Submission:
+    """One transaction on an open connection; refusals are results, not exceptions."""
+    data = message.encode("utf-8") if isinstance(message, str) else message
+    mail = _reply(conn.mail(sender))
+    if not mail.ok:
+        conn.rset()
+        return Submission(mail, (), None)
+    rcpts: list[tuple[str, Reply]] = []
+    for rcpt in recipients:
+        rcpts.append((rcpt, _reply(conn.rcpt(rcpt))))
+    if not any(reply.ok for _, reply in rcpts):
+        conn.rset()
+        return Submission(mail, tuple(rcpts), None)
+    try:
+        end = _reply(conn.data(data))
+    except smtplib.SMTPDataError as exc:
+        error = exc.smtp_error
+        text = error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
+        end = Reply(exc.smtp_code, text)
+    return Submission(mail, tuple(rcpts), end)
+
+
+def submit(host: str, port: int, sender: str, recipients: Iterable[str],
+           message: bytes | str, *, helo: str = "client.mqpolicy.test",
+           timeout_s: float = 60.0) -> Submission:
+    """Open a connection, send one message, QUIT."""
+    with smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout_s) as conn:
+        return submit_on(conn, sender, recipients, message)
+
+
+def make_message(sender: str, recipients: Iterable[str], subject: str, body: str = "",
+                 headers: Mapping[str, str] | None = None) -> bytes:
+    """A small RFC 5322 message."""
+    rcpts = list(recipients)
+    lines = [
+        f"From: <{sender}>",
+        f"To: {', '.join(f'<{r}>' for r in rcpts[:3])}{', ...' if len(rcpts) > 3 else ''}",
+        f"Subject: {subject}",
+        f"Date: {email.utils.formatdate(localtime=False)}",
+        f"Message-ID: {email.utils.make_msgid(domain='client.mqpolicy.test')}",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+        "",
+        body or subject,
+        "",
+    ]
+    return "\r\n".join(lines).encode("utf-8")
+
+
+# ---------------------------------------------------------------- mqpolicy serve
+
+
+class PolicyServerProcess:
+    """``mqpolicy serve -c FILE`` as a child process, its log in a file.
+
+    Started and stopped by its PID only; readiness is a successful connect.
+    """
+
+    def __init__(self, config: Path, host: str, port: int, log_file: Path,
+                 command: Sequence[str] = (sys.executable, "-m", "mqpolicy")) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self.log_file = log_file
+        self.command = tuple(command)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("mqpolicy serve is not running")
+        return self._proc.pid
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        if self.running:
+            raise RuntimeError("mqpolicy serve is already running")
+        with self.log_file.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [*self.command, "serve", "-c", str(self.config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )
+        proc = self._proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mqpolicy serve exited {proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        try:
+            poll(ready, timeout_s, f"mqpolicy serve on {self.host}:{self.port}")
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM (the server drains), SIGKILL if it does not exit in time. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def _count(self, needle: str) -> int:
+        try:
+            return self.log_file.read_text("utf-8", "replace").count(needle)
+        except FileNotFoundError:
+            return 0
+
+    def reload(self, timeout_s: float = 15.0) -> None:
+        """SIGHUP, then wait for "policy reloaded"; raise if the reload was refused."""
+        done, refused = self._count("policy reloaded"), self._count("reload refused")
+        os.kill(self.pid, signal.SIGHUP)
+
+        def finished() -> bool:
+            if self._count("reload refused") > refused:
+                raise RuntimeError(f"mqpolicy refused the new policy:\n{self.log_tail()}")
+            return self._count("policy reloaded") > done
+
+        poll(finished, timeout_s, "mqpolicy to reload its policy")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_file.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- the whole stack
+
+
+def policy_with_listen(text: str, listen: str) -> str:
+    """The policy text with its ``listen`` set to ``listen`` (the stack's fresh port)."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError("a policy file is a mapping")
+    if "listen" not in data:
+        return f"listen: [\"{listen}\"]\n{text}"
+    data["listen"] = [listen]
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+class MailStack:
+    """A private Postfix, an SMTP sink behind it and ``mqpolicy serve`` beside it.
+
+    Postfix's mqpolicy settings are the output of ``mqpolicy postfix-config`` for the
+    current policy file (run as a command), added to the instance's base configuration.
+    Every port is fresh. :meth:`close` stops everything, whatever state it is in.
+    """
+
+    def __init__(self, root: Path, *, sink_hostname: str = "sink.mqpolicy.test",
+                 command: Sequence[str] = (sys.executable, "-m", "mqpolicy")) -> None:
+        self.root = root
+        self.command = tuple(command)
+        self.sink = ThreadedSmtpSink(hostname=sink_hostname)
+        self.policy_file = root / "policy.yaml"
+        self.policy_port = free_port()
+        self.instance: PostfixInstance | None = None
+        self.server = PolicyServerProcess(self.policy_file, "127.0.0.1", self.policy_port,
+                                          root / "mqpolicy.log", self.command)
+        self.postfix_config = ""  # the last postfix-config output used
+        self._rendered = ""  # the same, rendered in this process (to skip unchanged runs)
+        self._log = LogReader(root / "postfix" / "log" / "maillog")
+        self._deliveries: list[Delivery] = []
+
+    @classmethod
+    def create(cls, prefix: str = "mqstack-", **kwargs: Any) -> MailStack:
+        root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        root.chmod(0o755)
+        return cls(root, **kwargs)
+
+    @property
+    def postfix(self) -> PostfixInstance:
+        if self.instance is None:
+            raise RuntimeError("the stack is not started")
+        return self.instance
+
+    @property
+    def smtp_port(self) -> int:
+        return self.postfix.smtp_port
+
+    def start(self, policy_text: str) -> None:
+        """Start sink, mqpolicy and Postfix with this policy (``listen`` is replaced)."""
+        try:
+            port = self.sink.start()
+            self.instance = PostfixInstance(self.root / "postfix",
+                                            relayhost=f"[127.0.0.1]:{port}")
+            self.instance.root.mkdir(parents=True, exist_ok=True)
+            self.instance.root.chmod(0o755)
+            self._write_policy(policy_text)
+            self._configure_postfix()
+            self.server.start()
+            self.instance.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _write_policy(self, policy_text: str) -> None:
+        text = policy_with_listen(policy_text, f"127.0.0.1:{self.policy_port}")
+        self.policy_file.write_text(text, encoding="utf-8")
+
+    def generated_config(self) -> str:
+        """``mqpolicy postfix-config`` for the current policy file and this instance."""
+        proc = subprocess.run(
+            [*self.command, "postfix-config", "-c", str(self.policy_file),
+             "--config-directory", str(self.postfix.config_dir)],
+            capture_output=True, text=True, timeout=60, check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"mqpolicy postfix-config failed:\n{proc.stderr}")
+        return proc.stdout
+
+    def _configure_postfix(self) -> bool:
+        """Write Postfix's config from the postfix-config command; True when it changed.
+
+        The command takes most of a second to start; it is only run when the generator,
+        called here in-process, renders something new for the policy file.
+        """
+        options = PostfixConfigOptions(config_directory=str(self.postfix.config_dir))
+        rendered = generate(load_policy(self.policy_file), options).render()
+        if self.postfix_config and rendered == self._rendered:
+            return False
+        text = self.generated_config()
+        self._rendered = rendered
+        if text == self.postfix_config:
+            return False
+        sections = split_sections(text)
+        self.postfix.write_config(
+            sections[SECTION_MAIN], sections[SECTION_MASTER],
+            {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]},
+        )
+        self.postfix_config = text
+        return True
+
+    def apply_policy(self, policy_text: str) -> None:
+        """Switch to a new policy: Postfix reloaded if its settings change, mqpolicy
+        reloaded with SIGHUP (counters of unchanged limits survive, as in production)."""
+        self._write_policy(policy_text)
+        backdate([self.policy_file], 0)
+        if self._configure_postfix():
+            self.postfix.reload()
+        if self.server.running:
+            self.server.reload()
+        else:
+            self.server.start()
+
+    # ------------------------------------------------------------ mail
+
+    def send(self, sender: str, recipients: Iterable[str], subject: str = "test",
+             body: str = "", headers: Mapping[str, str] | None = None) -> Submission:
+        rcpts = list(recipients)
+        message = make_message(sender, rcpts, subject, body, headers)
+        return submit("127.0.0.1", self.smtp_port, sender, rcpts, message)
+
+    def deliveries(self) -> list[Delivery]:
+        """Every delivery line of the mail log so far."""
+        for line in self._log.read_lines():
+            delivery = parse_delivery(line)
+            if delivery is not None:
+                self._deliveries.append(delivery)
+        return list(self._deliveries)
+
+    def delivery_of(self, message: SinkMessage, timeout_s: float = 10.0) -> Delivery:
+        """The log line of the delivery that produced ``message`` at the sink."""
+        found: list[Delivery] = []
+
+        def logged() -> bool:
+            found[:] = [d for d in self.deliveries()
+                        if d.status == "sent" and d.remote_id == message.sink_id]
+            return bool(found)
+
+        poll(logged, timeout_s, f"the delivery log line of sink message {message.sink_id}")
+        return found[0]
+
+    def wait_queue(self, predicate: Callable[[list[QueuedMessage]], bool],
+                   timeout_s: float = 10.0) -> list[QueuedMessage]:
+        seen: list[QueuedMessage] = []
+
+        def check() -> bool:
+            seen[:] = self.postfix.queue()
+            return predicate(seen)
+
+        poll(check, timeout_s, "the Postfix queue", interval_s=0.05)
+        return seen
+
+    def reset(self) -> None:
+        """Empty the queue and the sink's records, restore normal sink replies."""
+        if self.instance is not None and self.instance.running:
+            self.instance.delete("ALL")
+            self.instance.flush()  # also lifts any "delivery temporarily suspended"
+        self.sink.clear()
+        self.sink.clear_replies()
+
+    def close(self) -> None:
+        """Stop Postfix, mqpolicy and the sink (each even if another fails)."""
+        try:
+            if self.instance is not None:
+                self.instance.stop()
+        finally:
+            try:
+                self.server.stop()
+            finally:
+                self.sink.stop()
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.root, ignore_errors=True)

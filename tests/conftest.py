@@ -1,1 +1,2 @@
 pytest_plugins = ["tests.redis_fixture"]
+pytest_plugins += ["tests.postfix_fixture"]
