@@ -1,0 +1,406 @@
+"""The Postfix config generator and ``--check`` comparison: pure, no Postfix needed."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mqpolicy.cli import main
+from mqpolicy.config import Policy, load_policy
+from mqpolicy.postfix_config import (
+    SECTION_HEADER_CHECKS,
+    SECTION_MAIN,
+    SECTION_MASTER,
+    Finding,
+    InstalledService,
+    PostfixConfig,
+    PostfixConfigOptions,
+    PostfixState,
+    Status,
+    compare,
+    generate,
+    list_tokens,
+    parse_postconf_m,
+    parse_postconf_n,
+    parse_postconf_p,
+    report,
+    split_sections,
+)
+
+LANES = """\
+listen: ["127.0.0.1:10040"]
+default_lane: normal
+lanes:
+  - name: transactional
+    transport: mq-transactional
+    concurrency: 20
+    rate_delay: 0s
+  - name: normal
+    transport: smtp
+  - name: bulk
+    transport: mq-bulk
+    concurrency: 4
+    initial_concurrency: 2
+    rate_delay: 1s
+    recipient_limit: 10
+"""
+
+
+WritePolicy = Callable[[str], Policy]
+
+
+@pytest.fixture
+def write_policy(tmp_path: Path) -> WritePolicy:
+    def write(text: str) -> Policy:
+        path = tmp_path / "policy.yaml"
+        path.write_text(text)
+        return load_policy(path)
+
+    return write
+
+
+def settings_of(text: str) -> dict[str, str]:
+    """Active (uncommented) ``name = value`` settings of a main.cf block."""
+    return parse_postconf_n("\n".join(
+        line for line in text.splitlines() if not line.startswith("#")))
+
+
+@dataclass
+class Installed:
+    """A Postfix config as postconf would report it, editable before :meth:`state`."""
+
+    main: dict[str, str]
+    services: dict[str, InstalledService]
+    overrides: dict[str, dict[str, str]]
+    files: dict[str, str | None] = field(default_factory=dict)
+
+    def state(self) -> PostfixState:
+        relayhost = self.main.get("relayhost", "")
+        expanded = {k: v.replace("$relayhost", relayhost) for k, v in self.main.items()}
+        return PostfixState(self.main, expanded, self.services, self.overrides, self.files)
+
+
+def installed(config: PostfixConfig, **params: str) -> Installed:
+    """What postconf would report after pasting ``config`` into an empty Postfix."""
+    main = {"relayhost": "[127.0.0.1]:2525", **settings_of(config.main_cf()), **params}
+    services = parse_postconf_m(config.master_cf())
+    overrides = {
+        f"{s.name}/{s.kind}": dict(a.split("=", 1) for a in s.args if "=" in a)
+        for s in services.values()
+    }
+    files: dict[str, str | None] = {config.header_checks_path: config.header_checks()}
+    return Installed(main, services, overrides, files)
+
+
+# ---------------------------------------------------------------- main.cf
+
+
+def test_the_policy_server_is_asked_at_rcpt_and_at_end_of_message(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES))
+    main = settings_of(config.main_cf())
+    assert main["smtpd_recipient_restrictions"] == "check_policy_service inet:127.0.0.1:10040"
+    assert main["smtpd_end_of_data_restrictions"] == "check_policy_service inet:127.0.0.1:10040"
+    assert main["smtpd_policy_service_default_action"] == \
+        "451 4.3.5 Policy service unavailable, try again later"
+    assert main["smtpd_policy_service_request_limit"] == "0"
+    assert main["smtpd_policy_service_timeout"] == "10s"
+    assert main["smtpd_policy_service_max_idle"] == "270s"  # below idle_timeout 300s
+    assert main["default_filter_nexthop"] == "$relayhost"
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        ('["0.0.0.0:10040"]', "inet:127.0.0.1:10040"),
+        ('["[::]:10040"]', "inet:[::1]:10040"),
+        ('["[::1]:9999"]', "inet:[::1]:9999"),
+        ('["unix:/run/mqpolicy/policy.sock"]', "unix:/run/mqpolicy/policy.sock"),
+        ('["unix:/run/mq.sock", "127.0.0.2:10040"]', "inet:127.0.0.2:10040"),
+    ],
+)
+def test_the_policy_address_comes_from_listen(
+    write_policy: WritePolicy, listen: str, address: str
+) -> None:
+    config = generate(write_policy(f"listen: {listen}\n"))
+    assert config.policy_address == address
+    assert f"check_policy_service {address}" in config.main_cf()
+
+
+def test_a_unix_socket_policy_server_gets_a_chroot_note(write_policy: WritePolicy) -> None:
+    config = generate(write_policy('listen: ["unix:/run/mq.sock"]\n'))
+    assert any("chroot" in note for note in config.notes)
+    assert "# NOTE: a unix-socket policy server" in config.render()
+
+
+def test_options_override_endpoint_and_default_action(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES), PostfixConfigOptions(
+        policy_endpoint="10.0.0.5:10040", default_action="DUNNO"))
+    main = settings_of(config.main_cf())
+    assert main["smtpd_recipient_restrictions"] == "check_policy_service inet:10.0.0.5:10040"
+    assert main["smtpd_policy_service_default_action"] == "DUNNO"
+
+
+def test_lane_transports_get_their_queue_manager_settings_in_main_cf(write_policy: WritePolicy) -> None:
+    main = settings_of(generate(write_policy(LANES)).main_cf())
+    assert main["mq-transactional_destination_concurrency_limit"] == "20"
+    assert main["mq-transactional_destination_rate_delay"] == "0s"
+    assert main["mq-bulk_destination_concurrency_limit"] == "4"
+    assert main["mq-bulk_initial_destination_concurrency"] == "2"
+    assert main["mq-bulk_destination_rate_delay"] == "1s"
+    assert main["mq-bulk_destination_recipient_limit"] == "10"
+    assert not [name for name in main if name.startswith("smtp_")]
+
+
+def test_lane_notes_explain_what_postfix_will_do(write_policy: WritePolicy) -> None:
+    text = generate(write_policy(LANES + """\
+  - name: trickle
+    transport: mq-trickle
+    rate_delay: 500ms
+  - name: odd
+    transport: mq-odd
+    concurrency: 2
+    initial_concurrency: 5
+""")).main_cf()
+    assert "# with a rate delay Postfix delivers to one destination one at a time: " \
+           "concurrency 4 has no effect" in text
+    assert "# rate_delay 500ms: Postfix waits at least 1s between deliveries" in text
+    assert "mq-trickle_destination_rate_delay = 500ms" in text
+    assert "initial_concurrency 5 is above the concurrency limit 2" in text
+
+
+def test_settings_on_the_default_smtp_lane_apply_to_postfix_smtp(write_policy: WritePolicy) -> None:
+    text = generate(write_policy(
+        "lanes:\n  - name: normal\n    transport: smtp\n    concurrency: 7\n")).main_cf()
+    assert "smtp_destination_concurrency_limit = 7" in text
+    assert "apply to all mail that has no lane transport" in text
+
+
+def test_milter_lines_are_commented_out_without_a_milter_address(write_policy: WritePolicy) -> None:
+    policy = write_policy(LANES)
+    off = generate(policy).main_cf()
+    assert "#smtpd_milters = inet:127.0.0.1:10041" in off
+    assert "#milter_default_action = tempfail" in off
+    assert "smtpd_milters" not in settings_of(off)
+    assert settings_of(off)["milter_header_checks"] == \
+        "regexp:/etc/postfix/mqpolicy_header_checks"
+
+    on = settings_of(generate(policy, PostfixConfigOptions(
+        milter="unix:/run/mqpolicy/milter.sock", config_directory="/srv/pf")).main_cf())
+    assert on["smtpd_milters"] == "unix:/run/mqpolicy/milter.sock"
+    assert on["non_smtpd_milters"] == "unix:/run/mqpolicy/milter.sock"
+    assert on["milter_default_action"] == "tempfail"
+    assert on["milter_header_checks"] == "regexp:/srv/pf/mqpolicy_header_checks"
+
+
+# ---------------------------------------------------------------- master.cf and the map
+
+
+def test_one_smtp_service_per_lane_transport_with_its_syslog_name(write_policy: WritePolicy) -> None:
+    master = generate(write_policy(LANES + """\
+  - name: bulk-too
+    transport: mq-bulk
+""")).master_cf()
+    services = parse_postconf_m(master)
+    assert sorted(services) == ["mq-bulk/unix", "mq-transactional/unix"]
+    assert services["mq-bulk/unix"].command == "smtp"
+    assert services["mq-bulk/unix"].args == ("-o", "syslog_name=postfix/mq-bulk")
+
+
+def test_no_service_when_every_lane_uses_smtp(write_policy: WritePolicy) -> None:
+    config = generate(write_policy("lanes:\n  - name: normal\n"))
+    assert parse_postconf_m(config.master_cf()) == {}
+    assert "nothing to add" in config.master_cf()
+    assert "no rules" in config.header_checks()
+
+
+def _posix_to_python(pattern: str) -> str:
+    return pattern.replace("[[:space:]]", r"\s")
+
+
+@pytest.mark.parametrize(
+    ("header", "transport"),
+    [
+        ("X-MQ-Lane: bulk", "mq-bulk:"),
+        ("X-MQ-Lane:bulk", "mq-bulk:"),
+        ("X-MQ-Lane:   bulk  ", "mq-bulk:"),
+        ("X-MQ-Lane: transactional", "mq-transactional:"),
+        ("X-MQ-Lane: a.b", "mq-ab:"),
+        ("X-MQ-Lane: bulky", None),
+        ("X-MQ-Lane: axb", None),
+        ("X-Other: bulk", None),
+        ("X-MQ-Lane: normal", None),
+    ],
+)
+def test_header_rules_map_the_lane_header_to_its_transport(
+    write_policy: WritePolicy, header: str, transport: str | None
+) -> None:
+    config = generate(write_policy(LANES + "  - name: a.b\n    transport: mq-ab\n"))
+    matched = None
+    for line in config.header_checks().splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.fullmatch(r"/(.*)/ FILTER (\S+)", line)
+        assert match, line
+        # Postfix regexp tables are case-insensitive by default
+        if re.search(_posix_to_python(match[1]), header, re.IGNORECASE):
+            matched = match[2]
+            break
+    assert matched == transport
+
+
+def test_sections_split_back_into_the_blocks(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES))
+    sections = split_sections(config.render())
+    assert sections == {
+        SECTION_MAIN: config.main_cf(),
+        SECTION_MASTER: config.master_cf(),
+        SECTION_HEADER_CHECKS: config.header_checks(),
+    }
+
+
+def test_the_command_prints_all_blocks_or_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(LANES)
+    assert main(["postfix-config", "-c", str(path)]) == 0
+    full = capsys.readouterr().out
+    assert "# ======== main.cf: add to main.cf ========" in full
+    assert "# ======== header_checks: write to /etc/postfix/mqpolicy_header_checks" in full
+    assert main(["postfix-config", "-c", str(path), "--section", "master.cf"]) == 0
+    assert capsys.readouterr().out == split_sections(full)[SECTION_MASTER]
+    assert main(["postfix-config", "-c", str(path), "--milter", "nonsense"]) == 2
+
+
+# ---------------------------------------------------------------- parsing postconf
+
+
+def test_parse_postconf_output() -> None:
+    n = parse_postconf_n(
+        "alias_maps =\nsmtpd_recipient_restrictions = permit_mynetworks,\n"
+        "    check_policy_service inet:127.0.0.1:1\nrelayhost = [127.0.0.1]:2525\n")
+    assert n == {"alias_maps": "", "relayhost": "[127.0.0.1]:2525",
+                 "smtpd_recipient_restrictions":
+                     "permit_mynetworks, check_policy_service inet:127.0.0.1:1"}
+    m = parse_postconf_m(
+        "127.0.0.1:2525 inet n   -       n       -       -       smtpd\n"
+        "mq-bulk    unix  -       -       n       -       -       smtp -o "
+        "syslog_name=postfix/mq-bulk -o {smtp_helo_name=foo bar}\n"
+        "postlog    unix-dgram n  -       n       -       1       postlogd\n")
+    assert sorted(m) == ["127.0.0.1:2525/inet", "mq-bulk/unix", "postlog/unix-dgram"]
+    assert m["mq-bulk/unix"].command == "smtp"
+    p = parse_postconf_p("mq-bulk/unix/smtp_helo_name = foo bar\n"
+                         "mq-bulk/unix/syslog_name = postfix/mq-bulk\n")
+    assert p == {"mq-bulk/unix": {"smtp_helo_name": "foo bar",
+                                  "syslog_name": "postfix/mq-bulk"}}
+
+
+def test_list_tokens_keep_braced_groups() -> None:
+    assert list_tokens("permit_mynetworks, check_policy_service "
+                       "{ inet:127.0.0.1:1, timeout=10s },reject") == [
+        "permit_mynetworks", "check_policy_service",
+        "{ inet:127.0.0.1:1, timeout=10s }", "reject"]
+
+
+# ---------------------------------------------------------------- comparing
+
+
+def statuses(findings: list[Finding]) -> dict[Status, list[str]]:
+    out: dict[Status, list[str]] = {}
+    for f in findings:
+        out.setdefault(f.status, []).append(f.what)
+    return out
+
+
+def test_a_postfix_with_the_pasted_blocks_has_everything(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES))
+    found = statuses(compare(config, installed(config).state()))
+    assert set(found) == {Status.OK}
+    assert len(found[Status.OK]) >= 15
+
+
+def test_missing_and_different_settings_are_named(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES))
+    pasted = installed(config, **{"mq-bulk_destination_concurrency_limit": "8"})
+    del pasted.main["smtpd_end_of_data_restrictions"]
+    del pasted.services["mq-transactional/unix"]
+    found = statuses(compare(config, pasted.state()))
+    assert found[Status.MISSING] == [
+        "smtpd_end_of_data_restrictions: add check_policy_service inet:127.0.0.1:10040",
+        "service mq-transactional (unix, smtp)",
+    ]
+    assert found[Status.DIFFERENT] == ["mq-bulk_destination_concurrency_limit = 4"]
+
+
+def test_equivalent_values_are_accepted(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES))
+    pasted = installed(config, **{
+        "mq-bulk_destination_rate_delay": "1",  # seconds are the default unit
+        "smtpd_policy_service_timeout": "10000ms",
+        "default_filter_nexthop": "[127.0.0.1]:2525",  # the relayhost, spelt out
+        "smtpd_recipient_restrictions": "reject_unauth_pipelining, "
+                                        "check_policy_service { inet:127.0.0.1:10040, "
+                                        "timeout=5s }",
+    })
+    assert set(statuses(compare(config, pasted.state()))) == {Status.OK}
+
+
+def test_a_permit_before_the_policy_check_is_a_warning(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES))
+    value = "permit_sasl_authenticated, permit_mynetworks, check_policy_service " \
+            "inet:127.0.0.1:10040"
+    found = statuses(compare(
+        config, installed(config, smtpd_recipient_restrictions=value).state()))
+    assert found[Status.WARNING] == [
+        "smtpd_recipient_restrictions: permit_sasl_authenticated, permit_mynetworks "
+        "before check_policy_service"]
+    assert Status.MISSING not in found
+
+
+def test_header_map_rules_and_syslog_names_are_checked(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES))
+    pasted = installed(config)
+    pasted.files[config.header_checks_path] = "\n".join(
+        line for line in config.header_checks().splitlines() if "bulk" not in line)
+    pasted.overrides["mq-bulk/unix"] = {}
+    found = statuses(compare(config, pasted.state()))
+    assert found[Status.MISSING] == [
+        "/^X-MQ-Lane:[[:space:]]*bulk[[:space:]]*$/ FILTER mq-bulk:"]
+    assert found[Status.WARNING] == ["service mq-bulk: no -o syslog_name"]
+
+    pasted.files[config.header_checks_path] = None
+    found = statuses(compare(config, pasted.state()))
+    assert found[Status.MISSING] == ["the header-checks map (file not readable)"]
+
+
+def test_milter_lists_are_checked_only_when_a_milter_is_configured(write_policy: WritePolicy) -> None:
+    policy = write_policy(LANES)
+    without = generate(policy)
+    assert Status.MISSING not in statuses(compare(without, installed(without).state()))
+    with_milter = generate(policy, PostfixConfigOptions(milter="inet:127.0.0.1:10041"))
+    # the milter lines were not pasted
+    found = statuses(compare(with_milter, installed(without).state()))
+    assert found[Status.MISSING] == [
+        "smtpd_milters: add inet:127.0.0.1:10041",
+        "non_smtpd_milters: add inet:127.0.0.1:10041",
+        "milter_default_action = tempfail",
+    ]
+
+
+def test_report_exit_code_and_summary() -> None:
+    out = io.StringIO()
+    assert report([Finding(Status.OK, "main.cf", "a = 1"),
+                   Finding(Status.WARNING, "main.cf", "w")], "/etc/postfix", out) == 0
+    assert out.getvalue().splitlines()[-1] == \
+        "/etc/postfix: has what the policy needs (1 ok, 1 warning)"
+    out = io.StringIO()
+    assert report([Finding(Status.OK, "main.cf", "a = 1"),
+                   Finding(Status.MISSING, "master.cf", "service x")], "/p", out) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "missing   master.cf: service x"
+    assert lines[-1] == "/p: needs changes (1 ok, 1 missing)"
