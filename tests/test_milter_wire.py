@@ -1,0 +1,457 @@
+"""A real ``mqpolicy milter`` (and ``mqpolicy serve`` with a milter section) process, driven
+over its socket by an independent milter client: ``miltertest``, speaking the MTA side."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from miltertest import MilterConnection
+from miltertest import constants as C
+
+from mqpolicy.policy_codec import encode_request
+from tests.redis_fixture import RedisServer
+
+POLICY = """\
+store:
+  url: {store}
+  timeout_ms: 200
+lanes:
+  - name: transactional
+    transport: mq-transactional
+  - name: normal
+  - name: bulk
+    transport: mq-bulk
+  - name: scheduled
+    transport: mq-bulk
+    hold: true
+default_lane: normal
+classify:
+  - name: lists
+    when: {{bulk_signals: true}}
+    lane: {list_lane}
+  - name: later
+    when: {{header: {{name: X-Send-At, regex: "."}}}}
+    lane: scheduled
+limits:
+  - name: per-domain
+    rate: 1/1h
+    key: recipient_domain
+    message: "Too much mail for {{key}}"
+    when: {{recipient: "@slow.example"}}
+  - name: per-sender
+    rate: 2/1h
+    key: sender
+    when: {{sender: "@counted.example"}}
+"""
+
+Reply = tuple[str, dict[str, Any]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def connect(address: str | tuple[str, int], timeout: float = 5.0) -> socket.socket:
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Postfix writes macros and command in one transaction; two writes need NODELAY
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class MtaSession:
+    """The MTA side of one milter connection; honours the steps the milter negotiated."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.conn = MilterConnection(sock)
+        self.actions, self.protocol = self.conn.optneg_mta()
+
+    def _event(self, cmd: str, skip: int, no_reply: int, **args: Any) -> Reply | None:
+        if self.protocol & skip:
+            return None
+        if self.protocol & no_reply:
+            self.conn._send(cmd, **args)
+            return None
+        reply: Reply = self.conn.send_ar(cmd, **args)
+        return reply
+
+    def connect(self, host: str = "client.example.net", ip: str = "192.0.2.7",
+                port: int = 41000) -> None:
+        self._event(C.SMFIC_CONNECT, C.SMFIP_NOCONNECT, C.SMFIP_NR_CONN, hostname=host,
+                    family=C.SMFIA_INET, port=port, address=ip)
+        self._event(C.SMFIC_HELO, C.SMFIP_NOHELO, C.SMFIP_NR_HELO, helo="client.example.net")
+
+    def message(self, sender: str, recipients: Sequence[str],
+                headers: Sequence[tuple[str, str]] = (), body: str = "hello\r\n",
+                queue_id: str = "") -> list[Reply]:
+        """One transaction; the replies of the first refused step or of end-of-message."""
+        if queue_id:
+            self.conn.send_macro(C.SMFIC_MAIL, i=queue_id)
+        self._event(C.SMFIC_MAIL, C.SMFIP_NOMAIL, C.SMFIP_NR_MAIL, args=[f"<{sender}>"])
+        for rcpt in recipients:
+            reply = self._event(C.SMFIC_RCPT, C.SMFIP_NORCPT, C.SMFIP_NR_RCPT,
+                                args=[f"<{rcpt}>"])
+            if reply is not None and reply[0] != C.SMFIR_CONTINUE:
+                self.conn._send(C.SMFIC_ABORT)
+                return [reply]
+        self._event(C.SMFIC_DATA, C.SMFIP_NODATA, C.SMFIP_NR_DATA)
+        for name, value in headers:
+            self._event(C.SMFIC_HEADER, C.SMFIP_NOHDRS, C.SMFIP_NR_HDR, name=name, value=value)
+        self._event(C.SMFIC_EOH, C.SMFIP_NOEOH, C.SMFIP_NR_EOH)
+        self._event(C.SMFIC_BODY, C.SMFIP_NOBODY, C.SMFIP_NR_BODY, buf=body)
+        if queue_id:
+            self.conn.send_macro(C.SMFIC_BODYEOB, i=queue_id)
+        replies: list[Reply] = self.conn.send_eom()
+        while replies[-1][0] == C.SMFIR_QUARANTINE:  # not final: the decision follows
+            replies.append(self.conn.recv())
+        return replies
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn._send(C.SMFIC_QUIT)
+        self.sock.close()
+
+
+class MqpolicyProcess:
+    """``mqpolicy COMMAND -c FILE``, ready when every socket given accepts; stopped by PID."""
+
+    def __init__(self, command: str, config: Path, log_path: Path) -> None:
+        self.command = command
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *addresses: str | tuple[str, int], timeout: float = 15.0) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mqpolicy", self.command, "-c", str(self.config)],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        pending = list(addresses)
+        while pending:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mqpolicy {self.command} exited: {self.log_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mqpolicy {self.command} not ready: {self.log_text()}")
+            try:
+                connect(pending[0], timeout=0.5).close()
+            except OSError:
+                time.sleep(0.01)  # between connect polls
+                continue
+            pending.pop(0)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="mqmilter-", dir="/tmp"))  # short unix socket paths
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_policy(workdir: Path, listen: str, *, store: str = "memory://",
+                 list_lane: str = "bulk", policy_listen: str = "", name: str = "p.yaml") -> Path:
+    text = POLICY.format(store=store, list_lane=list_lane)
+    text += textwrap.dedent(f"""\
+        milter:
+          listen: {listen}
+          timeout: 1s
+        """)
+    if policy_listen:
+        text += f"listen: {policy_listen}\n"
+    path = workdir / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def milter(request: pytest.FixtureRequest, workdir: Path) -> Iterator[tuple[MqpolicyProcess,
+                                                                             Any]]:
+    address: str | tuple[str, int]
+    if request.param == "unix":
+        address = str(workdir / "milter.sock")
+        listen = f"unix:{address}"
+    else:
+        port = free_port()
+        address, listen = ("127.0.0.1", port), f"inet:{port}@127.0.0.1"
+    proc = MqpolicyProcess("milter", write_policy(workdir, listen), workdir / "log")
+    try:
+        proc.start(address)
+        yield proc, address
+    finally:
+        assert proc.stop() == 0, proc.log_text()
+
+
+def session(address: str | tuple[str, int]) -> MtaSession:
+    s = MtaSession(connect(address))
+    s.connect()
+    return s
+
+
+def test_lane_header_added_and_forged_one_removed(milter: tuple[MqpolicyProcess, Any]) -> None:
+    _, address = milter
+    s = session(address)
+    try:
+        assert s.actions == C.SMFIF_ADDHDRS | C.SMFIF_CHGHDRS | C.SMFIF_QUARANTINE
+        replies = s.message("a@example.com", ["b@example.org"],
+                            [("X-MQ-Lane", "transactional"), ("List-Id", "<l.example>"),
+                             ("X-MQ-Lane", "bulk")])
+        assert replies == [
+            (C.SMFIR_CHGHEADER, {"index": 2, "name": "X-MQ-Lane", "value": ""}),
+            (C.SMFIR_CHGHEADER, {"index": 1, "name": "X-MQ-Lane", "value": ""}),
+            (C.SMFIR_ADDHEADER, {"name": "X-MQ-Lane", "value": "bulk"}),
+            (C.SMFIR_CONTINUE, {}),
+        ]
+        # next message on the same connection: state was reset
+        replies = s.message("a@example.com", ["b@example.org"], [("Subject", "hi")])
+        assert replies == [(C.SMFIR_ADDHEADER, {"name": "X-MQ-Lane", "value": "normal"}),
+                           (C.SMFIR_CONTINUE, {})]
+    finally:
+        s.close()
+
+
+def test_tempfail_with_reply_text_at_rcpt(milter: tuple[MqpolicyProcess, Any]) -> None:
+    _, address = milter
+    s = session(address)
+    try:
+        s.message("a@example.com", ["x@slow.example"])
+        replies = s.message("a@example.com", ["y@slow.example"])
+        assert replies == [(C.SMFIR_REPLYCODE, {"smtpcode": "451", "space": " ",
+                                                "text": "4.7.1 Too much mail for slow.example"})]
+        # other recipients still go through on the same connection
+        assert s.message("a@example.com", ["y@fast.example"])[-1] == (C.SMFIR_CONTINUE, {})
+    finally:
+        s.close()
+
+
+def test_quarantine_on_hold(milter: tuple[MqpolicyProcess, Any]) -> None:
+    _, address = milter
+    s = session(address)
+    try:
+        replies = s.message("a@example.com", ["b@example.org"], [("X-Send-At", "08:00")])
+        assert (C.SMFIR_QUARANTINE, {"reason": "held by mqpolicy limit "}) in replies
+        assert (C.SMFIR_ADDHEADER, {"name": "X-MQ-Lane", "value": "scheduled"}) in replies
+        assert replies[-1] == (C.SMFIR_CONTINUE, {})
+    finally:
+        s.close()
+
+
+def _packet(cmd: bytes, data: bytes) -> bytes:
+    return struct.pack("!L", len(data) + 1) + cmd + data
+
+
+GARBAGE = [
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"\x00\x00\x00\x00",  # zero length
+    b"\xff\xff\xff\xffO",  # 4 GiB packet announced
+    _packet(b"O", b"\x00"),  # truncated negotiation
+    _packet(b"Z", b"junk"),  # unknown command before negotiation
+    os.urandom(4096),
+]
+
+
+def test_process_survives_garbage(milter: tuple[MqpolicyProcess, Any]) -> None:
+    proc, address = milter
+    for junk in GARBAGE:
+        with contextlib.closing(connect(address)) as sock, contextlib.suppress(OSError):
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(100)
+    # 8-bit and huge headers inside a real session
+    s = session(address)
+    try:
+        s.conn._send(C.SMFIC_MAIL, args=["<a@example.com>"])
+        assert s.conn.send_ar(C.SMFIC_RCPT, args=["<b@example.org>"])[0] == C.SMFIR_CONTINUE
+        s.sock.sendall(_packet(b"L", b"Subject\x00caf\xe9 \xff\xfe\x00"))
+        s.sock.sendall(_packet(b"L", b"X-Huge\x00" + b"v" * 60000 + b"\x00"))
+        s.sock.sendall(_packet(b"L", b"X-MQ-Lane\x00\xff\x00"))
+        assert s.conn.send_eom() == [
+            (C.SMFIR_CHGHEADER, {"index": 1, "name": "X-MQ-Lane", "value": ""}),
+            (C.SMFIR_ADDHEADER, {"name": "X-MQ-Lane", "value": "normal"}),
+            (C.SMFIR_CONTINUE, {})]
+    finally:
+        s.close()
+    # a header without a name: libmilter drops the connection (the MTA then applies its
+    # milter default action); the process goes on
+    s = session(address)
+    try:
+        s.conn._send(C.SMFIC_MAIL, args=["<a@example.com>"])
+        s.conn.send_ar(C.SMFIC_RCPT, args=["<b@example.org>"])
+        with contextlib.suppress(OSError):
+            s.sock.sendall(_packet(b"L", b"\x00\x00"))
+            s.sock.sendall(_packet(b"E", b""))
+            assert s.sock.recv(100) == b""
+    finally:
+        s.close()
+    assert proc.alive
+    s = session(address)
+    try:
+        assert s.message("a@example.com", ["b@example.org"])[-1] == (C.SMFIR_CONTINUE, {})
+    finally:
+        s.close()
+
+
+def test_thousand_recipients(milter: tuple[MqpolicyProcess, Any]) -> None:
+    _, address = milter
+    s = session(address)
+    try:
+        replies = s.message("a@example.com", [f"r{i}@example.org" for i in range(1000)])
+        assert replies[-1] == (C.SMFIR_CONTINUE, {})
+    finally:
+        s.close()
+
+
+def test_no_per_message_stall_when_headers_change(milter: tuple[MqpolicyProcess, Any]) -> None:
+    """Each message changes a header and adds one: three replies at the end. Without
+    TCP_NODELAY on the milter's sockets each message waits for a delayed ACK (~40 ms)."""
+    _, address = milter
+    s = session(address)
+    try:
+        s.message("a@example.com", ["b@example.org"], [("X-MQ-Lane", "x")])  # warm up
+        count = 40
+        started = time.perf_counter()
+        for _ in range(count):
+            replies = s.message("a@example.com", ["b@example.org"], [("X-MQ-Lane", "x")])
+            assert len(replies) == 3
+        per_message_ms = (time.perf_counter() - started) / count * 1000
+        assert per_message_ms < 20, f"{per_message_ms:.1f} ms per message"
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------- serve: one process, one store
+
+
+def ask_policy(port: int, attrs: dict[str, str]) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(encode_request(attrs))
+        data = b""
+        while not data.endswith(b"\n\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed before a reply")
+            data += chunk
+    return data.decode()[len("action="):-2]
+
+
+END_OF_MESSAGE = {"request": "smtpd_access_policy", "protocol_state": "END-OF-MESSAGE",
+                  "sender": "a@counted.example", "recipient_count": "1",
+                  "client_address": "192.0.2.7", "queue_id": "4QX1"}
+
+
+def count_once(policy_port: int, milter_address: str) -> None:
+    assert ask_policy(policy_port, END_OF_MESSAGE) == "DUNNO"  # spends 1 of 2
+    s = session(milter_address)
+    try:
+        # the same message at the milter: already counted
+        assert s.message("a@counted.example", ["b@x.example"], queue_id="4QX1")[-1] == (
+            C.SMFIR_CONTINUE, {})
+        assert s.message("a@counted.example", ["b@x.example"], queue_id="4QX2")[-1] == (
+            C.SMFIR_CONTINUE, {})
+        refused = s.message("a@counted.example", ["b@x.example"], queue_id="4QX3")
+        assert refused[0][0] == C.SMFIR_REPLYCODE and refused[0][1]["smtpcode"] == "451"
+    finally:
+        s.close()
+
+
+def test_serve_runs_policy_server_and_milter_on_one_store(workdir: Path) -> None:
+    port = free_port()
+    sock_path = str(workdir / "m.sock")
+    config = write_policy(workdir, f"unix:{sock_path}", policy_listen=f"127.0.0.1:{port}")
+    proc = MqpolicyProcess("serve", config, workdir / "log")
+    try:
+        proc.start(("127.0.0.1", port), sock_path)
+        count_once(port, sock_path)
+        # SIGHUP reaches the decision service the milter shares
+        write_policy(workdir, f"unix:{sock_path}", policy_listen=f"127.0.0.1:{port}",
+                     list_lane="transactional")
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        lane = ""
+        while lane != "transactional" and time.monotonic() < deadline:
+            s = session(sock_path)
+            try:
+                replies = s.message("a@example.com", ["b@example.org"], [("List-Id", "l")])
+            finally:
+                s.close()
+            lane = replies[0][1]["value"]
+        assert lane == "transactional", proc.log_text()
+        assert proc.alive
+        started = time.monotonic()
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.log_text()
+    assert time.monotonic() - started < 5  # SIGTERM stops both, without libmilter's 5 s poll
+    assert not os.path.exists(sock_path)
+
+
+def test_policy_server_and_milter_processes_share_redis(
+    workdir: Path, redis_clean: RedisServer
+) -> None:
+    port = free_port()
+    sock_path = str(workdir / "m.sock")
+    store = redis_clean.unix_url
+    policy_config = workdir / "policy.yaml"
+    policy_config.write_text(POLICY.format(store=store, list_lane="bulk")
+                             + f"listen: 127.0.0.1:{port}\n")
+    milter_config = write_policy(workdir, f"unix:{sock_path}", store=store, name="milter.yaml")
+    server = MqpolicyProcess("serve", policy_config, workdir / "policy.log")
+    milter = MqpolicyProcess("milter", milter_config, workdir / "milter.log")
+    try:
+        server.start(("127.0.0.1", port))
+        milter.start(sock_path)
+        count_once(port, sock_path)
+    finally:
+        assert milter.stop() == 0, milter.log_text()
+        assert server.stop() == 0, server.log_text()
