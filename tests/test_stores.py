@@ -78,8 +78,9 @@ def kit(request: pytest.FixtureRequest) -> StoreKit:
 
 
 def free(check: BudgetCheck, tat: float, now: int) -> int:
-    return max(0, math.floor((check.interval_ms * check.burst - (tat - now)) / check.interval_ms
-                             + 1e-9))
+    return max(
+        0, math.floor((check.interval_ms * check.burst - (tat - now)) / check.interval_ms + 1e-9)
+    )
 
 
 class Reference:
@@ -93,13 +94,21 @@ class Reference:
         tat = self.tat.get(key)
         return now if tat is None or tat < now else tat
 
-    def evaluate(self, checks: Sequence[BudgetCheck], now: int, once_key: str | None = None,
-                 once_ttl_ms: int = DEFAULT_ONCE_TTL_MS) -> Evaluation:
+    def evaluate(
+        self,
+        checks: Sequence[BudgetCheck],
+        now: int,
+        once_key: str | None = None,
+        once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+    ) -> Evaluation:
         if once_key is not None and self.once.get(once_key, -1) > now:
             return Evaluation(
-                tuple(BudgetResult(True, free(c, self.current(c.key, now), now), 0)
-                      for c in checks),
-                committed=False, duplicate=True)
+                tuple(
+                    BudgetResult(True, free(c, self.current(c.key, now), now), 0) for c in checks
+                ),
+                committed=False,
+                duplicate=True,
+            )
         spent: dict[str, float] = {}
         last: dict[str, int] = {}
         outcomes = []
@@ -163,14 +172,28 @@ def random_cost(rng: random.Random, p: Profile) -> int:
 
 def random_step(rng: random.Random, p: Profile) -> int:
     # at least 3 ms: keeps the callers' clock ahead of Redis' key expiry (see module doc)
-    return 3 + rng.choice([0, 0, 1, rng.randint(1, 50), int(p.interval_ms * rng.uniform(0, 3)),
-                           rng.randint(1000, 120_000)])
+    return 3 + rng.choice(
+        [
+            0,
+            0,
+            1,
+            rng.randint(1, 50),
+            int(p.interval_ms * rng.uniform(0, 3)),
+            rng.randint(1000, 120_000),
+        ]
+    )
 
 
 def random_check(rng: random.Random, p: Profile | None = None) -> BudgetCheck:
     p = p or random_profile(rng)
-    return BudgetCheck(p.key, p.interval_ms, p.burst, random_cost(rng, p),
-                       consume=rng.random() < 0.85, blocking=rng.random() < 0.7)
+    return BudgetCheck(
+        p.key,
+        p.interval_ms,
+        p.burst,
+        random_cost(rng, p),
+        consume=rng.random() < 0.85,
+        blocking=rng.random() < 0.7,
+    )
 
 
 # ------------------------------------------------------------------ GCRA agreement
@@ -224,9 +247,14 @@ def test_multi_check_decisions_agree_with_reference(kit: StoreKit, seed: int) ->
         for op in range(120):
             checks = [random_check(rng) for _ in range(rng.randint(0, 4))]
             if checks and rng.random() < 0.15:  # the same bucket twice in one decision
-                checks.append(random_check(rng, next(p for p in PROFILES
-                                                     if p.key == checks[0].key)
-                                           if checks[0].key[0] != "r" else None))
+                checks.append(
+                    random_check(
+                        rng,
+                        next(p for p in PROFILES if p.key == checks[0].key)
+                        if checks[0].key[0] != "r"
+                        else None,
+                    )
+                )
             once = f"msg{rng.randint(0, 30)}" if rng.random() < 0.4 else None
             offset += random_step(rng, PROFILES[0])
             now = wall_ms() + offset
@@ -296,8 +324,11 @@ def test_blocking_failure_spends_nothing(kit: StoreKit) -> None:
     async def body(store: CounterStore) -> None:
         now = wall_ms()
         await store.evaluate([BudgetCheck("full", HOUR, 1, 1)], now)
-        checks = [BudgetCheck("a", HOUR, 5, 1), BudgetCheck("full", HOUR, 1, 1),
-                  BudgetCheck("b", HOUR, 5, 2)]
+        checks = [
+            BudgetCheck("a", HOUR, 5, 1),
+            BudgetCheck("full", HOUR, 1, 1),
+            BudgetCheck("b", HOUR, 5, 2),
+        ]
         got = await store.evaluate(checks, now + 10, once_key="m1")
         assert not got.committed
         assert [r.allowed for r in got.results] == [True, False, True]
@@ -315,13 +346,18 @@ def test_blocking_failure_spends_nothing(kit: StoreKit) -> None:
 def test_non_blocking_failure_spends_the_rest(kit: StoreKit) -> None:
     async def body(store: CounterStore) -> None:
         now = wall_ms()
-        checks = [BudgetCheck("a", HOUR, 5, 1),
-                  BudgetCheck("monitor", HOUR, 2, 3, blocking=False),
-                  BudgetCheck("b", HOUR, 5, 2)]
+        checks = [
+            BudgetCheck("a", HOUR, 5, 1),
+            BudgetCheck("monitor", HOUR, 2, 3, blocking=False),
+            BudgetCheck("b", HOUR, 5, 2),
+        ]
         got = await store.evaluate(checks, now)
         assert got.committed
-        assert got.results == (BudgetResult(True, 4, 0), BudgetResult(False, 2, NEVER),
-                               BudgetResult(True, 3, 0))
+        assert got.results == (
+            BudgetResult(True, 4, 0),
+            BudgetResult(False, 2, NEVER),
+            BudgetResult(True, 3, 0),
+        )
         a, monitor, b = await store.inspect(["a", "monitor", "b"], now)
         assert a is not None and a.tat_ms == now + HOUR
         assert monitor is None
@@ -371,8 +407,7 @@ def test_once_key_counts_a_message_once(kit: StoreKit) -> None:
         assert first == Evaluation((BudgetResult(True, 9, 0),), committed=True)
         for i in range(3):
             dup = await store.evaluate([check], now + i, once_key="queue:ABC")
-            assert dup == Evaluation((BudgetResult(True, 9, 0),), committed=False,
-                                     duplicate=True)
+            assert dup == Evaluation((BudgetResult(True, 9, 0),), committed=False, duplicate=True)
         other = await store.evaluate([check], now, once_key="queue:DEF")
         assert other.results[0].remaining == 8
         # a once key alone (no checks) also commits and is then a duplicate
@@ -399,9 +434,14 @@ def test_once_key_expires(kit: StoreKit) -> None:
 
 def test_arguments_no_bucket_can_hold_are_rejected(kit: StoreKit) -> None:
     async def body(store: CounterStore) -> None:
-        for bad in (BudgetCheck("k", 0.0, 1, 1), BudgetCheck("k", -1.0, 1, 1),
-                    BudgetCheck("k", math.inf, 1, 1), BudgetCheck("k", math.nan, 1, 1),
-                    BudgetCheck("k", 1.0, -1, 1), BudgetCheck("k", 1.0, 1, -1)):
+        for bad in (
+            BudgetCheck("k", 0.0, 1, 1),
+            BudgetCheck("k", -1.0, 1, 1),
+            BudgetCheck("k", math.inf, 1, 1),
+            BudgetCheck("k", math.nan, 1, 1),
+            BudgetCheck("k", 1.0, -1, 1),
+            BudgetCheck("k", 1.0, 1, -1),
+        ):
             with pytest.raises(ValueError, match="must"):
                 await store.evaluate([bad], 0)
         with pytest.raises(ValueError, match="once_ttl_ms"):
@@ -463,8 +503,9 @@ def test_retry_after_is_exact(kit: StoreKit, seed: int) -> None:
     async def body(store: CounterStore) -> None:
         now = wall_ms()
         for i in range(25):
-            interval = rng.choice([1000.0, 200.0, BYTES_50MB_PER_HOUR * 1000, 333.3333333,
-                                   rng.uniform(5.0, 5000.0)])
+            interval = rng.choice(
+                [1000.0, 200.0, BYTES_50MB_PER_HOUR * 1000, 333.3333333, rng.uniform(5.0, 5000.0)]
+            )
             burst = rng.randint(1, 10)
             key = f"k{i}"
             spent = rng.randint(1, burst)
@@ -670,8 +711,9 @@ def test_stopped_redis_fails_fast_and_recovers(private_redis: RedisServer, trans
             lambda: store.reset(["k"]),
         ):
             assert await _elapsed_error(call) < FAIL_FAST_S
-        burst = await asyncio.gather(*(store.evaluate([check], wall_ms()) for _ in range(50)),
-                                     return_exceptions=True)
+        burst = await asyncio.gather(
+            *(store.evaluate([check], wall_ms()) for _ in range(50)), return_exceptions=True
+        )
         assert all(isinstance(e, StoreError) for e in burst)
 
         private_redis.start()  # empty again: no keys, no scripts
@@ -748,8 +790,9 @@ def test_memory_store_sweeps_keys_nobody_reads_again() -> None:
         now = 1_000_000
         for i in range(20_000):
             now += 1
-            await store.evaluate([BudgetCheck(f"once-{i}", 1.0, 5, 1)], now, once_key=f"q{i}",
-                                 once_ttl_ms=10)
+            await store.evaluate(
+                [BudgetCheck(f"once-{i}", 1.0, 5, 1)], now, once_key=f"q{i}", once_ttl_ms=10
+            )
         assert len(store) < 200  # 40,000 keys written, each dead within 10 ms
         live = BudgetCheck("live", HOUR, 10, 1)
         await store.evaluate([live], now)
