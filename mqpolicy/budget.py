@@ -15,6 +15,9 @@ GCRA ("generic cell rate algorithm"): each key stores one number, the theoretica
 time ``tat`` in ms. ``interval_ms`` is the time one unit of budget takes to come back
 (period / count); ``burst`` units may be spent at once. The Lua script
 ``lua/gcra_batch.lua`` implements exactly :func:`gcra_step`; both are tested by one suite.
+
+Per-decision values are NamedTuples: immutable and about 3x cheaper to build than frozen
+dataclasses, which matters at thousands of decisions per second.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 NEVER = -1
 """``retry_after_ms`` when a cost can never fit in the bucket (cost larger than burst)."""
@@ -34,8 +37,7 @@ class StoreError(Exception):
     """A counter store could not answer (connection lost, timeout, script error)."""
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetCheck:
+class BudgetCheck(NamedTuple):
     """One bucket to test (and maybe spend) in a decision."""
 
     key: str
@@ -46,8 +48,7 @@ class BudgetCheck:
     blocking: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetResult:
+class BudgetResult(NamedTuple):
     """What one check found. ``remaining`` is what is left after this decision."""
 
     allowed: bool
@@ -55,8 +56,7 @@ class BudgetResult:
     retry_after_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Evaluation:
+class Evaluation(NamedTuple):
     results: tuple[BudgetResult, ...]
     committed: bool
     duplicate: bool = False
@@ -71,8 +71,7 @@ class BucketState:
     ttl_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class GcraOutcome:
+class GcraOutcome(NamedTuple):
     allowed: bool
     new_tat_ms: float
     remaining: int

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
@@ -24,7 +23,7 @@ from mqpolicy.budget import CounterStore, StoreError
 from mqpolicy.config import ConfigError, Limit, Policy
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
-from mqpolicy.engine import Verdict, applies, bucket_prefix, limit_key, store_key
+from mqpolicy.engine import Verdict, applies, limit_key, store_key
 from mqpolicy.milter_service import MilterRunner, MilterSettings, load_policy_file
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
 from mqpolicy.policy_server import PolicyServer
@@ -265,10 +264,11 @@ async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -
         print(f"mqpolicy explain: malformed request: {exc}", file=sys.stderr)
         return EXIT_USAGE
     request = Request.from_policy_attributes(attrs)
-    store = open_store(policy.store.url, timeout_ms=max(policy.store.timeout_ms, 1000),
+    deadline_ms = max(policy.store.timeout_ms, 2000)
+    store = open_store(policy.store.url, timeout_ms=deadline_ms,
                        key_prefix=policy.store.key_prefix)
     try:
-        service = DecisionService(policy, store)
+        service = DecisionService(policy, store, deadline_ms=deadline_ms)
         verdict = await service.decide(request, consume=consume)
     finally:
         await store.close()
@@ -295,7 +295,7 @@ def explain_data(request: Request, verdict: Verdict, policy: Policy,
         "consumed": consume,
         "store_error": verdict.store_error,
         "limits": [
-            {**asdict(o), "action": o.action.value} for o in verdict.limits
+            {**o._asdict(), "action": o.action.value} for o in verdict.limits
         ],
         "not_applied": [
             {"name": limit.name, "why": _why_not(limit.name, request, verdict, policy)}
@@ -402,7 +402,7 @@ async def _show(store: CounterStore, policy: Policy, wanted: str | None, key: st
         keys = ([store_key(limit, key.lower())] if key
                 else await store.scan(store_key(limit, "*"), count=maximum))
         states = await store.inspect(keys, now)
-        prefix = bucket_prefix(limit)
+        prefix = limit.bucket_prefix
         for k, state in zip(keys, states, strict=True):
             if state is None:
                 if key:

@@ -194,19 +194,27 @@ class Limit:
     when: Predicate | None
     exempt: Predicate | None
     on_store_error: StoreErrorMode
+    # Derived once at load (decisions read them on every request):
+    recipient_keyed: bool = field(init=False)
+    blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
+    rate_text: str = field(init=False)
+    key_text: str = field(init=False)
+    # Where the limit's buckets live: its name plus rate and burst, so a reload that
+    # changes the rate starts fresh buckets instead of misreading the old ones.
+    bucket_prefix: str = field(init=False)
 
-    @property
-    def recipient_keyed(self) -> bool:
-        return any(part.name in RECIPIENT_KEY_PARTS for part in self.key)
-
-    @property
-    def blocking(self) -> bool:
-        """Whether a spent budget stops the whole decision (and so spends nothing)."""
-        return not self.monitor and self.action is not ActionKind.DEMOTE
-
-    @property
-    def key_text(self) -> str:
-        return "+".join(str(p) for p in self.key)
+    def __post_init__(self) -> None:
+        derived = {
+            "recipient_keyed": any(part.name in RECIPIENT_KEY_PARTS for part in self.key),
+            "blocking": not self.monitor and self.action is not ActionKind.DEMOTE,
+            "rate_text": str(self.rate),
+            "key_text": "+".join(str(p) for p in self.key),
+            "bucket_prefix": (
+                f"rl:{self.name}:{self.rate.count}/{self.rate.period_ms}/{self.burst}:"
+            ),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mqpolicy.budget import CounterStore, Evaluation, StoreError
 from mqpolicy.config import Policy
@@ -47,10 +47,14 @@ class DecisionService:
         *,
         clock_ms: Callable[[], int] = wall_clock_ms,
         error_log_interval_s: float = 10.0,
+        deadline_ms: int | None = None,
     ) -> None:
+        """``deadline_ms`` overrides the policy's ``store.timeout_ms`` (tools that run
+        once, like ``explain``, may wait longer than a live decision)."""
         self.policy = policy
         self.store = store
         self.clock_ms = clock_ms
+        self._deadline_ms = deadline_ms
         self.stats = DecisionStats()
         self._error_log_interval_s = error_log_interval_s
         self._last_error_log = float("-inf")
@@ -69,7 +73,7 @@ class DecisionService:
         if not plan.limits:
             evaluation = no_store_needed(plan)
         else:
-            evaluation = await self._evaluate(plan, policy.store.timeout_ms)
+            evaluation = await self._evaluate(plan, self._deadline_ms or policy.store.timeout_ms)
         verdict = decide(plan, evaluation, policy)
         self._account(request, verdict)
         return verdict
@@ -160,5 +164,5 @@ def decision_fields(request: Request, verdict: Verdict) -> dict[str, object]:
 
 def _dry(plan: Plan) -> Plan:
     """The same plan, spending nothing (``explain`` without ``--consume``)."""
-    limits = tuple(replace(p, check=replace(p.check, consume=False)) for p in plan.limits)
-    return replace(plan, limits=limits, once_key=None)
+    limits = tuple(p._replace(check=p.check._replace(consume=False)) for p in plan.limits)
+    return plan._replace(limits=limits, once_key=None)

@@ -19,10 +19,11 @@ Counting rules (see README "How counting works"):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from mqpolicy.budget import NEVER, BudgetCheck, BudgetResult, Evaluation
 from mqpolicy.conditions import parse_ip
@@ -49,16 +50,14 @@ _SEVERITY = {ActionKind.REJECT: 3, ActionKind.DEFER: 2, ActionKind.HOLD: 1}
 _MAX_KEY_LENGTH = 200
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedLimit:
+class PlannedLimit(NamedTuple):
     limit: Limit
     key: str  # the key value this request maps to, e.g. "alice@example.com"
     check: BudgetCheck
     spends: bool  # whether a real decision spends here (a dry run's check does not)
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(NamedTuple):
     request: Request
     lane: Lane
     rule: str | None  # the classify rule that chose the lane (None: default lane)
@@ -66,8 +65,7 @@ class Plan:
     once_key: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class LimitOutcome:
+class LimitOutcome(NamedTuple):
     """What one limit said in one decision."""
 
     name: str
@@ -82,8 +80,7 @@ class LimitOutcome:
     counted: str  # what the check counted: "1 messages", "12 recipients", "peek", ...
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     action: Action
     lane: Lane
     classified_lane: Lane
@@ -113,11 +110,14 @@ def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
 # ---------------------------------------------------------------- keys
 
 
-def _network(address: str, part: KeyPart) -> str:
+@functools.lru_cache(maxsize=65536)
+def client_network(address: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """``192.0.2.0/24`` for ``192.0.2.77``; '' for what is not an address. Cached: the
+    same clients come back all day, and parsing an address is the costly part."""
     ip = parse_ip(address)
     if ip is None:
         return ""
-    prefix = part.ipv4_prefix if ip.version == 4 else part.ipv6_prefix
+    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
@@ -132,7 +132,7 @@ def _key_value(part: KeyPart, request: Request) -> str:
     if name == "client_address":
         return request.client_address.lower()
     if name == "client_network":
-        return _network(request.client_address, part)
+        return client_network(request.client_address, part.ipv4_prefix, part.ipv6_prefix)
     if name == "client_name":
         return request.client_name.lower()
     if name == "helo_name":
@@ -154,19 +154,13 @@ def limit_key(limit: Limit, request: Request) -> str | None:
     return values[0] if len(values) == 1 else "|".join(values)
 
 
-def bucket_prefix(limit: Limit) -> str:
-    """Where a limit's buckets live: its name plus its rate and burst, so that a reload
-    which changes the rate starts fresh buckets instead of misreading the old ones."""
-    return f"rl:{limit.name}:{limit.rate.count}/{limit.rate.period_ms}/{limit.burst}:"
-
-
 def store_key(limit: Limit, key: str) -> str:
     """The store's logical key for one bucket of a limit (the store adds its prefix)."""
     if not key.isascii():
         key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if len(key) > _MAX_KEY_LENGTH:
         key = "sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
-    return bucket_prefix(limit) + key
+    return limit.bucket_prefix + key
 
 
 def once_key_for(request: Request) -> str | None:
@@ -198,10 +192,16 @@ def make_plan(request: Request, policy: Policy) -> Plan:
     at_end = request.stage == STAGE_END_OF_MESSAGE
     at_rcpt = request.stage == STAGE_RCPT
     planned: list[PlannedLimit] = []
+    lane_name = lane.name
     for limit in policy.limits:
         if limit.recipient_keyed and not at_rcpt:
             continue
-        if not applies(limit, lane, request):
+        # inline of applies(): this loop runs for every limit of every request
+        if limit.lanes is not None and lane_name not in limit.lanes:
+            continue
+        if limit.when is not None and not limit.when(request):
+            continue
+        if limit.exempt is not None and limit.exempt(request):
             continue
         key = limit_key(limit, request)
         if key is None:
@@ -243,7 +243,7 @@ def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: in
     return template.format(
         limit=limit.name if limit else "",
         key=key,
-        rate=str(limit.rate) if limit else "",
+        rate=limit.rate_text if limit else "",
         retry_after=retry,
         remaining=remaining,
         lane=lane.name,
@@ -272,7 +272,7 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
                 retry_after_ms=result.retry_after_ms,
                 action=limit.action,
                 monitor=limit.monitor,
-                rate=str(limit.rate),
+                rate=limit.rate_text,
                 counted="already counted" if evaluation.duplicate else _counted(planned),
             )
         )
@@ -315,7 +315,7 @@ def _store_failed(plan: Plan, policy: Policy) -> Verdict:
         LimitOutcome(
             name=p.limit.name, key=p.key, allowed=True, spent=False, remaining=-1,
             retry_after_ms=0, action=p.limit.action, monitor=p.limit.monitor,
-            rate=str(p.limit.rate), counted="store error",
+            rate=p.limit.rate_text, counted="store error",
         )
         for p in plan.limits
     )

@@ -7,7 +7,8 @@ receives into a :class:`Request`; the engine reads nothing else.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 # Postfix ``protocol_state`` values (upper case as Postfix sends them).
 STAGE_CONNECT = "CONNECT"
@@ -16,6 +17,9 @@ STAGE_MAIL = "MAIL"
 STAGE_RCPT = "RCPT"
 STAGE_DATA = "DATA"
 STAGE_END_OF_MESSAGE = "END-OF-MESSAGE"
+
+
+_NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
 def _int(value: str | None) -> int:
@@ -33,9 +37,10 @@ def domain_of(address: str) -> str:
     return domain.lower().rstrip(".") if at else ""
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One decision's facts. Addresses are kept as sent; matching lower-cases them."""
+class Request(NamedTuple):
+    """One decision's facts. Addresses are kept as sent; matching lower-cases them.
+
+    A NamedTuple: immutable and cheap to build, once per request."""
 
     stage: str = STAGE_RCPT
     client_address: str = ""
@@ -55,7 +60,7 @@ class Request:
     # Message headers as (name, value) pairs in order, when the front-end has them (milter).
     headers: tuple[tuple[str, str], ...] | None = None
     # Every attribute as received, for logs and ``explain``.
-    attributes: Mapping[str, str] = field(default_factory=dict)
+    attributes: Mapping[str, str] = _NO_ATTRIBUTES
 
     @property
     def sender_domain(self) -> str:
