@@ -47,6 +47,7 @@ from mqpolicy.policy_codec import (
     PolicyProtocolError,
     encode_reply,
 )
+from mqpolicy.structured_log import connection_id_var
 
 __all__ = [
     "DEFAULT_ERROR_ACTION",
@@ -59,7 +60,8 @@ __all__ = [
 log = logging.getLogger("mqpolicy.server")
 
 #: The id of the policy connection being served ("-" outside one).
-connection_id: ContextVar[str] = ContextVar("mqpolicy_connection_id", default="-")
+#: The id of the connection being served (also on every log line it causes).
+connection_id: ContextVar[str] = connection_id_var
 
 DEFAULT_ERROR_ACTION = "DEFER_IF_PERMIT 4.3.0 policy service error"
 
