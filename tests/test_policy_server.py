@@ -227,12 +227,12 @@ def test_connection_id_contextvar_set_per_connection() -> None:
             b1 = await second.ask()
             assert a1 == a2
             assert a1 != b1
-            assert "-" not in (a1, b1)
+            assert "OK " not in (a1, b1)  # an id was set: not the empty default
             first.close()
             second.close()
 
     run(scenario())
-    assert connection_id.get() == "-"
+    assert connection_id.get() == ""
 
 
 # --- idle connections ----------------------------------------------------------------------
