@@ -635,7 +635,28 @@ def compare(config: PostfixConfig, state: PostfixState) -> list[Finding]:
                 found.append(Finding(Status.OK, "master.cf",
                                      f"service {service.name}: -o {name}={have}",
                                      f"suggested {value}"))
+    found.extend(_compare_service_overrides(config, state))
     found.extend(_compare_header_checks(config, state))
+    return found
+
+
+def _compare_service_overrides(config: PostfixConfig, state: PostfixState) -> list[Finding]:
+    """A master.cf service (submission, smtps...) that sets its own restriction or milter
+    list with ``-o`` bypasses what main.cf says for the mail it receives."""
+    found = []
+    wanted = {e.name: e.entry for e in config.lists
+              if config.milter_enabled or not e.name.endswith("_milters")}
+    for service, overrides in sorted(state.service_params.items()):
+        for name, value in overrides.items():
+            entry = wanted.get(name)
+            if entry is None:
+                continue
+            if entry not in _entries(_expand(value, state.expanded)):
+                found.append(Finding(
+                    Status.WARNING, "master.cf",
+                    f"service {service} sets -o {name}={value} without {entry}",
+                    "mail received by that service is not seen by mqpolicy",
+                ))
     return found
 
 

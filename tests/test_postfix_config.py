@@ -404,3 +404,17 @@ def test_report_exit_code_and_summary() -> None:
     lines = out.getvalue().splitlines()
     assert lines[0] == "missing   master.cf: service x"
     assert lines[-1] == "/p: needs changes (1 ok, 1 missing)"
+
+
+def test_a_service_overriding_the_restrictions_is_a_warning(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES))
+    pasted = installed(config, my_restrictions="check_policy_service inet:127.0.0.1:10040")
+    pasted.overrides["submission/inet"] = {
+        "syslog_name": "postfix/submission",
+        "smtpd_recipient_restrictions": "permit_sasl_authenticated, reject",
+    }
+    pasted.overrides["smtps/inet"] = {"smtpd_recipient_restrictions": "$my_restrictions"}
+    found = statuses(compare(config, pasted.state()))
+    assert found[Status.WARNING] == [
+        "service submission/inet sets -o smtpd_recipient_restrictions="
+        "permit_sasl_authenticated, reject without check_policy_service inet:127.0.0.1:10040"]
