@@ -242,6 +242,13 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Prometheus metrics over HTTP; ``listen`` None = off."""
+
+    listen: Endpoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     format: str = "kv"
     level: str = "info"
@@ -257,6 +264,7 @@ class Policy:
     server: ServerSettings = ServerSettings()
     store: StoreSettings = StoreSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
     lanes: tuple[Lane, ...] = _DEFAULT_LANES
     default_lane: str = "normal"
     classify: tuple[ClassifyRule, ...] = ()
@@ -410,6 +418,7 @@ _TOP_KEYS = {
     "server",
     "store",
     "log",
+    "metrics",
     "lanes",
     "default_lane",
     "classify",
@@ -489,6 +498,7 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
     server = _read_server(r, top) if "server" in top else defaults.server
     store = _read_store(r, top) if "store" in top else defaults.store
     log = _read_log(r, top) if "log" in top else defaults.log
+    metrics = _read_metrics(r, top) if "metrics" in top else defaults.metrics
     messages = _read_messages(r, top) if "messages" in top else defaults.messages
 
     lanes = tuple(_read_lanes(r, top)) if "lanes" in top else defaults.lanes
@@ -511,6 +521,7 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
         server=server,
         store=store,
         log=log,
+        metrics=metrics,
         lanes=lanes,
         default_lane=default_lane,
         classify=classify,
@@ -630,6 +641,17 @@ def _read_log(r: _Reader, top: Mapping[str, Any]) -> LogSettings:
         else:
             r.error(m, "level", "log.level", "expected debug, info, warning or error")
     return LogSettings(format=fmt, level=level)
+
+
+def _read_metrics(r: _Reader, top: Mapping[str, Any]) -> MetricsSettings:
+    m = r.mapping(top, "metrics", "metrics", {"listen"})
+    if m is None or "listen" not in m:
+        return MetricsSettings()
+    endpoint = r.convert(m, "listen", "metrics.listen", parse_endpoint)
+    if endpoint is not None and endpoint.is_unix:
+        r.error(m, "listen", "metrics.listen", "metrics listen on HOST:PORT (HTTP)")
+        return MetricsSettings()
+    return MetricsSettings(listen=endpoint)
 
 
 def _read_messages(r: _Reader, top: Mapping[str, Any]) -> Messages:
