@@ -1,0 +1,414 @@
+"""Milter throughput: messages/s through ``mqpolicy milter`` against a do-nothing pymilter.
+
+For each transport (a unix socket, TCP on 127.0.0.1) it starts, one after the other:
+
+* ``floor``: a pymilter milter that negotiates the same callbacks and no-reply steps as
+  mqpolicy (connect, HELO, MAIL, headers and body without replies; RCPT and end of message
+  answered) and answers CONTINUE everywhere without looking at anything;
+* ``mqpolicy``: ``mqpolicy milter`` with the example policy (budgets large enough that
+  mail passes): a store decision at every RCPT and at the end, the lane header added and
+  a forged one deleted in every message;
+
+then drives it with ``--clients`` client processes in parallel, each one milter connection
+speaking the MTA side with ``miltertest`` (like Postfix it writes the packets that need no
+answer together with the next one that does). A run is bounded by ``--seconds``; every
+process started is stopped by its PID, also on error or Ctrl-C.
+
+``--stall`` also measures what a header-changing milter costs per message over TCP when
+nothing sets TCP_NODELAY (libmilter binds its own socket), one connection, in sequence.
+
+    python bench/milter_bench.py                       # unix + tcp, 4 clients, 5 s each
+    python bench/milter_bench.py --clients 1,8 --seconds 3 --stall
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from miltertest import MilterConnection, codec
+from miltertest import constants as C
+
+REPO = Path(__file__).resolve().parent.parent
+
+POLICY = """\
+store: {{url: "memory://", timeout_ms: 50}}
+log: {{level: warning}}
+milter:
+  listen: {listen}
+  rcpt_limits: {rcpt_limits}
+lanes:
+  - name: transactional
+    transport: mq-transactional
+  - name: normal
+  - name: bulk
+    transport: mq-bulk
+default_lane: normal
+classify:
+  - name: resets
+    when: {{sender: "@auth.example.com"}}
+    lane: transactional
+  - name: lists
+    when: {{bulk_signals: true}}
+    lane: bulk
+limits:
+  - name: per-sender
+    rate: 10000000/1h
+    burst: 1000000
+    key: sender
+  - name: per-client-network
+    rate: 10000000/1h
+    burst: 1000000
+    key: client_network/24
+  - name: per-recipient-domain
+    rate: 10000000/1h
+    burst: 1000000
+    key: recipient_domain
+    count: recipients
+"""
+
+FLOOR = """\
+import sys
+import Milter
+
+class Floor(Milter.Base):
+    @Milter.noreply
+    def connect(self, hostname, family, hostaddr): return Milter.CONTINUE
+    @Milter.noreply
+    def hello(self, hostname): return Milter.CONTINUE
+    @Milter.noreply
+    def envfrom(self, f, *a): return Milter.CONTINUE
+    def envrcpt(self, to, *a): return Milter.CONTINUE
+    @Milter.noreply
+    def header(self, name, value): return Milter.CONTINUE
+    @Milter.noreply
+    def body(self, chunk): return Milter.CONTINUE
+    def eom(self):
+        if sys.argv[2] == "addheader":
+            self.addheader("X-MQ-Lane", "normal")
+        return Milter.CONTINUE
+
+Milter.factory = Floor
+Milter.runmilter("floor", sys.argv[1], 300)
+"""
+
+BODY = "x" * 76 + "\r\n"
+HEADERS = [
+    ("Received", "from client.example.net (client.example.net [192.0.2.7]) by mx"),
+    ("From", "Alice <alice@example.com>"),
+    ("To", "Bob <bob@example.org>"),
+    ("Subject", "Your invoice"),
+    ("Date", "Thu, 27 Nov 2025 10:00:00 +0000"),
+    ("Message-ID", "<1234@example.com>"),
+    ("MIME-Version", "1.0"),
+    ("X-MQ-Lane", "transactional"),  # forged: mqpolicy deletes it
+]
+
+
+# --------------------------------------------------------------------------- client
+
+
+def _packet(cmd: str, **args: Any) -> bytes:
+    data: bytes = codec.encode_msg(cmd, **args)
+    return data
+
+
+def message_plan(protocol: int, n: int) -> list[tuple[bytes, bool]]:
+    """The packets of message ``n``: (bytes to write, whether a reply is read after)."""
+    steps: list[tuple[bytes, bool]] = []
+
+    def event(cmd: str, skip: int, no_reply: int, **args: Any) -> None:
+        if not protocol & skip:
+            steps.append((_packet(cmd, **args), not protocol & no_reply))
+
+    steps.append((_packet(C.SMFIC_MACRO, cmdcode=C.SMFIC_MAIL, nameval=["i", f"Q{n:X}"]), False))
+    event(C.SMFIC_MAIL, C.SMFIP_NOMAIL, C.SMFIP_NR_MAIL, args=[f"<user{n % 50}@example.com>"])
+    event(C.SMFIC_RCPT, C.SMFIP_NORCPT, C.SMFIP_NR_RCPT, args=[f"<r{n}@dest{n % 20}.example>"])
+    event(C.SMFIC_DATA, C.SMFIP_NODATA, C.SMFIP_NR_DATA)
+    for name, value in HEADERS:
+        event(C.SMFIC_HEADER, C.SMFIP_NOHDRS, C.SMFIP_NR_HDR, name=name, value=value)
+    event(C.SMFIC_EOH, C.SMFIP_NOEOH, C.SMFIP_NR_EOH)
+    event(C.SMFIC_BODY, C.SMFIP_NOBODY, C.SMFIP_NR_BODY, buf=BODY * 25)
+    steps.append((_packet(C.SMFIC_MACRO, cmdcode=C.SMFIC_BODYEOB, nameval=["i", f"Q{n:X}"]),
+                  False))
+    steps.append((_packet(C.SMFIC_BODYEOB), True))
+    # Like Postfix: what needs no answer is written with the next packet that does.
+    merged: list[tuple[bytes, bool]] = []
+    pending = b""
+    for data, reply in steps:
+        pending += data
+        if reply:
+            merged.append((pending, True))
+            pending = b""
+    return merged
+
+
+def connect(address: str) -> socket.socket:
+    if address.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(address)
+    else:
+        host, port = address.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def client(address: str, seconds: float, start_at: float, worker: int) -> list[float]:
+    """One MTA connection sending messages until the time is up; per-message seconds."""
+    sock = connect(address)
+    conn = MilterConnection(sock)
+    _, protocol = conn.optneg_mta()
+    if not protocol & C.SMFIP_NOCONNECT:
+        sock.sendall(_packet(C.SMFIC_CONNECT, hostname="client.example.net",
+                             family=C.SMFIA_INET, port=40000 + worker, address="192.0.2.7"))
+        if not protocol & C.SMFIP_NR_CONN:
+            conn.recv()
+    plans = [message_plan(protocol, worker * 1_000_000 + n) for n in range(64)]
+    times: list[float] = []
+    while time.time() < start_at:
+        time.sleep(0.001)  # all clients start together
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        for data, _ in plans[n % len(plans)]:
+            sock.sendall(data)
+            reply = conn.recv()
+            if reply[0] == C.SMFIC_OPTNEG:
+                raise RuntimeError("protocol out of step")
+            # modifications and quarantine come before the final answer
+            while reply[0] not in (C.SMFIR_CONTINUE, C.SMFIR_ACCEPT, C.SMFIR_TEMPFAIL,
+                                   C.SMFIR_REJECT, C.SMFIR_REPLYCODE, C.SMFIR_DISCARD):
+                reply = conn.recv()
+            if reply[0] != C.SMFIR_CONTINUE:
+                raise RuntimeError(f"message refused: {reply}")
+        times.append(time.perf_counter() - started)
+        n += 1
+    with contextlib.suppress(OSError):
+        sock.sendall(_packet(C.SMFIC_QUIT))
+    sock.close()
+    return times
+
+
+def _client_entry(args: tuple[str, float, float, int]) -> list[float]:
+    return client(*args)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Result:
+    transport: str
+    milter: str
+    clients: int
+    messages: int
+    seconds: float
+    mean_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+class Processes:
+    """Every process this bench starts, stopped by PID."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                    cwd=REPO)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self.procs):
+            self.stop(proc)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"milter exited:\n{log.read_text(errors='replace')[-2000:]}")
+        try:
+            connect(address).close()
+            return
+        except OSError:
+            time.sleep(0.01)  # between connect polls
+    raise RuntimeError(f"milter not ready on {address}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def endpoint(transport: str, workdir: Path, name: str) -> tuple[str, str]:
+    """(libmilter socket spec, client address)."""
+    if transport == "unix":
+        path = str(workdir / f"{name}.sock")
+        return f"unix:{path}", path
+    port = free_port()
+    return f"inet:{port}@127.0.0.1", f"127.0.0.1:{port}"
+
+
+def start_milter(kind: str, transport: str, workdir: Path, procs: Processes,
+                 floor_mode: str = "plain", rcpt_limits: str = "milter",
+                 ) -> tuple[subprocess.Popen[bytes], str]:
+    spec, address = endpoint(transport, workdir, kind)
+    log = workdir / f"{kind}-{transport}.log"
+    if kind == "floor":
+        script = workdir / "floor.py"
+        script.write_text(FLOOR)
+        argv = [sys.executable, str(script), spec, floor_mode]
+    else:
+        config = workdir / f"policy-{transport}.yaml"
+        config.write_text(POLICY.format(listen=spec, rcpt_limits=rcpt_limits))
+        argv = [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)]
+    proc = procs.start(argv, log)
+    wait_ready(proc, address, log)
+    return proc, address
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def drive(address: str, clients: int, seconds: float) -> tuple[int, float, list[float]]:
+    ctx = multiprocessing.get_context("fork")
+    start_at = time.time() + 0.3
+    with ctx.Pool(clients, initializer=_worker_init) as pool:
+        results = pool.map(_client_entry,
+                           [(address, seconds, start_at, w) for w in range(clients)])
+    times = [t for r in results for t in r]
+    return len(times), seconds, times
+
+
+def measure(kind: str, transport: str, clients: int, seconds: float, workdir: Path,
+            procs: Processes, floor_mode: str = "plain", rcpt_limits: str = "milter",
+            ) -> Result:
+    proc, address = start_milter(kind, transport, workdir, procs, floor_mode, rcpt_limits)
+    try:
+        drive(address, 1, 0.3)  # warm up
+        count, elapsed, times = drive(address, clients, seconds)
+    finally:
+        procs.stop(proc)
+    times.sort()
+    p99 = times[min(len(times) - 1, int(len(times) * 0.99))] if times else 0.0
+    name = kind if floor_mode == "plain" else f"{kind}+addheader"
+    if kind == "mqpolicy" and rcpt_limits != "milter":
+        name = "mqpolicy eom-only"
+    return Result(transport, name,
+                  clients, count, elapsed, statistics.fmean(times) * 1000 if times else 0.0,
+                  p99 * 1000)
+
+
+def print_row(r: Result, floor: Result | None) -> None:
+    versus = f"{r.rate / floor.rate * 100:6.1f}%" if floor else "   floor"
+    print(f"{r.transport:<5} {r.milter:<18} {r.clients:>7} {r.rate:>10.0f} {versus} "
+          f"{r.mean_ms:>8.2f} {r.p99_ms:>8.2f}", flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transports", default="unix,tcp")
+    parser.add_argument("--clients", default="4", help="comma-separated client counts")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--eom-only", action="store_true",
+                        help="also measure mqpolicy with rcpt_limits: policy_server (Postfix "
+                             "with the policy server: one decision per message)")
+    parser.add_argument("--stall", action="store_true",
+                        help="also measure a header-changing milter on libmilter's own TCP "
+                             "socket (no TCP_NODELAY)")
+    args = parser.parse_args(argv)
+    args.seconds = max(0.5, min(args.seconds, 60.0))
+    return args
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="mqmbench-", dir="/tmp"))
+    procs = Processes()
+    print(f"cpus={os.cpu_count()} seconds={args.seconds} (messages: 1 recipient, "
+          f"{len(HEADERS)} headers, {len(BODY) * 25} body bytes)")
+    print(f"{'net':<5} {'milter':<18} {'clients':>7} {'msgs/s':>10} {'vs floor':>7} "
+          f"{'mean ms':>8} {'p99 ms':>8}")
+    try:
+        with sigterm_as_interrupt():
+            for transport in args.transports.split(","):
+                for clients in (int(c) for c in args.clients.split(",")):
+                    floor = measure("floor", transport, clients, args.seconds, workdir, procs)
+                    print_row(floor, None)
+                    ours = measure("mqpolicy", transport, clients, args.seconds, workdir,
+                                   procs)
+                    print_row(ours, floor)
+                    if args.eom_only:
+                        ours = measure("mqpolicy", transport, clients, args.seconds, workdir,
+                                       procs, rcpt_limits="policy_server")
+                        print_row(ours, floor)
+            if args.stall:
+                stalled = measure("floor", "tcp", 1, min(args.seconds, 2.0), workdir, procs,
+                                  floor_mode="addheader")
+                print_row(stalled, None)
+                print("  ^ a header-changing milter on libmilter's own TCP socket: each "
+                      "message waits for the MTA's delayed ACK (Nagle)")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
