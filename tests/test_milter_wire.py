@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -241,6 +242,8 @@ def session(address: str | tuple[str, int]) -> MtaSession:
 
 def test_lane_header_added_and_forged_one_removed(milter: tuple[MqpolicyProcess, Any]) -> None:
     _, address = milter
+    if isinstance(address, str):
+        assert stat.S_IMODE(os.stat(address).st_mode) == 0o660
     s = session(address)
     try:
         assert s.actions == C.SMFIF_ADDHDRS | C.SMFIF_CHGHDRS | C.SMFIF_QUARANTINE
