@@ -8,11 +8,13 @@ its own clock, so the callers' clock must not run slower than the wall.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 
@@ -36,6 +38,7 @@ HOUR = 3_600_000
 BYTES_50MB_PER_HOUR = HOUR / 50_000_000  # 0.072 ms per byte
 
 Body = Callable[[CounterStore], Awaitable[None]]
+T = TypeVar("T")
 
 
 def wall_ms() -> int:
@@ -230,7 +233,7 @@ def test_single_checks_agree_with_gcra_step(kit: StoreKit, seed: int) -> None:
                 keys = sorted(stored)
                 states = await store.inspect(keys, now)
                 for key, state in zip(keys, states, strict=True):
-                    if stored[key] > now + 100:  # Redis may already have dropped shorter ones
+                    if stored[key] > now + 1000:  # Redis may already have dropped shorter ones
                         assert state is not None, (where, key)
                         assert state.tat_ms == stored[key], (where, key)
 
@@ -457,12 +460,13 @@ def test_arguments_no_bucket_can_hold_are_rejected(kit: StoreKit) -> None:
 def test_every_write_sets_its_ttl(kit: StoreKit) -> None:
     async def body(store: CounterStore) -> None:
         now = wall_ms()
-        checks = [BudgetCheck("a", 1000.0, 5, 3), BudgetCheck("b", 0.25, 100, 10)]
+        checks = [BudgetCheck("a", 1000.0, 5, 3), BudgetCheck("b", 0.3, 100_000, 8333)]
         await store.evaluate(checks, now, once_key="m", once_ttl_ms=600_000)
         a, b, m = await store.inspect(["a", "b", "m"], now)
         slack = 0 if kit.kind == "memory" else 200  # Redis counts down by its own clock
         assert a is not None and 3000 - slack <= a.ttl_ms <= 3000 == ttl_for(now + 3000.0, now)
-        assert b is not None and 3 - slack <= b.ttl_ms <= 3 == ttl_for(now + 2.5, now)
+        # 8333 * 0.3 = 2499.9 ms: the TTL is rounded up
+        assert b is not None and 2500 - slack <= b.ttl_ms <= 2500 == ttl_for(now + 2499.9, now)
         assert m is not None and 600_000 - slack <= m.ttl_ms <= 600_000
 
     kit.run(body)
@@ -501,10 +505,11 @@ def test_retry_after_is_exact(kit: StoreKit, seed: int) -> None:
     rng = random.Random(4000 + seed)
 
     async def body(store: CounterStore) -> None:
-        now = wall_ms()
         for i in range(25):
+            now = wall_ms()
+            # keys live >= 100 ms of Redis' clock: the probes below use the callers' clock
             interval = rng.choice(
-                [1000.0, 200.0, BYTES_50MB_PER_HOUR * 1000, 333.3333333, rng.uniform(5.0, 5000.0)]
+                [1000.0, 200.0, BYTES_50MB_PER_HOUR * 2000, 333.3333333, rng.uniform(100.0, 5000.0)]
             )
             burst = rng.randint(1, 10)
             key = f"k{i}"
@@ -695,32 +700,51 @@ async def _elapsed_error(call: Callable[[], Awaitable[object]]) -> float:
     return time.monotonic() - start
 
 
+async def _until_ok(call: Callable[[], Awaitable[T]], within_s: float = 5.0) -> T:
+    """Call again while it fails: on a loaded machine a 50 ms deadline can expire on its own."""
+    give_up = time.monotonic() + within_s
+    while True:
+        try:
+            return await call()
+        except StoreError:
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_stopped_redis_fails_fast_and_recovers(private_redis: RedisServer, transport: str) -> None:
     async def main() -> None:
-        store = RedisStore(_url(private_redis, transport), timeout_ms=DEADLINE_MS)
+        fast = RedisStore(_url(private_redis, transport), timeout_ms=DEADLINE_MS)
+        patient = RedisStore(_url(private_redis, transport), timeout_ms=3000)
         check = BudgetCheck("k", HOUR, 10, 1)
-        assert (await store.evaluate([check], wall_ms())).committed
+        for store in (fast, patient):
+            await _until_ok(functools.partial(store.evaluate, [check], wall_ms()))
         private_redis.stop()
         for call in (
-            lambda: store.evaluate([check], wall_ms()),
-            lambda: store.evaluate([check], wall_ms()),
-            store.ping,
-            lambda: store.inspect(["k"], 0),
-            lambda: store.scan("*"),
-            lambda: store.reset(["k"]),
+            lambda: fast.evaluate([check], wall_ms()),
+            lambda: fast.evaluate([check], wall_ms()),
+            fast.ping,
+            lambda: fast.inspect(["k"], 0),
+            lambda: fast.scan("*"),
+            lambda: fast.reset(["k"]),
+            lambda: patient.evaluate([check], wall_ms()),  # refused: no need to wait
         ):
             assert await _elapsed_error(call) < FAIL_FAST_S
         burst = await asyncio.gather(
-            *(store.evaluate([check], wall_ms()) for _ in range(50)), return_exceptions=True
+            *(fast.evaluate([check], wall_ms()) for _ in range(50)), return_exceptions=True
         )
         assert all(isinstance(e, StoreError) for e in burst)
 
         private_redis.start()  # empty again: no keys, no scripts
-        got = await store.evaluate([check], wall_ms())
+        # the first call after the restart works: no stale connection, script reloaded
+        got = await patient.evaluate([check], wall_ms())
         assert got.results[0] == BudgetResult(True, 9, 0)
-        await store.ping()
-        await store.close()
+        got = await _until_ok(lambda: fast.evaluate([check], wall_ms()))
+        assert got.results[0] == BudgetResult(True, 8, 0)
+        await _until_ok(fast.ping)
+        await fast.close()
+        await patient.close()
 
     asyncio.run(main())
 
@@ -745,7 +769,7 @@ def test_paused_redis_fails_within_the_deadline(private_redis: RedisServer, tran
     async def main() -> None:
         store = RedisStore(_url(private_redis, transport), timeout_ms=DEADLINE_MS)
         check = BudgetCheck("k", HOUR, 10, 1)
-        await store.evaluate([check], wall_ms())
+        await _until_ok(lambda: store.evaluate([check], wall_ms()))
         with private_redis.paused():
             elapsed = await _elapsed_error(lambda: store.evaluate([check], wall_ms()))
             assert DEADLINE_MS / 1000 * 0.8 <= elapsed < FAIL_FAST_S
@@ -757,7 +781,7 @@ def test_paused_redis_fails_within_the_deadline(private_redis: RedisServer, tran
             )
             assert all(isinstance(e, StoreError) for e in crowd)
             assert time.monotonic() - start < 2 * FAIL_FAST_S
-        got = await store.evaluate([check], wall_ms())  # recovers once Redis runs again
+        got = await _until_ok(lambda: store.evaluate([check], wall_ms()))  # Redis runs again
         assert got.committed
         await store.close()
 
