@@ -43,6 +43,7 @@ import concurrent.futures
 import contextlib
 import errno
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -63,7 +64,7 @@ from mqpolicy.decisions import DecisionService
 from mqpolicy.engine import Action, Verdict, classify
 from mqpolicy.rates import RateSyntaxError, parse_duration_ms
 from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
-from mqpolicy.structured_log import queue_id_var
+from mqpolicy.structured_log import connection_id_var, queue_id_var
 
 __all__ = [
     "DecisionGateway",
@@ -536,6 +537,9 @@ class _Message:
     failed: str = ""  # a callback without a reply failed: apply on_error at the next reply
 
 
+_CONNECTION_IDS = itertools.count(1)  # next() on it is atomic under the GIL
+
+
 class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     """One MTA connection. libmilter calls one instance from one thread at a time."""
 
@@ -548,7 +552,9 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         self.client_name = ""
         self.helo_name = ""
         self.local_submission = False
+        self.protocol_name = ""
         self.msg: _Message | None = None
+        self.conn_id = f"m{next(_CONNECTION_IDS):x}"
         gateway.counters.add("connections_active")
 
     # --- negotiation ------------------------------------------------------------------
@@ -610,6 +616,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             msg.sender = _strip_brackets(str(mailfrom))
             msg.sasl_username = str(self.getsymval("{auth_authen}") or "")
             msg.queue_id = str(self.getsymval("i") or "")
+            self.protocol_name = str(self.getsymval("r") or self.protocol_name)
         except Exception as exc:
             msg.failed = f"MAIL: {type(exc).__name__}: {exc}"
         return CONTINUE
@@ -634,6 +641,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             return CONTINUE
         msg.queue_id = str(self.getsymval("i") or msg.queue_id)
         queue_id_var.set(msg.queue_id)
+        connection_id_var.set(self.conn_id)
         request = self._request(msg, STAGE_RCPT, recipient=recipient)
         try:
             verdict = self.gateway.decide(request)
@@ -711,6 +719,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     def _eom(self, msg: _Message) -> int:
         msg.queue_id = str(self.getsymval("i") or msg.queue_id)
         queue_id_var.set(msg.queue_id)
+        connection_id_var.set(self.conn_id)
         if msg.failed:
             self.gateway.failed(STAGE_END_OF_MESSAGE, msg.failed)
             return self._on_error(msg)
@@ -760,7 +769,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             recipient_count=msg.recipient_total if at_end else 0,
             size=msg.header_bytes + 2 + msg.body_bytes if at_end else 0,
             queue_id=msg.queue_id,
-            protocol_name="milter",
+            protocol_name=self.protocol_name,
             recipients=tuple(msg.recipients) if at_end else (),
             headers=tuple(msg.headers) if at_end else None,
         )

@@ -458,3 +458,18 @@ def test_policy_server_and_milter_processes_share_redis(
     finally:
         assert milter.stop() == 0, milter.log_text()
         assert server.stop() == 0, server.log_text()
+
+
+def test_check_and_bind_failure(workdir: Path) -> None:
+    taken = workdir / "not-a-socket"
+    taken.write_text("")
+    config = write_policy(workdir, f"unix:{taken}")
+    check = subprocess.run([sys.executable, "-m", "mqpolicy", "check", "-c", str(config)],
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 0
+    assert f"milter unix:{taken}" in check.stdout
+    run = subprocess.run([sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert run.returncode == 1
+    assert "cannot listen" in run.stderr
+    assert taken.read_text() == ""  # never replaced what was there
