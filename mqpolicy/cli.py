@@ -24,6 +24,7 @@ from mqpolicy.config import ConfigError, Limit, Policy
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.engine import Verdict, applies, limit_key, store_key
+from mqpolicy.metrics import MetricsServer, ReloadStats, core_registry
 from mqpolicy.milter_service import MilterRunner, MilterSettings, load_policy_file
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
 from mqpolicy.policy_server import PolicyServer
@@ -34,6 +35,7 @@ from mqpolicy.request import Request
 from mqpolicy.sd_notify import sd_notify
 from mqpolicy.store_factory import open_store
 from mqpolicy.structured_log import configure_logging, set_level
+from mqpolicy.top_view import add_top_arguments, run_top
 
 DEFAULT_CONFIG = "/etc/mqpolicy/mqpolicy.yaml"
 log = logging.getLogger("mqpolicy.main")
@@ -101,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a private Postfix with mqpolicy and send a mix")
     add_demo_arguments(demo)
+
+    top = sub.add_parser("top", help="live view of a running server: decisions/s by lane, "
+                         "busiest keys, hold queue, backoff (reads its metrics port)")
+    _config_arg(top)
+    add_top_arguments(top)
     return parser
 
 
@@ -109,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: str = args.command
     if command == "check":
         return cmd_check(args.config, sys.stdout)
+    if command == "top":
+        return run_top(args, sys.stdout)
     try:
         policy, milter = load_policy_file(args.config)
     except ConfigError as exc:
@@ -182,7 +191,13 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     )
     stop = asyncio.Event()
     runner = MilterRunner(service, milter, loop, on_exit=stop.set) if milter else None
+    reload_stats = ReloadStats()
+    registry = core_registry(service, server=server.counters if policy_server else None,
+                             reloads=reload_stats)
+    metrics = MetricsServer(registry, policy.metrics.listen) if policy.metrics.listen else None
     try:
+        if metrics is not None:
+            await metrics.start()
         if policy_server:
             await server.start()
         if runner is not None:
@@ -191,12 +206,15 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         log.error("cannot listen", extra={"fields": {"error": str(exc)}})
         server.close()
         await server.wait_closed()
+        if metrics is not None:
+            metrics.close()
+            await metrics.wait_closed()
         await store.close()
         return EXIT_FAILURE
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
-        task = loop.create_task(_reload(service, path, log_level))
+        task = loop.create_task(_reload(service, path, log_level, reload_stats))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -204,7 +222,8 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     endpoints = " ".join([*(str(e) for e in server.bound_endpoints),
-                          *([f"milter={runner.endpoint}"] if runner else [])])
+                          *([f"milter={runner.endpoint}"] if runner else []),
+                          *(f"metrics={e}" for e in (metrics.bound_endpoints if metrics else []))])
     log.info("ready", extra={"fields": {"listen": endpoints, "store": policy.store.url,
                                         "policy": str(path), "version": __version__}})
     sd_notify(f"READY=1\nSTATUS=serving policy on {endpoints}")
@@ -214,12 +233,16 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
     await asyncio.gather(server.drain(), *([runner.stop()] if runner else []))
+    if metrics is not None:
+        metrics.close()
+        await metrics.wait_closed()
     await store.close()
     log.info("stopped")
-    return EXIT_OK
+    return EXIT_FAILURE if runner is not None and runner.failed else EXIT_OK
 
 
-async def _reload(service: DecisionService, path: Path, log_level: str | None) -> None:
+async def _reload(service: DecisionService, path: Path, log_level: str | None,
+                  stats: ReloadStats) -> None:
     loop = asyncio.get_running_loop()
     sd_notify("RELOADING=1")
     try:
@@ -228,14 +251,16 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None) -
         for issue in exc.issues:
             log.error("reload refused, keeping the running policy",
                       extra={"fields": {"problem": str(issue)}})
+        stats.refused()
         sd_notify("READY=1")
         return
     old = service.policy
-    for what in ("listen", "store", "server"):
+    for what in ("listen", "store", "server", "metrics"):
         if getattr(old, what) != getattr(new, what):
             log.warning("changed setting needs a restart to take effect",
                         extra={"fields": {"setting": what}})
     service.replace_policy(new)
+    stats.succeeded()
     set_level(log_level or new.log.level)
     log.info("policy reloaded", extra={"fields": {"policy": str(path),
                                                   "limits": len(new.limits)}})

@@ -902,6 +902,8 @@ class MilterRunner:
         self._unix: tuple[str, int, int] | None = None  # path, st_dev, st_ino
         self._stopping = False
         self.exit_error: BaseException | None = None
+        #: True when libmilter stopped by itself (not asked to by :meth:`stop`).
+        self.failed = False
 
     def start(self) -> str:
         """Bind, register with libmilter and start serving; OSError when it cannot bind."""
@@ -932,6 +934,7 @@ class MilterRunner:
             self.exit_error = exc
         finally:
             if not self._stopping:
+                self.failed = True
                 log.error("milter stopped unexpectedly",
                           extra={"fields": {"error": repr(self.exit_error)}})
                 if self._on_exit is not None:
