@@ -739,7 +739,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         self._set_lane(msg, lane.name)
         hold = verdict if action is Action.HOLD else msg.hold
         if hold is not None:
-            self.quarantine(_reply_text(hold.text or "held by mqpolicy"))
+            self.quarantine(_reply_text(hold.text.strip() or "held by mqpolicy"))
         return CONTINUE
 
     def abort(self) -> int:
