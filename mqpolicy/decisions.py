@@ -14,10 +14,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter_ns
 
 from mqpolicy.budget import CounterStore, Evaluation, StoreError
 from mqpolicy.config import Policy
 from mqpolicy.engine import Action, Plan, Verdict, decide, make_plan, no_store_needed
+from mqpolicy.metrics import BusiestKeys, LatencyHistogram
 from mqpolicy.request import STAGE_END_OF_MESSAGE, Request
 
 log = logging.getLogger("mqpolicy.decision")
@@ -31,12 +33,15 @@ def wall_clock_ms() -> int:
 
 @dataclass
 class DecisionStats:
-    """Counters for metrics and ``top``."""
+    """Counters for metrics and ``top``, read at scrape time; changed on the loop only."""
 
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (action, lane)
     limits_hit: Counter[tuple[str, str]] = field(default_factory=Counter)  # (limit, action)
     store_errors: int = 0
     store_timeouts: int = 0
+    decision_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    store_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    busiest: BusiestKeys = field(default_factory=BusiestKeys)  # limit keys found spent
 
 
 class DecisionService:
@@ -65,6 +70,7 @@ class DecisionService:
         self.policy = policy
 
     async def decide(self, request: Request, *, consume: bool = True) -> Verdict:
+        started = perf_counter_ns()
         policy = self.policy
         plan = make_plan(request, policy)
         if not consume:
@@ -76,10 +82,12 @@ class DecisionService:
             evaluation = await self._evaluate(plan, self._deadline_ms or policy.store.timeout_ms)
         verdict = decide(plan, evaluation, policy)
         self._account(request, verdict)
+        self.stats.decision_latency.observe(perf_counter_ns() - started)
         return verdict
 
     async def _evaluate(self, plan: Plan, timeout_ms: int) -> Evaluation | None:
         checks = [p.check for p in plan.limits]
+        started = perf_counter_ns()
         try:
             async with asyncio.timeout(timeout_ms / 1000):
                 return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
@@ -89,6 +97,8 @@ class DecisionService:
         except StoreError as exc:
             self.stats.store_errors += 1
             self._store_failed(str(exc))
+        finally:
+            self.stats.store_latency.observe(perf_counter_ns() - started)
         return None
 
     def _store_failed(self, why: str) -> None:
@@ -108,7 +118,9 @@ class DecisionService:
         stats.decisions[(verdict.action.value, verdict.lane.name)] += 1
         spoke = [o for o in verdict.limits if not o.allowed]
         for o in spoke:
-            stats.limits_hit[(o.name, "monitor" if o.monitor else o.action.value)] += 1
+            action = "monitor" if o.monitor else o.action.value
+            stats.limits_hit[(o.name, action)] += 1
+            stats.busiest.hit(o.name, action, o.key)
         quiet = (
             verdict.action is Action.ACCEPT
             and not spoke
