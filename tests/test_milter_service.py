@@ -714,3 +714,12 @@ def test_milter_endpoints(text: str, kind: str) -> None:
 def test_bad_milter_endpoints(text: str) -> None:
     with pytest.raises(MilterEndpointError):
         parse_milter_endpoint(text)
+
+
+def test_milter_section_in_flow_style_and_last() -> None:
+    text = 'lanes:\n  - name: normal\nmilter: {listen: "inet:9001@127.0.0.1", on_error: accept}'
+    _, settings = parse_policy_text(text)
+    assert settings is not None and settings.listen.port == 9001
+    with pytest.raises(ConfigError) as info:
+        parse_policy_text('{milter: {listen: "fd:3"}, lanes: [{name: normal}]}')
+    assert "block style" in str(info.value)
