@@ -1,0 +1,413 @@
+"""Postfix delivery results from its log, and which of them mean "slow down". Pure.
+
+:func:`parse_delivery_line` turns one log line into a :class:`DeliveryEvent` or None.
+Accepted line formats (the header up to ``QUEUEID: ``):
+
+* classic syslog and Postfix's own ``maillog_file`` (postlogd)::
+
+      Nov 27 20:52:09 mta postfix/smtp[368]: B084820C4AA: to=<a@b>, relay=..., status=...
+
+* RFC 3339 timestamps (rsyslog's high-precision format, ``journalctl -o short-iso``)::
+
+      2026-11-27T20:31:02.123456+00:00 mta postfix/mq-bulk/smtp[123]: B0848...: to=<...
+
+The program may be any Postfix syslog name (``postfix/smtp``, ``postfix/mq-bulk/smtp``
+from ``-o syslog_name=postfix/mq-bulk``, ``postfix-bulk/smtp``); ``service`` keeps it
+whole. Every ``QID: to=<...>, ..., status=...`` line is a delivery result, whichever
+daemon wrote it (smtp, lmtp, local, virtual, pipe, discard, error, and qmgr's
+``delivery temporarily suspended`` deferrals); :attr:`DeliveryEvent.program` tells them
+apart. qmgr's message-level ``from=<...>, status=expired, returned to sender`` is an
+event with status ``expired`` and no recipient. ``status=SOFTBOUNCE`` (``soft_bounce =
+yes``) is reported as ``deferred``. Address-verification probes (``deliverable``,
+``undeliverable``) and everything else (smtpd, cleanup, qmgr queue lines, warnings,
+garbage) give None. The parser never raises on its input.
+
+:func:`slow_down_reason` says whether a result is a receiver asking us to slow down.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+STATUSES = frozenset({"sent", "deferred", "bounced", "expired"})
+_STATUS_ALIASES = {"softbounce": "deferred"}
+
+_MONTHS = {
+    name: i + 1
+    for i, name in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+    )
+}
+_PROGRAM = r"(?P<host>\S+) (?P<prog>[^\s\[\]:/]+(?:/[^\s\[\]:/]+)+)(?:\[(?P<pid>\d{1,10})\])?: "
+_SYSLOG_HEADER = re.compile(
+    r"(?P<mon>(?i:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)) {1,2}(?P<day>\d{1,2}) "
+    r"(?P<clock>\d\d):(?P<min>\d\d):(?P<sec>\d\d)(?:\.(?P<frac>\d{1,9}))? " + _PROGRAM
+)
+_ISO_HEADER = re.compile(
+    r"(?P<ts>\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?) " + _PROGRAM
+)
+_QUEUE_ID = re.compile(r"(?P<qid>[0-9A-Za-z]{5,20}): ")
+_FIELD = re.compile(r"(?P<name>[a-z_]{2,16})=")
+_STATUS_WORD = re.compile(r"(?P<status>[A-Za-z]+)")
+_RELAY_HOST = re.compile(r"(?P<host>[^\[\s]+)(?:\[[^\]]*\](?::\d+)?)?")
+_DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_REMOTE = re.compile(r"\bhost \S+? (?:said|refused to talk to me): ")
+_IN_REPLY_TO = re.compile(r" \(in reply to [^()]*\)$")
+_REPLY_CODE = re.compile(r"(?P<code>[2-5]\d\d)(?:[ -]|$)")
+_ENHANCED = re.compile(r"\b(?P<class>[245])\.(?P<subject>\d{1,3})\.(?P<detail>\d{1,3})\b")
+_MAX_LINE = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    """One delivery result (one recipient) from the log.
+
+    ``timestamp`` is aware when the line carries a zone or a ``reference`` was given,
+    None for a classic syslog line parsed without ``reference`` (it has no year).
+    ``reply`` is the remote server's reply as Postfix logged it (multi-line replies
+    joined with spaces, without the ``(in reply to ... command)`` suffix); for results
+    without a remote reply it is Postfix's own text (``connect to ...: Connection
+    refused``, ``delivered to mailbox``). ``reply_code`` is the SMTP code when the text
+    starts with one. ``detail`` is Postfix's whole text in the parentheses after the
+    status (``delivery temporarily suspended: host ... said: ...``).
+    """
+
+    timestamp: datetime | None
+    service: str
+    queue_id: str
+    recipient: str
+    domain: str
+    relay_host: str
+    status: str
+    dsn: str
+    reply: str
+    reply_code: int | None
+    orig_recipient: str = ""
+    relay: str = ""
+    detail: str = ""
+    host: str = ""
+    pid: int | None = None
+    line: str = ""
+
+    @property
+    def program(self) -> str:
+        """The daemon: ``smtp`` for ``postfix/mq-bulk/smtp``."""
+        return self.service.rpartition("/")[2]
+
+    @property
+    def syslog_name(self) -> str:
+        """The ``syslog_name`` part: ``postfix/mq-bulk`` for ``postfix/mq-bulk/smtp``."""
+        return self.service.rpartition("/")[0]
+
+    @property
+    def suspended(self) -> bool:
+        """Postfix did not try: it repeats an earlier result for a dead destination."""
+        return self.detail.startswith("delivery temporarily suspended")
+
+    @property
+    def message(self) -> str:
+        """:attr:`reply` without the code prefixes of joined continuation lines, so
+        ``... has been temporarily 421-4.7.28 rate limited`` reads
+        ``... has been temporarily rate limited``."""
+        return collapse_reply(self.reply, self.reply_code)
+
+
+def parse_delivery_line(line: str, *, reference: datetime | None = None) -> DeliveryEvent | None:
+    """A :class:`DeliveryEvent` for a delivery-result line, else None. Never raises.
+
+    ``reference`` (an aware "now") completes syslog timestamps that have no year and
+    no zone: the year that puts the line at most a week after ``reference``, and
+    ``reference``'s zone.
+    """
+    if not isinstance(line, str):
+        return None
+    line = line.rstrip("\r\n")
+    if len(line) > _MAX_LINE or "=" not in line:
+        return None
+    try:
+        return _parse(line, reference)
+    except (ValueError, OverflowError, IndexError):
+        return None
+
+
+def parse_delivery_lines(
+    lines: Iterable[str], *, reference: datetime | None = None
+) -> Iterable[DeliveryEvent]:
+    for line in lines:
+        event = parse_delivery_line(line, reference=reference)
+        if event is not None:
+            yield event
+
+
+def _parse(line: str, reference: datetime | None) -> DeliveryEvent | None:
+    header = _SYSLOG_HEADER.match(line)
+    if header is not None:
+        timestamp = _syslog_time(header, reference)
+    else:
+        header = _ISO_HEADER.match(line)
+        if header is None:
+            return None
+        timestamp = datetime.fromisoformat(header["ts"])
+        if timestamp.tzinfo is None and reference is not None:
+            timestamp = timestamp.replace(tzinfo=reference.tzinfo)
+    qid = _QUEUE_ID.match(line, header.end())
+    if qid is None:
+        return None
+    parsed = _fields(line, qid.end())
+    if parsed is None:
+        return None
+    fields, status_text, detail = parsed
+    status = status_text.lower()
+    status = _STATUS_ALIASES.get(status, status)
+    if status not in STATUSES:
+        return None
+    recipient = fields.get("to", "")
+    if not recipient and not (status == "expired" and "from" in fields):
+        return None
+    relay = fields.get("relay", "")
+    reply, code = _reply(detail)
+    pid = header["pid"]
+    return DeliveryEvent(
+        timestamp=timestamp,
+        service=header["prog"],
+        queue_id=qid["qid"],
+        recipient=recipient,
+        domain=domain_of(recipient),
+        relay_host=_relay_host(relay),
+        status=status,
+        dsn=fields.get("dsn", "") if _DSN.fullmatch(fields.get("dsn", "")) else "",
+        reply=reply,
+        reply_code=code,
+        orig_recipient=fields.get("orig_to", ""),
+        relay=relay,
+        detail=detail,
+        host=header["host"],
+        pid=int(pid) if pid else None,
+        line=line,
+    )
+
+
+def _fields(line: str, pos: int) -> tuple[dict[str, str], str, str] | None:
+    """``name=value, `` fields up to ``status=WORD (detail)``, which ends the line.
+
+    Addresses (``<...>``) may hold quoted parts with commas, ``>`` or ``=`` inside.
+    Returns (fields, status word, detail); None when the line is not shaped like a
+    delivery result.
+    """
+    fields: dict[str, str] = {}
+    first = True
+    while True:
+        m = _FIELD.match(line, pos)
+        if m is None:
+            return None
+        name, pos = m["name"], m.end()
+        if first and name not in ("to", "from"):
+            return None
+        first = False
+        if name == "status":
+            word = _STATUS_WORD.match(line, pos)
+            if word is None:
+                return None
+            rest = line[word.end():]
+            detail = ""
+            if rest.startswith(" ("):
+                # the detail runs to the end of the line; its closing parenthesis may be
+                # missing when a syslog daemon cut the line short
+                detail = rest[2:-1] if rest.endswith(")") else rest[2:]
+            elif rest.startswith(", "):
+                detail = rest[2:]  # "status=expired, returned to sender"
+            elif rest.strip():
+                return None
+            return fields, word["status"], detail
+        if line.startswith("<", pos):
+            end = _address_end(line, pos)
+            if end < 0:
+                return None
+            value, pos = line[pos + 1:end], end + 1
+        else:
+            end = line.find(", ", pos)
+            if end < 0:
+                return None
+            value, pos = line[pos:end], end
+        if not line.startswith(", ", pos):
+            return None
+        pos += 2
+        fields.setdefault(name, value)
+
+
+def _address_end(line: str, start: int) -> int:
+    """Index of the ``>`` closing the address opened at ``start`` (quotes respected)."""
+    quoted = False
+    i = start + 1
+    n = len(line)
+    while i < n:
+        c = line[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == ">":
+            return i
+        i += 1
+    return -1
+
+
+def _syslog_time(header: re.Match[str], reference: datetime | None) -> datetime | None:
+    if reference is None:
+        return None
+    month = _MONTHS[header["mon"].lower()]
+    frac = header["frac"] or "0"
+    micro = int(frac[:6].ljust(6, "0"))
+    for year in (reference.year + 1, reference.year, reference.year - 1, reference.year - 4):
+        try:
+            candidate = datetime(
+                year, month, int(header["day"]), int(header["clock"]), int(header["min"]),
+                int(header["sec"]), micro, tzinfo=reference.tzinfo,
+            )
+        except ValueError:  # Feb 29 in a year without one
+            continue
+        if candidate <= reference + timedelta(days=7):
+            return candidate
+    return None
+
+
+def domain_of(address: str) -> str:
+    """The domain of an address, lower case, without a trailing dot ('' if none).
+    The last ``@`` separates it: a quoted local part may hold ``@`` itself."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        return ""
+    return domain.rstrip(".").lower()
+
+
+def _relay_host(relay: str) -> str:
+    """``mx.b`` from ``mx.b[192.0.2.1]:25``; '' for ``none``."""
+    if not relay or relay == "none":
+        return ""
+    m = _RELAY_HOST.match(relay)
+    return m["host"].lower() if m else relay.lower()
+
+
+def _reply(detail: str) -> tuple[str, int | None]:
+    remote = _REMOTE.search(detail)
+    reply = detail[remote.end():] if remote is not None else detail
+    reply = _IN_REPLY_TO.sub("", reply)
+    code = _REPLY_CODE.match(reply)
+    return reply, int(code["code"]) if code else None
+
+
+def collapse_reply(reply: str, code: int | None) -> str:
+    """Drop the ``421-4.7.28 `` prefixes Postfix leaves inside a joined multi-line reply
+    (and the leading code): the remote's words, with phrases whole again."""
+    if code is None:
+        return reply
+    pattern = re.compile(rf"(?:^|(?<=\s)){code}[ -](?:[245]\.\d{{1,3}}\.\d{{1,3}}\s+)?")
+    return " ".join(pattern.sub(" ", reply).split())
+
+
+# ---------------------------------------------------------------- slow down
+
+
+def compile_patterns(texts: Sequence[str]) -> tuple[re.Pattern[str], ...]:
+    """Operator patterns, case-insensitive. Raises :class:`ValueError` naming the bad one."""
+    compiled = []
+    for text in texts:
+        try:
+            compiled.append(re.compile(text, re.IGNORECASE))
+        except re.error as exc:
+            raise ValueError(f"bad regular expression {text!r}: {exc}") from None
+    return tuple(compiled)
+
+
+# Built-in signs of throttling, matched against "<dsn> <message>": the large providers'
+# own words first (the most telling reason), then SMTP 421, then generic phrases.
+PROVIDER_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("gmail-unusual-rate", re.compile(r"\b4\.7\.28\b|unusual rate of", re.I)),
+    (
+        "yahoo-deferred",
+        re.compile(
+            r"\[TSS?0\d\]|\bTSS0\d\b|temporarily deferred due to "
+            r"(?:unexpected volume or )?user complaints",
+            re.I,
+        ),
+    ),
+    (
+        "microsoft-rate-limited",
+        re.compile(r"\b4\.7\.650\b|\bS3150\b|\btemporarily rate limited\b", re.I),
+    ),
+)
+GENERIC_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "too-many-connections",
+        re.compile(r"too many (?:concurrent |simultaneous )?(?:connections|sessions)", re.I),
+    ),
+    (
+        "rate-limited",
+        re.compile(
+            r"rate[- ]?limit|throttl|too many (?:messages|recipients|mails?)\b|"
+            r"sending (?:rate|too fast)|\bslow down\b",
+            re.I,
+        ),
+    ),
+    ("try-again-later", re.compile(r"\btry again later\b", re.I)),
+)
+_GREYLISTING = re.compile(r"gr[ae]y[- ]?list", re.I)
+
+
+def _temporary(event: DeliveryEvent) -> bool:
+    if event.reply_code is not None:
+        return 400 <= event.reply_code < 500
+    return event.status == "deferred" or event.dsn.startswith("4.")
+
+
+def _mailbox_level(event: DeliveryEvent) -> bool:
+    """X.2.Y enhanced codes are about one mailbox (full, receiving too fast), not the
+    destination as a whole."""
+    enhanced = _ENHANCED.search(event.dsn) or _ENHANCED.match(
+        event.reply[4:] if event.reply_code is not None else ""
+    )
+    return enhanced is not None and enhanced["subject"] == "2"
+
+
+def slow_down_reason(
+    event: DeliveryEvent, extra_patterns: Sequence[re.Pattern[str]] = ()
+) -> str | None:
+    """Why this result means "the receiver wants us to slow down", or None.
+
+    * operator patterns (searched in the raw and the collapsed reply) count for deferred
+      and bounced results: ``pattern:<regex>``;
+    * built-in signs only for temporary failures with a remote reply: the providers'
+      words (:data:`PROVIDER_PATTERNS`: Gmail 4.7.28 and "unusual rate", Yahoo
+      TSS04/[TS0x]/"user complaints", Microsoft 4.7.650/S3150/"temporarily rate
+      limited"), then any SMTP ``421`` (``smtp-421``), then :data:`GENERIC_PATTERNS`
+      ("too many connections", "rate limit"/"throttl", "try again later");
+    * never: successes, message-level expiry, results without a remote reply
+      (connection refused, timeouts: those are not a receiver's request), greylisting,
+      and mailbox-level codes (X.2.Y: one full or busy mailbox is not the destination).
+    """
+    if event.status in ("sent", "expired") or not event.recipient:
+        return None
+    message = event.message
+    for pattern in extra_patterns:
+        if pattern.search(event.reply) or pattern.search(message):
+            return f"pattern:{pattern.pattern}"
+    if event.reply_code is None or not _temporary(event):
+        return None
+    if _GREYLISTING.search(message) or _mailbox_level(event):
+        return None
+    text = f"{event.dsn} {message}"
+    for name, pattern in PROVIDER_PATTERNS:
+        if pattern.search(text):
+            return name
+    if event.reply_code == 421:
+        return "smtp-421"
+    for name, pattern in GENERIC_PATTERNS:
+        if pattern.search(text):
+            return name
+    return None
