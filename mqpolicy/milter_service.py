@@ -856,12 +856,16 @@ def bind_milter_socket(endpoint: MilterEndpoint, mode: int, backlog: int = 128) 
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # before listen(): no connection can be accepted without it
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind(infos[0][4])
             sock.listen(backlog)
         except BaseException:
             sock.close()
             raise
     if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # An inherited socket: connections already queued keep what they had (systemd's
+        # NoDelay=true in the .socket unit covers those).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

@@ -473,3 +473,46 @@ def test_check_and_bind_failure(workdir: Path) -> None:
     assert run.returncode == 1
     assert "cannot listen" in run.stderr
     assert taken.read_text() == ""  # never replaced what was there
+
+
+def test_socket_activation_fd(workdir: Path) -> None:
+    """``fd:N``: a listening socket inherited from the service manager (systemd passes 3)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    address = listener.getsockname()
+    config = write_policy(workdir, f"fd:{listener.fileno()}")
+    log = workdir / "log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)],
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, pass_fds=(listener.fileno(),),
+        )
+    listener.close()  # the child has its own copy
+    try:
+        # Connections queued before the milter set TCP_NODELAY on the socket miss it (with
+        # systemd, NoDelay=true in the .socket unit covers those): wait until it is ready.
+        deadline = time.monotonic() + 15
+        while "msg=ready" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)  # between polls of the log
+        s = MtaSession(connect(address))
+        try:
+            s.connect()
+            replies = s.message("a@example.com", ["b@example.org"], [("X-MQ-Lane", "x")])
+            assert replies[-2:] == [(C.SMFIR_ADDHEADER, {"name": "X-MQ-Lane", "value": "normal"}),
+                                    (C.SMFIR_CONTINUE, {})]
+            started = time.perf_counter()
+            for _ in range(10):  # TCP_NODELAY was set on the inherited socket too
+                s.message("a@example.com", ["b@example.org"], [("X-MQ-Lane", "x")])
+            assert (time.perf_counter() - started) / 10 < 0.02
+        finally:
+            s.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(15)
+    assert code == 0, log.read_text(errors="replace")
