@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from mqpolicy.config import load_policy
+from mqpolicy.endpoints import Endpoint
 from mqpolicy.postfix_config import (
     HEADER_CHECKS_FILE,
     SECTION_HEADER_CHECKS,
@@ -617,11 +618,10 @@ class PolicyServerProcess:
     Started and stopped by its PID only; readiness is a successful connect.
     """
 
-    def __init__(self, config: Path, host: str, port: int, log_file: Path,
+    def __init__(self, config: Path, endpoint: Endpoint, log_file: Path,
                  command: Sequence[str] = (sys.executable, "-m", "mqpolicy")) -> None:
         self.config = config
-        self.host = host
-        self.port = port
+        self.endpoint = endpoint
         self.log_file = log_file
         self.command = tuple(command)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -650,14 +650,10 @@ class PolicyServerProcess:
             if proc.poll() is not None:
                 raise RuntimeError(f"mqpolicy serve exited {proc.returncode}:\n"
                                    f"{self.log_tail()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return True
-            except OSError:
-                return False
+            return _accepts(self.endpoint)
 
         try:
-            poll(ready, timeout_s, f"mqpolicy serve on {self.host}:{self.port}")
+            poll(ready, timeout_s, f"mqpolicy serve on {self.endpoint}")
         except TimeoutError:
             self.stop()
             raise
@@ -700,6 +696,20 @@ class PolicyServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _accepts(endpoint: Endpoint) -> bool:
+    """Whether something accepts connections on ``endpoint`` (connect, then close)."""
+    family = socket.AF_UNIX if endpoint.is_unix else socket.AF_INET6 \
+        if ":" in endpoint.host else socket.AF_INET
+    address: str | tuple[str, int] = endpoint.path or (endpoint.host, endpoint.port)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect(address)
+        except OSError:
+            return False
+        return True
+
+
 # ---------------------------------------------------------------- the whole stack
 
 
@@ -730,8 +740,9 @@ class MailStack:
         self.policy_file = root / "policy.yaml"
         self.policy_port = free_port()
         self.instance: PostfixInstance | None = None
-        self.server = PolicyServerProcess(self.policy_file, "127.0.0.1", self.policy_port,
-                                          root / "mqpolicy.log", self.command)
+        self.server = PolicyServerProcess(
+            self.policy_file, Endpoint(host="127.0.0.1", port=self.policy_port),
+            root / "mqpolicy.log", self.command)
         self.postfix_config = ""  # the last postfix-config output used
         self._rendered = ""  # the same, rendered in this process (to skip unchanged runs)
         self._log = LogReader(root / "postfix" / "log" / "maillog")

@@ -103,6 +103,7 @@ class SmtpSink:
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     # ------------------------------------------------------------ control
 
@@ -130,13 +131,14 @@ class SmtpSink:
         return self.port
 
     async def close(self) -> None:
+        """Stop listening and close every connection (sessions see end of file)."""
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        for task in list(self._tasks):
-            task.cancel()
+        for writer in list(self._writers):
+            writer.close()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait(list(self._tasks), timeout=5)
         if server is not None:
             await server.wait_closed()
 
@@ -146,6 +148,7 @@ class SmtpSink:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        self._writers.add(writer)
         self.connections += 1
         peer = writer.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -154,6 +157,7 @@ class SmtpSink:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

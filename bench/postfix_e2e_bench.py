@@ -1,0 +1,411 @@
+"""End-to-end throughput: messages/s through a private Postfix, with and without mqpolicy.
+
+Same machine, same run. Two private Postfix instances (``mqpolicy.postfix_instance``: own
+config, queue and log, fresh loopback ports) relay everything to one SMTP sink
+(``mqpolicy.smtp_sink``, in its own process). They are driven in turn, in pairs of short
+segments (which one goes first alternates), with 8 parallel SMTP sessions (threads,
+``smtplib``), several messages per connection; the figure is the median over pairs of
+the per-pair ratio, so load from other processes on the machine hits both sides alike:
+
+* ``postfix``: Postfix alone;
+* ``mqpolicy``: the same Postfix plus the output of ``mqpolicy postfix-config`` for the
+  bench policy: ``check_policy_service`` at RCPT and at END-OF-MESSAGE, answered by
+  ``mqpolicy serve`` (memory store; classify rules and three limits with budgets large
+  enough that every message passes, so both runs deliver the same mail the same way).
+
+A message counts when the sink has received it (end to end: SMTP in, queue, SMTP out).
+The accept rate (250 after DATA) is shown too. The policy server's decision log is
+checked: every message must have met it at END-OF-MESSAGE. Every process started is
+stopped by its PID, also on error or Ctrl-C.
+
+    python bench/postfix_e2e_bench.py                        # 7 pairs x 1000 messages
+    python bench/postfix_e2e_bench.py --pairs 11 --messages 2000 --json
+
+Needs root (Postfix's master runs as root). Only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import shutil
+import signal
+import smtplib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mqpolicy.endpoints import Endpoint  # noqa: E402
+from mqpolicy.postfix_config import (  # noqa: E402
+    HEADER_CHECKS_FILE,
+    SECTION_HEADER_CHECKS,
+    SECTION_MAIN,
+    SECTION_MASTER,
+    split_sections,
+)
+from mqpolicy.postfix_instance import (  # noqa: E402
+    PolicyServerProcess,
+    PostfixInstance,
+    free_port,
+    make_message,
+    poll,
+    submit_on,
+)
+from mqpolicy.smtp_sink import SmtpSink  # noqa: E402
+
+SESSIONS = 8
+BODY = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
+        "incididunt ut labore et dolore magna aliqua.\r\n") * 12  # ~1.5 KB
+
+POLICY = """\
+# Written by bench/postfix_e2e_bench.py: classification and limits that every message
+# passes (budgets far above the bench's volume), all mail in the default lane.
+listen: ["{listen}"]
+listen_mode: "0666"
+store:
+  url: memory://
+  timeout_ms: 50
+log:
+  format: kv
+  level: {log_level}
+lanes:
+  - name: transactional
+    transport: mq-transactional
+  - name: normal
+    transport: smtp
+  - name: bulk
+    transport: mq-bulk
+default_lane: normal
+classify:
+  - name: password-resets
+    when: {{sender: "@auth.example.com"}}
+    lane: transactional
+  - name: newsletters
+    when:
+      any:
+        - sender: "@news.example.com"
+        - recipient_count: {{min: 50}}
+    lane: bulk
+limits:
+  - name: per-sender
+    rate: 1000000/1h
+    key: sender
+    count: messages
+  - name: per-client-network
+    rate: 1000000/1h
+    key: client_network/24
+    count: recipients
+  - name: per-recipient-domain
+    rate: 1000000/1h
+    key: recipient_domain
+    count: recipients
+"""
+
+
+# ---------------------------------------------------------------- the sink process
+
+
+def _sink_process(port: Any, count: Any, ready: multiprocessing.synchronize.Event) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+
+        def arrived(_: object) -> None:
+            with count.get_lock():
+                count.value += 1
+
+        sink = SmtpSink(keep_data=False, on_message=arrived)
+        port.value = await sink.start()
+        ready.set()
+        await stop.wait()
+        await sink.close()
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def sink_process() -> Iterator[tuple[int, Any]]:
+    ctx = multiprocessing.get_context("fork")
+    port = ctx.Value("i", 0)
+    count = ctx.Value("q", 0)
+    ready = ctx.Event()
+    proc = ctx.Process(target=_sink_process, args=(port, count, ready), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(10):
+            raise RuntimeError("the SMTP sink did not start")
+        yield int(port.value), count
+    finally:
+        if proc.pid is not None and proc.is_alive():
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
+# ---------------------------------------------------------------- load
+
+
+@dataclass
+class Segment:
+    mode: str
+    pair: int
+    messages: int
+    accept_s: float
+    deliver_s: float
+    refused: int
+    policy_cpu_s: float
+
+    @property
+    def delivered_per_s(self) -> float:
+        return self.messages / self.deliver_s
+
+    @property
+    def accepted_per_s(self) -> float:
+        return self.messages / self.accept_s
+
+
+def drive(port: int, messages: int, per_connection: int, tag: str) -> tuple[float, int]:
+    """8 sessions in parallel; returns (seconds until the last 250, refusals)."""
+    per_session = [messages // SESSIONS + (1 if i < messages % SESSIONS else 0)
+                   for i in range(SESSIONS)]
+    refused = [0] * SESSIONS
+    errors: list[BaseException] = []
+    start_gate = threading.Barrier(SESSIONS + 1)
+
+    def session(index: int) -> None:
+        sender = f"sender{index}@example.com"
+        try:
+            start_gate.wait()
+            left = per_session[index]
+            n = 0
+            while left:
+                with smtplib.SMTP("127.0.0.1", port, local_hostname="bench.example",
+                                  timeout=60) as conn:
+                    for _ in range(min(per_connection, left)):
+                        rcpt = f"user{n % 97}@dest{n % 7}.example"
+                        message = make_message(sender, [rcpt], f"{tag} {index}-{n}", BODY)
+                        if not submit_on(conn, sender, [rcpt], message).queued:
+                            refused[index] += 1
+                        left -= 1
+                        n += 1
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(SESSIONS)]
+    for thread in threads:
+        thread.start()
+    start_gate.wait()
+    started = time.monotonic()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    if errors:
+        raise RuntimeError(f"an SMTP session failed: {errors[0]!r}")
+    return elapsed, sum(refused)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Target:
+    """One private Postfix, with or without mqpolicy in the path."""
+
+    def __init__(self, mode: str, root: Path, sink_port: int, args: argparse.Namespace) -> None:
+        self.args = args
+        self.server: PolicyServerProcess | None = None
+        self.mode = mode
+        self.root = root
+        root.mkdir()
+        root.chmod(0o755)
+        self.instance = PostfixInstance(root / "postfix", relayhost=f"[127.0.0.1]:{sink_port}")
+        self.instance.root.mkdir()
+        self.instance.root.chmod(0o755)
+
+    def start(self) -> None:
+        if self.mode == "mqpolicy":
+            if self.args.policy_socket == "unix":
+                endpoint = Endpoint(path=str(self.root / "policy.sock"))
+            else:
+                endpoint = Endpoint(host="127.0.0.1", port=free_port())
+            policy_file = self.root / "policy.yaml"
+            policy_file.write_text(POLICY.format(listen=endpoint,
+                                                 log_level=self.args.policy_log_level))
+            generated = subprocess.run(
+                [sys.executable, "-m", "mqpolicy", "postfix-config", "-c", str(policy_file),
+                 "--config-directory", str(self.instance.config_dir)],
+                capture_output=True, text=True, check=True,
+            ).stdout
+            sections = split_sections(generated)
+            self.instance.write_config(
+                sections[SECTION_MAIN], sections[SECTION_MASTER],
+                {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
+            self.server = PolicyServerProcess(policy_file, endpoint, self.root / "mqpolicy.log")
+            self.server.start()
+        else:
+            self.instance.write_config()
+        self.instance.start()
+
+    def policy_cpu(self) -> float:
+        return _cpu_seconds(self.server.pid) if self.server else 0.0
+
+    def decisions(self) -> int:
+        """END-OF-MESSAGE decisions the policy server logged (one per message)."""
+        if self.server is None:
+            return 0
+        return self.server.log_file.read_text("utf-8", "replace").count("stage=END-OF-MESSAGE")
+
+    def stop(self) -> None:
+        try:
+            self.instance.stop()
+        finally:
+            if self.server is not None:
+                self.server.stop()
+
+
+def segment(target: Target, pair: int, messages: int, args: argparse.Namespace,
+            sink_count: Any, tag: str = "bench") -> Segment:
+    """Send ``messages`` through ``target`` and wait until the sink has them all."""
+    base = sink_count.value
+    cpu_before = target.policy_cpu()
+    started = time.monotonic()
+    accept_s, refused = drive(target.instance.smtp_port, messages, args.per_connection, tag)
+    poll(lambda: sink_count.value >= base + messages - refused, args.timeout,
+         f"{messages} messages at the sink", interval_s=0.005)
+    deliver_s = time.monotonic() - started
+    return Segment(target.mode, pair, messages, accept_s, deliver_s, refused,
+                   target.policy_cpu() - cpu_before)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=7,
+                        help="segment pairs, alternating which target goes first "
+                             "(default 7)")
+    parser.add_argument("--messages", type=int, default=1000,
+                        help="messages per segment (default 1000)")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--per-connection", type=int, default=20,
+                        help="messages per SMTP connection (default 20)")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--policy-socket", choices=("tcp", "unix"), default="tcp",
+                        help="how Postfix reaches the policy server (default tcp)")
+    parser.add_argument("--policy-log-level", choices=("debug", "info", "warning"),
+                        default="info", help="the policy server's log.level (default info: "
+                        "one line per message)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("postfix_e2e_bench: needs root (a private Postfix's master runs as root)",
+              file=sys.stderr)
+        return 2
+
+    segments: list[Segment] = []
+    workdir = Path(tempfile.mkdtemp(prefix="mqbench-", dir="/tmp"))
+    workdir.chmod(0o755)
+    targets: list[Target] = []
+    try:
+        with sink_process() as (sink_port, sink_count):
+            for mode in ("postfix", "mqpolicy"):
+                target = Target(mode, workdir / mode, sink_port, args)
+                targets.append(target)
+                target.start()
+            for target in targets:
+                segment(target, 0, args.warmup, args, sink_count, "warmup")
+            for pair in range(1, args.pairs + 1):
+                order = targets if pair % 2 else targets[::-1]
+                for target in order:
+                    result = segment(target, pair, args.messages, args, sink_count)
+                    segments.append(result)
+                    if not args.json:
+                        cpu = ""
+                        if target.mode == "mqpolicy":
+                            cpu = (f", policy server CPU "
+                                   f"{1000 * result.policy_cpu_s / result.messages:.2f} ms/msg")
+                        print(f"pair {pair} {target.mode:<9} {result.delivered_per_s:7.1f} "
+                              f"msg/s delivered, {result.accepted_per_s:7.1f} msg/s accepted"
+                              f"{cpu}", flush=True)
+            sent = args.warmup + args.pairs * args.messages
+            decisions = targets[1].decisions()
+            if args.policy_log_level in ("debug", "info") and decisions < sent:
+                raise RuntimeError(f"the policy server logged {decisions} END-OF-MESSAGE "
+                                   f"decisions for {sent} messages")
+    finally:
+        for target in targets:
+            target.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    summary: dict[str, Any] = {"sessions": SESSIONS, "messages_per_segment": args.messages,
+                               "pairs": args.pairs, "cpus": os.cpu_count(),
+                               "policy_socket": args.policy_socket,
+                               "policy_log_level": args.policy_log_level,
+                               "loadavg_after": os.getloadavg()}
+    for mode in ("postfix", "mqpolicy"):
+        mine = [r for r in segments if r.mode == mode]
+        summary[mode] = {
+            "delivered_per_s_median": statistics.median(r.delivered_per_s for r in mine),
+            "accepted_per_s_median": statistics.median(r.accepted_per_s for r in mine),
+        }
+    ratios = []
+    for pair in range(1, args.pairs + 1):
+        by_mode = {r.mode: r for r in segments if r.pair == pair}
+        ratios.append(by_mode["mqpolicy"].delivered_per_s / by_mode["postfix"].delivered_per_s)
+    ratio = statistics.median(ratios)
+    cpu_ms = statistics.median(1000 * r.policy_cpu_s / r.messages
+                               for r in segments if r.mode == "mqpolicy")
+    summary["ratio_per_pair"] = ratios
+    summary["ratio_median"] = ratio
+    summary["policy_server_cpu_ms_per_message"] = cpu_ms
+    summary["target_met"] = ratio >= 0.9
+    if args.json:
+        summary["segments"] = [asdict(r) | {"delivered_per_s": r.delivered_per_s,
+                                            "accepted_per_s": r.accepted_per_s}
+                               for r in segments]
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"\n{args.pairs} pairs of {args.messages}-message segments, {SESSIONS} parallel "
+              f"SMTP sessions, {os.cpu_count()} CPUs, policy server on {args.policy_socket} "
+              f"with log level {args.policy_log_level} (medians):")
+        for mode in ("postfix", "mqpolicy"):
+            s = summary[mode]
+            print(f"  {mode:<9} {s['delivered_per_s_median']:7.1f} msg/s delivered  "
+                  f"{s['accepted_per_s_median']:7.1f} msg/s accepted")
+        print(f"  policy server CPU: {cpu_ms:.2f} ms per message (RCPT + END-OF-MESSAGE)")
+        print(f"  with mqpolicy / without, per pair: "
+              f"{' '.join(f'{100 * r:.0f}%' for r in ratios)}")
+        print(f"  median: mqpolicy keeps {100 * ratio:.1f}% of Postfix's throughput; "
+              f"target 90%: {'met' if ratio >= 0.9 else 'NOT met'}")
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"  load average at the end: {load} (other work on the machine skews both "
+              "sides, the policy server more: it is on every message's path)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
