@@ -218,6 +218,7 @@ HistogramValues: TypeAlias = HistogramSnapshot | Mapping[Labels, HistogramSnapsh
 _NAME = re.compile(r"^mqpolicy_[a-zA-Z0-9_]*[a-zA-Z0-9]$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _SECTION = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_COLLECT_ERRORS: Final = "mqpolicy_metrics_collect_errors_total"
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +266,7 @@ class MetricsRegistry:
         self._metrics: dict[str, _Metric] = {}
         self._sections: dict[str, Callable[[], object]] = {}
         self.collect_errors = 0
-        self.counter("mqpolicy_metrics_collect_errors_total",
+        self.counter(_COLLECT_ERRORS,
                      "Metric callbacks that failed during a scrape (their metric was left out)",
                      lambda: self.collect_errors)
 
@@ -300,6 +301,8 @@ class MetricsRegistry:
         self._sections[name] = read
 
     def unregister(self, name: str) -> None:
+        if name == _COLLECT_ERRORS:
+            raise ValueError(f"{name} belongs to the registry")
         self._metrics.pop(name, None)
         self._sections.pop(name, None)
 
@@ -330,7 +333,10 @@ class MetricsRegistry:
     def render(self) -> str:
         """The text exposition format 0.0.4 of every metric, read now."""
         out: list[str] = []
-        for metric in list(self._metrics.values()):
+        # the error count last, so that it includes this scrape's failures
+        metrics = [m for m in self._metrics.values() if m.name != _COLLECT_ERRORS]
+        metrics.append(self._metrics[_COLLECT_ERRORS])
+        for metric in metrics:
             try:
                 lines = list(self._lines(metric))
             except Exception:
@@ -533,6 +539,8 @@ def core_registry(
 _REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                    408: "Request Timeout", 431: "Request Header Fields Too Large",
                    500: "Internal Server Error"}
+_LINGER_S: Final = 2.0
+_LINGER_BYTES: Final = 1 << 20
 _INDEX: Final = b"mqpolicy\n/metrics  Prometheus metrics\n/top.json  busiest keys and sections\n"
 
 
@@ -624,9 +632,12 @@ class MetricsServer:
                 status = head
                 if status:
                     await self._send(writer, status, b"", "text/plain", head_only=False)
+                    await self._linger(reader, writer)
                 return
             status, body, ctype, head_only = self._route(head)
             await self._send(writer, status, body, ctype, head_only=head_only)
+            if status >= 400:
+                await self._linger(reader, writer)
         except (ConnectionError, TimeoutError, OSError):
             pass
         except Exception:
@@ -640,6 +651,20 @@ class MetricsServer:
                 transport.close()
             with contextlib.suppress(OSError, ConnectionError):
                 await writer.wait_closed()
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After an error answer: close our side, then read and drop what the client still
+        sends (bounded), so that closing with unread input (a TCP reset) does not destroy
+        the answer before the client has read it."""
+        writer.write_eof()
+        dropped = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(self._timeout_s, _LINGER_S)):
+                while dropped < _LINGER_BYTES:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        return
+                    dropped += len(chunk)
 
     async def _read_head(self, reader: asyncio.StreamReader) -> bytes | int:
         """The request head, or a status to answer (0: just close)."""
