@@ -442,6 +442,8 @@ class PostfixState:
     services: Mapping[str, InstalledService]  # postconf -M, by name (inet: host:port)
     service_params: Mapping[str, Mapping[str, str]]  # postconf -P: service -> -o overrides
     files: Mapping[str, str | None] = field(default_factory=dict)  # map path -> text
+    # postconf -x NAME...: effective values (defaults included) of the settings compared
+    effective: Mapping[str, str] = field(default_factory=dict)
 
 
 def parse_postconf_n(text: str) -> dict[str, str]:
@@ -598,7 +600,15 @@ def compare(config: PostfixConfig, state: PostfixState) -> list[Finding]:
     for setting in config.all_settings:
         have = state.params.get(setting.name)
         if have is None:
-            found.append(Finding(Status.MISSING, main, f"{setting.name} = {setting.value}"))
+            default = state.effective.get(setting.name)
+            want_x = _expand(setting.value, state.expanded)
+            if default is not None and _same_value(setting.name, want_x, default):
+                found.append(Finding(Status.OK, main, f"{setting.name} = {default}",
+                                     "Postfix's default"))
+            else:
+                now = f"now: {default or '(empty)'}" if default is not None else ""
+                found.append(Finding(Status.MISSING, main,
+                                     f"{setting.name} = {setting.value}", now))
             continue
         if _same_value(setting.name, setting.value, have):
             found.append(Finding(Status.OK, main, f"{setting.name} = {have}"))
@@ -690,8 +700,10 @@ def _compare_header_checks(config: PostfixConfig, state: PostfixState) -> list[F
 # ---------------------------------------------------------------- I/O
 
 
-def read_postfix(config_dir: str, postconf: str = POSTCONF) -> PostfixState:
-    """Run postconf on ``config_dir`` and read the header-checks map it names."""
+def read_postfix(config_dir: str, names: Iterable[str] = (),
+                 postconf: str = POSTCONF) -> PostfixState:
+    """Run postconf on ``config_dir`` (``names``: settings whose effective value is
+    wanted) and read the header-checks map it names."""
 
     def run(*args: str) -> str:
         proc = subprocess.run(
@@ -714,7 +726,9 @@ def read_postfix(config_dir: str, postconf: str = POSTCONF) -> PostfixState:
             files[path] = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             files[path] = None
-    return PostfixState(params, expanded, services, service_params, files)
+    wanted = sorted(set(names))
+    effective = parse_postconf_n(run("-x", *wanted)) if wanted else {}
+    return PostfixState(params, expanded, services, service_params, files, effective)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -751,7 +765,7 @@ def cmd_postfix_config(policy: Policy, args: argparse.Namespace,
         return EXIT_USAGE
     if args.check:
         try:
-            state = read_postfix(args.check)
+            state = read_postfix(args.check, (s.name for s in config.all_settings))
         except (OSError, subprocess.SubprocessError) as exc:
             print(f"mqpolicy postfix-config: cannot read the Postfix configuration: {exc}",
                   file=sys.stderr)

@@ -418,3 +418,24 @@ def test_a_service_overriding_the_restrictions_is_a_warning(write_policy: WriteP
     assert found[Status.WARNING] == [
         "service submission/inet sets -o smtpd_recipient_restrictions="
         "permit_sasl_authenticated, reject without check_policy_service inet:127.0.0.1:10040"]
+
+
+def test_an_unset_parameter_whose_default_is_right_is_ok(write_policy: WritePolicy) -> None:
+    config = generate(write_policy(LANES))
+    pasted = installed(config)
+    del pasted.main["smtpd_policy_service_request_limit"]
+    del pasted.main["smtpd_policy_service_timeout"]
+    del pasted.main["default_filter_nexthop"]
+    pasted.main["relayhost"] = ""
+    state = pasted.state()
+    effective = {"smtpd_policy_service_request_limit": "0",
+                 "smtpd_policy_service_timeout": "100s", "default_filter_nexthop": ""}
+    found = compare(config, PostfixState(state.params, state.expanded, state.services,
+                                         state.service_params, state.files, effective))
+    by_name = {f.what.split(" ")[0]: f for f in found}
+    assert by_name["smtpd_policy_service_request_limit"].status is Status.OK
+    assert by_name["smtpd_policy_service_request_limit"].detail == "Postfix's default"
+    # no relayhost: nothing to keep lane mail on, the empty default is right
+    assert by_name["default_filter_nexthop"].status is Status.OK
+    assert by_name["smtpd_policy_service_timeout"].status is Status.MISSING
+    assert by_name["smtpd_policy_service_timeout"].detail == "now: 100s"
