@@ -115,7 +115,7 @@ class RedisStore:
         timeout_ms: int = 50,
         key_prefix: str = "mqpolicy:",
         max_batch: int = 256,
-        max_in_flight: int = 1,
+        max_in_flight: int = 2,
         protocol: int = 2,
     ) -> None:
         if timeout_ms <= 0:
