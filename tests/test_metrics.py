@@ -95,8 +95,8 @@ class Exposition:
                 m = _SAMPLE.match(line)
                 assert m, f"bad sample line {line!r}"
                 name, body, value = m.group(1), m.group(2) or "{}", m.group(3)
-                kind = self.types.get(family)
-                allowed = {family} if kind != "histogram" else {
+                family_kind = self.types.get(family)
+                allowed = {family} if family_kind != "histogram" else {
                     family + "_bucket", family + "_sum", family + "_count"}
                 assert name in allowed, f"{name} outside its family {family}"
                 key = (name, _labels(body))
