@@ -55,13 +55,20 @@ EXIT_USAGE = 2
 # ---------------------------------------------------------------- what the policy needs
 
 
+GROUP_POLICY = "policy"
+GROUP_MILTER = "milter"
+GROUP_LANES = "lanes"
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
-    """``name = value`` in main.cf, preceded by comment lines."""
+    """``name = value`` in main.cf, preceded by comment lines; ``group``: the block of
+    main.cf it is printed in."""
 
     name: str
     value: str
     comment: tuple[str, ...] = ()
+    group: str = GROUP_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +152,8 @@ class PostfixConfig:
             out.extend(f"# {c}" for c in entry.comment)
             out.append(f"{entry.name} =\n    {entry.entry}")
         for setting in self.settings:
-            out.extend(_setting_lines(setting))
+            if setting.group == GROUP_POLICY:
+                out.extend(_setting_lines(setting))
         out.append("")
         out.append("# --- mqpolicy: the milter (header-based lanes, locally submitted mail)")
         if not self.milter_enabled:
@@ -161,8 +169,14 @@ class PostfixConfig:
             if not self.milter_enabled:
                 lines = [ln if ln.startswith("#") else f"#{ln}" for ln in lines]
             out.extend(lines)
+        for setting in self.settings:
+            if setting.group == GROUP_MILTER:
+                out.extend(_setting_lines(setting))
         out.append("")
         out.append("# --- mqpolicy: lanes as transports (the queue manager reads these here only)")
+        for setting in self.settings:
+            if setting.group == GROUP_LANES:
+                out.extend(_setting_lines(setting))
         for lane, settings, lane_notes in self.lane_settings:
             out.append(f"# lane {lane.name} (priority {lane.priority + 1}): "
                        f"transport {lane.transport}")
@@ -371,7 +385,9 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
     )
     header_setting = Setting(
         "milter_header_checks", f"regexp:{header_path}",
-        (f"The milter's {opts.lane_header} header -> FILTER <transport>: (the map below).",),
+        (f"The milter's {opts.lane_header} header -> FILTER <transport>: (the header_checks block;",
+         "harmless while no milter runs)."),
+        GROUP_MILTER,
     )
     settings.append(header_setting)
     settings.append(Setting(
@@ -380,6 +396,7 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
          "recipient domain's MX -- bypassing relayhost, transport_maps and",
          "sender_dependent_relayhost_maps. $relayhost keeps lane mail on your relay",
          "host (and on MX delivery when relayhost is empty)."),
+        GROUP_LANES,
     ))
 
     lane_settings: list[tuple[Lane, tuple[Setting, ...], tuple[str, ...]]] = []
