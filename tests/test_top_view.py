@@ -311,7 +311,7 @@ def test_top_live_redraws_with_rates_and_quits_on_interrupt(
             ready, _, _ = select.select([top.stdout], [], [], 0.5)
             if ready:
                 chunk = os.read(top.stdout.fileno(), 65536)
-                assert chunk, f"top exited: {top.stderr.read() if top.stderr else ''}"
+                assert chunk, f"top exited: {top.stderr.read() if top.stderr else b''!r}"
                 output += chunk
         top.send_signal(signal.SIGINT)
         assert top.wait(10) == 0
