@@ -683,3 +683,46 @@ def test_serve_refuses_to_start_when_the_metrics_port_is_taken(tmp_path: Path) -
             assert proc.stop() == 1
         finally:
             proc.stop()
+
+
+# ---------------------------------------------------------------- the Grafana dashboard
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / \
+    "mqpolicy-dashboard.json"
+
+
+def test_dashboard_uses_only_metrics_that_exist() -> None:
+    from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, HELD_MESSAGES, RELEASES
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:  # no two panels on the same grid cell
+        pos = panel["gridPos"]
+        mine = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"])
+                for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not mine & cells, panel["title"]
+        assert pos["x"] + pos["w"] <= 24
+        cells |= mine
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    used = {name for e in exprs for name in re.findall(r"\bmqpolicy_[a-z_]+", e)}
+    service = DecisionService(make_policy(), MemoryStore())
+    server = PolicyServer(PostfixPolicyHandler(service), [Endpoint(host="127.0.0.1", port=0)])
+    exposed = set(Exposition(core_registry(service, server=server.counters,
+                                           reloads=ReloadStats()).render()).types)
+    exposed |= {n + suffix for n in set(exposed) for suffix in ("_bucket", "_count", "_sum")}
+    later = {HELD_MESSAGES, RELEASES, DESTINATIONS_IN_BACKOFF}
+    assert used - exposed == later
+    for e in exprs:
+        assert 'instance=~"$instance"' in e, e
+        if "rate(" in e:
+            assert "$__rate_interval" in e, e
+    for panel in panels:
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
