@@ -248,3 +248,51 @@ def test_factor_stays_in_bounds_and_changes_are_consistent(
         else:
             assert (change.old_factor, change.new_factor) == (before, state.factor)
             assert (change.kind == "decrease") == (change.new_factor < change.old_factor)
+
+
+def test_feedback_pipeline_from_a_rotated_postfix_log(tmp_path: Any) -> None:
+    """Lines captured from Postfix, followed through a rotation, parsed, classified and
+    fed to the controller with the recipient domain as the destination."""
+    from datetime import UTC, datetime
+
+    from mqpolicy.delivery_log import parse_delivery_line, slow_down_reason
+    from mqpolicy.log_follower import LogFollower
+    from tests.test_delivery_log import CAPTURED, CAPTURED_OTHER
+
+    log = tmp_path / "maillog"
+    log.write_text("")
+    reference = datetime(2026, 11, 28, tzinfo=UTC)
+    c = BackoffController(S)
+    changes = []
+
+    def feed(follower: LogFollower) -> None:
+        for line in follower.poll():
+            event = parse_delivery_line(line, reference=reference)
+            if event is None or event.timestamp is None:
+                continue
+            now_ms = int(event.timestamp.timestamp() * 1000)
+            reason = slow_down_reason(event)
+            if reason is not None:
+                changes.append(c.slow_down(event.domain, now_ms, reason, event.line))
+            elif event.status == "sent":
+                changes.append(c.success(event.domain, now_ms, event.line))
+
+    with LogFollower(log) as follower:
+        feed(follower)
+        with log.open("a") as fh:
+            fh.write("\n".join([*CAPTURED_OTHER[:4], CAPTURED["gmail_421"], CAPTURED["sent"]]))
+            fh.write("\n")
+        feed(follower)
+        log.rename(tmp_path / "maillog.1")
+        with log.open("a") as fh:
+            fh.write("\n".join([CAPTURED["yahoo_421"], CAPTURED["gmail_421"],
+                                CAPTURED["refused"], CAPTURED["bounced"]]) + "\n")
+        for _ in range(3):
+            feed(follower)
+    made = [ch for ch in changes if ch is not None]
+    assert [(ch.destination, ch.kind, ch.new_factor) for ch in made] == [
+        ("gmail.test", "decrease", 0.5),
+        ("yahoo.test", "decrease", 0.5),
+    ]
+    assert made[0].evidence == CAPTURED["gmail_421"]
+    assert c.state("gmail.test").successes == 0  # the second 421 came after the success
