@@ -308,10 +308,26 @@ def compile_condition(spec: Any, what: str = "when") -> Predicate:
             raise
     if len(parts) == 1:
         return parts[0]
-    preds = tuple(parts)
+    return _all_of(tuple(parts))
 
+
+# Plain loops: a generator inside any()/all() costs more than the tests themselves.
+def _any_of(preds: tuple[Predicate, ...]) -> Predicate:
+    def any_of(req: Request) -> bool:
+        for pred in preds:  # noqa: SIM110 - a loop is faster than any() over a generator
+            if pred(req):
+                return True
+        return False
+
+    return any_of
+
+
+def _all_of(preds: tuple[Predicate, ...]) -> Predicate:
     def all_of(req: Request) -> bool:
-        return all(p(req) for p in preds)
+        for pred in preds:  # noqa: SIM110 - a loop is faster than all() over a generator
+            if not pred(req):
+                return False
+        return True
 
     return all_of
 
@@ -324,11 +340,9 @@ def _compile_list(value: Any, what: str) -> tuple[Predicate, ...]:
 
 def _compile_one(key: str, value: Any, what: str) -> Predicate:
     if key == "any":
-        preds = _compile_list(value, what)
-        return lambda req: any(p(req) for p in preds)
+        return _any_of(_compile_list(value, what))
     if key == "all":
-        preds = _compile_list(value, what)
-        return lambda req: all(p(req) for p in preds)
+        return _all_of(_compile_list(value, what))
     if key == "not":
         inner = compile_condition(value, what)
         return lambda req: not inner(req)

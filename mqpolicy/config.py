@@ -198,6 +198,7 @@ class Limit:
     recipient_keyed: bool = field(init=False)
     blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
     rate_text: str = field(init=False)
+    interval_ms: float = field(init=False)
     key_text: str = field(init=False)
     # Where the limit's buckets live: its name plus rate and burst, so a reload that
     # changes the rate starts fresh buckets instead of misreading the old ones.
@@ -208,6 +209,7 @@ class Limit:
             "recipient_keyed": any(part.name in RECIPIENT_KEY_PARTS for part in self.key),
             "blocking": not self.monitor and self.action is not ActionKind.DEMOTE,
             "rate_text": str(self.rate),
+            "interval_ms": self.rate.interval_ms,
             "key_text": "+".join(str(p) for p in self.key),
             "bucket_prefix": (
                 f"rl:{self.name}:{self.rate.count}/{self.rate.period_ms}/{self.burst}:"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+from collections.abc import Callable
 from enum import Enum
 from typing import NamedTuple
 
@@ -121,37 +122,35 @@ def client_network(address: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
-def _key_value(part: KeyPart, request: Request) -> str:
-    name = part.name
-    if name == "sender":
-        return request.sender.lower()
-    if name == "sender_domain":
-        return request.sender_domain
-    if name == "sasl_username":
-        return request.sasl_username.lower()
-    if name == "client_address":
-        return request.client_address.lower()
-    if name == "client_network":
-        return client_network(request.client_address, part.ipv4_prefix, part.ipv6_prefix)
-    if name == "client_name":
-        return request.client_name.lower()
-    if name == "helo_name":
-        return request.helo_name.lower()
-    if name == "recipient":
-        return request.recipient.lower()
-    # recipient_domain, destination (MX rollup arrives with destinations)
-    return domain_of(request.recipient)
+_KEY_VALUES: dict[str, Callable[[Request, KeyPart], str]] = {
+    "sender": lambda r, _: r.sender.lower(),
+    "sender_domain": lambda r, _: domain_of(r.sender),
+    "sasl_username": lambda r, _: r.sasl_username.lower(),
+    "client_address": lambda r, _: r.client_address.lower(),
+    "client_network": lambda r, p: client_network(r.client_address, p.ipv4_prefix,
+                                                  p.ipv6_prefix),
+    "client_name": lambda r, _: r.client_name.lower(),
+    "helo_name": lambda r, _: r.helo_name.lower(),
+    "recipient": lambda r, _: r.recipient.lower(),
+    "recipient_domain": lambda r, _: domain_of(r.recipient),
+    # the domain until MX rollup provides the destination group
+    "destination": lambda r, _: domain_of(r.recipient),
+}
 
 
 def limit_key(limit: Limit, request: Request) -> str | None:
     """The key value of ``limit`` for this request; None when a part is missing."""
+    parts = limit.key
+    if len(parts) == 1:
+        part = parts[0]
+        return _KEY_VALUES[part.name](request, part) or None
     values = []
-    for part in limit.key:
-        value = _key_value(part, request)
+    for part in parts:
+        value = _KEY_VALUES[part.name](request, part)
         if not value:
             return None
         values.append(value)
-    return values[0] if len(values) == 1 else "|".join(values)
+    return "|".join(values)
 
 
 def store_key(limit: Limit, key: str) -> str:
@@ -215,14 +214,8 @@ def make_plan(request: Request, policy: Policy) -> Plan:
         else:
             cost = max(1, request.size) if limit.count is Count.BYTES else 1
             consume = False
-        check = BudgetCheck(
-            key=store_key(limit, key),
-            interval_ms=limit.rate.interval_ms,
-            burst=limit.burst,
-            cost=cost,
-            consume=consume,
-            blocking=limit.blocking,
-        )
+        check = BudgetCheck(store_key(limit, key), limit.interval_ms, limit.burst, cost,
+                            consume, limit.blocking)
         planned.append(PlannedLimit(limit, key, check, consume))
     once = once_key_for(request) if at_end and planned else None
     return Plan(request, lane, rule, tuple(planned), once)
@@ -234,7 +227,12 @@ def make_plan(request: Request, policy: Policy) -> Plan:
 def _counted(p: PlannedLimit) -> str:
     if not p.spends:
         return "checked"
+    if p.check.cost == 1:
+        return _ONE[p.limit.count]
     return f"{p.check.cost} {p.limit.count.value}"
+
+
+_ONE = {count: f"1 {count.value}" for count in Count}
 
 
 def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: int,
@@ -259,24 +257,26 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
     outcomes: list[LimitOutcome] = []
     worst: tuple[int, int, PlannedLimit, BudgetResult] | None = None
     lane = classified
+    duplicate = evaluation.duplicate
+    may_spend = evaluation.committed and not duplicate
     for planned, result in zip(plan.limits, evaluation.results, strict=True):
         limit = planned.limit
-        spent = evaluation.committed and planned.check.consume and result.allowed
+        allowed = result.allowed
         outcomes.append(
             LimitOutcome(
-                name=limit.name,
-                key=planned.key,
-                allowed=result.allowed,
-                spent=spent and not evaluation.duplicate,
-                remaining=result.remaining,
-                retry_after_ms=result.retry_after_ms,
-                action=limit.action,
-                monitor=limit.monitor,
-                rate=limit.rate_text,
-                counted="already counted" if evaluation.duplicate else _counted(planned),
+                limit.name,
+                planned.key,
+                allowed,
+                may_spend and allowed and planned.check.consume,
+                result.remaining,
+                result.retry_after_ms,
+                limit.action,
+                limit.monitor,
+                limit.rate_text,
+                "already counted" if duplicate else _counted(planned),
             )
         )
-        if result.allowed or limit.monitor:
+        if allowed or limit.monitor:
             continue
         if limit.action is ActionKind.DEMOTE and limit.demote_to is not None:
             target = policy.lane(limit.demote_to)

@@ -117,6 +117,9 @@ def redis_glob_to_regex(pattern: str) -> re.Pattern[str]:
 class MemoryStore:
     """Budgets in this process's memory (the default store; not shared between processes)."""
 
+    in_process = True
+    """Answers without I/O: callers need no deadline around it."""
+
     def __init__(self, key_prefix: str = "mqpolicy:") -> None:
         self._prefix = key_prefix
         # prefixed key -> (tat or once marker, expiry in the callers' ms clock)

@@ -352,7 +352,9 @@ def test_recipient_keyed_limit_defers_only_that_recipient() -> None:
 
 
 class BrokenStore(MemoryStore):
-    """Fails or stalls on evaluate; everything else as the memory store."""
+    """Fails or stalls on evaluate like a store behind a network; else the memory store."""
+
+    in_process = False
 
     def __init__(self, mode: str) -> None:
         super().__init__()
