@@ -384,12 +384,16 @@ def test_counters_and_histograms_move_with_real_decisions() -> None:
 
 
 class FailingStore(MemoryStore):
+    in_process = False  # behaves like a store behind a network
+
     async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
                        once_key: str | None = None, once_ttl_ms: int = 1) -> Evaluation:
         raise StoreError("connection refused")
 
 
 class SilentStore(MemoryStore):
+    in_process = False  # behaves like a store behind a network: the deadline applies
+
     async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
                        once_key: str | None = None, once_ttl_ms: int = 1) -> Evaluation:
         await asyncio.sleep(10)
