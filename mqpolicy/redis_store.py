@@ -13,16 +13,20 @@ becomes :class:`~mqpolicy.budget.StoreError`. A queued decision can wait for the
 flight, so its worst case is about twice the deadline. The pool reconnects by itself on the
 next call once Redis is back; a script cache lost on restart is reloaded (NOSCRIPT).
 
-Measured with ``bench/store_bench.py`` (redis-server 7.0 on a unix socket, redis-py 8.1 +
-hiredis, Python 3.11, one decision = 2 checks, loopback, one core; see the bench for the
-exact command):
+Measured with ``bench/store_bench.py --repeat 3 --in-flight 1,2 --protocols 2,3``
+(redis-server 7.0 on a unix socket, redis-py 8.1 + hiredis 3.5, Python 3.11, a 2-core VM
+shared with other jobs: wall figures vary up to 2x between runs, CPU figures less):
 
-* client cost of one command: ~65 us (RESP2) vs ~70 us (RESP3) per EVALSHA of one decision,
-  about the same difference for PING; RESP2 is the default (``protocol=2``).
-* per-call cost of a batch: 1 decision ~65 us, 16 ~130 us, 64 ~330 us, 256 ~1.2 ms,
-  i.e. ~4.5 us per decision at 256 (most of it the Lua work on the server side).
-* decisions/s through :meth:`evaluate`: concurrency 1 ~10k, 8 ~40k, 64 ~90k,
-  with ``max_in_flight=1``; ``2`` was not faster at 64 and slower at 8 (smaller batches).
+* client CPU per sequential call, RESP2 / RESP3: PING 141 / 187 us, EVALSHA of 1 decision
+  154 / 172, of 64 666 / 580, of 256 1694 / 1900 us. No consistent gain from RESP3, which
+  adds a HELLO round trip per connect: RESP2 (``protocol=2``) it is.
+* batch size, client CPU per decision: 1 -> 154 us, 16 -> 21, 64 -> 10, 256 -> 6.6;
+  redis-server CPU per decision (2 checks + a once key) ~13-16 us in batches of 8+.
+  With redis-py's own asyncio packer a 256-decision call costs 7.3 ms of client CPU instead
+  of 1.7 ms, hence ``_HiredisPacking``.
+* evaluate, concurrency 1 / 8 / 64: ~2.5-3k / 8-15k / 15-26k decisions/s.
+* open loop (decisions arriving independently) at 4,000/s offered: one batch in flight fell
+  behind (3.7k/s done, p50 106 ms), two kept up (4.0k/s, p50 5.6 ms): ``max_in_flight=2``.
 """
 
 from __future__ import annotations
@@ -105,7 +109,9 @@ class RedisStore:
     """Budgets in Redis, shared by every process and host that uses the same keys.
 
     ``url``: ``redis://[user:pass@]host:port/db``, ``rediss://...`` (TLS) or
-    ``unix:///path/to/redis.sock?db=0``. ``timeout_ms`` bounds every call.
+    ``unix:///path/to/redis.sock?db=0``. ``timeout_ms`` bounds every call. ``max_batch``
+    caps the decisions in one EVALSHA, ``max_in_flight`` the batches sent and not yet
+    answered. Use it from one event loop (other threads: ``run_coroutine_threadsafe``).
     """
 
     def __init__(

@@ -608,9 +608,12 @@ def test_concurrent_decisions_spend_exactly_the_budget(kit: StoreKit) -> None:
     kit.run(body)
 
 
-def test_concurrent_decisions_are_coalesced(redis_clean: RedisServer) -> None:
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_concurrent_decisions_are_coalesced(redis_clean: RedisServer, in_flight: int) -> None:
     async def main() -> None:
-        store = RedisStore(redis_clean.unix_url, timeout_ms=2000, max_batch=64)
+        store = RedisStore(
+            redis_clean.unix_url, timeout_ms=2000, max_batch=64, max_in_flight=in_flight
+        )
         check = BudgetCheck("shared", HOUR, 50, 1)
         with redis_clean.client() as client:
             client.config_resetstat()
