@@ -20,12 +20,12 @@ from typing import TextIO
 
 from mqpolicy import __version__
 from mqpolicy.budget import CounterStore, StoreError
-from mqpolicy.config import ConfigError, Limit, Policy
+from mqpolicy.config import ConfigError, Limit, MilterSettings, Policy, load_policy
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.engine import Verdict, applies, limit_key, store_key
 from mqpolicy.metrics import MetricsServer, ReloadStats, core_registry
-from mqpolicy.milter_service import MilterRunner, MilterSettings, load_policy_file
+from mqpolicy.milter_service import MilterRunner
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
@@ -119,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "top":
         return run_top(args, sys.stdout)
     try:
-        policy, milter = load_policy_file(args.config)
+        policy = load_policy(args.config)
+        milter = policy.milter
     except ConfigError as exc:
         print(f"mqpolicy: invalid policy file, nothing started:\n{exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -148,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_check(path: str, out: TextIO) -> int:
     try:
-        policy, milter = load_policy_file(path)
+        policy = load_policy(path)
+        milter = policy.milter
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=out)
@@ -246,7 +248,7 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None,
     loop = asyncio.get_running_loop()
     sd_notify("RELOADING=1")
     try:
-        new, _ = await loop.run_in_executor(None, load_policy_file, path)
+        new = await loop.run_in_executor(None, load_policy, path)
     except ConfigError as exc:
         for issue in exc.issues:
             log.error("reload refused, keeping the running policy",

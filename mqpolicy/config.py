@@ -19,7 +19,13 @@ from typing import Any
 import yaml
 
 from mqpolicy.conditions import ConditionError, Predicate, compile_condition
-from mqpolicy.endpoints import Endpoint, EndpointSyntaxError, parse_endpoint
+from mqpolicy.endpoints import (
+    Endpoint,
+    EndpointSyntaxError,
+    MilterEndpoint,
+    parse_endpoint,
+    parse_milter_endpoint,
+)
 from mqpolicy.rates import (
     Rate,
     RateSyntaxError,
@@ -243,6 +249,47 @@ class StoreSettings:
     key_prefix: str = "mqpolicy:"
 
 
+class ErrorAction(Enum):
+    """What the milter answers when no verdict comes in time."""
+
+    TEMPFAIL = "tempfail"
+    ACCEPT = "accept"
+
+
+class RcptLimits(Enum):
+    """Who decides RCPT for SMTP mail: the milter, or Postfix's policy server."""
+
+    MILTER = "milter"
+    POLICY_SERVER = "policy_server"
+
+
+
+DEFAULT_TIMEOUT_MARGIN_MS = 50
+DEFAULT_MILTER_LISTEN = MilterEndpoint("unix", path="/run/mqpolicy/milter.sock")
+
+
+@dataclass(frozen=True, slots=True)
+class MilterSettings:
+    """The ``milter:`` section of the policy file."""
+
+    listen: MilterEndpoint = DEFAULT_MILTER_LISTEN
+    listen_mode: int = 0o660
+    on_error: ErrorAction = ErrorAction.TEMPFAIL
+    lane_header: str = "X-MQ-Lane"
+    timeout_ms: int | None = None  # None: the store deadline + DEFAULT_TIMEOUT_MARGIN_MS
+    rcpt_limits: RcptLimits = RcptLimits.MILTER
+    mta_timeout_s: int = 300  # libmilter's read/write timeout towards the MTA
+    drain_timeout_s: float = 10.0
+    name: str = "mqpolicy"
+
+    def wait_s(self, store_timeout_ms: int) -> float:
+        """How long a callback waits for a decision."""
+        ms = self.timeout_ms
+        if ms is None:
+            ms = store_timeout_ms + DEFAULT_TIMEOUT_MARGIN_MS
+        return ms / 1000
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     """Prometheus metrics over HTTP; ``listen`` None = off."""
@@ -267,6 +314,7 @@ class Policy:
     store: StoreSettings = StoreSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    milter: MilterSettings | None = None  # None: no milter section, no milter
     lanes: tuple[Lane, ...] = _DEFAULT_LANES
     default_lane: str = "normal"
     classify: tuple[ClassifyRule, ...] = ()
@@ -421,6 +469,7 @@ _TOP_KEYS = {
     "store",
     "log",
     "metrics",
+    "milter",
     "lanes",
     "default_lane",
     "classify",
@@ -515,6 +564,7 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
     elif lanes and default_lane not in lane_names:
         r.error(top, "lanes", "default_lane", "set default_lane: the lane of unmatched mail")
 
+    milter = _read_milter(r, top, store) if "milter" in top else None
     classify = tuple(_read_classify(r, top, lane_names)) if "classify" in top else ()
     limits = tuple(_read_limits(r, top, lane_names, store)) if "limits" in top else ()
     return Policy(
@@ -524,6 +574,7 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
         store=store,
         log=log,
         metrics=metrics,
+        milter=milter,
         lanes=lanes,
         default_lane=default_lane,
         classify=classify,
@@ -654,6 +705,68 @@ def _read_metrics(r: _Reader, top: Mapping[str, Any]) -> MetricsSettings:
         r.error(m, "listen", "metrics.listen", "metrics listen on HOST:PORT (HTTP)")
         return MetricsSettings()
     return MetricsSettings(listen=endpoint)
+
+
+_MILTER_KEYS = frozenset(
+    {"listen", "listen_mode", "on_error", "lane_header", "timeout", "rcpt_limits",
+     "mta_timeout", "drain_timeout"}
+)
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _read_milter(r: _Reader, top: Mapping[str, Any], store: StoreSettings) -> MilterSettings:
+    d = MilterSettings()
+    m = r.mapping(top, "milter", "milter", _MILTER_KEYS)
+    if m is None:
+        return d
+
+    def opt(key: str, fn: Callable[[Any], Any]) -> Any:
+        return r.convert(m, key, f"milter.{key}", fn) if key in m else None
+
+    listen = opt("listen", lambda v: parse_milter_endpoint(_string(v)))
+    mode = opt("listen_mode", _mode)
+    on_error = opt("on_error", lambda v: _enum(ErrorAction, v))
+    header = opt("lane_header", _header_name)
+    timeout = opt("timeout", _positive_duration)
+    rcpt = opt("rcpt_limits", lambda v: _enum(RcptLimits, v))
+    mta_timeout = opt("mta_timeout", _positive_duration)
+    drain = opt("drain_timeout", parse_duration_ms)
+    if timeout is not None and timeout <= store.timeout_ms:
+        r.error(m, "timeout", "milter.timeout",
+                f"must be above store.timeout_ms ({store.timeout_ms} ms): the store "
+                "deadline applies on_store_error, this one on_error")
+    return MilterSettings(
+        listen=listen or d.listen,
+        listen_mode=d.listen_mode if mode is None else mode,
+        on_error=on_error or d.on_error,
+        lane_header=header or d.lane_header,
+        timeout_ms=timeout,
+        rcpt_limits=rcpt or d.rcpt_limits,
+        mta_timeout_s=max(1, -(-mta_timeout // 1000)) if mta_timeout else d.mta_timeout_s,
+        drain_timeout_s=drain / 1000 if drain is not None else d.drain_timeout_s,
+    )
+
+
+def _enum(enum: type[Enum], value: Any) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = " or ".join(str(m.value) for m in enum)
+        raise ValueError(f"expected {allowed}, got {value!r}") from None
+
+
+def _header_name(value: Any) -> str:
+    text = _string(value)
+    if not _HEADER_NAME.match(text):
+        raise ValueError(f"not a header name: {text!r}")
+    return text
+
+
+def _positive_duration(value: Any) -> int:
+    ms = parse_duration_ms(value)
+    if ms <= 0:
+        raise ValueError(f"expected a positive duration, got {value!r}")
+    return ms
 
 
 def _read_messages(r: _Reader, top: Mapping[str, Any]) -> Messages:

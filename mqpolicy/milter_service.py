@@ -52,32 +52,28 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
 from typing import Any, TypeVar
 
 import Milter
-import yaml
 
-from mqpolicy.config import ConfigError, ConfigIssue, Lane, Policy, parse_policy
+from mqpolicy.config import (
+    ErrorAction,
+    Lane,
+    MilterSettings,
+    Policy,
+    RcptLimits,
+)
 from mqpolicy.decisions import DecisionService
+from mqpolicy.endpoints import MilterEndpoint
 from mqpolicy.engine import Action, Verdict, classify
-from mqpolicy.rates import RateSyntaxError, parse_duration_ms
 from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
 from mqpolicy.structured_log import connection_id_var, queue_id_var
 
 __all__ = [
     "DecisionGateway",
     "DecisionUnavailable",
-    "ErrorAction",
-    "MilterEndpoint",
     "MilterRunner",
-    "MilterSettings",
     "PolicyMilter",
-    "RcptLimits",
-    "load_policy_file",
-    "parse_milter_endpoint",
-    "parse_policy_text",
 ]
 
 log = logging.getLogger("mqpolicy.milter")
@@ -89,268 +85,6 @@ MAX_RECIPIENTS = 10000  # recipients kept for conditions (all are counted)
 MAX_REPLY_TEXT = 400  # characters of an SMTP reply text
 
 ERROR_TEXT = "Policy service error, try again later"
-DEFAULT_TIMEOUT_MARGIN_MS = 50
-
-
-# ---------------------------------------------------------------- settings
-
-
-class ErrorAction(Enum):
-    TEMPFAIL = "tempfail"
-    ACCEPT = "accept"
-
-
-class RcptLimits(Enum):
-    """Who decides RCPT for SMTP mail: the milter, or Postfix's policy server."""
-
-    MILTER = "milter"
-    POLICY_SERVER = "policy_server"
-
-
-class MilterEndpointError(ValueError):
-    """A ``milter.listen`` value that cannot be parsed."""
-
-
-@dataclass(frozen=True, slots=True)
-class MilterEndpoint:
-    """``unix:/path``, ``inet:PORT@HOST``, ``inet6:PORT@HOST`` or ``fd:N``."""
-
-    kind: str  # "unix", "inet", "inet6", "fd"
-    path: str = ""
-    host: str = ""
-    port: int = 0
-    fd: int = -1
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        if self.kind == "fd":
-            return f"fd:{self.fd}"
-        return f"{self.kind}:{self.port}@{self.host}"
-
-
-def parse_milter_endpoint(text: str) -> MilterEndpoint:
-    """Parse libmilter's socket syntax (``local:`` is ``unix:``; a host is required)."""
-    kind, sep, rest = text.strip().partition(":")
-    kind = kind.lower()
-    if not sep:
-        raise MilterEndpointError(
-            f"bad milter socket {text!r} (use unix:/path, inet:PORT@HOST or fd:N)"
-        )
-    if kind in ("unix", "local"):
-        if not rest.startswith("/"):
-            raise MilterEndpointError(f"unix socket path must be absolute: {text!r}")
-        if len(rest.encode()) > 107:
-            raise MilterEndpointError(f"unix socket path too long: {text!r}")
-        return MilterEndpoint("unix", path=rest)
-    if kind == "fd":
-        if not rest.isdigit() or int(rest) < 3:
-            raise MilterEndpointError(f"fd: needs an inherited descriptor >= 3, got {text!r}")
-        return MilterEndpoint("fd", fd=int(rest))
-    if kind in ("inet", "inet6"):
-        port_text, at, host = rest.partition("@")
-        host = host.strip("[]")
-        if not at or not host:
-            raise MilterEndpointError(f"bad milter socket {text!r} (use inet:PORT@HOST)")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise MilterEndpointError(f"bad port in milter socket {text!r}")
-        return MilterEndpoint(kind, host=host, port=int(port_text))
-    raise MilterEndpointError(
-        f"unknown milter socket type {kind!r} in {text!r} (use unix:, inet:, inet6: or fd:)"
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class MilterSettings:
-    """The ``milter:`` section of the policy file."""
-
-    listen: MilterEndpoint = MilterEndpoint("unix", path="/run/mqpolicy/milter.sock")
-    listen_mode: int = 0o660
-    on_error: ErrorAction = ErrorAction.TEMPFAIL
-    lane_header: str = "X-MQ-Lane"
-    timeout_ms: int | None = None  # None: the store deadline + DEFAULT_TIMEOUT_MARGIN_MS
-    rcpt_limits: RcptLimits = RcptLimits.MILTER
-    mta_timeout_s: int = 300  # libmilter's read/write timeout towards the MTA
-    drain_timeout_s: float = 10.0
-    name: str = "mqpolicy"
-
-    def wait_s(self, store_timeout_ms: int) -> float:
-        """How long a callback waits for a decision."""
-        ms = self.timeout_ms
-        if ms is None:
-            ms = store_timeout_ms + DEFAULT_TIMEOUT_MARGIN_MS
-        return ms / 1000
-
-
-_MILTER_KEYS = frozenset(
-    {"listen", "listen_mode", "on_error", "lane_header", "timeout", "rcpt_limits",
-     "mta_timeout", "drain_timeout"}
-)
-_HEADER_NAME = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-
-
-# ---------------------------------------------------------------- policy file with a milter section
-
-
-def load_policy_file(path: str | Path) -> tuple[Policy, MilterSettings | None]:
-    """Read a policy file that may have a ``milter:`` section.
-
-    The policy itself is validated by :func:`mqpolicy.config.parse_policy` (with the
-    ``milter:`` lines blanked, so every line number stays right); the ``milter:`` section is
-    validated here. Problems of both are raised together in one :class:`ConfigError`.
-    """
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(source, 0, "", f"cannot read: {exc.strerror}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigIssue(source, 0, "", "not UTF-8 text")]) from None
-    return parse_policy_text(text, source)
-
-
-def parse_policy_text(text: str, source: str = "<string>") -> tuple[Policy, MilterSettings | None]:
-    issues: list[ConfigIssue] = []
-    rest, section = _split_milter_section(text, source, issues)
-    policy: Policy | None = None
-    try:
-        policy = parse_policy(rest, source)
-    except ConfigError as exc:
-        issues = [*exc.issues, *issues]
-    settings = None
-    if section is not None:
-        settings = _read_milter(section, source, issues, policy)
-    if issues or policy is None:
-        raise ConfigError(sorted(issues, key=lambda i: i.line))
-    return policy, settings
-
-
-def _split_milter_section(
-    text: str, source: str, issues: list[ConfigIssue]
-) -> tuple[str, yaml.Node | None]:
-    """The text without the top-level ``milter:`` entry (lines blanked) and its value node."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return text, None  # parse_policy reports the syntax error with its line
-    if not isinstance(root, yaml.MappingNode):
-        return text, None
-    found = [
-        (k, v) for k, v in root.value if isinstance(k, yaml.ScalarNode) and k.value == "milter"
-    ]
-    if not found:
-        return text, None
-    key, value = found[0]
-    if len(found) > 1:
-        line = found[1][0].start_mark.line + 1
-        issues.append(ConfigIssue(source, line, "", "duplicate key 'milter'"))
-    if root.flow_style:
-        issues.append(ConfigIssue(source, key.start_mark.line + 1, "milter",
-                                  "write the policy file in block style to use a milter section"))
-        return text, None
-    first = key.start_mark.line
-    last = value.end_mark.line if value.end_mark.column else value.end_mark.line - 1
-    lines = text.splitlines(keepends=True)
-    for n in range(first, min(last, len(lines) - 1) + 1):
-        lines[n] = "\n"
-    return "".join(lines), value
-
-
-def _read_milter(
-    node: yaml.Node, source: str, issues: list[ConfigIssue], policy: Policy | None
-) -> MilterSettings:
-    d = MilterSettings()
-    line0 = node.start_mark.line + 1
-    if not isinstance(node, yaml.MappingNode):
-        issues.append(ConfigIssue(source, line0, "milter", "expected a mapping"))
-        return d
-    loader = yaml.SafeLoader("")
-    values: dict[str, tuple[Any, int]] = {}
-    for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
-        line = key_node.start_mark.line + 1
-        if key not in _MILTER_KEYS:
-            issues.append(ConfigIssue(source, line, f"milter.{key}",
-                                      f"unknown key (allowed: {', '.join(sorted(_MILTER_KEYS))})"))
-            continue
-        try:
-            values[key] = (loader.construct_object(value_node, deep=True), line)
-        except yaml.YAMLError as exc:
-            issues.append(ConfigIssue(source, line, f"milter.{key}", str(exc)))
-
-    def read(key: str, fn: Callable[[Any], Any]) -> Any:
-        if key not in values:
-            return None
-        value, line = values[key]
-        try:
-            return fn(value)
-        except (ValueError, TypeError) as exc:
-            issues.append(ConfigIssue(source, line, f"milter.{key}", str(exc)))
-            return None
-
-    listen = read("listen", lambda v: parse_milter_endpoint(_text(v)))
-    mode = read("listen_mode", _mode)
-    on_error = read("on_error", lambda v: _choice(ErrorAction, v))
-    header = read("lane_header", _header_name)
-    timeout = read("timeout", _duration_ms)
-    rcpt = read("rcpt_limits", lambda v: _choice(RcptLimits, v))
-    mta_timeout = read("mta_timeout", _duration_ms)
-    drain = read("drain_timeout", parse_duration_ms)
-    if timeout is not None and policy is not None and timeout <= policy.store.timeout_ms:
-        issues.append(ConfigIssue(
-            source, values["timeout"][1], "milter.timeout",
-            f"must be above store.timeout_ms ({policy.store.timeout_ms} ms): the store "
-            "deadline applies on_store_error, this one on_error",
-        ))
-    return MilterSettings(
-        listen=listen or d.listen,
-        listen_mode=d.listen_mode if mode is None else mode,
-        on_error=on_error or d.on_error,
-        lane_header=header or d.lane_header,
-        timeout_ms=timeout,
-        rcpt_limits=rcpt or d.rcpt_limits,
-        mta_timeout_s=max(1, -(-mta_timeout // 1000)) if mta_timeout else d.mta_timeout_s,
-        drain_timeout_s=drain / 1000 if drain is not None else d.drain_timeout_s,
-    )
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {value!r}")
-    return value
-
-
-def _choice(enum: type[ErrorAction] | type[RcptLimits], value: Any) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = " or ".join(m.value for m in enum)
-        raise ValueError(f"expected {allowed}, got {value!r}") from None
-
-
-def _mode(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
-        return value  # YAML reads 0660 without quotes as octal already
-    if isinstance(value, str) and len(value) in (3, 4) and all(c in "01234567" for c in value):
-        return int(value, 8)
-    raise ValueError(f'expected a file mode like "0660", got {value!r}')
-
-
-def _header_name(value: Any) -> str:
-    text = _text(value)
-    if len(text) > 64 or not all(c in _HEADER_NAME for c in text):
-        raise ValueError(f"not a header name: {text!r}")
-    return text
-
-
-def _duration_ms(value: Any) -> int:
-    try:
-        ms = parse_duration_ms(value)
-    except RateSyntaxError as exc:
-        raise ValueError(str(exc)) from None
-    if ms <= 0:
-        raise ValueError(f"expected a positive duration, got {value!r}")
-    return ms
 
 
 # ---------------------------------------------------------------- thread -> loop

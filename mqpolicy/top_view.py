@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from typing import Final, TextIO
 from urllib.parse import urlsplit
 
-from mqpolicy.config import ConfigError
+from mqpolicy.config import ConfigError, load_policy
 from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, HELD_MESSAGES, RELEASES
-from mqpolicy.milter_service import load_policy_file
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
@@ -463,7 +462,7 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
 
 def metrics_url(config: str) -> str:
     """The URL of the metrics endpoint a policy file configures."""
-    policy, _ = load_policy_file(config)
+    policy = load_policy(config)
     endpoint = policy.metrics.listen
     if endpoint is None:
         raise TopError(f"{config}: metrics are off (set metrics: {{listen: HOST:PORT}} "
