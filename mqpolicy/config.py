@@ -172,6 +172,8 @@ class Lane:
     rate_delay_ms: int | None = None
     recipient_limit: int | None = None
     hold: bool = False
+    release_rate: Rate | None = None  # how fast the scheduler releases held mail; None: no cap
+    release_burst: int | None = None
 
     @property
     def uses_default_transport(self) -> bool:
@@ -290,6 +292,44 @@ class MilterSettings:
         return ms / 1000
 
 
+class MtaKind(Enum):
+    POSTFIX = "postfix"
+    SENDMAIL = "sendmail"
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSettings:
+    """Delivery at a time the message asks for (``Deferred-Delivery:``,
+    ``X-MQ-Deliver-After:``), honoured only for mail that ``allow`` matches."""
+
+    allow: Predicate | None = None  # None: nobody may schedule (the headers are stripped)
+    max_delay_ms: int = 7 * 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class LoadThresholds:
+    """Queue sizes above which the lowest lanes wait (0 = that queue is not watched)."""
+
+    active: int = 0
+    incoming: int = 0
+    deferred: int = 0
+    hold_lanes: int = 1  # how many of the lowest lanes wait when a threshold is crossed
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    """The hold-queue scheduler (``mqpolicy scheduler`` or inside ``serve``)."""
+
+    mta: MtaKind = MtaKind.POSTFIX
+    postfix_config_dir: str = "/etc/postfix"
+    sendmail_cf: str = "/etc/mail/sendmail.cf"
+    interval_ms: int = 5_000
+    max_releases_per_pass: int = 500
+    lock_ttl_ms: int = 30_000
+    schedule: ScheduleSettings = ScheduleSettings()
+    load: LoadThresholds = LoadThresholds()
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     """Prometheus metrics over HTTP; ``listen`` None = off."""
@@ -315,6 +355,7 @@ class Policy:
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     milter: MilterSettings | None = None  # None: no milter section, no milter
+    scheduler: SchedulerSettings | None = None  # None: no scheduler section
     lanes: tuple[Lane, ...] = _DEFAULT_LANES
     default_lane: str = "normal"
     classify: tuple[ClassifyRule, ...] = ()
@@ -470,6 +511,7 @@ _TOP_KEYS = {
     "log",
     "metrics",
     "milter",
+    "scheduler",
     "lanes",
     "default_lane",
     "classify",
@@ -484,6 +526,8 @@ _LANE_KEYS = {
     "rate_delay",
     "recipient_limit",
     "hold",
+    "release_rate",
+    "release_burst",
 }
 _LIMIT_KEYS = {
     "name",
@@ -565,6 +609,7 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
         r.error(top, "lanes", "default_lane", "set default_lane: the lane of unmatched mail")
 
     milter = _read_milter(r, top, store) if "milter" in top else None
+    scheduler = _read_scheduler(r, top) if "scheduler" in top else None
     classify = tuple(_read_classify(r, top, lane_names)) if "classify" in top else ()
     limits = tuple(_read_limits(r, top, lane_names, store)) if "limits" in top else ()
     return Policy(
@@ -575,6 +620,7 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
         log=log,
         metrics=metrics,
         milter=milter,
+        scheduler=scheduler,
         lanes=lanes,
         default_lane=default_lane,
         classify=classify,
@@ -747,6 +793,66 @@ def _read_milter(r: _Reader, top: Mapping[str, Any], store: StoreSettings) -> Mi
     )
 
 
+_SCHEDULER_KEYS = frozenset(
+    {"mta", "postfix_config_dir", "sendmail_cf", "interval", "max_releases_per_pass",
+     "lock_ttl", "schedule", "load"}
+)
+
+
+def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
+    d = SchedulerSettings()
+    m = r.mapping(top, "scheduler", "scheduler", _SCHEDULER_KEYS)
+    if m is None:
+        return d
+
+    def opt(key: str, fn: Callable[[Any], Any]) -> Any:
+        return r.convert(m, key, f"scheduler.{key}", fn) if key in m else None
+
+    mta = opt("mta", lambda v: _enum(MtaKind, v))
+    config_dir = opt("postfix_config_dir", _absolute_path)
+    sendmail_cf = opt("sendmail_cf", _absolute_path)
+    interval = opt("interval", _positive_duration)
+    batch = opt("max_releases_per_pass", _positive_int)
+    lock_ttl = opt("lock_ttl", _positive_duration)
+    if lock_ttl is not None and lock_ttl <= (interval or d.interval_ms):
+        r.error(m, "lock_ttl", "scheduler.lock_ttl", "must be longer than scheduler.interval")
+
+    schedule = d.schedule
+    if "schedule" in m:
+        s = r.mapping(m, "schedule", "scheduler.schedule", {"allow", "max_delay"})
+        if s is not None:
+            allow = _condition(r, s, "allow", "scheduler.schedule") if "allow" in s else None
+            max_delay = (r.convert(s, "max_delay", "scheduler.schedule.max_delay",
+                                   _positive_duration) if "max_delay" in s else None)
+            schedule = ScheduleSettings(allow=allow,
+                                        max_delay_ms=max_delay or d.schedule.max_delay_ms)
+    load = d.load
+    if "load" in m:
+        keys = {"active", "incoming", "deferred", "hold_lanes"}
+        lm = r.mapping(m, "load", "scheduler.load", keys)
+        if lm is not None:
+            values = {k: r.convert(lm, k, f"scheduler.load.{k}", _positive_int)
+                      for k in keys if k in lm}
+            load = LoadThresholds(**{k: v for k, v in values.items() if v is not None})
+    return SchedulerSettings(
+        mta=mta or d.mta,
+        postfix_config_dir=config_dir or d.postfix_config_dir,
+        sendmail_cf=sendmail_cf or d.sendmail_cf,
+        interval_ms=interval or d.interval_ms,
+        max_releases_per_pass=batch or d.max_releases_per_pass,
+        lock_ttl_ms=lock_ttl or d.lock_ttl_ms,
+        schedule=schedule,
+        load=load,
+    )
+
+
+def _absolute_path(value: Any) -> str:
+    text = _string(value)
+    if not text.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {text!r}")
+    return text
+
+
 def _enum(enum: type[Enum], value: Any) -> Any:
     try:
         return enum(value)
@@ -820,6 +926,8 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
             rate_delay_ms=rate_delay,
             recipient_limit=opt("recipient_limit", _positive_int),
             hold=bool(opt("hold", _bool)),
+            release_rate=opt("release_rate", parse_rate),
+            release_burst=opt("release_burst", _positive_int),
         )
         priority += 1
     if not seen and isinstance(top["lanes"], list):
