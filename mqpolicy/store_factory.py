@@ -18,7 +18,7 @@ _KNOWN = "memory://, redis://host:port/db, rediss://host:port/db, unix:///path/r
 def open_store(url: str, *, timeout_ms: int = 50, key_prefix: str = "mqpolicy:") -> CounterStore:
     """``memory://`` is the embedded store; ``redis://``, ``rediss://`` and ``unix://`` are
     Redis (see :class:`~mqpolicy.redis_store.RedisStore`). Raises ValueError otherwise."""
-    scheme = urlsplit(url.strip()).scheme.lower() if "://" in url else ""
+    scheme = urlsplit(url.strip()).scheme.lower()
     if scheme == "memory":
         return MemoryStore(key_prefix=key_prefix)
     if scheme in _REDIS_SCHEMES:

@@ -28,6 +28,14 @@ REDIS_SERVER_BIN = os.environ.get("MQPOLICY_TEST_REDIS_SERVER", "/usr/bin/redis-
 _READY_TIMEOUT_S = 10.0
 
 
+def _launcher() -> list[str]:
+    """``setpriv --pdeathsig TERM`` (util-linux) where available: the server also goes when
+    the test process is killed outright, before any ``finally`` could run. It execs the
+    server, so the PID is the server's."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -98,6 +106,7 @@ class RedisServer:
     def _spawn(self) -> bool:
         proc = subprocess.Popen(
             [
+                *_launcher(),
                 REDIS_SERVER_BIN,
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",

@@ -840,6 +840,8 @@ def test_memory_store_sweeps_keys_nobody_reads_again() -> None:
         ("redis://127.0.0.1:6390/0", RedisStore),
         ("rediss://redis.example:6380/2", RedisStore),
         ("unix:///run/redis/redis.sock?db=1", RedisStore),
+        ("unix:/run/redis/redis.sock", RedisStore),
+        ("REDIS://Host:6379", RedisStore),
     ],
 )
 def test_open_store_by_scheme(url: str, kind: type) -> None:
@@ -858,6 +860,7 @@ def test_open_store_by_scheme(url: str, kind: type) -> None:
         ("redis+cluster://h:7000", "not supported yet"),
         ("memcached://h:11211", "unknown store URL scheme 'memcached'"),
         ("127.0.0.1:6379", "unknown store URL scheme ''"),
+        ("localhost:6379", "unknown store URL scheme 'localhost'"),
         ("", "unknown store URL scheme"),
     ],
 )
