@@ -1,0 +1,305 @@
+"""The release planner. Pure: held messages + records + now + lanes → what to release in
+which order, what waits and why, what to clean up, what to report.
+
+Order: highest lane first (policy order; a record whose lane is no longer configured comes
+last), then FIFO by the time the message was held (``created_ms``, then arrival, then queue
+id). A message is never due before its record's ``not_before_ms``.
+
+Which held messages are ours: those with a record. A held message without a record was held
+by someone else (an operator's ``postsuper -h``, another filter) and is left alone
+(``foreign``). A record that cannot be parsed is reported (``broken``), never released
+blindly. A record whose sender differs from the held message's belongs to an earlier
+message whose queue id Postfix has since reused: it is stale, and the message foreign.
+
+Records whose message is not on hold:
+
+* state ``releasing``: a release was under way (maybe the scheduler died after
+  ``postsuper -H``): the message left hold, so the release happened; the record goes
+  (``finished``);
+* state ``held``: someone released or deleted the message, or it is not in the hold queue
+  *yet* (the record is written before the MTA finishes queueing the message): the record
+  goes only once it is older than ``grace_ms`` (``stale``).
+
+A ``releasing`` record whose message is still on hold (the scheduler died before
+``postsuper -H``) is released again without spending budgets a second time (``resume``).
+
+Budgets (:func:`release_checks`): one list of checks per message for ONE atomic
+``store.evaluate``: the lane's release budget (key ``release:<lane>:...``, from
+``Lane.release_rate``/``release_burst``) and every recipient-keyed limit that applies to
+one of its recipients (the very buckets live RCPT decisions spend, so a destination's
+budget is shared between live traffic and releases). Several recipients on one bucket are
+one check whose cost is capped at the bucket's burst: a message with more recipients at a
+destination than that destination's burst would otherwise never fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from mqpolicy.budget import BudgetCheck
+from mqpolicy.config import Count, Lane, LoadThresholds, Policy
+from mqpolicy.engine import limit_key, store_key
+from mqpolicy.hold_records import BrokenRecord, HoldRecord, RecordSet, RecordState
+from mqpolicy.mta_queue import HOLD, QueueEntry
+from mqpolicy.request import STAGE_RCPT, Request, domain_of
+
+__all__ = [
+    "LOAD_RESUME_FRACTION",
+    "Candidate",
+    "ReleasePlan",
+    "lane_release_check",
+    "lanes_to_pause",
+    "load_exceeded",
+    "plan_releases",
+    "release_checks",
+    "summarize",
+]
+
+LOAD_RESUME_FRACTION = 0.8
+"""Paused lanes resume once every watched queue is back under this share of its threshold
+(hysteresis: a queue hovering at the threshold does not flap the lanes)."""
+
+
+class Candidate(NamedTuple):
+    """A held message of ours."""
+
+    entry: QueueEntry
+    record: HoldRecord
+    lane: Lane | None  # None: the record's lane is no longer configured
+    priority: int  # the lane's priority (0 = highest); unknown lanes come last
+
+    @property
+    def queue_id(self) -> str:
+        return self.entry.queue_id
+
+
+@dataclass
+class ReleasePlan:
+    """One pass's view of the hold queue."""
+
+    due: list[Candidate] = field(default_factory=list)  # in release order
+    waiting: list[Candidate] = field(default_factory=list)  # not before a later time
+    paused: list[Candidate] = field(default_factory=list)  # due, their lane waits for load
+    resume: list[Candidate] = field(default_factory=list)  # interrupted releases: finish
+    finished: list[str] = field(default_factory=list)  # records of completed releases
+    stale: list[str] = field(default_factory=list)  # records whose message is not on hold
+    broken: list[BrokenRecord] = field(default_factory=list)  # held messages, bad records
+    foreign: list[QueueEntry] = field(default_factory=list)  # held by someone else
+    unknown_lanes: set[str] = field(default_factory=set)
+
+    @property
+    def held_by_lane(self) -> dict[str, int]:
+        """Our held messages per lane (for metrics)."""
+        counts: Counter[str] = Counter()
+        for group in (self.due, self.waiting, self.paused, self.resume):
+            for c in group:
+                counts[c.record.lane] += 1
+        return dict(counts)
+
+
+def _order(c: Candidate) -> tuple[int, int, int, str]:
+    return (c.priority, c.record.created_ms, c.entry.arrival_time, c.entry.queue_id)
+
+
+def plan_releases(
+    entries: Iterable[QueueEntry],
+    records: RecordSet,
+    *,
+    now_ms: int,
+    lanes: Sequence[Lane],
+    paused_lanes: frozenset[str] = frozenset(),
+    grace_ms: int = 60_000,
+    reuse_slack_ms: int = 300_000,
+) -> ReleasePlan:
+    """``grace_ms``: how old a record must be before a missing message counts as gone.
+    ``reuse_slack_ms``: a held message that arrived more than this after its record was
+    written is another message under a reused queue id (allows for clock differences
+    between the hosts of the MTA and of the writer)."""
+    plan = ReleasePlan()
+    by_name = {lane.name: lane for lane in lanes}
+    lowest = len(lanes)
+    held_ids: set[str] = set()
+    queued_ids: set[str] = set()
+    for entry in entries:
+        queued_ids.add(entry.queue_id)
+        if entry.queue_name != HOLD:
+            continue
+        held_ids.add(entry.queue_id)
+        record = records.records.get(entry.queue_id)
+        if record is None:
+            broken = records.broken.get(entry.queue_id)
+            if broken is not None:
+                plan.broken.append(broken)
+            else:
+                plan.foreign.append(entry)
+            continue
+        if entry.arrival_time and entry.arrival_time * 1000 > record.created_ms + reuse_slack_ms:
+            plan.foreign.append(entry)  # arrived after the record: a reused queue id
+            plan.stale.append(record.queue_id)
+            continue
+        lane = by_name.get(record.lane)
+        if lane is None:
+            plan.unknown_lanes.add(record.lane)
+        candidate = Candidate(entry, record, lane, lane.priority if lane else lowest)
+        if record.state is RecordState.RELEASING:
+            plan.resume.append(candidate)
+        elif record.not_before_ms > now_ms:
+            plan.waiting.append(candidate)
+        elif record.lane in paused_lanes:
+            plan.paused.append(candidate)
+        else:
+            plan.due.append(candidate)
+    for queue_id, record in records.records.items():
+        if queue_id in held_ids:
+            continue
+        if record.state is RecordState.RELEASING:
+            plan.finished.append(queue_id)
+        elif now_ms - record.created_ms >= grace_ms:
+            plan.stale.append(queue_id)
+    plan.due.sort(key=_order)
+    plan.resume.sort(key=_order)
+    plan.paused.sort(key=_order)
+    plan.waiting.sort(key=lambda c: (c.record.not_before_ms, *_order(c)))
+    return plan
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def lane_release_check(lane: Lane, pass_interval_ms: int) -> BudgetCheck | None:
+    """The lane's release budget, None when it has no ``release_rate``. Without an explicit
+    ``release_burst`` the burst is what one pass interval earns (at least 1): a smaller one
+    would cap the lane at ``burst`` messages per pass, below its rate."""
+    rate = lane.release_rate
+    if rate is None:
+        return None
+    burst = lane.release_burst or max(1, math.floor(pass_interval_ms / rate.interval_ms))
+    key = f"release:{lane.name}:{rate.count}/{rate.period_ms}/{burst}"
+    return BudgetCheck(key, rate.interval_ms, burst, 1, True, True)
+
+
+def release_checks(policy: Policy, candidate: Candidate,
+                   pass_interval_ms: int) -> tuple[BudgetCheck | None, list[BudgetCheck]]:
+    """(the lane's release check, the destination checks) of one held message."""
+    lane = candidate.lane
+    lane_name = lane.name if lane is not None else None
+    entry = candidate.entry
+    merged: dict[str, BudgetCheck] = {}
+    order: list[str] = []
+    for recipient in entry.recipients:
+        request = Request(stage=STAGE_RCPT, sender=entry.sender, recipient=recipient,
+                          size=entry.size, queue_id=entry.queue_id)
+        for limit in policy.limits:
+            if not limit.recipient_keyed:
+                continue
+            # the scope test of engine.make_plan, with the record's lane
+            if limit.lanes is not None and lane_name not in limit.lanes:
+                continue
+            if limit.when is not None and not limit.when(request):
+                continue
+            if limit.exempt is not None and limit.exempt(request):
+                continue
+            key = limit_key(limit, request)
+            if key is None:
+                continue
+            cost = max(1, entry.size) if limit.count is Count.BYTES else 1
+            bucket = store_key(limit, key)
+            known = merged.get(bucket)
+            if known is None:
+                order.append(bucket)
+                merged[bucket] = BudgetCheck(bucket, limit.interval_ms, limit.burst,
+                                             min(cost, limit.burst), True, limit.blocking)
+            else:
+                merged[bucket] = known._replace(cost=min(known.cost + cost, known.burst))
+    lane_check = lane_release_check(lane, pass_interval_ms) if lane is not None else None
+    return lane_check, [merged[k] for k in order]
+
+
+# ---------------------------------------------------------------- load
+
+
+def load_exceeded(counts: Mapping[str, int], thresholds: LoadThresholds,
+                  was_exceeded: bool) -> bool:
+    """Whether the MTA's queues are swollen: a watched queue (threshold > 0) above its
+    threshold; once exceeded, until every watched queue is under
+    :data:`LOAD_RESUME_FRACTION` of its threshold."""
+    watched = [(name, limit) for name, limit in (("active", thresholds.active),
+                                                 ("incoming", thresholds.incoming),
+                                                 ("deferred", thresholds.deferred))
+               if limit > 0]
+    if any(counts.get(name, 0) > limit for name, limit in watched):
+        return True
+    if was_exceeded:
+        return any(counts.get(name, 0) > limit * LOAD_RESUME_FRACTION
+                   for name, limit in watched)
+    return False
+
+
+def lanes_to_pause(lanes: Sequence[Lane], hold_lanes: int) -> frozenset[str]:
+    """The ``hold_lanes`` lowest lanes, never the highest one."""
+    count = min(hold_lanes, len(lanes) - 1)
+    if count <= 0:
+        return frozenset()
+    ordered = sorted(lanes, key=lambda lane: lane.priority)
+    return frozenset(lane.name for lane in ordered[-count:])
+
+
+# ---------------------------------------------------------------- the queue view
+
+
+def summarize(plan: ReleasePlan, now_ms: int) -> dict[str, object]:
+    """What is held, per lane and per destination, with due times (``mqpolicy queue``)."""
+    lanes: dict[str, dict[str, object]] = {}
+    destinations: dict[tuple[str, str], dict[str, object]] = {}
+    groups = (("due", plan.due), ("resume", plan.resume), ("paused", plan.paused),
+              ("waiting", plan.waiting))
+    for state, group in groups:
+        for c in group:
+            record = c.record
+            due_ms = max(record.not_before_ms, 0)
+            lane = lanes.setdefault(record.lane, {"lane": record.lane, "held": 0, "due": 0,
+                                                  "paused": 0, "waiting": 0,
+                                                  "next_due_ms": None, "last_due_ms": None,
+                                                  "oldest_held_ms": None})
+            _count(lane, state)
+            _extend(lane, due_ms, record.created_ms)
+            domains = {domain_of(r) or "(none)" for r in c.entry.recipients} or {"(none)"}
+            for domain in sorted(domains):
+                dest = destinations.setdefault((record.lane, domain), {
+                    "lane": record.lane, "destination": domain, "held": 0, "due": 0,
+                    "paused": 0, "waiting": 0, "next_due_ms": None, "last_due_ms": None,
+                    "oldest_held_ms": None})
+                _count(dest, state)
+                _extend(dest, due_ms, record.created_ms)
+    return {
+        "now_ms": now_ms,
+        "lanes": sorted(lanes.values(), key=lambda v: str(v["lane"])),
+        "destinations": sorted(destinations.values(),
+                               key=lambda v: (str(v["lane"]), -_int(v["held"]),
+                                              str(v["destination"]))),
+        "foreign": [{"queue_id": e.queue_id, "sender": e.sender,
+                     "arrival_time": e.arrival_time} for e in plan.foreign],
+        "broken": [{"queue_id": b.queue_id, "problem": b.problem} for b in plan.broken],
+        "unknown_lanes": sorted(plan.unknown_lanes),
+    }
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _count(row: dict[str, object], state: str) -> None:
+    row["held"] = _int(row["held"]) + 1
+    key = "due" if state in ("due", "resume") else state
+    row[key] = _int(row[key]) + 1
+
+
+def _extend(row: dict[str, object], due_ms: int, created_ms: int) -> None:
+    first, last, oldest = row["next_due_ms"], row["last_due_ms"], row["oldest_held_ms"]
+    row["next_due_ms"] = due_ms if not isinstance(first, int) else min(first, due_ms)
+    row["last_due_ms"] = due_ms if not isinstance(last, int) else max(last, due_ms)
+    row["oldest_held_ms"] = created_ms if not isinstance(oldest, int) else min(oldest, created_ms)
