@@ -19,19 +19,23 @@ from pathlib import Path
 from typing import TextIO
 
 from mqpolicy import __version__
+from mqpolicy.backoff_store import open_backoff_store
 from mqpolicy.budget import CounterStore, StoreError
 from mqpolicy.config import ConfigError, Limit, MilterSettings, Policy, load_policy
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.engine import Verdict, applies, limit_key, store_key
-from mqpolicy.metrics import MetricsServer, ReloadStats, core_registry
+from mqpolicy.feedback import FeedbackService
+from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats, core_registry
 from mqpolicy.milter_service import MilterRunner
+from mqpolicy.mx_rollup import DestinationFinder
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
 from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
 from mqpolicy.postfix_config import cmd_postfix_config
 from mqpolicy.request import Request
+from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.sd_notify import sd_notify
 from mqpolicy.store_factory import open_store
 from mqpolicy.structured_log import configure_logging, set_level
@@ -104,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a private Postfix with mqpolicy and send a mix")
     add_demo_arguments(demo)
 
+    feedback = sub.add_parser(
+        "feedback", help="follow the delivery log and back off destinations that ask for it")
+    _config_arg(feedback)
+    feedback.add_argument("--log-level", help="override log.level from the policy file")
+
     top = sub.add_parser("top", help="live view of a running server: decisions/s by lane, "
                          "busiest keys, hold queue, backoff (reads its metrics port)")
     _config_arg(top)
@@ -141,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_postfix_config(policy, args)
     if command == "demo":
         return run_demo(policy, Path(args.config), args)
+    if command == "feedback":
+        return asyncio.run(cmd_feedback(policy, args.log_level))
     return asyncio.run(cmd_counters(policy, args))
 
 
@@ -182,7 +193,13 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     loop = asyncio.get_running_loop()
     store = open_store(policy.store.url, timeout_ms=policy.store.timeout_ms,
                        key_prefix=policy.store.key_prefix)
-    service = DecisionService(policy, store)
+    service = DecisionService(policy, store, resolver=make_resolver(policy))
+    backoff_store = (open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
+                     if policy.destinations else None)
+    refresher = RuntimeRefresher(service, backoff_store)
+    feedback = (FeedbackService(lambda: service.policy, backoff_store, service.destination_of,
+                                clock_ms=wall_clock_ms)
+                if policy.feedback is not None and backoff_store is not None else None)
     server = PolicyServer(
         PostfixPolicyHandler(service),
         policy.listen,
@@ -196,6 +213,8 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     reload_stats = ReloadStats()
     registry = core_registry(service, server=server.counters if policy_server else None,
                              reloads=reload_stats)
+    registry.gauge(DESTINATIONS_IN_BACKOFF, "Destinations whose budget is cut by backoff",
+                   lambda: len(service.runtime.backoff))
     metrics = MetricsServer(registry, policy.metrics.listen) if policy.metrics.listen else None
     try:
         if metrics is not None:
@@ -223,6 +242,9 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    background = [loop.create_task(refresher.run(stop))]
+    if feedback is not None:
+        background.append(loop.create_task(feedback.follow(stop)))
     endpoints = " ".join([*(str(e) for e in server.bound_endpoints),
                           *([f"milter={runner.endpoint}"] if runner else []),
                           *(f"metrics={e}" for e in (metrics.bound_endpoints if metrics else []))])
@@ -235,6 +257,11 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
     await asyncio.gather(server.drain(), *([runner.stop()] if runner else []))
+    await asyncio.gather(*background, return_exceptions=True)
+    if backoff_store is not None:
+        await backoff_store.close()
+    if service.resolver is not None:
+        await service.resolver.aclose()
     if metrics is not None:
         metrics.close()
         await metrics.wait_closed()
@@ -269,6 +296,45 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None,
     sd_notify("READY=1")
 
 
+# ---------------------------------------------------------------- feedback
+
+
+async def cmd_feedback(policy: Policy, log_level: str | None) -> int:
+    """``mqpolicy feedback``: its own process, sharing backoff states through Redis."""
+    if policy.feedback is None:
+        print("mqpolicy feedback: the policy has no feedback section", file=sys.stderr)
+        return EXIT_USAGE
+    if not policy.destinations:
+        print("mqpolicy feedback: no destinations to back off (add destinations:)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if policy.store.url.startswith("memory:"):
+        print("mqpolicy feedback: with store memory:// the backoff states live inside "
+              "`mqpolicy serve`; a feedback section there runs it in that process",
+              file=sys.stderr)
+        return EXIT_USAGE
+    listener = configure_logging(policy.log.format, log_level or policy.log.level)
+    loop = asyncio.get_running_loop()
+    backoff_store = open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
+    finder = DestinationFinder(make_resolver(policy))
+    service = FeedbackService(lambda: policy, backoff_store,
+                              lambda domain: finder.find(domain, policy.destinations),
+                              clock_ms=wall_clock_ms)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    sd_notify("READY=1\nSTATUS=following the delivery log")
+    try:
+        await service.follow(stop)
+    finally:
+        sd_notify("STOPPING=1")
+        await backoff_store.close()
+        if finder.resolver is not None:
+            await finder.resolver.aclose()
+        listener.stop()
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- explain
 
 
@@ -295,7 +361,8 @@ async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -
     store = open_store(policy.store.url, timeout_ms=deadline_ms,
                        key_prefix=policy.store.key_prefix)
     try:
-        service = DecisionService(policy, store, deadline_ms=deadline_ms)
+        service = DecisionService(policy, store, deadline_ms=deadline_ms,
+                                  resolver=make_resolver(policy))
         verdict = await service.decide(request, consume=consume)
     finally:
         await store.close()

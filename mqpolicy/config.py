@@ -8,6 +8,7 @@ decision repeats work that the load could do.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from mqpolicy.backoff import BackoffSettings
 from mqpolicy.conditions import ConditionError, Predicate, compile_condition
 from mqpolicy.endpoints import (
     Endpoint,
@@ -26,6 +28,7 @@ from mqpolicy.endpoints import (
     parse_endpoint,
     parse_milter_endpoint,
 )
+from mqpolicy.mx_rollup import DestinationMatcher
 from mqpolicy.rates import (
     Rate,
     RateSyntaxError,
@@ -33,6 +36,7 @@ from mqpolicy.rates import (
     parse_rate,
     parse_size,
 )
+from mqpolicy.request import Request, domain_of
 
 # ---------------------------------------------------------------- errors
 
@@ -202,6 +206,7 @@ class Limit:
     when: Predicate | None
     exempt: Predicate | None
     on_store_error: StoreErrorMode
+    destination: str | None = None  # the destination this limit budgets (backoff scales it)
     # Derived once at load (decisions read them on every request):
     recipient_keyed: bool = field(init=False)
     blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
@@ -331,6 +336,34 @@ class SchedulerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Destination:
+    """A destination: recipient domains (exact, ``*.suffix``) and/or an MX group
+    (every domain whose MX hosts match), with its own budget. Its limit is in
+    ``Policy.limits`` (named ``destination:<name>``); backoff scales that budget."""
+
+    name: str
+    matcher: DestinationMatcher
+    limit_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    nameservers: tuple[tuple[str, int], ...] | None = None  # None: /etc/resolv.conf
+    timeout_ms: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackSettings:
+    """``mqpolicy feedback``: follow the MTA's delivery log and back destinations off."""
+
+    log: str = "/var/log/mail.log"
+    state_file: str | None = None
+    poll_interval_ms: int = 1000
+    slow_down_patterns: tuple[str, ...] = ()
+    backoff: BackoffSettings = field(default_factory=BackoffSettings)
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsSettings:
     """Prometheus metrics over HTTP; ``listen`` None = off."""
 
@@ -356,6 +389,9 @@ class Policy:
     metrics: MetricsSettings = MetricsSettings()
     milter: MilterSettings | None = None  # None: no milter section, no milter
     scheduler: SchedulerSettings | None = None  # None: no scheduler section
+    destinations: tuple[Destination, ...] = ()
+    dns: DnsSettings = DnsSettings()
+    feedback: FeedbackSettings | None = None  # None: no feedback section
     lanes: tuple[Lane, ...] = _DEFAULT_LANES
     default_lane: str = "normal"
     classify: tuple[ClassifyRule, ...] = ()
@@ -512,6 +548,9 @@ _TOP_KEYS = {
     "metrics",
     "milter",
     "scheduler",
+    "destinations",
+    "dns",
+    "feedback",
     "lanes",
     "default_lane",
     "classify",
@@ -612,6 +651,13 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
     scheduler = _read_scheduler(r, top) if "scheduler" in top else None
     classify = tuple(_read_classify(r, top, lane_names)) if "classify" in top else ()
     limits = tuple(_read_limits(r, top, lane_names, store)) if "limits" in top else ()
+    destinations: tuple[Destination, ...] = ()
+    if "destinations" in top:
+        pairs = list(_read_destinations(r, top, lane_names, store, {x.name for x in limits}))
+        destinations = tuple(d for d, _ in pairs)
+        limits = limits + tuple(limit for _, limit in pairs)
+    dns_settings = _read_dns(r, top) if "dns" in top else defaults.dns
+    feedback = _read_feedback(r, top) if "feedback" in top else None
     return Policy(
         source=r.source,
         listen=listen,
@@ -621,6 +667,9 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
         metrics=metrics,
         milter=milter,
         scheduler=scheduler,
+        destinations=destinations,
+        dns=dns_settings,
+        feedback=feedback,
         lanes=lanes,
         default_lane=default_lane,
         classify=classify,
@@ -851,6 +900,206 @@ def _absolute_path(value: Any) -> str:
     if not text.startswith("/"):
         raise ValueError(f"expected an absolute path, got {text!r}")
     return text
+
+
+_DESTINATION_KEYS = frozenset(
+    {"name", "domains", "mx", "rate", "burst", "action", "message", "lanes", "monitor",
+     "on_store_error", "concurrency", "rate_delay"}
+)
+_DESTINATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+def _read_destinations(
+    r: _Reader, top: Mapping[str, Any], lanes: set[str], store: StoreSettings,
+    limit_names: set[str],
+) -> Iterator[tuple[Destination, Limit]]:
+    seen: set[str] = set()
+    for i, container, path in _items(r, top, "destinations"):
+        item = container[i]
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            path = f"destinations[{item['name']}]"
+        m = r.mapping(container, i, path, _DESTINATION_KEYS)
+        if m is None:
+            continue
+        before = len(r.issues)
+        name = m.get("name")
+        if not isinstance(name, str) or not _DESTINATION_NAME.match(name):
+            # no dots: a group name can never be mistaken for a domain in the same key space
+            r.error(m, "name", f"{path}.name",
+                    f"a destination needs a name of letters, digits, - and _: {name!r}")
+            continue
+        if name in seen:
+            r.error(m, "name", f"{path}.name", f"duplicate destination {name!r}")
+        seen.add(name)
+
+        def patterns(key: str, m: Mapping[str, Any] = m, path: str = path) -> tuple[str, ...]:
+            if key not in m:
+                return ()
+            raw = m[key]
+            items = [raw] if isinstance(raw, str) else raw
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                r.error(m, key, f"{path}.{key}", "expected a pattern or a list of patterns")
+                return ()
+            return tuple(items)
+
+        domains, mx = patterns("domains"), patterns("mx")
+        if not domains and not mx:
+            r.error(container, i, path, "a destination needs domains or mx patterns")
+        try:
+            matcher = DestinationMatcher(name, domains, mx)
+        except ValueError as exc:
+            r.error(m, "mx" if "mx" in m else "domains", path, str(exc))
+            continue
+        if "rate" not in m:
+            r.error(container, i, path, "a destination needs a rate (e.g. 300/1m)")
+            continue
+        rate = r.convert(m, "rate", f"{path}.rate", parse_rate)
+        burst = r.convert(m, "burst", f"{path}.burst", _positive_int) if "burst" in m else None
+        action, demote_to = ActionKind.DEFER, None
+        if "action" in m:
+            action, demote_to = _read_action(r, m, path, lanes)
+        message = r.convert(m, "message", f"{path}.message", _template) if "message" in m else None
+        monitor = False
+        if "monitor" in m:
+            monitor = bool(r.convert(m, "monitor", f"{path}.monitor", _bool))
+        scope = None
+        if "lanes" in m:
+            raw_lanes = m["lanes"]
+            names = [raw_lanes] if isinstance(raw_lanes, str) else raw_lanes
+            if not isinstance(names, list) or any(n not in lanes for n in names):
+                r.error(m, "lanes", f"{path}.lanes", f"expected lanes among {sorted(lanes)}")
+            else:
+                scope = frozenset(str(n) for n in names)
+        on_error = store.on_store_error
+        if "on_store_error" in m:
+            on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", _store_error_mode)
+        for key in ("concurrency",):
+            if key in m:
+                r.convert(m, key, f"{path}.{key}", _positive_int)
+        if "rate_delay" in m:
+            r.convert(m, "rate_delay", f"{path}.rate_delay", parse_duration_ms)
+        limit_name = f"destination:{name}"
+        if limit_name in limit_names:
+            r.error(m, "name", f"{path}.name", f"a limit is already named {limit_name!r}")
+        if len(r.issues) > before or rate is None or on_error is None:
+            continue
+
+        def is_here(req: Request, name: str = name) -> bool:
+            return (req.destination or domain_of(req.recipient)) == name
+
+        limit = Limit(
+            name=limit_name, rate=rate, burst=burst or rate.count,
+            key=(KeyPart("destination"),), count=Count.RECIPIENTS, action=action,
+            demote_to=demote_to, message=message, monitor=monitor, lanes=scope,
+            when=is_here, exempt=None, on_store_error=on_error, destination=name,
+        )
+        yield Destination(name=name, matcher=matcher, limit_name=limit_name), limit
+
+
+def _read_dns(r: _Reader, top: Mapping[str, Any]) -> DnsSettings:
+    d = DnsSettings()
+    m = r.mapping(top, "dns", "dns", {"nameservers", "timeout"})
+    if m is None:
+        return d
+    nameservers = d.nameservers
+    if "nameservers" in m:
+        raw = m["nameservers"]
+        items = [raw] if isinstance(raw, str) else raw
+        found: list[tuple[str, int]] = []
+        if not isinstance(items, list):
+            r.error(m, "nameservers", "dns.nameservers", "expected a list of IP[:PORT]")
+        else:
+            for j, text in enumerate(items):
+                try:
+                    found.append(_nameserver(text))
+                except ValueError as exc:
+                    r.error(items if isinstance(raw, list) else m,
+                            j if isinstance(raw, list) else "nameservers",
+                            "dns.nameservers", str(exc))
+        nameservers = tuple(found) or None
+    timeout = d.timeout_ms
+    if "timeout" in m:
+        timeout = r.convert(m, "timeout", "dns.timeout", _positive_duration) or timeout
+    return DnsSettings(nameservers=nameservers, timeout_ms=timeout)
+
+
+def _nameserver(text: Any) -> tuple[str, int]:
+    if not isinstance(text, str):
+        raise ValueError(f"expected IP or IP:PORT, got {text!r}")
+    try:
+        return str(ipaddress.ip_address(text)), 53
+    except ValueError:
+        pass
+    endpoint = parse_endpoint(text)
+    try:
+        ipaddress.ip_address(endpoint.host)
+    except ValueError:
+        raise ValueError(f"a nameserver is an IP address, got {text!r}") from None
+    return endpoint.host, endpoint.port
+
+
+_BACKOFF_KEYS = {"decrease", "min_factor", "cooldown", "recover_step", "recover_after",
+                 "recover_interval"}
+
+
+def _read_feedback(r: _Reader, top: Mapping[str, Any]) -> FeedbackSettings:
+    d = FeedbackSettings()
+    m = r.mapping(top, "feedback", "feedback",
+                  {"log", "state_file", "poll_interval", "slow_down_patterns", "backoff"})
+    if m is None:
+        return d
+    log_path = r.convert(m, "log", "feedback.log", _absolute_path) if "log" in m else None
+    state = (r.convert(m, "state_file", "feedback.state_file", _absolute_path)
+             if "state_file" in m else None)
+    poll = (r.convert(m, "poll_interval", "feedback.poll_interval", _positive_duration)
+            if "poll_interval" in m else None)
+    patterns: tuple[str, ...] = ()
+    if "slow_down_patterns" in m:
+        raw = m["slow_down_patterns"]
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            r.error(m, "slow_down_patterns", "feedback.slow_down_patterns",
+                    "expected a list of regexes")
+        else:
+            for text in items:
+                try:
+                    re.compile(text)
+                except re.error as exc:
+                    r.error(m, "slow_down_patterns", "feedback.slow_down_patterns",
+                            f"bad regex {text!r}: {exc}")
+            patterns = tuple(items)
+    backoff = d.backoff
+    if "backoff" in m:
+        b = r.mapping(m, "backoff", "feedback.backoff", _BACKOFF_KEYS)
+        if b is not None:
+            values: dict[str, Any] = {}
+            for key in ("decrease", "min_factor", "recover_step"):
+                if key in b:
+                    value = b[key]
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        r.error(b, key, f"feedback.backoff.{key}", "expected a number")
+                    else:
+                        values[key] = float(value)
+            if "recover_after" in b:
+                values["recover_after"] = r.convert(b, "recover_after",
+                                                    "feedback.backoff.recover_after",
+                                                    _positive_int)
+            for key in ("cooldown", "recover_interval"):
+                if key in b:
+                    values[f"{key}_ms"] = r.convert(b, key, f"feedback.backoff.{key}",
+                                                    parse_duration_ms)
+            values = {k: v for k, v in values.items() if v is not None}
+            try:
+                backoff = BackoffSettings(**values)
+            except ValueError as exc:
+                r.error(m, "backoff", "feedback.backoff", str(exc))
+    return FeedbackSettings(
+        log=log_path or d.log,
+        state_file=state,
+        poll_interval_ms=poll or d.poll_interval_ms,
+        slow_down_patterns=patterns,
+        backoff=backoff,
+    )
 
 
 def _enum(enum: type[Enum], value: Any) -> Any:

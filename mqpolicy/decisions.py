@@ -18,9 +18,19 @@ from time import perf_counter_ns
 
 from mqpolicy.budget import CounterStore, Evaluation, StoreError
 from mqpolicy.config import Policy
-from mqpolicy.engine import Action, Plan, Verdict, decide, make_plan, no_store_needed
+from mqpolicy.engine import (
+    NO_RUNTIME,
+    Action,
+    Plan,
+    RuntimeState,
+    Verdict,
+    decide,
+    make_plan,
+    no_store_needed,
+)
 from mqpolicy.metrics import BusiestKeys, LatencyHistogram
-from mqpolicy.request import STAGE_END_OF_MESSAGE, Request
+from mqpolicy.mx_rollup import DestinationFinder, MxResolver
+from mqpolicy.request import STAGE_END_OF_MESSAGE, Request, domain_of
 
 log = logging.getLogger("mqpolicy.decision")
 store_log = logging.getLogger("mqpolicy.store")
@@ -53,9 +63,12 @@ class DecisionService:
         clock_ms: Callable[[], int] = wall_clock_ms,
         error_log_interval_s: float = 10.0,
         deadline_ms: int | None = None,
+        resolver: MxResolver | None = None,
     ) -> None:
         """``deadline_ms`` overrides the policy's ``store.timeout_ms`` (tools that run
-        once, like ``explain``, may wait longer than a live decision)."""
+        once, like ``explain``, may wait longer than a live decision). ``resolver`` finds
+        the MX hosts of recipient domains for destinations matched by ``mx``; without
+        one, destinations match by domain only."""
         self.policy = policy
         self.store = store
         self.clock_ms = clock_ms
@@ -63,7 +76,11 @@ class DecisionService:
         # A store that answers without I/O (the memory store) cannot miss a deadline:
         # skip the timer, which costs as much as the answer.
         self._needs_deadline = not getattr(store, "in_process", False)
+        self.resolver = resolver
+        #: Backoff factors and waiting lanes from the store, refreshed by the front-end.
+        self.runtime: RuntimeState = NO_RUNTIME
         self.stats = DecisionStats()
+        self._destinations = DestinationFinder(resolver)
         self._error_log_interval_s = error_log_interval_s
         self._last_error_log = float("-inf")
         self._suppressed_errors = 0
@@ -75,7 +92,10 @@ class DecisionService:
     async def decide(self, request: Request, *, consume: bool = True) -> Verdict:
         started = perf_counter_ns()
         policy = self.policy
-        plan = make_plan(request, policy)
+        if policy.destinations and request.recipient and not request.destination:
+            request = request._replace(destination=await self.destination_of(
+                domain_of(request.recipient), policy))
+        plan = make_plan(request, policy, self.runtime)
         if not consume:
             plan = _dry(plan)
         evaluation: Evaluation | None
@@ -87,6 +107,11 @@ class DecisionService:
         self._account(request, verdict)
         self.stats.decision_latency.observe(perf_counter_ns() - started)
         return verdict
+
+    async def destination_of(self, domain: str, policy: Policy | None = None) -> str:
+        """The destination group of a recipient domain, else the domain itself. Never
+        raises and never waits past the resolver's deadline (DNS trouble: the domain)."""
+        return await self._destinations.find(domain, (policy or self.policy).destinations)
 
     async def _evaluate(self, plan: Plan, timeout_ms: int) -> Evaluation | None:
         checks = [p.check for p in plan.limits]

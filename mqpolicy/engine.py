@@ -22,10 +22,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
+from types import MappingProxyType
 from typing import NamedTuple
 
+from mqpolicy.backoff import scale_budget
 from mqpolicy.budget import NEVER, BudgetCheck, BudgetResult, Evaluation
 from mqpolicy.conditions import parse_ip
 from mqpolicy.config import (
@@ -64,6 +66,19 @@ class Plan(NamedTuple):
     rule: str | None  # the classify rule that chose the lane (None: default lane)
     limits: tuple[PlannedLimit, ...]
     once_key: str | None
+    waiting_lanes: frozenset[str] = frozenset()  # lanes that wait for the MTA's queues
+
+
+class RuntimeState(NamedTuple):
+    """What the shared store says about the world, refreshed every second or so by the
+    front-end: destination backoff factors and the lanes that wait for the MTA's queues
+    to drain. An input of the engine like the counters (the engine reads no store)."""
+
+    backoff: Mapping[str, float] = MappingProxyType({})
+    waiting_lanes: frozenset[str] = frozenset()
+
+
+NO_RUNTIME = RuntimeState()
 
 
 class LimitOutcome(NamedTuple):
@@ -133,8 +148,8 @@ _KEY_VALUES: dict[str, Callable[[Request, KeyPart], str]] = {
     "helo_name": lambda r, _: r.helo_name.lower(),
     "recipient": lambda r, _: r.recipient.lower(),
     "recipient_domain": lambda r, _: domain_of(r.recipient),
-    # the domain until MX rollup provides the destination group
-    "destination": lambda r, _: domain_of(r.recipient),
+    # the destination group the front-end resolved (MX rollup), else the domain
+    "destination": lambda r, _: r.destination or domain_of(r.recipient),
 }
 
 
@@ -186,8 +201,9 @@ def _message_cost(limit: Limit, request: Request) -> int:
     return max(1, request.size)
 
 
-def make_plan(request: Request, policy: Policy) -> Plan:
+def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTIME) -> Plan:
     lane, rule = classify(request, policy)
+    backoff = runtime.backoff
     at_end = request.stage == STAGE_END_OF_MESSAGE
     at_rcpt = request.stage == STAGE_RCPT
     planned: list[PlannedLimit] = []
@@ -214,11 +230,16 @@ def make_plan(request: Request, policy: Policy) -> Plan:
         else:
             cost = max(1, request.size) if limit.count is Count.BYTES else 1
             consume = False
-        check = BudgetCheck(store_key(limit, key), limit.interval_ms, limit.burst, cost,
-                            consume, limit.blocking)
+        interval, burst = limit.interval_ms, limit.burst
+        if backoff and limit.destination is not None:
+            factor = backoff.get(limit.destination, 1.0)
+            if factor < 1.0:  # same bucket key: a factor change never resets the bucket
+                interval, burst = scale_budget(interval, burst, factor)
+        check = BudgetCheck(store_key(limit, key), interval, burst, cost, consume,
+                            limit.blocking)
         planned.append(PlannedLimit(limit, key, check, consume))
     once = once_key_for(request) if at_end and planned else None
-    return Plan(request, lane, rule, tuple(planned), once)
+    return Plan(request, lane, rule, tuple(planned), once, runtime.waiting_lanes)
 
 
 # ---------------------------------------------------------------- decide
@@ -302,6 +323,10 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
                      result.retry_after_ms, result.remaining)
         return Verdict(action, lane, classified, plan.rule, text, result.retry_after_ms,
                        limits, deciding=limit.name, duplicate=evaluation.duplicate)
+    if lane.name in plan.waiting_lanes and lane.priority > 0:  # never the highest lane
+        text = _fill(policy.messages.hold, None, "", lane, 0, 0)
+        return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,
+                       deciding="load", duplicate=evaluation.duplicate)
     if lane.hold:
         text = _fill(policy.messages.hold, None, "", lane, 0, 0)
         return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,

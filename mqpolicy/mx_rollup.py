@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -412,3 +412,30 @@ def _nxdomain_ttl(exc: dns.resolver.NXDOMAIN) -> float:
             with contextlib.suppress(dns.exception.DNSException, KeyError):
                 ttls.append(float(response.resolve_chaining().minimum_ttl))
     return min(ttls) if ttls else 0.0
+
+
+class DestinationFinder:
+    """Finds the destination group of a domain for the configured destinations: by domain
+    pattern without DNS, by MX when a group needs it and a resolver is given. The matcher
+    list is rebuilt only when the destinations change (a reload)."""
+
+    def __init__(self, resolver: MxResolver | None) -> None:
+        self.resolver = resolver
+        self._for: object = None
+        self._groups: tuple[DestinationMatcher, ...] = ()
+        self._by_mx = False
+
+    async def find(self, domain: str, destinations: Sequence[_HasMatcher]) -> str:
+        """The group's name, else the domain itself. Never raises (DNS trouble: the domain)."""
+        if destinations is not self._for:
+            self._groups = tuple(d.matcher for d in destinations)
+            self._by_mx = needs_mx(self._groups)
+            self._for = destinations
+        if self._by_mx and self.resolver is not None:
+            return await self.resolver.destination_of(domain, self._groups)
+        return match_destination(domain, (), self._groups) or normalize_domain(domain)
+
+
+class _HasMatcher(Protocol):
+    @property
+    def matcher(self) -> DestinationMatcher: ...

@@ -55,6 +55,9 @@ class Request(NamedTuple):
     queue_id: str = ""
     instance: str = ""
     protocol_name: str = ""
+    # The destination group of ``recipient`` (MX rollup), set by the front-end before
+    # planning; '' means the recipient's domain.
+    destination: str = ""
     # All recipients of the message when the front-end knows them (milter at EOM).
     recipients: tuple[str, ...] = ()
     # Message headers as (name, value) pairs in order, when the front-end has them (milter).
