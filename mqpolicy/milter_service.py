@@ -19,8 +19,15 @@ What the milter decides, per message:
 * END-OF-MESSAGE: classification with headers and envelope (all recipients, size), message
   limits spent once per queue id (the once key the policy server uses at END-OF-MESSAGE, so
   a message both see is counted once); every client-sent lane header is deleted and
-  ``X-MQ-Lane: <lane>`` added; hold -> ``quarantine(reason)``; defer -> ``451 4.7.1``;
-  reject -> ``550 5.7.1``.
+  ``X-MQ-Lane: <lane>`` added; hold -> a hold record is written for the scheduler, then
+  ``quarantine(reason)``; defer -> ``451 4.7.1``; reject -> ``550 5.7.1``.
+* Scheduled delivery (:mod:`mqpolicy.scheduled_delivery`): ``X-MQ-Deliver-After`` or
+  ``Deferred-Delivery`` is honoured when ``scheduler.schedule.allow`` matches the
+  END-OF-MESSAGE request: a time in the future (capped at ``max_delay``) writes a record
+  with that not-before time and quarantines the message. Both headers are removed from every
+  message, honoured or not. A record that cannot be written (or no queue id) means
+  ``on_error`` for a message that was to be held: held mail without a record would never be
+  released.
 * Mail submitted locally to Postfix (``non_smtpd_milters``: connect from ``localhost``
   ``127.0.0.1`` port 0) cannot refuse one recipient; a recipient decision that refuses is
   kept and applied to the whole message at END-OF-MESSAGE.
@@ -56,6 +63,7 @@ from typing import Any, TypeVar
 
 import Milter
 
+from mqpolicy.budget import StoreError
 from mqpolicy.config import (
     ErrorAction,
     Lane,
@@ -63,10 +71,18 @@ from mqpolicy.config import (
     Policy,
     RcptLimits,
 )
-from mqpolicy.decisions import DecisionService
+from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.endpoints import MilterEndpoint
 from mqpolicy.engine import Action, Verdict, classify
-from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
+from mqpolicy.hold_records import (
+    DEFAULT_RECORD_TTL_MS,
+    MAX_DESTINATIONS,
+    HoldRecord,
+    HoldRecordStore,
+    record_ttl_ms,
+)
+from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
+from mqpolicy.scheduled_delivery import SCHEDULE_HEADERS, requested_time
 from mqpolicy.structured_log import connection_id_var, queue_id_var
 
 __all__ = [
@@ -85,6 +101,8 @@ MAX_RECIPIENTS = 10000  # recipients kept for conditions (all are counted)
 MAX_REPLY_TEXT = 400  # characters of an SMTP reply text
 
 ERROR_TEXT = "Policy service error, try again later"
+RECORD_WAIT_S = 2.0  # how long end of message waits for a hold record to be written
+_SCHEDULE_NAMES = {name.lower(): name for name in SCHEDULE_HEADERS}
 
 
 # ---------------------------------------------------------------- thread -> loop
@@ -148,10 +166,12 @@ class DecisionGateway:
         service: DecisionService,
         loop: asyncio.AbstractEventLoop,
         settings: MilterSettings,
+        records: HoldRecordStore | None = None,
     ) -> None:
         self.service = service
         self.loop = loop
         self.settings = settings
+        self.records = records
         self.counters = MilterCounters()
         self._failure_log = _Burst()
 
@@ -189,6 +209,31 @@ class DecisionGateway:
             raise DecisionUnavailable(str(exc)) from exc
         self.counters.add("decisions")
         return verdict
+
+    def put_record(self, record: HoldRecord) -> bool:
+        """Write a hold record on the loop; False (logged) when it could not be written."""
+        records = self.records
+        if records is None:
+            return False
+        policy = self.service.policy
+        ttl = (record_ttl_ms(policy.scheduler.schedule.max_delay_ms)
+               if policy.scheduler is not None else DEFAULT_RECORD_TTL_MS)
+        try:
+            future = asyncio.run_coroutine_threadsafe(records.put(record, ttl), self.loop)
+        except RuntimeError as exc:
+            self.failed(STAGE_END_OF_MESSAGE, f"hold record: loop unavailable: {exc}")
+            return False
+        try:
+            future.result(timeout=max(RECORD_WAIT_S,
+                                      self.settings.wait_s(policy.store.timeout_ms)))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            self.failed(STAGE_END_OF_MESSAGE, "hold record: no answer in time")
+            return False
+        except (StoreError, concurrent.futures.CancelledError) as exc:
+            self.failed(STAGE_END_OF_MESSAGE, f"hold record: {exc}")
+            return False
+        return True
 
     def _start(self, request: Request, future: concurrent.futures.Future[Verdict],
                tasks: list[asyncio.Task[Verdict]]) -> None:
@@ -264,6 +309,8 @@ class _Message:
     headers: list[tuple[str, str]] = field(default_factory=list)
     header_bytes: int = 0
     lane_headers: int = 0  # client-sent lane headers seen (each is deleted at the end)
+    # scheduled-delivery headers: (canonical name, value) in order; all deleted at the end
+    schedule_headers: list[tuple[str, str]] = field(default_factory=list)
     body_bytes: int = 0
     refusal: Verdict | None = None  # a recipient refusal kept for the end (local submission)
     hold: Verdict | None = None  # a hold decided at RCPT, applied at the end
@@ -427,6 +474,9 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                 return CONTINUE
             value = value if isinstance(value, str) else bytes(value).decode(
                 "utf-8", "surrogateescape")
+            schedule_name = _SCHEDULE_NAMES.get(name.lower())
+            if schedule_name is not None:
+                msg.schedule_headers.append((schedule_name, value[:MAX_HEADER_VALUE]))
             msg.header_bytes += len(name) + len(value) + 4
             if len(msg.headers) < MAX_HEADERS:
                 msg.headers.append((name, value[:MAX_HEADER_VALUE]))
@@ -471,10 +521,63 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         if msg.demoted_to is not None and msg.demoted_to.priority > lane.priority:
             lane = msg.demoted_to
         self._set_lane(msg, lane.name)
+        self._strip_schedule_headers(msg)
         hold = verdict if action is Action.HOLD else msg.hold
-        if hold is not None:
-            self.quarantine(_reply_text(hold.text.strip() or "held by mqpolicy"))
+        now = wall_clock_ms()
+        not_before, scheduled_by = self._scheduled(msg, request, now)
+        if hold is None and not scheduled_by:
+            return CONTINUE
+        if self.gateway.records is not None:
+            if not msg.queue_id:
+                self.gateway.failed(STAGE_END_OF_MESSAGE, "hold without a queue id")
+                return self._on_error(msg, request)
+            reason = (hold.deciding or f"lane:{hold.lane.name}") if hold is not None else \
+                f"schedule:{scheduled_by}"
+            domains = list(dict.fromkeys(d for d in map(domain_of, msg.recipients) if d))
+            record = HoldRecord(queue_id=msg.queue_id, lane=lane.name, not_before_ms=not_before,
+                                created_ms=now, reason=reason,
+                                destinations=tuple(domains[:MAX_DESTINATIONS]),
+                                sender=msg.sender)
+            if not self.gateway.put_record(record):
+                return self._on_error(msg, request)
+        text = hold.text.strip() if hold is not None else f"scheduled by {scheduled_by}"
+        self.quarantine(_reply_text(text or "held by mqpolicy"))
         return CONTINUE
+
+    def _scheduled(self, msg: _Message, request: Request, now: int) -> tuple[int, str]:
+        """(not-before time, the header that asked) when the message asked for a later
+        delivery and may; (now, "") otherwise."""
+        if not msg.schedule_headers:
+            return now, ""
+        scheduler = self.gateway.policy.scheduler
+        fields: dict[str, object] = {"qid": msg.queue_id, "sender": msg.sender or "<>"}
+        allow = scheduler.schedule.allow if scheduler is not None else None
+        if scheduler is None or allow is None or not allow(request):
+            log.info("scheduled delivery not allowed: header ignored and removed",
+                     extra={"fields": fields})
+            return now, ""
+        if self.gateway.records is None:
+            log.warning("scheduled delivery needs the scheduler's record store: ignored",
+                        extra={"fields": fields})
+            return now, ""
+        asked = requested_time(msg.schedule_headers, now, scheduler.schedule.max_delay_ms)
+        if asked is None or asked.not_before_ms is None:
+            fields["problem"] = asked.problem if asked is not None else "no header"
+            log.info("scheduled delivery header unreadable: ignored and removed",
+                     extra={"fields": fields})
+            return now, ""
+        if asked.not_before_ms <= now:
+            return now, ""
+        return asked.not_before_ms, asked.header
+
+    def _strip_schedule_headers(self, msg: _Message) -> None:
+        """Delete every scheduled-delivery header (last occurrence first, per name)."""
+        counts: dict[str, int] = {}
+        for name, _ in msg.schedule_headers:
+            counts[name] = counts.get(name, 0) + 1
+        for name, count in counts.items():
+            for index in range(count, 0, -1):
+                self.chgheader(name, index, "")
 
     def abort(self) -> int:
         self._end()
@@ -629,10 +732,11 @@ class MilterRunner:
         settings: MilterSettings,
         loop: asyncio.AbstractEventLoop,
         on_exit: Callable[[], None] | None = None,
+        records: HoldRecordStore | None = None,
     ) -> None:
         self.settings = settings
         self.loop = loop
-        self.gateway = DecisionGateway(service, loop, settings)
+        self.gateway = DecisionGateway(service, loop, settings, records)
         self.endpoint = ""
         self._on_exit = on_exit
         self._thread: threading.Thread | None = None

@@ -1,14 +1,51 @@
 """Postfix policy delegation front-end: attributes in, a Postfix action out.
 
 Translates only; every decision is made by :class:`~mqpolicy.decisions.DecisionService`.
+
+Holding is a message-level act done at END-OF-MESSAGE, where the queue id is known and a
+hold record can be written for the scheduler (:mod:`mqpolicy.hold_records`):
+
+* a HOLD verdict before END-OF-MESSAGE (at RCPT) is answered as if accepted (``DUNNO``, or
+  ``FILTER <transport>:`` for the lane) and remembered under the request's ``instance``
+  (stable for a whole message; a bounded map, oldest forgotten first);
+* at END-OF-MESSAGE, a HOLD verdict or a remembered one writes the record (queue id, lane,
+  not-before = now, reason = the deciding limit or ``lane:<name>``) and only then answers
+  ``HOLD``; a DEFER or REJECT there wins over a remembered hold. When the record cannot be
+  written the answer is a temporary failure (``451 4.3.0``, the ``store_error`` text): a
+  message held without a record would never be released.
+
+Known limit: a message that END-OF-MESSAGE both moves to another lane (e.g. by recipient
+count) and holds leaves, once released, through the transport its RCPT answers chose
+(Postfix takes one action per answer); the record's lane (the END-OF-MESSAGE one) still
+orders the release. Header-based lanes belong to the milter, whose lane header works with
+holds.
 """
 
 from __future__ import annotations
 
-from mqpolicy.decisions import DecisionService
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mqpolicy.budget import StoreError
+from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.engine import Action, Verdict
-from mqpolicy.request import Request
+from mqpolicy.hold_records import (
+    DEFAULT_RECORD_TTL_MS,
+    MAX_DESTINATIONS,
+    HoldRecord,
+    HoldRecordStore,
+    record_ttl_ms,
+)
+from mqpolicy.request import STAGE_END_OF_MESSAGE, Request, domain_of
 from mqpolicy.structured_log import queue_id_var
+
+log = logging.getLogger("mqpolicy.hold")
+
+MAX_PENDING_HOLDS = 50_000
+"""Messages with a hold decided before END-OF-MESSAGE, remembered at once (the oldest is
+forgotten first: a client that never finishes its message must not grow the map)."""
 
 
 def postfix_action(verdict: Verdict) -> str:
@@ -27,14 +64,109 @@ def postfix_action(verdict: Verdict) -> str:
     return f"550 5.7.1 {verdict.text}"
 
 
-class PostfixPolicyHandler:
-    """The handler the policy server calls for each complete request."""
+def accepted_action(verdict: Verdict) -> str:
+    """The answer to a verdict as if it accepted (the lane's FILTER, else DUNNO)."""
+    return postfix_action(verdict._replace(action=Action.ACCEPT))
 
-    def __init__(self, service: DecisionService) -> None:
+
+def hold_reason(verdict: Verdict) -> str:
+    return verdict.deciding or f"lane:{verdict.lane.name}"
+
+
+@dataclass(slots=True)
+class _PendingHold:
+    verdict: Verdict
+    domains: list[str] = field(default_factory=list)
+
+    def add(self, recipient: str) -> None:
+        domain = domain_of(recipient)
+        if domain and domain not in self.domains and len(self.domains) < MAX_DESTINATIONS:
+            self.domains.append(domain)
+
+
+class PostfixPolicyHandler:
+    """The handler the policy server calls for each complete request.
+
+    ``records``: where holds are recorded; None keeps Postfix's plain ``HOLD`` at every
+    stage (no scheduler will know about those messages)."""
+
+    def __init__(self, service: DecisionService, records: HoldRecordStore | None = None, *,
+                 clock_ms: Callable[[], int] = wall_clock_ms,
+                 max_pending: int = MAX_PENDING_HOLDS) -> None:
         self.service = service
+        self.records = records
+        self.clock_ms = clock_ms
+        self._pending: OrderedDict[str, _PendingHold] = OrderedDict()
+        self._max_pending = max_pending
+        self.holds_recorded = 0
+        self.record_failures = 0
+
+    @property
+    def pending_holds(self) -> int:
+        return len(self._pending)
 
     async def handle(self, attrs: dict[str, str]) -> str:
         request = Request.from_policy_attributes(attrs)
         queue_id_var.set(request.queue_id)
         verdict = await self.service.decide(request)
+        records = self.records
+        if records is None:
+            return postfix_action(verdict)
+        if request.stage != STAGE_END_OF_MESSAGE:
+            return self._before_end(request, verdict)
+        return await self._at_end(request, verdict, records)
+
+    def _before_end(self, request: Request, verdict: Verdict) -> str:
+        key = request.instance
+        if not key:  # Postfix always sends one; without it the hold cannot be followed
+            return postfix_action(verdict)
+        pending = self._pending.get(key)
+        if verdict.action is Action.HOLD:
+            if pending is None:
+                pending = self._pending[key] = _PendingHold(verdict)
+                if len(self._pending) > self._max_pending:
+                    self._pending.popitem(last=False)
+            pending.add(request.recipient)
+            return accepted_action(verdict)
+        if pending is not None and verdict.action is Action.ACCEPT:
+            pending.add(request.recipient)
         return postfix_action(verdict)
+
+    async def _at_end(self, request: Request, verdict: Verdict,
+                      records: HoldRecordStore) -> str:
+        pending = self._pending.pop(request.instance, None) if request.instance else None
+        if verdict.action in (Action.DEFER, Action.REJECT):
+            return postfix_action(verdict)
+        hold = verdict if verdict.action is Action.HOLD else (
+            pending.verdict if pending is not None else None)
+        if hold is None:
+            return postfix_action(verdict)
+        if not request.queue_id:
+            log.error("hold without a queue id: held without a record",
+                      extra={"fields": {"instance": request.instance}})
+            return f"HOLD {hold.text}"
+        lane = verdict.lane
+        if pending is not None and pending.verdict.lane.priority > lane.priority:
+            lane = pending.verdict.lane  # demoted at RCPT: the lower lane
+        domains = list(pending.domains) if pending is not None else []
+        if request.recipient and (domain := domain_of(request.recipient)) not in domains:
+            domains.append(domain)
+        now = self.clock_ms()
+        record = HoldRecord(queue_id=request.queue_id, lane=lane.name, not_before_ms=now,
+                            created_ms=now, reason=hold_reason(hold),
+                            destinations=tuple(d for d in domains if d),
+                            sender=request.sender)
+        policy = self.service.policy
+        ttl = (record_ttl_ms(policy.scheduler.schedule.max_delay_ms)
+               if policy.scheduler is not None else DEFAULT_RECORD_TTL_MS)
+        try:
+            await records.put(record, ttl)
+        except StoreError as exc:
+            self.record_failures += 1
+            log.error("hold record not written: message refused for now",
+                      extra={"fields": {"qid": request.queue_id, "error": str(exc)}})
+            return f"451 4.3.0 {policy.messages.store_error}"
+        self.holds_recorded += 1
+        log.info("held", extra={"fields": {"qid": request.queue_id, "lane": lane.name,
+                                           "reason": record.reason}})
+        return f"HOLD {hold.text}"
