@@ -26,6 +26,7 @@ from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.engine import Verdict, applies, limit_key, store_key
 from mqpolicy.feedback import FeedbackService
+from mqpolicy.hold_records import open_hold_records, waiting_lanes
 from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats, core_registry
 from mqpolicy.milter_service import MilterRunner
 from mqpolicy.mx_rollup import DestinationFinder
@@ -36,6 +37,8 @@ from mqpolicy.postfix_config import add_arguments as add_postfix_config_argument
 from mqpolicy.postfix_config import cmd_postfix_config
 from mqpolicy.request import Request
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
+from mqpolicy.scheduler import Scheduler, open_mta_queue, register_scheduler_metrics
+from mqpolicy.scheduler_cli import cmd_queue, cmd_scheduler
 from mqpolicy.sd_notify import sd_notify
 from mqpolicy.store_factory import open_store
 from mqpolicy.structured_log import configure_logging, set_level
@@ -105,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(postfix_config)
     add_postfix_config_arguments(postfix_config)
 
+    scheduler = sub.add_parser(
+        "scheduler", help="release held mail by lane priority, schedule and budgets "
+        "(needs a redis:// store; with memory:// it runs inside serve)")
+    _config_arg(scheduler)
+    scheduler.add_argument("--log-level", help="override log.level from the policy file")
+
+    queue = sub.add_parser("queue", help="what is held, per lane and destination, "
+                           "with due times")
+    _config_arg(queue)
+    queue.add_argument("--json", action="store_true", help="print JSON")
+
     demo = sub.add_parser("demo", help="run a private Postfix with mqpolicy and send a mix")
     add_demo_arguments(demo)
 
@@ -150,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_postfix_config(policy, args)
     if command == "demo":
         return run_demo(policy, Path(args.config), args)
+    if command == "scheduler":
+        return asyncio.run(cmd_scheduler(policy, Path(args.config), args.log_level))
+    if command == "queue":
+        return asyncio.run(cmd_queue(policy, args.json, sys.stdout))
     if command == "feedback":
         return asyncio.run(cmd_feedback(policy, args.log_level))
     return asyncio.run(cmd_counters(policy, args))
@@ -196,12 +214,14 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     service = DecisionService(policy, store, resolver=make_resolver(policy))
     backoff_store = (open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
                      if policy.destinations else None)
-    refresher = RuntimeRefresher(service, backoff_store)
+    records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
+                                timeout_ms=max(1000, policy.store.timeout_ms))
+    refresher = RuntimeRefresher(service, backoff_store, lambda: waiting_lanes(records))
     feedback = (FeedbackService(lambda: service.policy, backoff_store, service.destination_of,
                                 clock_ms=wall_clock_ms)
                 if policy.feedback is not None and backoff_store is not None else None)
     server = PolicyServer(
-        PostfixPolicyHandler(service),
+        PostfixPolicyHandler(service, records),
         policy.listen,
         idle_timeout_s=policy.server.idle_timeout_s,
         max_request_bytes=policy.server.max_request_size,
@@ -209,10 +229,15 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         drain_timeout_s=policy.server.drain_timeout_s,
     )
     stop = asyncio.Event()
-    runner = MilterRunner(service, milter, loop, on_exit=stop.set) if milter else None
+    runner = (MilterRunner(service, milter, loop, on_exit=stop.set, records=records)
+              if milter else None)
     reload_stats = ReloadStats()
     registry = core_registry(service, server=server.counters if policy_server else None,
                              reloads=reload_stats)
+    scheduler = (Scheduler(service, records, open_mta_queue(policy.scheduler))
+                 if policy.scheduler is not None else None)
+    if scheduler is not None:
+        register_scheduler_metrics(registry, scheduler)
     registry.gauge(DESTINATIONS_IN_BACKOFF, "Destinations whose budget is cut by backoff",
                    lambda: len(service.runtime.backoff))
     metrics = MetricsServer(registry, policy.metrics.listen) if policy.metrics.listen else None
@@ -230,6 +255,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         if metrics is not None:
             metrics.close()
             await metrics.wait_closed()
+        await records.close()
         await store.close()
         return EXIT_FAILURE
     reloads: set[asyncio.Task[None]] = set()
@@ -245,6 +271,8 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     background = [loop.create_task(refresher.run(stop))]
     if feedback is not None:
         background.append(loop.create_task(feedback.follow(stop)))
+    if scheduler is not None:
+        background.append(loop.create_task(_run_scheduler(scheduler, stop)))
     endpoints = " ".join([*(str(e) for e in server.bound_endpoints),
                           *([f"milter={runner.endpoint}"] if runner else []),
                           *(f"metrics={e}" for e in (metrics.bound_endpoints if metrics else []))])
@@ -265,9 +293,18 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     if metrics is not None:
         metrics.close()
         await metrics.wait_closed()
+    await records.close()
     await store.close()
     log.info("stopped")
     return EXIT_FAILURE if runner is not None and runner.failed else EXIT_OK
+
+
+async def _run_scheduler(scheduler: Scheduler, stop: asyncio.Event) -> None:
+    """The scheduler inside serve: an unexpected error is logged, never stops the server."""
+    try:
+        await scheduler.run(stop)
+    except Exception:
+        log.exception("scheduler stopped after an unexpected error")
 
 
 async def _reload(service: DecisionService, path: Path, log_level: str | None,

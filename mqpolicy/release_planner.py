@@ -38,8 +38,10 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NamedTuple
 
+from mqpolicy.backoff import scale_budget
 from mqpolicy.budget import BudgetCheck
 from mqpolicy.config import Count, Lane, LoadThresholds, Policy
 from mqpolicy.engine import limit_key, store_key
@@ -58,6 +60,9 @@ __all__ = [
     "release_checks",
     "summarize",
 ]
+
+_NOTHING: Mapping[str, str] = MappingProxyType({})
+_NOTHING_F: Mapping[str, float] = MappingProxyType({})
 
 LOAD_RESUME_FRACTION = 0.8
 """Paused lanes resume once every watched queue is back under this share of its threshold
@@ -182,9 +187,22 @@ def lane_release_check(lane: Lane, pass_interval_ms: int) -> BudgetCheck | None:
     return BudgetCheck(key, rate.interval_ms, burst, 1, True, True)
 
 
-def release_checks(policy: Policy, candidate: Candidate,
-                   pass_interval_ms: int) -> tuple[BudgetCheck | None, list[BudgetCheck]]:
-    """(the lane's release check, the destination checks) of one held message."""
+def release_checks(
+    policy: Policy,
+    candidate: Candidate,
+    pass_interval_ms: int,
+    *,
+    destinations: Mapping[str, str] = _NOTHING,
+    backoff: Mapping[str, float] = _NOTHING_F,
+) -> tuple[BudgetCheck | None, list[BudgetCheck]]:
+    """(the lane's release check, the destination checks) of one held message.
+
+    The destination checks are built as ``engine.make_plan`` builds a RCPT decision's
+    recipient-keyed checks (same buckets, same scope test, same backoff scaling), but for
+    the record's lane rather than a lane classified again from the bare envelope.
+    ``destinations`` maps recipient domains to their destination group (resolved by the
+    caller, as the decision service does before planning); ``backoff`` holds the
+    destinations' backoff factors."""
     lane = candidate.lane
     lane_name = lane.name if lane is not None else None
     entry = candidate.entry
@@ -192,7 +210,8 @@ def release_checks(policy: Policy, candidate: Candidate,
     order: list[str] = []
     for recipient in entry.recipients:
         request = Request(stage=STAGE_RCPT, sender=entry.sender, recipient=recipient,
-                          size=entry.size, queue_id=entry.queue_id)
+                          size=entry.size, queue_id=entry.queue_id,
+                          destination=destinations.get(domain_of(recipient), ""))
         for limit in policy.limits:
             if not limit.recipient_keyed:
                 continue
@@ -210,9 +229,14 @@ def release_checks(policy: Policy, candidate: Candidate,
             bucket = store_key(limit, key)
             known = merged.get(bucket)
             if known is None:
+                interval, burst = limit.interval_ms, limit.burst
+                if backoff and limit.destination is not None:
+                    factor = backoff.get(limit.destination, 1.0)
+                    if factor < 1.0:
+                        interval, burst = scale_budget(interval, burst, factor)
                 order.append(bucket)
-                merged[bucket] = BudgetCheck(bucket, limit.interval_ms, limit.burst,
-                                             min(cost, limit.burst), True, limit.blocking)
+                merged[bucket] = BudgetCheck(bucket, interval, burst, min(cost, burst), True,
+                                             limit.blocking)
             else:
                 merged[bucket] = known._replace(cost=min(known.cost + cost, known.burst))
     lane_check = lane_release_check(lane, pass_interval_ms) if lane is not None else None

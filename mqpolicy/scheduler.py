@@ -48,7 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mqpolicy.budget import NEVER, BudgetCheck, CounterStore, StoreError
-from mqpolicy.config import Policy, SchedulerSettings
+from mqpolicy.config import MtaKind, Policy, SchedulerSettings
+from mqpolicy.decisions import DecisionService
 from mqpolicy.hold_records import (
     HoldRecordStore,
     RecordSet,
@@ -57,6 +58,7 @@ from mqpolicy.hold_records import (
 )
 from mqpolicy.metrics import HELD_MESSAGES, RELEASES, LatencyHistogram, MetricsRegistry
 from mqpolicy.mta_queue import MtaQueue, QueueCommandError, QueueSnapshot
+from mqpolicy.postfix_queue import PostfixQueue
 from mqpolicy.release_planner import (
     Candidate,
     ReleasePlan,
@@ -65,8 +67,10 @@ from mqpolicy.release_planner import (
     plan_releases,
     release_checks,
 )
+from mqpolicy.request import domain_of
 
-__all__ = ["PassReport", "Scheduler", "SchedulerStats", "register_scheduler_metrics"]
+__all__ = ["PassReport", "Scheduler", "SchedulerStats", "open_mta_queue",
+           "register_scheduler_metrics"]
 
 log = logging.getLogger("mqpolicy.scheduler")
 
@@ -119,21 +123,19 @@ class PassReport:
 class Scheduler:
     """Releases held mail for one MTA instance.
 
-    ``policy`` returns the policy in force (``serve`` passes the decision service's, so a
-    reload applies at the next pass)."""
+    ``service`` is the decision service whose policy (swapped on reload), counter store,
+    destination groups and backoff factors the releases share with live decisions."""
 
     def __init__(
         self,
-        policy: Callable[[], Policy],
-        store: CounterStore,
+        service: DecisionService,
         records: HoldRecordStore,
         queue: MtaQueue,
         *,
         clock_ms: Callable[[], int] = _wall_clock_ms,
         owner: str | None = None,
     ) -> None:
-        self._policy = policy
-        self.store = store
+        self.service = service
         self.records = records
         self.queue = queue
         self.clock_ms = clock_ms
@@ -146,7 +148,11 @@ class Scheduler:
 
     @property
     def policy(self) -> Policy:
-        return self._policy()
+        return self.service.policy
+
+    @property
+    def store(self) -> CounterStore:
+        return self.service.store
 
     @property
     def settings(self) -> SchedulerSettings:
@@ -233,7 +239,9 @@ class Scheduler:
                             plan_s=planned - listed)
         self._account(plan, snapshot)
 
-        chosen, retry_ms = await self._decide(policy, settings, plan, now_ms, report)
+        destinations = await self._destinations(policy, plan)
+        chosen, retry_ms = await self._decide(policy, settings, plan, now_ms, report,
+                                              destinations)
         decided = time.perf_counter()
         report.budget_s = decided - planned
 
@@ -286,9 +294,24 @@ class Scheduler:
         for problem in snapshot.problems:
             log.warning("unreadable queue listing line", extra={"fields": {"line": problem}})
 
+    async def _destinations(self, policy: Policy, plan: ReleasePlan) -> dict[str, str]:
+        """Destination groups of the due messages' recipient domains (as live decisions
+        resolve them; cached by the decision service's finder)."""
+        if not policy.destinations:
+            return {}
+        domains: dict[str, str] = {}
+        for candidate in plan.due[:self.settings.max_releases_per_pass * 4]:
+            for recipient in candidate.entry.recipients:
+                domain = domain_of(recipient)
+                if domain and domain not in domains:
+                    domains[domain] = await self.service.destination_of(domain, policy)
+        return domains
+
     async def _decide(self, policy: Policy, settings: SchedulerSettings, plan: ReleasePlan,
-                      now_ms: int, report: PassReport) -> tuple[list[Candidate], int | None]:
+                      now_ms: int, report: PassReport, destinations: dict[str, str],
+                      ) -> tuple[list[Candidate], int | None]:
         """The messages to release this pass; plus the soonest budget refill (ms) seen."""
+        backoff = self.service.runtime.backoff
         limit = settings.max_releases_per_pass
         chosen: list[Candidate] = list(plan.resume[:limit])
         report.resumed = [c.queue_id for c in chosen]
@@ -302,7 +325,8 @@ class Scheduler:
             lane = candidate.record.lane
             if lane in blocked_lanes:
                 continue
-            lane_check, checks = release_checks(policy, candidate, settings.interval_ms)
+            lane_check, checks = release_checks(policy, candidate, settings.interval_ms,
+                                                destinations=destinations, backoff=backoff)
             if any(c.blocking and c.key in blocked_keys for c in checks):
                 continue
             if lane_check is not None:
@@ -423,3 +447,12 @@ def register_scheduler_metrics(registry: MetricsRegistry, scheduler: Scheduler) 
     registry.histogram("mqpolicy_scheduler_pass_seconds",
                        "The scheduler's own work per pass: listing, joining, deciding",
                        stats.pass_latency.snapshot)
+
+
+def open_mta_queue(settings: SchedulerSettings) -> MtaQueue:
+    """The queue adapter ``scheduler.mta`` names."""
+    if settings.mta is MtaKind.SENDMAIL:
+        from mqpolicy.sendmail_queue import SendmailQueue  # noqa: PLC0415 - optional MTA
+
+        return SendmailQueue(settings.sendmail_cf)
+    return PostfixQueue(settings.postfix_config_dir)

@@ -1,0 +1,220 @@
+"""``mqpolicy scheduler`` (the scheduler as its own process) and ``mqpolicy queue`` (the
+qshape of held mail). Called by the composition root, :func:`mqpolicy.cli.main`.
+
+Both need the hold records from outside the serving process, so a Redis store: with
+``memory://`` the records live inside ``mqpolicy serve``, which then runs the scheduler
+itself (``scheduler:`` section present).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from mqpolicy import __version__
+from mqpolicy.backoff_store import open_backoff_store
+from mqpolicy.budget import StoreError
+from mqpolicy.config import ConfigError, Policy, SchedulerSettings, load_policy
+from mqpolicy.decisions import DecisionService, wall_clock_ms
+from mqpolicy.hold_records import open_hold_records
+from mqpolicy.mta_queue import QueueCommandError
+from mqpolicy.release_planner import plan_releases, summarize
+from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
+from mqpolicy.scheduler import Scheduler, open_mta_queue
+from mqpolicy.sd_notify import sd_notify
+from mqpolicy.store_factory import open_store
+from mqpolicy.structured_log import configure_logging, set_level
+
+__all__ = ["cmd_queue", "cmd_scheduler", "render_queue"]
+
+log = logging.getLogger("mqpolicy.main")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+MEMORY_STORE_HINT = (
+    "with store memory:// the hold records live inside `mqpolicy serve`, which runs the "
+    "scheduler itself when the policy has a scheduler: section; use a redis:// store to "
+    "run it (or look at the queue) from another process")
+
+
+def _is_memory(policy: Policy) -> bool:
+    return policy.store.url.strip().lower().startswith("memory:")
+
+
+# ---------------------------------------------------------------- mqpolicy scheduler
+
+
+async def cmd_scheduler(policy: Policy, path: Path, log_level: str | None) -> int:
+    if policy.scheduler is None:
+        print("mqpolicy scheduler: the policy has no scheduler: section", file=sys.stderr)
+        return EXIT_USAGE
+    if _is_memory(policy):
+        print(f"mqpolicy scheduler: {MEMORY_STORE_HINT}", file=sys.stderr)
+        return EXIT_USAGE
+    listener = configure_logging(policy.log.format, log_level or policy.log.level)
+    try:
+        return await _run_scheduler(policy, path, log_level)
+    finally:
+        listener.stop()
+
+
+async def _run_scheduler(policy: Policy, path: Path, log_level: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    settings = policy.scheduler or SchedulerSettings()
+    store = open_store(policy.store.url, timeout_ms=max(1000, policy.store.timeout_ms),
+                       key_prefix=policy.store.key_prefix)
+    service = DecisionService(policy, store, resolver=make_resolver(policy))
+    backoff_store = (open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
+                     if policy.destinations else None)
+    records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
+                                timeout_ms=max(2000, policy.store.timeout_ms))
+    scheduler = Scheduler(service, records, open_mta_queue(settings))
+    refresher = RuntimeRefresher(service, backoff_store)
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(_reload(service, path, log_level))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    log.info("scheduler ready", extra={"fields": {
+        "instance": scheduler.queue.instance, "store": policy.store.url,
+        "policy": str(path), "owner": scheduler.owner, "version": __version__}})
+    sd_notify(f"READY=1\nSTATUS=scheduling {scheduler.queue.instance}")
+    try:
+        await asyncio.gather(refresher.run(stop), scheduler.run(stop))
+    finally:
+        sd_notify("STOPPING=1")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if backoff_store is not None:
+            await backoff_store.close()
+        if service.resolver is not None:
+            await service.resolver.aclose()
+        await records.close()
+        await store.close()
+        log.info("scheduler stopped")
+    return EXIT_OK
+
+
+async def _reload(service: DecisionService, path: Path, log_level: str | None) -> None:
+    loop = asyncio.get_running_loop()
+    sd_notify("RELOADING=1")
+    try:
+        new = await loop.run_in_executor(None, load_policy, path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            log.error("reload refused, keeping the running policy",
+                      extra={"fields": {"problem": str(issue)}})
+    else:
+        if new.scheduler is None or new.store != service.policy.store:
+            log.error("reload refused: the scheduler section and the store cannot change "
+                      "without a restart", extra={"fields": {"policy": str(path)}})
+        else:
+            service.replace_policy(new)
+            set_level(log_level or new.log.level)
+            log.info("policy reloaded", extra={"fields": {"policy": str(path)}})
+    sd_notify("READY=1")
+
+
+# ---------------------------------------------------------------- mqpolicy queue
+
+
+async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
+    if _is_memory(policy):
+        print(f"mqpolicy queue: {MEMORY_STORE_HINT}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = policy.scheduler or SchedulerSettings()
+    records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
+                                timeout_ms=max(5000, policy.store.timeout_ms))
+    try:
+        record_set = await records.load()
+        paused = await records.get_waiting_lanes()
+        snapshot = await open_mta_queue(settings).snapshot()
+    except (StoreError, QueueCommandError) as exc:
+        print(f"mqpolicy queue: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        await records.close()
+    now = wall_clock_ms()
+    plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
+                         paused_lanes=paused, grace_ms=max(60_000, 3 * settings.interval_ms))
+    summary = summarize(plan, now)
+    summary["queues"] = snapshot.counts
+    summary["waiting_lanes"] = sorted(paused)
+    if as_json:
+        print(json.dumps(summary, indent=2), file=out)
+    else:
+        print(render_queue(summary), file=out)
+    return EXIT_OK
+
+
+def _when(ms: object, now_ms: int) -> str:
+    if not isinstance(ms, int):
+        return "-"
+    if ms <= now_ms:
+        return "now"
+    seconds = (ms - now_ms) / 1000
+    if seconds < 120:
+        ahead = f"{seconds:.0f}s"
+    elif seconds < 7200:
+        ahead = f"{seconds / 60:.0f}m"
+    elif seconds < 172_800:
+        ahead = f"{seconds / 3600:.1f}h"
+    else:
+        ahead = f"{seconds / 86_400:.1f}d"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
+    return f"in {ahead} ({stamp})"
+
+
+def _rows(items: object) -> list[dict[str, object]]:
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def render_queue(summary: dict[str, object]) -> str:
+    """The text view of :func:`~mqpolicy.release_planner.summarize` (plus queue counts)."""
+    now = summary.get("now_ms")
+    now_ms = now if isinstance(now, int) else 0
+    lanes = _rows(summary.get("lanes"))
+    held = sum(int(str(r["held"])) for r in lanes)
+    foreign = _rows(summary.get("foreign"))
+    broken = _rows(summary.get("broken"))
+    queues = summary.get("queues")
+    lines = [f"held by mqpolicy: {held}   held by others (left alone): {len(foreign)}   "
+             f"unreadable records: {len(broken)}"]
+    if isinstance(queues, dict) and queues:
+        lines.append("MTA queues: " + ", ".join(f"{k} {v}" for k, v in sorted(queues.items())))
+    waiting = summary.get("waiting_lanes")
+    if isinstance(waiting, list) and waiting:
+        lines.append("lanes waiting for the queues to drain: " + ", ".join(map(str, waiting)))
+    if lanes:
+        lines.append("")
+        lines.append(f"{'LANE':<16} {'HELD':>6} {'DUE':>6} {'PAUSED':>6} {'LATER':>6}  "
+                     f"{'NEXT DUE':<32} LAST DUE")
+        for r in lanes:
+            lines.append(f"{r['lane']!s:<16} {r['held']!s:>6} {r['due']!s:>6} "
+                         f"{r['paused']!s:>6} {r['waiting']!s:>6}  "
+                         f"{_when(r['next_due_ms'], now_ms):<32} {_when(r['last_due_ms'], now_ms)}")
+        lines.append("")
+        lines.append(f"{'LANE':<16} {'DESTINATION':<32} {'HELD':>6} {'DUE':>6}  NEXT DUE")
+        for r in _rows(summary.get("destinations")):
+            lines.append(f"{r['lane']!s:<16} {r['destination']!s:<32} {r['held']!s:>6} "
+                         f"{r['due']!s:>6}  {_when(r['next_due_ms'], now_ms)}")
+    for r in broken:
+        lines.append(f"unreadable record: {r['queue_id']}: {r['problem']} (not released)")
+    unknown = summary.get("unknown_lanes")
+    if isinstance(unknown, list) and unknown:
+        lines.append("records of lanes no longer configured (released last): "
+                     + ", ".join(map(str, unknown)))
+    return "\n".join(lines)
