@@ -25,9 +25,10 @@ What the milter decides, per message:
   ``Deferred-Delivery`` is honoured when ``scheduler.schedule.allow`` matches the
   END-OF-MESSAGE request: a time in the future (capped at ``max_delay``) writes a record
   with that not-before time and quarantines the message. Both headers are removed from every
-  message, honoured or not. A record that cannot be written (or no queue id) means
-  ``on_error`` for a message that was to be held: held mail without a record would never be
-  released.
+  message, honoured or not. A record that cannot be written means ``on_error`` for a
+  message that was to be held: held mail without a record would never be released. Without
+  a queue id (an MTA that does not send the ``i`` macro) a hold is a plain quarantine that
+  no scheduler knows about, and a scheduled time is ignored.
 * Mail submitted locally to Postfix (``non_smtpd_milters``: connect from ``localhost``
   ``127.0.0.1`` port 0) cannot refuse one recipient; a recipient decision that refuses is
   kept and applied to the whole message at END-OF-MESSAGE.
@@ -527,10 +528,13 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         not_before, scheduled_by = self._scheduled(msg, request, now)
         if hold is None and not scheduled_by:
             return CONTINUE
-        if self.gateway.records is not None:
-            if not msg.queue_id:
-                self.gateway.failed(STAGE_END_OF_MESSAGE, "hold without a queue id")
-                return self._on_error(msg, request)
+        if self.gateway.records is not None and not msg.queue_id:
+            # no {i} macro: nothing to key a record on; the MTA's own hold, no schedule
+            log.warning("hold without a queue id (macro i): held without a record",
+                        extra={"fields": {"sender": msg.sender or "<>"}})
+            if hold is None:
+                return CONTINUE
+        elif self.gateway.records is not None:
             reason = (hold.deciding or f"lane:{hold.lane.name}") if hold is not None else \
                 f"schedule:{scheduled_by}"
             domains = list(dict.fromkeys(d for d in map(domain_of, msg.recipients) if d))
