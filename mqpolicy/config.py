@@ -398,10 +398,18 @@ class Policy:
     limits: tuple[Limit, ...] = ()
     messages: Messages = Messages()
     lanes_by_name: Mapping[str, Lane] = field(default_factory=dict)
+    # Derived for the engine: the limits every request is matched against, and the
+    # destination budgets found by the request's destination name in one lookup.
+    general_limits: tuple[Limit, ...] = field(init=False)
+    destination_limits: Mapping[str, Limit] = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.lanes_by_name:
             object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
+        object.__setattr__(self, "general_limits",
+                           tuple(x for x in self.limits if x.destination is None))
+        object.__setattr__(self, "destination_limits",
+                           {x.destination: x for x in self.limits if x.destination is not None})
 
     def lane(self, name: str) -> Lane:
         return self.lanes_by_name[name]

@@ -208,7 +208,13 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     at_rcpt = request.stage == STAGE_RCPT
     planned: list[PlannedLimit] = []
     lane_name = lane.name
-    for limit in policy.limits:
+    limits = policy.general_limits
+    if at_rcpt and policy.destination_limits and request.recipient:
+        budget = policy.destination_limits.get(
+            request.destination or domain_of(request.recipient))
+        if budget is not None:
+            limits = (*limits, budget)
+    for limit in limits:
         if limit.recipient_keyed and not at_rcpt:
             continue
         # inline of applies(): this loop runs for every limit of every request

@@ -414,6 +414,9 @@ def _nxdomain_ttl(exc: dns.resolver.NXDOMAIN) -> float:
     return min(ttls) if ttls else 0.0
 
 
+_DOMAIN_CACHE_SIZE = 100_000
+
+
 class DestinationFinder:
     """Finds the destination group of a domain for the configured destinations: by domain
     pattern without DNS, by MX when a group needs it and a resolver is given. The matcher
@@ -424,16 +427,24 @@ class DestinationFinder:
         self._for: object = None
         self._groups: tuple[DestinationMatcher, ...] = ()
         self._by_mx = False
+        self._by_domain: dict[str, str] = {}  # answers that need no DNS, bounded
 
     async def find(self, domain: str, destinations: Sequence[_HasMatcher]) -> str:
         """The group's name, else the domain itself. Never raises (DNS trouble: the domain)."""
         if destinations is not self._for:
             self._groups = tuple(d.matcher for d in destinations)
             self._by_mx = needs_mx(self._groups)
+            self._by_domain.clear()
             self._for = destinations
         if self._by_mx and self.resolver is not None:
             return await self.resolver.destination_of(domain, self._groups)
-        return match_destination(domain, (), self._groups) or normalize_domain(domain)
+        found = self._by_domain.get(domain)
+        if found is None:
+            found = match_destination(domain, (), self._groups) or normalize_domain(domain)
+            if len(self._by_domain) >= _DOMAIN_CACHE_SIZE:
+                self._by_domain.clear()
+            self._by_domain[domain] = found
+        return found
 
 
 class _HasMatcher(Protocol):
