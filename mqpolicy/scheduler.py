@@ -248,6 +248,10 @@ class Scheduler:
         report.cleaned = await self._clean(plan, records)
         await self._release(chosen, report)
         report.release_s = time.perf_counter() - decided
+        held = self.stats.held_by_lane
+        for candidate in chosen:
+            if candidate.queue_id in report.released and held.get(candidate.record.lane):
+                held[candidate.record.lane] -= 1
 
         self.stats.passes += 1
         overhead_ms = report.overhead_s * 1000

@@ -1,0 +1,243 @@
+"""The pure release planner: order, due times, clean-ups, reports, budgets and load."""
+
+from __future__ import annotations
+
+from mqpolicy.config import LoadThresholds, Policy, parse_policy
+from mqpolicy.hold_records import BrokenRecord, HoldRecord, RecordSet, RecordState
+from mqpolicy.mta_queue import QueueEntry
+from mqpolicy.release_planner import (
+    Candidate,
+    lane_release_check,
+    lanes_to_pause,
+    load_exceeded,
+    plan_releases,
+    release_checks,
+    summarize,
+)
+
+POLICY = """\
+lanes:
+  - name: transactional
+  - name: normal
+    release_rate: 10/1s
+  - name: bulk
+    release_rate: 60/1m
+    release_burst: 3
+default_lane: normal
+limits:
+  - name: per-domain
+    rate: 100/1m
+    burst: 5
+    key: recipient_domain
+  - name: per-sender
+    rate: 10/1h
+    key: sender
+  - name: bulk-only
+    rate: 10/1m
+    key: recipient
+    lanes: [bulk]
+  - name: watch
+    rate: 1/1h
+    key: recipient_domain
+    monitor: true
+    when: {recipient: "@watched.example"}
+"""
+NOW = 10_000_000
+
+
+def policy() -> Policy:
+    return parse_policy(POLICY)
+
+
+def entry(qid: str, queue: str = "hold", arrival: int = 1, sender: str = "s@x.example",
+          rcpts: tuple[str, ...] = ("r@a.example",), size: int = 100) -> QueueEntry:
+    return QueueEntry(qid, queue, arrival, size, sender, rcpts)
+
+
+def rec(qid: str, lane: str = "normal", created: int = 9_000_000, not_before: int = 0,
+        state: RecordState = RecordState.HELD) -> HoldRecord:
+    return HoldRecord(qid, lane, not_before, created, "test", (), "s@x.example", state)
+
+
+def records(*items: HoldRecord) -> RecordSet:
+    return RecordSet(records={r.queue_id: r for r in items})
+
+
+def ids(candidates: list[Candidate]) -> list[str]:
+    return [c.queue_id for c in candidates]
+
+
+def test_highest_lane_first_then_fifo() -> None:
+    entries = [entry(q) for q in ("BULK01", "NORM02", "TRAN03", "NORM01", "TRAN01")]
+    plan = plan_releases(entries, records(
+        rec("BULK01", "bulk", 1), rec("NORM02", created=20), rec("TRAN03", "transactional", 30),
+        rec("NORM01", created=10), rec("TRAN01", "transactional", 40)),
+        now_ms=NOW, lanes=policy().lanes)
+    assert ids(plan.due) == ["TRAN03", "TRAN01", "NORM01", "NORM02", "BULK01"]
+    assert plan.held_by_lane == {"bulk": 1, "normal": 2, "transactional": 2}
+
+
+def test_not_before_is_respected() -> None:
+    plan = plan_releases([entry("LATER1"), entry("SOONER"), entry("NOWNOW")],
+                         records(rec("LATER1", not_before=NOW + 5000),
+                                 rec("SOONER", not_before=NOW + 10),
+                                 rec("NOWNOW", not_before=NOW)),
+                         now_ms=NOW, lanes=policy().lanes)
+    assert ids(plan.due) == ["NOWNOW"]
+    assert ids(plan.waiting) == ["SOONER", "LATER1"]
+
+
+def test_foreign_broken_and_paused() -> None:
+    broken = BrokenRecord("BROKEN", "missing field 'lane'", {})
+    plan = plan_releases(
+        [entry("OPERAT"), entry("BROKEN"), entry("BULK01"), entry("NORM01")],
+        RecordSet(records={"BULK01": rec("BULK01", "bulk"), "NORM01": rec("NORM01")},
+                  broken={"BROKEN": broken}),
+        now_ms=NOW, lanes=policy().lanes, paused_lanes=frozenset({"bulk"}))
+    assert [e.queue_id for e in plan.foreign] == ["OPERAT"]
+    assert plan.broken == [broken]
+    assert ids(plan.paused) == ["BULK01"]
+    assert ids(plan.due) == ["NORM01"]
+
+
+def test_records_whose_message_left_hold() -> None:
+    plan = plan_releases(
+        [entry("RELEAS", queue="deferred"), entry("YOUNG1", queue="incoming")],
+        records(rec("RELEAS", state=RecordState.RELEASING),
+                rec("GONE01", created=NOW - 120_000),
+                rec("YOUNG1", created=NOW - 1000),
+                rec("YOUNG2", created=NOW - 1000)),
+        now_ms=NOW, lanes=policy().lanes, grace_ms=60_000)
+    assert plan.finished == ["RELEAS"]
+    assert plan.stale == ["GONE01"]  # the young ones may not be queued yet
+    assert plan.due == []
+
+
+def test_interrupted_release_still_on_hold_is_resumed() -> None:
+    plan = plan_releases([entry("HALF01")], records(rec("HALF01", state=RecordState.RELEASING)),
+                         now_ms=NOW, lanes=policy().lanes, paused_lanes=frozenset({"normal"}))
+    assert ids(plan.resume) == ["HALF01"]
+    assert plan.due == [] and plan.paused == []
+
+
+def test_reused_queue_id_makes_the_record_stale() -> None:
+    plan = plan_releases([entry("REUSED", arrival=NOW // 1000 + 600)],
+                         records(rec("REUSED", created=NOW - 5000)),
+                         now_ms=NOW, lanes=policy().lanes)
+    assert [e.queue_id for e in plan.foreign] == ["REUSED"]
+    assert plan.stale == ["REUSED"]
+
+
+def test_unknown_lane_comes_last() -> None:
+    plan = plan_releases([entry("GONE01"), entry("BULK01")],
+                         records(rec("GONE01", "retired", created=1), rec("BULK01", "bulk", 2)),
+                         now_ms=NOW, lanes=policy().lanes)
+    assert ids(plan.due) == ["BULK01", "GONE01"]
+    assert plan.unknown_lanes == {"retired"}
+    assert plan.due[1].lane is None
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def test_lane_release_check() -> None:
+    lanes = policy().lanes
+    assert lane_release_check(lanes[0], 5000) is None
+    normal = lane_release_check(lanes[1], 5000)
+    assert normal is not None
+    # no explicit burst: what one pass interval earns (10/s over 5 s)
+    assert (normal.key, normal.interval_ms, normal.burst) == ("release:normal:10/1000/50",
+                                                              100.0, 50)
+    bulk = lane_release_check(lanes[2], 5000)
+    assert bulk is not None and (bulk.burst, bulk.cost) == (3, 1)
+
+
+def test_release_checks_use_the_live_buckets_of_recipient_keyed_limits() -> None:
+    p = policy()
+    e = entry("MULTI1", rcpts=("a@a.example", "b@a.example", "c@b.example",
+                               "d@watched.example"))
+    plan = plan_releases([e], records(rec("MULTI1", "bulk")), now_ms=NOW, lanes=p.lanes)
+    lane_check, checks = release_checks(p, plan.due[0], 1000)
+    assert lane_check is not None and lane_check.key.startswith("release:bulk:")
+    by_key = {c.key: c for c in checks}
+    domain = "rl:per-domain:100/60000/5:"
+    assert by_key[domain + "a.example"].cost == 2  # two recipients, one bucket
+    assert by_key[domain + "b.example"].cost == 1
+    assert "rl:bulk-only:10/60000/10:a@a.example" in by_key  # scoped to the record's lane
+    assert not any("per-sender" in k for k in by_key)  # spent at submission already
+    watch = by_key["rl:watch:1/3600000/1:watched.example"]
+    assert not watch.blocking
+    # the normal lane: no bulk-only limit
+    plan = plan_releases([e], records(rec("MULTI1", "normal")), now_ms=NOW, lanes=p.lanes)
+    _, checks = release_checks(p, plan.due[0], 1000)
+    assert not any("bulk-only" in c.key for c in checks)
+
+
+def test_many_recipients_at_one_bucket_cost_at_most_its_burst() -> None:
+    p = policy()
+    e = entry("MANY01", rcpts=tuple(f"u{i}@a.example" for i in range(20)))
+    plan = plan_releases([e], records(rec("MANY01", "transactional")), now_ms=NOW,
+                         lanes=p.lanes)
+    _, checks = release_checks(p, plan.due[0], 1000)
+    (domain,) = [c for c in checks if "per-domain" in c.key]
+    assert (domain.cost, domain.burst) == (5, 5)
+
+
+def test_release_checks_follow_destinations_and_backoff() -> None:
+    p = parse_policy(POLICY + """\
+destinations:
+  - name: bigmail
+    domains: [a.example, "*.a.example"]
+    rate: 60/1m
+    burst: 10
+""")
+    plan = plan_releases([entry("DEST01", rcpts=("x@a.example",))], records(rec("DEST01")),
+                         now_ms=NOW, lanes=p.lanes)
+    _, checks = release_checks(p, plan.due[0], 1000, destinations={"a.example": "bigmail"},
+                               backoff={"bigmail": 0.5})
+    (dest,) = [c for c in checks if c.key.startswith("rl:destination:bigmail")]
+    assert dest.key.endswith(":bigmail")
+    assert (dest.interval_ms, dest.burst) == (2000.0, 5)  # halved by backoff
+
+
+# ---------------------------------------------------------------- load
+
+
+def test_load_threshold_with_hysteresis() -> None:
+    t = LoadThresholds(active=100, deferred=1000, hold_lanes=1)
+    assert not load_exceeded({"active": 100, "deferred": 10}, t, False)
+    assert load_exceeded({"active": 101}, t, False)
+    assert load_exceeded({"active": 90}, t, True)  # not drained enough yet
+    assert not load_exceeded({"active": 80}, t, True)
+    assert load_exceeded({"deferred": 1001}, t, False)
+    assert not load_exceeded({"incoming": 10**6}, t, False)  # not watched
+    assert not load_exceeded({"active": 10**6}, LoadThresholds(), False)
+
+
+def test_lanes_to_pause_never_the_highest() -> None:
+    lanes = policy().lanes
+    assert lanes_to_pause(lanes, 1) == frozenset({"bulk"})
+    assert lanes_to_pause(lanes, 2) == frozenset({"normal", "bulk"})
+    assert lanes_to_pause(lanes, 9) == frozenset({"normal", "bulk"})
+    assert lanes_to_pause(lanes[:1], 1) == frozenset()
+
+
+def test_summary_per_lane_and_destination() -> None:
+    plan = plan_releases(
+        [entry("A00001", rcpts=("x@a.example", "y@b.example")), entry("A00002"),
+         entry("B00001"), entry("OPERAT")],
+        records(rec("A00001", not_before=NOW + 60_000), rec("A00002"),
+                rec("B00001", "bulk")),
+        now_ms=NOW, lanes=policy().lanes, paused_lanes=frozenset({"bulk"}))
+    summary = summarize(plan, NOW)
+    lanes = {row["lane"]: row for row in summary["lanes"]}  # type: ignore[union-attr, index]
+    assert lanes["normal"]["held"] == 2
+    assert lanes["normal"]["due"] == 1 and lanes["normal"]["waiting"] == 1
+    assert lanes["normal"]["last_due_ms"] == NOW + 60_000
+    assert lanes["bulk"]["paused"] == 1
+    dests = {(r["lane"], r["destination"]): r["held"]  # type: ignore[index]
+             for r in summary["destinations"]}  # type: ignore[union-attr]
+    assert dests == {("normal", "a.example"): 2, ("normal", "b.example"): 1,
+                     ("bulk", "a.example"): 1}
+    assert summary["foreign"] == [{"queue_id": "OPERAT", "sender": "s@x.example",
+                                   "arrival_time": 1}]
