@@ -1,0 +1,255 @@
+"""Holds become records at end of message: the Postfix policy front-end (RCPT holds answered
+as accepted and remembered per instance, END-OF-MESSAGE writes the record then answers
+HOLD) and the milter (records before quarantine; scheduled-delivery headers)."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import Sequence
+
+import Milter
+import Milter.test  # makes @noreply callbacks answer CONTINUE under test
+
+from mqpolicy.budget import StoreError
+from mqpolicy.config import MilterSettings, parse_policy
+from mqpolicy.decisions import DecisionService
+from mqpolicy.hold_records import HoldRecord, MemoryHoldRecords
+from mqpolicy.memory_store import MemoryStore
+from mqpolicy.milter_service import DecisionGateway
+from mqpolicy.policy_service import PostfixPolicyHandler
+from tests.test_milter_service import Loop, Session, loop  # noqa: F401 - fixture
+
+POLICY = """\
+lanes:
+  - name: transactional
+    transport: mq-transactional
+  - name: normal
+  - name: bulk
+    transport: mq-bulk
+  - name: scheduled
+    transport: mq-bulk
+    hold: true
+default_lane: normal
+classify:
+  - name: later
+    when: {sender: "@.later.example"}
+    lane: scheduled
+  - name: news
+    when: {sender: "@news.example"}
+    lane: bulk
+limits:
+  - name: one-a-day
+    rate: 1/1d
+    key: sender
+    action: hold
+    when: {sender: "@capped.example"}
+  - name: quota
+    rate: 2/1d
+    key: sender
+    count: recipients
+    action: reject
+    when: {sender: "@q.later.example"}
+scheduler:
+  schedule:
+    allow: {sender: "@app.example"}
+    max_delay: 1h
+"""
+NOW = 1_800_000_000_000
+
+
+def clock() -> int:
+    return NOW
+
+
+class FailingRecords(MemoryHoldRecords):
+    async def put(self, record: HoldRecord, ttl_ms: int = 1) -> None:
+        raise StoreError("redis: ConnectionError")
+
+
+def handler(records: MemoryHoldRecords | None = None) -> PostfixPolicyHandler:
+    service = DecisionService(parse_policy(POLICY), MemoryStore(), clock_ms=clock)
+    return PostfixPolicyHandler(service, records, clock_ms=clock)
+
+
+def attrs(stage: str, sender: str, recipient: str = "", instance: str = "i1",
+          queue_id: str = "", count: int = 1) -> dict[str, str]:
+    return {"request": "smtpd_access_policy", "protocol_state": stage, "sender": sender,
+            "recipient": recipient, "instance": instance, "queue_id": queue_id,
+            "client_address": "192.0.2.1", "recipient_count": str(count)}
+
+
+async def message(h: PostfixPolicyHandler, sender: str, recipients: Sequence[str],
+                  instance: str, queue_id: str) -> list[str]:
+    answers = [await h.handle(attrs("RCPT", sender, r, instance, queue_id if i else ""))
+               for i, r in enumerate(recipients)]
+    answers.append(await h.handle(attrs("END-OF-MESSAGE", sender, "", instance, queue_id,
+                                        len(recipients))))
+    return answers
+
+
+def test_rcpt_hold_is_answered_as_accepted_and_held_at_end_of_message() -> None:
+    async def main() -> None:
+        records = MemoryHoldRecords(clock)
+        h = handler(records)
+        sender = "x@capped.example"
+        assert await message(h, sender, ["a@one.example"], "i1", "QID00001") == \
+            ["DUNNO", "DUNNO"]
+        answers = await message(h, sender, ["a@one.example", "b@two.example"], "i2",
+                                "QID00002")
+        assert answers == ["DUNNO", "DUNNO", "HOLD held by mqpolicy limit one-a-day"]
+        got = await records.get("QID00002")
+        assert got == HoldRecord("QID00002", "normal", NOW, NOW, "one-a-day",
+                                 ("one.example", "two.example"), sender)
+        assert await records.get("QID00001") is None
+        assert h.pending_holds == 0
+
+    asyncio.run(main())
+
+
+def test_hold_lane_answers_its_filter_at_rcpt() -> None:
+    async def main() -> None:
+        records = MemoryHoldRecords(clock)
+        h = handler(records)
+        answers = await message(h, "a@later.example", ["r@x.example"], "i3", "QID00003")
+        assert answers == ["FILTER mq-bulk:", "HOLD held by mqpolicy limit "]
+        got = await records.get("QID00003")
+        assert isinstance(got, HoldRecord)
+        assert (got.lane, got.reason) == ("scheduled", "lane:scheduled")
+
+    asyncio.run(main())
+
+
+def test_a_refusal_at_end_of_message_wins_over_a_remembered_hold() -> None:
+    async def main() -> None:
+        records = MemoryHoldRecords(clock)
+        h = handler(records)
+        # each RCPT fits the recipients quota and is held by its lane (remembered); the
+        # message's 3 recipients do not fit: END-OF-MESSAGE rejects, nothing is recorded
+        answers = await message(h, "x@q.later.example",
+                                ["a@x.example", "b@x.example", "c@x.example"], "i5",
+                                "QID00005")
+        assert answers[:3] == ["FILTER mq-bulk:"] * 3
+        assert answers[3].startswith("550 5.7.1")
+        assert await records.get("QID00005") is None
+        assert h.pending_holds == 0
+
+    asyncio.run(main())
+
+
+def test_record_not_written_means_a_temporary_failure() -> None:
+    async def main() -> None:
+        h = handler(FailingRecords(clock))
+        answers = await message(h, "a@later.example", ["r@x.example"], "i6", "QID00006")
+        assert answers[-1] == "451 4.3.0 Policy store unavailable, try again later"
+        assert h.record_failures == 1
+
+    asyncio.run(main())
+
+
+def test_without_a_record_store_postfix_holds_as_before() -> None:
+    async def main() -> None:
+        h = handler(None)
+        answers = await message(h, "a@later.example", ["r@x.example"], "i7", "QID00007")
+        assert answers[0].startswith("HOLD")
+
+    asyncio.run(main())
+
+
+def test_remembered_holds_are_bounded() -> None:
+    async def main() -> None:
+        service = DecisionService(parse_policy(POLICY), MemoryStore(), clock_ms=clock)
+        h = PostfixPolicyHandler(service, MemoryHoldRecords(clock), clock_ms=clock,
+                                 max_pending=3)
+        for i in range(10):
+            await h.handle(attrs("RCPT", "a@later.example", "r@x.example", f"n{i}"))
+        assert h.pending_holds == 3
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- the milter
+
+
+def milter_session(lp: Loop, records: MemoryHoldRecords | None) -> Session:
+    policy = parse_policy(textwrap.dedent(POLICY))
+    service = DecisionService(policy, MemoryStore())
+    gateway = DecisionGateway(service, lp.loop, MilterSettings(), records)
+    s = Session(gateway)
+    s.connect()
+    return s
+
+
+def _removed(s: Session) -> list[tuple[str, int, str]]:
+    return [c for c in s.ctx.changed if c[0] != "X-MQ-Lane"]
+
+
+def test_milter_records_before_quarantine(loop: Loop) -> None:  # noqa: F811
+    records = MemoryHoldRecords()
+    s = milter_session(loop, records)
+    rc = s.message("a@later.example", ["r@x.example", "q@y.example"], [("Subject", "x")],
+                   queue_id="MQID0001")
+    assert rc == Milter.CONTINUE
+    assert s.ctx.quarantined == ["held by mqpolicy limit"]
+    got = loop.run(records.get("MQID0001"))
+    assert isinstance(got, HoldRecord)
+    assert (got.lane, got.reason, got.destinations) == ("scheduled", "lane:scheduled",
+                                                        ("x.example", "y.example"))
+    assert got.not_before_ms <= got.created_ms + 1
+
+
+def test_milter_schedules_an_allowed_sender(loop: Loop) -> None:  # noqa: F811
+    records = MemoryHoldRecords()
+    s = milter_session(loop, records)
+    rc = s.message("app@app.example", ["r@x.example"],
+                   [("Subject", "later"), ("X-MQ-Deliver-After", "+20s")], queue_id="MQID0002")
+    assert rc == Milter.CONTINUE
+    assert s.ctx.quarantined == ["scheduled by X-MQ-Deliver-After"]
+    assert _removed(s) == [("X-MQ-Deliver-After", 1, "")]
+    got = loop.run(records.get("MQID0002"))
+    assert isinstance(got, HoldRecord)
+    assert got.reason == "schedule:X-MQ-Deliver-After"
+    assert 19_000 <= got.not_before_ms - got.created_ms <= 20_000
+    assert got.lane == "normal"
+
+
+def test_milter_caps_the_delay(loop: Loop) -> None:  # noqa: F811
+    records = MemoryHoldRecords()
+    s = milter_session(loop, records)
+    s.message("app@app.example", ["r@x.example"],
+              [("Deferred-Delivery", "Fri, 01 Jan 2100 00:00:00 +0000")], queue_id="MQID0003")
+    got = loop.run(records.get("MQID0003"))
+    assert isinstance(got, HoldRecord)
+    assert 3_599_000 <= got.not_before_ms - got.created_ms <= 3_600_000  # max_delay: 1h
+
+
+def test_milter_ignores_and_strips_headers_of_senders_not_allowed(loop: Loop) -> None:  # noqa: F811
+    records = MemoryHoldRecords()
+    s = milter_session(loop, records)
+    rc = s.message("someone@else.example", ["r@x.example"],
+                   [("X-MQ-Deliver-After", "+20s"), ("x-mq-deliver-after", "+1m"),
+                    ("Deferred-Delivery", "Fri, 01 Jan 2100 00:00:00 +0000")],
+                   queue_id="MQID0004")
+    assert rc == Milter.CONTINUE
+    assert s.ctx.quarantined == []
+    assert sorted(_removed(s)) == [("Deferred-Delivery", 1, ""), ("X-MQ-Deliver-After", 1, ""),
+                                   ("X-MQ-Deliver-After", 2, "")]
+    assert loop.run(records.load()).records == {}
+
+
+def test_milter_unreadable_or_past_time_delivers_now(loop: Loop) -> None:  # noqa: F811
+    records = MemoryHoldRecords()
+    for value in ("whenever", "2001-01-01T00:00:00Z"):
+        s = milter_session(loop, records)
+        s.message("app@app.example", ["r@x.example"], [("X-MQ-Deliver-After", value)],
+                  queue_id="MQID0005")
+        assert s.ctx.quarantined == []
+        assert _removed(s) == [("X-MQ-Deliver-After", 1, "")]
+
+
+def test_milter_record_failure_applies_on_error(loop: Loop) -> None:  # noqa: F811
+    s = milter_session(loop, FailingRecords())
+    rc = s.message("app@app.example", ["r@x.example"], [("X-MQ-Deliver-After", "+1m")],
+                   queue_id="MQID0006")
+    assert rc == Milter.TEMPFAIL
+    assert s.ctx.quarantined == []
