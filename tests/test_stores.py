@@ -492,11 +492,12 @@ def test_no_key_is_left_without_ttl(kit: StoreKit, seed: int) -> None:
         states = await store.inspect(keys, now)
         live = [s for s in states if s is not None]
         assert len(live) > 20
-        assert all(s.ttl_ms > 0 for s in live), [s for s in live if s.ttl_ms <= 0]
+        # -1 would be a key without expiry; Redis' PTTL says 0 in a key's last millisecond
+        assert all(s.ttl_ms >= 0 for s in live), [s for s in live if s.ttl_ms < 0]
         if kit.server is not None:  # and straight from Redis: no key without expiry
             with kit.server.client() as client:
                 all_keys = client.keys("*")
-                assert len(all_keys) >= len(live)
+                assert len(all_keys) > 20
                 assert all(client.pttl(k) != -1 for k in all_keys)
 
     kit.run(body)
