@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(and the milter when the policy has a milter: section)")
     _config_arg(serve)
     serve.add_argument("--log-level", help="override log.level from the policy file")
+    serve.add_argument("--with-scheduler", action="store_true",
+                       help="also run the hold-queue scheduler with a redis:// store (with "
+                       "memory:// it always runs inside serve when the policy has a "
+                       "scheduler: section)")
 
     milter = sub.add_parser("milter", help="run the milter only (Postfix, Sendmail)")
     _config_arg(milter)
@@ -148,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mqpolicy: invalid policy file, nothing started:\n{exc}", file=sys.stderr)
         return EXIT_FAILURE
     if command == "serve":
-        return asyncio.run(serve(policy, Path(args.config), args.log_level, milter))
+        return asyncio.run(serve(policy, Path(args.config), args.log_level, milter,
+                                 with_scheduler=args.with_scheduler))
     if command == "milter":
         return asyncio.run(serve(policy, Path(args.config), args.log_level,
                                  milter or MilterSettings(), policy_server=False))
@@ -198,16 +203,18 @@ def cmd_check(path: str, out: TextIO) -> int:
 
 
 async def serve(policy: Policy, path: Path, log_level: str | None = None,
-                milter: MilterSettings | None = None, policy_server: bool = True) -> int:
+                milter: MilterSettings | None = None, policy_server: bool = True,
+                with_scheduler: bool = False) -> int:
     listener = configure_logging(policy.log.format, log_level or policy.log.level)
     try:
-        return await _serve(policy, path, log_level, milter, policy_server)
+        return await _serve(policy, path, log_level, milter, policy_server, with_scheduler)
     finally:
         listener.stop()
 
 
 async def _serve(policy: Policy, path: Path, log_level: str | None,
-                 milter: MilterSettings | None, policy_server: bool) -> int:
+                 milter: MilterSettings | None, policy_server: bool,
+                 with_scheduler: bool = False) -> int:
     loop = asyncio.get_running_loop()
     store = open_store(policy.store.url, timeout_ms=policy.store.timeout_ms,
                        key_prefix=policy.store.key_prefix)
@@ -234,8 +241,11 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     reload_stats = ReloadStats()
     registry = core_registry(service, server=server.counters if policy_server else None,
                              reloads=reload_stats)
+    # The scheduler runs here when the records live in this process (memory://) or when
+    # asked to; with Redis it is normally `mqpolicy scheduler` on the MTA's host.
     scheduler = (Scheduler(service, records, open_mta_queue(policy.scheduler))
-                 if policy.scheduler is not None else None)
+                 if policy.scheduler is not None and (records.in_process or with_scheduler)
+                 else None)
     if scheduler is not None:
         register_scheduler_metrics(registry, scheduler)
     registry.gauge(DESTINATIONS_IN_BACKOFF, "Destinations whose budget is cut by backoff",

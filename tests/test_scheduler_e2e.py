@@ -1,0 +1,332 @@
+"""The scheduler against the session's real Postfix (tests/postfix_fixture.py): holds written
+by the policy server and the milter, releases through ``postsuper -H``/``postqueue -i``,
+arrivals read from the SMTP sink. Generous tolerances: this is a shared 2-core machine.
+
+The tests that run ``mqpolicy scheduler`` as its own process use a Redis store (a private
+redis-server, tests/redis_fixture.py); the scheduled-delivery test runs the scheduler inside
+``serve`` on the memory store. Each test restores the session's base policy (memory store,
+no milter) afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from mqpolicy.postfix_config import (
+    HEADER_CHECKS_FILE,
+    SECTION_HEADER_CHECKS,
+    SECTION_MAIN,
+    SECTION_MASTER,
+    split_sections,
+)
+from mqpolicy.postfix_instance import POSTSUPER, MailStack, QueuedMessage, poll
+from mqpolicy.smtp_sink import SinkMessage
+from tests.postfix_fixture import BASE_POLICY
+from tests.redis_fixture import RedisServer
+
+ORDER = ("transactional", "normal", "bulk")
+
+
+def lanes(hold: tuple[str, ...], rates: dict[str, str]) -> str:
+    """The fixture's lanes (same transports: Postfix's configuration does not change) with
+    holds and release rates."""
+    out = ["lanes:"]
+    transports = {"transactional": "mq-transactional\n    concurrency: 10",
+                  "normal": "smtp",
+                  "bulk": "mq-bulk\n    concurrency: 2\n    initial_concurrency: 2"}
+    for lane in ORDER:
+        out.append(f"  - name: {lane}\n    transport: {transports[lane]}")
+        if lane in hold:
+            out.append("    hold: true")
+        if lane in rates:
+            out.append(f"    release_rate: {rates[lane]}\n    release_burst: 1")
+    out.append("default_lane: normal")
+    return "\n".join(out) + "\n"
+
+
+CLASSIFY = """\
+classify:
+  - name: t
+    when: {sender: "@t.sched.test"}
+    lane: transactional
+  - name: b
+    when: {sender: "@b.sched.test"}
+    lane: bulk
+"""
+
+
+class SchedulerProcess:
+    """``mqpolicy scheduler -c FILE``, started and stopped by its PID."""
+
+    def __init__(self, policy_file: Path, log_file: Path) -> None:
+        self.policy_file = policy_file
+        self.log_file = log_file
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_file.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mqpolicy", "scheduler", "-c", str(self.policy_file)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture
+def stack(mail_stack: MailStack) -> Iterator[MailStack]:
+    """The session stack; afterwards the base policy (memory store, no milter) again."""
+    written = mail_stack.postfix_config
+    try:
+        yield mail_stack
+    finally:
+        mail_stack.server.stop()
+        if mail_stack.postfix_config != written:  # a test added the milter
+            _write_postfix(mail_stack, written)
+            mail_stack.postfix_config = written
+        with contextlib.suppress(Exception):
+            mail_stack.postfix.delete("ALL")
+        mail_stack.apply_policy(BASE_POLICY)  # restarts mqpolicy serve on the memory store
+
+
+@pytest.fixture
+def scheduler(stack: MailStack) -> Iterator[SchedulerProcess]:
+    process = SchedulerProcess(stack.policy_file, stack.root / "scheduler.log")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _write_postfix(stack: MailStack, text: str) -> None:
+    sections = split_sections(text)
+    stack.postfix.write_config(sections[SECTION_MAIN], sections[SECTION_MASTER],
+                               {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
+    stack.postfix.reload()
+
+
+def restart_serve(stack: MailStack, policy_text: str) -> None:
+    """mqpolicy serve with a new store or milter needs a restart, not a reload."""
+    stack.server.stop()
+    stack.apply_policy(policy_text)
+
+
+def redis_policy(server: RedisServer, body: str) -> str:
+    return (f"store:\n  url: {server.unix_url}\n  timeout_ms: 500\n  key_prefix: \"e2e:\"\n"
+            "log:\n  format: kv\n  level: info\n" + body)
+
+
+def held(stack: MailStack) -> list[QueuedMessage]:
+    return [m for m in stack.postfix.queue() if m.queue_name == "hold"]
+
+
+def hold_records(server: RedisServer) -> list[str]:
+    with server.client() as client:
+        return sorted(k.decode() for k in client.keys("e2e:hold:*:rec:*"))
+
+
+def subject(message: SinkMessage) -> str:
+    return message.header("Subject") or ""
+
+
+# ---------------------------------------------------------------- order and rate
+
+
+def test_thirty_held_messages_leave_highest_lane_first_fifo_at_the_lane_rate(
+    stack: MailStack, scheduler: SchedulerProcess, redis_clean: RedisServer,
+) -> None:
+    restart_serve(stack, redis_policy(redis_clean, lanes(ORDER, {"bulk": "2/1s"}) + CLASSIFY + """\
+limits:
+  - name: dest
+    rate: 5/1s
+    burst: 1
+    key: recipient_domain
+    action: hold
+scheduler:
+  interval: 1s
+  lock_ttl: 5s
+""" + f"  postfix_config_dir: {stack.postfix.config_dir}\n"))
+    senders = {"transactional": "a@t.sched.test", "normal": "a@n.sched.test",
+               "bulk": "a@b.sched.test"}
+    submitted: dict[str, str] = {}
+    for i in range(10):
+        for lane in reversed(ORDER):  # lowest lane first: order at the sink is not arrival
+            sent = stack.send(senders[lane], ["rcpt@dest.sched.test"], f"{lane}-{i:02d}")
+            assert sent.queued, sent.replies()
+            submitted[sent.queue_id] = lane
+    stack.wait_queue(lambda q: len([m for m in q if m.queue_name == "hold"]) == 30, 20)
+    assert len(hold_records(redis_clean)) == 30
+    assert stack.sink.messages() == []
+
+    scheduler.start()
+    messages = stack.sink.wait_for(lambda m: len(m) >= 30, 60)
+    assert len(messages) == 30, scheduler.log()[-3000:]
+    arrivals = sorted(messages, key=lambda m: m.received_at)
+    order = [subject(m).split("-")[0] for m in arrivals]
+    # highest lane first: every message of a lane before any of the next one (the shared
+    # destination budget lets one message out at a time, to the highest lane first)
+    assert order == ["transactional"] * 10 + ["normal"] * 10 + ["bulk"] * 10, order
+    for lane in ORDER:
+        mine = [m for m in arrivals if subject(m).startswith(lane)]
+        assert [subject(m) for m in mine] == [f"{lane}-{i:02d}" for i in range(10)]  # FIFO
+        gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(mine)]
+        mean = sum(gaps) / len(gaps)
+        if lane == "bulk":  # its own release rate, 2/s: 0.5 s apart
+            assert 0.4 <= mean <= 1.5, gaps
+            assert min(gaps) >= 0.2, gaps
+        else:  # the destination's budget, 5/s: 0.2 s apart
+            assert 0.15 <= mean <= 1.0, gaps
+    # every delivery left through its lane's transport (the RCPT answer's FILTER)
+    for message in (arrivals[0], arrivals[-1]):
+        delivery = stack.delivery_of(message)
+        lane = subject(message).split("-")[0]
+        assert delivery.transport == {"transactional": "mq-transactional", "normal": "smtp",
+                                      "bulk": "mq-bulk"}[lane]
+    poll(lambda: not hold_records(redis_clean), 10, "the hold records to be deleted")
+    assert not held(stack)
+
+
+# ---------------------------------------------------------------- kill and restart
+
+
+def test_killed_mid_release_every_message_arrives_exactly_once_and_operator_holds_stay(
+    stack: MailStack, scheduler: SchedulerProcess, redis_clean: RedisServer,
+) -> None:
+    restart_serve(stack, redis_policy(redis_clean, lanes(("bulk",), {"bulk": "4/1s"})
+                                      + CLASSIFY + f"""\
+scheduler:
+  interval: 500ms
+  lock_ttl: 2s
+  postfix_config_dir: {stack.postfix.config_dir}
+"""))
+    # an operator's hold: a deferred message put on hold by hand, no record
+    stack.sink.set_reply("busy.sched.test", "421 4.7.0 Try again later")
+    operator = stack.send("op@n.sched.test", ["x@busy.sched.test"], "operator-held")
+    assert operator.queued
+    stack.wait_queue(lambda q: any(m.queue_id == operator.queue_id
+                                   and m.queue_name == "deferred" for m in q), 20)
+    stack.postfix.run(POSTSUPER, "-c", str(stack.postfix.config_dir), "-h", operator.queue_id)
+    stack.sink.set_reply("busy.sched.test", None)
+
+    for i in range(16):
+        assert stack.send("k@b.sched.test", [f"r{i}@kill.sched.test"], f"kill-{i:02d}").queued
+    stack.wait_queue(lambda q: len([m for m in q if m.queue_name == "hold"]) == 17, 20)
+
+    scheduler.start()
+    stack.sink.wait_for(lambda m: len(m) >= 4, 30)
+    scheduler.kill()
+    scheduler.start()  # the lease of the killed one runs out (2 s), then it reconciles
+    messages = stack.sink.wait_for(lambda m: len(m) >= 16, 60)
+    log = scheduler.log()
+    assert "reconciled" in log and "msg=released" in log, log
+    poll(lambda: not hold_records(redis_clean), 15, "the hold records to be deleted")
+    # a few more passes: nothing else leaves
+    passes_before = log.count("reconciled")
+    time.sleep(1.5)  # two more scheduler intervals, in which nothing may arrive
+    subjects = sorted(subject(m) for m in stack.sink.messages())
+    assert subjects == [f"kill-{i:02d}" for i in range(16)], subjects  # exactly once each
+    assert len(messages) == 16
+    assert [m.queue_id for m in held(stack)] == [operator.queue_id]  # never released
+    assert scheduler.log().count("reconciled") == passes_before
+
+
+# ---------------------------------------------------------------- scheduled delivery
+
+
+def test_deliver_after_is_honoured_for_allowed_senders_and_stripped_for_others(
+    stack: MailStack,
+) -> None:
+    socket_path = stack.root / "milter.sock"
+    policy = BASE_POLICY + f"""\
+milter:
+  listen: unix:{socket_path}
+  listen_mode: "0666"
+scheduler:
+  interval: 1s
+  lock_ttl: 5s
+  postfix_config_dir: {stack.postfix.config_dir}
+  schedule:
+    allow: {{sender: "@app.sched.test"}}
+    max_delay: 1h
+"""
+    restart_serve(stack, policy)
+    generated = subprocess.run(
+        [sys.executable, "-m", "mqpolicy", "postfix-config", "-c", str(stack.policy_file),
+         "--config-directory", str(stack.postfix.config_dir), "--milter", f"unix:{socket_path}"],
+        capture_output=True, text=True, check=True).stdout
+    _write_postfix(stack, generated)
+    stack.postfix_config = generated
+
+    started = time.time()
+    later = stack.send("app@app.sched.test", ["r@x.sched.test"], "later",
+                       headers={"X-MQ-Deliver-After": "+20s"})
+    assert later.queued, later.replies()
+    ignored = stack.send("other@else.sched.test", ["r@x.sched.test"], "not allowed",
+                         headers={"X-MQ-Deliver-After": "+20s",
+                                  "Deferred-Delivery": "Fri, 01 Jan 2100 00:00:00 +0000"})
+    assert ignored.queued, ignored.replies()
+
+    (now,) = stack.sink.wait_for(lambda m: len(m) >= 1, 15)
+    assert subject(now) == "not allowed"
+    assert now.header("X-MQ-Deliver-After") is None  # stripped
+    assert now.header("Deferred-Delivery") is None
+    assert [m.queue_id for m in held(stack)] == [later.queue_id]
+
+    messages = stack.sink.wait_for(lambda m: len(m) >= 2, 45)
+    (scheduled,) = [m for m in messages if subject(m) == "later"]
+    assert scheduled.received_at - started >= 20.0
+    assert scheduled.received_at - started <= 35.0
+    assert scheduled.header("X-MQ-Deliver-After") is None
+    assert scheduled.header("X-MQ-Lane") == "normal"
+    assert not held(stack)
+    log = stack.server.log_tail(200)
+    assert "released" in log and later.queue_id in log
+
+
+def test_queue_command_shows_held_mail_per_lane_and_destination(
+    stack: MailStack, redis_clean: RedisServer,
+) -> None:
+    restart_serve(stack, redis_policy(redis_clean, lanes(("bulk",), {}) + CLASSIFY + f"""\
+scheduler:
+  postfix_config_dir: {stack.postfix.config_dir}
+"""))
+    for i in range(3):
+        assert stack.send("q@b.sched.test", [f"r{i}@shape.sched.test"], f"shape-{i}").queued
+    stack.wait_queue(lambda q: len([m for m in q if m.queue_name == "hold"]) == 3, 20)
+    out = subprocess.run([sys.executable, "-m", "mqpolicy", "queue", "-c",
+                          str(stack.policy_file)], capture_output=True, text=True, check=True)
+    assert "held by mqpolicy: 3" in out.stdout, out.stdout
+    assert any(line.split()[:4] == ["bulk", "shape.sched.test", "3", "3"]
+               for line in out.stdout.splitlines()), out.stdout
+    with redis.Redis(unix_socket_path=redis_clean.unix_path) as client:
+        assert len(client.keys("e2e:hold:default:rec:*")) == 3
