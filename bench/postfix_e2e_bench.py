@@ -4,8 +4,9 @@ Same machine, same run. Two private Postfix instances (``mqpolicy.postfix_instan
 config, queue and log, fresh loopback ports) relay everything to one SMTP sink
 (``mqpolicy.smtp_sink``, in its own process). They are driven in turn, in pairs of short
 segments (which one goes first alternates), with 8 parallel SMTP sessions (threads,
-``smtplib``), several messages per connection; the figure is the median over pairs of
-the per-pair ratio, so load from other processes on the machine hits both sides alike:
+``smtplib``; ``--sessions``), several messages per connection; the figure is the median
+over pairs of the per-pair ratio, so load from other processes on the machine hits both
+sides alike:
 
 * ``postfix``: Postfix alone;
 * ``mqpolicy``: the same Postfix plus the output of ``mqpolicy postfix-config`` for the
@@ -184,13 +185,14 @@ class Segment:
         return self.messages / self.accept_s
 
 
-def drive(port: int, messages: int, per_connection: int, tag: str) -> tuple[float, int]:
-    """8 sessions in parallel; returns (seconds until the last 250, refusals)."""
-    per_session = [messages // SESSIONS + (1 if i < messages % SESSIONS else 0)
-                   for i in range(SESSIONS)]
-    refused = [0] * SESSIONS
+def drive(port: int, messages: int, per_connection: int, tag: str,
+          sessions: int = SESSIONS) -> tuple[float, int]:
+    """``sessions`` in parallel; returns (seconds until the last 250, refusals)."""
+    per_session = [messages // sessions + (1 if i < messages % sessions else 0)
+                   for i in range(sessions)]
+    refused = [0] * sessions
     errors: list[BaseException] = []
-    start_gate = threading.Barrier(SESSIONS + 1)
+    start_gate = threading.Barrier(sessions + 1)
 
     def session(index: int) -> None:
         sender = f"sender{index}@example.com"
@@ -212,7 +214,7 @@ def drive(port: int, messages: int, per_connection: int, tag: str) -> tuple[floa
             errors.append(exc)
             raise
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(SESSIONS)]
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(sessions)]
     for thread in threads:
         thread.start()
     start_gate.wait()
@@ -297,7 +299,8 @@ def segment(target: Target, pair: int, messages: int, args: argparse.Namespace,
     base = sink_count.value
     cpu_before = target.policy_cpu()
     started = time.monotonic()
-    accept_s, refused = drive(target.instance.smtp_port, messages, args.per_connection, tag)
+    accept_s, refused = drive(target.instance.smtp_port, messages, args.per_connection, tag,
+                              args.sessions)
     poll(lambda: sink_count.value >= base + messages - refused, args.timeout,
          f"{messages} messages at the sink", interval_s=0.005)
     deliver_s = time.monotonic() - started
@@ -316,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=1000,
                         help="messages per segment (default 1000)")
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--sessions", type=int, default=SESSIONS,
+                        help=f"parallel SMTP sessions (default {SESSIONS})")
     parser.add_argument("--per-connection", type=int, default=20,
                         help="messages per SMTP connection (default 20)")
     parser.add_argument("--timeout", type=float, default=300.0)
@@ -375,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    summary: dict[str, Any] = {"sessions": SESSIONS, "messages_per_segment": args.messages,
+    summary: dict[str, Any] = {"sessions": args.sessions,
+                               "messages_per_segment": args.messages,
                                "pairs": args.pairs, "cpus": os.cpu_count(),
                                "policy_socket": args.policy_socket,
                                "policy_log_level": args.policy_log_level,
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                                for r in segments]
         print(json.dumps(summary, indent=2))
     else:
-        print(f"\n{args.pairs} pairs of {args.messages}-message segments, {SESSIONS} parallel "
+        print(f"\n{args.pairs} pairs of {args.messages}-message segments, {args.sessions} parallel "
               f"SMTP sessions, {os.cpu_count()} CPUs, policy server on {args.policy_socket} "
               f"with log level {args.policy_log_level}, nice {args.policy_nice} (medians):")
         for mode in ("postfix", "mqpolicy"):
