@@ -291,6 +291,7 @@ class PostfixInstance:
         self.log_file = root / "log" / "maillog"
         self._main_extra = ""
         self._master_extra = ""
+        self._files: dict[str, str] = {}
         self._checked = False
         self._running = False
 
@@ -333,6 +334,7 @@ class PostfixInstance:
         shutil.chown(self.data_dir, "postfix", "postfix")
         self.data_dir.chmod(0o700)
         self._main_extra, self._master_extra = main_extra, master_extra
+        self._files = dict(files or {})
         written = [self.config_dir / "main.cf", self.config_dir / "master.cf"]
         written[0].write_text(_join(self.base_main_cf(), main_extra), encoding="utf-8")
         written[1].write_text(_join(self.base_master_cf(), master_extra), encoding="utf-8")
@@ -370,11 +372,23 @@ class PostfixInstance:
             return "(no maillog)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def start(self, timeout_s: float = 20.0) -> None:
+    def start(self, timeout_s: float = 20.0, attempts: int = 3) -> None:
         """``postfix check`` (first time: creates the spool), ``postfix start``, then wait
-        until the SMTP port greets."""
+        until the SMTP port greets. A port taken meanwhile: again on a fresh port."""
         if not (self.config_dir / "main.cf").exists():
             self.write_config()
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start(timeout_s)
+                return
+            except PostfixError as exc:
+                if attempt == attempts or "Address already in use" not in str(exc):
+                    raise
+                self.stop()
+                self.smtp_port = free_port(self.host)
+                self.write_config(self._main_extra, self._master_extra, self._files)
+
+    def _start(self, timeout_s: float) -> None:
         if not self._checked:
             self.run(POSTFIX, "-c", str(self.config_dir), "check")
             (self.queue_dir / "quick-start").touch()
