@@ -78,26 +78,46 @@ class GcraOutcome(NamedTuple):
     retry_after_ms: int
 
 
+def whole_units(span_ms: float, interval_ms: float, burst: int) -> int:
+    """How many whole units of ``interval_ms`` fit in ``span_ms`` (0 when none).
+
+    ``span_ms`` is always computed relative to now (``tolerance - (tat - now)``, where
+    ``tat - now`` is exact), never from epoch-ms values, whose rounding (0.24 ms near
+    1.7e12) is larger than one unit of a fractional interval (50MB/1h: 0.072 ms per byte).
+    What is left is the rounding of ``interval * burst`` and of the division, a few ulps
+    of ``burst``: the slack is ``1e-9 + burst * 1e-12`` units, so a full bucket holds
+    exactly ``burst``. ``lua/gcra_batch.lua`` has the same expression.
+    """
+    return max(0, math.floor(span_ms / interval_ms + (1e-9 + burst * 1e-12)))
+
+
+def free_units(interval_ms: float, burst: int, tat_ms: float, now_ms: int) -> int:
+    """Units a bucket holds at ``now_ms`` (``tat_ms`` already raised to at least ``now_ms``)."""
+    return whole_units(interval_ms * burst - (tat_ms - now_ms), interval_ms, burst)
+
+
 def gcra_step(
     tat_ms: float | None, now_ms: int, interval_ms: float, burst: int, cost: int
 ) -> GcraOutcome:
     """Test ``cost`` units against a bucket whose stored tat is ``tat_ms`` (None = empty).
 
-    ``new_tat_ms`` is the tat to store if the caller decides to spend.
+    ``new_tat_ms`` is the tat to store if the caller decides to spend. ``remaining`` is
+    counted relative to now (see :func:`whole_units`); ``allowed`` compares ``allow_at``
+    with ``now_ms``.
     """
     tat = now_ms if tat_ms is None or tat_ms < now_ms else tat_ms
     tolerance = interval_ms * burst
     increment = interval_ms * cost
     new_tat = tat + increment
     allow_at = new_tat - tolerance
+    free_ms = tolerance - (tat - now_ms)
     if increment > tolerance:
-        left = math.floor((tolerance - (tat - now_ms)) / interval_ms + 1e-9)
-        return GcraOutcome(False, tat, max(0, left), NEVER)
+        return GcraOutcome(False, tat, whole_units(free_ms, interval_ms, burst), NEVER)
     if allow_at <= now_ms:
-        left = math.floor((now_ms - allow_at) / interval_ms + 1e-9)
-        return GcraOutcome(True, new_tat, max(0, left), 0)
-    left = math.floor((tolerance - (tat - now_ms)) / interval_ms + 1e-9)
-    return GcraOutcome(False, tat, max(0, left), max(1, math.ceil(allow_at - now_ms)))
+        left = whole_units(free_ms - increment, interval_ms, burst)
+        return GcraOutcome(True, new_tat, left, 0)
+    left = whole_units(free_ms, interval_ms, burst)
+    return GcraOutcome(False, tat, left, max(1, math.ceil(allow_at - now_ms)))
 
 
 def ttl_for(tat_ms: float, now_ms: int) -> int:

@@ -11,8 +11,9 @@ Decision rules, shared with the Lua script (the budget module's docstring gives 
   ``consume`` check is spent and the once key (if any) is set; if not, nothing is written;
 * ``remaining`` is what the bucket holds after the decision: for the check that made the last
   spend on its key it is :func:`gcra_step`'s own figure; otherwise (peek, failed check,
-  uncommitted decision) it is the bucket's free units, ``floor((burst*interval - (tat - now))
-  / interval)``, the same expression :func:`gcra_step` uses for a failing check;
+  uncommitted decision) it is the bucket's free units (:func:`~mqpolicy.budget.free_units`,
+  ``floor((burst*interval - (tat - now)) / interval)`` with a slack for rounding), the same
+  expression :func:`gcra_step` uses for a failing check;
 * a duplicate (once key present) tests and spends nothing: ``committed=False``,
   ``duplicate=True`` and, per check, ``allowed=True``, the bucket's free units, no retry.
 
@@ -38,6 +39,7 @@ from mqpolicy.budget import (
     BudgetCheck,
     BudgetResult,
     Evaluation,
+    free_units,
     gcra_step,
     ttl_for,
 )
@@ -59,12 +61,6 @@ def validate_decision(checks: Sequence[BudgetCheck], once_ttl_ms: int) -> None:
             raise ValueError(f"burst and cost must not be negative: {check!r}")
     if once_ttl_ms <= 0:
         raise ValueError(f"once_ttl_ms must be positive: {once_ttl_ms}")
-
-
-def free_units(interval_ms: float, burst: int, tat_ms: float, now_ms: int) -> int:
-    """Units a bucket holds at ``now_ms`` (``tat_ms`` already raised to at least ``now_ms``)."""
-    tolerance = interval_ms * burst
-    return max(0, math.floor((tolerance - (tat_ms - now_ms)) / interval_ms + 1e-9))
 
 
 def redis_glob_to_regex(pattern: str) -> re.Pattern[str]:

@@ -81,9 +81,9 @@ def kit(request: pytest.FixtureRequest) -> StoreKit:
 
 
 def free(check: BudgetCheck, tat: float, now: int) -> int:
-    return max(
-        0, math.floor((check.interval_ms * check.burst - (tat - now)) / check.interval_ms + 1e-9)
-    )
+    """Whole units free, counted relative to now, with the stores' rounding slack."""
+    span = check.interval_ms * check.burst - (tat - now)
+    return max(0, math.floor(span / check.interval_ms + (1e-9 + check.burst * 1e-12)))
 
 
 class Reference:
@@ -309,6 +309,39 @@ def test_fractional_byte_budget_keeps_full_precision(kit: StoreKit) -> None:
         second = await store.evaluate([check], now + 1)
         want2 = gcra_step(want.new_tat_ms, now + 1, check.interval_ms, check.burst, check.cost)
         assert second.results[0].remaining == want2.remaining
+
+    kit.run(body)
+
+
+@pytest.mark.parametrize(
+    ("interval_ms", "burst"),
+    [
+        (BYTES_50MB_PER_HOUR, 50_000_000),  # 50MB/1h
+        (HOUR / 1_000_000, 1_000_000),  # 1M/1h: 3.6 ms
+        (0.072, 1000),
+        (1000 / 3, 7),
+        (7.3, 99_999_989),
+    ],
+)
+def test_full_bucket_reports_exactly_burst(kit: StoreKit, interval_ms: float, burst: int) -> None:
+    """At epoch-ms magnitudes (one ulp near 1.7e12 is 0.24 ms, several units of a fractional
+    interval) a full bucket holds exactly ``burst``: a peek says ``burst``, spending ``cost``
+    leaves exactly ``burst - cost``; allowed is unchanged."""
+
+    async def body(store: CounterStore) -> None:
+        base = wall_ms()
+        for i in range(40):
+            now = base + 3 * i
+            key = f"full{i}"
+            peek = await store.evaluate([BudgetCheck(key, interval_ms, burst, 1, False)], now)
+            assert peek == Evaluation((BudgetResult(True, burst, 0),), committed=True), now
+            cost = 1 + i * (burst // 64)
+            spend = await store.evaluate([BudgetCheck(key, interval_ms, burst, cost)], now)
+            assert spend == Evaluation((BudgetResult(True, burst - cost, 0),), committed=True), (
+                now,
+                cost,
+            )
+            assert gcra_step(None, now, interval_ms, burst, cost).remaining == burst - cost
 
     kit.run(body)
 

@@ -35,7 +35,6 @@ the same double) with PX max(1, ceil(tat - now_ms)) (budget.ttl_for); the once k
 
 local floor, ceil, max = math.floor, math.ceil, math.max
 local format = string.format
-local EPS = 1e-9
 
 -- the stored tat raised to now (an absent or stale key is a full bucket)
 local function stored_tat(index, now)
@@ -50,13 +49,19 @@ local function stored_tat(index, now)
   return tat
 end
 
--- units the bucket holds (the expression gcra_step uses for a failing check)
-local function free_units(tolerance, tat, now, interval)
-  local left = floor((tolerance - (tat - now)) / interval + EPS)
+-- whole units of interval in span_ms, counted relative to now (budget.whole_units: the
+-- slack 1e-9 + burst * 1e-12 covers the rounding of interval * burst and of the division)
+local function whole_units(span, interval, burst)
+  local left = floor(span / interval + (1e-9 + burst * 1e-12))
   if left < 0 then
     return 0
   end
   return left
+end
+
+-- units the bucket holds (budget.free_units; tat already raised to now)
+local function free_units(interval, burst, tat, now)
+  return whole_units(interval * burst - (tat - now), interval, burst)
 end
 
 local out = {}
@@ -77,12 +82,12 @@ for d = 1, tonumber(ARGV[1]) do
       local burst = tonumber(ARGV[pos + 2])
       pos = pos + 5
       row[3 * i] = 1
-      row[3 * i + 1] = free_units(interval * burst, stored_tat(k, now), now, interval)
+      row[3 * i + 1] = free_units(interval, burst, stored_tat(k, now), now)
       row[3 * i + 2] = 0
     end
   else
     local original, tentative, last_spender = {}, {}, {}
-    local keys, intervals, tolerances, allowed, spent_left, retry = {}, {}, {}, {}, {}, {}
+    local keys, intervals, bursts, allowed, spent_left, retry = {}, {}, {}, {}, {}, {}
     local blocked = false
     for i = 1, n do
       local k = tonumber(ARGV[pos])
@@ -110,7 +115,7 @@ for d = 1, tonumber(ARGV[1]) do
         if flags % 2 == 1 then
           tentative[k] = new_tat
           last_spender[k] = i
-          spent_left[i] = max(0, floor((now - allow_at) / interval + EPS))
+          spent_left[i] = whole_units((tolerance - (tat - now)) - increment, interval, burst)
         end
       else
         wait = max(1, ceil(allow_at - now))
@@ -118,7 +123,7 @@ for d = 1, tonumber(ARGV[1]) do
       if ok == 0 and flags >= 2 then
         blocked = true
       end
-      keys[i], intervals[i], tolerances[i], allowed[i], retry[i] = k, interval, tolerance, ok, wait
+      keys[i], intervals[i], bursts[i], allowed[i], retry[i] = k, interval, burst, ok, wait
     end
 
     if not blocked then
@@ -128,11 +133,11 @@ for d = 1, tonumber(ARGV[1]) do
       local k = keys[i]
       local left
       if blocked then
-        left = free_units(tolerances[i], original[k], now, intervals[i])
+        left = free_units(intervals[i], bursts[i], original[k], now)
       elseif last_spender[k] == i then
         left = spent_left[i]
       else
-        left = free_units(tolerances[i], tentative[k], now, intervals[i])
+        left = free_units(intervals[i], bursts[i], tentative[k], now)
       end
       row[3 * i] = allowed[i]
       row[3 * i + 1] = left
