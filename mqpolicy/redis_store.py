@@ -82,9 +82,9 @@ def _with_hiredis_packing(connection_class: Any) -> Any:
     return type(f"Packed{connection_class.__name__}", (_HiredisPacking, connection_class), {})
 
 
-def load_script() -> str:
-    """The Lua source, read from package data."""
-    return resources.files("mqpolicy").joinpath("lua", SCRIPT_NAME).read_text(encoding="utf-8")
+def load_script(name: str = SCRIPT_NAME) -> str:
+    """A Lua source from package data (``lua/<name>``), by default the batch script."""
+    return resources.files("mqpolicy").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 def _glob_escape(text: str) -> str:
@@ -97,7 +97,7 @@ def _glob_escape(text: str) -> str:
 
 
 @dataclass(slots=True)
-class _Pending:
+class PendingDecision:
     checks: Sequence[BudgetCheck]
     now_ms: int
     once_key: str | None
@@ -105,54 +105,31 @@ class _Pending:
     future: asyncio.Future[Evaluation]
 
 
-class RedisStore:
-    """Budgets in Redis, shared by every process and host that uses the same keys.
+_Pending = PendingDecision  # the name bench/store_bench.py imports
 
-    ``url``: ``redis://[user:pass@]host:port/db``, ``rediss://...`` (TLS) or
-    ``unix:///path/to/redis.sock?db=0``. ``timeout_ms`` bounds every call. ``max_batch``
-    caps the decisions in one EVALSHA, ``max_in_flight`` the batches sent and not yet
-    answered. Use it from one event loop (other threads: ``run_coroutine_threadsafe``).
-    """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout_ms: int = 50,
-        key_prefix: str = "mqpolicy:",
-        max_batch: int = 256,
-        max_in_flight: int = 2,
-        protocol: int = 2,
-    ) -> None:
+class CoalescingStore:
+    """The queue every Redis-backed store shares: decisions made in one loop iteration leave
+    together, at most ``max_batch`` per batch and ``max_in_flight`` batches at once, and
+    each batch has the deadline ``timeout_ms``. Subclasses say how a batch is answered
+    (:meth:`_run`) and close their clients after :meth:`_close_queue`."""
+
+    def __init__(self, *, timeout_ms: int, max_batch: int, max_in_flight: int) -> None:
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be at least 1")
         self._timeout_s = timeout_ms / 1000
-        self._prefix = key_prefix
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._client: Redis = Redis.from_url(
-            url,
-            socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            protocol=protocol,
-            decode_responses=False,
-        )
-        pool = self._client.connection_pool
-        pool.connection_class = _with_hiredis_packing(pool.connection_class)
-        self._script = self._client.register_script(load_script())
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[PendingDecision] = deque()
         self._in_flight = 0
         self._flush_scheduled = False
         self._batches: set[asyncio.Task[None]] = set()
         self._closed = False
         self.batches_sent = 0
-        """Batches sent so far (one EVALSHA each, NOSCRIPT reloads aside)."""
+        """Batches sent so far (one EVALSHA each on one Redis, NOSCRIPT reloads aside)."""
         self.decisions_sent = 0
-
-    # -- evaluate: queue, coalesce, send ---------------------------------------------------
 
     async def evaluate(
         self,
@@ -168,7 +145,7 @@ class RedisStore:
             return Evaluation((), committed=True)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Evaluation] = loop.create_future()
-        self._queue.append(_Pending(checks, now_ms, once_key, once_ttl_ms, future))
+        self._queue.append(PendingDecision(checks, now_ms, once_key, once_ttl_ms, future))
         if not self._flush_scheduled and self._in_flight < self._max_in_flight:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -179,7 +156,7 @@ class RedisStore:
         self._flush_scheduled = False
         queue = self._queue
         while queue and self._in_flight < self._max_in_flight:
-            batch: list[_Pending] = []
+            batch: list[PendingDecision] = []
             while queue and len(batch) < self._max_batch:
                 pending = queue.popleft()
                 if not pending.future.done():  # a caller that gave up spends nothing
@@ -191,18 +168,20 @@ class RedisStore:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
+        """Answer every decision of ``batch``, in order (called under the deadline)."""
+        raise NotImplementedError
+
+    async def _send(self, batch: list[PendingDecision]) -> None:
         try:
-            keys, args = self._encode(batch)
             self.batches_sent += 1
             self.decisions_sent += len(batch)
             async with asyncio.timeout(self._timeout_s):
-                reply = await self._script(keys=keys, args=args)
-            evaluations = self._decode(batch, reply)
+                evaluations = await self._run(batch)
         except asyncio.CancelledError:
             self._fail(batch, StoreError("redis store closed while a batch was in flight"))
             raise
-        except (*_ERRORS, ValueError, TypeError, IndexError) as exc:
+        except (*_ERRORS, StoreError, ValueError, TypeError, IndexError) as exc:
             self._fail(batch, exc)
         else:
             for pending, evaluation in zip(batch, evaluations, strict=True):
@@ -215,7 +194,7 @@ class RedisStore:
                 self._flush()
 
     @staticmethod
-    def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    def _fail(batch: list[PendingDecision], exc: BaseException) -> None:
         message = exc.args[0] if isinstance(exc, StoreError) and exc.args else None
         for pending in batch:
             if not pending.future.done():
@@ -223,40 +202,71 @@ class RedisStore:
                 error.__cause__ = exc
                 pending.future.set_exception(error)
 
-    def _encode(self, batch: list[_Pending]) -> tuple[list[str], list[int | float]]:
+    async def _close_queue(self) -> bool:
+        """Fail queued decisions and let in-flight batches end (each has its deadline).
+        False when already closed."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._fail(list(self._queue), StoreError("redis store is closed"))
+        self._queue.clear()
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+        return True
+
+
+class RedisStore(CoalescingStore):
+    """Budgets in Redis, shared by every process and host that uses the same keys.
+
+    ``url``: ``redis://[user:pass@]host:port/db``, ``rediss://...`` (TLS) or
+    ``unix:///path/to/redis.sock?db=0``; or an already-built ``redis.asyncio.Redis`` client
+    (e.g. a Sentinel master client: :mod:`mqpolicy.sentinel_store`), which the store then
+    owns (closes) and should have ``decode_responses=False`` and no retries of its own.
+    ``timeout_ms`` bounds every call. ``max_batch`` caps the decisions in one EVALSHA,
+    ``max_in_flight`` the batches sent and not yet answered. Use it from one event loop
+    (other threads: ``run_coroutine_threadsafe``).
+    """
+
+    def __init__(
+        self,
+        url: str | Redis,
+        *,
+        timeout_ms: int = 50,
+        key_prefix: str = "mqpolicy:",
+        max_batch: int = 256,
+        max_in_flight: int = 2,
+        protocol: int = 2,
+    ) -> None:
+        super().__init__(timeout_ms=timeout_ms, max_batch=max_batch,
+                         max_in_flight=max_in_flight)
+        self._prefix = key_prefix
+        if isinstance(url, Redis):
+            self._client = url
+        else:
+            self._client = Redis.from_url(
+                url,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
+                retry=Retry(NoBackoff(), 0),
+                protocol=protocol,
+                decode_responses=False,
+            )
+        pool = self._client.connection_pool
+        pool.connection_class = _with_hiredis_packing(pool.connection_class)
+        self._script = self._client.register_script(load_script())
+
+    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
+        keys, args = self._encode(batch)
+        reply = await self._script(keys=keys, args=args)
+        return self._decode(batch, reply)
+
+    def _encode(self, batch: list[PendingDecision]) -> tuple[list[str], list[int | float]]:
         """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
-        prefix = self._prefix
-        index: dict[str, int] = {}  # key -> its 1-based position in KEYS (insertion order)
-        args: list[int | float] = [len(batch)]
-        extend = args.extend
-        for p in batch:
-            once = 0
-            if p.once_key is not None:
-                key = prefix + p.once_key
-                once = index.get(key) or index.setdefault(key, len(index) + 1)
-            extend((p.now_ms, len(p.checks), once, p.once_ttl_ms))
-            for c in p.checks:
-                key = prefix + c.key
-                flags = (_CONSUME if c.consume else 0) | (_BLOCKING if c.blocking else 0)
-                slot = index.get(key) or index.setdefault(key, len(index) + 1)
-                extend((slot, c.interval_ms, c.burst, c.cost, flags))
-        return list(index), args
+        return encode_batch(self._prefix, batch)
 
     @staticmethod
-    def _decode(batch: list[_Pending], reply: Any) -> list[Evaluation]:
-        if not isinstance(reply, list) or len(reply) != len(batch):
-            raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
-        evaluations = []
-        for pending, row in zip(batch, reply, strict=True):
-            if len(row) != 2 + 3 * len(pending.checks):
-                raise ValueError(f"unexpected row from {SCRIPT_NAME}: {row!r:.200}")
-            triples = iter(row[2:])
-            results = tuple(
-                BudgetResult(allowed == 1, int(left), int(retry))
-                for allowed, left, retry in zip(triples, triples, triples, strict=True)
-            )
-            evaluations.append(Evaluation(results, row[0] == 1, row[1] == 1))
-        return evaluations
+    def _decode(batch: list[PendingDecision], reply: Any) -> list[Evaluation]:
+        return decode_batch([len(p.checks) for p in batch], reply)
 
     # -- the rest of CounterStore ----------------------------------------------------------
 
@@ -319,15 +329,47 @@ class RedisStore:
 
     async def close(self) -> None:
         """Fail queued decisions, let in-flight batches end (each has its deadline), close."""
-        if self._closed:
-            return
-        self._closed = True
-        self._fail(list(self._queue), StoreError("redis store is closed"))
-        self._queue.clear()
-        if self._batches:
-            await asyncio.gather(*self._batches, return_exceptions=True)
-        with contextlib.suppress(*_ERRORS):
-            await self._client.aclose()
+        if await self._close_queue():
+            with contextlib.suppress(*_ERRORS):
+                await self._client.aclose()
+
+
+def encode_batch(
+    prefix: str, batch: Sequence[PendingDecision]
+) -> tuple[list[str], list[int | float]]:
+    """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
+    index: dict[str, int] = {}  # key -> its 1-based position in KEYS (insertion order)
+    args: list[int | float] = [len(batch)]
+    extend = args.extend
+    for p in batch:
+        once = 0
+        if p.once_key is not None:
+            key = prefix + p.once_key
+            once = index.get(key) or index.setdefault(key, len(index) + 1)
+        extend((p.now_ms, len(p.checks), once, p.once_ttl_ms))
+        for c in p.checks:
+            key = prefix + c.key
+            flags = (_CONSUME if c.consume else 0) | (_BLOCKING if c.blocking else 0)
+            slot = index.get(key) or index.setdefault(key, len(index) + 1)
+            extend((slot, c.interval_ms, c.burst, c.cost, flags))
+    return list(index), args
+
+
+def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation]:
+    """The reply of ``gcra_batch.lua`` for decisions of ``check_counts`` checks each."""
+    if not isinstance(reply, list) or len(reply) != len(check_counts):
+        raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
+    evaluations = []
+    for n, row in zip(check_counts, reply, strict=True):
+        if not isinstance(row, list) or len(row) != 2 + 3 * n:
+            raise ValueError(f"unexpected row from {SCRIPT_NAME}: {row!r:.200}")
+        triples = iter(row[2:])
+        results = tuple(
+            BudgetResult(allowed == 1, int(left), int(retry))
+            for allowed, left, retry in zip(triples, triples, triples, strict=True)
+        )
+        evaluations.append(Evaluation(results, row[0] == 1, row[1] == 1))
+    return evaluations
 
 
 def _as_bytes(key: bytes | str) -> bytes:
