@@ -11,10 +11,12 @@ Two implementations of :class:`HoldRecordStore`:
   scheduler running inside the same process (``policy.scheduler`` set): a separate
   ``mqpolicy scheduler`` process would see none of its records.
 * :class:`RedisHoldRecords`: its own redis-py asyncio client on ``store.url``. A record is a
-  hash ``<prefix>hold:<instance>:rec:<queue id>`` with a TTL safety net (30 days by
-  default, or the schedule's maximum delay plus a week), listed in a sorted set
-  ``<prefix>hold:<instance>:index`` (score: when the record was written). Every write is
-  atomic: ``put`` and ``delete`` are MULTI/EXEC transactions, state changes go through
+  JSON object (string fields) at ``<prefix>hold:<instance>:rec:<queue id>`` with a TTL
+  safety net (30 days by default, or the schedule's maximum delay plus a week), listed in a
+  sorted set ``<prefix>hold:<instance>:index`` (score: when the record was written). A
+  string rather than a hash: 10,000 records load with a few MGETs instead of 10,000
+  HGETALLs (measured ~10x faster, see bench/scheduler_bench.py). Every write is atomic:
+  ``put`` and ``delete`` are MULTI/EXEC transactions, state changes go through
   ``lua/hold_mark.lua`` (never recreating a deleted record), the lease through
   ``lua/hold_lease.lua`` (SET NX PX semantics with compare-and-extend/delete).
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -42,7 +45,7 @@ from importlib import resources
 from typing import Any, Final, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -233,6 +236,7 @@ class MemoryHoldRecords:
     def __init__(self, clock_ms: Callable[[], int] = _wall_clock_ms) -> None:
         self._clock_ms = clock_ms
         self._records: dict[str, tuple[dict[str, str], int]] = {}  # qid -> (fields, expiry)
+        self._parsed: dict[str, HoldRecord | BrokenRecord] = {}  # parsed once per write
         self._lease: tuple[str, int] | None = None
         self._waiting: tuple[frozenset[str], int] = (frozenset(), 0)
 
@@ -245,13 +249,21 @@ class MemoryHoldRecords:
             return None
         if entry[1] <= self._clock_ms():
             del self._records[queue_id]
+            self._parsed.pop(queue_id, None)
             return None
         return entry[0]
+
+    def _parse_cached(self, queue_id: str, fields: Mapping[str, str]) -> HoldRecord | BrokenRecord:
+        parsed = self._parsed.get(queue_id)
+        if parsed is None:
+            parsed = self._parsed[queue_id] = _parse(queue_id, fields)
+        return parsed
 
     def put_fields(self, queue_id: str, fields: Mapping[str, str],
                    ttl_ms: int = DEFAULT_RECORD_TTL_MS) -> None:
         """Store raw fields (tests use it to plant records that cannot be parsed)."""
         self._records[queue_id] = (dict(fields), self._clock_ms() + ttl_ms)
+        self._parsed.pop(queue_id, None)
 
     async def put(self, record: HoldRecord, ttl_ms: int = DEFAULT_RECORD_TTL_MS) -> None:
         _check_ttl(ttl_ms)
@@ -259,14 +271,14 @@ class MemoryHoldRecords:
 
     async def get(self, queue_id: str) -> HoldRecord | BrokenRecord | None:
         fields = self._live(queue_id)
-        return None if fields is None else _parse(queue_id, fields)
+        return None if fields is None else self._parse_cached(queue_id, fields)
 
     async def load(self) -> RecordSet:
         found = RecordSet()
         for queue_id in list(self._records):
             fields = self._live(queue_id)
             if fields is not None:
-                _add(found, _parse(queue_id, fields))
+                _add(found, self._parse_cached(queue_id, fields))
         return found
 
     async def mark(self, queue_ids: Sequence[str], state: RecordState,
@@ -276,6 +288,7 @@ class MemoryHoldRecords:
             fields = self._live(queue_id)
             if fields is not None:
                 fields["state"], fields["state_ms"] = state.value, str(now_ms)
+                self._parsed.pop(queue_id, None)
                 marked.append(queue_id)
         return marked
 
@@ -284,6 +297,7 @@ class MemoryHoldRecords:
         for queue_id in dict.fromkeys(queue_ids):
             if self._live(queue_id) is not None:
                 del self._records[queue_id]
+                self._parsed.pop(queue_id, None)
                 existed += 1
         return existed
 
@@ -336,7 +350,8 @@ class RedisHoldRecords:
     in_process = False
 
     def __init__(self, url: str, *, key_prefix: str = "mqpolicy:", instance: str = "default",
-                 timeout_ms: int = 1000, read_chunk: int = 2000) -> None:
+                 timeout_ms: int = 1000, read_chunk: int = 1000,
+                 max_connections: int = 32) -> None:
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
         self._timeout_s = timeout_ms / 1000
@@ -346,14 +361,19 @@ class RedisHoldRecords:
         self._lease = base + "lease"
         self._waiting = f"{key_prefix}load:{instance}:waiting_lanes"
         self._read_chunk = read_chunk
-        self._client: Redis = Redis.from_url(
+        # A blocking pool: a burst of record writes waits for a free connection (within
+        # the deadline) instead of failing at the pool's size.
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=self._timeout_s,
             socket_timeout=self._timeout_s,
             socket_connect_timeout=self._timeout_s,
             retry=Retry(NoBackoff(), 0),
             protocol=2,
             decode_responses=True,
         )
+        self._client: Redis = Redis(connection_pool=pool)
         self._lease_script = self._client.register_script(_load_lua("hold_lease.lua"))
         self._mark_script = self._client.register_script(_load_lua("hold_mark.lua"))
 
@@ -371,41 +391,36 @@ class RedisHoldRecords:
         _check_ttl(ttl_ms)
         key = self._key(record.queue_id)
 
+        value = json.dumps(record.to_fields(), separators=(",", ":"))
+
         async def run() -> Any:
             pipe = self._client.pipeline(transaction=True)
-            pipe.delete(key)
-            fields: dict[Any, Any] = record.to_fields()  # redis-py's Mapping is invariant
-            pipe.hset(key, mapping=fields)
-            pipe.pexpire(key, ttl_ms)
+            pipe.set(key, value, px=ttl_ms)
             pipe.zadd(self._index, {record.queue_id: record.created_ms})
             return await pipe.execute()
 
         await self._call(run)
 
     async def get(self, queue_id: str) -> HoldRecord | BrokenRecord | None:
-        fields = await self._call(lambda: self._client.hgetall(self._key(queue_id)))
-        return _parse(queue_id, fields) if fields else None
+        value = await self._call(lambda: self._client.get(self._key(queue_id)))
+        return _parse_json(queue_id, value) if value is not None else None
 
     async def load(self) -> RecordSet:
-        """Every record: the index, then the hashes in pipelined chunks. Index entries whose
-        record expired are removed from the index on the way."""
+        """Every record: the index, then MGET in chunks (one flat reply per chunk: 10,000
+        records in a few round trips). Index entries whose record expired are removed from
+        the index on the way."""
         queue_ids: list[str] = await self._call(lambda: self._client.zrange(self._index, 0, -1))
         found = RecordSet()
         gone: list[str] = []
         step = self._read_chunk
         for start in range(0, len(queue_ids), step):
             chunk = queue_ids[start:start + step]
-
-            async def read(chunk: list[str] = chunk) -> Any:
-                pipe = self._client.pipeline(transaction=False)
-                for queue_id in chunk:
-                    pipe.hgetall(self._key(queue_id))
-                return await pipe.execute()
-
-            replies = await self._call(read, max(self._timeout_s, 5.0))
-            for queue_id, fields in zip(chunk, replies, strict=True):
-                if fields:
-                    _add(found, _parse(queue_id, fields))
+            keys = [self._key(q) for q in chunk]
+            values = await self._call(lambda keys=keys: self._client.mget(keys),  # type: ignore[misc]
+                                      max(self._timeout_s, 5.0))
+            for queue_id, value in zip(chunk, values, strict=True):
+                if value is not None:
+                    _add(found, _parse_json(queue_id, value))
                 else:
                     gone.append(queue_id)
         if gone:
@@ -480,6 +495,16 @@ def open_hold_records(url: str, *, key_prefix: str = "mqpolicy:", timeout_ms: in
         return RedisHoldRecords(url.strip(), key_prefix=key_prefix, instance=instance,
                                 timeout_ms=timeout_ms)
     raise ValueError(f"store {url!r}: hold records need memory:// or a Redis URL")
+
+
+def _parse_json(queue_id: str, value: str) -> HoldRecord | BrokenRecord:
+    try:
+        fields = json.loads(value)
+    except ValueError:
+        return BrokenRecord(queue_id, "not JSON", {"raw": value[:MAX_FIELD]})
+    if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+        return BrokenRecord(queue_id, "not a record", {"raw": value[:MAX_FIELD]})
+    return _parse(queue_id, fields)
 
 
 def _parse(queue_id: str, fields: Mapping[str, str]) -> HoldRecord | BrokenRecord:

@@ -249,8 +249,9 @@ class Scheduler:
         await self._release(chosen, report)
         report.release_s = time.perf_counter() - decided
         held = self.stats.held_by_lane
+        released = set(report.released)
         for candidate in chosen:
-            if candidate.queue_id in report.released and held.get(candidate.record.lane):
+            if candidate.queue_id in released and held.get(candidate.record.lane):
                 held[candidate.record.lane] -= 1
 
         self.stats.passes += 1
@@ -314,7 +315,14 @@ class Scheduler:
     async def _decide(self, policy: Policy, settings: SchedulerSettings, plan: ReleasePlan,
                       now_ms: int, report: PassReport, destinations: dict[str, str],
                       ) -> tuple[list[Candidate], int | None]:
-        """The messages to release this pass; plus the soonest budget refill (ms) seen."""
+        """The messages to release this pass; plus the soonest budget refill (ms) seen.
+
+        Decisions go to the store in windows of at most the pass's remaining room, all at
+        once (a Redis store sends a window in one or two script calls; decisions are applied
+        in order, each all-or-nothing). Lanes and buckets found spent in a window are left
+        out of the next. Inside one window a lane never overtakes itself (its release checks
+        all cost 1, so once one fails the later ones fail too); a smaller message may pass
+        a larger one on a destination bucket the larger one did not fit."""
         backoff = self.service.runtime.backoff
         limit = settings.max_releases_per_pass
         chosen: list[Candidate] = list(plan.resume[:limit])
@@ -323,39 +331,54 @@ class Scheduler:
         blocked_keys: set[str] = set()
         soonest: int | None = None
         evaluate = self.store.evaluate
-        for candidate in plan.due:
-            if len(chosen) >= limit:
-                break
-            lane = candidate.record.lane
-            if lane in blocked_lanes:
-                continue
-            lane_check, checks = release_checks(policy, candidate, settings.interval_ms,
-                                                destinations=destinations, backoff=backoff)
-            if any(c.blocking and c.key in blocked_keys for c in checks):
-                continue
-            if lane_check is not None:
-                checks = [lane_check, *checks]
-            if not checks:
-                chosen.append(candidate)
-                continue
-            try:
-                evaluation = await evaluate(checks, now_ms)
-            except StoreError as exc:
-                report.store_error = str(exc)
-                self._failed("budgets", exc)
-                break
-            if evaluation.committed:
-                chosen.append(candidate)
-                continue
-            report.budget_blocked += 1
-            for check, result in zip(checks, evaluation.results, strict=True):
-                if result.allowed or not check.blocking:
+        due = iter(plan.due)
+        exhausted = False
+        while len(chosen) < limit and not exhausted:
+            window: list[tuple[Candidate, BudgetCheck | None, list[BudgetCheck]]] = []
+            while len(chosen) + len(window) < limit:
+                candidate = next(due, None)
+                if candidate is None:
+                    exhausted = True
+                    break
+                if candidate.record.lane in blocked_lanes:
                     continue
-                if check is lane_check:
-                    blocked_lanes.add(lane)
-                else:
-                    blocked_keys.add(check.key)
-                soonest = _soonest(soonest, check, result.retry_after_ms)
+                lane_check, checks = release_checks(policy, candidate, settings.interval_ms,
+                                                    destinations=destinations, backoff=backoff)
+                if any(c.blocking and c.key in blocked_keys for c in checks):
+                    continue
+                if lane_check is not None:
+                    checks = [lane_check, *checks]
+                if not checks:
+                    chosen.append(candidate)
+                    continue
+                window.append((candidate, lane_check, checks))
+            if not window:
+                break
+            results = await asyncio.gather(*(evaluate(checks, now_ms) for _, _, checks in window),
+                                           return_exceptions=True)
+            failed: StoreError | None = None
+            for (candidate, lane_check, checks), result in zip(window, results, strict=True):
+                if isinstance(result, StoreError):
+                    failed = result
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
+                if result.committed:
+                    chosen.append(candidate)
+                    continue
+                report.budget_blocked += 1
+                for check, outcome in zip(checks, result.results, strict=True):
+                    if outcome.allowed or not check.blocking:
+                        continue
+                    if check is lane_check:
+                        blocked_lanes.add(candidate.record.lane)
+                    else:
+                        blocked_keys.add(check.key)
+                    soonest = _soonest(soonest, check, outcome.retry_after_ms)
+            if failed is not None:  # what did commit is released; nothing more this pass
+                report.store_error = str(failed)
+                self._failed("budgets", failed)
+                break
         return chosen, soonest
 
     async def _clean(self, plan: ReleasePlan, records: RecordSet) -> int:
@@ -394,6 +417,7 @@ class Scheduler:
                 self._failed("deliver_now", exc)
             await self.records.delete(ordered)
         now_ms = self.clock_ms()
+        resumed = set(report.resumed)
         for queue_id in ordered:
             candidate = by_id[queue_id]
             record = candidate.record
@@ -402,7 +426,7 @@ class Scheduler:
                 "qid": queue_id, "lane": record.lane, "reason": record.reason,
                 "held_s": round((now_ms - record.created_ms) / 1000, 1),
                 "late_s": round(max(0, now_ms - record.not_before_ms) / 1000, 1),
-                "resumed": "yes" if queue_id in report.resumed else "no"}})
+                "resumed": "yes" if queue_id in resumed else "no"}})
         report.released = ordered
 
     def _next_wake(self, settings: SchedulerSettings, plan: ReleasePlan, now_ms: int,

@@ -218,20 +218,23 @@ def test_redis_keys_ttl_and_index(redis_clean: RedisServer) -> None:
 
 
 def test_redis_broken_record_is_reported(redis_clean: RedisServer) -> None:
+    with redis_clean.client() as client:
+        client.set("t:hold:default:rec:BAD001", '{"v":"1","lane":"x","not_before_ms":"soon",'
+                                                '"created_ms":"1"}')
+        client.set("t:hold:default:rec:BAD002", "{not json")
+        client.zadd("t:hold:default:index", {"BAD001": 1, "BAD002": 2})
+
     async def body() -> None:
-        with redis_clean.client() as client:
-            client.hset("t:hold:default:rec:BAD001", mapping={"v": "1", "lane": "x",
-                                                              "not_before_ms": "soon",
-                                                              "created_ms": "1"})
-            client.zadd("t:hold:default:index", {"BAD001": 1})
         store = RedisHoldRecords(redis_clean.unix_url, key_prefix="t:", timeout_ms=2000)
         try:
             loaded = await store.load()
-            assert list(loaded.broken) == ["BAD001"]
+            assert sorted(loaded.broken) == ["BAD001", "BAD002"]
             assert loaded.broken["BAD001"].fields["not_before_ms"] == "soon"
+            assert loaded.broken["BAD002"].problem == "not JSON"
+            # a state change leaves an unreadable record as it is
+            assert await store.mark(["BAD002"], RecordState.RELEASING, 1) == []
         finally:
             await store.close()
-
     asyncio.run(body())
 
 
