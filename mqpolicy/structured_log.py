@@ -7,11 +7,11 @@ line a request causes can be found again.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, TextIO
@@ -43,6 +43,12 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    if record.exc_text:
+        return record.exc_text
+    return formatter.formatException(record.exc_info) if record.exc_info else ""
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         parts = [
@@ -51,8 +57,9 @@ class KeyValueFormatter(logging.Formatter):
             f"msg={_kv_value(record.getMessage())}",
         ]
         parts.extend(f"{k}={_kv_value(v)}" for k, v in _fields(record).items())
-        if record.exc_info:
-            parts.append(f"exc={_kv_value(self.formatException(record.exc_info))}")
+        exc = _exception_text(self, record)
+        if exc:
+            parts.append(f"exc={_kv_value(exc)}")
         return " ".join(parts)
 
 
@@ -65,50 +72,88 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         data.update(_fields(record))
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
+        exc = _exception_text(self, record)
+        if exc:
+            data["exc"] = exc
         return json.dumps(data, ensure_ascii=False, default=str)
 
 
-class _ContextQueueHandler(logging.handlers.QueueHandler):
-    """Resolves context variables in the caller's thread before queueing."""
+class _BatchingHandler(logging.Handler):
+    """Queues records for a writer thread that wakes every ``flush_interval_s`` and writes
+    what has come in one go. A record costs the caller a deque append, never a thread
+    switch: waking a writer per line cost more than the decision it logs. Context
+    variables (connection id, queue id) are resolved in the caller's thread."""
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record.fields = _fields(record)
-        prepared: logging.LogRecord = super().prepare(record)
-        return prepared
-
-
-class _PreparedFormatterProxy(logging.Formatter):
-    def __init__(self, inner: logging.Formatter) -> None:
+    def __init__(self, stream: TextIO, formatter: logging.Formatter,
+                 flush_interval_s: float = 0.05) -> None:
         super().__init__()
-        self.inner = inner
+        self._stream = stream
+        self._formatter = formatter
+        self._interval = flush_interval_s
+        self._pending: collections.deque[logging.LogRecord] = collections.deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mqpolicy-log", daemon=True)
 
-    def format(self, record: logging.LogRecord) -> str:
-        return self.inner.format(record)
+    def start(self) -> None:
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.fields = _fields(record)
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+            record.exc_info = None
+        self._pending.append(record)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._write()
+        self._write()
+
+    def _write(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        lines = []
+        while pending:
+            record = pending.popleft()
+            try:
+                lines.append(self._formatter.format(record))
+            except Exception:
+                lines.append(f"level=error logger=mqpolicy.log msg=unformattable {record.msg!r}")
+        try:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone: nothing left to tell
+
+    def stop(self) -> None:
+        """Write what is pending and stop the writer thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        else:
+            self._write()
 
 
 def configure_logging(
     fmt: str = "kv", level: str = "info", stream: TextIO | None = None
-) -> logging.handlers.QueueListener:
-    """Route the ``mqpolicy`` loggers through a queue to ``stream`` (stderr).
-
-    Returns the started listener; stop it at shutdown to flush.
-    """
+) -> _BatchingHandler:
+    """Route the ``mqpolicy`` loggers to ``stream`` (stderr) through a batching writer
+    thread. Returns the handler; call its ``stop()`` at shutdown to flush."""
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else KeyValueFormatter()
-    sink = logging.StreamHandler(stream or sys.stderr)
-    sink.setFormatter(_PreparedFormatterProxy(formatter))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    handler = _ContextQueueHandler(records)
+    handler = _BatchingHandler(stream or sys.stderr, formatter)
     root = logging.getLogger("mqpolicy")
     for old in list(root.handlers):
         root.removeHandler(old)
+        if isinstance(old, _BatchingHandler):
+            old.stop()
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
-    listener = logging.handlers.QueueListener(records, sink, respect_handler_level=False)
-    listener.start()
-    return listener
+    handler.start()
+    return handler
 
 
 def set_level(level: str) -> None:
