@@ -1,11 +1,12 @@
 # make run    start the policy server on the embedded memory store with conf/mqpolicy.yaml
 # make test   install everything (Debian packages, .venv) and run the whole suite
+# make demo   a private Postfix + sink + mqpolicy, a realistic mix of mail, a report
 # make bench  policy server throughput and latency, memory and Redis stores (see README)
 SHELL := /bin/bash
 VENV ?= .venv
 CONFIG ?= conf/mqpolicy.yaml
 
-.PHONY: run test bench bootstrap
+.PHONY: run test bench bench-e2e demo bootstrap
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -26,3 +27,9 @@ test: bootstrap
 
 bench: bootstrap
 	$(VENV)/bin/python bench/policy_bench.py --baseline
+
+demo: bootstrap
+	$(VENV)/bin/mqpolicy demo
+
+bench-e2e: bootstrap
+	$(VENV)/bin/python bench/postfix_e2e_bench.py

@@ -169,6 +169,7 @@ def report(stack: MailStack, policy: Policy, run: DemoRun, delivered: list[SinkM
         print(f"  {'':<13} log: {examples[lane.transport].rsplit(' ', 1)[-1]}: ... "
               "status=sent", file=out)
 
+    time.sleep(0.2)  # the policy server writes its log lines every 50 ms
     hits = limit_hits(stack.server.log_file.read_text("utf-8", "replace").splitlines())
     print("\nper limit                action      messages  (from the policy server log)",
           file=out)
