@@ -1,0 +1,117 @@
+"""The scheduler driving a real Sendmail's quarantine (tests/sendmail_fixture.py): the milter
+quarantines held mail and records it, the scheduler inside ``mqpolicy milter`` (memory store)
+lists the quarantine with ``-bp -qQ`` and releases with ``-qI<id> -qQ -Q`` / ``-qI<id> -qf``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mqpolicy.postfix_instance import free_port, make_message, poll, submit
+from mqpolicy.sendmail_queue import parse_mailq
+from mqpolicy.smtp_sink import ThreadedSmtpSink
+from tests.sendmail_fixture import SendmailInstance, SendmailUnavailable, sendmail_instance
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def sink() -> Iterator[ThreadedSmtpSink]:
+    with ThreadedSmtpSink(hostname="sink.mqpolicy.test") as running:
+        yield running
+
+
+@pytest.fixture
+def milter_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def sendmail(sink: ThreadedSmtpSink, milter_port: int) -> Iterator[SendmailInstance]:
+    if os.geteuid() != 0:
+        pytest.skip("a private Sendmail needs root (unshare -u)")
+    try:
+        with sendmail_instance(sink_port=sink.port, milter_port=milter_port) as instance:
+            yield instance
+    except SendmailUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def test_quarantined_mail_is_released_by_the_scheduler(
+    sendmail: SendmailInstance, sink: ThreadedSmtpSink, milter_port: int, tmp_path: Path,
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"""\
+store:
+  url: memory://
+milter:
+  listen: inet:{milter_port}@127.0.0.1
+lanes:
+  - name: normal
+  - name: bulk
+    hold: true
+    release_rate: 5/1s
+    release_burst: 1
+default_lane: normal
+classify:
+  - name: held
+    when: {{sender: "@held.sm.test"}}
+    lane: bulk
+scheduler:
+  mta: sendmail
+  sendmail_cf: {sendmail.cf}
+  interval: 500ms
+  lock_ttl: 5s
+log:
+  format: kv
+  level: info
+""")
+    log_file = tmp_path / "milter.log"
+    env = {**os.environ, "MQPOLICY_SENDMAIL": str(sendmail.command)}
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mqpolicy", "milter", "-c", str(policy)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+    try:
+        poll(lambda: proc.poll() is None and _accepts(milter_port), 20, "the milter")
+        for i in range(3):
+            sent = submit("127.0.0.1", sendmail.port, "a@held.sm.test", ["r@dest.sm.test"],
+                          make_message("a@held.sm.test", ["r@dest.sm.test"], f"held-{i}"))
+            assert sent.queued, sent.replies()
+        plain = submit("127.0.0.1", sendmail.port, "b@plain.sm.test", ["r@dest.sm.test"],
+                       make_message("b@plain.sm.test", ["r@dest.sm.test"], "plain"))
+        assert plain.queued, plain.replies()
+
+        messages = sink.wait_for(lambda m: len(m) >= 4, 60)
+        subjects = sorted(m.header("Subject") or "" for m in messages)
+        assert subjects == ["held-0", "held-1", "held-2", "plain"]
+        held = [m for m in messages if (m.header("Subject") or "").startswith("held")]
+        assert all(m.header("X-MQ-Lane") == "bulk" for m in held)
+
+        def released() -> list[str]:
+            text = log_file.read_text(errors="replace")
+            return [line for line in text.splitlines() if "msg=released" in line]
+
+        poll(lambda: len(released()) >= 3, 10, "three releases in the milter's log")
+        assert len(released()) == 3
+        poll(lambda: not parse_mailq(sendmail.run("-bp", "-qQ"), "hold").entries, 10,
+             "an empty quarantine")
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
