@@ -168,8 +168,9 @@ class CoalescingStore:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
-        """Answer every decision of ``batch``, in order (called under the deadline)."""
+    async def _run(self, batch: list[PendingDecision]) -> Sequence[Evaluation | StoreError]:
+        """Answer every decision of ``batch``, in order (called under the deadline); a
+        :class:`StoreError` in place of an evaluation fails that decision alone."""
         raise NotImplementedError
 
     async def _send(self, batch: list[PendingDecision]) -> None:
@@ -185,7 +186,11 @@ class CoalescingStore:
             self._fail(batch, exc)
         else:
             for pending, evaluation in zip(batch, evaluations, strict=True):
-                if not pending.future.done():
+                if pending.future.done():
+                    continue
+                if isinstance(evaluation, StoreError):
+                    pending.future.set_exception(evaluation)
+                else:
                     pending.future.set_result(evaluation)
         finally:
             self._in_flight -= 1

@@ -5,27 +5,38 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from mqpolicy.budget import CounterStore
+from mqpolicy.cluster_store import CLUSTER_SCHEMES, ClusterStore
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.redis_store import RedisStore
+from mqpolicy.sentinel_store import SENTINEL_SCHEMES, SentinelStore
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
-_LATER_SCHEMES = frozenset(
-    {"redis+sentinel", "rediss+sentinel", "sentinel", "redis+cluster", "rediss+cluster", "cluster"}
+_SHORT_SCHEMES = {"sentinel": "redis+sentinel", "cluster": "redis+cluster"}
+_KNOWN = (
+    "memory://, redis://host:port/db, rediss://host:port/db, unix:///path/redis.sock?db=0, "
+    "redis+sentinel://host:port[,host:port...]/service/db, "
+    "redis+cluster://host:port[,host:port...]"
 )
-_KNOWN = "memory://, redis://host:port/db, rediss://host:port/db, unix:///path/redis.sock?db=0"
 
 
 def open_store(url: str, *, timeout_ms: int = 50, key_prefix: str = "mqpolicy:") -> CounterStore:
     """``memory://`` is the embedded store; ``redis://``, ``rediss://`` and ``unix://`` are
-    Redis (see :class:`~mqpolicy.redis_store.RedisStore`). Raises ValueError otherwise."""
-    scheme = urlsplit(url.strip()).scheme.lower()
+    one Redis (:class:`~mqpolicy.redis_store.RedisStore`); ``redis+sentinel://`` is the
+    master of a Sentinel-monitored service (:class:`~mqpolicy.sentinel_store.SentinelStore`)
+    and ``redis+cluster://`` a Redis Cluster (:class:`~mqpolicy.cluster_store.ClusterStore`);
+    ``rediss+`` for TLS. Raises ValueError otherwise."""
+    url = url.strip()
+    scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
         return MemoryStore(key_prefix=key_prefix)
     if scheme in _REDIS_SCHEMES:
-        return RedisStore(url.strip(), timeout_ms=timeout_ms, key_prefix=key_prefix)
-    if scheme in _LATER_SCHEMES:
+        return RedisStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
+    if scheme in SENTINEL_SCHEMES:
+        return SentinelStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
+    if scheme in CLUSTER_SCHEMES:
+        return ClusterStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
+    if scheme in _SHORT_SCHEMES:
         raise ValueError(
-            f"store {url!r}: Redis Sentinel and Cluster are not supported yet; "
-            f"point the store at one Redis ({_KNOWN})"
+            f"store {url!r}: write {_SHORT_SCHEMES[scheme]}:// (or rediss+{scheme}:// for TLS)"
         )
     raise ValueError(f"store {url!r}: unknown store URL scheme {scheme!r}; use one of {_KNOWN}")

@@ -893,8 +893,9 @@ def test_open_store_by_scheme(url: str, kind: type) -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("redis+sentinel://h:26379/mymaster", "not supported yet"),
-        ("redis+cluster://h:7000", "not supported yet"),
+        ("redis+sentinel://h:26379", "the service name is missing"),
+        ("redis+cluster://h:7000/2", "database 0 only"),
+        ("sentinel://h:26379/mymaster", "write redis+sentinel://"),
         ("memcached://h:11211", "unknown store URL scheme 'memcached'"),
         ("127.0.0.1:6379", "unknown store URL scheme ''"),
         ("localhost:6379", "unknown store URL scheme 'localhost'"),
