@@ -1,0 +1,76 @@
+"""``mqpolicy scheduler`` and ``mqpolicy queue`` from the command line (no MTA needed for
+what is checked here), and the queue view's text."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from mqpolicy.hold_records import HoldRecord, RecordSet
+from mqpolicy.mta_queue import QueueEntry
+from mqpolicy.release_planner import plan_releases, summarize
+from mqpolicy.scheduler_cli import render_queue
+from tests.test_release_planner import policy
+
+MEMORY = """\
+store: {url: "memory://"}
+scheduler: {}
+"""
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mqpolicy", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_scheduler_and_queue_refuse_the_memory_store(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(MEMORY)
+    for command in ("scheduler", "queue"):
+        proc = run(command, "-c", str(path))
+        assert proc.returncode == 2
+        assert "memory://" in proc.stderr and "inside `mqpolicy serve`" in proc.stderr
+
+
+def test_scheduler_needs_a_scheduler_section(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text('store: {url: "redis://127.0.0.1:1/0"}\n')
+    proc = run("scheduler", "-c", str(path))
+    assert proc.returncode == 2
+    assert "no scheduler: section" in proc.stderr
+
+
+def test_queue_reports_a_store_it_cannot_reach(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text('store: {url: "redis://127.0.0.1:1/0"}\n')
+    proc = run("queue", "-c", str(path))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("mqpolicy queue: redis")
+
+
+def test_render_queue() -> None:
+    now = 1_800_000_000_000
+    entries = [QueueEntry(f"Q{i:05d}", "hold", 1, 10, "s@x.example", (f"r@d{i % 2}.example",))
+               for i in range(4)] + [QueueEntry("OPERAT", "hold", 1, 10, "o@x.example", ())]
+    records = RecordSet(records={
+        "Q00000": HoldRecord("Q00000", "bulk", now - 10, now - 100, "lane:bulk"),
+        "Q00001": HoldRecord("Q00001", "bulk", now - 10, now - 90, "lane:bulk"),
+        "Q00002": HoldRecord("Q00002", "normal", now + 600_000, now - 80, "schedule:x"),
+        "Q00003": HoldRecord("Q00003", "normal", now - 1, now - 70, "per-sender"),
+    })
+    summary = summarize(plan_releases(entries, records, now_ms=now, lanes=policy().lanes),
+                        now)
+    summary["queues"] = {"hold": 5, "deferred": 2}
+    summary["waiting_lanes"] = []
+    text = render_queue(summary)
+    lines = text.splitlines()
+    assert lines[0].startswith("held by mqpolicy: 4   held by others (left alone): 1")
+    assert lines[1] == "MTA queues: deferred 2, hold 5"
+    (bulk,) = [line for line in lines if line.startswith("bulk ") and "now" in line
+               and "DESTINATION" not in line and "d0" not in line and "d1" not in line]
+    assert bulk.split()[:5] == ["bulk", "2", "2", "0", "0"]
+    (normal,) = [line for line in lines if line.startswith("normal ") and "in 10m" in line
+                 and "example" not in line]
+    assert normal.split()[:5] == ["normal", "2", "1", "0", "1"]
+    assert any(line.split()[:4] == ["bulk", "d0.example", "1", "1"] for line in lines)
