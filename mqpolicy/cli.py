@@ -234,6 +234,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         max_request_bytes=policy.server.max_request_size,
         max_connections=policy.server.max_connections,
         drain_timeout_s=policy.server.drain_timeout_s,
+        reuse_port=policy.server.reuse_port,
     )
     stop = asyncio.Event()
     runner = (MilterRunner(service, milter, loop, on_exit=stop.set, records=records)

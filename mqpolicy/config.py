@@ -246,6 +246,9 @@ class ServerSettings:
     max_request_size: int = 65536
     max_connections: int = 4096
     drain_timeout_s: float = 10.0
+    # Several `mqpolicy serve` processes on the same TCP port (SO_REUSEPORT), sharing a
+    # Redis store: the kernel spreads Postfix's connections over them (one core each).
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,6 +642,10 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
 
     server = _read_server(r, top) if "server" in top else defaults.server
     store = _read_store(r, top) if "store" in top else defaults.store
+    if server.reuse_port and store.url.startswith("memory:"):
+        r.error(top["server"], "reuse_port", "server.reuse_port",
+                "several processes need a shared store (redis://...): with memory:// each "
+                "would count its own budgets")
     log = _read_log(r, top) if "log" in top else defaults.log
     metrics = _read_metrics(r, top) if "metrics" in top else defaults.metrics
     messages = _read_messages(r, top) if "messages" in top else defaults.messages
@@ -722,7 +729,7 @@ def _read_server(r: _Reader, top: Mapping[str, Any]) -> ServerSettings:
         top,
         "server",
         "server",
-        {"idle_timeout", "max_request_size", "max_connections", "drain_timeout"},
+        {"idle_timeout", "max_request_size", "max_connections", "drain_timeout", "reuse_port"},
     )
     d = ServerSettings()
     if m is None:
@@ -741,7 +748,11 @@ def _read_server(r: _Reader, top: Mapping[str, Any]) -> ServerSettings:
     ) else None
     if size is not None and size < 1024:
         r.error(m, "max_request_size", "server.max_request_size", "must be at least 1KiB")
+    reuse_port = bool(r.convert(m, "reuse_port", "server.reuse_port", _bool)) if (
+        "reuse_port" in m
+    ) else False
     return ServerSettings(
+        reuse_port=reuse_port,
         idle_timeout_s=idle / 1000 if idle else d.idle_timeout_s,
         max_request_size=size or d.max_request_size,
         max_connections=conns or d.max_connections,

@@ -172,6 +172,7 @@ class PolicyServer:
         max_lines: int = DEFAULT_MAX_LINES,
         max_connections: int = 4096,
         drain_timeout_s: float = 10,
+        reuse_port: bool = False,
         error_action: str = DEFAULT_ERROR_ACTION,
         backlog: int = 1024,
     ) -> None:
@@ -191,6 +192,7 @@ class PolicyServer:
         self._drain_timeout_s = float(drain_timeout_s)
         self._error_reply = encode_reply(error_action)  # ValueError for a bad fallback
         self._backlog = backlog
+        self._reuse_port = reuse_port
 
         self.counters = ServerCounters()
         #: The endpoints actually listened on (real ports when 0 was asked for).
@@ -234,6 +236,7 @@ class PolicyServer:
             endpoint.port,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
         )
         self._servers.append(server)
         for sock in server.sockets:

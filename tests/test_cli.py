@@ -175,3 +175,35 @@ def test_counters_on_memory_store_explains_why_not(tmp_path: Path) -> None:
     result = mq("counters", "-c", str(config), "show")
     assert result.returncode == 2
     assert "memory:// store lives inside the serving process" in result.stderr
+
+
+def test_two_processes_share_one_port_and_one_budget(tmp_path: Path,
+                                                     redis_clean: RedisServer) -> None:
+    port = free_port()
+    text = policy_text(port, rate="30/1h", store=redis_clean.unix_url)
+    text = text.replace("store:", "server: {reuse_port: true}\nstore:")
+    procs = []
+    for i in range(2):
+        config = tmp_path / f"p{i}.yaml"
+        config.write_text(text)
+        procs.append(ServeProcess(config, port, tmp_path / f"serve{i}.log"))
+    try:
+        for proc in procs:
+            proc.start()
+            wait_for_log(proc, "msg=ready")  # a connect alone may reach the other process
+        replies = [procs[0].ask(eom(i)) for i in range(80)]
+        assert replies.count("DUNNO") == 30
+        assert sum(r.startswith("450 4.7.1") for r in replies) == 50
+        for proc in procs:  # the kernel spread the connections over both processes
+            wait_for_log(proc, "qid=Q")
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def test_reuse_port_needs_a_shared_store(tmp_path: Path) -> None:
+    config = tmp_path / "p.yaml"
+    config.write_text("server: {reuse_port: true}\n")
+    result = mq("check", "-c", str(config))
+    assert result.returncode == 1
+    assert "server.reuse_port: several processes need a shared store" in result.stdout
