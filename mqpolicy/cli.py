@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -21,9 +22,17 @@ from typing import TextIO
 from mqpolicy import __version__
 from mqpolicy.backoff_store import open_backoff_store
 from mqpolicy.budget import CounterStore, StoreError
-from mqpolicy.config import ConfigError, Limit, MilterSettings, Policy, load_policy
+from mqpolicy.config import (
+    ConfigError,
+    Limit,
+    MetricsSettings,
+    MilterSettings,
+    Policy,
+    load_policy,
+)
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
+from mqpolicy.endpoints import EndpointSyntaxError, parse_endpoint
 from mqpolicy.engine import Verdict, applies, limit_key, store_key
 from mqpolicy.feedback import FeedbackService
 from mqpolicy.hold_records import open_hold_records, waiting_lanes
@@ -72,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(and the milter when the policy has a milter: section)")
     _config_arg(serve)
     serve.add_argument("--log-level", help="override log.level from the policy file")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="override metrics.listen (one port per process with reuse_port)")
     serve.add_argument("--with-scheduler", action="store_true",
                        help="also run the hold-queue scheduler with a redis:// store (with "
                        "memory:// it always runs inside serve when the policy has a "
@@ -152,6 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mqpolicy: invalid policy file, nothing started:\n{exc}", file=sys.stderr)
         return EXIT_FAILURE
     if command == "serve":
+        if args.metrics_listen:
+            try:
+                metrics_at = parse_endpoint(args.metrics_listen)
+            except EndpointSyntaxError as exc:
+                print(f"mqpolicy serve: --metrics-listen: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            policy = dataclasses.replace(policy, metrics=MetricsSettings(listen=metrics_at))
         return asyncio.run(serve(policy, Path(args.config), args.log_level, milter,
                                  with_scheduler=args.with_scheduler))
     if command == "milter":

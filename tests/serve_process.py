@@ -23,16 +23,19 @@ def free_port() -> int:
 class ServeProcess:
     """One ``mqpolicy serve -c FILE`` process; stop() kills it by PID."""
 
-    def __init__(self, config: Path, port: int, log_path: Path) -> None:
+    def __init__(self, config: Path, port: int, log_path: Path,
+                 extra_args: list[str] | None = None) -> None:
         self.config = config
         self.port = port
         self.log_path = log_path
+        self.extra_args = extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mqpolicy", "serve", "-c", str(self.config)],
+            [sys.executable, "-m", "mqpolicy", "serve", "-c", str(self.config),
+             *self.extra_args],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         )
         log.close()

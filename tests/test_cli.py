@@ -207,3 +207,21 @@ def test_reuse_port_needs_a_shared_store(tmp_path: Path) -> None:
     result = mq("check", "-c", str(config))
     assert result.returncode == 1
     assert "server.reuse_port: several processes need a shared store" in result.stdout
+
+
+def test_metrics_listen_override(tmp_path: Path) -> None:
+    import urllib.request
+
+    port, metrics_port = free_port(), free_port()
+    config = tmp_path / "p.yaml"
+    config.write_text(policy_text(port))
+    proc = ServeProcess(config, port, tmp_path / "serve.log",
+                        extra_args=["--metrics-listen", f"127.0.0.1:{metrics_port}"])
+    proc.start()
+    try:
+        assert proc.ask(eom(1)) == "DUNNO"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert 'mqpolicy_decisions_total{action="accept",lane="normal"} 1' in text
+    finally:
+        proc.stop()
