@@ -309,8 +309,8 @@ scheduler:
     assert scheduled.header("X-MQ-Deliver-After") is None
     assert scheduled.header("X-MQ-Lane") == "normal"
     assert not held(stack)
-    log = stack.server.log_tail(200)
-    assert "released" in log and later.queue_id in log
+    poll(lambda: f"msg=released qid={later.queue_id}" in stack.server.log_tail(400), 10,
+         "the release in mqpolicy's log")
 
 
 def test_queue_command_shows_held_mail_per_lane_and_destination(
