@@ -152,7 +152,7 @@ def _data_args(workdir: Path, *extra: str) -> Callable[[int], list[str]]:
     return args
 
 
-def _require_binaries(*paths: str) -> None:
+def require_binaries(*paths: str) -> None:
     for path in paths:
         if not os.access(path, os.X_OK):
             pytest.skip(f"{path} not available")
@@ -164,9 +164,10 @@ def _require_binaries(*paths: str) -> None:
 class RedisClusterHarness:
     """Three masters, slots spread by ``redis-cli --cluster create``."""
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    def __init__(self, workdir: Path, size: int = 3, extra: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.nodes = [RedisProcess(workdir, f"node{i}") for i in range(size)]
+        self.extra = extra
 
     @property
     def url(self) -> str:
@@ -189,8 +190,7 @@ class RedisClusterHarness:
         for node in self.nodes:
             wait_for(f"{node.name} cluster_state:ok", lambda n=node: self._ready(n), 30)
 
-    @staticmethod
-    def _node_args(node: RedisProcess) -> Callable[[int], list[str]]:
+    def _node_args(self, node: RedisProcess) -> Callable[[int], list[str]]:
         def args(port: int) -> list[str]:
             return _data_args(
                 node.workdir,
@@ -198,6 +198,7 @@ class RedisClusterHarness:
                 "--cluster-port", str(_free_port()),  # the cluster bus
                 "--cluster-config-file", str(node.workdir / "nodes.conf"),
                 "--cluster-node-timeout", "2000",
+                *self.extra,
             )(port)  # fmt: skip
 
         return args
@@ -239,7 +240,7 @@ class RedisClusterHarness:
             value: bytes | None = client.get(key)
             return value
 
-    def keys(self) -> list[str]:
+    def all_keys(self) -> list[str]:
         found: list[str] = []
         for node in self.nodes:
             with node.client() as client:
@@ -249,9 +250,24 @@ class RedisClusterHarness:
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterHarness]:
-    _require_binaries(REDIS_SERVER_BIN, REDIS_CLI_BIN)
+    require_binaries(REDIS_SERVER_BIN, REDIS_CLI_BIN)
     workdir = Path(tempfile.mkdtemp(prefix="mqcluster-", dir="/tmp"))
     harness = RedisClusterHarness(workdir)
+    try:
+        harness.start()
+        yield harness
+    finally:
+        harness.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_cluster_partial() -> Iterator[RedisClusterHarness]:
+    """A cluster of the test's own whose nodes keep serving the slots of live masters when
+    one dies (``cluster-require-full-coverage no``): free to kill a node."""
+    require_binaries(REDIS_SERVER_BIN, REDIS_CLI_BIN)
+    workdir = Path(tempfile.mkdtemp(prefix="mqcluster-", dir="/tmp"))
+    harness = RedisClusterHarness(workdir, extra=("--cluster-require-full-coverage", "no"))
     try:
         harness.start()
         yield harness
@@ -373,7 +389,7 @@ class RedisSentinelHarness:
 
 @pytest.fixture
 def redis_sentinel() -> Iterator[RedisSentinelHarness]:
-    _require_binaries(REDIS_SERVER_BIN)
+    require_binaries(REDIS_SERVER_BIN)
     workdir = Path(tempfile.mkdtemp(prefix="mqsentinel-", dir="/tmp"))
     harness = RedisSentinelHarness(workdir)
     try:

@@ -3,12 +3,14 @@ gcra_refund.lua: give back what decisions spent in one slot of a Redis Cluster w
 slot of the same decision refused it (or found it a duplicate), in one atomic call.
 Used only by mqpolicy.cluster_store; see its docstring for the protocol and the guarantee.
 
-A spend raised a bucket's tat by amount_ms at spent_ms (the decision's now_ms). When the
-refund runs, at Redis' own clock now_ms = TIME, the spend still holds at least
-amount_ms - (now_ms - spent_ms) of the bucket: whoever spent after it, the bucket can only
-have lost that much of it by refilling. That is what is given back, never more, so a refund
-never lets more through than the budget (clocks agreeing, as key expiry already needs): at
-worst what refilled during the round trip stays spent.
+A spend raised a bucket's tat by amount_ms at spent_ms (the decision's now_ms), on top of a
+backlog of at least backlog_ms (how far the tat was ahead of spent_ms before). Until
+spent_ms + backlog_ms the bucket cannot have refilled to full, so later spends were made on
+top of this one. When the refund runs, at Redis' own clock now = TIME, the spend therefore
+still holds at least amount_ms - max(0, (now - spent_ms) - backlog_ms) of the bucket, and
+that is what is given back: never more than the spend still holds, so a refund never lets
+more through than the budget (clocks agreeing, as key expiry already needs). At worst, for
+a bucket that was nearly full, what refilled during the round trip stays spent.
 
 KEYS: every key name the call uses (bucket keys and once keys), each listed once.
 
@@ -20,6 +22,7 @@ then, R times:
   then, b times:
     key_index      KEYS index of the bucket
     amount_ms      how far the decision raised its tat (sum of interval_ms * cost spent)
+    backlog_ms     a lower bound of (tat - spent_ms) before the decision (0 when unknown)
   n                number of checks to report on
   then, n times:
     key_index      KEYS index of the bucket
@@ -63,8 +66,12 @@ for r = 1, tonumber(ARGV[1]) do
   local elapsed = now - spent
   for _ = 1, b do
     local key = KEYS[tonumber(ARGV[pos])]
-    local give = tonumber(ARGV[pos + 1]) - elapsed
-    pos = pos + 2
+    local lost = elapsed - tonumber(ARGV[pos + 2])
+    if lost < 0 then
+      lost = 0
+    end
+    local give = tonumber(ARGV[pos + 1]) - lost
+    pos = pos + 3
     if give > 0 then
       local value = redis.call('GET', key)
       local tat = value and tonumber(value)
@@ -89,8 +96,11 @@ for r = 1, tonumber(ARGV[1]) do
     local interval = tonumber(ARGV[pos + 1])
     local burst = tonumber(ARGV[pos + 2])
     pos = pos + 3
-    local tat = value and tonumber(value)
-    if tat == nil or tat < now then
+    local tat = now
+    if value then
+      tat = tonumber(value) or now
+    end
+    if tat < now then
       tat = now
     end
     row[i] = free_units(interval, burst, tat, now)
