@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -190,11 +191,13 @@ class Processes:
         self.workdir = workdir
         self.started: list[Started] = []
 
-    def start(self, name: str, argv: Sequence[str]) -> Started:
+    def start(self, name: str, argv: Sequence[str],
+              env: dict[str, str] | None = None) -> Started:
         log = self.workdir / f"{name}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env,
             )
         started = Started(name, proc, log)
         self.started.append(started)
@@ -221,7 +224,7 @@ def log_tail(path: Path, lines: int = 20) -> str:
 
 
 def run_load(
-    args: argparse.Namespace, target: str, concurrency: int, server_pid: int,
+    args: argparse.Namespace, target: str, concurrency: int, server_pids: Sequence[int],
     redis_pid: int | None,
 ) -> dict[str, Any]:
     argv = [
@@ -229,7 +232,8 @@ def run_load(
         "--duration", str(args.duration), "--warmup", str(args.warmup),
         "--seed", str(args.seed), "--processes", str(args.processes), "--json",
     ]
-    argv += ["--watch-pid", str(server_pid)]
+    for server_pid in server_pids:
+        argv += ["--watch-pid", str(server_pid)]
     if redis_pid:
         argv += ["--watch-pid", str(redis_pid)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False,
@@ -239,7 +243,8 @@ def run_load(
     result: dict[str, Any] = json.loads(done.stdout)
     # CPU of the server (and Redis) inside the measured window, in % of one core.
     watched = result["watched_cpu_percent"]
-    result["server_cpu_percent"] = round(watched.get(str(server_pid), 0.0))
+    result["server_cpu_percent"] = round(sum(watched.get(str(pid), 0.0) for pid in server_pids))
+    result["server_processes"] = len(server_pids)
     if redis_pid:
         result["redis_cpu_percent"] = round(watched.get(str(redis_pid), 0.0))
     return result
@@ -247,28 +252,42 @@ def run_load(
 
 def bench_server(
     args: argparse.Namespace, procs: Processes, label: str, argv: Sequence[str], port: int,
-    redis: Started | None,
+    redis: Started | None, copies: int = 1,
 ) -> list[dict[str, Any]]:
-    server = procs.start(label, argv)
+    servers = []
     try:
-        wait_connectable(("127.0.0.1", port), server.proc)
-    except RuntimeError:
-        print(log_tail(server.log), file=sys.stderr)
-        raise
-    rows = []
-    try:
+        for i in range(copies):
+            # readiness the systemd way: the server sends READY=1 to $NOTIFY_SOCKET (a
+            # connect alone could reach an earlier copy listening on the same port)
+            with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)) as notify:
+                path = procs.workdir / f"notify-{label}-{i}.sock"
+                notify.bind(str(path))
+                notify.settimeout(15)
+                server = procs.start(f"{label}-{i}" if copies > 1 else label, argv,
+                                     env={**os.environ, "NOTIFY_SOCKET": str(path)})
+                servers.append(server)
+                try:
+                    while b"READY=1" not in notify.recv(4096):
+                        pass
+                except OSError:
+                    print(log_tail(server.log), file=sys.stderr)
+                    raise RuntimeError(f"{label}: no READY=1 from the server") from None
+        rows = []
         for c in args.concurrency:
-            result = run_load(args, f"127.0.0.1:{port}", c, server.proc.pid,
+            result = run_load(args, f"127.0.0.1:{port}", c, [s.proc.pid for s in servers],
                               redis.proc.pid if redis else None)
-            result["store"] = label
+            result["store"] = label + (f" x{copies}" if copies > 1 else "")
             rows.append(result)
             print_row(result, file=sys.stderr)
-            if server.proc.poll() is not None:
-                print(log_tail(server.log), file=sys.stderr)
-                raise RuntimeError(f"{label}: the server exited with {server.proc.returncode}")
+            for server in servers:
+                if server.proc.poll() is not None:
+                    print(log_tail(server.log), file=sys.stderr)
+                    raise RuntimeError(f"{label}: a server exited with {server.proc.returncode}")
     finally:
-        procs.stop(server)
+        for server in servers:
+            procs.stop(server)
     return rows
+
 
 
 def start_redis(args: argparse.Namespace, procs: Processes) -> tuple[Started, int, Path]:
@@ -318,12 +337,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             }[store]
             port = free_port()
             policy = workdir / f"policy-{store}.yaml"
-            policy.write_text(
-                POLICY_TEMPLATE.format(port=port, store_url=url, log_level=args.log_level)
-            )
+            text = POLICY_TEMPLATE.format(port=port, store_url=url, log_level=args.log_level)
+            shared = store != "memory"
+            copies = args.serve_processes if shared else 1
+            if copies > 1:
+                text = text.replace("server:\n", "server:\n  reuse_port: true\n", 1)
+            policy.write_text(text)
             rows += bench_server(
                 args, procs, store, [args.mqpolicy, "serve", "-c", str(policy)], port,
-                redis if store != "memory" else None,
+                redis if shared else None, copies,
             )
     finally:
         procs.stop_all()
@@ -431,6 +453,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--processes", type=int, default=1,
                    help="load generator processes (default 1)")
+    p.add_argument("--serve-processes", type=int, default=1,
+                   help="mqpolicy serve processes sharing the port (reuse_port) for the Redis "
+                        "stores (default 1)")
     p.add_argument("--baseline", action="store_true",
                    help="also measure a plain asyncio server that answers DUNNO")
     p.add_argument("--mqpolicy", default=str(REPO / ".venv" / "bin" / "mqpolicy"),
