@@ -35,7 +35,7 @@ from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.endpoints import EndpointSyntaxError, parse_endpoint
 from mqpolicy.engine import Verdict, applies, limit_key, store_key
 from mqpolicy.feedback import FeedbackService
-from mqpolicy.hold_records import open_hold_records, waiting_lanes
+from mqpolicy.hold_records import HoldRecordStore, open_hold_records, waiting_lanes
 from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats, core_registry
 from mqpolicy.milter_service import MilterRunner
 from mqpolicy.mx_rollup import DestinationFinder
@@ -239,9 +239,9 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     service = DecisionService(policy, store, resolver=make_resolver(policy))
     backoff_store = (open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
                      if policy.destinations else None)
-    records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
-                                timeout_ms=max(1000, policy.store.timeout_ms))
-    refresher = RuntimeRefresher(service, backoff_store, lambda: waiting_lanes(records))
+    records = _hold_records(policy)
+    refresher = RuntimeRefresher(service, backoff_store,
+                                 (lambda: waiting_lanes(records)) if records else None)
     feedback = (FeedbackService(lambda: service.policy, backoff_store, service.destination_of,
                                 clock_ms=wall_clock_ms)
                 if policy.feedback is not None and backoff_store is not None else None)
@@ -263,8 +263,8 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     # The scheduler runs here when the records live in this process (memory://) or when
     # asked to; with Redis it is normally `mqpolicy scheduler` on the MTA's host.
     scheduler = (Scheduler(service, records, open_mta_queue(policy.scheduler))
-                 if policy.scheduler is not None and (records.in_process or with_scheduler)
-                 else None)
+                 if policy.scheduler is not None and records is not None
+                 and (records.in_process or with_scheduler) else None)
     if scheduler is not None:
         register_scheduler_metrics(registry, scheduler)
     registry.gauge(DESTINATIONS_IN_BACKOFF, "Destinations whose budget is cut by backoff",
@@ -284,7 +284,8 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         if metrics is not None:
             metrics.close()
             await metrics.wait_closed()
-        await records.close()
+        if records is not None:
+            await records.close()
         await store.close()
         return EXIT_FAILURE
     reloads: set[asyncio.Task[None]] = set()
@@ -322,10 +323,23 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     if metrics is not None:
         metrics.close()
         await metrics.wait_closed()
-    await records.close()
+    if records is not None:
+        await records.close()
     await store.close()
     log.info("stopped")
     return EXIT_FAILURE if runner is not None and runner.failed else EXIT_OK
+
+
+def _hold_records(policy: Policy) -> HoldRecordStore | None:
+    """Where holds are recorded for the scheduler; None (plain MTA holds, logged) for a
+    store that cannot keep them."""
+    try:
+        return open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
+                                 timeout_ms=max(1000, policy.store.timeout_ms))
+    except ValueError as exc:
+        log.warning("no hold records: held mail stays on hold until released by hand",
+                    extra={"fields": {"error": str(exc)}})
+        return None
 
 
 async def _run_scheduler(scheduler: Scheduler, stop: asyncio.Event) -> None:

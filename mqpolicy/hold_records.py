@@ -47,10 +47,12 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from mqpolicy.budget import StoreError
+from mqpolicy.sentinel_store import SENTINEL_SCHEMES, parse_sentinel_url
 
 __all__ = [
     "DEFAULT_RECORD_TTL_MS",
@@ -349,9 +351,12 @@ class RedisHoldRecords:
 
     in_process = False
 
-    def __init__(self, url: str, *, key_prefix: str = "mqpolicy:", instance: str = "default",
+    def __init__(self, url: str | None = None, *, client: Redis | None = None,
+                 key_prefix: str = "mqpolicy:", instance: str = "default",
                  timeout_ms: int = 1000, read_chunk: int = 1000,
                  max_connections: int = 32) -> None:
+        """``url`` for one Redis; or ``client``, already built (e.g. on a Sentinel master),
+        with ``decode_responses=True``."""
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
         self._timeout_s = timeout_ms / 1000
@@ -361,6 +366,16 @@ class RedisHoldRecords:
         self._lease = base + "lease"
         self._waiting = f"{key_prefix}load:{instance}:waiting_lanes"
         self._read_chunk = read_chunk
+        if client is not None:
+            self._client = client
+        elif url is None:
+            raise ValueError("a Redis URL or client is needed")
+        else:
+            self._client = self._connect(url, max_connections)
+        self._lease_script = self._client.register_script(_load_lua("hold_lease.lua"))
+        self._mark_script = self._client.register_script(_load_lua("hold_mark.lua"))
+
+    def _connect(self, url: str, max_connections: int) -> Redis:
         # A blocking pool: a burst of record writes waits for a free connection (within
         # the deadline) instead of failing at the pool's size.
         pool = BlockingConnectionPool.from_url(
@@ -373,9 +388,7 @@ class RedisHoldRecords:
             protocol=2,
             decode_responses=True,
         )
-        self._client: Redis = Redis(connection_pool=pool)
-        self._lease_script = self._client.register_script(_load_lua("hold_lease.lua"))
-        self._mark_script = self._client.register_script(_load_lua("hold_mark.lua"))
+        return Redis(connection_pool=pool)
 
     def _key(self, queue_id: str) -> str:
         return self._record_prefix + queue_id
@@ -487,14 +500,40 @@ class RedisHoldRecords:
 
 def open_hold_records(url: str, *, key_prefix: str = "mqpolicy:", timeout_ms: int = 1000,
                       instance: str = "default") -> HoldRecordStore:
-    """The record store beside the counter store of ``url`` (the ``store:`` setting)."""
-    scheme = urlsplit(url.strip()).scheme.lower()
+    """The record store beside the counter store of ``url`` (the ``store:`` setting):
+    memory, one Redis, or the master of a Sentinel service. ValueError for Redis Cluster
+    (not supported yet: the records' multi-key operations need one slot)."""
+    url = url.strip()
+    scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
         return MemoryHoldRecords()
     if scheme in ("redis", "rediss", "unix"):
-        return RedisHoldRecords(url.strip(), key_prefix=key_prefix, instance=instance,
+        return RedisHoldRecords(url, key_prefix=key_prefix, instance=instance,
                                 timeout_ms=timeout_ms)
-    raise ValueError(f"store {url!r}: hold records need memory:// or a Redis URL")
+    if scheme in SENTINEL_SCHEMES:
+        return RedisHoldRecords(client=_sentinel_master(url, timeout_ms),
+                                key_prefix=key_prefix, instance=instance, timeout_ms=timeout_ms)
+    raise ValueError(f"store {url!r}: hold records need memory://, one Redis or Sentinel")
+
+
+def _sentinel_master(url: str, timeout_ms: int) -> Redis:
+    target = parse_sentinel_url(url)
+    timeout_s = timeout_ms / 1000
+    common: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                              "retry": Retry(NoBackoff(), 0)}
+    if target.tls:
+        common["ssl"] = True
+    sentinel_kwargs = dict(common)
+    if target.sentinel_username:
+        sentinel_kwargs["username"] = target.sentinel_username
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+    sentinel = Sentinel(list(target.sentinels),  # type: ignore[no-untyped-call]
+                        sentinel_kwargs=sentinel_kwargs)
+    client: Redis = sentinel.master_for(target.service, redis_class=Redis, db=target.db,
+                                        username=target.username, password=target.password,
+                                        protocol=2, decode_responses=True, **common)
+    return client
 
 
 def _parse_json(queue_id: str, value: str) -> HoldRecord | BrokenRecord:

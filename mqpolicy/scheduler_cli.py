@@ -61,6 +61,9 @@ async def cmd_scheduler(policy: Policy, path: Path, log_level: str | None) -> in
     listener = configure_logging(policy.log.format, log_level or policy.log.level)
     try:
         return await _run_scheduler(policy, path, log_level)
+    except ValueError as exc:  # a store the records cannot live in
+        print(f"mqpolicy scheduler: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         listener.stop()
 
@@ -68,13 +71,13 @@ async def cmd_scheduler(policy: Policy, path: Path, log_level: str | None) -> in
 async def _run_scheduler(policy: Policy, path: Path, log_level: str | None) -> int:
     loop = asyncio.get_running_loop()
     settings = policy.scheduler or SchedulerSettings()
+    records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
+                                timeout_ms=max(2000, policy.store.timeout_ms))
     store = open_store(policy.store.url, timeout_ms=max(1000, policy.store.timeout_ms),
                        key_prefix=policy.store.key_prefix)
     service = DecisionService(policy, store, resolver=make_resolver(policy))
     backoff_store = (open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
                      if policy.destinations else None)
-    records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
-                                timeout_ms=max(2000, policy.store.timeout_ms))
     scheduler = Scheduler(service, records, open_mta_queue(settings))
     refresher = RuntimeRefresher(service, backoff_store)
     stop = asyncio.Event()
@@ -136,8 +139,12 @@ async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
         print(f"mqpolicy queue: {MEMORY_STORE_HINT}", file=sys.stderr)
         return EXIT_USAGE
     settings = policy.scheduler or SchedulerSettings()
-    records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
-                                timeout_ms=max(5000, policy.store.timeout_ms))
+    try:
+        records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
+                                    timeout_ms=max(5000, policy.store.timeout_ms))
+    except ValueError as exc:
+        print(f"mqpolicy queue: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         record_set = await records.load()
         paused = await records.get_waiting_lanes()

@@ -298,3 +298,14 @@ def test_open_hold_records(url: str, kind: Callable[..., Any]) -> None:
         await store.close()
 
     asyncio.run(body())
+
+
+def test_sentinel_is_supported_and_cluster_is_refused() -> None:
+    async def body() -> None:
+        store = open_hold_records("redis+sentinel://127.0.0.1:1/mymaster/0")
+        assert isinstance(store, RedisHoldRecords)
+        await store.close()
+        with pytest.raises(ValueError, match="one Redis or Sentinel"):
+            open_hold_records("redis+cluster://127.0.0.1:7000")
+
+    asyncio.run(body())
