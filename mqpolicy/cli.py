@@ -237,14 +237,13 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     store = open_store(policy.store.url, timeout_ms=policy.store.timeout_ms,
                        key_prefix=policy.store.key_prefix)
     service = DecisionService(policy, store, resolver=make_resolver(policy))
-    backoff_store = (open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
-                     if policy.destinations else None)
+    backoff_store = open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
     records = _hold_records(policy)
     refresher = RuntimeRefresher(service, backoff_store,
                                  (lambda: waiting_lanes(records)) if records else None)
-    feedback = (FeedbackService(lambda: service.policy, backoff_store, service.destination_of,
-                                clock_ms=wall_clock_ms)
-                if policy.feedback is not None and backoff_store is not None else None)
+    # runs while the policy has a feedback section (a reload can add or remove it)
+    feedback = FeedbackService(lambda: service.policy, backoff_store, service.destination_of,
+                               clock_ms=wall_clock_ms)
     server = PolicyServer(
         PostfixPolicyHandler(service, records),
         policy.listen,
@@ -298,9 +297,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    background = [loop.create_task(refresher.run(stop))]
-    if feedback is not None:
-        background.append(loop.create_task(feedback.follow(stop)))
+    background = [loop.create_task(refresher.run(stop)), loop.create_task(feedback.run(stop))]
     if scheduler is not None:
         background.append(loop.create_task(_run_scheduler(scheduler, stop)))
     endpoints = " ".join([*(str(e) for e in server.bound_endpoints),
@@ -316,8 +313,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         loop.remove_signal_handler(sig)
     await asyncio.gather(server.drain(), *([runner.stop()] if runner else []))
     await asyncio.gather(*background, return_exceptions=True)
-    if backoff_store is not None:
-        await backoff_store.close()
+    await backoff_store.close()
     if service.resolver is not None:
         await service.resolver.aclose()
     if metrics is not None:

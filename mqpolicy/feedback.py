@@ -120,9 +120,28 @@ class FeedbackService:
                         extra={"fields": {"destination": destination, "error": str(exc)}})
             return None
 
-    async def follow(self, stop: asyncio.Event) -> None:
-        """Follow the configured log until ``stop`` is set."""
-        settings = self._policy().feedback or FeedbackSettings()
+    async def run(self, stop: asyncio.Event, check_interval_s: float = 1.0) -> None:
+        """Follow the log while the policy has a feedback section, until ``stop``; a reload
+        that adds, changes or removes the section takes effect within ``check_interval_s``."""
+        while not stop.is_set():
+            settings = self._policy().feedback
+            if settings is None:
+                await _wait(stop, check_interval_s)
+                continue
+            inner = asyncio.Event()
+            task = asyncio.create_task(self.follow(inner, settings))
+            while not stop.is_set() and not task.done() and self._policy().feedback == settings:
+                await _wait(stop, check_interval_s)
+            inner.set()
+            try:
+                await task
+            except Exception:
+                log.exception("feedback stopped by an error; starting again")
+                await _wait(stop, check_interval_s)
+
+    async def follow(self, stop: asyncio.Event, settings: FeedbackSettings | None = None) -> None:
+        """Follow the log of ``settings`` (default: the policy's) until ``stop`` is set."""
+        settings = settings or self._policy().feedback or FeedbackSettings()
         follower = LogFollower(settings.log, state_path=settings.state_file,
                                poll_interval_s=settings.poll_interval_ms / 1000)
         log.info("following the delivery log", extra={"fields": {"log": settings.log}})
@@ -148,6 +167,11 @@ class FeedbackService:
             if closer is not None:
                 await closer()  # the follower saves its position
             follower.close()
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _reason(event: DeliveryEvent, settings: FeedbackSettings) -> str | None:
