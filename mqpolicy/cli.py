@@ -243,7 +243,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
                                  (lambda: waiting_lanes(records)) if records else None)
     # runs while the policy has a feedback section (a reload can add or remove it)
     feedback = FeedbackService(lambda: service.policy, backoff_store, service.destination_of,
-                               clock_ms=wall_clock_ms)
+                               clock_ms=wall_clock_ms, on_change=refresher.refresh)
     server = PolicyServer(
         PostfixPolicyHandler(service, records),
         policy.listen,

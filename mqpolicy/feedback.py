@@ -52,7 +52,11 @@ class FeedbackService:
         destination_of: DestinationOf,
         *,
         clock_ms: Callable[[], int],
+        on_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``on_change`` runs after every factor change, before it is logged (``serve``
+        refreshes its decisions' view at once instead of at the next second)."""
+        self._on_change = on_change
         self._policy = policy
         self._store = store
         self._destination_of = destination_of
@@ -106,6 +110,8 @@ class FeedbackService:
                 self._backed_off[destination] = change.new_factor
             else:
                 self._backed_off.pop(destination, None)
+            if self._on_change is not None:
+                await self._on_change()
             level = logging.WARNING if change.kind == "decrease" else logging.INFO
             log.log(level, "destination backed off" if change.kind == "decrease"
                     else "destination recovering", extra={"fields": change.log_fields()})
