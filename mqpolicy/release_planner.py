@@ -131,8 +131,8 @@ def plan_releases(
     queued_ids: set[str] = set()
     for entry in entries:
         queued_ids.add(entry.queue_id)
-        if entry.queue_name != HOLD:
-            continue
+        if entry.queue_name != HOLD or entry.queue_id in held_ids:
+            continue  # (a listing may show a message twice while the MTA moves it)
         held_ids.add(entry.queue_id)
         record = records.records.get(entry.queue_id)
         if record is None:

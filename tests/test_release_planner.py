@@ -77,6 +77,13 @@ def test_highest_lane_first_then_fifo() -> None:
     assert plan.held_by_lane == {"bulk": 1, "normal": 2, "transactional": 2}
 
 
+def test_a_message_listed_twice_is_planned_once() -> None:
+    plan = plan_releases([entry("TWICE1"), entry("TWICE1"), entry("TWICE1", queue="active")],
+                         records(rec("TWICE1")), now_ms=NOW, lanes=policy().lanes)
+    assert ids(plan.due) == ["TWICE1"]
+    assert plan.stale == [] and plan.finished == []
+
+
 def test_not_before_is_respected() -> None:
     plan = plan_releases([entry("LATER1"), entry("SOONER"), entry("NOWNOW")],
                          records(rec("LATER1", not_before=NOW + 5000),
