@@ -35,7 +35,7 @@ from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.endpoints import EndpointSyntaxError, parse_endpoint
 from mqpolicy.engine import Verdict, applies, limit_key, store_key
 from mqpolicy.feedback import FeedbackService
-from mqpolicy.hold_records import HoldRecordStore, open_hold_records, waiting_lanes
+from mqpolicy.hold_records import HoldRecordStore, records_for, waiting_lanes
 from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats, core_registry
 from mqpolicy.milter_service import MilterRunner
 from mqpolicy.mx_rollup import DestinationFinder
@@ -330,8 +330,7 @@ def _hold_records(policy: Policy) -> HoldRecordStore | None:
     """Where holds are recorded for the scheduler; None (plain MTA holds, logged) for a
     store that cannot keep them."""
     try:
-        return open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
-                                 timeout_ms=max(1000, policy.store.timeout_ms))
+        return records_for(policy, timeout_ms=max(1000, policy.store.timeout_ms))
     except ValueError as exc:
         log.warning("no hold records: held mail stays on hold until released by hand",
                     extra={"fields": {"error": str(exc)}})

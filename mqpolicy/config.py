@@ -329,6 +329,9 @@ class SchedulerSettings:
     """The hold-queue scheduler (``mqpolicy scheduler`` or inside ``serve``)."""
 
     mta: MtaKind = MtaKind.POSTFIX
+    # Which MTA's hold queue the records belong to: MTAs that share one Redis each need
+    # their own name (their budgets stay shared).
+    instance: str = "default"
     postfix_config_dir: str = "/etc/postfix"
     sendmail_cf: str = "/etc/mail/sendmail.cf"
     interval_ms: int = 5_000
@@ -347,6 +350,17 @@ class Destination:
     name: str
     matcher: DestinationMatcher
     limit_name: str
+    # Postfix delivery settings for the destination's own transport (postfix-config):
+    # None = not set. Applied to its ``domains`` only: Postfix routes by domain, not MX.
+    concurrency: int | None = None
+    initial_concurrency: int | None = None
+    rate_delay_ms: int | None = None
+    recipient_limit: int | None = None
+
+    @property
+    def has_delivery_settings(self) -> bool:
+        return any(v is not None for v in (self.concurrency, self.initial_concurrency,
+                                           self.rate_delay_ms, self.recipient_limit))
 
 
 @dataclass(frozen=True, slots=True)
@@ -862,8 +876,8 @@ def _read_milter(r: _Reader, top: Mapping[str, Any], store: StoreSettings) -> Mi
 
 
 _SCHEDULER_KEYS = frozenset(
-    {"mta", "postfix_config_dir", "sendmail_cf", "interval", "max_releases_per_pass",
-     "lock_ttl", "schedule", "load"}
+    {"mta", "instance", "postfix_config_dir", "sendmail_cf", "interval",
+     "max_releases_per_pass", "lock_ttl", "schedule", "load"}
 )
 
 
@@ -877,6 +891,7 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
         return r.convert(m, key, f"scheduler.{key}", fn) if key in m else None
 
     mta = opt("mta", lambda v: _enum(MtaKind, v))
+    instance = opt("instance", _instance_name)
     config_dir = opt("postfix_config_dir", _absolute_path)
     sendmail_cf = opt("sendmail_cf", _absolute_path)
     interval = opt("interval", _positive_duration)
@@ -904,6 +919,7 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
             load = LoadThresholds(**{k: v for k, v in values.items() if v is not None})
     return SchedulerSettings(
         mta=mta or d.mta,
+        instance=instance or d.instance,
         postfix_config_dir=config_dir or d.postfix_config_dir,
         sendmail_cf=sendmail_cf or d.sendmail_cf,
         interval_ms=interval or d.interval_ms,
@@ -912,6 +928,13 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
         schedule=schedule,
         load=load,
     )
+
+
+def _instance_name(value: Any) -> str:
+    text = _string(value)
+    if not _DESTINATION_NAME.match(text):
+        raise ValueError(f"an instance name is letters, digits, - and _: {text!r}")
+    return text
 
 
 def _absolute_path(value: Any) -> str:
@@ -923,7 +946,7 @@ def _absolute_path(value: Any) -> str:
 
 _DESTINATION_KEYS = frozenset(
     {"name", "domains", "mx", "rate", "burst", "action", "message", "lanes", "monitor",
-     "on_store_error", "concurrency", "rate_delay"}
+     "on_store_error", "concurrency", "initial_concurrency", "rate_delay", "recipient_limit"}
 )
 _DESTINATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
@@ -992,11 +1015,14 @@ def _read_destinations(
         on_error = store.on_store_error
         if "on_store_error" in m:
             on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", _store_error_mode)
-        for key in ("concurrency",):
-            if key in m:
-                r.convert(m, key, f"{path}.{key}", _positive_int)
-        if "rate_delay" in m:
-            r.convert(m, "rate_delay", f"{path}.rate_delay", parse_duration_ms)
+        delivery: dict[str, int | None] = {}
+        for key in ("concurrency", "initial_concurrency", "recipient_limit"):
+            delivery[key] = (r.convert(m, key, f"{path}.{key}", _positive_int)
+                             if key in m else None)
+        rate_delay = (r.convert(m, "rate_delay", f"{path}.rate_delay", parse_duration_ms)
+                      if "rate_delay" in m else None)
+        if rate_delay is not None and rate_delay % 1000 and rate_delay >= 1000:
+            r.error(m, "rate_delay", f"{path}.rate_delay", "Postfix takes whole seconds here")
         limit_name = f"destination:{name}"
         if limit_name in limit_names:
             r.error(m, "name", f"{path}.name", f"a limit is already named {limit_name!r}")
@@ -1012,7 +1038,12 @@ def _read_destinations(
             demote_to=demote_to, message=message, monitor=monitor, lanes=scope,
             when=is_here, exempt=None, on_store_error=on_error, destination=name,
         )
-        yield Destination(name=name, matcher=matcher, limit_name=limit_name), limit
+        yield Destination(
+            name=name, matcher=matcher, limit_name=limit_name,
+            concurrency=delivery["concurrency"],
+            initial_concurrency=delivery["initial_concurrency"],
+            rate_delay_ms=rate_delay, recipient_limit=delivery["recipient_limit"],
+        ), limit
 
 
 def _read_dns(r: _Reader, top: Mapping[str, Any]) -> DnsSettings:

@@ -201,9 +201,18 @@ def _message_cost(limit: Limit, request: Request) -> int:
     return max(1, request.size)
 
 
-def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTIME) -> Plan:
-    lane, rule = classify(request, policy)
+def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTIME,
+              lane: Lane | None = None, *, releasing: bool = False) -> Plan:
+    """The checks of one decision. ``lane`` given: no classification (the scheduler
+    plans a held message in the lane it was held in). ``releasing``: the scheduler lets a
+    held message go, which spends its recipient budgets whatever the lane."""
+    rule: str | None = None
+    if lane is None:
+        lane, rule = classify(request, policy)
     backoff = runtime.backoff
+    # Mail that will wait in the hold queue (a hold lane, a lane waiting for the MTA's
+    # queues) spends its recipient budgets when it is released, not now: else twice.
+    spend_recipients = releasing or not (lane.hold or lane.name in runtime.waiting_lanes)
     at_end = request.stage == STAGE_END_OF_MESSAGE
     at_rcpt = request.stage == STAGE_RCPT
     planned: list[PlannedLimit] = []
@@ -229,7 +238,7 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
             continue
         if limit.recipient_keyed:
             cost = max(1, request.size) if limit.count is Count.BYTES else 1
-            consume = True
+            consume = spend_recipients
         elif at_end:
             cost = _message_cost(limit, request)
             consume = True

@@ -52,6 +52,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from mqpolicy.budget import StoreError
+from mqpolicy.config import Policy, SchedulerSettings
 from mqpolicy.sentinel_store import SENTINEL_SCHEMES, parse_sentinel_url
 
 __all__ = [
@@ -569,3 +570,11 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return "redis did not answer within the deadline"
     return f"redis: {type(exc).__name__}: {exc}"
+
+
+def records_for(policy: Policy, *, timeout_ms: int) -> HoldRecordStore:
+    """The record store of a policy: its store URL and key prefix, and the scheduler's
+    ``instance`` (the MTA whose hold queue the records describe)."""
+    scheduler = policy.scheduler or SchedulerSettings()
+    return open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
+                             timeout_ms=timeout_ms, instance=scheduler.instance)

@@ -41,10 +41,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
-from mqpolicy.backoff import scale_budget
 from mqpolicy.budget import BudgetCheck
-from mqpolicy.config import Count, Lane, LoadThresholds, Policy
-from mqpolicy.engine import limit_key, store_key
+from mqpolicy.config import Lane, LoadThresholds, Policy
+from mqpolicy.engine import RuntimeState, make_plan
 from mqpolicy.hold_records import BrokenRecord, HoldRecord, RecordSet, RecordState
 from mqpolicy.mta_queue import HOLD, QueueEntry
 from mqpolicy.request import STAGE_RCPT, Request, domain_of
@@ -197,48 +196,35 @@ def release_checks(
 ) -> tuple[BudgetCheck | None, list[BudgetCheck]]:
     """(the lane's release check, the destination checks) of one held message.
 
-    The destination checks are built as ``engine.make_plan`` builds a RCPT decision's
-    recipient-keyed checks (same buckets, same scope test, same backoff scaling), but for
-    the record's lane rather than a lane classified again from the bare envelope.
+    The destination checks are exactly the recipient-keyed checks ``engine.make_plan``
+    builds for each recipient's RCPT decision (same buckets, scope, backoff scaling), in
+    the record's lane rather than a lane classified again from the bare envelope;
+    recipients that share a bucket are merged into one check of their summed cost.
     ``destinations`` maps recipient domains to their destination group (resolved by the
     caller, as the decision service does before planning); ``backoff`` holds the
     destinations' backoff factors."""
     lane = candidate.lane
-    lane_name = lane.name if lane is not None else None
     entry = candidate.entry
+    runtime = RuntimeState(backoff=backoff)
     merged: dict[str, BudgetCheck] = {}
     order: list[str] = []
     for recipient in entry.recipients:
         request = Request(stage=STAGE_RCPT, sender=entry.sender, recipient=recipient,
                           size=entry.size, queue_id=entry.queue_id,
                           destination=destinations.get(domain_of(recipient), ""))
-        for limit in policy.limits:
-            if not limit.recipient_keyed:
+        plan = make_plan(request, policy, runtime, lane or policy.lane(policy.default_lane),
+                         releasing=True)
+        for planned in plan.limits:
+            if not planned.limit.recipient_keyed:
                 continue
-            # the scope test of engine.make_plan, with the record's lane
-            if limit.lanes is not None and lane_name not in limit.lanes:
-                continue
-            if limit.when is not None and not limit.when(request):
-                continue
-            if limit.exempt is not None and limit.exempt(request):
-                continue
-            key = limit_key(limit, request)
-            if key is None:
-                continue
-            cost = max(1, entry.size) if limit.count is Count.BYTES else 1
-            bucket = store_key(limit, key)
-            known = merged.get(bucket)
+            check = planned.check
+            known = merged.get(check.key)
             if known is None:
-                interval, burst = limit.interval_ms, limit.burst
-                if backoff and limit.destination is not None:
-                    factor = backoff.get(limit.destination, 1.0)
-                    if factor < 1.0:
-                        interval, burst = scale_budget(interval, burst, factor)
-                order.append(bucket)
-                merged[bucket] = BudgetCheck(bucket, interval, burst, min(cost, burst), True,
-                                             limit.blocking)
+                order.append(check.key)
+                merged[check.key] = check._replace(cost=min(check.cost, check.burst))
             else:
-                merged[bucket] = known._replace(cost=min(known.cost + cost, known.burst))
+                merged[check.key] = known._replace(cost=min(known.cost + check.cost,
+                                                            known.burst))
     lane_check = lane_release_check(lane, pass_interval_ms) if lane is not None else None
     return lane_check, [merged[k] for k in order]
 

@@ -22,7 +22,7 @@ from mqpolicy.backoff_store import open_backoff_store
 from mqpolicy.budget import StoreError
 from mqpolicy.config import ConfigError, Policy, SchedulerSettings, load_policy
 from mqpolicy.decisions import DecisionService, wall_clock_ms
-from mqpolicy.hold_records import open_hold_records
+from mqpolicy.hold_records import records_for
 from mqpolicy.mta_queue import QueueCommandError
 from mqpolicy.release_planner import plan_releases, summarize
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
@@ -71,8 +71,7 @@ async def cmd_scheduler(policy: Policy, path: Path, log_level: str | None) -> in
 async def _run_scheduler(policy: Policy, path: Path, log_level: str | None) -> int:
     loop = asyncio.get_running_loop()
     settings = policy.scheduler or SchedulerSettings()
-    records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
-                                timeout_ms=max(2000, policy.store.timeout_ms))
+    records = records_for(policy, timeout_ms=max(2000, policy.store.timeout_ms))
     store = open_store(policy.store.url, timeout_ms=max(1000, policy.store.timeout_ms),
                        key_prefix=policy.store.key_prefix)
     service = DecisionService(policy, store, resolver=make_resolver(policy))
@@ -140,8 +139,7 @@ async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
         return EXIT_USAGE
     settings = policy.scheduler or SchedulerSettings()
     try:
-        records = open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
-                                    timeout_ms=max(5000, policy.store.timeout_ms))
+        records = records_for(policy, timeout_ms=max(5000, policy.store.timeout_ms))
     except ValueError as exc:
         print(f"mqpolicy queue: {exc}", file=sys.stderr)
         return EXIT_USAGE

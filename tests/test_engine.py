@@ -11,7 +11,7 @@ import pytest
 from mqpolicy.budget import BucketState, BudgetCheck, Evaluation, StoreError
 from mqpolicy.config import Policy, parse_policy
 from mqpolicy.decisions import DecisionService
-from mqpolicy.engine import Action, classify, make_plan
+from mqpolicy.engine import Action, RuntimeState, classify, make_plan
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.policy_service import postfix_action
 from mqpolicy.request import Request
@@ -410,3 +410,16 @@ def test_dry_run_spends_nothing() -> None:
         verdict = asyncio.run(svc.decide(eom(queue_id="Q"), consume=False))
         assert verdict.action is Action.ACCEPT
         assert not verdict.limits[0].spent
+
+
+def test_mail_that_waits_spends_its_recipient_budgets_at_release_not_twice() -> None:
+    svc, _ = service("- {name: dom, rate: 1/1h, key: recipient_domain, count: recipients}\n")
+    held = rcpt(recipient="u@d.example")._replace(sasl_username="scheduler")  # a hold lane
+    verdicts = run_all(svc, [held, held])
+    assert [v.limits[0].counted for v in verdicts] == ["checked", "checked"]  # type: ignore[attr-defined]
+    plan = make_plan(held, svc.policy, lane=svc.policy.lane("scheduled"), releasing=True)
+    assert plan.limits[0].check.consume
+    assert plan.rule is None  # given a lane, nothing is classified
+    svc.runtime = RuntimeState(waiting_lanes=frozenset({"bulk"}))
+    waiting = rcpt(sender="x@news.example", recipient="v@d.example")
+    assert make_plan(waiting, svc.policy, svc.runtime).limits[0].check.consume is False
