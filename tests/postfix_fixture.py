@@ -12,6 +12,9 @@ policy restored (a test may swap the policy with ``apply_policy``, a SIGHUP relo
 stop the policy server). Counters live in the policy server's memory store for the whole
 session: tests use their own addresses (:func:`unique_address`).
 
+``milter_stack`` (function): ``mail_stack`` with the mqpolicy milter wired in for one test
+(see "The milter, opt-in" below); the other tests run without it.
+
 Everything is stopped by PID at the end of the session, even when a test fails.
 """
 
@@ -19,11 +22,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from mqpolicy.postfix_config import (
+    HEADER_CHECKS_FILE,
+    SECTION_HEADER_CHECKS,
+    SECTION_MAIN,
+    SECTION_MASTER,
+    split_sections,
+)
 from mqpolicy.postfix_instance import POSTFIX, MailStack
 
 # The lanes every end-to-end test uses: keeping them fixed means a policy swap never
@@ -98,3 +110,69 @@ def mail_stack(mail_stack_session: MailStack) -> Iterator[MailStack]:
             stack.server.start()
         stack.apply_policy(BASE_POLICY)
         stack.reset()
+
+
+# ---------------------------------------------------------------- the milter, opt-in
+# ``milter_stack`` wires the milter into the session stack for one test: ``mqpolicy serve``
+# is restarted on a policy with a ``milter:`` section (a unix socket in the stack's
+# directory: this smtpd is not chrooted), and Postfix gets the output of ``mqpolicy
+# postfix-config --milter unix:PATH`` (smtpd_milters, non_smtpd_milters,
+# milter_default_action, the header-checks map) and a reload. Afterwards Postfix gets its
+# previous configuration back and serve runs the base policy again. A test switches
+# policies with ``stack.apply_policy(milter_policy(stack, body))``: the lanes stay those of
+# LANES, so Postfix's configuration does not change and the milter wiring stays.
+
+MILTER_SOCKET = "milter.sock"
+
+
+def milter_socket(stack: MailStack) -> Path:
+    return stack.root / MILTER_SOCKET
+
+
+def milter_policy(stack: MailStack, body: str = "") -> str:
+    """The base policy with the milter on the stack's socket, plus ``body``.
+
+    ``rcpt_limits: policy_server``: this Postfix asks the policy server at RCPT too, so the
+    milter decides RCPT only for locally submitted mail (which never meets smtpd)."""
+    return BASE_POLICY + f"""\
+milter:
+  listen: unix:{milter_socket(stack)}
+  listen_mode: "0666"
+  rcpt_limits: policy_server
+""" + body
+
+
+def write_postfix_config(stack: MailStack, text: str) -> None:
+    """Configure the stack's Postfix from ``mqpolicy postfix-config`` output; reload."""
+    sections = split_sections(text)
+    stack.postfix.write_config(sections[SECTION_MAIN], sections[SECTION_MASTER],
+                               {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
+    stack.postfix.reload()
+    stack.postfix_config = text
+
+
+def milter_postfix_config(stack: MailStack) -> str:
+    """``mqpolicy postfix-config --milter unix:SOCKET`` for the stack's policy file."""
+    return subprocess.run(
+        [*stack.command, "postfix-config", "-c", str(stack.policy_file),
+         "--config-directory", str(stack.postfix.config_dir),
+         "--milter", f"unix:{milter_socket(stack)}"],
+        capture_output=True, text=True, timeout=60, check=True, stdin=subprocess.DEVNULL,
+    ).stdout
+
+
+@pytest.fixture
+def milter_stack(mail_stack: MailStack) -> Iterator[MailStack]:
+    stack = mail_stack
+    written = stack.postfix_config
+    try:
+        stack.server.stop()  # a milter: section takes effect at start, not on SIGHUP
+        stack.apply_policy(milter_policy(stack))
+        write_postfix_config(stack, milter_postfix_config(stack))
+        yield stack
+    finally:
+        stack.server.stop()
+        if stack.postfix_config != written:
+            write_postfix_config(stack, written)
+        stack.postfix.delete("ALL", "maildrop")  # local submissions the milter deferred
+        stack.apply_policy(BASE_POLICY)  # starts serve again, without the milter

@@ -1,0 +1,200 @@
+"""The milter behind the session's real Postfix (tests/postfix_fixture.py, ``milter_stack``):
+header-based lanes leave through their transports (the Postfix log says which), a forged
+lane header gets nothing, and mail submitted with Postfix's ``sendmail -C DIR`` (pickup ->
+cleanup -> ``non_smtpd_milters``), which never meets the policy server, is held or deferred
+by the milter when over its limit."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from mqpolicy.postfix_instance import (
+    POSTFIX,
+    LogReader,
+    MailStack,
+    QueuedMessage,
+    make_message,
+    poll,
+)
+from mqpolicy.smtp_sink import SinkMessage
+from tests.postfix_fixture import milter_policy, unique_address
+
+TIMEOUT_S = 15.0
+SENDMAIL = str(Path(POSTFIX).with_name("sendmail"))  # Postfix's, not Sendmail's
+
+LANE_RULES = """\
+classify:
+  - name: urgent-from-the-app
+    when: {sender: "@app.milter.test", priority: high}
+    lane: transactional
+  - name: lists-and-robots
+    when: {bulk_signals: true}
+    lane: bulk
+"""
+
+
+def arrival(stack: MailStack, subject: str) -> SinkMessage:
+    def mine(messages: list[SinkMessage]) -> list[SinkMessage]:
+        return [m for m in messages if m.header("Subject") == subject]
+
+    (message,) = mine(stack.sink.wait_for(lambda msgs: bool(mine(msgs)), TIMEOUT_S))
+    return message
+
+
+def lane_headers(message: SinkMessage) -> list[str]:
+    return [value for name, value in message.headers if name.lower() == "x-mq-lane"]
+
+
+def log_lines(stack: MailStack, *needles: str) -> list[str]:
+    text = stack.postfix.log_file.read_text("utf-8", "replace")
+    return [line for line in text.splitlines() if all(n in line for n in needles)]
+
+
+def test_header_lanes_leave_through_their_transports_and_a_forged_lane_gets_nothing(
+    milter_stack: MailStack,
+) -> None:
+    stack = milter_stack
+    stack.apply_policy(milter_policy(stack, LANE_RULES))
+    app = unique_address("app", "app.milter.test")
+    other = unique_address("other", "elsewhere.milter.test")
+    news = unique_address("news", "news.milter.test")
+    cases = {  # subject: (sender, headers, the transport it must leave through)
+        "newsletter": (news, {"List-Unsubscribe": "<mailto:unsub@news.milter.test>"},
+                       "mq-bulk"),
+        "urgent-app": (app, {"X-Priority": "1 (Highest)"}, "mq-transactional"),
+        # the same header from another user: no transactional lane for it
+        "urgent-other": (other, {"X-Priority": "1 (Highest)"}, "smtp"),
+        # a client naming its own lane: its header is deleted, the lane is classified
+        "forged": (app, {"X-MQ-Lane": "transactional"}, "smtp"),
+        "forged-twice": (other, {"X-MQ-Lane": "transactional", "X-Mq-Lane": "bulk"}, "smtp"),
+    }
+    queue_ids: dict[str, str] = {}
+    for subject, (sender, headers, _) in cases.items():
+        sent = stack.send(sender, ["rcpt@dest.milter.test"], subject, headers=headers)
+        assert sent.queued, sent.replies()
+        queue_ids[subject] = sent.queue_id
+
+    lanes = {"mq-bulk": "bulk", "mq-transactional": "transactional", "smtp": "normal"}
+    for subject, (_, _, transport) in cases.items():
+        message = arrival(stack, subject)
+        delivery = stack.delivery_of(message, TIMEOUT_S)
+        assert delivery.queue_id == queue_ids[subject]
+        assert delivery.transport == transport, (subject, delivery.line)
+        # exactly one lane header, the milter's, whatever the client sent
+        assert lane_headers(message) == [lanes[transport]], (subject, message.headers)
+        filtered = log_lines(stack, f"{queue_ids[subject]}: milter-header-filter:")
+        if transport == "smtp":
+            assert not filtered, filtered
+        else:
+            (line,) = filtered
+            assert f"X-MQ-Lane: {lanes[transport]} " in line
+            assert line.endswith(f": {transport}:"), line  # Postfix logs FILTER so
+
+
+def test_smtp_mail_both_the_policy_server_and_the_milter_see_is_counted_once(
+    milter_stack: MailStack,
+) -> None:
+    stack = milter_stack
+    stack.apply_policy(milter_policy(stack, """\
+limits:
+  - name: per-sender
+    rate: 2/1h
+    key: sender
+    count: messages
+    action: defer
+    message: "Sender quota of {key} spent"
+"""))
+    sender = unique_address("twice-seen", "app.milter.test")
+    # Both count at END-OF-MESSAGE, with one once key: counted twice, the second would
+    # already be refused.
+    for i in range(2):
+        sent = stack.send(sender, ["rcpt@dest.milter.test"], f"seen-{i}")
+        assert sent.queued, sent.replies()
+    over = stack.send(sender, ["rcpt@dest.milter.test"], "seen-2")
+    ((_, reply),) = over.rcpts
+    assert reply.code == 450, over.replies()
+    assert reply.text.endswith(f"Sender quota of {sender} spent")
+    for i in range(2):
+        assert lane_headers(arrival(stack, f"seen-{i}")) == ["normal"]
+
+
+def local_submit(stack: MailStack, sender: str, recipients: Sequence[str],
+                 subject: str) -> None:
+    """Postfix's ``sendmail -C DIR``: maildrop -> pickup -> cleanup (non_smtpd_milters)."""
+    message = make_message(sender, recipients, subject)
+    proc = subprocess.run(
+        [SENDMAIL, "-C", str(stack.postfix.config_dir), "-i", "-f", sender, "--", *recipients],
+        input=message, capture_output=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+
+
+def picked_up(reader: LogReader, sender: str, seen: list[str], count: int) -> list[str]:
+    """The queue ids pickup gave the sender's messages, in order, once there are ``count``
+    (log lines read are kept in ``seen``)."""
+
+    def ids() -> list[str]:
+        seen.extend(reader.read_lines())
+        return [line.split(": ")[1] for line in seen
+                if "/pickup[" in line and f"from=<{sender}>" in line]
+
+    poll(lambda: len(ids()) >= count, TIMEOUT_S, f"pickup of {count} messages from {sender}")
+    return ids()
+
+
+@pytest.mark.parametrize("action", ["hold", "defer"])
+def test_a_local_submission_over_its_limit_is_held_or_deferred(
+    milter_stack: MailStack, action: str,
+) -> None:
+    stack = milter_stack
+    stack.apply_policy(milter_policy(stack, f"""\
+limits:
+  - name: local-sender
+    rate: 2/1h
+    key: sender
+    count: messages
+    action: {action}
+    message: "Local quota of {{key}} spent"
+"""))
+    sender = unique_address("cron", "app.milter.test")
+    reader = stack.postfix.log_reader()
+    lines: list[str] = []
+    for i in range(3):
+        local_submit(stack, sender, ["rcpt@dest.milter.test"], f"local-{i}")
+        picked_up(reader, sender, lines, i + 1)  # one at a time: the third is over
+    first, second, third = picked_up(reader, sender, lines, 3)
+
+    for i, queue_id in enumerate((first, second)):
+        message = arrival(stack, f"local-{i}")
+        assert lane_headers(message) == ["normal"]
+        assert stack.delivery_of(message).queue_id == queue_id
+    if action == "hold":
+        queue = stack.wait_queue(lambda q: any(m.queue_name == "hold" for m in q), TIMEOUT_S)
+        assert [(m.queue_id, m.queue_name, m.sender) for m in queue] == \
+            [(third, "hold", sender)]
+        assert log_lines(stack, f"{third}: milter-hold: END-OF-MESSAGE from localhost")
+        # Postfix logs no reason for a milter's hold: mqpolicy's decision names the limit
+        # (its log is written in batches: wait for it)
+        decided: list[str] = []
+
+        def logged() -> bool:
+            decided[:] = [line for line in stack.server.log_tail(400).splitlines()
+                          if f"qid={third} stage=END-OF-MESSAGE action=hold" in line]
+            return bool(decided)
+
+        poll(logged, TIMEOUT_S, "mqpolicy's hold decision in its log")
+        assert len(decided) == 1 and "by=local-sender" in decided[0], decided
+        stack.postfix.release(third)
+        assert lane_headers(arrival(stack, "local-2")) == ["normal"]
+    else:
+        poll(lambda: bool(log_lines(stack, f"{third}: milter-reject: END-OF-MESSAGE")),
+             TIMEOUT_S, "the milter's tempfail in the log")
+        (line,) = log_lines(stack, f"{third}: milter-reject: END-OF-MESSAGE")
+        assert f"4.7.1 Local quota of {sender} spent;" in line, line
+        # the submission stays in the maildrop queue, for pickup to try again later
+        maildrop: list[QueuedMessage] = stack.wait_queue(bool, TIMEOUT_S)
+        assert [(m.queue_name, m.sender) for m in maildrop] == [("maildrop", sender)]
+        assert not [m for m in stack.sink.messages() if m.header("Subject") == "local-2"]
