@@ -47,15 +47,18 @@ The guarantee
   the same batch), on the same bucket, may be refused for want of units that are about to
   come back: under-admission, never over-admission. Measured in ``tests/test_redis_ha.py``:
   300 concurrent messages against 3 sender buckets of 50 and one shared bucket of 120, all
-  in different slots: 106 passed at once (14 shared units were held by messages their
-  sender refused), the 14 others on the first retry; 120 in all, exactly.
-* A bucket that had a backlog (it was not full) when the decision spent cannot have refilled
-  past that spend meanwhile: it gets back exactly what was taken. A bucket that was (nearly)
-  full gets back what was taken less the time that passed between the decision's ``now_ms``
-  and the give-back (by Redis' clock: a round trip or two, 1-2 ms typically), because that
-  part may have refilled and been spent by someone else; it is whole again that much later.
-  (This assumes the callers' clocks agree with Redis', as key expiry already does: a caller
-  clock ahead of Redis' by *s* ms could get up to *s* ms of budget back too many.)
+  in different slots, two batches in flight: 106 to 120 passed at once (over several runs;
+  the others' shared units were held by messages their sender refused), the rest on the
+  first retry; 120 in all, exactly.
+* The batch script reports each bucket's backlog (``tat - now``) before the decision, so the
+  give-back knows it exactly. A bucket that had a backlog when the decision spent cannot
+  have refilled past that spend meanwhile: it gets back exactly what was taken. A bucket
+  that was (nearly) full gets back what was taken less the time that passed between the
+  decision's ``now_ms`` and the give-back (by Redis' clock: a round trip or two, 1-2 ms
+  typically), because that part may have refilled and been spent by someone else; it is
+  whole again that much later. (This assumes the callers' clocks agree with Redis', as key
+  expiry already does: a caller clock ahead of Redis' by *s* ms could get up to *s* ms of
+  budget back too many.)
 * When the give-back itself fails (store error, deadline, the process dies), those spends
   stay until the buckets refill by themselves: at most the decision's cost on each bucket,
   for at most cost x interval. ``refunds_failed`` counts it.
@@ -76,6 +79,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -93,7 +97,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from mqpolicy.budget import BucketState, BudgetCheck, BudgetResult, Evaluation, StoreError
+from mqpolicy.budget import BucketState, BudgetResult, Evaluation, StoreError
 from mqpolicy.redis_store import (
     SCRIPT_NAME,
     CoalescingStore,
@@ -109,6 +113,7 @@ REFUND_SCRIPT_NAME: Final = "gcra_refund.lua"
 DEFAULT_CLUSTER_PORT: Final = 6379
 _ERRORS: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 _RESET_TOPOLOGY: Final = (RedisConnectionError, OSError, ClusterError)
+_TOPOLOGY_RESET_INTERVAL_S: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +167,8 @@ class _Part:
     once: bool
     result: Evaluation | None = None
     error: BaseException | None = None
+    backlogs: list[float] = field(default_factory=list)
+    """Per check, its bucket's tat - now before the decision (when the part committed)."""
 
 
 @dataclass(slots=True)
@@ -227,7 +234,9 @@ class ClusterStore(CoalescingStore):
         self.refunds = 0
         """Decisions given back (refused or duplicate in one slot, spent in another)."""
         self.refunds_failed = 0
-        """Give-backs that got no answer: those spends stay until the buckets refill."""
+        """Decisions whose give-back got no answer (error, deadline): those spends stay
+        until the buckets refill."""
+        self._topology_reset_at = float("-inf")
 
     def slot_of(self, key: str) -> int:
         """The hash slot of a logical key (with this store's prefix)."""
@@ -270,13 +279,16 @@ class ClusterStore(CoalescingStore):
         calls = []
         for slot, entries in by_slot.items():
             keys, args = encode_batch(prefix, [sub for _, sub in entries])
+            args[0] = -len(entries)  # committed rows also carry each bucket's backlog
             calls.append(_SlotCall(slot, keys, args))
         self.slot_calls += len(calls)
         await self._eval(self._batch_script, calls)
         for call, entries in zip(calls, by_slot.values(), strict=True):
             if call.error is None:
                 try:
-                    evaluations = decode_batch([len(sub.checks) for _, sub in entries], call.reply)
+                    rows = [_split_backlogs(part, row) for (part, _), row in
+                            zip(entries, _rows(call.reply, len(entries)), strict=True)]
+                    evaluations = decode_batch([len(sub.checks) for _, sub in entries], rows)
                 except ValueError as exc:
                     call.error = exc
                 else:
@@ -307,19 +319,13 @@ class ClusterStore(CoalescingStore):
             if part.result is None or not part.result.committed:
                 continue
             refund = _Refund(j, part)
-            spent: dict[str, tuple[float, BudgetCheck, int]] = {}
-            for i, result in zip(part.checks, part.result.results, strict=True):
+            for n, (i, result) in enumerate(zip(part.checks, part.result.results, strict=True)):
                 check = pending.checks[i]
                 if result.allowed and check.consume and check.cost:
                     key = self._prefix + check.key
-                    amount = spent[key][0] if key in spent else 0.0
-                    spent[key] = (amount + check.interval_ms * check.cost, check,
-                                  result.remaining)
-            for key, (amount, last, left) in spent.items():
-                # the last spend on the bucket left `left` whole units: the tat was at least
-                # this far ahead of now before the decision
-                backlog = last.interval_ms * last.burst - amount - (left + 1) * last.interval_ms
-                refund.amounts[key] = (amount, max(0.0, backlog))
+                    amount, _ = refund.amounts.get(key, (0.0, 0.0))
+                    refund.amounts[key] = (amount + check.interval_ms * check.cost,
+                                           part.backlogs[n])
             if part.once:
                 assert pending.once_key is not None
                 refund.once_key = self._prefix + pending.once_key
@@ -329,6 +335,13 @@ class ClusterStore(CoalescingStore):
 
     async def _give_back(self, batch: list[PendingDecision], refunds: list[_Refund]) -> None:
         self.refunds += len({r.decision for r in refunds})
+        try:
+            await self._send_refunds(batch, refunds)
+        except asyncio.CancelledError:  # the deadline: no give-back got its answer
+            self.refunds_failed += len({r.decision for r in refunds if r.free is None})
+            raise
+
+    async def _send_refunds(self, batch: list[PendingDecision], refunds: list[_Refund]) -> None:
         by_slot: dict[int, list[_Refund]] = {}
         for refund in refunds:
             some_key = refund.once_key or next(iter(refund.amounts))
@@ -363,7 +376,7 @@ class ClusterStore(CoalescingStore):
                     for row, r in zip(reply, group, strict=True)
                 )
             ):
-                self.refunds_failed += len(group)
+                self.refunds_failed += len({r.decision for r in group})
                 continue
             for refund, row in zip(group, reply, strict=True):
                 refund.free = [int(units) for units in row]
@@ -407,8 +420,13 @@ class ClusterStore(CoalescingStore):
             await self._pipelined(script, [c for c in missing if c.error is None])
         if any(isinstance(c.error, _RESET_TOPOLOGY) for c in calls):
             # a master is gone or the slots moved: learn the layout again on the next call
-            with contextlib.suppress(*_ERRORS):
-                await self._client.aclose()
+            # (at most once a second: while a master stays down, every batch that needs it
+            # fails, and relearning costs round trips the healthy decisions would wait for)
+            now = time.monotonic()
+            if now - self._topology_reset_at >= _TOPOLOGY_RESET_INTERVAL_S:
+                self._topology_reset_at = now
+                with contextlib.suppress(*_ERRORS):
+                    await self._client.aclose()
 
     async def _pipelined(self, script: _Script, calls: list[_SlotCall]) -> None:
         if not calls:
@@ -537,6 +555,22 @@ class ClusterStore(CoalescingStore):
         if await self._close_queue():
             with contextlib.suppress(*_ERRORS):
                 await self._client.aclose()
+
+
+def _rows(reply: Any, count: int) -> list[Any]:
+    if not isinstance(reply, list) or len(reply) != count:
+        raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
+    return reply
+
+
+def _split_backlogs(part: _Part, row: Any) -> Any:
+    """A committed row ends with one backlog per check: keep them on the part, return the
+    row as :func:`decode_batch` knows it."""
+    n = len(part.checks)
+    if isinstance(row, list) and len(row) == 2 + 4 * n and row[0] == 1:
+        part.backlogs = [float(b) for b in row[2 + 3 * n:]]
+        return row[: 2 + 3 * n]
+    return row
 
 
 def _given_back(evaluation: Evaluation | None, free: list[int]) -> Evaluation | None:

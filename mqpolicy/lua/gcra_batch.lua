@@ -11,7 +11,7 @@ earlier one in the same batch spent.
 
 KEYS: every key name the batch uses (bucket keys and once keys), each listed once.
 
-ARGV[1]            D, the number of decisions
+ARGV[1]            D, the number of decisions; -D for the same plus backlogs (below)
 then, D times:
   now_ms           the caller's clock for this decision (ms)
   n                number of checks
@@ -27,6 +27,9 @@ then, D times:
 Returns: an array of D arrays, one per decision, each of integers:
   committed, duplicate, then per check: allowed, remaining, retry_after_ms
   (committed/duplicate/allowed are 1 or 0; retry_after_ms is -1 when cost > burst: never)
+  With -D, a committed row also ends with, per check, its bucket's backlog before the
+  decision, tat - now_ms (0 for a full bucket), as a '%.17g' string (for the cluster
+  store's give-back, mqpolicy.cluster_store; the decision itself is the same).
 
 Writes: each spent bucket is SET to its new tat (string.format '%.17g', so Python reads back
 the same double) with PX max(1, ceil(tat - now_ms)) (budget.ttl_for); the once key is SET to
@@ -66,7 +69,12 @@ end
 
 local out = {}
 local pos = 2
-for d = 1, tonumber(ARGV[1]) do
+local count = tonumber(ARGV[1])
+local backlogs = count < 0
+if backlogs then
+  count = -count
+end
+for d = 1, count do
   local now = tonumber(ARGV[pos])
   local n = tonumber(ARGV[pos + 1])
   local once = tonumber(ARGV[pos + 2])
@@ -155,6 +163,11 @@ for d = 1, tonumber(ARGV[1]) do
       end
       if once > 0 then
         redis.call('SET', KEYS[once], '1', 'PX', once_ttl)
+      end
+      if backlogs then
+        for i = 1, n do
+          row[3 * n + 2 + i] = format('%.17g', original[keys[i]] - now)
+        end
       end
     end
   end

@@ -4,7 +4,7 @@ slot of the same decision refused it (or found it a duplicate), in one atomic ca
 Used only by mqpolicy.cluster_store; see its docstring for the protocol and the guarantee.
 
 A spend raised a bucket's tat by amount_ms at spent_ms (the decision's now_ms), on top of a
-backlog of at least backlog_ms (how far the tat was ahead of spent_ms before). Until
+backlog of backlog_ms (how far the tat was ahead of spent_ms before). Until
 spent_ms + backlog_ms the bucket cannot have refilled to full, so later spends were made on
 top of this one. When the refund runs, at Redis' own clock now = TIME, the spend therefore
 still holds at least amount_ms - max(0, (now - spent_ms) - backlog_ms) of the bucket, and
@@ -22,7 +22,7 @@ then, R times:
   then, b times:
     key_index      KEYS index of the bucket
     amount_ms      how far the decision raised its tat (sum of interval_ms * cost spent)
-    backlog_ms     a lower bound of (tat - spent_ms) before the decision (0 when unknown)
+    backlog_ms     (tat - spent_ms) before the decision, as gcra_batch.lua reports it
   n                number of checks to report on
   then, n times:
     key_index      KEYS index of the bucket
