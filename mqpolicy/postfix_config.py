@@ -20,6 +20,14 @@ How a policy reaches Postfix:
 * ``FILTER transport:`` names no next hop: Postfix then uses ``default_filter_nexthop``,
   else the recipient domain's MX, *bypassing relayhost*. ``default_filter_nexthop =
   $relayhost`` keeps lane mail on the relay host when there is one.
+* A destination with Postfix delivery settings (concurrency, rate delay...) and ``domains``
+  patterns gets a transport of its own (``mq-dest-<name>``, a ``smtp`` service like a
+  lane's) and a ``transport_maps`` regexp table mapping its domains to it, in the policy's
+  order (first match wins, as in mqpolicy). A transport-table result with an empty next
+  hop means the *recipient domain* (transport(5)), bypassing relayhost, and the table has
+  no ``default_filter_nexthop``: the entries name the relay host itself (read from
+  Postfix's ``relayhost``, or ``--relayhost``). FILTER (a lane's transport) replaces the
+  transport table's result, transport and next hop, for every recipient of the message.
 """
 
 from __future__ import annotations
@@ -34,11 +42,13 @@ from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-from mqpolicy.config import Lane, Policy
+from mqpolicy.config import Destination, Lane, Policy
 from mqpolicy.endpoints import Endpoint, EndpointSyntaxError, parse_endpoint
 
 DEFAULT_POSTFIX_DIR = "/etc/postfix"
 HEADER_CHECKS_FILE = "mqpolicy_header_checks"
+TRANSPORT_MAP_FILE = "mqpolicy_transport"
+DESTINATION_TRANSPORT_PREFIX = "mq-dest-"
 LANE_HEADER = "X-MQ-Lane"
 DEFAULT_POLICY_ACTION = "451 4.3.5 Policy service unavailable, try again later"
 POSTCONF = "/usr/sbin/postconf"
@@ -46,7 +56,8 @@ POSTCONF = "/usr/sbin/postconf"
 SECTION_MAIN = "main.cf"
 SECTION_MASTER = "master.cf"
 SECTION_HEADER_CHECKS = "header_checks"
-SECTIONS = (SECTION_MAIN, SECTION_MASTER, SECTION_HEADER_CHECKS)
+SECTION_TRANSPORT = "transport"
+SECTIONS = (SECTION_MAIN, SECTION_MASTER, SECTION_HEADER_CHECKS, SECTION_TRANSPORT)
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -58,6 +69,7 @@ EXIT_USAGE = 2
 GROUP_POLICY = "policy"
 GROUP_MILTER = "milter"
 GROUP_LANES = "lanes"
+GROUP_DESTINATIONS = "destinations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +90,8 @@ class ListEntry:
     name: str  # the parameter, e.g. smtpd_recipient_restrictions
     entry: str  # e.g. "check_policy_service inet:127.0.0.1:10040"
     comment: tuple[str, ...] = ()
+    group: str = GROUP_POLICY
+    first: bool = False  # must come first in the list (a warning otherwise)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +103,7 @@ class Service:
     options: tuple[tuple[str, str], ...]
     comment: tuple[str, ...] = ()
     kind: str = "unix"
+    role: str = "lane"  # what its syslog_name shows: the lane or the destination
 
     def line(self) -> str:
         columns = "  ".join(["-"] * 5)
@@ -107,6 +122,34 @@ class HeaderRule:
 
 
 @dataclass(frozen=True, slots=True)
+class TransportRule:
+    """One domain pattern of a destination in the transport map: ``/regex/ transport:nexthop``,
+    inside ``if !/regex/`` blocks for overlapping patterns of earlier destinations that
+    have no transport (mqpolicy matches those first; Postfix must not route them here)."""
+
+    destination: str
+    pattern: str  # the destination's domain pattern: example.com or *.example.com
+    regex: str  # between slashes
+    action: str  # transport:nexthop
+    excluded: tuple[str, ...] = ()  # regexes of earlier patterns, for if !/.../
+
+    def lines(self) -> list[str]:
+        return [*(f"if !/{e}/" for e in self.excluded), f"/{self.regex}/ {self.action}",
+                *("endif" for _ in self.excluded)]
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationTransport:
+    """A destination's transport: its main.cf settings, notes and map rules."""
+
+    destination: Destination
+    transport: str
+    settings: tuple[Setting, ...]
+    notes: tuple[str, ...]
+    rules: tuple[TransportRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PostfixConfigOptions:
     """What the policy file does not say: where Postfix reaches mqpolicy, and how."""
 
@@ -116,6 +159,9 @@ class PostfixConfigOptions:
     default_action: str = DEFAULT_POLICY_ACTION
     policy_timeout_s: int = 10
     lane_header: str = LANE_HEADER  # the header the milter sets
+    # The next hop of destination transports: Postfix's relayhost (expanded); "" = no
+    # relayhost (MX delivery); None = unknown (entries name no next hop, with a NOTE).
+    relayhost: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +180,20 @@ class PostfixConfig:
     header_rules: tuple[HeaderRule, ...]
     notes: tuple[str, ...] = ()
     lane_header: str = LANE_HEADER
+    transport_map_path: str = str(Path(DEFAULT_POSTFIX_DIR) / TRANSPORT_MAP_FILE)
+    destination_transports: tuple[DestinationTransport, ...] = ()
+    transport_nexthop: str | None = None  # what the map's entries name; None: unknown
 
     @property
     def all_settings(self) -> tuple[Setting, ...]:
         lanes = tuple(s for _, settings, _ in self.lane_settings for s in settings)
         milter = self.milter_settings if self.milter_enabled else ()
-        return (*self.settings, *milter, *lanes)
+        dests = tuple(s for d in self.destination_transports for s in d.settings)
+        return (*self.settings, *milter, *lanes, *dests)
+
+    @property
+    def transport_rules(self) -> tuple[TransportRule, ...]:
+        return tuple(r for d in self.destination_transports for r in d.rules)
 
     # ------------------------------------------------------------ text
 
@@ -147,7 +201,7 @@ class PostfixConfig:
         out: list[str] = []
         out.append("# --- mqpolicy: the policy server, per recipient and per message")
         for entry in self.lists:
-            if entry.name.endswith("_milters"):
+            if entry.name.endswith("_milters") or entry.group != GROUP_POLICY:
                 continue
             out.extend(f"# {c}" for c in entry.comment)
             out.append(f"{entry.name} =\n    {entry.entry}")
@@ -183,10 +237,26 @@ class PostfixConfig:
             out.extend(f"# {n}" for n in lane_notes)
             for setting in settings:
                 out.extend(_setting_lines(setting))
+        if self.destination_transports:
+            out.append("")
+            out.append("# --- mqpolicy: destinations as transports (recipient domain -> its "
+                       "destination's transport)")
+            for entry in self.lists:
+                if entry.group == GROUP_DESTINATIONS:
+                    out.extend(f"# {c}" for c in entry.comment)
+                    out.append(f"{entry.name} = {entry.entry}")
+            for dest in self.destination_transports:
+                out.append(f"# destination {dest.destination.name}: transport {dest.transport}")
+                out.extend(f"# {n}" for n in dest.notes)
+                for setting in dest.settings:
+                    out.extend(_setting_lines(setting))
         return "\n".join(out) + "\n"
 
     def master_cf(self) -> str:
         out = ["# --- mqpolicy: one smtp client per lane; its syslog_name puts the lane in the log"]
+        if any(s.role == "destination" for s in self.services):
+            out = ["# --- mqpolicy: one smtp client per lane and per destination transport; its",
+                   "# syslog_name puts the lane or destination in the log"]
         if not self.services:
             out.append("# (every lane uses Postfix's default smtp transport: nothing to add)")
         for service in self.services:
@@ -205,6 +275,35 @@ class PostfixConfig:
         out.extend(rule.line() for rule in self.header_rules)
         return "\n".join(out) + "\n"
 
+    def transport_map(self) -> str:
+        out = [
+            "# Recipient address -> the transport of its mqpolicy destination (destinations",
+            "# with Postfix delivery settings and domains), in the policy's order: the first",
+            "# match wins, as in mqpolicy. A regexp table: no postmap needed; postfix reload",
+            "# after a change.",
+        ]
+        hop = self.transport_nexthop
+        if hop:
+            out.append(f"# Next hop {hop}: your relayhost. Regenerate this file when "
+                       "relayhost changes.")
+        elif hop == "":
+            out.append("# No relayhost: an empty next hop, i.e. the recipient domain's MX "
+                       "(as without this map).")
+        else:
+            out.extend([
+                "# Relay host unknown: an empty next hop sends this mail to the recipient",
+                "# domain's MX, bypassing relayhost. Regenerate with --relayhost or where",
+                "# postconf can read main.cf.",
+            ])
+        if not self.transport_rules:
+            out.append("# (no destination has Postfix delivery settings and domains: "
+                       "nothing to write)")
+        for dest in self.destination_transports:
+            out.append(f"# destination {dest.destination.name}")
+            for rule in dest.rules:
+                out.extend(rule.lines())
+        return "\n".join(out) + "\n"
+
     def section(self, name: str) -> str:
         if name == SECTION_MAIN:
             return self.main_cf()
@@ -212,6 +311,8 @@ class PostfixConfig:
             return self.master_cf()
         if name == SECTION_HEADER_CHECKS:
             return self.header_checks()
+        if name == SECTION_TRANSPORT:
+            return self.transport_map()
         raise ValueError(f"no section {name!r} (sections: {', '.join(SECTIONS)})")
 
     def render(self) -> str:
@@ -233,6 +334,12 @@ class PostfixConfig:
             _banner(SECTION_HEADER_CHECKS, f"write to {self.header_checks_path}"),
             self.header_checks(),
         ]
+        if self.destination_transports:
+            dests = ", ".join(f"{d.destination.name}={d.transport}"
+                              for d in self.destination_transports)
+            head.insert(2, f"# destinations with their own transport: {dests}")
+            blocks += [_banner(SECTION_TRANSPORT, f"write to {self.transport_map_path}"),
+                       self.transport_map()]
         return "\n".join(head) + "\n\n" + "\n".join(blocks)
 
 
@@ -291,39 +398,135 @@ def _seconds(ms: int) -> str:
     return f"{ms}ms"
 
 
-def lane_transport_settings(lane: Lane) -> tuple[tuple[Setting, ...], tuple[str, ...]]:
-    """main.cf parameters and notes for one lane's transport."""
-    t = lane.transport
+def transport_settings(
+    t: str, *, concurrency: int | None, initial_concurrency: int | None,
+    rate_delay_ms: int | None, recipient_limit: int | None,
+) -> tuple[list[Setting], list[str]]:
+    """main.cf parameters and notes for one transport's queue manager limits."""
     settings: list[Setting] = []
     notes: list[str] = []
-    if lane.concurrency is not None:
-        settings.append(Setting(f"{t}_destination_concurrency_limit", str(lane.concurrency)))
-    if lane.initial_concurrency is not None:
-        settings.append(
-            Setting(f"{t}_initial_destination_concurrency", str(lane.initial_concurrency))
-        )
-        if lane.concurrency is not None and lane.initial_concurrency > lane.concurrency:
-            notes.append(f"initial_concurrency {lane.initial_concurrency} is above the "
-                         f"concurrency limit {lane.concurrency}: the limit wins")
-    if lane.rate_delay_ms is not None:
-        delay = lane.rate_delay_ms
+    if concurrency is not None:
+        settings.append(Setting(f"{t}_destination_concurrency_limit", str(concurrency)))
+    if initial_concurrency is not None:
+        settings.append(Setting(f"{t}_initial_destination_concurrency", str(initial_concurrency)))
+        if concurrency is not None and initial_concurrency > concurrency:
+            notes.append(f"initial_concurrency {initial_concurrency} is above the "
+                         f"concurrency limit {concurrency}: the limit wins")
+    if rate_delay_ms is not None:
+        delay = rate_delay_ms
         if 0 < delay < 1000:
             notes.append(f"rate_delay {delay}ms: Postfix waits at least 1s between deliveries")
         settings.append(Setting(f"{t}_destination_rate_delay", _seconds(delay)))
-        if delay > 0 and (lane.concurrency or 0) > 1:
+        if delay > 0 and (concurrency or 0) > 1:
             notes.append(f"with a rate delay Postfix delivers to one destination one at a "
-                         f"time: concurrency {lane.concurrency} has no effect")
-    if lane.recipient_limit is not None:
-        settings.append(Setting(f"{t}_destination_recipient_limit", str(lane.recipient_limit)))
+                         f"time: concurrency {concurrency} has no effect")
+    if recipient_limit is not None:
+        settings.append(Setting(f"{t}_destination_recipient_limit", str(recipient_limit)))
+    return settings, notes
+
+
+def lane_transport_settings(lane: Lane) -> tuple[tuple[Setting, ...], tuple[str, ...]]:
+    """main.cf parameters and notes for one lane's transport."""
+    settings, notes = transport_settings(
+        lane.transport, concurrency=lane.concurrency,
+        initial_concurrency=lane.initial_concurrency, rate_delay_ms=lane.rate_delay_ms,
+        recipient_limit=lane.recipient_limit,
+    )
     if lane.uses_default_transport and settings:
         notes.append("smtp is Postfix's default transport: these apply to all mail that has "
                      "no lane transport")
     return tuple(settings), tuple(notes)
 
 
+def _regex_escape(text: str) -> str:
+    return re.sub(r"([.\\^$|?*+()\[\]{}/])", r"\\\1", text)
+
+
 def _lane_pattern(lane: Lane, header: str) -> str:
     name = re.sub(r"([.\\^$|?*+()\[\]{}])", r"\\\1", lane.name)
     return f"^{header}:[[:space:]]*{name}[[:space:]]*$"
+
+
+def domain_regex(pattern: str) -> str:
+    """A destination's domain pattern as a regexp on the full recipient address (Postfix
+    looks regexp transport tables up with ``user@domain`` only, case-insensitively)."""
+    if pattern.startswith("*."):
+        return f"@[^@]+\\.{_regex_escape(pattern[2:])}$"
+    return f"@{_regex_escape(pattern)}$"
+
+
+def _covers(outer: str, inner: str) -> bool:
+    """Every domain matched by pattern ``inner`` is matched by pattern ``outer``."""
+    if not outer.startswith("*."):
+        return outer == inner
+    suffix = outer[1:]  # .example.com
+    body = inner[2:] if inner.startswith("*.") else inner
+    return body.endswith(suffix) or (inner.startswith("*.") and body == outer[2:])
+
+
+def destination_transport_name(destination: Destination) -> str:
+    return f"{DESTINATION_TRANSPORT_PREFIX}{destination.name}"
+
+
+def needs_destination_transports(policy: Policy) -> bool:
+    """Whether the policy has a destination that gets a Postfix transport."""
+    return any(d.has_delivery_settings and d.matcher.domains for d in policy.destinations)
+
+
+def _nexthop(relayhost: str) -> str:
+    """``relayhost`` as one next-hop field: its destinations joined by commas."""
+    return ",".join(list_tokens(relayhost))
+
+
+def destination_transports(
+    policy: Policy, nexthop: str | None, lane_transports: Mapping[str, Lane],
+) -> tuple[list[DestinationTransport], list[str]]:
+    """A transport for each destination with delivery settings and domain patterns;
+    notes for the rest (mx-only, names taken, patterns matched first elsewhere)."""
+    out: list[DestinationTransport] = []
+    notes: list[str] = []
+    claimed: list[tuple[str, str]] = []  # (pattern, destination) without a transport
+    for dest in policy.destinations:
+        matcher = dest.matcher
+        if not dest.has_delivery_settings:
+            claimed.extend((p, dest.name) for p in matcher.domains)
+            continue
+        if not matcher.domains:
+            notes.append(f"destination {dest.name} is matched by mx patterns only: it gets "
+                         "its budget but no Postfix transport (Postfix routes by recipient "
+                         "domain, not by MX), so its delivery settings are not applied")
+            continue
+        transport = destination_transport_name(dest)
+        if transport in lane_transports:
+            notes.append(f"destination {dest.name}: transport {transport} is lane "
+                         f"{lane_transports[transport].name}'s: rename one; no transport "
+                         "for the destination")
+            claimed.extend((p, dest.name) for p in matcher.domains)
+            continue
+        action = f"{transport}:{nexthop or ''}"
+        rules: list[TransportRule] = []
+        for pattern in matcher.domains:
+            first = next(((p, n) for p, n in claimed if _covers(p, pattern)), None)
+            if first is not None:
+                notes.append(f"destination {dest.name}: {pattern} is matched first by "
+                             f"destination {first[1]} ({first[0]}), which has no transport")
+                continue
+            excluded = tuple(domain_regex(p) for p, _ in claimed if _covers(pattern, p))
+            rules.append(TransportRule(dest.name, pattern, domain_regex(pattern),
+                                       action, excluded))
+        if not rules:
+            continue
+        settings, dest_notes = transport_settings(
+            transport, concurrency=dest.concurrency,
+            initial_concurrency=dest.initial_concurrency, rate_delay_ms=dest.rate_delay_ms,
+            recipient_limit=dest.recipient_limit,
+        )
+        if matcher.mx:
+            dest_notes.append("domains found by its mx patterns get its budget but leave "
+                              "through Postfix's default transport")
+        out.append(DestinationTransport(dest, transport, tuple(settings), tuple(dest_notes),
+                                        tuple(rules)))
+    return out, notes
 
 
 def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> PostfixConfig:
@@ -423,6 +626,43 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
             lane.transport, "smtp", (("syslog_name", f"postfix/{lane.transport}"),),
             (f"lane {lane.name}",),
         ))
+
+    transport_path = str(Path(opts.config_directory) / TRANSPORT_MAP_FILE)
+    nexthop = None if opts.relayhost is None else _nexthop(opts.relayhost)
+    dests, dest_notes = destination_transports(policy, nexthop, seen)
+    notes.extend(dest_notes)
+    if dests:
+        lists.append(ListEntry(
+            "transport_maps", f"regexp:{transport_path}",
+            ("A destination's domains -> its transport (the transport block). Have your own",
+             "transport_maps? Put this map FIRST in your list, e.g.",
+             f"  transport_maps = regexp:{transport_path}, hash:/etc/postfix/transport",
+             "(the first table with a match wins: your entries for these domains no longer",
+             "apply). A lane's FILTER wins over transport_maps: mail in a lane with its own",
+             "transport leaves through the lane's transport and next hop, not the",
+             "destination's."),
+            GROUP_DESTINATIONS, first=True,
+        ))
+        for dest in dests:
+            services.append(Service(
+                dest.transport, "smtp", (("syslog_name", f"postfix/{dest.transport}"),),
+                (f"destination {dest.destination.name}",), role="destination",
+            ))
+        if nexthop is None:
+            notes.append("relay host unknown: the transport map's entries name no next hop, "
+                          "so Postfix sends destination mail to the recipient domain's MX, "
+                          "bypassing any relayhost (pass --relayhost, or run where postconf "
+                          "can read the Postfix configuration)")
+        elif not nexthop:
+            notes.append("no relayhost: destination transports deliver to each recipient "
+                         "domain's MX, and Postfix applies their concurrency and rate delay "
+                         "per recipient domain (its queues are per transport and next hop)")
+        own = sorted({lane.transport for lane in seen.values()})
+        if own:
+            notes.append(f"mail in a lane with its own transport ({', '.join(own)}) leaves "
+                         "through the lane's transport, not the destination's: FILTER "
+                         "replaces the transport_maps result (transport and next hop) for "
+                         "every recipient of the message")
     return PostfixConfig(
         policy_source=policy.source,
         policy_address=address,
@@ -436,6 +676,9 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
         header_rules=tuple(rules),
         notes=tuple(notes),
         lane_header=opts.lane_header,
+        transport_map_path=transport_path,
+        destination_transports=tuple(dests),
+        transport_nexthop=nexthop,
     )
 
 
@@ -605,6 +848,13 @@ def compare(config: PostfixConfig, state: PostfixState) -> list[Finding]:
                                  f"now: {value or '(empty)'}"))
             continue
         found.append(Finding(Status.OK, main, f"{entry.name} has {want}"))
+        if entry.first and entries.index(want) > 0:
+            before = entries[: entries.index(want)]
+            found.append(Finding(
+                Status.WARNING, main, f"{entry.name}: {', '.join(before)} before {want}",
+                "an earlier table's entry for a destination's domain wins over the "
+                "destination's transport",
+            ))
         if entry.name == "smtpd_recipient_restrictions":
             before = entries[: entries.index(want)]
             permits = [e for e in before if e.startswith("permit")]
@@ -657,13 +907,14 @@ def compare(config: PostfixConfig, state: PostfixState) -> list[Finding]:
             if have is None:
                 found.append(Finding(Status.WARNING, "master.cf",
                                      f"service {service.name}: no -o {name}",
-                                     "the log will not show the lane"))
+                                     f"the log will not show the {service.role}"))
             elif have != value:
                 found.append(Finding(Status.OK, "master.cf",
                                      f"service {service.name}: -o {name}={have}",
                                      f"suggested {value}"))
     found.extend(_compare_service_overrides(config, state))
     found.extend(_compare_header_checks(config, state))
+    found.extend(_compare_transport_map(config, state))
     return found
 
 
@@ -671,8 +922,8 @@ def _compare_service_overrides(config: PostfixConfig, state: PostfixState) -> li
     """A master.cf service (submission, smtps...) that sets its own restriction or milter
     list with ``-o`` bypasses what main.cf says for the mail it receives."""
     found = []
-    wanted = {e.name: e.entry for e in config.lists
-              if config.milter_enabled or not e.name.endswith("_milters")}
+    wanted = {e.name: e.entry for e in config.lists if e.group == GROUP_POLICY
+              and (config.milter_enabled or not e.name.endswith("_milters"))}
     for service, overrides in sorted(state.service_params.items()):
         for name, value in overrides.items():
             entry = wanted.get(name)
@@ -714,13 +965,51 @@ def _compare_header_checks(config: PostfixConfig, state: PostfixState) -> list[F
     return found
 
 
+def _compare_transport_map(config: PostfixConfig, state: PostfixState) -> list[Finding]:
+    """The transport map holds the generated lines, in order, and nothing else: its
+    first match wins, so a stale line (an old relay host, a removed destination) would
+    still route mail."""
+    rules = config.transport_rules
+    if not rules:
+        return []
+    value = state.expanded.get("transport_maps", state.params.get("transport_maps", ""))
+    path = config.transport_map_path
+    if f"regexp:{path}" not in list_tokens(value or ""):
+        return []  # already reported as a missing list entry
+    text = state.files.get(path)
+    if text is None:
+        return [Finding(Status.MISSING, path, "the transport map (file not readable)")]
+    have = [" ".join(line.split()) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    want = [" ".join(line.split()) for rule in rules for line in rule.lines()]
+    found = []
+    for rule in rules:
+        line = " ".join(rule.lines()[len(rule.excluded)].split())
+        status = Status.OK if line in have else Status.MISSING
+        found.append(Finding(status, path, line, f"destination {rule.destination}"))
+    extra = [line for line in have if line not in want]
+    for line in extra:
+        found.append(Finding(Status.DIFFERENT, path, f"remove {line}",
+                             "not generated for this policy (a stale entry?)"))
+    complete = all(f.status is Status.OK for f in found)
+    if complete and have != want:
+        found.append(Finding(Status.DIFFERENT, path, "the lines are not in the generated order",
+                             "the first match wins: write the generated block"))
+    return found
+
+
+def transport_map_paths(value: str) -> list[str]:
+    """The regexp/pcre files named in a ``transport_maps`` value."""
+    return [p for p in (header_map_path(t) for t in list_tokens(value)) if p is not None]
+
+
 # ---------------------------------------------------------------- I/O
 
 
 def read_postfix(config_dir: str, names: Iterable[str] = (),
                  postconf: str = POSTCONF) -> PostfixState:
     """Run postconf on ``config_dir`` (``names``: settings whose effective value is
-    wanted) and read the header-checks map it names."""
+    wanted) and read the header-checks and transport maps it names."""
 
     def run(*args: str) -> str:
         proc = subprocess.run(
@@ -737,8 +1026,11 @@ def read_postfix(config_dir: str, names: Iterable[str] = (),
     services = parse_postconf_m(run("-M"))
     service_params = parse_postconf_p(run("-P"))
     files: dict[str, str | None] = {}
-    path = header_map_path(expanded.get("milter_header_checks", ""))
-    if path is not None:
+    paths = [header_map_path(expanded.get("milter_header_checks", "")),
+             *transport_map_paths(expanded.get("transport_maps", ""))]
+    for path in paths:
+        if path is None or path in files:
+            continue
         try:
             files[path] = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
@@ -746,6 +1038,18 @@ def read_postfix(config_dir: str, names: Iterable[str] = (),
     wanted = sorted(set(names))
     effective = parse_postconf_n(run("-x", *wanted)) if wanted else {}
     return PostfixState(params, expanded, services, service_params, files, effective)
+
+
+def read_relayhost(config_dir: str, postconf: str = POSTCONF) -> str:
+    """Postfix's ``relayhost`` in ``config_dir``, expanded ('' when unset)."""
+    proc = subprocess.run(
+        [postconf, "-c", config_dir, "-xh", "relayhost"], capture_output=True, text=True,
+        timeout=30, check=False, stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise OSError(f"postconf -c {config_dir} -xh relayhost: "
+                      f"{proc.stderr.strip() or f'exit {proc.returncode}'}")
+    return proc.stdout.strip()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -759,6 +1063,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-directory", metavar="DIR", default=None,
                         help=f"Postfix config directory holding the header-checks map "
                              f"(default: the --check DIR, else {DEFAULT_POSTFIX_DIR})")
+    parser.add_argument("--relayhost", metavar="NEXTHOP", default=None,
+                        help="the next hop of destination transports in the transport map "
+                             "(default: relayhost as postconf reads it from the --check "
+                             "DIR or --config-directory; '' for MX delivery)")
     parser.add_argument("--default-action", default=DEFAULT_POLICY_ACTION, metavar="ACTION",
                         help="smtpd_policy_service_default_action (default: %(default)s)")
     parser.add_argument("--section", choices=SECTIONS,
@@ -772,10 +1080,18 @@ def cmd_postfix_config(policy: Policy, args: argparse.Namespace,
                        out: TextIO | None = None) -> int:
     out = out or sys.stdout
     config_dir = args.config_directory or args.check or DEFAULT_POSTFIX_DIR
+    relayhost = args.relayhost
+    if relayhost is None and needs_destination_transports(policy):
+        try:
+            relayhost = read_relayhost(args.check or config_dir)
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"mqpolicy postfix-config: relay host unknown ({exc}); the transport map "
+                  "names no next hop: pass --relayhost", file=sys.stderr)
     try:
         config = generate(policy, PostfixConfigOptions(
             policy_endpoint=args.policy_endpoint, milter=args.milter,
             config_directory=config_dir, default_action=args.default_action,
+            relayhost=relayhost,
         ))
     except EndpointSyntaxError as exc:
         print(f"mqpolicy postfix-config: {exc}", file=sys.stderr)

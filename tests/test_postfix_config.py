@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.cli import main
-from mqpolicy.config import Policy, load_policy
+from mqpolicy.config import ConfigError, Policy, load_policy
+from mqpolicy.mx_rollup import match_destination
 from mqpolicy.postfix_config import (
     SECTION_HEADER_CHECKS,
     SECTION_MAIN,
     SECTION_MASTER,
+    SECTION_TRANSPORT,
     Finding,
     InstalledService,
     PostfixConfig,
@@ -439,3 +441,297 @@ def test_an_unset_parameter_whose_default_is_right_is_ok(write_policy: WritePoli
     assert by_name["default_filter_nexthop"].status is Status.OK
     assert by_name["smtpd_policy_service_timeout"].status is Status.MISSING
     assert by_name["smtpd_policy_service_timeout"].detail == "now: 100s"
+
+
+# ---------------------------------------------------------------- destinations as transports
+
+DESTINATIONS = LANES + """\
+destinations:
+  - name: partner
+    domains: [partner.example, "*.partner.example"]
+    rate: 100/1m
+    concurrency: 3
+    initial_concurrency: 1
+    recipient_limit: 20
+  - name: home
+    domains: [mail.big.example]
+    rate: 100/1m
+  - name: big
+    domains: ["*.big.example", big.example]
+    mx: "*.bigmx.example"
+    rate: 100/1m
+    rate_delay: 2s
+  - name: google
+    mx: "*.google.com"
+    rate: 300/1m
+    concurrency: 10
+  - name: plain
+    domains: [plain.example]
+    rate: 10/1m
+"""
+
+RELAY = "[127.0.0.1]:2525"
+
+
+def with_relay(policy: Policy, relayhost: str | None = RELAY, **kwargs: str) -> PostfixConfig:
+    return generate(policy, PostfixConfigOptions(relayhost=relayhost, **kwargs))
+
+
+def map_lines(config: PostfixConfig) -> list[str]:
+    return [line for line in config.transport_map().splitlines()
+            if line and not line.startswith("#")]
+
+
+def installed_with_map(config: PostfixConfig, **params: str) -> Installed:
+    pasted = installed(config, **params)
+    pasted.files[config.transport_map_path] = config.transport_map()
+    return pasted
+
+
+def test_destination_delivery_settings_are_kept_on_the_destination(
+    write_policy: WritePolicy,
+) -> None:
+    by_name = {d.name: d for d in write_policy(DESTINATIONS).destinations}
+    partner = by_name["partner"]
+    assert (partner.concurrency, partner.initial_concurrency, partner.rate_delay_ms,
+            partner.recipient_limit) == (3, 1, None, 20)
+    assert by_name["big"].rate_delay_ms == 2000
+    assert by_name["partner"].has_delivery_settings
+    assert not by_name["home"].has_delivery_settings
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        ("concurrency: 0", "concurrency"),
+        ("initial_concurrency: -1", "initial_concurrency"),
+        ("recipient_limit: many", "recipient_limit"),
+        ("rate_delay: 1500ms", "Postfix takes whole seconds here"),
+        ("rate_delay: soon", "rate_delay"),
+        ("connections: 3", "connections"),
+    ],
+)
+def test_destination_delivery_settings_are_validated(
+    tmp_path: Path, entry: str, error: str
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"destinations:\n  - name: d\n    domains: [d.example]\n    rate: 1/1s\n    {entry}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_policy(path)
+    assert error in str(exc.value)
+
+
+def test_a_destination_with_delivery_settings_gets_its_own_transport(
+    write_policy: WritePolicy,
+) -> None:
+    config = with_relay(write_policy(DESTINATIONS), config_directory="/srv/pf")
+    main_cf = settings_of(config.main_cf())
+    assert main_cf["transport_maps"] == "regexp:/srv/pf/mqpolicy_transport"
+    assert main_cf["mq-dest-partner_destination_concurrency_limit"] == "3"
+    assert main_cf["mq-dest-partner_initial_destination_concurrency"] == "1"
+    assert main_cf["mq-dest-partner_destination_recipient_limit"] == "20"
+    assert main_cf["mq-dest-big_destination_rate_delay"] == "2s"
+    assert not [n for n in main_cf if n.startswith(("mq-dest-home", "mq-dest-google",
+                                                    "mq-dest-plain"))]
+    services = parse_postconf_m(config.master_cf())
+    assert sorted(services) == ["mq-bulk/unix", "mq-dest-big/unix", "mq-dest-partner/unix",
+                                "mq-transactional/unix"]
+    assert services["mq-dest-partner/unix"].command == "smtp"
+    assert services["mq-dest-partner/unix"].args == ("-o", "syslog_name=postfix/mq-dest-partner")
+    # in the policy's order, each entry naming the relay host as its next hop
+    assert map_lines(config) == [
+        r"/@partner\.example$/ mq-dest-partner:[127.0.0.1]:2525",
+        r"/@[^@]+\.partner\.example$/ mq-dest-partner:[127.0.0.1]:2525",
+        r"if !/@mail\.big\.example$/",
+        r"/@[^@]+\.big\.example$/ mq-dest-big:[127.0.0.1]:2525",
+        "endif",
+        r"/@big\.example$/ mq-dest-big:[127.0.0.1]:2525",
+    ]
+    text = config.render()
+    assert "# ======== transport: write to /srv/pf/mqpolicy_transport ========" in text
+    assert "# destinations with their own transport: partner=mq-dest-partner, " \
+           "big=mq-dest-big" in text
+    assert "Put this map FIRST in your list" in config.main_cf()
+    assert split_sections(text)[SECTION_TRANSPORT] == config.transport_map()
+
+
+def _route(lines: list[str], address: str) -> str | None:
+    """A Postfix regexp table lookup (if/endif, first match wins, case-insensitive)."""
+    skip = 0
+    for line in lines:
+        if line == "endif":
+            skip = max(0, skip - 1)
+            continue
+        if skip:
+            if line.startswith("if "):
+                skip += 1
+            continue
+        cond = re.fullmatch(r"if (!?)/(.*)/", line)
+        if cond:
+            matched = re.search(cond[2], address, re.IGNORECASE) is not None
+            if matched == (cond[1] == "!"):
+                skip = 1
+            continue
+        rule = re.fullmatch(r"/(.*)/ (\S+)", line)
+        assert rule, line
+        if re.search(rule[1], address, re.IGNORECASE):
+            return rule[2].split(":", 1)[0]
+    return None
+
+
+@pytest.mark.parametrize(
+    "domain",
+    ["partner.example", "PARTNER.example", "a.partner.example", "a.b.partner.example",
+     "xpartner.example", "partner.example.org", "big.example", "mail.big.example",
+     "x.mail.big.example", "www.big.example", "plain.example", "gmail.com", "example.com"],
+)
+def test_the_map_routes_exactly_the_domains_mqpolicy_gives_to_those_destinations(
+    write_policy: WritePolicy, domain: str
+) -> None:
+    policy = write_policy(DESTINATIONS)
+    config = with_relay(policy)
+    owner = match_destination(domain, (), [d.matcher for d in policy.destinations])
+    transports = {d.destination.name: d.transport for d in config.destination_transports}
+    assert _route(map_lines(config), f"user@{domain}") == transports.get(owner or "")
+
+
+def test_the_next_hop_is_the_relay_host_or_empty_and_unknown_is_said(
+    write_policy: WritePolicy,
+) -> None:
+    policy = write_policy(DESTINATIONS)
+    listed = with_relay(policy, "[a.example]:587, [b.example]:587")
+    assert map_lines(listed)[0].endswith(" mq-dest-partner:[a.example]:587,[b.example]:587")
+
+    direct = with_relay(policy, "")
+    assert map_lines(direct)[0] == r"/@partner\.example$/ mq-dest-partner:"
+    assert any("no relayhost" in n and "per recipient domain" in n for n in direct.notes)
+    assert "the recipient domain's MX" in direct.transport_map()
+
+    unknown = with_relay(policy, None)
+    assert map_lines(unknown)[0] == r"/@partner\.example$/ mq-dest-partner:"
+    assert any(n.startswith("relay host unknown") and "bypassing any relayhost" in n
+               for n in unknown.notes)
+    assert "# Relay host unknown" in unknown.transport_map()
+
+
+def test_notes_for_mx_only_destinations_and_lane_precedence(write_policy: WritePolicy) -> None:
+    config = with_relay(write_policy(DESTINATIONS))
+    text = config.render()
+    assert "# NOTE: destination google is matched by mx patterns only: it gets its budget " \
+           "but no Postfix transport (Postfix routes by recipient domain, not by MX)" in text
+    assert "# NOTE: mail in a lane with its own transport (mq-bulk, mq-transactional) " \
+           "leaves through the lane's transport, not the destination's: FILTER replaces " \
+           "the transport_maps result (transport and next hop)" in text
+    # big has mx patterns too: only its domains get the transport
+    assert "# domains found by its mx patterns get its budget but leave through Postfix's " \
+           "default transport" in config.main_cf()
+
+
+def test_a_pattern_taken_first_by_a_destination_without_transport_is_left_out(
+    write_policy: WritePolicy,
+) -> None:
+    config = with_relay(write_policy(LANES + """\
+destinations:
+  - name: all-of-example
+    domains: ["*.example.com"]
+    rate: 100/1m
+  - name: mail
+    domains: [mail.example.com, example.com]
+    rate: 10/1m
+    concurrency: 2
+"""))
+    assert map_lines(config) == [r"/@example\.com$/ mq-dest-mail:[127.0.0.1]:2525"]
+    assert "destination mail: mail.example.com is matched first by destination " \
+           "all-of-example (*.example.com), which has no transport" in config.notes
+
+
+def test_no_transport_block_without_destination_delivery_settings(
+    write_policy: WritePolicy,
+) -> None:
+    config = with_relay(write_policy(LANES + """\
+destinations:
+  - name: plain
+    domains: [plain.example]
+    rate: 10/1m
+"""))
+    assert "transport_maps" not in settings_of(config.main_cf())
+    assert "mq-dest-" not in config.master_cf()
+    assert SECTION_TRANSPORT not in split_sections(config.render())
+    assert "nothing to write" in config.transport_map()
+    assert compare(config, installed(config).state()) == \
+        compare(generate(write_policy(LANES)), installed(config).state())
+
+
+def test_a_postfix_with_the_transport_block_has_everything(write_policy: WritePolicy) -> None:
+    config = with_relay(write_policy(DESTINATIONS))
+    found = statuses(compare(config, installed_with_map(config).state()))
+    assert set(found) == {Status.OK}
+    assert "service mq-dest-partner" in found[Status.OK]
+    assert "mq-dest-big_destination_rate_delay = 2s" in found[Status.OK]
+    assert r"/@[^@]+\.big\.example$/ mq-dest-big:[127.0.0.1]:2525" in found[Status.OK]
+
+
+def test_check_names_what_the_destination_transports_lack(write_policy: WritePolicy) -> None:
+    config = with_relay(write_policy(DESTINATIONS))
+    path = config.transport_map_path
+
+    pasted = installed_with_map(config)
+    del pasted.main["transport_maps"]
+    del pasted.main["mq-dest-big_destination_rate_delay"]
+    del pasted.services["mq-dest-partner/unix"]
+    found = statuses(compare(config, pasted.state()))
+    assert found[Status.MISSING] == [
+        f"transport_maps: add regexp:{path}",
+        "mq-dest-big_destination_rate_delay = 2s",
+        "service mq-dest-partner (unix, smtp)",
+    ]
+
+    # the operator's own map first: a warning; the syslog name names the destination
+    pasted = installed_with_map(config, transport_maps=f"hash:/etc/postfix/transport, "
+                                                      f"regexp:{path}")
+    pasted.overrides["mq-dest-big/unix"] = {}
+    findings = compare(config, pasted.state())
+    warnings = [f for f in findings if f.status is Status.WARNING]
+    assert [f.what for f in warnings] == [
+        f"transport_maps: hash:/etc/postfix/transport before regexp:{path}",
+        "service mq-dest-big: no -o syslog_name"]
+    assert warnings[1].detail == "the log will not show the destination"
+    assert not [f for f in findings if f.status in (Status.MISSING, Status.DIFFERENT)]
+
+    # a rule missing, a stale one (an old relay host), the file unreadable
+    pasted = installed_with_map(config)
+    pasted.files[path] = config.transport_map().replace(
+        r"/@big\.example$/ mq-dest-big:[127.0.0.1]:2525",
+        r"/@big\.example$/ mq-dest-big:[old.example]:25")
+    found = statuses(compare(config, pasted.state()))
+    assert found[Status.MISSING] == [r"/@big\.example$/ mq-dest-big:[127.0.0.1]:2525"]
+    assert found[Status.DIFFERENT] == [r"remove /@big\.example$/ mq-dest-big:[old.example]:25"]
+    pasted.files[path] = None
+    assert statuses(compare(config, pasted.state()))[Status.MISSING] == [
+        "the transport map (file not readable)"]
+
+    # every line there, but not in the generated order (the first match wins)
+    lines = config.transport_map().splitlines()
+    pasted.files[path] = "\n".join([*lines[-1:], *lines[:-1]])
+    found = statuses(compare(config, pasted.state()))
+    assert found[Status.DIFFERENT] == ["the lines are not in the generated order"]
+
+
+def test_the_command_takes_the_relay_host_or_says_it_is_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(DESTINATIONS)
+    assert main(["postfix-config", "-c", str(path), "--relayhost", "[10.1.2.3]:25",
+                 "--config-directory", str(tmp_path), "--section", "transport"]) == 0
+    out = capsys.readouterr().out
+    assert r"/@partner\.example$/ mq-dest-partner:[10.1.2.3]:25" in out.splitlines()
+
+    # no Postfix configuration to read relayhost from
+    assert main(["postfix-config", "-c", str(path),
+                 "--config-directory", str(tmp_path / "missing")]) == 0
+    captured = capsys.readouterr()
+    assert "relay host unknown" in captured.err
+    assert "# NOTE: relay host unknown" in captured.out
+    assert r"/@partner\.example$/ mq-dest-partner:" in captured.out.splitlines()

@@ -7,14 +7,19 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from mqpolicy.config import parse_policy
 from mqpolicy.postfix_config import (
     HEADER_CHECKS_FILE,
     SECTION_HEADER_CHECKS,
     SECTION_MAIN,
     SECTION_MASTER,
+    SECTION_TRANSPORT,
+    TRANSPORT_MAP_FILE,
+    PostfixConfigOptions,
+    generate,
     split_sections,
 )
-from mqpolicy.postfix_instance import MailStack, QueuedMessage, poll
+from mqpolicy.postfix_instance import MailStack, QueuedMessage, backdate, poll
 from mqpolicy.smtp_sink import SinkMessage
 from tests.postfix_fixture import LANES, policy, unique_address
 
@@ -332,3 +337,92 @@ def test_sink_and_log_agree_on_every_delivery(mail_stack: MailStack) -> None:
     poll(lambda: len([d for d in mail_stack.deliveries()
                       if d.remote_id in {m.sink_id for m in messages}]) == 6,
          DELIVERY_TIMEOUT_S, "both recipients of each message in the log")
+
+
+DESTINATION_TRANSPORT = """
+classify:
+  - name: newsletters
+    when: {sender: "@news.example.com"}
+    lane: bulk
+destinations:
+  - name: partner
+    domains: [partner.example, "*.partner.example"]
+    rate: 1000/1m
+    concurrency: 3
+    recipient_limit: 20
+"""
+
+
+def test_a_destination_with_delivery_settings_leaves_through_its_own_transport(
+    mail_stack: MailStack,
+) -> None:
+    text = policy(DESTINATION_TRANSPORT)
+    config_dir = mail_stack.postfix.config_dir
+    relayhost = mail_stack.postfix.relayhost  # [127.0.0.1]:<sink port>
+    # The operator's step: the transport block goes to the file transport_maps names,
+    # before Postfix reloads onto the new main.cf.
+    wanted = generate(parse_policy(text), PostfixConfigOptions(
+        config_directory=str(config_dir), relayhost=relayhost)).transport_map()
+    map_file = config_dir / TRANSPORT_MAP_FILE
+    map_file.write_text(wanted)
+    backdate([map_file])
+    mail_stack.apply_policy(text)
+    # The command read relayhost from this instance and printed the same map.
+    assert split_sections(mail_stack.postfix_config)[SECTION_TRANSPORT] == wanted
+    assert f"/@partner\\.example$/ mq-dest-partner:{relayhost}" in wanted.splitlines()
+    values = mail_stack.postfix.postconf(
+        "-h", "transport_maps", "mq-dest-partner_destination_concurrency_limit",
+        "mq-dest-partner_destination_recipient_limit").splitlines()
+    assert values == [f"regexp:{map_file}", "3", "20"]
+
+    plain = unique_address("partner-plain")
+    sub = unique_address("partner-sub")
+    news = unique_address("partner-news", "news.example.com")
+    other = unique_address("partner-other")
+    for sender, rcpt in ((plain, "x@partner.example"), (sub, "y@Mail.Partner.Example"),
+                         (news, "z@partner.example"), (other, "w@example.org")):
+        sent = mail_stack.send(sender, [rcpt], f"to {rcpt}")
+        assert sent.queued, sent.replies()
+
+    sink_relay = "relay=127.0.0.1[127.0.0.1]:" + relayhost.rsplit(":", 1)[1]
+    transports = {}
+    for sender in (plain, sub, news, other):
+        (message,) = arrived(mail_stack, sender, 1)  # the sink is the relay host
+        delivery = mail_stack.delivery_of(message)
+        transports[sender] = delivery.transport
+        assert sink_relay in delivery.line, delivery.line
+    assert transports == {
+        plain: "mq-dest-partner",
+        sub: "mq-dest-partner",
+        news: "mq-bulk",  # the lane's FILTER wins over transport_maps
+        other: "smtp",
+    }
+    log = mail_stack.postfix.log_file.read_text()
+    assert "postfix/mq-dest-partner/smtp[" in log
+
+    check = subprocess.run(
+        [sys.executable, "-m", "mqpolicy", "postfix-config", "-c", str(mail_stack.policy_file),
+         "--check", str(config_dir)],
+        capture_output=True, text=True, check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"ok        {map_file}: /@partner\\.example$/ mq-dest-partner:{relayhost}" \
+        in check.stdout
+
+    # One more destination in the policy: --check names its service and map line.
+    bigger = mail_stack.root / "bigger-destinations.yaml"
+    bigger.write_text(mail_stack.policy_file.read_text() + """\
+  - name: other
+    domains: [other.example]
+    rate: 10/1m
+    rate_delay: 1s
+""")
+    check = subprocess.run(
+        [sys.executable, "-m", "mqpolicy", "postfix-config", "-c", str(bigger),
+         "--check", str(config_dir)],
+        capture_output=True, text=True, check=False,
+    )
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "missing   master.cf: service mq-dest-other (unix, smtp)" in check.stdout
+    assert f"missing   {map_file}: /@other\\.example$/ mq-dest-other:{relayhost}" \
+        in check.stdout
