@@ -142,6 +142,45 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )
 
 
+def open_sentinel_master(
+    url: str, *, timeout_ms: int, decode_responses: bool = False
+) -> tuple[Redis, Sentinel]:
+    """A ``redis.asyncio`` client on the master a ``redis+sentinel://`` URL names, and the
+    :class:`Sentinel` behind it (close both). Connects and reads to sentinels and master
+    have the deadline ``timeout_ms``; nothing is retried. For other stores that live beside
+    the counters (hold records, backoff states) on the same URL."""
+    if timeout_ms <= 0:
+        raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
+    target = parse_sentinel_url(url)
+    timeout_s = timeout_ms / 1000
+    common: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if target.tls:
+        common["ssl"] = True
+    sentinel_kwargs = dict(common)
+    if target.sentinel_username:
+        sentinel_kwargs["username"] = target.sentinel_username
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), sentinel_kwargs=sentinel_kwargs
+    )
+    client: Redis = sentinel.master_for(
+        target.service,
+        redis_class=Redis,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        protocol=2,
+        decode_responses=decode_responses,
+        **common,
+    )
+    return client, sentinel
+
+
 class SentinelStore(RedisStore):
     """A :class:`RedisStore` on the master of a Sentinel-monitored service.
 
@@ -159,36 +198,8 @@ class SentinelStore(RedisStore):
         max_batch: int = 256,
         max_in_flight: int = 2,
     ) -> None:
-        if timeout_ms <= 0:
-            raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
-        target = parse_sentinel_url(url)
-        self.target = target
-        timeout_s = timeout_ms / 1000
-        common: dict[str, Any] = {
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": timeout_s,
-            "retry": Retry(NoBackoff(), 0),
-        }
-        if target.tls:
-            common["ssl"] = True
-        sentinel_kwargs = dict(common)
-        if target.sentinel_username:
-            sentinel_kwargs["username"] = target.sentinel_username
-        if target.sentinel_password:
-            sentinel_kwargs["password"] = target.sentinel_password
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(target.sentinels), sentinel_kwargs=sentinel_kwargs
-        )
-        client: Redis = self._sentinel.master_for(
-            target.service,
-            redis_class=Redis,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            protocol=2,
-            decode_responses=False,
-            **common,
-        )
+        self.target = parse_sentinel_url(url)
+        client, self._sentinel = open_sentinel_master(url, timeout_ms=timeout_ms)
         super().__init__(
             client,
             timeout_ms=timeout_ms,
