@@ -1,7 +1,8 @@
 """A private real Sendmail for tests, on loopback ports, never the system's.
 
 Debian's ``sendmail-bin`` would remove Postfix, so it is not installed: its packages are
-fetched with ``apt-get download`` (cached under /tmp between sessions) and unpacked. Facts
+fetched with ``apt-get download`` (cached in ``.cache/sendmail`` between sessions, where
+``scripts/fetch_sendmail.sh`` puts them too) and unpacked. Facts
 behind every line here: /work/shared/SENDMAIL_NOTES.md. In short:
 
 * the unpacked binary is setgid ``mail`` (so the loader ignores ``LD_LIBRARY_PATH``): a copy
@@ -22,18 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from mqpolicy.mta_queue import QueueEntry
 from mqpolicy.postfix_instance import free_port, poll, smtp_banner
+from mqpolicy.sendmail_queue import parse_mailq
+from mqpolicy.smtp_sink import ThreadedSmtpSink
 
 PACKAGES = ("sendmail-bin", "sendmail-cf", "m4", "libwrap0")
-CACHE = Path(os.environ.get("MQPOLICY_SENDMAIL_CACHE", "/tmp/mqpolicy-sendmail-debs"))
+# scripts/fetch_sendmail.sh (run by scripts/bootstrap.sh) fills the same layout
+CACHE = Path(os.environ.get("MQPOLICY_SENDMAIL_CACHE",
+                            Path(__file__).resolve().parents[1] / ".cache" / "sendmail"))
 HOSTNAME = "mta.sendmail.test"
 
 
@@ -186,3 +196,170 @@ def sendmail_instance(*, sink_port: int, milter_port: int) -> Iterator[SendmailI
     finally:
         instance.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the milter behind Sendmail
+# A session-wide Sendmail for milter tests: the daemon on a loopback port, relaying to a
+# sink of its own, with the mqpolicy milter on a unix socket in its directory, the connect
+# macros extended by {client_addr}, and an SMTP trace (-X). The milter itself is not
+# started here: a test runs ``mqpolicy milter`` on ``milter_socket`` with its own policy
+# (Sendmail connects per SMTP session, and defers mail while nobody listens: F=T).
+
+MILTER_SOCKET = "milter.sock"
+# The .mc lines the milter needs, as docs/milter_e2e.md shows them.
+MILTER_MC = """\
+INPUT_MAIL_FILTER(`mqpolicy', `S=unix:{socket}, F=T, T=S:4s;R:10s;E:30s')dnl
+define(`confMILTER_MACROS_CONNECT', confMILTER_MACROS_CONNECT`, {{client_addr}}')dnl
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """One message of ``sendmail -bp -qQ``."""
+
+    queue_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    reason: str  # the milter's quarantine reason
+
+
+_MAILQ_ENTRY = re.compile(r"^(?P<id>[0-9A-Za-z]{8,20})[*X-]?\s+\d+\s+\w{3} \w{3} +\d+ [\d:]+\s+"
+                          r"<?(?P<sender>[^>\s]*)>?")
+_MAILQ_RECIPIENT = re.compile(r"^\s+<?(?P<rcpt>[^<>\s]+@[^<>\s]+)>?\s*$")
+
+
+def parse_quarantine(text: str) -> list[Quarantined]:
+    """``-bp -qQ`` output → messages with recipients and quarantine reasons.
+
+    A listing (recipient lines are indented with tabs)::
+
+        \t\t/path/mqueue (1 request)
+        -----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------
+        6ARLka7W011457        2 Fri Nov 27 21:46 <x@example.com>
+             QUARANTINE: held x@example.com
+        \t\t\t\t\t <r@dest.example>
+        \t\tTotal requests: 1
+    """
+    found: list[Quarantined] = []
+    for line in text.splitlines():
+        entry = _MAILQ_ENTRY.match(line)
+        if entry:
+            found.append(Quarantined(entry["id"], entry["sender"], (), ""))
+            continue
+        if not found:
+            continue
+        last = found[-1]
+        stripped = line.strip()
+        if stripped.startswith("QUARANTINE:"):
+            reason = stripped.removeprefix("QUARANTINE:").strip()
+            found[-1] = Quarantined(last.queue_id, last.sender, last.recipients, reason)
+        elif (rcpt := _MAILQ_RECIPIENT.match(line)) is not None:
+            found[-1] = Quarantined(last.queue_id, last.sender,
+                                    (*last.recipients, rcpt["rcpt"]), last.reason)
+    return found
+
+
+def build_cf(mc: Path, cf: Path) -> None:
+    """The .cf from an .mc, with the unpacked m4 and cf macros."""
+    tree = unpacked_tree()
+    cf_dir = tree / "usr/share/sendmail/cf"
+    with cf.open("w") as out:
+        subprocess.run([str(tree / "usr/bin/m4"), f"-D_CF_DIR_={cf_dir}/",
+                        str(cf_dir / "m4/cf.m4"), str(mc)], stdout=out, check=True, timeout=60)
+
+
+class MilterSendmail(SendmailInstance):
+    """A :class:`SendmailInstance` whose milter is ``unix:<root>/milter.sock`` (with
+    ``{client_addr}`` among the connect macros), traced with ``-X``, with its sink."""
+
+    def __init__(self, root: Path, sink: ThreadedSmtpSink) -> None:
+        super().__init__(root, sink_port=sink.port, milter_port=0)
+        self.sink = sink
+        self.milter_socket = root / MILTER_SOCKET
+        self.trace = root / "smtp.trace"
+
+    def prepare(self) -> None:
+        """The base instance, then its INPUT_MAIL_FILTER line replaced by MILTER_MC."""
+        super().prepare()
+        mc = self.root / "sendmail.mc"
+        lines = mc.read_text().splitlines(keepends=True)
+        (index,) = [i for i, line in enumerate(lines) if line.startswith("INPUT_MAIL_FILTER(")]
+        lines[index] = MILTER_MC.format(socket=self.milter_socket)
+        mc.write_text("".join(lines))
+        build_cf(mc, self.cf)
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        """``-bD -q1m -X trace`` in the foreground; ready when the SMTP port greets."""
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [str(self.command), "-C", str(self.cf), "-bD", "-q1m", "-X", str(self.trace)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        proc = self._proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sendmail exited {proc.returncode}: "
+                                   f"{self.log.read_text(errors='replace')[-2000:]}")
+            return smtp_banner("127.0.0.1", self.port) is not None
+
+        poll(ready, timeout_s, f"sendmail on 127.0.0.1:{self.port}")
+
+    def cf_option(self, name: str) -> str:
+        """The value of ``O name=value`` in the .cf ('' when absent)."""
+        prefix = f"O {name}="
+        for line in self.cf.read_text().splitlines():
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        return ""
+
+    def quarantined(self) -> list[Quarantined]:
+        """The quarantine (``-bp -qQ``; plain ``-bp`` does not show it)."""
+        return parse_quarantine(self.run("-bp", "-qQ"))
+
+    def queued(self) -> list[QueueEntry]:
+        """The normal queue (``-bp``)."""
+        return parse_mailq(self.run("-bp"), "queue").entries
+
+    def release(self, queue_id: str) -> None:
+        """Out of the quarantine (``-qI<id> -qQ -Q``), then delivered now (``-qI<id> -qf``)."""
+        for args in ((f"-qI{queue_id}", "-qQ", "-Q"), (f"-qI{queue_id}", "-qf")):
+            proc = subprocess.run([str(self.command), "-C", str(self.cf), *args],
+                                  capture_output=True, text=True, timeout=60, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"sendmail {' '.join(args)} exited {proc.returncode}: "
+                                   f"{proc.stdout}{proc.stderr}")
+
+    def delete_all(self) -> None:
+        """Empty the queue and the quarantine (the files in the queue directory)."""
+        for path in self.queue_dir.iterdir():
+            if path.is_file():
+                path.unlink()
+
+
+def _milter_sendmail_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "a private Sendmail needs root (unshare -u for its own host name)"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is missing: Sendmail would sleep 60 s on every call"
+    return None
+
+
+@pytest.fixture(scope="session")
+def milter_sendmail() -> Iterator[MilterSendmail]:
+    """A running Sendmail with the milter socket line in its .cf, and its sink (session)."""
+    reason = _milter_sendmail_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="mqsendmail-milter-", dir="/tmp"))
+    with ThreadedSmtpSink(hostname="sink.mqpolicy.test") as sink:
+        instance = MilterSendmail(root, sink)
+        try:
+            try:
+                instance.prepare()
+            except SendmailUnavailable as exc:
+                pytest.skip(f"the Sendmail binaries cannot be obtained here: {exc}")
+            instance.start()
+            yield instance
+        finally:
+            instance.stop()
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,249 @@
+"""The milter behind a real Sendmail (tests/sendmail_fixture.py, ``milter_sendmail``): the
+lane header reaches the sink (a client's own lane header does not), a recipient over its
+budget gets ``451 4.7.1`` with the configured text while the others are accepted, and a held
+message lands in Sendmail's quarantine (``-bp -qQ``) until released. Evidence: the SMTP
+replies, the sink, the ``-X`` trace and the quarantine listing (no syslog here)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from mqpolicy.postfix_instance import Submission, make_message, poll, submit
+from mqpolicy.smtp_sink import SinkMessage
+from tests.postfix_fixture import unique_address
+from tests.sendmail_fixture import (
+    MilterSendmail,
+    milter_sendmail,  # noqa: F401  (the session fixture)
+)
+
+TIMEOUT_S = 20.0
+
+LANES = """\
+lanes:
+  - name: transactional
+  - name: normal
+  - name: bulk
+default_lane: normal
+classify:
+  - name: urgent-from-the-app
+    when: {sender: "@app.milter.test", priority: high}
+    lane: transactional
+  - name: lists-and-robots
+    when: {bulk_signals: true}
+    lane: bulk
+"""
+
+
+class MilterProcess:
+    """``mqpolicy milter -c FILE`` on the Sendmail's socket; stopped by its PID."""
+
+    def __init__(self, policy_file: Path, socket_path: Path, log_file: Path) -> None:
+        self.policy_file = policy_file
+        self.socket_path = socket_path
+        self.log_file = log_file
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_file.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mqpolicy", "milter", "-c", str(self.policy_file)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        proc = self.proc
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mqpolicy milter exited {proc.returncode}: {self.log()}")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(self.socket_path))
+                except OSError:
+                    return False
+                return True
+
+        poll(listening, TIMEOUT_S, f"mqpolicy milter on {self.socket_path}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text("utf-8", "replace")[-3000:]
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture
+def start_milter(milter_sendmail: MilterSendmail,  # noqa: F811
+                 tmp_path: Path) -> Iterator[Callable[[str], MilterProcess]]:
+    """Starts the milter with a policy (LANES + body) for one test; a clean sink and queue."""
+    sendmail = milter_sendmail
+    sendmail.sink.clear()
+    started: list[MilterProcess] = []
+
+    def start(body: str) -> MilterProcess:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(f"""\
+store:
+  url: memory://
+milter:
+  listen: unix:{sendmail.milter_socket}
+log:
+  format: kv
+  level: info
+""" + LANES + body)
+        process = MilterProcess(policy, sendmail.milter_socket, tmp_path / "milter.log")
+        started.append(process)
+        process.start()
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()
+        sendmail.delete_all()
+
+
+def send(sendmail: MilterSendmail, sender: str, recipients: Sequence[str], subject: str,
+         headers: Mapping[str, str] | None = None) -> Submission:
+    message = make_message(sender, recipients, subject, headers=headers)
+    return submit("127.0.0.1", sendmail.port, sender, recipients, message)
+
+
+def arrival(sendmail: MilterSendmail, subject: str) -> SinkMessage:
+    def mine(messages: list[SinkMessage]) -> list[SinkMessage]:
+        return [m for m in messages if m.header("Subject") == subject]
+
+    (message,) = mine(sendmail.sink.wait_for(lambda msgs: bool(mine(msgs)), TIMEOUT_S))
+    return message
+
+
+def lane_headers(message: SinkMessage) -> list[str]:
+    return [value for name, value in message.headers if name.lower() == "x-mq-lane"]
+
+
+def traced(sendmail: MilterSendmail, needle: str) -> None:
+    """Wait until the -X trace shows ``needle``."""
+    def seen() -> bool:
+        try:
+            return needle in sendmail.trace.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return False
+
+    poll(seen, TIMEOUT_S, f"{needle!r} in the -X trace")
+
+
+def test_the_cf_has_the_milter_socket_and_client_addr_among_the_connect_macros(
+    milter_sendmail: MilterSendmail,  # noqa: F811
+) -> None:
+    cf = milter_sendmail.cf.read_text()
+    assert f"Xmqpolicy, S=unix:{milter_sendmail.milter_socket}, F=T, " in cf
+    assert milter_sendmail.cf_option("InputMailFilters") == "mqpolicy"
+    connect = [m.strip() for m in milter_sendmail.cf_option("Milter.macros.connect").split(",")]
+    assert "{client_addr}" in connect
+    assert "j" in connect  # added to Sendmail's defaults, not instead of them
+
+
+def test_the_lane_header_reaches_the_sink_and_a_forged_one_does_not(
+    milter_sendmail: MilterSendmail,  # noqa: F811
+    start_milter: Callable[[str], MilterProcess],
+) -> None:
+    sendmail = milter_sendmail
+    start_milter("")
+    app = unique_address("app", "app.milter.test")
+    other = unique_address("other", "elsewhere.milter.test")
+    cases = {  # subject: (sender, headers, the lane header the sink must see)
+        "newsletter": (other, {"List-Unsubscribe": "<mailto:unsub@news.milter.test>"}, "bulk"),
+        "urgent-app": (app, {"X-Priority": "1 (Highest)"}, "transactional"),
+        "urgent-other": (other, {"X-Priority": "1 (Highest)"}, "normal"),
+        "forged": (other, {"X-MQ-Lane": "transactional", "X-Mq-Lane": "bulk"}, "normal"),
+    }
+    for subject, (sender, headers, _) in cases.items():
+        sent = send(sendmail, sender, ["rcpt@dest.milter.test"], subject, headers)
+        assert sent.queued, sent.replies()
+    for subject, (_, _, lane) in cases.items():
+        message = arrival(sendmail, subject)
+        assert lane_headers(message) == [lane], (subject, message.headers)
+    traced(sendmail, "X-MQ-Lane: bulk")  # Sendmail relayed the header it was given
+
+
+def test_a_recipient_over_its_budget_gets_451_with_the_configured_text(
+    milter_sendmail: MilterSendmail,  # noqa: F811
+    start_milter: Callable[[str], MilterProcess],
+) -> None:
+    sendmail = milter_sendmail
+    start_milter("""\
+limits:
+  - name: per-recipient
+    rate: 1/1h
+    key: recipient
+    count: messages
+    action: defer
+    message: "Mailbox {key} takes no more mail this hour"
+""")
+    sender = unique_address("sender")
+    full, first, second = (unique_address(n, "dest.milter.test") for n in ("full", "a", "b"))
+    sent = send(sendmail, sender, [full, first], "first")
+    assert sent.queued and len(sent.accepted) == 2, sent.replies()
+
+    again = send(sendmail, sender, [full, second], "second")
+    replies = dict(again.rcpts)
+    assert replies[full].code == 451, again.replies()
+    assert replies[full].text == f"4.7.1 Mailbox {full} takes no more mail this hour"
+    assert replies[second].ok, again.replies()
+    assert again.queued, again.replies()
+    traced(sendmail, f"451 4.7.1 Mailbox {full} takes no more mail this hour")
+
+    assert sorted(arrival(sendmail, "first").rcpt_tos) == sorted([full, first])
+    assert arrival(sendmail, "second").rcpt_tos == (second,)
+
+
+def test_a_held_message_lands_in_the_quarantine_until_released(
+    milter_sendmail: MilterSendmail,  # noqa: F811
+    start_milter: Callable[[str], MilterProcess],
+) -> None:
+    sendmail = milter_sendmail
+    start_milter("""\
+limits:
+  - name: per-sender
+    rate: 1/1h
+    key: sender
+    count: messages
+    action: hold
+    message: "{key} is over its hourly budget"
+""")
+    sender = unique_address("held")
+    assert send(sendmail, sender, ["r@dest.milter.test"], "passes").queued
+    held = send(sendmail, sender, ["r@dest.milter.test"], "held")
+    assert held.queued, held.replies()  # 250: the client never knows
+    assert lane_headers(arrival(sendmail, "passes")) == ["normal"]
+
+    quarantine = sendmail.quarantined()
+    assert [(q.sender, q.recipients) for q in quarantine] == [(sender, ("r@dest.milter.test",))]
+    (entry,) = quarantine
+    assert entry.reason == f"{sender} is over its hourly budget"
+    assert (sendmail.queue_dir / f"hf{entry.queue_id}").exists()
+    assert not sendmail.queued()  # plain -bp: nothing waiting outside the quarantine
+    assert [m.header("Subject") for m in sendmail.sink.messages()] == ["passes"]
+
+    sendmail.release(entry.queue_id)
+    released = arrival(sendmail, "held")
+    assert lane_headers(released) == ["normal"]
+    assert released.mail_from == sender
+    assert sendmail.quarantined() == []
+    assert not os.path.exists(sendmail.queue_dir / f"hf{entry.queue_id}")
