@@ -72,6 +72,12 @@ The guarantee
   is then refused and deletes it: the second is then treated as a duplicate (not counted)
   though the first did not count either. Postfix asks the policy server and the milter one
   after the other, so this needs a retried message racing with itself.
+
+Cost: the client sends one call per slot instead of one per batch. Measured (2-core VM,
+64 concurrent callers, decisions of 2 checks + a once key, 3 local masters): ~3,000
+decisions/s through one ClusterStore (client CPU bound, redis-py's cluster pipeline), ~6,800
+with a hash-tagged prefix (one slot), ~12,000 through a RedisStore on one Redis. Several
+mqpolicy processes share a cluster as they share one Redis.
 """
 
 from __future__ import annotations
