@@ -19,6 +19,7 @@ from mqpolicy.postfix_instance import Submission, make_message, poll, submit
 from mqpolicy.smtp_sink import SinkMessage
 from tests.postfix_fixture import unique_address
 from tests.sendmail_fixture import (
+    HOSTNAME,
     MilterSendmail,
     milter_sendmail,  # noqa: F401  (the session fixture)
 )
@@ -42,24 +43,27 @@ classify:
 
 
 class MilterProcess:
-    """``mqpolicy milter -c FILE`` on the Sendmail's socket; stopped by its PID."""
+    """``mqpolicy milter -c FILE`` (or another milter command) on the Sendmail's socket;
+    ready when the socket accepts, stopped by its PID."""
 
-    def __init__(self, policy_file: Path, socket_path: Path, log_file: Path) -> None:
+    def __init__(self, policy_file: Path, socket_path: Path, log_file: Path,
+                 command: Sequence[str] = ()) -> None:
         self.policy_file = policy_file
         self.socket_path = socket_path
         self.log_file = log_file
+        self.command = tuple(command) or (sys.executable, "-m", "mqpolicy", "milter", "-c",
+                                          str(policy_file))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mqpolicy", "milter", "-c", str(self.policy_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log)
         proc = self.proc
 
         def listening() -> bool:
             if proc.poll() is not None:
-                raise RuntimeError(f"mqpolicy milter exited {proc.returncode}: {self.log()}")
+                raise RuntimeError(f"the milter exited {proc.returncode}: {self.log()}")
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 try:
                     probe.connect(str(self.socket_path))
@@ -69,9 +73,13 @@ class MilterProcess:
 
         poll(listening, TIMEOUT_S, f"mqpolicy milter on {self.socket_path}")
 
-    def stop(self) -> None:
+    def stop(self, *, kill: bool = False) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
+            return
+        if kill:
+            proc.kill()
+            proc.wait(timeout=5)
             return
         proc.terminate()
         try:
@@ -148,15 +156,48 @@ def traced(sendmail: MilterSendmail, needle: str) -> None:
     poll(seen, TIMEOUT_S, f"{needle!r} in the -X trace")
 
 
-def test_the_cf_has_the_milter_socket_and_client_addr_among_the_connect_macros(
+# A milter that writes down what Sendmail tells it at connect, nothing else.
+PROBE_MILTER = """\
+import sys
+import Milter
+
+class Probe(Milter.Base):
+    def connect(self, hostname, family, hostaddr):
+        with open(sys.argv[2], "a") as out:
+            out.write("client_addr=%s j=%s\\n" % (self.getsymval("{client_addr}"),
+                                                 self.getsymval("j")))
+        return Milter.CONTINUE
+
+Milter.factory = Probe
+Milter.runmilter("probe", "unix:" + sys.argv[1], 30)
+"""
+
+
+def test_the_connect_macros_include_client_addr(
     milter_sendmail: MilterSendmail,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
-    cf = milter_sendmail.cf.read_text()
-    assert f"Xmqpolicy, S=unix:{milter_sendmail.milter_socket}, F=T, " in cf
-    assert milter_sendmail.cf_option("InputMailFilters") == "mqpolicy"
-    connect = [m.strip() for m in milter_sendmail.cf_option("Milter.macros.connect").split(",")]
+    sendmail = milter_sendmail
+    cf = sendmail.cf.read_text()
+    assert f"Xmqpolicy, S=unix:{sendmail.milter_socket}, F=T, " in cf
+    assert sendmail.cf_option("InputMailFilters") == "mqpolicy"
+    connect = [m.strip() for m in sendmail.cf_option("Milter.macros.connect").split(",")]
     assert "{client_addr}" in connect
     assert "j" in connect  # added to Sendmail's defaults, not instead of them
+
+    script, seen = tmp_path / "probe.py", tmp_path / "macros.txt"
+    script.write_text(PROBE_MILTER)
+    probe = MilterProcess(script, sendmail.milter_socket, tmp_path / "probe.log",
+                          command=(sys.executable, str(script), str(sendmail.milter_socket),
+                                   str(seen)))
+    try:
+        probe.start()
+        send(sendmail, "probe@example.com", ["r@dest.milter.test"], "probe")
+        poll(seen.exists, TIMEOUT_S, "the probe milter's connect")
+        assert seen.read_text().splitlines() == [f"client_addr=127.0.0.1 j={HOSTNAME}"]
+    finally:
+        probe.stop(kill=True)  # libmilter takes seconds to stop on SIGTERM
+        sendmail.delete_all()
 
 
 def test_the_lane_header_reaches_the_sink_and_a_forged_one_does_not(
