@@ -11,19 +11,25 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, WatchError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from mqpolicy.backoff import BackoffState
 from mqpolicy.budget import StoreError
+from mqpolicy.cluster_store import CLUSTER_SCHEMES, parse_cluster_url
+from mqpolicy.sentinel_store import SENTINEL_SCHEMES, open_sentinel_master
 
 T = TypeVar("T")
 Change = Callable[[BackoffState], tuple[BackoffState, T]]
 
 _KEY = "backoff"
+_CAS_SCRIPT = resources.files("mqpolicy").joinpath("lua", "backoff_cas.lua").read_text("utf-8")
 _TTL_MS = 30 * 86_400_000  # a safety net: states are rewritten on every change
 _RETRIES = 20
 
@@ -70,10 +76,14 @@ class MemoryBackoffStore:
 class RedisBackoffStore:
     """States as JSON in one Redis hash, ``<prefix>backoff``, field = destination."""
 
-    def __init__(self, url: str, *, key_prefix: str = "mqpolicy:", timeout_ms: int = 500) -> None:
+    def __init__(self, url: str = "", *, key_prefix: str = "mqpolicy:", timeout_ms: int = 500,
+                 client: Redis | None = None, closing: Sequence[Any] = ()) -> None:
+        """One Redis by ``url``, or a ready ``client`` (the master of a Sentinel service;
+        ``closing`` lists what to close with it)."""
         timeout = timeout_ms / 1000
-        self._client: Redis = Redis.from_url(url, socket_timeout=timeout,
-                                             socket_connect_timeout=timeout)
+        self._client: Redis = client or Redis.from_url(url, socket_timeout=timeout,
+                                                       socket_connect_timeout=timeout)
+        self._closing = closing
         self._key = key_prefix + _KEY
         # one update at a time from this process: WATCH retries are for other processes
         self._updating = asyncio.Lock()
@@ -95,28 +105,30 @@ class RedisBackoffStore:
         return _backed_off(await self.states())
 
     async def update(self, destination: str, change: Change[T]) -> T:
+        """Read, change in Python, write back only if unchanged (``lua/backoff_cas.lua``);
+        retried when another process changed the state in between."""
         try:
-            async with self._updating, self._client.pipeline(transaction=True) as pipe:
+            async with self._updating:
                 for attempt in range(_RETRIES):
                     if attempt:
                         await asyncio.sleep(random.uniform(0, 0.002 * attempt))
-                    try:
-                        await pipe.watch(self._key)
-                        current = _decode(await pipe.hget(self._key, destination))
-                        new, result = change(current or BackoffState())
-                        pipe.multi()  # type: ignore[no-untyped-call]
-                        pipe.hset(self._key, destination, json.dumps(new.to_dict()))
-                        pipe.pexpire(self._key, _TTL_MS)
-                        await pipe.execute()
-                    except WatchError:
-                        continue
-                    return result
+                    raw = await self._client.hget(self._key, destination)
+                    new, result = change(_decode(raw) or BackoffState())
+                    written = await self._client.eval(
+                        _CAS_SCRIPT, 1, self._key, destination, raw or b"",
+                        json.dumps(new.to_dict()), _TTL_MS)
+                    if written == 1:
+                        return result
         except (RedisError, OSError) as exc:
             raise StoreError(f"backoff update of {destination}: {exc}") from exc
         raise StoreError(f"backoff update of {destination}: too much contention")
 
     async def close(self) -> None:
         await self._client.aclose()
+        for other in self._closing:
+            closer = getattr(other, "aclose", None)
+            if closer is not None:
+                await closer()
 
 
 def _decode(value: bytes | str | None) -> BackoffState | None:
@@ -129,7 +141,22 @@ def _decode(value: bytes | str | None) -> BackoffState | None:
 
 
 def open_backoff_store(url: str, *, key_prefix: str = "mqpolicy:") -> BackoffStore:
-    """The backoff store beside the counter store of the same URL."""
-    if url.strip().lower().startswith("memory:"):
+    """The backoff store beside the counter store of the same URL: in memory, in one
+    Redis, on a Sentinel service's master. On a Redis Cluster the states live in the one
+    slot of ``<prefix>backoff`` (one key: no cross-slot operation), reached through a
+    client of the node that serves it, found at open time."""
+    url = url.strip()
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
         return MemoryBackoffStore()
-    return RedisBackoffStore(url.strip(), key_prefix=key_prefix)
+    if scheme in SENTINEL_SCHEMES:
+        client, sentinel = open_sentinel_master(url, timeout_ms=500)
+        return RedisBackoffStore(client=client, key_prefix=key_prefix, closing=(sentinel,))
+    if scheme in CLUSTER_SCHEMES:
+        target = parse_cluster_url(url)
+        host, port = target.nodes[0]
+        cluster = RedisCluster(host=host, port=port, username=target.username,
+                               password=target.password, ssl=target.tls,
+                               socket_timeout=0.5, socket_connect_timeout=0.5)
+        return RedisBackoffStore(client=cluster, key_prefix=key_prefix)  # type: ignore[arg-type]
+    return RedisBackoffStore(url, key_prefix=key_prefix)

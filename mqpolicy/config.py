@@ -794,7 +794,8 @@ def _read_store(r: _Reader, top: Mapping[str, Any]) -> StoreSettings:
     return StoreSettings(url=url, timeout_ms=timeout, on_store_error=mode, key_prefix=prefix)
 
 
-_STORE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+_STORE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://", "redis+sentinel://",
+                  "rediss+sentinel://", "redis+cluster://", "rediss+cluster://")
 
 
 def _store_url(value: Any) -> str:

@@ -1,2 +1,3 @@
 pytest_plugins = ["tests.redis_fixture"]
 pytest_plugins += ["tests.postfix_fixture"]
+pytest_plugins += ["tests.redis_ha_fixture"]

@@ -22,6 +22,7 @@ from mqpolicy.request import Request
 from mqpolicy.runtime_state import RuntimeRefresher
 from tests.dns_fixture import FakeDnsServer
 from tests.redis_fixture import RedisServer
+from tests.redis_ha_fixture import RedisClusterHarness, RedisSentinelHarness
 
 POLICY = """\
 lanes: [{name: normal}, {name: bulk, transport: mq-bulk}]
@@ -276,3 +277,33 @@ def test_feedback_section_errors() -> None:
     assert "p.yaml:2: feedback.log: expected an absolute path" in text
     assert "p.yaml:3: feedback.slow_down_patterns: bad regex" in text
     assert "p.yaml:4: feedback.backoff: decrease must be between 0 and 1" in text
+
+
+def _forty_updates(url: str) -> float:
+    from mqpolicy.backoff import BackoffSettings, on_slow_down
+    from mqpolicy.backoff_store import open_backoff_store
+
+    settings = BackoffSettings(decrease=0.9, cooldown_ms=0, min_factor=0.001)
+
+    async def go() -> float:
+        stores = [open_backoff_store(url, key_prefix="mqbo:") for _ in range(2)]
+
+        async def hit(i: int) -> None:
+            await stores[i % 2].update("google", lambda s: on_slow_down(
+                s, settings, now_ms=1000, reason=f"421 #{i}", destination="google"))
+
+        await asyncio.gather(*(hit(i) for i in range(40)))
+        factor = (await stores[0].factors())["google"]
+        for store in stores:
+            await store.close()
+        return factor
+
+    return asyncio.run(go())
+
+
+def test_backoff_states_on_a_redis_cluster(redis_cluster: RedisClusterHarness) -> None:
+    assert _forty_updates(redis_cluster.url) == pytest.approx(0.9 ** 40, rel=1e-3)
+
+
+def test_backoff_states_on_a_sentinel_master(redis_sentinel: RedisSentinelHarness) -> None:
+    assert _forty_updates(redis_sentinel.url) == pytest.approx(0.9 ** 40, rel=1e-3)

@@ -34,7 +34,6 @@ from tests.test_stores import Reference
 if TYPE_CHECKING:
     from tests.redis_ha_fixture import RedisClusterHarness, RedisSentinelHarness
 
-pytest_plugins = ["tests.redis_ha_fixture"]
 
 HOUR = 3_600_000
 
