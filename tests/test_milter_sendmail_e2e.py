@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.postfix_instance import Submission, make_message, poll, submit
+from mqpolicy.sendmail_queue import parse_mailq
 from mqpolicy.smtp_sink import SinkMessage
 from tests.postfix_fixture import unique_address
 from tests.sendmail_fixture import (
@@ -288,3 +289,29 @@ limits:
     assert released.mail_from == sender
     assert sendmail.quarantined() == []
     assert not os.path.exists(sendmail.queue_dir / f"hf{entry.queue_id}")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "mqpolicy.sendmail_queue.parse_mailq skips every line that starts with two tabs, and "
+    "Sendmail 8.17 indents recipient lines with tabs: the scheduler sees held Sendmail mail "
+    "without recipients, so no recipient or destination budget applies to its releases"))
+def test_the_schedulers_parser_reads_the_recipients_of_a_real_quarantine_listing(
+    milter_sendmail: MilterSendmail,  # noqa: F811
+    start_milter: Callable[[str], MilterProcess],
+) -> None:
+    sendmail = milter_sendmail
+    start_milter("""\
+limits:
+  - name: per-sender
+    rate: 1/1h
+    key: sender
+    action: hold
+""")
+    sender = unique_address("listed")
+    rcpts = ["a@dest.milter.test", "b@dest2.milter.test"]
+    for subject in ("passes", "held"):
+        assert send(sendmail, sender, rcpts, subject).queued
+    listing = sendmail.run("-bp", "-qQ")
+    assert [q.recipients for q in sendmail.quarantined()] == [tuple(rcpts)], listing
+    (entry,) = parse_mailq(listing, "hold").entries
+    assert entry.recipients == tuple(rcpts), listing
