@@ -6,6 +6,7 @@ by the milter when over its limit."""
 
 from __future__ import annotations
 
+import smtplib
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from mqpolicy.postfix_instance import (
     QueuedMessage,
     make_message,
     poll,
+    submit_on,
 )
 from mqpolicy.smtp_sink import SinkMessage
 from tests.postfix_fixture import milter_policy, unique_address
@@ -73,10 +75,13 @@ def test_header_lanes_leave_through_their_transports_and_a_forged_lane_gets_noth
         "forged-twice": (other, {"X-MQ-Lane": "transactional", "X-Mq-Lane": "bulk"}, "smtp"),
     }
     queue_ids: dict[str, str] = {}
-    for subject, (sender, headers, _) in cases.items():
-        sent = stack.send(sender, ["rcpt@dest.milter.test"], subject, headers=headers)
-        assert sent.queued, sent.replies()
-        queue_ids[subject] = sent.queue_id
+    # one SMTP session (one milter connection): nothing of a message may stick to the next
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port, timeout=TIMEOUT_S) as conn:
+        for subject, (sender, headers, _) in cases.items():
+            data = make_message(sender, ["rcpt@dest.milter.test"], subject, headers=headers)
+            sent = submit_on(conn, sender, ["rcpt@dest.milter.test"], data)
+            assert sent.queued, sent.replies()
+            queue_ids[subject] = sent.queue_id
 
     lanes = {"mq-bulk": "bulk", "mq-transactional": "transactional", "smtp": "normal"}
     for subject, (_, _, transport) in cases.items():

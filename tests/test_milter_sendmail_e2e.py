@@ -7,6 +7,7 @@ replies, the sink, the ``-X`` trace and the quarantine listing (no syslog here).
 from __future__ import annotations
 
 import os
+import smtplib
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.postfix_instance import Submission, make_message, poll, submit
+from mqpolicy.postfix_instance import Submission, make_message, poll, submit, submit_on
 from mqpolicy.sendmail_queue import parse_mailq
 from mqpolicy.smtp_sink import SinkMessage
 from tests.postfix_fixture import unique_address
@@ -215,9 +216,12 @@ def test_the_lane_header_reaches_the_sink_and_a_forged_one_does_not(
         "urgent-other": (other, {"X-Priority": "1 (Highest)"}, "normal"),
         "forged": (other, {"X-MQ-Lane": "transactional", "X-Mq-Lane": "bulk"}, "normal"),
     }
-    for subject, (sender, headers, _) in cases.items():
-        sent = send(sendmail, sender, ["rcpt@dest.milter.test"], subject, headers)
-        assert sent.queued, sent.replies()
+    # one SMTP session (one milter connection): nothing of a message may stick to the next
+    with smtplib.SMTP("127.0.0.1", sendmail.port, timeout=TIMEOUT_S) as conn:
+        for subject, (sender, headers, _) in cases.items():
+            data = make_message(sender, ["rcpt@dest.milter.test"], subject, headers=headers)
+            sent = submit_on(conn, sender, ["rcpt@dest.milter.test"], data)
+            assert sent.queued, sent.replies()
     for subject, (_, _, lane) in cases.items():
         message = arrival(sendmail, subject)
         assert lane_headers(message) == [lane], (subject, message.headers)
