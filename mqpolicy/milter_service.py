@@ -291,11 +291,15 @@ def _strip_brackets(address: str) -> str:
     return address
 
 
-def _reply_text(text: str) -> str:
-    """One ASCII line for setreply: controls blanked, '%' doubled, bounded."""
+def _one_line(text: str) -> str:
+    """One ASCII line: controls blanked, bounded."""
     text = text.encode("ascii", "backslashreplace").decode("ascii")
-    text = "".join(c if " " <= c <= "~" else " " for c in text)[:MAX_REPLY_TEXT]
-    return text.replace("%", "%%")
+    return "".join(c if " " <= c <= "~" else " " for c in text)[:MAX_REPLY_TEXT]
+
+
+def _reply_text(text: str) -> str:
+    """One ASCII line for setreply, '%' doubled (the MTA formats the reply with it)."""
+    return _one_line(text).replace("%", "%%")
 
 
 @dataclass(slots=True)
@@ -545,7 +549,8 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             if not self.gateway.put_record(record):
                 return self._on_error(msg, request)
         text = hold.text.strip() if hold is not None else f"scheduled by {scheduled_by}"
-        self.quarantine(_reply_text(text or "held by mqpolicy"))
+        # the reason is kept as given (Sendmail lists it with -bp -qQ): no '%' doubling
+        self.quarantine(_one_line(text or "held by mqpolicy"))
         return CONTINUE
 
     def _scheduled(self, msg: _Message, request: Request, now: int) -> tuple[int, str]:

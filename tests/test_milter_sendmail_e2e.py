@@ -240,7 +240,7 @@ limits:
     key: recipient
     count: messages
     action: defer
-    message: "Mailbox {key} takes no more mail this hour"
+    message: "Mailbox {key} at 100%: no more mail this hour"
 """)
     sender = unique_address("sender")
     full, first, second = (unique_address(n, "dest.milter.test") for n in ("full", "a", "b"))
@@ -250,10 +250,10 @@ limits:
     again = send(sendmail, sender, [full, second], "second")
     replies = dict(again.rcpts)
     assert replies[full].code == 451, again.replies()
-    assert replies[full].text == f"4.7.1 Mailbox {full} takes no more mail this hour"
+    assert replies[full].text == f"4.7.1 Mailbox {full} at 100%: no more mail this hour"
     assert replies[second].ok, again.replies()
     assert again.queued, again.replies()
-    traced(sendmail, f"451 4.7.1 Mailbox {full} takes no more mail this hour")
+    traced(sendmail, f"451 4.7.1 Mailbox {full} at 100%: no more mail this hour")
 
     assert sorted(arrival(sendmail, "first").rcpt_tos) == sorted([full, first])
     assert arrival(sendmail, "second").rcpt_tos == (second,)
@@ -271,7 +271,7 @@ limits:
     key: sender
     count: messages
     action: hold
-    message: "{key} is over its hourly budget"
+    message: "{key} spent 100% of its hourly budget"
 """)
     sender = unique_address("held")
     assert send(sendmail, sender, ["r@dest.milter.test"], "passes").queued
@@ -282,7 +282,7 @@ limits:
     quarantine = sendmail.quarantined()
     assert [(q.sender, q.recipients) for q in quarantine] == [(sender, ("r@dest.milter.test",))]
     (entry,) = quarantine
-    assert entry.reason == f"{sender} is over its hourly budget"
+    assert entry.reason == f"{sender} spent 100% of its hourly budget"  # '%' as written
     assert (sendmail.queue_dir / f"hf{entry.queue_id}").exists()
     assert not sendmail.queued()  # plain -bp: nothing waiting outside the quarantine
     assert [m.header("Subject") for m in sendmail.sink.messages()] == ["passes"]
