@@ -478,6 +478,8 @@ def _why_not(name: str, request: Request, verdict: Verdict, policy: Policy) -> s
     limit = next(lim for lim in policy.limits if lim.name == name)
     if limit.recipient_keyed and request.stage != "RCPT":
         return "recipient-keyed: spent per recipient at RCPT"
+    if limit.needs_headers and request.headers is None:
+        return "looks at headers: the milter applies it"
     if not applies(limit, verdict.classified_lane, request):
         if limit.lanes is not None and verdict.classified_lane.name not in limit.lanes:
             return f"lanes {', '.join(sorted(limit.lanes))} only"

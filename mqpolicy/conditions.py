@@ -528,3 +528,22 @@ def _compile_priority(value: Any, what: str) -> Predicate:
 
 ALWAYS: Predicate = _always
 NEVER: Predicate = _never
+
+
+HEADER_CONDITION_KEYS = frozenset({"header", "header_present", "bulk_signals", "priority"})
+
+
+def uses_headers(spec: Any) -> bool:
+    """Whether a condition (as written in YAML) looks at headers anywhere, also under
+    ``any``/``all``/``not``. Without headers (the policy server) its answer is unknown,
+    so such rules and limits are left to the milter, which sees them."""
+    if isinstance(spec, Mapping):
+        for key, value in spec.items():
+            if key in HEADER_CONDITION_KEYS:
+                return True
+            if key in ("any", "all", "not") and uses_headers(value):
+                return True
+        return False
+    if isinstance(spec, list):
+        return any(uses_headers(item) for item in spec)
+    return False

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from mqpolicy.backoff import BackoffSettings
-from mqpolicy.conditions import ConditionError, Predicate, compile_condition
+from mqpolicy.conditions import ConditionError, Predicate, compile_condition, uses_headers
 from mqpolicy.endpoints import (
     Endpoint,
     EndpointSyntaxError,
@@ -189,6 +189,7 @@ class ClassifyRule:
     name: str
     when: Predicate
     lane: str
+    needs_headers: bool = False  # decided by the milter only (see conditions.uses_headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,7 @@ class Limit:
     exempt: Predicate | None
     on_store_error: StoreErrorMode
     destination: str | None = None  # the destination this limit budgets (backoff scales it)
+    needs_headers: bool = False  # when/except look at headers: the milter's limit only
     # Derived once at load (decisions read them on every request):
     recipient_keyed: bool = field(init=False)
     blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
@@ -1283,7 +1285,8 @@ def _read_classify(r: _Reader, top: Mapping[str, Any], lanes: set[str]) -> Itera
         else:
             when = _condition(r, m, "when", path)
         if when is not None and lane is not None:
-            yield ClassifyRule(name=name, when=when, lane=lane)
+            yield ClassifyRule(name=name, when=when, lane=lane,
+                               needs_headers=uses_headers(m["when"]))
 
 
 def _read_limits(
@@ -1392,6 +1395,7 @@ def _read_limits(
             when=when,
             exempt=exempt,
             on_store_error=on_error,
+            needs_headers=uses_headers(m.get("when")) or uses_headers(m.get("except")),
         )
 
 

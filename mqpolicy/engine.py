@@ -117,7 +117,13 @@ class Verdict(NamedTuple):
 
 
 def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
+    """The first matching rule's lane. A rule that looks at headers is skipped when the
+    request has none (the policy server): its answer is unknown there, and the milter,
+    which sees the headers, decides it."""
+    no_headers = request.headers is None
     for rule in policy.classify:
+        if rule.needs_headers and no_headers:
+            continue
         if rule.when(request):
             return policy.lane(rule.lane), rule.name
     return policy.lane(policy.default_lane), None
@@ -186,6 +192,8 @@ def once_key_for(request: Request) -> str | None:
 
 
 def applies(limit: Limit, lane: Lane, request: Request) -> bool:
+    if limit.needs_headers and request.headers is None:
+        return False
     if limit.lanes is not None and lane.name not in limit.lanes:
         return False
     if limit.when is not None and not limit.when(request):
@@ -227,6 +235,8 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         if limit.recipient_keyed and not at_rcpt:
             continue
         # inline of applies(): this loop runs for every limit of every request
+        if limit.needs_headers and request.headers is None:
+            continue  # the milter, which sees the headers, applies this limit
         if limit.lanes is not None and lane_name not in limit.lanes:
             continue
         if limit.when is not None and not limit.when(request):

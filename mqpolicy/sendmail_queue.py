@@ -82,7 +82,9 @@ def parse_mailq(text: str, queue_name: str, now: float | None = None) -> QueueSn
                 sender=str(current["sender"]), recipients=tuple(recipients)))
 
     for line in text.splitlines():
-        if not line.strip() or line.startswith(("-----Q-ID", "\t\t")) or \
+        # recipient lines are indented with tabs, like the queue directory's heading:
+        # the heading is told apart by its text, not by its indentation
+        if not line.strip() or line.startswith("-----Q-ID") or \
                 line.lstrip().startswith(("Total requests", "/", "MSP Queue", "Mail queue")):
             continue
         match = _ENTRY.match(line)

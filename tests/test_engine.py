@@ -423,3 +423,32 @@ def test_mail_that_waits_spends_its_recipient_budgets_at_release_not_twice() -> 
     svc.runtime = RuntimeState(waiting_lanes=frozenset({"bulk"}))
     waiting = rcpt(sender="x@news.example", recipient="v@d.example")
     assert make_plan(waiting, svc.policy, svc.runtime).limits[0].check.consume is False
+
+
+def test_rules_and_limits_that_look_at_headers_are_left_to_the_milter() -> None:
+    policy = parse_policy(BASE.replace('''  - name: news
+    when:
+      any:
+        - sender: "@.news.example"''', '''  - name: news
+    when:
+      sender: "@.news.example"
+      not: {priority: high}
+    lane: bulk
+  - name: news-count
+    when:
+      any:
+        - sender: "@never.example"''') + """\
+limits:
+  - {name: lists, rate: 1/1h, key: sender, when: {bulk_signals: true}}
+  - {name: plain, rate: 1/1h, key: sender, except: {header_present: X-Campaign}}
+  - {name: envelope, rate: 1/1h, key: sender}
+""")
+    envelope_only = Request(stage="RCPT", sender="x@news.example", recipient="a@b.example")
+    # the policy server cannot know the priority: the rule is skipped, not guessed
+    assert classify(envelope_only, policy) == (policy.lane("normal"), None)
+    assert [p.limit.name for p in make_plan(envelope_only, policy).limits] == ["envelope"]
+    urgent = envelope_only._replace(headers=(("X-Priority", "1"),))
+    assert classify(urgent, policy)[0].name == "normal"
+    plain = envelope_only._replace(headers=(("Subject", "hi"),))
+    assert classify(plain, policy) == (policy.lane("bulk"), "news")
+    assert [p.limit.name for p in make_plan(plain, policy).limits] == ["plain", "envelope"]

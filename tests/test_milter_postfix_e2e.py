@@ -100,11 +100,6 @@ def test_header_lanes_leave_through_their_transports_and_a_forged_lane_gets_noth
             assert line.endswith(f": {transport}:"), line  # Postfix logs FILTER so
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the policy server classifies without headers, where `not: {priority: high}` holds, and "
-    "answers FILTER mq-bulk:; the milter, with the headers, says normal, but the default "
-    "lane has no milter_header_checks rule to override that FILTER: the message carries "
-    "X-MQ-Lane: normal and leaves through mq-bulk"))
 def test_the_milters_lane_wins_over_an_envelope_guess_of_the_policy_server(
     milter_stack: MailStack,
 ) -> None:

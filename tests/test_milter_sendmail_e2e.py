@@ -295,10 +295,6 @@ limits:
     assert not os.path.exists(sendmail.queue_dir / f"hf{entry.queue_id}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mqpolicy.sendmail_queue.parse_mailq skips every line that starts with two tabs, and "
-    "Sendmail 8.17 indents recipient lines with tabs: the scheduler sees held Sendmail mail "
-    "without recipients, so no recipient or destination budget applies to its releases"))
 def test_the_schedulers_parser_reads_the_recipients_of_a_real_quarantine_listing(
     milter_sendmail: MilterSendmail,  # noqa: F811
     start_milter: Callable[[str], MilterProcess],
