@@ -257,6 +257,15 @@ def bench_server(
     servers = []
     try:
         for i in range(copies):
+            if copies == 1:
+                server = procs.start(label, argv)
+                servers.append(server)
+                try:
+                    wait_connectable(("127.0.0.1", port), server.proc)
+                except RuntimeError:
+                    print(log_tail(server.log), file=sys.stderr)
+                    raise
+                continue
             # readiness the systemd way: the server sends READY=1 to $NOTIFY_SOCKET (a
             # connect alone could reach an earlier copy listening on the same port)
             with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)) as notify:
