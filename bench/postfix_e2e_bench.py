@@ -369,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"msg/s delivered, {result.accepted_per_s:7.1f} msg/s accepted"
                               f"{cpu}", flush=True)
             sent = args.warmup + args.pairs * args.messages
+            time.sleep(0.2)  # the policy server writes its log lines every 50 ms
             decisions = targets[1].decisions()
             checked = args.policy is None and args.policy_log_level in ("debug", "info")
             if checked and decisions < sent:
