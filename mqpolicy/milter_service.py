@@ -49,13 +49,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import functools
 import itertools
 import logging
 import os
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +83,7 @@ from mqpolicy.hold_records import (
 from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
 from mqpolicy.scheduled_delivery import SCHEDULE_HEADERS, requested_time
 from mqpolicy.structured_log import connection_id_var, queue_id_var
+from mqpolicy.unix_sockets import remove_stale_socket
 
 __all__ = [
     "DecisionGateway",
@@ -659,34 +658,13 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
 # ---------------------------------------------------------------- running it
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a unix socket left behind by a dead process; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "another process is listening on", path)
-
-
 def bind_milter_socket(endpoint: MilterEndpoint, mode: int, backlog: int = 128) -> socket.socket:
     """A listening socket for libmilter: unix sockets get ``mode`` before ``listen()``, TCP
     sockets (also inherited ones) get ``TCP_NODELAY``, which accepted sockets inherit."""
     if endpoint.kind == "fd":
         sock = socket.socket(fileno=endpoint.fd)
     elif endpoint.kind == "unix":
-        _remove_stale_socket(endpoint.path)
+        remove_stale_socket(endpoint.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(endpoint.path)

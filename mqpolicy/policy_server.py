@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
-import stat
 import time
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -48,6 +46,7 @@ from mqpolicy.policy_codec import (
     encode_reply,
 )
 from mqpolicy.structured_log import connection_id_var
+from mqpolicy.unix_sockets import remove_stale_socket
 
 __all__ = [
     "DEFAULT_ERROR_ACTION",
@@ -136,29 +135,6 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
     return f"unix:{sockname}" if sockname else "unix"
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a unix socket left behind by a dead process; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    except OSError as exc:
-        raise OSError(errno.EADDRINUSE, f"socket in use ({exc})", path) from exc
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "another process is listening on", path)
-
-
 class PolicyServer:
     """Serves Postfix policy requests on TCP and unix endpoints with one asyncio loop."""
 
@@ -245,7 +221,7 @@ class PolicyServer:
 
     async def _start_unix(self, endpoint: Endpoint) -> None:
         path = endpoint.path
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
