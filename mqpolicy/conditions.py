@@ -113,95 +113,82 @@ def _read_list_file(path_text: str) -> list[str]:
     return entries
 
 
-_STRING_FORMS = {"exact", "glob", "regex", "file"}
-_ADDRESS_FORMS = {"exact", "domain", "glob", "regex", "file"}
+_STRING_FORMS = frozenset({"exact", "glob", "regex", "file"})
+_ADDRESS_FORMS = frozenset({"exact", "domain", "glob", "regex", "file"})
+
+
+class _Collected:
+    """What the items of a string or address matcher add up to."""
+
+    def __init__(self, what: str, with_domains: bool) -> None:
+        self.what = what
+        self.with_domains = with_domains
+        self.exact: set[str] = set()
+        self.domains: set[str] = set()
+        self.suffixes: list[str] = []
+        self.patterns: list[str] = []
+
+    def add(self, form: str, item: str) -> None:
+        if form == "exact":
+            self.exact.add(item.lower())
+        elif form == "domain":
+            item = item.lower().lstrip("@")
+            if item.startswith("."):
+                self.suffixes.append(item[1:])
+            elif item:
+                self.domains.add(item)
+            else:
+                raise ConditionError(f"{self.what}: empty domain")
+        elif form == "glob":
+            self.patterns.append(fnmatch.translate(item.lower()))
+        elif form == "regex":
+            self.patterns.append(_regex(item, self.what))
+        elif form == "file":
+            for entry in _read_list_file(item):
+                self.add_auto(entry)
+        else:
+            self.add_auto(item)
+
+    def add_auto(self, item: str) -> None:
+        """``/regex/``, a glob, ``@domain`` (addresses only) or an exact value."""
+        if len(item) >= 2 and item.startswith("/") and item.endswith("/"):
+            self.add("regex", item[1:-1])
+        elif any(c in item for c in "*?["):
+            self.add("glob", item)
+        elif self.with_domains and item.startswith("@"):
+            self.add("domain", item)
+        else:
+            self.add("exact", item)
+
+
+def _collect(value: Any, what: str, forms: frozenset[str], with_domains: bool) -> _Collected:
+    found = _Collected(what, with_domains)
+    if isinstance(value, Mapping):
+        for form, items in value.items():
+            if form not in forms:
+                raise ConditionError(
+                    f"{what}: unknown matcher {form!r} (use {', '.join(sorted(forms))})",
+                    key=str(form),
+                )
+            for item in _as_list(items, f"{what}.{form}"):
+                found.add(str(form), item)
+    else:
+        for item in _as_list(value, what):
+            found.add_auto(item)
+    return found
 
 
 def compile_string_matcher(value: Any, what: str) -> StringMatcher:
     """A string, a list, or ``{exact, glob, regex, file}``; ``/re/`` and globs auto-detected."""
-    exact: set[str] = set()
-    patterns: list[str] = []
-
-    def add_auto(item: str) -> None:
-        if len(item) >= 2 and item.startswith("/") and item.endswith("/"):
-            patterns.append(_regex(item[1:-1], what))
-        elif any(c in item for c in "*?["):
-            patterns.append(fnmatch.translate(item.lower()))
-        else:
-            exact.add(item.lower())
-
-    if isinstance(value, Mapping):
-        for form, items in value.items():
-            if form not in _STRING_FORMS:
-                raise ConditionError(
-                    f"{what}: unknown matcher {form!r} (use {', '.join(sorted(_STRING_FORMS))})",
-                    key=str(form),
-                )
-            for item in _as_list(items, f"{what}.{form}"):
-                if form == "exact":
-                    exact.add(item.lower())
-                elif form == "glob":
-                    patterns.append(fnmatch.translate(item.lower()))
-                elif form == "regex":
-                    patterns.append(_regex(item, what))
-                else:
-                    for entry in _read_list_file(item):
-                        add_auto(entry)
-    else:
-        for item in _as_list(value, what):
-            add_auto(item)
-    return StringMatcher(frozenset(exact), _join(patterns))
+    found = _collect(value, what, _STRING_FORMS, with_domains=False)
+    return StringMatcher(frozenset(found.exact), _join(found.patterns))
 
 
 def compile_address_matcher(value: Any, what: str) -> AddressMatcher:
     """Like strings, plus ``@domain`` and ``@.domain`` forms (and ``domain:`` lists)."""
-    exact: set[str] = set()
-    domains: set[str] = set()
-    suffixes: list[str] = []
-    patterns: list[str] = []
-
-    def add_domain(item: str) -> None:
-        item = item.lower().lstrip("@")
-        if item.startswith("."):
-            suffixes.append(item[1:])
-        elif item:
-            domains.add(item)
-        else:
-            raise ConditionError(f"{what}: empty domain")
-
-    def add_auto(item: str) -> None:
-        if len(item) >= 2 and item.startswith("/") and item.endswith("/"):
-            patterns.append(_regex(item[1:-1], what))
-        elif any(c in item for c in "*?["):
-            patterns.append(fnmatch.translate(item.lower()))
-        elif item.startswith("@"):
-            add_domain(item)
-        else:
-            exact.add(item.lower())
-
-    if isinstance(value, Mapping):
-        for form, items in value.items():
-            if form not in _ADDRESS_FORMS:
-                raise ConditionError(
-                    f"{what}: unknown matcher {form!r} (use {', '.join(sorted(_ADDRESS_FORMS))})",
-                    key=str(form),
-                )
-            for item in _as_list(items, f"{what}.{form}"):
-                if form == "exact":
-                    exact.add(item.lower())
-                elif form == "domain":
-                    add_domain(item)
-                elif form == "glob":
-                    patterns.append(fnmatch.translate(item.lower()))
-                elif form == "regex":
-                    patterns.append(_regex(item, what))
-                else:
-                    for entry in _read_list_file(item):
-                        add_auto(entry)
-    else:
-        for item in _as_list(value, what):
-            add_auto(item)
-    return AddressMatcher(frozenset(exact), frozenset(domains), tuple(suffixes), _join(patterns))
+    found = _collect(value, what, _ADDRESS_FORMS, with_domains=True)
+    return AddressMatcher(frozenset(found.exact), frozenset(found.domains),
+                          tuple(found.suffixes), _join(found.patterns))
 
 
 # ---------------------------------------------------------------- networks and ranges
