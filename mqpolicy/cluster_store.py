@@ -110,6 +110,7 @@ from mqpolicy.redis_store import (
     PendingDecision,
     decode_batch,
     encode_batch,
+    inspect_buckets,
     load_script,
 )
 from mqpolicy.sentinel_store import parse_host_list, split_credentials
@@ -484,25 +485,7 @@ class ClusterStore(CoalescingStore):
     # -- the rest of CounterStore ----------------------------------------------------------
 
     async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
-        if not keys:
-            return []
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                pipe = self._client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.get(self._prefix + key)
-                    pipe.pttl(self._prefix + key)
-                replies = await pipe.execute()
-            states: list[BucketState | None] = []
-            for i, key in enumerate(keys):
-                value, ttl = replies[2 * i], int(replies[2 * i + 1])
-                if value is None or ttl == -2:
-                    states.append(None)
-                else:
-                    states.append(BucketState(key, float(value), ttl))
-        except (*_ERRORS, ValueError) as exc:
-            raise StoreError(_describe(exc)) from exc
-        return states
+        return await inspect_buckets(self._client.pipeline, self._prefix, self._timeout_s, keys)
 
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:
         """Keys matching ``pattern`` on every master, sorted; which ones when more than

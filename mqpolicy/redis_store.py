@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -276,25 +276,7 @@ class RedisStore(CoalescingStore):
     # -- the rest of CounterStore ----------------------------------------------------------
 
     async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
-        if not keys:
-            return []
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                pipe = self._client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.get(self._prefix + key)
-                    pipe.pttl(self._prefix + key)
-                replies = await pipe.execute()
-            states: list[BucketState | None] = []
-            for i, key in enumerate(keys):
-                value, ttl = replies[2 * i], int(replies[2 * i + 1])
-                if value is None or ttl == -2:
-                    states.append(None)
-                else:
-                    states.append(BucketState(key, float(value), ttl))
-        except (*_ERRORS, ValueError) as exc:
-            raise StoreError(_describe(exc)) from exc
-        return states
+        return await inspect_buckets(self._client.pipeline, self._prefix, self._timeout_s, keys)
 
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:
         """Keys matching ``pattern`` (Redis glob syntax), sorted; which ones when more than
@@ -385,3 +367,27 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return "redis did not answer within the deadline"
     return f"redis: {type(exc).__name__}: {exc}"
+
+
+async def inspect_buckets(pipeline: Callable[..., Any], prefix: str, timeout_s: float,
+                          keys: Sequence[str]) -> list[BucketState | None]:
+    """GET + PTTL of every bucket in one pipeline (one Redis or a cluster's own)."""
+    if not keys:
+        return []
+    try:
+        async with asyncio.timeout(timeout_s):
+            pipe = pipeline(transaction=False)
+            for key in keys:
+                pipe.get(prefix + key)
+                pipe.pttl(prefix + key)
+            replies = await pipe.execute()
+        states: list[BucketState | None] = []
+        for i, key in enumerate(keys):
+            value, ttl = replies[2 * i], int(replies[2 * i + 1])
+            if value is None or ttl == -2:
+                states.append(None)
+            else:
+                states.append(BucketState(key, float(value), ttl))
+    except (*_ERRORS, ValueError) as exc:
+        raise StoreError(_describe(exc)) from exc
+    return states
