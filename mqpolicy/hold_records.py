@@ -47,13 +47,12 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from mqpolicy.budget import StoreError
 from mqpolicy.config import Policy, SchedulerSettings
-from mqpolicy.sentinel_store import SENTINEL_SCHEMES, parse_sentinel_url
+from mqpolicy.sentinel_store import SENTINEL_SCHEMES, open_sentinel_master
 
 __all__ = [
     "DEFAULT_RECORD_TTL_MS",
@@ -512,29 +511,10 @@ def open_hold_records(url: str, *, key_prefix: str = "mqpolicy:", timeout_ms: in
         return RedisHoldRecords(url, key_prefix=key_prefix, instance=instance,
                                 timeout_ms=timeout_ms)
     if scheme in SENTINEL_SCHEMES:
-        return RedisHoldRecords(client=_sentinel_master(url, timeout_ms),
+        client, _ = open_sentinel_master(url, timeout_ms=timeout_ms, decode_responses=True)
+        return RedisHoldRecords(client=client,
                                 key_prefix=key_prefix, instance=instance, timeout_ms=timeout_ms)
     raise ValueError(f"store {url!r}: hold records need memory://, one Redis or Sentinel")
-
-
-def _sentinel_master(url: str, timeout_ms: int) -> Redis:
-    target = parse_sentinel_url(url)
-    timeout_s = timeout_ms / 1000
-    common: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-                              "retry": Retry(NoBackoff(), 0)}
-    if target.tls:
-        common["ssl"] = True
-    sentinel_kwargs = dict(common)
-    if target.sentinel_username:
-        sentinel_kwargs["username"] = target.sentinel_username
-    if target.sentinel_password:
-        sentinel_kwargs["password"] = target.sentinel_password
-    sentinel = Sentinel(list(target.sentinels),  # type: ignore[no-untyped-call]
-                        sentinel_kwargs=sentinel_kwargs)
-    client: Redis = sentinel.master_for(target.service, redis_class=Redis, db=target.db,
-                                        username=target.username, password=target.password,
-                                        protocol=2, decode_responses=True, **common)
-    return client
 
 
 def _parse_json(queue_id: str, value: str) -> HoldRecord | BrokenRecord:
