@@ -23,6 +23,7 @@ from mqpolicy.hold_records import (
     waiting_lanes,
 )
 from tests.redis_fixture import RedisServer
+from tests.redis_ha_fixture import RedisSentinelHarness
 
 
 class Clock:
@@ -309,3 +310,21 @@ def test_sentinel_is_supported_and_cluster_is_refused() -> None:
             open_hold_records("redis+cluster://127.0.0.1:7000")
 
     asyncio.run(body())
+
+
+def test_records_and_lease_on_a_real_sentinel_master(redis_sentinel: RedisSentinelHarness) -> None:
+    async def scenario() -> None:
+        store = open_hold_records(redis_sentinel.url, key_prefix="mqhold:", timeout_ms=2000)
+        try:
+            record = HoldRecord(queue_id="4SENT1", lane="bulk", not_before_ms=5,
+                                created_ms=1, reason="per-sender")
+            await store.put(record)
+            assert await store.get("4SENT1") == record
+            assert await store.acquire_lease("me", 5000)
+            assert not await store.acquire_lease("other", 5000)
+            assert await store.lease_holder() == "me"
+            assert await store.delete(["4SENT1"]) == 1
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
