@@ -26,7 +26,7 @@ test: bootstrap
 	if (( $${#failed[@]} )); then echo "make test: FAILED: $${failed[*]}" >&2; exit 1; fi
 
 bench: bootstrap
-	$(VENV)/bin/python bench/policy_bench.py --baseline
+	$(VENV)/bin/python bench/policy_bench.py --baseline --duration 5 --concurrency 1,8,64 --markdown
 
 demo: bootstrap
 	$(VENV)/bin/mqpolicy demo

@@ -235,9 +235,6 @@ class BackoffController:
         self._states[destination] = new
         return change
 
-    def set_state(self, destination: str, state: BackoffState) -> None:
-        self._states[destination] = state
-
     def backed_off(self) -> Iterator[tuple[str, BackoffState]]:
         """Destinations whose factor is below 1."""
         return ((d, s) for d, s in self._states.items() if s.backed_off)

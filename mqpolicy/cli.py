@@ -38,7 +38,7 @@ from mqpolicy.feedback import FeedbackService
 from mqpolicy.hold_records import HoldRecordStore, records_for, waiting_lanes
 from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats, core_registry
 from mqpolicy.milter_service import MilterRunner
-from mqpolicy.mx_rollup import DestinationFinder
+from mqpolicy.mx_rollup import DestinationFinder, needs_mx
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
@@ -285,6 +285,9 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
             await metrics.wait_closed()
         if records is not None:
             await records.close()
+        await backoff_store.close()
+        if service.resolver is not None:
+            await service.resolver.aclose()
         await store.close()
         return EXIT_FAILURE
     reloads: set[asyncio.Task[None]] = set()
@@ -359,10 +362,13 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None,
         sd_notify("READY=1")
         return
     old = service.policy
-    for what in ("listen", "store", "server", "metrics"):
+    for what in ("listen", "store", "server", "metrics", "milter", "scheduler", "dns"):
         if getattr(old, what) != getattr(new, what):
             log.warning("changed setting needs a restart to take effect",
                         extra={"fields": {"setting": what}})
+    if needs_mx([d.matcher for d in new.destinations]) and service.resolver is None:
+        log.warning("mx destinations need a restart to be looked up; until then they "
+                    "match by domain only", extra={"fields": {"setting": "destinations"}})
     service.replace_policy(new)
     stats.succeeded()
     set_level(log_level or new.log.level)
@@ -435,12 +441,14 @@ async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -
     deadline_ms = max(policy.store.timeout_ms, 2000)
     store = open_store(policy.store.url, timeout_ms=deadline_ms,
                        key_prefix=policy.store.key_prefix)
+    resolver = make_resolver(policy)
     try:
-        service = DecisionService(policy, store, deadline_ms=deadline_ms,
-                                  resolver=make_resolver(policy))
+        service = DecisionService(policy, store, deadline_ms=deadline_ms, resolver=resolver)
         verdict = await service.decide(request, consume=consume)
     finally:
         await store.close()
+        if resolver is not None:
+            await resolver.aclose()
     if as_json:
         print(json.dumps(explain_data(request, verdict, policy, consume), indent=2))
     else:

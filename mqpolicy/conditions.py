@@ -8,6 +8,7 @@ config loader adds the file and line. Evaluation is pure and never raises.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -27,14 +28,6 @@ class ConditionError(ValueError):
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
-
-
-def _always(_: Request) -> bool:
-    return True
-
-
-def _never(_: Request) -> bool:
-    return False
 
 
 # ---------------------------------------------------------------- string matchers
@@ -211,6 +204,7 @@ def compile_networks(
     return tuple(v4), tuple(v6)
 
 
+@functools.lru_cache(maxsize=65536)
 def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """A client address as Postfix sends it (``ipv6:`` prefix tolerated), or None."""
     if text[:5].lower() == "ipv6:":
@@ -513,8 +507,6 @@ def _compile_priority(value: Any, what: str) -> Predicate:
     return priority
 
 
-ALWAYS: Predicate = _always
-NEVER: Predicate = _never
 
 
 HEADER_CONDITION_KEYS = frozenset({"header", "header_present", "bulk_signals", "priority"})

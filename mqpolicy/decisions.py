@@ -19,6 +19,7 @@ from time import perf_counter_ns
 from mqpolicy.budget import CounterStore, Evaluation, StoreError
 from mqpolicy.config import Policy
 from mqpolicy.engine import (
+    NO_LIMITS_EVALUATION,
     NO_RUNTIME,
     Action,
     Plan,
@@ -26,7 +27,6 @@ from mqpolicy.engine import (
     Verdict,
     decide,
     make_plan,
-    no_store_needed,
 )
 from mqpolicy.metrics import BusiestKeys, LatencyHistogram
 from mqpolicy.mx_rollup import DestinationFinder, MxResolver
@@ -100,7 +100,7 @@ class DecisionService:
             plan = _dry(plan)
         evaluation: Evaluation | None
         if not plan.limits:
-            evaluation = no_store_needed(plan)
+            evaluation = NO_LIMITS_EVALUATION
         else:
             evaluation = await self._evaluate(plan, self._deadline_ms or policy.store.timeout_ms)
         verdict = decide(plan, evaluation, policy)

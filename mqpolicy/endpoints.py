@@ -29,11 +29,6 @@ class Endpoint:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
-    def postfix_form(self) -> str:
-        """How Postfix names it in ``check_policy_service``: ``inet:h:p`` or ``unix:/p``."""
-        if self.path:
-            return f"unix:{self.path}"
-        return f"inet:{self.host}:{self.port}"
 
 
 def parse_endpoint(text: str, *, mode: int = 0o660) -> Endpoint:

@@ -385,6 +385,12 @@ def _store_failed(plan: Plan, policy: Policy) -> Verdict:
         p for p in plan.limits
         if not p.limit.monitor and p.limit.on_store_error is StoreErrorMode.DEFER
     ]
+    lane = plan.lane
+    if lane.hold or (lane.name in plan.waiting_lanes and lane.priority > 0):
+        # mail that must wait is never sent on because the store is away: the client
+        # retries (accepting it would deliver it at once, holding it needs the store)
+        return Verdict(Action.DEFER, lane, lane, plan.rule, store_error_text(policy, lane), 0,
+                       outcomes, deciding=f"lane:{lane.name}", store_error=True)
     if deferring:
         text = _fill(policy.messages.store_error, deferring[0].limit, deferring[0].key,
                      plan.lane, 0, 0)
@@ -394,6 +400,10 @@ def _store_failed(plan: Plan, policy: Policy) -> Verdict:
                    store_error=True)
 
 
-def no_store_needed(plan: Plan) -> Evaluation:
-    """The evaluation of a plan with no limits (skip the round trip)."""
-    return Evaluation(results=(), committed=True)
+NO_LIMITS_EVALUATION = Evaluation(results=(), committed=True)
+"""The evaluation of a plan with no limits: no store round trip needed."""
+
+
+def store_error_text(policy: Policy, lane: Lane) -> str:
+    """``messages.store_error`` with its placeholders filled (no limit spoke)."""
+    return _fill(policy.messages.store_error, None, "", lane, 0, 0)

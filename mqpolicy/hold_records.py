@@ -558,3 +558,10 @@ def records_for(policy: Policy, *, timeout_ms: int) -> HoldRecordStore:
     scheduler = policy.scheduler or SchedulerSettings()
     return open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
                              timeout_ms=timeout_ms, instance=scheduler.instance)
+
+
+def record_ttl_for(policy: Policy) -> int:
+    """How long a hold record may live under this policy: past its longest delay."""
+    if policy.scheduler is None:
+        return DEFAULT_RECORD_TTL_MS
+    return record_ttl_ms(policy.scheduler.schedule.max_delay_ms)

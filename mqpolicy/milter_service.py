@@ -74,11 +74,10 @@ from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.endpoints import MilterEndpoint
 from mqpolicy.engine import Action, Verdict, classify
 from mqpolicy.hold_records import (
-    DEFAULT_RECORD_TTL_MS,
     MAX_DESTINATIONS,
     HoldRecord,
     HoldRecordStore,
-    record_ttl_ms,
+    record_ttl_for,
 )
 from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
 from mqpolicy.scheduled_delivery import SCHEDULE_HEADERS, requested_time
@@ -216,8 +215,7 @@ class DecisionGateway:
         if records is None:
             return False
         policy = self.service.policy
-        ttl = (record_ttl_ms(policy.scheduler.schedule.max_delay_ms)
-               if policy.scheduler is not None else DEFAULT_RECORD_TTL_MS)
+        ttl = record_ttl_for(policy)
         try:
             future = asyncio.run_coroutine_threadsafe(records.put(record, ttl), self.loop)
         except RuntimeError as exc:

@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 
 from mqpolicy.budget import StoreError
 from mqpolicy.decisions import DecisionService, wall_clock_ms
-from mqpolicy.engine import Action, Verdict
+from mqpolicy.engine import Action, Verdict, store_error_text
 from mqpolicy.hold_records import (
-    DEFAULT_RECORD_TTL_MS,
     MAX_DESTINATIONS,
     HoldRecord,
     HoldRecordStore,
-    record_ttl_ms,
+    record_ttl_for,
 )
 from mqpolicy.request import STAGE_END_OF_MESSAGE, Request, domain_of
 from mqpolicy.structured_log import queue_id_var
@@ -157,15 +156,14 @@ class PostfixPolicyHandler:
                             destinations=tuple(d for d in domains if d),
                             sender=request.sender)
         policy = self.service.policy
-        ttl = (record_ttl_ms(policy.scheduler.schedule.max_delay_ms)
-               if policy.scheduler is not None else DEFAULT_RECORD_TTL_MS)
+        ttl = record_ttl_for(policy)
         try:
             await records.put(record, ttl)
         except StoreError as exc:
             self.record_failures += 1
             log.error("hold record not written: message refused for now",
                       extra={"fields": {"qid": request.queue_id, "error": str(exc)}})
-            return f"451 4.3.0 {policy.messages.store_error}"
+            return f"451 4.3.0 {store_error_text(policy, lane)}"
         self.holds_recorded += 1
         log.info("held", extra={"fields": {"qid": request.queue_id, "lane": lane.name,
                                            "reason": record.reason}})

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,9 +344,6 @@ class PostfixInstance:
             written.append(path)
         backdate(written)
 
-    def config_path(self, name: str) -> Path:
-        return self.config_dir / name
-
     # ------------------------------------------------------------ commands
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -507,21 +504,6 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
-
-
-@contextlib.contextmanager
-def running_instance(
-    *, relayhost: str, main_extra: str = "", master_extra: str = "",
-    files: Mapping[str, str] | None = None, prefix: str = "mqpostfix-",
-) -> Iterator[PostfixInstance]:
-    """A started instance under a temporary directory; stopped and removed on exit."""
-    instance = PostfixInstance.create(relayhost=relayhost, prefix=prefix)
-    try:
-        instance.write_config(main_extra, master_extra, files)
-        instance.start()
-        yield instance
-    finally:
-        instance.remove()
 
 
 # ---------------------------------------------------------------- an SMTP client

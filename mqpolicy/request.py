@@ -7,19 +7,11 @@ receives into a :class:`Request`; the engine reads nothing else.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import NamedTuple
 
 # Postfix ``protocol_state`` values (upper case as Postfix sends them).
-STAGE_CONNECT = "CONNECT"
-STAGE_HELO = "EHLO"
-STAGE_MAIL = "MAIL"
 STAGE_RCPT = "RCPT"
-STAGE_DATA = "DATA"
 STAGE_END_OF_MESSAGE = "END-OF-MESSAGE"
-
-
-_NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
 def _int(value: str | None) -> int:
@@ -62,16 +54,6 @@ class Request(NamedTuple):
     recipients: tuple[str, ...] = ()
     # Message headers as (name, value) pairs in order, when the front-end has them (milter).
     headers: tuple[tuple[str, str], ...] | None = None
-    # Every attribute as received, for logs and ``explain``.
-    attributes: Mapping[str, str] = _NO_ATTRIBUTES
-
-    @property
-    def sender_domain(self) -> str:
-        return domain_of(self.sender)
-
-    @property
-    def recipient_domain(self) -> str:
-        return domain_of(self.recipient)
 
     @property
     def message_key(self) -> str:
@@ -96,5 +78,4 @@ class Request(NamedTuple):
             queue_id=get("queue_id", ""),
             instance=get("instance", ""),
             protocol_name=get("protocol_name", ""),
-            attributes=dict(attrs),
         )

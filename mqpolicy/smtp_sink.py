@@ -424,5 +424,3 @@ class ThreadedSmtpSink:
                 self._lock.wait(left)
             return list(self._messages)
 
-    def wait_count(self, count: int, timeout_s: float) -> list[SinkMessage]:
-        return self.wait_for(lambda msgs: len(msgs) >= count, timeout_s)

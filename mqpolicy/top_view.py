@@ -42,7 +42,6 @@ class TopError(Exception):
 
 # ---------------------------------------------------------------- exposition parser
 
-LabelSet = tuple[tuple[str, str], ...]
 Families = dict[str, list[tuple[dict[str, str], float]]]
 
 _METRIC_NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")

@@ -452,3 +452,12 @@ limits:
     plain = envelope_only._replace(headers=(("Subject", "hi"),))
     assert classify(plain, policy) == (policy.lane("bulk"), "news")
     assert [p.limit.name for p in make_plan(plain, policy).limits] == ["plain", "envelope"]
+
+
+def test_store_failure_never_sends_mail_of_a_hold_lane_on() -> None:
+    policy = parse_policy(BASE + "limits:\n  - {name: l, rate: 1/1h, key: sender}\n")
+    svc = DecisionService(policy, BrokenStore("error"))
+    verdict = asyncio.run(svc.decide(eom(sasl_username="scheduler")))
+    assert (verdict.action, verdict.deciding, verdict.store_error) == (
+        Action.DEFER, "lane:scheduled", True)
+    assert postfix_action(verdict) == "451 4.3.0 Policy store unavailable, try again later"
