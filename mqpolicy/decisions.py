@@ -31,6 +31,7 @@ from mqpolicy.engine import (
 from mqpolicy.metrics import BusiestKeys, LatencyHistogram
 from mqpolicy.mx_rollup import DestinationFinder, MxResolver
 from mqpolicy.request import STAGE_END_OF_MESSAGE, Request, domain_of
+from mqpolicy.structured_log import LogBurst
 
 log = logging.getLogger("mqpolicy.decision")
 store_log = logging.getLogger("mqpolicy.store")
@@ -81,9 +82,7 @@ class DecisionService:
         self.runtime: RuntimeState = NO_RUNTIME
         self.stats = DecisionStats()
         self._destinations = DestinationFinder(resolver)
-        self._error_log_interval_s = error_log_interval_s
-        self._last_error_log = float("-inf")
-        self._suppressed_errors = 0
+        self._error_log = LogBurst(error_log_interval_s)
 
     def replace_policy(self, policy: Policy) -> None:
         """Swap the policy; decisions in flight finish with the one they started with."""
@@ -133,15 +132,10 @@ class DecisionService:
 
     def _store_failed(self, why: str) -> None:
         """Log once per burst: the first error, then a summary every interval."""
-        now = time.monotonic()
-        if now - self._last_error_log >= self._error_log_interval_s:
-            fields = {"error": why, "suppressed": self._suppressed_errors}
+        suppressed = self._error_log.take()
+        if suppressed is not None:
             store_log.warning("store unavailable, applying on_store_error",
-                              extra={"fields": fields})
-            self._last_error_log = now
-            self._suppressed_errors = 0
-        else:
-            self._suppressed_errors += 1
+                              extra={"fields": {"error": why, "suppressed": suppressed}})
 
     def _account(self, request: Request, verdict: Verdict) -> None:
         stats = self.stats

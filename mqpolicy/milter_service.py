@@ -55,7 +55,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -81,7 +80,7 @@ from mqpolicy.hold_records import (
 )
 from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
 from mqpolicy.scheduled_delivery import SCHEDULE_HEADERS, requested_time
-from mqpolicy.structured_log import connection_id_var, queue_id_var
+from mqpolicy.structured_log import LogBurst, connection_id_var, queue_id_var
 from mqpolicy.unix_sockets import remove_stale_socket
 
 __all__ = [
@@ -109,26 +108,6 @@ _SCHEDULE_NAMES = {name.lower(): name for name in SCHEDULE_HEADERS}
 
 class DecisionUnavailable(Exception):
     """No verdict in time (deadline, loop gone, or an error in policy code)."""
-
-
-class _Burst:
-    """Lets the first event of a burst be logged, then one line per ``interval_s``."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self._interval_s = interval_s
-        self._next = 0.0
-        self._suppressed = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> int | None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next:
-                self._suppressed += 1
-                return None
-            suppressed, self._suppressed = self._suppressed, 0
-            self._next = now + self._interval_s
-            return suppressed
 
 
 @dataclass
@@ -172,7 +151,7 @@ class DecisionGateway:
         self.settings = settings
         self.records = records
         self.counters = MilterCounters()
-        self._failure_log = _Burst()
+        self._failure_log = LogBurst()
 
     @property
     def policy(self) -> Policy:

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from mqpolicy.policy_codec import (
     PolicyProtocolError,
     encode_reply,
 )
-from mqpolicy.structured_log import connection_id_var
+from mqpolicy.structured_log import LogBurst, connection_id_var
 from mqpolicy.unix_sockets import remove_stale_socket
 
 __all__ = [
@@ -88,27 +87,6 @@ class ServerCounters:
     protocol_errors: int = 0
     handler_errors: int = 0
     idle_timeouts: int = 0
-
-
-class _Burst:
-    """Lets the first event of a burst be logged, then one line per ``interval_s``."""
-
-    __slots__ = ("_interval_s", "_next", "_suppressed")
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._next = 0.0
-        self._suppressed = 0
-
-    def take(self) -> int | None:
-        """None: stay quiet. Otherwise log now, mentioning the returned suppressed count."""
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return None
-        suppressed, self._suppressed = self._suppressed, 0
-        self._next = now + self._interval_s
-        return suppressed
 
 
 class _Conn:
@@ -182,9 +160,9 @@ class PolicyServer:
         self._started = False
         self._draining = False
         self._reply_cache: dict[str, bytes] = {}
-        self._refused_log = _Burst(10.0)
-        self._protocol_error_log = _Burst(1.0)
-        self._handler_error_log = _Burst(1.0)
+        self._refused_log = LogBurst(10.0)
+        self._protocol_error_log = LogBurst(1.0)
+        self._handler_error_log = LogBurst(1.0)
 
     # --- lifecycle ---------------------------------------------------------------------
 

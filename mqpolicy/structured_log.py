@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, TextIO
@@ -158,3 +159,26 @@ def configure_logging(
 
 def set_level(level: str) -> None:
     logging.getLogger("mqpolicy").setLevel(level.upper())
+
+
+class LogBurst:
+    """Log the first event of a burst, then one line per ``interval_s`` with how many
+    were left out: a failing store or a flood of bad requests never floods the log.
+    Thread-safe (the milter's threads share one)."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self._interval_s = interval_s
+        self._next = 0.0
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """None: stay quiet. Otherwise log now, mentioning the returned suppressed count."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return None
+            suppressed, self._suppressed = self._suppressed, 0
+            self._next = now + self._interval_s
+            return suppressed
