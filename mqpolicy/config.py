@@ -995,57 +995,28 @@ def _read_destinations(
         except ValueError as exc:
             r.error(m, "mx" if "mx" in m else "domains", path, str(exc))
             continue
-        if "rate" not in m:
-            r.error(container, i, path, "a destination needs a rate (e.g. 300/1m)")
-            continue
-        rate = r.convert(m, "rate", f"{path}.rate", parse_rate)
-        burst = r.convert(m, "burst", f"{path}.burst", _positive_int) if "burst" in m else None
-        action, demote_to = ActionKind.DEFER, None
-        if "action" in m:
-            action, demote_to = _read_action(r, m, path, lanes)
-        message = r.convert(m, "message", f"{path}.message", _template) if "message" in m else None
-        monitor = False
-        if "monitor" in m:
-            monitor = bool(r.convert(m, "monitor", f"{path}.monitor", _bool))
-        scope = None
-        if "lanes" in m:
-            raw_lanes = m["lanes"]
-            names = [raw_lanes] if isinstance(raw_lanes, str) else raw_lanes
-            if not isinstance(names, list) or any(n not in lanes for n in names):
-                r.error(m, "lanes", f"{path}.lanes", f"expected lanes among {sorted(lanes)}")
-            else:
-                scope = frozenset(str(n) for n in names)
-        on_error = store.on_store_error
-        if "on_store_error" in m:
-            on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", _store_error_mode)
-        delivery: dict[str, int | None] = {}
-        for key in ("concurrency", "initial_concurrency", "recipient_limit"):
-            delivery[key] = (r.convert(m, key, f"{path}.{key}", _positive_int)
-                             if key in m else None)
-        rate_delay = (r.convert(m, "rate_delay", f"{path}.rate_delay", parse_duration_ms)
-                      if "rate_delay" in m else None)
-        if rate_delay is not None and rate_delay % 1000 and rate_delay >= 1000:
-            r.error(m, "rate_delay", f"{path}.rate_delay", "Postfix takes whole seconds here")
+        budget = _read_budget(r, container, i, m, path, "a destination", lanes, store)
+        delivery = _read_delivery(r, m, path)
         limit_name = f"destination:{name}"
         if limit_name in limit_names:
             r.error(m, "name", f"{path}.name", f"a limit is already named {limit_name!r}")
-        if len(r.issues) > before or rate is None or on_error is None:
+        if len(r.issues) > before or budget is None:
             continue
 
         def is_here(req: Request, name: str = name) -> bool:
             return (req.destination or domain_of(req.recipient)) == name
 
         limit = Limit(
-            name=limit_name, rate=rate, burst=burst or rate.count,
-            key=(KeyPart("destination"),), count=Count.RECIPIENTS, action=action,
-            demote_to=demote_to, message=message, monitor=monitor, lanes=scope,
-            when=is_here, exempt=None, on_store_error=on_error, destination=name,
+            name=limit_name, rate=budget.rate, burst=budget.burst,
+            key=(KeyPart("destination"),), count=Count.RECIPIENTS, action=budget.action,
+            demote_to=budget.demote_to, message=budget.message, monitor=budget.monitor,
+            lanes=budget.lanes, when=is_here, exempt=None,
+            on_store_error=budget.on_store_error, destination=name,
         )
         yield Destination(
             name=name, matcher=matcher, limit_name=limit_name,
-            concurrency=delivery["concurrency"],
-            initial_concurrency=delivery["initial_concurrency"],
-            rate_delay_ms=rate_delay, recipient_limit=delivery["recipient_limit"],
+            concurrency=delivery.concurrency, initial_concurrency=delivery.initial_concurrency,
+            rate_delay_ms=delivery.rate_delay_ms, recipient_limit=delivery.recipient_limit,
         ), limit
 
 
@@ -1191,6 +1162,88 @@ def _read_messages(r: _Reader, top: Mapping[str, Any]) -> Messages:
     return Messages(**values)
 
 
+@dataclass(frozen=True, slots=True)
+class _Delivery:
+    """Postfix delivery settings a lane or a destination may carry (``postfix-config``)."""
+
+    concurrency: int | None
+    initial_concurrency: int | None
+    rate_delay_ms: int | None
+    recipient_limit: int | None
+
+
+def _read_delivery(r: _Reader, m: Mapping[str, Any], path: str) -> _Delivery:
+    def opt(key: str, fn: Callable[[Any], Any]) -> Any:
+        return r.convert(m, key, f"{path}.{key}", fn) if key in m else None
+
+    rate_delay = opt("rate_delay", parse_duration_ms)
+    if rate_delay is not None and rate_delay % 1000 and rate_delay >= 1000:
+        r.error(m, "rate_delay", f"{path}.rate_delay", "Postfix takes whole seconds here")
+    return _Delivery(opt("concurrency", _positive_int), opt("initial_concurrency", _positive_int),
+                     rate_delay, opt("recipient_limit", _positive_int))
+
+
+@dataclass(frozen=True, slots=True)
+class _Budget:
+    """What limits and destinations share: rate, burst and what a spent budget does."""
+
+    rate: Rate
+    burst: int
+    action: ActionKind
+    demote_to: str | None
+    message: str | None
+    monitor: bool
+    lanes: frozenset[str] | None
+    on_store_error: StoreErrorMode
+
+
+def _read_budget(r: _Reader, container: Any, i: int, m: Mapping[str, Any], path: str,
+                 what: str, lanes: set[str], store: StoreSettings) -> _Budget | None:
+    """The budget fields of a limit or a destination; None when one is unusable (its
+    error is recorded; reading goes on so that every error is reported)."""
+    rate = None
+    if "rate" not in m:
+        r.error(container, i, path, f"{what} needs a rate (e.g. 100/1h)")
+    else:
+        rate = r.convert(m, "rate", f"{path}.rate", parse_rate)
+    burst = None
+    if "burst" in m:
+        burst = r.convert(m, "burst", f"{path}.burst", parse_size)
+        if burst == 0:
+            r.error(m, "burst", f"{path}.burst", "burst must be at least 1")
+    action, demote_to = ActionKind.DEFER, None
+    if "action" in m:
+        action, demote_to = _read_action(r, m, path, lanes)
+    message = None
+    if "message" in m:
+        message = r.convert(m, "message", f"{path}.message", _template)
+    monitor = False
+    if "monitor" in m:
+        monitor = bool(r.convert(m, "monitor", f"{path}.monitor", _bool))
+    scope: frozenset[str] | None = None
+    if "lanes" in m:
+        raw_lanes = m["lanes"]
+        names = [raw_lanes] if isinstance(raw_lanes, str) else raw_lanes
+        if not isinstance(names, list) or not names:
+            r.error(m, "lanes", f"{path}.lanes", "expected a lane name or a list of lanes")
+        else:
+            for j, lane_name in enumerate(names):
+                if lane_name not in lanes:
+                    where = names if isinstance(raw_lanes, list) else m
+                    r.error(
+                        where, j if isinstance(raw_lanes, list) else "lanes",
+                        f"{path}.lanes", _unknown_lane(lane_name, lanes),
+                    )
+            scope = frozenset(str(n) for n in names)
+    on_error = store.on_store_error
+    if "on_store_error" in m:
+        on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", _store_error_mode)
+    if rate is None or on_error is None:
+        return None
+    return _Budget(rate, burst or rate.count, action, demote_to, message, monitor, scope,
+                   on_error)
+
+
 def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
     seen: set[str] = set()
     priority = 0
@@ -1216,17 +1269,15 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
         ) -> Any:
             return r.convert(m, key, f"{lane_path}.{key}", fn) if key in m else None
 
-        rate_delay = opt("rate_delay", parse_duration_ms)
-        if rate_delay is not None and rate_delay % 1000 and rate_delay >= 1000:
-            r.error(m, "rate_delay", f"{path}.rate_delay", "Postfix takes whole seconds here")
+        delivery = _read_delivery(r, m, path)
         yield Lane(
             name=name,
             transport=transport,
             priority=priority,
-            concurrency=opt("concurrency", _positive_int),
-            initial_concurrency=opt("initial_concurrency", _positive_int),
-            rate_delay_ms=rate_delay,
-            recipient_limit=opt("recipient_limit", _positive_int),
+            concurrency=delivery.concurrency,
+            initial_concurrency=delivery.initial_concurrency,
+            rate_delay_ms=delivery.rate_delay_ms,
+            recipient_limit=delivery.recipient_limit,
             hold=bool(opt("hold", _bool)),
             release_rate=opt("release_rate", parse_rate),
             release_burst=opt("release_burst", _positive_int),
@@ -1309,16 +1360,7 @@ def _read_limits(
             r.error(m, "name", f"{path}.name", f"duplicate limit {name!r}")
         seen.add(name)
 
-        rate = None
-        if "rate" not in m:
-            r.error(container, i, path, "a limit needs a rate (e.g. 100/1h)")
-        else:
-            rate = r.convert(m, "rate", f"{path}.rate", parse_rate)
-        burst = None
-        if "burst" in m:
-            burst = r.convert(m, "burst", f"{path}.burst", parse_size)
-            if burst == 0:
-                r.error(m, "burst", f"{path}.burst", "burst must be at least 1")
+        budget = _read_budget(r, container, i, m, path, "a limit", lanes, store)
 
         key: tuple[KeyPart, ...] = ()
         if "key" not in m:
@@ -1347,54 +1389,24 @@ def _read_limits(
                     f"expected messages, recipients or bytes, got {m['count']!r}",
                 )
 
-        action, demote_to = ActionKind.DEFER, None
-        if "action" in m:
-            action, demote_to = _read_action(r, m, path, lanes)
-
-        message = None
-        if "message" in m:
-            message = r.convert(m, "message", f"{path}.message", _template)
-        monitor = False
-        if "monitor" in m:
-            monitor = bool(r.convert(m, "monitor", f"{path}.monitor", _bool))
-
-        scope: frozenset[str] | None = None
-        if "lanes" in m:
-            raw_lanes = m["lanes"]
-            names = [raw_lanes] if isinstance(raw_lanes, str) else raw_lanes
-            if not isinstance(names, list) or not names:
-                r.error(m, "lanes", f"{path}.lanes", "expected a lane name or a list of lanes")
-            else:
-                for j, lane_name in enumerate(names):
-                    if lane_name not in lanes:
-                        where = names if isinstance(raw_lanes, list) else m
-                        r.error(
-                            where, j if isinstance(raw_lanes, list) else "lanes",
-                            f"{path}.lanes", _unknown_lane(lane_name, lanes),
-                        )
-                scope = frozenset(str(n) for n in names)
         when = _condition(r, m, "when", path) if "when" in m else None
         exempt = _condition(r, m, "except", path) if "except" in m else None
-        on_error = store.on_store_error
-        if "on_store_error" in m:
-            on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", _store_error_mode)
-
-        if len(r.issues) > before or rate is None or on_error is None:
+        if len(r.issues) > before or budget is None:
             continue
         yield Limit(
             name=name,
-            rate=rate,
-            burst=burst or rate.count,
+            rate=budget.rate,
+            burst=budget.burst,
             key=key,
             count=count,
-            action=action,
-            demote_to=demote_to,
-            message=message,
-            monitor=monitor,
-            lanes=scope,
+            action=budget.action,
+            demote_to=budget.demote_to,
+            message=budget.message,
+            monitor=budget.monitor,
+            lanes=budget.lanes,
             when=when,
             exempt=exempt,
-            on_store_error=on_error,
+            on_store_error=budget.on_store_error,
             needs_headers=uses_headers(m.get("when")) or uses_headers(m.get("except")),
         )
 
