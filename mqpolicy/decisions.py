@@ -4,19 +4,24 @@ Shared by every front-end (policy server, milter, ``explain``). Owns the current
 (swapped whole on reload), the store deadline and the failure contract: a store that
 errs or misses its deadline yields ``evaluation=None`` and the engine applies each
 limit's ``on_store_error``.
+
+A decision that needs no I/O (the in-process memory store, a destination found without
+DNS) is made synchronously by :meth:`DecisionService.decide_now`, which any thread may
+call: the milter's threads decide there without a hand-off to the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter_ns
 
-from mqpolicy.budget import CounterStore, Evaluation, StoreError
+from mqpolicy.budget import BudgetCheck, CounterStore, Evaluation, StoreError
 from mqpolicy.config import Policy
 from mqpolicy.engine import (
     NO_LIMITS_EVALUATION,
@@ -42,9 +47,14 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_EvaluateNow = Callable[[Sequence[BudgetCheck], int, str | None], Evaluation]
+"""``MemoryStore.evaluate_now``: a store's decision without I/O or coroutine."""
+
+
 @dataclass
 class DecisionStats:
-    """Counters for metrics and ``top``, read at scrape time; changed on the loop only."""
+    """Counters for metrics and ``top``, read at scrape time; changed under the service's
+    lock (decisions come from the loop and from the milter's threads)."""
 
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (action, lane)
     limits_hit: Counter[tuple[str, str]] = field(default_factory=Counter)  # (limit, action)
@@ -74,9 +84,13 @@ class DecisionService:
         self.store = store
         self.clock_ms = clock_ms
         self._deadline_ms = deadline_ms
-        # A store that answers without I/O (the memory store) cannot miss a deadline:
-        # skip the timer, which costs as much as the answer.
-        self._needs_deadline = not getattr(store, "in_process", False)
+        # A store that answers without I/O (the memory store) cannot miss a deadline and
+        # needs no coroutine: decide_now() uses it directly.
+        self._evaluate_now: _EvaluateNow | None = (
+            getattr(store, "evaluate_now", None) if getattr(store, "in_process", False)
+            else None)
+        self._needs_deadline = self._evaluate_now is None
+        self._stats_lock = threading.Lock()
         self.resolver = resolver
         #: Backoff factors and waiting lanes from the store, refreshed by the front-end.
         self.runtime: RuntimeState = NO_RUNTIME
@@ -89,6 +103,10 @@ class DecisionService:
         self.policy = policy
 
     async def decide(self, request: Request, *, consume: bool = True) -> Verdict:
+        if consume and self._evaluate_now is not None:
+            verdict = self.decide_now(request)
+            if verdict is not None:
+                return verdict
         started = perf_counter_ns()
         policy = self.policy
         if policy.destinations and request.recipient and not request.destination:
@@ -98,13 +116,42 @@ class DecisionService:
         if not consume:
             plan = _dry(plan)
         evaluation: Evaluation | None
+        store_ns: int | None = None
         if not plan.limits:
             evaluation = NO_LIMITS_EVALUATION
         else:
+            store_started = perf_counter_ns()
             evaluation = await self._evaluate(plan, self._deadline_ms or policy.store.timeout_ms)
+            store_ns = perf_counter_ns() - store_started
         verdict = decide(plan, evaluation, policy)
-        self._account(request, verdict)
-        self.stats.decision_latency.observe(perf_counter_ns() - started)
+        self._account(request, verdict, perf_counter_ns() - started, store_ns)
+        return verdict
+
+    def decide_now(self, request: Request) -> Verdict | None:
+        """The decision, made synchronously, when it needs no I/O: an in-process store
+        and a destination found without DNS. None: use :meth:`decide`. Any thread."""
+        evaluate_now = self._evaluate_now
+        if evaluate_now is None:
+            return None
+        started = perf_counter_ns()
+        policy = self.policy
+        if policy.destinations and request.recipient and not request.destination:
+            destination = self._destinations.find_now(domain_of(request.recipient),
+                                                      policy.destinations)
+            if destination is None:
+                return None
+            request = request._replace(destination=destination)
+        plan = make_plan(request, policy, self.runtime)
+        store_ns: int | None = None
+        if not plan.limits:
+            evaluation = NO_LIMITS_EVALUATION
+        else:
+            store_started = perf_counter_ns()
+            evaluation = evaluate_now([p.check for p in plan.limits], self.clock_ms(),
+                                      plan.once_key)
+            store_ns = perf_counter_ns() - store_started
+        verdict = decide(plan, evaluation, policy)
+        self._account(request, verdict, perf_counter_ns() - started, store_ns)
         return verdict
 
     async def destination_of(self, domain: str, policy: Policy | None = None) -> str:
@@ -114,7 +161,6 @@ class DecisionService:
 
     async def _evaluate(self, plan: Plan, timeout_ms: int) -> Evaluation | None:
         checks = [p.check for p in plan.limits]
-        started = perf_counter_ns()
         try:
             if not self._needs_deadline:
                 return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
@@ -126,8 +172,6 @@ class DecisionService:
         except StoreError as exc:
             self.stats.store_errors += 1
             self._store_failed(str(exc))
-        finally:
-            self.stats.store_latency.observe(perf_counter_ns() - started)
         return None
 
     def _store_failed(self, why: str) -> None:
@@ -137,14 +181,19 @@ class DecisionService:
             store_log.warning("store unavailable, applying on_store_error",
                               extra={"fields": {"error": why, "suppressed": suppressed}})
 
-    def _account(self, request: Request, verdict: Verdict) -> None:
+    def _account(self, request: Request, verdict: Verdict, decision_ns: int,
+                 store_ns: int | None) -> None:
         stats = self.stats
-        stats.decisions[(verdict.action.value, verdict.lane.name)] += 1
         spoke = [o for o in verdict.limits if not o.allowed]
-        for o in spoke:
-            action = "monitor" if o.monitor else o.action.value
-            stats.limits_hit[(o.name, action)] += 1
-            stats.busiest.hit(o.name, action, o.key)
+        with self._stats_lock:
+            stats.decisions[(verdict.action.value, verdict.lane.name)] += 1
+            for o in spoke:
+                action = "monitor" if o.monitor else o.action.value
+                stats.limits_hit[(o.name, action)] += 1
+                stats.busiest.hit(o.name, action, o.key)
+            stats.decision_latency.observe(decision_ns)
+            if store_ns is not None:
+                stats.store_latency.observe(store_ns)
         quiet = (
             verdict.action is Action.ACCEPT
             and not spoke

@@ -21,26 +21,27 @@ Every entry carries an expiry in the callers' clock (``now_ms``): lazy expiry on
 bounded round-robin sweep (``_SWEEP_BATCH`` entries every ``_SWEEP_EVERY`` writes) so keys
 nobody reads again do not pile up.
 
-All work happens synchronously inside the coroutines, so each call is atomic on its event
-loop; callers on other threads must go through ``asyncio.run_coroutine_threadsafe`` on that
-loop.
+Every call holds the store's lock for its whole (synchronous) work, so each is atomic for
+callers on the event loop and on other threads alike; :meth:`MemoryStore.evaluate_now` is
+the decision without a coroutine, for the milter's threads.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from mqpolicy.budget import (
     DEFAULT_ONCE_TTL_MS,
+    NEVER,
     BucketState,
     BudgetCheck,
     BudgetResult,
     Evaluation,
     free_units,
-    gcra_step,
     ttl_for,
 )
 
@@ -50,6 +51,8 @@ _SWEEP_BATCH = 32
 """Entries looked at per sweep slice: twice the write rate, so garbage stays bounded."""
 _ONCE_VALUE = 1.0
 """What a once key holds (Redis stores the string ``1``)."""
+_INFINITY = math.inf
+floor, ceil = math.floor, math.ceil
 
 
 def validate_decision(checks: Sequence[BudgetCheck], once_ttl_ms: int) -> None:
@@ -122,6 +125,8 @@ class MemoryStore:
         self._data: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._writes = 0
         self._last_now = 0
+        # Decisions may come from several threads (the milter's): one at a time.
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         """Entries held, including expired ones the sweep has not reached yet."""
@@ -168,65 +173,116 @@ class MemoryStore:
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
     ) -> Evaluation:
-        validate_decision(checks, once_ttl_ms)
-        self._seen(now_ms)
+        return self.evaluate_now(checks, now_ms, once_key, once_ttl_ms)
+
+    def evaluate_now(
+        self,
+        checks: Sequence[BudgetCheck],
+        now_ms: int,
+        once_key: str | None = None,
+        once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+    ) -> Evaluation:
+        """:meth:`evaluate` without a coroutine, for callers on any thread (the milter's).
+
+        The GCRA step of :func:`~mqpolicy.budget.gcra_step` is written out inline (same
+        expressions, same order, so the same doubles): this runs for every decision."""
+        if once_ttl_ms <= 0:
+            raise ValueError(f"once_ttl_ms must be positive: {once_ttl_ms}")
+        with self._lock:
+            self._seen(now_ms)
+            prefix = self._prefix
+            once = None
+            if once_key is not None:
+                once = prefix + once_key
+                if self._get(once, now_ms) is not None:
+                    validate_decision(checks, once_ttl_ms)
+                    return self._duplicate(checks, now_ms)
+            data = self._data
+            original: dict[str, float] = {}
+            tentative: dict[str, float] = {}
+            last_spender: dict[str, int] = {}
+            # per check: key, allowed, retry_after_ms, remaining if it spent (else -1)
+            steps: list[tuple[str, bool, int, int]] = []
+            blocked = False
+            for i, check in enumerate(checks):
+                key, interval, burst, cost, consume, blocking = check
+                if not 0 < interval < _INFINITY:  # also NaN
+                    raise ValueError(f"interval_ms must be a positive number: {check!r}")
+                if burst < 0 or cost < 0:
+                    raise ValueError(f"burst and cost must not be negative: {check!r}")
+                key = prefix + key
+                tat = tentative.get(key)
+                if tat is None:
+                    entry = data.get(key)
+                    if entry is None:
+                        tat = now_ms
+                    elif entry[1] <= now_ms:
+                        del data[key]
+                        tat = now_ms
+                    else:
+                        tat = entry[0] if entry[0] >= now_ms else now_ms
+                    original[key] = tentative[key] = tat
+                tolerance = interval * burst
+                increment = interval * cost
+                new_tat = tat + increment
+                allow_at = new_tat - tolerance
+                if increment > tolerance:
+                    steps.append((key, False, NEVER, -1))
+                    blocked = blocked or blocking
+                elif allow_at <= now_ms:
+                    left = -1
+                    if consume:
+                        span = tolerance - (tat - now_ms) - increment
+                        left = max(0, floor(span / interval + (1e-9 + burst * 1e-12)))
+                        tentative[key] = new_tat
+                        last_spender[key] = i
+                    steps.append((key, True, 0, left))
+                else:
+                    steps.append((key, False, max(1, ceil(allow_at - now_ms)), -1))
+                    blocked = blocked or blocking
+
+            state = original if blocked else tentative
+            results = []
+            for i, (check, (key, allowed, retry, left)) in enumerate(
+                    zip(checks, steps, strict=True)):
+                if blocked or left < 0 or last_spender.get(key) != i:
+                    interval, burst = check.interval_ms, check.burst
+                    span = interval * burst - (state[key] - now_ms)
+                    left = max(0, floor(span / interval + (1e-9 + burst * 1e-12)))
+                results.append(BudgetResult(allowed, left, retry))
+
+            if not blocked:
+                for key in last_spender:
+                    tat = tentative[key]
+                    self._put(key, tat, now_ms + ttl_for(tat, now_ms))
+                if once is not None:
+                    self._put(once, _ONCE_VALUE, now_ms + once_ttl_ms)
+            return Evaluation(tuple(results), committed=not blocked)
+
+    def _duplicate(self, checks: Sequence[BudgetCheck], now_ms: int) -> Evaluation:
+        """A message already counted: nothing tested or spent, each bucket's free units."""
         prefix = self._prefix
-        keys = [prefix + check.key for check in checks]
-        once = None if once_key is None else prefix + once_key
-
-        if once is not None and self._get(once, now_ms) is not None:
-            return Evaluation(
-                tuple(
-                    BudgetResult(
-                        True, free_units(c.interval_ms, c.burst, self._tat(k, now_ms), now_ms), 0
-                    )
-                    for c, k in zip(checks, keys, strict=True)
-                ),
-                committed=False,
-                duplicate=True,
-            )
-
-        original: dict[str, float] = {}
-        tentative: dict[str, float] = {}
-        last_spender: dict[str, int] = {}
-        outcomes = []
-        blocked = False
-        for i, (check, key) in enumerate(zip(checks, keys, strict=True)):
-            tat = tentative.get(key)
-            if tat is None:
-                tat = original[key] = tentative[key] = self._tat(key, now_ms)
-            outcome = gcra_step(tat, now_ms, check.interval_ms, check.burst, check.cost)
-            if outcome.allowed and check.consume:
-                tentative[key] = outcome.new_tat_ms
-                last_spender[key] = i
-            elif not outcome.allowed and check.blocking:
-                blocked = True
-            outcomes.append(outcome)
-
-        results = []
-        for i, (check, key, outcome) in enumerate(zip(checks, keys, outcomes, strict=True)):
-            if blocked:
-                left = free_units(check.interval_ms, check.burst, original[key], now_ms)
-            elif last_spender.get(key) == i:
-                left = outcome.remaining
-            else:
-                left = free_units(check.interval_ms, check.burst, tentative[key], now_ms)
-            results.append(BudgetResult(outcome.allowed, left, outcome.retry_after_ms))
-
-        if not blocked:
-            for key in last_spender:
-                tat = tentative[key]
-                self._put(key, tat, now_ms + ttl_for(tat, now_ms))
-            if once is not None:
-                self._put(once, _ONCE_VALUE, now_ms + once_ttl_ms)
-        return Evaluation(tuple(results), committed=not blocked)
+        return Evaluation(
+            tuple(
+                BudgetResult(
+                    True,
+                    free_units(c.interval_ms, c.burst, self._tat(prefix + c.key, now_ms), now_ms),
+                    0,
+                )
+                for c in checks
+            ),
+            committed=False,
+            duplicate=True,
+        )
 
     async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
-        self._seen(now_ms)
         states: list[BucketState | None] = []
-        for key in keys:
-            entry = self._get(self._prefix + key, now_ms)
-            states.append(None if entry is None else BucketState(key, entry[0], entry[1] - now_ms))
+        with self._lock:
+            self._seen(now_ms)
+            for key in keys:
+                entry = self._get(self._prefix + key, now_ms)
+                states.append(
+                    None if entry is None else BucketState(key, entry[0], entry[1] - now_ms))
         return states
 
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:
@@ -235,20 +291,22 @@ class MemoryStore:
         matcher = redis_glob_to_regex(pattern)
         now = self._last_now
         prefix, n = self._prefix, len(self._prefix)
-        found = [
-            key[n:]
-            for key, (_, expiry) in self._data.items()
-            if expiry > now and key.startswith(prefix) and matcher.fullmatch(key[n:])
-        ]
+        with self._lock:
+            found = [
+                key[n:]
+                for key, (_, expiry) in self._data.items()
+                if expiry > now and key.startswith(prefix) and matcher.fullmatch(key[n:])
+            ]
         found.sort()
         return found[: max(0, count)]
 
     async def reset(self, keys: Sequence[str]) -> int:
         existed = 0
-        for key in dict.fromkeys(keys):
-            if self._get(self._prefix + key, self._last_now) is not None:
-                del self._data[self._prefix + key]
-                existed += 1
+        with self._lock:
+            for key in dict.fromkeys(keys):
+                if self._get(self._prefix + key, self._last_now) is not None:
+                    del self._data[self._prefix + key]
+                    existed += 1
         return existed
 
     async def ping(self) -> None:

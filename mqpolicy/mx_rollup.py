@@ -431,13 +431,20 @@ class DestinationFinder:
 
     async def find(self, domain: str, destinations: Sequence[_HasMatcher]) -> str:
         """The group's name, else the domain itself. Never raises (DNS trouble: the domain)."""
+        found = self.find_now(domain, destinations)
+        if found is None and self.resolver is not None:
+            return await self.resolver.destination_of(domain, self._groups)
+        return found or normalize_domain(domain)
+
+    def find_now(self, domain: str, destinations: Sequence[_HasMatcher]) -> str | None:
+        """:meth:`find` when the answer needs no DNS; None when it needs the resolver."""
         if destinations is not self._for:
             self._groups = tuple(d.matcher for d in destinations)
             self._by_mx = needs_mx(self._groups)
             self._by_domain.clear()
             self._for = destinations
         if self._by_mx and self.resolver is not None:
-            return await self.resolver.destination_of(domain, self._groups)
+            return None
         found = self._by_domain.get(domain)
         if found is None:
             found = match_destination(domain, (), self._groups) or normalize_domain(domain)

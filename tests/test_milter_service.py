@@ -468,7 +468,13 @@ def test_local_submission_refuses_the_whole_message_at_the_end(loop: Loop) -> No
 # ---------------------------------------------------------------- failures
 
 
-class BlockingStore(MemoryStore):
+class NetworkStore(MemoryStore):
+    """The memory store's answers behind a hand-off to the loop, as a Redis store's are."""
+
+    in_process = False
+
+
+class BlockingStore(NetworkStore):
     """Blocks the loop thread itself: only the milter's own deadline can help."""
 
     def __init__(self, block_s: float) -> None:
@@ -482,9 +488,19 @@ class BlockingStore(MemoryStore):
 
 
 class BrokenStore(MemoryStore):
+    """A bug in policy code, on the milter's thread (evaluate_now) and on the loop."""
+
+    def evaluate_now(self, checks: Sequence[BudgetCheck], now_ms: int,
+                     once_key: str | None = None, once_ttl_ms: int = 86_400_000) -> Evaluation:
+        raise ZeroDivisionError("bug in policy code")
+
     async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
                        once_key: str | None = None, once_ttl_ms: int = 86_400_000) -> Evaluation:
         raise ZeroDivisionError("bug in policy code")
+
+
+class BrokenNetworkStore(BrokenStore):
+    in_process = False
 
 
 ANY_LIMIT = """\
@@ -517,8 +533,9 @@ def test_slow_store_never_stalls_past_the_deadline(loop: Loop, where: str) -> No
     assert elapsed < 0.6
 
 
-def test_exception_in_policy_code_becomes_tempfail(loop: Loop) -> None:
-    s = Session(make_gateway(loop, ANY_LIMIT, store=BrokenStore()))
+@pytest.mark.parametrize("store", [BrokenStore, BrokenNetworkStore])
+def test_exception_in_policy_code_becomes_tempfail(loop: Loop, store: type[MemoryStore]) -> None:
+    s = Session(make_gateway(loop, ANY_LIMIT, store=store()))
     s.connect()
     s.mail("a@example.com")
     assert s.rcpt("b@x") == Milter.TEMPFAIL
@@ -539,12 +556,40 @@ def test_on_error_accept_still_sets_the_lane_and_drops_forgeries(loop: Loop) -> 
 
 def test_loop_gone_becomes_on_error() -> None:
     lp = Loop()
-    gateway = make_gateway(lp, ANY_LIMIT)
+    gateway = make_gateway(lp, ANY_LIMIT, store=NetworkStore())
     lp.close()
     s = Session(gateway)
     s.connect()
     s.mail("a@example.com")
     assert s.rcpt("b@x") == Milter.TEMPFAIL
+
+
+def test_memory_store_decisions_are_made_on_the_milter_thread(loop: Loop) -> None:
+    """No hand-off to the loop: a busy (here: blocked) loop does not slow the milter,
+    and the decision still spends the shared budget."""
+    store = MemoryStore()
+    gateway = make_gateway(loop, """\
+        limits:
+          - name: per-sender
+            rate: 1/1h
+            key: sender
+            count: messages
+        """, store=store, timeout_ms=100)
+    release = threading.Event()
+    loop.loop.call_soon_threadsafe(release.wait, 5)  # the loop is stuck until released
+    try:
+        s = Session(gateway)
+        s.connect()
+        started = time.monotonic()
+        assert s.message("a@example.com", ["b@x"], [("Subject", "one")]) == Milter.CONTINUE
+        s2 = Session(gateway)
+        s2.connect()
+        assert s2.message("a@example.com", ["c@x"], [("Subject", "two")]) == Milter.TEMPFAIL
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+    assert elapsed < 0.1  # through the stuck loop: on_error after the milter deadline
+    assert gateway.counters.failures == 0
 
 
 # ---------------------------------------------------------------- hostile input
