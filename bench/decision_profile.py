@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_bench import POLICY_TEMPLATE
 from policy_load import make_workload
 
-from mqpolicy.config import load_policy
+from mqpolicy.config import Policy, load_policy
 from mqpolicy.decisions import DecisionService
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.policy_codec import PolicyDecoder, encode_reply
@@ -47,16 +47,9 @@ def requests_of(count: int, seed: int) -> list[bytes]:
     return out[:count]
 
 
-async def run(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="mqpolicy-profile-") as tmp:
-        path = Path(tmp) / "policy.yaml"
-        path.write_text(POLICY_TEMPLATE.format(port=10040, store_url="memory://",
-                                               log_level="warning"))
-        policy = load_policy(path)
-    wire = requests_of(args.requests, args.seed)
-    service = DecisionService(policy, MemoryStore())
-    handler = PostfixPolicyHandler(service)
-
+async def measure(policy: Policy, wire: list[bytes]) -> tuple[dict[str, float], list[str]]:
+    """CPU ns of each stage over all of ``wire``, on a fresh store; and the answers."""
+    handler = PostfixPolicyHandler(DecisionService(policy, MemoryStore()))
     decoder = PolicyDecoder()
     started = time.process_time_ns()
     decoded = [decoder.feed(data)[0] for data in wire]
@@ -73,17 +66,32 @@ async def run(args: argparse.Namespace) -> None:
     for action in actions:
         encode_reply(action)
     encode_ns = time.process_time_ns() - started
+    return {"decode": decode_ns, "handle": handle_ns, "encode": encode_ns}, actions
 
+
+async def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="mqpolicy-profile-") as tmp:
+        path = Path(tmp) / "policy.yaml"
+        path.write_text(POLICY_TEMPLATE.format(port=10040, store_url="memory://",
+                                               log_level="warning"))
+        policy = load_policy(path)
+    wire = requests_of(args.requests, args.seed)
+    best: dict[str, float] = {}
+    actions: list[str] = []
+    for _ in range(args.repeat):  # the best of several runs: this machine is shared
+        figures, actions = await measure(policy, wire)
+        for name, ns in figures.items():
+            best[name] = min(best.get(name, ns), ns)
     n = len(wire)
     accepted = sum(1 for a in actions if a == "DUNNO" or a.startswith("FILTER"))
-    print(f"requests {n}, accepted or filtered {accepted / n:.0%}")
-    for name, ns in (("decode", decode_ns), ("handle", handle_ns), ("encode", encode_ns)):
+    print(f"requests {n}, accepted or filtered {accepted / n:.0%}, best of {args.repeat}")
+    for name, ns in best.items():
         print(f"{name:8} {ns / n / 1000:7.1f} us/request")
-    print(f"{'total':8} {(decode_ns + handle_ns + encode_ns) / n / 1000:7.1f} us/request")
+    print(f"{'total':8} {sum(best.values()) / n / 1000:7.1f} us/request")
 
     if args.profile:
-        service2 = DecisionService(policy, MemoryStore())
-        handle = PostfixPolicyHandler(service2).handle
+        handle = PostfixPolicyHandler(DecisionService(policy, MemoryStore())).handle
+        decoder = PolicyDecoder()
         profiler = cProfile.Profile()
         profiler.enable()
         for data in wire:
@@ -99,6 +107,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=5, help="runs; the best is shown")
     parser.add_argument("--profile", action="store_true", help="add a cProfile listing")
     parser.add_argument("--top", type=int, default=30, help="functions in the listing")
     return parser.parse_args(argv)

@@ -28,6 +28,7 @@ from mqpolicy.endpoints import (
     parse_endpoint,
     parse_milter_endpoint,
 )
+from mqpolicy.limit_keys import KeyFunction, key_function
 from mqpolicy.mx_rollup import DestinationMatcher
 from mqpolicy.rates import (
     Rate,
@@ -215,6 +216,8 @@ class Limit:
     rate_text: str = field(init=False)
     interval_ms: float = field(init=False)
     key_text: str = field(init=False)
+    # The request's key value (None: a part is missing), compiled from ``key``.
+    key_of: KeyFunction = field(init=False, compare=False, repr=False)
     # Where the limit's buckets live: its name plus rate and burst, so a reload that
     # changes the rate starts fresh buckets instead of misreading the old ones.
     bucket_prefix: str = field(init=False)
@@ -226,6 +229,7 @@ class Limit:
             "rate_text": str(self.rate),
             "interval_ms": self.rate.interval_ms,
             "key_text": "+".join(str(p) for p in self.key),
+            "key_of": key_function(self.key),
             "bucket_prefix": (
                 f"rl:{self.name}:{self.rate.count}/{self.rate.period_ms}/{self.burst}:"
             ),

@@ -19,21 +19,17 @@ Counting rules (see README "How counting works"):
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from enum import Enum
 from types import MappingProxyType
 from typing import NamedTuple
 
 from mqpolicy.backoff import scale_budget
 from mqpolicy.budget import NEVER, BudgetCheck, BudgetResult, Evaluation
-from mqpolicy.conditions import parse_ip
 from mqpolicy.config import (
     ActionKind,
     Count,
-    KeyPart,
     Lane,
     Limit,
     Policy,
@@ -132,58 +128,9 @@ def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
 # ---------------------------------------------------------------- keys
 
 
-@functools.lru_cache(maxsize=65536)
-def client_network(address: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
-    """``192.0.2.0/24`` for ``192.0.2.77``; '' for what is not an address. Cached: the
-    same clients come back all day, and parsing an address is the costly part."""
-    parts = address.split(".")
-    if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 for p in parts):
-        # IPv4, the common case, without the ipaddress module (20x cheaper)
-        value = 0
-        for part in parts:
-            octet = int(part)
-            if octet > 255 or (len(part) > 1 and part[0] == "0"):
-                return ""
-            value = value << 8 | octet
-        value &= (0xFFFFFFFF << (32 - ipv4_prefix)) & 0xFFFFFFFF
-        dotted = ".".join(str(value >> shift & 0xFF) for shift in (24, 16, 8, 0))
-        return f"{dotted}/{ipv4_prefix}"
-    ip = parse_ip(address)
-    if ip is None:
-        return ""
-    prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
-
-
-_KEY_VALUES: dict[str, Callable[[Request, KeyPart], str]] = {
-    "sender": lambda r, _: r.sender.lower(),
-    "sender_domain": lambda r, _: domain_of(r.sender),
-    "sasl_username": lambda r, _: r.sasl_username.lower(),
-    "client_address": lambda r, _: r.client_address.lower(),
-    "client_network": lambda r, p: client_network(r.client_address, p.ipv4_prefix,
-                                                  p.ipv6_prefix),
-    "client_name": lambda r, _: r.client_name.lower(),
-    "helo_name": lambda r, _: r.helo_name.lower(),
-    "recipient": lambda r, _: r.recipient.lower(),
-    "recipient_domain": lambda r, _: domain_of(r.recipient),
-    # the destination group the front-end resolved (MX rollup), else the domain
-    "destination": lambda r, _: r.destination or domain_of(r.recipient),
-}
-
-
 def limit_key(limit: Limit, request: Request) -> str | None:
     """The key value of ``limit`` for this request; None when a part is missing."""
-    parts = limit.key
-    if len(parts) == 1:
-        part = parts[0]
-        return _KEY_VALUES[part.name](request, part) or None
-    values = []
-    for part in parts:
-        value = _KEY_VALUES[part.name](request, part)
-        if not value:
-            return None
-        values.append(value)
-    return "|".join(values)
+    return limit.key_of(request)
 
 
 def store_key(limit: Limit, key: str) -> str:
@@ -255,7 +202,7 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
             continue
         if limit.exempt is not None and limit.exempt(request):
             continue
-        key = limit_key(limit, request)
+        key = limit.key_of(request)
         if key is None:
             continue
         if limit.recipient_keyed:
@@ -272,8 +219,9 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
             factor = backoff.get(limit.destination, 1.0)
             if factor < 1.0:  # same bucket key: a factor change never resets the bucket
                 interval, burst = scale_budget(interval, burst, factor)
-        check = BudgetCheck(store_key(limit, key), interval, burst, cost, consume,
-                            limit.blocking)
+        bucket = (limit.bucket_prefix + key if key.isascii() and len(key) <= _MAX_KEY_LENGTH
+                  else store_key(limit, key))
+        check = BudgetCheck(bucket, interval, burst, cost, consume, limit.blocking)
         planned.append(PlannedLimit(limit, key, check, consume))
     once = once_key_for(request) if at_end and planned else None
     return Plan(request, lane, rule, tuple(planned), once, runtime.waiting_lanes)

@@ -461,3 +461,32 @@ def test_store_failure_never_sends_mail_of_a_hold_lane_on() -> None:
     assert (verdict.action, verdict.deciding, verdict.store_error) == (
         Action.DEFER, "lane:scheduled", True)
     assert postfix_action(verdict) == "451 4.3.0 Policy store unavailable, try again later"
+
+
+# ---------------------------------------------------------------- requests
+
+
+def test_request_from_policy_attributes_maps_every_attribute() -> None:
+    attrs = {
+        "protocol_state": "end-of-message", "client_address": "192.0.2.1",
+        "client_name": "mx.example.net", "reverse_client_name": "rev.example.net",
+        "helo_name": "helo.example.net", "sasl_username": "alice", "sender": "a@example.com",
+        "recipient": "b@example.org", "recipient_count": "3", "size": "1200",
+        "queue_id": "4AbC", "instance": "1a.2b", "protocol_name": "ESMTP",
+        "request": "smtpd_access_policy", "stress": "",
+    }
+    assert Request.from_policy_attributes(attrs) == Request(
+        stage="END-OF-MESSAGE", client_address="192.0.2.1", client_name="mx.example.net",
+        reverse_client_name="rev.example.net", helo_name="helo.example.net",
+        sasl_username="alice", sender="a@example.com", recipient="b@example.org",
+        recipient_count=3, size=1200, queue_id="4AbC", instance="1a.2b",
+        protocol_name="ESMTP")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("", 0), ("0", 0), ("17", 17), ("-5", 0), ("x", 0), ("²", 0), ("+4", 4), (" 9", 9),
+])
+def test_request_numbers_are_never_negative_or_errors(value: str, expected: int) -> None:
+    request = Request.from_policy_attributes({"size": value, "recipient_count": value})
+    assert (request.size, request.recipient_count) == (expected, expected)
+    assert Request.from_policy_attributes({}).stage == "RCPT"
