@@ -185,7 +185,9 @@ class MemoryStore:
         """:meth:`evaluate` without a coroutine, for callers on any thread (the milter's).
 
         The GCRA step of :func:`~mqpolicy.budget.gcra_step` is written out inline (same
-        expressions, same order, so the same doubles): this runs for every decision."""
+        expressions, same order, so the same doubles): this runs for every decision. A
+        decision whose checks all use different buckets (the usual one) takes one pass;
+        one that checks a bucket twice takes :meth:`_evaluate_shared`."""
         if once_ttl_ms <= 0:
             raise ValueError(f"once_ttl_ms must be positive: {once_ttl_ms}")
         with self._lock:
@@ -198,66 +200,126 @@ class MemoryStore:
                     validate_decision(checks, once_ttl_ms)
                     return self._duplicate(checks, now_ms)
             data = self._data
-            original: dict[str, float] = {}
-            tentative: dict[str, float] = {}
-            last_spender: dict[str, int] = {}
-            # per check: key, allowed, retry_after_ms, remaining if it spent (else -1)
-            steps: list[tuple[str, bool, int, int]] = []
+            tats: dict[str, float] = {}  # bucket -> its tat before this decision
+            results: list[BudgetResult] = []
+            spends: list[tuple[int, str, float]] = []  # check index, bucket, new tat
             blocked = False
-            for i, check in enumerate(checks):
+            for check in checks:
                 key, interval, burst, cost, consume, blocking = check
                 if not 0 < interval < _INFINITY:  # also NaN
                     raise ValueError(f"interval_ms must be a positive number: {check!r}")
                 if burst < 0 or cost < 0:
                     raise ValueError(f"burst and cost must not be negative: {check!r}")
                 key = prefix + key
-                tat = tentative.get(key)
-                if tat is None:
-                    entry = data.get(key)
-                    if entry is None:
-                        tat = now_ms
-                    elif entry[1] <= now_ms:
+                if key in tats:
+                    return self._evaluate_shared(checks, now_ms, once, once_ttl_ms)
+                entry = data.get(key)
+                tat: float = now_ms
+                if entry is not None:
+                    if entry[1] <= now_ms:
                         del data[key]
-                        tat = now_ms
-                    else:
-                        tat = entry[0] if entry[0] >= now_ms else now_ms
-                    original[key] = tentative[key] = tat
+                    elif entry[0] > now_ms:
+                        tat = entry[0]
+                tats[key] = tat
                 tolerance = interval * burst
                 increment = interval * cost
                 new_tat = tat + increment
                 allow_at = new_tat - tolerance
+                free_ms = tolerance - (tat - now_ms)
+                slack = 1e-9 + burst * 1e-12
                 if increment > tolerance:
-                    steps.append((key, False, NEVER, -1))
+                    results.append(BudgetResult(False, max(0, floor(free_ms / interval + slack)),
+                                                NEVER))
                     blocked = blocked or blocking
                 elif allow_at <= now_ms:
-                    left = -1
                     if consume:
-                        span = tolerance - (tat - now_ms) - increment
-                        left = max(0, floor(span / interval + (1e-9 + burst * 1e-12)))
-                        tentative[key] = new_tat
-                        last_spender[key] = i
-                    steps.append((key, True, 0, left))
+                        spends.append((len(results), key, new_tat))
+                        free_ms -= increment
+                    results.append(BudgetResult(True, max(0, floor(free_ms / interval + slack)),
+                                                0))
                 else:
-                    steps.append((key, False, max(1, ceil(allow_at - now_ms)), -1))
+                    results.append(BudgetResult(False, max(0, floor(free_ms / interval + slack)),
+                                                max(1, ceil(allow_at - now_ms))))
                     blocked = blocked or blocking
+            if blocked:  # nothing spent: a check that would have spent sees its bucket as is
+                for i, key, _ in spends:
+                    check = checks[i]
+                    results[i] = results[i]._replace(remaining=free_units(
+                        check.interval_ms, check.burst, tats[key], now_ms))
+                return Evaluation(tuple(results), committed=False)
+            for _, key, tat in spends:
+                self._put(key, tat, now_ms + ttl_for(tat, now_ms))
+            if once is not None:
+                self._put(once, _ONCE_VALUE, now_ms + once_ttl_ms)
+            return Evaluation(tuple(results), committed=True)
 
-            state = original if blocked else tentative
-            results = []
-            for i, (check, (key, allowed, retry, left)) in enumerate(
-                    zip(checks, steps, strict=True)):
-                if blocked or left < 0 or last_spender.get(key) != i:
-                    interval, burst = check.interval_ms, check.burst
-                    span = interval * burst - (state[key] - now_ms)
+    def _evaluate_shared(self, checks: Sequence[BudgetCheck], now_ms: int, once: str | None,
+                         once_ttl_ms: int) -> Evaluation:
+        """:meth:`evaluate_now` for checks that share a bucket (the lock is held): a check
+        sees what earlier ones spent, ``remaining`` is the bucket after the decision
+        except for the check that made its last spend."""
+        prefix = self._prefix
+        data = self._data
+        original: dict[str, float] = {}
+        tentative: dict[str, float] = {}
+        last_spender: dict[str, int] = {}
+        # per check: key, allowed, retry_after_ms, remaining if it spent (else -1)
+        steps: list[tuple[str, bool, int, int]] = []
+        blocked = False
+        for i, check in enumerate(checks):
+            key, interval, burst, cost, consume, blocking = check
+            if not 0 < interval < _INFINITY:  # also NaN
+                raise ValueError(f"interval_ms must be a positive number: {check!r}")
+            if burst < 0 or cost < 0:
+                raise ValueError(f"burst and cost must not be negative: {check!r}")
+            key = prefix + key
+            tat = tentative.get(key)
+            if tat is None:
+                entry = data.get(key)
+                if entry is None:
+                    tat = now_ms
+                elif entry[1] <= now_ms:
+                    del data[key]
+                    tat = now_ms
+                else:
+                    tat = entry[0] if entry[0] >= now_ms else now_ms
+                original[key] = tentative[key] = tat
+            tolerance = interval * burst
+            increment = interval * cost
+            new_tat = tat + increment
+            allow_at = new_tat - tolerance
+            if increment > tolerance:
+                steps.append((key, False, NEVER, -1))
+                blocked = blocked or blocking
+            elif allow_at <= now_ms:
+                left = -1
+                if consume:
+                    span = tolerance - (tat - now_ms) - increment
                     left = max(0, floor(span / interval + (1e-9 + burst * 1e-12)))
-                results.append(BudgetResult(allowed, left, retry))
+                    tentative[key] = new_tat
+                    last_spender[key] = i
+                steps.append((key, True, 0, left))
+            else:
+                steps.append((key, False, max(1, ceil(allow_at - now_ms)), -1))
+                blocked = blocked or blocking
 
-            if not blocked:
-                for key in last_spender:
-                    tat = tentative[key]
-                    self._put(key, tat, now_ms + ttl_for(tat, now_ms))
-                if once is not None:
-                    self._put(once, _ONCE_VALUE, now_ms + once_ttl_ms)
-            return Evaluation(tuple(results), committed=not blocked)
+        state = original if blocked else tentative
+        results = []
+        for i, (check, (key, allowed, retry, left)) in enumerate(
+                zip(checks, steps, strict=True)):
+            if blocked or left < 0 or last_spender.get(key) != i:
+                interval, burst = check.interval_ms, check.burst
+                span = interval * burst - (state[key] - now_ms)
+                left = max(0, floor(span / interval + (1e-9 + burst * 1e-12)))
+            results.append(BudgetResult(allowed, left, retry))
+
+        if not blocked:
+            for key in last_spender:
+                tat = tentative[key]
+                self._put(key, tat, now_ms + ttl_for(tat, now_ms))
+            if once is not None:
+                self._put(once, _ONCE_VALUE, now_ms + once_ttl_ms)
+        return Evaluation(tuple(results), committed=not blocked)
 
     def _duplicate(self, checks: Sequence[BudgetCheck], now_ms: int) -> Evaluation:
         """A message already counted: nothing tested or spent, each bucket's free units."""
