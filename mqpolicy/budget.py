@@ -37,6 +37,10 @@ class StoreError(Exception):
     """A counter store could not answer (connection lost, timeout, script error)."""
 
 
+class StoreTimeout(StoreError):
+    """A counter store did not answer within its deadline."""
+
+
 class BudgetCheck(NamedTuple):
     """One bucket to test (and maybe spend) in a decision."""
 

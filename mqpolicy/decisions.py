@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter_ns
 
-from mqpolicy.budget import BudgetCheck, CounterStore, Evaluation, StoreError
+from mqpolicy.budget import BudgetCheck, CounterStore, Evaluation, StoreError, StoreTimeout
 from mqpolicy.config import Policy
 from mqpolicy.engine import (
     NO_LIMITS_EVALUATION,
@@ -89,7 +89,9 @@ class DecisionService:
         self._evaluate_now: _EvaluateNow | None = (
             getattr(store, "evaluate_now", None) if getattr(store, "in_process", False)
             else None)
-        self._needs_deadline = self._evaluate_now is None
+        # A store that keeps the deadline itself (the Redis stores) needs no timer either.
+        self._needs_deadline = (self._evaluate_now is None
+                                and not getattr(store, "keeps_deadline", False))
         self._stats_lock = threading.Lock()
         self.resolver = resolver
         #: Backoff factors and waiting lanes from the store, refreshed by the front-end.
@@ -166,7 +168,7 @@ class DecisionService:
                 return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
             async with asyncio.timeout(timeout_ms / 1000):
                 return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
-        except TimeoutError:
+        except (TimeoutError, StoreTimeout):
             self.stats.store_timeouts += 1
             self._store_failed(f"no answer within {timeout_ms} ms")
         except StoreError as exc:

@@ -6,12 +6,16 @@ made in the same iteration rides in the same ``EVALSHA`` of ``lua/gcra_batch.lua
 ``max_in_flight`` batches are out, new decisions queue and leave together when one returns.
 Each decision is still all-or-nothing and independent of the others in its batch.
 
-Failure: every call has a deadline of ``timeout_ms`` (socket connect/read timeouts plus an
-``asyncio.timeout`` over the whole call), redis-py's own retries are off (a dead Redis must
-fail fast, the caller's ``on_store_error`` decides), and every Redis, socket or timeout error
-becomes :class:`~mqpolicy.budget.StoreError`. A queued decision can wait for the batch in
-flight, so its worst case is about twice the deadline. The pool reconnects by itself on the
-next call once Redis is back; a script cache lost on restart is reloaded (NOSCRIPT).
+Failure: every decision has a deadline of ``timeout_ms`` from the call, kept by the store
+without a timer per decision: a batch may take until the deadline of its oldest decision
+(one ``asyncio.timeout_at`` per batch, plus socket connect/read timeouts), a decision still
+queued at its deadline fails without being sent. So :meth:`CoalescingStore.evaluate` answers
+or raises within the deadline (``keeps_deadline``) and callers need no timer of their own.
+redis-py's own retries are off (a dead Redis must fail fast, the caller's
+``on_store_error`` decides), and every Redis, socket or timeout error becomes
+:class:`~mqpolicy.budget.StoreError` (:class:`~mqpolicy.budget.StoreTimeout` for a missed
+deadline). The pool reconnects by itself on the next call once Redis is back; a script cache
+lost on restart is reloaded (NOSCRIPT).
 
 Measured with ``bench/store_bench.py --repeat 3 --in-flight 1,2 --protocols 2,3``
 (redis-server 7.0 on a unix socket, redis-py 8.1 + hiredis 3.5, Python 3.11, a 2-core VM
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +57,7 @@ from mqpolicy.budget import (
     BudgetResult,
     Evaluation,
     StoreError,
+    StoreTimeout,
 )
 from mqpolicy.memory_store import validate_decision
 
@@ -103,6 +109,7 @@ class PendingDecision:
     once_key: str | None
     once_ttl_ms: int
     future: asyncio.Future[Evaluation]
+    deadline: float = math.inf  # loop time by which the decision is answered or failed
 
 
 _Pending = PendingDecision  # the name bench/store_bench.py imports
@@ -113,6 +120,9 @@ class CoalescingStore:
     together, at most ``max_batch`` per batch and ``max_in_flight`` batches at once, and
     each batch has the deadline ``timeout_ms``. Subclasses say how a batch is answered
     (:meth:`_run`) and close their clients after :meth:`_close_queue`."""
+
+    keeps_deadline = True
+    """:meth:`evaluate` answers or raises within ``timeout_ms``: callers need no timer."""
 
     def __init__(self, *, timeout_ms: int, max_batch: int, max_in_flight: int) -> None:
         if timeout_ms <= 0:
@@ -145,7 +155,8 @@ class CoalescingStore:
             return Evaluation((), committed=True)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Evaluation] = loop.create_future()
-        self._queue.append(PendingDecision(checks, now_ms, once_key, once_ttl_ms, future))
+        self._queue.append(PendingDecision(checks, now_ms, once_key, once_ttl_ms, future,
+                                           loop.time() + self._timeout_s))
         if not self._flush_scheduled and self._in_flight < self._max_in_flight:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -155,16 +166,22 @@ class CoalescingStore:
         """Start batches from the queue while fewer than ``max_in_flight`` are out."""
         self._flush_scheduled = False
         queue = self._queue
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         while queue and self._in_flight < self._max_in_flight:
             batch: list[PendingDecision] = []
             while queue and len(batch) < self._max_batch:
                 pending = queue.popleft()
-                if not pending.future.done():  # a caller that gave up spends nothing
-                    batch.append(pending)
+                if pending.future.done():  # a caller that gave up spends nothing
+                    continue
+                if pending.deadline <= now:  # waited its whole deadline in the queue
+                    pending.future.set_exception(StoreTimeout(_NO_ANSWER))
+                    continue
+                batch.append(pending)
             if not batch:
                 return
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            task = loop.create_task(self._send(batch))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
@@ -177,7 +194,8 @@ class CoalescingStore:
         try:
             self.batches_sent += 1
             self.decisions_sent += len(batch)
-            async with asyncio.timeout(self._timeout_s):
+            # the queue is in call order: the first decision has the earliest deadline
+            async with asyncio.timeout_at(batch[0].deadline):
                 evaluations = await self._run(batch)
         except asyncio.CancelledError:
             self._fail(batch, StoreError("redis store closed while a batch was in flight"))
@@ -201,9 +219,10 @@ class CoalescingStore:
     @staticmethod
     def _fail(batch: list[PendingDecision], exc: BaseException) -> None:
         message = exc.args[0] if isinstance(exc, StoreError) and exc.args else None
+        kind = StoreTimeout if isinstance(exc, TimeoutError | StoreTimeout) else StoreError
         for pending in batch:
             if not pending.future.done():
-                error = StoreError(message or _describe(exc))
+                error = kind(message or _describe(exc))
                 error.__cause__ = exc
                 pending.future.set_exception(error)
 
@@ -347,14 +366,13 @@ def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation]:
     if not isinstance(reply, list) or len(reply) != len(check_counts):
         raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
     evaluations = []
+    result = BudgetResult._make
     for n, row in zip(check_counts, reply, strict=True):
-        if not isinstance(row, list) or len(row) != 2 + 3 * n:
+        end = 2 + 3 * n
+        if not isinstance(row, list) or len(row) != end:
             raise ValueError(f"unexpected row from {SCRIPT_NAME}: {row!r:.200}")
-        triples = iter(row[2:])
-        results = tuple(
-            BudgetResult(allowed == 1, int(left), int(retry))
-            for allowed, left, retry in zip(triples, triples, triples, strict=True)
-        )
+        results = tuple([result((row[i] == 1, int(row[i + 1]), int(row[i + 2])))
+                         for i in range(2, end, 3)])
         evaluations.append(Evaluation(results, row[0] == 1, row[1] == 1))
     return evaluations
 
@@ -363,9 +381,12 @@ def _as_bytes(key: bytes | str) -> bytes:
     return key if isinstance(key, bytes) else key.encode()
 
 
+_NO_ANSWER = "redis did not answer within the deadline"
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
-        return "redis did not answer within the deadline"
+        return _NO_ANSWER
     return f"redis: {type(exc).__name__}: {exc}"
 
 

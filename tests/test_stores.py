@@ -26,6 +26,7 @@ from mqpolicy.budget import (
     CounterStore,
     Evaluation,
     StoreError,
+    StoreTimeout,
     gcra_step,
     ttl_for,
 )
@@ -823,6 +824,41 @@ def test_paused_redis_fails_within_the_deadline(private_redis: RedisServer, tran
             assert time.monotonic() - start < 2 * FAIL_FAST_S
         got = await _until_ok(lambda: store.evaluate([check], wall_ms()))  # Redis runs again
         assert got.committed
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_decision_queued_behind_a_stuck_batch_keeps_its_own_deadline(
+        private_redis: RedisServer) -> None:
+    """One batch in flight at a time, Redis paused: the decision queued behind it fails at
+    its own deadline (a timeout, counted as one), not a deadline after the batch ahead."""
+    deadline_ms = 300
+
+    async def main() -> None:
+        store = RedisStore(private_redis.unix_url, timeout_ms=deadline_ms, max_in_flight=1)
+        check = BudgetCheck("k", HOUR, 10, 1)
+        await _until_ok(lambda: store.evaluate([check], wall_ms()))
+
+        async def timed() -> tuple[float, BaseException | None]:
+            start = time.monotonic()
+            try:
+                await store.evaluate([check], wall_ms())
+            except StoreError as exc:
+                return time.monotonic() - start, exc
+            return time.monotonic() - start, None
+
+        with private_redis.paused():
+            ahead = asyncio.ensure_future(timed())
+            await asyncio.sleep(deadline_ms / 1000 / 2)  # the first batch is out and stuck
+            behind_elapsed, behind_error = await timed()
+            ahead_elapsed, ahead_error = await ahead
+        assert isinstance(ahead_error, StoreTimeout)
+        assert isinstance(behind_error, StoreTimeout)
+        # half a deadline of margin for a loaded machine; waiting for the batch ahead
+        # first would take one and a half deadlines
+        assert behind_elapsed < deadline_ms / 1000 * 1.3
+        assert ahead_elapsed < deadline_ms / 1000 * 1.3
         await store.close()
 
     asyncio.run(main())
