@@ -425,14 +425,24 @@ class Policy:
     # destination budgets found by the request's destination name in one lookup.
     general_limits: tuple[Limit, ...] = field(init=False)
     destination_limits: Mapping[str, Limit] = field(init=False)
+    # (lane name, at RCPT) -> the general limits that may apply there: in that lane's scope,
+    # and recipient-keyed ones only at RCPT. What is left to test per request is dynamic.
+    limits_by_stage: Mapping[tuple[str, bool], tuple[Limit, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.lanes_by_name:
             object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
-        object.__setattr__(self, "general_limits",
-                           tuple(x for x in self.limits if x.destination is None))
+        general = tuple(x for x in self.limits if x.destination is None)
+        object.__setattr__(self, "general_limits", general)
         object.__setattr__(self, "destination_limits",
                            {x.destination: x for x in self.limits if x.destination is not None})
+        object.__setattr__(self, "limits_by_stage", {
+            (lane.name, at_rcpt): tuple(
+                x for x in general
+                if (at_rcpt or not x.recipient_keyed)
+                and (x.lanes is None or lane.name in x.lanes))
+            for lane in self.lanes for at_rcpt in (True, False)
+        })
 
     def lane(self, name: str) -> Lane:
         return self.lanes_by_name[name]

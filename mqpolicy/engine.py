@@ -180,39 +180,40 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     # Mail that will wait in the hold queue (a hold lane, a lane waiting for the MTA's
     # queues) spends its recipient budgets when it is released, not now: else twice.
     spend_recipients = releasing or not (lane.hold or lane.name in runtime.waiting_lanes)
-    at_end = request.stage == STAGE_END_OF_MESSAGE
-    at_rcpt = request.stage == STAGE_RCPT
+    stage = request.stage
+    at_end = stage == STAGE_END_OF_MESSAGE
+    at_rcpt = stage == STAGE_RCPT
     planned: list[PlannedLimit] = []
-    lane_name = lane.name
-    limits = policy.general_limits
+    # The limits of this lane and stage (see Policy.limits_by_stage); the tests below are
+    # what applies() says about the rest, inlined: this loop runs for every request.
+    limits = policy.limits_by_stage[lane.name, at_rcpt]
     if at_rcpt and policy.destination_limits and request.recipient:
         budget = policy.destination_limits.get(
             request.destination or domain_of(request.recipient))
         if budget is not None:
             limits = (*limits, budget)
+    no_headers = request.headers is None
+    size = request.size
     for limit in limits:
-        if limit.recipient_keyed and not at_rcpt:
-            continue
-        # inline of applies(): this loop runs for every limit of every request
-        if limit.needs_headers and request.headers is None:
+        if no_headers and limit.needs_headers:
             continue  # the milter, which sees the headers, applies this limit
-        if limit.lanes is not None and lane_name not in limit.lanes:
+        when = limit.when
+        if when is not None and not when(request):
             continue
-        if limit.when is not None and not limit.when(request):
-            continue
-        if limit.exempt is not None and limit.exempt(request):
+        exempt = limit.exempt
+        if exempt is not None and exempt(request):
             continue
         key = limit.key_of(request)
         if key is None:
             continue
-        if limit.recipient_keyed:
-            cost = max(1, request.size) if limit.count is Count.BYTES else 1
+        if limit.recipient_keyed:  # only at RCPT (limits_by_stage; destinations too)
+            cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
             consume = spend_recipients
         elif at_end:
             cost = _message_cost(limit, request)
             consume = True
         else:
-            cost = max(1, request.size) if limit.count is Count.BYTES else 1
+            cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
             consume = False
         interval, burst = limit.interval_ms, limit.burst
         if backoff and limit.destination is not None:
@@ -221,10 +222,14 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
                 interval, burst = scale_budget(interval, burst, factor)
         bucket = (limit.bucket_prefix + key if key.isascii() and len(key) <= _MAX_KEY_LENGTH
                   else store_key(limit, key))
-        check = BudgetCheck(bucket, interval, burst, cost, consume, limit.blocking)
-        planned.append(PlannedLimit(limit, key, check, consume))
+        # tuple.__new__: positional NamedTuples without their keyword __new__ (2x cheaper)
+        check = _new(BudgetCheck, (bucket, interval, burst, cost, consume, limit.blocking))
+        planned.append(_new(PlannedLimit, (limit, key, check, consume)))
     once = once_key_for(request) if at_end and planned else None
-    return Plan(request, lane, rule, tuple(planned), once, runtime.waiting_lanes)
+    return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes))
+
+
+_new = tuple.__new__
 
 
 # ---------------------------------------------------------------- decide
@@ -267,21 +272,19 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
     may_spend = evaluation.committed and not duplicate
     for planned, result in zip(plan.limits, evaluation.results, strict=True):
         limit = planned.limit
-        allowed = result.allowed
-        outcomes.append(
-            LimitOutcome(
-                limit.name,
-                planned.key,
-                allowed,
-                may_spend and allowed and planned.check.consume,
-                result.remaining,
-                result.retry_after_ms,
-                limit.action,
-                limit.monitor,
-                limit.rate_text,
-                "already counted" if duplicate else _counted(planned),
-            )
-        )
+        allowed, remaining, retry_after_ms = result
+        outcomes.append(_new(LimitOutcome, (
+            limit.name,
+            planned.key,
+            allowed,
+            may_spend and allowed and planned.check.consume,
+            remaining,
+            retry_after_ms,
+            limit.action,
+            limit.monitor,
+            limit.rate_text,
+            "already counted" if duplicate else _counted(planned),
+        )))
         if allowed or limit.monitor:
             continue
         if limit.action is ActionKind.DEMOTE and limit.demote_to is not None:
@@ -316,8 +319,8 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
         text = _fill(policy.messages.hold, None, "", lane, 0, 0)
         return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,
                        deciding=f"lane:{lane.name}", duplicate=evaluation.duplicate)
-    return Verdict(Action.ACCEPT, lane, classified, plan.rule, "", 0, limits,
-                   duplicate=evaluation.duplicate)
+    return _new(Verdict, (Action.ACCEPT, lane, classified, plan.rule, "", 0, limits, None,
+                          False, evaluation.duplicate))
 
 
 def _store_failed(plan: Plan, policy: Policy) -> Verdict:

@@ -52,6 +52,8 @@ DEFAULT_MAX_LINES = 1000
 
 # The empty line that ends a request, when it follows an attribute line.
 _END = re.compile(rb"\n\r?\n")
+# A request that starts with one of these may be an empty request first: the long way.
+_LINE_END_BYTES = frozenset(b"\r\n")
 # Every byte but '=' and the line end: deleting them leaves a request's separators.
 _NOT_SEPARATORS = bytes(b for b in range(256) if b not in b"=\n")
 
@@ -130,6 +132,14 @@ class PolicyDecoder:
             raise
 
     def _feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, str]]:
+        # The usual chunk: exactly one whole request and nothing held back (Postfix sends
+        # one request and waits for the answer). One search finds its end; nothing to keep.
+        if not self._buf and type(data) is bytes and data.endswith(b"\n\n"):
+            match = _END.search(data)
+            if (match is not None and match.end() == len(data) and len(data) > 2
+                    and data[0] not in _LINE_END_BYTES
+                    and len(data) <= self._max_request_bytes):
+                return [self._parse(data[: match.start() + 1])]
         buf = self._buf
         stream: bytes | bytearray
         if buf:

@@ -164,6 +164,19 @@ def test_empty_line_alone_is_empty_request() -> None:
     assert decoder.feed(b"\n\r\na=1\n\n\n") == [{}, {}, {"a": "1"}, {}]
 
 
+@pytest.mark.parametrize(("chunk", "expected"), [
+    (b"a=b\n\n", [{"a": "b"}]),
+    (b"a=b\r\n\r\n", [{"a": "b"}]),
+    (b"\na=b\n\n", [{}, {"a": "b"}]),
+    (b"\r\na=b\n\n", [{}, {"a": "b"}]),
+    (b"a=b\n\nc=d\n\n", [{"a": "b"}, {"c": "d"}]),
+    (b"a=b\n\r\nc=d\n\n", [{"a": "b"}, {"c": "d"}]),
+])
+def test_whole_chunks_on_a_fresh_decoder(chunk: bytes, expected: list[dict[str, str]]) -> None:
+    """A chunk that ends with a request's end, fed at once (the usual read)."""
+    assert PolicyDecoder().feed(chunk) == expected
+
+
 @pytest.mark.parametrize("size", READ_SIZES)
 def test_non_utf8_bytes_decoded_with_surrogateescape(size: int) -> None:
     data = b"helo_name=\xff\xfe\x80\nsender=caf\xc3\xa9@x\n\n"
