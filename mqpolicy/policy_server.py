@@ -3,19 +3,26 @@
 This module is the only place that touches sockets; decoding lives in
 :mod:`mqpolicy.policy_codec` and decisions in the :class:`PolicyHandler` passed in.
 
+Each connection is an :class:`asyncio.Protocol`: a request is decoded and answered in the
+callback that received it when the handler can answer at once (``handle_now``, e.g. a
+decision on the embedded store), without waking a task; otherwise the handler's coroutine
+runs as a task and the answer is written when it ends. That is one loop iteration per
+request instead of several, which is most of a policy server's cost when Postfix sends a
+request, waits, and sends the next.
+
 Per connection (Postfix keeps it open and sends request after request):
 
 * requests are answered strictly in order, one at a time; requests that arrive together
   (pipelined) are answered in arrival order;
 * no complete request within ``idle_timeout_s`` (also a client trickling bytes), or a
-  request not answered and flushed within that time (a handler stuck, a client that stops
-  reading its answers): the connection is closed. One sweeper task checks every connection's
-  deadline, so a read costs no timer; a connection goes between ``idle_timeout_s`` and
-  1/8 of it (at most 1 s) later;
+  request not answered within that time (a handler stuck, a client that stops reading its
+  answers: reading stops while the kernel buffer is full): the connection is closed. One
+  sweeper task checks every connection's deadline, so a request costs no timer; a
+  connection goes between ``idle_timeout_s`` and 1/8 of it (at most 1 s) later;
 * a protocol error (oversized or malformed request) is logged with the peer and closes that
   connection only;
 * a handler exception is logged and answered with ``error_action``; the connection goes on.
-  ``CancelledError`` is never swallowed.
+  A handler task cancelled from inside ends its connection without an answer.
 
 Over ``max_connections`` a new connection is accepted and closed at once. :meth:`drain` stops
 accepting, lets requests already received be answered within ``drain_timeout_s``, then
@@ -27,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from inspect import CORO_CREATED
 from types import TracebackType
 from typing import Protocol
 
@@ -57,19 +67,20 @@ __all__ = [
 
 log = logging.getLogger("mqpolicy.server")
 
-#: The id of the policy connection being served ("-" outside one).
 #: The id of the connection being served (also on every log line it causes).
 connection_id: ContextVar[str] = connection_id_var
 
 DEFAULT_ERROR_ACTION = "DEFER_IF_PERMIT 4.3.0 policy service error"
 
-_READ_SIZE = 65536
 # Distinct encoded replies kept; handlers return few distinct texts (DUNNO, a few defers).
 _REPLY_CACHE_SIZE = 256
 
 
 class PolicyHandler(Protocol):
-    """What the server calls for every request."""
+    """What the server calls for every request.
+
+    A handler may also have ``handle_now(attrs) -> str | Awaitable[str]``: the answer when
+    it is known at once, else an awaitable of it. The server then calls only that."""
 
     async def handle(self, attrs: dict[str, str]) -> str:
         """Return the action text, e.g. ``"DUNNO"`` or ``"450 4.7.1 slow down"``."""
@@ -89,27 +100,12 @@ class ServerCounters:
     idle_timeouts: int = 0
 
 
-class _Conn:
-    __slots__ = ("busy", "cid", "deadline", "expired", "peer")
-
-    def __init__(self, cid: str, peer: str, deadline: float) -> None:
-        self.cid = cid
-        self.peer = peer
-        # True from a request's arrival until its answer is handed to the kernel.
-        self.busy = False
-        # Loop time after which the idle sweeper closes the connection. Moved forward when
-        # a complete request arrives and when its answer is written, never by partial data.
-        self.deadline = deadline
-        # Set by the sweeper when it closes the connection for idleness.
-        self.expired = False
-
-
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+def _peer_name(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    sockname = writer.get_extra_info("sockname")
+    sockname = transport.get_extra_info("sockname")
     return f"unix:{sockname}" if sockname else "unix"
 
 
@@ -138,6 +134,8 @@ class PolicyServer:
             raise ValueError("max_connections must be at least 1")
         PolicyDecoder(max_request_bytes, max_lines)  # validates the limits
         self._handler = handler
+        self._handle_now: Callable[[dict[str, str]], str | Awaitable[str]] = getattr(
+            handler, "handle_now", handler.handle)
         self._endpoints = tuple(endpoints)
         self._idle_timeout_s = float(idle_timeout_s)
         self._max_request_bytes = max_request_bytes
@@ -154,7 +152,7 @@ class PolicyServer:
 
         self._servers: list[asyncio.Server] = []
         self._unix_sockets: list[tuple[str, int, int]] = []  # path, st_dev, st_ino
-        self._conns: dict[_Conn, asyncio.Task[None]] = {}
+        self._conns: dict[_Connection, None] = {}  # ordered set of open connections
         self._next_cid = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._started = False
@@ -184,8 +182,9 @@ class PolicyServer:
         log.info("policy server listening on %s", " ".join(str(e) for e in self.bound_endpoints))
 
     async def _start_tcp(self, endpoint: Endpoint) -> None:
-        server = await asyncio.start_server(
-            self._on_connect,
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            self._new_connection,
             endpoint.host or None,
             endpoint.port,
             backlog=self._backlog,
@@ -207,8 +206,8 @@ class PolicyServer:
             os.chmod(path, endpoint.mode)
             st = os.stat(path)
             self._unix_sockets.append((path, st.st_dev, st.st_ino))
-            server = await asyncio.start_unix_server(
-                self._on_connect, sock=sock, backlog=self._backlog
+            server = await asyncio.get_running_loop().create_unix_server(
+                self._new_connection, sock=sock, backlog=self._backlog
             )
         except BaseException:
             sock.close()
@@ -232,20 +231,21 @@ class PolicyServer:
         close every connection; return when all are closed."""
         self._draining = True
         self._stop_listening()
-        for conn, task in list(self._conns.items()):
+        for conn in list(self._conns):
             if not conn.busy:
-                task.cancel()  # waiting for its next request: nothing in flight
-        tasks = list(self._conns.values())
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self._drain_timeout_s)
+                conn.close()  # waiting for its next request: nothing in flight
+        closed = [conn.closed for conn in self._conns]
+        if closed:
+            _, pending = await asyncio.wait(closed, timeout=self._drain_timeout_s)
             if pending:
+                busy = [conn for conn in self._conns if not conn.closed.done()]
                 log.warning(
                     "drain timeout after %.1fs: closing %d busy connections",
                     self._drain_timeout_s,
-                    len(pending),
+                    len(busy),
                 )
-                for task in pending:
-                    task.cancel()
+                for conn in busy:
+                    conn.abort()
                 await asyncio.wait(pending)
         self._stop_sweeper()
         await self._wait_listeners_closed()
@@ -254,15 +254,15 @@ class PolicyServer:
         """Stop accepting and cut every connection now (no drain)."""
         self._draining = True
         self._stop_listening()
-        for task in self._conns.values():
-            task.cancel()
+        for conn in list(self._conns):
+            conn.abort()
         self._stop_sweeper()
 
     async def wait_closed(self) -> None:
-        """Wait until every connection task and listener is gone (after :meth:`close`)."""
-        tasks = list(self._conns.values())
-        if tasks:
-            await asyncio.wait(tasks)
+        """Wait until every connection and listener is gone (after :meth:`close`)."""
+        closed = [conn.closed for conn in self._conns]
+        if closed:
+            await asyncio.wait(closed)
         await self._wait_listeners_closed()
 
     async def __aenter__(self) -> PolicyServer:
@@ -305,10 +305,10 @@ class PolicyServer:
         while True:
             await asyncio.sleep(interval)
             now = loop.time()
-            for conn, task in self._conns.items():
+            for conn in list(self._conns):
                 if now >= conn.deadline and not conn.expired:
                     conn.expired = True
-                    task.cancel()
+                    conn.abort()
 
     async def _wait_listeners_closed(self) -> None:
         servers, self._servers = self._servers, []
@@ -321,14 +321,15 @@ class PolicyServer:
     def connection_count(self) -> int:
         return len(self._conns)
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A plain function: the connection runs in a task of our own, so that cancelling it
-        # (drain, close, idle sweep) does not trip asyncio 3.11's stream callback, which
-        # calls task.exception() on the finished task and logs an error when cancelled.
+    def _new_connection(self) -> _Connection:
+        return _Connection(self)
+
+    def _accept(self, conn: _Connection, transport: asyncio.BaseTransport) -> bool:
+        """Register a new connection; False (and closed) when draining or over the limit."""
         counters = self.counters
         if self._draining:
-            writer.close()
-            return
+            transport.close()
+            return False
         if len(self._conns) >= self._max_connections:
             counters.connections_refused += 1
             suppressed = self._refused_log.take()
@@ -338,110 +339,212 @@ class PolicyServer:
                     self._max_connections,
                     suppressed + 1,
                 )
-            writer.close()
-            return
+            transport.close()
+            return False
         self._next_cid += 1
-        loop = asyncio.get_running_loop()
-        conn = _Conn(f"{self._next_cid:x}", _peer_name(writer), loop.time() + self._idle_timeout_s)
-        self._conns[conn] = loop.create_task(self._connection(conn, reader, writer))
+        conn.cid = f"{self._next_cid:x}"
+        conn.peer = _peer_name(transport)
+        conn.deadline = asyncio.get_running_loop().time() + self._idle_timeout_s
+        self._conns[conn] = None
         counters.connections_accepted += 1
         counters.connections_active += 1
+        return True
 
-    async def _connection(
-        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        cid = conn.cid
-        connection_id.set(cid)
-        counters = self.counters
+    def _closed(self, conn: _Connection) -> None:
+        self.counters.connections_active -= 1
+        del self._conns[conn]
+        if conn.expired:
+            self.counters.idle_timeouts += 1
+            log.debug("idle timeout conn=%s peer=%s", conn.cid, conn.peer)
+
+    def _protocol_error(self, conn: _Connection, exc: PolicyProtocolError) -> None:
+        self.counters.protocol_errors += 1
+        suppressed = self._protocol_error_log.take()
+        if suppressed is not None:
+            log.warning(
+                "policy protocol error, closing conn=%s peer=%s error=%s: %s suppressed=%d",
+                conn.cid,
+                conn.peer,
+                type(exc).__name__,
+                exc,
+                suppressed,
+            )
+
+    def _handler_failed(self, conn: _Connection) -> bytes:
+        """Count and log (in an ``except`` block) a handler error; the fallback reply."""
+        self.counters.handler_errors += 1
+        suppressed = self._handler_error_log.take()
+        if suppressed is not None:
+            log.exception(
+                "policy handler failed, answered fallback conn=%s peer=%s suppressed=%d",
+                conn.cid,
+                conn.peer,
+                suppressed,
+            )
+        return self._error_reply
+
+    def _reply(self, action: str) -> bytes:
+        """The encoded answer (cached: few distinct texts); ValueError for a bad one."""
+        reply = self._reply_cache.get(action)
+        if reply is None:
+            reply = encode_reply(action)
+            cache = self._reply_cache
+            if len(cache) >= _REPLY_CACHE_SIZE:
+                cache.clear()
+            cache[action] = reply
+        return reply
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: decodes what arrives, answers in order."""
+
+    __slots__ = ("answer", "busy", "cid", "closed", "deadline", "decoder", "eof", "expired",
+                 "paused", "peer", "queue", "server", "task", "transport")
+
+    def __init__(self, server: PolicyServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None  # None until accepted, and after
+        self.cid = ""
+        self.peer = ""
+        self.decoder = PolicyDecoder(server._max_request_bytes, server._max_lines)
+        self.queue: deque[dict[str, str]] = deque()  # received, not answered yet
+        self.task: asyncio.Task[None] | None = None  # awaits ``answer``, then writes it
+        self.answer: Awaitable[str] | None = None
+        # True from a request's arrival until its answer is handed to the transport.
+        self.busy = False
+        # Loop time after which the idle sweeper closes the connection. Moved forward when
+        # a complete request arrives and when its answer is written, never by partial data.
+        self.deadline = 0.0
+        self.expired = False  # closed by the sweeper for idleness
+        self.paused = False  # the peer does not read its answers: stop answering
+        self.eof = False  # the peer closed its side: answer what is queued, then close
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if self.server._accept(self, transport):
+            self.transport = transport
+        else:
+            self.closed.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return  # refused, or already gone
+        self.transport = None
+        self._cancel_task()
+        if exc is not None:
+            log.debug("connection lost conn=%s peer=%s error=%r", self.cid, self.peer, exc)
+        self.server._closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
         try:
-            await self._serve(conn, reader, writer)
-        except ConnectionError as exc:
-            log.debug("connection lost conn=%s peer=%s error=%r", cid, conn.peer, exc)
-        except Exception:
-            log.exception("connection failed conn=%s peer=%s", cid, conn.peer)
-        finally:
-            counters.connections_active -= 1
-            del self._conns[conn]
-            if conn.expired:
-                counters.idle_timeouts += 1
-                log.debug("idle timeout conn=%s peer=%s", cid, conn.peer)
-            transport = writer.transport
-            if transport.get_write_buffer_size():
-                transport.abort()  # the peer stopped reading: don't wait for it
-            else:
-                transport.close()
-            # Collects a connection error stored for wait_closed() (else asyncio logs
-            # "exception never retrieved"); returns as soon as the socket is closed.
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            requests = self.decoder.feed(data)
+        except PolicyProtocolError as exc:
+            self.server._protocol_error(self, exc)
+            self.abort()
+            return
+        if not requests:
+            return
+        self.queue.extend(requests)
+        self.busy = True
+        self.deadline = asyncio.get_running_loop().time() + self.server._idle_timeout_s
+        if self.task is None and not self.paused:
+            self._answer_queue()
 
-    async def _serve(
-        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        counters = self.counters
-        handle = self._handler.handle
-        cache = self._reply_cache
-        read = reader.read
-        write = writer.write
-        idle = self._idle_timeout_s
-        decoder = PolicyDecoder(self._max_request_bytes, self._max_lines)
-        while True:
-            data = await read(_READ_SIZE)
-            if not data:
-                if decoder.pending_bytes:
-                    log.debug(
-                        "eof inside a request conn=%s peer=%s pending_bytes=%d",
-                        conn.cid,
-                        conn.peer,
-                        decoder.pending_bytes,
-                    )
-                return
+    def eof_received(self) -> bool:
+        if self.decoder.pending_bytes:
+            log.debug("eof inside a request conn=%s peer=%s pending_bytes=%d",
+                      self.cid, self.peer, self.decoder.pending_bytes)
+        self.eof = True
+        return self.busy  # keep the socket open (half-closed) for the answers still due
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+            if self.task is None and self.queue:
+                self._answer_queue()
+
+    # --- answering -------------------------------------------------------------------------
+
+    def _answer_queue(self) -> None:
+        """Answer queued requests in order until one needs a task, the peer stops reading
+        or the queue is empty."""
+        server = self.server
+        connection_id.set(self.cid)  # this transport's callbacks share one context
+        queue = self.queue
+        while queue and not self.paused and self.transport is not None:
+            attrs = queue.popleft()
             try:
-                requests = decoder.feed(data)
-            except PolicyProtocolError as exc:
-                counters.protocol_errors += 1
-                suppressed = self._protocol_error_log.take()
-                if suppressed is not None:
-                    log.warning(
-                        "policy protocol error, closing conn=%s peer=%s error=%s: %s suppressed=%d",
-                        conn.cid,
-                        conn.peer,
-                        type(exc).__name__,
-                        exc,
-                        suppressed,
-                    )
-                return
-            if not requests:
-                continue
-            conn.busy = True
-            conn.deadline = loop.time() + idle
-            for attrs in requests:
-                try:
-                    action = await handle(attrs)
-                    reply = cache.get(action)
-                    if reply is None:
-                        reply = encode_reply(action)
-                        if len(cache) >= _REPLY_CACHE_SIZE:
-                            cache.clear()
-                        cache[action] = reply
-                except Exception:  # not CancelledError (a BaseException): that propagates
-                    counters.handler_errors += 1
-                    reply = self._error_reply
-                    suppressed = self._handler_error_log.take()
-                    if suppressed is not None:
-                        log.exception(
-                            "policy handler failed, answered fallback conn=%s peer=%s"
-                            " suppressed=%d",
-                            conn.cid,
-                            conn.peer,
-                            suppressed,
-                        )
-                write(reply)
-            counters.requests += len(requests)
-            # Waits only while the peer is slow to read; the sweeper bounds that wait.
-            await writer.drain()
-            conn.deadline = loop.time() + idle
-            conn.busy = False
-            if self._draining:
-                return
+                result = server._handle_now(attrs)
+                if not isinstance(result, str):
+                    self.answer = result
+                    self.task = asyncio.get_running_loop().create_task(self._finish(result))
+                    return
+                reply = server._reply(result)
+            except Exception:  # not CancelledError (a BaseException): that propagates
+                reply = server._handler_failed(self)
+            self._write(reply)
+        if not queue:
+            self._idle()
+
+    async def _finish(self, answer: Awaitable[str]) -> None:
+        server = self.server
+        try:
+            reply = server._reply(await answer)
+        except Exception:  # not CancelledError: a cancelled handler ends the connection
+            reply = server._handler_failed(self)
+        except asyncio.CancelledError:
+            self.task = self.answer = None
+            self.abort()
+            raise
+        self.task = self.answer = None
+        if self.transport is None:
+            return
+        self._write(reply)
+        self._answer_queue()
+
+    def _write(self, reply: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(reply)
+        self.server.counters.requests += 1
+
+    def _idle(self) -> None:
+        """Every request answered: wait for the next one (or close, when it is time)."""
+        self.busy = False
+        self.deadline = asyncio.get_running_loop().time() + self.server._idle_timeout_s
+        if self.eof or self.server._draining:
+            self.close()
+
+    # --- closing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close once the answers written are sent."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close now, whatever is unsent (also when the peer stopped reading)."""
+        self._cancel_task()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _cancel_task(self) -> None:
+        task, answer = self.task, self.answer
+        if task is None:
+            return
+        task.cancel()
+        # A task cancelled before its first step never awaits the answer: close it here.
+        if inspect.iscoroutine(answer) and inspect.getcoroutinestate(answer) == CORO_CREATED:
+            answer.close()

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mqpolicy.budget import StoreError
+from mqpolicy.config import Lane
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.engine import Action, Verdict, store_error_text
 from mqpolicy.hold_records import (
@@ -105,15 +106,30 @@ class PostfixPolicyHandler:
         return len(self._pending)
 
     async def handle(self, attrs: dict[str, str]) -> str:
+        answer = self.handle_now(attrs)
+        return answer if isinstance(answer, str) else await answer
+
+    def handle_now(self, attrs: dict[str, str]) -> str | Awaitable[str]:
+        """The answer at once when the decision needs no I/O (the embedded store, no hold
+        record to write); else an awaitable of it. The policy server calls this."""
         request = Request.from_policy_attributes(attrs)
         queue_id_var.set(request.queue_id)
-        verdict = await self.service.decide(request)
+        verdict = self.service.decide_now(request)
+        if verdict is None:
+            return self._decide_and_answer(request)
+        return self._answer(request, verdict)
+
+    async def _decide_and_answer(self, request: Request) -> str:
+        answer = self._answer(request, await self.service.decide(request))
+        return answer if isinstance(answer, str) else await answer
+
+    def _answer(self, request: Request, verdict: Verdict) -> str | Awaitable[str]:
         records = self.records
         if records is None:
             return postfix_action(verdict)
         if request.stage != STAGE_END_OF_MESSAGE:
             return self._before_end(request, verdict)
-        return await self._at_end(request, verdict, records)
+        return self._at_end(request, verdict, records)
 
     def _before_end(self, request: Request, verdict: Verdict) -> str:
         key = request.instance
@@ -131,8 +147,8 @@ class PostfixPolicyHandler:
             pending.add(request.recipient)
         return postfix_action(verdict)
 
-    async def _at_end(self, request: Request, verdict: Verdict,
-                      records: HoldRecordStore) -> str:
+    def _at_end(self, request: Request, verdict: Verdict,
+                records: HoldRecordStore) -> str | Awaitable[str]:
         pending = self._pending.pop(request.instance, None) if request.instance else None
         if verdict.action in (Action.DEFER, Action.REJECT):
             return postfix_action(verdict)
@@ -155,16 +171,21 @@ class PostfixPolicyHandler:
                             created_ms=now, reason=hold_reason(hold),
                             destinations=tuple(d for d in domains if d),
                             sender=request.sender)
+        return self._hold(record, hold, lane, records)
+
+    async def _hold(self, record: HoldRecord, hold: Verdict, lane: Lane,
+                    records: HoldRecordStore) -> str:
+        """Write the hold record, then answer HOLD (a temporary failure when it cannot be
+        written: held mail without a record would never be released)."""
         policy = self.service.policy
-        ttl = record_ttl_for(policy)
         try:
-            await records.put(record, ttl)
+            await records.put(record, record_ttl_for(policy))
         except StoreError as exc:
             self.record_failures += 1
             log.error("hold record not written: message refused for now",
-                      extra={"fields": {"qid": request.queue_id, "error": str(exc)}})
+                      extra={"fields": {"qid": record.queue_id, "error": str(exc)}})
             return f"451 4.3.0 {store_error_text(policy, lane)}"
         self.holds_recorded += 1
-        log.info("held", extra={"fields": {"qid": request.queue_id, "lane": lane.name,
+        log.info("held", extra={"fields": {"qid": record.queue_id, "lane": lane.name,
                                            "reason": record.reason}})
         return f"HOLD {hold.text}"
