@@ -34,12 +34,11 @@ shared with other jobs: wall figures vary up to 2x between runs, CPU figures les
   ``_HiredisPacking``, when a batch cost the client ~30 us per decision; since then
   (``--in-flight 1,2 --open 5000,10000,20000``) both keep up with 20,000/s offered (p99
   7.0 / 1.3 ms at 20,000/s, 1.4 / 0.9 ms at 10,000/s).
-* behind the policy server (``bench/policy_bench.py --stores redis-tcp``, Postfix-like
-  closed loop: each connection waits for its answer), one batch in flight does better than
-  two: 8,700 / 6,900 decisions/s at 8 connections (p99 1.4 / 1.8 ms) and 12,200 / 12,150
-  at 64, against 6,500 / 6,400 (p99 2.7 / 2.2 ms) and 10,200 / 8,000 with two. A second
-  batch leaves at once with the few decisions made meanwhile, so batches are smaller and
-  each call has a fixed cost (~110 us of client CPU): ``max_in_flight=1``.
+* behind the policy server (``bench/policy_bench.py --stores redis-tcp --concurrency 8,64``,
+  Postfix-like closed loop), one or two batches in flight: no throughput difference beyond
+  this machine's noise (6,900-9,600 decisions/s at 8 connections, 8,200-11,900 at 64),
+  but two keep the tail shorter at 64 connections (p99 10 ms against 23-26 ms with one):
+  ``max_in_flight=2``.
 """
 
 from __future__ import annotations
@@ -267,7 +266,7 @@ class RedisStore(CoalescingStore):
         timeout_ms: int = 50,
         key_prefix: str = "mqpolicy:",
         max_batch: int = 256,
-        max_in_flight: int = 1,
+        max_in_flight: int = 2,
         protocol: int = 2,
     ) -> None:
         super().__init__(timeout_ms=timeout_ms, max_batch=max_batch,

@@ -196,7 +196,7 @@ class SentinelStore(RedisStore):
         timeout_ms: int = 50,
         key_prefix: str = "mqpolicy:",
         max_batch: int = 256,
-        max_in_flight: int = 1,
+        max_in_flight: int = 2,
     ) -> None:
         self.target = parse_sentinel_url(url)
         client, self._sentinel = open_sentinel_master(url, timeout_ms=timeout_ms)
