@@ -284,8 +284,10 @@ class RedisStore(CoalescingStore):
         else:
             self._client = Redis.from_url(
                 url,
-                # No socket_timeout: every call here runs under an asyncio deadline of
-                # its own, and redis-py would add a timer per read and a task per send.
+                # No socket timeout (redis-py's default is 5 s): every call here runs under
+                # an asyncio deadline of its own, and redis-py would add a timer per read
+                # and a task per send.
+                socket_timeout=None,
                 socket_connect_timeout=self._timeout_s,
                 retry=Retry(NoBackoff(), 0),
                 protocol=protocol,
