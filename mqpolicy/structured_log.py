@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -20,12 +21,13 @@ from typing import Any, TextIO
 queue_id_var: ContextVar[str] = ContextVar("queue_id", default="")
 connection_id_var: ContextVar[str] = ContextVar("connection_id", default="")
 
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@._-:/+<>[],")
+# A value made only of these is written bare; anything else is quoted as a JSON string.
+_SAFE = re.compile(r"[A-Za-z0-9@._\-:/+<>\[\],]+")
 
 
 def _kv_value(value: Any) -> str:
     text = str(value)
-    if text and all(c in _SAFE for c in text):
+    if _SAFE.fullmatch(text):
         return text
     return json.dumps(text, ensure_ascii=False)
 
@@ -144,6 +146,12 @@ def configure_logging(
     """Route the ``mqpolicy`` loggers to ``stream`` (stderr) through a batching writer
     thread. Returns the handler; call its ``stop()`` at shutdown to flush."""
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else KeyValueFormatter()
+    # Our lines name no source file, thread or process: skip finding them for every record
+    # (the logging HOWTO's "Optimization"); a decision line is logged for every message.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = _BatchingHandler(stream or sys.stderr, formatter)
     root = logging.getLogger("mqpolicy")
     for old in list(root.handlers):
