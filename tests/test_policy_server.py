@@ -184,6 +184,74 @@ def test_pipelined_requests_in_one_write_answered_in_order() -> None:
     run(scenario())
 
 
+def test_requests_sent_before_the_client_closes_its_side_are_answered() -> None:
+    async def scenario() -> None:
+        async with serving(Echo()) as server:
+            client = await Client.to(tcp(server))
+            batch = b"".join(
+                encode_request({"n": str(i), "sleep": "0.05" if i == 0 else "0"})
+                for i in range(3)
+            )
+            client.writer.write(batch)
+            client.writer.write_eof()  # like `printf ... | nc`: no more requests
+            assert [await client.reply() for _ in range(3)] == ["OK 0", "OK 1", "OK 2"]
+            assert await client.closed_by_server()
+            for _ in range(500):  # bounded poll until the server has let it go
+                if server.connection_count == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.connection_count == 0
+
+    run(scenario())
+
+
+def test_a_client_that_stops_reading_is_paused_then_dropped() -> None:
+    """Requests keep coming, answers are never read: the server stops reading once its
+    buffers are full (it does not queue answers without bound) and closes the connection
+    after the idle timeout; other clients are served meanwhile."""
+
+    class Instant:
+        def handle_now(self, attrs: dict[str, str]) -> str:
+            return "OK " + "x" * 200
+
+        async def handle(self, attrs: dict[str, str]) -> str:
+            return self.handle_now(attrs)
+
+    async def scenario() -> None:
+        async with serving(Instant(), idle_timeout_s=1) as server:
+            endpoint = tcp(server)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (endpoint.host, endpoint.port))
+            _, writer = await asyncio.open_connection(sock=sock)
+            request = encode_request({"n": "1"})
+            sent = 0
+            try:
+                # 20 MB of answers asked for, none read: more than the socket buffers hold
+                while sent < 100_000:
+                    writer.write(request * 1000)
+                    sent += 1000
+                    await asyncio.wait_for(writer.drain(), 2)
+            except (ConnectionError, TimeoutError):
+                pass  # the server stopped reading (drain waits) or closed
+            other = await Client.to(endpoint)
+            for _ in range(20):  # the other client stays busy; at most 20 * 0.2 s
+                assert await other.ask(n="2", within=1) == "OK " + "x" * 200
+                if server.counters.idle_timeouts:
+                    break
+                await asyncio.sleep(0.2)
+            # the stuck connection was dropped (not answered to the end), the other not
+            assert server.counters.idle_timeouts == 1
+            assert server.counters.requests < sent
+            assert server.connection_count == 1
+            assert await other.ask(n="3", within=1) == "OK " + "x" * 200
+            writer.transport.abort()
+            other.close()
+
+    run(scenario())
+
+
 def test_connections_are_served_concurrently() -> None:
     async def scenario() -> None:
         handler = Gate()
