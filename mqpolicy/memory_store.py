@@ -258,8 +258,8 @@ class MemoryStore:
         """:meth:`evaluate_now` for checks that share a bucket (the lock is held): a check
         sees what earlier ones spent, ``remaining`` is the bucket after the decision
         except for the check that made its last spend."""
+        validate_decision(checks, once_ttl_ms)
         prefix = self._prefix
-        data = self._data
         original: dict[str, float] = {}
         tentative: dict[str, float] = {}
         last_spender: dict[str, int] = {}
@@ -268,22 +268,10 @@ class MemoryStore:
         blocked = False
         for i, check in enumerate(checks):
             key, interval, burst, cost, consume, blocking = check
-            if not 0 < interval < _INFINITY:  # also NaN
-                raise ValueError(f"interval_ms must be a positive number: {check!r}")
-            if burst < 0 or cost < 0:
-                raise ValueError(f"burst and cost must not be negative: {check!r}")
             key = prefix + key
             tat = tentative.get(key)
             if tat is None:
-                entry = data.get(key)
-                if entry is None:
-                    tat = now_ms
-                elif entry[1] <= now_ms:
-                    del data[key]
-                    tat = now_ms
-                else:
-                    tat = entry[0] if entry[0] >= now_ms else now_ms
-                original[key] = tentative[key] = tat
+                tat = original[key] = tentative[key] = self._tat(key, now_ms)
             tolerance = interval * burst
             increment = interval * cost
             new_tat = tat + increment
