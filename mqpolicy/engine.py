@@ -190,7 +190,7 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     if at_rcpt and policy.destination_limits and request.recipient:
         budget = policy.destination_limits.get(
             request.destination or domain_of(request.recipient))
-        if budget is not None:
+        if budget is not None and (budget.lanes is None or lane.name in budget.lanes):
             limits = (*limits, budget)
     no_headers = request.headers is None
     size = request.size

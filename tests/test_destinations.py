@@ -109,6 +109,21 @@ def test_destinations_become_recipient_keyed_limits() -> None:
     assert asyncio.run(svc.destination_of("own.test")) == "own.test"
 
 
+def test_a_destination_budget_applies_only_in_its_lanes() -> None:
+    policy = parse_policy("""\
+lanes: [{name: normal}, {name: bulk, transport: mq-bulk}]
+default_lane: normal
+classify:
+  - {name: news, when: {sender: "@news.example"}, lane: bulk}
+destinations:
+  - {name: yahoo, domains: [yahoo.test], rate: 2/1h, lanes: [bulk]}
+""")
+    normal = rcpt("u@yahoo.test")._replace(destination="yahoo")
+    bulk = normal._replace(sender="letter@news.example")
+    assert make_plan(normal, policy).limits == ()
+    assert [p.limit.name for p in make_plan(bulk, policy).limits] == ["destination:yahoo"]
+
+
 def test_domains_at_one_mx_provider_share_one_budget(dns: FakeDnsServer) -> None:
     svc = service_with_dns(dns)
 
