@@ -7,10 +7,13 @@ made in the same iteration rides in the same ``EVALSHA`` of ``lua/gcra_batch.lua
 Each decision is still all-or-nothing and independent of the others in its batch.
 
 Failure: every decision has a deadline of ``timeout_ms`` from the call, kept by the store
-without a timer per decision: a batch may take until the deadline of its oldest decision
-(one ``asyncio.timeout_at`` per batch, plus socket connect/read timeouts), a decision still
-queued at its deadline fails without being sent. So :meth:`CoalescingStore.evaluate` answers
-or raises within the deadline (``keeps_deadline``) and callers need no timer of their own.
+without a timer per decision: a batch may run until the deadline of its youngest decision
+(one ``asyncio.timeout_at`` per batch, plus the connect timeout), an older one in it fails
+at its own deadline (one timer, set only while a batch is late), and a decision still queued
+at its deadline fails without being sent. So :meth:`CoalescingStore.evaluate` answers or
+raises within the deadline (``keeps_deadline``) and callers need no timer of their own. A
+decision that fails after its batch left may still have been counted by Redis (as with any
+timeout).
 redis-py's own retries are off (a dead Redis must fail fast, the caller's
 ``on_store_error`` decides), and every Redis, socket or timeout error becomes
 :class:`~mqpolicy.budget.StoreError` (:class:`~mqpolicy.budget.StoreTimeout` for a missed
@@ -130,10 +133,44 @@ class PendingDecision:
 _Pending = PendingDecision  # the name bench/store_bench.py imports
 
 
+class _BatchExpiry:
+    """Fails each decision of a batch in flight at its own deadline (a StoreTimeout; the
+    batch goes on for the others): one timer, set again for the next deadline due, and
+    none at all while the batch answers before its first decision's deadline."""
+
+    __slots__ = ("_batch", "_handle", "_index", "_loop")
+
+    def __init__(self, batch: list[PendingDecision], loop: asyncio.AbstractEventLoop) -> None:
+        self._batch = batch
+        self._loop = loop
+        self._index = 0
+        self._handle: asyncio.TimerHandle | None = None
+        if batch[0].deadline < batch[-1].deadline:
+            self._handle = loop.call_at(batch[0].deadline, self._expire)
+
+    def _expire(self) -> None:
+        batch, now = self._batch, self._loop.time()
+        index = self._index
+        while index < len(batch) and batch[index].deadline <= now:
+            future = batch[index].future
+            if not future.done():
+                future.set_exception(StoreTimeout(_NO_ANSWER))
+            index += 1
+        self._index = index
+        self._handle = (self._loop.call_at(batch[index].deadline, self._expire)
+                        if index < len(batch) else None)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class CoalescingStore:
     """The queue every Redis-backed store shares: decisions made in one loop iteration leave
     together, at most ``max_batch`` per batch and ``max_in_flight`` batches at once, and
-    each batch has the deadline ``timeout_ms``. Subclasses say how a batch is answered
+    each decision has the deadline ``timeout_ms`` from its call, in the queue and in its
+    batch alike. Subclasses say how a batch is answered
     (:meth:`_run`) and close their clients after :meth:`_close_queue`."""
 
     keeps_deadline = True
@@ -206,11 +243,13 @@ class CoalescingStore:
         raise NotImplementedError
 
     async def _send(self, batch: list[PendingDecision]) -> None:
+        # The queue is in call order: deadlines rise along the batch. The batch may run
+        # until its last decision's deadline; each earlier one fails at its own.
+        expiry = _BatchExpiry(batch, asyncio.get_running_loop())
         try:
             self.batches_sent += 1
             self.decisions_sent += len(batch)
-            # the queue is in call order: the first decision has the earliest deadline
-            async with asyncio.timeout_at(batch[0].deadline):
+            async with asyncio.timeout_at(batch[-1].deadline):
                 evaluations = await self._run(batch)
         except asyncio.CancelledError:
             self._fail(batch, StoreError("redis store closed while a batch was in flight"))
@@ -226,6 +265,7 @@ class CoalescingStore:
                 else:
                     pending.future.set_result(evaluation)
         finally:
+            expiry.cancel()
             self._in_flight -= 1
             self._fail(batch, StoreError("redis store: batch ended without an answer"))
             if self._queue and not self._closed:

@@ -31,7 +31,7 @@ from mqpolicy.budget import (
     ttl_for,
 )
 from mqpolicy.memory_store import MemoryStore
-from mqpolicy.redis_store import RedisStore, load_script
+from mqpolicy.redis_store import CoalescingStore, PendingDecision, RedisStore, load_script
 from mqpolicy.store_factory import open_store
 from tests.redis_fixture import RedisServer
 
@@ -860,6 +860,49 @@ def test_a_decision_queued_behind_a_stuck_batch_keeps_its_own_deadline(
         assert behind_elapsed < deadline_ms / 1000 * 1.3
         assert ahead_elapsed < deadline_ms / 1000 * 1.3
         await store.close()
+
+    asyncio.run(main())
+
+
+class SlowBatches(CoalescingStore):
+    """Answers every decision after the delay given for its batch (no Redis)."""
+
+    def __init__(self, delays: list[float], timeout_ms: int) -> None:
+        super().__init__(timeout_ms=timeout_ms, max_batch=256, max_in_flight=1)
+        self.delays = delays
+        self.sizes: list[int] = []
+
+    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
+        self.sizes.append(len(batch))
+        await asyncio.sleep(self.delays.pop(0))
+        return [Evaluation((BudgetResult(True, 1, 0),), committed=True) for _ in batch]
+
+
+def test_each_decision_in_a_batch_keeps_its_own_deadline() -> None:
+    """A decision that joins a batch late is not failed at the deadline of an older one in
+    it; the older one fails at its own deadline while the batch goes on."""
+
+    async def main() -> None:
+        store = SlowBatches([0.38, 0.16], timeout_ms=400)
+        check = BudgetCheck("k", HOUR, 10, 1)
+
+        async def timed(delay: float) -> tuple[float, object]:
+            await asyncio.sleep(delay)
+            start = time.monotonic()
+            try:
+                result: object = await store.evaluate([check], wall_ms())
+            except StoreError as exc:
+                result = exc
+            return time.monotonic() - start, result
+
+        (_, first), (older_s, older), (younger_s, younger) = await asyncio.gather(
+            timed(0), timed(0.02), timed(0.36))
+        assert store.sizes == [1, 2]  # the two waited for the first batch, left together
+        assert isinstance(first, Evaluation)
+        assert isinstance(older, StoreTimeout)  # its deadline came while its batch ran
+        assert 0.38 <= older_s < 0.52
+        assert isinstance(younger, Evaluation)  # answered at ~0.54 s, within its 0.76 s
+        assert younger_s < 0.4
 
     asyncio.run(main())
 
