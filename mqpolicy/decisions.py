@@ -92,7 +92,9 @@ class DecisionService:
         # A store that keeps the deadline itself (the Redis stores) needs no timer either.
         self._needs_deadline = (self._evaluate_now is None
                                 and not getattr(store, "keeps_deadline", False))
-        self._stats_lock = threading.Lock()
+        #: Held while ``stats`` changes (decisions come from the loop and from the milter's
+        #: threads): readers that iterate its mappings hold it too.
+        self.stats_lock = threading.Lock()
         self.resolver = resolver
         #: Backoff factors and waiting lanes from the store, refreshed by the front-end.
         self.runtime: RuntimeState = NO_RUNTIME
@@ -187,7 +189,7 @@ class DecisionService:
                  store_ns: int | None) -> None:
         stats = self.stats
         spoke = [o for o in verdict.limits if not o.allowed]
-        with self._stats_lock:
+        with self.stats_lock:
             stats.decisions[(verdict.action.value, verdict.lane.name)] += 1
             for o in spoke:
                 action = "monitor" if o.monitor else o.action.value

@@ -426,8 +426,9 @@ def register_decision_metrics(registry: MetricsRegistry, service: DecisionServic
     def decisions() -> dict[Labels, int]:
         lanes = [lane.name for lane in service.policy.lanes]
         values: dict[Labels, int] = {(a, lane): 0 for lane in lanes for a in _ACTIONS}
-        for labels, n in service.stats.decisions.items():
-            values[labels] = n
+        with service.stats_lock:  # the milter's threads count decisions too
+            counted = list(service.stats.decisions.items())
+        values.update(counted)
         return values
 
     def limit_hits() -> dict[Labels, int]:
@@ -435,8 +436,9 @@ def register_decision_metrics(registry: MetricsRegistry, service: DecisionServic
             (lim.name, "monitor" if lim.monitor else lim.action.value): 0
             for lim in service.policy.limits
         }
-        for labels, n in service.stats.limits_hit.items():
-            values[labels] = n
+        with service.stats_lock:
+            counted = list(service.stats.limits_hit.items())
+        values.update(counted)
         return values
 
     stats = service.stats
@@ -461,8 +463,12 @@ def register_decision_metrics(registry: MetricsRegistry, service: DecisionServic
     registry.gauge("mqpolicy_busiest_keys_tracked",
                    "Limit keys tracked for the busiest-keys view (bounded)",
                    lambda: len(stats.busiest))
-    registry.json_section("busiest_keys",
-                          lambda: [h._asdict() for h in stats.busiest.top(BUSIEST_SHOWN)])
+    def busiest_keys() -> list[dict[str, object]]:
+        with service.stats_lock:
+            top = stats.busiest.top(BUSIEST_SHOWN)
+        return [h._asdict() for h in top]
+
+    registry.json_section("busiest_keys", busiest_keys)
 
 
 def register_store_metrics(registry: MetricsRegistry, store: CounterStore) -> None:

@@ -14,6 +14,8 @@ import re
 import signal
 import socket
 import struct
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -401,6 +403,64 @@ class SilentStore(MemoryStore):
 
     async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
         return []
+
+
+def test_decisions_from_several_threads_are_counted_exactly_while_read() -> None:
+    """The milter decides on libmilter's threads while the loop serves scrapes: every
+    decision is counted once and reading never trips over a mapping being changed."""
+    service = DecisionService(parse_policy("""\
+limits:
+  - {name: watch-client, rate: 1/1h, key: client_address, count: messages, monitor: true}
+  - {name: big-senders, rate: 1/1h, key: sender, count: recipients, monitor: true}
+"""), MemoryStore())
+    registry = core_registry(service, reloads=ReloadStats())
+    per_thread, threads = 400, 4
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def decide(t: int) -> None:
+        try:
+            for i in range(per_thread):  # a new sender, over its budget: a new busiest key
+                request = eom(t * per_thread + i, f"s{t}-{i}@example.com")
+                assert service.decide_now(request._replace(recipient_count=3))
+        except BaseException as exc:
+            errors.append(exc)
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                registry.render()  # a failing metric is counted in collect_errors
+                assert "busiest_keys" in registry.sections()  # a failing one is left out
+        except BaseException as exc:
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads as often as possible
+    try:
+        reader = threading.Thread(target=read)
+        reader.start()
+        workers = [threading.Thread(target=decide, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        done.set()
+        reader.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert registry.collect_errors == 0
+    exposition = Exposition(registry.render())
+    total = per_thread * threads
+    assert exposition.value("mqpolicy_decisions_total", action="accept", lane="normal") == total
+    # the monitor limits: 1/1h per client address (the same for all: each after the first),
+    # 1 recipient/1h per sender (3 recipients never fit)
+    assert exposition.value("mqpolicy_limit_hits_total", limit="watch-client",
+                            action="monitor") == total - 1
+    assert exposition.value("mqpolicy_limit_hits_total", limit="big-senders",
+                            action="monitor") == total
+    assert exposition.value("mqpolicy_decision_seconds_count") == total
+    assert exposition.value("mqpolicy_busiest_keys_tracked") == total + 1
 
 
 def test_store_errors_and_timeouts_are_counted_and_timed() -> None:
