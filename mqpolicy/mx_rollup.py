@@ -417,40 +417,50 @@ def _nxdomain_ttl(exc: dns.resolver.NXDOMAIN) -> float:
 _DOMAIN_CACHE_SIZE = 100_000
 
 
+class _FinderState(NamedTuple):
+    destinations: object  # the sequence these answers are for (compared by identity)
+    groups: tuple[DestinationMatcher, ...]
+    by_mx: bool
+    by_domain: dict[str, str]  # answers that need no DNS, bounded
+
+
 class DestinationFinder:
     """Finds the destination group of a domain for the configured destinations: by domain
-    pattern without DNS, by MX when a group needs it and a resolver is given. The matcher
-    list is rebuilt only when the destinations change (a reload)."""
+    pattern without DNS, by MX when a group needs it and a resolver is given. The matchers
+    are rebuilt only when the destinations change (a reload); the state is replaced whole,
+    so callers on several threads (the milter's) never mix two policies' answers."""
 
     def __init__(self, resolver: MxResolver | None) -> None:
         self.resolver = resolver
-        self._for: object = None
-        self._groups: tuple[DestinationMatcher, ...] = ()
-        self._by_mx = False
-        self._by_domain: dict[str, str] = {}  # answers that need no DNS, bounded
+        self._state = _FinderState(None, (), False, {})
+
+    def _state_for(self, destinations: Sequence[_HasMatcher]) -> _FinderState:
+        state = self._state
+        if state.destinations is not destinations:
+            groups = tuple(d.matcher for d in destinations)
+            state = self._state = _FinderState(destinations, groups, needs_mx(groups), {})
+        return state
 
     async def find(self, domain: str, destinations: Sequence[_HasMatcher]) -> str:
         """The group's name, else the domain itself. Never raises (DNS trouble: the domain)."""
         found = self.find_now(domain, destinations)
         if found is None and self.resolver is not None:
-            return await self.resolver.destination_of(domain, self._groups)
+            groups = self._state_for(destinations).groups
+            return await self.resolver.destination_of(domain, groups)
         return found or normalize_domain(domain)
 
     def find_now(self, domain: str, destinations: Sequence[_HasMatcher]) -> str | None:
         """:meth:`find` when the answer needs no DNS; None when it needs the resolver."""
-        if destinations is not self._for:
-            self._groups = tuple(d.matcher for d in destinations)
-            self._by_mx = needs_mx(self._groups)
-            self._by_domain.clear()
-            self._for = destinations
-        if self._by_mx and self.resolver is not None:
+        state = self._state_for(destinations)
+        if state.by_mx and self.resolver is not None:
             return None
-        found = self._by_domain.get(domain)
+        cache = state.by_domain
+        found = cache.get(domain)
         if found is None:
-            found = match_destination(domain, (), self._groups) or normalize_domain(domain)
-            if len(self._by_domain) >= _DOMAIN_CACHE_SIZE:
-                self._by_domain.clear()
-            self._by_domain[domain] = found
+            found = match_destination(domain, (), state.groups) or normalize_domain(domain)
+            if len(cache) >= _DOMAIN_CACHE_SIZE:
+                cache.clear()
+            cache[domain] = found
         return found
 
 
