@@ -485,6 +485,7 @@ def test_request_from_policy_attributes_maps_every_attribute() -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("", 0), ("0", 0), ("17", 17), ("-5", 0), ("x", 0), ("²", 0), ("+4", 4), (" 9", 9),
+    ("9" * 5000, 0),  # more digits than int() converts: not an error
 ])
 def test_request_numbers_are_never_negative_or_errors(value: str, expected: int) -> None:
     request = Request.from_policy_attributes({"size": value, "recipient_count": value})
