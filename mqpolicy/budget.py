@@ -1,7 +1,7 @@
 """Rate budgets: the contract between the engine and the counter stores, and GCRA math.
 
 A decision hands the store a list of :class:`BudgetCheck` and gets one :class:`Evaluation`
-back from ONE atomic operation (one Lua call on Redis, one lock-free step in memory):
+back from ONE atomic operation (one Lua call on Redis, one step under a lock in memory):
 
 * every check is tested against its bucket at ``now_ms``;
 * if any *blocking* check fails, nothing is spent (all-or-nothing);

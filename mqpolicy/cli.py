@@ -33,7 +33,7 @@ from mqpolicy.config import (
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.endpoints import EndpointSyntaxError, parse_endpoint
-from mqpolicy.engine import Verdict, applies, limit_key, store_key
+from mqpolicy.engine import Verdict, applies, store_key
 from mqpolicy.feedback import FeedbackService
 from mqpolicy.hold_records import HoldRecordStore, records_for, waiting_lanes
 from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats, core_registry
@@ -50,7 +50,7 @@ from mqpolicy.scheduler import Scheduler, open_mta_queue, register_scheduler_met
 from mqpolicy.scheduler_cli import cmd_queue, cmd_scheduler
 from mqpolicy.sd_notify import sd_notify
 from mqpolicy.store_factory import open_store
-from mqpolicy.structured_log import configure_logging, set_level
+from mqpolicy.structured_log import configure_logging, set_level, skip_record_sources
 from mqpolicy.top_view import add_top_arguments, run_top
 
 DEFAULT_CONFIG = "/etc/mqpolicy/mqpolicy.yaml"
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    skip_record_sources()
     args = build_parser().parse_args(argv)
     command: str = args.command
     if command == "check":
@@ -492,7 +493,7 @@ def _why_not(name: str, request: Request, verdict: Verdict, policy: Policy) -> s
         if limit.lanes is not None and verdict.classified_lane.name not in limit.lanes:
             return f"lanes {', '.join(sorted(limit.lanes))} only"
         return "when/except does not match"
-    if limit_key(limit, request) is None:
+    if limit.key_of(request) is None:
         return f"request has no {limit.key_text}"
     return "not applicable"
 

@@ -127,9 +127,7 @@ class DecisionService:
             store_started = perf_counter_ns()
             evaluation = await self._evaluate(plan, self._deadline_ms or policy.store.timeout_ms)
             store_ns = perf_counter_ns() - store_started
-        verdict = decide(plan, evaluation, policy)
-        self._account(request, verdict, perf_counter_ns() - started, store_ns)
-        return verdict
+        return self._verdict(plan, evaluation, policy, started, store_ns)
 
     def decide_now(self, request: Request) -> Verdict | None:
         """The decision, made synchronously, when it needs no I/O: an in-process store
@@ -154,8 +152,13 @@ class DecisionService:
             evaluation = evaluate_now([p.check for p in plan.limits], self.clock_ms(),
                                       plan.once_key)
             store_ns = perf_counter_ns() - store_started
+        return self._verdict(plan, evaluation, policy, started, store_ns)
+
+    def _verdict(self, plan: Plan, evaluation: Evaluation | None, policy: Policy,
+                 started_ns: int, store_ns: int | None) -> Verdict:
+        """The engine's verdict on the store's answer, counted and logged."""
         verdict = decide(plan, evaluation, policy)
-        self._account(request, verdict, perf_counter_ns() - started, store_ns)
+        self._account(plan.request, verdict, perf_counter_ns() - started_ns, store_ns)
         return verdict
 
     async def destination_of(self, domain: str, policy: Policy | None = None) -> str:
@@ -170,9 +173,12 @@ class DecisionService:
                 return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
             async with asyncio.timeout(timeout_ms / 1000):
                 return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
-        except (TimeoutError, StoreTimeout):
+        except TimeoutError:
             self.stats.store_timeouts += 1
             self._store_failed(f"no answer within {timeout_ms} ms")
+        except StoreTimeout as exc:  # a store that keeps the deadline itself
+            self.stats.store_timeouts += 1
+            self._store_failed(str(exc))
         except StoreError as exc:
             self.stats.store_errors += 1
             self._store_failed(str(exc))

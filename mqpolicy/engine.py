@@ -128,11 +128,6 @@ def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
 # ---------------------------------------------------------------- keys
 
 
-def limit_key(limit: Limit, request: Request) -> str | None:
-    """The key value of ``limit`` for this request; None when a part is missing."""
-    return limit.key_of(request)
-
-
 def store_key(limit: Limit, key: str) -> str:
     """The store's logical key for one bucket of a limit (the store adds its prefix)."""
     if not key.isascii():

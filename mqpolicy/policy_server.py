@@ -133,7 +133,6 @@ class PolicyServer:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         PolicyDecoder(max_request_bytes, max_lines)  # validates the limits
-        self._handler = handler
         self._handle_now: Callable[[dict[str, str]], str | Awaitable[str]] = getattr(
             handler, "handle_now", handler.handle)
         self._endpoints = tuple(endpoints)

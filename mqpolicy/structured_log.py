@@ -146,12 +146,6 @@ def configure_logging(
     """Route the ``mqpolicy`` loggers to ``stream`` (stderr) through a batching writer
     thread. Returns the handler; call its ``stop()`` at shutdown to flush."""
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else KeyValueFormatter()
-    # Our lines name no source file, thread or process: skip finding them for every record
-    # (the logging HOWTO's "Optimization"); a decision line is logged for every message.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
     handler = _BatchingHandler(stream or sys.stderr, formatter)
     root = logging.getLogger("mqpolicy")
     for old in list(root.handlers):
@@ -163,6 +157,16 @@ def configure_logging(
     root.propagate = False
     handler.start()
     return handler
+
+
+def skip_record_sources() -> None:
+    """Stop the logging module from finding each record's source file, thread and process
+    (the logging HOWTO's "Optimization"): our lines name none of them, and one is logged for
+    every message. Process-wide: for the ``mqpolicy`` command's ``main`` only."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def set_level(level: str) -> None:
