@@ -96,12 +96,15 @@ def decision(i: int) -> tuple[list[BudgetCheck], str]:
 
 
 async def per_call_cost(
-    url: str, protocol: int, batch: int, seconds: float, *, c_packer: bool = True
+    url: str, protocol: int, batch: int, seconds: float, *, c_packer: bool = True,
+    store_path: bool = False,
 ) -> tuple[float, float]:
     """(wall us, client CPU us) per sequential EVALSHA carrying ``batch`` decisions (0: PING).
 
     Goes through the same client set-up as RedisStore (``RedisStore._client``), so it includes
-    the C packer; the decisions are encoded before the clock starts.
+    the C packer; the decisions are encoded before the clock starts. ``store_path``: the call
+    the store makes (``RedisStore._evalsha``, a pooled connection past the client's
+    per-command layers) instead of redis-py's ``Script`` call.
     """
     store = RedisStore(url, timeout_ms=5000, protocol=protocol)
     client = store._client
@@ -131,6 +134,9 @@ async def per_call_cost(
         while time.perf_counter() - start < seconds:
             if batch == 0:
                 await client.ping()
+            elif store_path:
+                keys, args = payloads[calls % len(payloads)]
+                await store._evalsha(keys, args)
             else:
                 keys, args = payloads[calls % len(payloads)]
                 await script(keys=keys, args=args)
@@ -232,19 +238,22 @@ async def main_async(args: argparse.Namespace, tcp_url: str, unix_url: str) -> N
         f"best of {args.repeat}"
     )
     print("\nper-call cost, sequential, us per call: wall / client CPU")
-    print(f"{'call':<22}{'RESP2':>16}{'RESP3':>16}{'RESP2 redis-py packer':>24}")
+    print(f"{'call':<22}{'RESP2 store':>16}{'RESP2':>16}{'RESP3':>16}"
+          f"{'RESP2 redis-py packer':>24}")
     for batch in (0, 1, 16, 64, 256):
         name = "PING" if batch == 0 else f"EVALSHA {batch} decisions"
         cells = []
-        for protocol, c_packer in ((2, True), (3, True), (2, False)):
+        for protocol, c_packer, store_path in (
+                (2, True, True), (2, True, False), (3, True, False), (2, False, False)):
             wall, cpu = min(  # best of --repeat: the machine may be busy with other work
                 [
-                    await per_call_cost(url, protocol, batch, args.seconds / 2, c_packer=c_packer)
+                    await per_call_cost(url, protocol, batch, args.seconds / 2,
+                                        c_packer=c_packer, store_path=store_path)
                     for _ in range(args.repeat)
                 ]
             )
             cells.append(f"{wall:>8.0f} / {cpu:<5.0f}")
-        print(f"{name:<22}{cells[0]:>16}{cells[1]:>16}{cells[2]:>24}")
+        print(f"{name:<22}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{cells[3]:>24}")
     print("\nRedisStore.evaluate:")
     for in_flight in args.in_flight:
         for protocol in args.protocols:
