@@ -31,10 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench_signals import sigterm_as_interrupt
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD = Path(__file__).resolve().parent / "policy_load.py"
@@ -492,20 +494,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not args.concurrency or min(args.concurrency) < 1:
         p.error("--concurrency takes numbers of at least 1")
     return args
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process started."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

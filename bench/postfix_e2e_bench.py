@@ -51,6 +51,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_signals import sigterm_as_interrupt  # noqa: E402
+
 from mqpolicy.endpoints import Endpoint  # noqa: E402
 from mqpolicy.postfix_config import (  # noqa: E402
     HEADER_CHECKS_FILE,
@@ -430,4 +432,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        with sigterm_as_interrupt():  # `timeout`, `kill PID`: unwind, stop every process
+            sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
