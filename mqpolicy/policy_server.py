@@ -44,7 +44,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from inspect import CORO_CREATED
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, cast
 
 from mqpolicy.endpoints import Endpoint
 from mqpolicy.policy_codec import (
@@ -422,9 +422,10 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         if self.server._accept(self, transport):
-            self.transport = transport
+            # a stream transport (create_server / create_unix_server), whatever its loop's
+            # class for it: no isinstance check (other event loops do not subclass it)
+            self.transport = cast(asyncio.Transport, transport)
         else:
             self.closed.set_result(None)
 
@@ -515,8 +516,8 @@ class _Connection(asyncio.Protocol):
         self._answer_queue()
 
     def _write(self, reply: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(reply)
+        """Hand an answer to the transport (open: callers check)."""
+        cast(asyncio.Transport, self.transport).write(reply)
         self.server.counters.requests += 1
 
     def _idle(self) -> None:
