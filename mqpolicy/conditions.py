@@ -512,17 +512,24 @@ def _compile_priority(value: Any, what: str) -> Predicate:
 HEADER_CONDITION_KEYS = frozenset({"header", "header_present", "bulk_signals", "priority"})
 
 
-def uses_headers(spec: Any) -> bool:
-    """Whether a condition (as written in YAML) looks at headers anywhere, also under
-    ``any``/``all``/``not``. Without headers (the policy server) its answer is unknown,
-    so such rules and limits are left to the milter, which sees them."""
+def condition_keys(spec: Any) -> frozenset[str]:
+    """Every condition key a condition (as written in YAML) uses, also under
+    ``any``/``all``/``not``: what it needs to know of a message."""
     if isinstance(spec, Mapping):
+        keys: set[str] = set()
         for key, value in spec.items():
-            if key in HEADER_CONDITION_KEYS:
-                return True
-            if key in ("any", "all", "not") and uses_headers(value):
-                return True
-        return False
+            if key in ("any", "all", "not"):
+                keys |= condition_keys(value)
+            else:
+                keys.add(str(key))
+        return frozenset(keys)
     if isinstance(spec, list):
-        return any(uses_headers(item) for item in spec)
-    return False
+        return frozenset().union(*(condition_keys(item) for item in spec))
+    return frozenset()
+
+
+def uses_headers(spec: Any) -> bool:
+    """Whether a condition looks at headers anywhere. Without headers (the policy server)
+    its answer is unknown, so such rules and limits are left to the milter, which sees
+    them."""
+    return not condition_keys(spec).isdisjoint(HEADER_CONDITION_KEYS)

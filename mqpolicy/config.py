@@ -20,7 +20,13 @@ from typing import Any
 import yaml
 
 from mqpolicy.backoff import BackoffSettings
-from mqpolicy.conditions import ConditionError, Predicate, compile_condition, uses_headers
+from mqpolicy.conditions import (
+    ConditionError,
+    Predicate,
+    compile_condition,
+    condition_keys,
+    uses_headers,
+)
 from mqpolicy.endpoints import (
     Endpoint,
     EndpointSyntaxError,
@@ -421,6 +427,9 @@ class Policy:
     limits: tuple[Limit, ...] = ()
     messages: Messages = Messages()
     lanes_by_name: Mapping[str, Lane] = field(default_factory=dict)
+    # The condition keys of every rule, limit and schedule (None: not known, e.g. a Policy
+    # built in code: then it may use anything).
+    condition_keys: frozenset[str] | None = None
     # Derived for the engine: the limits every request is matched against, and the
     # destination budgets found by the request's destination name in one lookup.
     general_limits: tuple[Limit, ...] = field(init=False)
@@ -428,6 +437,10 @@ class Policy:
     # (lane name, at RCPT) -> the general limits that may apply there: in that lane's scope,
     # and recipient-keyed ones only at RCPT. What is left to test per request is dynamic.
     limits_by_stage: Mapping[tuple[str, bool], tuple[Limit, ...]] = field(init=False)
+    # Whether any decision looks at the message's size (a `size` condition, a bytes budget)
+    # or at the HELO name (a condition or a key): the milter skips what none does.
+    uses_size: bool = field(init=False)
+    uses_helo: bool = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.lanes_by_name:
@@ -443,6 +456,11 @@ class Policy:
                 and (x.lanes is None or lane.name in x.lanes))
             for lane in self.lanes for at_rcpt in (True, False)
         })
+        keys = self.condition_keys
+        object.__setattr__(self, "uses_size", keys is None or "size" in keys or any(
+            x.count is Count.BYTES for x in self.limits))
+        object.__setattr__(self, "uses_helo", keys is None or "helo_name" in keys or any(
+            part.name == "helo_name" for x in self.limits for part in x.key))
 
     def lane(self, name: str) -> Lane:
         return self.lanes_by_name[name]
@@ -460,6 +478,7 @@ class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
         self.issues: list[ConfigIssue] = []
+        self.condition_keys: frozenset[str] = frozenset()  # of every condition read
 
     def error(self, container: Any, key: Any, path: str, message: str) -> None:
         self.issues.append(ConfigIssue(self.source, _line_of(container, key), path, message))
@@ -720,6 +739,7 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
         classify=classify,
         limits=limits,
         messages=messages,
+        condition_keys=r.condition_keys,
     )
 
 
@@ -1302,6 +1322,7 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
 
 
 def _condition(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> Predicate | None:
+    r.condition_keys |= condition_keys(m[key])
     try:
         return compile_condition(m[key], f"{path}.{key}")
     except ConditionError as exc:

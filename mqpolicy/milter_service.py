@@ -35,7 +35,9 @@ What the milter decides, per message:
   kept and applied to the whole message at END-OF-MESSAGE.
 
 Only ADDHDRS, CHGHDRS and QUARANTINE are negotiated; the MTA skips DATA, EOH and unknown
-commands and does not wait for replies to connect, HELO, MAIL, headers and body chunks.
+commands, and HELO and the body when no rule, limit or schedule of the policy looks at the
+HELO name or the message size; it does not wait for replies to connect, HELO, MAIL, headers
+and body chunks.
 
 The milter binds its socket itself and hands it to libmilter as ``fd:N``: a unix socket
 gets its mode before anyone can connect, and a TCP socket gets ``TCP_NODELAY``. libmilter
@@ -335,10 +337,17 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     # --- negotiation ------------------------------------------------------------------
 
     def negotiate(self, opts: list[int]) -> Any:
+        offered = opts[1]
         rc = super().negotiate(opts)  # protocol steps from the decorators below
         if rc == CONTINUE:
             wanted = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
             opts[0] = self._actions = opts[0] & wanted
+            # HELO and the body only when a decision looks at them (per connection: a
+            # reload that starts using them applies to connections made after it)
+            policy = self.gateway.policy
+            skip = ((0 if policy.uses_helo else Milter.P_NOHELO)
+                    | (0 if policy.uses_size else Milter.P_NOBODY))
+            opts[1] = self._protocol = opts[1] | (offered & skip)
         return rc
 
     # --- connection -------------------------------------------------------------------

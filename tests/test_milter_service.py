@@ -215,8 +215,28 @@ def test_only_needed_actions_and_steps_are_negotiated(loop: Loop) -> None:
                      Milter.P_NR_BODY):
         assert proto & no_reply
     for needed in (Milter.P_NOCONNECT, Milter.P_NOMAIL, Milter.P_NORCPT, Milter.P_NOHDRS,
-                   Milter.P_NOBODY, Milter.P_NR_RCPT):
+                   Milter.P_NR_RCPT):
         assert not proto & needed
+    # this policy looks at neither the HELO name nor the size: those steps are skipped too
+    assert proto & Milter.P_NOHELO
+    assert proto & Milter.P_NOBODY
+
+
+@pytest.mark.parametrize(("extra", "helo", "body"), [
+    ("", False, False),
+    ("limits:\n  - {name: per-helo, rate: 10/1h, key: helo_name}\n", True, False),
+    ("limits:\n  - {name: big, rate: 10MB/1h, key: sender, count: bytes}\n", False, True),
+    ("limits:\n  - {name: l, rate: 10/1h, key: sender, when: {any: [{size: {min: 1MB}}]}}\n",
+     False, True),
+    ("limits:\n  - {name: l, rate: 10/1h, key: sender, except: {helo_name: 'x*'}}\n",
+     True, False),
+])
+def test_helo_and_body_are_negotiated_only_when_a_decision_uses_them(
+        loop: Loop, extra: str, helo: bool, body: bool) -> None:
+    s = session(loop, extra)
+    helo_skipped = bool(s.opts[1] & Milter.P_NOHELO)
+    body_skipped = bool(s.opts[1] & Milter.P_NOBODY)
+    assert (helo_skipped, body_skipped) == (not helo, not body)
 
 
 # ---------------------------------------------------------------- lanes
