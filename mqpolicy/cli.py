@@ -40,6 +40,7 @@ from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats
 from mqpolicy.milter_service import MilterRunner
 from mqpolicy.mx_rollup import DestinationFinder, needs_mx
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
+from mqpolicy.policy_reload import load_for_reload
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
 from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
@@ -351,14 +352,9 @@ async def _run_scheduler(scheduler: Scheduler, stop: asyncio.Event) -> None:
 
 async def _reload(service: DecisionService, path: Path, log_level: str | None,
                   stats: ReloadStats) -> None:
-    loop = asyncio.get_running_loop()
     sd_notify("RELOADING=1")
-    try:
-        new = await loop.run_in_executor(None, load_policy, path)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            log.error("reload refused, keeping the running policy",
-                      extra={"fields": {"problem": str(issue)}})
+    new = await load_for_reload(path)
+    if new is None:
         stats.refused()
         sd_notify("READY=1")
         return

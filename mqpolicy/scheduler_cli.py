@@ -20,10 +20,11 @@ from typing import TextIO
 from mqpolicy import __version__
 from mqpolicy.backoff_store import open_backoff_store
 from mqpolicy.budget import StoreError
-from mqpolicy.config import ConfigError, Policy, SchedulerSettings, load_policy
+from mqpolicy.config import Policy, SchedulerSettings
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.hold_records import records_for
 from mqpolicy.mta_queue import QueueCommandError
+from mqpolicy.policy_reload import load_for_reload
 from mqpolicy.release_planner import plan_releases, summarize
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue
@@ -111,22 +112,18 @@ async def _run_scheduler(policy: Policy, path: Path, log_level: str | None) -> i
 
 
 async def _reload(service: DecisionService, path: Path, log_level: str | None) -> None:
-    loop = asyncio.get_running_loop()
     sd_notify("RELOADING=1")
-    try:
-        new = await loop.run_in_executor(None, load_policy, path)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            log.error("reload refused, keeping the running policy",
-                      extra={"fields": {"problem": str(issue)}})
+    new = await load_for_reload(path)
+    if new is None:
+        sd_notify("READY=1")
+        return
+    if new.scheduler is None or new.store != service.policy.store:
+        log.error("reload refused: the scheduler section and the store cannot change "
+                  "without a restart", extra={"fields": {"policy": str(path)}})
     else:
-        if new.scheduler is None or new.store != service.policy.store:
-            log.error("reload refused: the scheduler section and the store cannot change "
-                      "without a restart", extra={"fields": {"policy": str(path)}})
-        else:
-            service.replace_policy(new)
-            set_level(log_level or new.log.level)
-            log.info("policy reloaded", extra={"fields": {"policy": str(path)}})
+        service.replace_policy(new)
+        set_level(log_level or new.log.level)
+        log.info("policy reloaded", extra={"fields": {"policy": str(path)}})
     sd_notify("READY=1")
 
 
