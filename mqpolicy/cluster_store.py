@@ -112,6 +112,7 @@ from mqpolicy.redis_store import (
     encode_batch,
     inspect_buckets,
     load_script,
+    unprefixed,
 )
 from mqpolicy.sentinel_store import parse_host_list, split_credentials
 
@@ -507,12 +508,7 @@ class ClusterStore(CoalescingStore):
                     cursor, batch = reply
                     if isinstance(cursor, dict):  # redis-py: ({node name: cursor}, keys)
                         (cursor,) = cursor.values()
-                    found.update(
-                        (k if isinstance(k, bytes) else str(k).encode())[strip:].decode(
-                            "utf-8", "replace"
-                        )
-                        for k in batch
-                    )
+                    found.update(unprefixed(k, strip) for k in batch)
                     if int(cursor) == 0:
                         break
         except _ERRORS as exc:

@@ -393,7 +393,7 @@ class RedisStore(CoalescingStore):
                     cursor, batch = await self._client.scan(
                         cursor, match=match, count=max(100, min(count, 1000))
                     )
-                found.update(_as_bytes(key)[strip:].decode("utf-8", "replace") for key in batch)
+                found.update(unprefixed(key, strip) for key in batch)
                 if cursor == 0:
                     break
         except _ERRORS as exc:
@@ -460,8 +460,10 @@ def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation]:
     return evaluations
 
 
-def _as_bytes(key: bytes | str) -> bytes:
-    return key if isinstance(key, bytes) else key.encode()
+def unprefixed(key: bytes | str, strip: int) -> str:
+    """A key as SCAN returns it, without the store's prefix of ``strip`` bytes."""
+    raw = key if isinstance(key, bytes) else key.encode()
+    return raw[strip:].decode("utf-8", "replace")
 
 
 _NO_ANSWER = "redis did not answer within the deadline"
