@@ -747,13 +747,17 @@ def _unknown_lane(name: Any, lane_names: set[str]) -> str:
     return f"unknown lane {name!r} (lanes: {', '.join(sorted(lane_names))})"
 
 
-def _items(r: _Reader, top: Mapping[str, Any], key: str) -> Iterator[tuple[int, Any, str]]:
+def _items(r: _Reader, top: Mapping[str, Any], key: str,
+           by_name: bool = False) -> Iterator[tuple[int, Any, str]]:
+    """(index, the list, path) of each item of ``top[key]``; with ``by_name`` an item that
+    has a name is called by it in messages (``limits[per-sender]``)."""
     value = top[key]
     if not isinstance(value, list):
         r.error(top, key, key, f"expected a list, got {_kind(value)}")
         return
-    for i in range(len(value)):
-        yield i, value, f"{key}[{i}]"
+    for i, item in enumerate(value):
+        named = by_name and isinstance(item, Mapping) and isinstance(item.get("name"), str)
+        yield i, value, f"{key}[{item['name']}]" if named else f"{key}[{i}]"
 
 
 def _read_listen(r: _Reader, top: Mapping[str, Any], mode: int) -> Iterator[Endpoint]:
@@ -993,10 +997,7 @@ def _read_destinations(
     limit_names: set[str],
 ) -> Iterator[tuple[Destination, Limit]]:
     seen: set[str] = set()
-    for i, container, path in _items(r, top, "destinations"):
-        item = container[i]
-        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            path = f"destinations[{item['name']}]"
+    for i, container, path in _items(r, top, "destinations", by_name=True):
         m = r.mapping(container, i, path, _DESTINATION_KEYS)
         if m is None:
             continue
@@ -1379,10 +1380,7 @@ def _read_limits(
     r: _Reader, top: Mapping[str, Any], lanes: set[str], store: StoreSettings
 ) -> Iterator[Limit]:
     seen: set[str] = set()
-    for i, container, path in _items(r, top, "limits"):
-        item = container[i]
-        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
-            path = f"limits[{item['name']}]"
+    for i, container, path in _items(r, top, "limits", by_name=True):
         m = r.mapping(container, i, path, _LIMIT_KEYS)
         if m is None:
             continue
