@@ -507,6 +507,12 @@ class _Reader:
             self.error(container, key, path, str(exc))
             return None
 
+    def optional(self, m: Mapping[str, Any], key: str, section: str,
+                 fn: Callable[[Any], Any]) -> Any:
+        """``fn`` of ``m[key]`` (an error at ``section.key`` when it fails); None when the
+        key is absent or wrong."""
+        return self.convert(m, key, f"{section}.{key}", fn) if key in m else None
+
 
 def _kind(value: Any) -> str:
     if value is None:
@@ -788,26 +794,16 @@ def _read_server(r: _Reader, top: Mapping[str, Any]) -> ServerSettings:
     d = ServerSettings()
     if m is None:
         return d
-    idle = r.convert(m, "idle_timeout", "server.idle_timeout", parse_duration_ms) if (
-        "idle_timeout" in m
-    ) else None
-    size = r.convert(m, "max_request_size", "server.max_request_size", parse_size) if (
-        "max_request_size" in m
-    ) else None
-    conns = r.convert(m, "max_connections", "server.max_connections", _positive_int) if (
-        "max_connections" in m
-    ) else None
-    drain = r.convert(m, "drain_timeout", "server.drain_timeout", parse_duration_ms) if (
-        "drain_timeout" in m
-    ) else None
+    idle = r.optional(m, "idle_timeout", "server", _positive_duration)
+    size = r.optional(m, "max_request_size", "server", parse_size)
+    conns = r.optional(m, "max_connections", "server", _positive_int)
+    drain = r.optional(m, "drain_timeout", "server", parse_duration_ms)
     if size is not None and size < 1024:
         r.error(m, "max_request_size", "server.max_request_size", "must be at least 1KiB")
-    reuse_port = bool(r.convert(m, "reuse_port", "server.reuse_port", _bool)) if (
-        "reuse_port" in m
-    ) else False
+    reuse_port = bool(r.optional(m, "reuse_port", "server", _bool))
     return ServerSettings(
         reuse_port=reuse_port,
-        idle_timeout_s=idle / 1000 if idle else d.idle_timeout_s,
+        idle_timeout_s=idle / 1000 if idle is not None else d.idle_timeout_s,
         max_request_size=size or d.max_request_size,
         max_connections=conns or d.max_connections,
         drain_timeout_s=drain / 1000 if drain is not None else d.drain_timeout_s,
@@ -819,19 +815,13 @@ def _read_store(r: _Reader, top: Mapping[str, Any]) -> StoreSettings:
     d = StoreSettings()
     if m is None:
         return d
-    url = d.url
-    if "url" in m:
-        url = r.convert(m, "url", "store.url", _store_url) or d.url
-    timeout = d.timeout_ms
-    if "timeout_ms" in m:
-        timeout = r.convert(m, "timeout_ms", "store.timeout_ms", _positive_int) or d.timeout_ms
-    mode = d.on_store_error
-    if "on_store_error" in m:
-        mode = r.convert(m, "on_store_error", "store.on_store_error", _store_error_mode) or mode
-    prefix = d.key_prefix
-    if "key_prefix" in m:
-        prefix = r.convert(m, "key_prefix", "store.key_prefix", _string) or prefix
-    return StoreSettings(url=url, timeout_ms=timeout, on_store_error=mode, key_prefix=prefix)
+    return StoreSettings(
+        url=r.optional(m, "url", "store", _store_url) or d.url,
+        timeout_ms=r.optional(m, "timeout_ms", "store", _positive_int) or d.timeout_ms,
+        on_store_error=(r.optional(m, "on_store_error", "store", _store_error_mode)
+                        or d.on_store_error),
+        key_prefix=r.optional(m, "key_prefix", "store", _string) or d.key_prefix,
+    )
 
 
 _STORE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://", "redis+sentinel://",
@@ -890,7 +880,7 @@ def _read_milter(r: _Reader, top: Mapping[str, Any], store: StoreSettings) -> Mi
         return d
 
     def opt(key: str, fn: Callable[[Any], Any]) -> Any:
-        return r.convert(m, key, f"milter.{key}", fn) if key in m else None
+        return r.optional(m, key, "milter", fn)
 
     listen = opt("listen", lambda v: parse_milter_endpoint(_string(v)))
     mode = opt("listen_mode", _mode)
@@ -929,7 +919,7 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
         return d
 
     def opt(key: str, fn: Callable[[Any], Any]) -> Any:
-        return r.convert(m, key, f"scheduler.{key}", fn) if key in m else None
+        return r.optional(m, key, "scheduler", fn)
 
     mta = opt("mta", lambda v: _enum(MtaKind, v))
     instance = opt("instance", _instance_name)
@@ -1209,7 +1199,7 @@ class _Delivery:
 
 def _read_delivery(r: _Reader, m: Mapping[str, Any], path: str) -> _Delivery:
     def opt(key: str, fn: Callable[[Any], Any]) -> Any:
-        return r.convert(m, key, f"{path}.{key}", fn) if key in m else None
+        return r.optional(m, key, path, fn)
 
     rate_delay = opt("rate_delay", parse_duration_ms)
     if rate_delay is not None and rate_delay % 1000 and rate_delay >= 1000:
@@ -1302,7 +1292,7 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
         def opt(
             key: str, fn: Callable[[Any], Any], m: Mapping[str, Any] = m, lane_path: str = path
         ) -> Any:
-            return r.convert(m, key, f"{lane_path}.{key}", fn) if key in m else None
+            return r.optional(m, key, lane_path, fn)
 
         delivery = _read_delivery(r, m, path)
         yield Lane(

@@ -71,6 +71,7 @@ def test_policy_is_frozen() -> None:
         ("store:\n  timeout_ms: -5\n", "p.yaml:2: store.timeout_ms: expected a positive"),
         ("store:\n  on_store_error: panic\n", "p.yaml:2: store.on_store_error: expected accept"),
         ("server:\n  idle_timeout: soon\n", "p.yaml:2: server.idle_timeout: not a duration"),
+        ("server:\n  idle_timeout: 0s\n", "p.yaml:2: server.idle_timeout: expected a positive"),
         ("log:\n  format: xml\n", "p.yaml:2: log.format: expected kv or json"),
         ("lanes:\n  - name: a\n    concurency: 2\n", "p.yaml:3: lanes[0].concurency: unknown key"),
         ("lanes:\n  - name: a\n  - name: a\n", "p.yaml:3: lanes[1].name: duplicate lane 'a'"),
