@@ -89,7 +89,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -150,7 +150,7 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     return ClusterTarget(
         nodes=parse_host_list(hosts, DEFAULT_CLUSTER_PORT, url),
         username=username,
-        password=unquote(password) if password else password,
+        password=password,  # split_credentials decoded it
         tls=scheme == "rediss+cluster",
     )
 
@@ -486,7 +486,8 @@ class ClusterStore(CoalescingStore):
     # -- the rest of CounterStore ----------------------------------------------------------
 
     async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
-        return await inspect_buckets(self._client.pipeline, self._prefix, self._timeout_s, keys)
+        return await inspect_buckets(self._client.pipeline, self._prefix, self._timeout_s, keys,
+                                     errors=_ERRORS, describe=_describe)
 
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:
         """Keys matching ``pattern`` on every master, sorted; which ones when more than

@@ -475,11 +475,16 @@ def _describe(exc: BaseException) -> str:
     return f"redis: {type(exc).__name__}: {exc}"
 
 
-async def inspect_buckets(pipeline: Callable[..., Any], prefix: str, timeout_s: float,
-                          keys: Sequence[str]) -> list[BucketState | None]:
-    """GET + PTTL of every bucket in one pipeline (one Redis or a cluster's own)."""
+async def inspect_buckets(
+    pipeline: Callable[..., Any], prefix: str, timeout_s: float, keys: Sequence[str], *,
+    errors: tuple[type[BaseException], ...] = _ERRORS,
+    describe: Callable[[BaseException], str] = _describe,
+) -> list[BucketState | None]:
+    """GET + PTTL of every bucket in one pipeline (one Redis or a cluster's own); the
+    client's ``errors`` become a StoreError with ``describe``'s text."""
     if not keys:
         return []
+    caught: tuple[type[BaseException], ...] = (*errors, ValueError)
     try:
         async with asyncio.timeout(timeout_s):
             pipe = pipeline(transaction=False)
@@ -494,6 +499,6 @@ async def inspect_buckets(pipeline: Callable[..., Any], prefix: str, timeout_s: 
                 states.append(None)
             else:
                 states.append(BucketState(key, float(value), ttl))
-    except (*_ERRORS, ValueError) as exc:
-        raise StoreError(_describe(exc)) from exc
+    except caught as exc:
+        raise StoreError(describe(exc)) from exc
     return states

@@ -128,6 +128,8 @@ def test_cluster_url() -> None:
     target = parse_cluster_url("rediss+cluster://u:p@a:7000,b,[::1]:7002/")
     assert target.nodes == (("a", 7000), ("b", 6379), ("::1", 7002))
     assert (target.username, target.password, target.tls) == ("u", "p", True)
+    # percent-decoded once: "%2541" is the password "%41", not "A"
+    assert parse_cluster_url("redis+cluster://u:%2541@a").password == "%41"
 
 
 def test_open_store_routes_the_ha_schemes() -> None:
@@ -395,6 +397,9 @@ def test_cluster_dead_master_fails_only_decisions_that_need_it(
             # the split decision's spend on the live master was given back
             peek = await store.evaluate([split[0]._replace(consume=False)], wall_ms())
             assert peek.results[0].remaining == 5
+            # inspecting (mqpolicy counters) a bucket of the dead master: a StoreError too
+            with pytest.raises(StoreError, match="redis cluster"):
+                await store.inspect([on_victim[0]], wall_ms())
         finally:
             await store.close()
 
