@@ -12,24 +12,26 @@ import asyncio
 import json
 import random
 from collections.abc import Callable, Sequence
-from importlib import resources
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from mqpolicy.backoff import BackoffState
 from mqpolicy.budget import StoreError
 from mqpolicy.cluster_store import CLUSTER_SCHEMES, parse_cluster_url
+from mqpolicy.redis_store import load_script
 from mqpolicy.sentinel_store import SENTINEL_SCHEMES, open_sentinel_master
 
 T = TypeVar("T")
 Change = Callable[[BackoffState], tuple[BackoffState, T]]
 
 _KEY = "backoff"
-_CAS_SCRIPT = resources.files("mqpolicy").joinpath("lua", "backoff_cas.lua").read_text("utf-8")
+_CAS_SCRIPT = load_script("backoff_cas.lua")
+# a Redis Cluster client raises its own errors besides redis-py's
+_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 _TTL_MS = 30 * 86_400_000  # a safety net: states are rewritten on every change
 _RETRIES = 20
 
@@ -91,7 +93,7 @@ class RedisBackoffStore:
     async def states(self) -> dict[str, BackoffState]:
         try:
             raw = await self._client.hgetall(self._key)
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             raise StoreError(f"backoff states: {exc}") from exc
         states = {}
         for field, value in raw.items():
@@ -119,7 +121,7 @@ class RedisBackoffStore:
                         json.dumps(new.to_dict()), _TTL_MS)
                     if written == 1:
                         return result
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             raise StoreError(f"backoff update of {destination}: {exc}") from exc
         raise StoreError(f"backoff update of {destination}: too much contention")
 
@@ -144,7 +146,7 @@ def open_backoff_store(url: str, *, key_prefix: str = "mqpolicy:") -> BackoffSto
     """The backoff store beside the counter store of the same URL: in memory, in one
     Redis, on a Sentinel service's master. On a Redis Cluster the states live in the one
     slot of ``<prefix>backoff`` (one key: no cross-slot operation), reached through a
-    client of the node that serves it, found at open time."""
+    cluster client, which follows that slot when it moves."""
     url = url.strip()
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":

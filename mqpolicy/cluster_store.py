@@ -110,6 +110,7 @@ from mqpolicy.redis_store import (
     PendingDecision,
     decode_batch,
     encode_batch,
+    glob_escape,
     inspect_buckets,
     load_script,
     unprefixed,
@@ -492,7 +493,7 @@ class ClusterStore(CoalescingStore):
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:
         """Keys matching ``pattern`` on every master, sorted; which ones when more than
         ``count`` match is unspecified. Each SCAN step has the store's deadline."""
-        match = _glob_escape(self._prefix) + pattern
+        match = glob_escape(self._prefix) + pattern
         strip = len(self._prefix.encode())
         found: set[str] = set()
         try:
@@ -569,10 +570,6 @@ def _given_back(evaluation: Evaluation | None, free: list[int]) -> Evaluation | 
         committed=False,
         duplicate=evaluation.duplicate,
     )
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def _describe(exc: BaseException) -> str:

@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from importlib import resources
 from typing import Any, Final, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
@@ -52,6 +51,7 @@ from redis.exceptions import RedisError
 
 from mqpolicy.budget import StoreError
 from mqpolicy.config import Policy, SchedulerSettings
+from mqpolicy.redis_store import describe_error, load_script
 from mqpolicy.sentinel_store import SENTINEL_SCHEMES, open_sentinel_master
 
 __all__ = [
@@ -337,10 +337,6 @@ class MemoryHoldRecords:
 # ---------------------------------------------------------------- redis
 
 
-def _load_lua(name: str) -> str:
-    return resources.files("mqpolicy").joinpath("lua", name).read_text(encoding="utf-8")
-
-
 class RedisHoldRecords:
     """Records in Redis, shared by every policy server, milter and scheduler on ``url``.
 
@@ -372,8 +368,8 @@ class RedisHoldRecords:
             raise ValueError("a Redis URL or client is needed")
         else:
             self._client = self._connect(url, max_connections)
-        self._lease_script = self._client.register_script(_load_lua("hold_lease.lua"))
-        self._mark_script = self._client.register_script(_load_lua("hold_mark.lua"))
+        self._lease_script = self._client.register_script(load_script("hold_lease.lua"))
+        self._mark_script = self._client.register_script(load_script("hold_mark.lua"))
 
     def _connect(self, url: str, max_connections: int) -> Redis:
         # A blocking pool: a burst of record writes waits for a free connection (within
@@ -398,7 +394,7 @@ class RedisHoldRecords:
             async with asyncio.timeout(timeout_s or self._timeout_s):
                 return await make()
         except _ERRORS as exc:
-            raise StoreError(_describe(exc)) from exc
+            raise StoreError(describe_error(exc)) from exc
 
     async def put(self, record: HoldRecord, ttl_ms: int = DEFAULT_RECORD_TTL_MS) -> None:
         _check_ttl(ttl_ms)
@@ -544,12 +540,6 @@ def _add(found: RecordSet, item: HoldRecord | BrokenRecord) -> None:
 def _check_ttl(ttl_ms: int) -> None:
     if ttl_ms <= 0:
         raise ValueError(f"ttl_ms must be positive: {ttl_ms}")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "redis did not answer within the deadline"
-    return f"redis: {type(exc).__name__}: {exc}"
 
 
 def records_for(policy: Policy, *, timeout_ms: int) -> HoldRecordStore:

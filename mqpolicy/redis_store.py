@@ -114,7 +114,8 @@ def load_script(name: str = SCRIPT_NAME) -> str:
     return resources.files("mqpolicy").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
+    """``text`` matched literally in a Redis SCAN pattern."""
     out = []
     for ch in text:
         if ch in "*?[]\\":
@@ -280,7 +281,7 @@ class CoalescingStore:
         kind = StoreTimeout if isinstance(exc, TimeoutError | StoreTimeout) else StoreError
         for pending in batch:
             if not pending.future.done():
-                error = kind(message or _describe(exc))
+                error = kind(message or describe_error(exc))
                 error.__cause__ = exc
                 pending.future.set_exception(error)
 
@@ -383,7 +384,7 @@ class RedisStore(CoalescingStore):
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:
         """Keys matching ``pattern`` (Redis glob syntax), sorted; which ones when more than
         ``count`` match is unspecified. Each SCAN step has the store's deadline."""
-        match = _glob_escape(self._prefix) + pattern
+        match = glob_escape(self._prefix) + pattern
         strip = len(self._prefix.encode())
         found: set[str] = set()
         cursor = 0
@@ -397,7 +398,7 @@ class RedisStore(CoalescingStore):
                 if cursor == 0:
                     break
         except _ERRORS as exc:
-            raise StoreError(_describe(exc)) from exc
+            raise StoreError(describe_error(exc)) from exc
         return sorted(found)[: max(0, count)]
 
     async def reset(self, keys: Sequence[str]) -> int:
@@ -407,14 +408,14 @@ class RedisStore(CoalescingStore):
             async with asyncio.timeout(self._timeout_s):
                 return int(await self._client.delete(*(self._prefix + key for key in keys)))
         except _ERRORS as exc:
-            raise StoreError(_describe(exc)) from exc
+            raise StoreError(describe_error(exc)) from exc
 
     async def ping(self) -> None:
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._client.ping()
         except _ERRORS as exc:
-            raise StoreError(_describe(exc)) from exc
+            raise StoreError(describe_error(exc)) from exc
 
     async def close(self) -> None:
         """Fail queued decisions, let in-flight batches end (each has its deadline), close."""
@@ -469,7 +470,8 @@ def unprefixed(key: bytes | str, strip: int) -> str:
 _NO_ANSWER = "redis did not answer within the deadline"
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """A Redis client's error as a StoreError's text."""
     if isinstance(exc, TimeoutError) and not str(exc):
         return _NO_ANSWER
     return f"redis: {type(exc).__name__}: {exc}"
@@ -478,7 +480,7 @@ def _describe(exc: BaseException) -> str:
 async def inspect_buckets(
     pipeline: Callable[..., Any], prefix: str, timeout_s: float, keys: Sequence[str], *,
     errors: tuple[type[BaseException], ...] = _ERRORS,
-    describe: Callable[[BaseException], str] = _describe,
+    describe: Callable[[BaseException], str] = describe_error,
 ) -> list[BucketState | None]:
     """GET + PTTL of every bucket in one pipeline (one Redis or a cluster's own); the
     client's ``errors`` become a StoreError with ``describe``'s text."""
