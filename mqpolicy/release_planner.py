@@ -109,6 +109,12 @@ def _order(c: Candidate) -> tuple[int, int, int, str]:
     return (c.priority, c.record.created_ms, c.entry.arrival_time, c.entry.queue_id)
 
 
+def record_grace_ms(interval_ms: int) -> int:
+    """How old a record must be before its message, missing from the queue, counts as gone:
+    three scheduler passes, at least a minute (the scheduler and ``mqpolicy queue`` alike)."""
+    return max(60_000, 3 * interval_ms)
+
+
 def plan_releases(
     entries: Iterable[QueueEntry],
     records: RecordSet,

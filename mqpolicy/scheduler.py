@@ -65,6 +65,7 @@ from mqpolicy.release_planner import (
     lanes_to_pause,
     load_exceeded,
     plan_releases,
+    record_grace_ms,
     release_checks,
 )
 from mqpolicy.request import domain_of
@@ -233,7 +234,7 @@ class Scheduler:
         paused = await self._load(policy, settings, snapshot)
         plan = plan_releases(snapshot.entries, records, now_ms=now_ms, lanes=policy.lanes,
                              paused_lanes=paused,
-                             grace_ms=max(60_000, 3 * settings.interval_ms))
+                             grace_ms=record_grace_ms(settings.interval_ms))
         planned = time.perf_counter()
         report = PassReport(plan=plan, paused_lanes=paused, list_s=listed - started,
                             plan_s=planned - listed)

@@ -25,7 +25,7 @@ from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.hold_records import records_for
 from mqpolicy.mta_queue import QueueCommandError
 from mqpolicy.policy_reload import load_for_reload
-from mqpolicy.release_planner import plan_releases, summarize
+from mqpolicy.release_planner import plan_releases, record_grace_ms, summarize
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue
 from mqpolicy.sd_notify import sd_notify
@@ -151,7 +151,7 @@ async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
         await records.close()
     now = wall_clock_ms()
     plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
-                         paused_lanes=paused, grace_ms=max(60_000, 3 * settings.interval_ms))
+                         paused_lanes=paused, grace_ms=record_grace_ms(settings.interval_ms))
     summary = summarize(plan, now)
     summary["queues"] = snapshot.counts
     summary["waiting_lanes"] = sorted(paused)
