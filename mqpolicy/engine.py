@@ -108,6 +108,12 @@ class Verdict(NamedTuple):
     def demoted(self) -> bool:
         return self.lane.name != self.classified_lane.name
 
+    @property
+    def hold_reason(self) -> str:
+        """Why the message waits, as a hold record says it: the deciding limit, else
+        ``lane:<name>``."""
+        return self.deciding or f"lane:{self.lane.name}"
+
 
 # ---------------------------------------------------------------- classify
 

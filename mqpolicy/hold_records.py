@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final, NamedTuple, Protocol
@@ -73,6 +74,11 @@ __all__ = [
 DEFAULT_RECORD_TTL_MS: Final = 30 * 86_400_000
 _WEEK_MS: Final = 7 * 86_400_000
 MAX_DESTINATIONS: Final = 50  # destinations kept in one record (the queue has them all)
+
+
+def hold_destinations(domains: Iterable[str]) -> tuple[str, ...]:
+    """The recipient domains a record keeps: distinct, in order, at most MAX_DESTINATIONS."""
+    return tuple(itertools.islice(dict.fromkeys(d for d in domains if d), MAX_DESTINATIONS))
 MAX_FIELD: Final = 1000  # characters of one text field kept
 _FORMAT: Final = "1"
 _ERRORS: Final = (RedisError, OSError, TimeoutError)

@@ -76,9 +76,9 @@ from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.endpoints import MilterEndpoint
 from mqpolicy.engine import Action, Verdict, classify
 from mqpolicy.hold_records import (
-    MAX_DESTINATIONS,
     HoldRecord,
     HoldRecordStore,
+    hold_destinations,
     record_ttl_for,
 )
 from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
@@ -537,12 +537,10 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             if hold is None:
                 return CONTINUE
         elif self.gateway.records is not None:
-            reason = (hold.deciding or f"lane:{hold.lane.name}") if hold is not None else \
-                f"schedule:{scheduled_by}"
-            domains = list(dict.fromkeys(d for d in map(domain_of, msg.recipients) if d))
+            reason = hold.hold_reason if hold is not None else f"schedule:{scheduled_by}"
             record = HoldRecord(queue_id=msg.queue_id, lane=lane.name, not_before_ms=not_before,
                                 created_ms=now, reason=reason,
-                                destinations=tuple(domains[:MAX_DESTINATIONS]),
+                                destinations=hold_destinations(map(domain_of, msg.recipients)),
                                 sender=msg.sender)
             if not self.gateway.put_record(record):
                 return self._on_error(msg, request)

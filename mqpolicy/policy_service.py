@@ -36,6 +36,7 @@ from mqpolicy.hold_records import (
     MAX_DESTINATIONS,
     HoldRecord,
     HoldRecordStore,
+    hold_destinations,
     record_ttl_for,
 )
 from mqpolicy.request import STAGE_END_OF_MESSAGE, Request, domain_of
@@ -67,10 +68,6 @@ def postfix_action(verdict: Verdict) -> str:
 def accepted_action(verdict: Verdict) -> str:
     """The answer to a verdict as if it accepted (the lane's FILTER, else DUNNO)."""
     return postfix_action(verdict._replace(action=Action.ACCEPT))
-
-
-def hold_reason(verdict: Verdict) -> str:
-    return verdict.deciding or f"lane:{verdict.lane.name}"
 
 
 @dataclass(slots=True)
@@ -163,13 +160,12 @@ class PostfixPolicyHandler:
         lane = verdict.lane
         if pending is not None and pending.verdict.lane.priority > lane.priority:
             lane = pending.verdict.lane  # demoted at RCPT: the lower lane
-        domains = list(pending.domains) if pending is not None else []
-        if request.recipient and (domain := domain_of(request.recipient)) not in domains:
-            domains.append(domain)
+        domains = pending.domains if pending is not None else []
         now = self.clock_ms()
         record = HoldRecord(queue_id=request.queue_id, lane=lane.name, not_before_ms=now,
-                            created_ms=now, reason=hold_reason(hold),
-                            destinations=tuple(d for d in domains if d),
+                            created_ms=now, reason=hold.hold_reason,
+                            destinations=hold_destinations(
+                                [*domains, domain_of(request.recipient)]),
                             sender=request.sender)
         return self._hold(record, hold, lane, records)
 

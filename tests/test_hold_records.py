@@ -13,11 +13,13 @@ from mqpolicy.budget import StoreError
 from mqpolicy.hold_records import (
     BrokenRecord,
     HoldRecord,
+    MAX_DESTINATIONS,
     HoldRecordStore,
     MemoryHoldRecords,
     RecordError,
     RecordState,
     RedisHoldRecords,
+    hold_destinations,
     open_hold_records,
     record_ttl_ms,
     waiting_lanes,
@@ -328,3 +330,9 @@ def test_records_and_lease_on_a_real_sentinel_master(redis_sentinel: RedisSentin
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_hold_destinations_distinct_in_order_and_bounded() -> None:
+    assert hold_destinations(["b.test", "", "a.test", "b.test"]) == ("b.test", "a.test")
+    many = [f"d{i}.test" for i in range(MAX_DESTINATIONS + 10)]
+    assert hold_destinations(many) == tuple(many[:MAX_DESTINATIONS])
