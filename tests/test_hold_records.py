@@ -11,9 +11,9 @@ import pytest
 
 from mqpolicy.budget import StoreError
 from mqpolicy.hold_records import (
+    MAX_DESTINATIONS,
     BrokenRecord,
     HoldRecord,
-    MAX_DESTINATIONS,
     HoldRecordStore,
     MemoryHoldRecords,
     RecordError,
