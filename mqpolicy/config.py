@@ -43,7 +43,6 @@ from mqpolicy.rates import (
     parse_rate,
     parse_size,
 )
-from mqpolicy.request import Request, domain_of
 
 # ---------------------------------------------------------------- errors
 
@@ -1028,14 +1027,11 @@ def _read_destinations(
         if len(r.issues) > before or budget is None:
             continue
 
-        def is_here(req: Request, name: str = name) -> bool:
-            return (req.destination or domain_of(req.recipient)) == name
-
         limit = Limit(
             name=limit_name, rate=budget.rate, burst=budget.burst,
             key=(KeyPart("destination"),), count=Count.RECIPIENTS, action=budget.action,
             demote_to=budget.demote_to, message=budget.message, monitor=budget.monitor,
-            lanes=budget.lanes, when=is_here, exempt=None,
+            lanes=budget.lanes, when=None, exempt=None,
             on_store_error=budget.on_store_error, destination=name,
         )
         yield Destination(

@@ -152,6 +152,11 @@ def once_key_for(request: Request) -> str | None:
 
 
 def applies(limit: Limit, lane: Lane, request: Request) -> bool:
+    """Whether ``limit`` counts this request in ``lane`` (a destination budget: when the
+    request's recipient goes there), whatever the stage."""
+    if limit.destination is not None and limit.destination != (
+            request.destination or domain_of(request.recipient)):
+        return False
     if limit.needs_headers and request.headers is None:
         return False
     if limit.lanes is not None and lane.name not in limit.lanes:
@@ -186,7 +191,8 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     at_rcpt = stage == STAGE_RCPT
     planned: list[PlannedLimit] = []
     # The limits of this lane and stage (see Policy.limits_by_stage); the tests below are
-    # what applies() says about the rest, inlined: this loop runs for every request.
+    # what applies() says about the rest, inlined: this loop runs for every request (a
+    # destination budget was found by the request's destination just above).
     limits = policy.limits_by_stage[lane.name, at_rcpt]
     if at_rcpt and policy.destination_limits and request.recipient:
         budget = policy.destination_limits.get(

@@ -14,7 +14,7 @@ import pytest
 from mqpolicy.backoff_store import MemoryBackoffStore, RedisBackoffStore
 from mqpolicy.config import ConfigError, Policy, parse_policy
 from mqpolicy.decisions import DecisionService
-from mqpolicy.engine import Action, RuntimeState, make_plan
+from mqpolicy.engine import Action, RuntimeState, applies, make_plan
 from mqpolicy.feedback import FeedbackService
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.mx_rollup import MxResolver
@@ -122,6 +122,15 @@ destinations:
     bulk = normal._replace(sender="letter@news.example")
     assert make_plan(normal, policy).limits == ()
     assert [p.limit.name for p in make_plan(bulk, policy).limits] == ["destination:yahoo"]
+
+
+def test_a_destination_budget_applies_to_its_own_destination_only() -> None:
+    policy = parse_policy(POLICY)
+    yahoo = {limit.name: limit for limit in policy.limits}["destination:yahoo"]
+    normal = policy.lane("normal")
+    assert applies(yahoo, normal, rcpt("u@yahoo.test"))
+    assert applies(yahoo, normal, rcpt("u@sub.yahoo.test")._replace(destination="yahoo"))
+    assert not applies(yahoo, normal, rcpt("u@own.test"))
 
 
 def test_domains_at_one_mx_provider_share_one_budget(dns: FakeDnsServer) -> None:
