@@ -26,7 +26,7 @@ The state of one destination is a small frozen :class:`BackoffState`, with
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -198,71 +198,3 @@ def scale_budget(interval_ms: float, burst: int, factor: float) -> tuple[float, 
     factor = max(factor, 1e-6)
     return interval_ms / factor, max(1, math.floor(burst * factor))
 
-
-class BackoffController:
-    """The backoff states of all destinations, with the settings they share.
-
-    Destinations that are not backed off and have no history need no entry: a missing
-    entry is the default state. :meth:`prune` drops entries that are back at 1.
-    """
-
-    def __init__(
-        self, settings: BackoffSettings | None = None,
-        states: Mapping[str, BackoffState] | None = None,
-    ) -> None:
-        self.settings = settings or BackoffSettings()
-        self._states: dict[str, BackoffState] = dict(states or {})
-
-    def state(self, destination: str) -> BackoffState:
-        return self._states.get(destination, _NEUTRAL)
-
-    def factor(self, destination: str) -> float:
-        return self.state(destination).factor
-
-    def slow_down(
-        self, destination: str, now_ms: int, reason: str, evidence: str = ""
-    ) -> BackoffChange | None:
-        new, change = on_slow_down(self.state(destination), self.settings, now_ms, reason,
-                                   evidence, destination)
-        self._states[destination] = new
-        return change
-
-    def success(self, destination: str, now_ms: int, evidence: str = "") -> BackoffChange | None:
-        old = self._states.get(destination)
-        if old is None:
-            return None  # never backed off: nothing to count
-        new, change = on_success(old, self.settings, now_ms, evidence, destination)
-        self._states[destination] = new
-        return change
-
-    def backed_off(self) -> Iterator[tuple[str, BackoffState]]:
-        """Destinations whose factor is below 1."""
-        return ((d, s) for d, s in self._states.items() if s.backed_off)
-
-    def prune(self, now_ms: int) -> int:
-        """Forget destinations back at factor 1 with no slow-down inside the cooldown
-        (their next slow-down would decrease at once either way). Returns how many."""
-        gone = [
-            d for d, s in self._states.items()
-            if not s.backed_off
-            and _since(now_ms, s.last_slow_down_ms) >= self.settings.cooldown_ms
-        ]
-        for d in gone:
-            del self._states[d]
-        return len(gone)
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {d: s.to_dict() for d, s in self._states.items()}
-
-    @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Mapping[str, Any]], settings: BackoffSettings | None = None
-    ) -> BackoffController:
-        """States ``to_dict`` wrote; an entry that is not a state raises ValueError."""
-        return cls(settings, {str(d): BackoffState.from_dict(s) for d, s in data.items()})
-
-
-_NEUTRAL = BackoffState()

@@ -360,7 +360,6 @@ class Destination:
 
     name: str
     matcher: DestinationMatcher
-    limit_name: str
     # Postfix delivery settings for the destination's own transport (postfix-config):
     # None = not set. Applied to its ``domains`` only: Postfix routes by domain, not MX.
     concurrency: int | None = None
@@ -1035,7 +1034,7 @@ def _read_destinations(
             on_store_error=budget.on_store_error, destination=name,
         )
         yield Destination(
-            name=name, matcher=matcher, limit_name=limit_name,
+            name=name, matcher=matcher,
             concurrency=delivery.concurrency, initial_concurrency=delivery.initial_concurrency,
             rate_delay_ms=delivery.rate_delay_ms, recipient_limit=delivery.recipient_limit,
         ), limit
