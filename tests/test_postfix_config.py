@@ -243,9 +243,10 @@ def test_header_rules_map_the_lane_header_to_its_transport(
 ) -> None:
     config = generate(write_policy(LANES + "  - name: a.b\n    transport: mq-ab\n"))
     matched = None
-    for line in config.header_checks().splitlines():
-        if line.startswith("#"):
-            continue
+    rules = [line for line in config.header_checks().splitlines()
+             if line and not line.startswith("#")]
+    assert rules  # one per lane with its own transport
+    for line in rules:
         match = re.fullmatch(r"/(.*)/ FILTER (\S+)", line)
         assert match, line
         # Postfix regexp tables are case-insensitive by default
