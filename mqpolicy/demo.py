@@ -26,7 +26,7 @@ from mqpolicy.config import Policy
 from mqpolicy.postfix_instance import POSTFIX, MailStack, PostfixError, Submission
 from mqpolicy.smtp_sink import SinkMessage
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "examples" / "demo.yaml"  # conf/demo.yaml
 DEMO_HEADER = "X-Demo-Id"
 NEWSLETTER_BATCHES = 6
 BATCH_SIZE = 50

@@ -85,6 +85,12 @@ def test_installed_wheel_runs_mqpolicy_check_on_its_example(wheel: Path, tmp_pat
     example = site / "mqpolicy" / "examples" / "mqpolicy.yaml"
     checked = run([str(venv / "bin" / "mqpolicy"), "check", "-c", str(example)], cwd=tmp_path)
     assert "OK" in checked.stdout + checked.stderr
+    # `mqpolicy demo` finds its policy in the installed package, not in a checkout
+    demo = run([str(python), "-c", "from mqpolicy.demo import DEMO_CONFIG; print(DEMO_CONFIG)"],
+               cwd=tmp_path).stdout.strip()
+    assert Path(demo).is_relative_to(site)
+    assert "OK" in run([str(venv / "bin" / "mqpolicy"), "check", "-c", demo],
+                       cwd=tmp_path).stdout
     broken = tmp_path / "broken.yaml"
     broken.write_text(example.read_text().replace("lanes:", "lanse:", 1))
     refused = subprocess.run([str(venv / "bin" / "mqpolicy"), "check", "-c", str(broken)],
