@@ -140,7 +140,8 @@ class MilterCounters:
 
 
 class DecisionGateway:
-    """Hands decisions from libmilter threads to the loop that owns the DecisionService."""
+    """Decisions for libmilter's threads: made on the calling thread when they need no
+    I/O, else handed to the loop that owns the DecisionService and waited for."""
 
     def __init__(
         self,
