@@ -84,7 +84,7 @@ from mqpolicy.hold_records import (
 from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
 from mqpolicy.scheduled_delivery import SCHEDULE_HEADERS, requested_time
 from mqpolicy.structured_log import LogBurst, connection_id_var, queue_id_var
-from mqpolicy.unix_sockets import remove_stale_socket
+from mqpolicy.unix_sockets import OwnedSocket, bind_unix
 
 __all__ = [
     "DecisionGateway",
@@ -662,11 +662,8 @@ def bind_milter_socket(endpoint: MilterEndpoint, mode: int, backlog: int = 128) 
     if endpoint.kind == "fd":
         sock = socket.socket(fileno=endpoint.fd)
     elif endpoint.kind == "unix":
-        remove_stale_socket(endpoint.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock, _ = bind_unix(endpoint.path, mode)
         try:
-            sock.bind(endpoint.path)
-            os.chmod(endpoint.path, mode)
             sock.listen(backlog)
         except BaseException:
             sock.close()
@@ -726,7 +723,7 @@ class MilterRunner:
         self._on_exit = on_exit
         self._thread: threading.Thread | None = None
         self._wake: tuple[int, Any] | None = None  # family and address to wake the listener
-        self._unix: tuple[str, int, int] | None = None  # path, st_dev, st_ino
+        self._unix: OwnedSocket | None = None  # the socket file to remove at the end
         self._stopping = False
         self.exit_error: BaseException | None = None
         #: True when libmilter stopped by itself (not asked to by :meth:`stop`).
@@ -738,9 +735,9 @@ class MilterRunner:
         sock = bind_milter_socket(settings.listen, settings.listen_mode)
         self.endpoint = _describe(sock)
         self._wake = (sock.family, sock.getsockname())
-        if sock.family == socket.AF_UNIX:
+        if settings.listen.kind == "unix":  # ours; an inherited fd:N socket is systemd's
             st = os.stat(sock.getsockname())
-            self._unix = (sock.getsockname(), st.st_dev, st.st_ino)
+            self._unix = OwnedSocket(sock.getsockname(), st.st_dev, st.st_ino)
         fd = sock.detach()  # libmilter owns and closes it from now on
         # The one library global: libmilter creates every connection through it.
         Milter.factory = functools.partial(PolicyMilter, self.gateway)
@@ -811,9 +808,5 @@ class MilterRunner:
     def _remove_socket(self) -> None:
         if self._unix is None:
             return
-        path, dev, ino = self._unix
-        self._unix = None
-        with contextlib.suppress(OSError):
-            st = os.lstat(path)
-            if (st.st_dev, st.st_ino) == (dev, ino):
-                os.unlink(path)
+        owned, self._unix = self._unix, None
+        owned.remove()

@@ -33,11 +33,8 @@ holds it while the handler runs so that the handler's own log lines can carry it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
-import os
-import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -55,7 +52,7 @@ from mqpolicy.policy_codec import (
     encode_reply,
 )
 from mqpolicy.structured_log import LogBurst, connection_id_var
-from mqpolicy.unix_sockets import remove_stale_socket
+from mqpolicy.unix_sockets import OwnedSocket, bind_unix
 
 __all__ = [
     "DEFAULT_ERROR_ACTION",
@@ -150,7 +147,7 @@ class PolicyServer:
         self.bound_endpoints: list[Endpoint] = []
 
         self._servers: list[asyncio.Server] = []
-        self._unix_sockets: list[tuple[str, int, int]] = []  # path, st_dev, st_ino
+        self._unix_sockets: list[OwnedSocket] = []
         self._conns: dict[_Connection, None] = {}  # ordered set of open connections
         self._next_cid = 0
         self._sweeper: asyncio.Task[None] | None = None
@@ -196,15 +193,9 @@ class PolicyServer:
             self.bound_endpoints.append(Endpoint(host=address[0], port=address[1]))
 
     async def _start_unix(self, endpoint: Endpoint) -> None:
-        path = endpoint.path
-        remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock, owned = bind_unix(endpoint.path, endpoint.mode)
+        self._unix_sockets.append(owned)
         try:
-            sock.bind(path)
-            # Before listen(): nobody can connect with the umask's permissions meanwhile.
-            os.chmod(path, endpoint.mode)
-            st = os.stat(path)
-            self._unix_sockets.append((path, st.st_dev, st.st_ino))
             server = await asyncio.get_running_loop().create_unix_server(
                 self._new_connection, sock=sock, backlog=self._backlog
             )
@@ -212,7 +203,7 @@ class PolicyServer:
             sock.close()
             raise
         self._servers.append(server)
-        self.bound_endpoints.append(Endpoint(path=path, mode=endpoint.mode))
+        self.bound_endpoints.append(Endpoint(path=endpoint.path, mode=endpoint.mode))
 
     async def serve_until(self, stop: asyncio.Event) -> None:
         """Start if needed, serve until ``stop`` is set, then :meth:`drain`."""
@@ -279,12 +270,8 @@ class PolicyServer:
     def _stop_listening(self) -> None:
         for server in self._servers:
             server.close()
-        for path, dev, ino in self._unix_sockets:
-            # Only our own socket file: a successor may already have replaced it.
-            with contextlib.suppress(OSError):
-                st = os.lstat(path)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    os.unlink(path)
+        for owned in self._unix_sockets:
+            owned.remove()
         self._unix_sockets.clear()
 
     def _stop_sweeper(self) -> None:

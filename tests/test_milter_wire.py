@@ -475,6 +475,37 @@ def test_check_and_bind_failure(workdir: Path) -> None:
     assert taken.read_text() == ""  # never replaced what was there
 
 
+def test_an_inherited_unix_socket_file_is_left_to_its_owner(workdir: Path) -> None:
+    """``fd:N`` on a unix socket that systemd made: the milter must not unlink it at exit
+    (socket activation would then have nothing left for Postfix to connect to)."""
+    path = workdir / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    config = write_policy(workdir, f"fd:{listener.fileno()}")
+    log = workdir / "log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)],
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, pass_fds=(listener.fileno(),),
+        )
+    listener.close()
+    try:
+        deadline = time.monotonic() + 15
+        while "msg=ready" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)  # between polls of the log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(15)
+    assert code == 0, log.read_text(errors="replace")
+    assert path.exists()
+
+
 def test_socket_activation_fd(workdir: Path) -> None:
     """``fd:N``: a listening socket inherited from the service manager (systemd passes 3)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
