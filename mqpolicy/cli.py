@@ -271,6 +271,19 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     registry.gauge(DESTINATIONS_IN_BACKOFF, "Destinations whose budget is cut by backoff",
                    lambda: len(service.runtime.backoff))
     metrics = MetricsServer(registry, policy.metrics.listen) if policy.metrics.listen else None
+
+    async def close_the_rest() -> None:
+        """What serve opened besides its listeners (closed by then)."""
+        await backoff_store.close()
+        if service.resolver is not None:
+            await service.resolver.aclose()
+        if metrics is not None:
+            metrics.close()
+            await metrics.wait_closed()
+        if records is not None:
+            await records.close()
+        await store.close()
+
     try:
         if metrics is not None:
             await metrics.start()
@@ -282,15 +295,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         log.error("cannot listen", extra={"fields": {"error": str(exc)}})
         server.close()
         await server.wait_closed()
-        if metrics is not None:
-            metrics.close()
-            await metrics.wait_closed()
-        if records is not None:
-            await records.close()
-        await backoff_store.close()
-        if service.resolver is not None:
-            await service.resolver.aclose()
-        await store.close()
+        await close_the_rest()
         return EXIT_FAILURE
     reloads: set[asyncio.Task[None]] = set()
 
@@ -318,15 +323,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         loop.remove_signal_handler(sig)
     await asyncio.gather(server.drain(), *([runner.stop()] if runner else []))
     await asyncio.gather(*background, return_exceptions=True)
-    await backoff_store.close()
-    if service.resolver is not None:
-        await service.resolver.aclose()
-    if metrics is not None:
-        metrics.close()
-        await metrics.wait_closed()
-    if records is not None:
-        await records.close()
-    await store.close()
+    await close_the_rest()
     log.info("stopped")
     return EXIT_FAILURE if runner is not None and runner.failed else EXIT_OK
 
