@@ -1006,20 +1006,25 @@ def transport_map_paths(value: str) -> list[str]:
 # ---------------------------------------------------------------- I/O
 
 
+def _postconf(postconf: str, config_dir: str, *args: str) -> str:
+    """postconf's output for ``config_dir``; OSError with its message when it fails."""
+    proc = subprocess.run(
+        [postconf, "-c", config_dir, *args], capture_output=True, text=True,
+        timeout=30, check=False, stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise OSError(f"postconf -c {config_dir} {' '.join(args)}: "
+                      f"{proc.stderr.strip() or f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
 def read_postfix(config_dir: str, names: Iterable[str] = (),
                  postconf: str = POSTCONF) -> PostfixState:
     """Run postconf on ``config_dir`` (``names``: settings whose effective value is
     wanted) and read the header-checks and transport maps it names."""
 
     def run(*args: str) -> str:
-        proc = subprocess.run(
-            [postconf, "-c", config_dir, *args], capture_output=True, text=True,
-            timeout=30, check=False, stdin=subprocess.DEVNULL,
-        )
-        if proc.returncode != 0:
-            raise OSError(f"postconf -c {config_dir} {' '.join(args)}: "
-                          f"{proc.stderr.strip() or f'exit {proc.returncode}'}")
-        return proc.stdout
+        return _postconf(postconf, config_dir, *args)
 
     params = parse_postconf_n(run("-n"))
     expanded = parse_postconf_n(run("-nx"))
@@ -1042,14 +1047,7 @@ def read_postfix(config_dir: str, names: Iterable[str] = (),
 
 def read_relayhost(config_dir: str, postconf: str = POSTCONF) -> str:
     """Postfix's ``relayhost`` in ``config_dir``, expanded ('' when unset)."""
-    proc = subprocess.run(
-        [postconf, "-c", config_dir, "-xh", "relayhost"], capture_output=True, text=True,
-        timeout=30, check=False, stdin=subprocess.DEVNULL,
-    )
-    if proc.returncode != 0:
-        raise OSError(f"postconf -c {config_dir} -xh relayhost: "
-                      f"{proc.stderr.strip() or f'exit {proc.returncode}'}")
-    return proc.stdout.strip()
+    return _postconf(postconf, config_dir, "-xh", "relayhost").strip()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
