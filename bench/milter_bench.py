@@ -45,6 +45,8 @@ from bench_signals import sigterm_as_interrupt
 from miltertest import MilterConnection, codec
 from miltertest import constants as C
 
+from mqpolicy.postfix_instance import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 POLICY = """\
@@ -265,13 +267,6 @@ def wait_ready(proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
         except OSError:
             time.sleep(0.01)  # between connect polls
     raise RuntimeError(f"milter not ready on {address}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def endpoint(transport: str, workdir: Path, name: str) -> tuple[str, str]:

@@ -38,6 +38,8 @@ from typing import Any
 
 from bench_signals import sigterm_as_interrupt
 
+from mqpolicy.postfix_instance import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 LOAD = Path(__file__).resolve().parent / "policy_load.py"
 STORES = ("memory", "redis-tcp", "redis-unix")
@@ -136,13 +138,6 @@ limits:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_connectable(

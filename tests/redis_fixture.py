@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from mqpolicy.postfix_instance import free_port
+
 REDIS_SERVER_BIN = os.environ.get("MQPOLICY_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 _READY_TIMEOUT_S = 10.0
 
@@ -34,13 +36,6 @@ def _launcher() -> list[str]:
     server, so the PID is the server's."""
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _answers_ping(path: str) -> bool:
@@ -97,7 +92,7 @@ class RedisServer:
         attempts = 1 if self.port else 5
         for _ in range(attempts):
             if not self.port or attempts > 1:
-                self.port = _free_port()
+                self.port = free_port()
             if self._spawn():
                 return
         log = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]

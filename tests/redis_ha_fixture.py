@@ -30,7 +30,8 @@ from typing import TypeVar
 import pytest
 import redis
 
-from tests.redis_fixture import REDIS_SERVER_BIN, _free_port, _launcher
+from mqpolicy.postfix_instance import free_port
+from tests.redis_fixture import REDIS_SERVER_BIN, _launcher
 
 REDIS_CLI_BIN = os.environ.get("MQPOLICY_TEST_REDIS_CLI", "/usr/bin/redis-cli")
 SERVICE = "mqtest"
@@ -90,7 +91,7 @@ class RedisProcess:
         """Start with ``args(port)`` on a free port (another one if it was taken meanwhile)
         and wait until it answers PING."""
         for _ in range(attempts):
-            self.port = _free_port()
+            self.port = free_port()
             self.proc = subprocess.Popen(
                 [*_launcher(), *args(self.port)],
                 stdin=subprocess.DEVNULL,
@@ -195,7 +196,7 @@ class RedisClusterHarness:
             return _data_args(
                 node.workdir,
                 "--cluster-enabled", "yes",
-                "--cluster-port", str(_free_port()),  # the cluster bus
+                "--cluster-port", str(free_port()),  # the cluster bus
                 "--cluster-config-file", str(node.workdir / "nodes.conf"),
                 "--cluster-node-timeout", "2000",
                 *self.extra,

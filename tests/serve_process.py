@@ -11,13 +11,9 @@ import time
 from pathlib import Path
 
 from mqpolicy.policy_codec import encode_request
+from mqpolicy.postfix_instance import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = ["ServeProcess", "free_port"]
 
 
 class ServeProcess:

@@ -24,6 +24,7 @@ from miltertest import MilterConnection
 from miltertest import constants as C
 
 from mqpolicy.policy_codec import encode_request
+from mqpolicy.postfix_instance import free_port
 from tests.redis_fixture import RedisServer
 
 POLICY = """\
@@ -60,13 +61,6 @@ limits:
 """
 
 Reply = tuple[str, dict[str, Any]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def connect(address: str | tuple[str, int], timeout: float = 5.0) -> socket.socket:
