@@ -85,8 +85,7 @@ class FeedbackService:
         policy = self._policy()
         settings = policy.feedback or FeedbackSettings()
         destination = await self._destination_of(event.domain)
-        configured = {d.name for d in policy.destinations}
-        if destination not in configured:
+        if not any(d.name == destination for d in policy.destinations):
             if event.status != "sent" and _reason(event, settings) is not None:
                 log.debug("slow-down from an unconfigured destination",
                           extra={"fields": {"destination": destination, "evidence": line}})

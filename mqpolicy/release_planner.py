@@ -8,8 +8,9 @@ id). A message is never due before its record's ``not_before_ms``.
 Which held messages are ours: those with a record. A held message without a record was held
 by someone else (an operator's ``postsuper -h``, another filter) and is left alone
 (``foreign``). A record that cannot be parsed is reported (``broken``), never released
-blindly. A record whose sender differs from the held message's belongs to an earlier
-message whose queue id Postfix has since reused: it is stale, and the message foreign.
+blindly. A held message that arrived well after its record was written (more than
+``reuse_slack_ms``) is another message under a queue id Postfix has since reused: the record
+is stale, and the message foreign.
 
 Records whose message is not on hold:
 

@@ -240,7 +240,7 @@ class Scheduler:
                             plan_s=planned - listed)
         self._account(plan, snapshot)
 
-        destinations = await self._destinations(policy, plan)
+        destinations = await self._destinations(policy, settings, plan)
         chosen, retry_ms = await self._decide(policy, settings, plan, now_ms, report,
                                               destinations)
         decided = time.perf_counter()
@@ -300,13 +300,14 @@ class Scheduler:
         for problem in snapshot.problems:
             log.warning("unreadable queue listing line", extra={"fields": {"line": problem}})
 
-    async def _destinations(self, policy: Policy, plan: ReleasePlan) -> dict[str, str]:
+    async def _destinations(self, policy: Policy, settings: SchedulerSettings,
+                            plan: ReleasePlan) -> dict[str, str]:
         """Destination groups of the due messages' recipient domains (as live decisions
         resolve them; cached by the decision service's finder)."""
         if not policy.destinations:
             return {}
         domains: dict[str, str] = {}
-        for candidate in plan.due[:self.settings.max_releases_per_pass * 4]:
+        for candidate in plan.due[:settings.max_releases_per_pass * 4]:
             for recipient in candidate.entry.recipients:
                 domain = domain_of(recipient)
                 if domain and domain not in domains:
