@@ -260,6 +260,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
               if milter else None)
     reload_stats = ReloadStats()
     registry = core_registry(service, server=server.counters if policy_server else None,
+                             milter=runner.gateway.counters if runner else None,
                              reloads=reload_stats)
     # The scheduler runs here when the records live in this process (memory://) or when
     # asked to; with Redis it is normally `mqpolicy scheduler` on the MTA's host.

@@ -69,6 +69,7 @@ from mqpolicy.endpoints import Endpoint
 if TYPE_CHECKING:  # the decision service imports this module for its instruments
     from mqpolicy.budget import CounterStore
     from mqpolicy.decisions import DecisionService
+    from mqpolicy.milter_service import MilterCounters
     from mqpolicy.policy_server import ServerCounters
 
 __all__ = [
@@ -503,6 +504,21 @@ def register_policy_server_metrics(registry: MetricsRegistry, counters: ServerCo
                      lambda: counters.handler_errors)
 
 
+def register_milter_metrics(registry: MetricsRegistry, counters: MilterCounters) -> None:
+    registry.gauge("mqpolicy_milter_connections", "Open MTA connections to the milter",
+                   lambda: counters.connections_active)
+    registry.gauge("mqpolicy_milter_messages", "Messages the milter is in the middle of",
+                   lambda: counters.messages_active)
+    registry.counter("mqpolicy_milter_decisions_total", "Decisions the milter applied",
+                     lambda: counters.decisions)
+    registry.counter("mqpolicy_milter_failures_total",
+                     "Milter steps that applied milter.on_error (no decision, or an error)",
+                     lambda: counters.failures)
+    registry.counter("mqpolicy_milter_timeouts_total",
+                     "Milter decisions handed to the event loop that missed milter.timeout",
+                     lambda: counters.timeouts)
+
+
 def register_reload_metrics(registry: MetricsRegistry, reloads: ReloadStats) -> None:
     registry.counter("mqpolicy_config_reloads_total", "Config reloads (SIGHUP), by result",
                      lambda: {("ok",): reloads.ok, ("failed",): reloads.failed},
@@ -519,10 +535,11 @@ def core_registry(
     service: DecisionService,
     *,
     server: ServerCounters | None = None,
+    milter: MilterCounters | None = None,
     reloads: ReloadStats | None = None,
 ) -> MetricsRegistry:
     """A registry with every metric of the decision service, its store, the policy
-    server's counters (when there is a policy server) and the reload counts."""
+    server's and the milter's counters (when they run) and the reload counts."""
     registry = MetricsRegistry()
     started = time.time()
     registry.gauge("mqpolicy_build_info", "Version of the running mqpolicy (value 1)",
@@ -534,6 +551,8 @@ def core_registry(
     register_store_metrics(registry, service.store)
     if server is not None:
         register_policy_server_metrics(registry, server)
+    if milter is not None:
+        register_milter_metrics(registry, milter)
     if reloads is not None:
         register_reload_metrics(registry, reloads)
     return registry

@@ -29,6 +29,7 @@ from mqpolicy.config import (
 from mqpolicy.decisions import DecisionService
 from mqpolicy.endpoints import MilterEndpointError, parse_milter_endpoint
 from mqpolicy.memory_store import MemoryStore
+from mqpolicy.metrics import core_registry
 from mqpolicy.milter_service import (
     MAX_HEADER_VALUE,
     DecisionGateway,
@@ -795,3 +796,22 @@ def test_milter_section_in_flow_style_and_last() -> None:
     assert settings is not None and settings.listen.port == 9001
     _, settings = parse_policy_text('{milter: {listen: "fd:3"}, lanes: [{name: normal}]}')
     assert settings is not None and settings.listen.fd == 3
+
+
+def test_milter_counters_are_metrics(loop: Loop) -> None:
+    gateway = make_gateway(loop, """\
+        limits:
+          - name: per-sender
+            rate: 1/1h
+            key: sender
+            count: messages
+        """)
+    registry = core_registry(gateway.service, milter=gateway.counters)
+    s = Session(gateway)
+    s.connect()
+    assert s.message("a@example.com", ["b@x"], [("Subject", "one")]) == Milter.CONTINUE
+    assert s.message("a@example.com", ["c@x"], [("Subject", "two")]) == Milter.TEMPFAIL
+    text = registry.render()
+    assert "mqpolicy_milter_connections 1" in text.splitlines()
+    assert "mqpolicy_milter_decisions_total 3" in text.splitlines()  # RCPT, EOM, RCPT
+    assert "mqpolicy_milter_failures_total 0" in text.splitlines()
