@@ -361,17 +361,18 @@ def _compile_one(key: str, value: Any, what: str) -> Predicate:
             raise ConditionError(f"{what}: expected true or false, got {value!r}")
         want = value
         return lambda req: bool(req.sasl_username) is want
-    if key in ("size", "recipient_count"):
-        low, high = _range(value, what, sizes=key == "size")
-        field_name = key
+    if key == "size":
+        low, high = _range(value, what, sizes=True)
+        return lambda req: (low is None or req.size >= low) and (high is None or req.size <= high)
+    if key == "recipient_count":
+        low, high = _range(value, what, sizes=False)
 
-        def in_range(req: Request) -> bool:
-            n: int = getattr(req, field_name)
-            if field_name == "recipient_count" and n == 0 and req.recipients:
-                n = len(req.recipients)
+        def recipient_count(req: Request) -> bool:
+            # before DATA Postfix sends 0; the milter knows the recipients themselves
+            n = req.recipient_count or len(req.recipients)
             return (low is None or n >= low) and (high is None or n <= high)
 
-        return in_range
+        return recipient_count
     if key == "protocol_state":
         states = frozenset(s.upper() for s in _as_list(value, what))
         return lambda req: req.stage in states

@@ -169,23 +169,21 @@ class DecisionService:
     async def _evaluate(self, plan: Plan, timeout_ms: int) -> Evaluation | None:
         checks = [p.check for p in plan.limits]
         try:
-            if not self._needs_deadline:
-                return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
-            async with asyncio.timeout(timeout_ms / 1000):
+            async with asyncio.timeout(timeout_ms / 1000 if self._needs_deadline else None):
                 return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
         except TimeoutError:
-            self.stats.store_timeouts += 1
-            self._store_failed(f"no answer within {timeout_ms} ms")
+            self._store_failed("store_timeouts", f"no answer within {timeout_ms} ms")
         except StoreTimeout as exc:  # a store that keeps the deadline itself
-            self.stats.store_timeouts += 1
-            self._store_failed(str(exc))
+            self._store_failed("store_timeouts", str(exc))
         except StoreError as exc:
-            self.stats.store_errors += 1
-            self._store_failed(str(exc))
+            self._store_failed("store_errors", str(exc))
         return None
 
-    def _store_failed(self, why: str) -> None:
-        """Log once per burst: the first error, then a summary every interval."""
+    def _store_failed(self, counter: str, why: str) -> None:
+        """Count (``store_errors`` or ``store_timeouts``) and log once per burst: the first
+        error, then a summary every interval."""
+        with self.stats_lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         suppressed = self._error_log.take()
         if suppressed is not None:
             store_log.warning("store unavailable, applying on_store_error",
