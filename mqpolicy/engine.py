@@ -309,23 +309,17 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
         _, _, planned, result = worst
         limit = planned.limit
         action = Action(limit.action.value)
-        default = {
-            Action.DEFER: policy.messages.defer,
-            Action.HOLD: policy.messages.hold,
-            Action.REJECT: policy.messages.reject,
-        }[action]
+        default: str = getattr(policy.messages, action.value)  # messages.defer, .hold, .reject
         text = _fill(limit.message or default, limit, planned.key, lane,
                      result.retry_after_ms, result.remaining)
         return Verdict(action, lane, classified, plan.rule, text, result.retry_after_ms,
                        limits, deciding=limit.name, duplicate=evaluation.duplicate)
-    if lane.name in plan.waiting_lanes and lane.priority > 0:  # never the highest lane
+    waiting = lane.name in plan.waiting_lanes and lane.priority > 0  # never the highest lane
+    if waiting or lane.hold:
         text = _fill(policy.messages.hold, None, "", lane, 0, 0)
         return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,
-                       deciding="load", duplicate=evaluation.duplicate)
-    if lane.hold:
-        text = _fill(policy.messages.hold, None, "", lane, 0, 0)
-        return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,
-                       deciding=f"lane:{lane.name}", duplicate=evaluation.duplicate)
+                       deciding="load" if waiting else f"lane:{lane.name}",
+                       duplicate=evaluation.duplicate)
     return _new(Verdict, (Action.ACCEPT, lane, classified, plan.rule, "", 0, limits, None,
                           False, evaluation.duplicate))
 
