@@ -424,12 +424,12 @@ class Policy:
     classify: tuple[ClassifyRule, ...] = ()
     limits: tuple[Limit, ...] = ()
     messages: Messages = Messages()
-    lanes_by_name: Mapping[str, Lane] = field(default_factory=dict)
     # The condition keys of every rule, limit and schedule (None: not known, e.g. a Policy
     # built in code: then it may use anything).
     condition_keys: frozenset[str] | None = None
-    # Derived for the engine: the limits every request is matched against, and the
-    # destination budgets found by the request's destination name in one lookup.
+    # Derived for the engine: lanes by name, the limits every request is matched against,
+    # and the destination budgets found by the request's destination name in one lookup.
+    lanes_by_name: Mapping[str, Lane] = field(init=False)
     general_limits: tuple[Limit, ...] = field(init=False)
     destination_limits: Mapping[str, Limit] = field(init=False)
     # (lane name, at RCPT) -> the general limits that may apply there: in that lane's scope,
@@ -441,8 +441,7 @@ class Policy:
     uses_helo: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        if not self.lanes_by_name:
-            object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
+        object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
         general = tuple(x for x in self.limits if x.destination is None)
         object.__setattr__(self, "general_limits", general)
         object.__setattr__(self, "destination_limits",
