@@ -38,7 +38,7 @@ from typing import Any
 
 from bench_signals import sigterm_as_interrupt
 
-from mqpolicy.postfix_instance import free_port
+from mqpolicy.postfix_instance import free_port, log_tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD = Path(__file__).resolve().parent / "policy_load.py"
@@ -210,13 +210,6 @@ class Processes:
         self.started.clear()
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 # --------------------------------------------------------------------------- the runs
 
 
@@ -260,7 +253,7 @@ def bench_server(
                 try:
                     wait_connectable(("127.0.0.1", port), server.proc)
                 except RuntimeError:
-                    print(log_tail(server.log), file=sys.stderr)
+                    print(log_tail(server.log, 20), file=sys.stderr)
                     raise
                 continue
             # readiness the systemd way: the server sends READY=1 to $NOTIFY_SOCKET (a
@@ -276,7 +269,7 @@ def bench_server(
                     while b"READY=1" not in notify.recv(4096):
                         pass
                 except OSError:
-                    print(log_tail(server.log), file=sys.stderr)
+                    print(log_tail(server.log, 20), file=sys.stderr)
                     raise RuntimeError(f"{label}: no READY=1 from the server") from None
         rows = []
         for c in args.concurrency:
@@ -287,7 +280,7 @@ def bench_server(
             print_row(result, file=sys.stderr)
             for server in servers:
                 if server.proc.poll() is not None:
-                    print(log_tail(server.log), file=sys.stderr)
+                    print(log_tail(server.log, 20), file=sys.stderr)
                     raise RuntimeError(f"{label}: a server exited with {server.proc.returncode}")
     finally:
         for server in servers:
@@ -312,7 +305,7 @@ def start_redis(args: argparse.Namespace, procs: Processes) -> tuple[Started, in
         wait_connectable(("127.0.0.1", port), redis.proc)
         wait_connectable(str(sock), redis.proc)
     except RuntimeError:
-        print(log_tail(redis.log), file=sys.stderr)
+        print(log_tail(redis.log, 20), file=sys.stderr)
         raise
     return redis, port, sock
 

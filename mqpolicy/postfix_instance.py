@@ -55,6 +55,15 @@ _BACKDATE_S = 10
 _COMMAND_TIMEOUT_S = 30
 
 
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a log file, for error messages."""
+    try:
+        text = path.read_text("utf-8", "replace")
+    except FileNotFoundError:
+        return f"(no log {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
 class PostfixError(RuntimeError):
     """A Postfix command failed; the message carries its output and the log's tail."""
 
@@ -363,11 +372,7 @@ class PostfixInstance:
         return self.run(POSTCONF, "-c", str(self.config_dir), *args).stdout
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_file.read_text("utf-8", "replace")
-        except FileNotFoundError:
-            return "(no maillog)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_file, lines)
 
     def start(self, timeout_s: float = 20.0, attempts: int = 3) -> None:
         """``postfix check`` (first time: creates the spool), ``postfix start``, then wait
@@ -685,11 +690,7 @@ class PolicyServerProcess:
         poll(finished, timeout_s, "mqpolicy to reload its policy")
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_file.read_text("utf-8", "replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_file, lines)
 
 
 def _accepts(endpoint: Endpoint) -> bool:
