@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple, Protocol
 
 __all__ = ["HOLD", "MtaQueue", "QueueCommandError", "QueueEntry", "QueueSnapshot",
@@ -100,3 +100,37 @@ async def run_command(argv: Sequence[str], *, stdin: bytes | None = None,
             await proc.wait()
         raise
     return proc.returncode if proc.returncode is not None else -1, out, err
+
+
+def stderr_tail(err: bytes) -> str:
+    """The end of a command's error output, for a QueueCommandError."""
+    return err.decode("utf-8", "replace").strip()[-500:]
+
+
+async def run_checked(argv: Sequence[str], *, timeout_s: float = 30.0) -> bytes:
+    """:func:`run_command` that must succeed: its stdout, else a QueueCommandError with
+    the exit status and the end of stderr."""
+    rc, out, err = await run_command(argv, timeout_s=timeout_s)
+    if rc != 0:
+        raise QueueCommandError(f"{' '.join(argv)} exited {rc}: {stderr_tail(err)}")
+    return out
+
+
+async def deliver_each(queue_ids: Sequence[str], one: Callable[[str], Awaitable[None]],
+                       slots: asyncio.Semaphore, what: str) -> None:
+    """``one(queue_id)`` for every id, at most ``slots`` at a time; every id is tried, then
+    one QueueCommandError tells how many of ``what`` failed (a BaseException that is not an
+    Exception, e.g. a cancellation, is raised as it is)."""
+
+    async def limited(queue_id: str) -> None:
+        async with slots:
+            await one(queue_id)
+
+    results = await asyncio.gather(*(limited(q) for q in queue_ids), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    for failure in failures:
+        if not isinstance(failure, Exception):
+            raise failure
+    if failures:
+        raise QueueCommandError(f"{len(failures)} of {len(queue_ids)} {what} failed: "
+                                f"{failures[0]}") from failures[0]

@@ -22,7 +22,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mqpolicy.mta_queue import QueueCommandError, QueueEntry, QueueSnapshot, run_command
+from mqpolicy.mta_queue import (
+    QueueCommandError,
+    QueueEntry,
+    QueueSnapshot,
+    deliver_each,
+    run_checked,
+    run_command,
+    stderr_tail,
+)
 
 __all__ = ["PostfixQueue", "parse_postqueue_json", "parse_released"]
 
@@ -109,10 +117,7 @@ class PostfixQueue:
 
     async def snapshot(self) -> QueueSnapshot:
         argv = [self._postqueue, "-c", self.config_dir, "-j"]
-        rc, out, err = await run_command(argv, timeout_s=self._timeout_s)
-        if rc != 0:
-            raise QueueCommandError(f"{' '.join(argv)} exited {rc}: {_tail(err)}")
-        return parse_postqueue_json(out)
+        return parse_postqueue_json(await run_checked(argv, timeout_s=self._timeout_s))
 
     async def release(self, queue_ids: Sequence[str]) -> set[str]:
         ids = [q for q in queue_ids if _QUEUE_ID.match(q)]
@@ -123,28 +128,14 @@ class PostfixQueue:
         rc, out, err = await run_command(argv, stdin=stdin, timeout_s=self._timeout_s)
         released = parse_released(err) | parse_released(out)
         if rc != 0:
-            raise QueueCommandError(f"{' '.join(argv[:-1])} exited {rc}: {_tail(err)}",
+            raise QueueCommandError(f"{' '.join(argv[:-1])} exited {rc}: {stderr_tail(err)}",
                                     released)
         return released & set(ids)
 
     async def deliver_now(self, queue_ids: Sequence[str]) -> None:
         async def one(queue_id: str) -> None:
-            async with self._deliver_slots:
-                argv = [self._postqueue, "-c", self.config_dir, "-i", queue_id]
-                rc, _, err = await run_command(argv, timeout_s=self._timeout_s)
-                if rc != 0:
-                    raise QueueCommandError(f"{' '.join(argv)} exited {rc}: {_tail(err)}")
+            argv = [self._postqueue, "-c", self.config_dir, "-i", queue_id]
+            await run_checked(argv, timeout_s=self._timeout_s)
 
         ids = [q for q in queue_ids if _QUEUE_ID.match(q)]
-        results = await asyncio.gather(*(one(q) for q in ids), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        for failure in failures:
-            if not isinstance(failure, Exception):
-                raise failure
-        if failures:
-            raise QueueCommandError(f"{len(failures)} of {len(ids)} postqueue -i failed: "
-                                    f"{failures[0]}")
-
-
-def _tail(data: bytes) -> str:
-    return data.decode("utf-8", "replace").strip()[-500:]
+        await deliver_each(ids, one, self._deliver_slots, "postqueue -i")

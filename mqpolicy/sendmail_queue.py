@@ -27,7 +27,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from mqpolicy.mta_queue import HOLD, QueueCommandError, QueueEntry, QueueSnapshot, run_command
+from mqpolicy.mta_queue import (
+    HOLD,
+    QueueCommandError,
+    QueueEntry,
+    QueueSnapshot,
+    deliver_each,
+    run_checked,
+)
 
 __all__ = ["SendmailQueue", "parse_mailq"]
 
@@ -125,11 +132,7 @@ class SendmailQueue:
 
     async def _run(self, *args: str) -> str:
         argv = [self._sendmail, "-C", self.sendmail_cf, *args]
-        rc, out, err = await run_command(argv, timeout_s=self._timeout_s)
-        if rc != 0:
-            raise QueueCommandError(f"{' '.join(argv)} exited {rc}: "
-                                    f"{err.decode('utf-8', 'replace').strip()[-500:]}")
-        return out.decode("utf-8", "replace")
+        return (await run_checked(argv, timeout_s=self._timeout_s)).decode("utf-8", "replace")
 
     async def snapshot(self) -> QueueSnapshot:
         held = parse_mailq(await self._run("-bp", "-qQ"), HOLD)
@@ -153,13 +156,7 @@ class SendmailQueue:
 
     async def deliver_now(self, queue_ids: Sequence[str]) -> None:
         async def one(queue_id: str) -> None:
-            async with self._slots:
-                await self._run(f"-qI{queue_id}", "-qf")
+            await self._run(f"-qI{queue_id}", "-qf")
 
-        results = await asyncio.gather(*(one(q) for q in queue_ids if _QUEUE_ID.match(q)),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                if not isinstance(result, Exception):
-                    raise result
-                raise QueueCommandError(f"deliver now failed: {result}") from result
+        ids = [q for q in queue_ids if _QUEUE_ID.match(q)]
+        await deliver_each(ids, one, self._slots, "sendmail -qI -qf")
