@@ -154,10 +154,16 @@ class SendmailInstance:
                             str(cf_dir / "m4/cf.m4"), str(mc)], stdout=out, check=True,
                            timeout=60)
 
+    def _daemon_args(self) -> list[str]:
+        """How the daemon runs: in the foreground, a queue run every minute."""
+        return ["-bD", "-q1m"]
+
     def start(self, timeout_s: float = 20.0) -> None:
+        """The daemon in the foreground; ready when the SMTP port greets."""
         with self.log.open("ab") as log:
-            self._proc = subprocess.Popen([str(self.command), "-C", str(self.cf), "-bD", "-q1m"],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self._proc = subprocess.Popen(
+                [str(self.command), "-C", str(self.cf), *self._daemon_args()],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         proc = self._proc
 
         def ready() -> bool:
@@ -288,21 +294,9 @@ class MilterSendmail(SendmailInstance):
         mc.write_text("".join(lines))
         build_cf(mc, self.cf)
 
-    def start(self, timeout_s: float = 20.0) -> None:
-        """``-bD -q1m -X trace`` in the foreground; ready when the SMTP port greets."""
-        with self.log.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [str(self.command), "-C", str(self.cf), "-bD", "-q1m", "-X", str(self.trace)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        proc = self._proc
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sendmail exited {proc.returncode}: "
-                                   f"{self.log.read_text(errors='replace')[-2000:]}")
-            return smtp_banner("127.0.0.1", self.port) is not None
-
-        poll(ready, timeout_s, f"sendmail on 127.0.0.1:{self.port}")
+    def _daemon_args(self) -> list[str]:
+        """Also ``-X trace``: the SMTP conversation, to check what the client was told."""
+        return [*super()._daemon_args(), "-X", str(self.trace)]
 
     def cf_option(self, name: str) -> str:
         """The value of ``O name=value`` in the .cf ('' when absent)."""
