@@ -50,11 +50,13 @@ class SinkMessage:
 
     def header(self, name: str) -> str | None:
         """The first header called ``name`` (case-insensitive), else None."""
+        values = self.header_values(name)
+        return values[0] if values else None
+
+    def header_values(self, name: str) -> list[str]:
+        """Every header called ``name`` (case-insensitive), in order."""
         wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        return [value for key, value in self.headers if key.lower() == wanted]
 
 
 def _address(argument: str, verb: str) -> str | None:
@@ -407,6 +409,15 @@ class ThreadedSmtpSink:
     def clear(self) -> None:
         with self._lock:
             self._messages.clear()
+
+    def wait_for_subject(self, subject: str, timeout_s: float) -> SinkMessage:
+        """The one message with this ``Subject``, once it has arrived (raise on timeout)."""
+
+        def mine(messages: list[SinkMessage]) -> list[SinkMessage]:
+            return [m for m in messages if m.header("Subject") == subject]
+
+        (message,) = mine(self.wait_for(lambda messages: bool(mine(messages)), timeout_s))
+        return message
 
     def wait_for(
         self, predicate: Callable[[list[SinkMessage]], bool], timeout_s: float

@@ -22,9 +22,9 @@ from mqpolicy.postfix_instance import (
     poll,
     submit_on,
 )
-from mqpolicy.smtp_sink import SinkMessage
 from tests.postfix_fixture import milter_policy, unique_address
 
+LANE_HEADER = "X-MQ-Lane"
 TIMEOUT_S = 15.0
 SENDMAIL = str(Path(POSTFIX).with_name("sendmail"))  # Postfix's, not Sendmail's
 
@@ -37,18 +37,6 @@ classify:
     when: {bulk_signals: true}
     lane: bulk
 """
-
-
-def arrival(stack: MailStack, subject: str) -> SinkMessage:
-    def mine(messages: list[SinkMessage]) -> list[SinkMessage]:
-        return [m for m in messages if m.header("Subject") == subject]
-
-    (message,) = mine(stack.sink.wait_for(lambda msgs: bool(mine(msgs)), TIMEOUT_S))
-    return message
-
-
-def lane_headers(message: SinkMessage) -> list[str]:
-    return [value for name, value in message.headers if name.lower() == "x-mq-lane"]
 
 
 def log_lines(stack: MailStack, *needles: str) -> list[str]:
@@ -85,12 +73,12 @@ def test_header_lanes_leave_through_their_transports_and_a_forged_lane_gets_noth
 
     lanes = {"mq-bulk": "bulk", "mq-transactional": "transactional", "smtp": "normal"}
     for subject, (_, _, transport) in cases.items():
-        message = arrival(stack, subject)
+        message = stack.sink.wait_for_subject(subject, TIMEOUT_S)
         delivery = stack.delivery_of(message, TIMEOUT_S)
         assert delivery.queue_id == queue_ids[subject]
         assert delivery.transport == transport, (subject, delivery.line)
         # exactly one lane header, the milter's, whatever the client sent
-        assert lane_headers(message) == [lanes[transport]], (subject, message.headers)
+        assert message.header_values(LANE_HEADER) == [lanes[transport]], (subject, message.headers)
         filtered = log_lines(stack, f"{queue_ids[subject]}: milter-header-filter:")
         if transport == "smtp":
             assert not filtered, filtered
@@ -114,8 +102,8 @@ classify:
     sent = stack.send(sender, ["rcpt@dest.milter.test"], "urgent news",
                       headers={"X-Priority": "1"})
     assert sent.queued, sent.replies()
-    message = arrival(stack, "urgent news")
-    assert lane_headers(message) == ["normal"]
+    message = stack.sink.wait_for_subject("urgent news", TIMEOUT_S)
+    assert message.header_values(LANE_HEADER) == ["normal"]
     delivery = stack.delivery_of(message, TIMEOUT_S)
     assert delivery.transport == "smtp", log_lines(stack, sent.queue_id)
 
@@ -144,7 +132,7 @@ limits:
     assert reply.code == 450, over.replies()
     assert reply.text.endswith(f"Sender quota of {sender} spent")
     for i in range(2):
-        assert lane_headers(arrival(stack, f"seen-{i}")) == ["normal"]
+        assert stack.sink.wait_for_subject(f"seen-{i}", TIMEOUT_S).header_values(LANE_HEADER) == ["normal"]
 
 
 def only_in(queue_name: str) -> Callable[[list[QueuedMessage]], bool]:
@@ -203,8 +191,8 @@ limits:
     first, second, third = picked_up(reader, sender, lines, 3)
 
     for i, queue_id in enumerate((first, second)):
-        message = arrival(stack, f"local-{i}")
-        assert lane_headers(message) == ["normal"]
+        message = stack.sink.wait_for_subject(f"local-{i}", TIMEOUT_S)
+        assert message.header_values(LANE_HEADER) == ["normal"]
         assert stack.delivery_of(message).queue_id == queue_id
     if action == "hold":
         queue = stack.wait_queue(only_in("hold"), TIMEOUT_S)
@@ -223,7 +211,7 @@ limits:
         poll(logged, TIMEOUT_S, "mqpolicy's hold decision in its log")
         assert len(decided) == 1 and "by=local-sender" in decided[0], decided
         stack.postfix.release(third)
-        assert lane_headers(arrival(stack, "local-2")) == ["normal"]
+        assert stack.sink.wait_for_subject("local-2", TIMEOUT_S).header_values(LANE_HEADER) == ["normal"]
     else:
         poll(lambda: bool(log_lines(stack, f"{third}: milter-reject: END-OF-MESSAGE")),
              TIMEOUT_S, "the milter's tempfail in the log")

@@ -18,7 +18,6 @@ import pytest
 
 from mqpolicy.postfix_instance import Submission, make_message, poll, submit, submit_on
 from mqpolicy.sendmail_queue import parse_mailq
-from mqpolicy.smtp_sink import SinkMessage
 from tests.postfix_fixture import unique_address
 from tests.sendmail_fixture import (
     HOSTNAME,
@@ -26,6 +25,7 @@ from tests.sendmail_fixture import (
     milter_sendmail,  # noqa: F401  (the session fixture)
 )
 
+LANE_HEADER = "X-MQ-Lane"
 TIMEOUT_S = 20.0
 
 LANES = """\
@@ -135,18 +135,6 @@ def send(sendmail: MilterSendmail, sender: str, recipients: Sequence[str], subje
     return submit("127.0.0.1", sendmail.port, sender, recipients, message)
 
 
-def arrival(sendmail: MilterSendmail, subject: str) -> SinkMessage:
-    def mine(messages: list[SinkMessage]) -> list[SinkMessage]:
-        return [m for m in messages if m.header("Subject") == subject]
-
-    (message,) = mine(sendmail.sink.wait_for(lambda msgs: bool(mine(msgs)), TIMEOUT_S))
-    return message
-
-
-def lane_headers(message: SinkMessage) -> list[str]:
-    return [value for name, value in message.headers if name.lower() == "x-mq-lane"]
-
-
 def traced(sendmail: MilterSendmail, needle: str) -> None:
     """Wait until the -X trace shows ``needle``."""
     def seen() -> bool:
@@ -223,8 +211,8 @@ def test_the_lane_header_reaches_the_sink_and_a_forged_one_does_not(
             sent = submit_on(conn, sender, ["rcpt@dest.milter.test"], data)
             assert sent.queued, sent.replies()
     for subject, (_, _, lane) in cases.items():
-        message = arrival(sendmail, subject)
-        assert lane_headers(message) == [lane], (subject, message.headers)
+        message = sendmail.sink.wait_for_subject(subject, TIMEOUT_S)
+        assert message.header_values(LANE_HEADER) == [lane], (subject, message.headers)
     traced(sendmail, "X-MQ-Lane: bulk")  # Sendmail relayed the header it was given
 
 
@@ -255,8 +243,8 @@ limits:
     assert again.queued, again.replies()
     traced(sendmail, f"451 4.7.1 Mailbox {full} at 100%: no more mail this hour")
 
-    assert sorted(arrival(sendmail, "first").rcpt_tos) == sorted([full, first])
-    assert arrival(sendmail, "second").rcpt_tos == (second,)
+    assert sorted(sendmail.sink.wait_for_subject("first", TIMEOUT_S).rcpt_tos) == sorted([full, first])
+    assert sendmail.sink.wait_for_subject("second", TIMEOUT_S).rcpt_tos == (second,)
 
 
 def test_a_held_message_lands_in_the_quarantine_until_released(
@@ -277,7 +265,7 @@ limits:
     assert send(sendmail, sender, ["r@dest.milter.test"], "passes").queued
     held = send(sendmail, sender, ["r@dest.milter.test"], "held")
     assert held.queued, held.replies()  # 250: the client never knows
-    assert lane_headers(arrival(sendmail, "passes")) == ["normal"]
+    assert sendmail.sink.wait_for_subject("passes", TIMEOUT_S).header_values(LANE_HEADER) == ["normal"]
 
     quarantine = sendmail.quarantined()
     assert [(q.sender, q.recipients) for q in quarantine] == [(sender, ("r@dest.milter.test",))]
@@ -288,8 +276,8 @@ limits:
     assert [m.header("Subject") for m in sendmail.sink.messages()] == ["passes"]
 
     sendmail.release(entry.queue_id)
-    released = arrival(sendmail, "held")
-    assert lane_headers(released) == ["normal"]
+    released = sendmail.sink.wait_for_subject("held", TIMEOUT_S)
+    assert released.header_values(LANE_HEADER) == ["normal"]
     assert released.mail_from == sender
     assert sendmail.quarantined() == []
     assert not os.path.exists(sendmail.queue_dir / f"hf{entry.queue_id}")
