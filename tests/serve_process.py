@@ -1,4 +1,4 @@
-"""Run ``mqpolicy serve`` as a real process for tests: free port, readiness by connect."""
+"""Run ``mqpolicy`` commands as real processes for tests: readiness by connect, stop by PID."""
 
 from __future__ import annotations
 
@@ -13,39 +13,57 @@ from pathlib import Path
 from mqpolicy.policy_codec import encode_request
 from mqpolicy.postfix_instance import free_port
 
-__all__ = ["ServeProcess", "free_port"]
+__all__ = ["MqpolicyProcess", "ServeProcess", "free_port"]
 
 
-class ServeProcess:
-    """One ``mqpolicy serve -c FILE`` process; stop() kills it by PID."""
+Address = str | tuple[str, int]  # a unix socket path, or (host, port)
 
-    def __init__(self, config: Path, port: int, log_path: Path,
+
+def _accepts(address: Address) -> bool:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect(address)
+        except OSError:
+            return False
+    return True
+
+
+class MqpolicyProcess:
+    """``mqpolicy COMMAND -c FILE [ARGS]``, ready when every address given to start()
+    accepts a connection; stop() ends it by its PID."""
+
+    def __init__(self, command: str, config: Path, log_path: Path,
                  extra_args: list[str] | None = None) -> None:
+        self.command = command
         self.config = config
-        self.port = port
         self.log_path = log_path
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mqpolicy", "serve", "-c", str(self.config),
-             *self.extra_args],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-        )
-        log.close()
+    def start(self, *addresses: Address, timeout: float = 15.0) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mqpolicy", self.command, "-c", str(self.config),
+                 *self.extra_args],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        pending = list(addresses)
+        while pending:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mqpolicy serve exited: {self.log_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            except OSError:
-                time.sleep(0.02)
-                continue
-            return
-        raise RuntimeError(f"mqpolicy serve not ready: {self.log_text()}")
+                raise RuntimeError(f"mqpolicy {self.command} exited: {self.log_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mqpolicy {self.command} not ready: {self.log_text()}")
+            if _accepts(pending[0]):
+                pending.pop(0)
+            else:
+                time.sleep(0.01)  # between connect polls
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -54,15 +72,29 @@ class ServeProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout)
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        return self.proc.returncode
+
+
+class ServeProcess(MqpolicyProcess):
+    """``mqpolicy serve`` listening on 127.0.0.1:``port``."""
+
+    def __init__(self, config: Path, port: int, log_path: Path,
+                 extra_args: list[str] | None = None) -> None:
+        super().__init__("serve", config, log_path, extra_args)
+        self.port = port
+
+    def start(self, *addresses: Address, timeout: float = 15.0) -> None:
+        super().start(("127.0.0.1", self.port), *addresses, timeout=timeout)
 
     def ask(self, attrs: dict[str, str], timeout: float = 5.0) -> str:
         """One request on a fresh connection; the action text."""

@@ -26,6 +26,7 @@ from miltertest import constants as C
 from mqpolicy.policy_codec import encode_request
 from mqpolicy.postfix_instance import free_port
 from tests.redis_fixture import RedisServer
+from tests.serve_process import MqpolicyProcess
 
 POLICY = """\
 store:
@@ -131,59 +132,6 @@ class MtaSession:
         with contextlib.suppress(OSError):
             self.conn._send(C.SMFIC_QUIT)
         self.sock.close()
-
-
-class MqpolicyProcess:
-    """``mqpolicy COMMAND -c FILE``, ready when every socket given accepts; stopped by PID."""
-
-    def __init__(self, command: str, config: Path, log_path: Path) -> None:
-        self.command = command
-        self.config = config
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *addresses: str | tuple[str, int], timeout: float = 15.0) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mqpolicy", self.command, "-c", str(self.config)],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + timeout
-        pending = list(addresses)
-        while pending:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mqpolicy {self.command} exited: {self.log_text()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mqpolicy {self.command} not ready: {self.log_text()}")
-            try:
-                connect(pending[0], timeout=0.5).close()
-            except OSError:
-                time.sleep(0.01)  # between connect polls
-                continue
-            pending.pop(0)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        return self.proc.returncode
 
 
 @pytest.fixture
