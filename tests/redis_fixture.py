@@ -18,8 +18,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 import redis
@@ -172,23 +173,39 @@ class RedisServer:
             client.flushall()
 
 
-def _make_server() -> tuple[RedisServer, Path]:
+class _Startable(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+H = TypeVar("H", bound=_Startable)
+
+
+@contextlib.contextmanager
+def running_in_tmpdir(prefix: str, make: Callable[[Path], H]) -> Iterator[H]:
+    """``make(workdir)`` in a fresh directory under /tmp (short: unix socket paths are
+    limited to ~107 bytes), started; stopped and the directory removed at the end."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    harness = make(workdir)
+    try:
+        harness.start()
+        yield harness
+    finally:
+        harness.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _redis_server() -> contextlib.AbstractContextManager[RedisServer]:
     if not os.access(REDIS_SERVER_BIN, os.X_OK):
         pytest.skip(f"{REDIS_SERVER_BIN} not available")
-    # short path: unix socket paths are limited to ~107 bytes
-    workdir = Path(tempfile.mkdtemp(prefix="mqredis-", dir="/tmp"))
-    return RedisServer(workdir), workdir
+    return running_in_tmpdir("mqredis-", RedisServer)
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    server, workdir = _make_server()
-    try:
-        server.start()
+    with _redis_server() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -202,10 +219,5 @@ def redis_clean(redis_server: RedisServer) -> RedisServer:
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A server of this test's own, free to stop, restart and pause."""
-    server, workdir = _make_server()
-    try:
-        server.start()
+    with _redis_server() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +29,7 @@ import pytest
 import redis
 
 from mqpolicy.postfix_instance import free_port
-from tests.redis_fixture import REDIS_SERVER_BIN, _launcher
+from tests.redis_fixture import REDIS_SERVER_BIN, _launcher, running_in_tmpdir
 
 REDIS_CLI_BIN = os.environ.get("MQPOLICY_TEST_REDIS_CLI", "/usr/bin/redis-cli")
 SERVICE = "mqtest"
@@ -252,14 +250,8 @@ class RedisClusterHarness:
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterHarness]:
     require_binaries(REDIS_SERVER_BIN, REDIS_CLI_BIN)
-    workdir = Path(tempfile.mkdtemp(prefix="mqcluster-", dir="/tmp"))
-    harness = RedisClusterHarness(workdir)
-    try:
-        harness.start()
+    with running_in_tmpdir("mqcluster-", RedisClusterHarness) as harness:
         yield harness
-    finally:
-        harness.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -267,14 +259,8 @@ def redis_cluster_partial() -> Iterator[RedisClusterHarness]:
     """A cluster of the test's own whose nodes keep serving the slots of live masters when
     one dies (``cluster-require-full-coverage no``): free to kill a node."""
     require_binaries(REDIS_SERVER_BIN, REDIS_CLI_BIN)
-    workdir = Path(tempfile.mkdtemp(prefix="mqcluster-", dir="/tmp"))
-    harness = RedisClusterHarness(workdir, extra=("--cluster-require-full-coverage", "no"))
-    try:
-        harness.start()
+    with running_in_tmpdir("mqcluster-", lambda w: RedisClusterHarness(w, extra=("--cluster-require-full-coverage", "no"))) as harness:
         yield harness
-    finally:
-        harness.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ sentinel
@@ -391,11 +377,5 @@ class RedisSentinelHarness:
 @pytest.fixture
 def redis_sentinel() -> Iterator[RedisSentinelHarness]:
     require_binaries(REDIS_SERVER_BIN)
-    workdir = Path(tempfile.mkdtemp(prefix="mqsentinel-", dir="/tmp"))
-    harness = RedisSentinelHarness(workdir)
-    try:
-        harness.start()
+    with running_in_tmpdir("mqsentinel-", RedisSentinelHarness) as harness:
         yield harness
-    finally:
-        harness.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
