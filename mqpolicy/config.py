@@ -504,6 +504,17 @@ class _Reader:
             self.error(container, key, path, str(exc))
             return None
 
+    def strings(self, m: Mapping[str, Any], key: str, section: str,
+                expected: str) -> tuple[str, ...] | None:
+        """``m[key]``, a string or a list of strings, as a tuple; None (an error saying
+        ``expected``) when it is something else."""
+        raw = m[key]
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            self.error(m, key, f"{section}.{key}", expected)
+            return None
+        return tuple(items)
+
     def optional(self, m: Mapping[str, Any], key: str, section: str,
                  fn: Callable[[Any], Any]) -> Any:
         """``fn`` of ``m[key]`` (an error at ``section.key`` when it fails); None when the
@@ -1002,12 +1013,7 @@ def _read_destinations(
         def patterns(key: str, m: Mapping[str, Any] = m, path: str = path) -> tuple[str, ...]:
             if key not in m:
                 return ()
-            raw = m[key]
-            items = [raw] if isinstance(raw, str) else raw
-            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-                r.error(m, key, f"{path}.{key}", "expected a pattern or a list of patterns")
-                return ()
-            return tuple(items)
+            return r.strings(m, key, path, "expected a pattern or a list of patterns") or ()
 
         domains, mx = patterns("domains"), patterns("mx")
         if not domains and not mx:
@@ -1098,12 +1104,8 @@ def _read_feedback(r: _Reader, top: Mapping[str, Any]) -> FeedbackSettings:
             if "poll_interval" in m else None)
     patterns: tuple[str, ...] = ()
     if "slow_down_patterns" in m:
-        raw = m["slow_down_patterns"]
-        items = [raw] if isinstance(raw, str) else raw
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            r.error(m, "slow_down_patterns", "feedback.slow_down_patterns",
-                    "expected a list of regexes")
-        else:
+        items = r.strings(m, "slow_down_patterns", "feedback", "expected a list of regexes")
+        if items is not None:
             for text in items:
                 try:
                     re.compile(text)
