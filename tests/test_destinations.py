@@ -85,6 +85,8 @@ def service_with_dns(dns: FakeDnsServer, text: str = POLICY) -> DecisionService:
     ("  - {name: g, mx: '*.google.test'}\n", "a destination needs a rate"),
     ("  - {name: g, mx: 'bad pattern', rate: 1/1h}\n", "destinations[g]"),
     ("  - {name: g, domains: x.test, rate: 1/1h, colour: red}\n", "destinations[g].colour"),
+    ("  - {name: g, domains: {x: 1}, rate: 1/1h}\n",
+     "destinations[g].domains: expected a pattern or a list of patterns"),
 ])
 def test_destination_config_errors(body: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -302,6 +304,9 @@ def test_feedback_section_errors() -> None:
     assert "p.yaml:2: feedback.log: expected an absolute path" in text
     assert "p.yaml:3: feedback.slow_down_patterns: bad regex" in text
     assert "p.yaml:4: feedback.backoff: decrease must be between 0 and 1" in text
+    with pytest.raises(ConfigError) as info:
+        parse_policy("feedback:\n  slow_down_patterns: {a: 1}\n", "p.yaml")
+    assert "p.yaml:2: feedback.slow_down_patterns: expected a list of regexes" in str(info.value)
 
 
 def _forty_updates(url: str) -> float:
