@@ -651,7 +651,7 @@ class PolicyServerProcess:
             if proc.poll() is not None:
                 raise RuntimeError(f"mqpolicy serve exited {proc.returncode}:\n"
                                    f"{self.log_tail()}")
-            return _accepts(self.endpoint)
+            return accepts(self.endpoint)
 
         try:
             poll(ready, timeout_s, f"mqpolicy serve on {self.endpoint}")
@@ -693,7 +693,7 @@ class PolicyServerProcess:
         return log_tail(self.log_file, lines)
 
 
-def _accepts(endpoint: Endpoint) -> bool:
+def accepts(endpoint: Endpoint) -> bool:
     """Whether something accepts connections on ``endpoint`` (connect, then close)."""
     family = socket.AF_UNIX if endpoint.is_unix else socket.AF_INET6 \
         if ":" in endpoint.host else socket.AF_INET

@@ -25,7 +25,8 @@ from typing import Protocol, TypeVar
 import pytest
 import redis
 
-from mqpolicy.postfix_instance import free_port
+from mqpolicy.endpoints import Endpoint
+from mqpolicy.postfix_instance import accepts, free_port
 
 REDIS_SERVER_BIN = os.environ.get("MQPOLICY_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 _READY_TIMEOUT_S = 10.0
@@ -48,14 +49,6 @@ def _answers_ping(path: str) -> bool:
             return sock.recv(64).startswith(b"+PONG")
         except OSError:
             return False
-
-
-def _accepts_tcp(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class RedisServer:
@@ -124,7 +117,7 @@ class RedisServer:
             if proc.poll() is not None:  # exited: port taken, bad option...
                 self._proc = None
                 return False
-            if _answers_ping(self.unix_path) and _accepts_tcp(self.port):
+            if _answers_ping(self.unix_path) and accepts(Endpoint(host="127.0.0.1", port=self.port)):
                 return True
             time.sleep(0.002)  # between connect polls
         self.stop()

@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from mqpolicy.endpoints import Endpoint
 from mqpolicy.policy_codec import encode_request
-from mqpolicy.postfix_instance import free_port
+from mqpolicy.postfix_instance import accepts, free_port
 
 __all__ = ["MqpolicyProcess", "ServeProcess", "free_port"]
 
@@ -19,15 +20,10 @@ __all__ = ["MqpolicyProcess", "ServeProcess", "free_port"]
 Address = str | tuple[str, int]  # a unix socket path, or (host, port)
 
 
-def _accepts(address: Address) -> bool:
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        try:
-            sock.connect(address)
-        except OSError:
-            return False
-    return True
+def _endpoint(address: Address) -> Endpoint:
+    if isinstance(address, str):
+        return Endpoint(path=address)
+    return Endpoint(host=address[0], port=address[1])
 
 
 class MqpolicyProcess:
@@ -56,7 +52,7 @@ class MqpolicyProcess:
                 raise RuntimeError(f"mqpolicy {self.command} exited: {self.log_text()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mqpolicy {self.command} not ready: {self.log_text()}")
-            if _accepts(pending[0]):
+            if accepts(_endpoint(pending[0])):
                 pending.pop(0)
             else:
                 time.sleep(0.01)  # between connect polls

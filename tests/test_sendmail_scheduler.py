@@ -5,7 +5,6 @@ lists the quarantine with ``-bp -qQ`` and releases with ``-qI<id> -qQ -Q`` / ``-
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,18 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.postfix_instance import free_port, make_message, poll, submit
+from mqpolicy.endpoints import Endpoint
+from mqpolicy.postfix_instance import accepts, free_port, make_message, poll, submit
 from mqpolicy.sendmail_queue import parse_mailq
 from mqpolicy.smtp_sink import ThreadedSmtpSink
 from tests.sendmail_fixture import SendmailInstance, SendmailUnavailable, sendmail_instance
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -84,7 +76,7 @@ log:
         proc = subprocess.Popen([sys.executable, "-m", "mqpolicy", "milter", "-c", str(policy)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
     try:
-        poll(lambda: proc.poll() is None and _accepts(milter_port), 20, "the milter")
+        poll(lambda: proc.poll() is None and accepts(Endpoint(host="127.0.0.1", port=milter_port)), 20, "the milter")
         for i in range(3):
             sent = submit("127.0.0.1", sendmail.port, "a@held.sm.test", ["r@dest.sm.test"],
                           make_message("a@held.sm.test", ["r@dest.sm.test"], f"held-{i}"))
