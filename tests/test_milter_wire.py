@@ -417,13 +417,11 @@ def test_check_and_bind_failure(workdir: Path) -> None:
     assert taken.read_text() == ""  # never replaced what was there
 
 
-def test_an_inherited_unix_socket_file_is_left_to_its_owner(workdir: Path) -> None:
-    """``fd:N`` on a unix socket that systemd made: the milter must not unlink it at exit
-    (socket activation would then have nothing left for Postfix to connect to)."""
-    path = workdir / "activated.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(16)
+@contextlib.contextmanager
+def milter_on_inherited(listener: socket.socket, workdir: Path) -> Iterator[None]:
+    """``mqpolicy milter`` on ``fd:N``, the listening socket handed over as a service manager
+    does (closed here: the child has its own copy); ready once it logs so; ended by SIGTERM,
+    which it must survive with exit status 0."""
     config = write_policy(workdir, f"fd:{listener.fileno()}")
     log = workdir / "log"
     with log.open("ab") as out:
@@ -437,6 +435,7 @@ def test_an_inherited_unix_socket_file_is_left_to_its_owner(workdir: Path) -> No
         while "msg=ready" not in log.read_text(errors="replace"):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)  # between polls of the log
+        yield
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -445,6 +444,17 @@ def test_an_inherited_unix_socket_file_is_left_to_its_owner(workdir: Path) -> No
             proc.kill()
             code = proc.wait(15)
     assert code == 0, log.read_text(errors="replace")
+
+
+def test_an_inherited_unix_socket_file_is_left_to_its_owner(workdir: Path) -> None:
+    """``fd:N`` on a unix socket that systemd made: the milter must not unlink it at exit
+    (socket activation would then have nothing left for Postfix to connect to)."""
+    path = workdir / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    with milter_on_inherited(listener, workdir):
+        pass
     assert path.exists()
 
 
@@ -454,21 +464,9 @@ def test_socket_activation_fd(workdir: Path) -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     address = listener.getsockname()
-    config = write_policy(workdir, f"fd:{listener.fileno()}")
-    log = workdir / "log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)],
-            stdout=out, stderr=out, stdin=subprocess.DEVNULL, pass_fds=(listener.fileno(),),
-        )
-    listener.close()  # the child has its own copy
-    try:
-        # Connections queued before the milter set TCP_NODELAY on the socket miss it (with
-        # systemd, NoDelay=true in the .socket unit covers those): wait until it is ready.
-        deadline = time.monotonic() + 15
-        while "msg=ready" not in log.read_text(errors="replace"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.01)  # between polls of the log
+    # Connections queued before the milter set TCP_NODELAY on the socket miss it (with
+    # systemd, NoDelay=true in the .socket unit covers those): the helper waits for ready.
+    with milter_on_inherited(listener, workdir):
         s = MtaSession(connect(address))
         try:
             s.connect()
@@ -481,11 +479,3 @@ def test_socket_activation_fd(workdir: Path) -> None:
             assert (time.perf_counter() - started) / 10 < 0.02
         finally:
             s.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait(15)
-    assert code == 0, log.read_text(errors="replace")
