@@ -53,6 +53,7 @@ _ONCE_VALUE = 1.0
 """What a once key holds (Redis stores the string ``1``)."""
 _INFINITY = math.inf
 floor, ceil = math.floor, math.ceil
+_new = tuple.__new__  # positional NamedTuples without their keyword __new__
 
 
 def validate_decision(checks: Sequence[BudgetCheck], once_ttl_ms: int) -> None:
@@ -191,15 +192,15 @@ class MemoryStore:
         if once_ttl_ms <= 0:
             raise ValueError(f"once_ttl_ms must be positive: {once_ttl_ms}")
         with self._lock:
-            self._seen(now_ms)
+            self._last_now = max(self._last_now, now_ms)  # _seen(), inline
             prefix = self._prefix
+            data = self._data
             once = None
             if once_key is not None:
                 once = prefix + once_key
                 if self._get(once, now_ms) is not None:
                     validate_decision(checks, once_ttl_ms)
                     return self._duplicate(checks, now_ms)
-            data = self._data
             tats: dict[str, float] = {}  # bucket -> its tat before this decision
             results: list[BudgetResult] = []
             spends: list[tuple[int, str, float]] = []  # check index, bucket, new tat
@@ -228,18 +229,20 @@ class MemoryStore:
                 free_ms = tolerance - (tat - now_ms)
                 slack = 1e-9 + burst * 1e-12
                 if increment > tolerance:
-                    results.append(BudgetResult(False, max(0, floor(free_ms / interval + slack)),
-                                                NEVER))
+                    left = floor(free_ms / interval + slack)
+                    results.append(_new(BudgetResult, (False, left if left > 0 else 0, NEVER)))
                     blocked = blocked or blocking
                 elif allow_at <= now_ms:
                     if consume:
                         spends.append((len(results), key, new_tat))
                         free_ms -= increment
-                    results.append(BudgetResult(True, max(0, floor(free_ms / interval + slack)),
-                                                0))
+                    left = floor(free_ms / interval + slack)
+                    results.append(_new(BudgetResult, (True, left if left > 0 else 0, 0)))
                 else:
-                    results.append(BudgetResult(False, max(0, floor(free_ms / interval + slack)),
-                                                max(1, ceil(allow_at - now_ms))))
+                    left = floor(free_ms / interval + slack)
+                    retry = ceil(allow_at - now_ms)
+                    results.append(_new(BudgetResult, (False, left if left > 0 else 0,
+                                                       retry if retry > 1 else 1)))
                     blocked = blocked or blocking
             if blocked:  # nothing spent: a check that would have spent sees its bucket as is
                 for i, key, _ in spends:
@@ -247,11 +250,17 @@ class MemoryStore:
                     results[i] = results[i]._replace(remaining=free_units(
                         check.interval_ms, check.burst, tats[key], now_ms))
                 return Evaluation(tuple(results), committed=False)
+            # _put(), inline: the writes, then the sweeps they are due
             for _, key, tat in spends:
-                self._put(key, tat, now_ms + ttl_for(tat, now_ms))
+                ttl = ceil(tat - now_ms)  # ttl_for()
+                data[key] = (tat, now_ms + (ttl if ttl > 1 else 1))
             if once is not None:
-                self._put(once, _ONCE_VALUE, now_ms + once_ttl_ms)
-            return Evaluation(tuple(results), committed=True)
+                data[once] = (_ONCE_VALUE, now_ms + once_ttl_ms)
+            writes = self._writes
+            self._writes = total = writes + len(spends) + (once is not None)
+            for _ in range(total // _SWEEP_EVERY - writes // _SWEEP_EVERY):
+                self._sweep(self._last_now)
+            return _new(Evaluation, (tuple(results), True, False))
 
     def _evaluate_shared(self, checks: Sequence[BudgetCheck], now_ms: int, once: str | None,
                          once_ttl_ms: int) -> Evaluation:
