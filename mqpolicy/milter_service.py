@@ -313,6 +313,9 @@ class _Message:
     hold: Verdict | None = None  # a hold decided at RCPT, applied at the end
     demoted_to: Lane | None = None  # the lowest lane a RCPT decision demoted to
     failed: str = ""  # a callback without a reply failed: apply on_error at the next reply
+    # header changes and the quarantine, sent last (see PolicyMilter._send_changes):
+    # (kind, header name, index, value or reason), kind "change", "add" or "quarantine"
+    changes: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
 _CONNECTION_IDS = itertools.count(1)  # next() on it is atomic under the GIL
@@ -497,12 +500,35 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     def eom(self) -> int:
         msg = self.msg if self.msg is not None else self._begin()
         try:
-            return self._eom(msg)
+            rc = self._eom(msg)
         except Exception as exc:
             self.gateway.failed(STAGE_END_OF_MESSAGE, f"{type(exc).__name__}: {exc}", exc)
-            return self._on_error(msg)
+            rc = self._on_error(msg)
         finally:
             self._end()
+        return self._send_changes(msg, rc)
+
+    def _send_changes(self, msg: _Message, rc: int) -> int:
+        """Send the message's header changes and quarantine, then answer ``rc``.
+
+        libmilter writes each change to the MTA the moment it is asked for, the answer
+        after the callback returns: asked for last, they reach the MTA together with the
+        answer, which reads them in one wake-up instead of one each. A refusal needs
+        none."""
+        if rc != CONTINUE:
+            return rc
+        try:
+            for kind, name, index, value in msg.changes:
+                if kind == "change":
+                    self.chgheader(name, index, value)
+                elif kind == "add":
+                    self.addheader(name, value)
+                else:
+                    self.quarantine(value)
+        except Exception as exc:
+            self.gateway.failed(STAGE_END_OF_MESSAGE, f"{type(exc).__name__}: {exc}", exc)
+            return self._on_error()
+        return rc
 
     def _eom(self, msg: _Message) -> int:
         msg.queue_id = str(self.getsymval("i") or msg.queue_id)
@@ -547,7 +573,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                 return self._on_error(msg, request)
         text = hold.text.strip() if hold is not None else f"scheduled by {scheduled_by}"
         # the reason is kept as given (Sendmail lists it with -bp -qQ): no '%' doubling
-        self.quarantine(_one_line(text or "held by mqpolicy"))
+        msg.changes.append(("quarantine", "", 0, _one_line(text or "held by mqpolicy")))
         return CONTINUE
 
     def _scheduled(self, msg: _Message, request: Request, now: int) -> tuple[int, str]:
@@ -583,7 +609,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             counts[name] = counts.get(name, 0) + 1
         for name, count in counts.items():
             for index in range(count, 0, -1):
-                self.chgheader(name, index, "")
+                msg.changes.append(("change", name, index, ""))
 
     def abort(self) -> int:
         self._end()
@@ -621,9 +647,9 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         """Delete every client-sent lane header (last first), then add ours."""
         name = self.settings.lane_header
         for index in range(msg.lane_headers, 0, -1):
-            self.chgheader(name, index, "")
+            msg.changes.append(("change", name, index, ""))
         if lane is not None:
-            self.addheader(name, lane)
+            msg.changes.append(("add", name, 0, lane))
 
     def _refuse(self, verdict: Verdict) -> int:
         text = _reply_text(verdict.text)
@@ -635,7 +661,9 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
 
     def _on_error(self, msg: _Message | None = None, request: Request | None = None) -> int:
         """The configured failure action. At the end of a message that is accepted anyway,
-        forged lane headers still go, and the lane is classified without the store."""
+        forged lane headers and scheduled-delivery headers still go (whatever changes were
+        planned before the failure are dropped), and the lane is classified without the
+        store."""
         if self.settings.on_error is ErrorAction.TEMPFAIL:
             self.setreply("451", "4.3.0", ERROR_TEXT)
             return TEMPFAIL
@@ -646,10 +674,9 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                     lane = classify(request, self.gateway.policy)[0].name
             except Exception as exc:
                 self.gateway.failed(STAGE_END_OF_MESSAGE, f"classify: {exc}", exc)
-            try:
-                self._set_lane(msg, lane)
-            except Exception as exc:
-                self.gateway.failed(STAGE_END_OF_MESSAGE, f"lane header: {exc}", exc)
+            msg.changes.clear()
+            self._set_lane(msg, lane)
+            self._strip_schedule_headers(msg)
         return CONTINUE
 
 

@@ -12,7 +12,7 @@ import Milter
 import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 
 from mqpolicy.budget import StoreError
-from mqpolicy.config import MilterSettings, parse_policy
+from mqpolicy.config import ErrorAction, MilterSettings, parse_policy
 from mqpolicy.decisions import DecisionService
 from mqpolicy.hold_records import HoldRecord, MemoryHoldRecords
 from mqpolicy.memory_store import MemoryStore
@@ -171,10 +171,11 @@ def test_remembered_holds_are_bounded() -> None:
 # ---------------------------------------------------------------- the milter
 
 
-def milter_session(lp: Loop, records: MemoryHoldRecords | None) -> Session:
+def milter_session(lp: Loop, records: MemoryHoldRecords | None,
+                   settings: MilterSettings | None = None) -> Session:
     policy = parse_policy(textwrap.dedent(POLICY))
     service = DecisionService(policy, MemoryStore())
-    gateway = DecisionGateway(service, lp.loop, MilterSettings(), records)
+    gateway = DecisionGateway(service, lp.loop, settings or MilterSettings(), records)
     s = Session(gateway)
     s.connect()
     return s
@@ -253,3 +254,16 @@ def test_milter_record_failure_applies_on_error(loop: Loop) -> None:  # noqa: F8
                    queue_id="MQID0006")
     assert rc == Milter.TEMPFAIL
     assert s.ctx.quarantined == []
+
+
+def test_milter_record_failure_accepting_changes_each_header_once(loop: Loop) -> None:  # noqa: F811
+    """on_error accept after the lane was chosen: the changes planned before the failure
+    are replaced by on_error's own, not sent twice."""
+    s = milter_session(loop, FailingRecords(), MilterSettings(on_error=ErrorAction.ACCEPT))
+    rc = s.message("app@app.example", ["r@x.example"],
+                   [("X-MQ-Lane", "transactional"), ("X-MQ-Deliver-After", "+1m")],
+                   queue_id="MQID0007")
+    assert rc == Milter.CONTINUE
+    assert s.ctx.quarantined == []
+    assert s.ctx.added == [("X-MQ-Lane", "normal")]
+    assert sorted(s.ctx.changed) == [("X-MQ-Deliver-After", 1, ""), ("X-MQ-Lane", 1, "")]
