@@ -133,10 +133,10 @@ class MilterCounters:
             value = getattr(self, name) + delta
             setattr(self, name, value)
             if name == "messages_active":
-                if value:
-                    self.idle.clear()
-                else:
+                if not value:
                     self.idle.set()
+                elif value == delta:  # from none to some
+                    self.idle.clear()
 
 
 class DecisionGateway:
@@ -336,6 +336,8 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         self.protocol_name = ""
         self.msg: _Message | None = None
         self.conn_id = f"m{next(_CONNECTION_IDS):x}"
+        # what MAIL and header callbacks answer: NOREPLY once the MTA agreed to expect none
+        self._mail_rc = self._header_rc = CONTINUE
         gateway.counters.add("connections_active")
 
     # --- negotiation ------------------------------------------------------------------
@@ -352,6 +354,9 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             skip = ((0 if policy.uses_helo else Milter.P_NOHELO)
                     | (0 if policy.uses_size else Milter.P_NOBODY))
             opts[1] = self._protocol = opts[1] | (offered & skip)
+            no_reply: int = Milter.NOREPLY  # read now: pymilter's test module changes it
+            self._mail_rc = no_reply if self._protocol & Milter.P_NR_MAIL else CONTINUE
+            self._header_rc = no_reply if self._protocol & Milter.P_NR_HDR else CONTINUE
         return rc
 
     # --- connection -------------------------------------------------------------------
@@ -397,17 +402,30 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             self.msg = None
             self.gateway.counters.add("messages_active", -1)
 
-    @_noreply
-    def envfrom(self, mailfrom: str, *params: str) -> int:
+    # libmilter's MAIL, RCPT and header callbacks reach the *_bytes methods below (pymilter
+    # hands addresses and header values over as bytes); they do the work themselves rather
+    # than through pymilter's decoding wrappers: these run for every message.
+
+    def envfrom_bytes(self, mailfrom: bytes, *params: bytes) -> int:
         msg = self._begin()  # a new transaction: nothing of the previous one survives
         try:
-            msg.sender = _strip_brackets(str(mailfrom))
-            msg.sasl_username = str(self.getsymval("{auth_authen}") or "")
-            msg.queue_id = str(self.getsymval("i") or "")
-            self.protocol_name = str(self.getsymval("r") or self.protocol_name)
+            msg.sender = _strip_brackets(mailfrom.decode("utf-8", "surrogateescape"))
+            getsymval = self._ctx.getsymval
+            msg.sasl_username = str(getsymval("{auth_authen}") or "")
+            msg.queue_id = str(getsymval("i") or "")
+            self.protocol_name = str(getsymval("r") or self.protocol_name)
         except Exception as exc:
             msg.failed = f"MAIL: {type(exc).__name__}: {exc}"
+        return self._mail_rc
+
+    @_noreply
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        """MAIL with a decoded address (pymilter's test context calls this one)."""
+        self.envfrom_bytes(str(mailfrom).encode("utf-8", "surrogateescape"))
         return CONTINUE
+
+    def envrcpt_bytes(self, to: bytes, *params: bytes) -> int:
+        return self.envrcpt(to.decode("utf-8", "surrogateescape"))
 
     def envrcpt(self, to: str, *params: str) -> int:
         msg = self.msg if self.msg is not None else self._begin()
@@ -469,26 +487,31 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         if msg.recipients and msg.recipients[-1] == recipient:
             msg.recipients.pop()
 
-    @_noreply
-    def header(self, name: str, value: str) -> int:
+    def header_bytes(self, name: str, raw: bytes) -> int:
         msg = self.msg
         if msg is None:
-            return CONTINUE
+            return self._header_rc
         try:
-            name = str(name)
-            if name.lower() == self._lane_header:
+            lowered = name.lower()
+            if lowered == self._lane_header:
                 msg.lane_headers += 1  # a client may not choose its lane: never classified
-                return CONTINUE
-            value = value if isinstance(value, str) else bytes(value).decode(
-                "utf-8", "surrogateescape")
-            schedule_name = _SCHEDULE_NAMES.get(name.lower())
+                return self._header_rc
+            msg.header_bytes += len(name) + len(raw) + 4
+            value = raw[:MAX_HEADER_VALUE * 4].decode("utf-8", "surrogateescape")
+            value = value[:MAX_HEADER_VALUE]
+            schedule_name = _SCHEDULE_NAMES.get(lowered)
             if schedule_name is not None:
-                msg.schedule_headers.append((schedule_name, value[:MAX_HEADER_VALUE]))
-            msg.header_bytes += len(name) + len(value) + 4
+                msg.schedule_headers.append((schedule_name, value))
             if len(msg.headers) < MAX_HEADERS:
-                msg.headers.append((name, value[:MAX_HEADER_VALUE]))
+                msg.headers.append((name, value))
         except Exception as exc:
             msg.failed = f"header: {type(exc).__name__}: {exc}"
+        return self._header_rc
+
+    @_noreply
+    def header(self, name: str, value: str) -> int:
+        """A header with a decoded value (pymilter's test context may call this one)."""
+        self.header_bytes(str(name), str(value).encode("utf-8", "surrogateescape"))
         return CONTINUE
 
     @_noreply
