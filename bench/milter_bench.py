@@ -10,16 +10,19 @@ For each transport (a unix socket, TCP on 127.0.0.1) it starts, one after the ot
   mail passes): a store decision at every RCPT and at the end, the lane header added and
   a forged one deleted in every message;
 
-then drives it with ``--clients`` client processes in parallel, each one milter connection
+and drives them with ``--clients`` client processes in parallel, each one milter connection
 speaking the MTA side with ``miltertest`` (like Postfix it writes the packets that need no
-answer together with the next one that does). A run is bounded by ``--seconds``; every
-process started is stopped by its PID, also on error or Ctrl-C.
+answer together with the next one that does). The milters are driven in turn, in
+``--pairs`` rounds of ``--seconds`` each (the order alternates); a row shows the median
+rate over rounds and the median of the per-round ratios to the floor, so the machine
+speeding up or slowing down between rounds hits both sides alike. Every process started is
+stopped by its PID, also on error or Ctrl-C.
 
 ``--stall`` also measures what a header-changing milter costs per message over TCP when
 nothing sets TCP_NODELAY (libmilter binds its own socket), one connection, in sequence.
 
-    python bench/milter_bench.py                       # unix + tcp, 4 clients, 5 s each
-    python bench/milter_bench.py --clients 1,8 --seconds 3 --stall
+    python bench/milter_bench.py                       # unix + tcp, 4 clients, 5 rounds of 2 s
+    python bench/milter_bench.py --clients 1,4 --pairs 7 --eom-only --stall
 """
 
 from __future__ import annotations
@@ -217,14 +220,10 @@ class Result:
     transport: str
     milter: str
     clients: int
-    messages: int
-    seconds: float
+    rate: float  # messages/s, the median over rounds
     mean_ms: float
     p99_ms: float
-
-    @property
-    def rate(self) -> float:
-        return self.messages / self.seconds
+    rates: list[float]  # per round
 
 
 class Processes:
@@ -279,16 +278,17 @@ def endpoint(transport: str, workdir: Path, name: str) -> tuple[str, str]:
 
 
 def start_milter(kind: str, transport: str, workdir: Path, procs: Processes,
-                 floor_mode: str = "plain", rcpt_limits: str = "milter",
+                 floor_mode: str = "plain", rcpt_limits: str = "milter", name: str = "",
                  ) -> tuple[subprocess.Popen[bytes], str]:
-    spec, address = endpoint(transport, workdir, kind)
-    log = workdir / f"{kind}-{transport}.log"
+    name = name or kind
+    spec, address = endpoint(transport, workdir, name)
+    log = workdir / f"{name}-{transport}.log"
     if kind == "floor":
         script = workdir / "floor.py"
         script.write_text(FLOOR)
         argv = [sys.executable, str(script), spec, floor_mode]
     else:
-        config = workdir / f"policy-{transport}.yaml"
+        config = workdir / f"policy-{name}-{transport}.yaml"
         config.write_text(POLICY.format(listen=spec, rcpt_limits=rcpt_limits))
         argv = [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)]
     proc = procs.start(argv, log)
@@ -311,27 +311,44 @@ def drive(address: str, clients: int, seconds: float) -> tuple[int, float, list[
     return len(times), seconds, times
 
 
-def measure(kind: str, transport: str, clients: int, seconds: float, workdir: Path,
-            procs: Processes, floor_mode: str = "plain", rcpt_limits: str = "milter",
-            ) -> Result:
-    proc, address = start_milter(kind, transport, workdir, procs, floor_mode, rcpt_limits)
-    try:
-        drive(address, 1, 0.3)  # warm up
-        count, elapsed, times = drive(address, clients, seconds)
-    finally:
-        procs.stop(proc)
-    times.sort()
-    p99 = times[min(len(times) - 1, int(len(times) * 0.99))] if times else 0.0
-    name = kind if floor_mode == "plain" else f"{kind}+addheader"
-    if kind == "mqpolicy" and rcpt_limits != "milter":
-        name = "mqpolicy eom-only"
-    return Result(transport, name,
-                  clients, count, elapsed, statistics.fmean(times) * 1000 if times else 0.0,
-                  p99 * 1000)
+@dataclass
+class Contender:
+    """One running milter and what its rounds measured."""
+
+    name: str
+    address: str
+    rates: list[float]
+    times: list[float]
+
+
+def measure(contenders: list[Contender], transport: str, clients: int, seconds: float,
+            pairs: int) -> list[Result]:
+    """``pairs`` rounds over all contenders (the order alternates); one Result each, with
+    the median rate. The first contender is the floor."""
+    for c in contenders:
+        drive(c.address, 1, 0.3)  # warm up
+    for round_no in range(pairs):
+        order = contenders if round_no % 2 == 0 else contenders[::-1]
+        for c in order:
+            count, elapsed, times = drive(c.address, clients, seconds)
+            c.rates.append(count / elapsed)
+            c.times.extend(times)
+    results = []
+    for c in contenders:
+        times = sorted(c.times)
+        p99 = times[min(len(times) - 1, int(len(times) * 0.99))] if times else 0.0
+        results.append(Result(transport, c.name, clients, statistics.median(c.rates),
+                              statistics.fmean(times) * 1000 if times else 0.0, p99 * 1000,
+                              c.rates))
+    return results
 
 
 def print_row(r: Result, floor: Result | None) -> None:
-    versus = f"{r.rate / floor.rate * 100:6.1f}%" if floor else "   floor"
+    if floor is None:
+        versus = "   floor"
+    else:
+        ratios = [ours / base for ours, base in zip(r.rates, floor.rates, strict=True)]
+        versus = f"{statistics.median(ratios) * 100:6.1f}%"
     print(f"{r.transport:<5} {r.milter:<18} {r.clients:>7} {r.rate:>10.0f} {versus} "
           f"{r.mean_ms:>8.2f} {r.p99_ms:>8.2f}", flush=True)
 
@@ -343,7 +360,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--transports", default="unix,tcp")
     parser.add_argument("--clients", default="4", help="comma-separated client counts")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per milter and round")
+    parser.add_argument("--pairs", type=int, default=5,
+                        help="rounds over the milters (the figure is the median)")
     parser.add_argument("--eom-only", action="store_true",
                         help="also measure mqpolicy with rcpt_limits: policy_server (Postfix "
                              "with the policy server: one decision per message)")
@@ -352,6 +371,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "socket (no TCP_NODELAY)")
     args = parser.parse_args(argv)
     args.seconds = max(0.5, min(args.seconds, 60.0))
+    args.pairs = max(1, min(args.pairs, 50))
     return args
 
 
@@ -359,26 +379,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="mqmbench-", dir="/tmp"))
     procs = Processes()
-    print(f"cpus={os.cpu_count()} seconds={args.seconds} (messages: 1 recipient, "
-          f"{len(HEADERS)} headers, {len(BODY) * 25} body bytes)")
+    print(f"cpus={os.cpu_count()} rounds={args.pairs} x {args.seconds} s per milter "
+          f"(messages: 1 recipient, {len(HEADERS)} headers, {len(BODY) * 25} body bytes)")
     print(f"{'net':<5} {'milter':<18} {'clients':>7} {'msgs/s':>10} {'vs floor':>7} "
           f"{'mean ms':>8} {'p99 ms':>8}")
     try:
         with sigterm_as_interrupt():
             for transport in args.transports.split(","):
                 for clients in (int(c) for c in args.clients.split(",")):
-                    floor = measure("floor", transport, clients, args.seconds, workdir, procs)
-                    print_row(floor, None)
-                    ours = measure("mqpolicy", transport, clients, args.seconds, workdir,
-                                   procs)
-                    print_row(ours, floor)
+                    started = [("floor", start_milter("floor", transport, workdir, procs)),
+                               ("mqpolicy", start_milter("mqpolicy", transport, workdir,
+                                                         procs))]
                     if args.eom_only:
-                        ours = measure("mqpolicy", transport, clients, args.seconds, workdir,
-                                       procs, rcpt_limits="policy_server")
-                        print_row(ours, floor)
+                        started.append(("mqpolicy eom-only",
+                                        start_milter("mqpolicy", transport, workdir, procs,
+                                                     rcpt_limits="policy_server",
+                                                     name="mqpolicy-eom")))
+                    try:
+                        floor, *ours = measure(
+                            [Contender(name, address, [], []) for name, (_, address) in started],
+                            transport, clients, args.seconds, args.pairs)
+                    finally:
+                        for _, (proc, _) in started:
+                            procs.stop(proc)
+                    print_row(floor, None)
+                    for result in ours:
+                        print_row(result, floor)
             if args.stall:
-                stalled = measure("floor", "tcp", 1, min(args.seconds, 2.0), workdir, procs,
-                                  floor_mode="addheader")
+                proc, address = start_milter("floor", "tcp", workdir, procs,
+                                             floor_mode="addheader", name="floor-addheader")
+                try:
+                    (stalled,) = measure([Contender("floor+addheader", address, [], [])],
+                                         "tcp", 1, min(args.seconds, 2.0), 1)
+                finally:
+                    procs.stop(proc)
                 print_row(stalled, None)
                 print("  ^ a header-changing milter on libmilter's own TCP socket: each "
                       "message waits for the MTA's delayed ACK (Nagle)")
