@@ -146,6 +146,7 @@ class Scheduler:
         self._reported_broken: set[str] = set()
         self._last_overhead_ms = 0.0
         self._error_logged = 0.0
+        self._reconciled = False  # a pass has worked since the lease was acquired
 
     @property
     def policy(self) -> Policy:
@@ -189,23 +190,31 @@ class Scheduler:
                             extra={"fields": self._where()})
             self.stats.active = False
             return settings.interval_ms
-        starting = not self.stats.active
-        if starting:
+        if not self.stats.active:
             self.stats.active = True
+            self._reconciled = False
             log.info("scheduler lease acquired, reconciling", extra={"fields": self._where()})
+        starting = not self._reconciled
         try:
             report = await self.run_pass()
         except (StoreError, QueueCommandError) as exc:
-            self._failed("pass", exc)
-            if starting:
-                self.stats.active = False  # reconcile again once things work
+            self._failed("pass", exc)  # reconciled by the first pass that works
             return settings.interval_ms
         if starting:
+            self._reconciled = True
             plan = report.plan
             log.info("reconciled", extra={"fields": {
                 "finished_releases": len(plan.finished), "resumed_releases": len(plan.resume),
                 "stale_records": len(plan.stale), "held": sum(plan.held_by_lane.values()),
                 "foreign": len(plan.foreign), "broken": len(plan.broken)}})
+        if log.isEnabledFor(logging.DEBUG):
+            plan = report.plan
+            log.debug("pass", extra={"fields": {
+                "due": len(plan.due), "waiting": len(plan.waiting), "paused": len(plan.paused),
+                "released": len(report.released), "budget_blocked": report.budget_blocked,
+                "next_wake_ms": report.next_wake_ms,
+                "took_ms": round((report.list_s + report.plan_s + report.budget_s
+                                  + report.release_s) * 1000, 1)}})
         return report.next_wake_ms
 
     def _failed(self, what: str, exc: BaseException) -> None:

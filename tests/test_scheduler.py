@@ -5,6 +5,7 @@ lease and load."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Sequence
 
@@ -60,6 +61,7 @@ class FakeQueue:
         self.delivered: list[str] = []
         self.extra_counts: dict[str, int] = {}
         self.fail_release: BaseException | None = None
+        self.fail_snapshot: BaseException | None = None
 
     @property
     def instance(self) -> str:
@@ -70,6 +72,8 @@ class FakeQueue:
                                        rcpts or ("r@a.example",))
 
     async def snapshot(self) -> QueueSnapshot:
+        if self.fail_snapshot is not None:
+            raise self.fail_snapshot
         entries = list(self.entries.values())
         counts = Counter(e.queue_name for e in entries)
         counts.update(self.extra_counts)
@@ -301,6 +305,27 @@ def test_one_active_scheduler_per_instance() -> None:
         stop.set()
         await asyncio.gather(task_one, task_two)
         assert await rig.records.lease_holder() is None  # given up on the way out
+
+    run(main)
+
+
+def test_a_failing_queue_keeps_the_lease_and_reconciles_once_it_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        rig = Rig()
+        rig.queue.fail_snapshot = QueueCommandError("postqueue exited 69", set())
+        with caplog.at_level(logging.INFO, logger="mqpolicy.scheduler"):
+            for _ in range(3):
+                await rig.scheduler._step()
+                assert rig.scheduler.stats.active  # it holds the lease all along
+            rig.queue.fail_snapshot = None
+            for _ in range(2):
+                await rig.scheduler._step()
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages.count("scheduler lease acquired, reconciling") == 1
+        assert messages.count("reconciled") == 1
+        assert messages.count("scheduler step failed, retrying next interval") == 1
 
     run(main)
 

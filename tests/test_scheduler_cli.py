@@ -3,14 +3,20 @@ what is checked here), and the queue view's text."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from mqpolicy.hold_records import HoldRecord, RecordSet
 from mqpolicy.mta_queue import QueueEntry
 from mqpolicy.release_planner import plan_releases, summarize
 from mqpolicy.scheduler_cli import render_queue
+from tests.redis_fixture import RedisServer
+from tests.serve_process import MqpolicyProcess
 from tests.test_release_planner import policy
 
 MEMORY = """\
@@ -74,3 +80,54 @@ def test_render_queue() -> None:
                  and "example" not in line]
     assert normal.split()[:5] == ["normal", "2", "1", "0", "1"]
     assert any(line.split()[:4] == ["bulk", "d0.example", "1", "1"] for line in lines)
+
+
+def _wait_for(process: MqpolicyProcess, text: str, count: int = 1, timeout: float = 15.0) -> None:
+    """Until the process has logged ``text`` ``count`` times (it must stay alive)."""
+    deadline = time.monotonic() + timeout
+    while process.log_text().count(text) < count:
+        assert process.alive, process.log_text()
+        assert time.monotonic() < deadline, f"no {text!r} in:\n{process.log_text()}"
+        time.sleep(0.05)  # the log is written every 50 ms
+
+
+def test_scheduler_reloads_on_sighup_and_keeps_its_policy_on_a_bad_one(
+    tmp_path: Path, redis_clean: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # an empty hold queue: each pass works, and logs a "pass" line at debug level
+    postqueue = tmp_path / "postqueue"
+    postqueue.write_text("#!/bin/sh\nexit 0\n")
+    postqueue.chmod(0o755)
+    monkeypatch.setenv("MQPOLICY_POSTQUEUE", str(postqueue))
+
+    def policy(level: str, url: str = redis_clean.unix_url, scheduler: bool = True) -> str:
+        section = (f"scheduler:\n  interval: 1s\n  postfix_config_dir: {tmp_path}\n"
+                   if scheduler else "")
+        return (f"store: {{url: \"{url}\", key_prefix: \"reload:\"}}\n"
+                f"log: {{format: kv, level: {level}}}\n{section}")
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy("info"))
+    process = MqpolicyProcess("scheduler", path, tmp_path / "scheduler.log")
+    process.start()
+    try:
+        _wait_for(process, "msg=reconciled")
+        assert "msg=pass" not in process.log_text()
+
+        path.write_text(policy("debug"))  # the new policy's log level shows it is in force
+        process.signal(signal.SIGHUP)
+        _wait_for(process, "msg=\"policy reloaded\"")
+        _wait_for(process, "level=debug logger=mqpolicy.scheduler msg=pass")
+
+        path.write_text("store: [broken\n")
+        process.signal(signal.SIGHUP)
+        _wait_for(process, "msg=\"reload refused, keeping the running policy\"")
+
+        for refused in (policy("info", url="redis://127.0.0.1:1/0"),
+                        policy("info", scheduler=False)):
+            path.write_text(refused)
+            process.signal(signal.SIGHUP)
+        _wait_for(process, "the scheduler section and the store cannot change", count=2)
+        assert process.log_text().count("msg=\"policy reloaded\"") == 1
+    finally:
+        assert process.stop() == 0, process.log_text()
