@@ -30,7 +30,11 @@ from typing import NamedTuple, Protocol
 NEVER = -1
 """``retry_after_ms`` when a cost can never fit in the bucket (cost larger than burst)."""
 
-DEFAULT_ONCE_TTL_MS = 86_400_000
+DEFAULT_ONCE_TTL_MS = 3_600_000
+"""How long a once key lives. It only has to outlive the SMTP transaction: the policy
+server's END-OF-MESSAGE and the milter's end of message for one message are seconds apart.
+Longer costs memory (one key per message) and mistakes: Postfix's short queue ids are
+reused over time, and a later message under a recycled id would pass as already counted."""
 
 
 class StoreError(Exception):

@@ -472,6 +472,19 @@ def test_once_key_expires(kit: StoreKit) -> None:
     kit.run(body)
 
 
+def test_a_once_key_lives_an_hour_by_default(kit: StoreKit) -> None:
+    """Long enough for the policy server and the milter to meet the same message, short
+    enough that a recycled Postfix queue id is counted as the new message it is."""
+    async def body(store: CounterStore) -> None:
+        now = wall_ms()
+        await store.evaluate([BudgetCheck("k", HOUR, 10, 1)], now, once_key="m")
+        (state,) = await store.inspect(["m"], now)
+        assert state is not None
+        assert DEFAULT_ONCE_TTL_MS - 60_000 < state.ttl_ms <= DEFAULT_ONCE_TTL_MS == HOUR
+
+    kit.run(body)
+
+
 def test_arguments_no_bucket_can_hold_are_rejected(kit: StoreKit) -> None:
     async def body(store: CounterStore) -> None:
         for bad in (
