@@ -574,8 +574,10 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         if msg.demoted_to is not None and msg.demoted_to.priority > lane.priority:
             lane = msg.demoted_to
         self._set_lane(msg, lane.name)
-        self._strip_schedule_headers(msg)
         hold = verdict if action is Action.HOLD else msg.hold
+        if hold is None and not msg.schedule_headers:
+            return CONTINUE  # the usual message: nothing to hold, record or strip
+        self._strip_schedule_headers(msg)
         now = wall_clock_ms()
         not_before, scheduled_by = self._scheduled(msg, request, now)
         if hold is None and not scheduled_by:
