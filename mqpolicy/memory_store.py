@@ -18,8 +18,9 @@ Decision rules, shared with the Lua script (the budget module's docstring gives 
   ``duplicate=True`` and, per check, ``allowed=True``, the bucket's free units, no retry.
 
 Every entry carries an expiry in the callers' clock (``now_ms``): lazy expiry on read, plus a
-bounded round-robin sweep (``_SWEEP_BATCH`` entries every ``_SWEEP_EVERY`` writes) so keys
-nobody reads again do not pile up.
+bounded round-robin sweep (``_SWEEP_BATCH`` entries every ``_SWEEP_EVERY`` writes, every
+``_SWEEP_EVERY_IDLE`` writes after a slice that found nothing expired) so keys nobody reads
+again do not pile up.
 
 Every call holds the store's lock for its whole (synchronous) work, so each is atomic for
 callers on the event loop and on other threads alike; :meth:`MemoryStore.evaluate_now` is
@@ -46,7 +47,10 @@ from mqpolicy.budget import (
 )
 
 _SWEEP_EVERY = 16
-"""Run one sweep slice after this many writes."""
+"""Run one sweep slice after this many writes..."""
+_SWEEP_EVERY_IDLE = 64
+"""... or this many, when the last slice found every entry alive (moving live entries to
+the back of the line is all such a slice does: four times less of it)."""
 _SWEEP_BATCH = 32
 """Entries looked at per sweep slice: twice the write rate, so garbage stays bounded."""
 _ONCE_VALUE = 1.0
@@ -125,6 +129,7 @@ class MemoryStore:
         # prefixed key -> (tat or once marker, expiry in the callers' ms clock)
         self._data: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._writes = 0
+        self._next_sweep = _SWEEP_EVERY  # the write count that runs the next sweep slice
         self._last_now = 0
         # Decisions may come from several threads (the milter's): one at a time.
         self._lock = threading.Lock()
@@ -150,17 +155,27 @@ class MemoryStore:
 
     def _put(self, key: str, value: float, expiry: int) -> None:
         self._data[key] = (value, expiry)
-        self._writes += 1
-        if self._writes % _SWEEP_EVERY == 0:
-            self._sweep(self._last_now)
+        self._wrote(1)
 
-    def _sweep(self, now_ms: int) -> None:
-        """Look at the oldest ``_SWEEP_BATCH`` entries: drop expired ones, requeue the rest."""
+    def _wrote(self, count: int) -> None:
+        """Count writes; run a sweep slice when one is due."""
+        self._writes += count
+        if self._writes >= self._next_sweep:
+            dropped = self._sweep(self._last_now)
+            self._next_sweep = self._writes + (_SWEEP_EVERY if dropped else _SWEEP_EVERY_IDLE)
+
+    def _sweep(self, now_ms: int) -> int:
+        """Look at the oldest ``_SWEEP_BATCH`` entries: drop expired ones, requeue the rest.
+        Returns how many were dropped."""
         data = self._data
+        dropped = 0
         for _ in range(min(_SWEEP_BATCH, len(data))):
             key, entry = data.popitem(last=False)
             if entry[1] > now_ms:
                 data[key] = entry
+            else:
+                dropped += 1
+        return dropped
 
     def _seen(self, now_ms: int) -> None:
         self._last_now = max(self._last_now, now_ms)
@@ -256,10 +271,7 @@ class MemoryStore:
                 data[key] = (tat, now_ms + (ttl if ttl > 1 else 1))
             if once is not None:
                 data[once] = (_ONCE_VALUE, now_ms + once_ttl_ms)
-            writes = self._writes
-            self._writes = total = writes + len(spends) + (once is not None)
-            for _ in range(total // _SWEEP_EVERY - writes // _SWEEP_EVERY):
-                self._sweep(self._last_now)
+            self._wrote(len(spends) + (once is not None))
             return _new(Evaluation, (tuple(results), True, False))
 
     def _evaluate_shared(self, checks: Sequence[BudgetCheck], now_ms: int, once: str | None,
