@@ -221,6 +221,7 @@ class Limit:
     rate_text: str = field(init=False)
     interval_ms: float = field(init=False)
     key_text: str = field(init=False)
+    counted_one: str = field(init=False)  # how a decision that spends 1 says so: "1 messages"
     # The request's key value (None: a part is missing), compiled from ``key``.
     key_of: KeyFunction = field(init=False, compare=False, repr=False)
     # Where the limit's buckets live: its name plus rate and burst, so a reload that
@@ -234,6 +235,7 @@ class Limit:
             "rate_text": str(self.rate),
             "interval_ms": self.rate.interval_ms,
             "key_text": "+".join(str(p) for p in self.key),
+            "counted_one": f"1 {self.count.value}",
             "key_of": key_function(self.key),
             "bucket_prefix": (
                 f"rl:{self.name}:{self.rate.count}/{self.rate.period_ms}/{self.burst}:"

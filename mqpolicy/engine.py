@@ -246,11 +246,8 @@ def _counted(p: PlannedLimit) -> str:
     if not p.spends:
         return "checked"
     if p.check.cost == 1:
-        return _ONE[p.limit.count]
+        return p.limit.counted_one
     return f"{p.check.cost} {p.limit.count.value}"
-
-
-_ONE = {count: f"1 {count.value}" for count in Count}
 
 
 def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: int,
