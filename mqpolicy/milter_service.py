@@ -19,8 +19,9 @@ What the milter decides, per message:
   never meets the policy server, is still decided here).
 * END-OF-MESSAGE: classification with headers and envelope (all recipients, size), message
   limits spent once per queue id (the once key the policy server uses at END-OF-MESSAGE, so
-  a message both see is counted once); every client-sent lane header is deleted and
-  ``X-MQ-Lane: <lane>`` added; hold -> a hold record is written for the scheduler, then
+  a message both see is counted once); the message leaves with one ``X-MQ-Lane: <lane>``,
+  ours, whatever lane headers the client sent; hold -> a hold record is written for the
+  scheduler, then
   ``quarantine(reason)``; defer -> ``451 4.7.1``; reject -> ``550 5.7.1``.
 * Scheduled delivery (:mod:`mqpolicy.scheduled_delivery`): ``X-MQ-Deliver-After`` or
   ``Deferred-Delivery`` is honoured when ``scheduler.schedule.allow`` matches the
@@ -34,7 +35,8 @@ What the milter decides, per message:
   ``127.0.0.1`` port 0) cannot refuse one recipient; a recipient decision that refuses is
   kept and applied to the whole message at END-OF-MESSAGE.
 
-Only ADDHDRS, CHGHDRS and QUARANTINE are negotiated; the MTA skips DATA, EOH and unknown
+Only CHGHDRS and QUARANTINE are negotiated (a header change past the last occurrence adds
+the header); the MTA skips DATA, EOH and unknown
 commands, and HELO and the body when no rule, limit or schedule of the policy looks at the
 HELO name or the message size; it does not wait for replies to connect, HELO, MAIL, headers
 and body chunks.
@@ -305,7 +307,7 @@ class _Message:
     recipient_total: int = 0
     headers: list[tuple[str, str]] = field(default_factory=list)
     header_bytes: int = 0
-    lane_headers: int = 0  # client-sent lane headers seen (each is deleted at the end)
+    lane_headers: int = 0  # client-sent lane headers seen (replaced by ours at the end)
     # scheduled-delivery headers: (canonical name, value) in order; all deleted at the end
     schedule_headers: list[tuple[str, str]] = field(default_factory=list)
     body_bytes: int = 0
@@ -314,7 +316,7 @@ class _Message:
     demoted_to: Lane | None = None  # the lowest lane a RCPT decision demoted to
     failed: str = ""  # a callback without a reply failed: apply on_error at the next reply
     # header changes and the quarantine, sent last (see PolicyMilter._send_changes):
-    # (kind, header name, index, value or reason), kind "change", "add" or "quarantine"
+    # (kind, header name, index, value or reason), kind "change" or "quarantine"
     changes: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
@@ -346,7 +348,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         offered = opts[1]
         rc = super().negotiate(opts)  # protocol steps from the decorators below
         if rc == CONTINUE:
-            wanted = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
+            wanted = Milter.CHGHDRS | Milter.QUARANTINE
             opts[0] = self._actions = opts[0] & wanted
             # HELO and the body only when a decision looks at them (per connection: a
             # reload that starts using them applies to connections made after it)
@@ -544,8 +546,6 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             for kind, name, index, value in msg.changes:
                 if kind == "change":
                     self.chgheader(name, index, value)
-                elif kind == "add":
-                    self.addheader(name, value)
                 else:
                     self.quarantine(value)
         except Exception as exc:
@@ -669,12 +669,21 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         )
 
     def _set_lane(self, msg: _Message, lane: str | None) -> None:
-        """Delete every client-sent lane header (last first), then add ours."""
+        """Leave the message with one lane header, ours (none when ``lane`` is None).
+
+        Client-sent lane headers after the first are deleted, last first (the indexes of
+        the others stay valid); the first is changed to our lane, which adds the header
+        when the client sent none: in libmilter's contract a change past the last
+        occurrence adds the header (Postfix's cleanup and Sendmail both do). One change
+        per message, also when a client forged one, where a delete and an add would be
+        two packets to the MTA."""
         name = self.settings.lane_header
-        for index in range(msg.lane_headers, 0, -1):
+        for index in range(msg.lane_headers, 1, -1):
             msg.changes.append(("change", name, index, ""))
         if lane is not None:
-            msg.changes.append(("add", name, 0, lane))
+            msg.changes.append(("change", name, 1, lane))
+        elif msg.lane_headers:
+            msg.changes.append(("change", name, 1, ""))
 
     def _refuse(self, verdict: Verdict) -> int:
         text = _reply_text(verdict.text)
