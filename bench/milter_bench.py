@@ -6,9 +6,11 @@ For each transport (a unix socket, TCP on 127.0.0.1) it starts, one after the ot
   mqpolicy with the bench policy (connect, MAIL and headers without replies; RCPT and end of
   message answered; HELO and the body skipped, as mqpolicy skips them for a policy that
   looks at neither) and answers CONTINUE everywhere without looking at anything;
+* ``floor+header``: the same, adding one header per message at the end: the least a
+  milter that gives every message its lane header does;
 * ``mqpolicy``: ``mqpolicy milter`` with the example policy (budgets large enough that
-  mail passes): a store decision at every RCPT and at the end, the lane header added and
-  a forged one deleted in every message;
+  mail passes): a store decision at every RCPT and at the end, and in every message the
+  lane header a client forged replaced by ours (one header change, as for the floor+header);
 
 and drives them with ``--clients`` client processes in parallel, each one milter connection
 speaking the MTA side with ``miltertest`` (like Postfix it writes the packets that need no
@@ -88,7 +90,11 @@ limits:
     count: recipients
 """
 
+# argv: libmilter socket spec, mode: "plain" (nothing), "header" (adds a header; on TCP
+# binds its socket with TCP_NODELAY like mqpolicy) or "addheader" (adds a header on
+# libmilter's own socket)
 FLOOR = """\
+import socket
 import sys
 import Milter
 
@@ -101,12 +107,22 @@ class Floor(Milter.Base):
     @Milter.noreply
     def header(self, name, value): return Milter.CONTINUE
     def eom(self):
-        if sys.argv[2] == "addheader":
+        if sys.argv[2] != "plain":
             self.addheader("X-MQ-Lane", "normal")
         return Milter.CONTINUE
 
+# main
+spec = sys.argv[1]
+if sys.argv[2] == "header" and spec.startswith("inet:"):
+    port, host = spec[len("inet:"):].split("@")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, int(port)))
+    sock.listen(128)
+    spec = f"fd:{sock.detach()}"
 Milter.factory = Floor
-Milter.runmilter("floor", sys.argv[1], 300)
+Milter.runmilter("floor", spec, 300, rmsock=not spec.startswith("fd:"))
 """
 
 BODY = "x" * 76 + "\r\n"
@@ -388,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for transport in args.transports.split(","):
                 for clients in (int(c) for c in args.clients.split(",")):
                     started = [("floor", start_milter("floor", transport, workdir, procs)),
+                               ("floor+header",
+                                start_milter("floor", transport, workdir, procs,
+                                             floor_mode="header", name="floor-header")),
                                ("mqpolicy", start_milter("mqpolicy", transport, workdir,
                                                          procs))]
                     if args.eom_only:

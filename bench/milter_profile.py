@@ -62,8 +62,8 @@ def attach(milter: Any) -> tuple[Any, QuietCtx]:
 
 def floor_milter() -> tuple[Any, QuietCtx]:
     namespace: dict[str, Any] = {}
-    exec(FLOOR.split("Milter.factory")[0], namespace)  # the bench's class, not its main
-    sys.argv[1:] = ["unused", "plain"]  # the floor reads its socket and mode from argv
+    exec(FLOOR.split("# main")[0], namespace)  # the bench's class, not its main
+    sys.argv[1:] = ["unused", "plain"]  # the floor reads its mode from argv
     return attach(namespace["Floor"]())
 
 
