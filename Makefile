@@ -2,11 +2,12 @@
 # make test   install everything (Debian packages, .venv) and run the whole suite
 # make demo   a private Postfix + sink + mqpolicy, a realistic mix of mail, a report
 # make bench  policy server throughput and latency, memory and Redis stores (see README)
+# make bench-e2e / bench-milter  through a private Postfix / the milter against its floor
 SHELL := /bin/bash
 VENV ?= .venv
 CONFIG ?= conf/mqpolicy.yaml
 
-.PHONY: run test bench bench-e2e demo bootstrap
+.PHONY: run test bench bench-e2e bench-milter demo bootstrap
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -33,3 +34,6 @@ demo: bootstrap
 
 bench-e2e: bootstrap
 	$(VENV)/bin/python bench/postfix_e2e_bench.py
+
+bench-milter: bootstrap
+	$(VENV)/bin/python bench/milter_bench.py --clients 1,4 --eom-only --stall
