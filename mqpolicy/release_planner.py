@@ -52,6 +52,8 @@ from mqpolicy.request import STAGE_RCPT, Request, domain_of
 __all__ = [
     "LOAD_RESUME_FRACTION",
     "Candidate",
+    "HeldGroup",
+    "QueueSummary",
     "ReleasePlan",
     "lane_release_check",
     "lanes_to_pause",
@@ -268,55 +270,100 @@ def lanes_to_pause(lanes: Sequence[Lane], hold_lanes: int) -> frozenset[str]:
 # ---------------------------------------------------------------- the queue view
 
 
-def summarize(plan: ReleasePlan, now_ms: int) -> dict[str, object]:
+@dataclass(slots=True)
+class HeldGroup:
+    """The held messages of one lane, or of one lane and destination (``mqpolicy queue``)."""
+
+    lane: str
+    destination: str | None = None  # None: the whole lane
+    held: int = 0
+    due: int = 0  # due now (including releases to finish)
+    paused: int = 0  # due, their lane waits for the queues to drain
+    waiting: int = 0  # not before a later time
+    next_due_ms: int | None = None
+    last_due_ms: int | None = None
+    oldest_held_ms: int | None = None
+
+    def add(self, state: str, due_ms: int, created_ms: int) -> None:
+        """Count one message in ``state`` (a :class:`ReleasePlan` group's name)."""
+        self.held += 1
+        if state in ("due", "resume"):
+            self.due += 1
+        elif state == "paused":
+            self.paused += 1
+        else:
+            self.waiting += 1
+        self.next_due_ms = due_ms if self.next_due_ms is None else min(self.next_due_ms,
+                                                                         due_ms)
+        self.last_due_ms = due_ms if self.last_due_ms is None else max(self.last_due_ms,
+                                                                         due_ms)
+        self.oldest_held_ms = (created_ms if self.oldest_held_ms is None
+                               else min(self.oldest_held_ms, created_ms))
+
+    def as_json(self) -> dict[str, object]:
+        row: dict[str, object] = {"lane": self.lane}
+        if self.destination is not None:
+            row["destination"] = self.destination
+        row.update(held=self.held, due=self.due, paused=self.paused, waiting=self.waiting,
+                   next_due_ms=self.next_due_ms, last_due_ms=self.last_due_ms,
+                   oldest_held_ms=self.oldest_held_ms)
+        return row
+
+
+@dataclass(slots=True)
+class QueueSummary:
     """What is held, per lane and per destination, with due times (``mqpolicy queue``)."""
-    lanes: dict[str, dict[str, object]] = {}
-    destinations: dict[tuple[str, str], dict[str, object]] = {}
+
+    now_ms: int
+    lanes: list[HeldGroup]
+    destinations: list[HeldGroup]  # per lane, most held first
+    foreign: list[QueueEntry]  # held by someone else: left alone
+    broken: list[BrokenRecord]
+    unknown_lanes: list[str]
+    queues: dict[str, int] = field(default_factory=dict)  # the MTA's queue sizes
+    waiting_lanes: list[str] = field(default_factory=list)  # waiting for the queues
+
+    @property
+    def held(self) -> int:
+        return sum(group.held for group in self.lanes)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "now_ms": self.now_ms,
+            "lanes": [group.as_json() for group in self.lanes],
+            "destinations": [group.as_json() for group in self.destinations],
+            "foreign": [{"queue_id": e.queue_id, "sender": e.sender,
+                         "arrival_time": e.arrival_time} for e in self.foreign],
+            "broken": [{"queue_id": b.queue_id, "problem": b.problem} for b in self.broken],
+            "unknown_lanes": self.unknown_lanes,
+            "queues": self.queues,
+            "waiting_lanes": self.waiting_lanes,
+        }
+
+
+def summarize(plan: ReleasePlan, now_ms: int) -> QueueSummary:
+    """What ``plan`` holds, per lane and per destination, with due times."""
+    lanes: dict[str, HeldGroup] = {}
+    destinations: dict[tuple[str, str], HeldGroup] = {}
     groups = (("due", plan.due), ("resume", plan.resume), ("paused", plan.paused),
               ("waiting", plan.waiting))
     for state, group in groups:
         for c in group:
             record = c.record
             due_ms = max(record.not_before_ms, 0)
-            lane = lanes.setdefault(record.lane, {"lane": record.lane, "held": 0, "due": 0,
-                                                  "paused": 0, "waiting": 0,
-                                                  "next_due_ms": None, "last_due_ms": None,
-                                                  "oldest_held_ms": None})
-            _count(lane, state)
-            _extend(lane, due_ms, record.created_ms)
+            lane = lanes.setdefault(record.lane, HeldGroup(record.lane))
+            lane.add(state, due_ms, record.created_ms)
             domains = {domain_of(r) or "(none)" for r in c.entry.recipients} or {"(none)"}
             for domain in sorted(domains):
-                dest = destinations.setdefault((record.lane, domain), {
-                    "lane": record.lane, "destination": domain, "held": 0, "due": 0,
-                    "paused": 0, "waiting": 0, "next_due_ms": None, "last_due_ms": None,
-                    "oldest_held_ms": None})
-                _count(dest, state)
-                _extend(dest, due_ms, record.created_ms)
-    return {
-        "now_ms": now_ms,
-        "lanes": sorted(lanes.values(), key=lambda v: str(v["lane"])),
-        "destinations": sorted(destinations.values(),
-                               key=lambda v: (str(v["lane"]), -_int(v["held"]),
-                                              str(v["destination"]))),
-        "foreign": [{"queue_id": e.queue_id, "sender": e.sender,
-                     "arrival_time": e.arrival_time} for e in plan.foreign],
-        "broken": [{"queue_id": b.queue_id, "problem": b.problem} for b in plan.broken],
-        "unknown_lanes": sorted(plan.unknown_lanes),
-    }
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) else 0
-
-
-def _count(row: dict[str, object], state: str) -> None:
-    row["held"] = _int(row["held"]) + 1
-    key = "due" if state in ("due", "resume") else state
-    row[key] = _int(row[key]) + 1
-
-
-def _extend(row: dict[str, object], due_ms: int, created_ms: int) -> None:
-    first, last, oldest = row["next_due_ms"], row["last_due_ms"], row["oldest_held_ms"]
-    row["next_due_ms"] = due_ms if not isinstance(first, int) else min(first, due_ms)
-    row["last_due_ms"] = due_ms if not isinstance(last, int) else max(last, due_ms)
-    row["oldest_held_ms"] = created_ms if not isinstance(oldest, int) else min(oldest, created_ms)
+                dest = destinations.setdefault((record.lane, domain),
+                                               HeldGroup(record.lane, domain))
+                dest.add(state, due_ms, record.created_ms)
+    return QueueSummary(
+        now_ms=now_ms,
+        lanes=sorted(lanes.values(), key=lambda g: g.lane),
+        destinations=sorted(destinations.values(),
+                            key=lambda g: (g.lane, -g.held, g.destination or "")),
+        foreign=list(plan.foreign),
+        broken=list(plan.broken),
+        unknown_lanes=sorted(plan.unknown_lanes),
+    )

@@ -25,7 +25,7 @@ from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.hold_records import records_for
 from mqpolicy.mta_queue import QueueCommandError
 from mqpolicy.policy_reload import load_for_reload
-from mqpolicy.release_planner import plan_releases, record_grace_ms, summarize
+from mqpolicy.release_planner import QueueSummary, plan_releases, record_grace_ms, summarize
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue
 from mqpolicy.sd_notify import sd_notify
@@ -153,17 +153,17 @@ async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
     plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
                          paused_lanes=paused, grace_ms=record_grace_ms(settings.interval_ms))
     summary = summarize(plan, now)
-    summary["queues"] = snapshot.counts
-    summary["waiting_lanes"] = sorted(paused)
+    summary.queues = dict(snapshot.counts)
+    summary.waiting_lanes = sorted(paused)
     if as_json:
-        print(json.dumps(summary, indent=2), file=out)
+        print(json.dumps(summary.as_json(), indent=2), file=out)
     else:
         print(render_queue(summary), file=out)
     return EXIT_OK
 
 
-def _when(ms: object, now_ms: int) -> str:
-    if not isinstance(ms, int):
+def _when(ms: int | None, now_ms: int) -> str:
+    if ms is None:
         return "-"
     if ms <= now_ms:
         return "now"
@@ -180,43 +180,32 @@ def _when(ms: object, now_ms: int) -> str:
     return f"in {ahead} ({stamp})"
 
 
-def _rows(items: object) -> list[dict[str, object]]:
-    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
-
-
-def render_queue(summary: dict[str, object]) -> str:
+def render_queue(summary: QueueSummary) -> str:
     """The text view of :func:`~mqpolicy.release_planner.summarize` (plus queue counts)."""
-    now = summary.get("now_ms")
-    now_ms = now if isinstance(now, int) else 0
-    lanes = _rows(summary.get("lanes"))
-    held = sum(int(str(r["held"])) for r in lanes)
-    foreign = _rows(summary.get("foreign"))
-    broken = _rows(summary.get("broken"))
-    queues = summary.get("queues")
-    lines = [f"held by mqpolicy: {held}   held by others (left alone): {len(foreign)}   "
-             f"unreadable records: {len(broken)}"]
-    if isinstance(queues, dict) and queues:
-        lines.append("MTA queues: " + ", ".join(f"{k} {v}" for k, v in sorted(queues.items())))
-    waiting = summary.get("waiting_lanes")
-    if isinstance(waiting, list) and waiting:
-        lines.append("lanes waiting for the queues to drain: " + ", ".join(map(str, waiting)))
-    if lanes:
+    now_ms = summary.now_ms
+    lines = [f"held by mqpolicy: {summary.held}   held by others (left alone): "
+             f"{len(summary.foreign)}   unreadable records: {len(summary.broken)}"]
+    if summary.queues:
+        lines.append("MTA queues: " + ", ".join(f"{k} {v}"
+                                                for k, v in sorted(summary.queues.items())))
+    if summary.waiting_lanes:
+        lines.append("lanes waiting for the queues to drain: "
+                     + ", ".join(summary.waiting_lanes))
+    if summary.lanes:
         lines.append("")
         lines.append(f"{'LANE':<16} {'HELD':>6} {'DUE':>6} {'PAUSED':>6} {'LATER':>6}  "
                      f"{'NEXT DUE':<32} LAST DUE")
-        for r in lanes:
-            lines.append(f"{r['lane']!s:<16} {r['held']!s:>6} {r['due']!s:>6} "
-                         f"{r['paused']!s:>6} {r['waiting']!s:>6}  "
-                         f"{_when(r['next_due_ms'], now_ms):<32} {_when(r['last_due_ms'], now_ms)}")
+        for g in summary.lanes:
+            lines.append(f"{g.lane:<16} {g.held:>6} {g.due:>6} {g.paused:>6} {g.waiting:>6}  "
+                         f"{_when(g.next_due_ms, now_ms):<32} {_when(g.last_due_ms, now_ms)}")
         lines.append("")
         lines.append(f"{'LANE':<16} {'DESTINATION':<32} {'HELD':>6} {'DUE':>6}  NEXT DUE")
-        for r in _rows(summary.get("destinations")):
-            lines.append(f"{r['lane']!s:<16} {r['destination']!s:<32} {r['held']!s:>6} "
-                         f"{r['due']!s:>6}  {_when(r['next_due_ms'], now_ms)}")
-    for r in broken:
-        lines.append(f"unreadable record: {r['queue_id']}: {r['problem']} (not released)")
-    unknown = summary.get("unknown_lanes")
-    if isinstance(unknown, list) and unknown:
+        for g in summary.destinations:
+            lines.append(f"{g.lane:<16} {g.destination or '':<32} {g.held:>6} {g.due:>6}  "
+                         f"{_when(g.next_due_ms, now_ms)}")
+    for b in summary.broken:
+        lines.append(f"unreadable record: {b.queue_id}: {b.problem} (not released)")
+    if summary.unknown_lanes:
         lines.append("records of lanes no longer configured (released last): "
-                     + ", ".join(map(str, unknown)))
+                     + ", ".join(summary.unknown_lanes))
     return "\n".join(lines)

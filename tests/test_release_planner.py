@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from mqpolicy.config import LoadThresholds, Policy, parse_policy
 from mqpolicy.hold_records import BrokenRecord, HoldRecord, RecordSet, RecordState
 from mqpolicy.mta_queue import QueueEntry
@@ -237,14 +239,23 @@ def test_summary_per_lane_and_destination() -> None:
                 rec("B00001", "bulk")),
         now_ms=NOW, lanes=policy().lanes, paused_lanes=frozenset({"bulk"}))
     summary = summarize(plan, NOW)
-    lanes = {row["lane"]: row for row in summary["lanes"]}  # type: ignore[union-attr, index]
-    assert lanes["normal"]["held"] == 2
-    assert lanes["normal"]["due"] == 1 and lanes["normal"]["waiting"] == 1
-    assert lanes["normal"]["last_due_ms"] == NOW + 60_000
-    assert lanes["bulk"]["paused"] == 1
-    dests = {(r["lane"], r["destination"]): r["held"]  # type: ignore[index]
-             for r in summary["destinations"]}  # type: ignore[union-attr]
+    lanes = {group.lane: group for group in summary.lanes}
+    assert lanes["normal"].held == 2
+    assert lanes["normal"].due == 1 and lanes["normal"].waiting == 1
+    assert lanes["normal"].last_due_ms == NOW + 60_000
+    assert lanes["bulk"].paused == 1
+    assert summary.held == 3
+    dests = {(g.lane, g.destination): g.held for g in summary.destinations}
     assert dests == {("normal", "a.example"): 2, ("normal", "b.example"): 1,
                      ("bulk", "a.example"): 1}
-    assert summary["foreign"] == [{"queue_id": "OPERAT", "sender": "s@x.example",
+    # the JSON of `mqpolicy queue --json`
+    as_json = summary.as_json()
+    assert as_json["foreign"] == [{"queue_id": "OPERAT", "sender": "s@x.example",
                                    "arrival_time": 1}]
+    assert as_json["lanes"][0] == {  # type: ignore[index]
+        "lane": "bulk", "held": 1, "due": 0, "paused": 1, "waiting": 0,
+        "next_due_ms": 0, "last_due_ms": 0, "oldest_held_ms": 9_000_000}
+    assert as_json["destinations"][0] == {  # type: ignore[index]
+        "lane": "bulk", "destination": "a.example", "held": 1, "due": 0, "paused": 1,
+        "waiting": 0, "next_due_ms": 0, "last_due_ms": 0, "oldest_held_ms": 9_000_000}
+    assert json.loads(json.dumps(as_json)) == as_json

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import signal
@@ -345,5 +346,13 @@ scheduler:
     assert "held by mqpolicy: 3" in out.stdout, out.stdout
     assert any(line.split()[:4] == ["bulk", "shape.sched.test", "3", "3"]
                for line in out.stdout.splitlines()), out.stdout
+    out = subprocess.run([sys.executable, "-m", "mqpolicy", "queue", "-c",
+                          str(stack.policy_file), "--json"],
+                         capture_output=True, text=True, check=True)
+    shape = json.loads(out.stdout)
+    assert [(g["lane"], g["held"], g["due"]) for g in shape["lanes"]] == [("bulk", 3, 3)]
+    assert [(g["destination"], g["held"]) for g in shape["destinations"]] == [
+        ("shape.sched.test", 3)]
+    assert shape["queues"]["hold"] == 3 and shape["foreign"] == [] and shape["broken"] == []
     with redis.Redis(unix_socket_path=redis_clean.unix_path) as client:
         assert len(client.keys("e2e:hold:default:rec:*")) == 3
