@@ -577,10 +577,8 @@ def _template(value: Any) -> str:
 
 
 def _store_error_mode(value: Any) -> StoreErrorMode:
-    try:
-        return StoreErrorMode(value)
-    except ValueError:
-        raise ValueError(f"expected accept or defer, got {value!r}") from None
+    mode: StoreErrorMode = _enum(StoreErrorMode, value)
+    return mode
 
 
 def _mode(value: Any) -> int:
