@@ -173,14 +173,30 @@ class KeyPart:
 
 
 @dataclass(frozen=True, slots=True)
-class Lane:
-    name: str
-    transport: str
-    priority: int  # 0 = highest
+class PostfixDelivery:
+    """Postfix's queue manager settings for a lane's or a destination's transport
+    (``postfix-config`` writes them to main.cf); None = not set."""
+
     concurrency: int | None = None
     initial_concurrency: int | None = None
     rate_delay_ms: int | None = None
     recipient_limit: int | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return any(v is not None for v in (self.concurrency, self.initial_concurrency,
+                                           self.rate_delay_ms, self.recipient_limit))
+
+
+NO_DELIVERY_SETTINGS = PostfixDelivery()
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    name: str
+    transport: str
+    priority: int  # 0 = highest
+    delivery: PostfixDelivery = NO_DELIVERY_SETTINGS
     hold: bool = False
     release_rate: Rate | None = None  # how fast the scheduler releases held mail; None: no cap
     release_burst: int | None = None
@@ -362,17 +378,9 @@ class Destination:
 
     name: str
     matcher: DestinationMatcher
-    # Postfix delivery settings for the destination's own transport (postfix-config):
-    # None = not set. Applied to its ``domains`` only: Postfix routes by domain, not MX.
-    concurrency: int | None = None
-    initial_concurrency: int | None = None
-    rate_delay_ms: int | None = None
-    recipient_limit: int | None = None
-
-    @property
-    def has_delivery_settings(self) -> bool:
-        return any(v is not None for v in (self.concurrency, self.initial_concurrency,
-                                           self.rate_delay_ms, self.recipient_limit))
+    # for the destination's own transport, applied to its ``domains`` only: Postfix routes
+    # by domain, not MX
+    delivery: PostfixDelivery = NO_DELIVERY_SETTINGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -1038,11 +1046,7 @@ def _read_destinations(
             lanes=budget.lanes, when=None, exempt=None,
             on_store_error=budget.on_store_error, destination=name,
         )
-        yield Destination(
-            name=name, matcher=matcher,
-            concurrency=delivery.concurrency, initial_concurrency=delivery.initial_concurrency,
-            rate_delay_ms=delivery.rate_delay_ms, recipient_limit=delivery.recipient_limit,
-        ), limit
+        yield Destination(name=name, matcher=matcher, delivery=delivery), limit
 
 
 def _read_dns(r: _Reader, top: Mapping[str, Any]) -> DnsSettings:
@@ -1183,25 +1187,16 @@ def _read_messages(r: _Reader, top: Mapping[str, Any]) -> Messages:
     return Messages(**values)
 
 
-@dataclass(frozen=True, slots=True)
-class _Delivery:
-    """Postfix delivery settings a lane or a destination may carry (``postfix-config``)."""
-
-    concurrency: int | None
-    initial_concurrency: int | None
-    rate_delay_ms: int | None
-    recipient_limit: int | None
-
-
-def _read_delivery(r: _Reader, m: Mapping[str, Any], path: str) -> _Delivery:
+def _read_delivery(r: _Reader, m: Mapping[str, Any], path: str) -> PostfixDelivery:
     def opt(key: str, fn: Callable[[Any], Any]) -> Any:
         return r.optional(m, key, path, fn)
 
     rate_delay = opt("rate_delay", parse_duration_ms)
     if rate_delay is not None and rate_delay % 1000 and rate_delay >= 1000:
         r.error(m, "rate_delay", f"{path}.rate_delay", "Postfix takes whole seconds here")
-    return _Delivery(opt("concurrency", _positive_int), opt("initial_concurrency", _positive_int),
-                     rate_delay, opt("recipient_limit", _positive_int))
+    return PostfixDelivery(opt("concurrency", _positive_int),
+                           opt("initial_concurrency", _positive_int), rate_delay,
+                           opt("recipient_limit", _positive_int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1290,15 +1285,11 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
         ) -> Any:
             return r.optional(m, key, lane_path, fn)
 
-        delivery = _read_delivery(r, m, path)
         yield Lane(
             name=name,
             transport=transport,
             priority=priority,
-            concurrency=delivery.concurrency,
-            initial_concurrency=delivery.initial_concurrency,
-            rate_delay_ms=delivery.rate_delay_ms,
-            recipient_limit=delivery.recipient_limit,
+            delivery=_read_delivery(r, m, path),
             hold=bool(opt("hold", _bool)),
             release_rate=opt("release_rate", parse_rate),
             release_burst=opt("release_burst", _positive_int),

@@ -42,7 +42,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-from mqpolicy.config import Destination, Lane, Policy
+from mqpolicy.config import Destination, Lane, Policy, PostfixDelivery
 from mqpolicy.endpoints import Endpoint, EndpointSyntaxError, parse_endpoint
 
 DEFAULT_POSTFIX_DIR = "/etc/postfix"
@@ -398,11 +398,10 @@ def _seconds(ms: int) -> str:
     return f"{ms}ms"
 
 
-def transport_settings(
-    t: str, *, concurrency: int | None, initial_concurrency: int | None,
-    rate_delay_ms: int | None, recipient_limit: int | None,
-) -> tuple[list[Setting], list[str]]:
+def transport_settings(t: str, delivery: PostfixDelivery) -> tuple[list[Setting], list[str]]:
     """main.cf parameters and notes for one transport's queue manager limits."""
+    concurrency, initial_concurrency = delivery.concurrency, delivery.initial_concurrency
+    rate_delay_ms, recipient_limit = delivery.rate_delay_ms, delivery.recipient_limit
     settings: list[Setting] = []
     notes: list[str] = []
     if concurrency is not None:
@@ -427,11 +426,7 @@ def transport_settings(
 
 def lane_transport_settings(lane: Lane) -> tuple[tuple[Setting, ...], tuple[str, ...]]:
     """main.cf parameters and notes for one lane's transport."""
-    settings, notes = transport_settings(
-        lane.transport, concurrency=lane.concurrency,
-        initial_concurrency=lane.initial_concurrency, rate_delay_ms=lane.rate_delay_ms,
-        recipient_limit=lane.recipient_limit,
-    )
+    settings, notes = transport_settings(lane.transport, lane.delivery)
     if lane.uses_default_transport and settings:
         notes.append("smtp is Postfix's default transport: these apply to all mail that has "
                      "no lane transport")
@@ -470,7 +465,7 @@ def destination_transport_name(destination: Destination) -> str:
 
 def needs_destination_transports(policy: Policy) -> bool:
     """Whether the policy has a destination that gets a Postfix transport."""
-    return any(d.has_delivery_settings and d.matcher.domains for d in policy.destinations)
+    return any(d.delivery.is_set and d.matcher.domains for d in policy.destinations)
 
 
 def _nexthop(relayhost: str) -> str:
@@ -488,7 +483,7 @@ def destination_transports(
     claimed: list[tuple[str, str]] = []  # (pattern, destination) without a transport
     for dest in policy.destinations:
         matcher = dest.matcher
-        if not dest.has_delivery_settings:
+        if not dest.delivery.is_set:
             claimed.extend((p, dest.name) for p in matcher.domains)
             continue
         if not matcher.domains:
@@ -516,11 +511,7 @@ def destination_transports(
                                        action, excluded))
         if not rules:
             continue
-        settings, dest_notes = transport_settings(
-            transport, concurrency=dest.concurrency,
-            initial_concurrency=dest.initial_concurrency, rate_delay_ms=dest.rate_delay_ms,
-            recipient_limit=dest.recipient_limit,
-        )
+        settings, dest_notes = transport_settings(transport, dest.delivery)
         if matcher.mx:
             dest_notes.append("domains found by its mx patterns get its budget but leave "
                               "through Postfix's default transport")

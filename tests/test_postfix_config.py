@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.cli import main
-from mqpolicy.config import ConfigError, Policy, load_policy
+from mqpolicy.config import ConfigError, Policy, PostfixDelivery, load_policy
 from mqpolicy.mx_rollup import match_destination
 from mqpolicy.postfix_config import (
     SECTION_HEADER_CHECKS,
@@ -494,11 +494,11 @@ def test_destination_delivery_settings_are_kept_on_the_destination(
 ) -> None:
     by_name = {d.name: d for d in write_policy(DESTINATIONS).destinations}
     partner = by_name["partner"]
-    assert (partner.concurrency, partner.initial_concurrency, partner.rate_delay_ms,
-            partner.recipient_limit) == (3, 1, None, 20)
-    assert by_name["big"].rate_delay_ms == 2000
-    assert by_name["partner"].has_delivery_settings
-    assert not by_name["home"].has_delivery_settings
+    assert partner.delivery == PostfixDelivery(concurrency=3, initial_concurrency=1,
+                                               recipient_limit=20)
+    assert by_name["big"].delivery.rate_delay_ms == 2000
+    assert by_name["partner"].delivery.is_set
+    assert not by_name["home"].delivery.is_set
 
 
 @pytest.mark.parametrize(
