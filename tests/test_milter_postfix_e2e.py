@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mqpolicy.postfix_config import LANE_HEADER
 from mqpolicy.postfix_instance import (
     POSTFIX,
     LogReader,
@@ -24,7 +25,6 @@ from mqpolicy.postfix_instance import (
 )
 from tests.postfix_fixture import milter_policy, unique_address
 
-LANE_HEADER = "X-MQ-Lane"
 TIMEOUT_S = 15.0
 SENDMAIL = str(Path(POSTFIX).with_name("sendmail"))  # Postfix's, not Sendmail's
 

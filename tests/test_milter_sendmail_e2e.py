@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mqpolicy.postfix_config import LANE_HEADER
 from mqpolicy.postfix_instance import Submission, make_message, poll, submit, submit_on
 from mqpolicy.sendmail_queue import parse_mailq
 from tests.postfix_fixture import unique_address
@@ -25,7 +26,6 @@ from tests.sendmail_fixture import (
     milter_sendmail,  # noqa: F401  (the session fixture)
 )
 
-LANE_HEADER = "X-MQ-Lane"
 TIMEOUT_S = 20.0
 
 LANES = """\

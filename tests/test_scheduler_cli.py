@@ -6,13 +6,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from mqpolicy.hold_records import HoldRecord, RecordSet
 from mqpolicy.mta_queue import QueueEntry
+from mqpolicy.postfix_instance import poll
 from mqpolicy.release_planner import plan_releases, summarize
 from mqpolicy.scheduler_cli import render_queue
 from tests.redis_fixture import RedisServer
@@ -81,13 +81,11 @@ def test_render_queue() -> None:
     assert any(line.split()[:4] == ["bulk", "d0.example", "1", "1"] for line in lines)
 
 
-def _wait_for(process: MqpolicyProcess, text: str, count: int = 1, timeout: float = 15.0) -> None:
+def _wait_for(process: MqpolicyProcess, text: str, count: int = 1) -> None:
     """Until the process has logged ``text`` ``count`` times (it must stay alive)."""
-    deadline = time.monotonic() + timeout
-    while process.log_text().count(text) < count:
-        assert process.alive, process.log_text()
-        assert time.monotonic() < deadline, f"no {text!r} in:\n{process.log_text()}"
-        time.sleep(0.05)  # the log is written every 50 ms
+    poll(lambda: not process.alive or process.log_text().count(text) >= count, 15.0,
+         f"{text!r} in the scheduler's log")
+    assert process.alive, process.log_text()
 
 
 def test_scheduler_reloads_on_sighup_and_keeps_its_policy_on_a_bad_one(
