@@ -437,10 +437,9 @@ class Policy:
     # The condition keys of every rule, limit and schedule (None: not known, e.g. a Policy
     # built in code: then it may use anything).
     condition_keys: frozenset[str] | None = None
-    # Derived for the engine: lanes by name, the limits every request is matched against,
-    # and the destination budgets found by the request's destination name in one lookup.
+    # Derived for the engine: lanes by name, and the destination budgets found by the
+    # request's destination name in one lookup.
     lanes_by_name: Mapping[str, Lane] = field(init=False)
-    general_limits: tuple[Limit, ...] = field(init=False)
     destination_limits: Mapping[str, Limit] = field(init=False)
     # (lane name, at RCPT) -> the general limits that may apply there: in that lane's scope,
     # and recipient-keyed ones only at RCPT. What is left to test per request is dynamic.
@@ -453,7 +452,6 @@ class Policy:
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
         general = tuple(x for x in self.limits if x.destination is None)
-        object.__setattr__(self, "general_limits", general)
         object.__setattr__(self, "destination_limits",
                            {x.destination: x for x in self.limits if x.destination is not None})
         object.__setattr__(self, "limits_by_stage", {

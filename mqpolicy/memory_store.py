@@ -52,7 +52,9 @@ _SWEEP_EVERY_IDLE = 64
 """... or this many, when the last slice found every entry alive (moving live entries to
 the back of the line is all such a slice does: four times less of it)."""
 _SWEEP_BATCH = 32
-"""Entries looked at per sweep slice: twice the write rate, so garbage stays bounded."""
+"""Entries looked at per sweep slice: twice the write rate while slices find expired
+entries (half of it after one that found none, until one finds some again): keys nobody
+reads again are dropped about as fast as they are written."""
 _ONCE_VALUE = 1.0
 """What a once key holds (Redis stores the string ``1``)."""
 _INFINITY = math.inf

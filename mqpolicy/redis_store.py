@@ -8,8 +8,9 @@ Each decision is still all-or-nothing and independent of the others in its batch
 
 Failure: every decision has a deadline of ``timeout_ms`` from the call, kept by the store
 without a timer per decision: a batch may run until the deadline of its youngest decision
-(one ``asyncio.timeout_at`` per batch, plus the connect timeout), an older one in it fails
-at its own deadline (one timer, set only while a batch is late), and a decision still queued
+(one ``asyncio.timeout_at`` per batch, around the connect too), an older one in it fails
+at its own deadline (one more timer for a batch of decisions with different deadlines, set
+at the start and moved from deadline to deadline), and a decision still queued
 at its deadline fails without being sent. So :meth:`CoalescingStore.evaluate` answers or
 raises within the deadline (``keeps_deadline``) and callers need no timer of their own. A
 decision that fails after its batch left may still have been counted by Redis (as with any
@@ -139,8 +140,9 @@ _Pending = PendingDecision  # the name bench/store_bench.py imports
 
 class _BatchExpiry:
     """Fails each decision of a batch in flight at its own deadline (a StoreTimeout; the
-    batch goes on for the others): one timer, set again for the next deadline due, and
-    none at all while the batch answers before its first decision's deadline."""
+    batch goes on for the others): one timer, at the oldest deadline still due, none when
+    all of the batch's decisions share one deadline (the batch's own timeout covers it);
+    the batch cancels it when it answers."""
 
     __slots__ = ("_batch", "_handle", "_index", "_loop")
 
