@@ -525,13 +525,14 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     def eom(self) -> int:
         msg = self.msg if self.msg is not None else self._begin()
         try:
-            rc = self._eom(msg)
-        except Exception as exc:
-            self.gateway.failed(STAGE_END_OF_MESSAGE, f"{type(exc).__name__}: {exc}", exc)
-            rc = self._on_error(msg)
+            try:
+                rc = self._eom(msg)
+            except Exception as exc:
+                self.gateway.failed(STAGE_END_OF_MESSAGE, f"{type(exc).__name__}: {exc}", exc)
+                rc = self._on_error(msg)
+            return self._send_changes(msg, rc)
         finally:
-            self._end()
-        return self._send_changes(msg, rc)
+            self._end()  # after the changes: a drain waits for them too
 
     def _send_changes(self, msg: _Message, rc: int) -> int:
         """Send the message's header changes and quarantine, then answer ``rc``.

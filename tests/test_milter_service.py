@@ -471,6 +471,24 @@ def test_message_seen_by_policy_server_and_milter_counted_once(loop: Loop) -> No
 # ---------------------------------------------------------------- per-message state
 
 
+def test_a_message_is_active_until_its_changes_are_sent(loop: Loop) -> None:
+    """A drain (stop) waits for messages in flight: the last one's header changes are part
+    of it, so the milter is not idle before they are sent."""
+    s = session(loop)
+    active_during_changes: list[int] = []
+    record = s.ctx.chgheader
+
+    def chgheader(field: str, idx: int, value: str) -> None:
+        active_during_changes.append(s.milter.gateway.counters.messages_active)
+        record(field, idx, value)
+
+    s.ctx.chgheader = chgheader
+    s.message("a@example.com", ["b@example.org"], [("X-MQ-Lane", "bulk")])
+    assert active_during_changes == [1]
+    assert s.milter.gateway.counters.messages_active == 0
+    assert s.milter.gateway.counters.idle.is_set()
+
+
 def test_state_is_reset_per_transaction(loop: Loop) -> None:
     s = session(loop, """\
         limits:
