@@ -16,7 +16,9 @@ Per connection (Postfix keeps it open and sends request after request):
   (pipelined) are answered in arrival order;
 * no complete request within ``idle_timeout_s`` (also a client trickling bytes), or a
   request not answered within that time (a handler stuck, a client that stops reading its
-  answers: reading stops while the kernel buffer is full): the connection is closed. One
+  answers: reading stops while the kernel buffer is full): the connection is closed. More
+  requests sent meanwhile do not keep it open, and past ``_MAX_WAITING`` unanswered ones
+  the connection is not read until they are answered. One
   sweeper task checks every connection's deadline, so a request costs no timer; a
   connection goes between ``idle_timeout_s`` and 1/8 of it (at most 1 s) later;
 * a protocol error (oversized or malformed request) is logged with the peer and closes that
@@ -71,6 +73,9 @@ DEFAULT_ERROR_ACTION = "DEFER_IF_PERMIT 4.3.0 policy service error"
 
 # Distinct encoded replies kept; handlers return few distinct texts (DUNNO, a few defers).
 _REPLY_CACHE_SIZE = 256
+# Requests received on one connection and not answered yet past which it is not read until
+# they are (Postfix sends one and waits; this bounds what a pipelining client queues).
+_MAX_WAITING = 16
 
 
 class PolicyHandler(Protocol):
@@ -385,7 +390,7 @@ class _Connection(asyncio.Protocol):
     """One client connection: decodes what arrives, answers in order."""
 
     __slots__ = ("answer", "busy", "cid", "closed", "deadline", "decoder", "eof", "expired",
-                 "paused", "peer", "queue", "server", "task", "transport")
+                 "held", "paused", "peer", "queue", "server", "task", "transport")
 
     def __init__(self, server: PolicyServer) -> None:
         self.server = server
@@ -399,10 +404,12 @@ class _Connection(asyncio.Protocol):
         # True from a request's arrival until its answer is handed to the transport.
         self.busy = False
         # Loop time after which the idle sweeper closes the connection. Moved forward when
-        # a complete request arrives and when its answer is written, never by partial data.
+        # a complete request arrives on an idle connection and when an answer is written;
+        # never by partial data, nor by more requests while one waits for its answer.
         self.deadline = 0.0
         self.expired = False  # closed by the sweeper for idleness
         self.paused = False  # the peer does not read its answers: stop answering
+        self.held = False  # _MAX_WAITING requests wait for answers: stop reading more
         self.eof = False  # the peer closed its side: answer what is queued, then close
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -439,10 +446,14 @@ class _Connection(asyncio.Protocol):
         if not requests:
             return
         self.queue.extend(requests)
-        self.busy = True
-        self.deadline = asyncio.get_running_loop().time() + self.server._idle_timeout_s
+        if not self.busy:
+            self.busy = True
+            self.deadline = asyncio.get_running_loop().time() + self.server._idle_timeout_s
         if self.task is None and not self.paused:
             self._answer_queue()
+        if len(self.queue) >= _MAX_WAITING and not self.held and self.transport is not None:
+            self.held = True  # a client that pipelines past a stuck answer gains nothing
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         if self.decoder.pending_bytes:
@@ -459,7 +470,8 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.transport is not None:
             self.paused = False
-            self.transport.resume_reading()
+            if not self.held:
+                self.transport.resume_reading()
             if self.task is None and self.queue:
                 self._answer_queue()
 
@@ -506,11 +518,15 @@ class _Connection(asyncio.Protocol):
         """Hand an answer to the transport (open: callers check)."""
         cast(asyncio.Transport, self.transport).write(reply)
         self.server.counters.requests += 1
+        self.deadline = asyncio.get_running_loop().time() + self.server._idle_timeout_s
 
     def _idle(self) -> None:
         """Every request answered: wait for the next one (or close, when it is time)."""
         self.busy = False
-        self.deadline = asyncio.get_running_loop().time() + self.server._idle_timeout_s
+        if self.held and self.transport is not None:
+            self.held = False
+            if not self.paused:
+                self.transport.resume_reading()
         if self.eof or self.server._draining:
             self.close()
 

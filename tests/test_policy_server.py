@@ -369,6 +369,32 @@ def test_idle_time_counts_from_the_last_answer_not_the_request() -> None:
     run(scenario())
 
 
+def test_requests_piled_behind_a_stuck_answer_neither_keep_it_open_nor_pile_up() -> None:
+    async def scenario() -> None:
+        handler = Echo()
+        async with serving(handler, idle_timeout_s=0.8) as server:
+            client = await Client.to(tcp(server))
+            await client.send(encode_request({"n": "stuck", "sleep": "30"}))
+            # the client keeps sending while the first request waits for its answer
+            loop = asyncio.get_running_loop()
+            sent, queued, started = 0, 0, loop.time()
+            with contextlib.suppress(ConnectionError):
+                while loop.time() - started < 4 and server.counters.idle_timeouts == 0:
+                    client.writer.write(encode_request({"n": f"more{sent}"}) * 50)
+                    sent += 50
+                    await asyncio.sleep(0.01)
+                    queued = max([queued, *(len(c.queue) for c in server._conns)])
+            # closed at the idle timeout after the stuck request, though requests kept coming
+            assert server.counters.idle_timeouts == 1
+            assert loop.time() - started < 2, loop.time() - started
+            assert await client.closed_by_server(within=2)
+            assert handler.calls == ["stuck"]  # nothing behind it was answered
+            # the server stopped reading: what waits is bounded, not what the client sent
+            assert sent >= 1000 and queued <= 100, (sent, queued)
+
+    run(scenario())
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
