@@ -79,6 +79,8 @@ MAX_DESTINATIONS: Final = 50  # destinations kept in one record (the queue has t
 def hold_destinations(domains: Iterable[str]) -> tuple[str, ...]:
     """The recipient domains a record keeps: distinct, in order, at most MAX_DESTINATIONS."""
     return tuple(itertools.islice(dict.fromkeys(d for d in domains if d), MAX_DESTINATIONS))
+
+
 MAX_FIELD: Final = 1000  # characters of one text field kept
 _FORMAT: Final = "1"
 _ERRORS: Final = (RedisError, OSError, TimeoutError)

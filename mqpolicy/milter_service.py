@@ -57,7 +57,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -718,19 +717,23 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
 # ---------------------------------------------------------------- running it
 
 
-def bind_milter_socket(endpoint: MilterEndpoint, mode: int, backlog: int = 128) -> socket.socket:
-    """A listening socket for libmilter: unix sockets get ``mode`` before ``listen()``, TCP
-    sockets (also inherited ones) get ``TCP_NODELAY``, which accepted sockets inherit."""
+def bind_milter_socket(endpoint: MilterEndpoint, mode: int, backlog: int = 128,
+                       ) -> tuple[socket.socket, OwnedSocket | None]:
+    """A listening socket for libmilter, and the socket file to remove at the end (ours;
+    None for TCP and for an inherited ``fd:N``): unix sockets get ``mode`` before
+    ``listen()``, TCP sockets (also inherited ones) get ``TCP_NODELAY``, which accepted
+    sockets inherit."""
     if endpoint.kind == "fd":
         sock = socket.socket(fileno=endpoint.fd)
     elif endpoint.kind == "unix":
-        sock, _ = bind_unix(endpoint.path, mode)
+        sock, owned = bind_unix(endpoint.path, mode)
         try:
             sock.listen(backlog)
         except BaseException:
             sock.close()
+            owned.remove()
             raise
-        return sock
+        return sock, owned
     else:
         family = socket.AF_INET6 if endpoint.kind == "inet6" else socket.AF_INET
         infos = socket.getaddrinfo(endpoint.host, endpoint.port, family, socket.SOCK_STREAM)
@@ -748,7 +751,7 @@ def bind_milter_socket(endpoint: MilterEndpoint, mode: int, backlog: int = 128) 
         # An inherited socket: connections already queued keep what they had (systemd's
         # NoDelay=true in the .socket unit covers those).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    return sock, None
 
 
 def _describe(sock: socket.socket) -> str:
@@ -794,12 +797,9 @@ class MilterRunner:
     def start(self) -> str:
         """Bind, register with libmilter and start serving; OSError when it cannot bind."""
         settings = self.settings
-        sock = bind_milter_socket(settings.listen, settings.listen_mode)
+        sock, self._unix = bind_milter_socket(settings.listen, settings.listen_mode)
         self.endpoint = _describe(sock)
         self._wake = (sock.family, sock.getsockname())
-        if settings.listen.kind == "unix":  # ours; an inherited fd:N socket is systemd's
-            st = os.stat(sock.getsockname())
-            self._unix = OwnedSocket(sock.getsockname(), st.st_dev, st.st_ino)
         fd = sock.detach()  # libmilter owns and closes it from now on
         # The one library global: libmilter creates every connection through it.
         Milter.factory = functools.partial(PolicyMilter, self.gateway)

@@ -73,12 +73,12 @@ def accepted_action(verdict: Verdict) -> str:
 @dataclass(slots=True)
 class _PendingHold:
     verdict: Verdict
-    domains: list[str] = field(default_factory=list)
+    # the recipients' domains in order, at most MAX_DESTINATIONS (what a record keeps)
+    domains: dict[str, None] = field(default_factory=dict)
 
     def add(self, recipient: str) -> None:
-        domain = domain_of(recipient)
-        if domain and domain not in self.domains and len(self.domains) < MAX_DESTINATIONS:
-            self.domains.append(domain)
+        if len(self.domains) < MAX_DESTINATIONS:
+            self.domains[domain_of(recipient)] = None
 
 
 class PostfixPolicyHandler:
@@ -160,7 +160,7 @@ class PostfixPolicyHandler:
         lane = verdict.lane
         if pending is not None and pending.verdict.lane.priority > lane.priority:
             lane = pending.verdict.lane  # demoted at RCPT: the lower lane
-        domains = pending.domains if pending is not None else []
+        domains = list(pending.domains) if pending is not None else []
         now = self.clock_ms()
         record = HoldRecord(queue_id=request.queue_id, lane=lane.name, not_before_ms=now,
                             created_ms=now, reason=hold.hold_reason,
