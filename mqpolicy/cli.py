@@ -45,7 +45,7 @@ from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
 from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
 from mqpolicy.postfix_config import cmd_postfix_config
-from mqpolicy.request import Request
+from mqpolicy.request import Request, recipient_destination
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue, register_scheduler_metrics
 from mqpolicy.scheduler_cli import cmd_queue, cmd_scheduler
@@ -470,15 +470,16 @@ def explain_data(request: Request, verdict: Verdict, policy: Policy,
             {**o._asdict(), "action": o.action.value} for o in verdict.limits
         ],
         "not_applied": [
-            {"name": limit.name, "why": _why_not(limit.name, request, verdict, policy)}
+            {"name": limit.name, "why": _why_not(limit, request, verdict)}
             for limit in policy.limits
             if limit.name not in consulted
         ],
     }
 
 
-def _why_not(name: str, request: Request, verdict: Verdict, policy: Policy) -> str:
-    limit = next(lim for lim in policy.limits if lim.name == name)
+def _why_not(limit: Limit, request: Request, verdict: Verdict) -> str:
+    if limit.destination is not None and limit.destination != recipient_destination(request):
+        return f"destination {limit.destination} only"
     if limit.recipient_keyed and request.stage != "RCPT":
         return "recipient-keyed: spent per recipient at RCPT"
     if limit.needs_headers and request.headers is None:

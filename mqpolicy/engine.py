@@ -35,7 +35,12 @@ from mqpolicy.config import (
     Policy,
     StoreErrorMode,
 )
-from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
+from mqpolicy.request import (
+    STAGE_END_OF_MESSAGE,
+    STAGE_RCPT,
+    Request,
+    recipient_destination,
+)
 
 
 class Action(Enum):
@@ -136,6 +141,8 @@ def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
 
 def store_key(limit: Limit, key: str) -> str:
     """The store's logical key for one bucket of a limit (the store adds its prefix)."""
+    if key.isascii() and len(key) <= _MAX_KEY_LENGTH:  # the usual key, as it is
+        return limit.bucket_prefix + key
     if not key.isascii():
         key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if len(key) > _MAX_KEY_LENGTH:
@@ -154,8 +161,7 @@ def once_key_for(request: Request) -> str | None:
 def applies(limit: Limit, lane: Lane, request: Request) -> bool:
     """Whether ``limit`` counts this request in ``lane`` (a destination budget: when the
     request's recipient goes there), whatever the stage."""
-    if limit.destination is not None and limit.destination != (
-            request.destination or domain_of(request.recipient)):
+    if limit.destination is not None and limit.destination != recipient_destination(request):
         return False
     if limit.needs_headers and request.headers is None:
         return False
@@ -195,8 +201,7 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     # destination budget was found by the request's destination just above).
     limits = policy.limits_by_stage[lane.name, at_rcpt]
     if at_rcpt and policy.destination_limits and request.recipient:
-        budget = policy.destination_limits.get(
-            request.destination or domain_of(request.recipient))
+        budget = policy.destination_limits.get(recipient_destination(request))
         if budget is not None and (budget.lanes is None or lane.name in budget.lanes):
             limits = (*limits, budget)
     no_headers = request.headers is None
@@ -227,8 +232,7 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
             factor = backoff.get(limit.destination, 1.0)
             if factor < 1.0:  # same bucket key: a factor change never resets the bucket
                 interval, burst = scale_budget(interval, burst, factor)
-        bucket = (limit.bucket_prefix + key if key.isascii() and len(key) <= _MAX_KEY_LENGTH
-                  else store_key(limit, key))
+        bucket = store_key(limit, key)
         # tuple.__new__: positional NamedTuples without their keyword __new__ (2x cheaper)
         check = _new(BudgetCheck, (bucket, interval, burst, cost, consume, limit.blocking))
         planned.append(_new(PlannedLimit, (limit, key, check, consume)))

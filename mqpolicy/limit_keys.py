@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from mqpolicy.conditions import parse_ip
-from mqpolicy.request import Request, domain_of
+from mqpolicy.request import Request, domain_of, recipient_destination
 
 if TYPE_CHECKING:
     from mqpolicy.config import KeyPart
@@ -55,8 +55,7 @@ def _part_function(part: KeyPart) -> Callable[[Request], str]:
     if name == "recipient_domain":
         return lambda r: domain_of(r.recipient)
     if name == "destination":
-        # the destination group the front-end resolved (MX rollup), else the domain
-        return lambda r: r.destination or domain_of(r.recipient)
+        return recipient_destination
     function = _LOWER_CASED.get(name)
     if function is None:
         raise ValueError(f"unknown key part {name!r}")

@@ -90,3 +90,9 @@ class Request(NamedTuple):
 
 
 _tuple_new = tuple.__new__
+
+
+def recipient_destination(request: Request) -> str:
+    """Where the request's recipient goes: the destination group the front-end resolved
+    (MX rollup), else the recipient's domain."""
+    return request.destination or domain_of(request.recipient)

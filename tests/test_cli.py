@@ -86,6 +86,20 @@ def test_explain_shows_lane_limits_and_postfix_action(tmp_path: Path) -> None:
     assert {limit["name"] for limit in data["limits"]} == {"per-sender", "per-domain"}
 
 
+def test_explain_says_why_a_destination_budget_does_not_apply(tmp_path: Path) -> None:
+    config = tmp_path / "p.yaml"
+    config.write_text(policy_text(free_port()) + """\
+destinations:
+  - name: slowmail
+    domains: [slow.example]
+    rate: 10/1m
+""")
+    request = "protocol_state=RCPT\nsender=a@app.example\nrecipient=u@d.example\n"
+    data = json.loads(mq("explain", "-c", str(config), "--json", stdin=request).stdout)
+    why = {entry["name"]: entry["why"] for entry in data["not_applied"]}
+    assert why["destination:slowmail"] == "destination slowmail only"
+
+
 def test_explain_rejects_malformed_request(tmp_path: Path) -> None:
     config = tmp_path / "p.yaml"
     config.write_text(policy_text(free_port()))
