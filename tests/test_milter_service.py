@@ -854,7 +854,19 @@ def test_milter_counters_are_metrics(loop: Loop) -> None:
     s.connect()
     assert s.message("a@example.com", ["b@x"], [("Subject", "one")]) == Milter.CONTINUE
     assert s.message("a@example.com", ["c@x"], [("Subject", "two")]) == Milter.TEMPFAIL
-    text = registry.render()
-    assert "mqpolicy_milter_connections 1" in text.splitlines()
-    assert "mqpolicy_milter_decisions_total 3" in text.splitlines()  # RCPT, EOM, RCPT
-    assert "mqpolicy_milter_failures_total 0" in text.splitlines()
+    assert "mqpolicy_milter_messages 1" in registry.render().splitlines()  # until RSET
+    assert s.milter.abort() == Milter.CONTINUE  # the MTA ends the refused transaction
+    lines = registry.render().splitlines()
+    assert "mqpolicy_milter_connections 1" in lines
+    assert "mqpolicy_milter_messages 0" in lines
+    assert "mqpolicy_milter_decisions_total 3" in lines  # RCPT, EOM, RCPT
+    assert "mqpolicy_milter_failures_total 0" in lines
+    assert "mqpolicy_milter_timeouts_total 0" in lines
+    # a message in the middle of its transaction, whose header callback fails
+    s.mail("d@example.com")
+    s.milter.header_bytes("Subject", 5)  # not bytes: the callback fails, on_error at the end
+    assert "mqpolicy_milter_messages 1" in registry.render().splitlines()
+    assert s.eom() == Milter.TEMPFAIL
+    lines = registry.render().splitlines()
+    assert "mqpolicy_milter_messages 0" in lines
+    assert "mqpolicy_milter_failures_total 1" in lines
