@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -27,7 +27,8 @@ class BackoffController:
     ``on_success``) as the feedback process drives them through its store: a test harness.
 
     Destinations that are not backed off and have no history need no entry: a missing
-    entry is the default state. :meth:`prune` drops entries that are back at 1.
+    entry is the default state (the feedback service keeps none either:
+    ``test_destinations.test_success_of_a_destination_never_backed_off_writes_nothing``).
     """
 
     def __init__(
@@ -58,26 +59,6 @@ class BackoffController:
         new, change = on_success(old, self.settings, now_ms, evidence, destination)
         self._states[destination] = new
         return change
-
-    def backed_off(self) -> Iterator[tuple[str, BackoffState]]:
-        """Destinations whose factor is below 1."""
-        return ((d, s) for d, s in self._states.items() if s.backed_off)
-
-    def prune(self, now_ms: int) -> int:
-        """Forget destinations back at factor 1 with no slow-down inside the cooldown
-        (their next slow-down would decrease at once either way). Returns how many."""
-        gone = [
-            d for d, s in self._states.items()
-            if not s.backed_off
-            and (s.last_slow_down_ms is None
-                 or now_ms - s.last_slow_down_ms >= self.settings.cooldown_ms)
-        ]
-        for d in gone:
-            del self._states[d]
-        return len(gone)
-
-    def __len__(self) -> int:
-        return len(self._states)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {d: s.to_dict() for d, s in self._states.items()}
@@ -191,8 +172,6 @@ def test_full_recovery_returns_to_the_neutral_state() -> None:
     assert steps == [0.6, 0.7, 0.8, 0.9, 1.0]
     assert c.state("google") == BackoffState(last_change_ms=t + 2)
     assert not c.state("google").backed_off
-    assert c.prune(t + 3) == 1
-    assert len(c) == 0
 
 
 def test_no_flapping_under_alternating_events() -> None:
@@ -222,12 +201,6 @@ def test_out_of_order_events() -> None:
     assert c.state("google").last_slow_down_ms == 500_000
     for i in range(5):  # successes stamped before the change do not make time pass
         assert c.success("google", 400_000 + i) is None
-
-
-def test_success_without_history_needs_no_state() -> None:
-    c = BackoffController(S)
-    assert c.success("quiet.example", 1_000) is None
-    assert len(c) == 0
 
 
 def test_state_round_trip() -> None:

@@ -239,6 +239,24 @@ def test_feedback_backs_off_and_recovers(dns: FakeDnsServer) -> None:
     assert "own.test" not in states
 
 
+def test_success_of_a_destination_never_backed_off_writes_nothing() -> None:
+    policy = parse_policy(POLICY)
+    store = MemoryBackoffStore()
+    feedback = feedback_for(policy, store, DecisionService(policy, MemoryStore()))
+    yahoo_sent = GMAIL_SENT.replace("gmail.test", "yahoo.test")
+
+    async def go() -> None:
+        for n in range(5):
+            assert await feedback.handle_line(yahoo_sent.format(n=n)) is None
+        assert await store.states() == {}  # nothing to count for a destination at 1
+        # once backed off, its successes count
+        await feedback.handle_line(GMAIL_421.replace("gmail.test", "yahoo.test").format(n=1))
+        assert (await store.factors()) == {"yahoo": 0.5}
+
+    asyncio.run(go())
+    assert feedback.stats.changes == 1
+
+
 def test_feedback_follows_the_log_and_decisions_follow_the_factor(tmp_path: Path) -> None:
     log = tmp_path / "maillog"
     log.write_text("")
