@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,12 +106,12 @@ from mqpolicy.budget import BucketState, BudgetResult, Evaluation, StoreError
 from mqpolicy.redis_store import (
     SCRIPT_NAME,
     CoalescingStore,
+    LuaScript,
     PendingDecision,
     decode_batch,
     encode_batch,
     glob_escape,
     inspect_buckets,
-    load_script,
     unprefixed,
 )
 from mqpolicy.sentinel_store import parse_host_list, split_credentials
@@ -154,17 +153,6 @@ def parse_cluster_url(url: str) -> ClusterTarget:
         password=password,  # split_credentials decoded it
         tls=scheme == "rediss+cluster",
     )
-
-
-@dataclass(frozen=True, slots=True)
-class _Script:
-    source: str
-    sha: str
-
-    @classmethod
-    def load(cls, name: str) -> _Script:
-        source = load_script(name)
-        return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
 
 
 @dataclass(slots=True)
@@ -234,8 +222,8 @@ class ClusterStore(CoalescingStore):
             protocol=2,
             decode_responses=False,
         )
-        self._batch_script = _Script.load(SCRIPT_NAME)
-        self._refund_script = _Script.load(REFUND_SCRIPT_NAME)
+        self._batch_script = LuaScript.load(SCRIPT_NAME)
+        self._refund_script = LuaScript.load(REFUND_SCRIPT_NAME)
         self.slot_calls = 0
         """EVALSHAs of the batch script sent so far (one per slot per batch)."""
         self.split_decisions = 0
@@ -415,7 +403,7 @@ class ClusterStore(CoalescingStore):
             return StoreError("redis cluster: a check got no answer")
         return Evaluation(final, committed, duplicate)
 
-    async def _eval(self, script: _Script, calls: list[_SlotCall]) -> None:
+    async def _eval(self, script: LuaScript, calls: list[_SlotCall]) -> None:
         """One pipeline per master with every call for its slots, all in parallel; each
         call gets its reply or its error. NOSCRIPT: load the script there and send again."""
         if not calls:
@@ -437,7 +425,7 @@ class ClusterStore(CoalescingStore):
                 with contextlib.suppress(*_ERRORS):
                     await self._client.aclose()
 
-    async def _pipelined(self, script: _Script, calls: list[_SlotCall]) -> None:
+    async def _pipelined(self, script: LuaScript, calls: list[_SlotCall]) -> None:
         if not calls:
             return
         await self._client.initialize()
@@ -469,7 +457,7 @@ class ClusterStore(CoalescingStore):
 
         await asyncio.gather(*(run(group) for group in by_node.values()))
 
-    async def _load(self, script: _Script, calls: list[_SlotCall]) -> None:
+    async def _load(self, script: LuaScript, calls: list[_SlotCall]) -> None:
         nodes = {}
         for call in calls:
             node = self._client.get_node_from_key(call.keys[0])

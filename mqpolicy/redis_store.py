@@ -115,6 +115,19 @@ def load_script(name: str = SCRIPT_NAME) -> str:
     return resources.files("mqpolicy").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    """A Lua source and its SHA1, for ``EVALSHA`` (and ``SCRIPT LOAD`` after NOSCRIPT)."""
+
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str = SCRIPT_NAME) -> LuaScript:
+        source = load_script(name)
+        return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+
+
 def glob_escape(text: str) -> str:
     """``text`` matched literally in a Redis SCAN pattern."""
     out = []
@@ -341,8 +354,7 @@ class RedisStore(CoalescingStore):
             )
         pool = self._client.connection_pool
         pool.connection_class = _with_hiredis_packing(pool.connection_class)
-        self._source = load_script()
-        self._sha = hashlib.sha1(self._source.encode(), usedforsecurity=False).hexdigest()
+        self._script = LuaScript.load()
 
     async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
         keys, args = self._encode(batch)
@@ -357,12 +369,12 @@ class RedisStore(CoalescingStore):
         pool: Any = self._client.connection_pool  # redis-py's pool is untyped
         conn = await pool.get_connection()
         try:
-            command = _pack("EVALSHA", self._sha, len(keys), *keys, *args)
+            command = _pack("EVALSHA", self._script.sha, len(keys), *keys, *args)
             await conn.send_packed_command(command, check_health=False)
             try:
                 return await conn.read_response()
             except NoScriptError:
-                load = _pack("SCRIPT", "LOAD", self._source)
+                load = _pack("SCRIPT", "LOAD", self._script.source)
                 await conn.send_packed_command(load, check_health=False)
                 await conn.read_response()
                 await conn.send_packed_command(command, check_health=False)
