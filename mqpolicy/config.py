@@ -525,9 +525,11 @@ class _Reader:
 
     def optional(self, m: Mapping[str, Any], key: str, section: str,
                  fn: Callable[[Any], Any]) -> Any:
-        """``fn`` of ``m[key]`` (an error at ``section.key`` when it fails); None when the
-        key is absent or wrong."""
-        return self.convert(m, key, f"{section}.{key}", fn) if key in m else None
+        """``fn`` of ``m[key]`` (an error at ``section.key``, at ``key`` for a top-level
+        one (section ""), when it fails); None when the key is absent or wrong."""
+        if key not in m:
+            return None
+        return self.convert(m, key, f"{section}.{key}" if section else key, fn)
 
 
 def _kind(value: Any) -> str:
@@ -702,9 +704,7 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
         return None
     defaults = Policy()
 
-    listen_mode = 0o660
-    if "listen_mode" in top:
-        listen_mode = r.convert(top, "listen_mode", "listen_mode", _mode) or 0o660
+    listen_mode = r.optional(top, "listen_mode", "", _mode) or 0o660
     listen = defaults.listen
     if "listen" in top:
         listen = tuple(_read_listen(r, top, listen_mode))
@@ -950,8 +950,7 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
         s = r.mapping(m, "schedule", "scheduler.schedule", {"allow", "max_delay"})
         if s is not None:
             allow = _condition(r, s, "allow", "scheduler.schedule") if "allow" in s else None
-            max_delay = (r.convert(s, "max_delay", "scheduler.schedule.max_delay",
-                                   _positive_duration) if "max_delay" in s else None)
+            max_delay = r.optional(s, "max_delay", "scheduler.schedule", _positive_duration)
             schedule = ScheduleSettings(allow=allow,
                                         max_delay_ms=max_delay or d.schedule.max_delay_ms)
     load = d.load
@@ -1068,9 +1067,7 @@ def _read_dns(r: _Reader, top: Mapping[str, Any]) -> DnsSettings:
                             j if isinstance(raw, list) else "nameservers",
                             "dns.nameservers", str(exc))
         nameservers = tuple(found) or None
-    timeout = d.timeout_ms
-    if "timeout" in m:
-        timeout = r.convert(m, "timeout", "dns.timeout", _positive_duration) or timeout
+    timeout = r.optional(m, "timeout", "dns", _positive_duration) or d.timeout_ms
     return DnsSettings(nameservers=nameservers, timeout_ms=timeout)
 
 
@@ -1099,11 +1096,9 @@ def _read_feedback(r: _Reader, top: Mapping[str, Any]) -> FeedbackSettings:
                   {"log", "state_file", "poll_interval", "slow_down_patterns", "backoff"})
     if m is None:
         return d
-    log_path = r.convert(m, "log", "feedback.log", _absolute_path) if "log" in m else None
-    state = (r.convert(m, "state_file", "feedback.state_file", _absolute_path)
-             if "state_file" in m else None)
-    poll = (r.convert(m, "poll_interval", "feedback.poll_interval", _positive_duration)
-            if "poll_interval" in m else None)
+    log_path = r.optional(m, "log", "feedback", _absolute_path)
+    state = r.optional(m, "state_file", "feedback", _absolute_path)
+    poll = r.optional(m, "poll_interval", "feedback", _positive_duration)
     patterns: tuple[str, ...] = ()
     if "slow_down_patterns" in m:
         items = r.strings(m, "slow_down_patterns", "feedback", "expected a list of regexes")
