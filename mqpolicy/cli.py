@@ -40,7 +40,7 @@ from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats
 from mqpolicy.milter_service import MilterRunner
 from mqpolicy.mx_rollup import DestinationFinder, needs_mx
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
-from mqpolicy.policy_reload import load_for_reload
+from mqpolicy.policy_reload import reload_policy
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
 from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
@@ -51,7 +51,7 @@ from mqpolicy.scheduler import Scheduler, open_mta_queue, register_scheduler_met
 from mqpolicy.scheduler_cli import cmd_queue, cmd_scheduler
 from mqpolicy.sd_notify import sd_notify
 from mqpolicy.store_factory import open_store
-from mqpolicy.structured_log import configure_logging, set_level, skip_record_sources
+from mqpolicy.structured_log import configure_logging, skip_record_sources
 from mqpolicy.top_view import add_top_arguments, run_top
 
 DEFAULT_CONFIG = "/etc/mqpolicy/mqpolicy.yaml"
@@ -350,26 +350,22 @@ async def _run_scheduler(scheduler: Scheduler, stop: asyncio.Event) -> None:
 
 async def _reload(service: DecisionService, path: Path, log_level: str | None,
                   stats: ReloadStats) -> None:
-    sd_notify("RELOADING=1")
-    new = await load_for_reload(path)
-    if new is None:
+    def apply(new: Policy) -> bool:
+        old = service.policy
+        for what in ("listen", "store", "server", "metrics", "milter", "scheduler", "dns"):
+            if getattr(old, what) != getattr(new, what):
+                log.warning("changed setting needs a restart to take effect",
+                            extra={"fields": {"setting": what}})
+        if needs_mx([d.matcher for d in new.destinations]) and service.resolver is None:
+            log.warning("mx destinations need a restart to be looked up; until then they "
+                        "match by domain only", extra={"fields": {"setting": "destinations"}})
+        service.replace_policy(new)
+        return True
+
+    if await reload_policy(path, log_level, apply):
+        stats.succeeded()
+    else:
         stats.refused()
-        sd_notify("READY=1")
-        return
-    old = service.policy
-    for what in ("listen", "store", "server", "metrics", "milter", "scheduler", "dns"):
-        if getattr(old, what) != getattr(new, what):
-            log.warning("changed setting needs a restart to take effect",
-                        extra={"fields": {"setting": what}})
-    if needs_mx([d.matcher for d in new.destinations]) and service.resolver is None:
-        log.warning("mx destinations need a restart to be looked up; until then they "
-                    "match by domain only", extra={"fields": {"setting": "destinations"}})
-    service.replace_policy(new)
-    stats.succeeded()
-    set_level(log_level or new.log.level)
-    log.info("policy reloaded", extra={"fields": {"policy": str(path),
-                                                  "limits": len(new.limits)}})
-    sd_notify("READY=1")
 
 
 # ---------------------------------------------------------------- feedback

@@ -24,13 +24,13 @@ from mqpolicy.config import Policy, SchedulerSettings
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.hold_records import records_for
 from mqpolicy.mta_queue import QueueCommandError
-from mqpolicy.policy_reload import load_for_reload
+from mqpolicy.policy_reload import reload_policy
 from mqpolicy.release_planner import QueueSummary, plan_releases, record_grace_ms, summarize
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue
 from mqpolicy.sd_notify import sd_notify
 from mqpolicy.store_factory import open_store
-from mqpolicy.structured_log import configure_logging, set_level
+from mqpolicy.structured_log import configure_logging
 
 __all__ = ["cmd_queue", "cmd_scheduler", "render_queue"]
 
@@ -112,19 +112,15 @@ async def _run_scheduler(policy: Policy, path: Path, log_level: str | None) -> i
 
 
 async def _reload(service: DecisionService, path: Path, log_level: str | None) -> None:
-    sd_notify("RELOADING=1")
-    new = await load_for_reload(path)
-    if new is None:
-        sd_notify("READY=1")
-        return
-    if new.scheduler is None or new.store != service.policy.store:
-        log.error("reload refused: the scheduler section and the store cannot change "
-                  "without a restart", extra={"fields": {"policy": str(path)}})
-    else:
+    def apply(new: Policy) -> bool:
+        if new.scheduler is None or new.store != service.policy.store:
+            log.error("reload refused: the scheduler section and the store cannot change "
+                      "without a restart", extra={"fields": {"policy": str(path)}})
+            return False
         service.replace_policy(new)
-        set_level(log_level or new.log.level)
-        log.info("policy reloaded", extra={"fields": {"policy": str(path)}})
-    sd_notify("READY=1")
+        return True
+
+    await reload_policy(path, log_level, apply)
 
 
 # ---------------------------------------------------------------- mqpolicy queue
