@@ -68,6 +68,12 @@ class MqpolicyProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it, and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc is None:
             return None

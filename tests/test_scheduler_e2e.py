@@ -13,14 +13,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -36,6 +33,7 @@ from mqpolicy.postfix_instance import POSTSUPER, MailStack, QueuedMessage, poll
 from mqpolicy.smtp_sink import SinkMessage
 from tests.postfix_fixture import BASE_POLICY
 from tests.redis_fixture import RedisServer
+from tests.serve_process import MqpolicyProcess
 
 ORDER = ("transactional", "normal", "bulk")
 
@@ -68,43 +66,6 @@ classify:
 """
 
 
-class SchedulerProcess:
-    """``mqpolicy scheduler -c FILE``, started and stopped by its PID."""
-
-    def __init__(self, policy_file: Path, log_file: Path) -> None:
-        self.policy_file = policy_file
-        self.log_file = log_file
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_file.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mqpolicy", "scheduler", "-c", str(self.policy_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-    def log(self) -> str:
-        try:
-            return self.log_file.read_text("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-
-
 @pytest.fixture
 def stack(mail_stack: MailStack) -> Iterator[MailStack]:
     """The session stack; afterwards the base policy (memory store, no milter) again."""
@@ -122,8 +83,8 @@ def stack(mail_stack: MailStack) -> Iterator[MailStack]:
 
 
 @pytest.fixture
-def scheduler(stack: MailStack) -> Iterator[SchedulerProcess]:
-    process = SchedulerProcess(stack.policy_file, stack.root / "scheduler.log")
+def scheduler(stack: MailStack) -> Iterator[MqpolicyProcess]:
+    process = MqpolicyProcess("scheduler", stack.policy_file, stack.root / "scheduler.log")
     try:
         yield process
     finally:
@@ -173,7 +134,7 @@ def released_in_order(scheduler_log: str) -> list[tuple[str, str]]:
 
 
 def test_thirty_held_messages_leave_highest_lane_first_fifo_at_the_lane_rate(
-    stack: MailStack, scheduler: SchedulerProcess, redis_clean: RedisServer,
+    stack: MailStack, scheduler: MqpolicyProcess, redis_clean: RedisServer,
 ) -> None:
     restart_serve(stack, redis_policy(redis_clean, lanes(ORDER, {"bulk": "2/1s"}) + CLASSIFY + """\
 limits:
@@ -200,13 +161,13 @@ scheduler:
 
     scheduler.start()
     messages = stack.sink.wait_for(lambda m: len(m) >= 30, 60)
-    assert len(messages) == 30, scheduler.log()[-3000:]
+    assert len(messages) == 30, scheduler.log_text()[-3000:]
     # The order is the scheduler's: the order it released them in (its log, one line per
     # message, in release order). Once released, Postfix delivers each as fast as it can;
     # on a loaded machine one delivery may overtake the one released 0.2 s before it.
-    poll(lambda: len(released_in_order(scheduler.log())) >= 30, 10,
+    poll(lambda: len(released_in_order(scheduler.log_text())) >= 30, 10,
          "the scheduler to log its 30 releases")  # its log is written every 50 ms
-    released = released_in_order(scheduler.log())
+    released = released_in_order(scheduler.log_text())
     assert [queue_id for queue_id, _ in released] == sorted(
         submitted, key=lambda q: (ORDER.index(submitted[q]), list(submitted).index(q)))
     # highest lane first: every message of a lane before any of the next one (the shared
@@ -238,7 +199,7 @@ scheduler:
 
 
 def test_killed_mid_release_every_message_arrives_exactly_once_and_operator_holds_stay(
-    stack: MailStack, scheduler: SchedulerProcess, redis_clean: RedisServer,
+    stack: MailStack, scheduler: MqpolicyProcess, redis_clean: RedisServer,
 ) -> None:
     restart_serve(stack, redis_policy(redis_clean, lanes(("bulk",), {"bulk": "4/1s"})
                                       + CLASSIFY + f"""\
@@ -265,7 +226,7 @@ scheduler:
     scheduler.kill()
     scheduler.start()  # the lease of the killed one runs out (2 s), then it reconciles
     messages = stack.sink.wait_for(lambda m: len(m) >= 16, 60)
-    log = scheduler.log()
+    log = scheduler.log_text()
     assert "reconciled" in log and "msg=released" in log, log
     poll(lambda: not hold_records(redis_clean), 15, "the hold records to be deleted")
     # a few more passes: nothing else leaves
@@ -275,7 +236,7 @@ scheduler:
     assert subjects == [f"kill-{i:02d}" for i in range(16)], subjects  # exactly once each
     assert len(messages) == 16
     assert [m.queue_id for m in held(stack)] == [operator.queue_id]  # never released
-    assert scheduler.log().count("reconciled") == passes_before
+    assert scheduler.log_text().count("reconciled") == passes_before
 
 
 # ---------------------------------------------------------------- scheduled delivery
