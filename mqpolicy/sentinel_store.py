@@ -143,12 +143,15 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
 
 
 def open_sentinel_master(
-    url: str, *, timeout_ms: int, decode_responses: bool = False
+    url: str, *, timeout_ms: int, decode_responses: bool = False,
+    master_read_timeout: bool = True,
 ) -> tuple[Redis, Sentinel]:
     """A ``redis.asyncio`` client on the master a ``redis+sentinel://`` URL names, and the
     :class:`Sentinel` behind it (close both). Connects and reads to sentinels and master
-    have the deadline ``timeout_ms``; nothing is retried. For other stores that live beside
-    the counters (hold records, backoff states) on the same URL."""
+    have the deadline ``timeout_ms`` (reads from the master none with
+    ``master_read_timeout=False``: for a caller that keeps its deadline itself, as
+    :class:`SentinelStore` does, like :class:`~mqpolicy.redis_store.RedisStore`); nothing
+    is retried. Also for the stores beside the counters (hold records, backoff states)."""
     if timeout_ms <= 0:
         raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
     target = parse_sentinel_url(url)
@@ -176,7 +179,7 @@ def open_sentinel_master(
         password=target.password,
         protocol=2,
         decode_responses=decode_responses,
-        **common,
+        **{**common, "socket_timeout": timeout_s if master_read_timeout else None},
     )
     return client, sentinel
 
@@ -199,7 +202,8 @@ class SentinelStore(RedisStore):
         max_in_flight: int = 2,
     ) -> None:
         self.target = parse_sentinel_url(url)
-        client, self._sentinel = open_sentinel_master(url, timeout_ms=timeout_ms)
+        client, self._sentinel = open_sentinel_master(url, timeout_ms=timeout_ms,
+                                                      master_read_timeout=False)
         super().__init__(
             client,
             timeout_ms=timeout_ms,
