@@ -25,9 +25,12 @@ connection_id_var: ContextVar[str] = ContextVar("connection_id", default="")
 _SAFE = re.compile(r"[A-Za-z0-9@._\-:/+<>\[\],]+")
 
 
+_safe = _SAFE.fullmatch
+
+
 def _kv_value(value: Any) -> str:
-    text = str(value)
-    if _SAFE.fullmatch(text):
+    text = value if type(value) is str else str(value)
+    if _safe(text):
         return text
     return json.dumps(text, ensure_ascii=False)
 
@@ -46,6 +49,13 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's fields: as :meth:`_BatchingHandler.emit` resolved them in the caller's
+    thread, else resolved now."""
+    resolved: dict[str, Any] | None = record.__dict__.get("resolved_fields")
+    return resolved if resolved is not None else _fields(record)
+
+
 def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
     if record.exc_text:
         return record.exc_text
@@ -54,12 +64,16 @@ def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> 
 
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        parts = [
-            f"level={record.levelname.lower()}",
-            f"logger={record.name}",
-            f"msg={_kv_value(record.getMessage())}",
-        ]
-        parts.extend(f"{k}={_kv_value(v)}" for k, v in _fields(record).items())
+        # one line per decision goes through here: the loop is written out
+        parts = [f"level={record.levelname.lower()} logger={record.name} "
+                 f"msg={_kv_value(record.getMessage())}"]
+        append = parts.append
+        for key, value in _record_fields(record).items():
+            text = value if type(value) is str else str(value)
+            if _safe(text):
+                append(f"{key}={text}")
+            else:
+                append(f"{key}={json.dumps(text, ensure_ascii=False)}")
         exc = _exception_text(self, record)
         if exc:
             parts.append(f"exc={_kv_value(exc)}")
@@ -74,7 +88,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        data.update(_fields(record))
+        data.update(_record_fields(record))
         exc = _exception_text(self, record)
         if exc:
             data["exc"] = exc
@@ -101,7 +115,7 @@ class _BatchingHandler(logging.Handler):
         self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        record.fields = _fields(record)
+        record.resolved_fields = _fields(record)
         record.msg = record.getMessage()
         record.args = None
         if record.exc_info:
