@@ -39,13 +39,14 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TextIO
 
 from mqpolicy.config import Destination, Lane, Policy, PostfixDelivery
 from mqpolicy.endpoints import Endpoint, EndpointSyntaxError, parse_endpoint
 
 DEFAULT_POSTFIX_DIR = "/etc/postfix"
+DEFAULT_QUEUE_DIR = "/var/spool/postfix"
 HEADER_CHECKS_FILE = "mqpolicy_header_checks"
 TRANSPORT_MAP_FILE = "mqpolicy_transport"
 DESTINATION_TRANSPORT_PREFIX = "mq-dest-"
@@ -156,6 +157,9 @@ class PostfixConfigOptions:
     policy_endpoint: str | None = None  # default: the first of policy.listen
     milter: str | None = None  # the milter's address; None: milter lines commented out
     config_directory: str = DEFAULT_POSTFIX_DIR  # where the header-checks map lives
+    # Postfix's queue_directory: its daemons run there (chrooted or not), so a unix socket
+    # inside it is named relative to it, which a chrooted smtpd reaches too
+    queue_directory: str = DEFAULT_QUEUE_DIR
     default_action: str = DEFAULT_POLICY_ACTION
     policy_timeout_s: int = 10
     lane_header: str = LANE_HEADER  # the header the milter sets
@@ -371,11 +375,26 @@ def _setting_lines(setting: Setting) -> list[str]:
 # ---------------------------------------------------------------- generate
 
 
-def postfix_address(endpoint: Endpoint) -> str:
+def queue_relative(path: str, queue_directory: str | None) -> str:
+    """A unix socket path as Postfix's daemons reach it best: relative to the queue
+    directory when it lies inside it (they run there; a chrooted one sees nothing else,
+    and an absolute path inside its chroot would not resolve), else as given."""
+    if queue_directory:
+        try:
+            inside = PurePosixPath(path).relative_to(PurePosixPath(queue_directory))
+        except ValueError:
+            return path
+        if inside.parts and ".." not in inside.parts:
+            return str(inside)
+    return path
+
+
+def postfix_address(endpoint: Endpoint, queue_directory: str | None = None) -> str:
     """How ``check_policy_service`` / ``smtpd_milters`` name an endpoint; a wildcard
-    listen address is reached on loopback."""
+    listen address is reached on loopback, a unix socket inside ``queue_directory``
+    relative to it."""
     if endpoint.is_unix:
-        return f"unix:{endpoint.path}"
+        return f"unix:{queue_relative(endpoint.path, queue_directory)}"
     host = endpoint.host
     if host in ("", "0.0.0.0"):  # a listen wildcard: connect on loopback
         host = "127.0.0.1"
@@ -386,10 +405,22 @@ def postfix_address(endpoint: Endpoint) -> str:
     return f"inet:{host}:{endpoint.port}"
 
 
-def parse_address(text: str) -> str:
+def parse_address(text: str, queue_directory: str | None = None) -> str:
     """An address given on the command line (``127.0.0.1:10041``, ``inet:h:p``,
     ``unix:/path``) in Postfix form; raises EndpointSyntaxError."""
-    return postfix_address(parse_endpoint(text))
+    return postfix_address(parse_endpoint(text), queue_directory)
+
+
+def policy_endpoint(listen: Sequence[Endpoint], queue_directory: str) -> Endpoint:
+    """The listen entry Postfix is pointed at: a unix socket inside the queue directory
+    (no TCP on the way, reachable from a chrooted smtpd), else the first TCP one, else
+    the first."""
+    for endpoint in listen:
+        if endpoint.is_unix and not queue_relative(endpoint.path,
+                                                   queue_directory).startswith("/"):
+            return endpoint
+    tcp = [e for e in listen if not e.is_unix]
+    return (tcp or list(listen))[0]
 
 
 def _seconds(ms: int) -> str:
@@ -524,17 +555,18 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
     """Every setting the policy needs, derived from the policy file and the options."""
     opts = options or PostfixConfigOptions()
     notes: list[str] = []
+    queue_dir = opts.queue_directory
     if opts.policy_endpoint:
-        address = parse_address(opts.policy_endpoint)
+        address = parse_address(opts.policy_endpoint, queue_dir)
     else:
-        tcp = [e for e in policy.listen if not e.is_unix]
-        address = postfix_address((tcp or list(policy.listen))[0])
+        address = postfix_address(policy_endpoint(policy.listen, queue_dir), queue_dir)
         if len(policy.listen) > 1:
             notes.append(f"the policy listens on {len(policy.listen)} endpoints; Postfix is "
                          f"pointed at {address} (choose another with --policy-endpoint)")
-    if address.startswith("unix:"):
-        notes.append("a unix-socket policy server is unreachable from a chrooted smtpd: "
-                     "set the chroot column of smtpd in master.cf to n")
+    if address.startswith("unix:/"):
+        notes.append(f"a unix-socket policy server outside {queue_dir} is unreachable from "
+                     "a chrooted smtpd: set the chroot column of smtpd in master.cf to n, "
+                     f"or listen inside it (unix:{queue_dir}/mqpolicy/policy.sock)")
     header_path = str(Path(opts.config_directory) / HEADER_CHECKS_FILE)
     check = f"check_policy_service {address}"
     lists = [
@@ -567,7 +599,8 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
                 (f"Close an idle connection before the server does "
                  f"(server.idle_timeout {int(policy.server.idle_timeout_s)}s).",)),
     ]
-    milter_address = parse_address(opts.milter) if opts.milter else "inet:127.0.0.1:10041"
+    milter_address = (parse_address(opts.milter, queue_dir) if opts.milter
+                      else "inet:127.0.0.1:10041")
     lists.append(ListEntry("smtpd_milters", milter_address, ("Mail received by smtpd.",)))
     lists.append(ListEntry(
         "non_smtpd_milters", milter_address,
@@ -1041,6 +1074,17 @@ def read_relayhost(config_dir: str, postconf: str = POSTCONF) -> str:
     return _postconf(postconf, config_dir, "-xh", "relayhost").strip()
 
 
+def read_queue_directory(config_dir: str, postconf: str = POSTCONF) -> str:
+    """Postfix's ``queue_directory`` in ``config_dir``, expanded."""
+    return _postconf(postconf, config_dir, "-xh", "queue_directory").strip()
+
+
+def _names_unix_socket(policy: Policy, args: argparse.Namespace) -> bool:
+    addresses = [args.policy_endpoint, args.milter]
+    return (any(a and a.startswith("unix:") for a in addresses)
+            or (not args.policy_endpoint and any(e.is_unix for e in policy.listen)))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``mqpolicy postfix-config`` (after ``-c``)."""
     parser.add_argument("--milter", metavar="ADDRESS",
@@ -1052,6 +1096,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-directory", metavar="DIR", default=None,
                         help=f"Postfix config directory holding the header-checks map "
                              f"(default: the --check DIR, else {DEFAULT_POSTFIX_DIR})")
+    parser.add_argument("--queue-directory", metavar="DIR", default=None,
+                        help="Postfix's queue_directory: a unix socket inside it is named "
+                             "relative to it, which a chrooted smtpd reaches (default: as "
+                             "postconf reads it from the --check DIR or --config-directory, "
+                             f"else {DEFAULT_QUEUE_DIR})")
     parser.add_argument("--relayhost", metavar="NEXTHOP", default=None,
                         help="the next hop of destination transports in the transport map "
                              "(default: relayhost as postconf reads it from the --check "
@@ -1076,11 +1125,17 @@ def cmd_postfix_config(policy: Policy, args: argparse.Namespace,
         except (OSError, subprocess.SubprocessError) as exc:
             print(f"mqpolicy postfix-config: relay host unknown ({exc}); the transport map "
                   "names no next hop: pass --relayhost", file=sys.stderr)
+    queue_dir = args.queue_directory
+    if queue_dir is None and _names_unix_socket(policy, args):
+        try:
+            queue_dir = read_queue_directory(args.check or config_dir)
+        except (OSError, subprocess.SubprocessError):
+            queue_dir = None  # no Postfix here (yet): its default
     try:
         config = generate(policy, PostfixConfigOptions(
             policy_endpoint=args.policy_endpoint, milter=args.milter,
             config_directory=config_dir, default_action=args.default_action,
-            relayhost=relayhost,
+            relayhost=relayhost, queue_directory=queue_dir or DEFAULT_QUEUE_DIR,
         ))
     except EndpointSyntaxError as exc:
         print(f"mqpolicy postfix-config: {exc}", file=sys.stderr)

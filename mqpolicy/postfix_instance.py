@@ -295,7 +295,7 @@ class PostfixInstance:
         self.relayhost = relayhost
         self.myhostname = myhostname
         self.config_dir = root / "etc"
-        self.queue_dir = root / "spool"
+        self.queue_dir = self.queue_dir_of(root)
         self.data_dir = root / "data"
         self.log_file = root / "log" / "maillog"
         self._main_extra = ""
@@ -303,6 +303,11 @@ class PostfixInstance:
         self._files: dict[str, str] = {}
         self._checked = False
         self._running = False
+
+    @staticmethod
+    def queue_dir_of(root: Path) -> Path:
+        """The queue directory of an instance in ``root``."""
+        return root / "spool"
 
     @property
     def running(self) -> bool:
@@ -710,14 +715,18 @@ def accepts(endpoint: Endpoint) -> bool:
 # ---------------------------------------------------------------- the whole stack
 
 
-def policy_with_listen(text: str, listen: str) -> str:
-    """The policy text with its ``listen`` set to ``listen`` (the stack's fresh port)."""
+def policy_with_listen(text: str, listen: str, listen_mode: str | None = None) -> str:
+    """The policy text with its ``listen`` set to ``listen`` (the stack's fresh port or
+    socket), and ``listen_mode`` when given."""
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ValueError("a policy file is a mapping")
-    if "listen" not in data:
-        return f"listen: [\"{listen}\"]\n{text}"
+    if "listen" not in data and (listen_mode is None or "listen_mode" not in data):
+        mode = f'listen_mode: "{listen_mode}"\n' if listen_mode is not None else ""
+        return f"listen: [\"{listen}\"]\n{mode}{text}"
     data["listen"] = [listen]
+    if listen_mode is not None:
+        data["listen_mode"] = listen_mode
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -730,19 +739,29 @@ class MailStack:
     """
 
     def __init__(self, root: Path, *, sink_hostname: str = "sink.mqpolicy.test",
-                 command: Sequence[str] = (sys.executable, "-m", "mqpolicy")) -> None:
+                 command: Sequence[str] = (sys.executable, "-m", "mqpolicy"),
+                 policy_socket: str = "tcp") -> None:
+        """``policy_socket``: ``tcp`` (a fresh loopback port) or ``unix`` (a socket inside
+        Postfix's queue directory, which postfix-config names relative to it)."""
         self.root = root
         self.command = tuple(command)
         self.sink = ThreadedSmtpSink(hostname=sink_hostname)
         self.policy_file = root / "policy.yaml"
         self.policy_port = free_port()
         self.instance: PostfixInstance | None = None
-        self.server = PolicyServerProcess(
-            self.policy_file, Endpoint(host="127.0.0.1", port=self.policy_port),
-            root / "mqpolicy.log", self.command)
+        self._postfix_root = root / "postfix"
+        if policy_socket == "unix":
+            socket_dir = PostfixInstance.queue_dir_of(self._postfix_root) / "mqpolicy"
+            endpoint = Endpoint(path=str(socket_dir / "policy.sock"))
+        elif policy_socket == "tcp":
+            endpoint = Endpoint(host="127.0.0.1", port=self.policy_port)
+        else:
+            raise ValueError(f"policy_socket is tcp or unix, not {policy_socket!r}")
+        self.server = PolicyServerProcess(self.policy_file, endpoint, root / "mqpolicy.log",
+                                          self.command)
         self.postfix_config = ""  # the last postfix-config output used
         self._rendered = ""  # the same, rendered in this process (to skip unchanged runs)
-        self._log = LogReader(root / "postfix" / "log" / "maillog")
+        self._log = LogReader(self._postfix_root / "log" / "maillog")
         self._deliveries: list[Delivery] = []
 
     @classmethod
@@ -765,10 +784,13 @@ class MailStack:
         """Start sink, mqpolicy and Postfix with this policy (``listen`` is replaced)."""
         try:
             port = self.sink.start()
-            self.instance = PostfixInstance(self.root / "postfix",
+            self.instance = PostfixInstance(self._postfix_root,
                                             relayhost=f"[127.0.0.1]:{port}")
             self.instance.root.mkdir(parents=True, exist_ok=True)
             self.instance.root.chmod(0o755)
+            endpoint = self.server.endpoint
+            if endpoint.path:
+                Path(endpoint.path).parent.mkdir(parents=True, exist_ok=True)
             self._write_policy(policy_text)
             self._configure_postfix()
             self.server.start()
@@ -778,7 +800,10 @@ class MailStack:
             raise
 
     def _write_policy(self, policy_text: str) -> None:
-        text = policy_with_listen(policy_text, f"127.0.0.1:{self.policy_port}")
+        endpoint = self.server.endpoint
+        # a unix socket smtpd (running as Postfix's mail_owner) may connect to
+        text = policy_with_listen(policy_text, str(endpoint),
+                                  "0666" if endpoint.path else None)
         self.policy_file.write_text(text, encoding="utf-8")
 
     def generated_config(self) -> str:
@@ -799,10 +824,15 @@ class MailStack:
         The command takes most of a second to start; it is only run when the generator,
         called here in-process, renders something new for the policy file.
         """
-        options = PostfixConfigOptions(config_directory=str(self.postfix.config_dir))
+        options = PostfixConfigOptions(config_directory=str(self.postfix.config_dir),
+                                       queue_directory=str(self.postfix.queue_dir))
         rendered = generate(load_policy(self.policy_file), options).render()
         if self.postfix_config and rendered == self._rendered:
             return False
+        if not (self.postfix.config_dir / "main.cf").exists():
+            # the command reads this Postfix's settings (queue_directory, relayhost) as
+            # it would an operator's: the base configuration comes first
+            self.postfix.write_config()
         text = self.generated_config()
         self._rendered = rendered
         if text == self.postfix_config:

@@ -98,6 +98,21 @@ def mail_stack_session() -> Iterator[MailStack]:
 
 
 @pytest.fixture
+def unix_socket_stack() -> Iterator[MailStack]:
+    """A stack of its own (not started) whose policy server listens on a unix socket inside
+    Postfix's queue directory: the set-up the README recommends for a Postfix on the same
+    host. The test starts it with its policy; everything stops at the end."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    stack = MailStack.create(prefix="mqe2e-unix-", policy_socket="unix")
+    try:
+        yield stack
+    finally:
+        stack.remove()
+
+
+@pytest.fixture
 def mail_stack(mail_stack_session: MailStack) -> Iterator[MailStack]:
     stack = mail_stack_session
     if not stack.server.running:

@@ -139,6 +139,39 @@ def test_a_unix_socket_policy_server_gets_a_chroot_note(write_policy: WritePolic
     assert "# NOTE: a unix-socket policy server" in config.render()
 
 
+@pytest.mark.parametrize(
+    ("listen", "queue_directory", "address"),
+    [
+        ('["unix:/var/spool/postfix/mqpolicy/policy.sock"]', "/var/spool/postfix",
+         "unix:mqpolicy/policy.sock"),
+        # preferred over TCP: no TCP on the way, and a chrooted smtpd reaches it
+        ('["127.0.0.1:10040", "unix:/srv/pfq/mq/policy.sock"]', "/srv/pfq/",
+         "unix:mq/policy.sock"),
+        ('["unix:/srv/pfq/../etc/policy.sock"]', "/srv/pfq", "unix:/srv/pfq/../etc/policy.sock"),
+        ('["unix:/srv/pfq"]', "/srv/pfq", "unix:/srv/pfq"),
+        ('["unix:/srv/pfqx/policy.sock"]', "/srv/pfq", "unix:/srv/pfqx/policy.sock"),
+    ],
+)
+def test_a_unix_socket_inside_the_queue_directory_is_named_relative_to_it(
+    write_policy: WritePolicy, listen: str, queue_directory: str, address: str
+) -> None:
+    config = generate(write_policy(f"listen: {listen}\n"),
+                      PostfixConfigOptions(queue_directory=queue_directory))
+    assert config.policy_address == address
+    assert f"check_policy_service {address}" in config.main_cf()
+    chroot_noted = any("chroot" in note for note in config.notes)
+    assert chroot_noted == address.startswith("unix:/")
+
+
+def test_a_milter_socket_inside_the_queue_directory_is_named_relative_to_it(
+    write_policy: WritePolicy,
+) -> None:
+    main_cf = generate(write_policy(LANES), PostfixConfigOptions(
+        milter="unix:/var/spool/postfix/mqpolicy/milter.sock")).main_cf()
+    assert settings_of(main_cf)["smtpd_milters"] == "unix:mqpolicy/milter.sock"
+    assert settings_of(main_cf)["non_smtpd_milters"] == "unix:mqpolicy/milter.sock"
+
+
 def test_options_override_endpoint_and_default_action(write_policy: WritePolicy) -> None:
     config = generate(write_policy(LANES), PostfixConfigOptions(
         policy_endpoint="10.0.0.5:10040", default_action="DUNNO"))
@@ -278,6 +311,25 @@ def test_the_command_prints_all_blocks_or_one(
     assert main(["postfix-config", "-c", str(path), "--section", "master.cf"]) == 0
     assert capsys.readouterr().out == split_sections(full)[SECTION_MASTER]
     assert main(["postfix-config", "-c", str(path), "--milter", "nonsense"]) == 2
+
+
+def test_the_command_names_sockets_relative_to_the_queue_directory_it_is_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(LANES.replace('listen: ["127.0.0.1:10040"]',
+                                  'listen: ["unix:/srv/q/mq/policy.sock"]'))
+    args = ["postfix-config", "-c", str(path), "--section", "main.cf",
+            "--milter", "unix:/srv/q/mq/milter.sock"]
+    assert main([*args, "--queue-directory", "/srv/q"]) == 0
+    inside = capsys.readouterr().out
+    assert settings_of(inside)["smtpd_milters"] == "unix:mq/milter.sock"
+    assert "check_policy_service unix:mq/policy.sock" in inside
+    # no Postfix config in this directory: the default queue directory, absolute names
+    assert main([*args, "--config-directory", str(tmp_path)]) == 0
+    outside = capsys.readouterr().out
+    assert settings_of(outside)["smtpd_milters"] == "unix:/srv/q/mq/milter.sock"
+    assert "check_policy_service unix:/srv/q/mq/policy.sock" in outside
 
 
 # ---------------------------------------------------------------- parsing postconf

@@ -82,6 +82,39 @@ limits:
     assert not mail_stack.postfix.queue()
 
 
+def test_the_policy_server_on_a_unix_socket_in_the_queue_directory(
+    unix_socket_stack: MailStack,
+) -> None:
+    """postfix-config names a socket inside Postfix's queue directory relative to it (what
+    a chrooted smtpd reaches too); Postfix asks the policy server through it on both
+    hooks: the budget spent at END-OF-MESSAGE refuses the next message at RCPT."""
+    stack = unix_socket_stack
+    stack.start(policy("""
+limits:
+  - name: per-sender
+    rate: 1/1h
+    key: sender
+    count: messages
+    action: defer
+    message: "One an hour for {key}"
+"""))
+    main_cf = split_sections(stack.postfix_config)[SECTION_MAIN]
+    assert "check_policy_service unix:mqpolicy/policy.sock" in main_cf
+    assert "unix:/" not in main_cf
+    assert (stack.postfix.queue_dir / "mqpolicy" / "policy.sock").is_socket()
+
+    sender = unique_address("unix")
+    first = stack.send(sender, ["rcpt@example.org"], "first")
+    assert first.queued, first.replies()
+    over = stack.send(sender, ["rcpt@example.org"], "second")
+    assert not over.queued
+    (_, reply), = over.rcpts
+    assert reply.code == 450
+    assert reply.text.endswith(f"One an hour for {sender}")
+    (delivered,) = arrived(stack, sender, 1)
+    assert delivered.header("Subject") == "first"
+
+
 def test_a_hard_quota_rejects_with_550(mail_stack: MailStack) -> None:
     mail_stack.apply_policy(policy("""
 limits:
