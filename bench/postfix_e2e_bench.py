@@ -12,9 +12,12 @@ sides alike:
 * ``mqpolicy``: the same Postfix plus the output of ``mqpolicy postfix-config`` for the
   bench policy: ``check_policy_service`` at RCPT and at END-OF-MESSAGE, answered by
   ``mqpolicy serve`` (memory store; classify rules and three limits with budgets large
-  enough that every message passes, so both runs deliver the same mail the same way).
+  enough that every message passes, so both runs deliver the same mail the same way) on a
+  unix socket inside Postfix's queue directory, the set-up the README recommends
+  (``--policy-socket tcp``: on a loopback port).
 
-A message counts when the sink has received it (end to end: SMTP in, queue, SMTP out).
+A message counts when the sink has received it (end to end: SMTP in, queue, SMTP out);
+the next segment starts once the queue is empty again.
 The accept rate (250 after DATA) is shown too. The policy server's decision log is
 checked: every message must have met it at END-OF-MESSAGE. Every process started is
 stopped by its PID, also on error or Ctrl-C.
@@ -79,8 +82,6 @@ BODY = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod
 POLICY = """\
 # Written by bench/postfix_e2e_bench.py: classification and limits that every message
 # passes (budgets far above the bench's volume), all mail in the default lane.
-listen: ["{listen}"]
-listen_mode: "0666"
 store:
   url: memory://
   timeout_ms: 50
@@ -251,16 +252,18 @@ class Target:
     def start(self) -> None:
         if self.mode == "mqpolicy":
             if self.args.policy_socket == "unix":
-                endpoint = Endpoint(path=str(self.root / "policy.sock"))
+                # inside the queue directory, as the README recommends: postfix-config
+                # names it relative to it (what a chrooted smtpd reaches)
+                socket_dir = self.instance.queue_dir / "mqpolicy"
+                socket_dir.mkdir(parents=True)
+                endpoint = Endpoint(path=str(socket_dir / "policy.sock"))
             else:
                 endpoint = Endpoint(host="127.0.0.1", port=free_port())
             policy_file = self.root / "policy.yaml"
-            if self.args.policy:
-                text = policy_with_listen(Path(self.args.policy).read_text(), str(endpoint))
-                policy_file.write_text(f'listen_mode: "0666"\n{text}')
-            else:
-                policy_file.write_text(POLICY.format(listen=endpoint,
-                                                     log_level=self.args.policy_log_level))
+            text = (Path(self.args.policy).read_text() if self.args.policy
+                    else POLICY.format(log_level=self.args.policy_log_level))
+            policy_file.write_text(policy_with_listen(text, str(endpoint), "0666"))
+            self.instance.write_config()  # postfix-config reads its queue_directory
             generated = subprocess.run(
                 [sys.executable, "-m", "mqpolicy", "postfix-config", "-c", str(policy_file),
                  "--config-directory", str(self.instance.config_dir)],
@@ -306,8 +309,12 @@ def segment(target: Target, pair: int, messages: int, args: argparse.Namespace,
     poll(lambda: sink_count.value >= base + messages - refused, args.timeout,
          f"{messages} messages at the sink", interval_s=0.005)
     deliver_s = time.monotonic() - started
-    return Segment(target.mode, pair, messages, accept_s, deliver_s, refused,
-                   target.policy_cpu() - cpu_before)
+    policy_cpu_s = target.policy_cpu() - cpu_before
+    # Postfix finishes its deliveries (replies read, queue files removed) after the sink
+    # has the mail: the next segment starts on an empty queue, not on that work
+    poll(lambda: not target.instance.queue(), args.timeout, "an empty queue",
+         interval_s=0.05)
+    return Segment(target.mode, pair, messages, accept_s, deliver_s, refused, policy_cpu_s)
 
 
 # ---------------------------------------------------------------- main
@@ -326,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-connection", type=int, default=20,
                         help="messages per SMTP connection (default 20)")
     parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--policy-socket", choices=("tcp", "unix"), default="tcp",
-                        help="how Postfix reaches the policy server (default tcp)")
+    parser.add_argument("--policy-socket", choices=("unix", "tcp"), default="unix",
+                        help="how Postfix reaches the policy server: a unix socket in its "
+                             "queue directory (default, as recommended) or loopback TCP")
     parser.add_argument("--policy-log-level", choices=("debug", "info", "warning"),
                         default="info", help="the policy server's log.level (default info: "
                         "one line per message)")
