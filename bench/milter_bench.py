@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_signals import sigterm_as_interrupt
+from bench_processes import Processes, Started, sigterm_as_interrupt
 from miltertest import MilterConnection, codec
 from miltertest import constants as C
 
@@ -242,35 +242,6 @@ class Result:
     rates: list[float]  # per round
 
 
-class Processes:
-    """Every process this bench starts, stopped by PID."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                    cwd=REPO)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc)
-
-
 def wait_ready(proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -295,10 +266,9 @@ def endpoint(transport: str, workdir: Path, name: str) -> tuple[str, str]:
 
 def start_milter(kind: str, transport: str, workdir: Path, procs: Processes,
                  floor_mode: str = "plain", rcpt_limits: str = "milter", name: str = "",
-                 ) -> tuple[subprocess.Popen[bytes], str]:
+                 ) -> tuple[Started, str]:
     name = name or kind
     spec, address = endpoint(transport, workdir, name)
-    log = workdir / f"{name}-{transport}.log"
     if kind == "floor":
         script = workdir / "floor.py"
         script.write_text(FLOOR)
@@ -307,9 +277,9 @@ def start_milter(kind: str, transport: str, workdir: Path, procs: Processes,
         config = workdir / f"policy-{name}-{transport}.yaml"
         config.write_text(POLICY.format(listen=spec, rcpt_limits=rcpt_limits))
         argv = [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)]
-    proc = procs.start(argv, log)
-    wait_ready(proc, address, log)
-    return proc, address
+    started = procs.start(f"{name}-{transport}", argv, cwd=REPO)
+    wait_ready(started.proc, address, started.log)
+    return started, address
 
 
 def _worker_init() -> None:
@@ -394,7 +364,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="mqmbench-", dir="/tmp"))
-    procs = Processes()
+    procs = Processes(workdir)
     print(f"cpus={os.cpu_count()} rounds={args.pairs} x {args.seconds} s per milter "
           f"(messages: 1 recipient, {len(HEADERS)} headers, {len(BODY) * 25} body bytes)")
     print(f"{'net':<5} {'milter':<18} {'clients':>7} {'msgs/s':>10} {'vs floor':>7} "
@@ -419,19 +389,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                             [Contender(name, address, [], []) for name, (_, address) in started],
                             transport, clients, args.seconds, args.pairs)
                     finally:
-                        for _, (proc, _) in started:
-                            procs.stop(proc)
+                        for _, (milter, _) in started:
+                            procs.stop(milter)
                     print_row(floor, None)
                     for result in ours:
                         print_row(result, floor)
             if args.stall:
-                proc, address = start_milter("floor", "tcp", workdir, procs,
-                                             floor_mode="addheader", name="floor-addheader")
+                milter, address = start_milter("floor", "tcp", workdir, procs,
+                                               floor_mode="addheader", name="floor-addheader")
                 try:
                     (stalled,) = measure([Contender("floor+addheader", address, [], [])],
                                          "tcp", 1, min(args.seconds, 2.0), 1)
                 finally:
-                    procs.stop(proc)
+                    procs.stop(milter)
                 print_row(stalled, None)
                 print("  ^ a header-changing milter on libmilter's own TCP socket: each "
                       "message waits for the MTA's delayed ACK (Nagle)")

@@ -32,11 +32,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_signals import sigterm_as_interrupt
+from bench_processes import Processes, Started, sigterm_as_interrupt
 
 from mqpolicy.postfix_instance import free_port, log_tail
 
@@ -160,54 +159,6 @@ def wait_connectable(
         if time.monotonic() > deadline:
             raise RuntimeError(f"{proc.args!r} is not accepting on {address!r} after {timeout}s")
         time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM by PID, wait, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@dataclass
-class Started:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-class Processes:
-    """Everything this run started, stopped in reverse order by PID."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.started: list[Started] = []
-
-    def start(self, name: str, argv: Sequence[str],
-              env: dict[str, str] | None = None) -> Started:
-        log = self.workdir / f"{name}.log"
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env,
-            )
-        started = Started(name, proc, log)
-        self.started.append(started)
-        return started
-
-    def stop(self, started: Started) -> None:
-        stop(started.proc)
-        self.started.remove(started)
-
-    def stop_all(self) -> None:
-        for started in reversed(self.started):
-            stop(started.proc)
-        self.started.clear()
 
 
 # --------------------------------------------------------------------------- the runs

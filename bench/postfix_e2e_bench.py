@@ -54,7 +54,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_signals import sigterm_as_interrupt  # noqa: E402
+from bench_processes import sigterm_as_interrupt  # noqa: E402
 
 from mqpolicy.endpoints import Endpoint  # noqa: E402
 from mqpolicy.postfix_config import (  # noqa: E402

@@ -1,0 +1,77 @@
+"""What every bench script shares: the processes it starts, each stopped by its PID, also
+when the script is interrupted: SIGTERM (``timeout``, ``kill PID``) unwinds like Ctrl-C, so
+the ``finally`` blocks run."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Raise KeyboardInterrupt on SIGTERM inside the block."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM by PID, wait, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Started:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path  # its stdout and stderr
+
+
+class Processes:
+    """Everything a run started, each with its log in ``workdir``, stopped in reverse order
+    by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[Started] = []
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> Started:
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, cwd=cwd,
+            )
+        started = Started(name, proc, log)
+        self.started.append(started)
+        return started
+
+    def stop(self, started: Started) -> None:
+        stop(started.proc)
+        if started in self.started:
+            self.started.remove(started)
+
+    def stop_all(self) -> None:
+        for started in reversed(self.started):
+            stop(started.proc)
+        self.started.clear()
