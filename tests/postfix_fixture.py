@@ -129,19 +129,22 @@ def mail_stack(mail_stack_session: MailStack) -> Iterator[MailStack]:
 
 # ---------------------------------------------------------------- the milter, opt-in
 # ``milter_stack`` wires the milter into the session stack for one test: ``mqpolicy serve``
-# is restarted on a policy with a ``milter:`` section (a unix socket in the stack's
-# directory: this smtpd is not chrooted), and Postfix gets the output of ``mqpolicy
+# is restarted on a policy with a ``milter:`` section (a unix socket inside Postfix's queue
+# directory, as recommended: postfix-config names it relative to it, so every milter test
+# also proves Postfix resolves that name), and Postfix gets the output of ``mqpolicy
 # postfix-config --milter unix:PATH`` (smtpd_milters, non_smtpd_milters,
 # milter_default_action, the header-checks map) and a reload. Afterwards Postfix gets its
 # previous configuration back and serve runs the base policy again. A test switches
 # policies with ``stack.apply_policy(milter_policy(stack, body))``: the lanes stay those of
 # LANES, so Postfix's configuration does not change and the milter wiring stays.
 
-MILTER_SOCKET = "milter.sock"
+MILTER_SOCKET = "mqpolicy/milter.sock"  # inside the queue directory
 
 
 def milter_socket(stack: MailStack) -> Path:
-    return stack.root / MILTER_SOCKET
+    path = stack.postfix.queue_dir / MILTER_SOCKET
+    path.parent.mkdir(exist_ok=True)
+    return path
 
 
 def milter_policy(stack: MailStack, body: str = "") -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.postfix_config import LANE_HEADER
+from mqpolicy.postfix_config import LANE_HEADER, SECTION_MAIN, split_sections
 from mqpolicy.postfix_instance import (
     POSTFIX,
     LogReader,
@@ -48,6 +48,11 @@ def test_header_lanes_leave_through_their_transports_and_a_forged_lane_gets_noth
     milter_stack: MailStack,
 ) -> None:
     stack = milter_stack
+    # the socket is inside the queue directory: both hooks name it relative to it, and
+    # the lanes below prove smtpd (and, further down the file, cleanup) reach it so
+    main_cf = split_sections(stack.postfix_config)[SECTION_MAIN]
+    assert "\nsmtpd_milters = unix:mqpolicy/milter.sock\n" in main_cf
+    assert "\nnon_smtpd_milters = unix:mqpolicy/milter.sock\n" in main_cf
     stack.apply_policy(milter_policy(stack, LANE_RULES))
     app = unique_address("app", "app.milter.test")
     other = unique_address("other", "elsewhere.milter.test")
