@@ -186,6 +186,7 @@ class PostfixConfig:
     lane_header: str = LANE_HEADER
     transport_map_path: str = str(Path(DEFAULT_POSTFIX_DIR) / TRANSPORT_MAP_FILE)
     destination_transports: tuple[DestinationTransport, ...] = ()
+    queue_directory: str = DEFAULT_QUEUE_DIR  # unix sockets inside it are named relative
     transport_nexthop: str | None = None  # what the map's entries name; None: unknown
 
     @property
@@ -563,10 +564,11 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
         if len(policy.listen) > 1:
             notes.append(f"the policy listens on {len(policy.listen)} endpoints; Postfix is "
                          f"pointed at {address} (choose another with --policy-endpoint)")
+    inside = PurePosixPath(queue_dir) / "mqpolicy"
     if address.startswith("unix:/"):
         notes.append(f"a unix-socket policy server outside {queue_dir} is unreachable from "
                      "a chrooted smtpd: set the chroot column of smtpd in master.cf to n, "
-                     f"or listen inside it (unix:{queue_dir}/mqpolicy/policy.sock)")
+                     f"or listen inside it (unix:{inside / 'policy.sock'})")
     header_path = str(Path(opts.config_directory) / HEADER_CHECKS_FILE)
     check = f"check_policy_service {address}"
     lists = [
@@ -601,6 +603,10 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
     ]
     milter_address = (parse_address(opts.milter, queue_dir) if opts.milter
                       else "inet:127.0.0.1:10041")
+    if opts.milter and milter_address.startswith("unix:/"):
+        notes.append(f"a unix-socket milter outside {queue_dir} is unreachable from a "
+                     "chrooted smtpd or cleanup: set their chroot column in master.cf to n, "
+                     f"or listen inside it (unix:{inside / 'milter.sock'})")
     lists.append(ListEntry("smtpd_milters", milter_address, ("Mail received by smtpd.",)))
     lists.append(ListEntry(
         "non_smtpd_milters", milter_address,
@@ -703,6 +709,7 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
         transport_map_path=transport_path,
         destination_transports=tuple(dests),
         transport_nexthop=nexthop,
+        queue_directory=queue_dir,
     )
 
 
@@ -815,6 +822,16 @@ def list_tokens(value: str) -> list[str]:
     return _TOKEN.findall(value)
 
 
+_UNIX_ADDRESS = re.compile(r"unix:(\S+)")
+
+
+def _queue_relative_entry(entry: str, queue_directory: str) -> str:
+    """A list entry with its unix socket, if any, named as :func:`queue_relative` names
+    it."""
+    return _UNIX_ADDRESS.sub(
+        lambda m: "unix:" + queue_relative(m.group(1), queue_directory), entry)
+
+
 def _entries(value: str) -> list[str]:
     """Restriction or milter list → entries, joining ``check_* ADDRESS`` pairs."""
     tokens = list_tokens(value)
@@ -868,6 +885,14 @@ def compare(config: PostfixConfig, state: PostfixState) -> list[Finding]:
         entries = _entries(value)
         want = entry.entry
         if want not in entries:
+            same = [e for e in entries
+                    if e != want and _queue_relative_entry(e, config.queue_directory) == want]
+            if same:  # the same socket by its absolute name: never a second entry
+                found.append(Finding(
+                    Status.DIFFERENT, main, f"{entry.name}: replace {same[0]} with {want}",
+                    "the same socket; a chrooted Postfix daemon reaches only the name "
+                    "relative to the queue directory"))
+                continue
             found.append(Finding(Status.MISSING, main, f"{entry.name}: add {want}",
                                  f"now: {value or '(empty)'}"))
             continue
@@ -1126,11 +1151,16 @@ def cmd_postfix_config(policy: Policy, args: argparse.Namespace,
             print(f"mqpolicy postfix-config: relay host unknown ({exc}); the transport map "
                   "names no next hop: pass --relayhost", file=sys.stderr)
     queue_dir = args.queue_directory
+    if queue_dir is not None and not queue_dir.startswith("/"):
+        print(f"mqpolicy postfix-config: --queue-directory must be absolute: {queue_dir}",
+              file=sys.stderr)
+        return EXIT_USAGE
     if queue_dir is None and _names_unix_socket(policy, args):
         try:
             queue_dir = read_queue_directory(args.check or config_dir)
-        except (OSError, subprocess.SubprocessError):
-            queue_dir = None  # no Postfix here (yet): its default
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"mqpolicy postfix-config: queue_directory unknown ({exc}); assuming "
+                  f"{DEFAULT_QUEUE_DIR}: pass --queue-directory", file=sys.stderr)
     try:
         config = generate(policy, PostfixConfigOptions(
             policy_endpoint=args.policy_endpoint, milter=args.milter,

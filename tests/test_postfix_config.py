@@ -14,6 +14,7 @@ from mqpolicy.cli import main
 from mqpolicy.config import ConfigError, Policy, PostfixDelivery, load_policy
 from mqpolicy.mx_rollup import match_destination
 from mqpolicy.postfix_config import (
+    POSTCONF,
     SECTION_HEADER_CHECKS,
     SECTION_MAIN,
     SECTION_MASTER,
@@ -330,6 +331,71 @@ def test_the_command_names_sockets_relative_to_the_queue_directory_it_is_given(
     outside = capsys.readouterr().out
     assert settings_of(outside)["smtpd_milters"] == "unix:/srv/q/mq/milter.sock"
     assert "check_policy_service unix:/srv/q/mq/policy.sock" in outside
+
+
+@pytest.mark.skipif(not Path(POSTCONF).exists(), reason="postconf not installed")
+def test_the_command_asks_postconf_for_the_queue_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(LANES.replace('listen: ["127.0.0.1:10040"]',
+                                  'listen: ["127.0.0.1:10040", "unix:/srv/q/mq/policy.sock"]'))
+    postfix_dir = tmp_path / "postfix"
+    postfix_dir.mkdir()
+    (postfix_dir / "main.cf").write_text("queue_directory = /srv/q\n")
+    args = ["postfix-config", "-c", str(path), "--section", "main.cf"]
+    assert main([*args, "--config-directory", str(postfix_dir)]) == 0
+    out = capsys.readouterr()
+    assert "check_policy_service unix:mq/policy.sock" in out.out
+    assert "queue_directory unknown" not in out.err
+    # postconf cannot say: a warning, the default queue directory, TCP before that socket
+    assert main([*args, "--config-directory", str(tmp_path / "none")]) == 0
+    out = capsys.readouterr()
+    assert "check_policy_service inet:127.0.0.1:10040" in out.out
+    assert "queue_directory unknown" in out.err
+    assert "pass --queue-directory" in out.err
+    # an address that is no unix socket needs no queue directory: postconf is not asked
+    assert main([*args, "--config-directory", str(tmp_path / "none"),
+                 "--policy-endpoint", "127.0.0.1:10040"]) == 0
+    assert "queue_directory unknown" not in capsys.readouterr().err
+    assert main([*args, "--queue-directory", "srv/q"]) == 2
+    assert "--queue-directory must be absolute" in capsys.readouterr().err
+
+
+def test_check_asks_to_replace_an_absolute_name_of_the_same_socket_never_to_add_one(
+    write_policy: WritePolicy,
+) -> None:
+    config = generate(
+        write_policy(LANES.replace('listen: ["127.0.0.1:10040"]',
+                                   'listen: ["unix:/var/spool/postfix/mq/policy.sock"]')),
+        PostfixConfigOptions(milter="unix:/var/spool/postfix/mq/milter.sock"))
+    absolute = "unix:/var/spool/postfix/mq/policy.sock"
+    pasted = installed(config,
+                       smtpd_recipient_restrictions=f"check_policy_service {absolute}",
+                       non_smtpd_milters="unix:/var/spool/postfix/mq/milter.sock")
+    found = statuses(compare(config, pasted.state()))
+    assert found[Status.DIFFERENT] == [
+        f"smtpd_recipient_restrictions: replace check_policy_service {absolute} with "
+        "check_policy_service unix:mq/policy.sock",
+        "non_smtpd_milters: replace unix:/var/spool/postfix/mq/milter.sock with "
+        "unix:mq/milter.sock",
+    ]
+    assert Status.MISSING not in found
+    # another socket is no replacement: it is missing
+    pasted = installed(config, non_smtpd_milters="unix:/run/other/milter.sock")
+    found = statuses(compare(config, pasted.state()))
+    assert found[Status.MISSING] == ["non_smtpd_milters: add unix:mq/milter.sock"]
+
+
+def test_a_milter_socket_outside_the_queue_directory_gets_a_chroot_note(
+    write_policy: WritePolicy,
+) -> None:
+    policy = write_policy(LANES)
+    outside = generate(policy, PostfixConfigOptions(milter="unix:/run/mq/milter.sock"))
+    assert any("milter outside /var/spool/postfix" in note for note in outside.notes)
+    inside = generate(policy, PostfixConfigOptions(
+        milter="unix:/var/spool/postfix/mq/milter.sock"))
+    assert not any("chroot" in note for note in inside.notes)
 
 
 # ---------------------------------------------------------------- parsing postconf
