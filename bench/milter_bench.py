@@ -20,6 +20,9 @@ rate over rounds and the median of the per-round ratios to the floor, so the mac
 speeding up or slowing down between rounds hits both sides alike. Every process started is
 stopped by its PID, also on error or Ctrl-C.
 
+``--without-limits`` also measures ``mqpolicy`` with the bench policy minus its limits
+(classification and the lane header, no store work): what the milter costs before it counts.
+
 ``--stall`` also measures what a header-changing milter costs per message over TCP when
 nothing sets TCP_NODELAY (libmilter binds its own socket), one connection, in sequence.
 
@@ -89,6 +92,8 @@ limits:
     key: recipient_domain
     count: recipients
 """
+
+POLICY_WITHOUT_LIMITS = POLICY[:POLICY.index("limits:\n")]
 
 # argv: libmilter socket spec, mode: "plain" (nothing), "header" (adds a header; on TCP
 # binds its socket with TCP_NODELAY like mqpolicy) or "addheader" (adds a header on
@@ -266,7 +271,7 @@ def endpoint(transport: str, workdir: Path, name: str) -> tuple[str, str]:
 
 def start_milter(kind: str, transport: str, workdir: Path, procs: Processes,
                  floor_mode: str = "plain", rcpt_limits: str = "milter", name: str = "",
-                 ) -> tuple[Started, str]:
+                 policy: str = POLICY) -> tuple[Started, str]:
     name = name or kind
     spec, address = endpoint(transport, workdir, name)
     if kind == "floor":
@@ -275,7 +280,7 @@ def start_milter(kind: str, transport: str, workdir: Path, procs: Processes,
         argv = [sys.executable, str(script), spec, floor_mode]
     else:
         config = workdir / f"policy-{name}-{transport}.yaml"
-        config.write_text(POLICY.format(listen=spec, rcpt_limits=rcpt_limits))
+        config.write_text(policy.format(listen=spec, rcpt_limits=rcpt_limits))
         argv = [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)]
     started = procs.start(f"{name}-{transport}", argv, cwd=REPO)
     wait_ready(started.proc, address, started.log)
@@ -352,6 +357,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eom-only", action="store_true",
                         help="also measure mqpolicy with rcpt_limits: policy_server (Postfix "
                              "with the policy server: one decision per message)")
+    parser.add_argument("--without-limits", action="store_true",
+                        help="also measure mqpolicy with the bench policy minus its limits "
+                             "(no store work: what the milter costs before it counts)")
     parser.add_argument("--stall", action="store_true",
                         help="also measure a header-changing milter on libmilter's own TCP "
                              "socket (no TCP_NODELAY)")
@@ -384,6 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         start_milter("mqpolicy", transport, workdir, procs,
                                                      rcpt_limits="policy_server",
                                                      name="mqpolicy-eom")))
+                    if args.without_limits:
+                        started.append(("mqpolicy no limits",
+                                        start_milter("mqpolicy", transport, workdir, procs,
+                                                     name="mqpolicy-nolimits",
+                                                     policy=POLICY_WITHOUT_LIMITS)))
                     try:
                         floor, *ours = measure(
                             [Contender(name, address, [], []) for name, (_, address) in started],
