@@ -17,8 +17,9 @@ speaking the MTA side with ``miltertest`` (like Postfix it writes the packets th
 answer together with the next one that does). The milters are driven in turn, in
 ``--pairs`` rounds of ``--seconds`` each (the order alternates); a row shows the median
 rate over rounds and the median of the per-round ratios to the floor, so the machine
-speeding up or slowing down between rounds hits both sides alike. Every process started is
-stopped by its PID, also on error or Ctrl-C.
+speeding up or slowing down between rounds hits both sides alike, and ``cpu us`` the milter
+process's CPU time (user + system, from ``/proc``) per message over all its rounds. Every
+process started is stopped by its PID, also on error or Ctrl-C.
 
 ``--without-limits`` also measures ``mqpolicy`` with the bench policy minus its limits
 (classification and the lane header, no store work): what the milter costs before it counts.
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,7 @@ class Result:
     mean_ms: float
     p99_ms: float
     rates: list[float]  # per round
+    cpu_us: float  # the milter process's CPU (user + system) per message, all rounds
 
 
 def wait_ready(proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
@@ -308,8 +310,16 @@ class Contender:
 
     name: str
     address: str
-    rates: list[float]
-    times: list[float]
+    pid: int
+    rates: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    cpu_s: float = 0.0  # the milter's CPU time over the rounds
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(contenders: list[Contender], transport: str, clients: int, seconds: float,
@@ -321,7 +331,9 @@ def measure(contenders: list[Contender], transport: str, clients: int, seconds: 
     for round_no in range(pairs):
         order = contenders if round_no % 2 == 0 else contenders[::-1]
         for c in order:
+            cpu_before = cpu_seconds(c.pid)
             count, elapsed, times = drive(c.address, clients, seconds)
+            c.cpu_s += cpu_seconds(c.pid) - cpu_before
             c.rates.append(count / elapsed)
             c.times.extend(times)
     results = []
@@ -330,7 +342,7 @@ def measure(contenders: list[Contender], transport: str, clients: int, seconds: 
         p99 = times[min(len(times) - 1, int(len(times) * 0.99))] if times else 0.0
         results.append(Result(transport, c.name, clients, statistics.median(c.rates),
                               statistics.fmean(times) * 1000 if times else 0.0, p99 * 1000,
-                              c.rates))
+                              c.rates, c.cpu_s / len(times) * 1e6 if times else 0.0))
     return results
 
 
@@ -341,7 +353,7 @@ def print_row(r: Result, floor: Result | None) -> None:
         ratios = [ours / base for ours, base in zip(r.rates, floor.rates, strict=True)]
         versus = f"{statistics.median(ratios) * 100:6.1f}%"
     print(f"{r.transport:<5} {r.milter:<18} {r.clients:>7} {r.rate:>10.0f} {versus} "
-          f"{r.mean_ms:>8.2f} {r.p99_ms:>8.2f}", flush=True)
+          f"{r.mean_ms:>8.2f} {r.p99_ms:>8.2f} {r.cpu_us:>8.0f}", flush=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -376,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"cpus={os.cpu_count()} rounds={args.pairs} x {args.seconds} s per milter "
           f"(messages: 1 recipient, {len(HEADERS)} headers, {len(BODY) * 25} body bytes)")
     print(f"{'net':<5} {'milter':<18} {'clients':>7} {'msgs/s':>10} {'vs floor':>7} "
-          f"{'mean ms':>8} {'p99 ms':>8}")
+          f"{'mean ms':>8} {'p99 ms':>8} {'cpu us':>8}")
     try:
         with sigterm_as_interrupt():
             for transport in args.transports.split(","):
@@ -399,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                      policy=POLICY_WITHOUT_LIMITS)))
                     try:
                         floor, *ours = measure(
-                            [Contender(name, address, [], []) for name, (_, address) in started],
+                            [Contender(name, address, milter.proc.pid)
+                             for name, (milter, address) in started],
                             transport, clients, args.seconds, args.pairs)
                     finally:
                         for _, (milter, _) in started:
@@ -411,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 milter, address = start_milter("floor", "tcp", workdir, procs,
                                                floor_mode="addheader", name="floor-addheader")
                 try:
-                    (stalled,) = measure([Contender("floor+addheader", address, [], [])],
+                    (stalled,) = measure([Contender("floor+addheader", address, milter.proc.pid)],
                                          "tcp", 1, min(args.seconds, 2.0), 1)
                 finally:
                     procs.stop(milter)
