@@ -314,12 +314,16 @@ def test_the_command_prints_all_blocks_or_one(
     assert main(["postfix-config", "-c", str(path), "--milter", "nonsense"]) == 2
 
 
+def lanes_listening_on(listen: str) -> str:
+    """LANES with its listen entries replaced by ``listen`` (a YAML list)."""
+    return LANES.replace('listen: ["127.0.0.1:10040"]', f"listen: {listen}")
+
+
 def test_the_command_names_sockets_relative_to_the_queue_directory_it_is_given(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text(LANES.replace('listen: ["127.0.0.1:10040"]',
-                                  'listen: ["unix:/srv/q/mq/policy.sock"]'))
+    path.write_text(lanes_listening_on('["unix:/srv/q/mq/policy.sock"]'))
     args = ["postfix-config", "-c", str(path), "--section", "main.cf",
             "--milter", "unix:/srv/q/mq/milter.sock"]
     assert main([*args, "--queue-directory", "/srv/q"]) == 0
@@ -338,8 +342,7 @@ def test_the_command_asks_postconf_for_the_queue_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text(LANES.replace('listen: ["127.0.0.1:10040"]',
-                                  'listen: ["127.0.0.1:10040", "unix:/srv/q/mq/policy.sock"]'))
+    path.write_text(lanes_listening_on('["127.0.0.1:10040", "unix:/srv/q/mq/policy.sock"]'))
     postfix_dir = tmp_path / "postfix"
     postfix_dir.mkdir()
     (postfix_dir / "main.cf").write_text("queue_directory = /srv/q\n")
@@ -366,8 +369,7 @@ def test_check_asks_to_replace_an_absolute_name_of_the_same_socket_never_to_add_
     write_policy: WritePolicy,
 ) -> None:
     config = generate(
-        write_policy(LANES.replace('listen: ["127.0.0.1:10040"]',
-                                   'listen: ["unix:/var/spool/postfix/mq/policy.sock"]')),
+        write_policy(lanes_listening_on('["unix:/var/spool/postfix/mq/policy.sock"]')),
         PostfixConfigOptions(milter="unix:/var/spool/postfix/mq/milter.sock"))
     absolute = "unix:/var/spool/postfix/mq/policy.sock"
     pasted = installed(config,
