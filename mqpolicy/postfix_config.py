@@ -154,7 +154,7 @@ class DestinationTransport:
 class PostfixConfigOptions:
     """What the policy file does not say: where Postfix reaches mqpolicy, and how."""
 
-    policy_endpoint: str | None = None  # default: the first of policy.listen
+    policy_endpoint: str | None = None  # default: policy_endpoint(policy.listen, ...)
     milter: str | None = None  # the milter's address; None: milter lines commented out
     config_directory: str = DEFAULT_POSTFIX_DIR  # where the header-checks map lives
     # Postfix's queue_directory: its daemons run there (chrooted or not), so a unix socket
@@ -1116,8 +1116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the mqpolicy milter's address (inet:HOST:PORT or unix:/PATH); "
                              "without it the milter lines are printed commented out")
     parser.add_argument("--policy-endpoint", metavar="ADDRESS",
-                        help="where Postfix reaches the policy server (default: the first "
-                             "listen entry of the policy file)")
+                        help="where Postfix reaches the policy server (default, from the "
+                             "policy file's listen: a unix socket inside the queue "
+                             "directory, else the first TCP entry, else the first)")
     parser.add_argument("--config-directory", metavar="DIR", default=None,
                         help=f"Postfix config directory holding the header-checks map "
                              f"(default: the --check DIR, else {DEFAULT_POSTFIX_DIR})")
