@@ -1,10 +1,11 @@
 """What every bench script shares: the processes it starts, each stopped by its PID, also
 when the script is interrupted: SIGTERM (``timeout``, ``kill PID``) unwinds like Ctrl-C, so
-the ``finally`` blocks run."""
+the ``finally`` blocks run; and the CPU time they spend."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,34 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of ``pid`` and its descendants, from /proc (0 if gone).
+
+    Reads only the process tree (``/proc/PID/task/*/children``), so it is cheap enough to
+    call from the load loop.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+            except OSError:
+                continue
+    return total
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_processes import Processes, Started, sigterm_as_interrupt
+from bench_processes import Processes, Started, cpu_seconds, sigterm_as_interrupt
 from miltertest import MilterConnection, codec
 from miltertest import constants as C
 
@@ -314,12 +314,6 @@ class Contender:
     rates: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     cpu_s: float = 0.0  # the milter's CPU time over the rounds
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(contenders: list[Contender], transport: str, clients: int, seconds: float,

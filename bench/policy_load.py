@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench_processes import cpu_seconds
+
 NS_PER_MS = 1_000_000
 REPLY_END = b"\n\n"
 RECV_SIZE = 65536
@@ -93,34 +95,6 @@ def connect(target: Target, timeout: float = 5.0) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds of ``pid`` and its descendants, from /proc (0 if gone).
-
-    Reads only the process tree (``/proc/PID/task/*/children``), so it is cheap enough to
-    call from the load loop.
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                stat = f.read()
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += (int(fields[11]) + int(fields[12])) / tick
-        for task in tasks:
-            try:
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(child) for child in f.read().split())
-            except OSError:
-                continue
-    return total
 
 
 # --------------------------------------------------------------------------- workload

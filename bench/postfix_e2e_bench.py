@@ -54,7 +54,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_processes import sigterm_as_interrupt  # noqa: E402
+from bench_processes import cpu_seconds, sigterm_as_interrupt  # noqa: E402
 
 from mqpolicy.endpoints import Endpoint  # noqa: E402
 from mqpolicy.postfix_config import (  # noqa: E402
@@ -230,11 +230,6 @@ def drive(port: int, messages: int, per_connection: int, tag: str,
     return elapsed, sum(refused)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Target:
     """One private Postfix, with or without mqpolicy in the path."""
 
@@ -282,7 +277,7 @@ class Target:
         self.instance.start()
 
     def policy_cpu(self) -> float:
-        return _cpu_seconds(self.server.pid) if self.server else 0.0
+        return cpu_seconds(self.server.pid) if self.server else 0.0
 
     def decisions(self) -> int:
         """END-OF-MESSAGE decisions the policy server logged (one per message)."""
