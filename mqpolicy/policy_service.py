@@ -77,8 +77,10 @@ class _PendingHold:
     domains: dict[str, None] = field(default_factory=dict)
 
     def add(self, recipient: str) -> None:
-        if len(self.domains) < MAX_DESTINATIONS:
-            self.domains[domain_of(recipient)] = None
+        """Remember the recipient's domain (none: nothing), up to what a record keeps."""
+        domain = domain_of(recipient)
+        if domain and len(self.domains) < MAX_DESTINATIONS:
+            self.domains[domain] = None
 
 
 class PostfixPolicyHandler:

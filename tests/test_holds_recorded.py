@@ -14,7 +14,7 @@ import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 from mqpolicy.budget import StoreError
 from mqpolicy.config import ErrorAction, MilterSettings, parse_policy
 from mqpolicy.decisions import DecisionService
-from mqpolicy.hold_records import HoldRecord, MemoryHoldRecords
+from mqpolicy.hold_records import MAX_DESTINATIONS, HoldRecord, MemoryHoldRecords
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.milter_service import DecisionGateway
 from mqpolicy.policy_service import PostfixPolicyHandler
@@ -152,6 +152,21 @@ def test_without_a_record_store_postfix_holds_as_before() -> None:
         h = handler(None)
         answers = await message(h, "a@later.example", ["r@x.example"], "i7", "QID00007")
         assert answers[0].startswith("HOLD")
+
+    asyncio.run(main())
+
+
+def test_a_recipient_without_a_domain_takes_no_destination_of_the_record() -> None:
+    async def main() -> None:
+        records = MemoryHoldRecords(clock)
+        h = handler(records)
+        domains = [f"d{i}.example" for i in range(MAX_DESTINATIONS)]
+        recipients = ["postmaster", *(f"r@{d}" for d in domains)]
+        answers = await message(h, "a@later.example", recipients, "i8", "QID00008")
+        assert answers[-1].startswith("HOLD")
+        got = await records.get("QID00008")
+        assert got is not None
+        assert got.destinations == tuple(domains)
 
     asyncio.run(main())
 
