@@ -64,16 +64,9 @@ def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> 
 
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        # one line per decision goes through here: the loop is written out
         parts = [f"level={record.levelname.lower()} logger={record.name} "
                  f"msg={_kv_value(record.getMessage())}"]
-        append = parts.append
-        for key, value in _record_fields(record).items():
-            text = value if type(value) is str else str(value)
-            if _safe(text):
-                append(f"{key}={text}")
-            else:
-                append(f"{key}={json.dumps(text, ensure_ascii=False)}")
+        parts.extend(f"{k}={_kv_value(v)}" for k, v in _record_fields(record).items())
         exc = _exception_text(self, record)
         if exc:
             parts.append(f"exc={_kv_value(exc)}")
