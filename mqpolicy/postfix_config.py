@@ -376,21 +376,20 @@ def _setting_lines(setting: Setting) -> list[str]:
 # ---------------------------------------------------------------- generate
 
 
-def queue_relative(path: str, queue_directory: str | None) -> str:
+def queue_relative(path: str, queue_directory: str) -> str:
     """A unix socket path as Postfix's daemons reach it best: relative to the queue
     directory when it lies inside it (they run there; a chrooted one sees nothing else,
     and an absolute path inside its chroot would not resolve), else as given."""
-    if queue_directory:
-        try:
-            inside = PurePosixPath(path).relative_to(PurePosixPath(queue_directory))
-        except ValueError:
-            return path
-        if inside.parts and ".." not in inside.parts:
-            return str(inside)
+    try:
+        inside = PurePosixPath(path).relative_to(PurePosixPath(queue_directory))
+    except ValueError:
+        return path
+    if inside.parts and ".." not in inside.parts:
+        return str(inside)
     return path
 
 
-def postfix_address(endpoint: Endpoint, queue_directory: str | None = None) -> str:
+def postfix_address(endpoint: Endpoint, queue_directory: str) -> str:
     """How ``check_policy_service`` / ``smtpd_milters`` name an endpoint; a wildcard
     listen address is reached on loopback, a unix socket inside ``queue_directory``
     relative to it."""
@@ -406,7 +405,7 @@ def postfix_address(endpoint: Endpoint, queue_directory: str | None = None) -> s
     return f"inet:{host}:{endpoint.port}"
 
 
-def parse_address(text: str, queue_directory: str | None = None) -> str:
+def parse_address(text: str, queue_directory: str) -> str:
     """An address given on the command line (``127.0.0.1:10041``, ``inet:h:p``,
     ``unix:/path``) in Postfix form; raises EndpointSyntaxError."""
     return postfix_address(parse_endpoint(text), queue_directory)
@@ -417,8 +416,7 @@ def policy_endpoint(listen: Sequence[Endpoint], queue_directory: str) -> Endpoin
     (no TCP on the way, reachable from a chrooted smtpd), else the first TCP one, else
     the first."""
     for endpoint in listen:
-        if endpoint.is_unix and not queue_relative(endpoint.path,
-                                                   queue_directory).startswith("/"):
+        if endpoint.is_unix and queue_relative(endpoint.path, queue_directory) != endpoint.path:
             return endpoint
     tcp = [e for e in listen if not e.is_unix]
     return (tcp or list(listen))[0]
@@ -552,6 +550,13 @@ def destination_transports(
     return out, notes
 
 
+def _chroot_note(what: str, daemons: str, queue_dir: str, socket_name: str) -> str:
+    inside = PurePosixPath(queue_dir) / "mqpolicy" / socket_name
+    return (f"a unix-socket {what} outside {queue_dir} is unreachable from a chrooted "
+            f"{daemons}: set the chroot column in master.cf to n, or listen inside it "
+            f"(unix:{inside})")
+
+
 def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> PostfixConfig:
     """Every setting the policy needs, derived from the policy file and the options."""
     opts = options or PostfixConfigOptions()
@@ -564,11 +569,8 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
         if len(policy.listen) > 1:
             notes.append(f"the policy listens on {len(policy.listen)} endpoints; Postfix is "
                          f"pointed at {address} (choose another with --policy-endpoint)")
-    inside = PurePosixPath(queue_dir) / "mqpolicy"
-    if address.startswith("unix:/"):
-        notes.append(f"a unix-socket policy server outside {queue_dir} is unreachable from "
-                     "a chrooted smtpd: set the chroot column of smtpd in master.cf to n, "
-                     f"or listen inside it (unix:{inside / 'policy.sock'})")
+    if address.startswith("unix:/"):  # not named relative: outside the queue directory
+        notes.append(_chroot_note("policy server", "smtpd", queue_dir, "policy.sock"))
     header_path = str(Path(opts.config_directory) / HEADER_CHECKS_FILE)
     check = f"check_policy_service {address}"
     lists = [
@@ -604,9 +606,7 @@ def generate(policy: Policy, options: PostfixConfigOptions | None = None) -> Pos
     milter_address = (parse_address(opts.milter, queue_dir) if opts.milter
                       else "inet:127.0.0.1:10041")
     if opts.milter and milter_address.startswith("unix:/"):
-        notes.append(f"a unix-socket milter outside {queue_dir} is unreachable from a "
-                     "chrooted smtpd or cleanup: set their chroot column in master.cf to n, "
-                     f"or listen inside it (unix:{inside / 'milter.sock'})")
+        notes.append(_chroot_note("milter", "smtpd or cleanup", queue_dir, "milter.sock"))
     lists.append(ListEntry("smtpd_milters", milter_address, ("Mail received by smtpd.",)))
     lists.append(ListEntry(
         "non_smtpd_milters", milter_address,
@@ -1094,17 +1094,16 @@ def read_postfix(config_dir: str, names: Iterable[str] = (),
     return PostfixState(params, expanded, services, service_params, files, effective)
 
 
-def read_relayhost(config_dir: str, postconf: str = POSTCONF) -> str:
-    """Postfix's ``relayhost`` in ``config_dir``, expanded ('' when unset)."""
-    return _postconf(postconf, config_dir, "-xh", "relayhost").strip()
-
-
-def read_queue_directory(config_dir: str, postconf: str = POSTCONF) -> str:
-    """Postfix's ``queue_directory`` in ``config_dir``, expanded."""
-    return _postconf(postconf, config_dir, "-xh", "queue_directory").strip()
+def read_parameters(config_dir: str, *names: str, postconf: str = POSTCONF) -> dict[str, str]:
+    """Postfix's parameters ``names`` in ``config_dir``, expanded ('' when unset): one
+    postconf run."""
+    values = _postconf(postconf, config_dir, "-xh", *names).split("\n")
+    return {name: value.strip() for name, value in zip(names, values, strict=False)}
 
 
 def _names_unix_socket(policy: Policy, args: argparse.Namespace) -> bool:
+    """Whether the addresses Postfix gets may be unix sockets (their names then depend on
+    the queue directory)."""
     addresses = [args.policy_endpoint, args.milter]
     return (any(a and a.startswith("unix:") for a in addresses)
             or (not args.policy_endpoint and any(e.is_unix for e in policy.listen)))
@@ -1144,24 +1143,29 @@ def cmd_postfix_config(policy: Policy, args: argparse.Namespace,
                        out: TextIO | None = None) -> int:
     out = out or sys.stdout
     config_dir = args.config_directory or args.check or DEFAULT_POSTFIX_DIR
-    relayhost = args.relayhost
-    if relayhost is None and needs_destination_transports(policy):
-        try:
-            relayhost = read_relayhost(args.check or config_dir)
-        except (OSError, subprocess.SubprocessError) as exc:
-            print(f"mqpolicy postfix-config: relay host unknown ({exc}); the transport map "
-                  "names no next hop: pass --relayhost", file=sys.stderr)
-    queue_dir = args.queue_directory
+    relayhost, queue_dir = args.relayhost, args.queue_directory
     if queue_dir is not None and not queue_dir.startswith("/"):
         print(f"mqpolicy postfix-config: --queue-directory must be absolute: {queue_dir}",
               file=sys.stderr)
         return EXIT_USAGE
-    if queue_dir is None and _names_unix_socket(policy, args):
+    # what the options leave unsaid and the output depends on, as this Postfix has it
+    unknown = {
+        "relayhost": ("relay host unknown", "the transport map names no next hop"),
+        "queue_directory": ("queue_directory unknown", f"assuming {DEFAULT_QUEUE_DIR}"),
+    }
+    if relayhost is not None or not needs_destination_transports(policy):
+        del unknown["relayhost"]
+    if queue_dir is not None or not _names_unix_socket(policy, args):
+        del unknown["queue_directory"]
+    if unknown:
         try:
-            queue_dir = read_queue_directory(args.check or config_dir)
+            found = read_parameters(args.check or config_dir, *unknown)
+            relayhost = found.get("relayhost", relayhost)
+            queue_dir = found.get("queue_directory") or queue_dir
         except (OSError, subprocess.SubprocessError) as exc:
-            print(f"mqpolicy postfix-config: queue_directory unknown ({exc}); assuming "
-                  f"{DEFAULT_QUEUE_DIR}: pass --queue-directory", file=sys.stderr)
+            for name, (what, then) in unknown.items():
+                print(f"mqpolicy postfix-config: {what} ({exc}); {then}: pass "
+                      f"--{name.replace('_', '-')}", file=sys.stderr)
     try:
         config = generate(policy, PostfixConfigOptions(
             policy_endpoint=args.policy_endpoint, milter=args.milter,
