@@ -140,7 +140,7 @@ HEADERS = [
     ("Date", "Thu, 27 Nov 2025 10:00:00 +0000"),
     ("Message-ID", "<1234@example.com>"),
     ("MIME-Version", "1.0"),
-    ("X-MQ-Lane", "transactional"),  # forged: mqpolicy deletes it
+    ("X-MQ-Lane", "transactional"),  # forged: mqpolicy changes it to its lane
 ]
 
 
