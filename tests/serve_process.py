@@ -68,6 +68,15 @@ class MqpolicyProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
 
+    def wait_logged(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
+        """Until the process has logged ``text`` ``count`` times; it must stay alive."""
+        deadline = time.monotonic() + timeout
+        while self.alive and self.log_text().count(text) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged {count} times:\n{self.log_text()}")
+            time.sleep(0.05)
+        assert self.alive, self.log_text()
+
     def kill(self) -> None:
         """SIGKILL, as a crash would end it, and reap it."""
         if self.proc is not None and self.proc.poll() is None:

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,19 +120,11 @@ def served(tmp_path: Path) -> Iterator[ServeProcess]:
         proc.stop()
 
 
-def wait_for_log(proc: ServeProcess, needle: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in proc.log_text():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needle!r} not logged:\n{proc.log_text()}")
-        time.sleep(0.05)
-
-
 def test_serve_decides_and_logs(served: ServeProcess) -> None:
     assert served.ask(eom(1)) == "DUNNO"
     assert served.ask(eom(2)) == "DUNNO"
     assert served.ask(eom(3)) == "450 4.7.1 slow down a@example.com, retry in 1800s"
-    wait_for_log(served, "action=defer")
+    served.wait_logged("action=defer")
     line = next(ln for ln in served.log_text().splitlines() if "action=defer" in ln)
     assert "qid=Q3" in line
     assert "by=per-sender" in line
@@ -148,12 +139,12 @@ def test_sighup_reload_applies_good_file_and_keeps_old_on_bad(served: ServeProce
     good = served.config.read_text()
     served.config.write_text(good + "limits: oops\n")
     served.signal(signal.SIGHUP)
-    wait_for_log(served, "reload refused")
+    served.wait_logged("reload refused")
     assert served.ask(eom(4, "b@example.com")).startswith("450 4.7.1")
     # a good file with a new limit takes effect without a restart
     served.config.write_text(good.replace("rate: 2/1h", "rate: 1000/1h"))
     served.signal(signal.SIGHUP)
-    wait_for_log(served, "policy reloaded")
+    served.wait_logged("policy reloaded")
     assert served.ask(eom(5, "b@example.com")) == "DUNNO"
 
 
@@ -204,12 +195,12 @@ def test_two_processes_share_one_port_and_one_budget(tmp_path: Path,
     try:
         for proc in procs:
             proc.start()
-            wait_for_log(proc, "msg=ready")  # a connect alone may reach the other process
+            proc.wait_logged("msg=ready")  # a connect alone may reach the other process
         replies = [procs[0].ask(eom(i)) for i in range(80)]
         assert replies.count("DUNNO") == 30
         assert sum(r.startswith("450 4.7.1") for r in replies) == 50
         for proc in procs:  # the kernel spread the connections over both processes
-            wait_for_log(proc, "qid=Q")
+            proc.wait_logged("qid=Q")
     finally:
         for proc in procs:
             proc.stop()

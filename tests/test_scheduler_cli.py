@@ -12,7 +12,6 @@ import pytest
 
 from mqpolicy.hold_records import HoldRecord, RecordSet
 from mqpolicy.mta_queue import QueueEntry
-from mqpolicy.postfix_instance import poll
 from mqpolicy.release_planner import plan_releases, summarize
 from mqpolicy.scheduler_cli import render_queue
 from tests.redis_fixture import RedisServer
@@ -81,13 +80,6 @@ def test_render_queue() -> None:
     assert any(line.split()[:4] == ["bulk", "d0.example", "1", "1"] for line in lines)
 
 
-def _wait_for(process: MqpolicyProcess, text: str, count: int = 1) -> None:
-    """Until the process has logged ``text`` ``count`` times (it must stay alive)."""
-    poll(lambda: not process.alive or process.log_text().count(text) >= count, 15.0,
-         f"{text!r} in the scheduler's log")
-    assert process.alive, process.log_text()
-
-
 def test_scheduler_reloads_on_sighup_and_keeps_its_policy_on_a_bad_one(
     tmp_path: Path, redis_clean: RedisServer, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -108,23 +100,25 @@ def test_scheduler_reloads_on_sighup_and_keeps_its_policy_on_a_bad_one(
     process = MqpolicyProcess("scheduler", path, tmp_path / "scheduler.log")
     process.start()
     try:
-        _wait_for(process, "msg=reconciled")
+        process.wait_logged("msg=reconciled")
         assert "msg=pass" not in process.log_text()
 
         path.write_text(policy("debug"))  # the new policy's log level shows it is in force
         process.signal(signal.SIGHUP)
-        _wait_for(process, "msg=\"policy reloaded\"")
-        _wait_for(process, "level=debug logger=mqpolicy.scheduler msg=pass")
+        process.wait_logged("msg=\"policy reloaded\"")
+        process.wait_logged("level=debug logger=mqpolicy.scheduler msg=pass")
 
         path.write_text("store: [broken\n")
         process.signal(signal.SIGHUP)
-        _wait_for(process, "msg=\"reload refused, keeping the running policy\"")
+        process.wait_logged("msg=\"reload refused, keeping the running policy\"")
 
-        for refused in (policy("info", url="redis://127.0.0.1:1/0"),
-                        policy("info", scheduler=False)):
+        # each refusal waited for before the next file is written: the reload reads the
+        # file after the signal, and two pending SIGHUPs may merge into one
+        for count, refused in enumerate((policy("info", url="redis://127.0.0.1:1/0"),
+                                         policy("info", scheduler=False)), 1):
             path.write_text(refused)
             process.signal(signal.SIGHUP)
-        _wait_for(process, "the scheduler section and the store cannot change", count=2)
+            process.wait_logged("the scheduler section and the store cannot change", count)
         assert process.log_text().count("msg=\"policy reloaded\"") == 1
     finally:
         assert process.stop() == 0, process.log_text()
