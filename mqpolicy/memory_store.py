@@ -130,8 +130,7 @@ class MemoryStore:
         self._prefix = key_prefix
         # prefixed key -> (tat or once marker, expiry in the callers' ms clock)
         self._data: OrderedDict[str, tuple[float, int]] = OrderedDict()
-        self._writes = 0
-        self._next_sweep = _SWEEP_EVERY  # the write count that runs the next sweep slice
+        self._until_sweep = _SWEEP_EVERY  # writes left before the next sweep slice
         self._last_now = 0
         # Decisions may come from several threads (the milter's): one at a time.
         self._lock = threading.Lock()
@@ -160,11 +159,12 @@ class MemoryStore:
         self._wrote(1)
 
     def _wrote(self, count: int) -> None:
-        """Count writes; run a sweep slice when one is due."""
-        self._writes += count
-        if self._writes >= self._next_sweep:
+        """Count writes; run the sweep slices due (one per slice's worth of writes, also
+        when one decision writes many keys)."""
+        self._until_sweep -= count
+        while self._until_sweep <= 0:
             dropped = self._sweep(self._last_now)
-            self._next_sweep = self._writes + (_SWEEP_EVERY if dropped else _SWEEP_EVERY_IDLE)
+            self._until_sweep += _SWEEP_EVERY if dropped else _SWEEP_EVERY_IDLE
 
     def _sweep(self, now_ms: int) -> int:
         """Look at the oldest ``_SWEEP_BATCH`` entries: drop expired ones, requeue the rest.

@@ -963,6 +963,19 @@ def test_memory_store_sweeps_keys_nobody_reads_again() -> None:
     asyncio.run(main())
 
 
+def test_memory_store_sweeps_as_fast_as_decisions_with_many_limits_write() -> None:
+    async def main() -> None:
+        store = MemoryStore()
+        now = 1_000_000
+        for i in range(2000):  # 40 budgets and a once key per decision: 82,000 keys
+            now += 10
+            await store.evaluate([BudgetCheck(f"d{i}-{n}", 1.0, 5, 1) for n in range(40)],
+                                 now, once_key=f"q{i}", once_ttl_ms=5)
+        assert len(store) < 500  # each key dead within 5 ms
+
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------------ factory
 
 
