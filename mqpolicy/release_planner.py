@@ -320,8 +320,8 @@ class QueueSummary:
     foreign: list[QueueEntry]  # held by someone else: left alone
     broken: list[BrokenRecord]
     unknown_lanes: list[str]
-    queues: dict[str, int] = field(default_factory=dict)  # the MTA's queue sizes
-    waiting_lanes: list[str] = field(default_factory=list)  # waiting for the queues
+    queues: dict[str, int]  # the MTA's queue sizes
+    waiting_lanes: list[str]  # waiting for the MTA's queues
 
     @property
     def held(self) -> int:
@@ -341,8 +341,10 @@ class QueueSummary:
         }
 
 
-def summarize(plan: ReleasePlan, now_ms: int) -> QueueSummary:
-    """What ``plan`` holds, per lane and per destination, with due times."""
+def summarize(plan: ReleasePlan, now_ms: int, queues: Mapping[str, int] | None = None,
+              waiting_lanes: Iterable[str] = ()) -> QueueSummary:
+    """What ``plan`` holds, per lane and per destination, with due times; with the MTA's
+    queue sizes and the lanes waiting for them, when given."""
     lanes: dict[str, HeldGroup] = {}
     destinations: dict[tuple[str, str], HeldGroup] = {}
     groups = (("due", plan.due), ("resume", plan.resume), ("paused", plan.paused),
@@ -366,4 +368,6 @@ def summarize(plan: ReleasePlan, now_ms: int) -> QueueSummary:
         foreign=list(plan.foreign),
         broken=list(plan.broken),
         unknown_lanes=sorted(plan.unknown_lanes),
+        queues=dict(queues or {}),
+        waiting_lanes=sorted(waiting_lanes),
     )

@@ -148,9 +148,7 @@ async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
     now = wall_clock_ms()
     plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
                          paused_lanes=paused, grace_ms=record_grace_ms(settings.interval_ms))
-    summary = summarize(plan, now)
-    summary.queues = dict(snapshot.counts)
-    summary.waiting_lanes = sorted(paused)
+    summary = summarize(plan, now, snapshot.counts, paused)
     if as_json:
         print(json.dumps(summary.as_json(), indent=2), file=out)
     else:

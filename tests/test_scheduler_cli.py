@@ -65,8 +65,7 @@ def test_render_queue() -> None:
         "Q00003": HoldRecord("Q00003", "normal", now - 1, now - 70, "per-sender"),
     })
     summary = summarize(plan_releases(entries, records, now_ms=now, lanes=policy().lanes),
-                        now)
-    summary.queues = {"hold": 5, "deferred": 2}
+                        now, {"hold": 5, "deferred": 2})
     text = render_queue(summary)
     lines = text.splitlines()
     assert lines[0].startswith("held by mqpolicy: 4   held by others (left alone): 1")
