@@ -295,6 +295,13 @@ def _reply_text(text: str) -> str:
     return _one_line(text).replace("%", "%%")
 
 
+def _delete_headers(msg: _Message, name: str, count: int, down_to: int = 1) -> None:
+    """Plan the deletion of occurrences ``count`` .. ``down_to`` of header ``name``, last
+    first: the indexes of the earlier ones stay valid."""
+    for index in range(count, down_to - 1, -1):
+        msg.changes.append(("change", name, index, ""))
+
+
 @dataclass(slots=True)
 class _Message:
     """What one transaction (MAIL FROM ... end of message) accumulates."""
@@ -628,13 +635,12 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         return asked.not_before_ms, asked.header
 
     def _strip_schedule_headers(self, msg: _Message) -> None:
-        """Delete every scheduled-delivery header (last occurrence first, per name)."""
+        """Delete every scheduled-delivery header."""
         counts: dict[str, int] = {}
         for name, _ in msg.schedule_headers:
             counts[name] = counts.get(name, 0) + 1
         for name, count in counts.items():
-            for index in range(count, 0, -1):
-                msg.changes.append(("change", name, index, ""))
+            _delete_headers(msg, name, count)
 
     def abort(self) -> int:
         self._end()
@@ -678,8 +684,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         per message, also when a client forged one, where a delete and an add would be
         two packets to the MTA."""
         name = self.settings.lane_header
-        for index in range(msg.lane_headers, 1, -1):
-            msg.changes.append(("change", name, index, ""))
+        _delete_headers(msg, name, msg.lane_headers, down_to=2)
         if lane is not None:
             msg.changes.append(("change", name, 1, lane))
         elif msg.lane_headers:
