@@ -8,10 +8,14 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mqpolicy.endpoints import Endpoint
+from mqpolicy.postfix_instance import accepts
 
 
 @contextlib.contextmanager
@@ -104,3 +108,20 @@ class Processes:
         for started in reversed(self.started):
             stop(started.proc)
         self.started.clear()
+
+
+def wait_accepting(started: Started, address: str | tuple[str, int],
+                   timeout: float = 30.0) -> None:
+    """Poll a connect to ``address`` (a unix socket path, or (host, port)) until it succeeds;
+    fail early, with the end of its log, if the process exits."""
+    endpoint = (Endpoint(path=address) if isinstance(address, str)
+                else Endpoint(host=address[0], port=address[1]))
+    deadline = time.monotonic() + timeout
+    while not accepts(endpoint):
+        if started.proc.poll() is not None:
+            tail = started.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{started.name} exited with {started.proc.returncode}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{started.name} is not accepting on {address!r} after "
+                               f"{timeout}s")
+        time.sleep(0.01)  # between connect polls

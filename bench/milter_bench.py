@@ -41,7 +41,6 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_processes import Processes, Started, cpu_seconds, sigterm_as_interrupt
+from bench_processes import (
+    Processes,
+    Started,
+    cpu_seconds,
+    sigterm_as_interrupt,
+    wait_accepting,
+)
 from miltertest import MilterConnection, codec
 from miltertest import constants as C
 
@@ -249,19 +254,6 @@ class Result:
     cpu_us: float  # the milter process's CPU (user + system) per message, all rounds
 
 
-def wait_ready(proc: subprocess.Popen[bytes], address: str, log: Path) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"milter exited:\n{log.read_text(errors='replace')[-2000:]}")
-        try:
-            connect(address).close()
-            return
-        except OSError:
-            time.sleep(0.01)  # between connect polls
-    raise RuntimeError(f"milter not ready on {address}")
-
-
 def endpoint(transport: str, workdir: Path, name: str) -> tuple[str, str]:
     """(libmilter socket spec, client address)."""
     if transport == "unix":
@@ -285,7 +277,11 @@ def start_milter(kind: str, transport: str, workdir: Path, procs: Processes,
         config.write_text(policy.format(listen=spec, rcpt_limits=rcpt_limits))
         argv = [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)]
     started = procs.start(f"{name}-{transport}", argv, cwd=REPO)
-    wait_ready(started.proc, address, started.log)
+    if address.startswith("/"):
+        wait_accepting(started, address)
+    else:
+        host, port = address.rsplit(":", 1)
+        wait_accepting(started, (host, int(port)))
     return started, address
 
 

@@ -30,12 +30,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_processes import Processes, Started, sigterm_as_interrupt
+from bench_processes import Processes, Started, sigterm_as_interrupt, wait_accepting
 
 from mqpolicy.postfix_instance import free_port, log_tail
 
@@ -139,28 +138,6 @@ limits:
 # --------------------------------------------------------------------------- processes
 
 
-def wait_connectable(
-    address: str | tuple[str, int], proc: subprocess.Popen[bytes], timeout: float = 30.0
-) -> None:
-    """Poll a connect until it succeeds; fail early if ``proc`` exits."""
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening")
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            try:
-                s.connect(address)
-            except OSError:
-                pass
-            else:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.args!r} is not accepting on {address!r} after {timeout}s")
-        time.sleep(0.05)
-
-
 # --------------------------------------------------------------------------- the runs
 
 
@@ -202,7 +179,7 @@ def bench_server(
                 server = procs.start(label, argv)
                 servers.append(server)
                 try:
-                    wait_connectable(("127.0.0.1", port), server.proc)
+                    wait_accepting(server, ("127.0.0.1", port))
                 except RuntimeError:
                     print(log_tail(server.log, 20), file=sys.stderr)
                     raise
@@ -253,8 +230,8 @@ def start_redis(args: argparse.Namespace, procs: Processes) -> tuple[Started, in
         ],
     )
     try:
-        wait_connectable(("127.0.0.1", port), redis.proc)
-        wait_connectable(str(sock), redis.proc)
+        wait_accepting(redis, ("127.0.0.1", port))
+        wait_accepting(redis, str(sock))
     except RuntimeError:
         print(log_tail(redis.log, 20), file=sys.stderr)
         raise
