@@ -101,41 +101,6 @@ limits:
 
 POLICY_WITHOUT_LIMITS = POLICY[:POLICY.index("limits:\n")]
 
-# argv: libmilter socket spec, mode: "plain" (nothing), "header" (adds a header; on TCP
-# binds its socket with TCP_NODELAY like mqpolicy) or "addheader" (adds a header on
-# libmilter's own socket)
-FLOOR = """\
-import socket
-import sys
-import Milter
-
-class Floor(Milter.Base):
-    @Milter.noreply
-    def connect(self, hostname, family, hostaddr): return Milter.CONTINUE
-    @Milter.noreply
-    def envfrom(self, f, *a): return Milter.CONTINUE
-    def envrcpt(self, to, *a): return Milter.CONTINUE
-    @Milter.noreply
-    def header(self, name, value): return Milter.CONTINUE
-    def eom(self):
-        if sys.argv[2] != "plain":
-            self.addheader("X-MQ-Lane", "normal")
-        return Milter.CONTINUE
-
-# main
-spec = sys.argv[1]
-if sys.argv[2] == "header" and spec.startswith("inet:"):
-    port, host = spec[len("inet:"):].split("@")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, int(port)))
-    sock.listen(128)
-    spec = f"fd:{sock.detach()}"
-Milter.factory = Floor
-Milter.runmilter("floor", spec, 300, rmsock=not spec.startswith("fd:"))
-"""
-
 BODY = "x" * 76 + "\r\n"
 HEADERS = [
     ("Received", "from client.example.net (client.example.net [192.0.2.7]) by mx"),
@@ -269,9 +234,8 @@ def start_milter(kind: str, transport: str, workdir: Path, procs: Processes,
     name = name or kind
     spec, address = endpoint(transport, workdir, name)
     if kind == "floor":
-        script = workdir / "floor.py"
-        script.write_text(FLOOR)
-        argv = [sys.executable, str(script), spec, floor_mode]
+        argv = [sys.executable, str(Path(__file__).with_name("milter_floor.py")), spec,
+                floor_mode]
     else:
         config = workdir / f"policy-{name}-{transport}.yaml"
         config.write_text(policy.format(listen=spec, rcpt_limits=rcpt_limits))

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import Milter
 import Milter.test  # @noreply callbacks answer CONTINUE without an MTA
 from Milter.testctx import TestCtx
-from milter_bench import FLOOR, HEADERS, POLICY
+from milter_bench import HEADERS, POLICY
+from milter_floor import Floor
 
 from mqpolicy.config import parse_policy
 from mqpolicy.decisions import DecisionService
@@ -61,10 +62,7 @@ def attach(milter: Any) -> tuple[Any, QuietCtx]:
 
 
 def floor_milter() -> tuple[Any, QuietCtx]:
-    namespace: dict[str, Any] = {}
-    exec(FLOOR.split("# main")[0], namespace)  # the bench's class, not its main
-    sys.argv[1:] = ["unused", "plain"]  # the floor reads its mode from argv
-    return attach(namespace["Floor"]())
+    return attach(Floor())
 
 
 def policy_milter(rcpt_limits: str) -> tuple[Any, QuietCtx]:
