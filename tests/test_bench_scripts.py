@@ -5,10 +5,14 @@ job, not the tests'."""
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 NUMBER = r"\d+\.\d"
@@ -39,8 +43,40 @@ def test_milter_profile_feeds_every_milter_whole_messages() -> None:
     assert all(len(columns) == 5 for columns in rows.values())
 
 
-def test_milter_bench_accepts_the_make_target_arguments() -> None:
-    code = ("import sys; sys.path.insert(0, 'bench'); import milter_bench; "
-            "a = milter_bench.parse_args(['--clients', '1,4', '--eom-only', '--stall']); "
-            "print(a.clients, a.eom_only, a.stall, a.pairs, a.seconds)")
-    assert bench("-c", code).split() == ["1,4", "True", "True", "5", "2.0"]
+def make_recipes() -> dict[str, list[str]]:
+    """Bench script -> the arguments its Makefile target runs it with."""
+    recipes = {}
+    for line in (BENCH.parent / "Makefile").read_text().splitlines():
+        found = re.match(r"\t\$\(VENV\)/bin/python bench/(\w+)\.py(.*)$", line)
+        if found:
+            recipes[found[1]] = shlex.split(found[2])
+    return recipes
+
+
+def _same(parsed: object, given: str) -> bool:
+    """Whether an option's parsed value is what was given (numbers as numbers, a list as
+    its comma-separated items)."""
+    if isinstance(parsed, list):
+        return ",".join(map(str, parsed)) == given
+    try:
+        return float(str(parsed)) == float(given)
+    except ValueError:
+        return str(parsed) == given
+
+
+@pytest.mark.parametrize("script", ["milter_bench", "policy_bench"])
+def test_a_make_targets_arguments_mean_to_the_script_what_they_say(script: str) -> None:
+    argv = make_recipes()[script]
+    assert argv, f"the Makefile runs bench/{script}.py without arguments"
+    code = (f"import json, sys; sys.path.insert(0, 'bench'); import {script}; "
+            f"print(json.dumps(vars({script}.parse_args({argv!r})), default=str))")
+    parsed = json.loads(bench("-c", code))
+    for i, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        name = token[2:].replace("-", "_")
+        value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+        if value is None:
+            assert parsed[name] is True, (token, parsed)
+        else:
+            assert _same(parsed[name], value), (token, parsed[name])
