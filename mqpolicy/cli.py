@@ -33,7 +33,7 @@ from mqpolicy.config import (
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.endpoints import EndpointSyntaxError, parse_endpoint
-from mqpolicy.engine import Verdict, applies, store_key
+from mqpolicy.engine import Verdict, not_applied_reason, store_key
 from mqpolicy.feedback import FeedbackService
 from mqpolicy.hold_records import HoldRecordStore, records_for, waiting_lanes
 from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats, core_registry
@@ -45,7 +45,7 @@ from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
 from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
 from mqpolicy.postfix_config import cmd_postfix_config
-from mqpolicy.request import Request, recipient_destination
+from mqpolicy.request import Request
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue, register_scheduler_metrics
 from mqpolicy.scheduler_cli import cmd_queue, cmd_scheduler
@@ -474,16 +474,11 @@ def explain_data(request: Request, verdict: Verdict, policy: Policy,
 
 
 def _why_not(limit: Limit, request: Request, verdict: Verdict) -> str:
-    if limit.destination is not None and limit.destination != recipient_destination(request):
-        return f"destination {limit.destination} only"
+    reason = not_applied_reason(limit, verdict.classified_lane, request)
+    if reason is not None:
+        return reason
     if limit.recipient_keyed and request.stage != "RCPT":
         return "recipient-keyed: spent per recipient at RCPT"
-    if limit.needs_headers and request.headers is None:
-        return "looks at headers: the milter applies it"
-    if not applies(limit, verdict.classified_lane, request):
-        if limit.lanes is not None and verdict.classified_lane.name not in limit.lanes:
-            return f"lanes {', '.join(sorted(limit.lanes))} only"
-        return "when/except does not match"
     if limit.key_of(request) is None:
         return f"request has no {limit.key_text}"
     return "not applicable"

@@ -158,18 +158,21 @@ def once_key_for(request: Request) -> str | None:
 # ---------------------------------------------------------------- plan
 
 
-def applies(limit: Limit, lane: Lane, request: Request) -> bool:
-    """Whether ``limit`` counts this request in ``lane`` (a destination budget: when the
-    request's recipient goes there), whatever the stage."""
+def not_applied_reason(limit: Limit, lane: Lane, request: Request) -> str | None:
+    """Why ``limit`` does not count this request in ``lane``, whatever the stage (a
+    destination budget: its recipient goes elsewhere); None when it does. The one list of
+    these conditions: ``make_plan`` has them inlined for speed, ``explain`` says them."""
     if limit.destination is not None and limit.destination != recipient_destination(request):
-        return False
+        return f"destination {limit.destination} only"
     if limit.needs_headers and request.headers is None:
-        return False
+        return "looks at headers: the milter applies it"
     if limit.lanes is not None and lane.name not in limit.lanes:
-        return False
+        return f"lanes {', '.join(sorted(limit.lanes))} only"
     if limit.when is not None and not limit.when(request):
-        return False
-    return not (limit.exempt is not None and limit.exempt(request))
+        return "when does not match"
+    if limit.exempt is not None and limit.exempt(request):
+        return "except matches"
+    return None
 
 
 def _message_cost(limit: Limit, request: Request) -> int:
@@ -197,7 +200,7 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     at_rcpt = stage == STAGE_RCPT
     planned: list[PlannedLimit] = []
     # The limits of this lane and stage (see Policy.limits_by_stage); the tests below are
-    # what applies() says about the rest, inlined: this loop runs for every request (a
+    # what not_applied_reason() says about the rest, inlined: this loop runs for every request (a
     # destination budget was found by the request's destination just above).
     limits = policy.limits_by_stage[lane.name, at_rcpt]
     if at_rcpt and policy.destination_limits and request.recipient:

@@ -14,7 +14,7 @@ import pytest
 from mqpolicy.backoff_store import MemoryBackoffStore, RedisBackoffStore
 from mqpolicy.config import ConfigError, Policy, parse_policy
 from mqpolicy.decisions import DecisionService
-from mqpolicy.engine import Action, RuntimeState, applies, make_plan
+from mqpolicy.engine import Action, RuntimeState, make_plan, not_applied_reason
 from mqpolicy.feedback import FeedbackService
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.mx_rollup import MxResolver
@@ -131,9 +131,13 @@ def test_a_destination_budget_applies_to_its_own_destination_only() -> None:
     yahoo = {limit.name: limit for limit in policy.limits}["destination:yahoo"]
     normal = policy.lane("normal")
     # the front-end resolves the destination group before the engine sees the request
-    assert applies(yahoo, normal, rcpt("u@sub.yahoo.test")._replace(destination="yahoo"))
-    assert not applies(yahoo, normal, rcpt("u@yahoo.test"))  # not resolved: the domain
-    assert not applies(yahoo, normal, rcpt("u@own.test")._replace(destination="own.test"))
+    resolved = rcpt("u@sub.yahoo.test")._replace(destination="yahoo")
+    assert not_applied_reason(yahoo, normal, resolved) is None
+    elsewhere = "destination yahoo only"
+    # not resolved: the domain
+    assert not_applied_reason(yahoo, normal, rcpt("u@yahoo.test")) == elsewhere
+    assert not_applied_reason(
+        yahoo, normal, rcpt("u@own.test")._replace(destination="own.test")) == elsewhere
 
 
 def test_domains_at_one_mx_provider_share_one_budget(dns: FakeDnsServer) -> None:

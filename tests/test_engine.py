@@ -11,7 +11,7 @@ import pytest
 from mqpolicy.budget import BucketState, BudgetCheck, Evaluation, StoreError
 from mqpolicy.config import Policy, parse_policy
 from mqpolicy.decisions import DecisionService
-from mqpolicy.engine import Action, RuntimeState, classify, make_plan
+from mqpolicy.engine import Action, RuntimeState, classify, make_plan, not_applied_reason
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.policy_service import postfix_action
 from mqpolicy.request import Request
@@ -491,3 +491,24 @@ def test_request_numbers_are_never_negative_or_errors(value: str, expected: int)
     request = Request.from_policy_attributes({"size": value, "recipient_count": value})
     assert (request.size, request.recipient_count) == (expected, expected)
     assert Request.from_policy_attributes({}).stage == "RCPT"
+
+
+def test_each_reason_a_limit_does_not_count_a_request_is_named() -> None:
+    policy = parse_policy(textwrap.dedent("""\
+        lanes: [{name: normal}, {name: bulk}]
+        default_lane: normal
+        limits:
+          - {name: bulk-only, rate: 10/1h, key: sender, lanes: [bulk]}
+          - {name: from-app, rate: 10/1h, key: sender, when: {sender: "@app.example"}}
+          - {name: not-vip, rate: 10/1h, key: sender, except: {sender: "vip@example.com"}}
+          - {name: lists, rate: 10/1h, key: sender, when: {header_present: List-Id}}
+        """))
+    normal = policy.lane("normal")
+    limits = {limit.name: limit for limit in policy.limits}
+    vip = rcpt(sender="vip@example.com")
+    assert not_applied_reason(limits["bulk-only"], normal, vip) == "lanes bulk only"
+    assert not_applied_reason(limits["from-app"], normal, vip) == "when does not match"
+    assert not_applied_reason(limits["not-vip"], normal, vip) == "except matches"
+    assert not_applied_reason(limits["not-vip"], normal, rcpt()) is None
+    assert not_applied_reason(limits["lists"], normal, vip) == \
+        "looks at headers: the milter applies it"
