@@ -26,9 +26,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_processes import Processes, sigterm_as_interrupt, wait_accepting
 from redis.asyncio import Redis
 
 from mqpolicy.budget import BudgetCheck
+from mqpolicy.postfix_instance import free_port
 from mqpolicy.redis_store import RedisStore, _Pending, load_script
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")
@@ -49,41 +48,22 @@ HOUR = 3_600_000
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[tuple[str, str]]:
-    """(tcp url, unix url) of a private redis-server, stopped by PID on exit."""
+    """(tcp url, unix url) of a private redis-server, stopped by PID on exit (also on
+    SIGTERM)."""
     workdir = Path(tempfile.mkdtemp(prefix="mqbench-", dir="/tmp"))
+    procs = Processes(workdir)
     sock_path = str(workdir / "redis.sock")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--unixsocket", sock_path,
-         "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(workdir),
-         "--logfile", str(workdir / "redis.log")],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    port = free_port()
     try:
-        deadline = time.monotonic() + 10
-        while True:  # poll a connect until it answers
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.settimeout(0.5)
-                    s.connect(sock_path)
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                time.sleep(0.002)
-        yield f"redis://127.0.0.1:{port}/0", f"unix://{sock_path}?db=0"
+        with sigterm_as_interrupt():
+            redis = procs.start("redis", [
+                REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
+                "--unixsocket", sock_path, "--unixsocketperm", "700", "--save", "",
+                "--appendonly", "no", "--dir", str(workdir)])
+            wait_accepting(redis, sock_path, timeout=10)
+            yield f"redis://127.0.0.1:{port}/0", f"unix://{sock_path}?db=0"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
