@@ -20,12 +20,14 @@ Everything is stopped by PID at the end of the session, even when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,32 +86,34 @@ def _skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def mail_stack_session() -> Iterator[MailStack]:
+@contextlib.contextmanager
+def new_stack(prefix: str, **kwargs: Any) -> Iterator[MailStack]:
+    """A MailStack of its own (skipped where a private Postfix cannot run), removed with
+    everything it started at the end, whatever happened."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    stack = MailStack.create(prefix="mqe2e-")
+    stack = MailStack.create(prefix=prefix, **kwargs)
     try:
-        stack.start(BASE_POLICY)
         yield stack
     finally:
         stack.remove()
+
+
+@pytest.fixture(scope="session")
+def mail_stack_session() -> Iterator[MailStack]:
+    with new_stack("mqe2e-") as stack:
+        stack.start(BASE_POLICY)
+        yield stack
 
 
 @pytest.fixture
 def unix_socket_stack() -> Iterator[MailStack]:
     """A stack of its own (not started) whose policy server listens on a unix socket inside
     Postfix's queue directory: the set-up the README recommends for a Postfix on the same
-    host. The test starts it with its policy; everything stops at the end."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    stack = MailStack.create(prefix="mqe2e-unix-", policy_socket="unix")
-    try:
+    host. The test starts it with its policy."""
+    with new_stack("mqe2e-unix-", policy_socket="unix") as stack:
         yield stack
-    finally:
-        stack.remove()
 
 
 @pytest.fixture
