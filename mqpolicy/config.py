@@ -304,6 +304,7 @@ class RcptLimits(Enum):
 
 
 DEFAULT_TIMEOUT_MARGIN_MS = 50
+DEFAULT_LISTEN_MODE = 0o660  # unix sockets: owner and group (Postfix in the group)
 DEFAULT_MILTER_LISTEN = MilterEndpoint("unix", path="/run/mqpolicy/milter.sock")
 
 
@@ -312,7 +313,7 @@ class MilterSettings:
     """The ``milter:`` section of the policy file."""
 
     listen: MilterEndpoint = DEFAULT_MILTER_LISTEN
-    listen_mode: int = 0o660
+    listen_mode: int = DEFAULT_LISTEN_MODE
     on_error: ErrorAction = ErrorAction.TEMPFAIL
     lane_header: str = "X-MQ-Lane"
     timeout_ms: int | None = None  # None: the store deadline + DEFAULT_TIMEOUT_MARGIN_MS
@@ -704,7 +705,8 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
         return None
     defaults = Policy()
 
-    listen_mode = r.optional(top, "listen_mode", "", _mode) or 0o660
+    mode = r.optional(top, "listen_mode", "", _mode)
+    listen_mode = DEFAULT_LISTEN_MODE if mode is None else mode  # "0000" is a mode too
     listen = defaults.listen
     if "listen" in top:
         listen = tuple(_read_listen(r, top, listen_mode))
@@ -1215,20 +1217,14 @@ def _read_budget(r: _Reader, container: Any, i: int, m: Mapping[str, Any], path:
         r.error(container, i, path, f"{what} needs a rate (e.g. 100/1h)")
     else:
         rate = r.convert(m, "rate", f"{path}.rate", parse_rate)
-    burst = None
-    if "burst" in m:
-        burst = r.convert(m, "burst", f"{path}.burst", parse_size)
-        if burst == 0:
-            r.error(m, "burst", f"{path}.burst", "burst must be at least 1")
+    burst = r.optional(m, "burst", path, parse_size)
+    if burst == 0:
+        r.error(m, "burst", f"{path}.burst", "burst must be at least 1")
     action, demote_to = ActionKind.DEFER, None
     if "action" in m:
         action, demote_to = _read_action(r, m, path, lanes)
-    message = None
-    if "message" in m:
-        message = r.convert(m, "message", f"{path}.message", _template)
-    monitor = False
-    if "monitor" in m:
-        monitor = bool(r.convert(m, "monitor", f"{path}.monitor", _bool))
+    message = r.optional(m, "message", path, _template)
+    monitor = bool(r.optional(m, "monitor", path, _bool))
     scope: frozenset[str] | None = None
     if "lanes" in m:
         raw_lanes = m["lanes"]

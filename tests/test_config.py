@@ -182,6 +182,10 @@ def test_listen_mode_and_unix_endpoint() -> None:
     policy = parse_policy('listen: ["unix:/run/x.sock", "[::1]:10041"]\nlisten_mode: "0600"\n')
     assert policy.listen[0].path == "/run/x.sock" and policy.listen[0].mode == 0o600
     assert policy.listen[1].host == "::1" and policy.listen[1].port == 10041
+    unset = parse_policy('listen: ["unix:/run/x.sock"]\n')
+    assert unset.listen[0].mode == 0o660
+    closed = parse_policy('listen: ["unix:/run/x.sock"]\nlisten_mode: "0000"\n')
+    assert closed.listen[0].mode == 0  # a mode like any other, not "unset"
 
 
 def test_address_list_file(tmp_path: Path) -> None:
