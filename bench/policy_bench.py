@@ -13,6 +13,12 @@ machine, and a check that the load generator is not the bottleneck.
     python bench/policy_bench.py                     # memory, redis (tcp), redis (unix)
     python bench/policy_bench.py --baseline --duration 5 --concurrency 1,8,64
     python bench/policy_bench.py --stores memory --markdown
+    python bench/policy_bench.py --stores memory --baseline --concurrency 8 --rate 1500
+
+``--rate`` paces the load (``bench/policy_load.py --rate``) the way Postfix's smtpd processes
+send: the server wakes for nearly every request alone, and ``server us/req`` (its CPU time
+per request) is what each request costs it then, the figure that decides how much CPU a
+policy server takes from Postfix on a shared machine.
 
 Only loopback addresses and private unix sockets are used.
 """
@@ -150,6 +156,8 @@ def run_load(
         "--duration", str(args.duration), "--warmup", str(args.warmup),
         "--seed", str(args.seed), "--processes", str(args.processes), "--json",
     ]
+    if args.rate:
+        argv += ["--rate", str(args.rate)]
     for server_pid in server_pids:
         argv += ["--watch-pid", str(server_pid)]
     if redis_pid:
@@ -162,6 +170,9 @@ def run_load(
     # CPU of the server (and Redis) inside the measured window, in % of one core.
     watched = result["watched_cpu_percent"]
     result["server_cpu_percent"] = round(sum(watched.get(str(pid), 0.0) for pid in server_pids))
+    per_request = result["watched_cpu_us_per_request"]
+    result["server_us_per_request"] = round(
+        sum(per_request.get(str(pid), 0.0) for pid in server_pids), 1)
     result["server_processes"] = len(server_pids)
     if redis_pid:
         result["redis_cpu_percent"] = round(watched.get(str(redis_pid), 0.0))
@@ -295,7 +306,8 @@ def print_row(r: dict[str, Any], file: Any = sys.stdout) -> None:
     print(
         f"{r['store']:<11} C={r['concurrency']:<3} {r['rps']:>9.0f} req/s"
         f"  p50 {lat['p50']:.3f}  p99 {lat['p99']:.3f}  p99.9 {lat['p99.9']:.3f} ms"
-        f"  server CPU {r['server_cpu_percent']}%  load CPU"
+        f"  server CPU {r['server_cpu_percent']}% ({r['server_us_per_request']:.0f} us/req)"
+        f"  load CPU"
         f" {r['generator_cpu']['percent_of_one_core']:.0f}%"
         f"  DUNNO {passed:.1f}% {json.dumps(other) if other else ''}"
         f"{f'  errors {errors}' if errors else ''}",
@@ -304,7 +316,8 @@ def print_row(r: dict[str, Any], file: Any = sys.stdout) -> None:
 
 
 def print_table(rows: list[dict[str, Any]], markdown: bool) -> None:
-    head = ("store", "C", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "server CPU", "load CPU")
+    head = ("store", "C", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "server CPU",
+            "server us/req", "load CPU")
     body = [
         (
             r["store"],
@@ -315,6 +328,7 @@ def print_table(rows: list[dict[str, Any]], markdown: bool) -> None:
             f"{r['latency_ms']['p99.9']:.2f}",
             f"{r['server_cpu_percent']}%"
             + (f" (+redis {r['redis_cpu_percent']}%)" if "redis_cpu_percent" in r else ""),
+            f"{r['server_us_per_request']:.0f}",
             f"{r['generator_cpu']['percent_of_one_core']:.0f}%",
         )
         for r in rows
@@ -388,6 +402,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mqpolicy", default=str(REPO / ".venv" / "bin" / "mqpolicy"),
                    help="the mqpolicy command (default .venv/bin/mqpolicy)")
     p.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    p.add_argument("--rate", type=float, default=None,
+                   help="pace the load at this many requests/s over all connections "
+                        "(default: as fast as answered)")
     p.add_argument("--log-level", default="warning",
                    help="log.level of the policy file (default warning)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -409,6 +426,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--concurrency takes numbers such as 1,8,64")
     if not args.concurrency or min(args.concurrency) < 1:
         p.error("--concurrency takes numbers of at least 1")
+    if args.rate is not None and args.rate <= 0:
+        p.error("--rate must be positive")
     return args
 
 

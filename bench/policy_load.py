@@ -16,8 +16,14 @@ with the server it measures: its own CPU use is printed). All names are under th
 The I/O loop is a plain epoll loop over non-blocking sockets (no asyncio): one ``send`` and
 one ``recv`` per request. ``--processes N`` spreads the connections over N processes.
 
+``--rate R`` paces the load: R requests/s over all connections, each connection sending its
+next request on its own schedule (never before the reply to the last). Postfix's smtpd
+processes send that way, so the server wakes for nearly every request alone; unpaced, a
+busy server finds several requests per wake-up and its CPU per request looks lower.
+
     python bench/policy_load.py --target 127.0.0.1:10040 --concurrency 8 --duration 10
     python bench/policy_load.py --target unix:/run/mqpolicy/policy.sock --requests 100000
+    python bench/policy_load.py --target 127.0.0.1:10040 --rate 1000 --watch-pid PID
 """
 
 from __future__ import annotations
@@ -280,6 +286,7 @@ class Conn:
     sent_at: int = 0  # perf_counter_ns of the request in flight, 0 when idle
     buf: bytes = b""
     retry_at: float = 0.0  # monotonic time of the next connect attempt when sock is None
+    due_ns: int = 0  # paced: perf_counter_ns at which the next request is due
 
 
 @dataclass(slots=True)
@@ -305,11 +312,13 @@ def run_worker(
     timeout_s: float,
     max_time_s: float,
     watch_pids: Sequence[int] = (),
+    rate: float | None = None,
 ) -> WorkerResult:
     """Drive ``conn_ids`` connections until the window ends; return what was measured.
 
     ``start_at`` is a ``time.monotonic()`` instant shared by all worker processes.
-    ``max_requests`` counts replies inside the measured window (after warmup).
+    ``max_requests`` counts replies inside the measured window (after warmup). ``rate``:
+    requests/s over all ``total_conns`` connections, paced (None: as fast as answered).
     """
     res = WorkerResult()
     latencies = res.latencies_ns
@@ -322,6 +331,10 @@ def run_worker(
     conns = [Conn(ident=i, msg=(i * nmsg) // total_conns) for i in conn_ids]
     perf_ns = time.perf_counter_ns
     monotonic = time.monotonic
+    # paced: the gap between one connection's requests, and the connections waiting for
+    # their next request's time
+    gap_ns = int(total_conns * 1e9 / rate) if rate else 0
+    waiting: list[Conn] = []
 
     def error(kind: str) -> None:
         errors[kind] = errors.get(kind, 0) + 1
@@ -403,13 +416,30 @@ def run_worker(
     next_check = 0.0
     watched_done = False
 
+    def send_when_due(c: Conn, now_ns: int) -> None:
+        """Send the next request now, or (paced) when it is due."""
+        if not gap_ns:
+            send_next(c, now_ns)
+            return
+        # a connection that fell behind starts afresh: no burst to catch up
+        c.due_ns = max(c.due_ns + gap_ns, now_ns - gap_ns)
+        if c.due_ns <= now_ns:
+            send_next(c, now_ns)
+        else:
+            waiting.append(c)
+
     now_ns = perf_ns()
     for c in conns:
+        # paced: the connections' first requests spread over one gap
+        c.due_ns = now_ns + (gap_ns * c.ident) // total_conns - gap_ns
         if c.sock is not None:
-            send_next(c, now_ns)
+            send_when_due(c, now_ns)
 
     while True:
-        events = ep.poll(TICK_S)
+        timeout = TICK_S
+        if waiting:
+            timeout = min(timeout, max(0.0, (min(c.due_ns for c in waiting) - perf_ns()) / 1e9))
+        events = ep.poll(timeout)
         for fd, _ in events:
             hit = by_fd.get(fd)
             if hit is None or hit.sock is None:
@@ -443,7 +473,15 @@ def run_worker(
                 stopping = True
                 t_last = monotonic()
                 continue
-            send_next(c, now_ns)
+            send_when_due(c, now_ns)
+        if waiting and not stopping:
+            now_ns = perf_ns()
+            due = [c for c in waiting if c.due_ns <= now_ns]
+            if due:
+                waiting[:] = [c for c in waiting if c.due_ns > now_ns]
+                for c in due:
+                    if c.sock is not None:
+                        send_next(c, now_ns)
 
         now = monotonic()
         if not measuring and now >= measure_from:
@@ -466,7 +504,7 @@ def run_worker(
             for c in conns:
                 if c.sock is None:
                     if not stopping and now >= c.retry_at and open_conn(c):
-                        send_next(c, perf_ns())
+                        send_when_due(c, perf_ns())
                 elif c.sent_at and c.sent_at < deadline_ns:
                     drop(c, "timeout")
         if stopping:
@@ -557,8 +595,14 @@ def summarise(results: list[WorkerResult], args: argparse.Namespace) -> dict[str
             "percent_of_one_core": round(100 * cpu / window, 1) if window else 0.0,
             "us_per_request": round(1e6 * cpu / completed, 2) if completed else 0.0,
         },
+        "rate": args.rate,
         "watched_cpu_percent": {
             str(pid): round(100 * cpu_s / window, 1) if window else 0.0
+            for r in results
+            for pid, cpu_s in r.watched_cpu_s.items()
+        },
+        "watched_cpu_us_per_request": {
+            str(pid): round(1e6 * cpu_s / completed, 1) if completed else 0.0
             for r in results
             for pid, cpu_s in r.watched_cpu_s.items()
         },
@@ -573,7 +617,8 @@ def print_report(s: dict[str, Any], out: Any = sys.stdout) -> None:
     errors = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "none"
     print(
         f"target {s['target']}  concurrency {s['concurrency']}  processes {s['processes']}"
-        f"  seed {s['seed']}  warmup {s['warmup_s']}s",
+        f"  seed {s['seed']}  warmup {s['warmup_s']}s"
+        + (f"  paced at {s['rate']:g} req/s" if s["rate"] else ""),
         file=out,
     )
     print(
@@ -592,8 +637,10 @@ def print_report(s: dict[str, Any], out: Any = sys.stdout) -> None:
         file=out,
     )
     total = sum(s["actions"].values()) or 1
+    per_request = s["watched_cpu_us_per_request"]
     for pid, pct in s["watched_cpu_percent"].items():
-        print(f"pid {pid:<6} CPU {pct:.0f}% of one core", file=out)
+        print(f"pid {pid:<6} CPU {pct:.0f}% of one core, {per_request[pid]:.1f} us/request",
+              file=out)
     print("actions", file=out)
     for key, n in s["actions"].items():
         print(f"  {key:<32} {n:>10}  {100 * n / total:6.2f}%", file=out)
@@ -626,6 +673,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="spread the connections over this many processes (default 1)")
     p.add_argument("--watch-pid", type=int, action="append", default=[], metavar="PID",
                    help="also report the CPU use of PID (and its children) in the window")
+    p.add_argument("--rate", type=float, default=None,
+                   help="paced: requests/s over all connections (default: as fast as answered)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     if args.duration is None and args.requests is None:
@@ -634,6 +683,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--concurrency, --processes and --messages must be at least 1")
     if args.requests is not None and args.requests < 1:
         p.error("--requests must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        p.error("--rate must be positive")
     args.processes = min(args.processes, args.concurrency)
     try:
         args.parsed_target = parse_target(args.target)
@@ -668,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "timeout_s": args.timeout,
                 "max_time_s": args.max_time,
                 "watch_pids": args.watch_pid if k == 0 else (),
+                "rate": args.rate,
             }
         )
     if procs == 1:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,33 @@ def test_a_make_targets_arguments_mean_to_the_script_what_they_say(script: str) 
             assert parsed[name] is True, (token, parsed)
         else:
             assert _same(parsed[name], value), (token, parsed[name])
+
+
+def test_the_load_generator_paces_to_the_rate_asked_for() -> None:
+    """``policy_load.py --rate``: requests spread over time as smtpd processes send them,
+    not as fast as the server answers (the plain DUNNO server answers thousands a second)."""
+    from mqpolicy.postfix_instance import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(BENCH / "policy_bench.py"),
+                               "--serve-dunno", f"127.0.0.1:{port}"], cwd=BENCH.parent)
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # until the server accepts
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no server"
+                time.sleep(0.05)
+        out = bench(str(BENCH / "policy_load.py"), "--target", f"127.0.0.1:{port}",
+                    "--concurrency", "4", "--rate", "200", "--duration", "1.5",
+                    "--watch-pid", str(server.pid), "--json")
+        result = json.loads(out)
+        assert result["rate"] == 200
+        assert not result["errors"], result
+        assert 100 <= result["rps"] <= 215, result  # paced: never much above the rate
+        assert result["watched_cpu_us_per_request"][str(server.pid)] > 0, result
+    finally:
+        server.terminate()
+        server.wait(10)
