@@ -32,6 +32,24 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def run_queue_seconds(pid: int) -> float:
+    """Seconds the threads of ``pid`` spent runnable but waiting for a CPU (the run delay of
+    ``/proc/PID/task/*/schedstat``; 0 if gone). On a saturated machine, what a process
+    that must answer at once loses to the others before it runs at all."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def cpu_seconds(pid: int) -> float:
     """User+system CPU seconds of ``pid`` and its descendants, from /proc (0 if gone).
 
