@@ -14,7 +14,14 @@ sides alike:
   ``mqpolicy serve`` (memory store; classify rules and three limits with budgets large
   enough that every message passes, so both runs deliver the same mail the same way) on a
   unix socket inside Postfix's queue directory, the set-up the README recommends
-  (``--policy-socket tcp``: on a loopback port).
+  (``--policy-socket tcp``: on a loopback port), under the default time-sharing
+  (``--policy-nice N``; ``--policy-scheduling rr``: real-time round-robin at priority 1,
+  ``chrt --rr 1``, scheduled ahead of every Postfix process).
+
+Eight sessions each wait for their message's two policy answers on two CPUs that Postfix,
+the sessions and the sink keep busy: the policy server, woken by smtpd's request, can wait
+its turn in the run queue before it runs. The summary shows that wait per message beside
+the server's CPU time; ``--policy-scheduling rr`` takes it away, to see what it costs.
 
 A message counts when the sink has received it (end to end: SMTP in, queue, SMTP out);
 the next segment starts once the queue is empty again.
@@ -273,9 +280,9 @@ class Target:
             self.instance.write_config(
                 sections[SECTION_MAIN], sections[SECTION_MASTER],
                 {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
-            nice = ("nice", "-n", str(self.args.policy_nice)) if self.args.policy_nice else ()
             self.server = PolicyServerProcess(policy_file, endpoint, self.root / "mqpolicy.log",
-                                              (*nice, sys.executable, "-m", "mqpolicy"))
+                                              (*scheduling_prefix(self.args), sys.executable,
+                                               "-m", "mqpolicy"))
             self.server.start()
         else:
             self.instance.write_config()
@@ -299,6 +306,19 @@ class Target:
         finally:
             if self.server is not None:
                 self.server.stop()
+
+
+def scheduling_prefix(args: argparse.Namespace) -> tuple[str, ...]:
+    """The command that starts the policy server with the scheduling asked for."""
+    if args.policy_scheduling == "rr":
+        return ("chrt", "--rr", "1")
+    return ("nice", "-n", str(args.policy_nice)) if args.policy_nice else ()
+
+
+def scheduling_label(args: argparse.Namespace) -> str:
+    if args.policy_scheduling == "rr":
+        return "real-time round-robin 1"
+    return f"time-sharing, nice {args.policy_nice}"
 
 
 def segment(target: Target, pair: int, messages: int, args: argparse.Namespace,
@@ -348,12 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", metavar="FILE",
                         help="bench this policy file instead of the built-in one (its listen "
                              "is replaced; its mail must not be deferred or held)")
+    parser.add_argument("--policy-scheduling", choices=("other", "rr"), default="other",
+                        help="how the policy server is scheduled: other (default) the default "
+                             "time-sharing; rr: real-time round-robin at priority 1, ahead of "
+                             "every Postfix process")
     parser.add_argument("--policy-nice", type=int, default=0, metavar="N",
-                        help="run the policy server with nice -n N (e.g. -5: scheduled ahead "
-                             "of Postfix's processes when the CPUs are saturated)")
+                        help="with --policy-scheduling other: run the policy server with "
+                             "nice -n N")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     args = parser.parse_args(argv)
+    if args.policy_nice and args.policy_scheduling != "other":
+        parser.error("--policy-nice applies to --policy-scheduling other (a real-time "
+                     "policy has no nice value)")
     if os.geteuid() != 0:
         print("postfix_e2e_bench: needs root (a private Postfix's master runs as root)",
               file=sys.stderr)
@@ -404,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                                "pairs": args.pairs, "cpus": os.cpu_count(),
                                "policy_socket": args.policy_socket,
                                "policy_log_level": args.policy_log_level,
+                               "policy_scheduling": args.policy_scheduling,
                                "policy_nice": args.policy_nice,
                                "loadavg_after": os.getloadavg()}
     for mode in ("postfix", "mqpolicy"):
@@ -443,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\n{args.pairs} pairs of {args.messages}-message segments, {args.sessions} parallel "
               f"SMTP sessions, {os.cpu_count()} CPUs, policy server on {args.policy_socket} "
-              f"with log level {args.policy_log_level}, nice {args.policy_nice} (medians):")
+              f"with log level {args.policy_log_level}, {scheduling_label(args)} "
+              f"(medians):")
         for mode in ("postfix", "mqpolicy"):
             s = summary[mode]
             print(f"  {mode:<9} {s['delivered_per_s_median']:7.1f} msg/s delivered  "
