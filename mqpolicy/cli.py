@@ -45,7 +45,7 @@ from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
 from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
 from mqpolicy.postfix_config import cmd_postfix_config
-from mqpolicy.request import Request
+from mqpolicy.request import Request, domain_of
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue, register_scheduler_metrics
 from mqpolicy.scheduler_cli import cmd_queue, cmd_scheduler
@@ -435,6 +435,11 @@ async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -
     resolver = make_resolver(policy)
     try:
         service = DecisionService(policy, store, deadline_ms=deadline_ms, resolver=resolver)
+        if policy.destinations and request.recipient:
+            # the request as the decision sees it (its recipient's destination group), so
+            # that what explain says of destination budgets is about that group
+            request = request._replace(destination=await service.destination_of(
+                domain_of(request.recipient)))
         verdict = await service.decide(request, consume=consume)
     finally:
         await store.close()
@@ -474,14 +479,7 @@ def explain_data(request: Request, verdict: Verdict, policy: Policy,
 
 
 def _why_not(limit: Limit, request: Request, verdict: Verdict) -> str:
-    reason = not_applied_reason(limit, verdict.classified_lane, request)
-    if reason is not None:
-        return reason
-    if limit.recipient_keyed and request.stage != "RCPT":
-        return "recipient-keyed: spent per recipient at RCPT"
-    if limit.key_of(request) is None:
-        return f"request has no {limit.key_text}"
-    return "not applicable"
+    return not_applied_reason(limit, verdict.classified_lane, request) or "not applicable"
 
 
 def explain_text(request: Request, verdict: Verdict, policy: Policy, consume: bool) -> str:

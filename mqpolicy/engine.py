@@ -159,9 +159,11 @@ def once_key_for(request: Request) -> str | None:
 
 
 def not_applied_reason(limit: Limit, lane: Lane, request: Request) -> str | None:
-    """Why ``limit`` does not count this request in ``lane``, whatever the stage (a
-    destination budget: its recipient goes elsewhere); None when it does. The one list of
-    these conditions: ``make_plan`` has them inlined for speed, ``explain`` says them."""
+    """Why ``limit`` does not count this request in ``lane``; None when it does (when
+    :func:`make_plan` plans it). The one list of these conditions: ``make_plan`` has them
+    inlined for speed (a test holds the two together), ``explain`` says them."""
+    if limit.recipient_keyed and request.stage != STAGE_RCPT:
+        return "recipient-keyed: spent per recipient at RCPT"
     if limit.destination is not None and limit.destination != recipient_destination(request):
         return f"destination {limit.destination} only"
     if limit.needs_headers and request.headers is None:
@@ -172,6 +174,8 @@ def not_applied_reason(limit: Limit, lane: Lane, request: Request) -> str | None
         return "when does not match"
     if limit.exempt is not None and limit.exempt(request):
         return "except matches"
+    if limit.key_of(request) is None:
+        return f"request has no {limit.key_text}"
     return None
 
 

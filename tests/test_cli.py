@@ -93,10 +93,23 @@ destinations:
     domains: [slow.example]
     rate: 10/1m
 """)
-    request = "protocol_state=RCPT\nsender=a@app.example\nrecipient=u@d.example\n"
-    data = json.loads(mq("explain", "-c", str(config), "--json", stdin=request).stdout)
-    why = {entry["name"]: entry["why"] for entry in data["not_applied"]}
-    assert why["destination:slowmail"] == "destination slowmail only"
+
+    def why_not(request: str) -> str:
+        data = json.loads(mq("explain", "-c", str(config), "--json", stdin=request).stdout)
+        return {entry["name"]: entry["why"]
+                for entry in data["not_applied"]}["destination:slowmail"]
+
+    assert why_not("protocol_state=RCPT\nsender=a@app.example\nrecipient=u@d.example\n"
+                   ) == "destination slowmail only"
+    # a recipient of the group in a lane the budget leaves out: the lanes say why
+    config.write_text(config.read_text().replace("rate: 10/1m\n", "rate: 10/1m\n"
+                                                 "    lanes: [normal]\n"))
+    assert why_not("protocol_state=RCPT\nsender=a@app.example\nrecipient=u@slow.example\n"
+                   ) == "lanes normal only"
+    # at the end of the message it is spent per recipient at RCPT, wherever they go
+    assert why_not("protocol_state=END-OF-MESSAGE\nsender=a@app.example\n"
+                   "recipient=u@d.example\nrecipient_count=1\n"
+                   ) == "recipient-keyed: spent per recipient at RCPT"
 
 
 def test_explain_rejects_malformed_request(tmp_path: Path) -> None:

@@ -493,6 +493,50 @@ def test_request_numbers_are_never_negative_or_errors(value: str, expected: int)
     assert Request.from_policy_attributes({}).stage == "RCPT"
 
 
+def test_make_plan_plans_exactly_the_limits_no_reason_keeps_out() -> None:
+    """make_plan inlines not_applied_reason's tests for speed: over every kind of limit
+    and request, the limits it plans are those for which no reason is given."""
+    policy = parse_policy(textwrap.dedent("""\
+        lanes: [{name: normal}, {name: bulk}]
+        default_lane: normal
+        classify:
+          - {name: news, when: {sender: "@news.example"}, lane: bulk}
+        limits:
+          - {name: per-sender, rate: 10/1h, key: sender}
+          - {name: per-domain, rate: 10/1h, key: recipient_domain, count: recipients}
+          - {name: bulk-only, rate: 10/1h, key: sender, lanes: [bulk]}
+          - {name: from-app, rate: 10/1h, key: sender, when: {sender: "@app.example"}}
+          - {name: not-vip, rate: 10/1h, key: sender, except: {sender: "vip@example.com"}}
+          - {name: lists, rate: 10/1h, key: sender, when: {header_present: List-Id}}
+          - {name: per-login, rate: 10/1h, key: sasl_username}
+        destinations:
+          - {name: slowmail, domains: [slow.example], rate: 10/1m}
+          - {name: bulkmail, domains: [bulky.example], rate: 10/1m, lanes: [bulk]}
+        """))
+    groups = {"slow.example": "slowmail", "bulky.example": "bulkmail"}
+    requests = []
+    for sender in ("a@app.example", "vip@example.com", "n@news.example", ""):
+        for recipient in ("u@slow.example", "u@bulky.example", "u@d.example", ""):
+            for headers in (None, (("List-Id", "<l.example>"),), ()):
+                for login in ("", "alice"):
+                    destination = groups.get(recipient.partition("@")[2], "")
+                    common = {"sender": sender, "recipient": recipient, "headers": headers,
+                              "sasl_username": login, "destination": destination}
+                    requests += [Request(stage="RCPT", **common),  # type: ignore[arg-type]
+                                 Request(stage="END-OF-MESSAGE", recipient_count=1,
+                                         **common)]  # type: ignore[arg-type]
+    planned_some = kept_out_some = 0
+    for request in requests:
+        plan = make_plan(request, policy)
+        planned = {p.limit.name for p in plan.limits}
+        no_reason = {limit.name for limit in policy.limits
+                     if not_applied_reason(limit, plan.lane, request) is None}
+        assert planned == no_reason, request
+        planned_some += bool(planned)
+        kept_out_some += len(policy.limits) - len(planned)
+    assert planned_some and kept_out_some  # the grid has both
+
+
 def test_each_reason_a_limit_does_not_count_a_request_is_named() -> None:
     policy = parse_policy(textwrap.dedent("""\
         lanes: [{name: normal}, {name: bulk}]
