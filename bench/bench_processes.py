@@ -1,6 +1,9 @@
 """What every bench script shares: the processes it starts, each stopped by its PID, also
 when the script is interrupted: SIGTERM (``timeout``, ``kill PID``) unwinds like Ctrl-C, so
-the ``finally`` blocks run; and the CPU time they spend."""
+the ``finally`` blocks run; and the CPU time they spend.
+
+Only the standard library at import (``bench/policy_load.py``, which needs only that, is run
+where mqpolicy is not installed); :func:`wait_accepting` imports mqpolicy's helpers."""
 
 from __future__ import annotations
 
@@ -8,14 +11,10 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from mqpolicy.endpoints import Endpoint
-from mqpolicy.postfix_instance import accepts
 
 
 @contextlib.contextmanager
@@ -131,15 +130,20 @@ class Processes:
 def wait_accepting(started: Started, address: str | tuple[str, int],
                    timeout: float = 30.0) -> None:
     """Poll a connect to ``address`` (a unix socket path, or (host, port)) until it succeeds;
-    fail early, with the end of its log, if the process exits."""
+    RuntimeError with the end of its log if the process exits first or the time runs out."""
+    from mqpolicy.endpoints import Endpoint  # noqa: PLC0415 (see the module's docstring)
+    from mqpolicy.postfix_instance import accepts, log_tail, poll  # noqa: PLC0415
+
     endpoint = (Endpoint(path=address) if isinstance(address, str)
                 else Endpoint(host=address[0], port=address[1]))
-    deadline = time.monotonic() + timeout
-    while not accepts(endpoint):
+
+    def ready() -> bool:
         if started.proc.poll() is not None:
-            tail = started.log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{started.name} exited with {started.proc.returncode}:\n{tail}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{started.name} is not accepting on {address!r} after "
-                               f"{timeout}s")
-        time.sleep(0.01)  # between connect polls
+            raise RuntimeError(f"{started.name} exited with {started.proc.returncode}:\n"
+                               f"{log_tail(started.log, 20)}")
+        return accepts(endpoint)
+
+    try:
+        poll(ready, timeout, f"{started.name} accepting on {address!r}", interval_s=0.01)
+    except TimeoutError as exc:
+        raise RuntimeError(f"{exc}:\n{log_tail(started.log, 20)}") from None

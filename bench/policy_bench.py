@@ -189,11 +189,7 @@ def bench_server(
             if copies == 1:
                 server = procs.start(label, argv)
                 servers.append(server)
-                try:
-                    wait_accepting(server, ("127.0.0.1", port))
-                except RuntimeError:
-                    print(log_tail(server.log, 20), file=sys.stderr)
-                    raise
+                wait_accepting(server, ("127.0.0.1", port))  # its log's end in the error
                 continue
             # readiness the systemd way: the server sends READY=1 to $NOTIFY_SOCKET (a
             # connect alone could reach an earlier copy listening on the same port)
@@ -240,12 +236,8 @@ def start_redis(args: argparse.Namespace, procs: Processes) -> tuple[Started, in
             "--daemonize", "no", "--protected-mode", "yes",
         ],
     )
-    try:
-        wait_accepting(redis, ("127.0.0.1", port))
-        wait_accepting(redis, str(sock))
-    except RuntimeError:
-        print(log_tail(redis.log, 20), file=sys.stderr)
-        raise
+    wait_accepting(redis, ("127.0.0.1", port))  # the end of its log in the error
+    wait_accepting(redis, str(sock))
     return redis, port, sock
 
 
@@ -310,7 +302,8 @@ def print_row(r: dict[str, Any], file: Any = sys.stdout) -> None:
         f"  load CPU"
         f" {r['generator_cpu']['percent_of_one_core']:.0f}%"
         f"  DUNNO {passed:.1f}% {json.dumps(other) if other else ''}"
-        f"{f'  errors {errors}' if errors else ''}",
+        f"{f'  errors {errors}' if errors else ''}"
+        f"{'  SHORT OF --rate: not paced' if r['rate'] and r['rps'] < 0.95 * r['rate'] else ''}",
         file=file,
     )
 

@@ -351,6 +351,8 @@ def run_worker(
         c.sent_at = 0
         c.buf = b""
         c.retry_at = monotonic() + 0.2
+        if c in waiting:  # paced: it sends again once reconnected, not also from here
+            waiting.remove(c)
         # Postfix starts afresh after a lost connection: the message in progress is gone.
         if c.step:
             c.step = 0
@@ -422,7 +424,7 @@ def run_worker(
             send_next(c, now_ns)
             return
         # a connection that fell behind starts afresh: no burst to catch up
-        c.due_ns = max(c.due_ns + gap_ns, now_ns - gap_ns)
+        c.due_ns = max(c.due_ns + gap_ns, now_ns)
         if c.due_ns <= now_ns:
             send_next(c, now_ns)
         else:
@@ -623,7 +625,9 @@ def print_report(s: dict[str, Any], out: Any = sys.stdout) -> None:
     )
     print(
         f"requests   {s['requests']} in {s['window_s']:.2f} s = {s['rps']:.1f} req/s"
-        f"   (errors: {errors})",
+        f"   (errors: {errors})"
+        + ("   SHORT OF --rate: not paced" if s["rate"] and s["rps"] < 0.95 * s["rate"]
+           else ""),
         file=out,
     )
     print(

@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                              "queue directory (default, as recommended) or loopback TCP")
     parser.add_argument("--policy-log-level", choices=("debug", "info", "warning"),
                         default="info", help="the policy server's log.level (default info: "
-                        "one line per message)")
+                        "one line per message; with --policy FILE, the file's own)")
     parser.add_argument("--policy", metavar="FILE",
                         help="bench this policy file instead of the built-in one (its listen "
                              "is replaced; its mail must not be deferred or held)")
@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                                "messages_per_segment": args.messages,
                                "pairs": args.pairs, "cpus": os.cpu_count(),
                                "policy_socket": args.policy_socket,
-                               "policy_log_level": args.policy_log_level,
+                               "policy": args.policy or "built-in",
+                               "policy_log_level": (args.policy_log_level if args.policy is None
+                                                    else "as in the file"),
                                "policy_scheduling": args.policy_scheduling,
                                "policy_nice": args.policy_nice,
                                "loadavg_after": os.getloadavg()}
@@ -477,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\n{args.pairs} pairs of {args.messages}-message segments, {args.sessions} parallel "
               f"SMTP sessions, {os.cpu_count()} CPUs, policy server on {args.policy_socket} "
-              f"with log level {args.policy_log_level}, {scheduling_label(args)} "
+              f"with {summary['policy']} policy, log level {summary['policy_log_level']}, "
+              f"{scheduling_label(args)} "
               f"(medians):")
         for mode in ("postfix", "mqpolicy"):
             s = summary[mode]
