@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mqpolicy.endpoints import Endpoint
 from mqpolicy.policy_codec import encode_request
-from mqpolicy.postfix_instance import accepts, free_port
+from mqpolicy.postfix_instance import accepts, free_port, poll
 
 __all__ = ["MqpolicyProcess", "ServeProcess", "free_port"]
 
@@ -70,11 +70,11 @@ class MqpolicyProcess:
 
     def wait_logged(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
         """Until the process has logged ``text`` ``count`` times; it must stay alive."""
-        deadline = time.monotonic() + timeout
-        while self.alive and self.log_text().count(text) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not logged {count} times:\n{self.log_text()}")
-            time.sleep(0.05)
+        try:
+            poll(lambda: not self.alive or self.log_text().count(text) >= count, timeout,
+                 f"{text!r} logged {count} times", interval_s=0.05)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}:\n{self.log_text()}") from None
         assert self.alive, self.log_text()
 
     def kill(self) -> None:
