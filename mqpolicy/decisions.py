@@ -169,10 +169,11 @@ class DecisionService:
     async def _evaluate(self, plan: Plan, timeout_ms: int) -> Evaluation | None:
         checks = [p.check for p in plan.limits]
         try:
+            answer = self.store.evaluate(checks, self.clock_ms(), plan.once_key)
             if not self._needs_deadline:  # the store keeps it, or answers without I/O
-                return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
+                return await answer
             async with asyncio.timeout(timeout_ms / 1000):
-                return await self.store.evaluate(checks, self.clock_ms(), plan.once_key)
+                return await answer
         except TimeoutError:
             self._store_failed("store_timeouts", f"no answer within {timeout_ms} ms")
         except StoreTimeout as exc:  # a store that keeps the deadline itself

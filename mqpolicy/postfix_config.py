@@ -886,7 +886,7 @@ def compare(config: PostfixConfig, state: PostfixState) -> list[Finding]:
         want = entry.entry
         if want not in entries:
             same = [e for e in entries
-                    if e != want and _queue_relative_entry(e, config.queue_directory) == want]
+                    if _queue_relative_entry(e, config.queue_directory) == want]
             if same:  # the same socket by its absolute name: never a second entry
                 found.append(Finding(
                     Status.DIFFERENT, main, f"{entry.name}: replace {same[0]} with {want}",
