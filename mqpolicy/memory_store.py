@@ -232,7 +232,7 @@ class MemoryStore:
                 if key in tats:
                     return self._evaluate_shared(checks, now_ms, once, once_ttl_ms)
                 entry = data.get(key)
-                tat: float = now_ms
+                tat = float(now_ms)  # float: the type the tats keep (mypyc compiles it as such)
                 if entry is not None:
                     if entry[1] <= now_ms:
                         del data[key]
