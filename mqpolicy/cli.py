@@ -40,7 +40,7 @@ from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats
 from mqpolicy.milter_service import MilterRunner
 from mqpolicy.mx_rollup import DestinationFinder, needs_mx
 from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
-from mqpolicy.policy_reload import reload_policy
+from mqpolicy.policy_reload import reload_on_hangup, reload_policy
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
 from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
@@ -298,16 +298,9 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         await server.wait_closed()
         await close_the_rest()
         return EXIT_FAILURE
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_hup() -> None:
-        task = loop.create_task(_reload(service, path, log_level, reload_stats))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    reload_on_hangup(loop, lambda: _reload(service, path, log_level, reload_stats))
     background = [loop.create_task(refresher.run(stop)), loop.create_task(feedback.run(stop))]
     if scheduler is not None:
         background.append(loop.create_task(_run_scheduler(scheduler, stop)))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from mqpolicy.config import ConfigError, Policy, load_policy
@@ -14,16 +15,23 @@ from mqpolicy.structured_log import set_level
 log = logging.getLogger("mqpolicy.main")
 
 
-async def load_for_reload(path: Path) -> Policy | None:
-    """The policy file read anew, off the event loop; None when it is broken, with each
-    problem logged: the running policy stays."""
-    try:
-        return await asyncio.get_running_loop().run_in_executor(None, load_policy, path)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            log.error("reload refused, keeping the running policy",
-                      extra={"fields": {"problem": str(issue)}})
-        return None
+def reload_on_hangup(loop: asyncio.AbstractEventLoop,
+                     reload: Callable[[], Awaitable[object]]) -> None:
+    """Run ``reload`` on every SIGHUP, one at a time in the order the signals came: a reload
+    that read the file before an edit never lands after one that read it after."""
+    lock = asyncio.Lock()  # first come, first served
+    running: set[asyncio.Task[None]] = set()  # kept referenced until done
+
+    async def one() -> None:
+        async with lock:
+            await reload()
+
+    def on_hup() -> None:
+        task = loop.create_task(one())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
 
 
 async def reload_policy(path: Path, log_level: str | None,
@@ -34,8 +42,14 @@ async def reload_policy(path: Path, log_level: str | None,
     new policy is in force."""
     sd_notify("RELOADING=1")
     try:
-        new = await load_for_reload(path)
-        if new is None or not apply(new):
+        try:  # off the event loop
+            new = await asyncio.get_running_loop().run_in_executor(None, load_policy, path)
+        except ConfigError as exc:  # a broken file: the running policy stays
+            for issue in exc.issues:
+                log.error("reload refused, keeping the running policy",
+                          extra={"fields": {"problem": str(issue)}})
+            return False
+        if not apply(new):
             return False
         set_level(log_level or new.log.level)
         log.info("policy reloaded", extra={"fields": {"policy": str(path),

@@ -24,7 +24,7 @@ from mqpolicy.config import Policy, SchedulerSettings
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.hold_records import records_for
 from mqpolicy.mta_queue import QueueCommandError
-from mqpolicy.policy_reload import reload_policy
+from mqpolicy.policy_reload import reload_on_hangup, reload_policy
 from mqpolicy.release_planner import QueueSummary, plan_releases, record_grace_ms, summarize
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue
@@ -81,16 +81,9 @@ async def _run_scheduler(policy: Policy, path: Path, log_level: str | None) -> i
     scheduler = Scheduler(service, records, open_mta_queue(settings))
     refresher = RuntimeRefresher(service, backoff_store)
     stop = asyncio.Event()
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_hup() -> None:
-        task = loop.create_task(_reload(service, path, log_level))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    reload_on_hangup(loop, lambda: _reload(service, path, log_level))
     log.info("scheduler ready", extra={"fields": {
         "instance": scheduler.queue.instance, "store": policy.store.url,
         "policy": str(path), "owner": scheduler.owner, "version": __version__}})

@@ -243,3 +243,42 @@ def test_metrics_listen_override(tmp_path: Path) -> None:
         assert 'mqpolicy_decisions_total{action="accept",lane="normal"} 1' in text
     finally:
         proc.stop()
+
+
+def test_reloads_run_one_at_a_time_in_the_order_of_the_signals() -> None:
+    """Two SIGHUPs in a row: the second reload starts when the first has ended (one that
+    read the file earlier never lands after one that read it later)."""
+    import asyncio
+    import os
+    import signal
+
+    from mqpolicy.policy_reload import reload_on_hangup
+
+    events: list[str] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        count = 0
+
+        async def reload() -> None:
+            nonlocal count
+            count += 1
+            mine = count
+            events.append(f"start {mine}")
+            await asyncio.sleep(0.2)  # reading the file, say
+            events.append(f"end {mine}")
+
+        reload_on_hangup(loop, reload)
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.05)  # the first reload is under way
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(100):
+                if len(events) == 4:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    asyncio.run(scenario())
+    assert events == ["start 1", "end 1", "start 2", "end 2"]
