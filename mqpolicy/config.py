@@ -1173,13 +1173,9 @@ def _read_messages(r: _Reader, top: Mapping[str, Any]) -> Messages:
     m = r.mapping(top, "messages", "messages", {"defer", "hold", "reject", "store_error"})
     if m is None:
         return d
-    values = {}
-    for key in ("defer", "hold", "reject", "store_error"):
-        if key in m:
-            text = r.convert(m, key, f"messages.{key}", _template)
-            if text is not None:
-                values[key] = text
-    return Messages(**values)
+    values = {key: r.optional(m, key, "messages", _template)
+              for key in ("defer", "hold", "reject", "store_error")}
+    return Messages(**{key: text for key, text in values.items() if text is not None})
 
 
 def _read_delivery(r: _Reader, m: Mapping[str, Any], path: str) -> PostfixDelivery:

@@ -1149,14 +1149,12 @@ def cmd_postfix_config(policy: Policy, args: argparse.Namespace,
               file=sys.stderr)
         return EXIT_USAGE
     # what the options leave unsaid and the output depends on, as this Postfix has it
-    unknown = {
-        "relayhost": ("relay host unknown", "the transport map names no next hop"),
-        "queue_directory": ("queue_directory unknown", f"assuming {DEFAULT_QUEUE_DIR}"),
-    }
-    if relayhost is not None or not needs_destination_transports(policy):
-        del unknown["relayhost"]
-    if queue_dir is not None or not _names_unix_socket(policy, args):
-        del unknown["queue_directory"]
+    unknown: dict[str, tuple[str, str]] = {}
+    if relayhost is None and needs_destination_transports(policy):
+        unknown["relayhost"] = ("relay host unknown", "the transport map names no next hop")
+    if queue_dir is None and _names_unix_socket(policy, args):
+        unknown["queue_directory"] = ("queue_directory unknown",
+                                      f"assuming {DEFAULT_QUEUE_DIR}")
     if unknown:
         try:
             found = read_parameters(args.check or config_dir, *unknown)
