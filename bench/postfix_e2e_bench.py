@@ -48,7 +48,6 @@ import shutil
 import signal
 import smtplib
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,13 +67,6 @@ from bench_processes import (  # noqa: E402
 )
 
 from mqpolicy.endpoints import Endpoint  # noqa: E402
-from mqpolicy.postfix_config import (  # noqa: E402
-    HEADER_CHECKS_FILE,
-    SECTION_HEADER_CHECKS,
-    SECTION_MAIN,
-    SECTION_MASTER,
-    split_sections,
-)
 from mqpolicy.postfix_instance import (  # noqa: E402
     PolicyServerProcess,
     PostfixInstance,
@@ -270,16 +262,7 @@ class Target:
             text = (Path(self.args.policy).read_text() if self.args.policy
                     else POLICY.format(log_level=self.args.policy_log_level))
             policy_file.write_text(policy_with_listen(text, str(endpoint), "0666"))
-            self.instance.write_config()  # postfix-config reads its queue_directory
-            generated = subprocess.run(
-                [sys.executable, "-m", "mqpolicy", "postfix-config", "-c", str(policy_file),
-                 "--config-directory", str(self.instance.config_dir)],
-                capture_output=True, text=True, check=True,
-            ).stdout
-            sections = split_sections(generated)
-            self.instance.write_config(
-                sections[SECTION_MAIN], sections[SECTION_MASTER],
-                {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
+            self.instance.configure_from(policy_file, (sys.executable, "-m", "mqpolicy"))
             self.server = PolicyServerProcess(policy_file, endpoint, self.root / "mqpolicy.log",
                                               (*scheduling_prefix(self.args), sys.executable,
                                                "-m", "mqpolicy"))

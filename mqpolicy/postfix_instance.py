@@ -358,6 +358,27 @@ class PostfixInstance:
             written.append(path)
         backdate(written)
 
+    def configure_from(self, policy_file: Path, command: Sequence[str]) -> str:
+        """Run ``mqpolicy postfix-config`` (``command``: how mqpolicy is started) for
+        ``policy_file`` against this instance and write what it prints into the
+        configuration, as an operator pastes it; returns it. The base configuration is
+        written first when there is none: the command reads this Postfix's settings
+        (queue_directory, relayhost) as it would an operator's."""
+        if not (self.config_dir / "main.cf").exists():
+            self.write_config()
+        proc = subprocess.run(
+            [*command, "postfix-config", "-c", str(policy_file),
+             "--config-directory", str(self.config_dir)],
+            capture_output=True, text=True, timeout=60, check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"mqpolicy postfix-config failed:\n{proc.stderr}")
+        sections = split_sections(proc.stdout)
+        self.write_config(sections[SECTION_MAIN], sections[SECTION_MASTER],
+                          {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
+        return proc.stdout
+
     # ------------------------------------------------------------ commands
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -806,18 +827,6 @@ class MailStack:
                                   "0666" if endpoint.path else None)
         self.policy_file.write_text(text, encoding="utf-8")
 
-    def generated_config(self) -> str:
-        """``mqpolicy postfix-config`` for the current policy file and this instance."""
-        proc = subprocess.run(
-            [*self.command, "postfix-config", "-c", str(self.policy_file),
-             "--config-directory", str(self.postfix.config_dir)],
-            capture_output=True, text=True, timeout=60, check=False,
-            stdin=subprocess.DEVNULL,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"mqpolicy postfix-config failed:\n{proc.stderr}")
-        return proc.stdout
-
     def _configure_postfix(self) -> bool:
         """Write Postfix's config from the postfix-config command; True when it changed.
 
@@ -829,21 +838,11 @@ class MailStack:
         rendered = generate(load_policy(self.policy_file), options).render()
         if self.postfix_config and rendered == self._rendered:
             return False
-        if not (self.postfix.config_dir / "main.cf").exists():
-            # the command reads this Postfix's settings (queue_directory, relayhost) as
-            # it would an operator's: the base configuration comes first
-            self.postfix.write_config()
-        text = self.generated_config()
+        text = self.postfix.configure_from(self.policy_file, self.command)
         self._rendered = rendered
-        if text == self.postfix_config:
-            return False
-        sections = split_sections(text)
-        self.postfix.write_config(
-            sections[SECTION_MAIN], sections[SECTION_MASTER],
-            {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]},
-        )
+        changed = text != self.postfix_config
         self.postfix_config = text
-        return True
+        return changed
 
     def apply_policy(self, policy_text: str) -> None:
         """Switch to a new policy: Postfix reloaded if its settings change, mqpolicy
