@@ -34,7 +34,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def run_queue_seconds(pid: int) -> float:
     """Seconds the threads of ``pid`` spent runnable but waiting for a CPU (the run delay of
     ``/proc/PID/task/*/schedstat``; 0 if gone). On a saturated machine, what a process
-    that must answer at once loses to the others before it runs at all."""
+    that must answer at once loses to the others before it runs at all. Only the threads
+    alive now count (a long-lived server's are), not its child processes; on a kernel
+    without schedstat it reads 0."""
     total = 0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")

@@ -152,14 +152,21 @@ def message_plan(protocol: int, n: int) -> list[tuple[bytes, bool]]:
     return merged
 
 
-def connect(address: str) -> socket.socket:
+def socket_address(address: str) -> str | tuple[str, int]:
+    """``/path`` or ``host:port`` as the socket module takes it."""
     if address.startswith("/"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(address)
-    else:
-        host, port = address.rsplit(":", 1)
-        sock = socket.create_connection((host, int(port)), timeout=10)
+        return address
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+def connect(address: str) -> socket.socket:
+    target = socket_address(address)
+    if isinstance(target, tuple):
+        return socket.create_connection(target, timeout=10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(target)
     return sock
 
 
@@ -241,11 +248,7 @@ def start_milter(kind: str, transport: str, workdir: Path, procs: Processes,
         config.write_text(policy.format(listen=spec, rcpt_limits=rcpt_limits))
         argv = [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)]
     started = procs.start(f"{name}-{transport}", argv, cwd=REPO)
-    if address.startswith("/"):
-        wait_accepting(started, address)
-    else:
-        host, port = address.rsplit(":", 1)
-        wait_accepting(started, (host, int(port)))
+    wait_accepting(started, socket_address(address))
     return started, address
 
 
