@@ -45,6 +45,7 @@ from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
 from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
 from mqpolicy.postfix_config import cmd_postfix_config
+from mqpolicy.release_agent import DEFAULT_AGENT_ENDPOINT, cmd_release_agent
 from mqpolicy.request import Request, domain_of
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue, register_scheduler_metrics
@@ -143,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(feedback)
     feedback.add_argument("--log-level", help="override log.level from the policy file")
 
+    agent = sub.add_parser(
+        "release-agent", help="as root: release held mail (and list Sendmail's queue) "
+        "for the unprivileged scheduler, over a unix socket")
+    _config_arg(agent)
+    agent.add_argument("--listen", metavar="unix:/PATH",
+                       help="the socket (default: scheduler.release_agent, else "
+                       f"{DEFAULT_AGENT_ENDPOINT})")
+    agent.add_argument("--log-level", help="override log.level from the policy file")
+
     top = sub.add_parser("top", help="live view of a running server: decisions/s by lane, "
                          "busiest keys, hold queue, backoff (reads its metrics port)")
     _config_arg(top)
@@ -195,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(cmd_queue(policy, args.json, sys.stdout))
     if command == "feedback":
         return asyncio.run(cmd_feedback(policy, args.log_level))
+    if command == "release-agent":
+        return asyncio.run(cmd_release_agent(
+            policy, Path(args.config), args.listen, args.log_level,
+            lambda settings: open_mta_queue(settings, through_agent=False)))
     return asyncio.run(cmd_counters(policy, args))
 
 

@@ -369,6 +369,9 @@ class SchedulerSettings:
     lock_ttl_ms: int = 30_000
     schedule: ScheduleSettings = ScheduleSettings()
     load: LoadThresholds = LoadThresholds()
+    # ``mqpolicy release-agent``'s socket: set, the scheduler asks that root process to
+    # release (and, for Sendmail, to list); unset, it runs the MTA's commands itself.
+    release_agent: Endpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -924,7 +927,7 @@ def _read_milter(r: _Reader, top: Mapping[str, Any], store: StoreSettings) -> Mi
 
 _SCHEDULER_KEYS = frozenset(
     {"mta", "instance", "postfix_config_dir", "sendmail_cf", "interval",
-     "max_releases_per_pass", "lock_ttl", "schedule", "load"}
+     "max_releases_per_pass", "lock_ttl", "schedule", "load", "release_agent"}
 )
 
 
@@ -944,6 +947,7 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
     interval = opt("interval", _positive_duration)
     batch = opt("max_releases_per_pass", _positive_int)
     lock_ttl = opt("lock_ttl", _positive_duration)
+    agent = opt("release_agent", _release_agent_endpoint)
     if lock_ttl is not None and lock_ttl <= (interval or d.interval_ms):
         r.error(m, "lock_ttl", "scheduler.lock_ttl", "must be longer than scheduler.interval")
 
@@ -973,7 +977,17 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
         lock_ttl_ms=lock_ttl or d.lock_ttl_ms,
         schedule=schedule,
         load=load,
+        release_agent=agent,
     )
+
+
+def _release_agent_endpoint(value: Any) -> Endpoint:
+    endpoint = parse_endpoint(_string(value))
+    if not endpoint.is_unix:
+        raise ValueError("the release agent listens on a unix socket "
+                         "(unix:/run/mqpolicy-agent/agent.sock): its peers are checked "
+                         "by their credentials")
+    return endpoint
 
 
 def _instance_name(value: Any) -> str:

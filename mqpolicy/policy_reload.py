@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -40,7 +41,8 @@ async def reload_policy(path: Path, log_level: str | None,
     ``apply`` hands the new policy to the command (False: it refused it, and logged why),
     then the new log level (``log_level``, from the command line, wins). True when the
     new policy is in force."""
-    sd_notify("RELOADING=1")
+    # MONOTONIC_USEC: what systemd's Type=notify-reload (253 and later) asks for with it
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         try:  # off the event loop
             new = await asyncio.get_running_loop().run_in_executor(None, load_policy, path)

@@ -47,6 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mqpolicy.agent_queue import AgentQueue
 from mqpolicy.budget import NEVER, BudgetCheck, CounterStore, StoreError
 from mqpolicy.config import MtaKind, Policy, SchedulerSettings
 from mqpolicy.decisions import DecisionService
@@ -487,10 +488,19 @@ def register_scheduler_metrics(registry: MetricsRegistry, scheduler: Scheduler) 
                        stats.pass_latency.snapshot)
 
 
-def open_mta_queue(settings: SchedulerSettings) -> MtaQueue:
-    """The queue adapter ``scheduler.mta`` names."""
+def open_mta_queue(settings: SchedulerSettings, *, through_agent: bool = True) -> MtaQueue:
+    """The queue adapter ``scheduler.mta`` names. With ``scheduler.release_agent`` (and
+    ``through_agent``), what needs root goes through ``mqpolicy release-agent``: the
+    releases, and Sendmail's listing; Postfix's listing stays ``postqueue -j``, run here.
+    ``through_agent=False`` is the agent's own: the MTA's commands run in this process."""
+    direct: MtaQueue
     if settings.mta is MtaKind.SENDMAIL:
         from mqpolicy.sendmail_queue import SendmailQueue  # noqa: PLC0415 - optional MTA
 
-        return SendmailQueue(settings.sendmail_cf)
-    return PostfixQueue(settings.postfix_config_dir)
+        direct = SendmailQueue(settings.sendmail_cf)
+    else:
+        direct = PostfixQueue(settings.postfix_config_dir)
+    if settings.release_agent is None or not through_agent:
+        return direct
+    return AgentQueue(settings.release_agent, direct.instance,
+                      direct if settings.mta is MtaKind.POSTFIX else None)

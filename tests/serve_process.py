@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mqpolicy.endpoints import Endpoint
@@ -31,19 +32,24 @@ class MqpolicyProcess:
     accepts a connection; stop() ends it by its PID."""
 
     def __init__(self, command: str, config: Path, log_path: Path,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, *, launcher: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None) -> None:
+        """``launcher``: what runs the interpreter (e.g. setpriv with a unit's credentials);
+        ``env``: the environment (default: this process's)."""
         self.command = command
         self.config = config
         self.log_path = log_path
         self.extra_args = extra_args or []
+        self.launcher = tuple(launcher)
+        self.env = dict(env) if env is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *addresses: Address, timeout: float = 15.0) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mqpolicy", self.command, "-c", str(self.config),
-                 *self.extra_args],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                [*self.launcher, sys.executable, "-m", "mqpolicy", self.command,
+                 "-c", str(self.config), *self.extra_args],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env,
             )
         deadline = time.monotonic() + timeout
         pending = list(addresses)

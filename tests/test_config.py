@@ -203,3 +203,21 @@ def test_missing_list_file_is_an_error() -> None:
     messages = errors_of(LANES + "classify:\n  - when: {sender: {file: /nonexistent/list}}\n"
                          "    lane: fast\n")
     assert any("cannot read list file '/nonexistent/list'" in m for m in messages), messages
+
+
+def test_scheduler_release_agent_is_a_unix_socket() -> None:
+    policy = parse_policy("scheduler:\n  release_agent: unix:/run/mqpolicy-agent/agent.sock\n")
+    assert policy.scheduler is not None
+    assert policy.scheduler.release_agent is not None
+    assert policy.scheduler.release_agent.path == "/run/mqpolicy-agent/agent.sock"
+    assert parse_policy("scheduler: {}\n").scheduler.release_agent is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("127.0.0.1:10050", "unix socket"),
+    ("unix:run/agent.sock", "absolute"),
+    ("[]", "non-empty string"),
+])
+def test_scheduler_release_agent_errors(value: str, problem: str) -> None:
+    (issue,) = errors_of(f"scheduler:\n  release_agent: {value}\n")
+    assert "scheduler.release_agent" in issue and problem in issue, issue

@@ -17,6 +17,7 @@ from mqpolicy.postfix_instance import accepts, free_port, make_message, poll, su
 from mqpolicy.sendmail_queue import parse_mailq
 from mqpolicy.smtp_sink import ThreadedSmtpSink
 from tests.sendmail_fixture import SendmailInstance, SendmailUnavailable, sendmail_instance
+from tests.serve_process import MqpolicyProcess
 
 
 @pytest.fixture
@@ -107,3 +108,55 @@ log:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+def test_with_a_release_agent_the_quarantine_is_listed_and_released_by_it(
+    sendmail: SendmailInstance, sink: ThreadedSmtpSink, milter_port: int, tmp_path: Path,
+) -> None:
+    """The milter's scheduler runs no Sendmail command itself (its MQPOLICY_SENDMAIL points
+    nowhere): the release agent lists the quarantine and releases from it."""
+    agent_socket = tmp_path / "agent.sock"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"""\
+store:
+  url: memory://
+milter:
+  listen: inet:{milter_port}@127.0.0.1
+lanes:
+  - name: normal
+  - name: bulk
+    hold: true
+default_lane: normal
+classify:
+  - name: held
+    when: {{sender: "@held.sm.test"}}
+    lane: bulk
+scheduler:
+  mta: sendmail
+  sendmail_cf: {sendmail.cf}
+  interval: 500ms
+  lock_ttl: 5s
+  release_agent: unix:{agent_socket}
+log:
+  format: kv
+  level: info
+""")
+    agent = MqpolicyProcess("release-agent", policy, tmp_path / "agent.log",
+                            env={**os.environ, "MQPOLICY_SENDMAIL": str(sendmail.command)})
+    milter = MqpolicyProcess("milter", policy, tmp_path / "milter.log",
+                             env={**os.environ, "MQPOLICY_SENDMAIL": "/nonexistent/sendmail"})
+    try:
+        agent.start(str(agent_socket), timeout=20)
+        milter.start(("127.0.0.1", milter_port), timeout=20)
+        sent = submit("127.0.0.1", sendmail.port, "a@held.sm.test", ["r@dest.sm.test"],
+                      make_message("a@held.sm.test", ["r@dest.sm.test"], "held-via-agent"))
+        assert sent.queued, sent.replies()
+        arrived = sink.wait_for_subject("held-via-agent", 60)
+        assert arrived.header("X-MQ-Lane") == "bulk"
+        milter.wait_logged("msg=released")
+        agent.wait_logged("msg=list")  # its log is written by a thread of its own: waited for
+        agent.wait_logged("released=1")
+        assert "/nonexistent/sendmail" not in milter.log_text()
+    finally:
+        milter.stop(timeout=20)
+        agent.stop()

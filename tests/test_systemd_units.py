@@ -9,10 +9,12 @@ unknown key) without failing, so any output at all fails the test.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,39 @@ def test_verify_really_checks(tmp_path: Path) -> None:
         refused = verify([shipped])
         assert refused.returncode != 0
         assert "/usr/local/bin/mqpolicy" in refused.stdout + refused.stderr
+
+
+def drop_ins() -> list[Path]:
+    return sorted(UNITS_DIR.glob("*.d/*.conf"))
+
+
+def verify_with_drop_in(tmp_path: Path, drop_in: Path,
+                        edit: Callable[[str], str] = str) -> subprocess.CompletedProcess[str]:
+    """Verify the unit ``drop_in`` belongs to, loaded by name from a copy of the units
+    directory (so that systemd reads the drop-in, ``edit``-ed, beside it)."""
+    assert SYSTEMD_ANALYZE is not None
+    tmp_path.mkdir()
+    copied(tmp_path)
+    target = tmp_path / drop_in.parent.name / drop_in.name
+    target.parent.mkdir()
+    target.write_text(edit(drop_in.read_text()))
+    unit = drop_in.parent.name.removesuffix(".d")
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", "--man=no", unit], capture_output=True, text=True,
+        timeout=60, stdin=subprocess.DEVNULL, check=False, cwd=tmp_path,
+        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
+    )
+
+
+def test_there_is_a_sendmail_drop_in() -> None:
+    assert [p.relative_to(UNITS_DIR).as_posix() for p in drop_ins()] == [
+        "mqpolicy-release-agent.service.d/sendmail.conf"]
+
+
+@pytest.mark.parametrize("drop_in", drop_ins(), ids=lambda p: p.parent.name + "/" + p.name)
+def test_drop_in_verifies_cleanly(drop_in: Path, tmp_path: Path) -> None:
+    done = verify_with_drop_in(tmp_path / "clean", drop_in)
+    assert (done.returncode, done.stdout + done.stderr) == (0, ""), done
+    typo = verify_with_drop_in(tmp_path / "typo", drop_in,
+                               lambda text: text.replace("ReadWritePaths=", "ReadWritePath=", 1))
+    assert "ReadWritePath" in typo.stdout + typo.stderr  # the drop-in was read
