@@ -37,6 +37,7 @@ with the budget spent before the failure intact.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -52,6 +53,9 @@ from mqpolicy.redis_store import RedisStore
 SENTINEL_SCHEMES: Final = frozenset({"redis+sentinel", "rediss+sentinel"})
 DEFAULT_SENTINEL_PORT: Final = 26379
 _SENTINEL_OPTIONS: Final = frozenset({"sentinel_username", "sentinel_password"})
+# Sentinel's constructor has no annotations before redis-py 8.2 and has them since: called
+# through this name it type-checks the same way under both, with no ignore to go stale.
+_new_sentinel: Final[Callable[..., Sentinel]] = Sentinel
 
 
 def parse_host_list(hosts: str, default_port: int, url: str) -> tuple[tuple[str, int], ...]:
@@ -168,9 +172,7 @@ def open_sentinel_master(
         sentinel_kwargs["username"] = target.sentinel_username
     if target.sentinel_password:
         sentinel_kwargs["password"] = target.sentinel_password
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(target.sentinels), sentinel_kwargs=sentinel_kwargs
-    )
+    sentinel = _new_sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
     client: Redis = sentinel.master_for(
         target.service,
         redis_class=Redis,
