@@ -11,6 +11,7 @@
 # make bench-e2e / bench-milter  through a private Postfix / the milter against its floor
 SHELL := /bin/bash
 VENV ?= .venv
+LATEST_VENV := .venv-latest
 CONFIG ?= conf/mqpolicy.yaml
 LOCK := requirements/test.lock
 UV_VERSION := 0.13.9
@@ -21,7 +22,7 @@ bootstrap:
 	@VENV=$(VENV) LOCK=$(LOCK) bash scripts/bootstrap.sh
 
 bootstrap-latest:
-	@VENV=$(VENV) bash scripts/bootstrap.sh --latest
+	@VENV=$(LATEST_VENV) bash scripts/bootstrap.sh --latest
 
 # The lock is for Python 3.11 and later (--universal: markers kept), direct dependencies at
 # the lower bound of their range, each file's hashes; uv itself pinned, in .venv-uv.
@@ -49,8 +50,7 @@ endef
 test: bootstrap
 	$(run_checks)
 
-# VENV set here holds for bootstrap-latest too (a target's variables reach its prerequisites)
-test-latest: VENV = .venv-latest
+test-latest: VENV = $(LATEST_VENV)
 test-latest: bootstrap-latest
 	$(run_checks)
 
