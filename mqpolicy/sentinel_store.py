@@ -40,7 +40,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -48,9 +48,12 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from mqpolicy.redis_store import RedisStore
+from mqpolicy.redis_store import RedisStore, split_store_url
 
 SENTINEL_SCHEMES: Final = frozenset({"redis+sentinel", "rediss+sentinel"})
+SENTINEL_URL_FORM: Final = (
+    "redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db][?options]"
+)
 DEFAULT_SENTINEL_PORT: Final = 26379
 _SENTINEL_OPTIONS: Final = frozenset({"sentinel_username", "sentinel_password"})
 # Sentinel's constructor has no annotations before redis-py 8.2 and has them since: called
@@ -109,10 +112,8 @@ class SentinelTarget:
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """Parse ``redis+sentinel://`` / ``rediss+sentinel://`` (see the module docstring)."""
-    parts = urlsplit(url.strip())
+    parts = split_store_url(url, SENTINEL_SCHEMES, SENTINEL_URL_FORM)
     scheme = parts.scheme.lower()
-    if scheme not in SENTINEL_SCHEMES:
-        raise ValueError(f"store {url!r}: not a redis+sentinel:// URL")
     username, password, hosts = split_credentials(parts.netloc)
     if not hosts:
         raise ValueError(f"store {url!r}: no sentinel host")
