@@ -24,8 +24,9 @@ bootstrap:
 bootstrap-latest:
 	@VENV=$(LATEST_VENV) bash scripts/bootstrap.sh --latest
 
-# The lock is for Python 3.11 and later (--universal: markers kept), direct dependencies at
-# the lower bound of their range, each file's hashes; uv itself pinned, in .venv-uv.
+# The lock keeps environment markers (--universal) and is tested on Python 3.11 (Debian 12's);
+# direct dependencies at the lower bound of their range, their own dependencies at their
+# newest that day, every file's hash; uv itself pinned, in .venv-uv.
 lock:
 	@python3 -m venv .venv-uv && .venv-uv/bin/python -m pip install -q 'uv==$(UV_VERSION)'
 	.venv-uv/bin/uv pip compile pyproject.toml --extra test --universal \
