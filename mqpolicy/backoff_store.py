@@ -13,7 +13,6 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -21,9 +20,10 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from mqpolicy.backoff import BackoffState
 from mqpolicy.budget import StoreError
-from mqpolicy.cluster_store import CLUSTER_SCHEMES, parse_cluster_url
-from mqpolicy.redis_store import load_script
-from mqpolicy.sentinel_store import SENTINEL_SCHEMES, open_sentinel_master
+from mqpolicy.cluster_store import parse_cluster_url
+from mqpolicy.redis_store import load_script, parse_redis_url
+from mqpolicy.sentinel_store import open_sentinel_master
+from mqpolicy.store_factory import check_store_url
 
 T = TypeVar("T")
 Change = Callable[[BackoffState], tuple[BackoffState, T]]
@@ -83,7 +83,8 @@ class RedisBackoffStore:
         """One Redis by ``url``, or a ready ``client`` (the master of a Sentinel service;
         ``closing`` lists what to close with it)."""
         timeout = timeout_ms / 1000
-        self._client: Redis = client or Redis.from_url(url, socket_timeout=timeout,
+        self._client: Redis = client or Redis.from_url(parse_redis_url(url).url,
+                                                       socket_timeout=timeout,
                                                        socket_connect_timeout=timeout)
         self._closing = closing
         self._key = key_prefix + _KEY
@@ -148,13 +149,13 @@ def open_backoff_store(url: str, *, key_prefix: str = "mqpolicy:") -> BackoffSto
     slot of ``<prefix>backoff`` (one key: no cross-slot operation), reached through a
     cluster client, which follows that slot when it moves."""
     url = url.strip()
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
+    kind = check_store_url(url)
+    if kind == "memory":
         return MemoryBackoffStore()
-    if scheme in SENTINEL_SCHEMES:
+    if kind == "sentinel":
         client, sentinel = open_sentinel_master(url, timeout_ms=500)
         return RedisBackoffStore(client=client, key_prefix=key_prefix, closing=(sentinel,))
-    if scheme in CLUSTER_SCHEMES:
+    if kind == "cluster":
         target = parse_cluster_url(url)
         host, port = target.nodes[0]
         cluster = RedisCluster(host=host, port=port, username=target.username,

@@ -88,7 +88,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -112,11 +112,13 @@ from mqpolicy.redis_store import (
     encode_batch,
     glob_escape,
     inspect_buckets,
+    split_store_url,
     unprefixed,
 )
 from mqpolicy.sentinel_store import parse_host_list, split_credentials
 
 CLUSTER_SCHEMES: Final = frozenset({"redis+cluster", "rediss+cluster"})
+CLUSTER_URL_FORM: Final = "redis+cluster://[user:password@]host[:port][,host[:port]...][/0]"
 REFUND_SCRIPT_NAME: Final = "gcra_refund.lua"
 DEFAULT_CLUSTER_PORT: Final = 6379
 _ERRORS: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
@@ -136,10 +138,8 @@ class ClusterTarget:
 
 def parse_cluster_url(url: str) -> ClusterTarget:
     """Parse ``redis+cluster://`` / ``rediss+cluster://`` (see the module docstring)."""
-    parts = urlsplit(url.strip())
+    parts = split_store_url(url, CLUSTER_SCHEMES, CLUSTER_URL_FORM)
     scheme = parts.scheme.lower()
-    if scheme not in CLUSTER_SCHEMES:
-        raise ValueError(f"store {url!r}: not a redis+cluster:// URL")
     username, password, hosts = split_credentials(parts.netloc)
     if not hosts:
         raise ValueError(f"store {url!r}: no cluster node")

@@ -43,6 +43,7 @@ from mqpolicy.rates import (
     parse_rate,
     parse_size,
 )
+from mqpolicy.store_factory import check_store_url
 
 # ---------------------------------------------------------------- errors
 
@@ -843,14 +844,9 @@ def _read_store(r: _Reader, top: Mapping[str, Any]) -> StoreSettings:
     )
 
 
-_STORE_SCHEMES = ("memory://", "redis://", "rediss://", "unix://", "redis+sentinel://",
-                  "rediss+sentinel://", "redis+cluster://", "rediss+cluster://")
-
-
 def _store_url(value: Any) -> str:
     text = _string(value)
-    if not text.startswith(_STORE_SCHEMES):
-        raise ValueError(f"unsupported store URL {text!r} (use {', '.join(_STORE_SCHEMES)}...)")
+    check_store_url(text)  # the store's own parser: what serve would refuse, check refuses
     return text
 
 

@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final, NamedTuple, Protocol
-from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -52,8 +51,9 @@ from redis.exceptions import RedisError
 
 from mqpolicy.budget import StoreError
 from mqpolicy.config import Policy, SchedulerSettings
-from mqpolicy.redis_store import describe_error, load_script
-from mqpolicy.sentinel_store import SENTINEL_SCHEMES, open_sentinel_master
+from mqpolicy.redis_store import describe_error, load_script, parse_redis_url
+from mqpolicy.sentinel_store import open_sentinel_master
+from mqpolicy.store_factory import check_store_url
 
 __all__ = [
     "DEFAULT_RECORD_TTL_MS",
@@ -383,7 +383,7 @@ class RedisHoldRecords:
         # A blocking pool: a burst of record writes waits for a free connection (within
         # the deadline) instead of failing at the pool's size.
         pool = BlockingConnectionPool.from_url(
-            url,
+            parse_redis_url(url).url,
             max_connections=max_connections,
             timeout=self._timeout_s,
             socket_timeout=self._timeout_s,
@@ -508,13 +508,13 @@ def open_hold_records(url: str, *, key_prefix: str = "mqpolicy:", timeout_ms: in
     memory, one Redis, or the master of a Sentinel service. ValueError for Redis Cluster
     (not supported yet: the records' multi-key operations need one slot)."""
     url = url.strip()
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
+    kind = check_store_url(url)
+    if kind == "memory":
         return MemoryHoldRecords()
-    if scheme in ("redis", "rediss", "unix"):
+    if kind == "redis":
         return RedisHoldRecords(url, key_prefix=key_prefix, instance=instance,
                                 timeout_ms=timeout_ms)
-    if scheme in SENTINEL_SCHEMES:
+    if kind == "sentinel":
         client, _ = open_sentinel_master(url, timeout_ms=timeout_ms, decode_responses=True)
         return RedisHoldRecords(client=client,
                                 key_prefix=key_prefix, instance=instance, timeout_ms=timeout_ms)

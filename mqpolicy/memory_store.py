@@ -34,6 +34,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Final
 
 from mqpolicy.budget import (
     DEFAULT_ONCE_TTL_MS,
@@ -118,6 +119,18 @@ def redis_glob_to_regex(pattern: str) -> re.Pattern[str]:
             out.append(re.escape(c))
         i += 1
     return re.compile("".join(out), re.DOTALL)
+
+
+MEMORY_URL: Final = "memory://"
+
+
+def parse_memory_url(url: str) -> None:
+    """The embedded store's URL: ``memory://`` (the scheme in any case) and nothing after it;
+    ValueError otherwise, since nothing after it would be used."""
+    text = url.strip()
+    if text.lower() != MEMORY_URL:
+        raise ValueError(f"store {url!r}: the embedded store is {MEMORY_URL} with nothing "
+                         f"after it: write {MEMORY_URL}")
 
 
 class MemoryStore:

@@ -59,9 +59,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -78,9 +80,125 @@ from mqpolicy.budget import (
 from mqpolicy.memory_store import validate_decision
 
 SCRIPT_NAME: Final = "gcra_batch.lua"
+REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
+DEFAULT_REDIS_PORT: Final = 6379
+REDIS_URL_FORMS: Final = (
+    "redis://[user:password@]host[:port][/db], rediss://... (TLS), "
+    "unix://[user:password@]/path/to/redis.sock[?db=N]"
+)
+_TLS_OPTIONS: Final = frozenset(
+    {"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+     "ssl_check_hostname"}
+)
+_CERT_REQS: Final = frozenset({"none", "optional", "required"})
 _ERRORS: Final = (RedisError, OSError, TimeoutError)
 _CONSUME: Final = 1
 _BLOCKING: Final = 2
+
+
+def split_store_url(url: str, schemes: frozenset[str], forms: str) -> SplitResult:
+    """``urlsplit`` of a Redis store URL whose scheme is one of ``schemes`` (else ValueError
+    listing ``forms``), refusing what no Redis store URL can mean: no ``//`` after the scheme
+    (``unix:/path``, ``redis:host:6379``; the error says the form to write) and a fragment
+    (an unencoded ``#`` in a password would cut the URL there)."""
+    text = url.strip()
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        raise ValueError(f"store {url!r}: not a {' / '.join(sorted(schemes))} URL ({forms})")
+    rest = text[len(scheme) + 1:]
+    if not rest.startswith("//"):
+        # unix:/run/redis.sock -> unix:///run/redis.sock; redis:h:6379 -> redis://h:6379
+        slash = "/" if scheme == "unix" else ""
+        raise ValueError(f"store {url!r}: write {scheme}://{slash}{rest.lstrip('/')}")
+    if parts.fragment or text.endswith("#"):
+        raise ValueError(f"store {url!r}: '#' in a store URL must be written %23")
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """What a ``redis://``, ``rediss://`` or ``unix://`` URL says; ``url`` is what the
+    clients are built from (``Redis.from_url``)."""
+
+    url: str
+    host: str | None
+    port: int | None
+    path: str | None
+    db: int = 0
+    tls: bool = False
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """One Redis, as :class:`RedisStore` and the stores beside it (backoff states, hold
+    records) open it: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` for TLS
+    (options ``ssl_ca_certs``, ``ssl_ca_path``, ``ssl_certfile``, ``ssl_keyfile``,
+    ``ssl_cert_reqs``, ``ssl_check_hostname``), ``unix://[user:password@]/path/to/redis.sock``;
+    the database in the path or as ``?db=N``. redis-py's own parser runs on it too; where that
+    one guesses, this refuses (ValueError saying what to write): a database that is not a
+    number (redis-py would take 0), a host in a ``unix://`` URL (redis-py would drop it),
+    ``unix:/path`` (refused by redis-py since 8.2), other options (redis-py would pass them to
+    the connection, failing at the first call, or override the store's own timeouts and
+    protocol)."""
+    parts = split_store_url(url, REDIS_SCHEMES, REDIS_URL_FORMS)
+    scheme = parts.scheme.lower()
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        known = name == "db" or (scheme == "rediss" and name in _TLS_OPTIONS)
+        if not known:
+            allowed = ["db", *sorted(_TLS_OPTIONS)] if scheme == "rediss" else ["db"]
+            why = (" (a TLS option: rediss:// only)" if name in _TLS_OPTIONS
+                   else " (credentials go before the host: user:password@host)"
+                   if name in ("username", "password") else "")
+            raise ValueError(f"store {url!r}: unknown option {name!r}{why}; "
+                             f"known: {', '.join(allowed)}")
+        if name in options:
+            raise ValueError(f"store {url!r}: option {name!r} given twice")
+        if not value:
+            raise ValueError(f"store {url!r}: option {name!r} needs a value")
+        options[name] = value
+    if options.get("ssl_cert_reqs", "required") not in _CERT_REQS:
+        raise ValueError(f"store {url!r}: ssl_cert_reqs is one of {', '.join(sorted(_CERT_REQS))}")
+    try:
+        hostname, port = parts.hostname, parts.port
+    except ValueError:
+        raise ValueError(f"store {url!r}: bad host or port in {parts.netloc!r} "
+                         "(host:port, [IPv6]:port)") from None
+    host = path = None
+    segments = [s for s in parts.path.split("/") if s]
+    db_text = options.get("db")
+    if scheme == "unix":
+        if hostname:
+            path_given = f"/{hostname}{parts.path}" if hostname != "localhost" else parts.path
+            raise ValueError(f"store {url!r}: a unix:// URL names no host, the socket path "
+                             f"comes after the third slash: write unix://{path_given}")
+        if not segments:
+            raise ValueError(f"store {url!r}: no socket path (unix:///path/to/redis.sock)")
+        path = parts.path
+    else:
+        if not hostname:
+            raise ValueError(f"store {url!r}: no host ({scheme}://host[:port][/db], "
+                             f"{scheme}://localhost:6379/0 for this machine)")
+        if port == 0:
+            raise ValueError(f"store {url!r}: bad port 0")
+        host = hostname
+        if len(segments) > 1:
+            raise ValueError(f"store {url!r}: expected /db after the host, got {parts.path!r}")
+        if segments:
+            if db_text is not None:
+                raise ValueError(f"store {url!r}: the database given twice (path and ?db=)")
+            db_text = segments[0]
+    if db_text is not None and not db_text.isdigit():
+        raise ValueError(f"store {url!r}: the database must be a number, got {db_text!r}")
+    text = url.strip()
+    try:
+        parse_url(text)  # what Redis.from_url will do with it
+    except ValueError as exc:
+        raise ValueError(f"store {url!r}: {exc}") from None
+    if host is not None and port is None:
+        port = DEFAULT_REDIS_PORT
+    return RedisTarget(url=text, host=host, port=port, path=path,
+                       db=int(db_text) if db_text is not None else 0, tls=scheme == "rediss")
 
 
 class _HiredisPacking:
@@ -342,7 +460,7 @@ class RedisStore(CoalescingStore):
             self._client = url
         else:
             self._client = Redis.from_url(
-                url,
+                parse_redis_url(url).url,
                 # No socket timeout (redis-py's default is 5 s): every call here runs under
                 # an asyncio deadline of its own, and redis-py would add a timer per read
                 # and a task per send.

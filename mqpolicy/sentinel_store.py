@@ -37,9 +37,10 @@ with the budget spent before the failure intact.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -47,11 +48,17 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from mqpolicy.redis_store import RedisStore
+from mqpolicy.redis_store import RedisStore, split_store_url
 
 SENTINEL_SCHEMES: Final = frozenset({"redis+sentinel", "rediss+sentinel"})
+SENTINEL_URL_FORM: Final = (
+    "redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db][?options]"
+)
 DEFAULT_SENTINEL_PORT: Final = 26379
 _SENTINEL_OPTIONS: Final = frozenset({"sentinel_username", "sentinel_password"})
+# Sentinel's constructor has no annotations before redis-py 8.2 and has them since: called
+# through this name it type-checks the same way under both, with no ignore to go stale.
+_new_sentinel: Final[Callable[..., Sentinel]] = Sentinel
 
 
 def parse_host_list(hosts: str, default_port: int, url: str) -> tuple[tuple[str, int], ...]:
@@ -105,10 +112,8 @@ class SentinelTarget:
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """Parse ``redis+sentinel://`` / ``rediss+sentinel://`` (see the module docstring)."""
-    parts = urlsplit(url.strip())
+    parts = split_store_url(url, SENTINEL_SCHEMES, SENTINEL_URL_FORM)
     scheme = parts.scheme.lower()
-    if scheme not in SENTINEL_SCHEMES:
-        raise ValueError(f"store {url!r}: not a redis+sentinel:// URL")
     username, password, hosts = split_credentials(parts.netloc)
     if not hosts:
         raise ValueError(f"store {url!r}: no sentinel host")
@@ -168,9 +173,7 @@ def open_sentinel_master(
         sentinel_kwargs["username"] = target.sentinel_username
     if target.sentinel_password:
         sentinel_kwargs["password"] = target.sentinel_password
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(target.sentinels), sentinel_kwargs=sentinel_kwargs
-    )
+    sentinel = _new_sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
     client: Redis = sentinel.master_for(
         target.service,
         redis_class=Redis,

@@ -1,16 +1,20 @@
-"""Build a counter store from its URL (the ``store:`` setting)."""
+"""Build a counter store from its URL (the ``store:`` setting), and check one without
+building it (``mqpolicy check``): both through :func:`check_store_url`, which parses a URL
+with the parser of its store family, the one that store's opening runs."""
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import urlsplit
 
 from mqpolicy.budget import CounterStore
-from mqpolicy.cluster_store import CLUSTER_SCHEMES, ClusterStore
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.redis_store import RedisStore
-from mqpolicy.sentinel_store import SENTINEL_SCHEMES, SentinelStore
+from mqpolicy.cluster_store import CLUSTER_SCHEMES, ClusterStore, parse_cluster_url
+from mqpolicy.memory_store import MemoryStore, parse_memory_url
+from mqpolicy.redis_store import REDIS_SCHEMES, RedisStore, parse_redis_url
+from mqpolicy.sentinel_store import SENTINEL_SCHEMES, SentinelStore, parse_sentinel_url
 
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+StoreKind = Literal["memory", "redis", "sentinel", "cluster"]
+
 _SHORT_SCHEMES = {"sentinel": "redis+sentinel", "cluster": "redis+cluster"}
 _KNOWN = (
     "memory://, redis://host:port/db, rediss://host:port/db, unix:///path/redis.sock?db=0, "
@@ -19,24 +23,50 @@ _KNOWN = (
 )
 
 
+def check_store_url(url: str) -> StoreKind:
+    """Which store ``url`` names, after parsing it as that store's opening does
+    (:func:`~mqpolicy.memory_store.parse_memory_url`,
+    :func:`~mqpolicy.redis_store.parse_redis_url`,
+    :func:`~mqpolicy.sentinel_store.parse_sentinel_url`,
+    :func:`~mqpolicy.cluster_store.parse_cluster_url`); connects to nothing. ValueError
+    saying what to write instead."""
+    text = url.strip()
+    scheme = urlsplit(text).scheme.lower()
+    if scheme == "memory":
+        parse_memory_url(url)
+        return "memory"
+    if scheme in REDIS_SCHEMES:
+        parse_redis_url(url)
+        return "redis"
+    if scheme in SENTINEL_SCHEMES:
+        parse_sentinel_url(url)
+        return "sentinel"
+    if scheme in CLUSTER_SCHEMES:
+        parse_cluster_url(url)
+        return "cluster"
+    if scheme in _SHORT_SCHEMES:
+        raise ValueError(
+            f"store {url!r}: write {_SHORT_SCHEMES[scheme]}:// (or rediss+{scheme}:// for TLS)"
+        )
+    host_port = ":" in text and "/" not in text  # 127.0.0.1:6379
+    hint = f"; for a Redis at {text} write redis://{text}/0" if host_port else ""
+    raise ValueError(
+        f"store {url!r}: unknown store URL scheme {scheme!r}; use one of {_KNOWN}{hint}"
+    )
+
+
 def open_store(url: str, *, timeout_ms: int = 50, key_prefix: str = "mqpolicy:") -> CounterStore:
     """``memory://`` is the embedded store; ``redis://``, ``rediss://`` and ``unix://`` are
     one Redis (:class:`~mqpolicy.redis_store.RedisStore`); ``redis+sentinel://`` is the
     master of a Sentinel-monitored service (:class:`~mqpolicy.sentinel_store.SentinelStore`)
     and ``redis+cluster://`` a Redis Cluster (:class:`~mqpolicy.cluster_store.ClusterStore`);
-    ``rediss+`` for TLS. Raises ValueError otherwise."""
+    ``rediss+`` for TLS. Raises ValueError otherwise (:func:`check_store_url`)."""
     url = url.strip()
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
+    kind = check_store_url(url)
+    if kind == "memory":
         return MemoryStore(key_prefix=key_prefix)
-    if scheme in _REDIS_SCHEMES:
+    if kind == "redis":
         return RedisStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
-    if scheme in SENTINEL_SCHEMES:
+    if kind == "sentinel":
         return SentinelStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
-    if scheme in CLUSTER_SCHEMES:
-        return ClusterStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
-    if scheme in _SHORT_SCHEMES:
-        raise ValueError(
-            f"store {url!r}: write {_SHORT_SCHEMES[scheme]}:// (or rediss+{scheme}:// for TLS)"
-        )
-    raise ValueError(f"store {url!r}: unknown store URL scheme {scheme!r}; use one of {_KNOWN}")
+    return ClusterStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Installs what `make run` and `make test` need, and nothing when it is all there already:
 #   1. Debian packages (apt-get only when one is missing; never starts the system Postfix);
-#   2. the project venv in .venv with `pip install -e '.[test]'` (redone only when
-#      pyproject.toml or the venv's Python changed).
+#   2. the project venv in .venv from the lock file, every package pinned and hashed
+#      (`pip install --require-hashes -r requirements/test.lock`, then the project itself
+#      with `pip install --no-deps -e .`); redone only when the lock, pyproject.toml or the
+#      venv's Python changed. `make lock` writes the lock.
 # Safe to run as often as you like; silent when there is nothing to do.
-# Environment: PYTHON (interpreter for a new venv, default python3), VENV (default .venv).
+# With --latest: the venv made anew with today's newest release of everything
+# (`pip install -U -e '.[test]'`, no lock), every time (`make test-latest`).
+# Environment: PYTHON (interpreter for a new venv, default python3), VENV (default .venv),
+# LOCK (default requirements/test.lock).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,6 +19,13 @@ export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+LOCK=${LOCK:-requirements/test.lock}
+LATEST=0
+case ${1:-} in
+    "") ;;
+    --latest) LATEST=1 ;;
+    *) printf 'usage: %s [--latest]\n' "$0" >&2; exit 2 ;;
+esac
 APT_PACKAGES=(build-essential python3-dev python3-venv libmilter-dev postfix redis-server swaks)
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
@@ -62,11 +74,25 @@ EOF
 }
 
 venv_stamp() {
-    # What the installed venv depends on: the project metadata and the interpreter.
+    # What the installed venv depends on: the lock, the project metadata, the interpreter.
     {
-        sha256sum pyproject.toml
+        sha256sum "$LOCK" pyproject.toml
         "$VENV/bin/python" -c 'import sys; print(sys.version)'
     } | sha256sum | cut -d' ' -f1
+}
+
+pip_quietly() {
+    # pip in the venv; its output (the build backend's warnings among it) is shown only
+    # when it fails.
+    local log
+    log=$(mktemp)
+    if ! "$VENV/bin/python" -m pip "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        say "pip $* failed"
+        exit 1
+    fi
+    rm -f "$log"
 }
 
 install_venv() {
@@ -76,24 +102,35 @@ install_venv() {
         && [[ $(<"$stamp_file") == "$(venv_stamp)" ]]; then
         return 0
     fi
-    if ! "$VENV/bin/python" -c '' 2>/dev/null; then
+    if [[ -e $VENV ]]; then
+        # what the lock does not list must not stay behind from an earlier install
+        say "making $VENV anew"
+        "$PYTHON" -m venv --clear "$VENV"
+    else
         say "creating $VENV"
         "$PYTHON" -m venv "$VENV"
     fi
-    say "installing the project into $VENV (pip install -e '.[test]')"
-    # The build backend's warnings go to a log that is shown only when the install fails.
-    local log
-    log=$(mktemp)
-    if ! "$VENV/bin/python" -m pip install -q -e '.[test]' >"$log" 2>&1; then
-        cat "$log" >&2
-        rm -f "$log"
-        say "pip install failed"
-        exit 1
-    fi
-    rm -f "$log"
+    say "installing $LOCK and the project into $VENV"
+    pip_quietly install -q --require-hashes --no-deps -r "$LOCK"
+    pip_quietly install -q --no-deps -e .
+    pip_quietly check
     venv_stamp >"$stamp_file"
 }
 
+install_latest_venv() {
+    say "making $VENV anew with the newest releases (pip install -U -e '.[test]')"
+    "$PYTHON" -m venv --clear "$VENV"
+    pip_quietly install -q -U pip
+    pip_quietly install -q -U -e '.[test]'
+    "$VENV/bin/python" -m pip list --format=freeze >"$VENV/installed.txt"
+    say "installed: $(grep -iE '^(redis|hiredis|dnspython|pymilter|pyyaml|pytest|mypy|ruff)==' \
+        "$VENV/installed.txt" | tr '\n' ' ')"
+}
+
 install_apt_packages
-install_venv
+if ((LATEST)); then
+    install_latest_venv
+else
+    install_venv
+fi
 bash scripts/fetch_sendmail.sh || say "Sendmail packages not fetched: the Sendmail tests will try again or skip"

@@ -67,7 +67,7 @@ def test_policy_is_frozen() -> None:
         ("stor: {}\n", "p.yaml:1: stor: unknown key (did you mean 'store'?)"),
         ("listen: [127.0.0.1:70000]\n", "p.yaml:1: listen[0]: port out of range"),
         ("listen:\n  - unix:relative.sock\n", "p.yaml:2: listen[0]: unix socket path must be"),
-        ("store:\n  url: mysql://x\n", "p.yaml:2: store.url: unsupported store URL"),
+        ("store:\n  url: mysql://x\n", "p.yaml:2: store.url: store 'mysql://x': unknown store"),
         ("store:\n  timeout_ms: -5\n", "p.yaml:2: store.timeout_ms: expected a positive"),
         ("store:\n  on_store_error: panic\n", "p.yaml:2: store.on_store_error: expected accept"),
         ("server:\n  idle_timeout: soon\n", "p.yaml:2: server.idle_timeout: not a duration"),

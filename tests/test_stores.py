@@ -979,43 +979,6 @@ def test_memory_store_sweeps_as_fast_as_decisions_with_many_limits_write() -> No
 # ------------------------------------------------------------------ factory
 
 
-@pytest.mark.parametrize(
-    ("url", "kind"),
-    [
-        ("memory://", MemoryStore),
-        ("redis://127.0.0.1:6390/0", RedisStore),
-        ("rediss://redis.example:6380/2", RedisStore),
-        ("unix:///run/redis/redis.sock?db=1", RedisStore),
-        ("unix:/run/redis/redis.sock", RedisStore),
-        ("REDIS://Host:6379", RedisStore),
-    ],
-)
-def test_open_store_by_scheme(url: str, kind: type) -> None:
-    async def main() -> None:
-        store = open_store(url, timeout_ms=20, key_prefix="p:")
-        assert isinstance(store, kind)
-        await store.close()
-
-    asyncio.run(main())
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("redis+sentinel://h:26379", "the service name is missing"),
-        ("redis+cluster://h:7000/2", "database 0 only"),
-        ("sentinel://h:26379/mymaster", "write redis+sentinel://"),
-        ("memcached://h:11211", "unknown store URL scheme 'memcached'"),
-        ("127.0.0.1:6379", "unknown store URL scheme ''"),
-        ("localhost:6379", "unknown store URL scheme 'localhost'"),
-        ("", "unknown store URL scheme"),
-    ],
-)
-def test_open_store_rejects(url: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
-        open_store(url)
-
-
 def test_open_store_talks_to_redis(redis_clean: RedisServer) -> None:
     async def main() -> None:
         for url in (redis_clean.tcp_url, redis_clean.unix_url):
