@@ -345,7 +345,8 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None,
                   stats: ReloadStats) -> None:
     def apply(new: Policy) -> bool:
         old = service.policy
-        for what in ("listen", "store", "server", "metrics", "milter", "scheduler", "dns"):
+        for what in ("listen", "admin", "store", "server", "metrics", "milter", "scheduler",
+                     "dns"):
             if getattr(old, what) != getattr(new, what):
                 log.warning("changed setting needs a restart to take effect",
                             extra={"fields": {"setting": what}})
