@@ -287,6 +287,11 @@ class StoreSettings:
     on_store_error: StoreErrorMode = StoreErrorMode.ACCEPT
     key_prefix: str = "mqpolicy:"
 
+    @property
+    def in_process(self) -> bool:
+        """``memory://``: the budgets and hold records live inside the serving process."""
+        return self.url.strip().lower().startswith("memory:")
+
 
 class ErrorAction(Enum):
     """What the milter answers when no verdict comes in time."""

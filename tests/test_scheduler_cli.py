@@ -29,13 +29,13 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, check=False)
 
 
-def test_scheduler_and_queue_refuse_the_memory_store(tmp_path: Path) -> None:
+def test_scheduler_refuses_the_memory_store(tmp_path: Path) -> None:
+    # (queue asks the running serve instead: tests/test_admin_socket.py)
     path = tmp_path / "p.yaml"
     path.write_text(MEMORY)
-    for command in ("scheduler", "queue"):
-        proc = run(command, "-c", str(path))
-        assert proc.returncode == 2
-        assert "memory://" in proc.stderr and "inside `mqpolicy serve`" in proc.stderr
+    proc = run("scheduler", "-c", str(path))
+    assert proc.returncode == 2
+    assert "memory://" in proc.stderr and "inside `mqpolicy serve`" in proc.stderr
 
 
 def test_scheduler_needs_a_scheduler_section(tmp_path: Path) -> None:
