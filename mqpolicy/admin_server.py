@@ -34,6 +34,7 @@ from mqpolicy.admin_codec import (
     encode_answer,
     encode_error,
 )
+from mqpolicy.connection_tasks import ConnectionTasks
 from mqpolicy.endpoints import Endpoint
 from mqpolicy.unix_sockets import OwnedSocket, bind_unix
 
@@ -85,10 +86,8 @@ class AdminServer:
         self._max_request_bytes = max_request_bytes
         self._request_timeout_s = request_timeout_s
         self._idle_timeout_s = idle_timeout_s
-        self._max_connections = max_connections
-        self._server: asyncio.Server | None = None
         self._owned: OwnedSocket | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections = ConnectionTasks(max_connections)
         self.requests = 0
         self.errors = 0
 
@@ -99,7 +98,8 @@ class AdminServer:
     async def start(self) -> None:
         sock, self._owned = bind_unix(self.endpoint.path, self.endpoint.mode)
         try:
-            self._server = await asyncio.start_unix_server(self._on_connect, sock=sock)
+            self._connections.server = await asyncio.start_unix_server(self._on_connect,
+                                                                       sock=sock)
         except BaseException:
             sock.close()
             self._owned.remove()
@@ -109,30 +109,18 @@ class AdminServer:
 
     def close(self) -> None:
         """Stop accepting, remove the socket file (if still ours), end every connection."""
-        if self._server is not None:
-            self._server.close()
+        self._connections.close()
         if self._owned is not None:
             self._owned.remove()
             self._owned = None
-        for task in self._tasks:
-            task.cancel()
 
     async def wait_closed(self) -> None:
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        await self._connections.wait_closed()
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._tasks) >= self._max_connections:
-            log.warning("admin connection refused: too many",
-                        extra={"fields": {"max_connections": self._max_connections}})
-            writer.transport.abort()
-            return
-        task = asyncio.get_running_loop().create_task(self._connection(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if not self._connections.start(writer, lambda: self._connection(reader, writer)):
+            log.warning("admin connection refused: too many", extra={"fields": {
+                "max_connections": self._connections.max_connections}})
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:

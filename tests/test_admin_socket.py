@@ -11,15 +11,14 @@ the bucket is full again, ``explain`` the budget left (after the decision, when 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,9 @@ import pytest
 
 from mqpolicy.admin_codec import encode_request
 from mqpolicy.postfix_instance import MailStack, poll
+from tests.redis_fixture import RedisServer
 from tests.serve_process import ServeProcess, free_port
+from tests.test_admin_server import sock_dir as sock_dir  # noqa: PLC0414 - fixture
 from tests.test_scheduler_e2e import held, lanes, restart_serve
 from tests.test_scheduler_e2e import stack as stack  # noqa: PLC0414 - fixture
 
@@ -65,16 +66,6 @@ def request_text(attrs: dict[str, str]) -> str:
     return "".join(f"{k}={v}\n" for k, v in attrs.items() if k != "request")
 
 
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short directory for the admin socket (a unix socket path has at most 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="mqadm-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class Served:
     """A running serve, its policy file, and its admin socket."""
 
@@ -94,23 +85,37 @@ class Served:
         return mq(command, "-c", str(self.config), *rest, stdin=stdin)
 
 
-@pytest.fixture(params=["memory", "redis"])
-def served(request: pytest.FixtureRequest, tmp_path: Path,
-           sock_dir: Path) -> Iterator[Served]:
-    """serve with an admin socket, on the memory store (the commands ask it) or on Redis
-    (the commands read Redis)."""
-    store = ("memory://" if request.param == "memory"
-             else request.getfixturevalue("redis_clean").tcp_url)
+@contextlib.contextmanager
+def serving(tmp_path: Path, sock_dir: Path, store: str, name: str = "p",
+            key_prefix: str | None = None) -> Iterator[Served]:
+    """``mqpolicy serve`` with an admin socket, stopped by its PID afterwards."""
     port = free_port()
-    admin = sock_dir / "admin.sock"
-    config = tmp_path / "p.yaml"
-    config.write_text(policy_text(port, store, admin))
-    process = ServeProcess(config, port, tmp_path / "serve.log")
+    admin = sock_dir / f"{name}.sock"
+    config = tmp_path / f"{name}.yaml"
+    text = policy_text(port, store, admin)
+    config.write_text(text if key_prefix is None else text.replace(f"adm{port}:", key_prefix))
+    process = ServeProcess(config, port, tmp_path / f"{name}.log")
     process.start(str(admin))
     try:
         yield Served(process, admin)
     finally:
         process.stop()
+
+
+def store_url(name: str, request: pytest.FixtureRequest) -> str:
+    if name == "memory":
+        return "memory://"
+    server: RedisServer = request.getfixturevalue("redis_clean")
+    return server.tcp_url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def served(request: pytest.FixtureRequest, tmp_path: Path,
+           sock_dir: Path) -> Iterator[Served]:
+    """serve with an admin socket, on the memory store (the commands ask it) or on Redis
+    (the commands read Redis)."""
+    with serving(tmp_path, sock_dir, store_url(request.param, request)) as served:
+        yield served
 
 
 def rows(out: str) -> dict[str, list[str]]:
@@ -191,16 +196,8 @@ def test_commands_print_the_same_as_with_redis(tmp_path: Path, sock_dir: Path,
     """The same spending on each store: the same lines, but for the seconds left."""
     printed: dict[str, list[str]] = {}
     for name in ("memory", "redis"):
-        store = ("memory://" if name == "memory"
-                 else request.getfixturevalue("redis_clean").tcp_url)
-        port = free_port()
-        admin = sock_dir / f"{name}.sock"
-        config = tmp_path / f"{name}.yaml"
-        config.write_text(policy_text(port, store, admin).replace(f"adm{port}:", "same:"))
-        process = ServeProcess(config, port, tmp_path / f"{name}.log")
-        process.start(str(admin))
-        try:
-            served = Served(process, admin)
+        store = store_url(name, request)
+        with serving(tmp_path, sock_dir, store, name, "same:") as served:
             for sender in ("a@example.com", "a@example.com", "b@example.com"):
                 assert served.spend(sender) == "DUNNO"
             asked = request_text(eom(7, "a@example.com"))
@@ -212,8 +209,6 @@ def test_commands_print_the_same_as_with_redis(tmp_path: Path, sock_dir: Path,
             printed[name] = [" ".join(ln.split()[:4]) if ln.startswith("per-sender ")
                              else ln.replace(store, "STORE")
                              for out in outputs for ln in out.splitlines()]
-        finally:
-            process.stop()
     assert printed["memory"] == printed["redis"]
 
 
@@ -222,16 +217,8 @@ def test_commands_print_the_same_as_with_redis(tmp_path: Path, sock_dir: Path,
 
 @pytest.fixture
 def memory_served(tmp_path: Path, sock_dir: Path) -> Iterator[Served]:
-    port = free_port()
-    admin = sock_dir / "admin.sock"
-    config = tmp_path / "p.yaml"
-    config.write_text(policy_text(port, "memory://", admin))
-    process = ServeProcess(config, port, tmp_path / "serve.log")
-    process.start(str(admin))
-    try:
-        yield Served(process, admin)
-    finally:
-        process.stop()
+    with serving(tmp_path, sock_dir, "memory://") as served:
+        yield served
 
 
 def test_the_socket_has_the_configured_mode_and_goes_with_the_server(
