@@ -262,10 +262,10 @@ def test_malformed_admin_requests_get_error_answers_and_everything_goes_on(
         assert shown["result"] == {"rows": [
             {"limit": "per-sender", "key": "a@example.com", "remaining": BURST - 1,
              "burst": BURST, "full_in_s": dict(shown["result"])["rows"][0]["full_in_s"]}]}
-    assert memory_served.process.alive
-    log = memory_served.process.log_text()
-    assert f"msg=\"admin request\" op=shutdown uid={os.getuid()} " in log
-    assert f"msg=\"admin request\" op=counters.show uid={os.getuid()} " in log
+    # each request logged with the peer's uid (its log is written every 50 ms)
+    memory_served.process.wait_logged(f"msg=\"admin request\" op=shutdown uid={os.getuid()} ")
+    memory_served.process.wait_logged(f"msg=\"admin request\" op=counters.show "
+                                      f"uid={os.getuid()} ", count=3)
 
 
 def test_admin_is_a_restart_setting_on_reload(memory_served: Served, sock_dir: Path) -> None:
@@ -364,4 +364,5 @@ scheduler:
     data = json.loads(mq("queue", "-c", str(stack.policy_file), "--json").stdout)
     assert [(g["lane"], g["held"]) for g in data["lanes"]] == [("normal", 1)]
     assert data["queues"].get("hold") == 1
-    assert "msg=\"admin request\" op=queue" in stack.server.log_file.read_text(), still
+    poll(lambda: "msg=\"admin request\" op=queue" in stack.server.log_file.read_text(), 10,
+         f"the queue requests in the server's log (held: {still.queue_id})")
