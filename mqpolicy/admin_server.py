@@ -157,22 +157,23 @@ class AdminServer:
             return self._failed(item, None, "-", peer)
         handler = self._handlers.get(item.op)
         if handler is None:
-            error = UnknownOperation(f"no operation {item.op!r} (operations: "
-                                     f"{', '.join(self.operations)})")
-            return self._failed(error, item.id, item.op, peer)
+            unknown = UnknownOperation(f"no operation {item.op!r} (operations: "
+                                       f"{', '.join(self.operations)})")
+            return self._failed(unknown, item.id, item.op, peer)
+        deadline = asyncio.timeout(self._request_timeout_s)
         try:
-            async with asyncio.timeout(self._request_timeout_s):
+            async with deadline:
                 result = await handler(item.args)
             answer = encode_answer(result, item.id)
         except AdminRequestError as exc:
             return self._failed(exc, item.id, item.op, peer)
-        except TimeoutError:
-            return self._failed(OperationFailed(
-                f"no result within {self._request_timeout_s:g}s"), item.id, item.op, peer)
         except Exception as exc:  # not CancelledError: a closing server ends the connection
-            log.exception("admin operation failed", extra={"fields": {"op": item.op}})
-            return self._failed(OperationFailed(f"internal error: {type(exc).__name__}: "
-                                                f"{exc}"), item.id, item.op, peer)
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                error = OperationFailed(f"no result within {self._request_timeout_s:g}s")
+            else:
+                log.exception("admin operation failed", extra={"fields": {"op": item.op}})
+                error = OperationFailed(f"internal error: {type(exc).__name__}: {exc}")
+            return self._failed(error, item.id, item.op, peer)
         log.info("admin request", extra={"fields": {
             "op": item.op, "uid": peer.uid, "pid": peer.pid, "result": "ok"}})
         return answer

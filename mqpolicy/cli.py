@@ -429,6 +429,10 @@ async def cmd_feedback(policy: Policy, log_level: str | None) -> int:
 # ---------------------------------------------------------------- explain
 
 
+FRESH_STORE_NOTE = ("explained on a fresh private memory:// store: the budgets shown are "
+                    "full budgets, not the running server's")
+
+
 async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -> int:
     try:
         attrs = parse_request_text(text)
@@ -451,10 +455,6 @@ async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -
     else:
         print(render_explanation(explanation))
     return EXIT_OK
-
-
-FRESH_STORE_NOTE = ("explained on a fresh private memory:// store: the budgets shown are "
-                    "full budgets, not the running server's")
 
 
 async def _explain_here(policy: Policy, attrs: dict[str, str], consume: bool,

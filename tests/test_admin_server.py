@@ -143,9 +143,15 @@ def test_an_operation_that_overruns_gets_an_error_and_the_connection_goes_on(
         assert first == [{"id": 1, "ok": False, "error": "failed",
                           "message": "no result within 0.2s"}]
         assert (await client.answers(encode_request("echo", {}, 2), 1))[0]["ok"] is True
+        # a TimeoutError of the operation's own is no overrun of the deadline
+        assert (await client.answers(encode_request("inner", {}, 3), 1))[0]["message"] == \
+            "internal error: TimeoutError: the store was slow"
         client.close()
 
-    run(serving(path, scenario, {**HANDLERS, "stuck": never_done(started)},
+    async def inner(args: Mapping[str, Any]) -> object:
+        raise TimeoutError("the store was slow")
+
+    run(serving(path, scenario, {**HANDLERS, "stuck": never_done(started), "inner": inner},
                 request_timeout_s=0.2))
 
 
