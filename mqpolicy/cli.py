@@ -283,7 +283,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     if scheduler is not None:
         register_scheduler_metrics(registry, scheduler)
     admin = None
-    if policy.admin is not None:
+    if policy.admin is not None and policy_server:  # `serve`; `mqpolicy milter` has none
         mta_queue = (scheduler.queue if scheduler is not None
                      else open_mta_queue(policy.scheduler or SchedulerSettings()))
         admin = AdminServer(policy.admin.listen,

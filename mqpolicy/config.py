@@ -736,6 +736,10 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
     log = _read_log(r, top) if "log" in top else defaults.log
     metrics = _read_metrics(r, top) if "metrics" in top else defaults.metrics
     admin = _read_admin(r, top) if "admin" in top else None
+    if admin is not None and server.reuse_port:
+        r.error(top["admin"], "listen", "admin.listen",
+                "several processes (server.reuse_port) cannot share one admin socket; they "
+                "share a redis:// store, which the commands read themselves")
     messages = _read_messages(r, top) if "messages" in top else defaults.messages
 
     lanes = tuple(_read_lanes(r, top)) if "lanes" in top else defaults.lanes

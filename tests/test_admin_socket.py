@@ -27,7 +27,7 @@ import pytest
 from mqpolicy.admin_codec import encode_request
 from mqpolicy.postfix_instance import MailStack, poll
 from tests.redis_fixture import RedisServer
-from tests.serve_process import ServeProcess, free_port
+from tests.serve_process import MqpolicyProcess, ServeProcess, free_port
 from tests.test_admin_server import sock_dir as sock_dir  # noqa: PLC0414 - fixture
 from tests.test_scheduler_e2e import held, lanes, restart_serve
 from tests.test_scheduler_e2e import stack as stack  # noqa: PLC0414 - fixture
@@ -282,6 +282,23 @@ def test_admin_is_a_restart_setting_on_reload(memory_served: Served, sock_dir: P
     assert gone.returncode == 1
     assert f"admin socket unix:{moved} cannot be reached (No such file or directory)" in \
         gone.stderr
+
+
+def test_only_serve_opens_the_admin_socket(tmp_path: Path, sock_dir: Path) -> None:
+    """``mqpolicy milter`` reading the same file (contrib/systemd runs both units with
+    /etc/mqpolicy/mqpolicy.yaml) leaves the admin socket to serve."""
+    admin, milter_socket = sock_dir / "admin.sock", sock_dir / "milter.sock"
+    config = tmp_path / "p.yaml"
+    config.write_text(policy_text(free_port(), "memory://", admin)
+                      + f"milter: {{listen: \"unix:{milter_socket}\"}}\n")
+    milter = MqpolicyProcess("milter", config, tmp_path / "milter.log")
+    try:
+        milter.start(str(milter_socket))
+        milter.wait_logged("msg=ready")  # what it listens on is open by then
+        assert not admin.exists()
+        assert "logger=mqpolicy.admin" not in milter.log_text()
+    finally:
+        milter.stop()
 
 
 # ---------------------------------------------------------------- when it cannot be asked

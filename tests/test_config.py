@@ -215,6 +215,9 @@ def test_admin_socket() -> None:
         ("admin:\n  listen: unix:/run/a.sock\n  listen_mode: '0600'\n",
          "p.yaml:3: admin.listen_mode: unknown key (did you mean 'listen'?)"),
         ("admin: unix:/run/a.sock\n", "p.yaml:1: admin: expected a mapping"),
+        ("store: {url: 'redis://127.0.0.1/0'}\nserver: {reuse_port: true}\n"
+         "admin: {listen: unix:/run/a.sock}\n",
+         "p.yaml:3: admin.listen: several processes (server.reuse_port) cannot share"),
     ],
 )
 def test_admin_socket_errors(body: str, expected: str) -> None:
