@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mqpolicy import __version__
-from mqpolicy.admin_client import AdminError, ask_server
+from mqpolicy.admin_client import AdminError, AdminUnavailable, ask_server
 from mqpolicy.admin_operations import AdminOperations
 from mqpolicy.admin_server import AdminServer
 from mqpolicy.backoff_store import open_backoff_store
@@ -444,10 +444,13 @@ async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -
             explanation = await ask_server(policy, "explain",
                                            {"request": text, "consume": consume},
                                            Explanation.from_json)
-        except AdminError as exc:
+        except AdminUnavailable as exc:  # no server to ask: say whose budgets these are
             print(f"mqpolicy explain: {exc}", file=sys.stderr)
             print(f"mqpolicy explain: {FRESH_STORE_NOTE}", file=sys.stderr)
             explanation = await _explain_here(policy, attrs, consume, FRESH_STORE_NOTE)
+        except AdminError as exc:
+            print(f"mqpolicy explain: {exc}", file=sys.stderr)
+            return exc.exit_code
     else:
         explanation = await _explain_here(policy, attrs, consume)
     if as_json:

@@ -22,6 +22,7 @@ import pytest
 from mqpolicy.admin_client import AdminFailed, AdminUnavailable, ask_server
 from mqpolicy.admin_codec import BadArguments, encode_request
 from mqpolicy.admin_server import AdminHandler, AdminServer
+from mqpolicy.cli import cmd_explain
 from mqpolicy.config import Policy, parse_policy
 from mqpolicy.endpoints import Endpoint
 from tests.test_policy_server import run
@@ -226,3 +227,17 @@ def test_the_client_gives_up_on_a_server_that_does_not_answer(sock_dir: Path) ->
             ask(policy, answer_timeout_s=0.2)
     finally:
         listener.close()
+
+
+def test_explain_says_a_server_error_and_explains_nothing_else(
+        sock_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = sock_dir / "admin.sock"
+    policy = parse_policy(f'admin: {{listen: "unix:{path}"}}\n', "/etc/p.yaml")
+
+    async def scenario(server: AdminServer) -> None:
+        assert await cmd_explain(policy, "protocol_state=RCPT\nsender=a@x.test\n",
+                                 consume=False, as_json=False) == 1
+
+    run(serving(path, scenario, {"explain": picky}))
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == ("", "mqpolicy explain: x: expected int\n")
