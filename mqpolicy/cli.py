@@ -11,42 +11,55 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from mqpolicy import __version__
+from mqpolicy.admin_client import AdminError, AdminUnavailable, ask_server
+from mqpolicy.admin_operations import AdminOperations
+from mqpolicy.admin_server import AdminServer
 from mqpolicy.backoff_store import open_backoff_store
-from mqpolicy.budget import CounterStore, StoreError
+from mqpolicy.budget import StoreError
 from mqpolicy.config import (
     ConfigError,
-    Limit,
     MetricsSettings,
     MilterSettings,
     Policy,
+    SchedulerSettings,
     load_policy,
+)
+from mqpolicy.counter_report import (
+    CounterRow,
+    counter_rows,
+    render_counter_rows,
+    reset_budgets,
 )
 from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.demo import add_demo_arguments, run_demo
 from mqpolicy.endpoints import EndpointSyntaxError, parse_endpoint
-from mqpolicy.engine import Verdict, not_applied_reason, store_key
+from mqpolicy.explanation import (
+    Explanation,
+    explain,
+    parse_request_text,
+    render_explanation,
+)
 from mqpolicy.feedback import FeedbackService
 from mqpolicy.hold_records import HoldRecordStore, records_for, waiting_lanes
 from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats, core_registry
 from mqpolicy.milter_service import MilterRunner
 from mqpolicy.mx_rollup import DestinationFinder, needs_mx
-from mqpolicy.policy_codec import PolicyDecoder, PolicyProtocolError
+from mqpolicy.policy_codec import PolicyProtocolError
 from mqpolicy.policy_reload import reload_on_hangup, reload_policy
 from mqpolicy.policy_server import PolicyServer
-from mqpolicy.policy_service import PostfixPolicyHandler, postfix_action
+from mqpolicy.policy_service import PostfixPolicyHandler
 from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
 from mqpolicy.postfix_config import cmd_postfix_config
 from mqpolicy.release_agent import DEFAULT_AGENT_ENDPOINT, cmd_release_agent
-from mqpolicy.request import Request, domain_of
+from mqpolicy.request import Request
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.scheduler import Scheduler, open_mta_queue, register_scheduler_metrics
 from mqpolicy.scheduler_cli import cmd_queue, cmd_scheduler
@@ -283,6 +296,12 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
                  and (records.in_process or with_scheduler) else None)
     if scheduler is not None:
         register_scheduler_metrics(registry, scheduler)
+    admin = None
+    if policy.admin is not None and policy_server:  # `serve`; `mqpolicy milter` has none
+        mta_queue = (scheduler.queue if scheduler is not None
+                     else open_mta_queue(policy.scheduler or SchedulerSettings()))
+        admin = AdminServer(policy.admin.listen,
+                            AdminOperations(service, records, mta_queue).handlers())
     registry.gauge(DESTINATIONS_IN_BACKOFF, "Destinations whose budget is cut by backoff",
                    lambda: len(service.runtime.backoff))
     metrics = MetricsServer(registry, policy.metrics.listen) if policy.metrics.listen else None
@@ -295,6 +314,9 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         if metrics is not None:
             metrics.close()
             await metrics.wait_closed()
+        if admin is not None:
+            admin.close()
+            await admin.wait_closed()
         if records is not None:
             await records.close()
         await store.close()
@@ -302,6 +324,8 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     try:
         if metrics is not None:
             await metrics.start()
+        if admin is not None:
+            await admin.start()
         if policy_server:
             await server.start()
         if runner is not None:
@@ -320,6 +344,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         background.append(loop.create_task(_run_scheduler(scheduler, stop)))
     endpoints = " ".join([*(str(e) for e in server.bound_endpoints),
                           *([f"milter={runner.endpoint}"] if runner else []),
+                          *([f"admin={admin.endpoint}"] if admin else []),
                           *(f"metrics={e}" for e in (metrics.bound_endpoints if metrics else []))])
     log.info("ready", extra={"fields": {"listen": endpoints, "store": policy.store.url,
                                         "policy": str(path), "version": __version__}})
@@ -359,7 +384,8 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None,
                   stats: ReloadStats) -> None:
     def apply(new: Policy) -> bool:
         old = service.policy
-        for what in ("listen", "store", "server", "metrics", "milter", "scheduler", "dns"):
+        for what in ("listen", "admin", "store", "server", "metrics", "milter", "scheduler",
+                     "dns"):
             if getattr(old, what) != getattr(new, what):
                 log.warning("changed setting needs a restart to take effect",
                             extra={"fields": {"setting": what}})
@@ -417,16 +443,8 @@ async def cmd_feedback(policy: Policy, log_level: str | None) -> int:
 # ---------------------------------------------------------------- explain
 
 
-def parse_request_text(text: str) -> dict[str, str]:
-    """``name=value`` lines (one request) as Postfix sends them; blank line optional."""
-    decoder = PolicyDecoder()
-    data = text.encode("utf-8", "surrogateescape")
-    if not data.endswith(b"\n"):
-        data += b"\n"
-    requests = decoder.feed(data + b"\n")
-    if not requests:
-        raise PolicyProtocolError("no request found")
-    return requests[0]
+FRESH_STORE_NOTE = ("explained on a fresh private memory:// store: the budgets shown are "
+                    "full budgets, not the running server's")
 
 
 async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -> int:
@@ -435,157 +453,104 @@ async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -
     except PolicyProtocolError as exc:
         print(f"mqpolicy explain: malformed request: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    request = Request.from_policy_attributes(attrs)
+    if policy.store.in_process:
+        try:
+            explanation = await ask_server(policy, "explain",
+                                           {"request": text, "consume": consume},
+                                           Explanation.from_json)
+        except AdminUnavailable as exc:  # no server to ask: say whose budgets these are
+            print(f"mqpolicy explain: {exc}", file=sys.stderr)
+            print(f"mqpolicy explain: {FRESH_STORE_NOTE}", file=sys.stderr)
+            explanation = await _explain_here(policy, attrs, consume, FRESH_STORE_NOTE)
+        except AdminError as exc:
+            print(f"mqpolicy explain: {exc}", file=sys.stderr)
+            return exc.exit_code
+    else:
+        explanation = await _explain_here(policy, attrs, consume)
+    if as_json:
+        print(json.dumps(explanation.as_json(), indent=2))
+    else:
+        print(render_explanation(explanation))
+    return EXIT_OK
+
+
+async def _explain_here(policy: Policy, attrs: dict[str, str], consume: bool,
+                        note: str | None = None) -> Explanation:
+    """The explanation from a decision service of this process, on the policy's store."""
     deadline_ms = max(policy.store.timeout_ms, 2000)
     store = open_store(policy.store.url, timeout_ms=deadline_ms,
                        key_prefix=policy.store.key_prefix)
     resolver = make_resolver(policy)
     try:
         service = DecisionService(policy, store, deadline_ms=deadline_ms, resolver=resolver)
-        if policy.destinations and request.recipient:
-            # the request as the decision sees it (its recipient's destination group), so
-            # that what explain says of destination budgets is about that group
-            request = request._replace(destination=await service.destination_of(
-                domain_of(request.recipient)))
-        verdict = await service.decide(request, consume=consume)
+        return await explain(service, Request.from_policy_attributes(attrs), consume, note)
     finally:
         await store.close()
         if resolver is not None:
             await resolver.aclose()
-    if as_json:
-        print(json.dumps(explain_data(request, verdict, policy, consume), indent=2))
-    else:
-        print(explain_text(request, verdict, policy, consume))
-    return EXIT_OK
-
-
-def explain_data(request: Request, verdict: Verdict, policy: Policy,
-                 consume: bool) -> dict[str, object]:
-    consulted = {o.name for o in verdict.limits}
-    return {
-        "stage": request.stage,
-        "lane": verdict.lane.name,
-        "classified_lane": verdict.classified_lane.name,
-        "rule": verdict.rule,
-        "action": verdict.action.value,
-        "postfix_action": postfix_action(verdict),
-        "retry_after_ms": verdict.retry_after_ms,
-        "decided_by": verdict.deciding,
-        "store": policy.store.url,
-        "consumed": consume,
-        "store_error": verdict.store_error,
-        "limits": [
-            {**o._asdict(), "action": o.action.value} for o in verdict.limits
-        ],
-        "not_applied": [
-            {"name": limit.name, "why": _why_not(limit, request, verdict)}
-            for limit in policy.limits
-            if limit.name not in consulted
-        ],
-    }
-
-
-def _why_not(limit: Limit, request: Request, verdict: Verdict) -> str:
-    return not_applied_reason(limit, verdict.classified_lane, request) or "not applicable"
-
-
-def explain_text(request: Request, verdict: Verdict, policy: Policy, consume: bool) -> str:
-    data = explain_data(request, verdict, policy, consume)
-    lines = [f"stage:   {request.stage}"]
-    rule = f" (rule {verdict.rule})" if verdict.rule else " (default lane)"
-    lines.append(f"lane:    {verdict.classified_lane.name}{rule}")
-    if verdict.demoted:
-        lines.append(f"         demoted to {verdict.lane.name}")
-    lines.append(f"action:  {verdict.action.value}" +
-                 (f" by {verdict.deciding}" if verdict.deciding else ""))
-    lines.append(f"postfix: action={postfix_action(verdict)}")
-    if verdict.store_error:
-        lines.append("store:   ERROR (on_store_error applied)")
-    lines.append(f"budgets: {'spent' if consume else 'not spent (use --consume)'} "
-                 f"in {policy.store.url}")
-    if verdict.limits:
-        lines.append("limits consulted:")
-        for o in verdict.limits:
-            state = "ok" if o.allowed else ("would " if o.monitor else "") + o.action.value
-            retry = ""
-            if not o.allowed:
-                retry = " retry=never" if o.retry_after_ms < 0 else \
-                    f" retry={math.ceil(o.retry_after_ms / 1000)}s"
-            lines.append(f"  {o.name:<24} key={o.key} rate={o.rate} counted={o.counted} "
-                         f"remaining={o.remaining} -> {state}{retry}")
-    skipped = data["not_applied"]
-    if isinstance(skipped, list) and skipped:
-        lines.append("limits not applied:")
-        for item in skipped:
-            lines.append(f"  {item['name']:<24} {item['why']}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- counters
 
 
 async def cmd_counters(policy: Policy, args: argparse.Namespace) -> int:
-    if policy.store.url.startswith("memory://"):
-        print("mqpolicy counters: the memory:// store lives inside the serving process; "
-              "use a redis:// store to inspect or reset budgets from outside",
-              file=sys.stderr)
-        return EXIT_USAGE
     limits = {limit.name: limit for limit in policy.limits}
-    wanted = args.limit
+    wanted: str | None = args.limit
     if wanted is not None and wanted not in limits:
         print(f"mqpolicy counters: no limit named {wanted!r} "
               f"(limits: {', '.join(sorted(limits))})", file=sys.stderr)
         return EXIT_USAGE
+    reset = args.counters_command == "reset"
+    key: str | None = None if reset and args.all else args.key
+    if reset and key is None and not args.all:
+        print("mqpolicy counters reset: give a KEY or --all", file=sys.stderr)
+        return EXIT_USAGE
+    if policy.store.in_process:
+        return await _counters_in_server(policy, args, key)
     store = open_store(policy.store.url, timeout_ms=max(policy.store.timeout_ms, 2000),
                        key_prefix=policy.store.key_prefix)
     try:
-        if args.counters_command == "reset":
-            return await _reset(store, limits[args.limit], args)
-        return await _show(store, policy, wanted, args.key, args.max)
+        if reset:
+            removed = await reset_budgets(store, limits[args.limit], key)
+            print(f"reset {removed} budget(s) of {args.limit}")
+        else:
+            chosen = [limits[wanted]] if wanted else list(policy.limits)
+            rows = await counter_rows(store, chosen, key, args.max, wall_clock_ms())
+            print(render_counter_rows(rows))
     except StoreError as exc:
         print(f"mqpolicy counters: store error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         await store.close()
-
-
-async def _reset(store: CounterStore, limit: Limit, args: argparse.Namespace) -> int:
-    if args.all:
-        keys = await store.scan(store_key(limit, "*"), count=1_000_000)
-    elif args.key:
-        keys = [store_key(limit, args.key.lower())]
-    else:
-        print("mqpolicy counters reset: give a KEY or --all", file=sys.stderr)
-        return EXIT_USAGE
-    removed = await store.reset(keys) if keys else 0
-    print(f"reset {removed} budget(s) of {args.limit}")
     return EXIT_OK
 
 
-async def _show(store: CounterStore, policy: Policy, wanted: str | None, key: str | None,
-                maximum: int) -> int:
-    now = wall_clock_ms()
-    names = [wanted] if wanted else [limit.name for limit in policy.limits]
-    by_name = {limit.name: limit for limit in policy.limits}
-    print(f"{'limit':<24} {'key':<40} {'remaining':>10} {'burst':>8}  full in")
-    for name in names:
-        limit = by_name[name]
-        keys = ([store_key(limit, key.lower())] if key
-                else await store.scan(store_key(limit, "*"), count=maximum))
-        states = await store.inspect(keys, now)
-        prefix = limit.bucket_prefix
-        for k, state in zip(keys, states, strict=True):
-            if state is None:
-                if key:
-                    print(f"{name:<24} {k[len(prefix):]:<40} {limit.burst:>10} "
-                          f"{limit.burst:>8}  (unused)")
-                continue
-            interval = limit.rate.interval_ms
-            used = max(0.0, state.tat_ms - now)
-            remaining = max(0, math.floor((limit.burst * interval - used) / interval))
-            print(f"{name:<24} {k[len(prefix):]:<40} {remaining:>10} {limit.burst:>8}  "
-                  f"{math.ceil(used / 1000)}s")
+async def _counters_in_server(policy: Policy, args: argparse.Namespace,
+                              key: str | None) -> int:
+    """``counters`` on a memory:// store: asked of the running server."""
+    try:
+        if args.counters_command == "reset":
+            target = {"key": key} if key is not None else {"all": True}
+            removed = await ask_server(policy, "counters.reset",
+                                       {"limit": args.limit, **target}, _reset_count)
+            print(f"reset {removed} budget(s) of {args.limit}")
+        else:
+            rows = await ask_server(policy, "counters.show",
+                                    {"limit": args.limit, "key": key, "max": args.max},
+                                    _counter_rows)
+            print(render_counter_rows(rows))
+    except AdminError as exc:
+        print(f"mqpolicy counters: {exc}", file=sys.stderr)
+        return exc.exit_code
     return EXIT_OK
+
+
+def _reset_count(result: Any) -> int:
+    return int(result["reset"])
+
+
+def _counter_rows(result: Any) -> list[CounterRow]:
+    return [CounterRow.from_json(row) for row in result["rows"]]
 
 
 if __name__ == "__main__":

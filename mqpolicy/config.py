@@ -288,6 +288,11 @@ class StoreSettings:
     on_store_error: StoreErrorMode = StoreErrorMode.ACCEPT
     key_prefix: str = "mqpolicy:"
 
+    @property
+    def in_process(self) -> bool:
+        """``memory://``: the budgets and hold records live inside the serving process."""
+        return self.url.strip().lower().startswith("memory:")
+
 
 class ErrorAction(Enum):
     """What the milter answers when no verdict comes in time."""
@@ -413,6 +418,15 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The admin socket of ``serve`` (``queue``, ``counters`` and ``explain`` reach a
+    memory:// server through it): a unix socket only, whose file mode decides who may
+    read and reset budgets."""
+
+    listen: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     format: str = "kv"
     level: str = "info"
@@ -429,6 +443,7 @@ class Policy:
     store: StoreSettings = StoreSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    admin: AdminSettings | None = None  # None: no admin socket
     milter: MilterSettings | None = None  # None: no milter section, no milter
     scheduler: SchedulerSettings | None = None  # None: no scheduler section
     destinations: tuple[Destination, ...] = ()
@@ -633,6 +648,7 @@ _TOP_KEYS = {
     "store",
     "log",
     "metrics",
+    "admin",
     "milter",
     "scheduler",
     "destinations",
@@ -723,6 +739,11 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
                 "would count its own budgets")
     log = _read_log(r, top) if "log" in top else defaults.log
     metrics = _read_metrics(r, top) if "metrics" in top else defaults.metrics
+    admin = _read_admin(r, top) if "admin" in top else None
+    if admin is not None and server.reuse_port:
+        r.error(top["admin"], "listen", "admin.listen",
+                "several processes (server.reuse_port) cannot share one admin socket; they "
+                "share a redis:// store, which the commands read themselves")
     messages = _read_messages(r, top) if "messages" in top else defaults.messages
 
     lanes = tuple(_read_lanes(r, top)) if "lanes" in top else defaults.lanes
@@ -755,6 +776,7 @@ def _read_policy(r: _Reader, data: Any) -> Policy | None:
         store=store,
         log=log,
         metrics=metrics,
+        admin=admin,
         milter=milter,
         scheduler=scheduler,
         destinations=destinations,
@@ -879,6 +901,32 @@ def _read_metrics(r: _Reader, top: Mapping[str, Any]) -> MetricsSettings:
         r.error(m, "listen", "metrics.listen", "metrics listen on HOST:PORT (HTTP)")
         return MetricsSettings()
     return MetricsSettings(listen=endpoint)
+
+
+_UNIX_PATH_MAX = 107  # bytes of a unix socket path (sun_path less its NUL)
+
+
+def _read_admin(r: _Reader, top: Mapping[str, Any]) -> AdminSettings | None:
+    m = r.mapping(top, "admin", "admin", {"listen", "mode"})
+    if m is None:
+        return None
+    if "listen" not in m:
+        r.error(top, "admin", "admin.listen", "required: the admin socket, unix:/path")
+        return None
+    mode = r.optional(m, "mode", "admin", _mode)
+    endpoint = r.convert(m, "listen", "admin.listen", lambda v: parse_endpoint(
+        _string(v), mode=DEFAULT_LISTEN_MODE if mode is None else mode))
+    if endpoint is None:
+        return None
+    if not endpoint.is_unix:
+        r.error(m, "listen", "admin.listen",
+                "the admin socket is a unix socket only (unix:/path): its file mode decides "
+                "who may read and reset budgets, which TCP could not")
+        return None
+    if len(endpoint.path.encode()) > _UNIX_PATH_MAX:
+        r.error(m, "listen", "admin.listen", f"unix socket path too long: {endpoint.path!r}")
+        return None
+    return AdminSettings(listen=endpoint)
 
 
 _MILTER_KEYS = frozenset(

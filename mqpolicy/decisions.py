@@ -106,8 +106,12 @@ class DecisionService:
         """Swap the policy; decisions in flight finish with the one they started with."""
         self.policy = policy
 
-    async def decide(self, request: Request, *, consume: bool = True) -> Verdict:
-        if consume and self._evaluate_now is not None:
+    async def decide(self, request: Request, *, consume: bool = True,
+                     account: bool = True) -> Verdict:
+        """The verdict on ``request``; ``consume=False`` spends nothing. ``account=False``
+        (``explain``: someone asks, no mail waits): neither counted in the stats nor logged
+        as a decision."""
+        if consume and account and self._evaluate_now is not None:
             verdict = self.decide_now(request)
             if verdict is not None:
                 return verdict
@@ -127,6 +131,8 @@ class DecisionService:
             store_started = perf_counter_ns()
             evaluation = await self._evaluate(plan, self._deadline_ms or policy.store.timeout_ms)
             store_ns = perf_counter_ns() - store_started
+        if not account:
+            return decide(plan, evaluation, policy)
         return self._verdict(plan, evaluation, policy, started, store_ns)
 
     def decide_now(self, request: Request) -> Verdict | None:

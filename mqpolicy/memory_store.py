@@ -74,6 +74,9 @@ def validate_decision(checks: Sequence[BudgetCheck], once_ttl_ms: int) -> None:
         raise ValueError(f"once_ttl_ms must be positive: {once_ttl_ms}")
 
 
+_GLOB_SPECIAL = re.compile(r"[*?\[\\]")  # where a Redis glob stops being literal
+
+
 def redis_glob_to_regex(pattern: str) -> re.Pattern[str]:
     """Compile a Redis ``SCAN MATCH`` glob (``*``, ``?``, ``[abc]``, ``[^a]``, ``[a-z]``, ``\\x``)
     into a regex to use with ``fullmatch``."""
@@ -373,18 +376,28 @@ class MemoryStore:
 
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:
         """Keys matching ``pattern`` (Redis glob syntax), sorted; which ones when more than
-        ``count`` match is unspecified (as with Redis SCAN)."""
-        matcher = redis_glob_to_regex(pattern)
+        ``count`` match is unspecified (as with Redis SCAN).
+
+        It runs under the lock every decision takes (``counters`` asks it of a running
+        server), so it does little: it stops at ``count`` keys, passes over keys that do
+        not start with the pattern's literal beginning without a regex, and needs none at
+        all for that beginning and ``*`` (a limit's bucket prefix, what ``counters`` asks)."""
+        if count <= 0:
+            return []
+        literal = _GLOB_SPECIAL.split(pattern, maxsplit=1)[0]
+        matcher = None if pattern == literal + "*" else redis_glob_to_regex(pattern)
         now = self._last_now
-        prefix, n = self._prefix, len(self._prefix)
+        start, n = self._prefix + literal, len(self._prefix)
+        found: list[str] = []
         with self._lock:
-            found = [
-                key[n:]
-                for key, (_, expiry) in self._data.items()
-                if expiry > now and key.startswith(prefix) and matcher.fullmatch(key[n:])
-            ]
+            for key, (_, expiry) in self._data.items():
+                if (expiry > now and key.startswith(start)
+                        and (matcher is None or matcher.fullmatch(key, n))):
+                    found.append(key[n:])
+                    if len(found) >= count:
+                        break
         found.sort()
-        return found[: max(0, count)]
+        return found
 
     async def reset(self, keys: Sequence[str]) -> int:
         existed = 0

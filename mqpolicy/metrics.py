@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple, TypeAlias
 from urllib.parse import urlsplit
 
 from mqpolicy import __version__
+from mqpolicy.connection_tasks import ConnectionTasks
 from mqpolicy.endpoints import Endpoint
 
 if TYPE_CHECKING:  # the decision service imports this module for its instruments
@@ -594,9 +595,7 @@ class MetricsServer:
         self.endpoint = endpoint
         self._max_request_bytes = max_request_bytes
         self._timeout_s = timeout_s
-        self._max_connections = max_connections
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections = ConnectionTasks(max_connections)
         self.bound_endpoints: list[Endpoint] = []
         self.responses: Counter[int] = Counter()  # by status code; 0 = closed without one
         registry.counter("mqpolicy_metrics_http_responses_total",
@@ -605,28 +604,21 @@ class MetricsServer:
                          labels=("code",))
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
+        server = self._connections.server = await asyncio.start_server(
             self._on_connect, self.endpoint.host or "127.0.0.1", self.endpoint.port,
             reuse_address=True,
         )
-        for sock in self._server.sockets:
+        for sock in server.sockets:
             host, port = sock.getsockname()[:2]
             self.bound_endpoints.append(Endpoint(host=host, port=port))
         log.info("metrics listening", extra={"fields": {
             "listen": " ".join(str(e) for e in self.bound_endpoints)}})
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in self._tasks:
-            task.cancel()
+        self._connections.close()
 
     async def wait_closed(self) -> None:
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        await self._connections.wait_closed()
 
     async def __aenter__(self) -> MetricsServer:
         await self.start()
@@ -638,15 +630,8 @@ class MetricsServer:
         await self.wait_closed()
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A task of our own (as in the policy server): cancelling it on close does not trip
-        # the stream machinery's error logging.
-        if len(self._tasks) >= self._max_connections:
+        if not self._connections.start(writer, lambda: self._connection(reader, writer)):
             self.responses[0] += 1
-            writer.transport.abort()
-            return
-        task = asyncio.get_running_loop().create_task(self._connection(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:

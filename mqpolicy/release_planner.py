@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mqpolicy.budget import BudgetCheck
 from mqpolicy.config import Lane, LoadThresholds, Policy
@@ -339,6 +339,25 @@ class QueueSummary:
             "queues": self.queues,
             "waiting_lanes": self.waiting_lanes,
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> QueueSummary:
+        """The summary :meth:`as_json` gave (a running server's, through its admin
+        socket), as far as the queue view shows it: of the messages held by others and
+        the unreadable records, what ``as_json`` keeps. KeyError, TypeError or ValueError
+        when ``data`` is not one."""
+        return cls(
+            now_ms=int(data["now_ms"]),
+            lanes=[HeldGroup(**group) for group in data["lanes"]],
+            destinations=[HeldGroup(**group) for group in data["destinations"]],
+            foreign=[QueueEntry(str(e["queue_id"]), HOLD, int(e["arrival_time"]), 0,
+                                str(e["sender"]), ()) for e in data["foreign"]],
+            broken=[BrokenRecord(str(b["queue_id"]), str(b["problem"]), {})
+                    for b in data["broken"]],
+            unknown_lanes=[str(lane) for lane in data["unknown_lanes"]],
+            queues={str(k): int(v) for k, v in data["queues"].items()},
+            waiting_lanes=[str(lane) for lane in data["waiting_lanes"]],
+        )
 
 
 def summarize(plan: ReleasePlan, now_ms: int, queues: Mapping[str, int] | None = None,

@@ -1,9 +1,11 @@
 """``mqpolicy scheduler`` (the scheduler as its own process) and ``mqpolicy queue`` (the
 qshape of held mail). Called by the composition root, :func:`mqpolicy.cli.main`.
 
-Both need the hold records from outside the serving process, so a Redis store: with
-``memory://`` the records live inside ``mqpolicy serve``, which then runs the scheduler
-itself (``scheduler:`` section present).
+The scheduler needs the hold records from outside the serving process, so a Redis store:
+with ``memory://`` the records live inside ``mqpolicy serve``, which then runs the
+scheduler itself (``scheduler:`` section present). ``queue`` reads Redis itself, or asks
+the running ``serve`` through its admin socket (:mod:`mqpolicy.admin_client`) when the
+records live in it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from pathlib import Path
 from typing import TextIO
 
 from mqpolicy import __version__
+from mqpolicy.admin_client import AdminError, ask_server
 from mqpolicy.backoff_store import open_backoff_store
 from mqpolicy.budget import StoreError
 from mqpolicy.config import Policy, SchedulerSettings
 from mqpolicy.decisions import DecisionService, wall_clock_ms
-from mqpolicy.hold_records import records_for
-from mqpolicy.mta_queue import QueueCommandError
+from mqpolicy.hold_records import HoldRecordStore, records_for
+from mqpolicy.mta_queue import MtaQueue, QueueCommandError
 from mqpolicy.policy_reload import reload_on_hangup, reload_policy
 from mqpolicy.release_planner import QueueSummary, plan_releases, record_grace_ms, summarize
 from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
@@ -32,7 +35,7 @@ from mqpolicy.sd_notify import sd_notify
 from mqpolicy.store_factory import open_store
 from mqpolicy.structured_log import configure_logging
 
-__all__ = ["cmd_queue", "cmd_scheduler", "render_queue"]
+__all__ = ["cmd_queue", "cmd_scheduler", "queue_summary", "render_queue"]
 
 log = logging.getLogger("mqpolicy.main")
 
@@ -42,11 +45,7 @@ EXIT_USAGE = 2
 MEMORY_STORE_HINT = (
     "with store memory:// the hold records live inside `mqpolicy serve`, which runs the "
     "scheduler itself when the policy has a scheduler: section; use a redis:// store to "
-    "run it (or look at the queue) from another process")
-
-
-def _is_memory(policy: Policy) -> bool:
-    return policy.store.url.strip().lower().startswith("memory:")
+    "run it from another process")
 
 
 # ---------------------------------------------------------------- mqpolicy scheduler
@@ -56,7 +55,7 @@ async def cmd_scheduler(policy: Policy, path: Path, log_level: str | None) -> in
     if policy.scheduler is None:
         print("mqpolicy scheduler: the policy has no scheduler: section", file=sys.stderr)
         return EXIT_USAGE
-    if _is_memory(policy):
+    if policy.store.in_process:
         print(f"mqpolicy scheduler: {MEMORY_STORE_HINT}", file=sys.stderr)
         return EXIT_USAGE
     listener = configure_logging(policy.log.format, log_level or policy.log.level)
@@ -120,33 +119,45 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None) -
 
 
 async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
-    if _is_memory(policy):
-        print(f"mqpolicy queue: {MEMORY_STORE_HINT}", file=sys.stderr)
-        return EXIT_USAGE
-    settings = policy.scheduler or SchedulerSettings()
-    try:
-        records = records_for(policy, timeout_ms=max(5000, policy.store.timeout_ms))
-    except ValueError as exc:
-        print(f"mqpolicy queue: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        record_set = await records.load()
-        paused = await records.get_waiting_lanes()
-        snapshot = await open_mta_queue(settings).snapshot()
-    except (StoreError, QueueCommandError) as exc:
-        print(f"mqpolicy queue: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        await records.close()
-    now = wall_clock_ms()
-    plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
-                         paused_lanes=paused, grace_ms=record_grace_ms(settings.interval_ms))
-    summary = summarize(plan, now, snapshot.counts, paused)
+    if policy.store.in_process:
+        try:
+            summary = await ask_server(policy, "queue", {}, QueueSummary.from_json)
+        except AdminError as exc:
+            print(f"mqpolicy queue: {exc}", file=sys.stderr)
+            return exc.exit_code
+    else:
+        try:
+            records = records_for(policy, timeout_ms=max(5000, policy.store.timeout_ms))
+        except ValueError as exc:
+            print(f"mqpolicy queue: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            summary = await queue_summary(policy, records,
+                                          open_mta_queue(policy.scheduler or SchedulerSettings()))
+        except (StoreError, QueueCommandError) as exc:
+            print(f"mqpolicy queue: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            await records.close()
     if as_json:
         print(json.dumps(summary.as_json(), indent=2), file=out)
     else:
         print(render_queue(summary), file=out)
     return EXIT_OK
+
+
+async def queue_summary(policy: Policy, records: HoldRecordStore,
+                        queue: MtaQueue) -> QueueSummary:
+    """What ``mqpolicy queue`` shows: the records joined with the MTA's hold queue, per
+    lane and destination (StoreError, QueueCommandError)."""
+    settings = policy.scheduler or SchedulerSettings()
+    record_set = await records.load()
+    paused = await records.get_waiting_lanes()
+    snapshot = await queue.snapshot()
+    now = wall_clock_ms()
+    plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
+                         paused_lanes=paused, grace_ms=record_grace_ms(settings.interval_ms))
+    return summarize(plan, now, snapshot.counts, paused)
 
 
 def _when(ms: int | None, now_ms: int) -> str:

@@ -187,14 +187,6 @@ def test_counters_show_and_reset_on_redis(tmp_path: Path, redis_clean: RedisServ
     assert "-> ok" in fourth.stdout
 
 
-def test_counters_on_memory_store_explains_why_not(tmp_path: Path) -> None:
-    config = tmp_path / "p.yaml"
-    config.write_text(policy_text(free_port()))
-    result = mq("counters", "-c", str(config), "show")
-    assert result.returncode == 2
-    assert "memory:// store lives inside the serving process" in result.stderr
-
-
 def test_two_processes_share_one_port_and_one_budget(tmp_path: Path,
                                                      redis_clean: RedisServer) -> None:
     port = free_port()

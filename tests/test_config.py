@@ -188,6 +188,43 @@ def test_listen_mode_and_unix_endpoint() -> None:
     assert closed.listen[0].mode == 0  # a mode like any other, not "unset"
 
 
+def test_admin_socket() -> None:
+    assert parse_policy("").admin is None
+    admin = parse_policy('admin: {listen: "unix:/run/mqpolicy/admin.sock", mode: "0600"}\n').admin
+    assert admin is not None
+    assert admin.listen.path == "/run/mqpolicy/admin.sock" and admin.listen.mode == 0o600
+    unset = parse_policy("admin: {listen: unix:/run/mqpolicy/admin.sock}\n").admin
+    assert unset is not None and unset.listen.mode == 0o660
+    closed = parse_policy('admin: {listen: unix:/run/a.sock, mode: "0000"}\n').admin
+    assert closed is not None and closed.listen.mode == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("admin:\n  listen: 127.0.0.1:10041\n",
+         "p.yaml:2: admin.listen: the admin socket is a unix socket only (unix:/path)"),
+        ("admin:\n  listen: unix:admin.sock\n",
+         "p.yaml:2: admin.listen: unix socket path must be absolute"),
+        ("admin:\n  listen: unix:/" + "d" * 120 + "\n",
+         "p.yaml:2: admin.listen: unix socket path too long"),
+        ("admin:\n  listen: 7\n", "p.yaml:2: admin.listen: expected a non-empty string"),
+        ("admin:\n  mode: '0660'\n", "p.yaml:1: admin.listen: required"),
+        ("admin:\n  listen: unix:/run/a.sock\n  mode: rw\n",
+         "p.yaml:3: admin.mode: expected a file mode"),
+        ("admin:\n  listen: unix:/run/a.sock\n  listen_mode: '0600'\n",
+         "p.yaml:3: admin.listen_mode: unknown key (did you mean 'listen'?)"),
+        ("admin: unix:/run/a.sock\n", "p.yaml:1: admin: expected a mapping"),
+        ("store: {url: 'redis://127.0.0.1/0'}\nserver: {reuse_port: true}\n"
+         "admin: {listen: unix:/run/a.sock}\n",
+         "p.yaml:3: admin.listen: several processes (server.reuse_port) cannot share"),
+    ],
+)
+def test_admin_socket_errors(body: str, expected: str) -> None:
+    messages = errors_of(body)
+    assert any(m.startswith(expected) for m in messages), messages
+
+
 def test_address_list_file(tmp_path: Path) -> None:
     listing = tmp_path / "vip.txt"
     listing.write_text("# the board\nceo@example.com\n@partners.example\n")

@@ -3,6 +3,7 @@ what is checked here), and the queue view's text."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.hold_records import HoldRecord, RecordSet
+from mqpolicy.hold_records import BrokenRecord, HoldRecord, RecordSet
 from mqpolicy.mta_queue import QueueEntry
-from mqpolicy.release_planner import plan_releases, summarize
+from mqpolicy.release_planner import QueueSummary, plan_releases, summarize
 from mqpolicy.scheduler_cli import render_queue
 from tests.redis_fixture import RedisServer
 from tests.serve_process import MqpolicyProcess
@@ -29,13 +30,13 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, check=False)
 
 
-def test_scheduler_and_queue_refuse_the_memory_store(tmp_path: Path) -> None:
+def test_scheduler_refuses_the_memory_store(tmp_path: Path) -> None:
+    # (queue asks the running serve instead: tests/test_admin_socket.py)
     path = tmp_path / "p.yaml"
     path.write_text(MEMORY)
-    for command in ("scheduler", "queue"):
-        proc = run(command, "-c", str(path))
-        assert proc.returncode == 2
-        assert "memory://" in proc.stderr and "inside `mqpolicy serve`" in proc.stderr
+    proc = run("scheduler", "-c", str(path))
+    assert proc.returncode == 2
+    assert "memory://" in proc.stderr and "inside `mqpolicy serve`" in proc.stderr
 
 
 def test_scheduler_needs_a_scheduler_section(tmp_path: Path) -> None:
@@ -77,6 +78,36 @@ def test_render_queue() -> None:
                  and "example" not in line]
     assert normal.split()[:5] == ["normal", "2", "1", "0", "1"]
     assert any(line.split()[:4] == ["bulk", "d0.example", "1", "1"] for line in lines)
+
+
+def test_a_summary_sent_as_json_prints_the_same() -> None:
+    """What a running serve answers on its admin socket (``as_json``) is printed by the
+    command as the summary itself would be: foreign holds, unreadable records, paused
+    lanes and lanes no longer configured included."""
+    now = 1_800_000_000_000
+    entries = [QueueEntry("Q1", "hold", 1, 10, "s@x.example", ("r@d.example",)),
+               QueueEntry("Q2", "hold", 1, 10, "s@x.example", ("r@e.example",)),
+               QueueEntry("Q3", "hold", 1, 10, "s@x.example", ()),
+               QueueEntry("Q4", "hold", 1, 10, "s@x.example", ("r@d.example",)),
+               QueueEntry("OPERAT", "hold", 7, 10, "o@x.example", ())]
+    records = RecordSet(records={
+        "Q1": HoldRecord("Q1", "bulk", now - 10, now - 100, "lane:bulk"),
+        "Q2": HoldRecord("Q2", "gone", now - 10, now - 90, "lane:gone"),
+        "Q4": HoldRecord("Q4", "normal", now + 600_000, now - 80, "schedule:x"),
+    }, broken={"Q3": BrokenRecord("Q3", "missing field 'lane'", {"v": "1"})})
+    summary = summarize(plan_releases(entries, records, now_ms=now, lanes=policy().lanes,
+                                      paused_lanes=frozenset({"bulk"})),
+                        now, {"hold": 5}, {"bulk"})
+    sent = json.loads(json.dumps(summary.as_json()))
+    received = QueueSummary.from_json(sent)
+    assert received.as_json() == summary.as_json()
+    assert render_queue(received) == render_queue(summary)
+    text = render_queue(received)
+    assert "unreadable record: Q3: missing field 'lane' (not released)" in text
+    assert "records of lanes no longer configured (released last): gone" in text
+    assert "lanes waiting for the queues to drain: bulk" in text
+    with pytest.raises(TypeError):  # not a summary: the command says so (admin_client)
+        QueueSummary.from_json({**sent, "lanes": [{"held": 1}]})
 
 
 def test_scheduler_reloads_on_sighup_and_keeps_its_policy_on_a_bad_one(
