@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping
@@ -340,8 +341,11 @@ class ScheduleSettings:
     """Delivery at a time the message asks for (``Deferred-Delivery:``,
     ``X-MQ-Deliver-After:``), honoured only for mail that ``allow`` matches."""
 
-    allow: Predicate | None = None  # None: nobody may schedule (the headers are stripped)
+    # None: nobody may schedule (the headers are stripped). A compiled condition is a new
+    # function on every load: two loads of one file compare by ``allow_text`` instead.
+    allow: Predicate | None = field(default=None, compare=False)
     max_delay_ms: int = 7 * 86_400_000
+    allow_text: str = ""  # the condition as written, keys sorted ("" without one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -954,7 +958,8 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
             allow = _condition(r, s, "allow", "scheduler.schedule") if "allow" in s else None
             max_delay = r.optional(s, "max_delay", "scheduler.schedule", _positive_duration)
             schedule = ScheduleSettings(allow=allow,
-                                        max_delay_ms=max_delay or d.schedule.max_delay_ms)
+                                        max_delay_ms=max_delay or d.schedule.max_delay_ms,
+                                        allow_text=_as_written(s["allow"]) if allow else "")
     load = d.load
     if "load" in m:
         keys = {"active", "incoming", "deferred", "hold_lanes"}
@@ -974,6 +979,12 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
         schedule=schedule,
         load=load,
     )
+
+
+def _as_written(value: Any) -> str:
+    """A YAML value as one canonical text (mapping keys sorted): equal for equal values,
+    however the file lays them out."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _instance_name(value: Any) -> str:

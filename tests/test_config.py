@@ -203,3 +203,30 @@ def test_missing_list_file_is_an_error() -> None:
     messages = errors_of(LANES + "classify:\n  - when: {sender: {file: /nonexistent/list}}\n"
                          "    lane: fast\n")
     assert any("cannot read list file '/nonexistent/list'" in m for m in messages), messages
+
+
+SCHEDULER_WITH_ALLOW = """\
+scheduler:
+  interval: 2s
+  schedule:
+    allow: {sasl_username: [app, reports], sender: "@app.example"}
+    max_delay: 1d
+"""
+
+
+def test_scheduler_settings_from_the_same_text_compare_equal() -> None:
+    """A reload of an unchanged file must not look like a changed scheduler section (the
+    allow condition is compiled to a new function on every load)."""
+    first = parse_policy(SCHEDULER_WITH_ALLOW, "p.yaml").scheduler
+    again = parse_policy(SCHEDULER_WITH_ALLOW, "p.yaml").scheduler
+    assert first is not None and first.schedule.allow is not None
+    assert first == again
+    # the same condition written in another order and flow style is the same condition
+    reordered = parse_policy(
+        "scheduler:\n  interval: 2s\n  schedule:\n    max_delay: 1d\n    allow:\n"
+        "      sender: '@app.example'\n      sasl_username:\n        - app\n"
+        "        - reports\n", "p.yaml").scheduler
+    assert reordered == first
+    changed = parse_policy(SCHEDULER_WITH_ALLOW.replace("reports", "billing"), "p.yaml")
+    assert changed.scheduler != first
+    assert parse_policy("scheduler: {interval: 2s, schedule: {max_delay: 1d}}").scheduler != first
