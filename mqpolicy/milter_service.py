@@ -83,7 +83,11 @@ from mqpolicy.hold_records import (
     record_ttl_for,
 )
 from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
-from mqpolicy.scheduled_delivery import SCHEDULE_HEADERS, requested_time
+from mqpolicy.scheduled_delivery import (
+    SCHEDULE_HEADERS,
+    requested_time,
+    schedule_hold_text,
+)
 from mqpolicy.structured_log import LogBurst, connection_id_var, queue_id_var
 from mqpolicy.unix_sockets import OwnedSocket, bind_unix
 
@@ -603,7 +607,8 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                                 sender=msg.sender)
             if not self.gateway.put_record(record):
                 return self._on_error(msg, request)
-        text = hold.text.strip() if hold is not None else f"scheduled by {scheduled_by}"
+        text = (hold.text.strip() if hold is not None
+                else schedule_hold_text(not_before, scheduled_by))
         # the reason is kept as given (Sendmail lists it with -bp -qQ): no '%' doubling
         msg.changes.append(("quarantine", "", 0, _one_line(text or "held by mqpolicy")))
         return CONTINUE

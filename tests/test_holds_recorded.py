@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import time
 from collections.abc import Sequence
 
 import Milter
@@ -112,7 +113,7 @@ def test_hold_lane_answers_its_filter_at_rcpt() -> None:
         records = MemoryHoldRecords(clock)
         h = handler(records)
         answers = await message(h, "a@later.example", ["r@x.example"], "i3", "QID00003")
-        assert answers == ["FILTER mq-bulk:", "HOLD held by mqpolicy limit "]
+        assert answers == ["FILTER mq-bulk:", "HOLD held by mqpolicy lane scheduled"]
         got = await records.get("QID00003")
         assert isinstance(got, HoldRecord)
         assert (got.lane, got.reason) == ("scheduled", "lane:scheduled")
@@ -206,7 +207,7 @@ def test_milter_records_before_quarantine(loop: Loop) -> None:  # noqa: F811
     rc = s.message("a@later.example", ["r@x.example", "q@y.example"], [("Subject", "x")],
                    queue_id="MQID0001")
     assert rc == Milter.CONTINUE
-    assert s.ctx.quarantined == ["held by mqpolicy limit"]
+    assert s.ctx.quarantined == ["held by mqpolicy lane scheduled"]
     got = loop.run(records.get("MQID0001"))
     assert isinstance(got, HoldRecord)
     assert (got.lane, got.reason, got.destinations) == ("scheduled", "lane:scheduled",
@@ -220,10 +221,13 @@ def test_milter_schedules_an_allowed_sender(loop: Loop) -> None:  # noqa: F811
     rc = s.message("app@app.example", ["r@x.example"],
                    [("Subject", "later"), ("X-MQ-Deliver-After", "+20s")], queue_id="MQID0002")
     assert rc == Milter.CONTINUE
-    assert s.ctx.quarantined == ["scheduled by X-MQ-Deliver-After"]
     assert _removed(s) == [("X-MQ-Deliver-After", 1, "")]
     got = loop.run(records.get("MQID0002"))
     assert isinstance(got, HoldRecord)
+    # the quarantine reason names the schedule: the header that asked, and until when
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(got.not_before_ms // 1000))
+    assert s.ctx.quarantined == [
+        f"held by mqpolicy schedule until {until} (X-MQ-Deliver-After)"]
     assert got.reason == "schedule:X-MQ-Deliver-After"
     assert 19_000 <= got.not_before_ms - got.created_ms <= 20_000
     assert got.lane == "normal"
