@@ -442,9 +442,10 @@ class Policy:
     # The condition keys of every rule, limit and schedule (None: not known, e.g. a Policy
     # built in code: then it may use anything).
     condition_keys: frozenset[str] | None = None
-    # Derived for the engine: lanes by name, and the destination budgets found by the
-    # request's destination name in one lookup.
+    # Derived: lanes and limits by name (the engine, the scheduler), and the destination
+    # budgets found by the request's destination name in one lookup.
     lanes_by_name: Mapping[str, Lane] = field(init=False)
+    limits_by_name: Mapping[str, Limit] = field(init=False)
     destination_limits: Mapping[str, Limit] = field(init=False)
     # (lane name, at RCPT) -> the general limits that may apply there: in that lane's scope,
     # and recipient-keyed ones only at RCPT. What is left to test per request is dynamic.
@@ -456,6 +457,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
+        object.__setattr__(self, "limits_by_name", {x.name: x for x in self.limits})
         general = tuple(x for x in self.limits if x.destination is None)
         object.__setattr__(self, "destination_limits",
                            {x.destination: x for x in self.limits if x.destination is not None})

@@ -100,6 +100,7 @@ class LimitOutcome(NamedTuple):
     monitor: bool
     rate: str
     counted: str  # what the check counted: "1 messages", "12 recipients", "peek", ...
+    cost: int  # what this decision spends from the bucket when it commits (0: it only looks)
 
 
 class Verdict(NamedTuple):
@@ -304,6 +305,7 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
             limit.monitor,
             limit.rate_text,
             "already counted" if duplicate else _counted(planned),
+            planned.check.cost if planned.check.consume else 0,
         )))
         if allowed or limit.monitor:
             continue
@@ -344,6 +346,7 @@ def _store_failed(plan: Plan, policy: Policy) -> Verdict:
             name=p.limit.name, key=p.key, allowed=True, spent=False, remaining=-1,
             retry_after_ms=0, action=p.limit.action, monitor=p.limit.monitor,
             rate=p.limit.rate_text, counted="store error",
+            cost=p.check.cost if p.check.consume else 0,
         )
         for p in plan.limits
     )

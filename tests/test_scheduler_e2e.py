@@ -195,6 +195,47 @@ scheduler:
     assert not held(stack)
 
 
+def test_mail_held_by_a_limit_leaves_no_faster_than_the_limit_allows(
+    stack: MailStack, scheduler: MqpolicyProcess, redis_clean: RedisServer,
+) -> None:
+    """15/1m (one message every 4 s) with a burst of 2 and action hold: of 5 messages sent
+    at once, 2 leave and the others wait in the hold queue. Counting every message of the
+    sender, the n-th to arrive does so no earlier than the budget allows (2 at once, then
+    one every 4 s): a hold waits for the limit's budget and its release spends it. (Were
+    releases free, every held message would leave together at the next pass.)"""
+    interval_s = 4.0
+    restart_serve(stack, redis_policy(redis_clean, lanes((), {}) + f"""\
+limits:
+  - name: per-sender
+    rate: 15/1m
+    burst: 2
+    key: sender
+    count: messages
+    action: hold
+scheduler:
+  interval: 1s
+  lock_ttl: 5s
+  postfix_config_dir: {stack.postfix.config_dir}
+"""))
+    scheduler.start()
+    sender = "flood@n.sched.test"
+    started = time.time()  # before the first message spends the budget
+    for i in range(5):
+        assert stack.send(sender, ["r@flood.sched.test"], f"flood-{i}").queued
+    sent_s = time.time() - started
+    messages = stack.sink.wait_for(lambda m: len(m) >= 5, 60)
+    arrivals = sorted(m.received_at - started for m in messages)
+    assert sorted(subject(m) for m in messages) == [f"flood-{i}" for i in range(5)]
+    for n, arrived in enumerate(arrivals, start=1):
+        earliest = max(0.0, (n - 2) * interval_s)
+        assert arrived >= earliest, (n, arrivals)
+    if sent_s < interval_s:  # the usual case: only the burst left at once, the scheduler
+        # released the rest (its log is written every 50 ms: wait for it)
+        poll(lambda: len(released_in_order(scheduler.log_text())) >= 3, 10,
+             "3 releases in the scheduler's log")
+    poll(lambda: not hold_records(redis_clean), 10, "the hold records to be deleted")
+
+
 # ---------------------------------------------------------------- kill and restart
 
 
