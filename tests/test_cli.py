@@ -193,6 +193,35 @@ scheduler:
         proc.stop()
 
 
+def test_make_run_serves_the_example_where_postfix_has_no_mqpolicy_directory(
+    tmp_path: Path,
+) -> None:
+    """``make run`` serves conf/mqpolicy.yaml from a checkout, where the unix socket
+    directory of a production setup (/var/spool/postfix/mqpolicy) need not exist: the
+    example listens on loopback TCP, the policy server and the milter alike. Here on free
+    ports, and its scheduler pointed away from this machine's Postfix."""
+    example = (ROOT / "conf" / "mqpolicy.yaml").read_text()
+    port, milter_port = free_port(), free_port()
+    changes = {"127.0.0.1:10040": f"127.0.0.1:{port}",
+               "inet:10041@127.0.0.1": f"inet:{milter_port}@127.0.0.1",
+               "listen: 127.0.0.1:9309": f"listen: 127.0.0.1:{free_port()}",
+               "postfix_config_dir: /etc/postfix":
+                   f"postfix_config_dir: {tmp_path / 'no-postfix'}"}
+    for old, new in changes.items():
+        assert example.count(old) == 1, old
+        example = example.replace(old, new)
+    config = tmp_path / "mqpolicy.yaml"
+    config.write_text(example)
+    proc = ServeProcess(config, port, tmp_path / "serve.log")
+    proc.start(("127.0.0.1", milter_port))
+    try:
+        assert proc.ask(eom(1)) == "DUNNO"
+        proc.wait_logged("msg=ready")
+        assert f"milter=inet:{milter_port}@127.0.0.1" in proc.log_text()
+    finally:
+        proc.stop(timeout=30)
+
+
 def test_sigterm_drains_and_exits_zero(served: ServeProcess) -> None:
     assert served.ask(eom(1)) == "DUNNO"
     assert served.stop() == 0

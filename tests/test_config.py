@@ -12,6 +12,7 @@ from mqpolicy.config import (
     ActionKind,
     ConfigError,
     Count,
+    RcptLimits,
     StoreErrorMode,
     load_policy,
     parse_policy,
@@ -44,6 +45,14 @@ def test_example_policy_loads() -> None:
     per_sender = next(limit for limit in policy.limits if limit.name == "per-sender")
     assert per_sender.action is ActionKind.DEMOTE and per_sender.demote_to == "bulk"
     assert per_sender.burst == per_sender.rate.count == 100
+    # what a newsletter needs on day one: a milter beside the policy server, a rule on
+    # the headers, and a scheduler for what is held
+    assert policy.milter is not None
+    assert policy.milter.rcpt_limits is RcptLimits.POLICY_SERVER
+    headers = [rule for rule in policy.classify if rule.needs_headers]
+    assert [rule.lane for rule in headers] == ["bulk"]
+    assert headers[0].when(Request(headers=(("List-Id", "<news.example.com>"),)))
+    assert policy.scheduler is not None
 
 
 def test_empty_file_gives_defaults() -> None:
