@@ -284,18 +284,21 @@ limits:
     assert not os.path.exists(sendmail.queue_dir / f"hf{entry.queue_id}")
 
 
-def test_the_quarantine_reason_names_the_lane_or_the_limit_that_held_the_message(
-    milter_sendmail: MilterSendmail,  # noqa: F811
-    start_milter: Callable[..., MilterProcess],
-) -> None:
-    sendmail = milter_sendmail
-    start_milter("""\
+ONE_AN_HOUR_THEN_HOLD = """\
 limits:
   - name: per-sender
     rate: 1/1h
     key: sender
     action: hold
-""", lanes="""\
+"""
+
+
+def test_the_quarantine_reason_names_the_lane_or_the_limit_that_held_the_message(
+    milter_sendmail: MilterSendmail,  # noqa: F811
+    start_milter: Callable[..., MilterProcess],
+) -> None:
+    sendmail = milter_sendmail
+    start_milter(ONE_AN_HOUR_THEN_HOLD, lanes="""\
 lanes:
   - name: normal
   - name: overnight
@@ -322,13 +325,7 @@ def test_the_schedulers_parser_reads_the_recipients_of_a_real_quarantine_listing
     start_milter: Callable[[str], MilterProcess],
 ) -> None:
     sendmail = milter_sendmail
-    start_milter("""\
-limits:
-  - name: per-sender
-    rate: 1/1h
-    key: sender
-    action: hold
-""")
+    start_milter(ONE_AN_HOUR_THEN_HOLD)
     sender = unique_address("listed")
     rcpts = ["a@dest.milter.test", "b@dest2.milter.test"]
     for subject in ("passes", "held"):
