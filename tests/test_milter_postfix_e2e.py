@@ -255,12 +255,20 @@ def dialogue(stack: MailStack) -> dict[str, tuple[int, str]]:
     return seen
 
 
-def rewire(stack: MailStack, main_cf_extra: str) -> None:
-    """The stack's generated configuration with ``main_cf_extra`` appended (a later line
-    of main.cf wins), reloaded."""
+def rewire(stack: MailStack, *left_out: str) -> None:
+    """The stack's generated configuration without the main.cf settings ``left_out``,
+    reloaded. (Left out, not overridden by a later line: every Postfix process would warn
+    of the override at start, and a reload then wedged the instance's postlogd here.)"""
     sections = split_sections(stack.postfix_config)
-    stack.postfix.write_config(sections[SECTION_MAIN] + main_cf_extra,
-                               sections[SECTION_MASTER],
+    kept: list[str] = []
+    skipping = False
+    for line in sections[SECTION_MAIN].splitlines(keepends=True):
+        if line[:1].isspace() and skipping:
+            continue  # a continuation line of a setting left out
+        skipping = line.split("=", 1)[0].strip() in left_out
+        if not skipping:
+            kept.append(line)
+    stack.postfix.write_config("".join(kept), sections[SECTION_MASTER],
                                {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
     stack.postfix.reload()
 
@@ -283,10 +291,12 @@ def test_what_a_client_sees_while_mqpolicy_is_down_for_each_wiring(
                  "while down")
     stack.wait_queue(only_in("maildrop"), TIMEOUT_S)
 
-    rewire(stack, "smtpd_recipient_restrictions =\nsmtpd_end_of_data_restrictions =\n")
+    rewire(stack, "smtpd_recipient_restrictions", "smtpd_end_of_data_restrictions")
+    assert "check_policy_service" not in stack.postfix.postconf("-n")
     assert dialogue(stack) == milter_down  # the milter only
 
-    rewire(stack, "smtpd_milters =\nnon_smtpd_milters =\n")
+    rewire(stack, "smtpd_milters", "non_smtpd_milters")
+    assert "milter.sock" not in stack.postfix.postconf("-n")
     policy_only = dialogue(stack)
     assert policy_only["MAIL"][0] == 250
     assert policy_only["RCPT"] == (451, "4.3.5 <r@dest.milter.test>: Recipient address "
