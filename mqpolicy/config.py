@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping
@@ -346,8 +347,11 @@ class ScheduleSettings:
     """Delivery at a time the message asks for (``Deferred-Delivery:``,
     ``X-MQ-Deliver-After:``), honoured only for mail that ``allow`` matches."""
 
-    allow: Predicate | None = None  # None: nobody may schedule (the headers are stripped)
+    # None: nobody may schedule (the headers are stripped). A compiled condition is a new
+    # function on every load: two loads of one file compare by ``allow_text`` instead.
+    allow: Predicate | None = field(default=None, compare=False)
     max_delay_ms: int = 7 * 86_400_000
+    allow_text: str = ""  # the condition as written, keys sorted ("" without one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,9 +461,10 @@ class Policy:
     # The condition keys of every rule, limit and schedule (None: not known, e.g. a Policy
     # built in code: then it may use anything).
     condition_keys: frozenset[str] | None = None
-    # Derived for the engine: lanes by name, and the destination budgets found by the
-    # request's destination name in one lookup.
+    # Derived: lanes and limits by name (the engine, the scheduler), and the destination
+    # budgets found by the request's destination name in one lookup.
     lanes_by_name: Mapping[str, Lane] = field(init=False)
+    limits_by_name: Mapping[str, Limit] = field(init=False)
     destination_limits: Mapping[str, Limit] = field(init=False)
     # (lane name, at RCPT) -> the general limits that may apply there: in that lane's scope,
     # and recipient-keyed ones only at RCPT. What is left to test per request is dynamic.
@@ -471,6 +476,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
+        object.__setattr__(self, "limits_by_name", {x.name: x for x in self.limits})
         general = tuple(x for x in self.limits if x.destination is None)
         object.__setattr__(self, "destination_limits",
                            {x.destination: x for x in self.limits if x.destination is not None})
@@ -1002,7 +1008,8 @@ def _read_scheduler(r: _Reader, top: Mapping[str, Any]) -> SchedulerSettings:
             allow = _condition(r, s, "allow", "scheduler.schedule") if "allow" in s else None
             max_delay = r.optional(s, "max_delay", "scheduler.schedule", _positive_duration)
             schedule = ScheduleSettings(allow=allow,
-                                        max_delay_ms=max_delay or d.schedule.max_delay_ms)
+                                        max_delay_ms=max_delay or d.schedule.max_delay_ms,
+                                        allow_text=_as_written(s["allow"]) if allow else "")
     load = d.load
     if "load" in m:
         keys = {"active", "incoming", "deferred", "hold_lanes"}
@@ -1032,6 +1039,12 @@ def _release_agent_endpoint(value: Any) -> Endpoint:
                          "(unix:/run/mqpolicy-agent/agent.sock): its peers are checked "
                          "by their credentials")
     return endpoint
+
+
+def _as_written(value: Any) -> str:
+    """A YAML value as one canonical text (mapping keys sorted): equal for equal values,
+    however the file lays them out."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _instance_name(value: Any) -> str:

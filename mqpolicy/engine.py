@@ -50,6 +50,11 @@ class Action(Enum):
     REJECT = "reject"
 
 
+# What a hold that no limit decided says (Postfix logs it with the HOLD, Sendmail lists it
+# as the quarantine reason); a limit's hold says its message or ``messages.hold``.
+LANE_HOLD_TEXT = "held by mqpolicy lane {lane}"
+LOAD_HOLD_TEXT = "held by mqpolicy load: lane {lane} waits for the MTA's queues"
+
 _SEVERITY = {ActionKind.REJECT: 3, ActionKind.DEFER: 2, ActionKind.HOLD: 1}
 _MAX_KEY_LENGTH = 200
 
@@ -95,6 +100,7 @@ class LimitOutcome(NamedTuple):
     monitor: bool
     rate: str
     counted: str  # what the check counted: "1 messages", "12 recipients", "peek", ...
+    cost: int  # what this decision spends from the bucket when it commits (0: it only looks)
 
 
 class Verdict(NamedTuple):
@@ -299,6 +305,7 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
             limit.monitor,
             limit.rate_text,
             "already counted" if duplicate else _counted(planned),
+            planned.check.cost if planned.check.consume else 0,
         )))
         if allowed or limit.monitor:
             continue
@@ -324,7 +331,8 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
                        limits, deciding=limit.name, duplicate=evaluation.duplicate)
     waiting = lane.name in plan.waiting_lanes and lane.priority > 0  # never the highest lane
     if waiting or lane.hold:
-        text = _fill(policy.messages.hold, None, "", lane, 0, 0)
+        # messages.hold names a limit; here none held the message: name what did
+        text = (LOAD_HOLD_TEXT if waiting else LANE_HOLD_TEXT).format(lane=lane.name)
         return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,
                        deciding="load" if waiting else f"lane:{lane.name}",
                        duplicate=evaluation.duplicate)
@@ -338,6 +346,7 @@ def _store_failed(plan: Plan, policy: Policy) -> Verdict:
             name=p.limit.name, key=p.key, allowed=True, spent=False, remaining=-1,
             retry_after_ms=0, action=p.limit.action, monitor=p.limit.monitor,
             rate=p.limit.rate_text, counted="store error",
+            cost=p.check.cost if p.check.consume else 0,
         )
         for p in plan.limits
     )

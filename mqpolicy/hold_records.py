@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 
 from mqpolicy.budget import StoreError
 from mqpolicy.config import Policy, SchedulerSettings
+from mqpolicy.engine import Verdict
 from mqpolicy.redis_store import describe_error, load_script, parse_redis_url
 from mqpolicy.sentinel_store import open_sentinel_master
 from mqpolicy.store_factory import check_store_url
@@ -58,6 +59,7 @@ from mqpolicy.store_factory import check_store_url
 __all__ = [
     "DEFAULT_RECORD_TTL_MS",
     "BrokenRecord",
+    "HeldSpend",
     "HoldRecord",
     "HoldRecordStore",
     "MemoryHoldRecords",
@@ -65,9 +67,11 @@ __all__ = [
     "RecordSet",
     "RecordState",
     "RedisHoldRecords",
+    "held_until",
     "lease_owner_token",
     "open_hold_records",
     "record_ttl_ms",
+    "unspent_budgets",
     "waiting_lanes",
 ]
 
@@ -100,6 +104,46 @@ def lease_owner_token() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+class HeldSpend(NamedTuple):
+    """A budget a held message has not spent: the scheduler spends it when it releases the
+    message. The limit's name and the key value of the held request are kept, since the
+    facts behind the key (SASL user, client address, HELO, headers) are gone by then."""
+
+    limit: str
+    key: str  # the key value, e.g. "alice@example.com" (the limit's bucket is built anew)
+    cost: int
+
+
+def unspent_budgets(verdict: Verdict) -> tuple[HeldSpend, ...]:
+    """What a message held at end of message owes: a held decision spends nothing (all or
+    nothing), so every budget that would have counted it, had it been accepted, is spent
+    when it is released. Empty for a hold that spent them (a lane or the load held it)."""
+    return tuple(HeldSpend(o.name, o.key, o.cost) for o in verdict.limits
+                 if o.cost > 0 and not o.spent)
+
+
+def held_until(now_ms: int, verdict: Verdict) -> int:
+    """The not-before time of a message ``verdict`` holds: when the deciding limit's budget
+    admits it (GCRA's retry time); now for a lane or load hold, or a cost larger than the
+    limit's burst (it never fits: the release spends the whole burst)."""
+    return now_ms + max(0, verdict.retry_after_ms)
+
+
+def _spends_text(spends: Sequence[HeldSpend]) -> str:
+    return json.dumps([list(spend) for spend in spends], separators=(",", ":"))
+
+
+def _spends_of(text: str) -> tuple[HeldSpend, ...]:
+    if not text:
+        return ()
+    items = json.loads(text)
+    if not isinstance(items, list) or not all(
+            isinstance(i, list) and len(i) == 3 and isinstance(i[0], str)
+            and isinstance(i[1], str) and isinstance(i[2], int) and i[2] > 0 for i in items):
+        raise RecordError(f"unreadable spends {text[:100]!r}")
+    return tuple(HeldSpend(*item) for item in items)
+
+
 class RecordState(Enum):
     HELD = "held"
     RELEASING = "releasing"  # a release started; reconciled if the scheduler died meanwhile
@@ -122,9 +166,10 @@ class HoldRecord:
     sender: str = ""
     state: RecordState = RecordState.HELD
     state_ms: int = 0
+    spends: tuple[HeldSpend, ...] = ()  # budgets the release spends (see unspent_budgets)
 
     def to_fields(self) -> dict[str, str]:
-        return {
+        fields = {
             "v": _FORMAT,
             "lane": self.lane,
             "not_before_ms": str(self.not_before_ms),
@@ -135,6 +180,9 @@ class HoldRecord:
             "state": self.state.value,
             "state_ms": str(self.state_ms),
         }
+        if self.spends:  # kept whole: a cut key would spend another bucket
+            fields["spends"] = _spends_text(self.spends)
+        return fields
 
     @classmethod
     def from_fields(cls, queue_id: str, fields: Mapping[str, str]) -> HoldRecord:
@@ -156,6 +204,7 @@ class HoldRecord:
                 sender=fields.get("sender", ""),
                 state=RecordState(fields.get("state", RecordState.HELD.value)),
                 state_ms=int(fields.get("state_ms", "0")),
+                spends=_spends_of(fields.get("spends", "")),
             )
         except KeyError as exc:
             raise RecordError(f"missing field {exc.args[0]!r}") from None

@@ -21,7 +21,8 @@ What the milter decides, per message:
   limits spent once per queue id (the once key the policy server uses at END-OF-MESSAGE, so
   a message both see is counted once); the message leaves with one ``X-MQ-Lane: <lane>``,
   ours, whatever lane headers the client sent; hold -> a hold record is written for the
-  scheduler, then
+  scheduler (not before the deciding limit's budget admits the message, with the budgets
+  the held decision did not spend, for the release to spend), then
   ``quarantine(reason)``; defer -> ``451 4.7.1``; reject -> ``550 5.7.1``.
 * Scheduled delivery (:mod:`mqpolicy.scheduled_delivery`): ``X-MQ-Deliver-After`` or
   ``Deferred-Delivery`` is honoured when ``scheduler.schedule.allow`` matches the
@@ -79,11 +80,17 @@ from mqpolicy.engine import Action, Verdict, classify
 from mqpolicy.hold_records import (
     HoldRecord,
     HoldRecordStore,
+    held_until,
     hold_destinations,
     record_ttl_for,
+    unspent_budgets,
 )
 from mqpolicy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
-from mqpolicy.scheduled_delivery import SCHEDULE_HEADERS, requested_time
+from mqpolicy.scheduled_delivery import (
+    SCHEDULE_HEADERS,
+    requested_time,
+    schedule_hold_text,
+)
 from mqpolicy.structured_log import LogBurst, connection_id_var, queue_id_var
 from mqpolicy.unix_sockets import OwnedSocket, bind_unix
 
@@ -597,13 +604,19 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
                 return CONTINUE
         elif self.gateway.records is not None:
             reason = hold.hold_reason if hold is not None else f"schedule:{scheduled_by}"
+            if hold is not None:  # not before the deciding limit's budget admits it
+                not_before = max(not_before, held_until(now, hold))
+            # a hold decided here spent nothing: the release spends it (one decided at RCPT
+            # and accepted here was spent here)
             record = HoldRecord(queue_id=msg.queue_id, lane=lane.name, not_before_ms=not_before,
                                 created_ms=now, reason=reason,
                                 destinations=hold_destinations(map(domain_of, msg.recipients)),
-                                sender=msg.sender)
+                                sender=msg.sender,
+                                spends=unspent_budgets(verdict) if hold is verdict else ())
             if not self.gateway.put_record(record):
                 return self._on_error(msg, request)
-        text = hold.text.strip() if hold is not None else f"scheduled by {scheduled_by}"
+        text = (hold.text.strip() if hold is not None
+                else schedule_hold_text(not_before, scheduled_by))
         # the reason is kept as given (Sendmail lists it with -bp -qQ): no '%' doubling
         msg.changes.append(("quarantine", "", 0, _one_line(text or "held by mqpolicy")))
         return CONTINUE

@@ -9,10 +9,12 @@ hold record can be written for the scheduler (:mod:`mqpolicy.hold_records`):
   ``FILTER <transport>:`` for the lane) and remembered under the request's ``instance``
   (stable for a whole message; a bounded map, oldest forgotten first);
 * at END-OF-MESSAGE, a HOLD verdict or a remembered one writes the record (queue id, lane,
-  not-before = now, reason = the deciding limit or ``lane:<name>``) and only then answers
-  ``HOLD``; a DEFER or REJECT there wins over a remembered hold. When the record cannot be
-  written the answer is a temporary failure (``451 4.3.0``, the ``store_error`` text): a
-  message held without a record would never be released.
+  not-before = when the deciding limit's budget admits the message, or now for a lane or
+  load hold; reason = the deciding limit or ``lane:<name>``; the budgets the held decision
+  did not spend, for the release to spend) and only then answers ``HOLD``; a DEFER or
+  REJECT there wins over a remembered hold. When the record cannot be written the answer
+  is a temporary failure (``451 4.3.0``, the ``store_error`` text): a message held without
+  a record would never be released.
 
 Known limit: a message that END-OF-MESSAGE both moves to another lane (e.g. by recipient
 count) and holds leaves, once released, through the transport its RCPT answers chose
@@ -36,8 +38,10 @@ from mqpolicy.hold_records import (
     MAX_DESTINATIONS,
     HoldRecord,
     HoldRecordStore,
+    held_until,
     hold_destinations,
     record_ttl_for,
+    unspent_budgets,
 )
 from mqpolicy.request import STAGE_END_OF_MESSAGE, Request, domain_of
 from mqpolicy.structured_log import queue_id_var
@@ -164,11 +168,15 @@ class PostfixPolicyHandler:
             lane = pending.verdict.lane  # demoted at RCPT: the lower lane
         domains = list(pending.domains) if pending is not None else []
         now = self.clock_ms()
-        record = HoldRecord(queue_id=request.queue_id, lane=lane.name, not_before_ms=now,
+        # a hold decided here spent nothing: the release spends it (one decided at RCPT
+        # and accepted here was spent here)
+        record = HoldRecord(queue_id=request.queue_id, lane=lane.name,
+                            not_before_ms=held_until(now, hold),
                             created_ms=now, reason=hold.hold_reason,
                             destinations=hold_destinations(
                                 [*domains, domain_of(request.recipient)]),
-                            sender=request.sender)
+                            sender=request.sender,
+                            spends=unspent_budgets(verdict) if hold is verdict else ())
         return self._hold(record, hold, lane, records)
 
     async def _hold(self, record: HoldRecord, hold: Verdict, lane: Lane,

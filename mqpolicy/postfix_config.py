@@ -287,6 +287,11 @@ class PostfixConfig:
             "# match wins, as in mqpolicy. A regexp table: no postmap needed; postfix reload",
             "# after a change.",
         ]
+        if not self.transport_rules:
+            # no entries: no next hop to name (mail goes where main.cf sends it)
+            out.append("# (no destination has Postfix delivery settings and domains: "
+                       "nothing to write)")
+            return "\n".join(out) + "\n"
         hop = self.transport_nexthop
         if hop:
             out.append(f"# Next hop {hop}: your relayhost. Regenerate this file when "
@@ -300,9 +305,6 @@ class PostfixConfig:
                 "# domain's MX, bypassing relayhost. Regenerate with --relayhost or where",
                 "# postconf can read main.cf.",
             ])
-        if not self.transport_rules:
-            out.append("# (no destination has Postfix delivery settings and domains: "
-                       "nothing to write)")
         for dest in self.destination_transports:
             out.append(f"# destination {dest.destination.name}")
             for rule in dest.rules:

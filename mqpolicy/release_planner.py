@@ -26,26 +26,29 @@ A ``releasing`` record whose message is still on hold (the scheduler died before
 
 Budgets (:func:`release_checks`): one list of checks per message for ONE atomic
 ``store.evaluate``: the lane's release budget (key ``release:<lane>:...``, from
-``Lane.release_rate``/``release_burst``) and every recipient-keyed limit that applies to
+``Lane.release_rate``/``release_burst``), every recipient-keyed limit that applies to
 one of its recipients (the very buckets live RCPT decisions spend, so a destination's
-budget is shared between live traffic and releases). Several recipients on one bucket are
-one check whose cost is capped at the bucket's burst: a message with more recipients at a
-destination than that destination's burst would otherwise never fit.
+budget is shared between live traffic and releases), and the message budgets its hold
+left unspent (the record's ``spends``: a limit with ``action: hold`` and the others the
+held END-OF-MESSAGE decision would have spent, in the buckets live decisions spend). A
+check's cost is capped at its bucket's burst (several recipients on one bucket are one
+check): a message with more recipients at a destination than that destination's burst, or
+more bytes than a byte budget's burst, would otherwise never fit.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mqpolicy.budget import BudgetCheck
 from mqpolicy.config import Lane, LoadThresholds, Policy
-from mqpolicy.engine import RuntimeState, make_plan
-from mqpolicy.hold_records import BrokenRecord, HoldRecord, RecordSet, RecordState
+from mqpolicy.engine import RuntimeState, make_plan, store_key
+from mqpolicy.hold_records import BrokenRecord, HeldSpend, HoldRecord, RecordSet, RecordState
 from mqpolicy.mta_queue import HOLD, QueueEntry
 from mqpolicy.request import STAGE_RCPT, Request, domain_of
 
@@ -55,6 +58,7 @@ __all__ = [
     "HeldGroup",
     "QueueSummary",
     "ReleasePlan",
+    "held_spend_checks",
     "lane_release_check",
     "lanes_to_pause",
     "load_exceeded",
@@ -217,6 +221,15 @@ def release_checks(
     runtime = RuntimeState(backoff=backoff)
     merged: dict[str, BudgetCheck] = {}
     order: list[str] = []
+
+    def add(check: BudgetCheck) -> None:
+        known = merged.get(check.key)
+        if known is None:
+            order.append(check.key)
+            merged[check.key] = check._replace(cost=min(check.cost, check.burst))
+        else:
+            merged[check.key] = known._replace(cost=min(known.cost + check.cost, known.burst))
+
     for recipient in entry.recipients:
         request = Request(stage=STAGE_RCPT, sender=entry.sender, recipient=recipient,
                           size=entry.size, queue_id=entry.queue_id,
@@ -224,18 +237,26 @@ def release_checks(
         plan = make_plan(request, policy, runtime, lane or policy.lane(policy.default_lane),
                          releasing=True)
         for planned in plan.limits:
-            if not planned.limit.recipient_keyed:
-                continue
-            check = planned.check
-            known = merged.get(check.key)
-            if known is None:
-                order.append(check.key)
-                merged[check.key] = check._replace(cost=min(check.cost, check.burst))
-            else:
-                merged[check.key] = known._replace(cost=min(known.cost + check.cost,
-                                                            known.burst))
+            if planned.limit.recipient_keyed:
+                add(planned.check)
+    for check in held_spend_checks(policy, candidate.record.spends):
+        add(check)
     lane_check = lane_release_check(lane, pass_interval_ms) if lane is not None else None
     return lane_check, [merged[k] for k in order]
+
+
+def held_spend_checks(policy: Policy, spends: Iterable[HeldSpend]) -> Iterator[BudgetCheck]:
+    """The checks of the budgets a held message did not spend (its record's ``spends``):
+    the buckets the held decision looked at, under the limits as configured now. A limit
+    no longer configured, or recipient-keyed now (the recipients' checks cover it), is
+    not spent; one whose rate or burst changed is spent in its new buckets, as live
+    decisions are."""
+    for spend in spends:
+        limit = policy.limits_by_name.get(spend.limit)
+        if limit is None or limit.recipient_keyed:
+            continue
+        yield BudgetCheck(store_key(limit, spend.key), limit.interval_ms, limit.burst,
+                          spend.cost, True, limit.blocking)
 
 
 # ---------------------------------------------------------------- load

@@ -21,7 +21,7 @@ from __future__ import annotations
 import email.utils
 import re
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 from mqpolicy.rates import RateSyntaxError, parse_duration_ms
@@ -34,6 +34,7 @@ __all__ = [
     "parse_deferred_delivery",
     "parse_deliver_after",
     "requested_time",
+    "schedule_hold_text",
 ]
 
 DELIVER_AFTER = "X-MQ-Deliver-After"
@@ -120,6 +121,13 @@ def requested_time(headers: Iterable[tuple[str, str]], now_ms: int,
             return ScheduleRequest(max(now_ms, min(when, now_ms + max_delay_ms)), header)
     first = next(h for h in SCHEDULE_HEADERS if h in found)
     return ScheduleRequest(None, first, "; ".join(problems))
+
+
+def schedule_hold_text(not_before_ms: int, header: str) -> str:
+    """What a message held for its asked-for time says (Sendmail lists it as the
+    quarantine reason): the schedule, until when, and the header that asked."""
+    until = datetime.fromtimestamp(not_before_ms // 1000, UTC)
+    return f"held by mqpolicy schedule until {until:%Y-%m-%d %H:%M:%S} UTC ({header})"
 
 
 def _trim_fraction(stamp: str) -> str:

@@ -38,7 +38,7 @@ from mqpolicy.postfix_config import (
     SECTION_MASTER,
     split_sections,
 )
-from mqpolicy.postfix_instance import POSTFIX, MailStack
+from mqpolicy.postfix_instance import POSTFIX, MailStack, QueuedMessage
 
 # The lanes every end-to-end test uses: keeping them fixed means a policy swap never
 # changes Postfix's configuration (no Postfix reload between tests).
@@ -198,3 +198,58 @@ def milter_stack(mail_stack: MailStack) -> Iterator[MailStack]:
             write_postfix_config(stack, written)
         stack.postfix.delete("ALL", "maildrop")  # local submissions the milter deferred
         stack.apply_policy(BASE_POLICY)  # starts serve again, without the milter
+
+
+# Shared by the scheduler and admin-socket tests.
+
+ORDER = ("transactional", "normal", "bulk")
+
+
+def lanes(hold: tuple[str, ...], rates: dict[str, str]) -> str:
+    """The fixture's lanes (same transports: Postfix's configuration does not change) with
+    holds and release rates."""
+    out = ["lanes:"]
+    transports = {"transactional": "mq-transactional\n    concurrency: 10",
+                  "normal": "smtp",
+                  "bulk": "mq-bulk\n    concurrency: 2\n    initial_concurrency: 2"}
+    for lane in ORDER:
+        out.append(f"  - name: {lane}\n    transport: {transports[lane]}")
+        if lane in hold:
+            out.append("    hold: true")
+        if lane in rates:
+            out.append(f"    release_rate: {rates[lane]}\n    release_burst: 1")
+    out.append("default_lane: normal")
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture
+def stack(mail_stack: MailStack) -> Iterator[MailStack]:
+    """The session stack; afterwards the base policy (memory store, no milter) again."""
+    written = mail_stack.postfix_config
+    try:
+        yield mail_stack
+    finally:
+        mail_stack.server.stop()
+        if mail_stack.postfix_config != written:  # a test added the milter
+            write_postfix(mail_stack, written)
+            mail_stack.postfix_config = written
+        with contextlib.suppress(Exception):
+            mail_stack.postfix.delete("ALL")
+        mail_stack.apply_policy(BASE_POLICY)  # restarts mqpolicy serve on the memory store
+
+
+def write_postfix(stack: MailStack, text: str) -> None:
+    sections = split_sections(text)
+    stack.postfix.write_config(sections[SECTION_MAIN], sections[SECTION_MASTER],
+                               {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
+    stack.postfix.reload()
+
+
+def restart_serve(stack: MailStack, policy_text: str) -> None:
+    """mqpolicy serve with a new store or milter needs a restart, not a reload."""
+    stack.server.stop()
+    stack.apply_policy(policy_text)
+
+
+def held(stack: MailStack) -> list[QueuedMessage]:
+    return [m for m in stack.postfix.queue() if m.queue_name == "hold"]

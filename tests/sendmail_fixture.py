@@ -214,7 +214,7 @@ def sendmail_instance(*, sink_port: int, milter_port: int) -> Iterator[SendmailI
 MILTER_SOCKET = "milter.sock"
 # The .mc lines the milter needs, as docs/milter_e2e.md shows them.
 MILTER_MC = """\
-INPUT_MAIL_FILTER(`mqpolicy', `S=unix:{socket}, F=T, T=S:4s;R:10s;E:30s')dnl
+INPUT_MAIL_FILTER(`mqpolicy', `S=unix:{socket}, F=T, T=C:5s;S:4s;R:10s;E:30s')dnl
 define(`confMILTER_MACROS_CONNECT', confMILTER_MACROS_CONNECT`, {{client_addr}}')dnl
 """
 

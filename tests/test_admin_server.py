@@ -9,11 +9,9 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +24,6 @@ from mqpolicy.cli import cmd_explain
 from mqpolicy.config import Policy, parse_policy
 from mqpolicy.endpoints import Endpoint
 from tests.test_policy_server import run
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short directory for sockets (a unix socket path has at most 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="mqadm-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def echo(args: Mapping[str, Any]) -> object:

@@ -26,11 +26,9 @@ import pytest
 
 from mqpolicy.admin_codec import encode_request
 from mqpolicy.postfix_instance import MailStack, poll
+from tests.postfix_fixture import held, lanes, restart_serve
 from tests.redis_fixture import RedisServer
 from tests.serve_process import MqpolicyProcess, ServeProcess, free_port
-from tests.test_admin_server import sock_dir as sock_dir  # noqa: PLC0414 - fixture
-from tests.test_scheduler_e2e import held, lanes, restart_serve
-from tests.test_scheduler_e2e import stack as stack  # noqa: PLC0414 - fixture
 
 RATE, BURST = "6/1h", 3  # one unit back every 600 s
 UNIT_S = 600

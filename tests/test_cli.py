@@ -161,6 +161,67 @@ def test_sighup_reload_applies_good_file_and_keeps_old_on_bad(served: ServeProce
     assert served.ask(eom(5, "b@example.com")) == "DUNNO"
 
 
+def test_sighup_of_an_unchanged_file_warns_of_nothing(tmp_path: Path) -> None:
+    """A scheduler section with a schedule.allow condition: reloading the same file is not a
+    changed setting (no "needs a restart" warning)."""
+    port = free_port()
+    config = tmp_path / "p.yaml"
+    # the scheduler runs inside serve (memory store) against a Postfix config directory
+    # that does not exist: it fails its passes, which this test does not look at
+    config.write_text(policy_text(port) + f"""\
+scheduler:
+  postfix_config_dir: {tmp_path / "no-postfix"}
+  interval: 1h
+  schedule: {{allow: {{sasl_username: [app]}}, max_delay: 1d}}
+""")
+    proc = ServeProcess(config, port, tmp_path / "serve.log")
+    proc.start()
+    try:
+        proc.wait_logged("msg=ready")  # SIGHUP is handled from then on
+        proc.signal(signal.SIGHUP)
+        proc.wait_logged("policy reloaded")
+        assert "needs a restart" not in proc.log_text()
+        # a setting that does need one is still named
+        config.write_text(config.read_text().replace("no-postfix", "other-postfix")
+                          .replace('url: "memory://"', 'url: "memory://", timeout_ms: 80'))
+        proc.signal(signal.SIGHUP)
+        proc.wait_logged("policy reloaded", count=2)
+        warned = [line for line in proc.log_text().splitlines() if "needs a restart" in line]
+        assert [line.split("setting=")[1].split()[0] for line in warned] == ["store",
+                                                                            "scheduler"]
+    finally:
+        proc.stop()
+
+
+def test_make_run_serves_the_example_where_postfix_has_no_mqpolicy_directory(
+    tmp_path: Path,
+) -> None:
+    """``make run`` serves conf/mqpolicy.yaml from a checkout, where the unix socket
+    directory of a production setup (/var/spool/postfix/mqpolicy) need not exist: the
+    example listens on loopback TCP, the policy server and the milter alike. Here on free
+    ports, and its scheduler pointed away from this machine's Postfix."""
+    example = (ROOT / "conf" / "mqpolicy.yaml").read_text()
+    port, milter_port = free_port(), free_port()
+    changes = {"127.0.0.1:10040": f"127.0.0.1:{port}",
+               "inet:10041@127.0.0.1": f"inet:{milter_port}@127.0.0.1",
+               "listen: 127.0.0.1:9309": f"listen: 127.0.0.1:{free_port()}",
+               "postfix_config_dir: /etc/postfix":
+                   f"postfix_config_dir: {tmp_path / 'no-postfix'}"}
+    for old, new in changes.items():
+        assert example.count(old) == 1, old
+        example = example.replace(old, new)
+    config = tmp_path / "mqpolicy.yaml"
+    config.write_text(example)
+    proc = ServeProcess(config, port, tmp_path / "serve.log")
+    proc.start(("127.0.0.1", milter_port))
+    try:
+        assert proc.ask(eom(1)) == "DUNNO"
+        proc.wait_logged("msg=ready")
+        assert f"milter=inet:{milter_port}@127.0.0.1" in proc.log_text()
+    finally:
+        proc.stop(timeout=30)
+
+
 def test_sigterm_drains_and_exits_zero(served: ServeProcess) -> None:
     assert served.ask(eom(1)) == "DUNNO"
     assert served.stop() == 0

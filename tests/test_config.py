@@ -12,6 +12,7 @@ from mqpolicy.config import (
     ActionKind,
     ConfigError,
     Count,
+    RcptLimits,
     StoreErrorMode,
     load_policy,
     parse_policy,
@@ -44,6 +45,14 @@ def test_example_policy_loads() -> None:
     per_sender = next(limit for limit in policy.limits if limit.name == "per-sender")
     assert per_sender.action is ActionKind.DEMOTE and per_sender.demote_to == "bulk"
     assert per_sender.burst == per_sender.rate.count == 100
+    # what a newsletter needs on day one: a milter beside the policy server, a rule on
+    # the headers, and a scheduler for what is held
+    assert policy.milter is not None
+    assert policy.milter.rcpt_limits is RcptLimits.POLICY_SERVER
+    headers = [rule for rule in policy.classify if rule.needs_headers]
+    assert [rule.lane for rule in headers] == ["bulk"]
+    assert headers[0].when(Request(headers=(("List-Id", "<news.example.com>"),)))
+    assert policy.scheduler is not None
 
 
 def test_empty_file_gives_defaults() -> None:
@@ -258,3 +267,30 @@ def test_scheduler_release_agent_is_a_unix_socket() -> None:
 def test_scheduler_release_agent_errors(value: str, problem: str) -> None:
     (issue,) = errors_of(f"scheduler:\n  release_agent: {value}\n")
     assert "scheduler.release_agent" in issue and problem in issue, issue
+
+
+SCHEDULER_WITH_ALLOW = """\
+scheduler:
+  interval: 2s
+  schedule:
+    allow: {sasl_username: [app, reports], sender: "@app.example"}
+    max_delay: 1d
+"""
+
+
+def test_scheduler_settings_from_the_same_text_compare_equal() -> None:
+    """A reload of an unchanged file must not look like a changed scheduler section (the
+    allow condition is compiled to a new function on every load)."""
+    first = parse_policy(SCHEDULER_WITH_ALLOW, "p.yaml").scheduler
+    again = parse_policy(SCHEDULER_WITH_ALLOW, "p.yaml").scheduler
+    assert first is not None and first.schedule.allow is not None
+    assert first == again
+    # the same condition written in another order and flow style is the same condition
+    reordered = parse_policy(
+        "scheduler:\n  interval: 2s\n  schedule:\n    max_delay: 1d\n    allow:\n"
+        "      sender: '@app.example'\n      sasl_username:\n        - app\n"
+        "        - reports\n", "p.yaml").scheduler
+    assert reordered == first
+    changed = parse_policy(SCHEDULER_WITH_ALLOW.replace("reports", "billing"), "p.yaml")
+    assert changed.scheduler != first
+    assert parse_policy("scheduler: {interval: 2s, schedule: {max_delay: 1d}}").scheduler != first

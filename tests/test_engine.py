@@ -288,6 +288,22 @@ def test_hold_lane() -> None:
     assert (verdict.action, verdict.deciding) == (Action.HOLD, "lane:scheduled")
 
 
+def test_every_hold_names_what_held_it() -> None:
+    """The hold text (Postfix's HOLD reason in its log, Sendmail's quarantine reason in
+    ``mailq -qQ``) names the lane, the load or the limit that held the message."""
+    svc, _ = service("- {name: one-a-day, rate: 1/1d, key: sender, action: hold}\n")
+    assert postfix_action(run(svc, eom(sasl_username="scheduler"))) == \
+        "HOLD held by mqpolicy lane scheduled"
+    svc.runtime = RuntimeState(waiting_lanes=frozenset({"bulk"}))
+    waiting = run(svc, eom(sender="x@news.example"))
+    assert (waiting.action, waiting.deciding) == (Action.HOLD, "load")
+    assert waiting.text == "held by mqpolicy load: lane bulk waits for the MTA's queues"
+    svc.runtime = RuntimeState()
+    assert run(svc, eom(sender="a@example.com", queue_id="Q1")).action is Action.ACCEPT
+    limited = run(svc, eom(sender="a@example.com", queue_id="Q2"))
+    assert limited.text == "held by mqpolicy limit one-a-day"
+
+
 def test_accept_in_lane_with_own_transport_filters() -> None:
     svc, _ = service("[]\n")
     assert postfix_action(run(svc, rcpt(sender="noreply@app.example"))) == (

@@ -13,6 +13,7 @@ from mqpolicy.budget import StoreError
 from mqpolicy.hold_records import (
     MAX_DESTINATIONS,
     BrokenRecord,
+    HeldSpend,
     HoldRecord,
     HoldRecordStore,
     MemoryHoldRecords,
@@ -43,9 +44,15 @@ def record(queue_id: str = "4ABC123DEF", **changes: Any) -> HoldRecord:
     return base.__class__(**{**{f: getattr(base, f) for f in base.__slots__}, **changes})
 
 
+SPENDS = (HeldSpend("per-sender", "a@example.com", 1),
+          HeldSpend("per-user", 'odd,"user"\u00e9', 12))
+
+
 def test_record_round_trips_through_fields() -> None:
     r = record(state=RecordState.RELEASING, state_ms=5)
     assert HoldRecord.from_fields(r.queue_id, r.to_fields()) == r
+    owing = record(spends=SPENDS)
+    assert HoldRecord.from_fields(owing.queue_id, owing.to_fields()) == owing
 
 
 @pytest.mark.parametrize(("fields", "problem"), [
@@ -55,6 +62,10 @@ def test_record_round_trips_through_fields() -> None:
     ({"v": "1", "lane": "", "not_before_ms": "1", "created_ms": "1"}, "no lane"),
     ({"v": "1", "lane": "x", "not_before_ms": "1", "created_ms": "1", "state": "odd"},
      "'odd' is not a valid RecordState"),
+    ({"v": "1", "lane": "x", "not_before_ms": "1", "created_ms": "1",
+      "spends": '[["per-sender", "a@example.com", "1"]]'}, "unreadable spends"),
+    ({"v": "1", "lane": "x", "not_before_ms": "1", "created_ms": "1", "spends": "[["},
+     "Expecting"),
 ])
 def test_unreadable_fields_name_the_problem(fields: dict[str, str], problem: str) -> None:
     with pytest.raises(RecordError, match=problem):
@@ -125,12 +136,13 @@ def test_put_replaces_the_whole_record(records: Callable[[Body], None]) -> None:
 
 def test_mark_changes_only_existing_records(records: Callable[[Body], None]) -> None:
     async def body(records: HoldRecordStore) -> None:
-        await records.put(record("AAAAA1"))
+        await records.put(record("AAAAA1", spends=SPENDS))
         marked = await records.mark(["AAAAA1", "GONE01"], RecordState.RELEASING, 42)
         assert marked == ["AAAAA1"]
         got = await records.get("AAAAA1")
         assert isinstance(got, HoldRecord)
         assert (got.state, got.state_ms) == (RecordState.RELEASING, 42)
+        assert got.spends == SPENDS  # what the release is to spend survives the mark
         assert await records.get("GONE01") is None  # not created by the mark
         assert "GONE01" not in (await records.load()).records
 

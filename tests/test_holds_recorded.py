@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import time
 from collections.abc import Sequence
 
 import Milter
@@ -14,7 +15,12 @@ import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 from mqpolicy.budget import StoreError
 from mqpolicy.config import ErrorAction, MilterSettings, parse_policy
 from mqpolicy.decisions import DecisionService
-from mqpolicy.hold_records import MAX_DESTINATIONS, HoldRecord, MemoryHoldRecords
+from mqpolicy.hold_records import (
+    MAX_DESTINATIONS,
+    HeldSpend,
+    HoldRecord,
+    MemoryHoldRecords,
+)
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.milter_service import DecisionGateway
 from mqpolicy.policy_service import PostfixPolicyHandler
@@ -99,8 +105,11 @@ def test_rcpt_hold_is_answered_as_accepted_and_held_at_end_of_message() -> None:
                                 "QID00002")
         assert answers == ["DUNNO", "DUNNO", "HOLD held by mqpolicy limit one-a-day"]
         got = await records.get("QID00002")
-        assert got == HoldRecord("QID00002", "normal", NOW, NOW, "one-a-day",
-                                 ("one.example", "two.example"), sender)
+        # 1/1d, spent by the first message: not before a day has passed, and the release
+        # spends what the held message did not (one message of the sender's budget)
+        assert got == HoldRecord("QID00002", "normal", NOW + 86_400_000, NOW, "one-a-day",
+                                 ("one.example", "two.example"), sender,
+                                 spends=(HeldSpend("one-a-day", sender, 1),))
         assert await records.get("QID00001") is None
         assert h.pending_holds == 0
 
@@ -112,7 +121,7 @@ def test_hold_lane_answers_its_filter_at_rcpt() -> None:
         records = MemoryHoldRecords(clock)
         h = handler(records)
         answers = await message(h, "a@later.example", ["r@x.example"], "i3", "QID00003")
-        assert answers == ["FILTER mq-bulk:", "HOLD held by mqpolicy limit "]
+        assert answers == ["FILTER mq-bulk:", "HOLD held by mqpolicy lane scheduled"]
         got = await records.get("QID00003")
         assert isinstance(got, HoldRecord)
         assert (got.lane, got.reason) == ("scheduled", "lane:scheduled")
@@ -206,12 +215,30 @@ def test_milter_records_before_quarantine(loop: Loop) -> None:  # noqa: F811
     rc = s.message("a@later.example", ["r@x.example", "q@y.example"], [("Subject", "x")],
                    queue_id="MQID0001")
     assert rc == Milter.CONTINUE
-    assert s.ctx.quarantined == ["held by mqpolicy limit"]
+    assert s.ctx.quarantined == ["held by mqpolicy lane scheduled"]
     got = loop.run(records.get("MQID0001"))
     assert isinstance(got, HoldRecord)
     assert (got.lane, got.reason, got.destinations) == ("scheduled", "lane:scheduled",
                                                         ("x.example", "y.example"))
     assert got.not_before_ms <= got.created_ms + 1
+
+
+def test_milter_hold_by_a_limit_waits_for_its_budget_and_owes_it(
+    loop: Loop,  # noqa: F811
+) -> None:
+    records = MemoryHoldRecords()
+    s = milter_session(loop, records)
+    sender = "x@capped.example"
+    assert s.message(sender, ["r@x.example"], [("Subject", "1")], queue_id="MQCAP001") == \
+        Milter.CONTINUE
+    assert s.ctx.quarantined == []
+    s.message(sender, ["r@x.example"], [("Subject", "2")], queue_id="MQCAP002")
+    assert s.ctx.quarantined == ["held by mqpolicy limit one-a-day"]
+    got = loop.run(records.get("MQCAP002"))
+    assert isinstance(got, HoldRecord)
+    # 1/1d, spent by the first message a moment ago: a day from now, less that moment
+    assert 86_390_000 <= got.not_before_ms - got.created_ms <= 86_400_000
+    assert got.spends == (HeldSpend("one-a-day", sender, 1),)
 
 
 def test_milter_schedules_an_allowed_sender(loop: Loop) -> None:  # noqa: F811
@@ -220,10 +247,13 @@ def test_milter_schedules_an_allowed_sender(loop: Loop) -> None:  # noqa: F811
     rc = s.message("app@app.example", ["r@x.example"],
                    [("Subject", "later"), ("X-MQ-Deliver-After", "+20s")], queue_id="MQID0002")
     assert rc == Milter.CONTINUE
-    assert s.ctx.quarantined == ["scheduled by X-MQ-Deliver-After"]
     assert _removed(s) == [("X-MQ-Deliver-After", 1, "")]
     got = loop.run(records.get("MQID0002"))
     assert isinstance(got, HoldRecord)
+    # the quarantine reason names the schedule: the header that asked, and until when
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(got.not_before_ms // 1000))
+    assert s.ctx.quarantined == [
+        f"held by mqpolicy schedule until {until} (X-MQ-Deliver-After)"]
     assert got.reason == "schedule:X-MQ-Deliver-After"
     assert 19_000 <= got.not_before_ms - got.created_ms <= 20_000
     assert got.lane == "normal"

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.postfix_config import LANE_HEADER, SECTION_MAIN, split_sections
+from mqpolicy.postfix_config import (
+    HEADER_CHECKS_FILE,
+    LANE_HEADER,
+    SECTION_HEADER_CHECKS,
+    SECTION_MAIN,
+    SECTION_MASTER,
+    split_sections,
+)
 from mqpolicy.postfix_instance import (
     POSTFIX,
     LogReader,
@@ -226,3 +233,72 @@ limits:
         maildrop = stack.wait_queue(only_in("maildrop"), TIMEOUT_S)
         assert [(m.queue_name, m.sender) for m in maildrop] == [("maildrop", sender)]
         assert not [m for m in stack.sink.messages() if m.header("Subject") == "local-2"]
+
+
+
+def dialogue(stack: MailStack) -> dict[str, tuple[int, str]]:
+    """What an SMTP client is answered at each step of one message (first reply line)."""
+    seen: dict[str, tuple[int, str]] = {}
+    conn = smtplib.SMTP(timeout=TIMEOUT_S)
+    try:
+        steps: dict[str, Callable[[], tuple[int, bytes]]] = {
+            "connect": lambda: conn.connect("127.0.0.1", stack.smtp_port),
+            "EHLO": lambda: conn.ehlo("client.milter.test"),
+            "MAIL": lambda: conn.mail("a@down.milter.test"),
+            "RCPT": lambda: conn.rcpt("r@dest.milter.test"),
+        }
+        for step, ask in steps.items():
+            code, text = ask()
+            seen[step] = (code, text.decode().split("\n")[0])
+    finally:
+        conn.close()
+    return seen
+
+
+def rewire(stack: MailStack, *left_out: str) -> None:
+    """The stack's generated configuration without the main.cf settings ``left_out``,
+    reloaded. (Left out, not overridden by a later line: every Postfix process would warn
+    of the override at start, and a reload then wedged the instance's postlogd here.)"""
+    sections = split_sections(stack.postfix_config)
+    kept: list[str] = []
+    skipping = False
+    for line in sections[SECTION_MAIN].splitlines(keepends=True):
+        if line[:1].isspace() and skipping:
+            continue  # a continuation line of a setting left out
+        skipping = line.split("=", 1)[0].strip() in left_out
+        if not skipping:
+            kept.append(line)
+    stack.postfix.write_config("".join(kept), sections[SECTION_MASTER],
+                               {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
+    stack.postfix.reload()
+
+
+def test_what_a_client_sees_while_mqpolicy_is_down_for_each_wiring(
+    milter_stack: MailStack,
+) -> None:
+    """docs/postfix.md "When mqpolicy is down": the policy hooks answer at RCPT with
+    smtpd_policy_service_default_action; the milter (milter_default_action = tempfail)
+    already at MAIL FROM, so with both the client sees the milter's reply."""
+    stack = milter_stack
+    stack.server.stop()
+    milter_down = {"connect": (220, "mta.mqpolicy.test ESMTP"),
+                   "EHLO": (250, "mta.mqpolicy.test"),
+                   "MAIL": (451, "4.7.1 Service unavailable - try again later"),
+                   "RCPT": (503, "5.5.1 Error: need MAIL command")}
+    assert dialogue(stack) == milter_down  # both wirings (what postfix-config writes)
+    # mail submitted with the sendmail command waits in the maildrop queue meanwhile
+    local_submit(stack, unique_address("cron", "down.milter.test"), ["r@dest.milter.test"],
+                 "while down")
+    stack.wait_queue(only_in("maildrop"), TIMEOUT_S)
+
+    rewire(stack, "smtpd_recipient_restrictions", "smtpd_end_of_data_restrictions")
+    assert "check_policy_service" not in stack.postfix.postconf("-n")
+    assert dialogue(stack) == milter_down  # the milter only
+
+    rewire(stack, "smtpd_milters", "non_smtpd_milters")
+    assert "milter.sock" not in stack.postfix.postconf("-n")
+    policy_only = dialogue(stack)
+    assert policy_only["MAIL"][0] == 250
+    assert policy_only["RCPT"] == (451, "4.3.5 <r@dest.milter.test>: Recipient address "
+                                        "rejected: Policy service unavailable, try again "
+                                        "later")

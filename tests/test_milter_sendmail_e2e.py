@@ -99,13 +99,14 @@ class MilterProcess:
 
 @pytest.fixture
 def start_milter(milter_sendmail: MilterSendmail,  # noqa: F811
-                 tmp_path: Path) -> Iterator[Callable[[str], MilterProcess]]:
-    """Starts the milter with a policy (LANES + body) for one test; a clean sink and queue."""
+                 tmp_path: Path) -> Iterator[Callable[..., MilterProcess]]:
+    """Starts the milter with a policy (LANES, or the lanes given, + body) for one test; a
+    clean sink and queue."""
     sendmail = milter_sendmail
     sendmail.sink.clear()
     started: list[MilterProcess] = []
 
-    def start(body: str) -> MilterProcess:
+    def start(body: str, lanes: str = LANES) -> MilterProcess:
         policy = tmp_path / "policy.yaml"
         policy.write_text(f"""\
 store:
@@ -115,7 +116,7 @@ milter:
 log:
   format: kv
   level: info
-""" + LANES + body)
+""" + lanes + body)
         process = MilterProcess(policy, sendmail.milter_socket, tmp_path / "milter.log")
         started.append(process)
         process.start()
@@ -283,18 +284,48 @@ limits:
     assert not os.path.exists(sendmail.queue_dir / f"hf{entry.queue_id}")
 
 
-def test_the_schedulers_parser_reads_the_recipients_of_a_real_quarantine_listing(
-    milter_sendmail: MilterSendmail,  # noqa: F811
-    start_milter: Callable[[str], MilterProcess],
-) -> None:
-    sendmail = milter_sendmail
-    start_milter("""\
+ONE_AN_HOUR_THEN_HOLD = """\
 limits:
   - name: per-sender
     rate: 1/1h
     key: sender
     action: hold
+"""
+
+
+def test_the_quarantine_reason_names_the_lane_or_the_limit_that_held_the_message(
+    milter_sendmail: MilterSendmail,  # noqa: F811
+    start_milter: Callable[..., MilterProcess],
+) -> None:
+    sendmail = milter_sendmail
+    start_milter(ONE_AN_HOUR_THEN_HOLD, lanes="""\
+lanes:
+  - name: normal
+  - name: overnight
+    hold: true
+default_lane: normal
+classify:
+  - name: reports
+    when: {sender: "@reports.milter.test"}
+    lane: overnight
 """)
+    by_lane = unique_address("report", "reports.milter.test")
+    by_limit = unique_address("limited")
+    assert send(sendmail, by_lane, ["r@dest.milter.test"], "report").queued
+    for subject in ("passes", "held"):
+        assert send(sendmail, by_limit, ["r@dest.milter.test"], subject).queued
+    sendmail.sink.wait_for_subject("passes", TIMEOUT_S)
+    reasons = {q.sender: q.reason for q in sendmail.quarantined()}
+    assert reasons == {by_lane: "held by mqpolicy lane overnight",
+                       by_limit: "held by mqpolicy limit per-sender"}
+
+
+def test_the_schedulers_parser_reads_the_recipients_of_a_real_quarantine_listing(
+    milter_sendmail: MilterSendmail,  # noqa: F811
+    start_milter: Callable[[str], MilterProcess],
+) -> None:
+    sendmail = milter_sendmail
+    start_milter(ONE_AN_HOUR_THEN_HOLD)
     sender = unique_address("listed")
     rcpts = ["a@dest.milter.test", "b@dest2.milter.test"]
     for subject in ("passes", "held"):

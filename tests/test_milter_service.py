@@ -319,7 +319,7 @@ def test_hold_lane_quarantines_with_reason(loop: Loop) -> None:
     s = session(loop)
     rc = s.message("a@example.com", ["b@example.org"], [("X-Send-At", "tomorrow")])
     assert rc == Milter.CONTINUE
-    assert s.ctx.quarantined == ["held by mqpolicy limit"]
+    assert s.ctx.quarantined == ["held by mqpolicy lane scheduled"]
     assert s.ctx.header_values("X-MQ-Lane") == ["scheduled"]
 
 

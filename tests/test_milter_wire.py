@@ -227,7 +227,7 @@ def test_quarantine_on_hold(milter: tuple[MqpolicyProcess, Any]) -> None:
     s = session(address)
     try:
         replies = s.message("a@example.com", ["b@example.org"], [("X-Send-At", "08:00")])
-        assert (C.SMFIR_QUARANTINE, {"reason": "held by mqpolicy limit"}) in replies
+        assert (C.SMFIR_QUARANTINE, {"reason": "held by mqpolicy lane scheduled"}) in replies
         assert (C.SMFIR_CHGHEADER, {"index": 1, "name": "X-MQ-Lane",
                                     "value": "scheduled"}) in replies
         assert replies[-1] == (C.SMFIR_CONTINUE, {})

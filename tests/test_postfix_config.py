@@ -856,3 +856,42 @@ def test_the_command_takes_the_relay_host_or_says_it_is_unknown(
     assert "relay host unknown" in captured.err
     assert "# NOTE: relay host unknown" in captured.out
     assert r"/@partner\.example$/ mq-dest-partner:" in captured.out.splitlines()
+
+
+@pytest.mark.skipif(not Path(POSTCONF).exists(), reason="postconf not installed")
+def test_the_transport_section_says_what_postconf_reports_of_the_relay_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    relayed = tmp_path / "relayed"
+    relayed.mkdir()
+    (relayed / "main.cf").write_text("relayhost = [relay.example]:587\n")
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    (direct / "main.cf").write_text("myhostname = mx.example\n")
+
+    def transport_section(policy_text: str, postfix_dir: Path) -> tuple[str, str]:
+        path = tmp_path / "p.yaml"
+        path.write_text(policy_text)
+        assert main(["postfix-config", "-c", str(path), "--section", "transport",
+                     "--config-directory", str(postfix_dir)]) == 0
+        out = capsys.readouterr()
+        return out.out, out.err
+
+    # no destination transports: an empty map; nothing about a relay host it cannot know
+    # (mail keeps going where main.cf sends it, relayhost included)
+    for postfix_dir in (relayed, direct, tmp_path / "none"):
+        text, err = transport_section(LANES, postfix_dir)
+        assert "nothing to write" in text
+        assert "unknown" not in text + err
+        assert "bypassing" not in text
+        assert "next hop" not in text.lower()
+        assert [line for line in text.splitlines() if not line.startswith("#")] == []
+    # destination transports: the relay host main.cf has, or MX delivery when it has none
+    text, err = transport_section(DESTINATIONS, relayed)
+    assert "# Next hop [relay.example]:587: your relayhost." in text
+    assert r"/@partner\.example$/ mq-dest-partner:[relay.example]:587" in text.splitlines()
+    assert "unknown" not in text + err
+    text, err = transport_section(DESTINATIONS, direct)
+    assert "# No relayhost: an empty next hop" in text
+    assert r"/@partner\.example$/ mq-dest-partner:" in text.splitlines()
+    assert "unknown" not in text + err

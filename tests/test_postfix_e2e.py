@@ -272,6 +272,26 @@ limits:
     assert not mail_stack.postfix.queue()
 
 
+def test_a_hold_lane_names_itself_in_postfixs_log(mail_stack: MailStack) -> None:
+    """Postfix logs the HOLD answer's text: a hold lane's says which lane held the mail."""
+    mail_stack.apply_policy(policy("""
+classify:
+  - name: reports
+    when: {sender: "@overnight.hold.test"}
+    lane: overnight
+""").replace("default_lane: normal\n", "  - name: overnight\n    hold: true\n"
+                                         "default_lane: normal\n"))
+    sender = unique_address("report", "overnight.hold.test")
+    sent = mail_stack.send(sender, ["a@example.org"], "report")
+    assert sent.queued, sent.replies()
+    mail_stack.wait_queue(lambda q: bool(_held(q, sender)), DELIVERY_TIMEOUT_S)
+    lines = [line for line in mail_stack.postfix.log_file.read_text().splitlines()
+             if f"{sent.queue_id}: hold: END-OF-MESSAGE from" in line]
+    assert len(lines) == 1, lines
+    assert "End-of-data held by mqpolicy lane overnight;" in lines[0], lines[0]
+    mail_stack.postfix.delete(sent.queue_id)
+
+
 def test_policy_server_down_then_back(mail_stack: MailStack) -> None:
     sender = unique_address("patient")
     assert mail_stack.send(sender, ["a@example.org"], "before").queued

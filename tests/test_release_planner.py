@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+from mqpolicy.budget import BudgetCheck
 from mqpolicy.config import LoadThresholds, Policy, parse_policy
-from mqpolicy.hold_records import BrokenRecord, HoldRecord, RecordSet, RecordState
+from mqpolicy.engine import make_plan
+from mqpolicy.hold_records import BrokenRecord, HeldSpend, HoldRecord, RecordSet, RecordState
 from mqpolicy.mta_queue import QueueEntry
 from mqpolicy.release_planner import (
     Candidate,
@@ -16,6 +19,7 @@ from mqpolicy.release_planner import (
     release_checks,
     summarize,
 )
+from mqpolicy.request import Request
 
 POLICY = """\
 lanes:
@@ -190,6 +194,57 @@ def test_many_recipients_at_one_bucket_cost_at_most_its_burst() -> None:
     _, checks = release_checks(p, plan.due[0], 1000)
     (domain,) = [c for c in checks if "per-domain" in c.key]
     assert (domain.cost, domain.burst) == (5, 5)
+
+
+def test_release_checks_spend_the_budgets_the_hold_left_unspent() -> None:
+    """A message held by a limit spent none of its message budgets: its record keeps them
+    (limit, key value, cost) and the release spends them in the buckets live
+    END-OF-MESSAGE decisions spend, under the limits as configured at release."""
+    text = POLICY + """\
+  - name: hourly
+    rate: 60/1h
+    burst: 5
+    key: sasl_username
+    action: hold
+  - name: watch-user
+    rate: 1/1h
+    key: sasl_username
+    monitor: true
+"""
+    p = parse_policy(text)
+    owing = (HeldSpend("hourly", "app", 1), HeldSpend("watch-user", "app", 1),
+             HeldSpend("removed-since", "app", 1), HeldSpend("per-sender", "s@x.example", 1))
+    held = dataclasses.replace(rec("OWING1", "transactional"), spends=owing)
+    plan = plan_releases([entry("OWING1")], records(held), now_ms=NOW, lanes=p.lanes)
+    _, checks = release_checks(p, plan.due[0], 1000)
+    # the very buckets a live END-OF-MESSAGE decision of that user and sender spends
+    live = make_plan(Request(stage="END-OF-MESSAGE", sender="s@x.example",
+                             sasl_username="app", recipient_count=1, queue_id="LIVE01"),
+                     p, lane=p.lane("transactional"))
+    live_checks = {pl.limit.name: pl.check for pl in live.limits}
+    assert checks == [
+        checks_without_spends(p, "OWING1")[0],  # per-domain for r@a.example, as before
+        live_checks["hourly"],
+        live_checks["watch-user"],  # spent when it fits, never blocking (monitor)
+        live_checks["per-sender"],
+    ]
+    assert not live_checks["watch-user"].blocking and live_checks["hourly"].blocking
+    # a cost above the burst is capped (it would never fit); a limit whose rate changed
+    # since is spent in its new buckets, as live decisions are
+    big = dataclasses.replace(held, spends=(HeldSpend("hourly", "app", 9),))
+    changed = parse_policy(text.replace("rate: 60/1h\n    burst: 5", "rate: 120/1h\n    burst: 5"))
+    plan = plan_releases([entry("OWING1")], records(big), now_ms=NOW, lanes=changed.lanes)
+    _, checks = release_checks(changed, plan.due[0], 1000)
+    (hourly,) = [c for c in checks if "hourly" in c.key]
+    assert (hourly.key, hourly.cost, hourly.interval_ms) == ("rl:hourly:120/3600000/5:app", 5,
+                                                             30_000)
+
+
+def checks_without_spends(p: Policy, qid: str) -> list[BudgetCheck]:
+    """The release checks of a message held with no unspent budgets."""
+    plan = plan_releases([entry(qid)], records(rec(qid, "transactional")), now_ms=NOW,
+                         lanes=p.lanes)
+    return release_checks(p, plan.due[0], 1000)[1]
 
 
 def test_release_checks_follow_destinations_and_backoff() -> None:

@@ -17,6 +17,7 @@ from mqpolicy.decisions import DecisionService
 from mqpolicy.hold_records import HoldRecord, MemoryHoldRecords, RecordState
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.mta_queue import QueueCommandError, QueueEntry, QueueSnapshot
+from mqpolicy.policy_service import PostfixPolicyHandler
 from mqpolicy.request import Request
 from mqpolicy.scheduler import Scheduler
 
@@ -191,6 +192,60 @@ def test_destination_budget_is_shared_with_live_traffic_and_highest_lane_wins() 
         assert verdict.action.value == "hold"
         rig.clock.now += 20_000  # one unit back (3/1m)
         assert await rig.pass_() == ["TRANA02"]
+
+    run(main)
+
+
+FLOOD = """\
+lanes:
+  - name: normal
+default_lane: normal
+limits:
+  - name: per-sender
+    rate: 3/1m
+    key: sender
+    count: messages
+    action: hold
+scheduler:
+  interval: 1s
+  lock_ttl: 10s
+"""
+
+
+def test_mail_held_by_a_limit_leaves_at_the_limits_rate_and_spends_its_budget() -> None:
+    """3/1m with action hold, 7 messages at once: 3 pass, 4 wait in the hold queue. Each
+    leaves when the sender's budget admits it, one every 20 s, and its release spends that
+    budget: the flood trickles out at the limit's rate, not all at the next pass."""
+    async def main() -> None:
+        rig = Rig(FLOOD)
+        handler = PostfixPolicyHandler(rig.service, rig.records, clock_ms=rig.clock)
+        sender = "flood@x.example"
+
+        def end_of_message(qid: str) -> dict[str, str]:
+            return {"request": "smtpd_access_policy", "protocol_state": "END-OF-MESSAGE",
+                    "sender": sender, "queue_id": qid, "instance": qid.lower(),
+                    "recipient_count": "1", "client_address": "192.0.2.1"}
+
+        answers = []
+        for i in range(7):
+            qid = f"FLOOD{i:02d}"
+            answers.append(await handler.handle(end_of_message(qid)))
+            if answers[-1].startswith("HOLD"):
+                rig.queue.hold(qid, sender=sender)
+        assert answers == ["DUNNO"] * 3 + ["HOLD held by mqpolicy limit per-sender"] * 4
+
+        live = Request(stage="END-OF-MESSAGE", sender=sender, recipient_count=1,
+                       queue_id="LIVE0001")
+        released_at: dict[str, int] = {}
+        while rig.clock.now <= T0 + 120_000:  # a pass every interval, two minutes long
+            for qid in await rig.pass_():
+                released_at[qid] = rig.clock.now - T0
+                # the release spent the budget: a live message now would wait too
+                verdict = await rig.service.decide(live, consume=False)
+                assert verdict.action.value == "hold", (qid, released_at)
+            rig.clock.now += 1000
+        assert released_at == {"FLOOD03": 20_000, "FLOOD04": 40_000, "FLOOD05": 60_000,
+                               "FLOOD06": 80_000}
 
     run(main)
 

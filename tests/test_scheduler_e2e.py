@@ -10,7 +10,6 @@ no milter) afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import re
@@ -22,38 +21,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from mqpolicy.postfix_config import (
-    HEADER_CHECKS_FILE,
-    SECTION_HEADER_CHECKS,
-    SECTION_MAIN,
-    SECTION_MASTER,
-    split_sections,
-)
-from mqpolicy.postfix_instance import POSTSUPER, MailStack, QueuedMessage, poll
+from mqpolicy.postfix_instance import POSTSUPER, MailStack, poll
 from mqpolicy.smtp_sink import SinkMessage
-from tests.postfix_fixture import BASE_POLICY
+from tests.postfix_fixture import BASE_POLICY, ORDER, held, lanes, restart_serve, write_postfix
 from tests.redis_fixture import RedisServer
 from tests.serve_process import MqpolicyProcess
-
-ORDER = ("transactional", "normal", "bulk")
-
-
-def lanes(hold: tuple[str, ...], rates: dict[str, str]) -> str:
-    """The fixture's lanes (same transports: Postfix's configuration does not change) with
-    holds and release rates."""
-    out = ["lanes:"]
-    transports = {"transactional": "mq-transactional\n    concurrency: 10",
-                  "normal": "smtp",
-                  "bulk": "mq-bulk\n    concurrency: 2\n    initial_concurrency: 2"}
-    for lane in ORDER:
-        out.append(f"  - name: {lane}\n    transport: {transports[lane]}")
-        if lane in hold:
-            out.append("    hold: true")
-        if lane in rates:
-            out.append(f"    release_rate: {rates[lane]}\n    release_burst: 1")
-    out.append("default_lane: normal")
-    return "\n".join(out) + "\n"
-
 
 CLASSIFY = """\
 classify:
@@ -67,22 +39,6 @@ classify:
 
 
 @pytest.fixture
-def stack(mail_stack: MailStack) -> Iterator[MailStack]:
-    """The session stack; afterwards the base policy (memory store, no milter) again."""
-    written = mail_stack.postfix_config
-    try:
-        yield mail_stack
-    finally:
-        mail_stack.server.stop()
-        if mail_stack.postfix_config != written:  # a test added the milter
-            _write_postfix(mail_stack, written)
-            mail_stack.postfix_config = written
-        with contextlib.suppress(Exception):
-            mail_stack.postfix.delete("ALL")
-        mail_stack.apply_policy(BASE_POLICY)  # restarts mqpolicy serve on the memory store
-
-
-@pytest.fixture
 def scheduler(stack: MailStack) -> Iterator[MqpolicyProcess]:
     process = MqpolicyProcess("scheduler", stack.policy_file, stack.root / "scheduler.log")
     try:
@@ -91,26 +47,9 @@ def scheduler(stack: MailStack) -> Iterator[MqpolicyProcess]:
         process.stop()
 
 
-def _write_postfix(stack: MailStack, text: str) -> None:
-    sections = split_sections(text)
-    stack.postfix.write_config(sections[SECTION_MAIN], sections[SECTION_MASTER],
-                               {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
-    stack.postfix.reload()
-
-
-def restart_serve(stack: MailStack, policy_text: str) -> None:
-    """mqpolicy serve with a new store or milter needs a restart, not a reload."""
-    stack.server.stop()
-    stack.apply_policy(policy_text)
-
-
 def redis_policy(server: RedisServer, body: str) -> str:
     return (f"store:\n  url: {server.unix_url}\n  timeout_ms: 500\n  key_prefix: \"e2e:\"\n"
             "log:\n  format: kv\n  level: info\n" + body)
-
-
-def held(stack: MailStack) -> list[QueuedMessage]:
-    return [m for m in stack.postfix.queue() if m.queue_name == "hold"]
 
 
 def hold_records(server: RedisServer) -> list[str]:
@@ -195,6 +134,47 @@ scheduler:
     assert not held(stack)
 
 
+def test_mail_held_by_a_limit_leaves_no_faster_than_the_limit_allows(
+    stack: MailStack, scheduler: MqpolicyProcess, redis_clean: RedisServer,
+) -> None:
+    """15/1m (one message every 4 s) with a burst of 2 and action hold: of 5 messages sent
+    at once, 2 leave and the others wait in the hold queue. Counting every message of the
+    sender, the n-th to arrive does so no earlier than the budget allows (2 at once, then
+    one every 4 s): a hold waits for the limit's budget and its release spends it. (Were
+    releases free, every held message would leave together at the next pass.)"""
+    interval_s = 4.0
+    restart_serve(stack, redis_policy(redis_clean, lanes((), {}) + f"""\
+limits:
+  - name: per-sender
+    rate: 15/1m
+    burst: 2
+    key: sender
+    count: messages
+    action: hold
+scheduler:
+  interval: 1s
+  lock_ttl: 5s
+  postfix_config_dir: {stack.postfix.config_dir}
+"""))
+    scheduler.start()
+    sender = "flood@n.sched.test"
+    started = time.time()  # before the first message spends the budget
+    for i in range(5):
+        assert stack.send(sender, ["r@flood.sched.test"], f"flood-{i}").queued
+    sent_s = time.time() - started
+    messages = stack.sink.wait_for(lambda m: len(m) >= 5, 60)
+    arrivals = sorted(m.received_at - started for m in messages)
+    assert sorted(subject(m) for m in messages) == [f"flood-{i}" for i in range(5)]
+    for n, arrived in enumerate(arrivals, start=1):
+        earliest = max(0.0, (n - 2) * interval_s)
+        assert arrived >= earliest, (n, arrivals)
+    if sent_s < interval_s:  # the usual case: only the burst left at once, the scheduler
+        # released the rest (its log is written every 50 ms: wait for it)
+        poll(lambda: len(released_in_order(scheduler.log_text())) >= 3, 10,
+             "3 releases in the scheduler's log")
+    poll(lambda: not hold_records(redis_clean), 10, "the hold records to be deleted")
+
+
 # ---------------------------------------------------------------- kill and restart
 
 
@@ -263,7 +243,7 @@ scheduler:
         [sys.executable, "-m", "mqpolicy", "postfix-config", "-c", str(stack.policy_file),
          "--config-directory", str(stack.postfix.config_dir), "--milter", f"unix:{socket_path}"],
         capture_output=True, text=True, check=True).stdout
-    _write_postfix(stack, generated)
+    write_postfix(stack, generated)
     stack.postfix_config = generated
 
     started = time.time()
