@@ -78,6 +78,19 @@ log = logging.getLogger("mqpolicy.scheduler")
 
 MIN_GAP_MS = 100
 _DEFAULT_SETTINGS = SchedulerSettings()
+# While one step keeps failing the same way, it is said again this often.
+FAILURE_REMINDER_S = 300.0
+
+
+@dataclass(slots=True)
+class _FailureStreak:
+    """Consecutive failures of one step with one error: logged at its start, its end."""
+
+    step: str
+    error: str
+    count: int
+    since: float
+    logged: float
 
 
 def _wall_clock_ms() -> int:
@@ -146,7 +159,7 @@ class Scheduler:
         self._load_high = False
         self._reported_broken: set[str] = set()
         self._last_overhead_ms = 0.0
-        self._error_logged = 0.0
+        self._failing: _FailureStreak | None = None
         self._reconciled = False  # a pass has worked since the lease was acquired
 
     @property
@@ -196,11 +209,14 @@ class Scheduler:
             self._reconciled = False
             log.info("scheduler lease acquired, reconciling", extra={"fields": self._where()})
         starting = not self._reconciled
+        failures_before = self.stats.errors
         try:
             report = await self.run_pass()
         except (StoreError, QueueCommandError) as exc:
             self._failed("pass", exc)  # reconciled by the first pass that works
             return settings.interval_ms
+        if self.stats.errors == failures_before:
+            self._recovered()
         if starting:
             self._reconciled = True
             plan = report.plan
@@ -218,12 +234,32 @@ class Scheduler:
         return report.next_wake_ms
 
     def _failed(self, what: str, exc: BaseException) -> None:
+        """A step failed: said when a run of failures starts (or its error changes), then
+        again every ``FAILURE_REMINDER_S`` while it lasts; :meth:`_recovered` says its end."""
         self.stats.errors += 1
         now = time.monotonic()
-        if now - self._error_logged >= 10.0:
-            self._error_logged = now
-            log.warning("scheduler step failed, retrying next interval",
-                        extra={"fields": {"step": what, "error": str(exc)}})
+        error = str(exc)
+        streak = self._failing
+        if streak is not None and (streak.step, streak.error) == (what, error):
+            streak.count += 1
+            if now - streak.logged >= FAILURE_REMINDER_S:
+                streak.logged = now
+                log.warning("scheduler step still failing, retrying every interval",
+                            extra={"fields": {"step": what, "error": error,
+                                              "failures": streak.count,
+                                              "since_s": round(now - streak.since)}})
+            return
+        self._failing = _FailureStreak(what, error, count=1, since=now, logged=now)
+        log.warning("scheduler step failed, retrying next interval",
+                    extra={"fields": {"step": what, "error": error}})
+
+    def _recovered(self) -> None:
+        """A pass without a failure ends a run of failures, and says so."""
+        streak, self._failing = self._failing, None
+        if streak is not None:
+            log.info("scheduler step works again", extra={"fields": {
+                "step": streak.step, "failures": streak.count,
+                "after_s": round(time.monotonic() - streak.since, 1)}})
 
     def _where(self) -> dict[str, object]:
         return {"instance": self.queue.instance, "owner": self.owner}

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 
+import mqpolicy.scheduler as scheduler_module
 from mqpolicy.budget import StoreError
 from mqpolicy.config import Policy, parse_policy
 from mqpolicy.decisions import DecisionService
@@ -381,6 +382,35 @@ def test_a_failing_queue_keeps_the_lease_and_reconciles_once_it_works(
         assert messages.count("scheduler lease acquired, reconciling") == 1
         assert messages.count("reconciled") == 1
         assert messages.count("scheduler step failed, retrying next interval") == 1
+        (works,) = [r for r in caplog.records if r.getMessage() == "scheduler step works again"]
+        assert works.fields["failures"] == 3  # type: ignore[attr-defined]
+
+    run(main)
+
+
+def test_a_queue_that_keeps_failing_is_said_once_then_reminded_not_every_pass(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``make run`` on a host whose Postfix has no main.cf: one warning, not one per pass;
+    a reminder after FAILURE_REMINDER_S; a new error is said at once."""
+    clock = [1000.0]
+    monkeypatch.setattr(scheduler_module.time, "monotonic", lambda: clock[0])
+
+    async def main() -> None:
+        rig = Rig()
+        rig.queue.fail_snapshot = QueueCommandError("postqueue exited 69: no main.cf", set())
+        with caplog.at_level(logging.INFO, logger="mqpolicy.scheduler"):
+            for _ in range(20):  # 20 passes, 5 s apart: 95 s
+                await rig.scheduler._step()
+                clock[0] += 5
+            clock[0] += scheduler_module.FAILURE_REMINDER_S
+            await rig.scheduler._step()
+            rig.queue.fail_snapshot = QueueCommandError("postqueue exited 75: other", set())
+            await rig.scheduler._step()
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert messages == ["scheduler step failed, retrying next interval",
+                            "scheduler step still failing, retrying every interval",
+                            "scheduler step failed, retrying next interval"]
 
     run(main)
 
