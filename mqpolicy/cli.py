@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         return cmd_check(args.config, sys.stdout)
     if command == "top":
-        return run_top(args, sys.stdout)
+        return run_top(args, sys.stdout, sys.stdin)
     try:
         policy = load_policy(args.config)
         milter = policy.milter

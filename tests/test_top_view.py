@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import pty
 import select
 import signal
 import subprocess
 import sys
+import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -296,34 +298,100 @@ def test_top_once_against_a_running_server_prints_decisions_by_lane(
     assert row(by_url.stdout.splitlines(), "bulk")[1:6] == ["4", "2", "2", "0", "0"]
 
 
+# Starts ``python ARGS...`` the way a suite started in the background starts it: SIGINT
+# ignored (SIG_IGN is inherited through fork and exec); with "tty" first, also in a session
+# of its own whose controlling terminal is its stdin, so Ctrl-C typed there reaches it.
+LAUNCH = """\
+import fcntl, os, signal, sys, termios
+signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[1] != "default" else signal.SIG_DFL)
+if sys.argv[2] == "tty":
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
+"""
+FRAME = b"\x1b[H"
+
+
+def top_argv(metrics_port: int, sigint: str, terminal: str = "none") -> list[str]:
+    return [sys.executable, "-c", LAUNCH, sigint, terminal, "-m", "mqpolicy", "top",
+            "--interval", "0.2", "--url", f"http://127.0.0.1:{metrics_port}/metrics"]
+
+
+def read_until(fd: int, top: subprocess.Popen[bytes], done: Callable[[bytes], bool],
+               output: bytes = b"", timeout: float = 60) -> bytes:
+    """Output of ``top`` on ``fd`` until ``done(output)``; fails if it exits first."""
+    deadline = time.monotonic() + timeout
+    while not done(output):
+        assert time.monotonic() < deadline, output.decode(errors="replace")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"top exited ({top.poll()}): {output.decode(errors='replace')}"
+            output += chunk
+    return output
+
+
+def stop_by_pid(top: subprocess.Popen[bytes]) -> None:
+    if top.poll() is None:
+        top.kill()
+        top.wait()
+
+
+@pytest.mark.parametrize("sigint", ["ignored", "default"])
 def test_top_live_redraws_with_rates_and_quits_on_interrupt(
-        served: tuple[ServeProcess, int]) -> None:
+        served: tuple[ServeProcess, int], sigint: str) -> None:
+    """SIGINT quits it whatever it inherited (a job started in the background has it
+    ignored)."""
     _, metrics_port = served
-    top = subprocess.Popen(
-        [sys.executable, "-m", "mqpolicy", "top", "--interval", "0.2",
-         "--url", f"http://127.0.0.1:{metrics_port}/metrics"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "150"})
+    top = subprocess.Popen(top_argv(metrics_port, sigint), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env={**os.environ, "COLUMNS": "150"})
     assert top.stdout is not None
-    output = b""
     try:
-        deadline = time.monotonic() + 20
-        while output.count(b"\x1b[H") < 3:  # three frames: rates from the second on
-            assert time.monotonic() < deadline, output.decode(errors="replace")
-            ready, _, _ = select.select([top.stdout], [], [], 0.5)
-            if ready:
-                chunk = os.read(top.stdout.fileno(), 65536)
-                assert chunk, f"top exited: {top.stderr.read() if top.stderr else b''!r}"
-                output += chunk
+        # three frames: rates from the second on
+        output = read_until(top.stdout.fileno(), top, lambda out: out.count(FRAME) >= 3)
         top.send_signal(signal.SIGINT)
-        assert top.wait(10) == 0
+        assert top.wait(60) == 0
     finally:
-        if top.poll() is None:
-            top.kill()
-            top.wait()
+        stop_by_pid(top)
     last = output.decode().split("\x1b[H")[-1]
     assert "every 0." in last
     assert "all/s" in last and "accept/s" in last
     assert "\x1b[K" in last  # lines cleared to their end, no full-screen flash
+
+
+@pytest.mark.parametrize("how", ["q", "ctrl-c", "SIGTERM"])
+def test_top_at_a_terminal_quits_on_q_ctrl_c_or_sigterm_and_gives_the_terminal_back(
+        served: tuple[ServeProcess, int], how: str) -> None:
+    """On its terminal, with SIGINT ignored by whatever started it: each way of quitting
+    ends it with 0, the cursor shown again and the terminal's modes as they were."""
+    _, metrics_port = served
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    try:
+        top = subprocess.Popen(top_argv(metrics_port, "ignored", "tty"), stdin=slave,
+                               stdout=slave, stderr=subprocess.PIPE,
+                               env={**os.environ, "COLUMNS": "150", "LINES": "60"})
+        try:
+            output = read_until(master, top, lambda out: out.count(FRAME) >= 2)
+            assert "q or Ctrl-C quits" in output.decode(errors="replace").split("\x1b[H")[-1]
+            if how == "SIGTERM":
+                top.terminate()
+            else:
+                os.write(master, {"q": b"q", "ctrl-c": b"\x03"}[how])
+            code = top.wait(60)
+            stderr = top.stderr.read() if top.stderr else b""
+            assert code == 0, stderr
+            # the cursor shown again after the last frame
+            output = read_until(master, top, lambda out: b"\x1b[?25h" in out, output)
+        finally:
+            stop_by_pid(top)
+        assert output.startswith(b"\x1b[?25l")  # it had hidden the cursor
+        assert output.rindex(FRAME) < output.rindex(b"\x1b[?25h")
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 def test_top_without_metrics_in_the_file_or_unreachable(tmp_path: Path) -> None:
