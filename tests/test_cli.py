@@ -253,30 +253,36 @@ def test_reloads_run_one_at_a_time_in_the_order_of_the_signals() -> None:
     import signal
 
     from mqpolicy.policy_reload import reload_on_hangup
+    from tests.async_poll import poll_async
 
     events: list[str] = []
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         count = 0
+        finish = asyncio.Event()  # each reload runs until the test lets it end
 
         async def reload() -> None:
             nonlocal count
             count += 1
             mine = count
             events.append(f"start {mine}")
-            await asyncio.sleep(0.2)  # reading the file, say
+            await finish.wait()  # reading the file, say
             events.append(f"end {mine}")
 
         reload_on_hangup(loop, reload)
         try:
             os.kill(os.getpid(), signal.SIGHUP)
-            await asyncio.sleep(0.05)  # the first reload is under way
+            await poll_async(lambda: events == ["start 1"], "the first reload under way")
+            tasks = len(asyncio.all_tasks())
             os.kill(os.getpid(), signal.SIGHUP)
-            for _ in range(100):
-                if len(events) == 4:
-                    break
-                await asyncio.sleep(0.05)
+            # the second SIGHUP handled (its reload task exists) while the first runs
+            await poll_async(lambda: len(asyncio.all_tasks()) > tasks, "the second SIGHUP handled")
+            for _ in range(10):
+                await asyncio.sleep(0)  # turns of the loop in which it could wrongly start
+            assert events == ["start 1"]
+            finish.set()
+            await poll_async(lambda: len(events) == 4, "both reloads done")
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
 
