@@ -8,7 +8,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
-READY_TIMEOUT_S = 60.0
+from mqpolicy.postfix_instance import READY_TIMEOUT_S
+
+__all__ = ["READY_TIMEOUT_S", "poll_async"]
 
 
 async def poll_async(condition: Callable[[], bool], what: str,
