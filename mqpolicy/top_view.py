@@ -536,21 +536,22 @@ def _quit_on_signals() -> Iterator[None]:
 @contextlib.contextmanager
 def _keys_from(keys: TextIO | None) -> Iterator[int | None]:
     """The terminal's file descriptor, set to pass each key as it is typed, unechoed (Ctrl-C
-    still signals); its modes are put back afterwards. None when ``keys`` is no terminal."""
-    if keys is None or not keys.isatty():
-        yield None
-        return
-    fd = keys.fileno()
+    still signals); its modes are put back afterwards. None when ``keys`` is no terminal, or
+    one ``top`` runs in the background of (changing its modes would stop ``top``)."""
+    fd = keys.fileno() if keys is not None and keys.isatty() else -1
     try:
-        saved = termios.tcgetattr(fd)
-    except termios.error:
+        saved = termios.tcgetattr(fd) if fd >= 0 and os.tcgetpgrp(fd) == os.getpgrp() else None
+    except (OSError, termios.error):
+        saved = None
+    if saved is None:
         yield None
         return
     tty.setcbreak(fd, termios.TCSANOW)
     try:
         yield fd
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        with contextlib.suppress(OSError, termios.error):  # a terminal hung up meanwhile
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _wait_for_key(fd: int | None, until: float) -> tuple[bool, int | None]:

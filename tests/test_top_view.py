@@ -4,6 +4,7 @@ against a real ``mqpolicy serve`` process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import pty
@@ -299,15 +300,28 @@ def test_top_once_against_a_running_server_prints_decisions_by_lane(
 
 
 # Starts ``python ARGS...`` the way a suite started in the background starts it: SIGINT
-# ignored (SIG_IGN is inherited through fork and exec); with "tty" first, also in a session
-# of its own whose controlling terminal is its stdin, so Ctrl-C typed there reaches it.
+# ignored (SIG_IGN is inherited through fork and exec); with "tty", also in a session of its
+# own whose controlling terminal is its stdin, so Ctrl-C typed there reaches it; with
+# "background", in that session but outside the terminal's foreground process group, as a
+# shell runs ``cmd &`` (this process says its PID on stderr, waits for it, passes SIGTERM
+# on, exits as it did).
 LAUNCH = """\
 import fcntl, os, signal, sys, termios
 signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[1] != "default" else signal.SIG_DFL)
-if sys.argv[2] == "tty":
+argv = [sys.executable, *sys.argv[3:]]
+if sys.argv[2] != "none":
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
+if sys.argv[2] == "background":
+    child = os.fork()
+    if child == 0:
+        os.setpgid(0, 0)
+        os.execv(sys.executable, argv)
+    print(child, file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGTERM))
+    _, status = os.waitpid(child, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+os.execv(sys.executable, argv)
 """
 FRAME = b"\x1b[H"
 
@@ -389,6 +403,36 @@ def test_top_at_a_terminal_quits_on_q_ctrl_c_or_sigterm_and_gives_the_terminal_b
         assert output.startswith(b"\x1b[?25l")  # it had hidden the cursor
         assert output.rindex(FRAME) < output.rindex(b"\x1b[?25h")
         assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_top_in_the_background_of_a_terminal_leaves_its_modes_alone(
+        served: tuple[ServeProcess, int]) -> None:
+    """``mqpolicy top &``: a background process may not change its terminal's modes (it
+    would be stopped, SIGTTOU): it draws, leaves the modes as they were, quits on SIGTERM."""
+    _, metrics_port = served
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    try:
+        top = subprocess.Popen(top_argv(metrics_port, "ignored", "background"), stdin=slave,
+                               stdout=slave, stderr=subprocess.PIPE,
+                               env={**os.environ, "COLUMNS": "150", "LINES": "60"})
+        assert top.stderr is not None
+        child = int(top.stderr.readline())  # top itself, in a process group of its own
+        code = None
+        try:
+            read_until(master, top, lambda out: out.count(FRAME) >= 2)
+            assert termios.tcgetattr(slave) == before  # still echoing, line by line
+            top.terminate()
+            code = top.wait(60)  # the launcher's status is top's: it has exited
+            assert code == 0, top.stderr.read()
+        finally:
+            stop_by_pid(top)
+            if code is None:  # something failed before top exited
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
     finally:
         os.close(master)
         os.close(slave)
