@@ -16,6 +16,7 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -345,6 +346,27 @@ def read_until(fd: int, top: subprocess.Popen[bytes], done: Callable[[bytes], bo
     return output
 
 
+@contextlib.contextmanager
+def top_at_a_terminal(metrics_port: int, terminal: str,
+                      ) -> Iterator[tuple[subprocess.Popen[bytes], int, int, list[Any]]]:
+    """``mqpolicy top`` on a pseudo-terminal's slave side, SIGINT ignored by its launcher:
+    the process (stopped by its PID afterwards if still running), the master and slave
+    descriptors (closed afterwards) and the terminal's modes before it started."""
+    master, slave = pty.openpty()
+    try:
+        modes = termios.tcgetattr(slave)
+        top = subprocess.Popen(top_argv(metrics_port, "ignored", terminal), stdin=slave,
+                               stdout=slave, stderr=subprocess.PIPE,
+                               env={**os.environ, "COLUMNS": "150", "LINES": "60"})
+        try:
+            yield top, master, slave, modes
+        finally:
+            stop_by_pid(top)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def stop_by_pid(top: subprocess.Popen[bytes]) -> None:
     if top.poll() is None:
         top.kill()
@@ -380,32 +402,21 @@ def test_top_at_a_terminal_quits_on_q_ctrl_c_or_sigterm_and_gives_the_terminal_b
     """On its terminal, with SIGINT ignored by whatever started it: each way of quitting
     ends it with 0, the cursor shown again and the terminal's modes as they were."""
     _, metrics_port = served
-    master, slave = pty.openpty()
-    before = termios.tcgetattr(slave)
-    try:
-        top = subprocess.Popen(top_argv(metrics_port, "ignored", "tty"), stdin=slave,
-                               stdout=slave, stderr=subprocess.PIPE,
-                               env={**os.environ, "COLUMNS": "150", "LINES": "60"})
-        try:
-            output = read_until(master, top, lambda out: out.count(FRAME) >= 2)
-            assert "q or Ctrl-C quits" in output.decode(errors="replace").split("\x1b[H")[-1]
-            if how == "SIGTERM":
-                top.terminate()
-            else:
-                os.write(master, {"q": b"q", "ctrl-c": b"\x03"}[how])
-            code = top.wait(60)
-            stderr = top.stderr.read() if top.stderr else b""
-            assert code == 0, stderr
-            # the cursor shown again after the last frame
-            output = read_until(master, top, lambda out: b"\x1b[?25h" in out, output)
-        finally:
-            stop_by_pid(top)
+    with top_at_a_terminal(metrics_port, "tty") as (top, master, slave, before):
+        output = read_until(master, top, lambda out: out.count(FRAME) >= 2)
+        assert "q or Ctrl-C quits" in output.decode(errors="replace").split("\x1b[H")[-1]
+        if how == "SIGTERM":
+            top.terminate()
+        else:
+            os.write(master, {"q": b"q", "ctrl-c": b"\x03"}[how])
+        code = top.wait(60)
+        stderr = top.stderr.read() if top.stderr else b""
+        assert code == 0, stderr
+        # the cursor shown again after the last frame
+        output = read_until(master, top, lambda out: b"\x1b[?25h" in out, output)
         assert output.startswith(b"\x1b[?25l")  # it had hidden the cursor
         assert output.rindex(FRAME) < output.rindex(b"\x1b[?25h")
         assert termios.tcgetattr(slave) == before
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 def test_top_in_the_background_of_a_terminal_leaves_its_modes_alone(
@@ -413,12 +424,7 @@ def test_top_in_the_background_of_a_terminal_leaves_its_modes_alone(
     """``mqpolicy top &``: a background process may not change its terminal's modes (it
     would be stopped, SIGTTOU): it draws, leaves the modes as they were, quits on SIGTERM."""
     _, metrics_port = served
-    master, slave = pty.openpty()
-    before = termios.tcgetattr(slave)
-    try:
-        top = subprocess.Popen(top_argv(metrics_port, "ignored", "background"), stdin=slave,
-                               stdout=slave, stderr=subprocess.PIPE,
-                               env={**os.environ, "COLUMNS": "150", "LINES": "60"})
+    with top_at_a_terminal(metrics_port, "background") as (top, master, slave, before):
         assert top.stderr is not None
         child = int(top.stderr.readline())  # top itself, in a process group of its own
         code = None
@@ -429,13 +435,9 @@ def test_top_in_the_background_of_a_terminal_leaves_its_modes_alone(
             code = top.wait(60)  # the launcher's status is top's: it has exited
             assert code == 0, top.stderr.read()
         finally:
-            stop_by_pid(top)
             if code is None:  # something failed before top exited
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 def test_top_without_metrics_in_the_file_or_unreachable(tmp_path: Path) -> None:
