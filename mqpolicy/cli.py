@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         return cmd_check(args.config, sys.stdout)
     if command == "top":
-        return run_top(args, sys.stdout)
+        return run_top(args, sys.stdout, sys.stdin)
     try:
         policy = load_policy(args.config)
         milter = policy.milter
@@ -321,6 +321,11 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
             await records.close()
         await store.close()
 
+    # Signals are handled before anything listens: a client that takes an accepted
+    # connection for readiness may signal at once (a SIGHUP's default action would end us).
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    reload_on_hangup(loop, lambda: _reload(service, path, log_level, reload_stats))
     try:
         if metrics is not None:
             await metrics.start()
@@ -332,13 +337,12 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
             runner.start()
     except OSError as exc:
         log.error("cannot listen", extra={"fields": {"error": str(exc)}})
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
         server.close()
         await server.wait_closed()
         await close_the_rest()
         return EXIT_FAILURE
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    reload_on_hangup(loop, lambda: _reload(service, path, log_level, reload_stats))
     background = [loop.create_task(refresher.run(stop)), loop.create_task(feedback.run(stop))]
     if scheduler is not None:
         background.append(loop.create_task(_run_scheduler(scheduler, stop)))

@@ -53,6 +53,10 @@ POSTSUPER = os.environ.get("MQPOLICY_POSTSUPER", "/usr/sbin/postsuper")
 DEFAULT_MYHOSTNAME = "mta.mqpolicy.test"
 _BACKDATE_S = 10
 _COMMAND_TIMEOUT_S = 30
+#: How long to wait for something to get ready (a greeting, a reload, a queue state, a log
+#: line): a bound only a broken system reaches, on a machine however loaded; every wait
+#: ends as soon as what it waits for is there.
+READY_TIMEOUT_S = 60.0
 
 
 def log_tail(path: Path, lines: int) -> str:
@@ -400,7 +404,7 @@ class PostfixInstance:
     def log_tail(self, lines: int = 30) -> str:
         return log_tail(self.log_file, lines)
 
-    def start(self, timeout_s: float = 20.0, attempts: int = 3) -> None:
+    def start(self, timeout_s: float = READY_TIMEOUT_S, attempts: int = 3) -> None:
         """``postfix check`` (first time: creates the spool), ``postfix start``, then wait
         until the SMTP port greets. A port taken meanwhile: again on a fresh port."""
         if not (self.config_dir / "main.cf").exists():
@@ -428,11 +432,11 @@ class PostfixInstance:
         except TimeoutError as exc:
             raise PostfixError(f"{exc}\n--- maillog tail:\n{self.log_tail()}") from None
 
-    def wait_ready(self, timeout_s: float = 20.0) -> None:
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         poll(lambda: smtp_banner(self.host, self.smtp_port) is not None, timeout_s,
              f"Postfix to greet on {self.host}:{self.smtp_port}")
 
-    def reload(self, timeout_s: float = 20.0) -> None:
+    def reload(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """``postfix reload`` after new config; waits for the master's reload log line."""
         reader = LogReader(self.log_file)
         reader.skip_to_end()
@@ -663,7 +667,7 @@ class PolicyServerProcess:
             raise RuntimeError("mqpolicy serve is not running")
         return self._proc.pid
 
-    def start(self, timeout_s: float = 20.0) -> None:
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         if self.running:
             raise RuntimeError("mqpolicy serve is already running")
         with self.log_file.open("ab") as log:
@@ -703,7 +707,7 @@ class PolicyServerProcess:
         except FileNotFoundError:
             return 0
 
-    def reload(self, timeout_s: float = 15.0) -> None:
+    def reload(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """SIGHUP, then wait for "policy reloaded"; raise if the reload was refused."""
         done, refused = self._count("policy reloaded"), self._count("reload refused")
         os.kill(self.pid, signal.SIGHUP)
@@ -872,7 +876,7 @@ class MailStack:
                 self._deliveries.append(delivery)
         return list(self._deliveries)
 
-    def delivery_of(self, message: SinkMessage, timeout_s: float = 10.0) -> Delivery:
+    def delivery_of(self, message: SinkMessage, timeout_s: float = READY_TIMEOUT_S) -> Delivery:
         """The log line of the delivery that produced ``message`` at the sink."""
         found: list[Delivery] = []
 
@@ -885,7 +889,7 @@ class MailStack:
         return found[0]
 
     def wait_queue(self, predicate: Callable[[list[QueuedMessage]], bool],
-                   timeout_s: float = 10.0) -> list[QueuedMessage]:
+                   timeout_s: float = READY_TIMEOUT_S) -> list[QueuedMessage]:
         seen: list[QueuedMessage] = []
 
         def check() -> bool:

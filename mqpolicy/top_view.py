@@ -5,21 +5,31 @@ Reads only what a running ``mqpolicy serve`` exposes on its metrics port: ``GET 
 are differences between two scrapes; the first screen, and ``--once``, show totals since
 the server started. Plain ANSI (cursor home, clear to end of line and of screen): no
 curses. Everything shown that came from the server is stripped of control characters.
+q typed at its terminal, Ctrl-C (SIGINT, even when it was started with SIGINT ignored) and
+SIGTERM quit it, the cursor shown again and the terminal's modes as they were.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import math
+import os
 import re
+import select
 import shutil
+import signal
 import sys
+import termios
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import tty
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, TextIO
+from types import FrameType
+from typing import Final, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from mqpolicy.config import ConfigError, load_policy
@@ -358,7 +368,7 @@ def render(prev: Snapshot | None, cur: Snapshot, source: str, *,
     unit = "/s" if view.live else ""
     lines: list[str] = []
     stamp = time.strftime("%H:%M:%S", time.localtime(clock))
-    mode = f"every {view.seconds:.1f}s, Ctrl-C quits" if view.live else "totals since start"
+    mode = f"every {view.seconds:.1f}s, q or Ctrl-C quits" if view.live else "totals since start"
     lines.append(f"mqpolicy top  {clean(source, 80)}  {stamp}  ({mode})")
 
     version = next(iter(cur.by("mqpolicy_build_info", "version")), ("?",))[0]
@@ -472,7 +482,8 @@ def metrics_url(config: str) -> str:
     return f"http://{netloc}:{endpoint.port}/metrics"
 
 
-def run_top(args: argparse.Namespace, out: TextIO) -> int:
+def run_top(args: argparse.Namespace, out: TextIO, keys: TextIO | None = None) -> int:
+    """``keys``: where q is typed to quit (the terminal; None: signals only)."""
     interval: float = args.interval
     if not interval > 0:
         print("mqpolicy top: --interval must be positive", file=sys.stderr)
@@ -493,32 +504,103 @@ def run_top(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_FAILURE
         out.write("\n".join(render(None, snapshot, url)) + "\n")
         return EXIT_OK
-    return _live(url, interval, out)
+    return _live(url, interval, out, keys)
 
 
-def _live(url: str, interval: float, out: TextIO) -> int:
-    tty = out.isatty()
+class _Quit(Exception):
+    """A signal asked ``top`` to quit."""
+
+
+def _quit(signum: int, frame: FrameType | None) -> NoReturn:
+    raise _Quit(signum)
+
+
+@contextlib.contextmanager
+def _quit_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM quit, whatever ``top`` inherited: a job started in the background
+    by a shell (``cmd &``) has SIGINT ignored, and Python then never raises
+    KeyboardInterrupt. The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; KeyboardInterrupt still quits
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, _quit)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _keys_from(keys: TextIO | None) -> Iterator[int | None]:
+    """The terminal's file descriptor, set to pass each key as it is typed, unechoed (Ctrl-C
+    still signals); its modes are put back afterwards. None when ``keys`` is no terminal, or
+    one ``top`` runs in the background of (changing its modes would stop ``top``)."""
+    fd = keys.fileno() if keys is not None and keys.isatty() else -1
+    try:
+        saved = termios.tcgetattr(fd) if fd >= 0 and os.tcgetpgrp(fd) == os.getpgrp() else None
+    except (OSError, termios.error):
+        saved = None
+    if saved is None:
+        yield None
+        return
+    tty.setcbreak(fd, termios.TCSANOW)
+    try:
+        yield fd
+    finally:
+        with contextlib.suppress(OSError, termios.error):  # a terminal hung up meanwhile
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_for_key(fd: int | None, until: float) -> tuple[bool, int | None]:
+    """Wait until the monotonic time ``until``; (True, _) as soon as q is typed. The
+    descriptor comes back None once the terminal is gone (then the wait is a sleep)."""
+    while (remaining := until - time.monotonic()) > 0:
+        if fd is None:
+            time.sleep(remaining)
+            break
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            break
+        try:
+            typed = os.read(fd, 64)
+        except OSError:
+            typed = b""
+        if not typed:
+            fd = None
+        elif b"q" in typed or b"Q" in typed:
+            return True, fd
+    return False, fd
+
+
+def _live(url: str, interval: float, out: TextIO, keys: TextIO | None) -> int:
+    tty_out = out.isatty()
     prev: Snapshot | None = None
-    if tty:
+    if tty_out:
         out.write("\x1b[?25l\x1b[2J")  # hide the cursor, clear once
     try:
-        while True:
-            began = time.monotonic()
-            size = shutil.get_terminal_size((120, 40))
-            try:
-                cur = fetch_snapshot(url, timeout=max(0.5, min(interval, 5.0)))
-                lines = render(prev, cur, url, height=size.lines - 1)
-                prev = cur
-            except TopError as exc:
-                lines = [f"mqpolicy top  {clean(url, 80)}  {time.strftime('%H:%M:%S')}",
-                         "", f"  {clean(exc, 200)}", "  retrying..."]
-            lines = [line[: size.columns] for line in lines[: size.lines - 1]]
-            out.write(_HOME + "".join(line + _EOL + "\n" for line in lines) + _EOS)
-            out.flush()
-            time.sleep(max(0.0, interval - (time.monotonic() - began)))
-    except KeyboardInterrupt:
+        with _quit_on_signals(), _keys_from(keys) as key_fd:
+            while True:
+                began = time.monotonic()
+                size = shutil.get_terminal_size((120, 40))
+                try:
+                    cur = fetch_snapshot(url, timeout=max(0.5, min(interval, 5.0)))
+                    lines = render(prev, cur, url, height=size.lines - 1)
+                    prev = cur
+                except TopError as exc:
+                    lines = [f"mqpolicy top  {clean(url, 80)}  {time.strftime('%H:%M:%S')}",
+                             "", f"  {clean(exc, 200)}", "  retrying..."]
+                lines = [line[: size.columns] for line in lines[: size.lines - 1]]
+                out.write(_HOME + "".join(line + _EOL + "\n" for line in lines) + _EOS)
+                out.flush()
+                typed_q, key_fd = _wait_for_key(key_fd, began + interval)
+                if typed_q:
+                    return EXIT_OK
+    except (_Quit, KeyboardInterrupt):
         return EXIT_OK
     finally:
-        if tty:
+        if tty_out:
             out.write("\x1b[?25h\n")
             out.flush()

@@ -26,10 +26,9 @@ import pytest
 import redis
 
 from mqpolicy.endpoints import Endpoint
-from mqpolicy.postfix_instance import accepts, free_port
+from mqpolicy.postfix_instance import READY_TIMEOUT_S, accepts, free_port
 
 REDIS_SERVER_BIN = os.environ.get("MQPOLICY_TEST_REDIS_SERVER", "/usr/bin/redis-server")
-_READY_TIMEOUT_S = 10.0
 
 
 def _launcher() -> list[str]:
@@ -112,7 +111,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self._proc = proc
-        deadline = time.monotonic() + _READY_TIMEOUT_S
+        deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:  # exited: port taken, bad option...
                 self._proc = None

@@ -28,7 +28,7 @@ from typing import TypeVar
 import pytest
 import redis
 
-from mqpolicy.postfix_instance import free_port
+from mqpolicy.postfix_instance import READY_TIMEOUT_S, free_port
 from tests.redis_fixture import REDIS_SERVER_BIN, _launcher, running_in_tmpdir
 
 REDIS_CLI_BIN = os.environ.get("MQPOLICY_TEST_REDIS_CLI", "/usr/bin/redis-cli")
@@ -96,7 +96,7 @@ class RedisProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + READY_TIMEOUT_S
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if _answers_ping(self.port):
                     return
@@ -187,7 +187,8 @@ class RedisClusterHarness:
         if create.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}{create.stderr}")
         for node in self.nodes:
-            wait_for(f"{node.name} cluster_state:ok", lambda n=node: self._ready(n), 30)
+            wait_for(f"{node.name} cluster_state:ok", lambda n=node: self._ready(n),
+                     READY_TIMEOUT_S)
 
     def _node_args(self, node: RedisProcess) -> Callable[[int], list[str]]:
         def args(port: int) -> list[str]:
@@ -293,7 +294,7 @@ class RedisSentinelHarness:
         wait_for(
             "the replica's link to the master",
             lambda: self.replica.info("replication").get("master_link_status") == "up",
-            15,
+            READY_TIMEOUT_S,
         )
         for sentinel in self.sentinels:
             sentinel.start(self._sentinel_args(sentinel))
@@ -301,7 +302,7 @@ class RedisSentinelHarness:
             wait_for(
                 f"{sentinel.name} to see the replica and the other sentinels",
                 lambda s=sentinel: self._sentinel_ready(s),
-                20,
+                READY_TIMEOUT_S,
             )
 
     def _sentinel_args(self, sentinel: RedisProcess) -> Callable[[int], list[str]]:
@@ -342,7 +343,7 @@ class RedisSentinelHarness:
         """SIGKILL the master's process (a crash: no shutdown, no final sync)."""
         self.master.kill()
 
-    def wait_for_promotion(self, timeout_s: float = 30) -> int:
+    def wait_for_promotion(self, timeout_s: float = READY_TIMEOUT_S) -> int:
         """Wait until every sentinel names the replica as master and it has the master
         role; the new master's port."""
         new_port = self.replica.port
@@ -358,7 +359,7 @@ class RedisSentinelHarness:
         wait_for("the replica's promotion", promoted, timeout_s)
         return new_port
 
-    def wait_replicated(self, timeout_s: float = 10) -> None:
+    def wait_replicated(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait until the replica has everything the master wrote so far."""
         with self.master.client() as client:
             target = int(client.info("replication")["master_repl_offset"])

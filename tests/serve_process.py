@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mqpolicy.endpoints import Endpoint
 from mqpolicy.policy_codec import encode_request
-from mqpolicy.postfix_instance import accepts, free_port, poll
+from mqpolicy.postfix_instance import READY_TIMEOUT_S, accepts, free_port, poll
 
 __all__ = ["MqpolicyProcess", "ServeProcess", "free_port"]
 
@@ -44,7 +44,7 @@ class MqpolicyProcess:
         self.env = dict(env) if env is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *addresses: Address, timeout: float = 15.0) -> None:
+    def start(self, *addresses: Address, timeout: float = READY_TIMEOUT_S) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*self.launcher, sys.executable, "-m", "mqpolicy", self.command,
@@ -74,7 +74,7 @@ class MqpolicyProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
 
-    def wait_logged(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
+    def wait_logged(self, text: str, count: int = 1, timeout: float = READY_TIMEOUT_S) -> None:
         """Until the process has logged ``text`` ``count`` times; it must stay alive."""
         try:
             poll(lambda: not self.alive or self.log_text().count(text) >= count, timeout,
@@ -89,7 +89,7 @@ class MqpolicyProcess:
             self.proc.kill()
             self.proc.wait(10)
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float = READY_TIMEOUT_S) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -110,7 +110,7 @@ class ServeProcess(MqpolicyProcess):
         super().__init__("serve", config, log_path, extra_args)
         self.port = port
 
-    def start(self, *addresses: Address, timeout: float = 15.0) -> None:
+    def start(self, *addresses: Address, timeout: float = READY_TIMEOUT_S) -> None:
         super().start(("127.0.0.1", self.port), *addresses, timeout=timeout)
 
     def ask(self, attrs: dict[str, str], timeout: float = 5.0) -> str:

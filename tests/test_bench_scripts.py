@@ -98,14 +98,16 @@ def test_the_load_generator_paces_to_the_rate_asked_for() -> None:
             assert server.poll() is None, "the DUNNO server exited"
             return accepts(Endpoint(host="127.0.0.1", port=port))
 
-        poll(ready, 15, "the DUNNO server")
+        poll(ready, 60, "the DUNNO server")
         out = bench(str(BENCH / "policy_load.py"), "--target", f"127.0.0.1:{port}",
                     "--concurrency", "4", "--rate", "200", "--duration", "1.5",
                     "--watch-pid", str(server.pid), "--json")
         result = json.loads(out)
         assert result["rate"] == 200
         assert not result["errors"], result
-        assert 100 <= result["rps"] <= 215, result  # paced: never much above the rate
+        # Paced: never much above the rate (a slow machine only lowers it), and sending all
+        # along (a floor an order of magnitude under the rate: slowness cannot reach it).
+        assert 20 <= result["rps"] <= 215, result
         assert result["watched_cpu_us_per_request"][str(server.pid)] > 0, result
     finally:
         server.terminate()

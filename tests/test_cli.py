@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mqpolicy.postfix_instance import READY_TIMEOUT_S, poll
 from tests.redis_fixture import RedisServer
 from tests.serve_process import ServeProcess, free_port
 
@@ -228,6 +229,53 @@ def test_sigterm_drains_and_exits_zero(served: ServeProcess) -> None:
     assert "msg=stopped" in served.log_text()
 
 
+# ``mqpolicy serve`` that sends itself a signal the moment its policy port listens: the
+# first moment a client that waits for the port (a test, a monitor) could send one.
+SIGNAL_ON_LISTENING = """\
+import os, signal, sys
+from mqpolicy import policy_server
+from mqpolicy.cli import main
+
+listen = policy_server.PolicyServer.start
+
+
+async def start(self):
+    await listen(self)
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+
+
+policy_server.PolicyServer.start = start
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("sig", "logged"), [("SIGHUP", "policy reloaded"),
+                                              ("SIGTERM", "msg=stopped")])
+def test_serve_handles_its_signals_from_the_moment_it_listens(
+        tmp_path: Path, sig: str, logged: str) -> None:
+    """Ready means accepting: a SIGHUP then reloads and a SIGTERM drains, neither ends the
+    process as the signal's default action would."""
+    port = free_port()
+    config = tmp_path / "p.yaml"
+    config.write_text(policy_text(port))
+    log = tmp_path / "serve.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SIGNAL_ON_LISTENING, sig, "serve", "-c", str(config)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        poll(lambda: proc.poll() is not None or logged in log.read_text(), READY_TIMEOUT_S,
+             f"{logged!r} logged")
+        if sig == "SIGHUP":
+            assert proc.poll() is None, log.read_text()
+            proc.terminate()
+        assert proc.wait(READY_TIMEOUT_S) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_counters_show_and_reset_on_redis(tmp_path: Path, redis_clean: RedisServer) -> None:
     config = tmp_path / "p.yaml"
     config.write_text(policy_text(free_port(), store=redis_clean.tcp_url))
@@ -306,30 +354,36 @@ def test_reloads_run_one_at_a_time_in_the_order_of_the_signals() -> None:
     import signal
 
     from mqpolicy.policy_reload import reload_on_hangup
+    from tests.async_poll import poll_async
 
     events: list[str] = []
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         count = 0
+        finish = asyncio.Event()  # each reload runs until the test lets it end
 
         async def reload() -> None:
             nonlocal count
             count += 1
             mine = count
             events.append(f"start {mine}")
-            await asyncio.sleep(0.2)  # reading the file, say
+            await finish.wait()  # reading the file, say
             events.append(f"end {mine}")
 
         reload_on_hangup(loop, reload)
         try:
             os.kill(os.getpid(), signal.SIGHUP)
-            await asyncio.sleep(0.05)  # the first reload is under way
+            await poll_async(lambda: events == ["start 1"], "the first reload under way")
+            tasks = len(asyncio.all_tasks())
             os.kill(os.getpid(), signal.SIGHUP)
-            for _ in range(100):
-                if len(events) == 4:
-                    break
-                await asyncio.sleep(0.05)
+            # the second SIGHUP handled (its reload task exists) while the first runs
+            await poll_async(lambda: len(asyncio.all_tasks()) > tasks, "the second SIGHUP handled")
+            for _ in range(10):
+                await asyncio.sleep(0)  # turns of the loop in which it could wrongly start
+            assert events == ["start 1"]
+            finish.set()
+            await poll_async(lambda: len(events) == 4, "both reloads done")
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
 

@@ -380,7 +380,7 @@ class BrokenStore(MemoryStore):
                        once_key: str | None = None, once_ttl_ms: int = 0) -> Evaluation:
         if self.mode == "error":
             raise StoreError("connection refused")
-        await asyncio.sleep(5)
+        await asyncio.sleep(60)  # 1,200 times the deadline: only a missing one gets here
         raise AssertionError("deadline not applied")
 
     async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
@@ -398,18 +398,12 @@ def test_store_failure_follows_on_store_error(mode: str, on_error: str, action: 
                                   "limits:\n  - {name: l, rate: 1/1h, key: sender}\n")
     svc = DecisionService(policy, BrokenStore(mode))
 
-    async def timed() -> tuple[object, float]:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        verdict = await svc.decide(eom())
-        return verdict, loop.time() - start
-
-    verdict, elapsed = asyncio.run(timed())
-    assert verdict.action is action  # type: ignore[attr-defined]
-    assert verdict.store_error  # type: ignore[attr-defined]
-    assert postfix_action(verdict) == reply  # type: ignore[arg-type]
-    assert elapsed < 0.5
-    assert svc.stats.store_errors + svc.stats.store_timeouts == 1
+    verdict = asyncio.run(svc.decide(eom()))
+    assert verdict.action is action
+    assert verdict.store_error
+    assert postfix_action(verdict) == reply
+    failures = (svc.stats.store_errors, svc.stats.store_timeouts)
+    assert failures == ((1, 0) if mode == "error" else (0, 1))  # a stall ends at the deadline
 
 
 def test_per_limit_on_store_error_overrides_store_default() -> None:

@@ -363,7 +363,7 @@ def test_read_cancelled_half_way_loses_no_line(log: Path) -> None:
 
     def slow_poll() -> list[str]:
         reading.set()
-        release.wait(5)
+        release.wait(60)
         return real_poll()
 
     follower._poll = slow_poll  # type: ignore[method-assign]
@@ -376,7 +376,7 @@ def test_read_cancelled_half_way_loses_no_line(log: Path) -> None:
                 seen.extend(batch)
 
         task = asyncio.create_task(consume())
-        assert await asyncio.to_thread(reading.wait, 5)
+        assert await asyncio.to_thread(reading.wait, 60)
         task.cancel()  # while the worker thread is reading
         with pytest.raises(asyncio.CancelledError):
             await task

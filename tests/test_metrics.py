@@ -40,6 +40,7 @@ from mqpolicy.policy_codec import encode_request
 from mqpolicy.policy_server import PolicyServer
 from mqpolicy.policy_service import PostfixPolicyHandler
 from mqpolicy.request import Request
+from tests.async_poll import READY_TIMEOUT_S
 from tests.serve_process import ServeProcess, free_port
 
 # ---------------------------------------------------------------- a strict parser
@@ -479,9 +480,10 @@ def test_store_errors_and_timeouts_are_counted_and_timed() -> None:
     assert failing.value("mqpolicy_store_seconds_count") == 3
     assert failing.value("mqpolicy_decisions_total", action="accept", lane="normal") == 3
     assert silent.value("mqpolicy_store_errors_total", kind="timeout") == 1
-    # the 20 ms deadline: above 10 ms, not more than a second
+    # the 20 ms deadline: above 10 ms (a slow machine only adds), in a finite bucket (the
+    # silent store would have taken 10 s)
     assert silent.bucket("mqpolicy_store_seconds", "0.01") == 0
-    assert silent.bucket("mqpolicy_store_seconds", "1") == 1
+    assert silent.bucket("mqpolicy_store_seconds", "2.5") == 1
 
 
 def test_policy_server_counters_over_the_wire() -> None:
@@ -513,9 +515,10 @@ def test_policy_server_counters_over_the_wire() -> None:
                 writer.close()
                 await ask(policy_port, b"no equals sign here\n\n")
                 after = await scrape(metrics_port)
-                for _ in range(200):  # the server counts a close as soon as it sees it
-                    if after.value("mqpolicy_policy_connections") == 0:
-                        break
+                give_up = time.monotonic() + READY_TIMEOUT_S
+                # the server counts a close as soon as it sees it
+                while after.value("mqpolicy_policy_connections") != 0:
+                    assert time.monotonic() < give_up, "the closed connection still counted"
                     await asyncio.sleep(0.01)
                     after = await scrape(metrics_port)
                 return before, during, after
@@ -584,18 +587,19 @@ def test_head_answers_headers_only() -> None:
 
 
 def test_slow_and_silent_clients_are_cut_while_others_are_served() -> None:
+    timeout_s = 2.0  # a scrape takes milliseconds: it is served well inside this
+
     async def go() -> tuple[bytes, bytes, float, Exposition]:
         service = DecisionService(make_policy(), MemoryStore())
-        async with metrics_for(service, timeout_s=0.3) as port:
+        async with metrics_for(service, timeout_s=timeout_s) as port:
             started = time.monotonic()
             silent_r, silent_w = await asyncio.open_connection("127.0.0.1", port)
             slow_r, slow_w = await asyncio.open_connection("127.0.0.1", port)
             slow_w.write(b"GET /metr")  # and nothing more
             await slow_w.drain()
-            served = await scrape(port)  # answered at once, beside them
-            assert time.monotonic() - started < 0.3
-            silent = await asyncio.wait_for(silent_r.read(), 5)
-            slow = await asyncio.wait_for(slow_r.read(), 5)
+            served = await scrape(port)  # answered beside them, before they are cut
+            silent = await asyncio.wait_for(silent_r.read(), 60)
+            slow = await asyncio.wait_for(slow_r.read(), 60)
             elapsed = time.monotonic() - started
             silent_w.close()
             slow_w.close()
@@ -604,7 +608,12 @@ def test_slow_and_silent_clients_are_cut_while_others_are_served() -> None:
     silent, slow, elapsed, served = asyncio.run(go())
     assert silent == b""  # nothing was asked: closed without an answer
     assert slow.startswith(b"HTTP/1.1 408 ")
-    assert 0.25 <= elapsed < 3
+    # served while both were still held: neither had been cut (408, or closed unanswered)
+    codes = {dict(labels)["code"] for name, labels in served.samples
+             if name == "mqpolicy_metrics_http_responses_total"}
+    assert codes.isdisjoint({"408", "0"}), codes
+    # cut at their timeout: never before it (a slow machine only adds), not ten times later
+    assert timeout_s * 0.9 <= elapsed < timeout_s * 10
     assert served.value("mqpolicy_decision_seconds_count") == 0
 
 
@@ -622,12 +631,13 @@ def test_connections_over_the_limit_are_closed_and_the_endpoint_recovers() -> No
                     extra.append(b"")
             for _, writer in idle:
                 writer.close()
-            for _ in range(500):  # the endpoint answers again once they are gone
+            give_up = time.monotonic() + READY_TIMEOUT_S
+            while True:  # the endpoint answers again once they are gone
                 try:
                     return extra, await scrape(port)
                 except (AssertionError, OSError, IndexError, ValueError):
+                    assert time.monotonic() < give_up, "endpoint did not recover"
                     await asyncio.sleep(0.01)
-            raise AssertionError("endpoint did not recover")
 
     extra, exposition = asyncio.run(go())
     assert extra == [b"", b"", b""]
@@ -677,7 +687,7 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
     return status, body
 
 
-def wait_for_value(port: int, name: str, want: float, timeout: float = 10.0,
+def wait_for_value(port: int, name: str, want: float, timeout: float = READY_TIMEOUT_S,
                    **labels: str) -> Exposition:
     deadline = time.monotonic() + timeout
     while True:

@@ -32,7 +32,7 @@ from mqpolicy.postfix_instance import (
 )
 from tests.postfix_fixture import milter_policy, unique_address
 
-TIMEOUT_S = 15.0
+TIMEOUT_S = 60.0  # generous: a loaded machine; each wait ends when it is met
 SENDMAIL = str(Path(POSTFIX).with_name("sendmail"))  # Postfix's, not Sendmail's
 
 LANE_RULES = """\

@@ -23,15 +23,17 @@ import pytest
 from miltertest import MilterConnection
 from miltertest import constants as C
 
+from mqpolicy.endpoints import parse_milter_endpoint
+from mqpolicy.milter_service import bind_milter_socket
 from mqpolicy.policy_codec import encode_request
-from mqpolicy.postfix_instance import free_port
+from mqpolicy.postfix_instance import free_port, poll
 from tests.redis_fixture import RedisServer
 from tests.serve_process import MqpolicyProcess
 
 POLICY = """\
 store:
   url: {store}
-  timeout_ms: 200
+  timeout_ms: 10000
 lanes:
   - name: transactional
     transport: mq-transactional
@@ -64,7 +66,7 @@ limits:
 Reply = tuple[str, dict[str, Any]]
 
 
-def connect(address: str | tuple[str, int], timeout: float = 5.0) -> socket.socket:
+def connect(address: str | tuple[str, int], timeout: float = 30.0) -> socket.socket:
     if isinstance(address, str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     else:
@@ -149,7 +151,7 @@ def write_policy(workdir: Path, listen: str, *, store: str = "memory://",
     text += textwrap.dedent(f"""\
         milter:
           listen: {listen}
-          timeout: 1s
+          timeout: 20s
         """)
     if policy_listen:
         text += f"listen: {policy_listen}\n"
@@ -299,23 +301,24 @@ def test_thousand_recipients(milter: tuple[MqpolicyProcess, Any]) -> None:
         s.close()
 
 
-def test_no_per_message_stall_when_headers_change(milter: tuple[MqpolicyProcess, Any]) -> None:
-    """Each message deletes a header and changes one: three replies at the end. Without
-    TCP_NODELAY on the milter's sockets each message waits for a delayed ACK (~40 ms)."""
-    _, address = milter
-    s = session(address)
-    try:
-        forged = [("X-MQ-Lane", "x"), ("X-MQ-Lane", "y")]
-        s.message("a@example.com", ["b@example.org"], forged)  # warm up
-        count = 40
-        started = time.perf_counter()
-        for _ in range(count):
-            replies = s.message("a@example.com", ["b@example.org"], forged)
-            assert len(replies) == 3
-        per_message_ms = (time.perf_counter() - started) / count * 1000
-        assert per_message_ms < 20, f"{per_message_ms:.1f} ms per message"
-    finally:
-        s.close()
+@pytest.mark.parametrize("listen", ["inet:0@127.0.0.1", "fd"])
+def test_milter_tcp_sockets_and_what_they_accept_have_nodelay(listen: str) -> None:
+    """Each message that changes a header gets several replies, each its own write: without
+    TCP_NODELAY on the milter's sockets each such message waits for the MTA's delayed ACK
+    (~40 ms; ``bench/milter_bench.py --stall`` prints what it costs). Set on the listening
+    socket, also an inherited one, before anything is accepted: accepted sockets inherit it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as inherited:
+        if listen == "fd":  # a descriptor of its own on the socket the test made
+            inherited.bind(("127.0.0.1", 0))
+            inherited.listen(16)
+            listen = f"fd:{os.dup(inherited.fileno())}"
+        sock, owned = bind_milter_socket(parse_milter_endpoint(listen), 0o660)
+        assert owned is None
+        with sock, socket.create_connection(sock.getsockname()):
+            accepted, _ = sock.accept()
+            with accepted:
+                for s in (sock, accepted):
+                    assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 # ---------------------------------------------------------------- serve: one process, one store
@@ -365,7 +368,7 @@ def test_serve_runs_policy_server_and_milter_on_one_store(workdir: Path) -> None
         write_policy(workdir, f"unix:{sock_path}", policy_listen=f"127.0.0.1:{port}",
                      list_lane="transactional")
         proc.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         lane = ""
         while lane != "transactional" and time.monotonic() < deadline:
             s = session(sock_path)
@@ -376,12 +379,19 @@ def test_serve_runs_policy_server_and_milter_on_one_store(workdir: Path) -> None
             lane = replies[0][1]["value"]
         assert lane == "transactional", proc.log_text()
         assert proc.alive
-        started = time.monotonic()
+        # SIGTERM stops both; the milter's socket goes once libmilter's listener has
+        # stopped, which it does at once, not when its 5 s poll of the socket ends (the
+        # time taken by the rest of the process's exit is left out)
+        proc.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        poll(lambda: not os.path.exists(sock_path), 60, "the milter socket removed")
+        listener_stopped_s = time.monotonic() - signalled
+        assert proc.proc is not None
+        code = proc.proc.wait(60)  # one SIGTERM: a second one during the exit would kill it
     finally:
-        code = proc.stop()
+        proc.stop()  # by its PID, when something above failed; else it is gone already
     assert code == 0, proc.log_text()
-    assert time.monotonic() - started < 5  # SIGTERM stops both, without libmilter's 5 s poll
-    assert not os.path.exists(sock_path)
+    assert listener_stopped_s < 5
 
 
 def test_policy_server_and_milter_processes_share_redis(
@@ -434,7 +444,7 @@ def milter_on_inherited(listener: socket.socket, workdir: Path) -> Iterator[None
         )
     listener.close()
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while "msg=ready" not in log.read_text(errors="replace"):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)  # between polls of the log
@@ -442,10 +452,10 @@ def milter_on_inherited(listener: socket.socket, workdir: Path) -> Iterator[None
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(15)
+            code = proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            code = proc.wait(15)
+            code = proc.wait(60)
     assert code == 0, log.read_text(errors="replace")
 
 
@@ -467,19 +477,21 @@ def test_socket_activation_fd(workdir: Path) -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     address = listener.getsockname()
+    ours = listener.dup()  # the same socket as the milter's copy: its options are shared
     # Connections queued before the milter set TCP_NODELAY on the socket miss it (with
     # systemd, NoDelay=true in the .socket unit covers those): the helper waits for ready.
-    with milter_on_inherited(listener, workdir):
-        s = MtaSession(connect(address))
-        try:
-            s.connect()
-            replies = s.message("a@example.com", ["b@example.org"], [("X-MQ-Lane", "x")])
-            assert replies[-2:] == [(C.SMFIR_CHGHEADER, {"index": 1, "name": "X-MQ-Lane",
-                                                         "value": "normal"}),
-                                    (C.SMFIR_CONTINUE, {})]
-            started = time.perf_counter()
-            for _ in range(10):  # TCP_NODELAY was set on the inherited socket too
-                s.message("a@example.com", ["b@example.org"], [("X-MQ-Lane", "x")])
-            assert (time.perf_counter() - started) / 10 < 0.02
-        finally:
-            s.close()
+    try:
+        with milter_on_inherited(listener, workdir):
+            # set by the milter on the socket it inherited
+            assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            s = MtaSession(connect(address))
+            try:
+                s.connect()
+                replies = s.message("a@example.com", ["b@example.org"], [("X-MQ-Lane", "x")])
+                assert replies[-2:] == [(C.SMFIR_CHGHEADER, {"index": 1, "name": "X-MQ-Lane",
+                                                             "value": "normal"}),
+                                        (C.SMFIR_CONTINUE, {})]
+            finally:
+                s.close()
+    finally:
+        ours.close()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from mqpolicy.budget import CounterStore
 from mqpolicy.config import Policy, parse_policy
-from mqpolicy.decisions import DecisionService
+from mqpolicy.decisions import DecisionService, wall_clock_ms
 from mqpolicy.endpoints import Endpoint
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.policy_codec import encode_request
@@ -38,7 +38,14 @@ limits:
 """
 
 
-def make_policy(on_error: str = "accept", timeout_ms: int = 50) -> Policy:
+# The store deadline of tests about what is decided, not how fast: only a broken store
+# misses it, however loaded the machine (bench/ measures latency). The Redis store keeps
+# its own deadline (the one it was opened with), so the store gets it too, not only the
+# policy.
+GENEROUS_MS = 10_000
+
+
+def make_policy(on_error: str = "accept", timeout_ms: int = GENEROUS_MS) -> Policy:
     text = POLICY % {"on_error": on_error}
     return parse_policy(text.replace("timeout_ms: 50", f"timeout_ms: {timeout_ms}"))
 
@@ -51,12 +58,13 @@ def store_factory(request: pytest.FixtureRequest) -> StoreFactory:
     if request.param == "memory":
         return MemoryStore
     server: RedisServer = request.getfixturevalue("redis_clean")
-    return lambda: RedisStore(server.unix_url, timeout_ms=50)
+    return lambda: RedisStore(server.unix_url, timeout_ms=GENEROUS_MS)
 
 
 @asynccontextmanager
-async def running(policy: Policy, store: CounterStore) -> AsyncIterator[tuple[int, DecisionService]]:
-    service = DecisionService(policy, store)
+async def running(policy: Policy, store: CounterStore, clock_ms: Callable[[], int] = wall_clock_ms,
+                  ) -> AsyncIterator[tuple[int, DecisionService]]:
+    service = DecisionService(policy, store, clock_ms=clock_ms)
     server = PolicyServer(PostfixPolicyHandler(service), [Endpoint(host="127.0.0.1", port=0)],
                           idle_timeout_s=10)
     await server.start()
@@ -84,11 +92,31 @@ def eom(i: int, sender: str = "flood@example.com") -> dict[str, str]:
             "recipient_count": "1", "size": "1200"}
 
 
+def store_failures(service: DecisionService) -> int:
+    return service.stats.store_errors + service.stats.store_timeouts
+
+
+async def answer_from_the_store(port: int, service: DecisionService, first: int,
+                                timeout_s: float = 60) -> str:
+    """Ask (a sender of its own each time: no budget runs out) until a decision is made on
+    the store's answer, not on its failure; that decision's action. A store that is not yet
+    connected, or reconnects, may miss its deadline however long it is: the test waits."""
+    give_up = time.monotonic() + timeout_s
+    i = first
+    while True:
+        failures = store_failures(service)
+        answer = await ask(port, eom(i, f"probe{i}@example.com"))
+        if store_failures(service) == failures:
+            return answer
+        assert time.monotonic() < give_up, f"no answer from the store within {timeout_s} s"
+        await asyncio.sleep(0.05)  # between attempts
+        i += 1
+
+
 def test_200_concurrent_clients_budget_of_50_exactly_50_accepted(
         store_factory: StoreFactory) -> None:
-    # A generous deadline: this test is about atomicity, not latency (bench/ covers that).
     async def go() -> tuple[Counter[str], int]:
-        async with running(make_policy(timeout_ms=5000), store_factory()) as (port, service):
+        async with running(make_policy(), store_factory()) as (port, service):
             replies = await asyncio.gather(*(ask(port, eom(i)) for i in range(200)))
             failures = service.stats.store_errors + service.stats.store_timeouts
         return Counter(r.split(" ", 1)[0] for r in replies), failures
@@ -114,8 +142,10 @@ def test_persistent_connection_many_decisions_in_order(store_factory: StoreFacto
 
 
 def test_lane_filter_and_counting_through_the_wire(store_factory: StoreFactory) -> None:
+    now = wall_clock_ms()  # time stands still: what is spent is exactly what the bucket says
+
     async def go() -> tuple[list[str], int]:
-        async with running(make_policy(), store_factory()) as (port, service):
+        async with running(make_policy(), store_factory(), lambda: now) as (port, service):
             rcpts = [await ask(port, {"protocol_state": "RCPT", "sender": "noreply@app.example",
                                       "recipient": f"u{i}@d.example", "instance": "i1",
                                       "client_address": "192.0.2.1"}) for i in range(10)]
@@ -123,12 +153,12 @@ def test_lane_filter_and_counting_through_the_wire(store_factory: StoreFactory) 
             state = await service.store.inspect(["rl:per-client:100000/3600000/100000:192.0.2.0/24"],
                                                 service.clock_ms())
             assert state[0] is not None
-            used = round((state[0].tat_ms - service.clock_ms()) / 36)  # 36 ms per unit
+            used = (state[0].tat_ms - now) / 36  # 36 ms per unit
             return rcpts, used
 
     rcpts, used = asyncio.run(go())
     assert rcpts == ["FILTER mq-transactional:"] * 10
-    assert 9 <= used <= 10  # 10 recipients spent once at END-OF-MESSAGE (clock moved a bit)
+    assert used == 10  # 10 recipients spent once at END-OF-MESSAGE
 
 
 @pytest.mark.parametrize(("on_error", "expected"), [
@@ -137,28 +167,25 @@ def test_lane_filter_and_counting_through_the_wire(store_factory: StoreFactory) 
 ])
 def test_paused_redis_answers_within_deadline_then_recovers(
         private_redis: RedisServer, on_error: str, expected: str) -> None:
-    async def go() -> tuple[list[str], float, str]:
+    """Redis stays paused until all 20 are answered: each answer came from the deadline
+    (a store failure each), never from Redis."""
+    async def go() -> tuple[list[str], int, str]:
         store = RedisStore(private_redis.unix_url, timeout_ms=50)
-        async with running(make_policy(on_error), store) as (port, _):
-            assert await ask(port, eom(0)) == "DUNNO"
+        async with running(make_policy(on_error, timeout_ms=50), store) as (port, service):
+            assert await answer_from_the_store(port, service, 1000) == "DUNNO"
             private_redis.pause()
             try:
-                start = time.monotonic()
+                failures = store_failures(service)
                 during = await asyncio.gather(*(ask(port, eom(i)) for i in range(1, 21)))
-                elapsed = time.monotonic() - start
+                failed = store_failures(service) - failures
             finally:
                 private_redis.resume()
-            after = ""
-            for i in range(100, 150):  # the store recovers by itself
-                after = await ask(port, eom(i))
-                if after == "DUNNO":
-                    break
-                await asyncio.sleep(0.05)
-            return during, elapsed, after
+            after = await answer_from_the_store(port, service, 2000)  # recovers by itself
+            return during, failed, after
 
-    during, elapsed, after = asyncio.run(go())
+    during, failed, after = asyncio.run(go())
     assert set(during) == {expected}
-    assert elapsed < 1.0, elapsed
+    assert failed == 20
     assert after == "DUNNO"
 
 
@@ -166,17 +193,12 @@ def test_stopped_redis_follows_on_store_error_and_recovers_after_restart(
         private_redis: RedisServer) -> None:
     async def go() -> tuple[str, str]:
         store = RedisStore(private_redis.unix_url, timeout_ms=50)
-        async with running(make_policy("defer"), store) as (port, _):
-            assert await ask(port, eom(0)) == "DUNNO"
+        async with running(make_policy("defer", timeout_ms=50), store) as (port, service):
+            assert await answer_from_the_store(port, service, 1000) == "DUNNO"
             private_redis.stop()
             down = await ask(port, eom(1))
             private_redis.start()
-            up = ""
-            for i in range(2, 60):
-                up = await ask(port, eom(i))
-                if up == "DUNNO":
-                    break
-                await asyncio.sleep(0.05)
+            up = await answer_from_the_store(port, service, 2000)
             return down, up
 
     down, up = asyncio.run(go())

@@ -21,6 +21,7 @@ from mqpolicy.mta_queue import QueueCommandError, QueueEntry, QueueSnapshot
 from mqpolicy.policy_service import PostfixPolicyHandler
 from mqpolicy.request import Request
 from mqpolicy.scheduler import Scheduler
+from tests.async_poll import poll_async
 
 POLICY = """\
 lanes:
@@ -350,12 +351,21 @@ def test_one_active_scheduler_per_instance() -> None:
         rig = Rig()
         await rig.hold("LEASE0001", "bulk")
         one, two = rig.new_scheduler("one"), rig.new_scheduler("two")
+        tries: list[tuple[str, bool]] = []  # (owner, got the lease)
+        acquire = rig.records.acquire_lease
+
+        async def recorded(owner: str, ttl_ms: int) -> bool:
+            got = await acquire(owner, ttl_ms)
+            tries.append((owner, got))
+            return got
+
+        rig.records.acquire_lease = recorded  # type: ignore[method-assign]
         stop = asyncio.Event()
         task_one = asyncio.create_task(one.run(stop))
-        while not one.stats.active:  # noqa: ASYNC110 - poll: the first one takes the lease
-            await asyncio.sleep(0.001)
+        await poll_async(lambda: one.stats.active, "the first one to take the lease")
         task_two = asyncio.create_task(two.run(stop))
-        await asyncio.sleep(0.05)
+        await poll_async(lambda: any(owner == "two" for owner, _ in tries), "the second's try")
+        assert ("two", True) not in tries
         assert not two.stats.active
         assert rig.queue.releases == {"LEASE0001": 1}
         stop.set()

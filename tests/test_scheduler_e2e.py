@@ -10,9 +10,7 @@ no milter) afterwards.
 
 from __future__ import annotations
 
-import itertools
 import json
-import re
 import subprocess
 import sys
 import time
@@ -47,9 +45,11 @@ def scheduler(stack: MailStack) -> Iterator[MqpolicyProcess]:
         process.stop()
 
 
-def redis_policy(server: RedisServer, body: str) -> str:
-    return (f"store:\n  url: {server.unix_url}\n  timeout_ms: 500\n  key_prefix: \"e2e:\"\n"
-            "log:\n  format: kv\n  level: info\n" + body)
+def redis_policy(server: RedisServer, body: str, log: str = "format: kv\n  level: info") -> str:
+    # a store deadline a loaded machine meets: a hold whose record was not written would
+    # never be released (these tests are about releases, not deadlines)
+    return (f"store:\n  url: {server.unix_url}\n  timeout_ms: 5000\n  key_prefix: \"e2e:\"\n"
+            f"log:\n  {log}\n" + body)
 
 
 def hold_records(server: RedisServer) -> list[str]:
@@ -61,12 +61,16 @@ def subject(message: SinkMessage) -> str:
     return message.header("Subject") or ""
 
 
-_RELEASED_LINE = re.compile(r"\bmsg=released\b.*?\bqid=(\S+).*?\blane=(\S+)")
+def released_in_order(scheduler_log: str) -> list[tuple[str, str, float]]:
+    """(queue id, lane, time logged) of each ``released`` line of the scheduler's JSON log,
+    in order."""
+    records = (json.loads(line) for line in scheduler_log.splitlines() if line.startswith("{"))
+    return [(r["qid"], r["lane"], r["ts"]) for r in records if r.get("msg") == "released"]
 
 
-def released_in_order(scheduler_log: str) -> list[tuple[str, str]]:
-    """(queue id, lane) of each ``released`` line of the scheduler's log, in order."""
-    return [(m[1], m[2]) for m in map(_RELEASED_LINE.search, scheduler_log.splitlines()) if m]
+def passes_logged(scheduler_log: str) -> int:
+    """The scheduler's passes so far (its debug log has a line for each)."""
+    return sum(1 for line in scheduler_log.splitlines() if " msg=pass " in line)
 
 
 # ---------------------------------------------------------------- order and rate
@@ -85,7 +89,7 @@ limits:
 scheduler:
   interval: 1s
   lock_ttl: 5s
-""" + f"  postfix_config_dir: {stack.postfix.config_dir}\n"))
+""" + f"  postfix_config_dir: {stack.postfix.config_dir}\n", log="format: json\n  level: info"))
     senders = {"transactional": "a@t.sched.test", "normal": "a@n.sched.test",
                "bulk": "a@b.sched.test"}
     submitted: dict[str, str] = {}
@@ -94,7 +98,7 @@ scheduler:
             sent = stack.send(senders[lane], ["rcpt@dest.sched.test"], f"{lane}-{i:02d}")
             assert sent.queued, sent.replies()
             submitted[sent.queue_id] = lane
-    stack.wait_queue(lambda q: len([m for m in q if m.queue_name == "hold"]) == 30, 20)
+    stack.wait_queue(lambda q: len([m for m in q if m.queue_name == "hold"]) == 30, 60)
     assert len(hold_records(redis_clean)) == 30
     assert stack.sink.messages() == []
 
@@ -104,33 +108,35 @@ scheduler:
     # The order is the scheduler's: the order it released them in (its log, one line per
     # message, in release order). Once released, Postfix delivers each as fast as it can;
     # on a loaded machine one delivery may overtake the one released 0.2 s before it.
-    poll(lambda: len(released_in_order(scheduler.log_text())) >= 30, 10,
+    poll(lambda: len(released_in_order(scheduler.log_text())) >= 30, 30,
          "the scheduler to log its 30 releases")  # its log is written every 50 ms
     released = released_in_order(scheduler.log_text())
-    assert [queue_id for queue_id, _ in released] == sorted(
+    assert [queue_id for queue_id, _, _ in released] == sorted(
         submitted, key=lambda q: (ORDER.index(submitted[q]), list(submitted).index(q)))
     # highest lane first: every message of a lane before any of the next one (the shared
     # destination budget lets one message out at a time, to the highest lane first)
-    assert [lane for _, lane in released] == (["transactional"] * 10 + ["normal"] * 10
-                                              + ["bulk"] * 10), released
+    assert [lane for _, lane, _ in released] == (["transactional"] * 10 + ["normal"] * 10
+                                                 + ["bulk"] * 10), released
     arrivals = sorted(messages, key=lambda m: m.received_at)
     for lane in ORDER:
         mine = [m for m in arrivals if subject(m).startswith(lane)]
         assert sorted(subject(m) for m in mine) == [f"{lane}-{i:02d}" for i in range(10)]
-        gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(mine)]
-        mean = sum(gaps) / len(gaps)
-        if lane == "bulk":  # its own release rate, 2/s: 0.5 s apart
-            assert 0.4 <= mean <= 1.5, gaps
-            assert min(gaps) >= 0.2, gaps
-        else:  # the destination's budget, 5/s: 0.2 s apart
-            assert 0.15 <= mean <= 1.0, gaps
+    # Paced, as the scheduler released them (not as Postfix then delivered them): the
+    # budgets let the releases out no faster than their rate, however fast or slow the
+    # machine; each time is logged after that release's Postfix commands, whose duration
+    # may shorten a span by up to the 1.5 s allowed. Unpaced, a span would be about 0.
+    times = [ts for _, _, ts in released]
+    # the bulk lane's own release rate, 2/s with a burst of 1: 9 intervals of 0.5 s
+    assert times[29] - times[20] >= 9 * 0.5 - 1.5, times
+    # the destination's budget, 5/s with a burst of 1, for the 20 before: 19 of 0.2 s
+    assert times[19] - times[0] >= 19 * 0.2 - 1.5, times
     # every delivery left through its lane's transport (the RCPT answer's FILTER)
     for message in (arrivals[0], arrivals[-1]):
         delivery = stack.delivery_of(message)
         lane = subject(message).split("-")[0]
         assert delivery.transport == {"transactional": "mq-transactional", "normal": "smtp",
                                       "bulk": "mq-bulk"}[lane]
-    poll(lambda: not hold_records(redis_clean), 10, "the hold records to be deleted")
+    poll(lambda: not hold_records(redis_clean), 30, "the hold records to be deleted")
     assert not held(stack)
 
 
@@ -187,19 +193,19 @@ scheduler:
   interval: 500ms
   lock_ttl: 2s
   postfix_config_dir: {stack.postfix.config_dir}
-"""))
+""", log="format: kv\n  level: debug"))
     # an operator's hold: a deferred message put on hold by hand, no record
     stack.sink.set_reply("busy.sched.test", "421 4.7.0 Try again later")
     operator = stack.send("op@n.sched.test", ["x@busy.sched.test"], "operator-held")
     assert operator.queued
     stack.wait_queue(lambda q: any(m.queue_id == operator.queue_id
-                                   and m.queue_name == "deferred" for m in q), 20)
+                                   and m.queue_name == "deferred" for m in q), 60)
     stack.postfix.run(POSTSUPER, "-c", str(stack.postfix.config_dir), "-h", operator.queue_id)
     stack.sink.set_reply("busy.sched.test", None)
 
     for i in range(16):
         assert stack.send("k@b.sched.test", [f"r{i}@kill.sched.test"], f"kill-{i:02d}").queued
-    stack.wait_queue(lambda q: len([m for m in q if m.queue_name == "hold"]) == 17, 20)
+    stack.wait_queue(lambda q: len([m for m in q if m.queue_name == "hold"]) == 17, 60)
 
     scheduler.start()
     stack.sink.wait_for(lambda m: len(m) >= 4, 30)
@@ -208,10 +214,12 @@ scheduler:
     messages = stack.sink.wait_for(lambda m: len(m) >= 16, 60)
     log = scheduler.log_text()
     assert "reconciled" in log and "msg=released" in log, log
-    poll(lambda: not hold_records(redis_clean), 15, "the hold records to be deleted")
-    # a few more passes: nothing else leaves
+    poll(lambda: not hold_records(redis_clean), 30, "the hold records to be deleted")
+    # two more passes: nothing else leaves
     passes_before = log.count("reconciled")
-    time.sleep(1.5)  # two more scheduler intervals, in which nothing may arrive
+    passes = passes_logged(scheduler.log_text())
+    poll(lambda: passes_logged(scheduler.log_text()) >= passes + 2, 30,
+         "two more scheduler passes")
     subjects = sorted(subject(m) for m in stack.sink.messages())
     assert subjects == [f"kill-{i:02d}" for i in range(16)], subjects  # exactly once each
     assert len(messages) == 16
@@ -261,14 +269,14 @@ scheduler:
     assert now.header("Deferred-Delivery") is None
     assert [m.queue_id for m in held(stack)] == [later.queue_id]
 
-    messages = stack.sink.wait_for(lambda m: len(m) >= 2, 45)
+    messages = stack.sink.wait_for(lambda m: len(m) >= 2, 60)
     (scheduled,) = [m for m in messages if subject(m) == "later"]
-    assert scheduled.received_at - started >= 20.0
-    assert scheduled.received_at - started <= 35.0
+    assert scheduled.received_at - started >= 20.0  # never before its time
+    assert scheduled.received_at - started <= 20.0 + 60  # and released, not kept held
     assert scheduled.header("X-MQ-Deliver-After") is None
     assert scheduled.header("X-MQ-Lane") == "normal"
     assert not held(stack)
-    poll(lambda: f"msg=released qid={later.queue_id}" in stack.server.log_tail(400), 10,
+    poll(lambda: f"msg=released qid={later.queue_id}" in stack.server.log_tail(400), 30,
          "the release in mqpolicy's log")
 
 
@@ -281,7 +289,7 @@ scheduler:
 """))
     for i in range(3):
         assert stack.send("q@b.sched.test", [f"r{i}@shape.sched.test"], f"shape-{i}").queued
-    stack.wait_queue(lambda q: len([m for m in q if m.queue_name == "hold"]) == 3, 20)
+    stack.wait_queue(lambda q: len([m for m in q if m.queue_name == "hold"]) == 3, 60)
     out = subprocess.run([sys.executable, "-m", "mqpolicy", "queue", "-c",
                           str(stack.policy_file)], capture_output=True, text=True, check=True)
     assert "held by mqpolicy: 3" in out.stdout, out.stdout

@@ -33,6 +33,7 @@ from mqpolicy.budget import (
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.redis_store import CoalescingStore, PendingDecision, RedisStore, load_script
 from mqpolicy.store_factory import open_store
+from tests.async_poll import poll_async
 from tests.redis_fixture import RedisServer
 
 HOUR = 3_600_000
@@ -458,14 +459,21 @@ def test_once_key_counts_a_message_once(kit: StoreKit) -> None:
 
 
 def test_once_key_expires(kit: StoreKit) -> None:
+    ttl_ms = 500  # a loaded machine inspects it well within that
+
     async def body(store: CounterStore) -> None:
         now = wall_ms()
         check = BudgetCheck("k", HOUR, 10, 1)
-        await store.evaluate([check], now, once_key="m", once_ttl_ms=30)
+        await store.evaluate([check], now, once_key="m", once_ttl_ms=ttl_ms)
         (state,) = await store.inspect(["m"], now)
-        assert state is not None and 0 < state.ttl_ms <= 30
-        await asyncio.sleep(0.06)  # Redis expires by its own clock
-        later = await store.evaluate([check], now + 60, once_key="m")
+        assert state is not None and 0 < state.ttl_ms <= ttl_ms
+        # until it has expired: at once for the memory store (the caller's clock), when
+        # Redis's own clock says so for Redis
+        give_up = time.monotonic() + 60
+        while (await store.inspect(["m"], now + ttl_ms))[0] is not None:
+            assert time.monotonic() < give_up, "the once key never expired"
+            await asyncio.sleep(0.01)
+        later = await store.evaluate([check], now + ttl_ms, once_key="m")
         assert later.committed and not later.duplicate
         assert later.results[0].remaining == 8
 
@@ -743,8 +751,8 @@ def test_closed_store_refuses(redis_clean: RedisServer) -> None:
 
 # ------------------------------------------------------------------ Redis failures
 
-DEADLINE_MS = 50
-FAIL_FAST_S = 0.5  # ten deadlines: generous for a loaded machine, far from redis-py's defaults
+DEADLINE_MS = 200
+FAIL_FAST_S = 2.0  # ten deadlines: generous for a loaded machine, far from redis-py's 5 s
 
 
 def _url(server: RedisServer, transport: str) -> str:
@@ -758,8 +766,8 @@ async def _elapsed_error(call: Callable[[], Awaitable[object]]) -> float:
     return time.monotonic() - start
 
 
-async def _until_ok(call: Callable[[], Awaitable[T]], within_s: float = 5.0) -> T:
-    """Call again while it fails: on a loaded machine a 50 ms deadline can expire on its own."""
+async def _until_ok(call: Callable[[], Awaitable[T]], within_s: float = 60.0) -> T:
+    """Call again while it fails: on a loaded machine a short deadline can expire on its own."""
     give_up = time.monotonic() + within_s
     while True:
         try:
@@ -850,7 +858,7 @@ def test_a_decision_queued_behind_a_stuck_batch_keeps_its_own_deadline(
         private_redis: RedisServer) -> None:
     """One batch in flight at a time, Redis paused: the decision queued behind it fails at
     its own deadline (a timeout, counted as one), not a deadline after the batch ahead."""
-    deadline_ms = 300
+    deadline_ms = 1500  # long enough that the margin below is a loaded machine's
 
     async def main() -> None:
         store = RedisStore(private_redis.unix_url, timeout_ms=deadline_ms, max_in_flight=1)
@@ -872,39 +880,43 @@ def test_a_decision_queued_behind_a_stuck_batch_keeps_its_own_deadline(
             ahead_elapsed, ahead_error = await ahead
         assert isinstance(ahead_error, StoreTimeout)
         assert isinstance(behind_error, StoreTimeout)
-        # half a deadline of margin for a loaded machine; waiting for the batch ahead
-        # first would take one and a half deadlines
-        assert behind_elapsed < deadline_ms / 1000 * 1.3
-        assert ahead_elapsed < deadline_ms / 1000 * 1.3
+        # a deadline each, with 0.45 s to spare; waiting for the batch ahead first would
+        # take one and a half deadlines; never before the deadline (slowness only adds)
+        for elapsed in (behind_elapsed, ahead_elapsed):
+            assert deadline_ms / 1000 * 0.95 <= elapsed < deadline_ms / 1000 * 1.3
         await store.close()
 
     asyncio.run(main())
 
 
-class SlowBatches(CoalescingStore):
-    """Answers every decision after the delay given for its batch (no Redis)."""
+class HeldBatches(CoalescingStore):
+    """Answers each batch when the test sets that batch's event (no Redis)."""
 
-    def __init__(self, delays: list[float], timeout_ms: int) -> None:
+    def __init__(self, releases: list[asyncio.Event], timeout_ms: int) -> None:
         super().__init__(timeout_ms=timeout_ms, max_batch=256, max_in_flight=1)
-        self.delays = delays
+        self.releases = releases
         self.sizes: list[int] = []
 
     async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
+        release = self.releases[len(self.sizes)]
         self.sizes.append(len(batch))
-        await asyncio.sleep(self.delays.pop(0))
+        await release.wait()
         return [Evaluation((BudgetResult(True, 1, 0),), committed=True) for _ in batch]
 
 
 def test_each_decision_in_a_batch_keeps_its_own_deadline() -> None:
     """A decision that joins a batch late is not failed at the deadline of an older one in
-    it; the older one fails at its own deadline while the batch goes on."""
+    it; the older one fails at its own deadline while the batch goes on. The batches are
+    held by the test, so only the deadlines are time: the older one is seen failing while
+    its batch is still held, the younger one is then answered."""
+    timeout_s = 1.0
 
     async def main() -> None:
-        store = SlowBatches([0.38, 0.16], timeout_ms=400)
+        first_out, second_out = asyncio.Event(), asyncio.Event()
+        store = HeldBatches([first_out, second_out], timeout_ms=int(timeout_s * 1000))
         check = BudgetCheck("k", HOUR, 10, 1)
 
-        async def timed(delay: float) -> tuple[float, object]:
-            await asyncio.sleep(delay)
+        async def timed() -> tuple[float, object]:
             start = time.monotonic()
             try:
                 result: object = await store.evaluate([check], wall_ms())
@@ -912,14 +924,22 @@ def test_each_decision_in_a_batch_keeps_its_own_deadline() -> None:
                 result = exc
             return time.monotonic() - start, result
 
-        (_, first), (older_s, older), (younger_s, younger) = await asyncio.gather(
-            timed(0), timed(0.02), timed(0.36))
-        assert store.sizes == [1, 2]  # the two waited for the first batch, left together
-        assert isinstance(first, Evaluation)
-        assert isinstance(older, StoreTimeout)  # its deadline came while its batch ran
-        assert 0.38 <= older_s < 0.52
-        assert isinstance(younger, Evaluation)  # answered at ~0.54 s, within its 0.76 s
-        assert younger_s < 0.4
+        first = asyncio.ensure_future(timed())
+        await poll_async(lambda: store.sizes == [1], "the first batch out")
+        older = asyncio.ensure_future(timed())
+        await asyncio.sleep(timeout_s * 0.3)  # the younger one's deadline 0.3 s later
+        younger = asyncio.ensure_future(timed())
+        await asyncio.sleep(0)  # queued
+        first_out.set()  # both leave together in the second batch, which is then held
+        await poll_async(lambda: store.sizes == [1, 2], "the second batch out")
+        older_s, older_result = await older  # fails while its batch is still held
+        assert not second_out.is_set()
+        second_out.set()
+        (_, first_result), (_, younger_result) = await first, await younger
+        assert isinstance(first_result, Evaluation)
+        assert isinstance(older_result, StoreTimeout)  # its deadline came while its batch ran
+        assert older_s >= timeout_s * 0.95  # at its deadline, not before (slowness only adds)
+        assert isinstance(younger_result, Evaluation)  # not failed at the older one's deadline
 
     asyncio.run(main())
 

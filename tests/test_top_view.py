@@ -4,15 +4,19 @@ against a real ``mqpolicy serve`` process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
+import pty
 import select
 import signal
 import subprocess
 import sys
+import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -296,34 +300,144 @@ def test_top_once_against_a_running_server_prints_decisions_by_lane(
     assert row(by_url.stdout.splitlines(), "bulk")[1:6] == ["4", "2", "2", "0", "0"]
 
 
-def test_top_live_redraws_with_rates_and_quits_on_interrupt(
-        served: tuple[ServeProcess, int]) -> None:
-    _, metrics_port = served
-    top = subprocess.Popen(
-        [sys.executable, "-m", "mqpolicy", "top", "--interval", "0.2",
-         "--url", f"http://127.0.0.1:{metrics_port}/metrics"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "150"})
-    assert top.stdout is not None
-    output = b""
+# Starts ``python ARGS...`` the way a suite started in the background starts it: SIGINT
+# ignored (SIG_IGN is inherited through fork and exec); with "tty", also in a session of its
+# own whose controlling terminal is its stdin, so Ctrl-C typed there reaches it; with
+# "background", in that session but outside the terminal's foreground process group, as a
+# shell runs ``cmd &`` (this process says its PID on stderr, waits for it, passes SIGTERM
+# on, exits as it did).
+LAUNCH = """\
+import fcntl, os, signal, sys, termios
+signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[1] != "default" else signal.SIG_DFL)
+argv = [sys.executable, *sys.argv[3:]]
+if sys.argv[2] != "none":
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+if sys.argv[2] == "background":
+    child = os.fork()
+    if child == 0:
+        os.setpgid(0, 0)
+        os.execv(sys.executable, argv)
+    print(child, file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGTERM))
+    _, status = os.waitpid(child, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+os.execv(sys.executable, argv)
+"""
+FRAME = b"\x1b[H"
+
+
+def top_argv(metrics_port: int, sigint: str, terminal: str = "none") -> list[str]:
+    return [sys.executable, "-c", LAUNCH, sigint, terminal, "-m", "mqpolicy", "top",
+            "--interval", "0.2", "--url", f"http://127.0.0.1:{metrics_port}/metrics"]
+
+
+def read_until(fd: int, top: subprocess.Popen[bytes], done: Callable[[bytes], bool],
+               output: bytes = b"", timeout: float = 60) -> bytes:
+    """Output of ``top`` on ``fd`` until ``done(output)``; fails if it exits first."""
+    deadline = time.monotonic() + timeout
+    while not done(output):
+        assert time.monotonic() < deadline, output.decode(errors="replace")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"top exited ({top.poll()}): {output.decode(errors='replace')}"
+            output += chunk
+    return output
+
+
+@contextlib.contextmanager
+def top_at_a_terminal(metrics_port: int, terminal: str,
+                      ) -> Iterator[tuple[subprocess.Popen[bytes], int, int, list[Any]]]:
+    """``mqpolicy top`` on a pseudo-terminal's slave side, SIGINT ignored by its launcher:
+    the process (stopped by its PID afterwards if still running), the master and slave
+    descriptors (closed afterwards) and the terminal's modes before it started."""
+    master, slave = pty.openpty()
     try:
-        deadline = time.monotonic() + 20
-        while output.count(b"\x1b[H") < 3:  # three frames: rates from the second on
-            assert time.monotonic() < deadline, output.decode(errors="replace")
-            ready, _, _ = select.select([top.stdout], [], [], 0.5)
-            if ready:
-                chunk = os.read(top.stdout.fileno(), 65536)
-                assert chunk, f"top exited: {top.stderr.read() if top.stderr else b''!r}"
-                output += chunk
-        top.send_signal(signal.SIGINT)
-        assert top.wait(10) == 0
+        modes = termios.tcgetattr(slave)
+        top = subprocess.Popen(top_argv(metrics_port, "ignored", terminal), stdin=slave,
+                               stdout=slave, stderr=subprocess.PIPE,
+                               env={**os.environ, "COLUMNS": "150", "LINES": "60"})
+        try:
+            yield top, master, slave, modes
+        finally:
+            stop_by_pid(top)
     finally:
-        if top.poll() is None:
-            top.kill()
-            top.wait()
+        os.close(master)
+        os.close(slave)
+
+
+def stop_by_pid(top: subprocess.Popen[bytes]) -> None:
+    if top.poll() is None:
+        top.kill()
+        top.wait()
+
+
+@pytest.mark.parametrize("sigint", ["ignored", "default"])
+def test_top_live_redraws_with_rates_and_quits_on_interrupt(
+        served: tuple[ServeProcess, int], sigint: str) -> None:
+    """SIGINT quits it whatever it inherited (a job started in the background has it
+    ignored)."""
+    _, metrics_port = served
+    top = subprocess.Popen(top_argv(metrics_port, sigint), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env={**os.environ, "COLUMNS": "150"})
+    assert top.stdout is not None
+    try:
+        # three frames: rates from the second on
+        output = read_until(top.stdout.fileno(), top, lambda out: out.count(FRAME) >= 3)
+        top.send_signal(signal.SIGINT)
+        assert top.wait(60) == 0
+    finally:
+        stop_by_pid(top)
     last = output.decode().split("\x1b[H")[-1]
     assert "every 0." in last
     assert "all/s" in last and "accept/s" in last
     assert "\x1b[K" in last  # lines cleared to their end, no full-screen flash
+
+
+@pytest.mark.parametrize("how", ["q", "ctrl-c", "SIGTERM"])
+def test_top_at_a_terminal_quits_on_q_ctrl_c_or_sigterm_and_gives_the_terminal_back(
+        served: tuple[ServeProcess, int], how: str) -> None:
+    """On its terminal, with SIGINT ignored by whatever started it: each way of quitting
+    ends it with 0, the cursor shown again and the terminal's modes as they were."""
+    _, metrics_port = served
+    with top_at_a_terminal(metrics_port, "tty") as (top, master, slave, before):
+        output = read_until(master, top, lambda out: out.count(FRAME) >= 2)
+        assert "q or Ctrl-C quits" in output.decode(errors="replace").split("\x1b[H")[-1]
+        if how == "SIGTERM":
+            top.terminate()
+        else:
+            os.write(master, {"q": b"q", "ctrl-c": b"\x03"}[how])
+        code = top.wait(60)
+        stderr = top.stderr.read() if top.stderr else b""
+        assert code == 0, stderr
+        # the cursor shown again after the last frame
+        output = read_until(master, top, lambda out: b"\x1b[?25h" in out, output)
+        assert output.startswith(b"\x1b[?25l")  # it had hidden the cursor
+        assert output.rindex(FRAME) < output.rindex(b"\x1b[?25h")
+        assert termios.tcgetattr(slave) == before
+
+
+def test_top_in_the_background_of_a_terminal_leaves_its_modes_alone(
+        served: tuple[ServeProcess, int]) -> None:
+    """``mqpolicy top &``: a background process may not change its terminal's modes (it
+    would be stopped, SIGTTOU): it draws, leaves the modes as they were, quits on SIGTERM."""
+    _, metrics_port = served
+    with top_at_a_terminal(metrics_port, "background") as (top, master, slave, before):
+        assert top.stderr is not None
+        child = int(top.stderr.readline())  # top itself, in a process group of its own
+        code = None
+        try:
+            read_until(master, top, lambda out: out.count(FRAME) >= 2)
+            assert termios.tcgetattr(slave) == before  # still echoing, line by line
+            top.terminate()
+            code = top.wait(60)  # the launcher's status is top's: it has exited
+            assert code == 0, top.stderr.read()
+        finally:
+            if code is None:  # something failed before top exited
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
 
 
 def test_top_without_metrics_in_the_file_or_unreachable(tmp_path: Path) -> None:
