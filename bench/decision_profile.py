@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_bench import POLICY_TEMPLATE
 from policy_load import make_workload
 
-from mqpolicy.config import Policy, load_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.policy_codec import PolicyDecoder, encode_reply
-from mqpolicy.policy_service import PostfixPolicyHandler
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.codec import PolicyDecoder, encode_reply
+from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.policy.config import Policy, load_policy
+from mqpolicy.store.memory import MemoryStore
 
 
 def requests_of(count: int, seed: int) -> list[bytes]:

@@ -19,12 +19,41 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mqpolicy import __version__
-from mqpolicy.admin_client import AdminError, AdminUnavailable, ask_server
-from mqpolicy.admin_operations import AdminOperations
-from mqpolicy.admin_server import AdminServer
-from mqpolicy.backoff_store import open_backoff_store
-from mqpolicy.budget import StoreError
-from mqpolicy.config import (
+from mqpolicy.admin.client import AdminError, AdminUnavailable, ask_server
+from mqpolicy.admin.operations import AdminOperations
+from mqpolicy.admin.server import AdminServer
+from mqpolicy.commands.scheduler import cmd_queue, cmd_scheduler
+from mqpolicy.commands.top import add_top_arguments, run_top
+from mqpolicy.daemon.reload import reload_on_hangup, reload_policy
+from mqpolicy.daemon.sd_notify import sd_notify
+from mqpolicy.daemon.structured_log import configure_logging, skip_record_sources
+from mqpolicy.decision.counter_report import (
+    CounterRow,
+    counter_rows,
+    render_counter_rows,
+    reset_budgets,
+)
+from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
+from mqpolicy.decision.service import DecisionService, wall_clock_ms
+from mqpolicy.delegation.codec import PolicyProtocolError
+from mqpolicy.delegation.explanation import (
+    Explanation,
+    explain,
+    parse_request_text,
+    render_explanation,
+)
+from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.delegation.server import PolicyServer
+from mqpolicy.feedback.follower import FeedbackService
+from mqpolicy.lab.demo import add_demo_arguments, run_demo
+from mqpolicy.metrics.registry import (
+    DESTINATIONS_IN_BACKOFF,
+    MetricsServer,
+    ReloadStats,
+    core_registry,
+)
+from mqpolicy.milter.service import MilterRunner
+from mqpolicy.policy.config import (
     ConfigError,
     MetricsSettings,
     MilterSettings,
@@ -32,41 +61,17 @@ from mqpolicy.config import (
     SchedulerSettings,
     load_policy,
 )
-from mqpolicy.counter_report import (
-    CounterRow,
-    counter_rows,
-    render_counter_rows,
-    reset_budgets,
-)
-from mqpolicy.decisions import DecisionService, wall_clock_ms
-from mqpolicy.demo import add_demo_arguments, run_demo
-from mqpolicy.endpoints import EndpointSyntaxError, parse_endpoint
-from mqpolicy.explanation import (
-    Explanation,
-    explain,
-    parse_request_text,
-    render_explanation,
-)
-from mqpolicy.feedback import FeedbackService
-from mqpolicy.hold_records import HoldRecordStore, records_for, waiting_lanes
-from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, MetricsServer, ReloadStats, core_registry
-from mqpolicy.milter_service import MilterRunner
-from mqpolicy.mx_rollup import DestinationFinder, needs_mx
-from mqpolicy.policy_codec import PolicyProtocolError
-from mqpolicy.policy_reload import reload_on_hangup, reload_policy
-from mqpolicy.policy_server import PolicyServer
-from mqpolicy.policy_service import PostfixPolicyHandler
-from mqpolicy.postfix_config import add_arguments as add_postfix_config_arguments
-from mqpolicy.postfix_config import cmd_postfix_config
-from mqpolicy.release_agent import DEFAULT_AGENT_ENDPOINT, cmd_release_agent
-from mqpolicy.request import Request
-from mqpolicy.runtime_state import RuntimeRefresher, make_resolver
-from mqpolicy.scheduler import Scheduler, open_mta_queue, register_scheduler_metrics
-from mqpolicy.scheduler_cli import cmd_queue, cmd_scheduler
-from mqpolicy.sd_notify import sd_notify
-from mqpolicy.store_factory import open_store
-from mqpolicy.structured_log import configure_logging, skip_record_sources
-from mqpolicy.top_view import add_top_arguments, run_top
+from mqpolicy.policy.destinations import DestinationFinder, needs_mx
+from mqpolicy.policy.endpoints import EndpointSyntaxError, parse_endpoint
+from mqpolicy.policy.request import Request
+from mqpolicy.postfix.config_generator import add_arguments as add_postfix_config_arguments
+from mqpolicy.postfix.config_generator import cmd_postfix_config
+from mqpolicy.scheduler.release_agent import DEFAULT_AGENT_ENDPOINT, cmd_release_agent
+from mqpolicy.scheduler.scheduler import Scheduler, open_mta_queue, register_scheduler_metrics
+from mqpolicy.store.backoff_states import open_backoff_store
+from mqpolicy.store.budget import StoreError
+from mqpolicy.store.hold_records import HoldRecordStore, records_for, waiting_lanes
+from mqpolicy.store.urls import open_store
 
 DEFAULT_CONFIG = "/etc/mqpolicy/mqpolicy.yaml"
 log = logging.getLogger("mqpolicy.main")

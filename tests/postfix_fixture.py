@@ -1,6 +1,6 @@
 """A private real Postfix for end-to-end tests: one per test session, never the system one.
 
-``mail_stack_session`` (session): a :class:`~mqpolicy.postfix_instance.MailStack`: a
+``mail_stack_session`` (session): a :class:`~mqpolicy.lab.postfix_instance.MailStack`: a
 private Postfix (own config, queue, data and log directories, fresh loopback ports), an
 SMTP sink behind it, and ``mqpolicy serve`` beside it. Postfix's mqpolicy settings are the
 output of the ``mqpolicy postfix-config`` command for the current policy file: no
@@ -31,14 +31,14 @@ from typing import Any
 
 import pytest
 
-from mqpolicy.postfix_config import (
+from mqpolicy.lab.postfix_instance import POSTFIX, MailStack, QueuedMessage
+from mqpolicy.postfix.config_generator import (
     HEADER_CHECKS_FILE,
     SECTION_HEADER_CHECKS,
     SECTION_MAIN,
     SECTION_MASTER,
     split_sections,
 )
-from mqpolicy.postfix_instance import POSTFIX, MailStack, QueuedMessage
 
 # The lanes every end-to-end test uses: keeping them fixed means a policy swap never
 # changes Postfix's configuration (no Postfix reload between tests).

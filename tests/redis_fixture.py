@@ -25,8 +25,8 @@ from typing import Protocol, TypeVar
 import pytest
 import redis
 
-from mqpolicy.endpoints import Endpoint
-from mqpolicy.postfix_instance import accepts, free_port
+from mqpolicy.lab.postfix_instance import accepts, free_port
+from mqpolicy.policy.endpoints import Endpoint
 
 REDIS_SERVER_BIN = os.environ.get("MQPOLICY_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 _READY_TIMEOUT_S = 10.0

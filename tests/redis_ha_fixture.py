@@ -28,7 +28,7 @@ from typing import TypeVar
 import pytest
 import redis
 
-from mqpolicy.postfix_instance import free_port
+from mqpolicy.lab.postfix_instance import free_port
 from tests.redis_fixture import REDIS_SERVER_BIN, _launcher, running_in_tmpdir
 
 REDIS_CLI_BIN = os.environ.get("MQPOLICY_TEST_REDIS_CLI", "/usr/bin/redis-cli")

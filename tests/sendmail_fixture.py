@@ -15,7 +15,7 @@ behind every line here: /work/shared/SENDMAIL_NOTES.md. In short:
   milter is ``inet:PORT@127.0.0.1``.
 
 ``SendmailInstance.command`` is the wrapper: point ``MQPOLICY_SENDMAIL`` at it so that
-:class:`mqpolicy.sendmail_queue.SendmailQueue` drives this instance. The daemon runs in
+:class:`mqpolicy.scheduler.sendmail_queue.SendmailQueue` drives this instance. The daemon runs in
 the foreground (``-bD``), is waited for by polling its SMTP port, and is stopped by its PID.
 """
 
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.mta_queue import QueueEntry
-from mqpolicy.postfix_instance import free_port, poll, smtp_banner
-from mqpolicy.sendmail_queue import parse_mailq
-from mqpolicy.smtp_sink import ThreadedSmtpSink
+from mqpolicy.lab.postfix_instance import free_port, poll, smtp_banner
+from mqpolicy.lab.smtp_sink import ThreadedSmtpSink
+from mqpolicy.scheduler.mta_queue import QueueEntry
+from mqpolicy.scheduler.sendmail_queue import parse_mailq
 
 PACKAGES = ("sendmail-bin", "sendmail-cf", "m4", "libwrap0")
 # scripts/fetch_sendmail.sh (run by scripts/bootstrap.sh) fills the same layout

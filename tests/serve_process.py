@@ -11,9 +11,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mqpolicy.endpoints import Endpoint
-from mqpolicy.policy_codec import encode_request
-from mqpolicy.postfix_instance import accepts, free_port, poll
+from mqpolicy.delegation.codec import encode_request
+from mqpolicy.lab.postfix_instance import accepts, free_port, poll
+from mqpolicy.policy.endpoints import Endpoint
 
 __all__ = ["MqpolicyProcess", "ServeProcess", "free_port"]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mqpolicy.admin_codec import (
+from mqpolicy.admin.codec import (
     AdminAnswer,
     AdminDecoder,
     AdminRequest,

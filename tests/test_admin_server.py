@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from mqpolicy.admin_client import AdminFailed, AdminUnavailable, ask_server
-from mqpolicy.admin_codec import BadArguments, encode_request
-from mqpolicy.admin_server import AdminHandler, AdminServer
+from mqpolicy.admin.client import AdminFailed, AdminUnavailable, ask_server
+from mqpolicy.admin.codec import BadArguments, encode_request
+from mqpolicy.admin.server import AdminHandler, AdminServer
 from mqpolicy.cli import cmd_explain
-from mqpolicy.config import Policy, parse_policy
-from mqpolicy.endpoints import Endpoint
+from mqpolicy.policy.config import Policy, parse_policy
+from mqpolicy.policy.endpoints import Endpoint
 from tests.test_policy_server import run
 
 

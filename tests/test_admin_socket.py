@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.admin_codec import encode_request
-from mqpolicy.postfix_instance import MailStack, poll
+from mqpolicy.admin.codec import encode_request
+from mqpolicy.lab.postfix_instance import MailStack, poll
 from tests.postfix_fixture import held, lanes, restart_serve
 from tests.redis_fixture import RedisServer
 from tests.serve_process import MqpolicyProcess, ServeProcess, free_port

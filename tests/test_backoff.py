@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqpolicy.backoff import (
+from mqpolicy.policy.backoff import (
     MAX_EVIDENCE,
     BackoffChange,
     BackoffSettings,
@@ -299,8 +299,8 @@ def test_feedback_pipeline_from_a_rotated_postfix_log(tmp_path: Any) -> None:
     fed to the controller with the recipient domain as the destination."""
     from datetime import UTC, datetime
 
-    from mqpolicy.delivery_log import parse_delivery_line, slow_down_reason
-    from mqpolicy.log_follower import LogFollower
+    from mqpolicy.feedback.delivery_log import parse_delivery_line, slow_down_reason
+    from mqpolicy.feedback.log_follower import LogFollower
     from tests.test_delivery_log import CAPTURED, CAPTURED_OTHER
 
     log = tmp_path / "maillog"

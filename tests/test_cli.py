@@ -305,7 +305,7 @@ def test_reloads_run_one_at_a_time_in_the_order_of_the_signals() -> None:
     import os
     import signal
 
-    from mqpolicy.policy_reload import reload_on_hangup
+    from mqpolicy.daemon.reload import reload_on_hangup
 
     events: list[str] = []
 

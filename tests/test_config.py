@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.config import (
+from mqpolicy.policy.config import (
     ActionKind,
     ConfigError,
     Count,
@@ -17,7 +17,7 @@ from mqpolicy.config import (
     load_policy,
     parse_policy,
 )
-from mqpolicy.request import Request
+from mqpolicy.policy.request import Request
 
 LANES = """\
 lanes:

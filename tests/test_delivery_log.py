@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqpolicy.delivery_log import (
+from mqpolicy.feedback.delivery_log import (
     DeliveryEvent,
     collapse_reply,
     compile_patterns,

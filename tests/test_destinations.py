@@ -11,15 +11,15 @@ from types import MappingProxyType
 
 import pytest
 
-from mqpolicy.backoff_store import MemoryBackoffStore, RedisBackoffStore
-from mqpolicy.config import ConfigError, Policy, parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.engine import Action, RuntimeState, make_plan, not_applied_reason
-from mqpolicy.feedback import FeedbackService
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.mx_rollup import MxResolver
-from mqpolicy.request import Request
-from mqpolicy.runtime_state import RuntimeRefresher
+from mqpolicy.decision.engine import Action, RuntimeState, make_plan, not_applied_reason
+from mqpolicy.decision.runtime_state import RuntimeRefresher
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.feedback.follower import FeedbackService
+from mqpolicy.policy.config import ConfigError, Policy, parse_policy
+from mqpolicy.policy.destinations import MxResolver
+from mqpolicy.policy.request import Request
+from mqpolicy.store.backoff_states import MemoryBackoffStore, RedisBackoffStore
+from mqpolicy.store.memory import MemoryStore
 from tests.dns_fixture import FakeDnsServer
 from tests.redis_fixture import RedisServer
 from tests.redis_ha_fixture import RedisClusterHarness, RedisSentinelHarness
@@ -293,7 +293,7 @@ def test_feedback_follows_the_log_and_decisions_follow_the_factor(tmp_path: Path
 
 
 def test_redis_backoff_store_updates_atomically(redis_clean: RedisServer) -> None:
-    from mqpolicy.backoff import BackoffSettings, on_slow_down
+    from mqpolicy.policy.backoff import BackoffSettings, on_slow_down
 
     settings = BackoffSettings(decrease=0.9, cooldown_ms=0, min_factor=0.001)
 
@@ -332,8 +332,8 @@ def test_feedback_section_errors() -> None:
 
 
 def _forty_updates(url: str) -> float:
-    from mqpolicy.backoff import BackoffSettings, on_slow_down
-    from mqpolicy.backoff_store import open_backoff_store
+    from mqpolicy.policy.backoff import BackoffSettings, on_slow_down
+    from mqpolicy.store.backoff_states import open_backoff_store
 
     settings = BackoffSettings(decrease=0.9, cooldown_ms=0, min_factor=0.001)
 

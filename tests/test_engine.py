@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 import pytest
 
-from mqpolicy.budget import BucketState, BudgetCheck, Evaluation, StoreError
-from mqpolicy.config import Policy, parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.engine import Action, RuntimeState, classify, make_plan, not_applied_reason
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.policy_service import postfix_action
-from mqpolicy.request import Request
+from mqpolicy.decision.engine import Action, RuntimeState, classify, make_plan, not_applied_reason
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.handler import postfix_action
+from mqpolicy.policy.config import Policy, parse_policy
+from mqpolicy.policy.request import Request
+from mqpolicy.store.budget import BucketState, BudgetCheck, Evaluation, StoreError
+from mqpolicy.store.memory import MemoryStore
 
 BASE = """\
 lanes:

@@ -10,8 +10,8 @@ import logging
 
 import pytest
 
-from mqpolicy.explanation import Explanation, explain, render_explanation
-from mqpolicy.request import Request
+from mqpolicy.delegation.explanation import Explanation, explain, render_explanation
+from mqpolicy.policy.request import Request
 from tests.test_engine import service
 
 LIMITS = """\

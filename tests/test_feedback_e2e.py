@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from mqpolicy.postfix_instance import MailStack
+from mqpolicy.lab.postfix_instance import MailStack
 from tests.postfix_fixture import policy, unique_address
 
 TIMEOUT_S = 30.0

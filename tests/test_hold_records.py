@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from mqpolicy.budget import StoreError
-from mqpolicy.hold_records import (
+from mqpolicy.store.budget import StoreError
+from mqpolicy.store.hold_records import (
     MAX_DESTINATIONS,
     BrokenRecord,
     HeldSpend,

@@ -12,18 +12,18 @@ from collections.abc import Sequence
 import Milter
 import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 
-from mqpolicy.budget import StoreError
-from mqpolicy.config import ErrorAction, MilterSettings, parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.hold_records import (
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.milter.service import DecisionGateway
+from mqpolicy.policy.config import ErrorAction, MilterSettings, parse_policy
+from mqpolicy.store.budget import StoreError
+from mqpolicy.store.hold_records import (
     MAX_DESTINATIONS,
     HeldSpend,
     HoldRecord,
     MemoryHoldRecords,
 )
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.milter_service import DecisionGateway
-from mqpolicy.policy_service import PostfixPolicyHandler
+from mqpolicy.store.memory import MemoryStore
 from tests.test_milter_service import Loop, Session, loop  # noqa: F401 - fixture
 
 POLICY = """\

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import pytest
 
-from mqpolicy.log_follower import FollowPosition, LogFollower
+from mqpolicy.feedback.log_follower import FollowPosition, LogFollower
 
 T = TypeVar("T")
 

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.budget import BucketState, BudgetCheck, Evaluation, StoreError
-from mqpolicy.config import Policy, parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.endpoints import Endpoint
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.metrics import (
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.codec import encode_request
+from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.delegation.server import PolicyServer
+from mqpolicy.metrics.registry import (
     HistogramSnapshot,
     LatencyHistogram,
     MetricsRegistry,
@@ -36,10 +35,11 @@ from mqpolicy.metrics import (
     ReloadStats,
     core_registry,
 )
-from mqpolicy.policy_codec import encode_request
-from mqpolicy.policy_server import PolicyServer
-from mqpolicy.policy_service import PostfixPolicyHandler
-from mqpolicy.request import Request
+from mqpolicy.policy.config import Policy, parse_policy
+from mqpolicy.policy.endpoints import Endpoint
+from mqpolicy.policy.request import Request
+from mqpolicy.store.budget import BucketState, BudgetCheck, Evaluation, StoreError
+from mqpolicy.store.memory import MemoryStore
 from tests.serve_process import ServeProcess, free_port
 
 # ---------------------------------------------------------------- a strict parser
@@ -195,7 +195,7 @@ def test_histogram_refuses_bad_bounds(bounds: Sequence[float]) -> None:
 
 
 def test_busiest_keys_bounded_exact_for_the_hot_key_and_favours_recent_activity() -> None:
-    from mqpolicy.metrics import BusiestKeys
+    from mqpolicy.metrics.registry import BusiestKeys
 
     keys = BusiestKeys(capacity=10)
     for _ in range(100):
@@ -217,7 +217,7 @@ def test_busiest_keys_bounded_exact_for_the_hot_key_and_favours_recent_activity(
 
 
 def test_busiest_keys_exact_below_capacity() -> None:
-    from mqpolicy.metrics import BusiestKeys
+    from mqpolicy.metrics.registry import BusiestKeys
 
     keys = BusiestKeys(capacity=5)
     for i in range(10):
@@ -756,7 +756,7 @@ DASHBOARD = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / \
 
 
 def test_dashboard_uses_only_metrics_that_exist() -> None:
-    from mqpolicy.metrics import DESTINATIONS_IN_BACKOFF, HELD_MESSAGES, RELEASES
+    from mqpolicy.metrics.registry import DESTINATIONS_IN_BACKOFF, HELD_MESSAGES, RELEASES
 
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["schemaVersion"] >= 36

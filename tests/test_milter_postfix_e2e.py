@@ -13,15 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.postfix_config import (
-    HEADER_CHECKS_FILE,
-    LANE_HEADER,
-    SECTION_HEADER_CHECKS,
-    SECTION_MAIN,
-    SECTION_MASTER,
-    split_sections,
-)
-from mqpolicy.postfix_instance import (
+from mqpolicy.lab.postfix_instance import (
     POSTFIX,
     LogReader,
     MailStack,
@@ -29,6 +21,14 @@ from mqpolicy.postfix_instance import (
     make_message,
     poll,
     submit_on,
+)
+from mqpolicy.postfix.config_generator import (
+    HEADER_CHECKS_FILE,
+    LANE_HEADER,
+    SECTION_HEADER_CHECKS,
+    SECTION_MAIN,
+    SECTION_MASTER,
+    split_sections,
 )
 from tests.postfix_fixture import milter_policy, unique_address
 

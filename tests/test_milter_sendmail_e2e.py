@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.postfix_config import LANE_HEADER
-from mqpolicy.postfix_instance import Submission, make_message, poll, submit, submit_on
-from mqpolicy.sendmail_queue import parse_mailq
+from mqpolicy.lab.postfix_instance import Submission, make_message, poll, submit, submit_on
+from mqpolicy.postfix.config_generator import LANE_HEADER
+from mqpolicy.scheduler.sendmail_queue import parse_mailq
 from tests.postfix_fixture import unique_address
 from tests.sendmail_fixture import (
     HOSTNAME,

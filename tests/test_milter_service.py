@@ -16,9 +16,21 @@ import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 import pytest
 from Milter.testctx import TestCtx as MilterTestCtx
 
-from mqpolicy.budget import BudgetCheck, Evaluation
-from mqpolicy.conditions import ConditionError, compile_condition, has_bulk_signal, message_priority
-from mqpolicy.config import (
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.metrics.registry import core_registry
+from mqpolicy.milter.service import (
+    MAX_HEADER_VALUE,
+    DecisionGateway,
+    PolicyMilter,
+)
+from mqpolicy.policy.conditions import (
+    ConditionError,
+    compile_condition,
+    has_bulk_signal,
+    message_priority,
+)
+from mqpolicy.policy.config import (
     ConfigError,
     ErrorAction,
     MilterSettings,
@@ -26,17 +38,10 @@ from mqpolicy.config import (
     RcptLimits,
     parse_policy,
 )
-from mqpolicy.decisions import DecisionService
-from mqpolicy.endpoints import MilterEndpointError, parse_milter_endpoint
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.metrics import core_registry
-from mqpolicy.milter_service import (
-    MAX_HEADER_VALUE,
-    DecisionGateway,
-    PolicyMilter,
-)
-from mqpolicy.policy_service import PostfixPolicyHandler
-from mqpolicy.request import Request
+from mqpolicy.policy.endpoints import MilterEndpointError, parse_milter_endpoint
+from mqpolicy.policy.request import Request
+from mqpolicy.store.budget import BudgetCheck, Evaluation
+from mqpolicy.store.memory import MemoryStore
 
 
 def parse_policy_text(text: str, source: str = "<string>") -> tuple[Policy, MilterSettings | None]:

@@ -23,8 +23,8 @@ import pytest
 from miltertest import MilterConnection
 from miltertest import constants as C
 
-from mqpolicy.policy_codec import encode_request
-from mqpolicy.postfix_instance import free_port
+from mqpolicy.delegation.codec import encode_request
+from mqpolicy.lab.postfix_instance import free_port
 from tests.redis_fixture import RedisServer
 from tests.serve_process import MqpolicyProcess
 

@@ -14,15 +14,15 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mqpolicy.budget import BudgetCheck
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.mx_rollup import (
+from mqpolicy.policy.destinations import (
     DestinationMatcher,
     LookupOutcome,
     MxResolver,
     match_destination,
     parse_pattern,
 )
+from mqpolicy.store.budget import BudgetCheck
+from mqpolicy.store.memory import MemoryStore
 from tests.dns_fixture import FakeDnsServer
 
 T = TypeVar("T")

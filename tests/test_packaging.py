@@ -56,9 +56,9 @@ def test_wheel_ships_scripts_marker_and_example(wheel: Path) -> None:
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         console = archive.read(entry_points).decode()
         example = archive.read("mqpolicy/examples/mqpolicy.yaml").decode()
-    scripts = {p.name for p in (ROOT / "mqpolicy" / "lua").glob("*.lua")}
+    scripts = {p.name for p in (ROOT / "mqpolicy" / "store" / "lua").glob("*.lua")}
     assert {"gcra_batch.lua", "gcra_refund.lua"} <= scripts
-    assert {f"mqpolicy/lua/{name}" for name in scripts} <= names
+    assert {f"mqpolicy/store/lua/{name}" for name in scripts} <= names
     assert "mqpolicy/py.typed" in names
     assert example == (ROOT / "conf" / "mqpolicy.yaml").read_text()
     assert "mqpolicy = mqpolicy.cli:main" in console
@@ -78,7 +78,7 @@ def test_installed_wheel_runs_mqpolicy_check_on_its_example(wheel: Path, tmp_pat
     where = run([str(python), "-c", "import mqpolicy; print(mqpolicy.__file__)"], cwd=tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(site)
     run([str(python), "-c",
-         "from mqpolicy.redis_store import load_script; "
+         "from mqpolicy.store.redis import load_script; "
          "assert 'KEYS' in load_script() and 'KEYS' in load_script('gcra_refund.lua')"],
         cwd=tmp_path)  # fmt: skip
 
@@ -86,7 +86,7 @@ def test_installed_wheel_runs_mqpolicy_check_on_its_example(wheel: Path, tmp_pat
     checked = run([str(venv / "bin" / "mqpolicy"), "check", "-c", str(example)], cwd=tmp_path)
     assert "OK" in checked.stdout + checked.stderr
     # `mqpolicy demo` finds its policy in the installed package, not in a checkout
-    demo = run([str(python), "-c", "from mqpolicy.demo import DEMO_CONFIG; print(DEMO_CONFIG)"],
+    demo = run([str(python), "-c", "from mqpolicy.lab.demo import DEMO_CONFIG; print(DEMO_CONFIG)"],
                cwd=tmp_path).stdout.strip()
     assert Path(demo).is_relative_to(site)
     assert "OK" in run([str(venv / "bin" / "mqpolicy"), "check", "-c", demo],

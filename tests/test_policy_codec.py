@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqpolicy.policy_codec import (
+from mqpolicy.delegation.codec import (
     DecoderFailed,
     MalformedLine,
     PolicyDecoder,

@@ -12,16 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mqpolicy.budget import CounterStore
-from mqpolicy.config import Policy, parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.endpoints import Endpoint
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.policy_codec import encode_request
-from mqpolicy.policy_server import PolicyServer
-from mqpolicy.policy_service import PostfixPolicyHandler
-from mqpolicy.redis_store import RedisStore
-from mqpolicy.request import Request
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.codec import encode_request
+from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.delegation.server import PolicyServer
+from mqpolicy.policy.config import Policy, parse_policy
+from mqpolicy.policy.endpoints import Endpoint
+from mqpolicy.policy.request import Request
+from mqpolicy.store.budget import CounterStore
+from mqpolicy.store.memory import MemoryStore
+from mqpolicy.store.redis import RedisStore
 from tests.redis_fixture import RedisServer
 
 POLICY = """\

@@ -24,14 +24,14 @@ from typing import Any
 
 import pytest
 
-from mqpolicy.endpoints import Endpoint
-from mqpolicy.policy_codec import encode_request
-from mqpolicy.policy_server import (
+from mqpolicy.delegation.codec import encode_request
+from mqpolicy.delegation.server import (
     DEFAULT_ERROR_ACTION,
     PolicyHandler,
     PolicyServer,
     connection_id,
 )
+from mqpolicy.policy.endpoints import Endpoint
 
 LOCAL = Endpoint(host="127.0.0.1", port=0)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.cli import main
-from mqpolicy.config import ConfigError, Policy, PostfixDelivery, load_policy
-from mqpolicy.mx_rollup import match_destination
-from mqpolicy.postfix_config import (
+from mqpolicy.policy.config import ConfigError, Policy, PostfixDelivery, load_policy
+from mqpolicy.policy.destinations import match_destination
+from mqpolicy.postfix.config_generator import (
     POSTCONF,
     SECTION_HEADER_CHECKS,
     SECTION_MAIN,

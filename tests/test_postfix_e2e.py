@@ -7,8 +7,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from mqpolicy.config import parse_policy
-from mqpolicy.postfix_config import (
+from mqpolicy.lab.postfix_instance import MailStack, QueuedMessage, backdate, poll
+from mqpolicy.lab.smtp_sink import SinkMessage
+from mqpolicy.policy.config import parse_policy
+from mqpolicy.postfix.config_generator import (
     HEADER_CHECKS_FILE,
     SECTION_HEADER_CHECKS,
     SECTION_MAIN,
@@ -19,8 +21,6 @@ from mqpolicy.postfix_config import (
     generate,
     split_sections,
 )
-from mqpolicy.postfix_instance import MailStack, QueuedMessage, backdate, poll
-from mqpolicy.smtp_sink import SinkMessage
 from tests.postfix_fixture import LANES, policy, unique_address
 
 DELIVERY_TIMEOUT_S = 15.0
@@ -256,7 +256,7 @@ limits:
     assert _held(queue, at_eom)[0].recipients == ("b@example.org", "c@example.org")
     log = mail_stack.postfix.log_file.read_text().splitlines()
     # A hold decided at RCPT is applied at END-OF-MESSAGE, where the queue id is known and
-    # the scheduler's record is written first (mqpolicy/policy_service.py).
+    # the scheduler's record is written first (mqpolicy/delegation/handler.py).
     assert any(f"{held_rcpt.queue_id}: hold: END-OF-MESSAGE from" in line for line in log)
     assert any(f"{held_eom.queue_id}: hold: END-OF-MESSAGE from" in line for line in log)
     assert len(arrived(mail_stack, at_rcpt, 1)) == 1  # only the first one so far

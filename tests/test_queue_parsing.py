@@ -11,16 +11,16 @@ import time
 
 import pytest
 
-from mqpolicy.mta_queue import QueueCommandError, run_command
-from mqpolicy.postfix_queue import parse_postqueue_json, parse_released
-from mqpolicy.scheduled_delivery import (
+from mqpolicy.milter.scheduled_delivery import (
     DEFERRED_DELIVERY,
     DELIVER_AFTER,
     parse_deferred_delivery,
     parse_deliver_after,
     requested_time,
 )
-from mqpolicy.sendmail_queue import parse_mailq
+from mqpolicy.scheduler.mta_queue import QueueCommandError, run_command
+from mqpolicy.scheduler.postfix_queue import parse_postqueue_json, parse_released
+from mqpolicy.scheduler.sendmail_queue import parse_mailq
 
 # As Postfix 3.7 prints it (one object per line; delay_reason once tried).
 POSTQUEUE_J = (

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from mqpolicy.budget import BudgetCheck, BudgetResult, Evaluation, StoreError
-from mqpolicy.cluster_store import ClusterStore, parse_cluster_url
-from mqpolicy.config import Policy, parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.engine import Action
-from mqpolicy.request import Request
-from mqpolicy.sentinel_store import SentinelStore, parse_sentinel_url
-from mqpolicy.store_factory import open_store
+from mqpolicy.decision.engine import Action
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.policy.config import Policy, parse_policy
+from mqpolicy.policy.request import Request
+from mqpolicy.store.budget import BudgetCheck, BudgetResult, Evaluation, StoreError
+from mqpolicy.store.cluster import ClusterStore, parse_cluster_url
+from mqpolicy.store.sentinel import SentinelStore, parse_sentinel_url
+from mqpolicy.store.urls import open_store
 from tests.test_stores import Reference
 
 if TYPE_CHECKING:

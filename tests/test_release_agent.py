@@ -1,6 +1,6 @@
 """The release agent over its real unix socket, with a recording MTA queue behind it (the
 real MTAs: tests/test_unit_privileges.py), and the scheduler's side of it
-(:class:`~mqpolicy.agent_queue.AgentQueue`)."""
+(:class:`~mqpolicy.scheduler.agent_queue.AgentQueue`)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.agent_queue import AgentQueue
-from mqpolicy.config import MtaKind, SchedulerSettings, parse_policy
-from mqpolicy.endpoints import Endpoint, parse_endpoint
-from mqpolicy.mta_queue import QueueCommandError, QueueEntry, QueueSnapshot
-from mqpolicy.postfix_queue import PostfixQueue
-from mqpolicy.release_agent import AgentServer, ReleaseAgent
-from mqpolicy.release_protocol import encode, release_request
-from mqpolicy.scheduler import open_mta_queue
+from mqpolicy.policy.config import MtaKind, SchedulerSettings, parse_policy
+from mqpolicy.policy.endpoints import Endpoint, parse_endpoint
+from mqpolicy.scheduler.agent_queue import AgentQueue
+from mqpolicy.scheduler.mta_queue import QueueCommandError, QueueEntry, QueueSnapshot
+from mqpolicy.scheduler.postfix_queue import PostfixQueue
+from mqpolicy.scheduler.release_agent import AgentServer, ReleaseAgent
+from mqpolicy.scheduler.release_protocol import encode, release_request
+from mqpolicy.scheduler.scheduler import open_mta_queue
 
 HELD = "3C72720E2D1"
 HELD_LONG = "4jjYK03PYdzJ9Wd"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from mqpolicy.budget import BudgetCheck
-from mqpolicy.config import LoadThresholds, Policy, parse_policy
-from mqpolicy.engine import make_plan
-from mqpolicy.hold_records import BrokenRecord, HeldSpend, HoldRecord, RecordSet, RecordState
-from mqpolicy.mta_queue import QueueEntry
-from mqpolicy.release_planner import (
+from mqpolicy.decision.engine import make_plan
+from mqpolicy.policy.config import LoadThresholds, Policy, parse_policy
+from mqpolicy.policy.request import Request
+from mqpolicy.scheduler.mta_queue import QueueEntry
+from mqpolicy.scheduler.planner import (
     Candidate,
     lane_release_check,
     lanes_to_pause,
@@ -19,7 +18,8 @@ from mqpolicy.release_planner import (
     release_checks,
     summarize,
 )
-from mqpolicy.request import Request
+from mqpolicy.store.budget import BudgetCheck
+from mqpolicy.store.hold_records import BrokenRecord, HeldSpend, HoldRecord, RecordSet, RecordState
 
 POLICY = """\
 lanes:

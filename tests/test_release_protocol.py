@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from mqpolicy.config import MtaKind
-from mqpolicy.mta_queue import QueueEntry, QueueSnapshot
-from mqpolicy.release_protocol import (
+from mqpolicy.policy.config import MtaKind
+from mqpolicy.scheduler.mta_queue import QueueEntry, QueueSnapshot
+from mqpolicy.scheduler.release_protocol import (
     MAX_IDS,
     LineDecoder,
     ListRequest,

@@ -11,16 +11,16 @@ from collections.abc import Sequence
 
 import pytest
 
-import mqpolicy.scheduler as scheduler_module
-from mqpolicy.budget import StoreError
-from mqpolicy.config import Policy, parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.hold_records import HoldRecord, MemoryHoldRecords, RecordState
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.mta_queue import QueueCommandError, QueueEntry, QueueSnapshot
-from mqpolicy.policy_service import PostfixPolicyHandler
-from mqpolicy.request import Request
-from mqpolicy.scheduler import Scheduler
+import mqpolicy.scheduler.scheduler as scheduler_module
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.policy.config import Policy, parse_policy
+from mqpolicy.policy.request import Request
+from mqpolicy.scheduler.mta_queue import QueueCommandError, QueueEntry, QueueSnapshot
+from mqpolicy.scheduler.scheduler import Scheduler
+from mqpolicy.store.budget import StoreError
+from mqpolicy.store.hold_records import HoldRecord, MemoryHoldRecords, RecordState
+from mqpolicy.store.memory import MemoryStore
 
 POLICY = """\
 lanes:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.hold_records import BrokenRecord, HoldRecord, RecordSet
-from mqpolicy.mta_queue import QueueEntry
-from mqpolicy.release_planner import QueueSummary, plan_releases, summarize
-from mqpolicy.scheduler_cli import render_queue
+from mqpolicy.commands.scheduler import render_queue
+from mqpolicy.scheduler.mta_queue import QueueEntry
+from mqpolicy.scheduler.planner import QueueSummary, plan_releases, summarize
+from mqpolicy.store.hold_records import BrokenRecord, HoldRecord, RecordSet
 from tests.redis_fixture import RedisServer
 from tests.serve_process import MqpolicyProcess
 from tests.test_release_planner import policy

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from mqpolicy.postfix_instance import POSTSUPER, MailStack, poll
-from mqpolicy.smtp_sink import SinkMessage
+from mqpolicy.lab.postfix_instance import POSTSUPER, MailStack, poll
+from mqpolicy.lab.smtp_sink import SinkMessage
 from tests.postfix_fixture import BASE_POLICY, ORDER, held, lanes, restart_serve, write_postfix
 from tests.redis_fixture import RedisServer
 from tests.serve_process import MqpolicyProcess

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.endpoints import Endpoint
-from mqpolicy.postfix_instance import accepts, free_port
+from mqpolicy.lab.postfix_instance import accepts, free_port
+from mqpolicy.policy.endpoints import Endpoint
 from tests.redis_fixture import RedisServer
 from tests.serve_process import MqpolicyProcess
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.endpoints import Endpoint
-from mqpolicy.postfix_instance import accepts, free_port, make_message, poll, submit
-from mqpolicy.sendmail_queue import parse_mailq
-from mqpolicy.smtp_sink import ThreadedSmtpSink
+from mqpolicy.lab.postfix_instance import accepts, free_port, make_message, poll, submit
+from mqpolicy.lab.smtp_sink import ThreadedSmtpSink
+from mqpolicy.policy.endpoints import Endpoint
+from mqpolicy.scheduler.sendmail_queue import parse_mailq
 from tests.sendmail_fixture import SendmailInstance, SendmailUnavailable, sendmail_instance
 from tests.serve_process import MqpolicyProcess
 

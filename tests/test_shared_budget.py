@@ -13,7 +13,7 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
-from mqpolicy.policy_codec import encode_request
+from mqpolicy.delegation.codec import encode_request
 from tests.redis_fixture import RedisServer
 from tests.serve_process import ServeProcess, free_port
 

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.backoff_store import open_backoff_store
 from mqpolicy.cli import cmd_check
-from mqpolicy.cluster_store import ClusterStore
-from mqpolicy.config import load_policy
-from mqpolicy.hold_records import open_hold_records
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.redis_store import RedisStore, parse_redis_url
-from mqpolicy.sentinel_store import SentinelStore
-from mqpolicy.store_factory import open_store
+from mqpolicy.policy.config import load_policy
+from mqpolicy.store.backoff_states import open_backoff_store
+from mqpolicy.store.cluster import ClusterStore
+from mqpolicy.store.hold_records import open_hold_records
+from mqpolicy.store.memory import MemoryStore
+from mqpolicy.store.redis import RedisStore, parse_redis_url
+from mqpolicy.store.sentinel import SentinelStore
+from mqpolicy.store.urls import open_store
 
 
 class Listeners:

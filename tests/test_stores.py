@@ -1,6 +1,6 @@
 """One suite for both counter stores (memory and Redis/Lua), plus Redis failure behaviour.
 
-The oracle is :func:`mqpolicy.budget.gcra_step` and :class:`Reference`, the decision rules
+The oracle is :func:`mqpolicy.store.budget.gcra_step` and :class:`Reference`, the decision rules
 written out plainly. Times are the wall clock plus a growing offset: Redis expires keys by
 its own clock, so the callers' clock must not run slower than the wall.
 """
@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import pytest
 
-from mqpolicy.budget import (
+from mqpolicy.store.budget import (
     DEFAULT_ONCE_TTL_MS,
     NEVER,
     BudgetCheck,
@@ -30,9 +30,9 @@ from mqpolicy.budget import (
     gcra_step,
     ttl_for,
 )
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.redis_store import CoalescingStore, PendingDecision, RedisStore, load_script
-from mqpolicy.store_factory import open_store
+from mqpolicy.store.memory import MemoryStore
+from mqpolicy.store.redis import CoalescingStore, PendingDecision, RedisStore, load_script
+from mqpolicy.store.urls import open_store
 from tests.redis_fixture import RedisServer
 
 HOUR = 3_600_000

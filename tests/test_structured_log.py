@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from mqpolicy.structured_log import configure_logging, connection_id_var, queue_id_var
+from mqpolicy.daemon.structured_log import configure_logging, connection_id_var, queue_id_var
 
 
 def test_kv_lines_carry_context_and_fields() -> None:

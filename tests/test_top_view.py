@@ -16,18 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.config import parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.metrics import (
-    DESTINATIONS_IN_BACKOFF,
-    HELD_MESSAGES,
-    RELEASES,
-    ReloadStats,
-    core_registry,
-)
-from mqpolicy.request import Request
-from mqpolicy.top_view import (
+from mqpolicy.commands.top import (
     Snapshot,
     counter_rate,
     histogram_quantile,
@@ -35,6 +24,17 @@ from mqpolicy.top_view import (
     parse_exposition,
     render,
 )
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.metrics.registry import (
+    DESTINATIONS_IN_BACKOFF,
+    HELD_MESSAGES,
+    RELEASES,
+    ReloadStats,
+    core_registry,
+)
+from mqpolicy.policy.config import parse_policy
+from mqpolicy.policy.request import Request
+from mqpolicy.store.memory import MemoryStore
 from tests.serve_process import ServeProcess, free_port
 
 # ---------------------------------------------------------------- reading the exposition

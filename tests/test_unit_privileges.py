@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from miltertest import MilterConnection
 
-from mqpolicy.policy_codec import encode_request
-from mqpolicy.postfix_instance import POSTQUEUE, POSTSUPER, MailStack, PostfixInstance, poll
+from mqpolicy.delegation.codec import encode_request
+from mqpolicy.lab.postfix_instance import POSTQUEUE, POSTSUPER, MailStack, PostfixInstance, poll
 from tests.postfix_fixture import new_stack
 from tests.serve_process import MqpolicyProcess
 from tests.unit_credentials import (
