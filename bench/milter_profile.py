@@ -34,7 +34,7 @@ from milter_floor import Floor
 
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.milter.service import DecisionGateway, PolicyMilter
-from mqpolicy.policy.config import parse_policy
+from mqpolicy.policy.loader import parse_policy
 from mqpolicy.store.memory import MemoryStore
 
 STEPS = ("MAIL", "RCPT", "headers", "end")

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from store_bench import redis_server
 
 from mqpolicy.decision.service import DecisionService
-from mqpolicy.policy.config import parse_policy
+from mqpolicy.policy.loader import parse_policy
 from mqpolicy.scheduler.mta_queue import QueueSnapshot
 from mqpolicy.scheduler.postfix_queue import parse_postqueue_json
 from mqpolicy.scheduler.scheduler import PassReport, Scheduler

@@ -33,6 +33,7 @@ from mqpolicy.decision.counter_report import (
     render_counter_rows,
     reset_budgets,
 )
+from mqpolicy.decision.mx_resolver import DestinationFinder
 from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
 from mqpolicy.delegation.codec import PolicyProtocolError
@@ -53,16 +54,10 @@ from mqpolicy.metrics.registry import (
     core_registry,
 )
 from mqpolicy.milter.service import MilterRunner
-from mqpolicy.policy.config import (
-    ConfigError,
-    MetricsSettings,
-    MilterSettings,
-    Policy,
-    SchedulerSettings,
-    load_policy,
-)
-from mqpolicy.policy.destinations import DestinationFinder, needs_mx
+from mqpolicy.policy.destinations import needs_mx
 from mqpolicy.policy.endpoints import EndpointSyntaxError, parse_endpoint
+from mqpolicy.policy.loader import ConfigError, load_policy
+from mqpolicy.policy.model import MetricsSettings, MilterSettings, Policy, SchedulerSettings
 from mqpolicy.policy.request import Request
 from mqpolicy.postfix.config_generator import add_arguments as add_postfix_config_arguments
 from mqpolicy.postfix.config_generator import cmd_postfix_config
@@ -71,7 +66,7 @@ from mqpolicy.scheduler.scheduler import Scheduler, open_mta_queue, register_sch
 from mqpolicy.store.backoff_states import open_backoff_store
 from mqpolicy.store.budget import StoreError
 from mqpolicy.store.hold_records import HoldRecordStore, records_for, waiting_lanes
-from mqpolicy.store.urls import open_store
+from mqpolicy.store.urls import check_store_url, open_store
 
 DEFAULT_CONFIG = "/etc/mqpolicy/mqpolicy.yaml"
 log = logging.getLogger("mqpolicy.main")
@@ -187,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "top":
         return run_top(args, sys.stdout)
     try:
-        policy = load_policy(args.config)
+        policy = load_policy(args.config, check_store_url)
         milter = policy.milter
     except ConfigError as exc:
         print(f"mqpolicy: invalid policy file, nothing started:\n{exc}", file=sys.stderr)
@@ -235,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_check(path: str, out: TextIO) -> int:
     try:
-        policy = load_policy(path)
+        policy = load_policy(path, check_store_url)
         milter = policy.milter
     except ConfigError as exc:
         for issue in exc.issues:

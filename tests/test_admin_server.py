@@ -21,8 +21,9 @@ from mqpolicy.admin.client import AdminFailed, AdminUnavailable, ask_server
 from mqpolicy.admin.codec import BadArguments, encode_request
 from mqpolicy.admin.server import AdminHandler, AdminServer
 from mqpolicy.cli import cmd_explain
-from mqpolicy.policy.config import Policy, parse_policy
 from mqpolicy.policy.endpoints import Endpoint
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import Policy
 from tests.test_policy_server import run
 
 

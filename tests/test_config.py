@@ -8,16 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.policy.config import (
-    ActionKind,
-    ConfigError,
-    Count,
-    RcptLimits,
-    StoreErrorMode,
-    load_policy,
-    parse_policy,
-)
+from mqpolicy.policy.loader import ConfigError, load_policy, parse_policy
+from mqpolicy.policy.model import ActionKind, Count, RcptLimits, StoreErrorMode
 from mqpolicy.policy.request import Request
+from mqpolicy.store.urls import check_store_url
 
 LANES = """\
 lanes:
@@ -33,12 +27,12 @@ default_lane: normal
 
 def errors_of(text: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        parse_policy(textwrap.dedent(text), "p.yaml")
+        parse_policy(textwrap.dedent(text), "p.yaml", check_store_url)
     return [str(issue) for issue in info.value.issues]
 
 
 def test_example_policy_loads() -> None:
-    policy = load_policy(Path(__file__).parent.parent / "conf" / "mqpolicy.yaml")
+    policy = load_policy(Path(__file__).parent.parent / "conf" / "mqpolicy.yaml", check_store_url)
     assert [lane.name for lane in policy.lanes] == ["transactional", "normal", "bulk"]
     assert policy.default_lane == "normal"
     assert {limit.name for limit in policy.limits} >= {"per-user", "per-sender"}
@@ -156,11 +150,11 @@ def test_every_error_is_listed_not_just_the_first() -> None:
 
 def test_unreadable_and_non_utf8_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
-        load_policy(tmp_path / "missing.yaml")
+        load_policy(tmp_path / "missing.yaml", check_store_url)
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes(b"lanes:\n  - name: caf\xe9\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
-        load_policy(bad)
+        load_policy(bad, check_store_url)
 
 
 def test_unsafe_yaml_tags_are_refused() -> None:

@@ -12,11 +12,12 @@ from types import MappingProxyType
 import pytest
 
 from mqpolicy.decision.engine import Action, RuntimeState, make_plan, not_applied_reason
+from mqpolicy.decision.mx_resolver import MxResolver
 from mqpolicy.decision.runtime_state import RuntimeRefresher
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.feedback.follower import FeedbackService
-from mqpolicy.policy.config import ConfigError, Policy, parse_policy
-from mqpolicy.policy.destinations import MxResolver
+from mqpolicy.policy.loader import ConfigError, parse_policy
+from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.backoff_states import MemoryBackoffStore, RedisBackoffStore
 from mqpolicy.store.memory import MemoryStore

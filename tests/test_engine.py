@@ -11,7 +11,8 @@ import pytest
 from mqpolicy.decision.engine import Action, RuntimeState, classify, make_plan, not_applied_reason
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.handler import postfix_action
-from mqpolicy.policy.config import Policy, parse_policy
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import BucketState, BudgetCheck, Evaluation, StoreError
 from mqpolicy.store.memory import MemoryStore

@@ -15,7 +15,8 @@ import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.milter.service import DecisionGateway
-from mqpolicy.policy.config import ErrorAction, MilterSettings, parse_policy
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import ErrorAction, MilterSettings
 from mqpolicy.store.budget import StoreError
 from mqpolicy.store.hold_records import (
     MAX_DESTINATIONS,

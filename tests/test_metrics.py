@@ -35,8 +35,9 @@ from mqpolicy.metrics.registry import (
     ReloadStats,
     core_registry,
 )
-from mqpolicy.policy.config import Policy, parse_policy
 from mqpolicy.policy.endpoints import Endpoint
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import BucketState, BudgetCheck, Evaluation, StoreError
 from mqpolicy.store.memory import MemoryStore

@@ -30,15 +30,9 @@ from mqpolicy.policy.conditions import (
     has_bulk_signal,
     message_priority,
 )
-from mqpolicy.policy.config import (
-    ConfigError,
-    ErrorAction,
-    MilterSettings,
-    Policy,
-    RcptLimits,
-    parse_policy,
-)
 from mqpolicy.policy.endpoints import MilterEndpointError, parse_milter_endpoint
+from mqpolicy.policy.loader import ConfigError, parse_policy
+from mqpolicy.policy.model import ErrorAction, MilterSettings, Policy, RcptLimits
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import BudgetCheck, Evaluation
 from mqpolicy.store.memory import MemoryStore

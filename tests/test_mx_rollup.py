@@ -14,13 +14,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mqpolicy.policy.destinations import (
-    DestinationMatcher,
-    LookupOutcome,
-    MxResolver,
-    match_destination,
-    parse_pattern,
-)
+from mqpolicy.decision.mx_resolver import LookupOutcome, MxResolver
+from mqpolicy.policy.destinations import DestinationMatcher, match_destination, parse_pattern
 from mqpolicy.store.budget import BudgetCheck
 from mqpolicy.store.memory import MemoryStore
 from tests.dns_fixture import FakeDnsServer

@@ -16,8 +16,9 @@ from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import encode_request
 from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.delegation.server import PolicyServer
-from mqpolicy.policy.config import Policy, parse_policy
 from mqpolicy.policy.endpoints import Endpoint
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import CounterStore
 from mqpolicy.store.memory import MemoryStore

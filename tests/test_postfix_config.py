@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.cli import main
-from mqpolicy.policy.config import ConfigError, Policy, PostfixDelivery, load_policy
 from mqpolicy.policy.destinations import match_destination
+from mqpolicy.policy.loader import ConfigError, load_policy
+from mqpolicy.policy.model import Policy, PostfixDelivery
 from mqpolicy.postfix.config_generator import (
     POSTCONF,
     SECTION_HEADER_CHECKS,
@@ -34,6 +35,7 @@ from mqpolicy.postfix.config_generator import (
     report,
     split_sections,
 )
+from mqpolicy.store.urls import check_store_url
 
 LANES = """\
 listen: ["127.0.0.1:10040"]
@@ -62,7 +64,7 @@ def write_policy(tmp_path: Path) -> WritePolicy:
     def write(text: str) -> Policy:
         path = tmp_path / "policy.yaml"
         path.write_text(text)
-        return load_policy(path)
+        return load_policy(path, check_store_url)
 
     return write
 
@@ -639,7 +641,7 @@ def test_destination_delivery_settings_are_validated(
     path.write_text(
         f"destinations:\n  - name: d\n    domains: [d.example]\n    rate: 1/1s\n    {entry}\n")
     with pytest.raises(ConfigError) as exc:
-        load_policy(path)
+        load_policy(path, check_store_url)
     assert error in str(exc.value)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from mqpolicy.lab.postfix_instance import MailStack, QueuedMessage, backdate, poll
 from mqpolicy.lab.smtp_sink import SinkMessage
-from mqpolicy.policy.config import parse_policy
+from mqpolicy.policy.loader import parse_policy
 from mqpolicy.postfix.config_generator import (
     HEADER_CHECKS_FILE,
     SECTION_HEADER_CHECKS,

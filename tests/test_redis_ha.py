@@ -23,7 +23,8 @@ import pytest
 
 from mqpolicy.decision.engine import Action
 from mqpolicy.decision.service import DecisionService
-from mqpolicy.policy.config import Policy, parse_policy
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import BudgetCheck, BudgetResult, Evaluation, StoreError
 from mqpolicy.store.cluster import ClusterStore, parse_cluster_url

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.policy.config import MtaKind, SchedulerSettings, parse_policy
 from mqpolicy.policy.endpoints import Endpoint, parse_endpoint
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import MtaKind, SchedulerSettings
 from mqpolicy.scheduler.agent_queue import AgentQueue
 from mqpolicy.scheduler.mta_queue import QueueCommandError, QueueEntry, QueueSnapshot
 from mqpolicy.scheduler.postfix_queue import PostfixQueue

@@ -6,7 +6,8 @@ import dataclasses
 import json
 
 from mqpolicy.decision.engine import make_plan
-from mqpolicy.policy.config import LoadThresholds, Policy, parse_policy
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import LoadThresholds, Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.scheduler.mta_queue import QueueEntry
 from mqpolicy.scheduler.planner import (

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mqpolicy.policy.config import MtaKind
+from mqpolicy.policy.model import MtaKind
 from mqpolicy.scheduler.mta_queue import QueueEntry, QueueSnapshot
 from mqpolicy.scheduler.release_protocol import (
     MAX_IDS,

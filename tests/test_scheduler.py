@@ -14,7 +14,8 @@ import pytest
 import mqpolicy.scheduler.scheduler as scheduler_module
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.handler import PostfixPolicyHandler
-from mqpolicy.policy.config import Policy, parse_policy
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.scheduler.mta_queue import QueueCommandError, QueueEntry, QueueSnapshot
 from mqpolicy.scheduler.scheduler import Scheduler

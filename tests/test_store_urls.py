@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.cli import cmd_check
-from mqpolicy.policy.config import load_policy
+from mqpolicy.policy.loader import load_policy
 from mqpolicy.store.backoff_states import open_backoff_store
 from mqpolicy.store.cluster import ClusterStore
 from mqpolicy.store.hold_records import open_hold_records
 from mqpolicy.store.memory import MemoryStore
 from mqpolicy.store.redis import RedisStore, parse_redis_url
 from mqpolicy.store.sentinel import SentinelStore
-from mqpolicy.store.urls import open_store
+from mqpolicy.store.urls import check_store_url, open_store
 
 
 class Listeners:
@@ -115,7 +115,7 @@ def test_good_url_passes_check_and_opens_without_connecting(
     code, out = check(policy_file(tmp_path, url))
     assert code == 0, out
     assert f"store {url}" in out
-    assert load_policy(str(policy_file(tmp_path, url))).store.url == url
+    assert load_policy(str(policy_file(tmp_path, url)), check_store_url).store.url == url
 
     async def main() -> None:
         store = open_store(url, timeout_ms=200, key_prefix="p:")

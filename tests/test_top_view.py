@@ -32,7 +32,7 @@ from mqpolicy.metrics.registry import (
     ReloadStats,
     core_registry,
 )
-from mqpolicy.policy.config import parse_policy
+from mqpolicy.policy.loader import parse_policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.memory import MemoryStore
 from tests.serve_process import ServeProcess, free_port

@@ -21,7 +21,7 @@ from mqpolicy.admin.codec import (
     decode_answer,
     encode_request,
 )
-from mqpolicy.policy.config import Policy
+from mqpolicy.policy.model import Policy
 
 __all__ = ["AdminError", "AdminFailed", "AdminUnavailable", "ask_server", "memory_store_hint"]
 

@@ -28,7 +28,7 @@ from mqpolicy.decision.counter_report import counter_rows, reset_budgets
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import PolicyProtocolError
 from mqpolicy.delegation.explanation import explain, parse_request_text
-from mqpolicy.policy.config import Limit
+from mqpolicy.policy.model import Limit
 from mqpolicy.policy.request import Request
 from mqpolicy.scheduler.mta_queue import MtaQueue, QueueCommandError
 from mqpolicy.store.budget import StoreError

@@ -26,7 +26,7 @@ from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
 from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
-from mqpolicy.policy.config import Policy, SchedulerSettings
+from mqpolicy.policy.model import Policy, SchedulerSettings
 from mqpolicy.scheduler.mta_queue import MtaQueue, QueueCommandError
 from mqpolicy.scheduler.planner import QueueSummary, plan_releases, record_grace_ms, summarize
 from mqpolicy.scheduler.scheduler import Scheduler, open_mta_queue

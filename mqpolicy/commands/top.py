@@ -23,7 +23,8 @@ from typing import Final, TextIO
 from urllib.parse import urlsplit
 
 from mqpolicy.metrics.registry import DESTINATIONS_IN_BACKOFF, HELD_MESSAGES, RELEASES
-from mqpolicy.policy.config import ConfigError, load_policy
+from mqpolicy.policy.loader import ConfigError, load_policy
+from mqpolicy.store.urls import check_store_url
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
@@ -461,7 +462,7 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
 
 def metrics_url(config: str) -> str:
     """The URL of the metrics endpoint a policy file configures."""
-    policy = load_policy(config)
+    policy = load_policy(config, check_store_url)
     endpoint = policy.metrics.listen
     if endpoint is None:
         raise TopError(f"{config}: metrics are off (set metrics: {{listen: HOST:PORT}} "

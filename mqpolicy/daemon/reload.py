@@ -11,7 +11,9 @@ from pathlib import Path
 
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import set_level
-from mqpolicy.policy.config import ConfigError, Policy, load_policy
+from mqpolicy.policy.loader import ConfigError, load_policy
+from mqpolicy.policy.model import Policy
+from mqpolicy.store.urls import check_store_url
 
 log = logging.getLogger("mqpolicy.main")
 
@@ -45,7 +47,8 @@ async def reload_policy(path: Path, log_level: str | None,
     sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         try:  # off the event loop
-            new = await asyncio.get_running_loop().run_in_executor(None, load_policy, path)
+            new = await asyncio.get_running_loop().run_in_executor(
+                None, load_policy, path, check_store_url)
         except ConfigError as exc:  # a broken file: the running policy stays
             for issue in exc.issues:
                 log.error("reload refused, keeping the running policy",

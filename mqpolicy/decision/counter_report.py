@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from mqpolicy.decision.engine import store_key
-from mqpolicy.policy.config import Limit
+from mqpolicy.policy.model import Limit
 from mqpolicy.store.budget import CounterStore, free_units
 
 __all__ = ["CounterRow", "counter_rows", "render_counter_rows", "reset_budgets"]

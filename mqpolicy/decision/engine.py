@@ -26,14 +26,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from mqpolicy.policy.backoff import scale_budget
-from mqpolicy.policy.config import (
-    ActionKind,
-    Count,
-    Lane,
-    Limit,
-    Policy,
-    StoreErrorMode,
-)
+from mqpolicy.policy.model import ActionKind, Count, Lane, Limit, Policy, StoreErrorMode
 from mqpolicy.policy.request import (
     STAGE_END_OF_MESSAGE,
     STAGE_RCPT,

@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 from types import MappingProxyType
 
 from mqpolicy.decision.engine import RuntimeState
+from mqpolicy.decision.mx_resolver import MxResolver
 from mqpolicy.decision.service import DecisionService
-from mqpolicy.policy.config import Policy
-from mqpolicy.policy.destinations import MxResolver, needs_mx
+from mqpolicy.policy.destinations import needs_mx
+from mqpolicy.policy.model import Policy
 from mqpolicy.store.backoff_states import BackoffStore
 from mqpolicy.store.budget import StoreError
 

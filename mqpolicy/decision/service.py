@@ -32,9 +32,9 @@ from mqpolicy.decision.engine import (
     decide,
     make_plan,
 )
+from mqpolicy.decision.mx_resolver import DestinationFinder, MxResolver
 from mqpolicy.metrics.registry import BusiestKeys, LatencyHistogram
-from mqpolicy.policy.config import Policy
-from mqpolicy.policy.destinations import DestinationFinder, MxResolver
+from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, Request, domain_of
 from mqpolicy.store.budget import BudgetCheck, CounterStore, Evaluation, StoreError, StoreTimeout
 

@@ -13,7 +13,7 @@ from mqpolicy.decision.engine import LimitOutcome, Verdict, not_applied_reason
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import PolicyDecoder, PolicyProtocolError
 from mqpolicy.delegation.handler import postfix_action
-from mqpolicy.policy.config import ActionKind, Policy
+from mqpolicy.policy.model import ActionKind, Policy
 from mqpolicy.policy.request import Request, domain_of
 
 __all__ = ["Explanation", "explain", "parse_request_text", "render_explanation"]

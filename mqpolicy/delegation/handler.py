@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from mqpolicy.daemon.structured_log import queue_id_var
 from mqpolicy.decision.engine import Action, Verdict, store_error_text
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
-from mqpolicy.policy.config import Lane
+from mqpolicy.policy.model import Lane
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, Request, domain_of
 from mqpolicy.store.budget import StoreError
 from mqpolicy.store.hold_records import (

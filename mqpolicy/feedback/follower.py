@@ -29,7 +29,7 @@ from mqpolicy.policy.backoff import (
     on_slow_down,
     on_success,
 )
-from mqpolicy.policy.config import FeedbackSettings, Policy
+from mqpolicy.policy.model import FeedbackSettings, Policy
 from mqpolicy.store.backoff_states import BackoffStore
 from mqpolicy.store.budget import StoreError
 

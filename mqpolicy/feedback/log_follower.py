@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mqpolicy.log_follower")  # the name its log lines have always had
 
 _STATE_VERSION = 1
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".z")

@@ -24,7 +24,7 @@ from typing import TextIO
 
 from mqpolicy.lab.postfix_instance import POSTFIX, MailStack, PostfixError, Submission
 from mqpolicy.lab.smtp_sink import SinkMessage
-from mqpolicy.policy.config import Policy
+from mqpolicy.policy.model import Policy
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"  # conf/demo.yaml
 DEMO_HEADER = "X-Demo-Id"

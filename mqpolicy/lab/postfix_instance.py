@@ -33,8 +33,8 @@ from typing import Any
 import yaml
 
 from mqpolicy.lab.smtp_sink import SinkMessage, ThreadedSmtpSink
-from mqpolicy.policy.config import load_policy
 from mqpolicy.policy.endpoints import Endpoint
+from mqpolicy.policy.loader import load_policy
 from mqpolicy.postfix.config_generator import (
     HEADER_CHECKS_FILE,
     SECTION_HEADER_CHECKS,
@@ -44,6 +44,7 @@ from mqpolicy.postfix.config_generator import (
     generate,
     split_sections,
 )
+from mqpolicy.store.urls import check_store_url
 
 POSTFIX = os.environ.get("MQPOLICY_POSTFIX", "/usr/sbin/postfix")
 POSTCONF = os.environ.get("MQPOLICY_POSTCONF", "/usr/sbin/postconf")
@@ -835,7 +836,7 @@ class MailStack:
         """
         options = PostfixConfigOptions(config_directory=str(self.postfix.config_dir),
                                        queue_directory=str(self.postfix.queue_dir))
-        rendered = generate(load_policy(self.policy_file), options).render()
+        rendered = generate(load_policy(self.policy_file, check_store_url), options).render()
         if self.postfix_config and rendered == self._rendered:
             return False
         text = self.postfix.configure_from(self.policy_file, self.command)

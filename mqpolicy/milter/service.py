@@ -75,14 +75,8 @@ from mqpolicy.milter.scheduled_delivery import (
     requested_time,
     schedule_hold_text,
 )
-from mqpolicy.policy.config import (
-    ErrorAction,
-    Lane,
-    MilterSettings,
-    Policy,
-    RcptLimits,
-)
 from mqpolicy.policy.endpoints import MilterEndpoint
+from mqpolicy.policy.model import ErrorAction, Lane, MilterSettings, Policy, RcptLimits
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
 from mqpolicy.store.budget import StoreError
 from mqpolicy.store.hold_records import (

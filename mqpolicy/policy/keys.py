@@ -10,13 +10,37 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from mqpolicy.policy.conditions import parse_ip
 from mqpolicy.policy.request import Request, domain_of, recipient_destination
 
-if TYPE_CHECKING:
-    from mqpolicy.policy.config import KeyPart
+RECIPIENT_KEY_PARTS = frozenset({"recipient", "recipient_domain", "destination"})
+KEY_PARTS = frozenset(
+    {
+        "sender",
+        "sender_domain",
+        "sasl_username",
+        "client_address",
+        "client_network",
+        "client_name",
+        "helo_name",
+        *RECIPIENT_KEY_PARTS,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPart:
+    name: str
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+
+    def __str__(self) -> str:
+        if self.name == "client_network":
+            return f"client_network/{self.ipv4_prefix}/{self.ipv6_prefix}"
+        return self.name
+
 
 KeyFunction = Callable[[Request], "str | None"]
 """A request's key value for one limit; None when a part of it is missing."""

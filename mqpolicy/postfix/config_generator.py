@@ -1,6 +1,6 @@
 """``mqpolicy postfix-config``: the Postfix settings a policy needs, and a check of them.
 
-Pure: :func:`generate` turns a :class:`~mqpolicy.policy.config.Policy` into three commented
+Pure: :func:`generate` turns a :class:`~mqpolicy.policy.model.Policy` into three commented
 blocks, and :func:`compare` turns ``postconf`` output into findings. The only I/O is in
 :func:`read_postfix` (runs ``postconf``, reads the header-checks map) and
 :func:`cmd_postfix_config` (the command).
@@ -42,8 +42,8 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
-from mqpolicy.policy.config import Destination, Lane, Policy, PostfixDelivery
 from mqpolicy.policy.endpoints import Endpoint, EndpointSyntaxError, parse_endpoint
+from mqpolicy.policy.model import Destination, Lane, Policy, PostfixDelivery
 
 DEFAULT_POSTFIX_DIR = "/etc/postfix"
 DEFAULT_QUEUE_DIR = "/var/spool/postfix"

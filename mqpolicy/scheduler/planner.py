@@ -46,7 +46,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mqpolicy.decision.engine import RuntimeState, make_plan, store_key
-from mqpolicy.policy.config import Lane, LoadThresholds, Policy
+from mqpolicy.policy.model import Lane, LoadThresholds, Policy
 from mqpolicy.policy.request import STAGE_RCPT, Request, domain_of
 from mqpolicy.scheduler.mta_queue import HOLD, QueueEntry
 from mqpolicy.store.budget import BudgetCheck

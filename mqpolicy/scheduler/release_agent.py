@@ -38,8 +38,8 @@ from mqpolicy.daemon.reload import reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
 from mqpolicy.daemon.unix_sockets import OwnedSocket, bind_unix
-from mqpolicy.policy.config import MtaKind, Policy, SchedulerSettings
 from mqpolicy.policy.endpoints import Endpoint, parse_endpoint
+from mqpolicy.policy.model import MtaKind, Policy, SchedulerSettings
 from mqpolicy.scheduler.mta_queue import MtaQueue, QueueCommandError
 from mqpolicy.scheduler.release_protocol import (
     MAX_REQUEST_BYTES,

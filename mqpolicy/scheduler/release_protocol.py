@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from mqpolicy.policy.config import MtaKind
+from mqpolicy.policy.model import MtaKind
 from mqpolicy.scheduler.mta_queue import QueueEntry, QueueSnapshot
 
 __all__ = ["LIST_REQUEST", "MAX_ANSWER_BYTES", "MAX_IDS", "MAX_REQUEST_BYTES", "LineDecoder",

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.metrics.registry import HELD_MESSAGES, RELEASES, LatencyHistogram, MetricsRegistry
-from mqpolicy.policy.config import MtaKind, Policy, SchedulerSettings
+from mqpolicy.policy.model import MtaKind, Policy, SchedulerSettings
 from mqpolicy.policy.request import domain_of
 from mqpolicy.scheduler.agent_queue import AgentQueue
 from mqpolicy.scheduler.mta_queue import MtaQueue, QueueCommandError, QueueSnapshot

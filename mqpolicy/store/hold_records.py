@@ -50,7 +50,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from mqpolicy.decision.engine import Verdict
-from mqpolicy.policy.config import Policy, SchedulerSettings
+from mqpolicy.policy.model import Policy, SchedulerSettings
 from mqpolicy.store.budget import StoreError
 from mqpolicy.store.redis import describe_error, load_script, parse_redis_url
 from mqpolicy.store.sentinel import open_sentinel_master
