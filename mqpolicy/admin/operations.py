@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 from mqpolicy.admin.codec import BadArguments, OperationFailed
 from mqpolicy.admin.server import AdminHandler
-from mqpolicy.commands.scheduler import queue_summary
 from mqpolicy.decision.counter_report import counter_rows, reset_budgets
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import PolicyProtocolError
@@ -31,6 +30,7 @@ from mqpolicy.delegation.explanation import explain, parse_request_text
 from mqpolicy.policy.model import Limit
 from mqpolicy.policy.request import Request
 from mqpolicy.scheduler.mta_queue import MtaQueue, QueueCommandError
+from mqpolicy.scheduler.scheduler import queue_summary
 from mqpolicy.store.budget import StoreError
 from mqpolicy.store.hold_records import HoldRecordStore
 

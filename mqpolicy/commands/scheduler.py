@@ -25,17 +25,17 @@ from mqpolicy.daemon.reload import reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
 from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
-from mqpolicy.decision.service import DecisionService, wall_clock_ms
+from mqpolicy.decision.service import DecisionService
 from mqpolicy.policy.model import Policy, SchedulerSettings
-from mqpolicy.scheduler.mta_queue import MtaQueue, QueueCommandError
-from mqpolicy.scheduler.planner import QueueSummary, plan_releases, record_grace_ms, summarize
-from mqpolicy.scheduler.scheduler import Scheduler, open_mta_queue
+from mqpolicy.scheduler.mta_queue import QueueCommandError
+from mqpolicy.scheduler.planner import QueueSummary
+from mqpolicy.scheduler.scheduler import Scheduler, open_mta_queue, queue_summary
 from mqpolicy.store.backoff_states import open_backoff_store
 from mqpolicy.store.budget import StoreError
-from mqpolicy.store.hold_records import HoldRecordStore, records_for
+from mqpolicy.store.hold_records import records_for
 from mqpolicy.store.urls import open_store
 
-__all__ = ["cmd_queue", "cmd_scheduler", "queue_summary", "render_queue"]
+__all__ = ["cmd_queue", "cmd_scheduler", "render_queue"]
 
 log = logging.getLogger("mqpolicy.main")
 
@@ -144,20 +144,6 @@ async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
     else:
         print(render_queue(summary), file=out)
     return EXIT_OK
-
-
-async def queue_summary(policy: Policy, records: HoldRecordStore,
-                        queue: MtaQueue) -> QueueSummary:
-    """What ``mqpolicy queue`` shows: the records joined with the MTA's hold queue, per
-    lane and destination (StoreError, QueueCommandError)."""
-    settings = policy.scheduler or SchedulerSettings()
-    record_set = await records.load()
-    paused = await records.get_waiting_lanes()
-    snapshot = await queue.snapshot()
-    now = wall_clock_ms()
-    plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
-                         paused_lanes=paused, grace_ms=record_grace_ms(settings.interval_ms))
-    return summarize(plan, now, snapshot.counts, paused)
 
 
 def _when(ms: int | None, now_ms: int) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from mqpolicy.daemon.structured_log import queue_id_var
 from mqpolicy.decision.engine import Action, Verdict, store_error_text
+from mqpolicy.decision.hold_terms import held_until, unspent_budgets
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
 from mqpolicy.policy.model import Lane
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, Request, domain_of
@@ -40,10 +41,8 @@ from mqpolicy.store.hold_records import (
     MAX_DESTINATIONS,
     HoldRecord,
     HoldRecordStore,
-    held_until,
     hold_destinations,
     record_ttl_for,
-    unspent_budgets,
 )
 
 log = logging.getLogger("mqpolicy.hold")

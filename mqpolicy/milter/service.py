@@ -69,6 +69,7 @@ import Milter
 from mqpolicy.daemon.structured_log import LogBurst, connection_id_var, queue_id_var
 from mqpolicy.daemon.unix_sockets import OwnedSocket, bind_unix
 from mqpolicy.decision.engine import Action, Verdict, classify
+from mqpolicy.decision.hold_terms import held_until, unspent_budgets
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
 from mqpolicy.milter.scheduled_delivery import (
     SCHEDULE_HEADERS,
@@ -82,10 +83,8 @@ from mqpolicy.store.budget import StoreError
 from mqpolicy.store.hold_records import (
     HoldRecord,
     HoldRecordStore,
-    held_until,
     hold_destinations,
     record_ttl_for,
-    unspent_budgets,
 )
 
 __all__ = [

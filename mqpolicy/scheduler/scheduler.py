@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mqpolicy.decision.service import DecisionService
+from mqpolicy.decision.service import DecisionService, wall_clock_ms
 from mqpolicy.metrics.registry import HELD_MESSAGES, RELEASES, LatencyHistogram, MetricsRegistry
 from mqpolicy.policy.model import MtaKind, Policy, SchedulerSettings
 from mqpolicy.policy.request import domain_of
@@ -55,12 +55,14 @@ from mqpolicy.scheduler.agent_queue import AgentQueue
 from mqpolicy.scheduler.mta_queue import MtaQueue, QueueCommandError, QueueSnapshot
 from mqpolicy.scheduler.planner import (
     Candidate,
+    QueueSummary,
     ReleasePlan,
     lanes_to_pause,
     load_exceeded,
     plan_releases,
     record_grace_ms,
     release_checks,
+    summarize,
 )
 from mqpolicy.scheduler.postfix_queue import PostfixQueue
 from mqpolicy.store.budget import NEVER, BudgetCheck, CounterStore, StoreError
@@ -71,7 +73,7 @@ from mqpolicy.store.hold_records import (
     lease_owner_token,
 )
 
-__all__ = ["PassReport", "Scheduler", "SchedulerStats", "open_mta_queue",
+__all__ = ["PassReport", "Scheduler", "SchedulerStats", "open_mta_queue", "queue_summary",
            "register_scheduler_metrics"]
 
 log = logging.getLogger("mqpolicy.scheduler")
@@ -540,3 +542,17 @@ def open_mta_queue(settings: SchedulerSettings, *, through_agent: bool = True) -
         return direct
     return AgentQueue(settings.release_agent, direct.instance,
                       direct if settings.mta is MtaKind.POSTFIX else None)
+
+
+async def queue_summary(policy: Policy, records: HoldRecordStore,
+                        queue: MtaQueue) -> QueueSummary:
+    """What ``mqpolicy queue`` shows: the records joined with the MTA's hold queue, per
+    lane and destination (StoreError, QueueCommandError)."""
+    settings = policy.scheduler or SchedulerSettings()
+    record_set = await records.load()
+    paused = await records.get_waiting_lanes()
+    snapshot = await queue.snapshot()
+    now = wall_clock_ms()
+    plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
+                         paused_lanes=paused, grace_ms=record_grace_ms(settings.interval_ms))
+    return summarize(plan, now, snapshot.counts, paused)

@@ -49,7 +49,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from mqpolicy.decision.engine import Verdict
 from mqpolicy.policy.model import Policy, SchedulerSettings
 from mqpolicy.store.budget import StoreError
 from mqpolicy.store.redis import describe_error, load_script, parse_redis_url
@@ -67,11 +66,9 @@ __all__ = [
     "RecordSet",
     "RecordState",
     "RedisHoldRecords",
-    "held_until",
     "lease_owner_token",
     "open_hold_records",
     "record_ttl_ms",
-    "unspent_budgets",
     "waiting_lanes",
 ]
 
@@ -114,21 +111,6 @@ class HeldSpend(NamedTuple):
     cost: int
 
 
-def unspent_budgets(verdict: Verdict) -> tuple[HeldSpend, ...]:
-    """What a message held at end of message owes: a held decision spends nothing (all or
-    nothing), so every budget that would have counted it, had it been accepted, is spent
-    when it is released. Empty for a hold that spent them (a lane or the load held it)."""
-    return tuple(HeldSpend(o.name, o.key, o.cost) for o in verdict.limits
-                 if o.cost > 0 and not o.spent)
-
-
-def held_until(now_ms: int, verdict: Verdict) -> int:
-    """The not-before time of a message ``verdict`` holds: when the deciding limit's budget
-    admits it (GCRA's retry time); now for a lane or load hold, or a cost larger than the
-    limit's burst (it never fits: the release spends the whole burst)."""
-    return now_ms + max(0, verdict.retry_after_ms)
-
-
 def _spends_text(spends: Sequence[HeldSpend]) -> str:
     return json.dumps([list(spend) for spend in spends], separators=(",", ":"))
 
@@ -166,7 +148,7 @@ class HoldRecord:
     sender: str = ""
     state: RecordState = RecordState.HELD
     state_ms: int = 0
-    spends: tuple[HeldSpend, ...] = ()  # budgets the release spends (see unspent_budgets)
+    spends: tuple[HeldSpend, ...] = ()  # budgets the release spends (decision.hold_terms)
 
     def to_fields(self) -> dict[str, str]:
         fields = {
