@@ -20,7 +20,7 @@ import pytest
 from mqpolicy.admin.client import AdminFailed, AdminUnavailable, ask_server
 from mqpolicy.admin.codec import BadArguments, encode_request
 from mqpolicy.admin.server import AdminHandler, AdminServer
-from mqpolicy.cli import cmd_explain
+from mqpolicy.commands.explain import cmd_explain
 from mqpolicy.policy.endpoints import Endpoint
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.policy.model import Policy

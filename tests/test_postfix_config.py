@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.cli import main
+from mqpolicy.commands.postfix_config import report
 from mqpolicy.policy.destinations import match_destination
 from mqpolicy.policy.loader import ConfigError, load_policy
 from mqpolicy.policy.model import Policy, PostfixDelivery
@@ -32,7 +33,6 @@ from mqpolicy.postfix.config_generator import (
     parse_postconf_m,
     parse_postconf_n,
     parse_postconf_p,
-    report,
     split_sections,
 )
 from mqpolicy.store.urls import check_store_url

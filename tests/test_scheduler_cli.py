@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.commands.scheduler import render_queue
+from mqpolicy.commands.queue import render_queue
 from mqpolicy.scheduler.mta_queue import QueueEntry
 from mqpolicy.scheduler.planner import QueueSummary, plan_releases, summarize
 from mqpolicy.store.hold_records import BrokenRecord, HoldRecord, RecordSet

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.cli import cmd_check
+from mqpolicy.commands.check import cmd_check
 from mqpolicy.policy.loader import load_policy
 from mqpolicy.store.backoff_states import open_backoff_store
 from mqpolicy.store.cluster import ClusterStore

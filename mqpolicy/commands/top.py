@@ -22,13 +22,10 @@ from dataclasses import dataclass
 from typing import Final, TextIO
 from urllib.parse import urlsplit
 
+from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from mqpolicy.metrics.registry import DESTINATIONS_IN_BACKOFF, HELD_MESSAGES, RELEASES
 from mqpolicy.policy.loader import ConfigError, load_policy
 from mqpolicy.store.urls import check_store_url
-
-EXIT_OK: Final = 0
-EXIT_FAILURE: Final = 1
-EXIT_USAGE: Final = 2
 
 MAX_BODY_BYTES: Final = 16 << 20
 _ACTIONS: Final = ("accept", "defer", "hold", "reject")
