@@ -23,18 +23,14 @@ from pathlib import Path
 
 import pytest
 
+from mqpolicy.commands.serve import core_registry
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import encode_request
 from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.delegation.server import PolicyServer
-from mqpolicy.metrics.registry import (
-    HistogramSnapshot,
-    LatencyHistogram,
-    MetricsRegistry,
-    MetricsServer,
-    ReloadStats,
-    core_registry,
-)
+from mqpolicy.metrics.http import MetricsServer
+from mqpolicy.metrics.instruments import HistogramSnapshot, LatencyHistogram
+from mqpolicy.metrics.registry import MetricsRegistry, ReloadStats
 from mqpolicy.policy.endpoints import Endpoint
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.policy.model import Policy
@@ -196,7 +192,7 @@ def test_histogram_refuses_bad_bounds(bounds: Sequence[float]) -> None:
 
 
 def test_busiest_keys_bounded_exact_for_the_hot_key_and_favours_recent_activity() -> None:
-    from mqpolicy.metrics.registry import BusiestKeys
+    from mqpolicy.metrics.instruments import BusiestKeys
 
     keys = BusiestKeys(capacity=10)
     for _ in range(100):
@@ -218,7 +214,7 @@ def test_busiest_keys_bounded_exact_for_the_hot_key_and_favours_recent_activity(
 
 
 def test_busiest_keys_exact_below_capacity() -> None:
-    from mqpolicy.metrics.registry import BusiestKeys
+    from mqpolicy.metrics.instruments import BusiestKeys
 
     keys = BusiestKeys(capacity=5)
     for i in range(10):

@@ -16,9 +16,9 @@ import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 import pytest
 from Milter.testctx import TestCtx as MilterTestCtx
 
+from mqpolicy.commands.serve import core_registry
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.handler import PostfixPolicyHandler
-from mqpolicy.metrics.registry import core_registry
 from mqpolicy.milter.service import (
     MAX_HEADER_VALUE,
     DecisionGateway,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mqpolicy.commands.serve import core_registry
 from mqpolicy.commands.top import (
     Snapshot,
     counter_rate,
@@ -25,13 +26,7 @@ from mqpolicy.commands.top import (
     render,
 )
 from mqpolicy.decision.service import DecisionService
-from mqpolicy.metrics.registry import (
-    DESTINATIONS_IN_BACKOFF,
-    HELD_MESSAGES,
-    RELEASES,
-    ReloadStats,
-    core_registry,
-)
+from mqpolicy.metrics.registry import DESTINATIONS_IN_BACKOFF, HELD_MESSAGES, RELEASES, ReloadStats
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.memory import MemoryStore

@@ -52,6 +52,7 @@ async def cmd_counters(policy: Policy, args: argparse.Namespace) -> int:
         await store.close()
     return EXIT_OK
 
+
 async def _counters_in_server(policy: Policy, args: argparse.Namespace,
                               key: str | None) -> int:
     """``counters`` on a memory:// store: asked of the running server."""
@@ -71,8 +72,10 @@ async def _counters_in_server(policy: Policy, args: argparse.Namespace,
         return exc.exit_code
     return EXIT_OK
 
+
 def _reset_count(result: Any) -> int:
     return int(result["reset"])
+
 
 def _counter_rows(result: Any) -> list[CounterRow]:
     return [CounterRow.from_json(row) for row in result["rows"]]

@@ -28,6 +28,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for deliveries (default: %(default)s)")
 
+
 def run_demo(policy: Policy, path: Path, args: argparse.Namespace,
              out: TextIO | None = None) -> int:
     out = out or sys.stdout

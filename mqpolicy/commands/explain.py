@@ -39,6 +39,7 @@ def run_explain(policy: Policy, args: argparse.Namespace) -> int:
 FRESH_STORE_NOTE = ("explained on a fresh private memory:// store: the budgets shown are "
                     "full budgets, not the running server's")
 
+
 async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -> int:
     try:
         attrs = parse_request_text(text)
@@ -64,6 +65,7 @@ async def cmd_explain(policy: Policy, text: str, consume: bool, as_json: bool) -
     else:
         print(render_explanation(explanation))
     return EXIT_OK
+
 
 async def _explain_here(policy: Policy, attrs: dict[str, str], consume: bool,
                         note: str | None = None) -> Explanation:

@@ -33,12 +33,14 @@ EXIT_MISMATCH = 1
 
 EXIT_USAGE = 2
 
+
 def _names_unix_socket(policy: Policy, args: argparse.Namespace) -> bool:
     """Whether the addresses Postfix gets may be unix sockets (their names then depend on
     the queue directory)."""
     addresses = [args.policy_endpoint, args.milter]
     return (any(a and a.startswith("unix:") for a in addresses)
             or (not args.policy_endpoint and any(e.is_unix for e in policy.listen)))
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``mqpolicy postfix-config`` (after ``-c``)."""
@@ -68,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", metavar="DIR",
                         help="compare the Postfix configuration in DIR with what the policy "
                              "needs; exit 1 when something is missing or different")
+
 
 def cmd_postfix_config(policy: Policy, args: argparse.Namespace,
                        out: TextIO | None = None) -> int:
@@ -117,6 +120,7 @@ def cmd_postfix_config(policy: Policy, args: argparse.Namespace,
         out.write(config.render())
     return EXIT_OK
 
+
 def report(findings: Sequence[Finding], config_dir: str, out: TextIO) -> int:
     bad = [f for f in findings if f.status in (Status.MISSING, Status.DIFFERENT)]
     for finding in _ordered(findings):
@@ -126,6 +130,7 @@ def report(findings: Sequence[Finding], config_dir: str, out: TextIO) -> int:
     verdict = "needs changes" if bad else "has what the policy needs"
     print(f"{config_dir}: {verdict} ({summary})", file=out)
     return EXIT_MISMATCH if bad else EXIT_OK
+
 
 def _ordered(findings: Iterable[Finding]) -> list[Finding]:
     rank = {Status.MISSING: 0, Status.DIFFERENT: 1, Status.WARNING: 2, Status.OK: 3}

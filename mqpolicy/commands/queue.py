@@ -49,6 +49,7 @@ async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
         print(render_queue(summary), file=out)
     return EXIT_OK
 
+
 def _when(ms: int | None, now_ms: int) -> str:
     if ms is None:
         return "-"
@@ -65,6 +66,7 @@ def _when(ms: int | None, now_ms: int) -> str:
         ahead = f"{seconds / 86_400:.1f}d"
     stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
     return f"in {ahead} ({stamp})"
+
 
 def render_queue(summary: QueueSummary) -> str:
     """The text view of :func:`~mqpolicy.scheduler.planner.summarize` (plus queue counts)."""

@@ -48,6 +48,7 @@ async def cmd_release_agent(policy: Policy, path: Path, listen: str | None,
     finally:
         listener.stop()
 
+
 async def _run(policy: Policy, path: Path, endpoint: Endpoint, log_level: str | None,
                open_queue: Callable[[SchedulerSettings], MtaQueue]) -> int:
     loop = asyncio.get_running_loop()

@@ -99,6 +99,3 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None) -
         return True
 
     await reload_policy(path, log_level, apply)
-
-
-

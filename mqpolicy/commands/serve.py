@@ -9,8 +9,10 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import platform
 import signal
 import sys
+import time
 from pathlib import Path
 
 from mqpolicy import __version__
@@ -21,17 +23,27 @@ from mqpolicy.daemon.reload import reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
 from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
-from mqpolicy.decision.service import DecisionService, wall_clock_ms
+from mqpolicy.decision.service import (
+    DecisionService,
+    register_decision_metrics,
+    register_store_metrics,
+    wall_clock_ms,
+)
 from mqpolicy.delegation.handler import PostfixPolicyHandler
-from mqpolicy.delegation.server import PolicyServer
+from mqpolicy.delegation.server import (
+    PolicyServer,
+    ServerCounters,
+    register_policy_server_metrics,
+)
 from mqpolicy.feedback.follower import FeedbackService
+from mqpolicy.metrics.http import MetricsServer
 from mqpolicy.metrics.registry import (
     DESTINATIONS_IN_BACKOFF,
-    MetricsServer,
+    MetricsRegistry,
     ReloadStats,
-    core_registry,
+    register_reload_metrics,
 )
-from mqpolicy.milter.service import MilterRunner
+from mqpolicy.milter.service import MilterCounters, MilterRunner, register_milter_metrics
 from mqpolicy.policy.destinations import needs_mx
 from mqpolicy.policy.endpoints import EndpointSyntaxError, parse_endpoint
 from mqpolicy.policy.model import MetricsSettings, MilterSettings, Policy, SchedulerSettings
@@ -64,6 +76,7 @@ async def serve(policy: Policy, path: Path, log_level: str | None = None,
         return await _serve(policy, path, log_level, milter, policy_server, with_scheduler)
     finally:
         listener.stop()
+
 
 async def _serve(policy: Policy, path: Path, log_level: str | None,
                  milter: MilterSettings | None, policy_server: bool,
@@ -166,6 +179,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     log.info("stopped")
     return EXIT_FAILURE if runner is not None and runner.failed else EXIT_OK
 
+
 def _hold_records(policy: Policy) -> HoldRecordStore | None:
     """Where holds are recorded for the scheduler; None (plain MTA holds, logged) for a
     store that cannot keep them."""
@@ -176,12 +190,14 @@ def _hold_records(policy: Policy) -> HoldRecordStore | None:
                     extra={"fields": {"error": str(exc)}})
         return None
 
+
 async def _run_scheduler(scheduler: Scheduler, stop: asyncio.Event) -> None:
     """The scheduler inside serve: an unexpected error is logged, never stops the server."""
     try:
         await scheduler.run(stop)
     except Exception:
         log.exception("scheduler stopped after an unexpected error")
+
 
 async def _reload(service: DecisionService, path: Path, log_level: str | None,
                   stats: ReloadStats) -> None:
@@ -202,3 +218,30 @@ async def _reload(service: DecisionService, path: Path, log_level: str | None,
         stats.succeeded()
     else:
         stats.refused()
+
+
+def core_registry(
+    service: DecisionService,
+    *,
+    server: ServerCounters | None = None,
+    milter: MilterCounters | None = None,
+    reloads: ReloadStats | None = None,
+) -> MetricsRegistry:
+    """A registry with every metric of the decision service, its store, the policy
+    server's and the milter's counters (when they run) and the reload counts."""
+    registry = MetricsRegistry()
+    started = time.time()
+    registry.gauge("mqpolicy_build_info", "Version of the running mqpolicy (value 1)",
+                   lambda: {(__version__, platform.python_version()): 1},
+                   labels=("version", "python"))
+    registry.gauge("mqpolicy_start_time_seconds", "When this process started (Unix time)",
+                   lambda: started)
+    register_decision_metrics(registry, service)
+    register_store_metrics(registry, service.store)
+    if server is not None:
+        register_policy_server_metrics(registry, server)
+    if milter is not None:
+        register_milter_metrics(registry, milter)
+    if reloads is not None:
+        register_reload_metrics(registry, reloads)
+    return registry

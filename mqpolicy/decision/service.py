@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter_ns
+from typing import Final
 
 from mqpolicy.daemon.structured_log import LogBurst
 from mqpolicy.decision.engine import (
@@ -33,7 +34,8 @@ from mqpolicy.decision.engine import (
     make_plan,
 )
 from mqpolicy.decision.mx_resolver import DestinationFinder, MxResolver
-from mqpolicy.metrics.registry import BusiestKeys, LatencyHistogram
+from mqpolicy.metrics.instruments import BusiestKeys, LatencyHistogram
+from mqpolicy.metrics.registry import Labels, MetricsRegistry
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, Request, domain_of
 from mqpolicy.store.budget import BudgetCheck, CounterStore, Evaluation, StoreError, StoreTimeout
@@ -268,3 +270,71 @@ def _dry(plan: Plan) -> Plan:
     """The same plan, spending nothing (``explain`` without ``--consume``)."""
     limits = tuple(p._replace(check=p.check._replace(consume=False)) for p in plan.limits)
     return plan._replace(limits=limits, once_key=None)
+
+
+# ---------------------------------------------------------------- metrics
+
+_ACTIONS: Final = ("accept", "defer", "hold", "reject")
+#: Busiest keys listed in ``/top.json`` (section ``busiest_keys``).
+BUSIEST_SHOWN: Final = 50
+
+
+def register_decision_metrics(registry: MetricsRegistry, service: DecisionService) -> None:
+    def decisions() -> dict[Labels, int]:
+        lanes = [lane.name for lane in service.policy.lanes]
+        values: dict[Labels, int] = {(a, lane): 0 for lane in lanes for a in _ACTIONS}
+        with service.stats_lock:  # the milter's threads count decisions too
+            counted = list(service.stats.decisions.items())
+        values.update(counted)
+        return values
+
+    def limit_hits() -> dict[Labels, int]:
+        values: dict[Labels, int] = {
+            (lim.name, "monitor" if lim.monitor else lim.action.value): 0
+            for lim in service.policy.limits
+        }
+        with service.stats_lock:
+            counted = list(service.stats.limits_hit.items())
+        values.update(counted)
+        return values
+
+    stats = service.stats
+    registry.counter("mqpolicy_decisions_total", "Decisions made, by action and final lane",
+                     decisions, labels=("action", "lane"))
+    registry.counter("mqpolicy_limit_hits_total",
+                     "Limits found spent, by limit and action (monitor: dry run)",
+                     limit_hits, labels=("limit", "action"))
+    registry.histogram("mqpolicy_decision_seconds",
+                       "Time to decide one request, store round trip included",
+                       stats.decision_latency.snapshot)
+    registry.histogram("mqpolicy_store_seconds",
+                       "Time of one store round trip as a decision sees it (queueing included)",
+                       stats.store_latency.snapshot)
+    registry.counter("mqpolicy_store_errors_total",
+                     "Store round trips that failed (on_store_error applied), by kind",
+                     lambda: {("error",): stats.store_errors, ("timeout",): stats.store_timeouts},
+                     labels=("kind",))
+    registry.gauge("mqpolicy_lane_priority", "Priority of each configured lane (0 = highest)",
+                   lambda: {(lane.name,): lane.priority for lane in service.policy.lanes},
+                   labels=("lane",))
+    registry.gauge("mqpolicy_busiest_keys_tracked",
+                   "Limit keys tracked for the busiest-keys view (bounded)",
+                   lambda: len(stats.busiest))
+    def busiest_keys() -> list[dict[str, object]]:
+        with service.stats_lock:
+            top = stats.busiest.top(BUSIEST_SHOWN)
+        return [h._asdict() for h in top]
+
+    registry.json_section("busiest_keys", busiest_keys)
+
+
+def register_store_metrics(registry: MetricsRegistry, store: CounterStore) -> None:
+    """Batching counters of stores that have them (Redis)."""
+    if hasattr(store, "batches_sent"):
+        registry.counter("mqpolicy_store_batches_total",
+                         "Batches sent to the store (one script call each)",
+                         lambda: int(getattr(store, "batches_sent", 0)))
+    if hasattr(store, "decisions_sent"):
+        registry.counter("mqpolicy_store_batched_decisions_total",
+                         "Decisions sent to the store inside batches",
+                         lambda: int(getattr(store, "decisions_sent", 0)))

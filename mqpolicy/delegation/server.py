@@ -54,6 +54,7 @@ from mqpolicy.delegation.codec import (
     PolicyProtocolError,
     encode_reply,
 )
+from mqpolicy.metrics.registry import MetricsRegistry
 from mqpolicy.policy.endpoints import Endpoint
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "PolicyServer",
     "ServerCounters",
     "connection_id",
+    "register_policy_server_metrics",
 ]
 
 log = logging.getLogger("mqpolicy.server")
@@ -551,3 +553,23 @@ class _Connection(asyncio.Protocol):
         # A task cancelled before its first step never awaits the answer: close it here.
         if inspect.iscoroutine(answer) and inspect.getcoroutinestate(answer) == CORO_CREATED:
             answer.close()
+
+
+def register_policy_server_metrics(registry: MetricsRegistry, counters: ServerCounters) -> None:
+    registry.gauge("mqpolicy_policy_connections", "Open policy connections",
+                   lambda: counters.connections_active)
+    registry.counter("mqpolicy_policy_connections_total",
+                     "Policy connections, by result (refused: over max_connections)",
+                     lambda: {("accepted",): counters.connections_accepted,
+                              ("refused",): counters.connections_refused},
+                     labels=("result",))
+    registry.counter("mqpolicy_policy_idle_timeouts_total",
+                     "Policy connections closed for idleness", lambda: counters.idle_timeouts)
+    registry.counter("mqpolicy_policy_requests_total", "Policy requests answered",
+                     lambda: counters.requests)
+    registry.counter("mqpolicy_policy_protocol_errors_total",
+                     "Malformed or oversized policy requests (connection closed)",
+                     lambda: counters.protocol_errors)
+    registry.counter("mqpolicy_policy_handler_errors_total",
+                     "Policy requests answered with the fallback action after an error",
+                     lambda: counters.handler_errors)

@@ -196,6 +196,3 @@ def limit_hits(lines: Iterable[str]) -> Counter[tuple[str, str]]:
             continue
         seen[(by, action)].add(fields.get("instance", line))
     return Counter({key: len(ids) for key, ids in seen.items()})
-
-
-

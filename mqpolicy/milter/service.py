@@ -71,6 +71,7 @@ from mqpolicy.daemon.unix_sockets import OwnedSocket, bind_unix
 from mqpolicy.decision.engine import Action, Verdict, classify
 from mqpolicy.decision.hold_terms import held_until, unspent_budgets
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
+from mqpolicy.metrics.registry import MetricsRegistry
 from mqpolicy.milter.scheduled_delivery import (
     SCHEDULE_HEADERS,
     requested_time,
@@ -92,6 +93,7 @@ __all__ = [
     "DecisionUnavailable",
     "MilterRunner",
     "PolicyMilter",
+    "register_milter_metrics",
 ]
 
 log = logging.getLogger("mqpolicy.milter")
@@ -883,3 +885,18 @@ class MilterRunner:
             return
         owned, self._unix = self._unix, None
         owned.remove()
+
+
+def register_milter_metrics(registry: MetricsRegistry, counters: MilterCounters) -> None:
+    registry.gauge("mqpolicy_milter_connections", "Open MTA connections to the milter",
+                   lambda: counters.connections_active)
+    registry.gauge("mqpolicy_milter_messages", "Messages the milter is in the middle of",
+                   lambda: counters.messages_active)
+    registry.counter("mqpolicy_milter_decisions_total", "Decisions the milter applied",
+                     lambda: counters.decisions)
+    registry.counter("mqpolicy_milter_failures_total",
+                     "Milter steps that applied milter.on_error (no decision, or an error)",
+                     lambda: counters.failures)
+    registry.counter("mqpolicy_milter_timeouts_total",
+                     "Milter decisions handed to the event loop that missed milter.timeout",
+                     lambda: counters.timeouts)

@@ -170,7 +170,6 @@ class RcptLimits(Enum):
     POLICY_SERVER = "policy_server"
 
 
-
 DEFAULT_TIMEOUT_MARGIN_MS = 50
 DEFAULT_LISTEN_MODE = 0o660  # unix sockets: owner and group (Postfix in the group)
 DEFAULT_MILTER_LISTEN = MilterEndpoint("unix", path="/run/mqpolicy/milter.sock")
@@ -356,5 +355,3 @@ class Policy:
 
     def lane(self, name: str) -> Lane:
         return self.lanes_by_name[name]
-
-

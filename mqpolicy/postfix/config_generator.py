@@ -1095,5 +1095,3 @@ def read_parameters(config_dir: str, *names: str, postconf: str = POSTCONF) -> d
     postconf run."""
     values = _postconf(postconf, config_dir, "-xh", *names).split("\n")
     return {name: value.strip() for name, value in zip(names, values, strict=False)}
-
-

@@ -228,6 +228,3 @@ class AgentServer:
             **fields, "ids": len(request.ids), **counts,
             "qids": " ".join(list(outcomes)[:20])}})
         return answer
-
-
-

@@ -48,7 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
-from mqpolicy.metrics.registry import HELD_MESSAGES, RELEASES, LatencyHistogram, MetricsRegistry
+from mqpolicy.metrics.instruments import LatencyHistogram
+from mqpolicy.metrics.registry import HELD_MESSAGES, RELEASES, MetricsRegistry
 from mqpolicy.policy.model import MtaKind, Policy, SchedulerSettings
 from mqpolicy.policy.request import domain_of
 from mqpolicy.scheduler.agent_queue import AgentQueue
