@@ -170,6 +170,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             lambda settings: open_mta_queue(settings, through_agent=False)))
     return asyncio.run(cmd_counters(policy, args))
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -97,3 +97,17 @@ def test_installed_wheel_runs_mqpolicy_check_on_its_example(wheel: Path, tmp_pat
                              cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60,
                              check=False)
     assert refused.returncode == 1, refused
+
+
+def test_the_milter_package_leaves_pymilter_its_milter_module() -> None:
+    """``mqpolicy.milter`` is a subpackage, imported absolutely: pymilter's ``Milter`` still
+    gets pymilter's own top-level ``milter`` (the C extension), not ours."""
+    import Milter
+    import milter
+
+    from mqpolicy.milter import service
+
+    assert service.Milter is Milter
+    assert Milter.milter is milter
+    assert Path(milter.__file__).name.startswith("milter.cpython")
+    assert Path(milter.__file__).suffix == ".so"
