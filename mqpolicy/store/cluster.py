@@ -45,7 +45,7 @@ The guarantee
 * A decision that is refused or a duplicate spends nothing *in the end*, but its spends in
   other slots are visible for one round trip: a decision tested in between (or later in
   the same batch), on the same bucket, may be refused for want of units that are about to
-  come back: under-admission, never over-admission. Measured in ``tests/test_redis_ha.py``:
+  come back: under-admission, never over-admission. Measured in ``tests/store/test_redis_ha.py``:
   300 concurrent messages against 3 sender buckets of 50 and one shared bucket of 120, all
   in different slots, two batches in flight: 106 to 120 passed at once (over several runs;
   the others' shared units were held by messages their sender refused), the rest on the

@@ -1,7 +1,7 @@
 """The embedded counter store: budgets in a dict, for one process.
 
 Implements :class:`mqpolicy.store.budget.CounterStore` with exactly the rules of
-``lua/gcra_batch.lua``; one suite (``tests/test_stores.py``) runs against both.
+``lua/gcra_batch.lua``; one suite (``tests/store/test_stores.py``) runs against both.
 
 Decision rules, shared with the Lua script (the budget module's docstring gives the contract):
 

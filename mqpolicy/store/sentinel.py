@@ -28,7 +28,7 @@ During a failover (the master dies; the sentinels agree it is down after their
 * a demoted master that is still reachable answers writes with READONLY: the connection
   is dropped (one :class:`StoreError`) and the next one asks the sentinels again.
 
-Measured in ``tests/test_redis_ha.py`` (loopback, 1 master + 1 replica + 3 sentinels,
+Measured in ``tests/store/test_redis_ha.py`` (loopback, 1 master + 1 replica + 3 sentinels,
 ``down-after-milliseconds 1000``): decisions failed for about 2-3 s after the master was
 killed, each failure within the store's deadline, and continued on the promoted replica
 with the budget spent before the failure intact.
