@@ -1,7 +1,8 @@
 # make run    start the policy server on the embedded memory store with conf/mqpolicy.yaml
 # make test   install everything (Debian packages, .venv from requirements/test.lock) and run
-#             the whole suite, ruff and mypy: the lock pins every direct dependency at the
-#             lower bound of its range in pyproject.toml, so this tests the low end
+#             the whole suite, ruff, mypy and lint-imports: the lock pins every direct
+#             dependency at the lower bound of its range in pyproject.toml, so this tests the
+#             low end
 # make test-latest  the same checks in .venv-latest, made anew with today's newest release
 #             of everything (pip install -U -e '.[test]', no lock): the high end
 # make lock   rewrite requirements/test.lock from pyproject.toml (uv pip compile, hashed,
@@ -36,7 +37,8 @@ lock:
 run: bootstrap
 	$(VENV)/bin/mqpolicy serve -c $(CONFIG)
 
-# Runs pytest, ruff and mypy even when an earlier one fails, then fails if any did.
+# Runs pytest, ruff, mypy and lint-imports (the layers and contracts in pyproject.toml) even
+# when an earlier one fails, then fails if any did.
 # pytest's exit code 5 ("no tests collected") is a failure here.
 define run_checks
 	@failed=(); \
@@ -45,6 +47,7 @@ define run_checks
 	[[ $$rc -eq 0 ]] || failed+=(pytest); \
 	$(VENV)/bin/ruff check mqpolicy tests bench || failed+=(ruff); \
 	$(VENV)/bin/mypy --strict mqpolicy || failed+=(mypy); \
+	$(VENV)/bin/lint-imports || failed+=(lint-imports); \
 	if (( $${#failed[@]} )); then echo "make $@: FAILED: $${failed[*]}" >&2; exit 1; fi
 endef
 

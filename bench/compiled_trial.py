@@ -31,8 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
-MODULES = ("request", "conditions", "budget", "engine", "decisions", "memory_store",
-           "policy_codec", "policy_service")
+MODULES = ("policy/request", "policy/conditions", "store/budget", "decision/engine",
+           "decision/service", "store/memory", "delegation/codec", "delegation/handler")
 
 
 def compile_copy(workdir: Path) -> None:
@@ -51,7 +51,7 @@ def run(label: str, argv: Sequence[str], tree: Path | None) -> str:
     """Run a bench script against the plain tree (``tree`` None) or the compiled copy;
     fail when the compiled copy's modules are not the ones imported."""
     env = dict(os.environ)
-    check = ("import mqpolicy.engine as e, runpy, sys; "
+    check = ("import mqpolicy.decision.engine as e, runpy, sys; "
              "print('engine:', e.__file__, file=sys.stderr); "
              f"sys.argv = {list(argv)!r}; sys.path.insert(0, {str(BENCH)!r}); "
              "runpy.run_path(sys.argv[0], run_name='__main__')")

@@ -29,11 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_bench import POLICY_TEMPLATE
 from policy_load import make_workload
 
-from mqpolicy.config import Policy, load_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.policy_codec import PolicyDecoder, encode_reply
-from mqpolicy.policy_service import PostfixPolicyHandler
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.codec import PolicyDecoder, encode_reply
+from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.policy.loader import load_policy
+from mqpolicy.policy.model import Policy
+from mqpolicy.store.memory import MemoryStore
+from mqpolicy.store.urls import check_store_url
 
 
 def requests_of(count: int, seed: int) -> list[bytes]:
@@ -74,7 +76,7 @@ async def run(args: argparse.Namespace) -> None:
         path = Path(tmp) / "policy.yaml"
         path.write_text(POLICY_TEMPLATE.format(port=10040, store_url="memory://",
                                                log_level="warning"))
-        policy = load_policy(path)
+        policy = load_policy(path, check_store_url)
     wire = requests_of(args.requests, args.seed)
     best: dict[str, float] = {}
     actions: list[str] = []

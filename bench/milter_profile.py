@@ -32,10 +32,10 @@ from Milter.testctx import TestCtx
 from milter_bench import HEADERS, POLICY
 from milter_floor import Floor
 
-from mqpolicy.config import parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.milter_service import DecisionGateway, PolicyMilter
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.milter.service import DecisionGateway, PolicyMilter
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.store.memory import MemoryStore
 
 STEPS = ("MAIL", "RCPT", "headers", "end")
 

@@ -1,8 +1,8 @@
 """End-to-end throughput: messages/s through a private Postfix, with and without mqpolicy.
 
-Same machine, same run. Two private Postfix instances (``mqpolicy.postfix_instance``: own
+Same machine, same run. Two private Postfix instances (``mqpolicy.lab.postfix_instance``: own
 config, queue and log, fresh loopback ports) relay everything to one SMTP sink
-(``mqpolicy.smtp_sink``, in its own process). They are driven in turn, in pairs of short
+(``mqpolicy.lab.smtp_sink``, in its own process). They are driven in turn, in pairs of short
 segments (which one goes first alternates), with 8 parallel SMTP sessions (threads,
 ``smtplib``; ``--sessions``), several messages per connection; the figure is the median
 over pairs of the per-pair ratio, so load from other processes on the machine hits both
@@ -66,8 +66,7 @@ from bench_processes import (  # noqa: E402
     sigterm_as_interrupt,
 )
 
-from mqpolicy.endpoints import Endpoint  # noqa: E402
-from mqpolicy.postfix_instance import (  # noqa: E402
+from mqpolicy.lab.postfix_instance import (  # noqa: E402
     PolicyServerProcess,
     PostfixInstance,
     free_port,
@@ -76,7 +75,8 @@ from mqpolicy.postfix_instance import (  # noqa: E402
     poll,
     submit_on,
 )
-from mqpolicy.smtp_sink import SmtpSink  # noqa: E402
+from mqpolicy.lab.smtp_sink import SmtpSink  # noqa: E402
+from mqpolicy.policy.endpoints import Endpoint  # noqa: E402
 
 SESSIONS = 8
 BODY = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "

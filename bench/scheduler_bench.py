@@ -50,20 +50,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from store_bench import redis_server
 
-from mqpolicy.budget import CounterStore
-from mqpolicy.config import parse_policy
-from mqpolicy.decisions import DecisionService
-from mqpolicy.hold_records import (
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.scheduler.mta_queue import QueueSnapshot
+from mqpolicy.scheduler.postfix_queue import parse_postqueue_json
+from mqpolicy.scheduler.scheduler import PassReport, Scheduler
+from mqpolicy.store.budget import CounterStore
+from mqpolicy.store.hold_records import (
     HoldRecord,
     HoldRecordStore,
     MemoryHoldRecords,
     RedisHoldRecords,
 )
-from mqpolicy.memory_store import MemoryStore
-from mqpolicy.mta_queue import QueueSnapshot
-from mqpolicy.postfix_queue import parse_postqueue_json
-from mqpolicy.redis_store import RedisStore
-from mqpolicy.scheduler import PassReport, Scheduler
+from mqpolicy.store.memory import MemoryStore
+from mqpolicy.store.redis import RedisStore
 
 LANES = ("transactional", "normal", "bulk")
 POLICY = """\

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_processes import Processes, sigterm_as_interrupt, wait_accepting
 from redis.asyncio import Redis
 
-from mqpolicy.budget import BudgetCheck
-from mqpolicy.postfix_instance import free_port
-from mqpolicy.redis_store import RedisStore, _Pending, load_script
+from mqpolicy.lab.postfix_instance import free_port
+from mqpolicy.store.budget import BudgetCheck
+from mqpolicy.store.redis import RedisStore, _Pending, load_script
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")
 HOUR = 3_600_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.redis_fixture"]
-pytest_plugins += ["tests.postfix_fixture"]
-pytest_plugins += ["tests.redis_ha_fixture"]
+pytest_plugins = ["tests.support.redis_fixture"]
+pytest_plugins += ["tests.support.postfix_fixture"]
+pytest_plugins += ["tests.support.redis_ha_fixture"]
+pytest_plugins += ["tests.support.milter_session"]
 
 
 @pytest.fixture
@@ -22,3 +24,19 @@ def sock_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def mqpolicy_logger_kept() -> Iterator[None]:
+    """Each test leaves the ``mqpolicy`` logger as it found it. A test that configures
+    logging as the commands do (``configure_logging``: a handler of its own, no propagation)
+    would otherwise keep every later test's records from pytest's ``caplog``, which listens
+    at the root logger: what a test sees must not depend on which tests ran before it."""
+    logger = logging.getLogger("mqpolicy")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        yield
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate

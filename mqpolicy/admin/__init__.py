@@ -1,0 +1,1 @@
+"""``serve``'s admin socket: its protocol, server, operations and the commands' client."""

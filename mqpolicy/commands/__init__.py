@@ -1,0 +1,2 @@
+"""One module per ``mqpolicy`` subcommand; :mod:`mqpolicy.cli` builds the parser and dispatches
+to them."""

@@ -1,0 +1,371 @@
+"""The decision engine. Pure: no I/O, no clock, no globals.
+
+A decision has two steps around one store round trip::
+
+    plan = make_plan(request, policy)              # lane + the budget checks to run
+    evaluation = await store.evaluate(...)         # done by the caller (I/O)
+    verdict = decide(plan, evaluation, policy)     # action, lane, reasons
+
+Counting rules (see README "How counting works"):
+
+* recipient-keyed limits (recipient, recipient_domain, destination) are spent per
+  recipient at RCPT;
+* every other limit is only *checked* before END-OF-MESSAGE (so an exhausted sender is
+  deferred at RCPT already) and spent once per message at END-OF-MESSAGE, where the final
+  recipient count and size are known; a ``once_key`` (queue id, else instance) keeps a
+  message from being counted twice when several front-ends see it;
+* a decision that defers, holds or rejects spends nothing (all-or-nothing in the store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from enum import Enum
+from types import MappingProxyType
+from typing import NamedTuple
+
+from mqpolicy.policy.backoff import scale_budget
+from mqpolicy.policy.model import ActionKind, Count, Lane, Limit, Policy, StoreErrorMode
+from mqpolicy.policy.request import (
+    STAGE_END_OF_MESSAGE,
+    STAGE_RCPT,
+    Request,
+    recipient_destination,
+)
+from mqpolicy.store.budget import NEVER, BudgetCheck, BudgetResult, Evaluation
+
+
+class Action(Enum):
+    ACCEPT = "accept"
+    DEFER = "defer"
+    HOLD = "hold"
+    REJECT = "reject"
+
+
+# What a hold that no limit decided says (Postfix logs it with the HOLD, Sendmail lists it
+# as the quarantine reason); a limit's hold says its message or ``messages.hold``.
+LANE_HOLD_TEXT = "held by mqpolicy lane {lane}"
+LOAD_HOLD_TEXT = "held by mqpolicy load: lane {lane} waits for the MTA's queues"
+
+_SEVERITY = {ActionKind.REJECT: 3, ActionKind.DEFER: 2, ActionKind.HOLD: 1}
+_MAX_KEY_LENGTH = 200
+
+
+class PlannedLimit(NamedTuple):
+    limit: Limit
+    key: str  # the key value this request maps to, e.g. "alice@example.com"
+    check: BudgetCheck
+    spends: bool  # whether a real decision spends here (a dry run's check does not)
+
+
+class Plan(NamedTuple):
+    request: Request
+    lane: Lane
+    rule: str | None  # the classify rule that chose the lane (None: default lane)
+    limits: tuple[PlannedLimit, ...]
+    once_key: str | None
+    waiting_lanes: frozenset[str] = frozenset()  # lanes that wait for the MTA's queues
+
+
+class RuntimeState(NamedTuple):
+    """What the shared store says about the world, refreshed every second or so by the
+    front-end: destination backoff factors and the lanes that wait for the MTA's queues
+    to drain. An input of the engine like the counters (the engine reads no store)."""
+
+    backoff: Mapping[str, float] = MappingProxyType({})
+    waiting_lanes: frozenset[str] = frozenset()
+
+
+NO_RUNTIME = RuntimeState()
+
+
+class LimitOutcome(NamedTuple):
+    """What one limit said in one decision."""
+
+    name: str
+    key: str
+    allowed: bool
+    spent: bool
+    remaining: int
+    retry_after_ms: int
+    action: ActionKind
+    monitor: bool
+    rate: str
+    counted: str  # what the check counted: "1 messages", "12 recipients", "peek", ...
+    cost: int  # what this decision spends from the bucket when it commits (0: it only looks)
+
+
+class Verdict(NamedTuple):
+    action: Action
+    lane: Lane
+    classified_lane: Lane
+    rule: str | None
+    text: str
+    retry_after_ms: int
+    limits: tuple[LimitOutcome, ...]
+    deciding: str | None = None  # name of the limit that decided, or "lane:<name>"
+    store_error: bool = False
+    duplicate: bool = False
+
+    @property
+    def demoted(self) -> bool:
+        return self.lane.name != self.classified_lane.name
+
+    @property
+    def hold_reason(self) -> str:
+        """Why the message waits, as a hold record says it: the deciding limit, else
+        ``lane:<name>``."""
+        return self.deciding or f"lane:{self.lane.name}"
+
+
+# ---------------------------------------------------------------- classify
+
+
+def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
+    """The first matching rule's lane. A rule that looks at headers is skipped when the
+    request has none (the policy server): its answer is unknown there, and the milter,
+    which sees the headers, decides it."""
+    no_headers = request.headers is None
+    for rule in policy.classify:
+        if rule.needs_headers and no_headers:
+            continue
+        if rule.when(request):
+            return policy.lane(rule.lane), rule.name
+    return policy.lane(policy.default_lane), None
+
+
+# ---------------------------------------------------------------- keys
+
+
+def store_key(limit: Limit, key: str) -> str:
+    """The store's logical key for one bucket of a limit (the store adds its prefix)."""
+    if key.isascii() and len(key) <= _MAX_KEY_LENGTH:  # the usual key, as it is
+        return limit.bucket_prefix + key
+    if not key.isascii():
+        key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if len(key) > _MAX_KEY_LENGTH:
+        key = "sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
+    return limit.bucket_prefix + key
+
+
+def once_key_for(request: Request) -> str | None:
+    key = request.message_key
+    return f"seen:{key}" if key else None
+
+
+# ---------------------------------------------------------------- plan
+
+
+def not_applied_reason(limit: Limit, lane: Lane, request: Request) -> str | None:
+    """Why ``limit`` does not count this request in ``lane``; None when it does (when
+    :func:`make_plan` plans it). The one list of these conditions: ``make_plan`` has them
+    inlined for speed (a test holds the two together), ``explain`` says them."""
+    if limit.recipient_keyed and request.stage != STAGE_RCPT:
+        return "recipient-keyed: spent per recipient at RCPT"
+    if limit.destination is not None and limit.destination != recipient_destination(request):
+        return f"destination {limit.destination} only"
+    if limit.needs_headers and request.headers is None:
+        return "looks at headers: the milter applies it"
+    if limit.lanes is not None and lane.name not in limit.lanes:
+        return f"lanes {', '.join(sorted(limit.lanes))} only"
+    if limit.when is not None and not limit.when(request):
+        return "when does not match"
+    if limit.exempt is not None and limit.exempt(request):
+        return "except matches"
+    if limit.key_of(request) is None:
+        return f"request has no {limit.key_text}"
+    return None
+
+
+def _message_cost(limit: Limit, request: Request) -> int:
+    if limit.count is Count.MESSAGES:
+        return 1
+    if limit.count is Count.RECIPIENTS:
+        return max(1, request.recipient_count or len(request.recipients))
+    return max(1, request.size)
+
+
+def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTIME,
+              lane: Lane | None = None, *, releasing: bool = False) -> Plan:
+    """The checks of one decision. ``lane`` given: no classification (the scheduler
+    plans a held message in the lane it was held in). ``releasing``: the scheduler lets a
+    held message go, which spends its recipient budgets whatever the lane."""
+    rule: str | None = None
+    if lane is None:
+        lane, rule = classify(request, policy)
+    backoff = runtime.backoff
+    # Mail that will wait in the hold queue (a hold lane, a lane waiting for the MTA's
+    # queues) spends its recipient budgets when it is released, not now: else twice.
+    spend_recipients = releasing or not (lane.hold or lane.name in runtime.waiting_lanes)
+    stage = request.stage
+    at_end = stage == STAGE_END_OF_MESSAGE
+    at_rcpt = stage == STAGE_RCPT
+    planned: list[PlannedLimit] = []
+    # The limits of this lane and stage (see Policy.limits_by_stage); the tests below are
+    # what not_applied_reason() says about the rest, inlined: this loop runs for every request (a
+    # destination budget was found by the request's destination just above).
+    limits = policy.limits_by_stage[lane.name, at_rcpt]
+    if at_rcpt and policy.destination_limits and request.recipient:
+        budget = policy.destination_limits.get(recipient_destination(request))
+        if budget is not None and (budget.lanes is None or lane.name in budget.lanes):
+            limits = (*limits, budget)
+    no_headers = request.headers is None
+    size = request.size
+    for limit in limits:
+        if no_headers and limit.needs_headers:
+            continue  # the milter, which sees the headers, applies this limit
+        when = limit.when
+        if when is not None and not when(request):
+            continue
+        exempt = limit.exempt
+        if exempt is not None and exempt(request):
+            continue
+        key = limit.key_of(request)
+        if key is None:
+            continue
+        if limit.recipient_keyed:  # only at RCPT (limits_by_stage; destinations too)
+            cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
+            consume = spend_recipients
+        elif at_end:
+            cost = _message_cost(limit, request)
+            consume = True
+        else:
+            cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
+            consume = False
+        interval, burst = limit.interval_ms, limit.burst
+        if backoff and limit.destination is not None:
+            factor = backoff.get(limit.destination, 1.0)
+            if factor < 1.0:  # same bucket key: a factor change never resets the bucket
+                interval, burst = scale_budget(interval, burst, factor)
+        bucket = store_key(limit, key)
+        # tuple.__new__: positional NamedTuples without their keyword __new__ (2x cheaper)
+        check = _new(BudgetCheck, (bucket, interval, burst, cost, consume, limit.blocking))
+        planned.append(_new(PlannedLimit, (limit, key, check, consume)))
+    once = once_key_for(request) if at_end and planned else None
+    return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes))
+
+
+_new = tuple.__new__
+
+
+# ---------------------------------------------------------------- decide
+
+
+def _counted(p: PlannedLimit) -> str:
+    if not p.spends:
+        return "checked"
+    if p.check.cost == 1:
+        return p.limit.counted_one
+    return f"{p.check.cost} {p.limit.count.value}"
+
+
+def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: int,
+          remaining: int) -> str:
+    retry = "later" if retry_ms == NEVER else str(max(1, -(-retry_ms // 1000)))
+    return template.format(
+        limit=limit.name if limit else "",
+        key=key,
+        rate=limit.rate_text if limit else "",
+        retry_after=retry,
+        remaining=remaining,
+        lane=lane.name,
+    )
+
+
+def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict:
+    """Turn the store's answer (None: the store failed) into a verdict."""
+    classified = plan.lane
+    if evaluation is None:
+        return _store_failed(plan, policy)
+
+    outcomes: list[LimitOutcome] = []
+    worst: tuple[int, int, PlannedLimit, BudgetResult] | None = None
+    lane = classified
+    duplicate = evaluation.duplicate
+    may_spend = evaluation.committed and not duplicate
+    for planned, result in zip(plan.limits, evaluation.results, strict=True):
+        limit = planned.limit
+        allowed, remaining, retry_after_ms = result
+        outcomes.append(_new(LimitOutcome, (
+            limit.name,
+            planned.key,
+            allowed,
+            may_spend and allowed and planned.check.consume,
+            remaining,
+            retry_after_ms,
+            limit.action,
+            limit.monitor,
+            limit.rate_text,
+            "already counted" if duplicate else _counted(planned),
+            planned.check.cost if planned.check.consume else 0,
+        )))
+        if allowed or limit.monitor:
+            continue
+        if limit.action is ActionKind.DEMOTE and limit.demote_to is not None:
+            target = policy.lane(limit.demote_to)
+            if target.priority > lane.priority:
+                lane = target
+            continue
+        retry = result.retry_after_ms if result.retry_after_ms != NEVER else 1 << 62
+        rank = (_SEVERITY[limit.action], retry, planned, result)
+        if worst is None or rank[:2] > worst[:2]:
+            worst = rank
+
+    limits = tuple(outcomes)
+    if worst is not None:
+        _, _, planned, result = worst
+        limit = planned.limit
+        action = Action(limit.action.value)
+        default: str = getattr(policy.messages, action.value)  # messages.defer, .hold, .reject
+        text = _fill(limit.message or default, limit, planned.key, lane,
+                     result.retry_after_ms, result.remaining)
+        return Verdict(action, lane, classified, plan.rule, text, result.retry_after_ms,
+                       limits, deciding=limit.name, duplicate=evaluation.duplicate)
+    waiting = lane.name in plan.waiting_lanes and lane.priority > 0  # never the highest lane
+    if waiting or lane.hold:
+        # messages.hold names a limit; here none held the message: name what did
+        text = (LOAD_HOLD_TEXT if waiting else LANE_HOLD_TEXT).format(lane=lane.name)
+        return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,
+                       deciding="load" if waiting else f"lane:{lane.name}",
+                       duplicate=evaluation.duplicate)
+    return _new(Verdict, (Action.ACCEPT, lane, classified, plan.rule, "", 0, limits, None,
+                          False, evaluation.duplicate))
+
+
+def _store_failed(plan: Plan, policy: Policy) -> Verdict:
+    outcomes = tuple(
+        LimitOutcome(
+            name=p.limit.name, key=p.key, allowed=True, spent=False, remaining=-1,
+            retry_after_ms=0, action=p.limit.action, monitor=p.limit.monitor,
+            rate=p.limit.rate_text, counted="store error",
+            cost=p.check.cost if p.check.consume else 0,
+        )
+        for p in plan.limits
+    )
+    deferring = [
+        p for p in plan.limits
+        if not p.limit.monitor and p.limit.on_store_error is StoreErrorMode.DEFER
+    ]
+    lane = plan.lane
+    if lane.hold or (lane.name in plan.waiting_lanes and lane.priority > 0):
+        # mail that must wait is never sent on because the store is away: the client
+        # retries (accepting it would deliver it at once, holding it needs the store)
+        return Verdict(Action.DEFER, lane, lane, plan.rule, store_error_text(policy, lane), 0,
+                       outcomes, deciding=f"lane:{lane.name}", store_error=True)
+    if deferring:
+        text = _fill(policy.messages.store_error, deferring[0].limit, deferring[0].key,
+                     plan.lane, 0, 0)
+        return Verdict(Action.DEFER, plan.lane, plan.lane, plan.rule, text, 0, outcomes,
+                       deciding=deferring[0].limit.name, store_error=True)
+    return Verdict(Action.ACCEPT, plan.lane, plan.lane, plan.rule, "", 0, outcomes,
+                   store_error=True)
+
+
+NO_LIMITS_EVALUATION = Evaluation(results=(), committed=True)
+"""The evaluation of a plan with no limits: no store round trip needed."""
+
+
+def store_error_text(policy: Policy, lane: Lane) -> str:
+    """``messages.store_error`` with its placeholders filled (no limit spoke)."""
+    return _fill(policy.messages.store_error, None, "", lane, 0, 0)

@@ -1,0 +1,340 @@
+"""The decision service: one engine plan, one store round trip, one verdict.
+
+Shared by every front-end (policy server, milter, ``explain``). Owns the current policy
+(swapped whole on reload), the store deadline and the failure contract: a store that
+errs or misses its deadline yields ``evaluation=None`` and the engine applies each
+limit's ``on_store_error``.
+
+A decision that needs no I/O (the in-process memory store, a destination found without
+DNS) is made synchronously by :meth:`DecisionService.decide_now`, which any thread may
+call: the milter's threads decide there without a hand-off to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from time import perf_counter_ns
+from typing import Final
+
+from mqpolicy.daemon.structured_log import LogBurst
+from mqpolicy.decision.engine import (
+    NO_LIMITS_EVALUATION,
+    NO_RUNTIME,
+    Action,
+    Plan,
+    RuntimeState,
+    Verdict,
+    decide,
+    make_plan,
+)
+from mqpolicy.decision.mx_resolver import DestinationFinder, MxResolver
+from mqpolicy.metrics.instruments import BusiestKeys, LatencyHistogram
+from mqpolicy.metrics.registry import Labels, MetricsRegistry
+from mqpolicy.policy.model import Policy
+from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, Request, domain_of
+from mqpolicy.store.budget import BudgetCheck, CounterStore, Evaluation, StoreError, StoreTimeout
+
+log = logging.getLogger("mqpolicy.decision")
+store_log = logging.getLogger("mqpolicy.store")
+
+
+def wall_clock_ms() -> int:
+    """Milliseconds since the epoch: the clock shared by every process and host."""
+    return time.time_ns() // 1_000_000
+
+
+_EvaluateNow = Callable[[Sequence[BudgetCheck], int, str | None], Evaluation]
+"""``MemoryStore.evaluate_now``: a store's decision without I/O or coroutine."""
+
+
+@dataclass
+class DecisionStats:
+    """Counters for metrics and ``top``, read at scrape time; changed under the service's
+    lock (decisions come from the loop and from the milter's threads)."""
+
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (action, lane)
+    limits_hit: Counter[tuple[str, str]] = field(default_factory=Counter)  # (limit, action)
+    store_errors: int = 0
+    store_timeouts: int = 0
+    decision_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    store_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    busiest: BusiestKeys = field(default_factory=BusiestKeys)  # limit keys found spent
+
+
+class DecisionService:
+    def __init__(
+        self,
+        policy: Policy,
+        store: CounterStore,
+        *,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        error_log_interval_s: float = 10.0,
+        deadline_ms: int | None = None,
+        resolver: MxResolver | None = None,
+    ) -> None:
+        """``deadline_ms`` overrides the policy's ``store.timeout_ms`` (tools that run
+        once, like ``explain``, may wait longer than a live decision). ``resolver`` finds
+        the MX hosts of recipient domains for destinations matched by ``mx``; without
+        one, destinations match by domain only."""
+        self.policy = policy
+        self.store = store
+        self.clock_ms = clock_ms
+        self._deadline_ms = deadline_ms
+        # A store that answers without I/O (the memory store) cannot miss a deadline and
+        # needs no coroutine: decide_now() uses it directly.
+        self._evaluate_now: _EvaluateNow | None = (
+            getattr(store, "evaluate_now", None) if getattr(store, "in_process", False)
+            else None)
+        # A store that keeps the deadline itself (the Redis stores) needs no timer either.
+        self._needs_deadline = (self._evaluate_now is None
+                                and not getattr(store, "keeps_deadline", False))
+        #: Held while ``stats`` changes (decisions come from the loop and from the milter's
+        #: threads): readers that iterate its mappings hold it too.
+        self.stats_lock = threading.Lock()
+        self.resolver = resolver
+        #: Backoff factors and waiting lanes from the store, refreshed by the front-end.
+        self.runtime: RuntimeState = NO_RUNTIME
+        self.stats = DecisionStats()
+        self._destinations = DestinationFinder(resolver)
+        self._error_log = LogBurst(error_log_interval_s)
+
+    def replace_policy(self, policy: Policy) -> None:
+        """Swap the policy; decisions in flight finish with the one they started with."""
+        self.policy = policy
+
+    async def decide(self, request: Request, *, consume: bool = True,
+                     account: bool = True) -> Verdict:
+        """The verdict on ``request``; ``consume=False`` spends nothing. ``account=False``
+        (``explain``: someone asks, no mail waits): neither counted in the stats nor logged
+        as a decision."""
+        if consume and account and self._evaluate_now is not None:
+            verdict = self.decide_now(request)
+            if verdict is not None:
+                return verdict
+        started = perf_counter_ns()
+        policy = self.policy
+        if policy.destinations and request.recipient and not request.destination:
+            request = request._replace(destination=await self.destination_of(
+                domain_of(request.recipient), policy))
+        plan = make_plan(request, policy, self.runtime)
+        if not consume:
+            plan = _dry(plan)
+        evaluation: Evaluation | None
+        store_ns: int | None = None
+        if not plan.limits:
+            evaluation = NO_LIMITS_EVALUATION
+        else:
+            store_started = perf_counter_ns()
+            evaluation = await self._evaluate(plan, self._deadline_ms or policy.store.timeout_ms)
+            store_ns = perf_counter_ns() - store_started
+        if not account:
+            return decide(plan, evaluation, policy)
+        return self._verdict(plan, evaluation, policy, started, store_ns)
+
+    def decide_now(self, request: Request) -> Verdict | None:
+        """The decision, made synchronously, when it needs no I/O: an in-process store
+        and a destination found without DNS. None: use :meth:`decide`. Any thread."""
+        evaluate_now = self._evaluate_now
+        if evaluate_now is None:
+            return None
+        started = perf_counter_ns()
+        policy = self.policy
+        if policy.destinations and request.recipient and not request.destination:
+            destination = self._destinations.find_now(domain_of(request.recipient),
+                                                      policy.destinations)
+            if destination is None:
+                return None
+            request = request._replace(destination=destination)
+        plan = make_plan(request, policy, self.runtime)
+        store_ns: int | None = None
+        if not plan.limits:
+            evaluation = NO_LIMITS_EVALUATION
+        else:
+            store_started = perf_counter_ns()
+            evaluation = evaluate_now([p.check for p in plan.limits], self.clock_ms(),
+                                      plan.once_key)
+            store_ns = perf_counter_ns() - store_started
+        return self._verdict(plan, evaluation, policy, started, store_ns)
+
+    def _verdict(self, plan: Plan, evaluation: Evaluation | None, policy: Policy,
+                 started_ns: int, store_ns: int | None) -> Verdict:
+        """The engine's verdict on the store's answer, counted and logged."""
+        verdict = decide(plan, evaluation, policy)
+        self._account(plan.request, verdict, perf_counter_ns() - started_ns, store_ns)
+        return verdict
+
+    async def destination_of(self, domain: str, policy: Policy | None = None) -> str:
+        """The destination group of a recipient domain, else the domain itself. Never
+        raises and never waits past the resolver's deadline (DNS trouble: the domain)."""
+        return await self._destinations.find(domain, (policy or self.policy).destinations)
+
+    async def _evaluate(self, plan: Plan, timeout_ms: int) -> Evaluation | None:
+        checks = [p.check for p in plan.limits]
+        try:
+            answer = self.store.evaluate(checks, self.clock_ms(), plan.once_key)
+            if not self._needs_deadline:  # the store keeps it, or answers without I/O
+                return await answer
+            async with asyncio.timeout(timeout_ms / 1000):
+                return await answer
+        except TimeoutError:
+            self._store_failed("store_timeouts", f"no answer within {timeout_ms} ms")
+        except StoreTimeout as exc:  # a store that keeps the deadline itself
+            self._store_failed("store_timeouts", str(exc))
+        except StoreError as exc:
+            self._store_failed("store_errors", str(exc))
+        return None
+
+    def _store_failed(self, counter: str, why: str) -> None:
+        """Count (``store_errors`` or ``store_timeouts``) and log once per burst: the first
+        error, then a summary every interval."""
+        with self.stats_lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        suppressed = self._error_log.take()
+        if suppressed is not None:
+            store_log.warning("store unavailable, applying on_store_error",
+                              extra={"fields": {"error": why, "suppressed": suppressed}})
+
+    def _account(self, request: Request, verdict: Verdict, decision_ns: int,
+                 store_ns: int | None) -> None:
+        stats = self.stats
+        spoke = [o for o in verdict.limits if not o.allowed]
+        with self.stats_lock:
+            stats.decisions[(verdict.action.value, verdict.lane.name)] += 1
+            for o in spoke:
+                action = "monitor" if o.monitor else o.action.value
+                stats.limits_hit[(o.name, action)] += 1
+                stats.busiest.hit(o.name, action, o.key)
+            stats.decision_latency.observe(decision_ns)
+            if store_ns is not None:
+                stats.store_latency.observe(store_ns)
+        quiet = (
+            verdict.action is Action.ACCEPT
+            and not spoke
+            and not verdict.store_error
+            and request.stage != STAGE_END_OF_MESSAGE
+        )
+        level = logging.DEBUG if quiet else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "decision", extra={"fields": decision_fields(request, verdict)})
+
+
+def decision_fields(request: Request, verdict: Verdict) -> dict[str, object]:
+    """The fields of a decision's log line."""
+    fields: dict[str, object] = {
+        "stage": request.stage,
+        "action": verdict.action.value,
+        "lane": verdict.lane.name,
+    }
+    if request.queue_id:
+        fields["qid"] = request.queue_id
+    if request.instance:
+        fields["instance"] = request.instance
+    fields["sender"] = request.sender or "<>"
+    if request.recipient:
+        fields["rcpt"] = request.recipient
+    if request.recipient_count:
+        fields["nrcpt"] = request.recipient_count
+    if request.client_address:
+        fields["client"] = request.client_address
+    if request.sasl_username:
+        fields["user"] = request.sasl_username
+    if verdict.rule:
+        fields["rule"] = verdict.rule
+    if verdict.demoted:
+        fields["demoted_from"] = verdict.classified_lane.name
+    if verdict.deciding:
+        fields["by"] = verdict.deciding
+    if verdict.retry_after_ms > 0:
+        fields["retry_after_s"] = round(verdict.retry_after_ms / 1000, 1)
+    if verdict.store_error:
+        fields["store_error"] = "yes"
+    if verdict.duplicate:
+        fields["duplicate"] = "yes"
+    hits = [
+        f"{o.name}:{'monitor' if o.monitor else o.action.value}:{o.key}"
+        for o in verdict.limits
+        if not o.allowed
+    ]
+    if hits:
+        fields["limits"] = ",".join(hits)
+    return fields
+
+
+def _dry(plan: Plan) -> Plan:
+    """The same plan, spending nothing (``explain`` without ``--consume``)."""
+    limits = tuple(p._replace(check=p.check._replace(consume=False)) for p in plan.limits)
+    return plan._replace(limits=limits, once_key=None)
+
+
+# ---------------------------------------------------------------- metrics
+
+_ACTIONS: Final = ("accept", "defer", "hold", "reject")
+#: Busiest keys listed in ``/top.json`` (section ``busiest_keys``).
+BUSIEST_SHOWN: Final = 50
+
+
+def register_decision_metrics(registry: MetricsRegistry, service: DecisionService) -> None:
+    def decisions() -> dict[Labels, int]:
+        lanes = [lane.name for lane in service.policy.lanes]
+        values: dict[Labels, int] = {(a, lane): 0 for lane in lanes for a in _ACTIONS}
+        with service.stats_lock:  # the milter's threads count decisions too
+            counted = list(service.stats.decisions.items())
+        values.update(counted)
+        return values
+
+    def limit_hits() -> dict[Labels, int]:
+        values: dict[Labels, int] = {
+            (lim.name, "monitor" if lim.monitor else lim.action.value): 0
+            for lim in service.policy.limits
+        }
+        with service.stats_lock:
+            counted = list(service.stats.limits_hit.items())
+        values.update(counted)
+        return values
+
+    stats = service.stats
+    registry.counter("mqpolicy_decisions_total", "Decisions made, by action and final lane",
+                     decisions, labels=("action", "lane"))
+    registry.counter("mqpolicy_limit_hits_total",
+                     "Limits found spent, by limit and action (monitor: dry run)",
+                     limit_hits, labels=("limit", "action"))
+    registry.histogram("mqpolicy_decision_seconds",
+                       "Time to decide one request, store round trip included",
+                       stats.decision_latency.snapshot)
+    registry.histogram("mqpolicy_store_seconds",
+                       "Time of one store round trip as a decision sees it (queueing included)",
+                       stats.store_latency.snapshot)
+    registry.counter("mqpolicy_store_errors_total",
+                     "Store round trips that failed (on_store_error applied), by kind",
+                     lambda: {("error",): stats.store_errors, ("timeout",): stats.store_timeouts},
+                     labels=("kind",))
+    registry.gauge("mqpolicy_lane_priority", "Priority of each configured lane (0 = highest)",
+                   lambda: {(lane.name,): lane.priority for lane in service.policy.lanes},
+                   labels=("lane",))
+    registry.gauge("mqpolicy_busiest_keys_tracked",
+                   "Limit keys tracked for the busiest-keys view (bounded)",
+                   lambda: len(stats.busiest))
+    def busiest_keys() -> list[dict[str, object]]:
+        with service.stats_lock:
+            top = stats.busiest.top(BUSIEST_SHOWN)
+        return [h._asdict() for h in top]
+
+    registry.json_section("busiest_keys", busiest_keys)
+
+
+def register_store_metrics(registry: MetricsRegistry, store: CounterStore) -> None:
+    """Batching counters of stores that have them (Redis)."""
+    if hasattr(store, "batches_sent"):
+        registry.counter("mqpolicy_store_batches_total",
+                         "Batches sent to the store (one script call each)",
+                         lambda: int(getattr(store, "batches_sent", 0)))
+    if hasattr(store, "decisions_sent"):
+        registry.counter("mqpolicy_store_batched_decisions_total",
+                         "Decisions sent to the store inside batches",
+                         lambda: int(getattr(store, "decisions_sent", 0)))

@@ -1,0 +1,1 @@
+"""What Postfix needs for a policy: the ``mqpolicy postfix-config`` settings and their check."""

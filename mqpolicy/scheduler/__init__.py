@@ -1,0 +1,2 @@
+"""The hold-queue scheduler: the release planner, the MTA queues (Postfix, Sendmail, the
+release agent) and the release agent itself."""

@@ -1,0 +1,165 @@
+"""Where destination backoff states live: in memory (one process) or in Redis (shared).
+
+Every policy server, milter and scheduler reads the factors (``factors()``, about once a
+second); the feedback process changes them with ``update(destination, change)``, which
+is atomic: in Redis an optimistic transaction (WATCH / MULTI / EXEC, retried), so two
+feedback processes (two MTA hosts) never lose each other's updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
+
+from mqpolicy.policy.backoff import BackoffState
+from mqpolicy.store.budget import StoreError
+from mqpolicy.store.cluster import parse_cluster_url
+from mqpolicy.store.redis import load_script, parse_redis_url
+from mqpolicy.store.sentinel import open_sentinel_master
+from mqpolicy.store.urls import check_store_url
+
+T = TypeVar("T")
+Change = Callable[[BackoffState], tuple[BackoffState, T]]
+
+_KEY = "backoff"
+_CAS_SCRIPT = load_script("backoff_cas.lua")
+# a Redis Cluster client raises its own errors besides redis-py's
+_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+_TTL_MS = 30 * 86_400_000  # a safety net: states are rewritten on every change
+_RETRIES = 20
+
+
+class BackoffStore(Protocol):
+    async def factors(self) -> dict[str, float]:
+        """The factor of every destination that is backed off (factor below 1)."""
+        ...
+
+    async def states(self) -> dict[str, BackoffState]: ...
+
+    async def update(self, destination: str, change: Change[T]) -> T:
+        """Apply ``change`` to the destination's state atomically; return what it returns."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _backed_off(states: dict[str, BackoffState]) -> dict[str, float]:
+    return {name: state.factor for name, state in states.items() if state.factor < 1.0}
+
+
+class MemoryBackoffStore:
+    """States in this process (``store.url: memory://``): feedback must run in ``serve``."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, BackoffState] = {}
+
+    async def factors(self) -> dict[str, float]:
+        return _backed_off(self._states)
+
+    async def states(self) -> dict[str, BackoffState]:
+        return dict(self._states)
+
+    async def update(self, destination: str, change: Change[T]) -> T:
+        new, result = change(self._states.get(destination, BackoffState()))
+        self._states[destination] = new
+        return result
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisBackoffStore:
+    """States as JSON in one Redis hash, ``<prefix>backoff``, field = destination."""
+
+    def __init__(self, url: str = "", *, key_prefix: str = "mqpolicy:", timeout_ms: int = 500,
+                 client: Redis | None = None, closing: Sequence[Any] = ()) -> None:
+        """One Redis by ``url``, or a ready ``client`` (the master of a Sentinel service;
+        ``closing`` lists what to close with it)."""
+        timeout = timeout_ms / 1000
+        self._client: Redis = client or Redis.from_url(parse_redis_url(url).url,
+                                                       socket_timeout=timeout,
+                                                       socket_connect_timeout=timeout)
+        self._closing = closing
+        self._key = key_prefix + _KEY
+        # one update at a time from this process: WATCH retries are for other processes
+        self._updating = asyncio.Lock()
+
+    async def states(self) -> dict[str, BackoffState]:
+        try:
+            raw = await self._client.hgetall(self._key)
+        except _ERRORS as exc:
+            raise StoreError(f"backoff states: {exc}") from exc
+        states = {}
+        for field, value in raw.items():
+            state = _decode(value)
+            if state is not None:
+                name = field.decode("utf-8", "replace") if isinstance(field, bytes) else field
+                states[name] = state
+        return states
+
+    async def factors(self) -> dict[str, float]:
+        return _backed_off(await self.states())
+
+    async def update(self, destination: str, change: Change[T]) -> T:
+        """Read, change in Python, write back only if unchanged (``lua/backoff_cas.lua``);
+        retried when another process changed the state in between."""
+        try:
+            async with self._updating:
+                for attempt in range(_RETRIES):
+                    if attempt:
+                        await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+                    raw = await self._client.hget(self._key, destination)
+                    new, result = change(_decode(raw) or BackoffState())
+                    written = await self._client.eval(
+                        _CAS_SCRIPT, 1, self._key, destination, raw or b"",
+                        json.dumps(new.to_dict()), _TTL_MS)
+                    if written == 1:
+                        return result
+        except _ERRORS as exc:
+            raise StoreError(f"backoff update of {destination}: {exc}") from exc
+        raise StoreError(f"backoff update of {destination}: too much contention")
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        for other in self._closing:
+            closer = getattr(other, "aclose", None)
+            if closer is not None:
+                await closer()
+
+
+def _decode(value: bytes | str | None) -> BackoffState | None:
+    if value is None:
+        return None
+    try:
+        return BackoffState.from_dict(json.loads(value))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def open_backoff_store(url: str, *, key_prefix: str = "mqpolicy:") -> BackoffStore:
+    """The backoff store beside the counter store of the same URL: in memory, in one
+    Redis, on a Sentinel service's master. On a Redis Cluster the states live in the one
+    slot of ``<prefix>backoff`` (one key: no cross-slot operation), reached through a
+    cluster client, which follows that slot when it moves."""
+    url = url.strip()
+    kind = check_store_url(url)
+    if kind == "memory":
+        return MemoryBackoffStore()
+    if kind == "sentinel":
+        client, sentinel = open_sentinel_master(url, timeout_ms=500)
+        return RedisBackoffStore(client=client, key_prefix=key_prefix, closing=(sentinel,))
+    if kind == "cluster":
+        target = parse_cluster_url(url)
+        host, port = target.nodes[0]
+        cluster = RedisCluster(host=host, port=port, username=target.username,
+                               password=target.password, ssl=target.tls,
+                               socket_timeout=0.5, socket_connect_timeout=0.5)
+        return RedisBackoffStore(client=cluster, key_prefix=key_prefix)  # type: ignore[arg-type]
+    return RedisBackoffStore(url, key_prefix=key_prefix)
