@@ -239,7 +239,7 @@ def test_sigterm_drains_and_exits_zero(served: ServeProcess) -> None:
 # first moment a client that waits for the port (a test, a monitor) could send one.
 SIGNAL_ON_LISTENING = """\
 import os, signal, sys
-from mqpolicy import policy_server
+from mqpolicy.delegation import server as policy_server
 from mqpolicy.cli import main
 
 listen = policy_server.PolicyServer.start
@@ -255,6 +255,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("sig", "logged"), [("SIGHUP", "policy reloaded"),
                                               ("SIGTERM", "msg=stopped")])
 def test_serve_handles_its_signals_from_the_moment_it_listens(
