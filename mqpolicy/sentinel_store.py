@@ -429,6 +429,8 @@ class MasterTracker:
         self._closed = False
         self.master_losses = 0
         """Times the store stopped writing to a master (a failover, an error)."""
+        self.listening = 0
+        """Sentinels subscribed to now."""
 
     @property
     def address(self) -> Address | None:
@@ -650,9 +652,12 @@ class MasterTracker:
             # Not decode_responses: redis-py 8.1 then loses the PONG of a subscribed PING.
             client = Redis(host=host, port=port, decode_responses=False, **options)
             pubsub: Any = client.pubsub(ignore_subscribe_messages=True)  # partly untyped
+            subscribed = False
             try:
                 async with asyncio.timeout(self._timeout_s):
                     await pubsub.subscribe(*_EVENTS)
+                subscribed = True
+                self.listening += 1
                 self._check()  # events may have been missed while not subscribed
                 heard = loop.time()
                 while True:
@@ -670,6 +675,7 @@ class MasterTracker:
             except _ERRORS:
                 pass
             finally:
+                self.listening -= subscribed
                 with contextlib.suppress(*_ERRORS):
                     await pubsub.aclose()
                 with contextlib.suppress(*_ERRORS):
@@ -738,6 +744,12 @@ class SentinelStore(RedisStore):
     def master_losses(self) -> int:
         """Times the store stopped writing to a master (a failover, an error)."""
         return self._tracker.master_losses
+
+    @property
+    def sentinels_listened(self) -> int:
+        """Sentinels whose events the store is subscribed to now (all of them, normally,
+        from the first decision on)."""
+        return self._tracker.listening
 
     async def _on_master(self) -> Address:
         """Point the client at the master to write to (StoreError when none is now)."""

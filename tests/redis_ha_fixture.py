@@ -393,12 +393,14 @@ class RedisSentinelHarness:
         return old
 
     def wait_for_new_master(self, old: RedisProcess, timeout_s: float = 30) -> RedisProcess:
-        """Wait until every sentinel names one data node other than ``old`` as master and
-        that node has the master role; that node."""
+        """Wait until every running sentinel names one data node other than ``old`` as
+        master and that node has the master role; that node."""
 
         def switched() -> RedisProcess | None:
             named = set()
             for sentinel in self.sentinels:
+                if sentinel.proc is None:  # stopped by the test
+                    continue
                 with sentinel.client() as client:
                     named.add(int(client.sentinel_get_master_addr_by_name(SERVICE)[1]))
             if len(named) != 1 or old.port in named:

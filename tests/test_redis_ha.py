@@ -749,6 +749,8 @@ def switch_under_load(harness: RedisSentinelHarness, how: str,
         load = BudgetLoad(store)
         try:
             load.run()
+            await load.until("the store to listen to every sentinel",
+                             lambda: store.sentinels_listened == len(harness.sentinels))
             await load.until("decisions on the first master",
                              lambda: sum(o.admitted for o in load.outcomes) >= 800)
             old = harness.node_at(harness.master_port())
@@ -840,3 +842,43 @@ def test_sentinel_master_killed_under_load_loses_no_budget(
     sentinel_setup: Callable[..., RedisSentinelHarness], caplog: pytest.LogCaptureFixture
 ) -> None:
     switch_under_load(sentinel_setup(replicas=2), "kill", caplog)
+
+
+def test_sentinel_switchover_heard_with_a_sentinel_down(
+    sentinel_setup: Callable[..., RedisSentinelHarness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One sentinel gone: the store still hears the switchover announced on another one
+    and stops writing to the old master before the promotion."""
+    caplog.set_level(logging.INFO, logger="mqpolicy.store")
+    harness = sentinel_setup(replicas=1)
+
+    async def body() -> None:
+        store = SentinelStore(harness.url, timeout_ms=LOAD_TIMEOUT_MS)
+        load = BudgetLoad(store)
+        try:
+            load.run(workers=5)
+            await load.until("the store to listen to every sentinel",
+                             lambda: store.sentinels_listened == 3)
+            harness.sentinels[2].stop()
+            await load.until("the store to notice a sentinel went away",
+                             lambda: store.sentinels_listened == 2)
+            old = harness.master
+            await asyncio.to_thread(harness.switchover)  # on sentinels[0]
+            new = await asyncio.to_thread(harness.wait_for_new_master, old)
+            named = time.monotonic()
+            await load.until(
+                "decisions counted on the new master",
+                lambda: sum(o.admitted for o in load.outcomes if o.started > named) >= 50,
+            )
+            lost = once_keys(old) - once_keys(new)
+            assert old.info("replication")["role"] == "slave" or not lost, (
+                f"{len(lost)} decisions were written to the old master after the switch"
+            )
+            (why,) = [r.fields["why"] for r in caplog.records  # type: ignore[attr-defined]
+                      if r.getMessage() == "store lost its master"]
+            assert why == f"sentinel 127.0.0.1:{harness.sentinels[0].port} starts a failover"
+        finally:
+            await load.stop()
+            await store.close()
+
+    run(body)
