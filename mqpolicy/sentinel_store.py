@@ -196,13 +196,11 @@ def _sentinel_options(target: SentinelTarget, timeout_s: float) -> dict[str, Any
 
 
 def open_sentinel_master(
-    url: str, *, timeout_ms: int, decode_responses: bool = False,
-    master_read_timeout: bool = True,
+    url: str, *, timeout_ms: int, decode_responses: bool = False
 ) -> tuple[Redis, Sentinel]:
     """A ``redis.asyncio`` client on the master a ``redis+sentinel://`` URL names, and the
     :class:`Sentinel` behind it (close both). Connects and reads to sentinels and master
-    have the deadline ``timeout_ms`` (reads from the master none with
-    ``master_read_timeout=False``); nothing is retried. For the stores beside the
+    have the deadline ``timeout_ms``; nothing is retried. For the stores beside the
     counters (hold records, backoff states): a new connection asks the sentinels, an open
     one stays where it is until the server answers READONLY. The counters follow the
     master more closely (:class:`SentinelStore`)."""
@@ -210,7 +208,6 @@ def open_sentinel_master(
         raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
     target = parse_sentinel_url(url)
     timeout_s = timeout_ms / 1000
-    common = _connection_options(target, timeout_s)
     sentinel = _new_sentinel(list(target.sentinels),
                              sentinel_kwargs=_sentinel_options(target, timeout_s))
     client: Redis = sentinel.master_for(
@@ -221,7 +218,7 @@ def open_sentinel_master(
         password=target.password,
         protocol=2,
         decode_responses=decode_responses,
-        **{**common, "socket_timeout": timeout_s if master_read_timeout else None},
+        **_connection_options(target, timeout_s),
     )
     return client, sentinel
 

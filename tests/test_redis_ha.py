@@ -601,7 +601,10 @@ def test_sentinel_failover_decisions_flow_and_counters_survive(
             assert outage_end is not None and failed_latencies
             assert max(failed_latencies) < 0.5, max(failed_latencies)
 
-            assert redis_sentinel.master_port() == redis_sentinel.replica.port
+            # The store may write to the promoted replica before every sentinel names it
+            # (as soon as the one that ran the failover has seen it answer as master).
+            promoted = await asyncio.to_thread(redis_sentinel.wait_for_promotion)
+            assert promoted == redis_sentinel.replica.port
             assert await store.master_address() == ("127.0.0.1", redis_sentinel.replica.port)
             peek = await accepting.decide(message("before@example.com", "P", stage="RCPT"))
             assert not peek.store_error
@@ -791,7 +794,8 @@ def switch_under_load(harness: RedisSentinelHarness, how: str,
             shortfall = SENDERS * BUDGET - sum(per_sender)
             assert shortfall <= timeouts, (shortfall, timeouts)
             slowest = max((o.took for o in failed), default=0.0)
-            assert slowest < LOAD_TIMEOUT_MS / 1000 + 0.5
+            # every answer within the store's deadline (give or take the loop's own delays)
+            assert max(o.took for o in load.outcomes) < LOAD_TIMEOUT_MS / 1000 + 0.5
             assert resumed - named < 5, "decisions resumed long after the switch"
             lost_lines = [r for r in caplog.records if r.getMessage() == "store lost its master"]
             back_lines = [r for r in caplog.records
