@@ -466,7 +466,7 @@ class MasterTracker:
         if outage is None or address != self._master:
             return
         self._outage = None
-        log.warning("store writes to its master again", extra={"fields": {
+        log.info("store writes to its master again", extra={"fields": {
             "master": _address_text(address),
             "previous": _address_text(outage.previous),
             "without_master_s": round(asyncio.get_running_loop().time() - outage.since, 3),
