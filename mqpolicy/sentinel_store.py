@@ -43,8 +43,9 @@ one, the one before, the time without a writable master, the decisions answered 
 
 What it cannot see: a failover announced on a sentinel it cannot reach (it stops writing
 at the next ``+promoted-slave``/``+switch-master`` it hears or at READONLY, and writes
-in between are lost as before), and a master cut off from the sentinels but not from
-mqpolicy (the classic split brain; ``min-replicas-to-write`` bounds it on the servers).
+in between are lost as before), and a partition that leaves mqpolicy with the old
+master but without the sentinels that replace it (split brain; ``min-replicas-to-write``
+bounds it on the servers).
 """
 
 from __future__ import annotations
