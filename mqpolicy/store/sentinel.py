@@ -7,48 +7,75 @@ the master's credentials; options: ``sentinel_username``, ``sentinel_password`` 
 sentinels themselves require AUTH). Example:
 ``redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/mqpolicy/0``.
 
-Everything a decision does is exactly :class:`~mqpolicy.store.redis.RedisStore`'s (one
-atomic Lua call per batch, same keys, same deadline); only the way to the master differs.
-A new connection asks the sentinels, in turn, which server is master and takes the first
-answer whose master is neither subjectively nor objectively down; open connections stay
-on the server they reached.
+Everything a decision does is exactly :class:`~mqpolicy.redis_store.RedisStore`'s (one
+atomic Lua call per batch, same keys, same deadline); only the way to the master differs
+(:class:`MasterTracker`): the store asks every sentinel, takes the newest configuration
+they name and writes there once that server answers ``ROLE`` as master.
 
-During a failover (the master dies; the sentinels agree it is down after their
-``down-after-milliseconds``, elect a leader and promote a replica):
+What Redis (7.0) does in a switchover, and what the store does about it:
 
-* decisions fail fast with :class:`~mqpolicy.store.budget.StoreError` and each limit follows its
-  ``on_store_error`` (``accept`` by default): a dead master refuses connections at once, and
-  while the sentinels still name it (down) there is no master to connect to. Nothing waits
-  for the failover beyond the store's deadline and nothing is retried;
-* the first decision after the promotion connects to the new master, which holds every
-  counter the old one had replicated. Redis replication is asynchronous: spends acknowledged
-  by the old master in its last moments (typically the last few milliseconds) may not have
-  reached the replica and are forgotten, i.e. those units come back. Use
-  ``min-replicas-to-write`` / ``min-replicas-max-lag`` on the servers to bound that window;
-* a demoted master that is still reachable answers writes with READONLY: the connection
-  is dropped (one :class:`StoreError`) and the next one asks the sentinels again.
+* ``SENTINEL FAILOVER`` (planned: the old master stays up). The sentinel that runs it
+  announces ``+try-failover`` on its own pub/sub, chooses a replica two or three of its
+  timer ticks later (~100-200 ms) and sends it ``REPLICAOF NO ONE``. Nothing pauses or
+  fences the old master: it goes on accepting writes, and with ``min-replicas-to-write``
+  too as long as another replica still follows it, until Sentinel tells it to follow the
+  new master some 10 s after the switch (``+convert-to-slave``, four publish periods);
+  its resync then drops every write it took after the promotion. So the store stops
+  writing to the master on ``+try-failover`` (it subscribes to every sentinel: only the
+  one running the failover announces it before the promotion), before the replica is
+  promoted; batches already sent end on the old master and reach the replica with
+  replication. Decisions then fail at once and follow ``on_store_error`` until a
+  sentinel has seen the replica answer as master (``+promoted-slave``: from then on the
+  switch cannot be undone; about 1 s, the sentinel's INFO period during a failover)
+  and the replica answers ``ROLE`` as master. Aborted failovers give the old master back.
+* The master dies: batches fail on the refused connection; the store asks the sentinels
+  every 50 ms (and at each of their events) until they have promoted a replica
+  (``down-after-milliseconds``, election, promotion).
+* READONLY (a demoted master), NOREPLICAS (``min-replicas-to-write`` on a master its
+  replicas left) or a failed connection: the store stops writing there and asks the
+  sentinels again at once; a batch with no answer within its deadline makes it ask
+  while writes go on.
 
-Measured in ``tests/store/test_redis_ha.py`` (loopback, 1 master + 1 replica + 3 sentinels,
-``down-after-milliseconds 1000``): decisions failed for about 2-3 s after the master was
-killed, each failure within the store's deadline, and continued on the promoted replica
-with the budget spent before the failure intact.
+The store logs (logger ``mqpolicy.store``) ``store lost its master`` (which one, why) and
+``store writes to its master again`` at the first batch the new master answers (which
+one, the one before, the time without a writable master, the decisions answered per
+``on_store_error`` meanwhile). Measured figures: ``docs/redis_ha.md``.
+
+What it cannot see: a failover announced on a sentinel it cannot reach (it stops writing
+at the next ``+promoted-slave``/``+switch-master`` it hears or at READONLY, and writes
+in between are lost as before), and a partition that leaves mqpolicy with the old
+master but without the sentinels that replace it (split brain; ``min-replicas-to-write``
+bounds it on the servers).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+import math
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
-from mqpolicy.store.redis import RedisStore, split_store_url
+from mqpolicy.store.budget import BucketState, Evaluation, StoreError
+from mqpolicy.store.redis import (
+    PendingDecision,
+    RedisStore,
+    _with_hiredis_packing,
+    split_store_url,
+)
+
+log = logging.getLogger("mqpolicy.store")
 
 SENTINEL_SCHEMES: Final = frozenset({"redis+sentinel", "rediss+sentinel"})
 SENTINEL_URL_FORM: Final = (
@@ -147,33 +174,43 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )
 
 
-def open_sentinel_master(
-    url: str, *, timeout_ms: int, decode_responses: bool = False,
-    master_read_timeout: bool = True,
-) -> tuple[Redis, Sentinel]:
-    """A ``redis.asyncio`` client on the master a ``redis+sentinel://`` URL names, and the
-    :class:`Sentinel` behind it (close both). Connects and reads to sentinels and master
-    have the deadline ``timeout_ms`` (reads from the master none with
-    ``master_read_timeout=False``: for a caller that keeps its deadline itself, as
-    :class:`SentinelStore` does, like :class:`~mqpolicy.store.redis.RedisStore`); nothing
-    is retried. Also for the stores beside the counters (hold records, backoff states)."""
-    if timeout_ms <= 0:
-        raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
-    target = parse_sentinel_url(url)
-    timeout_s = timeout_ms / 1000
-    common: dict[str, Any] = {
+def _connection_options(target: SentinelTarget, timeout_s: float) -> dict[str, Any]:
+    """Connect and read deadline, no retries, TLS as the URL says."""
+    options: dict[str, Any] = {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 0),
     }
     if target.tls:
-        common["ssl"] = True
-    sentinel_kwargs = dict(common)
+        options["ssl"] = True
+    return options
+
+
+def _sentinel_options(target: SentinelTarget, timeout_s: float) -> dict[str, Any]:
+    """How to reach the sentinels themselves (their own credentials, if any)."""
+    options = _connection_options(target, timeout_s)
     if target.sentinel_username:
-        sentinel_kwargs["username"] = target.sentinel_username
+        options["username"] = target.sentinel_username
     if target.sentinel_password:
-        sentinel_kwargs["password"] = target.sentinel_password
-    sentinel = _new_sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
+        options["password"] = target.sentinel_password
+    return options
+
+
+def open_sentinel_master(
+    url: str, *, timeout_ms: int, decode_responses: bool = False
+) -> tuple[Redis, Sentinel]:
+    """A ``redis.asyncio`` client on the master a ``redis+sentinel://`` URL names, and the
+    :class:`Sentinel` behind it (close both). Connects and reads to sentinels and master
+    have the deadline ``timeout_ms``; nothing is retried. For the stores beside the
+    counters (hold records, backoff states): a new connection asks the sentinels, an open
+    one stays where it is until the server answers READONLY. The counters follow the
+    master more closely (:class:`SentinelStore`)."""
+    if timeout_ms <= 0:
+        raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
+    target = parse_sentinel_url(url)
+    timeout_s = timeout_ms / 1000
+    sentinel = _new_sentinel(list(target.sentinels),
+                             sentinel_kwargs=_sentinel_options(target, timeout_s))
     client: Redis = sentinel.master_for(
         target.service,
         redis_class=Redis,
@@ -182,17 +219,502 @@ def open_sentinel_master(
         password=target.password,
         protocol=2,
         decode_responses=decode_responses,
-        **{**common, "socket_timeout": timeout_s if master_read_timeout else None},
+        **_connection_options(target, timeout_s),
     )
     return client, sentinel
 
 
-class SentinelStore(RedisStore):
-    """A :class:`RedisStore` on the master of a Sentinel-monitored service.
+# ------------------------------------------------------------------ following the master
 
-    ``timeout_ms`` bounds every decision batch, asking the sentinels included; connects to
-    sentinels and to the master have the same deadline, and nothing is retried (the
-    caller's ``on_store_error`` decides). See the module docstring for failover behaviour.
+_TRY_FAILOVER: Final = "+try-failover"
+_EVENTS: Final = (
+    _TRY_FAILOVER,  # a sentinel starts a failover: SENTINEL FAILOVER, or the master is down
+    "+promoted-slave",  # the replica it chose answers as master (the switch is decided)
+    "+switch-master",  # this sentinel names the new master
+    "+convert-to-slave",  # a server that answers as master is told to be a replica
+    "-failover-abort-not-elected",
+    "-failover-abort-no-good-slave",
+    "-failover-abort-slave-timeout",
+)
+_PROMOTED_STATES: Final = frozenset({"reconf_slaves", "update_config"})
+_DEFAULT_FAILOVER_TIMEOUT_MS: Final = 180_000
+_ROUND_INTERVAL_S: Final = 0.05
+"""Between two asks of the sentinels while no master is writable (sooner on an event)."""
+_RESUBSCRIBE_S: Final = 0.5
+"""Before subscribing again to a sentinel that went away."""
+_LISTEN_PING_S: Final = 1.0
+"""A quiet subscription is pinged; one that stays silent twice as long is dropped."""
+_CLOSE_GRACE_S: Final = 1.0
+"""A client left behind is closed this long after its batches' deadlines."""
+_ERRORS: Final = (RedisError, OSError, TimeoutError)
+
+Address = tuple[str, int]
+
+
+def _address_text(address: Address | None) -> str:
+    if address is None:
+        return "none"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def event_service(channel: str, data: str) -> str | None:
+    """The service a sentinel event (``channel`` and its message) is about."""
+    words = data.split()
+    if channel == "+switch-master":  # <service> <old ip> <old port> <new ip> <new port>
+        return words[0] if words else None
+    if "@" in words:  # <type> <name> <ip> <port> @ <service> <master ip> <master port>
+        at = words.index("@")
+        return words[at + 1] if at + 1 < len(words) else None
+    if len(words) > 1 and words[0] == "master":  # master <service> <ip> <port>
+        return words[1]
+    return None
+
+
+def event_address(channel: str, data: str) -> Address | None:
+    """The server an event names: the new master for ``+switch-master``, otherwise the
+    instance the event is about."""
+    words = data.split()
+    at = (3, 4) if channel == "+switch-master" else (2, 3)
+    try:
+        return words[at[0]], int(words[at[1]])
+    except (IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelView:
+    """What one sentinel says of the service.
+
+    ``master``: the server it names as master, None when that one is down or while its
+    own failover has not promoted a replica yet; ``switching``: a failover it runs has not
+    had its replica promoted (the old master may stop being one at any moment);
+    ``config_epoch``: the epoch of the configuration it names (a later failover's is
+    higher)."""
+
+    config_epoch: int
+    master: Address | None
+    switching: bool = False
+    failover_timeout_ms: int = _DEFAULT_FAILOVER_TIMEOUT_MS
+
+
+def _flags(fields: Mapping[str, str]) -> set[str]:
+    return set(fields.get("flags", "").split(","))
+
+
+def read_view(
+    master: Mapping[str, str], replicas: Sequence[Mapping[str, str]] = ()
+) -> SentinelView:
+    """A sentinel's ``SENTINEL MASTER`` and ``SENTINEL REPLICAS`` answers as a view.
+
+    During a failover the sentinel running it still names the old master until the end
+    (``+switch-master``), but once it has seen its replica answer as master
+    (``failover-state`` ``reconf_slaves``, the configuration epoch already the
+    failover's) that replica is the master: the switch can no longer be undone."""
+    epoch = int(master.get("config-epoch") or 0)
+    failover_timeout = int(master.get("failover-timeout") or _DEFAULT_FAILOVER_TIMEOUT_MS)
+    flags = _flags(master)
+    if "failover_in_progress" in flags:
+        if master.get("failover-state") in _PROMOTED_STATES:
+            for replica in replicas:
+                if "promoted" in _flags(replica) and replica.get("role-reported") == "master":
+                    address = (replica["ip"], int(replica["port"]))
+                    return SentinelView(epoch, address, False, failover_timeout)
+        return SentinelView(epoch, None, True, failover_timeout)
+    if flags & {"s_down", "o_down"}:
+        return SentinelView(epoch, None, False, failover_timeout)
+    return SentinelView(epoch, (master["ip"], int(master["port"])), False, failover_timeout)
+
+
+def choose_master(
+    views: Sequence[SentinelView | None], awaited: Collection[int] = ()
+) -> Address | None:
+    """The master to write to, from every sentinel's view (None: a sentinel that did not
+    answer), or None when there is none to write to safely now.
+
+    The newest configuration wins (highest ``config_epoch``); none while a sentinel runs
+    a failover whose replica is not promoted yet and no newer configuration is known
+    (writes to the old master could be dropped by its resync), while the views of the
+    newest epoch disagree, or while a sentinel in ``awaited`` (one that announced a
+    failover) does not answer."""
+    if any(views[i] is None for i in awaited if i < len(views)):
+        return None
+    answered = [v for v in views if v is not None]
+    named = [v for v in answered if v.master is not None]
+    if not named:
+        return None
+    newest = max(v.config_epoch for v in named)
+    masters = {v.master for v in named if v.config_epoch == newest}
+    if len(masters) != 1 or any(v.switching and v.config_epoch >= newest for v in answered):
+        return None
+    return masters.pop()
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _fields(reply: object) -> dict[str, str]:
+    """A Sentinel answer about one server (a map, or a flat list of pairs) as text."""
+    if isinstance(reply, Mapping):
+        return {_text(k): _text(v) for k, v in reply.items()}
+    if isinstance(reply, list | tuple):
+        return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply) - 1, 2)}
+    raise ValueError(f"unexpected sentinel answer: {reply!r:.200}")
+
+
+def master_unwritable(exc: BaseException) -> bool:
+    """An error that says the server is no longer the master to write to: READONLY (a
+    replica now), NOREPLICAS (min-replicas-to-write: its replicas have left it, as they
+    do in a switchover), or a connection that failed (not a mere timeout)."""
+    if isinstance(exc, ReadOnlyError):
+        return True
+    if isinstance(exc, ResponseError):
+        return str(exc).startswith("NOREPLICAS")
+    return isinstance(exc, RedisConnectionError | OSError) and not isinstance(exc, TimeoutError)
+
+
+class _NoMaster(Connection):
+    """Stands for the master until the sentinels have named one: never connects."""
+
+    async def connect(self) -> None:
+        raise RedisConnectionError("no master known yet")
+
+
+@dataclass(slots=True)
+class _Outage:
+    """A time without a writable master."""
+
+    since: float  # loop time
+    previous: Address | None
+    failed: int = 0  # decisions answered per on_store_error meanwhile
+
+
+class MasterTracker:
+    """Which server of a Sentinel service the counters are written to, and when none is.
+
+    * Every sentinel is subscribed to (events are published only on the sentinel where
+      they happen: the one that runs a failover is the only one to announce it before
+      the replica is promoted). ``+try-failover`` stops writes at once; the events that
+      follow, a reconnection to a sentinel and a batch that timed out make it ask again.
+    * Asking: every sentinel at once (``SENTINEL MASTER`` and ``SENTINEL REPLICAS``, one
+      round trip each, the store's deadline), :func:`choose_master`, then ``ROLE`` on the
+      server chosen, which must answer ``master``.
+    * READONLY, NOREPLICAS or a failed connection from the master stop writes too; while
+      there is none, decisions fail at once (:class:`StoreError`) and the sentinels are
+      asked every ``_ROUND_INTERVAL_S`` (and on every event) until one is found.
+    * The loss, and the first batch the master answers after it, are logged (logger
+      ``mqpolicy.store``), the latter with the time and the decisions failed in between.
+    """
+
+    def __init__(self, target: SentinelTarget, timeout_s: float) -> None:
+        self.target = target
+        self._timeout_s = timeout_s
+        options = _sentinel_options(target, timeout_s)
+        self._sentinels = [Redis(host=h, port=p, decode_responses=True, **options)
+                           for h, p in target.sentinels]
+        self._master: Address | None = None  # decisions go there; None: nowhere now
+        self._clients: dict[Address, Redis] = {}
+        self._outage: _Outage | None = None
+        self._awaited: dict[int, float] = {}  # sentinel -> loop time it started a failover
+        self._wake = asyncio.Event()
+        self._first: asyncio.Future[None] | None = None
+        self._resolver: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_round = -math.inf
+        self._stops = 0  # lose() calls: an ask that began before one cannot install
+        self._closed = False
+        self.master_losses = 0
+        """Times the store stopped writing to a master (a failover, an error)."""
+        self.listening = 0
+        """Sentinels subscribed to now."""
+
+    @property
+    def address(self) -> Address | None:
+        """The master decisions go to now (None: none until one is found)."""
+        return self._master
+
+    # -- what the store asks ----------------------------------------------------------------
+
+    async def writable(self) -> Redis:
+        """The client of the master to write to. Before the first one is known, waits for
+        the first ask of the sentinels; after that never waits: StoreError when there is
+        none now."""
+        master = self._master
+        if master is not None:
+            return self._clients[master]
+        if self._closed:
+            raise StoreError("redis store is closed")
+        if self._first is None:
+            self._start()
+        if self._first is not None and not self._first.done():
+            await asyncio.shield(self._first)
+            master = self._master
+            if master is not None:
+                return self._clients[master]
+        raise StoreError(f"redis sentinel: no writable master for {self.target.service!r} "
+                         "(the sentinels are being asked)")
+
+    def no_master(self, decisions: int) -> None:
+        """``decisions`` failed for want of a master."""
+        if self._outage is not None:
+            self._outage.failed += decisions
+
+    def answered(self, address: Address) -> None:
+        """The master at ``address`` answered a batch."""
+        outage = self._outage
+        if outage is None or address != self._master:
+            return
+        self._outage = None
+        log.info("store writes to its master again", extra={"fields": {
+            "master": _address_text(address),
+            "previous": _address_text(outage.previous),
+            "without_master_s": round(asyncio.get_running_loop().time() - outage.since, 3),
+            "decisions_on_store_error": outage.failed,
+        }})
+
+    def failed(self, address: Address, exc: BaseException, decisions: int) -> None:
+        """A batch sent to ``address`` failed with ``exc``."""
+        if address == self._master and master_unwritable(exc):
+            self.lose(f"{type(exc).__name__}: {exc}")
+        self.no_master(decisions)
+
+    def timed_out(self, address: Address, decisions: int) -> None:
+        """A batch sent to ``address`` had no answer within its deadline: in doubt, ask
+        the sentinels and the master's role (writes go on meanwhile)."""
+        self.no_master(decisions)
+        if address == self._master:
+            self._check()
+
+    def lose(self, why: str) -> None:
+        """Stop writing to the master now; ask the sentinels until one is found."""
+        if self._closed:
+            return
+        previous, self._master = self._master, None
+        self._stops += 1
+        if previous is not None:
+            self.master_losses += 1
+        if self._outage is None:
+            self._outage = _Outage(asyncio.get_running_loop().time(), previous)
+            log.warning("store lost its master", extra={"fields": {
+                "master": _address_text(previous), "why": why}})
+        if self._resolver is None:  # its first ask no sooner than _ROUND_INTERVAL_S after
+            self._resolver = self._spawn(self._resolve())  # the last (NOREPLICAS again)
+
+    # -- asking the sentinels ---------------------------------------------------------------
+
+    def _start(self) -> None:
+        """At first use (a loop is running): the listeners and the first ask."""
+        self._first = asyncio.get_running_loop().create_future()
+        for index in range(len(self._sentinels)):
+            self._spawn(self._listen(index))
+        if self._resolver is None:
+            self._resolver = self._spawn(self._resolve())
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _resolve(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._closed:
+                wait = self._last_round + _ROUND_INTERVAL_S - loop.time()
+                if wait > 0 and not self._wake.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._wake.wait()
+                self._wake.clear()
+                stops = self._stops
+                views = await self._ask()
+                address = choose_master(views, self._awaited)
+                if (address is not None and await self._role(address) == "master"
+                        and stops == self._stops):  # no failover announced meanwhile
+                    self._install(address)
+                    return
+                if self._first is not None and not self._first.done():
+                    self._first.set_result(None)
+                    self.lose("no sentinel names a master that answers as one")
+        finally:
+            if self._first is not None and not self._first.done():
+                self._first.set_result(None)
+            if self._resolver is asyncio.current_task():
+                self._resolver = None
+
+    def _check(self) -> None:
+        """Ask once, writes going on: stop them if the sentinels name another master, run
+        a failover, or the master says it is not one any more."""
+        if self._checker is None and self._resolver is None and not self._closed:
+            self._checker = self._spawn(self._check_once())
+
+    async def _check_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(max(0.0, self._last_round + _ROUND_INTERVAL_S - loop.time()))
+            master, stops = self._master, self._stops
+            views = await self._ask()
+            if master is None or stops != self._stops:
+                return
+            chosen = choose_master(views, self._awaited)
+            if chosen is None and any(v is not None and v.switching for v in views):
+                self.lose("a sentinel runs a failover")
+                return
+            if chosen is not None and chosen != master:
+                self.lose(f"the sentinels name {_address_text(chosen)}")
+                return
+            role = await self._role(master)
+            if role is not None and role != "master" and stops == self._stops:
+                self.lose(f"it answers ROLE {role}")
+        finally:
+            self._checker = None
+
+    async def _ask(self) -> list[SentinelView | None]:
+        """Every sentinel's view, at once (None for one that did not answer in time)."""
+        loop = asyncio.get_running_loop()
+        self._last_round = loop.time()
+        views = list(await asyncio.gather(*(self._view(s) for s in self._sentinels)))
+        longest = max((v.failover_timeout_ms for v in views if v is not None),
+                      default=_DEFAULT_FAILOVER_TIMEOUT_MS) / 1000
+        for index, since in list(self._awaited.items()):
+            view = views[index]
+            # A failover it announced is over (promoted, aborted), or given up on.
+            if (view is not None and not view.switching) or loop.time() - since > longest:
+                del self._awaited[index]
+        return views
+
+    async def _view(self, sentinel: Redis) -> SentinelView | None:
+        service = self.target.service
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                pipe: Any = sentinel.pipeline(transaction=False)  # partly untyped
+                pipe.execute_command("SENTINEL", "MASTER", service)
+                pipe.execute_command("SENTINEL", "REPLICAS", service)
+                master, replicas = await pipe.execute()
+            return read_view(_fields(master), [_fields(r) for r in replicas])
+        except (*_ERRORS, ValueError, KeyError):
+            return None
+
+    async def _role(self, address: Address) -> str | None:
+        """What ``ROLE`` says the server is (None: no answer)."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                role = await self._client_for(address).role()
+        except _ERRORS:
+            return None
+        return _text(role[0]) if isinstance(role, list) and role else None
+
+    def _client_for(self, address: Address) -> Redis:
+        client = self._clients.get(address)
+        if client is None:
+            host, port = address
+            target = self.target
+            client = Redis(
+                host=host, port=port, db=target.db, username=target.username,
+                password=target.password, protocol=2, decode_responses=False,
+                **{**_connection_options(target, self._timeout_s),
+                   # every batch has a deadline of its own (see RedisStore)
+                   "socket_timeout": None},
+            )
+            pool = client.connection_pool
+            pool.connection_class = _with_hiredis_packing(pool.connection_class)
+            self._clients[address] = client
+        return client
+
+    def _install(self, address: Address) -> None:
+        """Write to ``address`` from now on; clients of other servers are closed once
+        their batches are over."""
+        for other in [a for a in self._clients if a != address]:
+            self._spawn(self._close_later(self._clients.pop(other)))
+        if self._master is None and self._outage is None:
+            log.info("store master", extra={"fields": {"master": _address_text(address)}})
+        self._master = address
+
+    async def _close_later(self, client: Redis) -> None:
+        try:
+            await asyncio.sleep(self._timeout_s + _CLOSE_GRACE_S)
+        finally:
+            with contextlib.suppress(*_ERRORS):
+                await client.aclose()
+
+    # -- listening to the sentinels -----------------------------------------------------------
+
+    async def _listen(self, index: int) -> None:
+        """Subscribe to one sentinel's events, again whenever it goes away."""
+        host, port = self.target.sentinels[index]
+        options = {**_sentinel_options(self.target, self._timeout_s), "socket_timeout": None}
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            # Not decode_responses: redis-py 8.1 then loses the PONG of a subscribed PING.
+            client = Redis(host=host, port=port, decode_responses=False, **options)
+            pubsub: Any = client.pubsub(ignore_subscribe_messages=True)  # partly untyped
+            subscribed = False
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await pubsub.subscribe(*_EVENTS)
+                subscribed = True
+                self.listening += 1
+                self._check()  # events may have been missed while not subscribed
+                heard = loop.time()
+                while True:
+                    message = await pubsub.get_message(timeout=_LISTEN_PING_S)
+                    now = loop.time()
+                    if message is not None:
+                        heard = now
+                        if message["type"] == "message":
+                            self._on_event(index, _text(message["channel"]),
+                                           _text(message["data"]))
+                    elif now - heard > 2 * _LISTEN_PING_S:
+                        raise RedisConnectionError("the sentinel stopped answering")
+                    elif now - heard >= _LISTEN_PING_S:
+                        await pubsub.ping()
+            except _ERRORS:
+                pass
+            finally:
+                self.listening -= subscribed
+                with contextlib.suppress(*_ERRORS):
+                    await pubsub.aclose()
+                with contextlib.suppress(*_ERRORS):
+                    await client.aclose()
+            await asyncio.sleep(_RESUBSCRIBE_S)
+
+    def _on_event(self, index: int, channel: str, data: str) -> None:
+        if event_service(channel, data) != self.target.service:
+            return
+        master = self._master
+        named = event_address(channel, data)
+        if channel == _TRY_FAILOVER:
+            self._awaited[index] = asyncio.get_running_loop().time()
+            host, port = self.target.sentinels[index]
+            self.lose(f"sentinel {_address_text((host, port))} starts a failover")
+        elif master is not None and (
+            (channel == "+convert-to-slave" and named == master)
+            or (channel in ("+promoted-slave", "+switch-master") and named != master)
+        ):
+            self.lose(f"{channel} {data}")
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for client in [*self._clients.values(), *self._sentinels]:
+            with contextlib.suppress(*_ERRORS):
+                await client.aclose()
+        self._clients.clear()
+
+
+class SentinelStore(RedisStore):
+    """A :class:`RedisStore` on the master of a Sentinel-monitored service, which it
+    follows through switchovers and failovers (:class:`MasterTracker`).
+
+    ``timeout_ms`` bounds every decision batch, the first ask of the sentinels included;
+    asks and connects to sentinels and to the master have the same deadline, and nothing
+    is retried (the caller's ``on_store_error`` decides). See the module docstring.
     """
 
     def __init__(
@@ -205,22 +727,74 @@ class SentinelStore(RedisStore):
         max_in_flight: int = 2,
     ) -> None:
         self.target = parse_sentinel_url(url)
-        client, self._sentinel = open_sentinel_master(url, timeout_ms=timeout_ms,
-                                                      master_read_timeout=False)
+        if timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be positive: {timeout_ms}")
+        self._tracker = MasterTracker(self.target, timeout_ms / 1000)
         super().__init__(
-            client,
+            Redis.from_pool(ConnectionPool(connection_class=_NoMaster)),
             timeout_ms=timeout_ms,
             key_prefix=key_prefix,
             max_batch=max_batch,
             max_in_flight=max_in_flight,
         )
 
-    async def master_address(self) -> tuple[str, int]:
-        """The master the sentinels name now (raises a RedisError when none is up)."""
-        host, port = await self._sentinel.discover_master(self.target.service)
-        return str(host), int(port)
+    @property
+    def master_losses(self) -> int:
+        """Times the store stopped writing to a master (a failover, an error)."""
+        return self._tracker.master_losses
+
+    @property
+    def sentinels_listened(self) -> int:
+        """Sentinels whose events the store is subscribed to now (all of them, normally,
+        from the first decision on)."""
+        return self._tracker.listening
+
+    async def _on_master(self) -> Address:
+        """Point the client at the master to write to (StoreError when none is now)."""
+        self._client = await self._tracker.writable()
+        address = self._tracker.address
+        if address is None:  # lost while waiting
+            raise StoreError("redis sentinel: the master was lost")
+        return address
+
+    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
+        tracker = self._tracker
+        try:
+            address = await self._on_master()
+        except StoreError:
+            tracker.no_master(len(batch))
+            raise
+        try:
+            evaluations = await super()._run(batch)
+        except _ERRORS as exc:
+            tracker.failed(address, exc, len(batch))
+            raise
+        except asyncio.CancelledError:  # the batch's deadline (or the store closing)
+            tracker.timed_out(address, len(batch))
+            raise
+        tracker.answered(address)
+        return evaluations
+
+    async def master_address(self) -> Address:
+        """The master decisions are written to (StoreError when there is none now)."""
+        return await self._on_master()
+
+    async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
+        await self._on_master()
+        return await super().inspect(keys, now_ms)
+
+    async def scan(self, pattern: str, count: int = 1000) -> list[str]:
+        await self._on_master()
+        return await super().scan(pattern, count)
+
+    async def reset(self, keys: Sequence[str]) -> int:
+        await self._on_master()
+        return await super().reset(keys)
+
+    async def ping(self) -> None:
+        await self._on_master()
+        await super().ping()
 
     async def close(self) -> None:
-        await super().close()
-        with contextlib.suppress(RedisError, OSError):
-            await self._sentinel.aclose()
+        if await self._close_queue():
+            await self._tracker.close()

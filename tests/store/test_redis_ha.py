@@ -6,20 +6,31 @@ decisions never spend a bucket beyond its budget, refused and duplicate decision
 what they spent in other slots, a hash tag in the prefix makes every decision one call, and
 a dead master fails only the decisions that need its slots.
 
-Sentinel: a real master, replica and three sentinels. Killing the master: decisions go on
+Sentinel: a real master, replica(s) and three sentinels. Killing the master: decisions go on
 per ``on_store_error`` within the deadline while there is no master, then on the promoted
-replica, with the budget spent before the failure intact.
+replica, with the budget spent before the failure intact. Under a load of some 400
+decisions/s over 200 senders, a planned switchover (``SENTINEL FAILOVER``, the old master
+up; with and without ``min-replicas-to-write 1``) and a killed master leave every sender
+admitted exactly its budget: nothing is written to the old master once the switchover is
+announced, the time without a writable master is logged with the decisions answered per
+``on_store_error`` meanwhile. The choice of master from the sentinels' answers and events
+is tested as pure functions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mqpolicy.decision.engine import Action
 from mqpolicy.decision.service import DecisionService
@@ -28,12 +39,25 @@ from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import BudgetCheck, BudgetResult, Evaluation, StoreError
 from mqpolicy.store.cluster import ClusterStore, parse_cluster_url
-from mqpolicy.store.sentinel import SentinelStore, parse_sentinel_url
+from mqpolicy.store.sentinel import (
+    SentinelStore,
+    SentinelView,
+    choose_master,
+    event_address,
+    event_service,
+    master_unwritable,
+    parse_sentinel_url,
+    read_view,
+)
 from mqpolicy.store.urls import open_store
 from tests.support.gcra_reference import Reference
 
 if TYPE_CHECKING:
-    from tests.support.redis_ha_fixture import RedisClusterHarness, RedisSentinelHarness
+    from tests.support.redis_ha_fixture import (
+        RedisClusterHarness,
+        RedisProcess,
+        RedisSentinelHarness,
+    )
 
 
 HOUR = 3_600_000
@@ -131,6 +155,98 @@ def test_cluster_url() -> None:
     assert (target.username, target.password, target.tls) == ("u", "p", True)
     # percent-decoded once: "%2541" is the password "%41", not "A"
     assert parse_cluster_url("redis+cluster://u:%2541@a").password == "%41"
+
+
+# ------------------------------------------------------------------ following a Sentinel master
+
+M, A, B = ("10.0.0.1", 6379), ("10.0.0.2", 6379), ("10.0.0.3", 6380)
+
+
+def master_fields(address: tuple[str, int], flags: str = "master", epoch: int = 0,
+                  state: str | None = None) -> dict[str, str]:
+    """``SENTINEL MASTER`` as a sentinel answers it (the fields read)."""
+    fields = {"name": "mq", "ip": address[0], "port": str(address[1]), "flags": flags,
+              "config-epoch": str(epoch), "failover-timeout": "180000"}
+    if state is not None:
+        fields["failover-state"] = state
+    return fields
+
+
+def replica_fields(address: tuple[str, int], flags: str = "slave",
+                   role: str = "slave") -> dict[str, str]:
+    return {"name": f"{address[0]}:{address[1]}", "ip": address[0], "port": str(address[1]),
+            "flags": flags, "role-reported": role}
+
+
+@pytest.mark.parametrize(("master", "replicas", "view"), [
+    (master_fields(M), [replica_fields(A)], SentinelView(0, M)),
+    (master_fields(M, "s_down,master"), [], SentinelView(0, None)),
+    (master_fields(M, "s_down,o_down,master"), [], SentinelView(0, None)),
+    # SENTINEL FAILOVER just started, a replica chosen but not yet told to be master
+    (master_fields(M, "master,failover_in_progress,force_failover", 0, "wait_start"), [],
+     SentinelView(0, None, switching=True)),
+    (master_fields(M, "master,failover_in_progress", 0, "send_slaveof_noone"),
+     [replica_fields(A, "slave,promoted")], SentinelView(0, None, switching=True)),
+    # the sentinel saw the replica answer as master: that is the master, at the new epoch
+    (master_fields(M, "master,failover_in_progress", 1, "reconf_slaves"),
+     [replica_fields(B, "slave,reconf_sent"), replica_fields(A, "slave,promoted", "master")],
+     SentinelView(1, A)),
+    (master_fields(M, "master,failover_in_progress", 1, "update_config"),
+     [replica_fields(A, "slave,promoted", "master")], SentinelView(1, A)),
+])
+def test_sentinel_view(master: dict[str, str], replicas: list[dict[str, str]],
+                       view: SentinelView) -> None:
+    assert read_view(master, replicas) == view
+
+
+@pytest.mark.parametrize(("views", "awaited", "chosen"), [
+    ([SentinelView(0, M)] * 3, (), M),
+    ([SentinelView(0, M), None, None], (), M),
+    ([None, None, None], (), None),
+    ([SentinelView(0, None)] * 3, (), None),  # the master is down
+    # a planned switchover before the promotion: the old master may stop being one
+    ([SentinelView(0, None, switching=True), SentinelView(0, M), SentinelView(0, M)], (), None),
+    # after it: the sentinel that ran it (or one that heard of it) has the newer epoch
+    ([SentinelView(1, A), SentinelView(0, M), SentinelView(0, M)], (), A),
+    ([SentinelView(0, M), SentinelView(1, A), SentinelView(1, A)], (), A),
+    # a sentinel still trying a failover of an older configuration is no obstacle
+    ([SentinelView(1, A), SentinelView(0, None, switching=True), SentinelView(1, A)], (), A),
+    ([SentinelView(1, A), SentinelView(1, B), SentinelView(0, M)], (), None),  # disagree
+    # the sentinel that announced a failover does not answer: in doubt
+    ([None, SentinelView(0, M), SentinelView(0, M)], (0,), None),
+    ([SentinelView(0, M), SentinelView(0, M), SentinelView(0, M)], (0,), M),
+])
+def test_choose_master(views: list[SentinelView | None], awaited: tuple[int, ...],
+                       chosen: tuple[str, int] | None) -> None:
+    assert choose_master(views, awaited) == chosen
+
+
+@pytest.mark.parametrize(("channel", "data", "service", "address"), [
+    ("+try-failover", "master mq 10.0.0.1 6379", "mq", ("10.0.0.1", 6379)),
+    ("+promoted-slave", "slave 10.0.0.2:6379 10.0.0.2 6379 @ mq 10.0.0.1 6379", "mq", A),
+    ("+convert-to-slave", "slave 10.0.0.1:6379 10.0.0.1 6379 @ mq 10.0.0.2 6379", "mq", M),
+    ("+switch-master", "mq 10.0.0.1 6379 10.0.0.2 6379", "mq", A),
+    ("-failover-abort-no-good-slave", "master other 10.0.0.9 6379", "other",
+     ("10.0.0.9", 6379)),
+    ("+switch-master", "", None, None),
+])
+def test_sentinel_events(channel: str, data: str, service: str | None,
+                         address: tuple[str, int] | None) -> None:
+    assert event_service(channel, data) == service
+    assert event_address(channel, data) == address
+
+
+@pytest.mark.parametrize(("error", "unwritable"), [
+    (ReadOnlyError("You can't write against a read only replica."), True),
+    (ResponseError("NOREPLICAS Not enough good replicas to write. script: x"), True),
+    (RedisConnectionError("Connection refused"), True),
+    (ConnectionResetError(), True),
+    (ResponseError("ERR Error running script"), False),
+    (RedisTimeoutError("Timeout reading"), False),
+    (TimeoutError(), False),
+])
+def test_errors_that_say_the_master_is_not_writable(error: Exception, unwritable: bool) -> None:
+    assert master_unwritable(error) is unwritable
 
 
 def test_open_store_routes_the_ha_schemes() -> None:
@@ -515,7 +631,10 @@ def test_sentinel_failover_decisions_flow_and_counters_survive(
             # deadline since then is a slow machine's, answered per on_store_error
             assert accepting.stats.store_errors + deferring.stats.store_errors == errors_then
 
-            assert redis_sentinel.master_port() == redis_sentinel.replica.port
+            # The store may write to the promoted replica before every sentinel names it
+            # (as soon as the one that ran the failover has seen it answer as master).
+            promoted = await asyncio.to_thread(redis_sentinel.wait_for_promotion)
+            assert promoted == redis_sentinel.replica.port
             assert await store.master_address() == ("127.0.0.1", redis_sentinel.replica.port)
             peek = await counting.decide(message("before@example.com", "P", stage="RCPT"))
             assert not peek.store_error
@@ -549,6 +668,253 @@ def test_sentinel_all_sentinels_down_fails_fast(redis_sentinel: RedisSentinelHar
                 await store.evaluate([BudgetCheck("k", 1000.0, 1, 1)], wall_ms())
             assert time.monotonic() - started < 0.5 * 10  # its deadline, with slack
         finally:
+            await store.close()
+
+    run(body)
+
+
+# ------------------------------------------------------------------ sentinel: switchover
+
+SENDERS = 200
+BUDGET = 50
+LOAD_TIMEOUT_MS = 250
+BUDGET_POLICY = f"""\
+store: {{timeout_ms: {LOAD_TIMEOUT_MS}, on_store_error: defer}}
+lanes: [{{name: normal}}]
+default_lane: normal
+limits:
+  - {{name: per-sender, rate: {BUDGET}/1h, burst: {BUDGET}, key: sender, count: messages}}
+"""
+
+
+@dataclass
+class Outcome:
+    """One decision as its caller saw it."""
+
+    sender: int
+    started: float
+    took: float
+    admitted: bool  # accepted and counted
+    store_error: bool  # answered per on_store_error (defer: 451)
+
+
+class BudgetLoad:
+    """Decisions for ``SENDERS`` senders with a budget of ``BUDGET`` each, through a real
+    DecisionService on the store (``on_store_error: defer``, so what was admitted was
+    counted): paced (``run``) while the test switches masters, then ``drain`` sends for
+    every sender until its budget refuses it."""
+
+    def __init__(self, store: SentinelStore) -> None:
+        self.service = DecisionService(parse_policy(BUDGET_POLICY), store)
+        self.outcomes: list[Outcome] = []
+        self._sent = 0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def decide(self, sender: int) -> Outcome:
+        self._sent += 1
+        started = time.monotonic()
+        verdict = await self.service.decide(
+            message(f"s{sender}@example.com", f"Q{sender}x{self._sent}")
+        )
+        outcome = Outcome(sender, started, time.monotonic() - started,
+                          verdict.action is Action.ACCEPT and not verdict.store_error,
+                          verdict.store_error)
+        if verdict.store_error:
+            assert verdict.action is Action.DEFER, verdict
+        self.outcomes.append(outcome)
+        return outcome
+
+    def run(self, workers: int = 20, pause_s: float = 0.05) -> None:
+        """About ``workers / pause_s`` decisions a second (400) over all senders in turn."""
+
+        async def worker(first: int) -> None:
+            sender = first
+            while not self._stop.is_set():
+                await self.decide(sender % SENDERS)
+                sender += workers
+                await asyncio.sleep(pause_s)  # pacing, not waiting for anything
+
+        self._tasks = [asyncio.create_task(worker(i)) for i in range(workers)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def until(self, what: str, done: Callable[[], bool], timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"gave up waiting for {what}"
+            await asyncio.sleep(0.01)  # polling the outcomes recorded so far
+
+    async def drain(self) -> None:
+        """Every sender decides until its budget refuses it (store errors retried)."""
+
+        async def spend_all(sender: int) -> None:
+            while True:
+                outcome = await self.decide(sender)
+                if not outcome.admitted and not outcome.store_error:
+                    return
+
+        await asyncio.wait_for(asyncio.gather(*(spend_all(s) for s in range(SENDERS))), 60)
+
+    def admitted(self) -> list[int]:
+        per_sender = [0] * SENDERS
+        for o in self.outcomes:
+            per_sender[o.sender] += o.admitted
+        return per_sender
+
+
+def once_keys(node: RedisProcess) -> set[bytes]:
+    with node.client() as client:
+        return set(client.scan_iter("mqpolicy:seen:*", count=1000))
+
+
+def switch_under_load(harness: RedisSentinelHarness, how: str,
+                      caplog: pytest.LogCaptureFixture) -> None:
+    """Decisions flow; the master is switched (``how``: ``failover`` = SENTINEL FAILOVER
+    with the old master up, ``kill`` = SIGKILL); decisions go on until they are counted on
+    the new master again; then every sender spends what it has left. Each sender must
+    have been admitted exactly ``BUDGET`` times (fewer only for decisions that timed out,
+    which may have been counted): nothing spent was lost, nothing was admitted twice."""
+    caplog.set_level(logging.INFO, logger="mqpolicy.store")
+
+    async def body() -> None:
+        store = SentinelStore(harness.url, timeout_ms=LOAD_TIMEOUT_MS)
+        load = BudgetLoad(store)
+        try:
+            load.run()
+            await load.until("the store to listen to every sentinel",
+                             lambda: store.sentinels_listened == len(harness.sentinels))
+            await load.until("decisions on the first master",
+                             lambda: sum(o.admitted for o in load.outcomes) >= 800)
+            old = harness.node_at(harness.master_port())
+            switched = time.monotonic()
+            if how == "kill":
+                harness.kill_master()
+            else:
+                await asyncio.to_thread(harness.switchover)
+            new = await asyncio.to_thread(harness.wait_for_new_master, old)
+            named = time.monotonic()
+            assert all(not o.store_error for o in load.outcomes if o.started < switched)
+            await load.until(
+                "decisions counted on the new master",
+                lambda: sum(o.admitted for o in load.outcomes if o.started > named) >= 400,
+            )
+            if how != "kill":
+                # The old master is still up and still a master (Sentinel demotes it some
+                # 10 s after the switch): whatever it holds that the new one does not was
+                # written after the promotion and is lost with its resync.
+                lost = once_keys(old) - once_keys(new)
+                old_role = old.info("replication")["role"]
+                assert old_role == "slave" or not lost, (
+                    f"{len(lost)} decisions were written to the old master after the switch"
+                )
+                # From here on what the old master took is gone for good: the budgets
+                # left are what the new master counted.
+                await asyncio.to_thread(harness.wait_demoted, old, new)
+            await load.stop()
+            resumed = min(o.started for o in load.outcomes
+                          if o.admitted and o.started > switched)
+            failed = [o for o in load.outcomes if o.store_error]
+            await load.drain()
+
+            per_sender = load.admitted()
+            timeouts = load.service.stats.store_timeouts
+            over = {s: n for s, n in enumerate(per_sender) if n > BUDGET}
+            assert not over, f"admitted beyond the budget of {BUDGET}: {over}"
+            shortfall = SENDERS * BUDGET - sum(per_sender)
+            assert shortfall <= timeouts, (shortfall, timeouts)
+            slowest = max((o.took for o in failed), default=0.0)
+            # every answer within the store's deadline (give or take the loop's own delays)
+            assert max(o.took for o in load.outcomes) < LOAD_TIMEOUT_MS / 1000 + 0.5
+            assert resumed - named < 5, "decisions resumed long after the switch"
+            lost_lines = [r for r in caplog.records if r.getMessage() == "store lost its master"]
+            back_lines = [r for r in caplog.records
+                          if r.getMessage() == "store writes to its master again"]
+            assert len(lost_lines) == 1 and len(back_lines) == 1, caplog.text
+            back = back_lines[0].fields  # type: ignore[attr-defined]
+            assert back["master"] == f"127.0.0.1:{new.port}"
+            assert back["previous"] == f"127.0.0.1:{old.port}"
+            if not timeouts:
+                assert back["decisions_on_store_error"] == len(failed)
+            print(
+                f"\nsentinel {how}: {len(failed)} decisions answered per on_store_error "
+                f"(slowest {slowest * 1000:.1f} ms) over "
+                f"{back['without_master_s']} s without a writable master; decisions counted "
+                f"again {resumed - switched:.2f} s after the switch began, "
+                f"{resumed - named:+.2f} s from every sentinel naming the new master; "
+                f"{len(load.outcomes)} decisions, every sender admitted "
+                f"{min(per_sender)}-{max(per_sender)} of {BUDGET} ({timeouts} timeouts)"
+            )
+        finally:
+            await load.stop()
+            await store.close()
+
+    run(body)
+
+
+def test_sentinel_switchover_loses_no_budget(
+    sentinel_setup: Callable[..., RedisSentinelHarness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """SENTINEL FAILOVER with the old master up: decisions stop going to it before the
+    replica is promoted (nothing is written where a resync would drop it), are answered
+    per on_store_error until the promotion is confirmed, then go to the new master."""
+    switch_under_load(sentinel_setup(replicas=2), "failover", caplog)
+
+
+def test_sentinel_switchover_with_min_replicas_to_write(
+    sentinel_setup: Callable[..., RedisSentinelHarness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same with ``min-replicas-to-write 1`` on every server: the old master refuses
+    writes (NOREPLICAS) once the other replica follows the new master; the store does not
+    wait for Sentinel to demote it (some 10 s) to write to the new one."""
+    harness = sentinel_setup(replicas=2, data_options=("--min-replicas-to-write", "1",
+                                                       "--min-replicas-max-lag", "10"))
+    switch_under_load(harness, "failover", caplog)
+
+
+def test_sentinel_master_killed_under_load_loses_no_budget(
+    sentinel_setup: Callable[..., RedisSentinelHarness], caplog: pytest.LogCaptureFixture
+) -> None:
+    switch_under_load(sentinel_setup(replicas=2), "kill", caplog)
+
+
+def test_sentinel_switchover_heard_with_a_sentinel_down(
+    sentinel_setup: Callable[..., RedisSentinelHarness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One sentinel gone: the store still hears the switchover announced on another one
+    and stops writing to the old master before the promotion."""
+    caplog.set_level(logging.INFO, logger="mqpolicy.store")
+    harness = sentinel_setup(replicas=1)
+
+    async def body() -> None:
+        store = SentinelStore(harness.url, timeout_ms=LOAD_TIMEOUT_MS)
+        load = BudgetLoad(store)
+        try:
+            load.run(workers=5)
+            await load.until("the store to listen to every sentinel",
+                             lambda: store.sentinels_listened == 3)
+            harness.sentinels[2].stop()
+            await load.until("the store to notice a sentinel went away",
+                             lambda: store.sentinels_listened == 2)
+            old = harness.master
+            await asyncio.to_thread(harness.switchover)  # on sentinels[0]
+            new = await asyncio.to_thread(harness.wait_for_new_master, old)
+            named = time.monotonic()
+            await load.until(
+                "decisions counted on the new master",
+                lambda: sum(o.admitted for o in load.outcomes if o.started > named) >= 50,
+            )
+            lost = once_keys(old) - once_keys(new)
+            assert old.info("replication")["role"] == "slave" or not lost, (
+                f"{len(lost)} decisions were written to the old master after the switch"
+            )
+            (why,) = [r.fields["why"] for r in caplog.records  # type: ignore[attr-defined]
+                      if r.getMessage() == "store lost its master"]
+            assert why == f"sentinel 127.0.0.1:{harness.sentinels[0].port} starts a failover"
+        finally:
+            await load.stop()
             await store.close()
 
     run(body)

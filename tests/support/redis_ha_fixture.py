@@ -8,6 +8,9 @@
 ``down-after-milliseconds`` 1000) monitoring service ``mqtest``; ready once the replica's
 link is up and every sentinel sees the replica and the two other sentinels. Tests may
 kill the master (:meth:`RedisSentinelHarness.kill_master`) and wait for the promotion.
+``sentinel_setup`` (function): the same with the replicas and server options a test asks
+for (``sentinel_setup(replicas=2, data_options=("--min-replicas-to-write", "1"))``), for
+planned switchovers (:meth:`RedisSentinelHarness.switchover`, ``SENTINEL FAILOVER``).
 
 Every process is started through ``setpriv --pdeathsig`` where available, polled for
 readiness (never a fixed sleep) and stopped by its PID, even when a test fails.
@@ -268,14 +271,30 @@ def redis_cluster_partial() -> Iterator[RedisClusterHarness]:
 
 
 class RedisSentinelHarness:
-    """A master, a replica and three sentinels (quorum 2) watching service ``mqtest``."""
+    """A master, ``replicas`` replicas and three sentinels (quorum 2) watching service
+    ``mqtest``; ``data_options`` are given to the master and the replicas alike."""
 
-    def __init__(self, workdir: Path, sentinels: int = 3, quorum: int = 2) -> None:
+    def __init__(
+        self, workdir: Path, sentinels: int = 3, quorum: int = 2, replicas: int = 1,
+        data_options: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
         self.master = RedisProcess(workdir, "master")
-        self.replica = RedisProcess(workdir, "replica")
+        self.replicas = [RedisProcess(workdir, "replica" + (str(i) if i else ""))
+                         for i in range(replicas)]
         self.sentinels = [RedisProcess(workdir, f"sentinel{i}") for i in range(sentinels)]
         self.quorum = quorum
+        self.data_options = data_options
+
+    @property
+    def replica(self) -> RedisProcess:
+        """The first replica."""
+        return self.replicas[0]
+
+    @property
+    def data_nodes(self) -> list[RedisProcess]:
+        """The master the harness started with, then its replicas."""
+        return [self.master, *self.replicas]
 
     @property
     def url(self) -> str:
@@ -284,18 +303,21 @@ class RedisSentinelHarness:
         ) + f"/{SERVICE}/0"
 
     def start(self) -> None:
-        no_delay = ("--repl-diskless-sync-delay", "0")  # full sync at once, not after 5 s
-        self.master.start(_data_args(self.master.workdir, *no_delay))
-        self.replica.start(
-            _data_args(
-                self.replica.workdir, *no_delay, "--replicaof", "127.0.0.1", str(self.master.port)
+        # full sync at once, not after 5 s
+        options = ("--repl-diskless-sync-delay", "0", *self.data_options)
+        self.master.start(_data_args(self.master.workdir, *options))
+        for replica in self.replicas:
+            replica.start(
+                _data_args(
+                    replica.workdir, *options, "--replicaof", "127.0.0.1", str(self.master.port)
+                )
             )
-        )
-        wait_for(
-            "the replica's link to the master",
-            lambda: self.replica.info("replication").get("master_link_status") == "up",
-            READY_TIMEOUT_S,
-        )
+        for replica in self.replicas:
+            wait_for(
+                f"{replica.name}'s link to the master",
+                lambda r=replica: r.info("replication").get("master_link_status") == "up",
+                READY_TIMEOUT_S,
+            )
         for sentinel in self.sentinels:
             sentinel.start(self._sentinel_args(sentinel))
         for sentinel in self.sentinels:
@@ -327,7 +349,7 @@ class RedisSentinelHarness:
         with sentinel.client() as client:
             state = client.sentinel_master(SERVICE)
         return (
-            int(state["num-slaves"]) >= 1
+            int(state["num-slaves"]) >= len(self.replicas)
             and int(state["num-other-sentinels"]) == len(self.sentinels) - 1
         )
 
@@ -359,6 +381,47 @@ class RedisSentinelHarness:
         wait_for("the replica's promotion", promoted, timeout_s)
         return new_port
 
+    def node_at(self, port: int) -> RedisProcess:
+        """The data node listening on ``port``."""
+        return next(n for n in self.data_nodes if n.port == port)
+
+    def switchover(self) -> RedisProcess:
+        """A planned switchover: ``SENTINEL FAILOVER`` on the first sentinel, the master
+        staying up. The master before it."""
+        old = self.node_at(self.master_port())
+        with self.sentinels[0].client() as client:
+            client.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        return old
+
+    def wait_for_new_master(self, old: RedisProcess, timeout_s: float = READY_TIMEOUT_S) -> RedisProcess:
+        """Wait until every running sentinel names one data node other than ``old`` as
+        master and that node has the master role; that node."""
+
+        def switched() -> RedisProcess | None:
+            named = set()
+            for sentinel in self.sentinels:
+                if sentinel.proc is None:  # stopped by the test
+                    continue
+                with sentinel.client() as client:
+                    named.add(int(client.sentinel_get_master_addr_by_name(SERVICE)[1]))
+            if len(named) != 1 or old.port in named:
+                return None
+            node = self.node_at(named.pop())
+            return node if node.info("replication").get("role") == "master" else None
+
+        return wait_for("the sentinels to name a new master", switched, timeout_s)
+
+    def wait_demoted(self, old: RedisProcess, new: RedisProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Wait until Sentinel has turned ``old`` (a master that stayed up through a
+        switchover) into a replica of ``new`` and it has resynced."""
+
+        def demoted() -> bool:
+            info = old.info("replication")
+            return (info.get("role") == "slave" and info.get("master_port") == str(new.port)
+                    and info.get("master_link_status") == "up")
+
+        wait_for(f"{old.name} to follow {new.name}", demoted, timeout_s)
+
     def wait_replicated(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait until the replica has everything the master wrote so far."""
         with self.master.client() as client:
@@ -371,7 +434,7 @@ class RedisSentinelHarness:
         )
 
     def stop(self) -> None:
-        for process in (*self.sentinels, self.replica, self.master):
+        for process in (*self.sentinels, *reversed(self.data_nodes)):
             process.stop()
 
 
@@ -380,3 +443,19 @@ def redis_sentinel() -> Iterator[RedisSentinelHarness]:
     require_binaries(REDIS_SERVER_BIN)
     with running_in_tmpdir("mqsentinel-", RedisSentinelHarness) as harness:
         yield harness
+
+
+@pytest.fixture
+def sentinel_setup() -> Iterator[Callable[..., RedisSentinelHarness]]:
+    """``sentinel_setup(replicas=..., data_options=...)``: a Sentinel set-up of the test's
+    own, started; every one made is stopped at the end of the test."""
+    require_binaries(REDIS_SERVER_BIN)
+    with contextlib.ExitStack() as stack:
+
+        def make(replicas: int = 1, data_options: tuple[str, ...] = ()) -> RedisSentinelHarness:
+            return stack.enter_context(running_in_tmpdir(
+                "mqsentinel-",
+                lambda w: RedisSentinelHarness(w, replicas=replicas, data_options=data_options),
+            ))
+
+        yield make
