@@ -13,8 +13,9 @@ each flood in turn:
 Every flood connection reads whatever it is answered until it has every answer or the
 server closes it. For each flood the script prints how long the flood lasted (first byte
 sent to last answer or close), the server's CPU seconds meanwhile, how the flood ended, and
-the probe's answers during the flood: how many, the median and the worst latency, and
-whether every one was the answer the probe gets on an idle server. The ``idle`` row is
+the probe's answers to the requests it sent from the flood's start until its end (and at
+least 200 ms): how many, the median and the worst latency, and whether every one was the
+answer the probe gets on an idle server. The ``idle`` row is
 the probe alone. The server is stopped by its PID at the end, also on error or Ctrl-C.
 
     python bench/policy_flood.py
@@ -58,6 +59,9 @@ PROBE_REQUEST = encode_request({
 # The smallest request Postfix's attributes make: one attribute, then the empty line.
 TINY_REQUEST = b"protocol_state=RCPT\n\n"
 READ_SIZE = 1 << 16
+# The probe's requests sent from a flood's start count, until the flood ends and at least
+# this long.
+PROBE_WINDOW_S = 0.2
 
 
 @dataclass
@@ -124,7 +128,8 @@ class Row:
 
 def summarise(name: str, probe: Probe, start: float, end: float, cpu: float,
               outcome: str) -> Row:
-    samples = probe.between(start, end)
+    # a flood closed at once still has a probe or two sent after it began
+    samples = probe.between(start, max(end, start + PROBE_WINDOW_S))
     latencies = [s[1] for s in samples] or [0.0]
     return Row(name, end - start, cpu, outcome, len(samples),
                1000 * statistics.median(latencies), 1000 * max(latencies),
