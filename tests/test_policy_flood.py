@@ -13,13 +13,15 @@ before it reads anything else). No duration is asserted anywhere.
 
 Against a real ``mqpolicy serve`` the same floods leave the probe's answers right, the
 empty request closes its connection with a protocol-error line in the log, and a pipelined
-flood is answered to the end (the probe's latencies are printed, not asserted).
+flood is answered to the end (the probe's latencies are logged, not asserted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from mqpolicy.policy_server import PolicyServer, connection_id
 from tests.serve_process import ServeProcess, free_port
 from tests.test_policy_server import Client, run, serving
 
+log = logging.getLogger(__name__)
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 NEWLINE_FLOOD = b"\n" * 256 * 1024
 FLOOD_REQUESTS = 12_000
 FLOOD_CONNECTIONS = 20
@@ -264,9 +268,7 @@ async def flood_connection(port: int, payload: bytes, answers_due: int) -> int:
     return answered
 
 
-def test_floods_against_serve_leave_the_probe_answered_right(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_floods_against_serve_leave_the_probe_answered_right(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "policy.yaml"
     config.write_text(SERVE_POLICY.format(port=port))
@@ -296,8 +298,8 @@ def test_floods_against_serve_leave_the_probe_answered_right(
                            f"{1000 * max(latencies):.1f} ms")
         probe.close()
 
-    serve.start()
     try:
+        serve.start()
         run(scenario(), timeout=240)
         # every newline flood closed as a protocol error (a burst logs one line and
         # counts the rest as suppressed in the next)
@@ -306,5 +308,20 @@ def test_floods_against_serve_leave_the_probe_answered_right(
         assert serve.alive
     finally:
         serve.stop()
-    with capsys.disabled():
-        print("\nprobe under floods against mqpolicy serve: " + "; ".join(figures))
+    log.info("probe under floods against mqpolicy serve: %s", "; ".join(figures))
+
+
+def test_the_flood_bench_runs_and_says_how_each_flood_ended() -> None:
+    """``bench/policy_flood.py``, small: every flood and the probe's answers are reported
+    (figures are the script's job, not the test's)."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "policy_flood.py"), "--requests", "300",
+         "--newline-bytes", "4096", "--connections", "2"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line[:15].strip(): line for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"idle", "newlines", "pipelined", "newlines x2", "pipelined x2"}
+    for name in ("newlines", "newlines x2"):
+        assert rows[name].endswith("yes    closed after 0 answers"), rows[name]
+    for name in ("pipelined", "pipelined x2"):
+        assert rows[name].endswith("yes    answered 300"), rows[name]
