@@ -316,7 +316,8 @@ def test_the_flood_bench_runs_and_says_how_each_flood_ended() -> None:
     (figures are the script's job, not the test's)."""
     proc = subprocess.run(
         [sys.executable, str(BENCH / "policy_flood.py"), "--requests", "300",
-         "--newline-bytes", "4096", "--connections", "2"],
+         "--newline-bytes", "4096", "--connections", "2",
+         "--mqpolicy", str(Path(sys.executable).parent / "mqpolicy")],  # this venv's
         capture_output=True, text=True, timeout=120, check=False, cwd=BENCH.parent)
     assert proc.returncode == 0, proc.stderr
     rows = {line[:15].strip(): line for line in proc.stdout.splitlines()[1:]}
