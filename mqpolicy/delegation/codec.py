@@ -14,7 +14,8 @@ Decisions made here (each one tested):
   losslessly and deterministically (an invalid byte ``0xNN`` becomes ``U+DCNN``). Code that
   re-encodes a value must use ``errors="surrogateescape"`` (as :func:`encode_request` does).
 * A duplicate attribute name: the last one wins.
-* A lone empty line (a request with no attributes) yields an empty dict.
+* An empty line where a request starts (a request without attributes: Postfix never sends
+  one) raises :class:`EmptyRequest`. A stream of bare line ends is a flood, not requests.
 * A request larger than ``max_request_bytes`` (counting every byte including the line ends
   and the empty line) raises :class:`RequestTooLarge` as soon as that many bytes are
   buffered, even before any line end. More than ``max_lines`` attribute lines raises
@@ -24,6 +25,11 @@ Decisions made here (each one tested):
   :class:`DecoderFailed`. Requests completed in the same chunk before the error are
   discarded with it (the caller closes the connection; Postfix treats that as a temporary
   failure).
+* ``feed(data, max_requests=N)`` returns at most N requests and examines nothing after the
+  N-th: the rest stays buffered (:attr:`PolicyDecoder.backlogged`) until a later
+  :meth:`PolicyDecoder.feed`, which may bring no data (``b""``). A caller thus decodes a
+  large pipelined read a few requests at a time, and an error further on is raised by the
+  feed that reaches it.
 * Bytes after the last empty line are kept until more data arrives; at EOF they are simply
   an incomplete request (:attr:`PolicyDecoder.pending_bytes` tells how many).
 """
@@ -37,6 +43,7 @@ __all__ = [
     "DEFAULT_MAX_LINES",
     "DEFAULT_MAX_REQUEST_BYTES",
     "DecoderFailed",
+    "EmptyRequest",
     "MalformedLine",
     "PolicyDecoder",
     "PolicyProtocolError",
@@ -74,6 +81,10 @@ class MalformedLine(PolicyProtocolError):
     """An attribute line without ``=`` or with an empty name."""
 
 
+class EmptyRequest(PolicyProtocolError):
+    """An empty line where a request starts: a request without attributes."""
+
+
 class DecoderFailed(PolicyProtocolError):
     """``feed()`` was called again after the decoder had raised an error."""
 
@@ -85,7 +96,8 @@ class PolicyDecoder:
     at once) and returns, in order, every request completed by that data.
     """
 
-    __slots__ = ("_buf", "_error", "_lines", "_max_lines", "_max_request_bytes", "_scan")
+    __slots__ = ("_backlogged", "_buf", "_error", "_lines", "_max_lines", "_max_request_bytes",
+                 "_scan")
 
     def __init__(
         self,
@@ -104,19 +116,32 @@ class PolicyDecoder:
         self._scan = 0
         # Line ends in ``_buf[:_scan]`` (every one ends an attribute line).
         self._lines = 0
+        # The last feed stopped at ``max_requests`` with bytes after the last request.
+        self._backlogged = False
         self._error: PolicyProtocolError | None = None
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes of an incomplete request held back (non-zero at EOF: a truncated request)."""
+        """Bytes held back: an incomplete request (non-zero at EOF: a truncated request),
+        and, after a feed stopped at ``max_requests``, the bytes it did not examine."""
         return len(self._buf)
+
+    @property
+    def backlogged(self) -> bool:
+        """The last :meth:`feed` stopped at ``max_requests`` with bytes left after the last
+        request it returned: they may hold complete requests. Feed again (``b""`` will do)
+        before waiting for more data."""
+        return self._backlogged
 
     @property
     def failed(self) -> bool:
         return self._error is not None
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, str]]:
-        """Add ``data``; return the requests it completes (possibly none).
+    def feed(
+        self, data: bytes | bytearray | memoryview, max_requests: int | None = None
+    ) -> list[dict[str, str]]:
+        """Add ``data``; return the requests it completes (possibly none), at most
+        ``max_requests`` of them (all when None; 0 only buffers ``data``).
 
         Raises a :class:`PolicyProtocolError` subclass when the stream is invalid.
         """
@@ -125,16 +150,18 @@ class PolicyDecoder:
                 self._error
             )
         try:
-            return self._feed(data)
+            return self._feed(data, -1 if max_requests is None else max_requests)
         except PolicyProtocolError as exc:
             self._error = exc
             self._buf.clear()
+            self._backlogged = False
             raise
 
-    def _feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, str]]:
+    def _feed(self, data: bytes | bytearray | memoryview, room: int) -> list[dict[str, str]]:
+        """``room``: how many requests to return at most (-1: all)."""
         # The usual chunk: exactly one whole request and nothing held back (Postfix sends
         # one request and waits for the answer). One search finds its end; nothing to keep.
-        if not self._buf and type(data) is bytes and data.endswith(b"\n\n"):
+        if not self._buf and type(data) is bytes and data.endswith(b"\n\n") and room:
             match = _END.search(data)
             if (match is not None and match.end() == len(data) and len(data) > 2
                     and data[0] not in _LINE_END_BYTES
@@ -152,18 +179,14 @@ class PolicyDecoder:
         requests: list[dict[str, str]] = []
         start = 0
         scan = self._scan
+        stopped = False
         while True:
+            if len(requests) == room:
+                stopped = True
+                break
             # An empty line right at the start of a request: a request with no attributes.
-            if stream.startswith(b"\n", start):
-                requests.append({})
-                start += 1
-                scan = start
-                continue
-            if stream.startswith(b"\r\n", start):
-                requests.append({})
-                start += 2
-                scan = start
-                continue
+            if stream.startswith(b"\n", start) or stream.startswith(b"\r\n", start):
+                raise EmptyRequest("empty line where a request starts (no attributes)")
             match = _END.search(stream, scan)
             if match is None:
                 break
@@ -181,6 +204,13 @@ class PolicyDecoder:
         if start:
             scan = 0
             self._lines = 0
+        if stopped:
+            # What follows the last request returned is not examined yet: no limit applies
+            # to it until a feed decodes it.
+            self._scan = scan
+            self._backlogged = bool(buf)
+            return requests
+        self._backlogged = False
         if len(buf) > limit:
             raise RequestTooLarge(f"incomplete request of {len(buf)} bytes exceeds {limit}")
         # Resume two bytes back: the end marker (``\n\r\n``) may straddle the next chunk.
@@ -239,9 +269,12 @@ def encode_reply(action: str) -> bytes:
 def encode_request(attrs: Mapping[str, str]) -> bytes:
     """Encode one request as Postfix sends it (for tests and load generators).
 
-    Raises ValueError for a name that is empty or contains ``=``, or a name or value
-    containing ``\\r``, ``\\n`` or NUL, since those cannot round-trip.
+    Raises ValueError for no attribute at all (an empty request is a protocol error), a
+    name that is empty or contains ``=``, or a name or value containing ``\\r``, ``\\n`` or
+    NUL, since those cannot round-trip.
     """
+    if not attrs:
+        raise ValueError("a request needs at least one attribute")
     parts: list[str] = []
     for name, value in attrs.items():
         if not name or "=" in name:

@@ -26,7 +26,7 @@ def parse_request_text(text: str) -> dict[str, str]:
     data = text.encode("utf-8", "surrogateescape")
     if not data.endswith(b"\n"):
         data += b"\n"
-    requests = decoder.feed(data + b"\n")
+    requests = decoder.feed(data + b"\n", max_requests=1)  # not the line end added after it
     if not requests:
         raise PolicyProtocolError("no request found")
     return requests[0]

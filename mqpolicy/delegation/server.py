@@ -14,15 +14,24 @@ Per connection (Postfix keeps it open and sends request after request):
 
 * requests are answered strictly in order, one at a time; requests that arrive together
   (pipelined) are answered in arrival order;
+* no connection stalls the others: one answers at most ``_REQUESTS_PER_TURN`` requests in
+  a turn of the event loop, then lets the loop serve the other connections and goes on at
+  its next turn (its reading paused meanwhile). Postfix sends one request and waits, so only
+  a pipelining client ever waits for a turn;
+* what a pipelining client gets buffered is bounded: at most ``_MAX_WAITING`` requests
+  decoded and not answered yet; the rest of what it sent stays undecoded in the decoder
+  (at most one read, which asyncio caps at 256 KiB, and one incomplete request) and the
+  connection is not read again until all of it is answered: the client's own writes then
+  wait (backpressure, as TCP gives it);
 * no complete request within ``idle_timeout_s`` (also a client trickling bytes), or a
   request not answered within that time (a handler stuck, a client that stops reading its
   answers: reading stops while the kernel buffer is full): the connection is closed. More
-  requests sent meanwhile do not keep it open, and past ``_MAX_WAITING`` unanswered ones
-  the connection is not read until they are answered. One
+  requests sent meanwhile do not keep it open. One
   sweeper task checks every connection's deadline, so a request costs no timer; a
   connection goes between ``idle_timeout_s`` and 1/8 of it (at most 1 s) later;
-* a protocol error (oversized or malformed request) is logged with the peer and closes that
-  connection only;
+* a protocol error (oversized or malformed request, or an empty one: a bare line end, which
+  Postfix never sends) is logged with the peer and closes that connection only, without
+  answering what it had sent before the error and not answered yet;
 * a handler exception is logged and answered with ``error_action``; the connection goes on.
   A handler task cancelled from inside ends its connection without an answer.
 
@@ -75,9 +84,13 @@ DEFAULT_ERROR_ACTION = "DEFER_IF_PERMIT 4.3.0 policy service error"
 
 # Distinct encoded replies kept; handlers return few distinct texts (DUNNO, a few defers).
 _REPLY_CACHE_SIZE = 256
-# Requests received on one connection and not answered yet past which it is not read until
-# they are (Postfix sends one and waits; this bounds what a pipelining client queues).
+# Requests decoded on one connection and not answered yet: at most this many (Postfix sends
+# one and waits). What a pipelining client sent beyond them stays undecoded, and the
+# connection is not read until they are all answered.
 _MAX_WAITING = 16
+# Requests one connection answers in one turn of the event loop before it lets the loop
+# serve the others (a read of 256 KiB holds 12,000 tiny pipelined requests).
+_REQUESTS_PER_TURN = 16
 
 
 class PolicyHandler(Protocol):
@@ -392,7 +405,7 @@ class _Connection(asyncio.Protocol):
     """One client connection: decodes what arrives, answers in order."""
 
     __slots__ = ("answer", "busy", "cid", "closed", "deadline", "decoder", "eof", "expired",
-                 "held", "paused", "peer", "queue", "server", "task", "transport")
+                 "held", "paused", "peer", "queue", "server", "task", "transport", "turn")
 
     def __init__(self, server: PolicyServer) -> None:
         self.server = server
@@ -400,7 +413,7 @@ class _Connection(asyncio.Protocol):
         self.cid = ""
         self.peer = ""
         self.decoder = PolicyDecoder(server._max_request_bytes, server._max_lines)
-        self.queue: deque[dict[str, str]] = deque()  # received, not answered yet
+        self.queue: deque[dict[str, str]] = deque()  # decoded, not answered yet
         self.task: asyncio.Task[None] | None = None  # awaits ``answer``, then writes it
         self.answer: Awaitable[str] | None = None
         # True from a request's arrival until its answer is handed to the transport.
@@ -411,7 +424,11 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.expired = False  # closed by the sweeper for idleness
         self.paused = False  # the peer does not read its answers: stop answering
-        self.held = False  # _MAX_WAITING requests wait for answers: stop reading more
+        # Requests wait to be answered past this turn of the loop, or _MAX_WAITING of them
+        # for an answer (or more undecoded in the decoder): stop reading more.
+        self.held = False
+        # The rest waits for the loop's next turn (other connections first).
+        self.turn: asyncio.Handle | None = None
         self.eof = False  # the peer closed its side: answer what is queued, then close
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -437,25 +454,26 @@ class _Connection(asyncio.Protocol):
             self.closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None:
+        if self.transport is None or not self._decode(data) or not self.queue:
             return
-        try:
-            requests = self.decoder.feed(data)
-        except PolicyProtocolError as exc:
-            self.server._protocol_error(self, exc)
-            self.abort()
-            return
-        if not requests:
-            return
-        self.queue.extend(requests)
         if not self.busy:
             self.busy = True
             self.deadline = asyncio.get_running_loop().time() + self.server._idle_timeout_s
-        if self.task is None and not self.paused:
+        if self.task is None and not self.paused and self.turn is None:
             self._answer_queue()
-        if len(self.queue) >= _MAX_WAITING and not self.held and self.transport is not None:
-            self.held = True  # a client that pipelines past a stuck answer gains nothing
-            self.transport.pause_reading()
+        if self.busy and (len(self.queue) >= _MAX_WAITING or self.decoder.backlogged):
+            self._hold()  # a client that pipelines past a stuck answer gains nothing
+
+    def _decode(self, data: bytes) -> bool:
+        """Decode what the queue has room for (the rest stays in the decoder); False when
+        the peer broke the protocol (then the connection is aborted)."""
+        try:  # (the queue never holds more than _MAX_WAITING)
+            self.queue.extend(self.decoder.feed(data, _MAX_WAITING - len(self.queue)))
+        except PolicyProtocolError as exc:
+            self.server._protocol_error(self, exc)
+            self.abort()
+            return False
+        return True
 
     def eof_received(self) -> bool:
         if self.decoder.pending_bytes:
@@ -474,18 +492,32 @@ class _Connection(asyncio.Protocol):
             self.paused = False
             if not self.held:
                 self.transport.resume_reading()
-            if self.task is None and self.queue:
+            if (self.task is None and self.turn is None
+                    and (self.queue or self.decoder.backlogged)):
                 self._answer_queue()
 
     # --- answering -------------------------------------------------------------------------
 
     def _answer_queue(self) -> None:
-        """Answer queued requests in order until one needs a task, the peer stops reading
-        or the queue is empty."""
+        """Answer queued requests in order (decoding more from the decoder's backlog) until
+        one needs a task, the peer stops reading, none is left, or ``_REQUESTS_PER_TURN``
+        were answered: then the rest waits for the loop's next turn."""
         server = self.server
         connection_id.set(self.cid)  # this transport's callbacks share one context
         queue = self.queue
-        while queue and not self.paused and self.transport is not None:
+        budget = _REQUESTS_PER_TURN
+        while not self.paused and self.transport is not None:
+            if not queue:
+                if not self.decoder.backlogged:
+                    self._idle()
+                    return
+                if not self._decode(b""):
+                    return  # a protocol error further on: aborted
+                continue  # answers what it decoded, or idles (only an incomplete request left)
+            if not budget:
+                self._wait_for_next_turn()
+                return
+            budget -= 1
             attrs = queue.popleft()
             try:
                 result = server._handle_now(attrs)
@@ -497,8 +529,25 @@ class _Connection(asyncio.Protocol):
             except Exception:  # not CancelledError (a BaseException): that propagates
                 reply = server._handler_failed(self)
             self._write(reply)
-        if not queue:
+        if not queue and not self.decoder.backlogged and self.transport is not None:
             self._idle()
+
+    def _wait_for_next_turn(self) -> None:
+        """Let the loop serve the other connections; go on at its next turn, not reading
+        more meanwhile."""
+        self.turn = asyncio.get_running_loop().call_soon(self._next_turn)
+        self._hold()
+
+    def _next_turn(self) -> None:
+        self.turn = None
+        if self.task is None and self.transport is not None:
+            self._answer_queue()
+
+    def _hold(self) -> None:
+        """Stop reading until every request received is answered (:meth:`_idle`)."""
+        if not self.held and self.transport is not None:
+            self.held = True
+            self.transport.pause_reading()
 
     async def _finish(self, answer: Awaitable[str]) -> None:
         server = self.server

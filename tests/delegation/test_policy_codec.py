@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from mqpolicy.delegation.codec import (
     DecoderFailed,
+    EmptyRequest,
     MalformedLine,
     PolicyDecoder,
     PolicyProtocolError,
@@ -18,6 +19,7 @@ from mqpolicy.delegation.codec import (
     encode_reply,
     encode_request,
 )
+from mqpolicy.delegation.explanation import parse_request_text
 from tests.support.read_sizes import READ_SIZES, chunked
 
 # As Postfix 3.x sends it at RCPT TO (SMTPD_POLICY_README), in Postfix's order.
@@ -72,17 +74,28 @@ STREAM = b"".join(encode_request(r) for r in STREAM_REQUESTS)
 
 
 def feed_all(
-    decoder: PolicyDecoder, chunks: Iterator[bytes] | Sequence[bytes]
+    decoder: PolicyDecoder, chunks: Iterator[bytes] | Sequence[bytes],
+    max_requests: int | None = None,
 ) -> list[dict[str, str]]:
+    """Every request in ``chunks``; with ``max_requests``, at most that many per feed, the
+    backlog decoded (feeding ``b""``) before the next chunk, as the server does."""
     out: list[dict[str, str]] = []
     for chunk in chunks:
-        out.extend(decoder.feed(chunk))
+        requests = decoder.feed(chunk, max_requests)
+        while True:
+            if max_requests is not None:
+                assert len(requests) <= max_requests
+            out.extend(requests)
+            if not decoder.backlogged:
+                break
+            requests = decoder.feed(b"", max_requests)
     return out
 
 
-def feed_at(data: bytes, size: int, **kwargs: int) -> tuple[list[dict[str, str]], int]:
+def feed_at(data: bytes, size: int, max_requests: int | None = None,
+            **kwargs: int) -> tuple[list[dict[str, str]], int]:
     decoder = PolicyDecoder(**kwargs)
-    return feed_all(decoder, chunked(data, size)), decoder.pending_bytes
+    return feed_all(decoder, chunked(data, size), max_requests), decoder.pending_bytes
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -153,22 +166,132 @@ def test_duplicate_attribute_last_wins() -> None:
     assert PolicyDecoder().feed(b"sender=a@x\nsender=b@x\n\n") == [{"sender": "b@x"}]
 
 
-def test_empty_line_alone_is_empty_request() -> None:
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\n", id="lf"),
+        pytest.param(b"\r\n", id="crlf"),
+        pytest.param(b"\n" * 256 * 1024, id="256KiB-of-lf"),
+        pytest.param(b"\r\n" * 1000, id="crlf-flood"),
+        pytest.param(b"\na=b\n\n", id="before-a-request"),
+        pytest.param(b"\r\na=b\n\n", id="crlf-before-a-request"),
+        pytest.param(STREAM + b"\n", id="after-requests"),
+        pytest.param(encode_request(RCPT_REQUEST) + b"\r\n" + encode_request(EOM_REQUEST),
+                     id="crlf-between-requests"),
+        pytest.param(b"a=b\n\n\n\n", id="three-line-ends"),
+    ],
+)
+@pytest.mark.parametrize("size", READ_SIZES)
+def test_empty_request_is_a_protocol_error(data: bytes, size: int) -> None:
+    """A request without attributes (an empty line where one starts) is not a request:
+    Postfix never sends one."""
+    with pytest.raises(EmptyRequest):
+        feed_at(data, size)
+    with pytest.raises(EmptyRequest):
+        feed_at(data, size, max_requests=1)
+
+
+def test_empty_request_ends_the_decoder_without_reading_on() -> None:
     decoder = PolicyDecoder()
-    assert decoder.feed(b"\n\r\na=1\n\n\n") == [{}, {}, {"a": "1"}, {}]
+    with pytest.raises(EmptyRequest):
+        decoder.feed(b"\n" * 256 * 1024)  # a flood is refused at its first line end
+    assert decoder.failed
+    assert decoder.pending_bytes == 0
+    with pytest.raises(DecoderFailed):
+        decoder.feed(b"a=1\n\n")
+
+
+@pytest.mark.parametrize("size", READ_SIZES)
+def test_requests_before_an_empty_one_in_earlier_feeds_were_returned(size: int) -> None:
+    decoder = PolicyDecoder()
+    data = encode_request(RCPT_REQUEST) + encode_request(UTF8_REQUEST)
+    assert feed_all(decoder, chunked(data, size)) == [RCPT_REQUEST, UTF8_REQUEST]
+    with pytest.raises(EmptyRequest):
+        feed_all(decoder, chunked(b"\r\n" + encode_request(EOM_REQUEST), size))
 
 
 @pytest.mark.parametrize(("chunk", "expected"), [
     (b"a=b\n\n", [{"a": "b"}]),
     (b"a=b\r\n\r\n", [{"a": "b"}]),
-    (b"\na=b\n\n", [{}, {"a": "b"}]),
-    (b"\r\na=b\n\n", [{}, {"a": "b"}]),
     (b"a=b\n\nc=d\n\n", [{"a": "b"}, {"c": "d"}]),
     (b"a=b\n\r\nc=d\n\n", [{"a": "b"}, {"c": "d"}]),
 ])
 def test_whole_chunks_on_a_fresh_decoder(chunk: bytes, expected: list[dict[str, str]]) -> None:
     """A chunk that ends with a request's end, fed at once (the usual read)."""
     assert PolicyDecoder().feed(chunk) == expected
+
+
+# --- at most max_requests per feed ------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_requests", [1, 2, 3, 100])
+@pytest.mark.parametrize("size", READ_SIZES)
+def test_at_most_max_requests_per_feed_the_rest_on_later_feeds(
+    size: int, max_requests: int
+) -> None:
+    requests, pending = feed_at(STREAM, size, max_requests=max_requests)
+    assert requests == STREAM_REQUESTS
+    assert pending == 0
+
+
+def test_a_feed_stops_at_max_requests_and_keeps_the_rest() -> None:
+    decoder = PolicyDecoder()
+    assert decoder.feed(STREAM, 2) == STREAM_REQUESTS[:2]
+    assert decoder.backlogged
+    assert decoder.pending_bytes == len(STREAM) - len(encode_request(RCPT_REQUEST)) - len(
+        encode_request(EOM_REQUEST))
+    assert decoder.feed(b"", 2) == STREAM_REQUESTS[2:4]
+    assert decoder.backlogged
+    assert decoder.feed(b"", 2) == STREAM_REQUESTS[4:]
+    assert not decoder.backlogged
+    assert decoder.pending_bytes == 0
+    assert decoder.feed(b"", 2) == []
+
+
+def test_max_requests_zero_only_buffers() -> None:
+    decoder = PolicyDecoder()
+    assert decoder.feed(encode_request(RCPT_REQUEST), 0) == []
+    assert decoder.backlogged
+    assert decoder.feed(encode_request(UTF8_REQUEST), 0) == []
+    assert decoder.feed(b"") == [RCPT_REQUEST, UTF8_REQUEST]
+    assert not decoder.backlogged
+
+
+def test_stopping_on_an_incomplete_request_then_completing_it() -> None:
+    decoder = PolicyDecoder()
+    assert decoder.feed(b"a=1\n\nb=2\n", 1) == [{"a": "1"}]
+    assert decoder.backlogged  # b=2 is not examined yet
+    assert decoder.feed(b"", 1) == []
+    assert not decoder.backlogged
+    assert decoder.pending_bytes == 4
+    assert decoder.feed(b"\n", 1) == [{"b": "2"}]
+
+
+def test_a_backlog_of_whole_requests_is_not_one_oversized_request() -> None:
+    decoder = PolicyDecoder(max_request_bytes=100, max_lines=3)
+    request = b"a=" + b"x" * 50 + b"\nb=\nc=\n\n"
+    assert decoder.feed(request * 20, 1) == [{"a": "x" * 50, "b": "", "c": ""}]
+    assert decoder.pending_bytes == 19 * len(request)  # far more than one request's limits
+    rest = feed_all(decoder, [b""], max_requests=1)
+    assert rest == [{"a": "x" * 50, "b": "", "c": ""}] * 19
+
+
+@pytest.mark.parametrize(
+    ("after", "error"),
+    [
+        pytest.param(b"\n", EmptyRequest, id="empty"),
+        pytest.param(b"bad line\n\n", MalformedLine, id="malformed"),
+        pytest.param(b"b=" + b"x" * 200, RequestTooLarge, id="too-large-incomplete"),
+        pytest.param(b"a=1\nb=2\nc=3\nd=4\n", TooManyLines, id="too-many-lines-incomplete"),
+    ],
+)
+def test_an_error_past_max_requests_is_raised_by_the_feed_that_reaches_it(
+    after: bytes, error: type[PolicyProtocolError]
+) -> None:
+    decoder = PolicyDecoder(max_request_bytes=100, max_lines=3)
+    assert decoder.feed(b"a=1\n\n" + after, 1) == [{"a": "1"}]
+    with pytest.raises(error):
+        decoder.feed(b"", 1)
 
 
 @pytest.mark.parametrize("size", READ_SIZES)
@@ -290,12 +413,11 @@ def test_encode_reply_refuses_injection_and_empty(action: str) -> None:
 
 def test_encode_request() -> None:
     assert encode_request({"a": "1", "b": "x=y"}) == b"a=1\nb=x=y\n\n"
-    assert encode_request({}) == b"\n"
 
 
 @pytest.mark.parametrize(
     "attrs",
-    [{"": "x"}, {"a=b": "x"}, {"a\n": "x"}, {"a": "x\ny"}, {"a": "x\r"}, {"a": "\x00"}],
+    [{}, {"": "x"}, {"a=b": "x"}, {"a\n": "x"}, {"a": "x\ny"}, {"a": "x\r"}, {"a": "\x00"}],
 )
 def test_encode_request_refuses_what_cannot_roundtrip(attrs: dict[str, str]) -> None:
     with pytest.raises(ValueError):
@@ -347,6 +469,16 @@ def test_any_bytes_any_chunking_only_protocol_errors(data: bytes, cuts: list[int
         pieces_result = None
     # Chunking never changes the outcome: same requests, or an error both ways.
     assert whole_result == pieces_result
+    one_at_a_time = PolicyDecoder(**kwargs)
+    try:
+        one_result: tuple[list[dict[str, str]], int] | None = (
+            feed_all(one_at_a_time, split_by(data, cuts), max_requests=1),
+            one_at_a_time.pending_bytes,
+        )
+    except PolicyProtocolError:
+        one_result = None
+    # Nor does decoding one request per feed.
+    assert one_result == whole_result
 
 
 names = st.text(min_size=1, max_size=20).filter(lambda s: not any(c in s for c in "=\r\n\x00"))
@@ -358,7 +490,8 @@ values = st.one_of(
 
 @settings(max_examples=200, deadline=None)
 @given(
-    requests=st.lists(st.dictionaries(names, values, max_size=8), min_size=1, max_size=5),
+    requests=st.lists(st.dictionaries(names, values, min_size=1, max_size=8), min_size=1,
+                      max_size=5),
     cuts=st.lists(st.integers(0, 2000), max_size=30),
 )
 def test_wellformed_requests_roundtrip(requests: list[dict[str, str]], cuts: list[int]) -> None:
@@ -366,3 +499,19 @@ def test_wellformed_requests_roundtrip(requests: list[dict[str, str]], cuts: lis
     decoder = PolicyDecoder()
     assert feed_all(decoder, split_by(data, cuts)) == requests
     assert decoder.pending_bytes == 0
+
+
+# --- explain's reader ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["a=1", "a=1\n", "a=1\n\n", "a=1\r\n\r\n", "a=1\n\nb=2\n\n"])
+def test_explain_reads_the_first_request_whatever_ends_it(text: str) -> None:
+    """``mqpolicy explain`` adds a line end to what it is given: a request that already
+    ends with its empty line is not followed by an empty request."""
+    assert parse_request_text(text) == {"a": "1"}
+
+
+@pytest.mark.parametrize("text", ["", "\n", "\na=1\n"])
+def test_explain_refuses_an_empty_request(text: str) -> None:
+    with pytest.raises(EmptyRequest):
+        parse_request_text(text)

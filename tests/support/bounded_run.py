@@ -7,7 +7,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 
-def run(coro: Coroutine[Any, Any, None], timeout: float = 20) -> None:
+def run(coro: Coroutine[Any, Any, None], timeout: float = 60) -> None:
     async def bounded() -> None:
         async with asyncio.timeout(timeout):
             await coro
