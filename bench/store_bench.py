@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_processes import Processes, sigterm_as_interrupt, wait_accepting
 from redis.asyncio import Redis
 
-from mqpolicy.budget import BudgetCheck
+from mqpolicy.budget import BudgetCheck, budget_check
 from mqpolicy.postfix_instance import free_port
 from mqpolicy.redis_store import RedisStore, _Pending, load_script
 
@@ -69,8 +69,8 @@ def redis_server() -> Iterator[tuple[str, str]]:
 
 def decision(i: int) -> tuple[list[BudgetCheck], str]:
     checks = [
-        BudgetCheck(f"rl:sender:s{i % 1000}", HOUR / 1_000_000, 1_000_000, 1),
-        BudgetCheck(f"rl:client:c{i % 100}", HOUR / 10_000_000, 10_000_000, 1),
+        budget_check(f"rl:sender:s{i % 1000}", 1_000_000, HOUR, 1_000_000, 1),
+        budget_check(f"rl:client:c{i % 100}", 10_000_000, HOUR, 10_000_000, 1),
     ]
     return checks, f"once:{i}"
 

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from mqpolicy.backoff import BackoffSettings
+from mqpolicy.budget import BUCKET_VERSION, bucket_scale, exactness_problem
 from mqpolicy.conditions import (
     ConditionError,
     Predicate,
@@ -237,13 +238,15 @@ class Limit:
     recipient_keyed: bool = field(init=False)
     blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
     rate_text: str = field(init=False)
-    interval_ms: float = field(init=False)
+    refill: int = field(init=False)  # the bucket's tokens per ms and per unit (bucket_scale)
+    unit: int = field(init=False)
     key_text: str = field(init=False)
     counted_one: str = field(init=False)  # how a decision that spends 1 says so: "1 messages"
     # The request's key value (None: a part is missing), compiled from ``key``.
     key_of: KeyFunction = field(init=False, compare=False, repr=False)
-    # Where the limit's buckets live: its name plus rate and burst, so a reload that
-    # changes the rate starts fresh buckets instead of misreading the old ones.
+    # Where the limit's buckets live: its name plus rate, burst and the arithmetic's
+    # version, so a reload that changes the rate starts fresh buckets instead of
+    # misreading the old ones.
     bucket_prefix: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -251,12 +254,15 @@ class Limit:
             "recipient_keyed": any(part.name in RECIPIENT_KEY_PARTS for part in self.key),
             "blocking": not self.monitor and self.action is not ActionKind.DEMOTE,
             "rate_text": str(self.rate),
-            "interval_ms": self.rate.interval_ms,
+            **dict(zip(("refill", "unit"),
+                       bucket_scale(self.rate.count, self.rate.period_ms, self.burst),
+                       strict=True)),
             "key_text": "+".join(str(p) for p in self.key),
             "counted_one": f"1 {self.count.value}",
             "key_of": key_function(self.key),
             "bucket_prefix": (
-                f"rl:{self.name}:{self.rate.count}/{self.rate.period_ms}/{self.burst}:"
+                f"rl:{self.name}:{self.rate.count}/{self.rate.period_ms}/{self.burst}/"
+                f"{BUCKET_VERSION}:"
             ),
         }
         for name, value in derived.items():
@@ -1312,6 +1318,10 @@ def _read_budget(r: _Reader, container: Any, i: int, m: Mapping[str, Any], path:
         on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", _store_error_mode)
     if rate is None or on_error is None:
         return None
+    inexact = exactness_problem(rate.count, rate.period_ms, burst or rate.count)
+    if inexact is not None:
+        r.error(m, "burst" if burst else "rate", path, inexact)
+        return None
     return _Budget(rate, burst or rate.count, action, demote_to, message, monitor, scope,
                    on_error)
 
@@ -1341,14 +1351,21 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
         ) -> Any:
             return r.optional(m, key, lane_path, fn)
 
+        release_rate, release_burst = opt("release_rate", parse_rate), opt("release_burst",
+                                                                           _positive_int)
+        inexact = release_rate and release_burst and exactness_problem(
+            release_rate.count, release_rate.period_ms, release_burst)
+        if inexact:
+            r.error(m, "release_burst", path, inexact)
+            release_burst = None
         yield Lane(
             name=name,
             transport=transport,
             priority=priority,
             delivery=_read_delivery(r, m, path),
             hold=bool(opt("hold", _bool)),
-            release_rate=opt("release_rate", parse_rate),
-            release_burst=opt("release_burst", _positive_int),
+            release_rate=release_rate,
+            release_burst=release_burst,
         )
         priority += 1
     if not seen and isinstance(top["lanes"], list):

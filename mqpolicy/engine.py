@@ -240,14 +240,15 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         else:
             cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
             consume = False
-        interval, burst = limit.interval_ms, limit.burst
+        unit, burst = limit.unit, limit.burst
         if backoff and limit.destination is not None:
             factor = backoff.get(limit.destination, 1.0)
             if factor < 1.0:  # same bucket key: a factor change never resets the bucket
-                interval, burst = scale_budget(interval, burst, factor)
+                unit, burst = scale_budget(unit, burst, factor)
         bucket = store_key(limit, key)
         # tuple.__new__: positional NamedTuples without their keyword __new__ (2x cheaper)
-        check = _new(BudgetCheck, (bucket, interval, burst, cost, consume, limit.blocking))
+        check = _new(BudgetCheck, (bucket, limit.refill, unit, burst, cost, consume,
+                                   limit.blocking))
         planned.append(_new(PlannedLimit, (limit, key, check, consume)))
     once = once_key_for(request) if at_end and planned else None
     return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes))

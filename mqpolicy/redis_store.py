@@ -69,6 +69,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from mqpolicy.budget import (
+    CLOCK_STEP_ALLOWANCE_MS,
     DEFAULT_ONCE_TTL_MS,
     BucketState,
     BudgetCheck,
@@ -76,6 +77,7 @@ from mqpolicy.budget import (
     Evaluation,
     StoreError,
     StoreTimeout,
+    parse_bucket,
 )
 from mqpolicy.memory_store import validate_decision
 
@@ -337,7 +339,7 @@ class CoalescingStore:
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
     ) -> Evaluation:
-        validate_decision(checks, once_ttl_ms)
+        validate_decision(checks, now_ms, once_ttl_ms)
         if self._closed:
             raise StoreError("redis store is closed")
         if not checks and once_key is None:
@@ -479,7 +481,7 @@ class RedisStore(CoalescingStore):
         reply = await self._evalsha(keys, args)
         return self._decode(batch, reply)
 
-    async def _evalsha(self, keys: list[str], args: list[int | float]) -> Any:
+    async def _evalsha(self, keys: list[str], args: list[int]) -> Any:
         """``EVALSHA`` of the batch script on a pooled connection, past the client's
         per-command layers (retries, which are off, and observability hooks: a third of
         the client's CPU per call). A script cache lost on restart is reloaded once.
@@ -500,7 +502,7 @@ class RedisStore(CoalescingStore):
         finally:
             await pool.release(conn)
 
-    def _encode(self, batch: list[PendingDecision]) -> tuple[list[str], list[int | float]]:
+    def _encode(self, batch: list[PendingDecision]) -> tuple[list[str], list[int]]:
         """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
         return encode_batch(self._prefix, batch)
 
@@ -558,10 +560,10 @@ class RedisStore(CoalescingStore):
 
 def encode_batch(
     prefix: str, batch: Sequence[PendingDecision]
-) -> tuple[list[str], list[int | float]]:
+) -> tuple[list[str], list[int]]:
     """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
     index: dict[str, int] = {}  # key -> its 1-based position in KEYS (insertion order)
-    args: list[int | float] = [len(batch)]
+    args: list[int] = [len(batch), CLOCK_STEP_ALLOWANCE_MS]
     extend = args.extend
     for p in batch:
         once = 0
@@ -573,7 +575,7 @@ def encode_batch(
             key = prefix + c.key
             flags = (_CONSUME if c.consume else 0) | (_BLOCKING if c.blocking else 0)
             slot = index.get(key) or index.setdefault(key, len(index) + 1)
-            extend((slot, c.interval_ms, c.burst, c.cost, flags))
+            extend((slot, c.refill, c.unit, c.burst, c.cost, flags))
     return list(index), args
 
 
@@ -632,7 +634,7 @@ async def inspect_buckets(
             if value is None or ttl == -2:
                 states.append(None)
             else:
-                states.append(BucketState(key, float(value), ttl))
+                states.append(BucketState(key, *parse_bucket(value), ttl))
     except caught as exc:
         raise StoreError(describe(exc)) from exc
     return states

@@ -38,14 +38,13 @@ more bytes than a byte budget's burst, would otherwise never fit.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from mqpolicy.budget import BudgetCheck
+from mqpolicy.budget import BUCKET_VERSION, BudgetCheck, budget_check, largest_burst
 from mqpolicy.config import Lane, LoadThresholds, Policy
 from mqpolicy.engine import RuntimeState, make_plan, store_key
 from mqpolicy.hold_records import BrokenRecord, HeldSpend, HoldRecord, RecordSet, RecordState
@@ -194,9 +193,10 @@ def lane_release_check(lane: Lane, pass_interval_ms: int) -> BudgetCheck | None:
     rate = lane.release_rate
     if rate is None:
         return None
-    burst = lane.release_burst or max(1, math.floor(pass_interval_ms / rate.interval_ms))
-    key = f"release:{lane.name}:{rate.count}/{rate.period_ms}/{burst}"
-    return BudgetCheck(key, rate.interval_ms, burst, 1, True, True)
+    burst = lane.release_burst or max(1, pass_interval_ms * rate.count // rate.period_ms)
+    burst = min(burst, largest_burst(rate.count, rate.period_ms))
+    key = f"release:{lane.name}:{rate.count}/{rate.period_ms}/{burst}/{BUCKET_VERSION}"
+    return budget_check(key, rate.count, rate.period_ms, burst, 1, True, True)
 
 
 def release_checks(
@@ -255,7 +255,7 @@ def held_spend_checks(policy: Policy, spends: Iterable[HeldSpend]) -> Iterator[B
         limit = policy.limits_by_name.get(spend.limit)
         if limit is None or limit.recipient_keyed:
             continue
-        yield BudgetCheck(store_key(limit, spend.key), limit.interval_ms, limit.burst,
+        yield BudgetCheck(store_key(limit, spend.key), limit.refill, limit.unit, limit.burst,
                           spend.cost, True, limit.blocking)
 
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mqpolicy.budget import BudgetCheck
+from mqpolicy.budget import budget_check
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.mx_rollup import (
     DestinationMatcher,
@@ -201,7 +201,7 @@ def test_rolled_up_domains_share_one_budget(dns_server: FakeDnsServer, clock: Fa
         allowed = []
         for domain in ["gmail.test", "gmail.test", "company.test", "own.test"]:
             destination = await resolver.destination_of(domain, GROUPS)
-            check = BudgetCheck(key=f"dest:{destination}", interval_ms=60_000, burst=2, cost=1)
+            check = budget_check(f"dest:{destination}", 1, 60_000, 2, 1)
             evaluation = await store.evaluate([check], now_ms=1_000)
             allowed.append(evaluation.results[0].allowed)
         return allowed
