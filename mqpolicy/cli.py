@@ -264,7 +264,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
                  with_scheduler: bool = False) -> int:
     loop = asyncio.get_running_loop()
     store = open_store(policy.store.url, timeout_ms=policy.store.timeout_ms,
-                       key_prefix=policy.store.key_prefix)
+                       key_prefix=policy.store.key_prefix, max_entries=policy.store.max_entries)
     service = DecisionService(policy, store, resolver=make_resolver(policy))
     backoff_store = open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
     records = _hold_records(policy)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mqpolicy.backoff import BackoffSettings
-from mqpolicy.budget import BUCKET_VERSION, bucket_scale, exactness_problem
+from mqpolicy.budget import BUCKET_VERSION, DEFAULT_ONCE_TTL_MS, bucket_scale, exactness_problem
 from mqpolicy.conditions import (
     ConditionError,
     Predicate,
@@ -294,6 +294,8 @@ class StoreSettings:
     timeout_ms: int = 50
     on_store_error: StoreErrorMode = StoreErrorMode.ACCEPT
     key_prefix: str = "mqpolicy:"
+    max_entries: int = 1_000_000  # memory://: buckets and once keys (memory_store)
+    once_ttl_ms: int = DEFAULT_ONCE_TTL_MS  # how long a message is remembered as counted
 
     @property
     def in_process(self) -> bool:
@@ -865,7 +867,8 @@ def _read_server(r: _Reader, top: Mapping[str, Any]) -> ServerSettings:
 
 
 def _read_store(r: _Reader, top: Mapping[str, Any]) -> StoreSettings:
-    m = r.mapping(top, "store", "store", {"url", "timeout_ms", "on_store_error", "key_prefix"})
+    m = r.mapping(top, "store", "store", {"url", "timeout_ms", "on_store_error", "key_prefix",
+                                          "max_entries", "once_ttl"})
     d = StoreSettings()
     if m is None:
         return d
@@ -875,6 +878,8 @@ def _read_store(r: _Reader, top: Mapping[str, Any]) -> StoreSettings:
         on_store_error=(r.optional(m, "on_store_error", "store", _store_error_mode)
                         or d.on_store_error),
         key_prefix=r.optional(m, "key_prefix", "store", _string) or d.key_prefix,
+        max_entries=r.optional(m, "max_entries", "store", _positive_int) or d.max_entries,
+        once_ttl_ms=r.optional(m, "once_ttl", "store", _positive_duration) or d.once_ttl_ms,
     )
 
 

@@ -47,7 +47,7 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-_EvaluateNow = Callable[[Sequence[BudgetCheck], int, str | None], Evaluation]
+_EvaluateNow = Callable[[Sequence[BudgetCheck], int, str | None, int], Evaluation]
 """``MemoryStore.evaluate_now``: a store's decision without I/O or coroutine."""
 
 
@@ -155,8 +155,12 @@ class DecisionService:
             evaluation = NO_LIMITS_EVALUATION
         else:
             store_started = perf_counter_ns()
-            evaluation = evaluate_now([p.check for p in plan.limits], self.clock_ms(),
-                                      plan.once_key)
+            try:
+                evaluation = evaluate_now([p.check for p in plan.limits], self.clock_ms(),
+                                          plan.once_key, policy.store.once_ttl_ms)
+            except StoreError as exc:  # the memory store at its bound, every entry in use
+                self._store_failed("store_errors", str(exc))
+                evaluation = None
             store_ns = perf_counter_ns() - store_started
         return self._verdict(plan, evaluation, policy, started, store_ns)
 
@@ -175,7 +179,8 @@ class DecisionService:
     async def _evaluate(self, plan: Plan, timeout_ms: int) -> Evaluation | None:
         checks = [p.check for p in plan.limits]
         try:
-            answer = self.store.evaluate(checks, self.clock_ms(), plan.once_key)
+            answer = self.store.evaluate(checks, self.clock_ms(), plan.once_key,
+                                         self.policy.store.once_ttl_ms)
             if not self._needs_deadline:  # the store keeps it, or answers without I/O
                 return await answer
             async with asyncio.timeout(timeout_ms / 1000):

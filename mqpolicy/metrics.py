@@ -56,11 +56,11 @@ import re
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from itertools import pairwise
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Final, NamedTuple, TypeAlias, cast
 from urllib.parse import urlsplit
 
 from mqpolicy import __version__
@@ -474,7 +474,22 @@ def register_decision_metrics(registry: MetricsRegistry, service: DecisionServic
 
 
 def register_store_metrics(registry: MetricsRegistry, store: CounterStore) -> None:
-    """Batching counters of stores that have them (Redis)."""
+    """Batching counters of stores that have them (Redis); entries and evictions of the
+    memory store."""
+    if hasattr(store, "evicted_full"):  # the memory store
+        registry.gauge("mqpolicy_memory_store_entries",
+                       "Buckets and once keys in the memory store (bound: store.max_entries)",
+                       lambda: len(cast("Sized", store)))
+        registry.counter("mqpolicy_memory_store_evictions_total",
+                         "Entries dropped to make room at store.max_entries, by kind: full "
+                         "(a bucket with no debt) or once (a message's counted-once mark)",
+                         lambda: {("full",): int(getattr(store, "evicted_full", 0)),
+                                  ("once",): int(getattr(store, "evicted_once", 0))},
+                         labels=("kind",))
+        registry.counter("mqpolicy_memory_store_refusals_total",
+                         "Decisions refused because every entry left was a budget in use "
+                         "(each limit followed its on_store_error)",
+                         lambda: int(getattr(store, "refused", 0)))
     if hasattr(store, "batches_sent"):
         registry.counter("mqpolicy_store_batches_total",
                          "Batches sent to the store (one script call each)",
