@@ -35,6 +35,7 @@ from mqpolicy.config import (
     Policy,
     StoreErrorMode,
 )
+from mqpolicy.limit_keys import escape_key_part, escape_surrogates
 from mqpolicy.request import (
     STAGE_END_OF_MESSAGE,
     STAGE_RCPT,
@@ -146,19 +147,27 @@ def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
 
 
 def store_key(limit: Limit, key: str) -> str:
-    """The store's logical key for one bucket of a limit (the store adds its prefix)."""
+    """The store's logical key for one bucket of a limit (the store adds its prefix):
+    ``key`` as :meth:`Limit.key_of` makes it (escaped, :mod:`mqpolicy.limit_keys`), or as
+    an operator types it (a lone surrogate, a raw byte, is escaped as the key's would be)."""
     if key.isascii() and len(key) <= _MAX_KEY_LENGTH:  # the usual key, as it is
         return limit.bucket_prefix + key
-    if not key.isascii():
-        key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if len(key) > _MAX_KEY_LENGTH:
-        key = "sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
-    return limit.bucket_prefix + key
+    return limit.bucket_prefix + bounded_key(escape_surrogates(key))
+
+
+def bounded_key(key: str) -> str:
+    """An escaped key of at most ``_MAX_KEY_LENGTH`` characters: a longer one becomes
+    ``%sha1:`` and its digest (an escaped key never has ``%s``: no other key looks so)."""
+    if len(key) <= _MAX_KEY_LENGTH:
+        return key
+    return "%sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
 
 
 def once_key_for(request: Request) -> str | None:
+    """The key that records a message as counted: its queue id (else the instance),
+    escaped as a key part (a queue id that is not UTF-8 is a valid Redis key too)."""
     key = request.message_key
-    return f"seen:{key}" if key else None
+    return f"seen:{bounded_key(escape_key_part(key))}" if key else None
 
 
 # ---------------------------------------------------------------- plan

@@ -340,6 +340,7 @@ class CoalescingStore:
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
     ) -> Evaluation:
         validate_decision(checks, now_ms, once_ttl_ms)
+        validate_key_text(checks, once_key)
         if self._closed:
             raise StoreError("redis store is closed")
         if not checks and once_key is None:
@@ -556,6 +557,20 @@ class RedisStore(CoalescingStore):
         if await self._close_queue():
             with contextlib.suppress(*_ERRORS):
                 await self._client.aclose()
+
+
+def validate_key_text(checks: Sequence[BudgetCheck], once_key: str | None) -> None:
+    """ValueError for a key that is not text Redis can be sent (a lone surrogate, which
+    hiredis cannot encode to UTF-8 and which would fail the whole batch): raised to the one
+    caller before its decision joins a batch. The engine's keys never have one
+    (:mod:`mqpolicy.limit_keys` escapes them)."""
+    for key in (once_key, *(c.key for c in checks)):
+        if key is not None and not key.isascii():
+            try:
+                key.encode()
+            except UnicodeEncodeError:
+                raise ValueError(f"store key {key!r} is not valid text (escape it first: "
+                                 "mqpolicy.limit_keys.escape_key_part)") from None
 
 
 def encode_batch(
