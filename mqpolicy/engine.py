@@ -35,7 +35,7 @@ from mqpolicy.config import (
     Policy,
     StoreErrorMode,
 )
-from mqpolicy.limit_keys import escape_key_part, escape_surrogates
+from mqpolicy.limit_keys import escape_key_part, escape_surrogates, readable_key
 from mqpolicy.request import (
     STAGE_END_OF_MESSAGE,
     STAGE_RCPT,
@@ -282,7 +282,7 @@ def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: in
     retry = "later" if retry_ms == NEVER else str(max(1, -(-retry_ms // 1000)))
     return template.format(
         limit=limit.name if limit else "",
-        key=key,
+        key=readable_key(key),
         rate=limit.rate_text if limit else "",
         retry_after=retry,
         remaining=remaining,

@@ -63,6 +63,18 @@ def escape_surrogates(text: str) -> str:
     return _SURROGATE.sub(_escape, text)
 
 
+_READABLE = re.compile("%(25|7c)")
+
+
+def readable_key(key: str) -> str:
+    """A key as a client reads it in a reply (``{key}``): ``%`` and ``|`` inside its parts
+    as they were (a lone surrogate stays escaped). Not unambiguous: logs, ``explain`` and
+    ``counters`` show the key itself."""
+    if "%" not in key:
+        return key
+    return _READABLE.sub(lambda m: "%" if m.group(1) == "25" else "|", key)
+
+
 def join_key_parts(parts: Sequence[str]) -> str:
     """One key text for a tuple of one or more parts (see the module docstring)."""
     return "|".join(map(escape_key_part, parts))

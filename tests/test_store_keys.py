@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +16,6 @@ from mqpolicy.config import Policy, parse_policy
 from mqpolicy.decisions import DecisionService
 from mqpolicy.engine import Action, Verdict, once_key_for, store_key
 from mqpolicy.limit_keys import escape_key_part, join_key_parts
-from mqpolicy.memory_store import MemoryStore
 from mqpolicy.redis_store import RedisStore
 from mqpolicy.request import Request
 from tests.redis_fixture import RedisServer
@@ -79,14 +77,6 @@ def test_long_keys_are_hashed_into_a_form_no_short_key_has() -> None:
 StoreFactory = Callable[[], CounterStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_factory(request: pytest.FixtureRequest) -> StoreFactory:
-    if request.param == "memory":
-        return MemoryStore
-    server: RedisServer = request.getfixturevalue("redis_clean")
-    return lambda: RedisStore(server.unix_url, timeout_ms=5000)
-
-
 def policy_with(key: str) -> Policy:
     return parse_policy(f"""\
 store: {{timeout_ms: 5000}}
@@ -113,10 +103,10 @@ def rcpt(sender: str, recipient: str) -> Request:
                                            "recipient": recipient, "instance": "i1"})
 
 
-def test_parts_holding_the_separator_do_not_share_a_bucket(store_factory: StoreFactory) -> None:
+def test_parts_holding_the_separator_do_not_share_a_bucket(each_store: StoreFactory) -> None:
     """(alice@ex.com|victim.org, target.net) and (alice@ex.com, victim.org|target.net) were
     one bucket: the first spent the second's budget."""
-    verdicts = decide(policy_with("[sender, recipient_domain]"), store_factory(), [
+    verdicts = decide(policy_with("[sender, recipient_domain]"), each_store(), [
         rcpt("alice@ex.com|victim.org", "x@target.net"),
         rcpt("alice@ex.com", "x@victim.org|target.net"),
         rcpt("alice@ex.com", "y@victim.org|target.net"),
@@ -124,10 +114,12 @@ def test_parts_holding_the_separator_do_not_share_a_bucket(store_factory: StoreF
     assert [v.action for v in verdicts] == [Action.ACCEPT, Action.ACCEPT, Action.DEFER]
     assert verdicts[0].limits[0].key == "alice@ex.com%7cvictim.org|target.net"
     assert verdicts[1].limits[0].key == "alice@ex.com|victim.org%7ctarget.net"
+    # logs, explain and counters show the key itself; the client's reply reads as sent
+    assert "for alice@ex.com|victim.org|target.net," in verdicts[2].text
 
 
 def test_a_raw_byte_and_its_printed_form_do_not_share_a_bucket(
-        store_factory: StoreFactory) -> None:
+        each_store: StoreFactory) -> None:
     """A sender holding the byte 0xff (kept by the codecs as the lone surrogate \\udcff)
     and one holding the four characters \\xff were one bucket."""
     raw = b"a\xff@x.example".decode("utf-8", "surrogateescape")
@@ -136,7 +128,7 @@ def test_a_raw_byte_and_its_printed_form_do_not_share_a_bucket(
         return Request.from_policy_attributes({
             "protocol_state": "END-OF-MESSAGE", "sender": sender, "queue_id": queue_id})
 
-    verdicts = decide(policy_with("sender"), store_factory(), [
+    verdicts = decide(policy_with("sender"), each_store(), [
         eom(raw, "Q1"), eom("a\\xff@x.example", "Q2"), eom(raw, "Q3")])
     assert [v.action for v in verdicts] == [Action.ACCEPT, Action.ACCEPT, Action.DEFER]
     assert verdicts[0].limits[0].key == "a%udcff@x.example"
