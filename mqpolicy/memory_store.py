@@ -357,8 +357,7 @@ class MemoryStore:
     def _sweep(self, now_ms: int) -> int:
         """Look at the ``_SWEEP_BATCH`` buckets looked at longest ago: drop those full
         again ``CLOCK_STEP_ALLOWANCE_MS`` before ``now_ms``, requeue the rest; drop once
-        keys expired at ``now_ms``, oldest first, up to the first alive (they share one
-        lifetime, ``store.once_ttl``). Returns how many were dropped."""
+        keys expired at ``now_ms``. Returns how many were dropped."""
         buckets, line = self._buckets, self._bucket_line
         horizon = now_ms - CLOCK_STEP_ALLOWANCE_MS
         dropped = 0
@@ -372,13 +371,19 @@ class MemoryStore:
             else:
                 del buckets[key]
                 dropped += 1
+        return dropped + self._drop_expired_once(now_ms, _SWEEP_BATCH)
+
+    def _drop_expired_once(self, now_ms: int, most: int) -> int:
+        """Drop once keys expired at ``now_ms``, oldest first, up to the first alive (they
+        share one lifetime, ``store.once_ttl``) and at most ``most``; how many."""
         once, line = self._once, self._once_line
-        for _ in range(min(_SWEEP_BATCH, len(line))):  # oldest first: one lifetime for all
+        dropped = 0
+        while dropped < most and line:
             expiry = once.get(line[0])
             if expiry is not None and expiry > now_ms:
                 break
             key = line.popleft()
-            if expiry is not None:
+            if expiry is not None:  # None: reset meanwhile
                 del once[key]
                 dropped += 1
         return dropped
@@ -390,14 +395,8 @@ class MemoryStore:
         buckets, once = self._buckets, self._once
         bucket_line, once_line = self._bucket_line, self._once_line
         free = self.max_entries - len(buckets) - len(once)
-        while free < needed and once_line:  # expired once keys
-            expiry = once.get(once_line[0])
-            if expiry is not None and expiry > now_ms:
-                break
-            key = once_line.popleft()
-            if expiry is not None:
-                del once[key]
-                free += 1
+        if free < needed:
+            free += self._drop_expired_once(now_ms, needed - free)
         probes = min(len(bucket_line), max(_EVICT_PROBE, 2 * needed))
         while free < needed and probes > 0:  # buckets full at now_ms
             key = bucket_line.popleft()

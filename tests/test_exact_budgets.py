@@ -46,14 +46,6 @@ T0 = 1_760_000_000_123  # an epoch-ms time of day: ulp(T0) as a double is 0.24 m
 StoreFactory = Callable[[], CounterStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_factory(request: pytest.FixtureRequest) -> StoreFactory:
-    if request.param == "memory":
-        return MemoryStore
-    server: RedisServer = request.getfixturevalue("redis_clean")
-    return lambda: RedisStore(server.unix_url, timeout_ms=5000)
-
-
 def policy_with(limit: str, store: str = "") -> Policy:
     return parse_policy(f"""\
 store: {{timeout_ms: 5000{store}}}
@@ -109,11 +101,11 @@ def decide_all(policy: Policy, store: CounterStore, clock: Clock,
     ("rate: 3/1s, burst: 7", 7),
     ("rate: 50/1h", 50),
 ])
-def test_a_budget_of_n_admits_exactly_n_at_one_instant(store_factory: StoreFactory,
+def test_a_budget_of_n_admits_exactly_n_at_one_instant(each_store: StoreFactory,
                                                         limit: str, size: int) -> None:
     """All in the same millisecond: the first N pass, the next one is deferred."""
     clock = Clock()
-    verdicts = decide_all(policy_with(limit), store_factory(), clock,
+    verdicts = decide_all(policy_with(limit), each_store(), clock,
                           ((T0, message(i)) for i in range(size + 1)))
     actions = [v.action for v in verdicts]
     assert actions == [Action.ACCEPT] * size + [Action.DEFER]
@@ -146,7 +138,7 @@ def test_spending_one_unit_at_a_time_reaches_exactly_the_burst(
                                      key_prefix="grid:"))) == []
 
 
-def test_a_day_of_1000000000_per_day_refills_exactly(store_factory: StoreFactory) -> None:
+def test_a_day_of_1000000000_per_day_refills_exactly(each_store: StoreFactory) -> None:
     """Bytes at 1000000000/1d: after k ms a message of exactly floor(k * 10**9 / 86400000)
     bytes fits and one byte more does not (the float arithmetic drifted by 0.03 %)."""
     clock = Clock()
@@ -159,7 +151,7 @@ def test_a_day_of_1000000000_per_day_refills_exactly(store_factory: StoreFactory
         steps += [(spent + k, message(1, size=fits, stage="RCPT")),
                   (spent + k, message(2, size=fits + 1, stage="RCPT"))]
     steps.append((spent + DAY, message(3, size=1_000_000_000)))  # a whole day: all of it
-    verdicts = decide_all(policy, store_factory(), clock, iter(steps))
+    verdicts = decide_all(policy, each_store(), clock, iter(steps))
     assert verdicts[0].action is Action.ACCEPT
     assert verdicts[-1].action is Action.ACCEPT
     pairs = zip(verdicts[1:-1:2], verdicts[2:-1:2], strict=True)
@@ -172,7 +164,7 @@ def test_a_day_of_1000000000_per_day_refills_exactly(store_factory: StoreFactory
 
 
 def test_spending_what_came_back_neither_drifts_nor_overspends(
-        store_factory: StoreFactory) -> None:
+        each_store: StoreFactory) -> None:
     """Bytes at 1000000000/1d: the burst spent at T, then every 7 ms what came back (asked
     at RCPT, spent at END-OF-MESSAGE), 3,000 times: exactly the burst plus 21 s of the rate
     in all (the float arithmetic rounded at every spend: 4 bytes too many here, 0.03 % a day
@@ -182,7 +174,7 @@ def test_spending_what_came_back_neither_drifts_nor_overspends(
     spent = []
 
     async def go() -> None:
-        service = DecisionService(policy, store_factory(), clock_ms=clock)
+        service = DecisionService(policy, each_store(), clock_ms=clock)
         try:
             verdict = await service.decide(message(0, size=1_000_000_000))
             assert verdict.action is Action.ACCEPT
@@ -202,12 +194,12 @@ def test_spending_what_came_back_neither_drifts_nor_overspends(
     assert sum(spent) == 1_000_000_000 + 21_000 * 1_000_000_000 // DAY
 
 
-def test_retry_after_is_the_exact_first_millisecond(store_factory: StoreFactory) -> None:
+def test_retry_after_is_the_exact_first_millisecond(each_store: StoreFactory) -> None:
     """6/1s spent: the 7th fits after ceil(1000/6) = 167 ms; not a ms before."""
     clock = Clock()
     steps = [(T0, message(i)) for i in range(7)]
     steps += [(T0 + 166, message(7)), (T0 + 167, message(8)), (T0 + 167, message(9))]
-    verdicts = decide_all(policy_with("rate: 6/1s"), store_factory(), clock, iter(steps))
+    verdicts = decide_all(policy_with("rate: 6/1s"), each_store(), clock, iter(steps))
     assert [v.action for v in verdicts] == [Action.ACCEPT] * 6 + [Action.DEFER] * 2 + [
         Action.ACCEPT, Action.DEFER]
     assert verdicts[6].retry_after_ms == 167
@@ -219,7 +211,7 @@ def test_retry_after_is_the_exact_first_millisecond(store_factory: StoreFactory)
 
 
 def test_a_clock_that_steps_back_refills_nothing_and_takes_nothing(
-        store_factory: StoreFactory) -> None:
+        each_store: StoreFactory) -> None:
     """5/1h: 2 spent at T; at T - 30 min (NTP stepped back) 3 are left, not 0.5 and not 5;
     nothing comes back until the clock passes T again, then 1 each 12 minutes."""
     clock = Clock()
@@ -227,14 +219,14 @@ def test_a_clock_that_steps_back_refills_nothing_and_takes_nothing(
     steps = [(T0, message(0)), (T0, message(1)),
              (back, message(2)), (back, message(3)), (back, message(4)), (back, message(5)),
              (T0 + 12 * 60_000 - 1, message(6)), (T0 + 12 * 60_000, message(7))]
-    verdicts = decide_all(policy_with("rate: 5/1h"), store_factory(), clock, iter(steps))
+    verdicts = decide_all(policy_with("rate: 5/1h"), each_store(), clock, iter(steps))
     assert [v.action for v in verdicts] == [Action.ACCEPT] * 5 + [Action.DEFER] * 2 + [
         Action.ACCEPT]
     assert verdicts[4].limits[0].remaining == 0
     assert verdicts[5].retry_after_ms == T0 + 12 * 60_000 - back  # the clock must pass T
 
 
-def test_a_step_back_after_a_step_forward_finds_the_debt(store_factory: StoreFactory) -> None:
+def test_a_step_back_after_a_step_forward_finds_the_debt(each_store: StoreFactory) -> None:
     """5/1h spent at T; the clock jumps to T + 2 h (other senders decided there), then back
     to T + 1 s where more senders write: the spent budget is still spent (the memory store
     swept against the highest time it had seen and gave all 5 back; Redis never did)."""
@@ -243,7 +235,7 @@ def test_a_step_back_after_a_step_forward_finds_the_debt(store_factory: StoreFac
     steps.append((T0 + 2 * HOUR, message(5, sender="other@example.com")))
     steps += [(T0 + 1000, message(10 + i, sender=f"o{i}@example.com")) for i in range(40)]
     steps += [(T0 + 1000, message(100 + i)) for i in range(5)]
-    verdicts = decide_all(policy_with("rate: 5/1h"), store_factory(), clock, iter(steps))
+    verdicts = decide_all(policy_with("rate: 5/1h"), each_store(), clock, iter(steps))
     assert [v.action for v in verdicts[:5]] == [Action.ACCEPT] * 5
     assert [v.action for v in verdicts[-5:]] == [Action.DEFER] * 5
 
