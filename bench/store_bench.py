@@ -67,10 +67,14 @@ def redis_server() -> Iterator[tuple[str, str]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+SENDER = budget_check("", 1_000_000, HOUR, 1_000_000, 1)  # 1M/1h, as a limit holds it
+CLIENT = budget_check("", 10_000_000, HOUR, 10_000_000, 1)
+
+
 def decision(i: int) -> tuple[list[BudgetCheck], str]:
     checks = [
-        budget_check(f"rl:sender:s{i % 1000}", 1_000_000, HOUR, 1_000_000, 1),
-        budget_check(f"rl:client:c{i % 100}", 10_000_000, HOUR, 10_000_000, 1),
+        BudgetCheck(f"rl:sender:s{i % 1000}", SENDER.refill, SENDER.unit, SENDER.burst, 1),
+        BudgetCheck(f"rl:client:c{i % 100}", CLIENT.refill, CLIENT.unit, CLIENT.burst, 1),
     ]
     return checks, f"once:{i}"
 

@@ -18,7 +18,8 @@ A rate of ``count`` units every ``period_ms`` is reduced by ``g = gcd(count, per
 ``unit = p * k`` tokens and ``refill = n * k`` tokens come back every ms (``k`` is a
 precision factor, see :func:`bucket_scale`; it changes nothing but the size of the numbers).
 A bucket holds ``burst * unit`` tokens when full. It is stored as two integers: its *debt*
-``D`` (tokens missing from full) at the time ``t`` (ms); no stored key means a full bucket.
+``D`` (tokens missing from full) at the time ``t`` (ms) (:func:`format_bucket`); no stored
+key means a full bucket.
 At ``now`` the debt is ``max(0, D - refill * (now - t))`` and the bucket's time becomes
 ``max(t, now)``:
 
@@ -49,6 +50,7 @@ dataclasses, which matters at thousands of decisions per second.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
@@ -246,18 +248,22 @@ def slowed_unit(unit: int, burst: int, factor: float) -> tuple[int, int]:
 # ---------------------------------------------------------------- stored form
 
 
-def format_bucket(debt: int, at_ms: int) -> str:
-    """A bucket's stored value: ``"<debt> <at_ms>"`` (what ``lua/gcra_batch.lua`` writes)."""
-    return f"{debt} {at_ms}"
+_STORED = struct.Struct("<dd")
+"""A bucket as ``lua/gcra_batch.lua`` stores it in Redis: its debt and its time, two
+little-endian doubles (``struct.pack('<dd', ...)`` in Redis' Lua), integers both."""
+
+
+def format_bucket(debt: int, at_ms: int) -> bytes:
+    """A bucket's stored value, as ``lua/gcra_batch.lua`` writes it."""
+    return _STORED.pack(debt, at_ms)
 
 
 def parse_bucket(value: bytes | str) -> tuple[int, int]:
     """``(debt, at_ms)`` of a stored value; ``(0, 0)`` for one that is not a bucket (a once
     key's ``1``)."""
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    debt, space, at = text.partition(" ")
-    if not space or not debt.isdigit() or not at.isdigit():
+    if not isinstance(value, bytes) or len(value) != _STORED.size:
         return 0, 0
+    debt, at = _STORED.unpack(value)
     return int(debt), int(at)
 
 

@@ -101,11 +101,17 @@ def validate_decision(checks: Sequence[BudgetCheck], now_ms: int, once_ttl_ms: i
         raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
     if type(once_ttl_ms) is not int or not 0 < once_ttl_ms < TIME_LIMIT:
         raise ValueError(f"once_ttl_ms must be a positive integer below 2**53: {once_ttl_ms!r}")
-    for check in checks:
-        _validate_check(check)
+    for check in checks:  # the test of evaluate_now, for every decision sent to Redis
+        _, refill, unit, burst, cost, _, _ = check
+        if (type(refill) is not int or type(unit) is not int or type(burst) is not int
+                or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
+                or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
+                or not 0 <= cost < TIME_LIMIT):
+            _validate_check(check)  # says what is wrong
 
 
 def _validate_check(check: BudgetCheck) -> None:
+    """Raise ValueError saying what is wrong with a check that failed the fast test."""
     _, refill, unit, burst, cost, _, _ = check
     if not all(type(x) is int for x in (refill, unit, burst, cost)):
         raise ValueError(f"refill, unit, burst and cost must be integers: {check!r}")

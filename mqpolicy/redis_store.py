@@ -564,13 +564,19 @@ def validate_key_text(checks: Sequence[BudgetCheck], once_key: str | None) -> No
     hiredis cannot encode to UTF-8 and which would fail the whole batch): raised to the one
     caller before its decision joins a batch. The engine's keys never have one
     (:mod:`mqpolicy.limit_keys` escapes them)."""
-    for key in (once_key, *(c.key for c in checks)):
-        if key is not None and not key.isascii():
-            try:
-                key.encode()
-            except UnicodeEncodeError:
-                raise ValueError(f"store key {key!r} is not valid text (escape it first: "
-                                 "mqpolicy.limit_keys.escape_key_part)") from None
+    for check in checks:
+        if not check.key.isascii():
+            _encodable(check.key)
+    if once_key is not None and not once_key.isascii():
+        _encodable(once_key)
+
+
+def _encodable(key: str) -> None:
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"store key {key!r} is not valid text (escape it first: "
+                         "mqpolicy.limit_keys.escape_key_part)") from None
 
 
 def encode_batch(

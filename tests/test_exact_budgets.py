@@ -27,6 +27,7 @@ from mqpolicy.budget import (
     CounterStore,
     Evaluation,
     exactness_problem,
+    format_bucket,
     largest_burst,
     reduced_rate,
 )
@@ -287,6 +288,24 @@ def test_the_largest_burst_is_accepted_and_exact(redis_server: RedisServer) -> N
 
     asyncio.run(go(MemoryStore()))
     asyncio.run(go(RedisStore(redis_server.unix_url, timeout_ms=5000, key_prefix="edge:")))
+
+
+def test_redis_stores_a_bucket_as_its_debt_and_its_time(redis_clean: RedisServer) -> None:
+    """Two integers, exact: the debt in tokens and the bucket's time (two doubles)."""
+    check = RateCheck("k", 6, 1000, 6, 2).for_store()
+
+    async def go() -> None:
+        store = RedisStore(redis_clean.unix_url, timeout_ms=5000)
+        try:
+            await store.evaluate([check], T0)
+            (state,) = await store.inspect(["k"], T0)
+            assert state is not None and (state.debt, state.at_ms) == (2 * check.unit, T0)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    with redis_clean.client() as client:
+        assert client.get("mqpolicy:k") == format_bucket(2 * check.unit, T0)
 
 
 # ------------------------------------------------------------------ the oracle, at random

@@ -35,12 +35,13 @@ then, R times:
 Returns: an array of R arrays, each of n integers: the free units of each reported bucket
 after the refund, counted at now = max(spent_ms, TIME) (budget.free_units).
 
-Writes: each bucket given back is SET to "<debt> <at_ms>" with PX as gcra_batch.lua sets
+Writes: each bucket given back is SET to its debt and time ('<dd') with PX as gcra_batch.lua sets
 it, or deleted when its debt is 0 (a full bucket); the once key is deleted.
 ]]
 
 local floor, fmod = math.floor, math.fmod
-local format, match = string.format, string.match
+local format = string.format
+local pack, unpack = struct.pack, struct.unpack
 
 local function div_floor(a, b)
   return (a - fmod(a, b)) / b
@@ -60,12 +61,10 @@ local function stored(key)
   if not value then
     return nil
   end
-  local debt, at = match(value, '^(%d+) (%d+)$')
-  debt, at = tonumber(debt), tonumber(at)
-  if debt == nil or at == nil then
+  if #value ~= 16 then
     return nil
   end
-  return debt, at
+  return unpack('<dd', value)
 end
 
 -- budget.debt_at with the elapsed time capped (gcra_batch.lua's bucket_at)
@@ -120,7 +119,7 @@ for r = 1, tonumber(ARGV[1]) do
         debt = debt_at(debt, at, time, refill) - give
         if debt > 0 then
           local ttl = (time - now) + div_ceil(debt, refill) + allowance
-          redis.call('SET', key, format('%.0f %.0f', debt, time), 'PX', format('%.0f', ttl))
+          redis.call('SET', key, pack('<dd', debt, time), 'PX', format('%.0f', ttl))
         else
           redis.call('DEL', key)
         end
