@@ -21,25 +21,30 @@ and the arithmetic):
 
 Entries, and what bounds them
 -----------------------------
-A bucket is one ``int`` packing its debt, its time and the time it is full again (about
-190 bytes an entry with its key; ``bench/memory_store_size.py``); a once key is its expiry.
-Both follow the callers' clock (``now_ms``) and nothing else:
+A bucket is one ``int`` packing its debt, its time and the time it is full again; a once
+key is its expiry; both live in plain dicts, each with a deque of its keys as the sweep's
+line (183 bytes an entry with its key, where an ``OrderedDict`` of tuples took 305:
+``bench/memory_store_size.py``). Both follow the callers' clock (``now_ms``) and nothing
+else:
 
 * a bounded round-robin sweep (``_SWEEP_BATCH`` entries every ``_SWEEP_EVERY`` writes,
   every ``_SWEEP_EVERY_IDLE`` writes after a slice that found nothing to drop) drops
   buckets full again :data:`~mqpolicy.budget.CLOCK_STEP_ALLOWANCE_MS` before the caller's
-  ``now_ms`` (as Redis expires its keys) and once keys past their expiry, so keys nobody
-  reads again do not pile up; an entry that carries debt at the caller's time is never
-  dropped, so a clock that steps back (even after a step forward) finds every debt it left;
+  ``now_ms`` (as Redis expires its keys by its own clock) and once keys past their expiry,
+  so keys nobody reads again do not pile up. An entry that carries debt at the caller's
+  time is never dropped: a clock that steps back finds every debt it left, and so does one
+  that steps back after a step forward of up to the allowance (further forward, a bucket
+  full at that time may be dropped, and is found full after the step back);
 * ``max_entries`` bounds buckets and once keys together. A decision that needs new entries
-  in a full store makes room without ever raising a budget: first buckets that are full at
-  its ``now_ms`` (no debt: the same as absent) among the ``_EVICT_PROBE`` looked at
-  longest ago (after expired once keys), then live once keys, oldest first (a duplicate of
-  such a message would be counted again: spent twice, never let through). When every entry
+  in a full store makes room without ever raising a budget: expired once keys, then
+  buckets full at its ``now_ms`` (no debt: the same as absent) among the ``_EVICT_PROBE``
+  looked at longest ago, then, when they are enough, live once keys, oldest first (such a
+  message seen again is counted again: spent twice, never let through). When every entry
   left is a bucket in debt, the decision is refused with a :class:`StoreError` ("memory
   store full") and each limit follows its ``on_store_error``, as with a Redis at its
-  ``maxmemory``. ``evicted_full``, ``evicted_once`` and ``refused`` count each; the first
-  eviction of once keys and the first refusal of a burst are logged.
+  ``maxmemory`` (the decision service counts and logs it as a store error).
+  ``evicted_full``, ``evicted_once`` and ``refused`` count each (metrics
+  ``mqpolicy_memory_store_*``); the first once-key eviction of a burst is logged.
 
 Every call holds the store's lock for its whole (synchronous) work, so each is atomic for
 callers on the event loop and on other threads alike; :meth:`MemoryStore.evaluate_now` is
