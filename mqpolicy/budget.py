@@ -189,11 +189,12 @@ def largest_burst(count: int, period_ms: int) -> int:
     return EXACT_LIMIT // reduced_rate(count, period_ms)[1]
 
 
-def exactness_problem(count: int, period_ms: int, burst: int) -> str | None:
+def exactness_problem(count: int, period_ms: int, burst: int,
+                      rate_text: str | None = None) -> str | None:
     """Why ``count`` units every ``period_ms`` with ``burst`` cannot be counted exactly
-    (what ``mqpolicy check`` says), or None when it can."""
+    (what ``mqpolicy check`` says, the rate written ``rate_text``), or None when it can."""
     n, p = reduced_rate(count, period_ms)
-    rate = f"{count}/{period_ms}ms"
+    rate = rate_text or f"{count}/{period_ms}ms"
     if n > EXACT_LIMIT:
         return (f"rate {rate} is too fine to count exactly: its count over "
                 f"gcd(count, period in ms) is {n}, at most {EXACT_LIMIT} is allowed "

@@ -1323,7 +1323,7 @@ def _read_budget(r: _Reader, container: Any, i: int, m: Mapping[str, Any], path:
         on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", _store_error_mode)
     if rate is None or on_error is None:
         return None
-    inexact = exactness_problem(rate.count, rate.period_ms, burst or rate.count)
+    inexact = exactness_problem(rate.count, rate.period_ms, burst or rate.count, str(rate))
     if inexact is not None:
         r.error(m, "burst" if burst else "rate", path, inexact)
         return None
@@ -1359,9 +1359,9 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
         release_rate, release_burst = opt("release_rate", parse_rate), opt("release_burst",
                                                                            _positive_int)
         inexact = release_rate and release_burst and exactness_problem(
-            release_rate.count, release_rate.period_ms, release_burst)
+            release_rate.count, release_rate.period_ms, release_burst, str(release_rate))
         if inexact:
-            r.error(m, "release_burst", path, inexact)
+            r.error(m, "release_burst", path, f"lane {name}'s release budget: {inexact}")
             release_burst = None
         yield Lane(
             name=name,

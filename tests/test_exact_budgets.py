@@ -14,6 +14,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -39,6 +40,7 @@ from mqpolicy.redis_store import RedisStore
 from mqpolicy.request import Request
 from tests.budget_oracle import Oracle, RateCheck
 from tests.redis_fixture import RedisServer
+from tests.test_cli import mq
 
 HOUR = 3_600_000
 DAY = 24 * HOUR
@@ -264,6 +266,34 @@ limits:
     message_text = str(caught.value)
     assert "limits[weekly]" in message_text
     assert f"the largest burst for this rate is {largest}" in message_text
+
+
+def test_mqpolicy_check_lists_every_budget_it_cannot_count(tmp_path: Path) -> None:
+    """The command exits 1 and says, with each one's line, which limit, destination or
+    lane release budget cannot be counted exactly and the largest burst that could."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("""\
+lanes:
+  - {name: normal}
+  - {name: bulk, release_rate: 7/1w, release_burst: 100000000}
+default_lane: normal
+limits:
+  - {name: weekly, key: sender, rate: 7/1w, burst: 2000000000}
+  - {name: fine, key: sender, rate: 1000000000/1d, burst: 1000000}
+destinations:
+  - {name: big, domains: [big.example], rate: 999983/1w, burst: 100000000}
+""")
+    result = mq("check", "-c", str(path))
+    assert result.returncode == 1, result.stdout
+    lines = result.stdout.splitlines()
+    assert any(f"{path}:3: lanes[1]: lane bulk's release budget:" in line
+               and "largest burst for this rate is 52124995" in line for line in lines)
+    assert any(f"{path}:6: limits[weekly]:" in line and "burst 2000000000" in line
+               and "largest burst for this rate is 52124995" in line for line in lines)
+    assert any(f"{path}:9: destinations[big]:" in line
+               and "largest burst for this rate is 7446427" in line for line in lines)
+    assert "3 error(s)" in result.stdout
+    assert "fine" not in result.stdout
 
 
 def test_the_largest_burst_is_accepted_and_exact(redis_server: RedisServer) -> None:

@@ -4,8 +4,8 @@ gcra_batch.lua: evaluate a batch of independent rate decisions in one atomic cal
 Arithmetic: exactly mqpolicy.budget's (see that module's docstring): a bucket is its debt in
 scaled tokens at its own time, stored as struct.pack('<dd', debt, at_ms) (two little-endian
 doubles, 16 bytes: a quarter cheaper to read and write than text, and as exact); every
-number is an integer below 2^53 (the
-checks are validated before they are sent), so every double here is exact. Products are
+number is an integer below 2^53 (the checks are validated before they are sent), so every
+double here is exact. Products are
 formed only where they cannot pass the debt or the capacity (the refill's elapsed time is
 capped at the time to refill the debt); divisions are exact integer divisions (fmod).
 Rules: exactly mqpolicy.memory_store.MemoryStore.evaluate (see that module's docstring):
