@@ -59,6 +59,10 @@ The guarantee
   whole again that much later. (This assumes the callers' clocks agree with Redis', as key
   expiry already does: a caller clock ahead of Redis' by *s* ms could get up to *s* ms of
   budget back too many.)
+* A give-back leaves each bucket it touched counted up to the decision's time, as a spend
+  of nothing there would (one Redis writes nothing for such a decision): the same as long
+  as the callers' clock moves forward; a clock that then steps back finds that bucket as
+  it was at the decision's time, refilled up to then (never more than it held then).
 * When the give-back itself fails (store error, deadline, the process dies), those spends
   stay until the buckets refill by themselves: at most the decision's cost on each bucket,
   for at most cost x interval. ``refunds_failed`` counts it.

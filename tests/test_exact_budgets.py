@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -32,14 +34,19 @@ from mqpolicy.budget import (
     largest_burst,
     reduced_rate,
 )
+from mqpolicy.cluster_store import ClusterStore
 from mqpolicy.config import ConfigError, Policy, parse_policy
 from mqpolicy.decisions import DecisionService
 from mqpolicy.engine import Action, Verdict
 from mqpolicy.memory_store import MemoryStore
 from mqpolicy.redis_store import RedisStore
 from mqpolicy.request import Request
+from mqpolicy.sentinel_store import SentinelStore
 from tests.budget_oracle import Oracle, RateCheck
 from tests.redis_fixture import RedisServer
+
+if TYPE_CHECKING:
+    from tests.redis_ha_fixture import RedisClusterHarness, RedisSentinelHarness
 from tests.test_cli import mq
 
 HOUR = 3_600_000
@@ -373,20 +380,21 @@ def cost_for(draw: st.DrawFn, burst: int) -> int:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[list[tuple[int, list[RateCheck], str | None]], int]:
+def scenarios(draw: st.DrawFn, step_back: int = MAX_STEP_BACK,
+              ) -> tuple[list[tuple[int, list[RateCheck], str | None]], int]:
     """A few buckets, and decisions on them at times that move forward by any amount and
-    back by up to the allowance (below the highest time so far)."""
+    back by up to ``step_back`` (below the highest time so far)."""
     shapes = draw(st.lists(budgets(), min_size=1, max_size=3))
     start = draw(st.one_of(st.just(T0), st.integers(0, 1 << 52)))
     now = top = start
     decisions = []
     for i in range(draw(st.integers(1, 25))):
         step = draw(st.one_of(
-            st.just(0), st.integers(-3, 3), st.integers(-MAX_STEP_BACK, 0),
+            st.just(0), st.integers(-3, 3), st.integers(-step_back, 0),
             st.integers(0, 10**6), st.integers(0, 10**10),
             st.sampled_from([shape[1] for shape in shapes]),  # a whole period
         ))
-        now = min(max(now + step, top - MAX_STEP_BACK, 0), (1 << 53) - 1)
+        now = min(max(now + step, top - step_back, 0), (1 << 53) - 1)
         top = max(top, now)
         checks = []
         for _ in range(draw(st.integers(1, 3))):
@@ -437,6 +445,47 @@ def test_redis_answers_as_promised(
     prefix = f"ex{next(_examples)}:"  # one Redis for every example: keys of its own
     agree(RedisStore(redis_server.unix_url, timeout_ms=5000, key_prefix="oracle:"),
           scenario[0], prefix)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scenario=scenarios(step_back=0))
+def test_a_redis_cluster_answers_as_promised(
+        redis_cluster: RedisClusterHarness,
+        scenario: tuple[list[tuple[int, list[RateCheck], str | None]], int]) -> None:
+    """Every bucket and once key in a slot of its own: decisions split across masters,
+    refused ones given back in the buckets' integers, each answer the oracle's. The
+    callers' clock is kept ahead of Redis' and never steps back: a give-back assumes the
+    clocks agree, and leaves its buckets counted up to the decision's time (as a spend of
+    nothing would), which a clock that then steps back would see."""
+    decisions = scenario[0]
+    base = time.time_ns() // 1_000_000 + 2 * CLOCK_STEP_ALLOWANCE_MS - decisions[0][0]
+    assume(all(now + base < 1 << 53 for now, _, _ in decisions))
+    prefix = f"cl{next(_examples)}:"
+    agree(ClusterStore(redis_cluster.url, timeout_ms=5000, key_prefix="oracle:"),
+          [(now + base, checks, once) for now, checks, once in decisions], prefix)
+
+
+def test_a_sentinel_store_admits_exactly_n_at_one_instant(
+        redis_sentinel: RedisSentinelHarness) -> None:
+    """The store on the master a Sentinel names: the same script, the same exact budgets."""
+    shapes = [(6, 1000, 6), (7, HOUR, 7), (1_000_000_000, DAY, 10), (1000, 1, 1000)]
+
+    async def go() -> list[int]:
+        store = SentinelStore(redis_sentinel.url, timeout_ms=5000)
+        admitted = []
+        try:
+            now = time.time_ns() // 1_000_000
+            for i, (count, period, burst) in enumerate(shapes):
+                check = RateCheck(f"s{i}", count, period, burst, 1).for_store()
+                got = await asyncio.gather(*(store.evaluate([check], now)
+                                             for _ in range(burst + 1)))
+                admitted.append(sum(e.committed for e in got))
+        finally:
+            await store.close()
+        return admitted
+
+    assert asyncio.run(go()) == [6, 7, 10, 1000]
 
 
 def test_decisions_batched_together_answer_as_in_turn(redis_server: RedisServer) -> None:
