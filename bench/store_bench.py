@@ -39,7 +39,7 @@ from bench_processes import Processes, sigterm_as_interrupt, wait_accepting
 from redis.asyncio import Redis
 
 from mqpolicy.lab.postfix_instance import free_port
-from mqpolicy.store.budget import BudgetCheck
+from mqpolicy.store.budget import BudgetCheck, budget_check
 from mqpolicy.store.redis import RedisStore, _Pending, load_script
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")
@@ -67,10 +67,14 @@ def redis_server() -> Iterator[tuple[str, str]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+SENDER = budget_check("", 1_000_000, HOUR, 1_000_000, 1)  # 1M/1h, as a limit holds it
+CLIENT = budget_check("", 10_000_000, HOUR, 10_000_000, 1)
+
+
 def decision(i: int) -> tuple[list[BudgetCheck], str]:
     checks = [
-        BudgetCheck(f"rl:sender:s{i % 1000}", HOUR / 1_000_000, 1_000_000, 1),
-        BudgetCheck(f"rl:client:c{i % 100}", HOUR / 10_000_000, 10_000_000, 1),
+        BudgetCheck(f"rl:sender:s{i % 1000}", SENDER.refill, SENDER.unit, SENDER.burst, 1),
+        BudgetCheck(f"rl:client:c{i % 100}", CLIENT.refill, CLIENT.unit, CLIENT.burst, 1),
     ]
     return checks, f"once:{i}"
 

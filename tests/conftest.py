@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from mqpolicy.store.budget import CounterStore
+from mqpolicy.store.memory import MemoryStore
+from mqpolicy.store.redis import RedisStore
 
 pytest_plugins = ["tests.support.redis_fixture"]
 pytest_plugins += ["tests.support.postfix_fixture"]
@@ -40,3 +44,14 @@ def mqpolicy_logger_kept() -> Iterator[None]:
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+@pytest.fixture(params=["memory", "redis"])
+def each_store(request: pytest.FixtureRequest) -> Callable[[], CounterStore]:
+    """Makes a fresh counter store of each kind in turn: the memory store, and a Redis
+    store on the session's redis-server (flushed first) with a deadline of 5 s, for tests
+    about what a store answers rather than how fast."""
+    if request.param == "memory":
+        return MemoryStore
+    server = request.getfixturevalue("redis_clean")
+    return lambda: RedisStore(server.unix_url, timeout_ms=5000)

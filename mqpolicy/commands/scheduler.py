@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mqpolicy import __version__
 from mqpolicy.commands.exit_codes import EXIT_OK, EXIT_USAGE
-from mqpolicy.daemon.reload import reload_on_hangup, reload_policy
+from mqpolicy.commands.reload import reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
 from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver

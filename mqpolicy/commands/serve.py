@@ -19,7 +19,7 @@ from mqpolicy import __version__
 from mqpolicy.admin.operations import AdminOperations
 from mqpolicy.admin.server import AdminServer
 from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from mqpolicy.daemon.reload import reload_on_hangup, reload_policy
+from mqpolicy.commands.reload import reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
 from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
@@ -83,7 +83,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
                  with_scheduler: bool = False) -> int:
     loop = asyncio.get_running_loop()
     store = open_store(policy.store.url, timeout_ms=policy.store.timeout_ms,
-                       key_prefix=policy.store.key_prefix)
+                       key_prefix=policy.store.key_prefix, max_entries=policy.store.max_entries)
     service = DecisionService(policy, store, resolver=make_resolver(policy))
     backoff_store = open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
     records = _hold_records(policy)

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from mqpolicy.decision.engine import store_key
 from mqpolicy.policy.model import Limit
-from mqpolicy.store.budget import CounterStore, free_units
+from mqpolicy.store.budget import CounterStore
 
 __all__ = ["CounterRow", "counter_rows", "render_counter_rows", "reset_budgets"]
 
@@ -50,10 +50,10 @@ async def counter_rows(store: CounterStore, limits: Sequence[Limit], key: str | 
                     rows.append(CounterRow(limit.name, k[len(prefix):], limit.burst,
                                            limit.burst, None))
                 continue
-            tat = max(state.tat_ms, now_ms)
+            full_in_ms = state.full_at_ms(limit.refill, now_ms) - now_ms
             rows.append(CounterRow(limit.name, k[len(prefix):],
-                                   free_units(limit.rate.interval_ms, limit.burst, tat, now_ms),
-                                   limit.burst, math.ceil((tat - now_ms) / 1000)))
+                                   state.free_units(limit.refill, limit.unit, limit.burst, now_ms),
+                                   limit.burst, math.ceil(full_in_ms / 1000)))
     return rows
 
 

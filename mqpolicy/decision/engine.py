@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from mqpolicy.policy.backoff import scale_budget
+from mqpolicy.policy.keys import escape_key_part, escape_surrogates, readable_key
 from mqpolicy.policy.model import ActionKind, Count, Lane, Limit, Policy, StoreErrorMode
 from mqpolicy.policy.request import (
     STAGE_END_OF_MESSAGE,
@@ -139,19 +140,27 @@ def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
 
 
 def store_key(limit: Limit, key: str) -> str:
-    """The store's logical key for one bucket of a limit (the store adds its prefix)."""
+    """The store's logical key for one bucket of a limit (the store adds its prefix):
+    ``key`` as :meth:`Limit.key_of` makes it (escaped, :mod:`mqpolicy.policy.keys`), or as
+    an operator types it (a lone surrogate, a raw byte, is escaped as the key's would be)."""
     if key.isascii() and len(key) <= _MAX_KEY_LENGTH:  # the usual key, as it is
         return limit.bucket_prefix + key
-    if not key.isascii():
-        key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if len(key) > _MAX_KEY_LENGTH:
-        key = "sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
-    return limit.bucket_prefix + key
+    return limit.bucket_prefix + bounded_key(escape_surrogates(key))
+
+
+def bounded_key(key: str) -> str:
+    """An escaped key of at most ``_MAX_KEY_LENGTH`` characters: a longer one becomes
+    ``%sha1:`` and its digest (an escaped key never has ``%s``: no other key looks so)."""
+    if len(key) <= _MAX_KEY_LENGTH:
+        return key
+    return "%sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
 
 
 def once_key_for(request: Request) -> str | None:
+    """The key that records a message as counted: its queue id (else the instance),
+    escaped as a key part (a queue id that is not UTF-8 is a valid Redis key too)."""
     key = request.message_key
-    return f"seen:{key}" if key else None
+    return f"seen:{bounded_key(escape_key_part(key))}" if key else None
 
 
 # ---------------------------------------------------------------- plan
@@ -233,14 +242,15 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         else:
             cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
             consume = False
-        interval, burst = limit.interval_ms, limit.burst
+        unit, burst = limit.unit, limit.burst
         if backoff and limit.destination is not None:
             factor = backoff.get(limit.destination, 1.0)
             if factor < 1.0:  # same bucket key: a factor change never resets the bucket
-                interval, burst = scale_budget(interval, burst, factor)
+                unit, burst = scale_budget(unit, burst, factor)
         bucket = store_key(limit, key)
         # tuple.__new__: positional NamedTuples without their keyword __new__ (2x cheaper)
-        check = _new(BudgetCheck, (bucket, interval, burst, cost, consume, limit.blocking))
+        check = _new(BudgetCheck, (bucket, limit.refill, unit, burst, cost, consume,
+                                   limit.blocking))
         planned.append(_new(PlannedLimit, (limit, key, check, consume)))
     once = once_key_for(request) if at_end and planned else None
     return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes))
@@ -265,7 +275,7 @@ def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: in
     retry = "later" if retry_ms == NEVER else str(max(1, -(-retry_ms // 1000)))
     return template.format(
         limit=limit.name if limit else "",
-        key=key,
+        key=readable_key(key),
         rate=limit.rate_text if limit else "",
         retry_after=retry,
         remaining=remaining,

@@ -17,10 +17,10 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from time import perf_counter_ns
-from typing import Final
+from typing import Final, cast
 
 from mqpolicy.daemon.structured_log import LogBurst
 from mqpolicy.decision.engine import (
@@ -49,7 +49,7 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-_EvaluateNow = Callable[[Sequence[BudgetCheck], int, str | None], Evaluation]
+_EvaluateNow = Callable[[Sequence[BudgetCheck], int, str | None, int], Evaluation]
 """``MemoryStore.evaluate_now``: a store's decision without I/O or coroutine."""
 
 
@@ -157,8 +157,12 @@ class DecisionService:
             evaluation = NO_LIMITS_EVALUATION
         else:
             store_started = perf_counter_ns()
-            evaluation = evaluate_now([p.check for p in plan.limits], self.clock_ms(),
-                                      plan.once_key)
+            try:
+                evaluation = evaluate_now([p.check for p in plan.limits], self.clock_ms(),
+                                          plan.once_key, policy.store.once_ttl_ms)
+            except StoreError as exc:  # the memory store at its bound, every entry in use
+                self._store_failed("store_errors", str(exc))
+                evaluation = None
             store_ns = perf_counter_ns() - store_started
         return self._verdict(plan, evaluation, policy, started, store_ns)
 
@@ -177,7 +181,8 @@ class DecisionService:
     async def _evaluate(self, plan: Plan, timeout_ms: int) -> Evaluation | None:
         checks = [p.check for p in plan.limits]
         try:
-            answer = self.store.evaluate(checks, self.clock_ms(), plan.once_key)
+            answer = self.store.evaluate(checks, self.clock_ms(), plan.once_key,
+                                         self.policy.store.once_ttl_ms)
             if not self._needs_deadline:  # the store keeps it, or answers without I/O
                 return await answer
             async with asyncio.timeout(timeout_ms / 1000):
@@ -329,7 +334,22 @@ def register_decision_metrics(registry: MetricsRegistry, service: DecisionServic
 
 
 def register_store_metrics(registry: MetricsRegistry, store: CounterStore) -> None:
-    """Batching counters of stores that have them (Redis)."""
+    """Batching counters of stores that have them (Redis); entries and evictions of the
+    memory store."""
+    if hasattr(store, "evicted_full"):  # the memory store
+        registry.gauge("mqpolicy_memory_store_entries",
+                       "Buckets and once keys in the memory store (bound: store.max_entries)",
+                       lambda: len(cast("Sized", store)))
+        registry.counter("mqpolicy_memory_store_evictions_total",
+                         "Entries dropped to make room at store.max_entries, by kind: full "
+                         "(a bucket with no debt) or once (a message's counted-once mark)",
+                         lambda: {("full",): int(getattr(store, "evicted_full", 0)),
+                                  ("once",): int(getattr(store, "evicted_once", 0))},
+                         labels=("kind",))
+        registry.counter("mqpolicy_memory_store_refusals_total",
+                         "Decisions refused because every entry left was a budget in use "
+                         "(each limit followed its on_store_error)",
+                         lambda: int(getattr(store, "refused", 0)))
     if hasattr(store, "batches_sent"):
         registry.counter("mqpolicy_store_batches_total",
                          "Batches sent to the store (one script call each)",

@@ -2,7 +2,7 @@
 budget, and earns it back step by step. Pure: no I/O, no clock (times come in as ms).
 
 Each destination has a ``factor`` in ``[min_factor, 1]`` that scales its budget
-(:func:`scale_budget`: the interval grows by ``1/factor``, the burst shrinks by
+(:func:`scale_budget`: a unit costs ``1/factor`` times as much, the burst shrinks by
 ``factor``).
 
 * A **slow-down** result multiplies the factor by ``decrease``, at most once per
@@ -29,6 +29,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
+
+from mqpolicy.policy.rates import slowed_unit
 
 MAX_EVIDENCE = 2000
 """Evidence lines are cut to this many characters (a log line can be long)."""
@@ -190,11 +192,10 @@ def on_success(
     return replace(state, factor=new_factor, successes=0, last_change_ms=now_ms), change
 
 
-def scale_budget(interval_ms: float, burst: int, factor: float) -> tuple[float, int]:
-    """A budget (GCRA interval and burst) under backoff ``factor``: the rate times
-    ``factor`` (the interval divided by it), the burst times ``factor`` (at least 1)."""
-    if factor >= 1.0:
-        return interval_ms, burst
-    factor = max(factor, 1e-6)
-    return interval_ms / factor, max(1, math.floor(burst * factor))
+def scale_budget(unit: int, burst: int, factor: float) -> tuple[int, int]:
+    """A budget (the tokens of one unit, :func:`mqpolicy.budget.bucket_scale`, and the
+    burst) under backoff ``factor``: the rate times ``factor`` (a unit costs ``1/factor``
+    times the tokens, exactly to within one token), the burst times ``factor`` (at least
+    1). See :func:`mqpolicy.budget.slowed_unit`."""
+    return slowed_unit(unit, burst, factor)
 

@@ -3,12 +3,18 @@
 Each limit's key spec (``sender``, ``client_network/24``, ``sasl_username+recipient_domain``)
 is compiled once, at load, into one function of the request (:func:`key_function`); the
 engine calls it for every limit of every request. Pure.
+
+A key is its parts, each escaped by :func:`escape_key_part`, joined by ``|``: one text for
+one tuple of parts and never for another (a ``|`` inside a part, a byte that is not UTF-8
+kept by the codecs as a lone surrogate, are escaped), and text that encodes to UTF-8 (what
+Redis is sent). Parts that need no escape, the usual ones, are kept as they are.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +50,58 @@ class KeyPart:
 
 KeyFunction = Callable[[Request], "str | None"]
 """A request's key value for one limit; None when a part of it is missing."""
+
+_NEEDS_ESCAPE = re.compile("[%|\ud800-\udfff]")
+"""What :func:`escape_key_part` replaces: its escape character, the parts' separator, and
+lone surrogates (bytes that are not UTF-8, as ``surrogateescape`` decoding keeps them)."""
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "%":
+        return "%25"
+    if char == "|":
+        return "%7c"
+    return f"%u{ord(char):04x}"
+
+
+def escape_key_part(text: str) -> str:
+    """``text`` with ``%`` as ``%25``, ``|`` as ``%7c`` and each lone surrogate as
+    ``%u`` and its four hex digits (``\\udcff``, a raw byte 0xff, as ``%udcff``):
+    injective over all strings (``%`` always starts an escape, whose form says its
+    length), never contains ``|`` and always encodes to UTF-8."""
+    if text.isascii() and "%" not in text and "|" not in text:
+        return text
+    return _NEEDS_ESCAPE.sub(_escape, text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escape_surrogates(text: str) -> str:
+    """``text`` with lone surrogates escaped as :func:`escape_key_part` does and nothing
+    else: the same as that for a key already escaped; for a key typed by an operator
+    (``counters``), the bucket a raw byte in it names."""
+    if text.isascii():
+        return text
+    return _SURROGATE.sub(_escape, text)
+
+
+_READABLE = re.compile("%(25|7c)")
+
+
+def readable_key(key: str) -> str:
+    """A key as a client reads it in a reply (``{key}``): ``%`` and ``|`` inside its parts
+    as they were (a lone surrogate stays escaped). Not unambiguous: logs, ``explain`` and
+    ``counters`` show the key itself."""
+    if "%" not in key:
+        return key
+    return _READABLE.sub(lambda m: "%" if m.group(1) == "25" else "|", key)
+
+
+def join_key_parts(parts: Sequence[str]) -> str:
+    """One key text for a tuple of one or more parts (see the module docstring)."""
+    return "|".join(map(escape_key_part, parts))
 
 
 @functools.lru_cache(maxsize=65536)
@@ -97,12 +155,12 @@ _LOWER_CASED: dict[str, Callable[[Request], str]] = {
 
 
 def key_function(parts: Sequence[KeyPart]) -> KeyFunction:
-    """One function for a limit's key parts: their values joined by ``|``, or None when
-    one of them is empty."""
+    """One function for a limit's key parts: their values escaped and joined by ``|``
+    (:func:`join_key_parts`), or None when one of them is empty."""
     functions = tuple(_part_function(part) for part in parts)
     if len(functions) == 1:
         only = functions[0]
-        return lambda r: only(r) or None
+        return lambda r: escape_key_part(only(r)) or None
 
     def composite(r: Request) -> str | None:
         values = []
@@ -111,6 +169,6 @@ def key_function(parts: Sequence[KeyPart]) -> KeyFunction:
             if not value:
                 return None
             values.append(value)
-        return "|".join(values)
+        return join_key_parts(values)
 
     return composite

@@ -71,6 +71,7 @@ from mqpolicy.policy.model import (
 from mqpolicy.policy.rates import (
     Rate,
     RateSyntaxError,
+    exactness_problem,
     parse_duration_ms,
     parse_rate,
     parse_size,
@@ -531,7 +532,8 @@ def _read_server(r: _Reader, top: Mapping[str, Any]) -> ServerSettings:
 
 
 def _read_store(r: _Reader, top: Mapping[str, Any]) -> StoreSettings:
-    m = r.mapping(top, "store", "store", {"url", "timeout_ms", "on_store_error", "key_prefix"})
+    m = r.mapping(top, "store", "store", {"url", "timeout_ms", "on_store_error", "key_prefix",
+                                          "max_entries", "once_ttl"})
     d = StoreSettings()
     if m is None:
         return d
@@ -541,6 +543,8 @@ def _read_store(r: _Reader, top: Mapping[str, Any]) -> StoreSettings:
         on_store_error=(r.optional(m, "on_store_error", "store", _store_error_mode)
                         or d.on_store_error),
         key_prefix=r.optional(m, "key_prefix", "store", _string) or d.key_prefix,
+        max_entries=r.optional(m, "max_entries", "store", _positive_int) or d.max_entries,
+        once_ttl_ms=r.optional(m, "once_ttl", "store", _positive_duration) or d.once_ttl_ms,
     )
 
 
@@ -985,6 +989,10 @@ def _read_budget(r: _Reader, container: Any, i: int, m: Mapping[str, Any], path:
         on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", _store_error_mode)
     if rate is None or on_error is None:
         return None
+    inexact = exactness_problem(rate.count, rate.period_ms, burst or rate.count, str(rate))
+    if inexact is not None:
+        r.error(m, "burst" if burst else "rate", path, inexact)
+        return None
     return _Budget(rate, burst or rate.count, action, demote_to, message, monitor, scope,
                    on_error)
 
@@ -1014,14 +1022,21 @@ def _read_lanes(r: _Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
         ) -> Any:
             return r.optional(m, key, lane_path, fn)
 
+        release_rate, release_burst = opt("release_rate", parse_rate), opt("release_burst",
+                                                                           _positive_int)
+        inexact = release_rate and release_burst and exactness_problem(
+            release_rate.count, release_rate.period_ms, release_burst, str(release_rate))
+        if inexact:
+            r.error(m, "release_burst", path, f"lane {name}'s release budget: {inexact}")
+            release_burst = None
         yield Lane(
             name=name,
             transport=transport,
             priority=priority,
             delivery=_read_delivery(r, m, path),
             hold=bool(opt("hold", _bool)),
-            release_rate=opt("release_rate", parse_rate),
-            release_burst=opt("release_burst", _positive_int),
+            release_rate=release_rate,
+            release_burst=release_burst,
         )
         priority += 1
     if not seen and isinstance(top["lanes"], list):

@@ -14,7 +14,7 @@ from mqpolicy.policy.conditions import Predicate
 from mqpolicy.policy.destinations import DestinationMatcher
 from mqpolicy.policy.endpoints import Endpoint, MilterEndpoint
 from mqpolicy.policy.keys import RECIPIENT_KEY_PARTS, KeyFunction, KeyPart, key_function
-from mqpolicy.policy.rates import Rate
+from mqpolicy.policy.rates import BUCKET_VERSION, DEFAULT_ONCE_TTL_MS, Rate, bucket_scale
 
 
 class Count(Enum):
@@ -98,13 +98,15 @@ class Limit:
     recipient_keyed: bool = field(init=False)
     blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
     rate_text: str = field(init=False)
-    interval_ms: float = field(init=False)
+    refill: int = field(init=False)  # the bucket's tokens per ms and per unit (bucket_scale)
+    unit: int = field(init=False)
     key_text: str = field(init=False)
     counted_one: str = field(init=False)  # how a decision that spends 1 says so: "1 messages"
     # The request's key value (None: a part is missing), compiled from ``key``.
     key_of: KeyFunction = field(init=False, compare=False, repr=False)
-    # Where the limit's buckets live: its name plus rate and burst, so a reload that
-    # changes the rate starts fresh buckets instead of misreading the old ones.
+    # Where the limit's buckets live: its name plus rate, burst and the arithmetic's
+    # version, so a reload that changes the rate starts fresh buckets instead of
+    # misreading the old ones.
     bucket_prefix: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,12 +114,15 @@ class Limit:
             "recipient_keyed": any(part.name in RECIPIENT_KEY_PARTS for part in self.key),
             "blocking": not self.monitor and self.action is not ActionKind.DEMOTE,
             "rate_text": str(self.rate),
-            "interval_ms": self.rate.interval_ms,
+            **dict(zip(("refill", "unit"),
+                       bucket_scale(self.rate.count, self.rate.period_ms, self.burst),
+                       strict=True)),
             "key_text": "+".join(str(p) for p in self.key),
             "counted_one": f"1 {self.count.value}",
             "key_of": key_function(self.key),
             "bucket_prefix": (
-                f"rl:{self.name}:{self.rate.count}/{self.rate.period_ms}/{self.burst}:"
+                f"rl:{self.name}:{self.rate.count}/{self.rate.period_ms}/{self.burst}/"
+                f"{BUCKET_VERSION}:"
             ),
         }
         for name, value in derived.items():
@@ -149,6 +154,8 @@ class StoreSettings:
     timeout_ms: int = 50
     on_store_error: StoreErrorMode = StoreErrorMode.ACCEPT
     key_prefix: str = "mqpolicy:"
+    max_entries: int = 1_000_000  # memory://: buckets and once keys (store/memory.py)
+    once_ttl_ms: int = DEFAULT_ONCE_TTL_MS  # how long a message is remembered as counted
 
     @property
     def in_process(self) -> bool:

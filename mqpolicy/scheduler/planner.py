@@ -38,7 +38,6 @@ more bytes than a byte budget's burst, would otherwise never fit.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,9 +46,10 @@ from typing import Any, NamedTuple
 
 from mqpolicy.decision.engine import RuntimeState, make_plan, store_key
 from mqpolicy.policy.model import Lane, LoadThresholds, Policy
+from mqpolicy.policy.rates import BUCKET_VERSION, largest_burst
 from mqpolicy.policy.request import STAGE_RCPT, Request, domain_of
 from mqpolicy.scheduler.mta_queue import HOLD, QueueEntry
-from mqpolicy.store.budget import BudgetCheck
+from mqpolicy.store.budget import BudgetCheck, budget_check
 from mqpolicy.store.hold_records import BrokenRecord, HeldSpend, HoldRecord, RecordSet, RecordState
 
 __all__ = [
@@ -194,9 +194,10 @@ def lane_release_check(lane: Lane, pass_interval_ms: int) -> BudgetCheck | None:
     rate = lane.release_rate
     if rate is None:
         return None
-    burst = lane.release_burst or max(1, math.floor(pass_interval_ms / rate.interval_ms))
-    key = f"release:{lane.name}:{rate.count}/{rate.period_ms}/{burst}"
-    return BudgetCheck(key, rate.interval_ms, burst, 1, True, True)
+    burst = lane.release_burst or max(1, pass_interval_ms * rate.count // rate.period_ms)
+    burst = min(burst, largest_burst(rate.count, rate.period_ms))
+    key = f"release:{lane.name}:{rate.count}/{rate.period_ms}/{burst}/{BUCKET_VERSION}"
+    return budget_check(key, rate.count, rate.period_ms, burst, 1, True, True)
 
 
 def release_checks(
@@ -255,7 +256,7 @@ def held_spend_checks(policy: Policy, spends: Iterable[HeldSpend]) -> Iterator[B
         limit = policy.limits_by_name.get(spend.limit)
         if limit is None or limit.recipient_keyed:
             continue
-        yield BudgetCheck(store_key(limit, spend.key), limit.interval_ms, limit.burst,
+        yield BudgetCheck(store_key(limit, spend.key), limit.refill, limit.unit, limit.burst,
                           spend.cost, True, limit.blocking)
 
 

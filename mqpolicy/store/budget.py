@@ -1,4 +1,4 @@
-"""Rate budgets: the contract between the engine and the counter stores, and GCRA math.
+"""Rate budgets: the contract between the engine and the counter stores, and their arithmetic.
 
 A decision hands the store a list of :class:`BudgetCheck` and gets one :class:`Evaluation`
 back from ONE atomic operation (one Lua call on Redis, one step under a lock in memory):
@@ -11,10 +11,37 @@ back from ONE atomic operation (one Lua call on Redis, one step under a lock in 
   nothing is tested or spent (``duplicate``); otherwise the key is set when the decision
   commits, so the next front-end that sees the same message does not count it again.
 
-GCRA ("generic cell rate algorithm"): each key stores one number, the theoretical arrival
-time ``tat`` in ms. ``interval_ms`` is the time one unit of budget takes to come back
-(period / count); ``burst`` units may be spent at once. The Lua script
-``lua/gcra_batch.lua`` implements exactly :func:`gcra_step`; both are tested by one suite.
+The arithmetic: exact integers
+------------------------------
+A rate of ``count`` units every ``period_ms`` is reduced by ``g = gcd(count, period_ms)`` to
+``n / p`` units per ms, and a bucket counts in *scaled tokens*: one unit of budget is
+``unit = p * k`` tokens and ``refill = n * k`` tokens come back every ms (``k`` is a
+precision factor, see :func:`bucket_scale`; it changes nothing but the size of the numbers).
+A bucket holds ``burst * unit`` tokens when full. It is stored as two integers: its *debt*
+``D`` (tokens missing from full) at the time ``t`` (ms) (:func:`format_bucket`); no stored
+key means a full bucket.
+At ``now`` the debt is ``max(0, D - refill * (now - t))`` and the bucket's time becomes
+``max(t, now)``:
+
+* a budget of N admits exactly N at one instant, and refills exactly at the rate (no
+  rounding anywhere: 6/1s admits 6 in one ms; 1000000000/1d refills 1000000000 a day);
+* ``remaining`` is ``floor((burst * unit - D) / unit)``, the whole units left;
+* ``retry_after_ms`` of a refused check is the exact first ms at which its cost fits:
+  ``ceil((cost * unit - (burst * unit - D)) / refill)`` after the bucket's time (:data:`NEVER`
+  when the cost exceeds the burst);
+* a clock that steps back (the callers' ``now_ms`` below a bucket's ``t``) refills nothing
+  and takes nothing: the bucket counts from its own ``t`` until the clock passes it again.
+
+Every number stays an exact integer below 2**53, which Redis' Lua (IEEE doubles) needs:
+the config refuses a rate and burst whose ``burst * p`` or ``n`` exceeds
+:data:`EXACT_LIMIT` (2**52, so a sum of two such numbers is still exact), with the largest
+burst that would fit (:func:`exactness_problem`); the refill is computed with the elapsed
+time capped at the time to fill the debt, so no product exceeds the debt; divisions are
+exact integer divisions (``lua/gcra_batch.lua`` divides with ``fmod``). Times (``now_ms``)
+must lie in ``[0, 2**53)``.
+
+A bucket key names its limit's rate, burst and :data:`BUCKET_VERSION`: a changed rate,
+burst or arithmetic starts fresh buckets instead of misreading old ones.
 
 Per-decision values are NamedTuples: immutable and about 3x cheaper to build than frozen
 dataclasses, which matters at thousands of decisions per second.
@@ -22,23 +49,31 @@ dataclasses, which matters at thousands of decisions per second.
 
 from __future__ import annotations
 
-import math
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
+
+from mqpolicy.policy.rates import (
+    DEFAULT_ONCE_TTL_MS,
+    bucket_scale,
+    ceil_div,
+)
 
 NEVER = -1
 """``retry_after_ms`` when a cost can never fit in the bucket (cost larger than burst)."""
 
-DEFAULT_ONCE_TTL_MS = 3_600_000
-"""How long a once key lives. It only has to outlive the SMTP transaction: the policy
-server's END-OF-MESSAGE and the milter's end of message for one message are seconds apart.
-Longer costs memory (one key per message) and mistakes: Postfix's short queue ids are
-reused over time, and a later message under a recycled id would pass as already counted."""
+TIME_LIMIT = 1 << 53
+"""Times (``now_ms``), costs and once-key lifetimes are integers below this."""
+
+CLOCK_STEP_ALLOWANCE_MS = 60_000
+"""A bucket entry is kept this long after its bucket is full again (the Redis TTL, the
+memory store's sweep): a callers' clock that steps back by up to this much still finds the
+debt it left. Redis expires keys by its own clock, so without it a step back would find
+short-lived buckets gone, i.e. full."""
 
 
 class StoreError(Exception):
-    """A counter store could not answer (connection lost, timeout, script error)."""
+    """A counter store could not answer (connection lost, timeout, script error, full)."""
 
 
 class StoreTimeout(StoreError):
@@ -46,14 +81,24 @@ class StoreTimeout(StoreError):
 
 
 class BudgetCheck(NamedTuple):
-    """One bucket to test (and maybe spend) in a decision."""
+    """One bucket to test (and maybe spend) in a decision.
+
+    ``refill`` tokens come back per ms and one unit of budget is ``unit`` tokens (both from
+    :func:`bucket_scale`); the bucket holds ``burst * unit`` tokens. Every check of one key
+    must use the same ``refill`` (a backoff changes ``unit`` and ``burst`` only)."""
 
     key: str
-    interval_ms: float
+    refill: int
+    unit: int
     burst: int
     cost: int
     consume: bool = True
     blocking: bool = True
+
+    @property
+    def interval_ms(self) -> float:
+        """The time one unit takes to come back (for display and wake-up estimates)."""
+        return self.unit / self.refill
 
 
 class BudgetResult(NamedTuple):
@@ -70,71 +115,77 @@ class Evaluation(NamedTuple):
     duplicate: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class BucketState:
-    """A bucket as ``counters`` shows it."""
+class BucketState(NamedTuple):
+    """A stored key as ``counters`` shows it: a bucket's debt (tokens) at ``at_ms``, and the
+    time the store keeps it (a once key: debt 0)."""
 
     key: str
-    tat_ms: float
+    debt: int
+    at_ms: int
     ttl_ms: int
 
+    def debt_now(self, refill: int, now_ms: int) -> int:
+        return debt_at(self.debt, self.at_ms, now_ms, refill)
 
-class GcraOutcome(NamedTuple):
-    allowed: bool
-    new_tat_ms: float
-    remaining: int
-    retry_after_ms: int
+    def free_units(self, refill: int, unit: int, burst: int, now_ms: int) -> int:
+        """Whole units the bucket holds at ``now_ms``."""
+        return free_units(self.debt_now(refill, now_ms), unit, burst)
 
-
-def whole_units(span_ms: float, interval_ms: float, burst: int) -> int:
-    """How many whole units of ``interval_ms`` fit in ``span_ms`` (0 when none).
-
-    ``span_ms`` is always computed relative to now (``tolerance - (tat - now)``, where
-    ``tat - now`` is exact), never from epoch-ms values, whose rounding (0.24 ms near
-    1.7e12) is larger than one unit of a fractional interval (50MB/1h: 0.072 ms per byte).
-    What is left is the rounding of ``interval * burst`` and of the division, a few ulps
-    of ``burst``: the slack is ``1e-9 + burst * 1e-12`` units, so a full bucket holds
-    exactly ``burst``. ``lua/gcra_batch.lua`` has the same expression.
-    """
-    return max(0, math.floor(span_ms / interval_ms + (1e-9 + burst * 1e-12)))
+    def full_at_ms(self, refill: int, now_ms: int) -> int:
+        """When the bucket is full again, in the callers' clock."""
+        return max(self.at_ms, now_ms) + ceil_div(self.debt_now(refill, now_ms), refill)
 
 
-def free_units(interval_ms: float, burst: int, tat_ms: float, now_ms: int) -> int:
-    """Units a bucket holds at ``now_ms`` (``tat_ms`` already raised to at least ``now_ms``)."""
-    return whole_units(interval_ms * burst - (tat_ms - now_ms), interval_ms, burst)
+# ---------------------------------------------------------------- the arithmetic
 
 
-def gcra_step(
-    tat_ms: float | None, now_ms: int, interval_ms: float, burst: int, cost: int
-) -> GcraOutcome:
-    """Test ``cost`` units against a bucket whose stored tat is ``tat_ms`` (None = empty).
-
-    ``new_tat_ms`` is the tat to store if the caller decides to spend. ``remaining`` is
-    counted relative to now (see :func:`whole_units`); ``allowed`` compares ``allow_at``
-    with ``now_ms``.
-    """
-    tat = now_ms if tat_ms is None or tat_ms < now_ms else tat_ms
-    tolerance = interval_ms * burst
-    increment = interval_ms * cost
-    new_tat = tat + increment
-    allow_at = new_tat - tolerance
-    free_ms = tolerance - (tat - now_ms)
-    if increment > tolerance:
-        return GcraOutcome(False, tat, whole_units(free_ms, interval_ms, burst), NEVER)
-    if allow_at <= now_ms:
-        left = whole_units(free_ms - increment, interval_ms, burst)
-        return GcraOutcome(True, new_tat, left, 0)
-    left = whole_units(free_ms, interval_ms, burst)
-    return GcraOutcome(False, tat, left, max(1, math.ceil(allow_at - now_ms)))
+def debt_at(debt: int, at_ms: int, now_ms: int, refill: int) -> int:
+    """A bucket's debt at ``now_ms``: ``refill`` tokens a ms since ``at_ms``, nothing
+    refilled before it (a clock stepped back), never below 0."""
+    if now_ms <= at_ms or debt == 0:
+        return debt
+    left = debt - refill * (now_ms - at_ms)
+    return left if left > 0 else 0
 
 
-def ttl_for(tat_ms: float, now_ms: int) -> int:
-    """How long a key must live: until its bucket is full again (at least 1 ms)."""
-    return max(1, math.ceil(tat_ms - now_ms))
+def free_units(debt: int, unit: int, burst: int) -> int:
+    """Whole units of ``unit`` tokens left in a bucket of ``burst`` units with ``debt``."""
+    left = burst * unit - debt
+    return left // unit if left > 0 else 0
+
+
+def budget_check(key: str, count: int, period_ms: int, burst: int, cost: int,
+                 consume: bool = True, blocking: bool = True) -> BudgetCheck:
+    """The check of ``cost`` units against ``key``'s bucket of ``burst`` units refilled at
+    ``count`` every ``period_ms``."""
+    refill, unit = bucket_scale(count, period_ms, burst)
+    return BudgetCheck(key, refill, unit, burst, cost, consume, blocking)
+
+
+# ---------------------------------------------------------------- stored form
+
+
+_STORED = struct.Struct("<dd")
+"""A bucket as ``lua/gcra_batch.lua`` stores it in Redis: its debt and its time, two
+little-endian doubles (``struct.pack('<dd', ...)`` in Redis' Lua), integers both."""
+
+
+def format_bucket(debt: int, at_ms: int) -> bytes:
+    """A bucket's stored value, as ``lua/gcra_batch.lua`` writes it."""
+    return _STORED.pack(debt, at_ms)
+
+
+def parse_bucket(value: bytes | str) -> tuple[int, int]:
+    """``(debt, at_ms)`` of a stored value; ``(0, 0)`` for one that is not a bucket (a once
+    key's ``1``)."""
+    if not isinstance(value, bytes) or len(value) != _STORED.size:
+        return 0, 0
+    debt, at = _STORED.unpack(value)
+    return int(debt), int(at)
 
 
 class CounterStore(Protocol):
-    """A place where budgets live. Implementations: memory, redis."""
+    """A place where budgets live. Implementations: memory, redis (sentinel, cluster)."""
 
     async def evaluate(
         self,

@@ -29,7 +29,7 @@ decision:
   would give (a check only interacts with checks on the same bucket, hence the same slot);
 * some part was refused (a blocking check failed) or found the once key (a duplicate): the
   parts that did commit are *given back* in a second round trip (``lua/gcra_refund.lua``,
-  again one call per slot): each bucket's tat is lowered by what the decision added (less
+  again one call per slot): each bucket's debt is lowered by what the decision added (less
   what may have refilled since, see below: never more than the spend still holds), and a
   once key the decision set is deleted. The result is then what
   one Redis would give: not committed, ``allowed``/``retry_after_ms`` per check as tested,
@@ -50,8 +50,8 @@ The guarantee
   in different slots, two batches in flight: 106 to 120 passed at once (over several runs;
   the others' shared units were held by messages their sender refused), the rest on the
   first retry; 120 in all, exactly.
-* The batch script reports each bucket's backlog (``tat - now``) before the decision, so the
-  give-back knows it exactly. A bucket that had a backlog when the decision spent cannot
+* The batch script reports each bucket's backlog (its debt and time) before the decision, so
+  the give-back knows it exactly. A bucket that had a backlog when the decision spent cannot
   have refilled past that spend meanwhile: it gets back exactly what was taken. A bucket
   that was (nearly) full gets back what was taken less the time that passed between the
   decision's ``now_ms`` and the give-back (by Redis' clock: a round trip or two, 1-2 ms
@@ -59,6 +59,10 @@ The guarantee
   whole again that much later. (This assumes the callers' clocks agree with Redis', as key
   expiry already does: a caller clock ahead of Redis' by *s* ms could get up to *s* ms of
   budget back too many.)
+* A give-back leaves each bucket it touched counted up to the decision's time, as a spend
+  of nothing there would (one Redis writes nothing for such a decision): the same as long
+  as the callers' clock moves forward; a clock that then steps back finds that bucket as
+  it was at the decision's time, refilled up to then (never more than it held then).
 * When the give-back itself fails (store error, deadline, the process dies), those spends
   stay until the buckets refill by themselves: at most the decision's cost on each bucket,
   for at most cost x interval. ``refunds_failed`` counts it.
@@ -102,7 +106,13 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from mqpolicy.store.budget import BucketState, BudgetResult, Evaluation, StoreError
+from mqpolicy.store.budget import (
+    CLOCK_STEP_ALLOWANCE_MS,
+    BucketState,
+    BudgetResult,
+    Evaluation,
+    StoreError,
+)
 from mqpolicy.store.redis import (
     SCRIPT_NAME,
     CoalescingStore,
@@ -164,8 +174,9 @@ class _Part:
     once: bool
     result: Evaluation | None = None
     error: BaseException | None = None
-    backlogs: list[float] = field(default_factory=list)
-    """Per check, its bucket's tat - now before the decision (when the part committed)."""
+    backlogs: list[tuple[int, int]] = field(default_factory=list)
+    """Per check, its bucket's debt before the decision and the bucket's time then (when
+    the part committed)."""
 
 
 @dataclass(slots=True)
@@ -174,7 +185,7 @@ class _SlotCall:
 
     slot: int
     keys: list[str]
-    args: list[int | float]
+    args: list[int]
     reply: Any = None
     error: BaseException | None = None
 
@@ -183,8 +194,9 @@ class _SlotCall:
 class _Refund:
     decision: int
     part: _Part
-    amounts: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """bucket key -> (how far the decision raised its tat, lower bound of its backlog)"""
+    amounts: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    """bucket key -> (tokens the decision added to its debt, its debt before, the bucket's
+    time, its refill per ms)"""
     once_key: str | None = None
     free: list[int] | None = None
 
@@ -320,9 +332,10 @@ class ClusterStore(CoalescingStore):
                 check = pending.checks[i]
                 if result.allowed and check.consume and check.cost:
                     key = self._prefix + check.key
-                    amount, _ = refund.amounts.get(key, (0.0, 0.0))
-                    refund.amounts[key] = (amount + check.interval_ms * check.cost,
-                                           part.backlogs[n])
+                    amount = refund.amounts.get(key, (0, 0, 0, 0))[0]
+                    backlog, at = part.backlogs[n]
+                    refund.amounts[key] = (amount + check.unit * check.cost, backlog, at,
+                                           check.refill)
             if part.once:
                 assert pending.once_key is not None
                 refund.once_key = self._prefix + pending.once_key
@@ -346,20 +359,21 @@ class ClusterStore(CoalescingStore):
         calls = []
         for slot, group in by_slot.items():
             index: dict[str, int] = {}
-            args: list[int | float] = [len(group)]
+            args: list[int] = [len(group), CLOCK_STEP_ALLOWANCE_MS]
             for refund in group:
                 pending = batch[refund.decision]
                 once = 0
                 if refund.once_key is not None:
                     once = index.setdefault(refund.once_key, len(index) + 1)
                 args += (pending.now_ms, once, len(refund.amounts))
-                for key, (amount, backlog) in refund.amounts.items():
-                    args += (index.setdefault(key, len(index) + 1), amount, backlog)
+                for key, (amount, backlog, at, refill) in refund.amounts.items():
+                    args += (index.setdefault(key, len(index) + 1), amount, backlog, at, refill)
                 args.append(len(refund.part.checks))
                 for i in refund.part.checks:
                     check = pending.checks[i]
                     key = self._prefix + check.key
-                    args += (index.setdefault(key, len(index) + 1), check.interval_ms, check.burst)
+                    args += (index.setdefault(key, len(index) + 1), check.refill, check.unit,
+                             check.burst)
             calls.append(_SlotCall(slot, list(index), args))
         await self._eval(self._refund_script, calls)
         for call, group in zip(calls, by_slot.values(), strict=True):
@@ -539,11 +553,13 @@ def _rows(reply: Any, count: int) -> list[Any]:
 
 
 def _split_backlogs(part: _Part, row: Any) -> Any:
-    """A committed row ends with one backlog per check: keep them on the part, return the
-    row as :func:`decode_batch` knows it."""
+    """A committed row ends with a backlog per check (its bucket's debt before the decision
+    and the bucket's time): keep them on the part, return the row as :func:`decode_batch`
+    knows it."""
     n = len(part.checks)
-    if isinstance(row, list) and len(row) == 2 + 4 * n and row[0] == 1:
-        part.backlogs = [float(b) for b in row[2 + 3 * n:]]
+    if isinstance(row, list) and len(row) == 2 + 5 * n and row[0] == 1:
+        tail = row[2 + 3 * n:]
+        part.backlogs = [(int(tail[2 * i]), int(tail[2 * i + 1])) for i in range(n)]
         return row[: 2 + 3 * n]
     return row
 

@@ -1,26 +1,50 @@
 """The embedded counter store: budgets in a dict, for one process.
 
-Implements :class:`mqpolicy.store.budget.CounterStore` with exactly the rules of
-``lua/gcra_batch.lua``; one suite (``tests/store/test_stores.py``) runs against both.
+Implements :class:`mqpolicy.budget.CounterStore` with exactly the rules and the integer
+arithmetic of ``lua/gcra_batch.lua``; one suite (``tests/store/test_stores.py``) runs against both,
+and ``tests/store/test_exact_budgets.py`` holds both to an oracle of its own.
 
-Decision rules, shared with the Lua script (the budget module's docstring gives the contract):
+Decision rules, shared with the Lua script (the budget module's docstring gives the contract
+and the arithmetic):
 
-* checks are tested in order with :func:`gcra_step`; a check sees what earlier checks of the
-  same decision spent on the same key (so two checks on one key cannot both take the last unit);
+* checks are tested in order; a check sees what earlier checks of the same decision spent on
+  the same key (so two checks on one key cannot both take the last unit);
 * the decision commits unless a *blocking* check failed; if it commits, every passing
-  ``consume`` check is spent and the once key (if any) is set; if not, nothing is written;
+  ``consume`` check is spent (a spend of 0 too: the bucket's refill is written) and the once
+  key (if any) is set; if not, nothing is written;
 * ``remaining`` is what the bucket holds after the decision: for the check that made the last
-  spend on its key it is :func:`gcra_step`'s own figure; otherwise (peek, failed check,
-  uncommitted decision) it is the bucket's free units (:func:`~mqpolicy.store.budget.free_units`,
-  ``floor((burst*interval - (tat - now)) / interval)`` with a slack for rounding), the same
-  expression :func:`gcra_step` uses for a failing check;
+  spend on its key it is that spend's own figure; otherwise (peek, failed check,
+  uncommitted decision) it is the bucket's free units after the decision (before it, for an
+  uncommitted one), counted with the check's own unit and burst;
 * a duplicate (once key present) tests and spends nothing: ``committed=False``,
   ``duplicate=True`` and, per check, ``allowed=True``, the bucket's free units, no retry.
 
-Every entry carries an expiry in the callers' clock (``now_ms``): lazy expiry on read, plus a
-bounded round-robin sweep (``_SWEEP_BATCH`` entries every ``_SWEEP_EVERY`` writes, every
-``_SWEEP_EVERY_IDLE`` writes after a slice that found nothing expired) so keys nobody reads
-again do not pile up.
+Entries, and what bounds them
+-----------------------------
+A bucket is one ``int`` packing its debt, its time and the time it is full again; a once
+key is its expiry; both live in plain dicts, each with a deque of its keys as the sweep's
+line (183 bytes an entry with its key, where an ``OrderedDict`` of tuples took 305:
+``bench/memory_store_size.py``). Both follow the callers' clock (``now_ms``) and nothing
+else:
+
+* a bounded round-robin sweep (``_SWEEP_BATCH`` entries every ``_SWEEP_EVERY`` writes,
+  every ``_SWEEP_EVERY_IDLE`` writes after a slice that found nothing to drop) drops
+  buckets full again :data:`~mqpolicy.budget.CLOCK_STEP_ALLOWANCE_MS` before the caller's
+  ``now_ms`` (as Redis expires its keys by its own clock) and once keys past their expiry,
+  so keys nobody reads again do not pile up. An entry that carries debt at the caller's
+  time is never dropped: a clock that steps back finds every debt it left, and so does one
+  that steps back after a step forward of up to the allowance (further forward, a bucket
+  full at that time may be dropped, and is found full after the step back);
+* ``max_entries`` bounds buckets and once keys together. A decision that needs new entries
+  in a full store makes room without ever raising a budget: expired once keys, then
+  buckets full at its ``now_ms`` (no debt: the same as absent) among the ``_EVICT_PROBE``
+  looked at longest ago, then, when they are enough, live once keys, oldest first (such a
+  message seen again is counted again: spent twice, never let through). When every entry
+  left is a bucket in debt, the decision is refused with a :class:`StoreError` ("memory
+  store full") and each limit follows its ``on_store_error``, as with a Redis at its
+  ``maxmemory`` (the decision service counts and logs it as a store error).
+  ``evicted_full``, ``evicted_once`` and ``refused`` count each (metrics
+  ``mqpolicy_memory_store_*``); the first once-key eviction of a burst is logged.
 
 Every call holds the store's lock for its whole (synchronous) work, so each is atomic for
 callers on the event loop and on other threads alike; :meth:`MemoryStore.evaluate_now` is
@@ -29,24 +53,31 @@ the decision without a coroutine, for the milter's threads.
 
 from __future__ import annotations
 
-import math
+import logging
 import re
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Collection, Sequence
 from typing import Final
 
+from mqpolicy.daemon.structured_log import LogBurst
+from mqpolicy.policy.rates import DEFAULT_ONCE_TTL_MS, EXACT_LIMIT
 from mqpolicy.store.budget import (
-    DEFAULT_ONCE_TTL_MS,
+    CLOCK_STEP_ALLOWANCE_MS,
     NEVER,
+    TIME_LIMIT,
     BucketState,
     BudgetCheck,
     BudgetResult,
     Evaluation,
+    StoreError,
     free_units,
-    ttl_for,
 )
 
+log = logging.getLogger("mqpolicy.store")
+
+DEFAULT_MAX_ENTRIES: Final = 1_000_000
+"""``store.max_entries``: buckets and once keys together (about 200 MB at the bound)."""
 _SWEEP_EVERY = 16
 """Run one sweep slice after this many writes..."""
 _SWEEP_EVERY_IDLE = 64
@@ -56,22 +87,44 @@ _SWEEP_BATCH = 32
 """Entries looked at per sweep slice: twice the write rate while slices find expired
 entries (half of it after one that found none, until one finds some again): keys nobody
 reads again are dropped about as fast as they are written."""
-_ONCE_VALUE = 1.0
-"""What a once key holds (Redis stores the string ``1``)."""
-_INFINITY = math.inf
-floor, ceil = math.floor, math.ceil
+_EVICT_PROBE = 64
+"""Buckets a decision that needs room in a full store looks at (at least twice the
+entries it needs), the ones looked at longest ago first."""
+_BITS = 53
+_MASK = (1 << _BITS) - 1
+"""A bucket's packed value: ``full_at << 106 | debt << 53 | at`` (debt and at < 2**53)."""
 _new = tuple.__new__  # positional NamedTuples without their keyword __new__
 
 
-def validate_decision(checks: Sequence[BudgetCheck], once_ttl_ms: int) -> None:
-    """Reject arguments no bucket can hold (both stores call this before any I/O)."""
-    for check in checks:
-        if not (math.isfinite(check.interval_ms) and check.interval_ms > 0):
-            raise ValueError(f"interval_ms must be a positive number: {check!r}")
-        if check.burst < 0 or check.cost < 0:
-            raise ValueError(f"burst and cost must not be negative: {check!r}")
-    if once_ttl_ms <= 0:
-        raise ValueError(f"once_ttl_ms must be positive: {once_ttl_ms}")
+def validate_decision(checks: Sequence[BudgetCheck], now_ms: int, once_ttl_ms: int) -> None:
+    """Reject arguments no bucket can hold or count exactly (both stores call this before
+    any I/O): integers, ``0 < refill <= EXACT_LIMIT``, ``unit > 0``, ``burst >= 0``,
+    ``burst * unit <= EXACT_LIMIT``, ``0 <= cost < 2**53``, ``0 <= now_ms < 2**53``,
+    ``0 < once_ttl_ms < 2**53``."""
+    if type(now_ms) is not int or not 0 <= now_ms < TIME_LIMIT:
+        raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
+    if type(once_ttl_ms) is not int or not 0 < once_ttl_ms < TIME_LIMIT:
+        raise ValueError(f"once_ttl_ms must be a positive integer below 2**53: {once_ttl_ms!r}")
+    for check in checks:  # the test of evaluate_now, for every decision sent to Redis
+        _, refill, unit, burst, cost, _, _ = check
+        if (type(refill) is not int or type(unit) is not int or type(burst) is not int
+                or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
+                or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
+                or not 0 <= cost < TIME_LIMIT):
+            _validate_check(check)  # says what is wrong
+
+
+def _validate_check(check: BudgetCheck) -> None:
+    """Raise ValueError saying what is wrong with a check that failed the fast test."""
+    _, refill, unit, burst, cost, _, _ = check
+    if not all(type(x) is int for x in (refill, unit, burst, cost)):
+        raise ValueError(f"refill, unit, burst and cost must be integers: {check!r}")
+    if not 0 < refill <= EXACT_LIMIT or unit <= 0:
+        raise ValueError(f"refill and unit must be positive (refill at most 2**52): {check!r}")
+    if burst < 0 or not 0 <= cost < TIME_LIMIT:
+        raise ValueError(f"burst and cost must not be negative (cost below 2**53): {check!r}")
+    if burst * unit > EXACT_LIMIT:
+        raise ValueError(f"burst * unit must be at most 2**52 to count exactly: {check!r}")
 
 
 _GLOB_SPECIAL = re.compile(r"[*?\[\\]")  # where a Redis glob stops being literal
@@ -137,66 +190,44 @@ def parse_memory_url(url: str) -> None:
 
 
 class MemoryStore:
-    """Budgets in this process's memory (the default store; not shared between processes)."""
+    """Budgets in this process's memory (the default store; not shared between processes).
+
+    ``max_entries`` bounds buckets and once keys together (see the module docstring).
+    ``key_prefix`` is accepted for the factory's sake and not stored: this store's keys are
+    its own (Redis keys need a prefix, being shared)."""
 
     in_process = True
     """Answers without I/O: callers need no deadline around it."""
 
-    def __init__(self, key_prefix: str = "mqpolicy:") -> None:
-        self._prefix = key_prefix
-        # prefixed key -> (tat or once marker, expiry in the callers' ms clock)
-        self._data: OrderedDict[str, tuple[float, int]] = OrderedDict()
+    def __init__(self, key_prefix: str = "mqpolicy:", *,
+                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be positive: {max_entries}")
+        self.max_entries = max_entries
+        # bucket key -> full_at << 106 | debt << 53 | at (the callers' ms clock)
+        self._buckets: dict[str, int] = {}
+        # once key -> its expiry in the callers' ms clock
+        self._once: dict[str, int] = {}
+        # The sweep's lines: every key once (more after a reset), looked at in turn; a
+        # plain dict and a deque of its keys cost 50 bytes an entry less than an OrderedDict
+        self._bucket_line: deque[str] = deque()
+        self._once_line: deque[str] = deque()
         self._until_sweep = _SWEEP_EVERY  # writes left before the next sweep slice
-        self._last_now = 0
+        self._now = 0  # the last caller's clock (scan has none of its own)
+        self.evicted_full = 0
+        """Full buckets (no debt at the caller's time) dropped to make room at the bound."""
+        self.evicted_once = 0
+        """Live once keys dropped to make room at the bound (such a message, seen again,
+        is counted again)."""
+        self.refused = 0
+        """Decisions refused (StoreError) because every entry left was a bucket in debt."""
+        self._bound_log = LogBurst(60.0)
         # Decisions may come from several threads (the milter's): one at a time.
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        """Entries held, including expired ones the sweep has not reached yet."""
-        return len(self._data)
-
-    # -- helpers ---------------------------------------------------------------------------
-
-    def _get(self, key: str, now_ms: int) -> tuple[float, int] | None:
-        entry = self._data.get(key)
-        if entry is not None and entry[1] <= now_ms:
-            del self._data[key]
-            return None
-        return entry
-
-    def _tat(self, key: str, now_ms: int) -> float:
-        entry = self._get(key, now_ms)
-        if entry is None or entry[0] < now_ms:
-            return now_ms
-        return entry[0]
-
-    def _put(self, key: str, value: float, expiry: int) -> None:
-        self._data[key] = (value, expiry)
-        self._wrote(1)
-
-    def _wrote(self, count: int) -> None:
-        """Count writes; run the sweep slices due (one per slice's worth of writes, also
-        when one decision writes many keys)."""
-        self._until_sweep -= count
-        while self._until_sweep <= 0:
-            dropped = self._sweep(self._last_now)
-            self._until_sweep += _SWEEP_EVERY if dropped else _SWEEP_EVERY_IDLE
-
-    def _sweep(self, now_ms: int) -> int:
-        """Look at the oldest ``_SWEEP_BATCH`` entries: drop expired ones, requeue the rest.
-        Returns how many were dropped."""
-        data = self._data
-        dropped = 0
-        for _ in range(min(_SWEEP_BATCH, len(data))):
-            key, entry = data.popitem(last=False)
-            if entry[1] > now_ms:
-                data[key] = entry
-            else:
-                dropped += 1
-        return dropped
-
-    def _seen(self, now_ms: int) -> None:
-        self._last_now = max(self._last_now, now_ms)
+        """Entries held (buckets and once keys), including dead ones not swept yet."""
+        return len(self._buckets) + len(self._once)
 
     # -- CounterStore ----------------------------------------------------------------------
 
@@ -218,161 +249,230 @@ class MemoryStore:
     ) -> Evaluation:
         """:meth:`evaluate` without a coroutine, for callers on any thread (the milter's).
 
-        The GCRA step of :func:`~mqpolicy.store.budget.gcra_step` is written out inline (same
-        expressions, same order, so the same doubles): this runs for every decision. A
-        decision whose checks all use different buckets (the usual one) takes one pass;
-        one that checks a bucket twice takes :meth:`_evaluate_shared`."""
-        if once_ttl_ms <= 0:
-            raise ValueError(f"once_ttl_ms must be positive: {once_ttl_ms}")
+        The arithmetic of :mod:`mqpolicy.store.budget` (:func:`~mqpolicy.budget.debt_at`,
+        :func:`~mqpolicy.budget.free_units`) is written out inline: this runs for every
+        decision. Python's integers are exact at any size, so the refill is computed
+        without the cap the Lua script needs; the results are the same."""
+        if type(now_ms) is not int or not 0 <= now_ms < TIME_LIMIT:
+            raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
+        if type(once_ttl_ms) is not int or not 0 < once_ttl_ms < TIME_LIMIT:
+            raise ValueError(f"once_ttl_ms must be a positive integer below 2**53: "
+                             f"{once_ttl_ms!r}")
         with self._lock:
-            self._last_now = max(self._last_now, now_ms)  # _seen(), inline
-            prefix = self._prefix
-            data = self._data
-            once = None
+            self._now = now_ms
             if once_key is not None:
-                once = prefix + once_key
-                if self._get(once, now_ms) is not None:
-                    validate_decision(checks, once_ttl_ms)
+                expiry = self._once.get(once_key)
+                if expiry is not None and expiry > now_ms:
+                    validate_decision(checks, now_ms, once_ttl_ms)
                     return self._duplicate(checks, now_ms)
-            tats: dict[str, float] = {}  # bucket -> its tat before this decision
+            buckets = self._buckets
+            # bucket -> (debt before this decision, debt now, the bucket's time), both
+            # debts refilled to the bucket's time max(stored time, now)
+            seen: dict[str, tuple[int, int, int]] = {}
             results: list[BudgetResult] = []
-            spends: list[tuple[int, str, float]] = []  # check index, bucket, new tat
-            blocked = False
+            spent: dict[str, int] = {}  # bucket -> index of its last spend
+            blocked = repeated = False
             for check in checks:
-                key, interval, burst, cost, consume, blocking = check
-                if not 0 < interval < _INFINITY:  # also NaN
-                    raise ValueError(f"interval_ms must be a positive number: {check!r}")
-                if burst < 0 or cost < 0:
-                    raise ValueError(f"burst and cost must not be negative: {check!r}")
-                key = prefix + key
-                if key in tats:
-                    return self._evaluate_shared(checks, now_ms, once, once_ttl_ms)
-                entry = data.get(key)
-                tat = float(now_ms)  # float: the type the tats keep (mypyc compiles it as such)
-                if entry is not None:
-                    if entry[1] <= now_ms:
-                        del data[key]
-                    elif entry[0] > now_ms:
-                        tat = entry[0]
-                tats[key] = tat
-                tolerance = interval * burst
-                increment = interval * cost
-                new_tat = tat + increment
-                allow_at = new_tat - tolerance
-                free_ms = tolerance - (tat - now_ms)
-                slack = 1e-9 + burst * 1e-12
-                if increment > tolerance:
-                    left = floor(free_ms / interval + slack)
-                    results.append(_new(BudgetResult, (False, left if left > 0 else 0, NEVER)))
-                    blocked = blocked or blocking
-                elif allow_at <= now_ms:
-                    if consume:
-                        spends.append((len(results), key, new_tat))
-                        free_ms -= increment
-                    left = floor(free_ms / interval + slack)
-                    results.append(_new(BudgetResult, (True, left if left > 0 else 0, 0)))
+                key, refill, unit, burst, cost, consume, blocking = check
+                if (type(refill) is not int or type(unit) is not int or type(burst) is not int
+                        or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
+                        or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
+                        or not 0 <= cost < TIME_LIMIT):
+                    _validate_check(check)  # says what is wrong
+                state = seen.get(key)
+                if state is None:
+                    packed = buckets.get(key)
+                    if packed is None:
+                        debt, at = 0, now_ms
+                    else:
+                        at = packed & _MASK
+                        debt = packed >> _BITS & _MASK
+                        if now_ms > at:
+                            if debt:
+                                debt = max(debt - refill * (now_ms - at), 0)
+                            at = now_ms
+                    before = debt
                 else:
-                    left = floor(free_ms / interval + slack)
-                    retry = ceil(allow_at - now_ms)
-                    results.append(_new(BudgetResult, (False, left if left > 0 else 0,
-                                                       retry if retry > 1 else 1)))
+                    repeated = True
+                    before, debt, at = state
+                room = burst * unit - debt
+                if cost > burst:
+                    results.append(_new(BudgetResult, (False, room // unit if room > 0 else 0,
+                                                       NEVER)))
                     blocked = blocked or blocking
-            if blocked:  # nothing spent: a check that would have spent sees its bucket as is
-                for i, key, _ in spends:
-                    check = checks[i]
-                    results[i] = results[i]._replace(remaining=free_units(
-                        check.interval_ms, check.burst, tats[key], now_ms))
+                elif cost * unit <= room:
+                    if consume:
+                        debt += cost * unit
+                        room -= cost * unit
+                        spent[key] = len(results)
+                    results.append(_new(BudgetResult, (True, room // unit, 0)))
+                else:
+                    wait = at - now_ms - (room - cost * unit) // refill  # ceil, exact
+                    results.append(_new(BudgetResult, (False, room // unit if room > 0 else 0,
+                                                       wait)))
+                    blocked = blocked or blocking
+                seen[key] = (before, debt, at)
+            if blocked or repeated:
+                self._settle(checks, results, seen, spent, blocked)
+            if blocked:
                 return Evaluation(tuple(results), committed=False)
-            # _put(), inline: the writes, then the sweeps they are due
-            for _, key, tat in spends:
-                ttl = ceil(tat - now_ms)  # ttl_for()
-                data[key] = (tat, now_ms + (ttl if ttl > 1 else 1))
-            if once is not None:
-                data[once] = (_ONCE_VALUE, now_ms + once_ttl_ms)
-            self._wrote(len(spends) + (once is not None))
+            self._commit(checks, seen, spent, now_ms, once_key, once_ttl_ms)
             return _new(Evaluation, (tuple(results), True, False))
 
-    def _evaluate_shared(self, checks: Sequence[BudgetCheck], now_ms: int, once: str | None,
-                         once_ttl_ms: int) -> Evaluation:
-        """:meth:`evaluate_now` for checks that share a bucket (the lock is held): a check
-        sees what earlier ones spent, ``remaining`` is the bucket after the decision
-        except for the check that made its last spend."""
-        validate_decision(checks, once_ttl_ms)
-        prefix = self._prefix
-        original: dict[str, float] = {}
-        tentative: dict[str, float] = {}
-        last_spender: dict[str, int] = {}
-        # per check: key, allowed, retry_after_ms, remaining if it spent (else -1)
-        steps: list[tuple[str, bool, int, int]] = []
-        blocked = False
+    @staticmethod
+    def _settle(checks: Sequence[BudgetCheck], results: list[BudgetResult],
+                seen: dict[str, tuple[int, int, int]], spent: dict[str, int],
+                blocked: bool) -> None:
+        """``remaining`` as the rules say it when the decision did not commit (each bucket
+        as it was) or checked a bucket twice (as the decision left it, except for the
+        check that made its last spend)."""
         for i, check in enumerate(checks):
-            key, interval, burst, cost, consume, blocking = check
-            key = prefix + key
-            tat = tentative.get(key)
-            if tat is None:
-                tat = original[key] = tentative[key] = self._tat(key, now_ms)
-            tolerance = interval * burst
-            increment = interval * cost
-            new_tat = tat + increment
-            allow_at = new_tat - tolerance
-            if increment > tolerance:
-                steps.append((key, False, NEVER, -1))
-                blocked = blocked or blocking
-            elif allow_at <= now_ms:
-                left = -1
-                if consume:
-                    span = tolerance - (tat - now_ms) - increment
-                    left = max(0, floor(span / interval + (1e-9 + burst * 1e-12)))
-                    tentative[key] = new_tat
-                    last_spender[key] = i
-                steps.append((key, True, 0, left))
+            before, after, _ = seen[check.key]
+            if blocked:
+                debt = before
+            elif spent.get(check.key) == i:
+                continue
             else:
-                steps.append((key, False, max(1, ceil(allow_at - now_ms)), -1))
-                blocked = blocked or blocking
+                debt = after
+            results[i] = results[i]._replace(
+                remaining=free_units(debt, check.unit, check.burst))
 
-        state = original if blocked else tentative
-        results = []
-        for i, (check, (key, allowed, retry, left)) in enumerate(
-                zip(checks, steps, strict=True)):
-            if blocked or left < 0 or last_spender.get(key) != i:
-                interval, burst = check.interval_ms, check.burst
-                span = interval * burst - (state[key] - now_ms)
-                left = max(0, floor(span / interval + (1e-9 + burst * 1e-12)))
-            results.append(BudgetResult(allowed, left, retry))
+    def _commit(self, checks: Sequence[BudgetCheck], seen: dict[str, tuple[int, int, int]],
+                spent: dict[str, int], now_ms: int, once_key: str | None,
+                once_ttl_ms: int) -> None:
+        """Write what a committed decision spent, and its once key, making room first."""
+        buckets, once = self._buckets, self._once
+        new = [key for key in spent if key not in buckets and seen[key][1]]
+        new_once = once_key is not None and once_key not in once
+        needed = len(new) + new_once
+        if needed and len(buckets) + len(once) + needed > self.max_entries:
+            self._make_room(needed, now_ms, spent)
+        for key, i in spent.items():
+            _, debt, at = seen[key]
+            if debt:
+                refill = checks[i].refill
+                buckets[key] = (at - (-debt // refill)) << 2 * _BITS | debt << _BITS | at
+            elif key in buckets:  # a full bucket is no bucket: timeless, left to the sweep
+                buckets[key] = 0
+        self._bucket_line.extend(new)
+        if once_key is not None:
+            if new_once:
+                self._once_line.append(once_key)
+            once[once_key] = now_ms + once_ttl_ms
+        self._until_sweep -= len(spent) + (once_key is not None)
+        while self._until_sweep <= 0:
+            dropped = self._sweep(now_ms)
+            self._until_sweep += _SWEEP_EVERY if dropped else _SWEEP_EVERY_IDLE
 
-        if not blocked:
-            for key in last_spender:
-                tat = tentative[key]
-                self._put(key, tat, now_ms + ttl_for(tat, now_ms))
-            if once is not None:
-                self._put(once, _ONCE_VALUE, now_ms + once_ttl_ms)
-        return Evaluation(tuple(results), committed=not blocked)
+    def _sweep(self, now_ms: int) -> int:
+        """Look at the ``_SWEEP_BATCH`` buckets looked at longest ago: drop those full
+        again ``CLOCK_STEP_ALLOWANCE_MS`` before ``now_ms``, requeue the rest; drop once
+        keys expired at ``now_ms``. Returns how many were dropped."""
+        buckets, line = self._buckets, self._bucket_line
+        horizon = now_ms - CLOCK_STEP_ALLOWANCE_MS
+        dropped = 0
+        for _ in range(min(_SWEEP_BATCH, len(line))):
+            key = line.popleft()
+            packed = buckets.get(key)
+            if packed is None:  # reset meanwhile
+                continue
+            if packed >> 2 * _BITS > horizon:
+                line.append(key)
+            else:
+                del buckets[key]
+                dropped += 1
+        return dropped + self._drop_expired_once(now_ms, _SWEEP_BATCH)
+
+    def _drop_expired_once(self, now_ms: int, most: int) -> int:
+        """Drop once keys expired at ``now_ms``, oldest first, up to the first alive (they
+        share one lifetime, ``store.once_ttl``) and at most ``most``; how many."""
+        once, line = self._once, self._once_line
+        dropped = 0
+        while dropped < most and line:
+            expiry = once.get(line[0])
+            if expiry is not None and expiry > now_ms:
+                break
+            key = line.popleft()
+            if expiry is not None:  # None: reset meanwhile
+                del once[key]
+                dropped += 1
+        return dropped
+
+    def _make_room(self, needed: int, now_ms: int, keep: Collection[str]) -> None:
+        """Free ``needed`` entries without raising any budget (see the module docstring),
+        or raise StoreError (having dropped only dead entries: no live once key is lost
+        for a decision that is refused anyway)."""
+        buckets, once = self._buckets, self._once
+        bucket_line, once_line = self._bucket_line, self._once_line
+        free = self.max_entries - len(buckets) - len(once)
+        if free < needed:
+            free += self._drop_expired_once(now_ms, needed - free)
+        probes = min(len(bucket_line), max(_EVICT_PROBE, 2 * needed))
+        while free < needed and probes > 0:  # buckets full at now_ms
+            key = bucket_line.popleft()
+            probes -= 1
+            packed = buckets.get(key)
+            if packed is None:
+                continue
+            if packed >> 2 * _BITS <= now_ms and key not in keep:
+                del buckets[key]
+                free += 1
+                self.evicted_full += 1
+            else:
+                bucket_line.append(key)
+        evicted = 0
+        while needed - len(once) <= free < needed:  # live once keys are enough: drop them
+            key = once_line.popleft()
+            if key in once:
+                del once[key]
+                free += 1
+                evicted += 1
+        if evicted:
+            self.evicted_once += evicted
+            if self._bound_log.take() is not None:
+                log.warning("memory store full: dropped once keys, oldest first",
+                            extra={"fields": {"max_entries": self.max_entries,
+                                              "evicted_once": self.evicted_once}})
+        if free < needed:
+            self.refused += 1
+            raise StoreError(f"memory store full: its {self.max_entries} entries "
+                             "(store.max_entries) are all budgets in use")
 
     def _duplicate(self, checks: Sequence[BudgetCheck], now_ms: int) -> Evaluation:
         """A message already counted: nothing tested or spent, each bucket's free units."""
-        prefix = self._prefix
         return Evaluation(
-            tuple(
-                BudgetResult(
-                    True,
-                    free_units(c.interval_ms, c.burst, self._tat(prefix + c.key, now_ms), now_ms),
-                    0,
-                )
-                for c in checks
-            ),
+            tuple(BudgetResult(True, free_units(self._debt(c.key, c.refill, now_ms), c.unit,
+                                                c.burst), 0)
+                  for c in checks),
             committed=False,
             duplicate=True,
         )
 
+    def _debt(self, key: str, refill: int, now_ms: int) -> int:
+        packed = self._buckets.get(key)
+        if packed is None:
+            return 0
+        at, debt = packed & _MASK, packed >> _BITS & _MASK
+        if now_ms <= at:
+            return debt
+        return max(0, debt - refill * (now_ms - at))
+
+    def _state(self, key: str, now_ms: int) -> BucketState | None:
+        packed = self._buckets.get(key)
+        if packed is not None:
+            kept_until = (packed >> 2 * _BITS) + CLOCK_STEP_ALLOWANCE_MS
+            if kept_until <= now_ms or not packed >> _BITS & _MASK:  # a full bucket: none
+                return None
+            return BucketState(key, packed >> _BITS & _MASK, packed & _MASK,
+                               kept_until - now_ms)
+        expiry = self._once.get(key)
+        if expiry is None or expiry <= now_ms:
+            return None
+        return BucketState(key, 0, now_ms, expiry - now_ms)
+
     async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
-        states: list[BucketState | None] = []
         with self._lock:
-            self._seen(now_ms)
-            for key in keys:
-                entry = self._get(self._prefix + key, now_ms)
-                states.append(
-                    None if entry is None else BucketState(key, entry[0], entry[1] - now_ms))
-        return states
+            return [self._state(key, now_ms) for key in keys]
 
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:
         """Keys matching ``pattern`` (Redis glob syntax), sorted; which ones when more than
@@ -386,16 +486,21 @@ class MemoryStore:
             return []
         literal = _GLOB_SPECIAL.split(pattern, maxsplit=1)[0]
         matcher = None if pattern == literal + "*" else redis_glob_to_regex(pattern)
-        now = self._last_now
-        start, n = self._prefix + literal, len(self._prefix)
         found: list[str] = []
         with self._lock:
-            for key, (_, expiry) in self._data.items():
-                if (expiry > now and key.startswith(start)
-                        and (matcher is None or matcher.fullmatch(key, n))):
-                    found.append(key[n:])
-                    if len(found) >= count:
-                        break
+            now = self._now
+            horizon = now - CLOCK_STEP_ALLOWANCE_MS
+            live = ((key for key, packed in self._buckets.items()  # in debt, or kept
+                     if packed >> 2 * _BITS > horizon and packed >> _BITS & _MASK),
+                    (key for key, expiry in self._once.items() if expiry > now))
+            for keys in live:
+                for key in keys:
+                    if key.startswith(literal) and (matcher is None or matcher.fullmatch(key)):
+                        found.append(key)
+                        if len(found) >= count:
+                            break
+                if len(found) >= count:
+                    break
         found.sort()
         return found
 
@@ -403,9 +508,10 @@ class MemoryStore:
         existed = 0
         with self._lock:
             for key in dict.fromkeys(keys):
-                if self._get(self._prefix + key, self._last_now) is not None:
-                    del self._data[self._prefix + key]
+                if self._state(key, self._now) is not None:
                     existed += 1
+                self._buckets.pop(key, None)
+                self._once.pop(key, None)
         return existed
 
     async def ping(self) -> None:

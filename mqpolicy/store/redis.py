@@ -68,14 +68,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from mqpolicy.policy.rates import DEFAULT_ONCE_TTL_MS
 from mqpolicy.store.budget import (
-    DEFAULT_ONCE_TTL_MS,
+    CLOCK_STEP_ALLOWANCE_MS,
     BucketState,
     BudgetCheck,
     BudgetResult,
     Evaluation,
     StoreError,
     StoreTimeout,
+    parse_bucket,
 )
 from mqpolicy.store.memory import validate_decision
 
@@ -337,7 +339,8 @@ class CoalescingStore:
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
     ) -> Evaluation:
-        validate_decision(checks, once_ttl_ms)
+        validate_decision(checks, now_ms, once_ttl_ms)
+        validate_key_text(checks, once_key)
         if self._closed:
             raise StoreError("redis store is closed")
         if not checks and once_key is None:
@@ -479,7 +482,7 @@ class RedisStore(CoalescingStore):
         reply = await self._evalsha(keys, args)
         return self._decode(batch, reply)
 
-    async def _evalsha(self, keys: list[str], args: list[int | float]) -> Any:
+    async def _evalsha(self, keys: list[str], args: list[int]) -> Any:
         """``EVALSHA`` of the batch script on a pooled connection, past the client's
         per-command layers (retries, which are off, and observability hooks: a third of
         the client's CPU per call). A script cache lost on restart is reloaded once.
@@ -500,7 +503,7 @@ class RedisStore(CoalescingStore):
         finally:
             await pool.release(conn)
 
-    def _encode(self, batch: list[PendingDecision]) -> tuple[list[str], list[int | float]]:
+    def _encode(self, batch: list[PendingDecision]) -> tuple[list[str], list[int]]:
         """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
         return encode_batch(self._prefix, batch)
 
@@ -556,12 +559,32 @@ class RedisStore(CoalescingStore):
                 await self._client.aclose()
 
 
+def validate_key_text(checks: Sequence[BudgetCheck], once_key: str | None) -> None:
+    """ValueError for a key that is not text Redis can be sent (a lone surrogate, which
+    hiredis cannot encode to UTF-8 and which would fail the whole batch): raised to the one
+    caller before its decision joins a batch. The engine's keys never have one
+    (:mod:`mqpolicy.policy.keys` escapes them)."""
+    for check in checks:
+        if not check.key.isascii():
+            _encodable(check.key)
+    if once_key is not None and not once_key.isascii():
+        _encodable(once_key)
+
+
+def _encodable(key: str) -> None:
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"store key {key!r} is not valid text (escape it first: "
+                         "mqpolicy.limit_keys.escape_key_part)") from None
+
+
 def encode_batch(
     prefix: str, batch: Sequence[PendingDecision]
-) -> tuple[list[str], list[int | float]]:
+) -> tuple[list[str], list[int]]:
     """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
     index: dict[str, int] = {}  # key -> its 1-based position in KEYS (insertion order)
-    args: list[int | float] = [len(batch)]
+    args: list[int] = [len(batch), CLOCK_STEP_ALLOWANCE_MS]
     extend = args.extend
     for p in batch:
         once = 0
@@ -573,7 +596,7 @@ def encode_batch(
             key = prefix + c.key
             flags = (_CONSUME if c.consume else 0) | (_BLOCKING if c.blocking else 0)
             slot = index.get(key) or index.setdefault(key, len(index) + 1)
-            extend((slot, c.interval_ms, c.burst, c.cost, flags))
+            extend((slot, c.refill, c.unit, c.burst, c.cost, flags))
     return list(index), args
 
 
@@ -632,7 +655,7 @@ async def inspect_buckets(
             if value is None or ttl == -2:
                 states.append(None)
             else:
-                states.append(BucketState(key, float(value), ttl))
+                states.append(BucketState(key, *parse_bucket(value), ttl))
     except caught as exc:
         raise StoreError(describe(exc)) from exc
     return states

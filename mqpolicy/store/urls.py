@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from mqpolicy.store.budget import CounterStore
 from mqpolicy.store.cluster import CLUSTER_SCHEMES, ClusterStore, parse_cluster_url
-from mqpolicy.store.memory import MemoryStore, parse_memory_url
+from mqpolicy.store.memory import DEFAULT_MAX_ENTRIES, MemoryStore, parse_memory_url
 from mqpolicy.store.redis import REDIS_SCHEMES, RedisStore, parse_redis_url
 from mqpolicy.store.sentinel import SENTINEL_SCHEMES, SentinelStore, parse_sentinel_url
 
@@ -55,16 +55,18 @@ def check_store_url(url: str) -> StoreKind:
     )
 
 
-def open_store(url: str, *, timeout_ms: int = 50, key_prefix: str = "mqpolicy:") -> CounterStore:
-    """``memory://`` is the embedded store; ``redis://``, ``rediss://`` and ``unix://`` are
-    one Redis (:class:`~mqpolicy.store.redis.RedisStore`); ``redis+sentinel://`` is the
-    master of a Sentinel-monitored service (:class:`~mqpolicy.store.sentinel.SentinelStore`)
-    and ``redis+cluster://`` a Redis Cluster (:class:`~mqpolicy.store.cluster.ClusterStore`);
+def open_store(url: str, *, timeout_ms: int = 50, key_prefix: str = "mqpolicy:",
+               max_entries: int = DEFAULT_MAX_ENTRIES) -> CounterStore:
+    """``memory://`` is the embedded store (of at most ``max_entries`` entries);
+    ``redis://``, ``rediss://`` and ``unix://`` are
+    one Redis (:class:`~mqpolicy.redis_store.RedisStore`); ``redis+sentinel://`` is the
+    master of a Sentinel-monitored service (:class:`~mqpolicy.sentinel_store.SentinelStore`)
+    and ``redis+cluster://`` a Redis Cluster (:class:`~mqpolicy.cluster_store.ClusterStore`);
     ``rediss+`` for TLS. Raises ValueError otherwise (:func:`check_store_url`)."""
     url = url.strip()
     kind = check_store_url(url)
     if kind == "memory":
-        return MemoryStore(key_prefix=key_prefix)
+        return MemoryStore(key_prefix=key_prefix, max_entries=max_entries)
     if kind == "redis":
         return RedisStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
     if kind == "sentinel":

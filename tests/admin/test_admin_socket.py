@@ -18,7 +18,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pytest
 
 from mqpolicy.admin.codec import encode_request
 from mqpolicy.lab.postfix_instance import MailStack, poll
+from tests.support.mqpolicy_command import mq
 from tests.support.postfix_fixture import held, lanes, restart_serve
 from tests.support.redis_fixture import RedisServer
 from tests.support.serve_process import MqpolicyProcess, ServeProcess, free_port
@@ -33,11 +33,6 @@ from tests.support.serve_process import MqpolicyProcess, ServeProcess, free_port
 RATE, BURST = "6/1h", 3  # one unit back every 600 s
 UNIT_S = 600
 HEADER = f"{'limit':<24} {'key':<40} {'remaining':>10} {'burst':>8}  full in"
-
-
-def mq(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mqpolicy", *args], input=stdin,
-                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def policy_text(port: int, store: str, admin: Path | None, mode: str = "0640") -> str:

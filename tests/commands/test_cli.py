@@ -13,15 +13,11 @@ import pytest
 
 from mqpolicy.lab.postfix_instance import READY_TIMEOUT_S, poll
 from tests.support.async_poll import poll_async
+from tests.support.mqpolicy_command import mq
 from tests.support.redis_fixture import RedisServer
 from tests.support.serve_process import ServeProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def mq(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mqpolicy", *args], input=stdin,
-                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def policy_text(port: int, rate: str = "2/1h", store: str = "memory://") -> str:
@@ -362,7 +358,7 @@ def test_reloads_run_one_at_a_time_in_the_order_of_the_signals() -> None:
     import os
     import signal
 
-    from mqpolicy.daemon.reload import reload_on_hangup
+    from mqpolicy.commands.reload import reload_on_hangup
 
     events: list[str] = []
 

@@ -34,6 +34,7 @@ from mqpolicy.metrics.registry import DESTINATIONS_IN_BACKOFF, HELD_MESSAGES, RE
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.memory import MemoryStore
+from tests.support.mqpolicy_command import mq
 from tests.support.serve_process import ServeProcess, free_port
 
 # ---------------------------------------------------------------- reading the exposition
@@ -245,11 +246,6 @@ limits:
   - {{name: per-sender, rate: 2/1h, key: sender, count: messages}}
 """)
     return path
-
-
-def mq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mqpolicy", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ def test_key_values(key: str, request_: Request, value: str) -> None:
     svc, _ = service(f"- {{name: l, rate: 10/1h, key: {key}}}\n")
     plan = make_plan(request_, svc.policy)
     assert [p.key for p in plan.limits] == [value]
-    assert plan.limits[0].check.key == f"rl:l:10/3600000/10:{value}"
+    assert plan.limits[0].check.key == f"rl:l:10/3600000/10/v2:{value}"
 
 
 @pytest.mark.parametrize("key", ["sasl_username", "sender", "client_network", "helo_name"])
@@ -293,9 +293,12 @@ def test_ten_recipient_message_counts_ten_recipients_and_one_message() -> None:
     assert final["msgs"].remaining == 99
     assert final["rcpts"].remaining == 90
     assert final["bytes"].remaining == 1_000_000 - 20_000
-    domain_state = asyncio.run(svc.store.inspect(["rl:per-domain:100/3600000/100:dest.example"], svc.clock_ms()))
+    domain_state = asyncio.run(svc.store.inspect(["rl:per-domain:100/3600000/100/v2:dest.example"], svc.clock_ms()))
     assert domain_state[0] is not None
-    assert domain_state[0].tat_ms == svc.clock_ms() + 10 * 36_000
+    per_domain = svc.policy.limits_by_name["per-domain"]
+    now = svc.clock_ms()
+    assert domain_state[0].free_units(per_domain.refill, per_domain.unit, 100, now) == 90
+    assert domain_state[0].full_at_ms(per_domain.refill, now) == now + 10 * 36_000
 
 
 def test_end_of_message_counted_once_per_queue_id() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from mqpolicy.decision.mx_resolver import LookupOutcome, MxResolver
 from mqpolicy.policy.destinations import DestinationMatcher, match_destination, parse_pattern
-from mqpolicy.store.budget import BudgetCheck
+from mqpolicy.store.budget import budget_check
 from mqpolicy.store.memory import MemoryStore
 from tests.support.async_poll import poll_async
 from tests.support.dns_fixture import FakeDnsServer
@@ -197,7 +197,7 @@ def test_rolled_up_domains_share_one_budget(dns_server: FakeDnsServer, clock: Fa
         allowed = []
         for domain in ["gmail.test", "gmail.test", "company.test", "own.test"]:
             destination = await resolver.destination_of(domain, GROUPS)
-            check = BudgetCheck(key=f"dest:{destination}", interval_ms=60_000, burst=2, cost=1)
+            check = budget_check(f"dest:{destination}", 1, 60_000, 2, 1)
             evaluation = await store.evaluate([check], now_ms=1_000)
             allowed.append(evaluation.results[0].allowed)
         return allowed

@@ -151,10 +151,12 @@ def test_lane_filter_and_counting_through_the_wire(store_factory: StoreFactory) 
                                       "recipient": f"u{i}@d.example", "instance": "i1",
                                       "client_address": "192.0.2.1"}) for i in range(10)]
             await ask(port, {**eom(1, "noreply@app.example"), "recipient_count": "10"})
-            state = await service.store.inspect(["rl:per-client:100000/3600000/100000:192.0.2.0/24"],
+            state = await service.store.inspect(["rl:per-client:100000/3600000/100000/v2:192.0.2.0/24"],
                                                 service.clock_ms())
             assert state[0] is not None
-            used = (state[0].tat_ms - now) / 36  # 36 ms per unit
+            limit = service.policy.limits_by_name["per-client"]
+            used = 100_000 - state[0].free_units(limit.refill, limit.unit, limit.burst,
+                                                 service.clock_ms())
             return rcpts, used
 
     rcpts, used = asyncio.run(go())

@@ -130,7 +130,7 @@ def test_lane_release_check() -> None:
     normal = lane_release_check(lanes[1], 5000)
     assert normal is not None
     # no explicit burst: what one pass interval earns (10/s over 5 s)
-    assert (normal.key, normal.interval_ms, normal.burst) == ("release:normal:10/1000/50",
+    assert (normal.key, normal.interval_ms, normal.burst) == ("release:normal:10/1000/50/v2",
                                                               100.0, 50)
     bulk = lane_release_check(lanes[2], 5000)
     assert bulk is not None and (bulk.burst, bulk.cost) == (3, 1)
@@ -144,12 +144,12 @@ def test_release_checks_use_the_live_buckets_of_recipient_keyed_limits() -> None
     lane_check, checks = release_checks(p, plan.due[0], 1000)
     assert lane_check is not None and lane_check.key.startswith("release:bulk:")
     by_key = {c.key: c for c in checks}
-    domain = "rl:per-domain:100/60000/5:"
+    domain = "rl:per-domain:100/60000/5/v2:"
     assert by_key[domain + "a.example"].cost == 2  # two recipients, one bucket
     assert by_key[domain + "b.example"].cost == 1
-    assert "rl:bulk-only:10/60000/10:a@a.example" in by_key  # scoped to the record's lane
+    assert "rl:bulk-only:10/60000/10/v2:a@a.example" in by_key  # scoped to the record's lane
     assert not any("per-sender" in k for k in by_key)  # spent at submission already
-    watch = by_key["rl:watch:1/3600000/1:watched.example"]
+    watch = by_key["rl:watch:1/3600000/1/v2:watched.example"]
     assert not watch.blocking
     # the normal lane: no bulk-only limit
     plan = plan_releases([e], records(rec("MULTI1", "normal")), now_ms=NOW, lanes=p.lanes)
@@ -207,8 +207,8 @@ def test_release_checks_spend_the_budgets_the_hold_left_unspent() -> None:
     plan = plan_releases([entry("OWING1")], records(big), now_ms=NOW, lanes=changed.lanes)
     _, checks = release_checks(changed, plan.due[0], 1000)
     (hourly,) = [c for c in checks if "hourly" in c.key]
-    assert (hourly.key, hourly.cost, hourly.interval_ms) == ("rl:hourly:120/3600000/5:app", 5,
-                                                             30_000)
+    assert (hourly.key, hourly.cost, hourly.interval_ms) == ("rl:hourly:120/3600000/5/v2:app",
+                                                             5, 30_000)
 
 
 def checks_without_spends(p: Policy, qid: str) -> list[BudgetCheck]:

@@ -1,7 +1,7 @@
 """Redis Cluster and Sentinel stores against real servers on loopback.
 
 Cluster: a real 3-master cluster (``redis-cli --cluster create``). Decisions whose keys span
-slots agree with the plain decision rules (the Reference of ``test_stores``), concurrent
+slots agree with the plain decision rules (the oracle of ``tests.support.budget_oracle``), concurrent
 decisions never spend a bucket beyond its budget, refused and duplicate decisions give back
 what they spent in other slots, a hash tag in the prefix makes every decision one call, and
 a dead master fails only the decisions that need its slots.
@@ -37,7 +37,7 @@ from mqpolicy.decision.service import DecisionService
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
-from mqpolicy.store.budget import BudgetCheck, BudgetResult, Evaluation, StoreError
+from mqpolicy.store.budget import BudgetCheck, BudgetResult, Evaluation, StoreError, budget_check
 from mqpolicy.store.cluster import ClusterStore, parse_cluster_url
 from mqpolicy.store.sentinel import (
     SentinelStore,
@@ -50,7 +50,7 @@ from mqpolicy.store.sentinel import (
     read_view,
 )
 from mqpolicy.store.urls import open_store
-from tests.support.gcra_reference import Reference
+from tests.support.budget_oracle import Oracle, RateCheck
 
 if TYPE_CHECKING:
     from tests.support.redis_ha_fixture import (
@@ -257,7 +257,7 @@ def test_open_store_routes_the_ha_schemes() -> None:
         assert isinstance(cluster, ClusterStore)
         for store in (sentinel, cluster):
             with pytest.raises(StoreError):  # nothing listens on port 1
-                await store.evaluate([BudgetCheck("k", 1000.0, 1, 1)], wall_ms())
+                await store.evaluate([unit_check("k", 1000, 1, 1)], wall_ms())
             await store.close()
 
     run(body)
@@ -265,21 +265,30 @@ def test_open_store_routes_the_ha_schemes() -> None:
 
 # ------------------------------------------------------------------ cluster
 
-# Dyadic intervals: a spend and its give-back cancel exactly in binary, so a store that
-# gives back is bit-for-bit comparable with a store that never spent.
-PROFILES = [("a", 200.0, 5), ("b", 1000.0, 3), ("c", 72_000.0, 50), ("d", 0.5, 2),
-            ("e", 250.0, 1), ("f", 4096.0, 0)]  # fmt: skip
+# (name, count, period_ms, burst): a spend and its give-back cancel exactly (integers)
+PROFILES = [("a", 5, 1000, 5), ("b", 1, 1000, 3), ("c", 50, HOUR, 50), ("d", 2, 1, 2),
+            ("e", 4, 1000, 1), ("f", 1, 4096, 0), ("g", 3, 1000, 7)]  # fmt: skip
 
 
-def random_decision(rng: random.Random) -> tuple[list[BudgetCheck], str | None]:
+def random_decision(rng: random.Random) -> tuple[list[RateCheck], str | None]:
     checks = []
     for _ in range(rng.randint(0, 4)):
-        name, interval, burst = rng.choice(PROFILES)
+        name, count, period, burst = rng.choice(PROFILES)
         cost = rng.choice([0, 1, 1, 1, 2, burst + 1])
-        checks.append(BudgetCheck(f"rl:{name}:{rng.randint(0, 2)}", interval, burst, cost,
-                                  consume=rng.random() < 0.85, blocking=rng.random() < 0.7))
+        checks.append(RateCheck(f"rl:{name}:{rng.randint(0, 2)}", count, period, burst, cost,
+                                consume=rng.random() < 0.85, blocking=rng.random() < 0.7))
     once = f"seen:m{rng.randint(0, 25)}" if rng.random() < 0.4 else None
     return checks, once
+
+
+def for_store(checks: list[RateCheck]) -> list[BudgetCheck]:
+    return [c.for_store() for c in checks]
+
+
+def unit_check(key: str, interval_ms: int, burst: int, cost: int, consume: bool = True,
+               blocking: bool = True) -> BudgetCheck:
+    """``cost`` units of a bucket of ``burst`` that gets one unit back every ``interval_ms``."""
+    return budget_check(key, 1, interval_ms, burst, cost, consume, blocking)
 
 
 @pytest.mark.e2e
@@ -294,15 +303,15 @@ def test_cluster_decisions_agree_with_the_decision_rules(
 
     async def body() -> None:
         store = ClusterStore(cluster.url, timeout_ms=2000, key_prefix="t:")
-        ref = Reference()
+        oracle = Oracle()
         offset = 0
         try:
             for op in range(150):
                 checks, once = random_decision(rng)
                 offset += 3 + rng.choice([0, 0, 1, 7, 150, 900, 5000])
                 now = wall_ms() + offset
-                want = ref.evaluate(checks, now, once)
-                got = await store.evaluate(checks, now, once)
+                want = oracle.evaluate(checks, now, once, 1 << 40)
+                got = await store.evaluate(for_store(checks), now, once, 1 << 40)
                 assert got == want, f"seed={seed} op={op} once={once} {checks}"
             assert store.split_decisions > 20 and store.refunds > 5, vars(store)
             assert store.refunds_failed == 0
@@ -328,11 +337,10 @@ def test_cluster_concurrent_split_decisions_never_overspend(cluster: RedisCluste
         senders = keys_in_distinct_slots(store, 4, "rl:sender:", taken)
         shared, senders = senders[0], senders[1:]
         once_keys = keys_in_distinct_slots(store, 300, "seen:q", taken)
-        interval = HOUR / 50
 
         def checks(i: int) -> list[BudgetCheck]:
-            return [BudgetCheck(senders[i % 3], interval, 50, 1),
-                    BudgetCheck(shared, HOUR / 120, 120, 1)]  # fmt: skip
+            return [budget_check(senders[i % 3], 50, HOUR, 50, 1),
+                    budget_check(shared, 120, HOUR, 120, 1)]  # fmt: skip
 
         try:
             waiting = list(range(300))
@@ -354,11 +362,11 @@ def test_cluster_concurrent_split_decisions_never_overspend(cluster: RedisCluste
             assert len(passed) == 120, waves
             assert all(n <= 50 for n in per_sender), per_sender
             assert store.split_decisions >= 300 and store.refunds_failed == 0
-            peek = [BudgetCheck(k, interval, 50, 1, consume=False) for k in senders]
+            peek = [budget_check(k, 50, HOUR, 50, 1, consume=False) for k in senders]
             later = await store.evaluate(peek, wall_ms())
             assert [r.remaining for r in later.results] == [50 - n for n in per_sender]
             shared_left = await store.evaluate(
-                [BudgetCheck(shared, HOUR / 120, 120, 1, consume=False)], wall_ms()
+                [budget_check(shared, 120, HOUR, 120, 1, consume=False)], wall_ms()
             )
             assert not shared_left.results[0].allowed
             assert shared_left.results[0].remaining == 0
@@ -378,13 +386,13 @@ def test_cluster_refused_decision_gives_back_its_other_slots(cluster: RedisClust
         roomy, full = keys_in_distinct_slots(store, 2, "rl:gb:")
         try:
             now = wall_ms()
-            first = await store.evaluate([BudgetCheck(roomy, 60_000.0, 10, 3)], now)
+            first = await store.evaluate([unit_check(roomy, 60_000, 10, 3)], now)
             assert first.committed
             (before,) = await store.inspect([roomy], now)
             assert before is not None
-            assert (await store.evaluate([BudgetCheck(full, 60_000.0, 1, 1)], now)).committed
+            assert (await store.evaluate([unit_check(full, 60_000, 1, 1)], now)).committed
             refused = await store.evaluate(
-                [BudgetCheck(roomy, 60_000.0, 10, 2), BudgetCheck(full, 60_000.0, 1, 1)],
+                [unit_check(roomy, 60_000, 10, 2), unit_check(full, 60_000, 1, 1)],
                 now,
                 "seen:refused",
             )
@@ -394,8 +402,11 @@ def test_cluster_refused_decision_gives_back_its_other_slots(cluster: RedisClust
             assert refused.results[0].remaining == 7  # counted after the give-back
             (after,) = await store.inspect([roomy], now)
             assert after is not None
-            # given back all but the few ms that passed since `now` (never more)
-            assert before.tat_ms - 50 < after.tat_ms <= before.tat_ms
+            # the bucket had a backlog: given back exactly what the refused decision took
+            refill = unit_check(roomy, 60_000, 10, 3).refill
+            at = after.at_ms  # Redis' clock at the give-back, a few ms after `now`
+            assert now <= at < now + 5000
+            assert after.debt_now(refill, at) == before.debt_now(refill, at)
             assert cluster.get("mqpolicy:seen:refused") is None
             assert store.refunds == 1
         finally:
@@ -409,7 +420,7 @@ def test_cluster_duplicate_spends_nothing_anywhere(cluster: RedisClusterHarness)
     async def body() -> None:
         store = ClusterStore(cluster.url, timeout_ms=2000)
         a, b = keys_in_distinct_slots(store, 2, "rl:dup:")
-        checks = [BudgetCheck(a, 60_000.0, 10, 1), BudgetCheck(b, 60_000.0, 10, 1)]
+        checks = [unit_check(a, 60_000, 10, 1), unit_check(b, 60_000, 10, 1)]
         try:
             now = wall_ms()
             assert (await store.evaluate(checks, now, "seen:msg")).committed
@@ -433,12 +444,13 @@ def test_cluster_hash_tag_prefix_makes_each_decision_one_call(
     async def body() -> None:
         store = ClusterStore(cluster.url, timeout_ms=2000, key_prefix="{mq}:")
         rng = random.Random(5)
-        ref = Reference()
+        oracle = Oracle()
         try:
             for _ in range(60):
                 checks, once = random_decision(rng)
                 now = wall_ms()
-                assert await store.evaluate(checks, now, once) == ref.evaluate(checks, now, once)
+                got = await store.evaluate(for_store(checks), now, once)
+                assert got == oracle.evaluate(checks, now, once)
             assert store.split_decisions == 0 and store.refunds == 0
             assert store.slot_calls == store.batches_sent
             assert {store.slot_of(k) for k in ("rl:a:0", "seen:x", "zz")} == {store.slot_of("q")}
@@ -457,11 +469,13 @@ def test_cluster_inspect_scan_reset_ping(cluster: RedisClusterHarness) -> None:
             await store.ping()
             now = wall_ms()
             for key in keys:
-                assert (await store.evaluate([BudgetCheck(key, 1000.0, 5, 2)], now)).committed
+                assert (await store.evaluate([unit_check(key, 1000, 5, 2)], now)).committed
             nodes = {cluster.node_of_key("p[*]:" + k).port for k in keys}
             assert len(nodes) > 1  # really spread over masters
             states = await store.inspect([*keys, "rl:absent"], now)
-            assert [s.tat_ms if s else None for s in states] == [now + 2000.0] * 12 + [None]
+            refill = unit_check("k", 1000, 5, 2).refill
+            assert [s.full_at_ms(refill, now) if s else None for s in states] == (
+                [now + 2000] * 12 + [None])
             assert await store.scan("rl:scan:*") == sorted(keys)
             some = await store.scan("rl:scan:*", count=3)
             assert len(some) == 3 and set(some) <= set(keys)
@@ -478,7 +492,7 @@ def test_cluster_lost_script_cache_is_reloaded(cluster: RedisClusterHarness) -> 
     async def body() -> None:
         store = ClusterStore(cluster.url, timeout_ms=2000)
         keys = keys_in_distinct_slots(store, 6, "rl:noscript:")
-        checks = [BudgetCheck(k, 1000.0, 1, 1) for k in keys]
+        checks = [unit_check(k, 1000, 1, 1) for k in keys]
         try:
             assert (await store.evaluate(checks[:3], wall_ms())).committed
             for node in cluster.nodes:
@@ -506,12 +520,12 @@ def test_cluster_dead_master_fails_only_decisions_that_need_it(
         elsewhere = [k for k in keys if k not in on_victim]
         assert on_victim and len(elsewhere) >= 2
         try:
-            assert (await store.evaluate([BudgetCheck(on_victim[0], 60_000.0, 5, 1)],
+            assert (await store.evaluate([unit_check(on_victim[0], 60_000, 5, 1)],
                                          wall_ms())).committed
             victim.kill()
-            healthy = BudgetCheck(elsewhere[0], 60_000.0, 5, 1)
-            split = [BudgetCheck(elsewhere[1], 60_000.0, 5, 1),
-                     BudgetCheck(on_victim[0], 60_000.0, 5, 1)]
+            healthy = unit_check(elsewhere[0], 60_000, 5, 1)
+            split = [unit_check(elsewhere[1], 60_000, 5, 1),
+                     unit_check(on_victim[0], 60_000, 5, 1)]
             started = time.monotonic()
             with pytest.raises(StoreError):
                 await store.evaluate(split, wall_ms())
@@ -564,7 +578,7 @@ def test_sentinel_store_works_on_the_master(redis_sentinel: RedisSentinelHarness
         try:
             await store.ping()
             assert await store.master_address() == ("127.0.0.1", redis_sentinel.master.port)
-            got = await store.evaluate([BudgetCheck("k", 1000.0, 2, 1)], wall_ms(), "seen:1")
+            got = await store.evaluate([unit_check("k", 1000, 2, 1)], wall_ms(), "seen:1")
             assert got.committed
             with redis_sentinel.master.client() as client:
                 assert sorted(client.keys("*")) == [b"mqpolicy:k", b"mqpolicy:seen:1"]
@@ -665,7 +679,7 @@ def test_sentinel_all_sentinels_down_fails_fast(redis_sentinel: RedisSentinelHar
                 sentinel.stop()
             started = time.monotonic()
             with pytest.raises(StoreError):
-                await store.evaluate([BudgetCheck("k", 1000.0, 1, 1)], wall_ms())
+                await store.evaluate([unit_check("k", 1000, 1, 1)], wall_ms())
             assert time.monotonic() - started < 0.5 * 10  # its deadline, with slack
         finally:
             await store.close()
