@@ -133,7 +133,7 @@ def wait_accepting(started: Started, address: str | tuple[str, int],
                    timeout: float = 30.0) -> None:
     """Poll a connect to ``address`` (a unix socket path, or (host, port)) until it succeeds;
     RuntimeError with the end of its log if the process exits first or the time runs out."""
-    from mqpolicy.lab.postfix_instance import accepts, log_tail, poll  # noqa: PLC0415
+    from mqpolicy.lab.readiness import accepts, log_tail, poll  # noqa: PLC0415
     from mqpolicy.policy.endpoints import Endpoint  # noqa: PLC0415 (see the module's docstring)
 
     endpoint = (Endpoint(path=address) if isinstance(address, str)

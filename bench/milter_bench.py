@@ -59,7 +59,7 @@ from bench_processes import (
 from miltertest import MilterConnection, codec
 from miltertest import constants as C
 
-from mqpolicy.lab.postfix_instance import free_port
+from mqpolicy.lab.readiness import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

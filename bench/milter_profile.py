@@ -33,7 +33,8 @@ from milter_bench import HEADERS, POLICY
 from milter_floor import Floor
 
 from mqpolicy.decision.service import DecisionService
-from mqpolicy.milter.service import DecisionGateway, PolicyMilter
+from mqpolicy.milter.callbacks import PolicyMilter
+from mqpolicy.milter.gateway import DecisionGateway
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.store.memory import MemoryStore
 

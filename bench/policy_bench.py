@@ -42,7 +42,7 @@ from typing import Any
 
 from bench_processes import Processes, Started, sigterm_as_interrupt, wait_accepting
 
-from mqpolicy.lab.postfix_instance import free_port, log_tail
+from mqpolicy.lab.readiness import free_port, log_tail
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD = Path(__file__).resolve().parent / "policy_load.py"

@@ -41,7 +41,7 @@ from bench_processes import Processes, cpu_seconds, sigterm_as_interrupt, wait_a
 from policy_bench import POLICY_TEMPLATE, REPO
 
 from mqpolicy.delegation.codec import encode_request
-from mqpolicy.lab.postfix_instance import free_port
+from mqpolicy.lab.readiness import free_port
 
 PROBE_REQUEST = encode_request({
     "request": "smtpd_access_policy",

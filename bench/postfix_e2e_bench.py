@@ -66,15 +66,11 @@ from bench_processes import (  # noqa: E402
     sigterm_as_interrupt,
 )
 
-from mqpolicy.lab.postfix_instance import (  # noqa: E402
-    PolicyServerProcess,
-    PostfixInstance,
-    free_port,
-    make_message,
-    policy_with_listen,
-    poll,
-    submit_on,
-)
+from mqpolicy.lab.mail_stack import policy_with_listen  # noqa: E402
+from mqpolicy.lab.policy_server_process import PolicyServerProcess  # noqa: E402
+from mqpolicy.lab.postfix_instance import PostfixInstance  # noqa: E402
+from mqpolicy.lab.readiness import free_port, poll  # noqa: E402
+from mqpolicy.lab.smtp_client import make_message, submit_on  # noqa: E402
 from mqpolicy.lab.smtp_sink import SmtpSink  # noqa: E402
 from mqpolicy.policy.endpoints import Endpoint  # noqa: E402
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_processes import Processes, sigterm_as_interrupt, wait_accepting
 from redis.asyncio import Redis
 
-from mqpolicy.lab.postfix_instance import free_port
+from mqpolicy.lab.readiness import free_port
 from mqpolicy.store.budget import BudgetCheck, budget_check
 from mqpolicy.store.redis import RedisStore, _Pending, load_script
 

@@ -23,7 +23,7 @@ pytest_plugins += ["tests.support.milter_session"]
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
     """A short directory for sockets (a unix socket path has at most 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="mqadm-", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="mqsock-", dir="/tmp"))
     try:
         yield path
     finally:

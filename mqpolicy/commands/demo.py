@@ -17,9 +17,11 @@ from mqpolicy.lab.demo import (
     report,
     send_mix,
 )
-from mqpolicy.lab.postfix_instance import POSTFIX, MailStack, PostfixError
+from mqpolicy.lab.mail_stack import MailStack
+from mqpolicy.lab.postfix_instance import PostfixError
 from mqpolicy.lab.smtp_sink import SinkMessage
 from mqpolicy.policy.model import Policy
+from mqpolicy.postfix.programs import POSTFIX
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +34,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def run_demo(policy: Policy, path: Path, args: argparse.Namespace,
              out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    if os.geteuid() != 0 or not os.access(POSTFIX, os.X_OK):
+    if os.geteuid() != 0 or not os.access(POSTFIX.path, os.X_OK):
         print("mqpolicy demo: needs root and Postfix installed (it runs a private Postfix "
               "instance; the system one is not touched)", file=sys.stderr)
         return 1

@@ -12,20 +12,15 @@ from typing import TextIO
 
 from mqpolicy.policy.endpoints import EndpointSyntaxError
 from mqpolicy.policy.model import Policy
+from mqpolicy.postfix.config_check import Finding, Status, compare
 from mqpolicy.postfix.config_generator import (
     DEFAULT_POLICY_ACTION,
-    DEFAULT_POSTFIX_DIR,
-    DEFAULT_QUEUE_DIR,
-    SECTIONS,
-    Finding,
     PostfixConfigOptions,
-    Status,
-    compare,
     generate,
     needs_destination_transports,
-    read_parameters,
-    read_postfix,
 )
+from mqpolicy.postfix.postconf import read_parameters, read_postfix
+from mqpolicy.postfix.settings import DEFAULT_POSTFIX_DIR, DEFAULT_QUEUE_DIR, SECTIONS
 
 EXIT_OK = 0
 

@@ -33,6 +33,7 @@ from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.delegation.server import (
     PolicyServer,
     ServerCounters,
+    SyncPolicyHandler,
     register_policy_server_metrics,
 )
 from mqpolicy.feedback.follower import FeedbackService
@@ -43,7 +44,8 @@ from mqpolicy.metrics.registry import (
     ReloadStats,
     register_reload_metrics,
 )
-from mqpolicy.milter.service import MilterCounters, MilterRunner, register_milter_metrics
+from mqpolicy.milter.gateway import MilterCounters, register_milter_metrics
+from mqpolicy.milter.runner import MilterRunner
 from mqpolicy.policy.destinations import needs_mx
 from mqpolicy.policy.endpoints import EndpointSyntaxError, parse_endpoint
 from mqpolicy.policy.model import MetricsSettings, MilterSettings, Policy, SchedulerSettings
@@ -92,8 +94,9 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     # runs while the policy has a feedback section (a reload can add or remove it)
     feedback = FeedbackService(lambda: service.policy, backoff_store, service.destination_of,
                                clock_ms=wall_clock_ms, on_change=refresher.refresh)
+    handler: SyncPolicyHandler = PostfixPolicyHandler(service, records)  # answers at once
     server = PolicyServer(
-        PostfixPolicyHandler(service, records),
+        handler,
         policy.listen,
         idle_timeout_s=policy.server.idle_timeout_s,
         max_request_bytes=policy.server.max_request_size,

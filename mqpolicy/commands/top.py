@@ -1,7 +1,7 @@
 """``mqpolicy top``: what an operator watches during a campaign, refreshed every second.
 
 Reads only what a running ``mqpolicy serve`` exposes on its metrics port: ``GET /metrics``
-(Prometheus text) and ``GET /top.json`` (busiest limit keys, sections of later parts). Rates
+(Prometheus text) and ``GET /top.json`` (busiest limit keys, any section a part registers). Rates
 are differences between two scrapes; the first screen, and ``--once``, show totals since
 the server started. Plain ANSI (cursor home, clear to end of line and of screen): no
 curses. Everything shown that came from the server is stripped of control characters.
@@ -438,7 +438,8 @@ def render(prev: Snapshot | None, cur: Snapshot, source: str, *,
 
 
 def _section_lines(cur: Snapshot, rows: int = 5) -> list[str]:
-    """Sections that later parts add to /top.json, as small tables."""
+    """The sections of /top.json other than the busiest keys (those a part registers with
+    ``json_section``), as small tables."""
     out: list[str] = []
     for name, value in sorted((cur.sections or {}).items()):
         if name == "busiest_keys":

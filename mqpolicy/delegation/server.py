@@ -4,11 +4,11 @@ This module is the only place that touches sockets; decoding lives in
 :mod:`mqpolicy.delegation.codec` and decisions in the :class:`PolicyHandler` passed in.
 
 Each connection is an :class:`asyncio.Protocol`: a request is decoded and answered in the
-callback that received it when the handler can answer at once (``handle_now``, e.g. a
-decision on the embedded store), without waking a task; otherwise the handler's coroutine
-runs as a task and the answer is written when it ends. That is one loop iteration per
-request instead of several, which is most of a policy server's cost when Postfix sends a
-request, waits, and sends the next.
+callback that received it when the handler can answer at once (a
+:class:`SyncPolicyHandler`'s ``handle_now``, e.g. a decision on the embedded store),
+without waking a task; otherwise the handler's coroutine runs as a task and the answer is
+written when it ends. That is one loop iteration per request instead of several, which is
+most of a policy server's cost when Postfix sends a request, waits, and sends the next.
 
 Per connection (Postfix keeps it open and sends request after request):
 
@@ -52,7 +52,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from inspect import CORO_CREATED
 from types import TracebackType
-from typing import Protocol, cast
+from typing import Protocol, cast, runtime_checkable
 
 from mqpolicy.daemon.structured_log import LogBurst, connection_id_var
 from mqpolicy.daemon.unix_sockets import OwnedSocket, bind_unix
@@ -94,13 +94,22 @@ _REQUESTS_PER_TURN = 16
 
 
 class PolicyHandler(Protocol):
-    """What the server calls for every request.
-
-    A handler may also have ``handle_now(attrs) -> str | Awaitable[str]``: the answer when
-    it is known at once, else an awaitable of it. The server then calls only that."""
+    """What the server calls for every request (a :class:`SyncPolicyHandler` may answer at
+    once instead)."""
 
     async def handle(self, attrs: dict[str, str]) -> str:
         """Return the action text, e.g. ``"DUNNO"`` or ``"450 4.7.1 slow down"``."""
+        ...
+
+
+@runtime_checkable
+class SyncPolicyHandler(PolicyHandler, Protocol):
+    """A handler that can answer at once: the server calls only :meth:`handle_now`, in the
+    callback that read the request, and writes the answer there when it is a string."""
+
+    def handle_now(self, attrs: dict[str, str]) -> str | Awaitable[str]:
+        """The action text when it is known without waiting (e.g. a decision on the
+        embedded store), else an awaitable of it."""
         ...
 
 
@@ -150,8 +159,8 @@ class PolicyServer:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         PolicyDecoder(max_request_bytes, max_lines)  # validates the limits
-        self._handle_now: Callable[[dict[str, str]], str | Awaitable[str]] = getattr(
-            handler, "handle_now", handler.handle)
+        self._handle_now: Callable[[dict[str, str]], str | Awaitable[str]] = (
+            handler.handle_now if isinstance(handler, SyncPolicyHandler) else handler.handle)
         self._endpoints = tuple(endpoints)
         self._idle_timeout_s = float(idle_timeout_s)
         self._max_request_bytes = max_request_bytes

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from mqpolicy.policy.request import domain_of
+
 STATUSES = frozenset({"sent", "deferred", "bounced", "expired"})
 _STATUS_ALIASES = {"softbounce": "deferred"}
 
@@ -58,6 +60,7 @@ _REMOTE = re.compile(r"\bhost \S+? (?:said|refused to talk to me): ")
 _IN_REPLY_TO = re.compile(r" \(in reply to [^()]*\)$")
 _REPLY_CODE = re.compile(r"(?P<code>[2-5]\d\d)(?:[ -]|$)")
 _ENHANCED = re.compile(r"\b(?P<class>[245])\.(?P<subject>\d{1,3})\.(?P<detail>\d{1,3})\b")
+_QUEUED_AS = re.compile(r"\bqueued as (?P<id>\S+?)\)?$")
 _MAX_LINE = 16_384
 
 
@@ -101,6 +104,21 @@ class DeliveryEvent:
     def syslog_name(self) -> str:
         """The ``syslog_name`` part: ``postfix/mq-bulk`` for ``postfix/mq-bulk/smtp``."""
         return self.service.rpartition("/")[0]
+
+    @property
+    def transport(self) -> str:
+        """The master.cf service that delivered, as its syslog name shows it: ``mq-bulk``
+        for ``postfix/mq-bulk/smtp`` (``-o syslog_name=postfix/mq-bulk``, as
+        ``postfix-config`` gives each lane's transport), ``smtp`` for ``postfix/smtp``."""
+        parts = self.service.split("/")
+        return parts[-2] if len(parts) >= 3 else parts[-1]
+
+    @property
+    def remote_queue_id(self) -> str:
+        """The receiving server's queue id when its reply names one (``250 2.0.0 Ok:
+        queued as 4Xyz``), else ''."""
+        match = _QUEUED_AS.search(self.reply)
+        return match["id"] if match else ""
 
     @property
     def suspended(self) -> bool:
@@ -275,15 +293,6 @@ def _syslog_time(header: re.Match[str], reference: datetime | None) -> datetime 
         if candidate <= reference + timedelta(days=7):
             return candidate
     return None
-
-
-def domain_of(address: str) -> str:
-    """The domain of an address, lower case, without a trailing dot ('' if none).
-    The last ``@`` separates it: a quoted local part may hold ``@`` itself."""
-    local, at, domain = address.rpartition("@")
-    if not at or not local:
-        return ""
-    return domain.rstrip(".").lower()
 
 
 def _relay_host(relay: str) -> str:

@@ -1,6 +1,6 @@
 """``mqpolicy demo``: a private Postfix, an SMTP sink and mqpolicy, and a realistic mix.
 
-Starts a :class:`~mqpolicy.lab.postfix_instance.MailStack` (private Postfix configured from
+Starts a :class:`~mqpolicy.lab.mail_stack.MailStack` (private Postfix configured from
 ``mqpolicy postfix-config``, an SMTP sink as the internet, ``mqpolicy serve``) with the
 demo policy, sends password resets, a newsletter in batches, a flooding sender and some
 ordinary mail, waits for what should be delivered, prints a short report per lane and
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from mqpolicy.lab.postfix_instance import MailStack, Submission
+from mqpolicy.lab.mail_stack import MailStack
+from mqpolicy.lab.smtp_client import Submission
 from mqpolicy.lab.smtp_sink import SinkMessage
 from mqpolicy.policy.model import Policy
 

@@ -1,7 +1,8 @@
 """The two instruments a decision updates on the hot path: :class:`LatencyHistogram` and
-:class:`BusiestKeys`. No I/O, no lock, nothing of the services: the decision service and
-the scheduler own them, and the registry reads them at scrape time
-(:mod:`mqpolicy.metrics.registry`)."""
+:class:`BusiestKeys`. No I/O, nothing of the services, and no lock of their own: the
+decision service and the scheduler own them and change them under their own lock where
+several threads decide (the decision service's ``stats_lock``), and the registry reads them
+at scrape time (:mod:`mqpolicy.metrics.registry`)."""
 
 from __future__ import annotations
 

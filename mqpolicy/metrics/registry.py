@@ -2,9 +2,13 @@
 
 Nothing here runs per event: every metric is read from the live counters when it is
 scraped (the hot-path instruments are :mod:`mqpolicy.metrics.instruments`; the HTTP server
-that serves the registry is :mod:`mqpolicy.metrics.http`). Everything (the instruments,
-the collectors, the HTTP server) lives on the event loop thread; front-ends on other
-threads (the milter) hand their decisions to the loop, so no lock is needed anywhere.
+that serves the registry is :mod:`mqpolicy.metrics.http`). The registry and the HTTP server
+live on the event loop thread, where the read callbacks run. The counters they read are
+changed where the events happen, which is not always that thread: the milter decides on
+libmilter's threads when the decision needs no I/O, so the decision service changes its
+stats under its ``stats_lock`` and its callbacks that iterate them hold that lock too
+(:func:`mqpolicy.decision.service.register_decision_metrics`); the milter's own counters
+have a lock of their own (:class:`mqpolicy.milter.gateway.MilterCounters`).
 
 Registering metrics
 -------------------
@@ -12,7 +16,7 @@ The composition root (:func:`mqpolicy.commands.serve.core_registry`) builds one
 :class:`MetricsRegistry` and hands it to every part it builds; each part's registrations
 live with the part (``register_decision_metrics`` in :mod:`mqpolicy.decision.service`,
 ``register_policy_server_metrics`` in :mod:`mqpolicy.delegation.server`,
-``register_milter_metrics`` in :mod:`mqpolicy.milter.service`,
+``register_milter_metrics`` in :mod:`mqpolicy.milter.gateway`,
 ``register_scheduler_metrics`` in :mod:`mqpolicy.scheduler.scheduler`). A part registers
 *read callbacks*, never pushes values::
 

@@ -24,7 +24,9 @@ def _int(value: str | None) -> int:
 
 
 def domain_of(address: str) -> str:
-    """The domain part of an address, lower-cased ('' when there is none)."""
+    """The domain part of an address, lower-cased, without a trailing dot ('' when there is
+    none). The last ``@`` separates it (a quoted local part may hold one); an empty local
+    part keeps its domain: Postfix hands ``""@x`` over as ``@x`` and delivers it to x."""
     _, at, domain = address.rpartition("@")
     return domain.lower().rstrip(".") if at else ""
 

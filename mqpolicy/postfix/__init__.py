@@ -1,1 +1,2 @@
-"""What Postfix needs for a policy: the ``mqpolicy postfix-config`` settings and their check."""
+"""What mqpolicy knows of Postfix itself: where its programs are, the settings a policy needs
+(``mqpolicy postfix-config``) and their check against an installed Postfix."""

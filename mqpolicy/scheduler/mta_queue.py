@@ -1,8 +1,10 @@
 """What the scheduler needs from an MTA's queue, whichever MTA it is.
 
 :class:`MtaQueue` is implemented by :class:`~mqpolicy.scheduler.postfix_queue.PostfixQueue`
-(``postqueue``/``postsuper``) and :class:`~mqpolicy.scheduler.sendmail_queue.SendmailQueue`
-(``sendmail -bp -qQ`` / ``-qI<id> -qQ -Q``). Commands run with
+(``postqueue``/``postsuper``), :class:`~mqpolicy.scheduler.sendmail_queue.SendmailQueue`
+(``sendmail -bp -qQ`` / ``-qI<id> -qQ -Q``) and
+:class:`~mqpolicy.scheduler.agent_queue.AgentQueue` (releases asked of ``mqpolicy
+release-agent``). Commands run with
 ``asyncio.create_subprocess_exec`` (never a shell), each with a deadline; a command that
 overruns it is killed by its PID.
 """
@@ -30,6 +32,10 @@ class QueueEntry(NamedTuple):
     size: int
     sender: str
     recipients: tuple[str, ...]
+    # why each recipient waits, in the order of ``recipients`` (Postfix's delay_reason, ''
+    # for a recipient not tried yet); () when no recipient was tried or the listing does
+    # not say (Sendmail's)
+    delay_reasons: tuple[str, ...] = ()
 
 
 class QueueSnapshot(NamedTuple):

@@ -10,18 +10,21 @@ with ``address`` and, once tried, ``delay_reason``); ``postsuper -H -`` reads qu
 standard input and reports ``postsuper: <id>: released from hold`` on standard error for
 each one it moved (to the deferred queue; ids not on hold are skipped silently);
 ``postqueue -i`` takes one queue id per call and exits 0 even for an unknown id.
+
+The programs are ``$MQPOLICY_POSTQUEUE`` and ``$MQPOLICY_POSTSUPER``, else those in
+``/usr/sbin`` (:mod:`mqpolicy.postfix.programs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mqpolicy.postfix.programs import POSTQUEUE, POSTSUPER
 from mqpolicy.scheduler.mta_queue import (
     QueueCommandError,
     QueueEntry,
@@ -34,9 +37,6 @@ from mqpolicy.scheduler.mta_queue import (
 
 __all__ = ["PostfixQueue", "parse_postqueue_json", "parse_released"]
 
-POSTQUEUE = os.environ.get("MQPOLICY_POSTQUEUE", "/usr/sbin/postqueue")
-POSTSUPER = os.environ.get("MQPOLICY_POSTSUPER", "/usr/sbin/postsuper")
-
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{5,32}$")
 _RELEASED = re.compile(r"^postsuper: ([0-9A-Za-z]+): released from hold\s*$", re.MULTILINE)
 _MAX_PROBLEMS = 20
@@ -47,7 +47,9 @@ _MAX_PROBLEMS = 20
 _scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
-def _entry(data: object) -> QueueEntry:
+def _entry(data: object, tried: bool) -> QueueEntry:
+    """One message; ``tried``: its line has a ``delay_reason`` (most held messages have
+    none: their recipients are not scanned for one)."""
     if type(data) is not dict:
         raise ValueError("not a JSON object")
     try:
@@ -55,9 +57,10 @@ def _entry(data: object) -> QueueEntry:
         queue_name = data["queue_name"]
         rcpts = data.get("recipients") or ()
         recipients = tuple([r["address"] for r in rcpts])
+        reasons = tuple([r.get("delay_reason", "") for r in rcpts]) if tried else ()
         sender = data.get("sender") or ""
         entry = QueueEntry(queue_id, queue_name, int(data.get("arrival_time", 0)),
-                           int(data.get("message_size", 0)), sender, recipients)
+                           int(data.get("message_size", 0)), sender, recipients, reasons)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"unexpected layout: {exc!r}") from None
     if type(queue_id) is not str or not _QUEUE_ID.match(queue_id):
@@ -66,6 +69,8 @@ def _entry(data: object) -> QueueEntry:
         raise ValueError(f"bad queue_name {queue_name!r}")
     if type(sender) is not str or not all(type(r) is str for r in recipients):
         raise ValueError("addresses are not strings")
+    if reasons and not all(type(r) is str for r in reasons):
+        raise ValueError("delay reasons are not strings")
     return entry
 
 
@@ -82,7 +87,7 @@ def parse_postqueue_json(data: bytes | str) -> QueueSnapshot:
             parsed, end = scan(line, 0)
             if end != len(line) and line[end:].strip():
                 raise ValueError("trailing data")
-            append(_entry(parsed))
+            append(_entry(parsed, "delay_reason" in line))
         except StopIteration:
             if line.strip() and len(problems) < _MAX_PROBLEMS:
                 problems.append(f"line {number}: not JSON: {line[:200]!r}")
@@ -102,12 +107,14 @@ def parse_released(output: bytes | str) -> set[str]:
 class PostfixQueue:
     """One Postfix instance's queue (``-c config_dir`` on every command)."""
 
-    def __init__(self, config_dir: str, *, postqueue: str = POSTQUEUE,
-                 postsuper: str = POSTSUPER, timeout_s: float = 60.0,
+    def __init__(self, config_dir: str, *, postqueue: str | None = None,
+                 postsuper: str | None = None, timeout_s: float = 60.0,
                  deliver_concurrency: int = 4) -> None:
+        """``postqueue``, ``postsuper``: the programs' paths (default: as
+        :mod:`mqpolicy.postfix.programs` finds them)."""
         self.config_dir = config_dir
-        self._postqueue = postqueue
-        self._postsuper = postsuper
+        self._postqueue = postqueue or POSTQUEUE.path
+        self._postsuper = postsuper or POSTSUPER.path
         self._timeout_s = timeout_s
         self._deliver_slots = asyncio.Semaphore(max(1, deliver_concurrency))
 

@@ -7,7 +7,7 @@ the master's credentials; options: ``sentinel_username``, ``sentinel_password`` 
 sentinels themselves require AUTH). Example:
 ``redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/mqpolicy/0``.
 
-Everything a decision does is exactly :class:`~mqpolicy.redis_store.RedisStore`'s (one
+Everything a decision does is exactly :class:`~mqpolicy.store.redis.RedisStore`'s (one
 atomic Lua call per batch, same keys, same deadline); only the way to the master differs
 (:class:`MasterTracker`): the store asks every sentinel, takes the newest configuration
 they name and writes there once that server answers ``ROLE`` as master.

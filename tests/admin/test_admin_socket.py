@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.admin.codec import encode_request
-from mqpolicy.lab.postfix_instance import MailStack, poll
+from mqpolicy.lab.mail_stack import MailStack
+from mqpolicy.lab.readiness import poll
 from tests.support.mqpolicy_command import mq
 from tests.support.postfix_fixture import held, lanes, restart_serve
 from tests.support.redis_fixture import RedisServer

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.lab.postfix_instance import READY_TIMEOUT_S, poll
+from mqpolicy.lab.readiness import READY_TIMEOUT_S, poll
 from tests.support.async_poll import poll_async
+from tests.support.lanes import RESETS_LANES
 from tests.support.mqpolicy_command import mq
 from tests.support.redis_fixture import RedisServer
 from tests.support.serve_process import ServeProcess, free_port
@@ -24,13 +25,7 @@ def policy_text(port: int, rate: str = "2/1h", store: str = "memory://") -> str:
     return f"""\
 listen: [127.0.0.1:{port}]
 store: {{url: "{store}"}}
-lanes:
-  - {{name: transactional, transport: mq-transactional}}
-  - {{name: normal}}
-default_lane: normal
-classify:
-  - {{name: resets, when: {{sender: "@app.example"}}, lane: transactional}}
-limits:
+{RESETS_LANES}limits:
   - {{name: per-sender, rate: {rate}, key: sender, count: messages,
       message: "slow down {{key}}, retry in {{retry_after}}s"}}
   - {{name: per-domain, rate: 100/1m, key: recipient_domain, count: recipients}}

@@ -7,10 +7,8 @@ reload, ``STOPPING=1`` at SIGTERM. Feedback has no reload (its unit sends no SIG
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.lab.postfix_instance import accepts, free_port
+from mqpolicy.lab.readiness import accepts, free_port
 from mqpolicy.policy.endpoints import Endpoint
 from tests.support.redis_fixture import RedisServer
 from tests.support.serve_process import MqpolicyProcess
@@ -63,16 +61,6 @@ def notify() -> Iterator[NotifySocket]:
         listener.close()
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """Short (unix socket paths), under /tmp."""
-    path = Path(tempfile.mkdtemp(prefix="mqnotify-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def run(command: str, policy: Path, notify: NotifySocket, *, listens_on: Endpoint | None,
         reloads: bool) -> None:
     """Start ``mqpolicy COMMAND``; check READY (and that ``listens_on`` accepts then),
@@ -106,40 +94,40 @@ def run(command: str, policy: Path, notify: NotifySocket, *, listens_on: Endpoin
 LOG = "log:\n  format: kv\n  level: info\n"
 
 
-def test_serve(notify: NotifySocket, workdir: Path) -> None:
+def test_serve(notify: NotifySocket, sock_dir: Path) -> None:
     port = free_port()
-    policy = workdir / "policy.yaml"
+    policy = sock_dir / "policy.yaml"
     policy.write_text(f"listen: 127.0.0.1:{port}\nstore:\n  url: memory://\n{LOG}")
     run("serve", policy, notify, listens_on=Endpoint(host="127.0.0.1", port=port),
         reloads=True)
 
 
-def test_milter(notify: NotifySocket, workdir: Path) -> None:
-    path = workdir / "milter.sock"
-    policy = workdir / "policy.yaml"
+def test_milter(notify: NotifySocket, sock_dir: Path) -> None:
+    path = sock_dir / "milter.sock"
+    policy = sock_dir / "policy.yaml"
     policy.write_text(f"store:\n  url: memory://\nmilter:\n  listen: unix:{path}\n{LOG}")
     run("milter", policy, notify, listens_on=Endpoint(path=str(path)), reloads=True)
 
 
-def test_release_agent(notify: NotifySocket, workdir: Path) -> None:
-    path = workdir / "agent.sock"
-    policy = workdir / "policy.yaml"
-    policy.write_text(f"scheduler:\n  postfix_config_dir: {workdir}\n"
+def test_release_agent(notify: NotifySocket, sock_dir: Path) -> None:
+    path = sock_dir / "agent.sock"
+    policy = sock_dir / "policy.yaml"
+    policy.write_text(f"scheduler:\n  postfix_config_dir: {sock_dir}\n"
                       f"  release_agent: unix:{path}\n{LOG}")
     run("release-agent", policy, notify, listens_on=Endpoint(path=str(path)), reloads=True)
 
 
-def test_scheduler(notify: NotifySocket, workdir: Path, redis_clean: RedisServer) -> None:
-    policy = workdir / "policy.yaml"
+def test_scheduler(notify: NotifySocket, sock_dir: Path, redis_clean: RedisServer) -> None:
+    policy = sock_dir / "policy.yaml"
     policy.write_text(f"store:\n  url: {redis_clean.unix_url}\n  key_prefix: \"notify:\"\n"
-                      f"scheduler:\n  postfix_config_dir: {workdir}\n  interval: 1s\n{LOG}")
+                      f"scheduler:\n  postfix_config_dir: {sock_dir}\n  interval: 1s\n{LOG}")
     run("scheduler", policy, notify, listens_on=None, reloads=True)
 
 
-def test_feedback(notify: NotifySocket, workdir: Path, redis_clean: RedisServer) -> None:
-    log_file = workdir / "mail.log"
+def test_feedback(notify: NotifySocket, sock_dir: Path, redis_clean: RedisServer) -> None:
+    log_file = sock_dir / "mail.log"
     log_file.write_text("")
-    policy = workdir / "policy.yaml"
+    policy = sock_dir / "policy.yaml"
     policy.write_text(f"store:\n  url: {redis_clean.unix_url}\n  key_prefix: \"notify:\"\n"
                       "destinations:\n  - {name: busy, domains: [busy.example], "
                       f"rate: 10/1m}}\nfeedback:\n  log: {log_file}\n{LOG}")

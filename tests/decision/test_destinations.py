@@ -17,7 +17,7 @@ from mqpolicy.decision.mx_resolver import MxResolver
 from mqpolicy.decision.runtime_state import RuntimeRefresher
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.feedback.follower import FeedbackService
-from mqpolicy.lab.postfix_instance import READY_TIMEOUT_S
+from mqpolicy.lab.readiness import READY_TIMEOUT_S
 from mqpolicy.policy.loader import ConfigError, parse_policy
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
@@ -161,6 +161,9 @@ def test_domains_at_one_mx_provider_share_one_budget(dns: FakeDnsServer) -> None
         ("accept", "google"), ("accept", "google"), ("accept", "google"), ("accept", "google"),
         ("defer", "google"), ("accept", ""),
     ]
+    # each decided on the loop (the MX lookup), after decide_now gave up: counted once each
+    assert sum(svc.stats.decisions.values()) == 6
+    assert svc.stats.decision_latency.snapshot().cumulative[-1] == 6
 
 
 def test_dns_down_falls_back_to_the_domain_without_blocking(dns: FakeDnsServer) -> None:

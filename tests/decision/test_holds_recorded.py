@@ -14,7 +14,7 @@ import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.handler import PostfixPolicyHandler
-from mqpolicy.milter.service import DecisionGateway
+from mqpolicy.milter.gateway import DecisionGateway
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.policy.model import ErrorAction, MilterSettings
 from mqpolicy.store.budget import StoreError
@@ -25,19 +25,10 @@ from mqpolicy.store.hold_records import (
     MemoryHoldRecords,
 )
 from mqpolicy.store.memory import MemoryStore
+from tests.support.lanes import LANES
 from tests.support.milter_session import Loop, Session
 
-POLICY = """\
-lanes:
-  - name: transactional
-    transport: mq-transactional
-  - name: normal
-  - name: bulk
-    transport: mq-bulk
-  - name: scheduled
-    transport: mq-bulk
-    hold: true
-default_lane: normal
+POLICY = LANES + """\
 classify:
   - name: later
     when: {sender: "@.later.example"}

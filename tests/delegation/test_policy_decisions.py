@@ -23,16 +23,12 @@ from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import CounterStore
 from mqpolicy.store.memory import MemoryStore
 from mqpolicy.store.redis import RedisStore
+from tests.support.lanes import RESETS_LANES
 from tests.support.redis_fixture import RedisServer
 
 POLICY = """\
 store: {timeout_ms: 50, on_store_error: %(on_error)s}
-lanes:
-  - {name: transactional, transport: mq-transactional}
-  - {name: normal}
-default_lane: normal
-classify:
-  - {when: {sender: "@app.example"}, lane: transactional}
+""" + RESETS_LANES + """\
 limits:
   - {name: per-sender, rate: 50/1h, key: sender, count: messages}
   - {name: per-client, rate: 100000/1h, key: client_network, count: recipients}

@@ -31,6 +31,7 @@ from mqpolicy.delegation.codec import encode_request
 from mqpolicy.delegation.server import PolicyServer, connection_id
 from mqpolicy.policy.endpoints import Endpoint
 from tests.support.bounded_run import run
+from tests.support.lanes import RESETS_LANES
 from tests.support.policy_client import Client, serving
 from tests.support.serve_process import ServeProcess, free_port
 
@@ -232,12 +233,6 @@ SERVE_POLICY = """\
 listen: [127.0.0.1:{port}]
 store: {{url: "memory://"}}
 log: {{format: kv, level: info}}
-lanes:
-  - {{name: transactional, transport: mq-transactional}}
-  - {{name: normal}}
-default_lane: normal
-classify:
-  - {{name: resets, when: {{sender: "@app.example"}}, lane: transactional}}
 """
 PROBE_REQUEST = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
                  "client_address": "192.0.2.10", "sender": "noreply@app.example",
@@ -273,7 +268,7 @@ async def flood_connection(port: int, payload: bytes, answers_due: int) -> int:
 def test_floods_against_serve_leave_the_probe_answered_right(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "policy.yaml"
-    config.write_text(SERVE_POLICY.format(port=port))
+    config.write_text(SERVE_POLICY.format(port=port) + RESETS_LANES)
     serve = ServeProcess(config, port, tmp_path / "serve.log")
     plan = [
         ("newlines", NEWLINE_FLOOD, 1, 0),

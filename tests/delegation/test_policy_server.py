@@ -18,17 +18,23 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
 
+from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import encode_request
+from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.delegation.server import (
     DEFAULT_ERROR_ACTION,
     PolicyServer,
+    SyncPolicyHandler,
     connection_id,
 )
 from mqpolicy.policy.endpoints import Endpoint
+from mqpolicy.policy.model import Policy
+from mqpolicy.store.memory import MemoryStore
 from tests.support.async_poll import poll_async
 from tests.support.bounded_run import run
 from tests.support.policy_client import LOCAL, Client, serving
@@ -738,3 +744,41 @@ def test_constructor_validates() -> None:
         PolicyServer(Echo(), [LOCAL], max_connections=0)
     with pytest.raises(ValueError):
         PolicyServer(Echo(), [LOCAL], max_request_bytes=0)
+
+
+def test_a_handler_that_answers_at_once_is_only_asked_that_way() -> None:
+    """A :class:`SyncPolicyHandler` (it has ``handle_now``) is asked with ``handle_now`` only:
+    a string is the answer, written in the callback that read the request; an awaitable is
+    waited for. A handler with ``handle`` alone is awaited. The Postfix handler answers at
+    once (on the embedded store, the decision needs no I/O)."""
+
+    class AtOnce:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def handle_now(self, attrs: dict[str, str]) -> str | Awaitable[str]:
+            self.calls.append(f"now {attrs['n']}")
+            return f"OK {attrs['n']}" if attrs["n"] == "1" else self.handle(attrs)
+
+        async def handle(self, attrs: dict[str, str]) -> str:
+            self.calls.append(f"handle {attrs['n']}")
+            await asyncio.sleep(0)
+            return f"LATER {attrs['n']}"
+
+    handler = AtOnce()
+    assert isinstance(handler, SyncPolicyHandler)
+    assert not isinstance(Echo(), SyncPolicyHandler)
+    assert isinstance(PostfixPolicyHandler(DecisionService(Policy(), MemoryStore())),
+                      SyncPolicyHandler)
+
+    async def scenario() -> None:
+        async with serving(handler) as server:
+            client = await Client.to(tcp(server))
+            assert await client.ask(n="1") == "OK 1"
+            assert await client.ask(n="2") == "LATER 2"
+        async with serving(Echo()) as server:
+            client = await Client.to(tcp(server))
+            assert await client.ask(n="3") == "OK 3"
+
+    run(scenario())
+    assert handler.calls == ["now 1", "now 2", "handle 2"]

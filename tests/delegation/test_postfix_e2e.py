@@ -9,20 +9,22 @@ from collections.abc import Callable
 
 import pytest
 
-from mqpolicy.lab.postfix_instance import MailStack, QueuedMessage, backdate, poll
+from mqpolicy.lab.mail_stack import MailStack
+from mqpolicy.lab.postfix_instance import backdate
+from mqpolicy.lab.readiness import poll
 from mqpolicy.lab.smtp_sink import SinkMessage
 from mqpolicy.policy.loader import parse_policy
-from mqpolicy.postfix.config_generator import (
+from mqpolicy.postfix.config_generator import PostfixConfigOptions, generate
+from mqpolicy.postfix.settings import (
     HEADER_CHECKS_FILE,
     SECTION_HEADER_CHECKS,
     SECTION_MAIN,
     SECTION_MASTER,
     SECTION_TRANSPORT,
     TRANSPORT_MAP_FILE,
-    PostfixConfigOptions,
-    generate,
     split_sections,
 )
+from mqpolicy.scheduler.mta_queue import QueueEntry
 from tests.support.postfix_fixture import LANES, policy, unique_address
 
 pytestmark = pytest.mark.e2e
@@ -220,7 +222,7 @@ classify:
     assert "Recipient address triggers FILTER mq-transactional:" in log
 
 
-def _held(queue: list[QueuedMessage], sender: str) -> list[QueuedMessage]:
+def _held(queue: list[QueueEntry], sender: str) -> list[QueueEntry]:
     return [m for m in queue if m.sender == sender and m.queue_name == "hold"]
 
 
@@ -325,7 +327,7 @@ def test_a_destination_answering_421_leaves_mail_deferred(mail_stack: MailStack)
         lambda q: any(m.sender == sender and m.queue_name == "deferred" for m in q),
         DELIVERY_TIMEOUT_S)
     (deferred,) = [m for m in queue if m.sender == sender]
-    assert "421 4.7.0 Try again later" in deferred.reasons[0]
+    assert "421 4.7.0 Try again later" in deferred.delay_reasons[0]
     mail_stack.sink.set_reply("busy.example", None)
     mail_stack.postfix.flush()
     assert len(arrived(mail_stack, sender, 1)) == 1
@@ -391,7 +393,7 @@ def test_sink_and_log_agree_on_every_delivery(mail_stack: MailStack) -> None:
         assert delivery.recipient in message.rcpt_tos
         assert delivery.transport == "smtp"
     poll(lambda: len([d for d in mail_stack.deliveries()
-                      if d.remote_id in {m.sink_id for m in messages}]) == 6,
+                      if d.remote_queue_id in {m.sink_id for m in messages}]) == 6,
          DELIVERY_TIMEOUT_S, "both recipients of each message in the log")
 
 

@@ -19,7 +19,6 @@ from mqpolicy.feedback.delivery_log import (
     DeliveryEvent,
     collapse_reply,
     compile_patterns,
-    domain_of,
     parse_delivery_line,
     parse_delivery_lines,
     slow_down_reason,
@@ -129,6 +128,26 @@ def test_custom_syslog_names() -> None:
     )
     yahoo = parse(ISO_YAHOO)
     assert (yahoo.service, yahoo.program) == ("postfix-bulk/smtp", "smtp")
+
+
+def test_transport_from_the_syslog_name() -> None:
+    """The master.cf service that delivered: the lane's transport when its service has its
+    own syslog_name (postfix-config's ``-o syslog_name=postfix/<transport>``)."""
+    assert parse(CAPTURED["bulk_sent"]).transport == "mq-bulk"
+    assert parse(CAPTURED["sent"]).transport == "smtp"
+    assert parse(CAPTURED["discard"]).transport == "discard"
+    assert parse(ISO_YAHOO).transport == "smtp"  # another instance's smtp: postfix-bulk/smtp
+
+
+def test_remote_queue_id_from_the_reply() -> None:
+    """The receiving server's queue id, when its 250 reply names one (``queued as ID``, as
+    Postfix and the lab's sink answer): what ties a message received there to this line."""
+    line = ("Nov 27 20:52:09 mta postfix/mq-bulk/smtp[378]: C05C920D26E: to=<ok@bulk.test>, "
+            "relay=127.0.0.1[127.0.0.1]:53003, delay=0.09, delays=0/0.08/0/0, dsn=2.0.0, "
+            "status=sent (250 2.0.0 Ok: queued as S000017)")
+    assert parse(line).remote_queue_id == "S000017"
+    assert parse(CAPTURED["sent"]).remote_queue_id == ""  # Gmail's reply names none
+    assert parse(CAPTURED["gmail_421"]).remote_queue_id == ""
 
 
 def test_rfc3339_timestamps_and_orig_to() -> None:
@@ -338,12 +357,6 @@ def test_any_prefix_of_a_line_is_safe(cut: int) -> None:
     assert event is None or event.status == "deferred"
     if cut == len(CAPTURED["gmail_421"]):  # the whole line is a deferral
         assert event is not None
-
-
-def test_domain_of() -> None:
-    assert domain_of("a@B.Example.") == "b.example"
-    assert domain_of("postmaster") == ""
-    assert domain_of("@example.com") == ""
 
 
 # ---------------------------------------------------------------- slow down

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from mqpolicy.lab.postfix_instance import MailStack
+from mqpolicy.lab.mail_stack import MailStack
 from tests.support.postfix_fixture import policy, unique_address
 
 pytestmark = pytest.mark.e2e

@@ -28,7 +28,7 @@ from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import encode_request
 from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.delegation.server import PolicyServer
-from mqpolicy.lab.postfix_instance import READY_TIMEOUT_S
+from mqpolicy.lab.readiness import READY_TIMEOUT_S
 from mqpolicy.metrics.http import MetricsServer
 from mqpolicy.metrics.instruments import HistogramSnapshot, LatencyHistogram
 from mqpolicy.metrics.registry import MetricsRegistry, ReloadStats
@@ -38,6 +38,7 @@ from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import BucketState, BudgetCheck, Evaluation, StoreError
 from mqpolicy.store.memory import MemoryStore
+from tests.support.lanes import RESETS_LANES
 from tests.support.serve_process import ServeProcess, free_port
 
 # ---------------------------------------------------------------- a strict parser
@@ -302,12 +303,7 @@ def test_histogram_with_labels_renders_each_series() -> None:
 
 POLICY = """\
 store: {timeout_ms: %(timeout)d, on_store_error: accept}
-lanes:
-  - {name: transactional, transport: mq-transactional}
-  - {name: normal}
-default_lane: normal
-classify:
-  - {name: resets, when: {sender: "@app.example"}, lane: transactional}
+""" + RESETS_LANES + """\
 limits:
   - {name: per-sender, rate: 2/1h, key: sender, count: messages}
   - {name: watch-client, rate: 1/1h, key: client_address, count: messages, monitor: true}
@@ -663,13 +659,7 @@ def serve_config(policy_port: int, metrics_port: int, rate: str = "2/1h") -> str
     return f"""\
 listen: [127.0.0.1:{policy_port}]
 metrics: {{listen: 127.0.0.1:{metrics_port}}}
-lanes:
-  - {{name: transactional, transport: mq-transactional}}
-  - {{name: normal}}
-default_lane: normal
-classify:
-  - {{name: resets, when: {{sender: "@app.example"}}, lane: transactional}}
-limits:
+{RESETS_LANES}limits:
   - {{name: per-sender, rate: {rate}, key: sender, count: messages}}
 """
 

@@ -13,16 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.lab.postfix_instance import (
-    POSTFIX,
-    LogReader,
-    MailStack,
-    QueuedMessage,
-    make_message,
-    poll,
-    submit_on,
-)
-from mqpolicy.postfix.config_generator import (
+from mqpolicy.feedback.log_follower import LogFollower
+from mqpolicy.lab.mail_stack import MailStack
+from mqpolicy.lab.readiness import poll
+from mqpolicy.lab.smtp_client import make_message, submit_on
+from mqpolicy.postfix.programs import POSTFIX
+from mqpolicy.postfix.settings import (
     HEADER_CHECKS_FILE,
     LANE_HEADER,
     SECTION_HEADER_CHECKS,
@@ -30,23 +26,14 @@ from mqpolicy.postfix.config_generator import (
     SECTION_MASTER,
     split_sections,
 )
+from mqpolicy.scheduler.mta_queue import QueueEntry
+from tests.support.lanes import MILTER_LANE_RULES
 from tests.support.postfix_fixture import milter_policy, unique_address
 
 pytestmark = pytest.mark.e2e
 
 TIMEOUT_S = 60.0  # generous: a loaded machine; each wait ends when it is met
-SENDMAIL = str(Path(POSTFIX).with_name("sendmail"))  # Postfix's, not Sendmail's
-
-LANE_RULES = """\
-classify:
-  - name: urgent-from-the-app
-    when: {sender: "@app.milter.test", priority: high}
-    lane: transactional
-  - name: lists-and-robots
-    when: {bulk_signals: true}
-    lane: bulk
-"""
-
+SENDMAIL = str(Path(POSTFIX.path).with_name("sendmail"))  # Postfix's, not Sendmail's
 
 def log_lines(stack: MailStack, *needles: str) -> list[str]:
     text = stack.postfix.log_file.read_text("utf-8", "replace")
@@ -62,7 +49,7 @@ def test_header_lanes_leave_through_their_transports_and_a_forged_lane_gets_noth
     main_cf = split_sections(stack.postfix_config)[SECTION_MAIN]
     assert "\nsmtpd_milters = unix:mqpolicy/milter.sock\n" in main_cf
     assert "\nnon_smtpd_milters = unix:mqpolicy/milter.sock\n" in main_cf
-    stack.apply_policy(milter_policy(stack, LANE_RULES))
+    stack.apply_policy(milter_policy(stack, MILTER_LANE_RULES))
     app = unique_address("app", "app.milter.test")
     other = unique_address("other", "elsewhere.milter.test")
     news = unique_address("news", "news.milter.test")
@@ -149,11 +136,11 @@ limits:
         assert stack.sink.wait_for_subject(f"seen-{i}", TIMEOUT_S).header_values(LANE_HEADER) == ["normal"]
 
 
-def only_in(queue_name: str) -> Callable[[list[QueuedMessage]], bool]:
+def only_in(queue_name: str) -> Callable[[list[QueueEntry]], bool]:
     """Something in ``queue_name`` and nothing elsewhere (delivered mail can stay in the
     active queue a moment after its log line)."""
 
-    def check(queue: list[QueuedMessage]) -> bool:
+    def check(queue: list[QueueEntry]) -> bool:
         return bool(queue) and all(m.queue_name == queue_name for m in queue)
 
     return check
@@ -169,12 +156,12 @@ def local_submit(stack: MailStack, sender: str, recipients: Sequence[str],
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
 
 
-def picked_up(reader: LogReader, sender: str, seen: list[str], count: int) -> list[str]:
+def picked_up(reader: LogFollower, sender: str, seen: list[str], count: int) -> list[str]:
     """The queue ids pickup gave the sender's messages, in order, once there are ``count``
     (log lines read are kept in ``seen``)."""
 
     def ids() -> list[str]:
-        seen.extend(reader.read_lines())
+        seen.extend(reader.poll())
         return [line.split(": ")[1] for line in seen
                 if "/pickup[" in line and f"from=<{sender}>" in line]
 
@@ -197,12 +184,12 @@ limits:
     message: "Local quota of {{key}} spent"
 """))
     sender = unique_address("cron", "app.milter.test")
-    reader = stack.postfix.log_reader()
     lines: list[str] = []
-    for i in range(3):
-        local_submit(stack, sender, ["rcpt@dest.milter.test"], f"local-{i}")
-        picked_up(reader, sender, lines, i + 1)  # one at a time: the third is over
-    first, second, third = picked_up(reader, sender, lines, 3)
+    with stack.postfix.log_reader() as reader:
+        for i in range(3):
+            local_submit(stack, sender, ["rcpt@dest.milter.test"], f"local-{i}")
+            picked_up(reader, sender, lines, i + 1)  # one at a time: the third is over
+        first, second, third = picked_up(reader, sender, lines, 3)
 
     for i, queue_id in enumerate((first, second)):
         message = stack.sink.wait_for_subject(f"local-{i}", TIMEOUT_S)

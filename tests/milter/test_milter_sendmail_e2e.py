@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.lab.postfix_instance import Submission, make_message, poll, submit, submit_on
-from mqpolicy.postfix.config_generator import LANE_HEADER
+from mqpolicy.lab.processes import stop_process
+from mqpolicy.lab.readiness import poll
+from mqpolicy.lab.smtp_client import Submission, make_message, submit, submit_on
+from mqpolicy.postfix.settings import LANE_HEADER
 from mqpolicy.scheduler.sendmail_queue import parse_mailq
+from tests.support.lanes import MILTER_LANE_RULES
 from tests.support.postfix_fixture import unique_address
 from tests.support.sendmail_fixture import (
     HOSTNAME,
@@ -36,14 +39,7 @@ lanes:
   - name: normal
   - name: bulk
 default_lane: normal
-classify:
-  - name: urgent-from-the-app
-    when: {sender: "@app.milter.test", priority: high}
-    lane: transactional
-  - name: lists-and-robots
-    when: {bulk_signals: true}
-    lane: bulk
-"""
+""" + MILTER_LANE_RULES
 
 
 class MilterProcess:
@@ -85,12 +81,7 @@ class MilterProcess:
             proc.kill()
             proc.wait(timeout=5)
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc, 20)
 
     def log(self) -> str:
         try:

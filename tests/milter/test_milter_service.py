@@ -16,10 +16,8 @@ import pytest
 from mqpolicy.commands.serve import core_registry
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.handler import PostfixPolicyHandler
-from mqpolicy.milter.service import (
-    MAX_HEADER_VALUE,
-    DecisionGateway,
-)
+from mqpolicy.milter.callbacks import MAX_HEADER_VALUE
+from mqpolicy.milter.gateway import DecisionGateway
 from mqpolicy.policy.conditions import (
     ConditionError,
     compile_condition,
@@ -32,6 +30,7 @@ from mqpolicy.policy.model import ErrorAction, MilterSettings, Policy, RcptLimit
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import BudgetCheck, Evaluation
 from mqpolicy.store.memory import MemoryStore
+from tests.support.lanes import LANES
 from tests.support.milter_session import Loop, Session
 
 
@@ -40,17 +39,7 @@ def parse_policy_text(text: str, source: str = "<string>") -> tuple[Policy, Milt
     return policy, policy.milter
 
 
-POLICY = """\
-lanes:
-  - name: transactional
-    transport: mq-transactional
-  - name: normal
-  - name: bulk
-    transport: mq-bulk
-  - name: scheduled
-    transport: mq-bulk
-    hold: true
-default_lane: normal
+POLICY = LANES + """\
 classify:
   - name: urgent
     when: {priority: high}

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator, Sequence
@@ -23,12 +21,12 @@ import pytest
 from miltertest import MilterConnection
 from miltertest import constants as C
 
-from mqpolicy.delegation.codec import encode_request
-from mqpolicy.lab.postfix_instance import free_port, poll
-from mqpolicy.milter.service import bind_milter_socket
+from mqpolicy.lab.readiness import free_port, poll
+from mqpolicy.milter.runner import bind_milter_socket
 from mqpolicy.policy.endpoints import parse_milter_endpoint
+from tests.support.lanes import LANES
 from tests.support.redis_fixture import RedisServer
-from tests.support.serve_process import MqpolicyProcess
+from tests.support.serve_process import MqpolicyProcess, ask_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -36,16 +34,7 @@ POLICY = """\
 store:
   url: {store}
   timeout_ms: 10000
-lanes:
-  - name: transactional
-    transport: mq-transactional
-  - name: normal
-  - name: bulk
-    transport: mq-bulk
-  - name: scheduled
-    transport: mq-bulk
-    hold: true
-default_lane: normal
+""" + LANES + """\
 classify:
   - name: lists
     when: {{bulk_signals: true}}
@@ -138,16 +127,7 @@ class MtaSession:
         self.sock.close()
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="mqmilter-", dir="/tmp"))  # short unix socket paths
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def write_policy(workdir: Path, listen: str, *, store: str = "memory://",
+def write_policy(sock_dir: Path, listen: str, *, store: str = "memory://",
                  list_lane: str = "bulk", policy_listen: str = "", name: str = "p.yaml") -> Path:
     text = POLICY.format(store=store, list_lane=list_lane)
     text += textwrap.dedent(f"""\
@@ -157,22 +137,22 @@ def write_policy(workdir: Path, listen: str, *, store: str = "memory://",
         """)
     if policy_listen:
         text += f"listen: {policy_listen}\n"
-    path = workdir / name
+    path = sock_dir / name
     path.write_text(text)
     return path
 
 
 @pytest.fixture(params=["unix", "tcp"])
-def milter(request: pytest.FixtureRequest, workdir: Path) -> Iterator[tuple[MqpolicyProcess,
+def milter(request: pytest.FixtureRequest, sock_dir: Path) -> Iterator[tuple[MqpolicyProcess,
                                                                              Any]]:
     address: str | tuple[str, int]
     if request.param == "unix":
-        address = str(workdir / "milter.sock")
+        address = str(sock_dir / "milter.sock")
         listen = f"unix:{address}"
     else:
         port = free_port()
         address, listen = ("127.0.0.1", port), f"inet:{port}@127.0.0.1"
-    proc = MqpolicyProcess("milter", write_policy(workdir, listen), workdir / "log")
+    proc = MqpolicyProcess("milter", write_policy(sock_dir, listen), sock_dir / "log")
     try:
         proc.start(address)
         yield proc, address
@@ -326,18 +306,6 @@ def test_milter_tcp_sockets_and_what_they_accept_have_nodelay(listen: str) -> No
 # ---------------------------------------------------------------- serve: one process, one store
 
 
-def ask_policy(port: int, attrs: dict[str, str]) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(encode_request(attrs))
-        data = b""
-        while not data.endswith(b"\n\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed before a reply")
-            data += chunk
-    return data.decode()[len("action="):-2]
-
-
 END_OF_MESSAGE = {"request": "smtpd_access_policy", "protocol_state": "END-OF-MESSAGE",
                   "sender": "a@counted.example", "recipient_count": "1",
                   "client_address": "192.0.2.7", "queue_id": "4QX1"}
@@ -358,16 +326,16 @@ def count_once(policy_port: int, milter_address: str) -> None:
         s.close()
 
 
-def test_serve_runs_policy_server_and_milter_on_one_store(workdir: Path) -> None:
+def test_serve_runs_policy_server_and_milter_on_one_store(sock_dir: Path) -> None:
     port = free_port()
-    sock_path = str(workdir / "m.sock")
-    config = write_policy(workdir, f"unix:{sock_path}", policy_listen=f"127.0.0.1:{port}")
-    proc = MqpolicyProcess("serve", config, workdir / "log")
+    sock_path = str(sock_dir / "m.sock")
+    config = write_policy(sock_dir, f"unix:{sock_path}", policy_listen=f"127.0.0.1:{port}")
+    proc = MqpolicyProcess("serve", config, sock_dir / "log")
     try:
         proc.start(("127.0.0.1", port), sock_path)
         count_once(port, sock_path)
         # SIGHUP reaches the decision service the milter shares
-        write_policy(workdir, f"unix:{sock_path}", policy_listen=f"127.0.0.1:{port}",
+        write_policy(sock_dir, f"unix:{sock_path}", policy_listen=f"127.0.0.1:{port}",
                      list_lane="transactional")
         proc.signal(signal.SIGHUP)
         deadline = time.monotonic() + 60
@@ -397,17 +365,17 @@ def test_serve_runs_policy_server_and_milter_on_one_store(workdir: Path) -> None
 
 
 def test_policy_server_and_milter_processes_share_redis(
-    workdir: Path, redis_clean: RedisServer
+    sock_dir: Path, redis_clean: RedisServer
 ) -> None:
     port = free_port()
-    sock_path = str(workdir / "m.sock")
+    sock_path = str(sock_dir / "m.sock")
     store = redis_clean.unix_url
-    policy_config = workdir / "policy.yaml"
+    policy_config = sock_dir / "policy.yaml"
     policy_config.write_text(POLICY.format(store=store, list_lane="bulk")
                              + f"listen: 127.0.0.1:{port}\n")
-    milter_config = write_policy(workdir, f"unix:{sock_path}", store=store, name="milter.yaml")
-    server = MqpolicyProcess("serve", policy_config, workdir / "policy.log")
-    milter = MqpolicyProcess("milter", milter_config, workdir / "milter.log")
+    milter_config = write_policy(sock_dir, f"unix:{sock_path}", store=store, name="milter.yaml")
+    server = MqpolicyProcess("serve", policy_config, sock_dir / "policy.log")
+    milter = MqpolicyProcess("milter", milter_config, sock_dir / "milter.log")
     try:
         server.start(("127.0.0.1", port))
         milter.start(sock_path)
@@ -417,10 +385,10 @@ def test_policy_server_and_milter_processes_share_redis(
         assert server.stop() == 0, server.log_text()
 
 
-def test_check_and_bind_failure(workdir: Path) -> None:
-    taken = workdir / "not-a-socket"
+def test_check_and_bind_failure(sock_dir: Path) -> None:
+    taken = sock_dir / "not-a-socket"
     taken.write_text("")
-    config = write_policy(workdir, f"unix:{taken}")
+    config = write_policy(sock_dir, f"unix:{taken}")
     check = subprocess.run([sys.executable, "-m", "mqpolicy", "check", "-c", str(config)],
                            capture_output=True, text=True, timeout=30, check=False)
     assert check.returncode == 0
@@ -433,12 +401,12 @@ def test_check_and_bind_failure(workdir: Path) -> None:
 
 
 @contextlib.contextmanager
-def milter_on_inherited(listener: socket.socket, workdir: Path) -> Iterator[None]:
+def milter_on_inherited(listener: socket.socket, sock_dir: Path) -> Iterator[None]:
     """``mqpolicy milter`` on ``fd:N``, the listening socket handed over as a service manager
     does (closed here: the child has its own copy); ready once it logs so; ended by SIGTERM,
     which it must survive with exit status 0."""
-    config = write_policy(workdir, f"fd:{listener.fileno()}")
-    log = workdir / "log"
+    config = write_policy(sock_dir, f"fd:{listener.fileno()}")
+    log = sock_dir / "log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mqpolicy", "milter", "-c", str(config)],
@@ -461,19 +429,19 @@ def milter_on_inherited(listener: socket.socket, workdir: Path) -> Iterator[None
     assert code == 0, log.read_text(errors="replace")
 
 
-def test_an_inherited_unix_socket_file_is_left_to_its_owner(workdir: Path) -> None:
+def test_an_inherited_unix_socket_file_is_left_to_its_owner(sock_dir: Path) -> None:
     """``fd:N`` on a unix socket that systemd made: the milter must not unlink it at exit
     (socket activation would then have nothing left for Postfix to connect to)."""
-    path = workdir / "activated.sock"
+    path = sock_dir / "activated.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(16)
-    with milter_on_inherited(listener, workdir):
+    with milter_on_inherited(listener, sock_dir):
         pass
     assert path.exists()
 
 
-def test_socket_activation_fd(workdir: Path) -> None:
+def test_socket_activation_fd(sock_dir: Path) -> None:
     """``fd:N``: a listening socket inherited from the service manager (systemd passes 3)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -483,7 +451,7 @@ def test_socket_activation_fd(workdir: Path) -> None:
     # Connections queued before the milter set TCP_NODELAY on the socket miss it (with
     # systemd, NoDelay=true in the .socket unit covers those): the helper waits for ready.
     try:
-        with milter_on_inherited(listener, workdir):
+        with milter_on_inherited(listener, sock_dir):
             # set by the milter on the socket it inherited
             assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             s = MtaSession(connect(address))

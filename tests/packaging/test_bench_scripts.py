@@ -87,7 +87,7 @@ def test_a_make_targets_arguments_mean_to_the_script_what_they_say(script: str) 
 def test_the_load_generator_paces_to_the_rate_asked_for() -> None:
     """``policy_load.py --rate``: requests spread over time as smtpd processes send them,
     not as fast as the server answers (the plain DUNNO server answers thousands a second)."""
-    from mqpolicy.lab.postfix_instance import accepts, free_port, poll
+    from mqpolicy.lab.readiness import accepts, free_port, poll
     from mqpolicy.policy.endpoints import Endpoint
 
     port = free_port()

@@ -105,9 +105,10 @@ def test_the_milter_package_leaves_pymilter_its_milter_module() -> None:
     import Milter
     import milter
 
-    from mqpolicy.milter import service
+    from mqpolicy.milter import callbacks, runner
 
-    assert service.Milter is Milter
+    assert callbacks.Milter is Milter
+    assert runner.Milter is Milter
     assert Milter.milter is milter
     assert Path(milter.__file__).name.startswith("milter.cpython")
     assert Path(milter.__file__).suffix == ".so"

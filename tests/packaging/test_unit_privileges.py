@@ -31,7 +31,10 @@ import pytest
 from miltertest import MilterConnection
 
 from mqpolicy.delegation.codec import encode_request
-from mqpolicy.lab.postfix_instance import POSTQUEUE, POSTSUPER, MailStack, PostfixInstance, poll
+from mqpolicy.lab.mail_stack import MailStack
+from mqpolicy.lab.postfix_instance import PostfixInstance
+from mqpolicy.lab.readiness import poll
+from mqpolicy.postfix.programs import POSTQUEUE, POSTSUPER
 from tests.support.postfix_fixture import new_stack
 from tests.support.serve_process import MqpolicyProcess
 from tests.support.unit_credentials import (
@@ -240,7 +243,7 @@ def test_without_the_agent_or_group_postdrop_the_unprivileged_user_cannot(
     """The controls: serve's own credentials cannot release, nor list without postdrop."""
     config_dir = str(deployment.stack.postfix.config_dir)
     serve = deployment.serve_launcher()
-    refused = subprocess.run([*serve, POSTSUPER, "-c", config_dir, "-H", "ALL"],
+    refused = subprocess.run([*serve, POSTSUPER.path, "-c", config_dir, "-H", "ALL"],
                              capture_output=True, text=True, timeout=30, check=False)
     assert refused.returncode != 0
     assert "reserved for the superuser" in refused.stderr
@@ -250,10 +253,10 @@ def test_without_the_agent_or_group_postdrop_the_unprivileged_user_cannot(
         service, supplementary_groups=tuple(g for g in service.supplementary_groups
                                             if g != "postdrop"))
     listing = subprocess.run(
-        [*view, *setpriv_argv(without_postdrop, deployment.accounts), POSTQUEUE,
+        [*view, *setpriv_argv(without_postdrop, deployment.accounts), POSTQUEUE.path,
          "-c", config_dir, "-j"], capture_output=True, text=True, timeout=30, check=False)
     assert listing.returncode != 0
     assert "Permission denied" in listing.stderr
-    listed = subprocess.run([*serve, POSTQUEUE, "-c", config_dir, "-j"],
+    listed = subprocess.run([*serve, POSTQUEUE.path, "-c", config_dir, "-j"],
                             capture_output=True, text=True, timeout=30, check=False)
     assert listed.returncode == 0, listed.stderr

@@ -15,24 +15,23 @@ from mqpolicy.commands.postfix_config import report
 from mqpolicy.policy.destinations import match_destination
 from mqpolicy.policy.loader import ConfigError, load_policy
 from mqpolicy.policy.model import Policy, PostfixDelivery
-from mqpolicy.postfix.config_generator import (
-    POSTCONF,
-    SECTION_HEADER_CHECKS,
-    SECTION_MAIN,
-    SECTION_MASTER,
-    SECTION_TRANSPORT,
-    Finding,
+from mqpolicy.postfix.config_check import Finding, Status, compare
+from mqpolicy.postfix.config_generator import PostfixConfigOptions, generate
+from mqpolicy.postfix.installed_config import (
     InstalledService,
-    PostfixConfig,
-    PostfixConfigOptions,
     PostfixState,
-    Status,
-    compare,
-    generate,
     list_tokens,
     parse_postconf_m,
     parse_postconf_n,
     parse_postconf_p,
+)
+from mqpolicy.postfix.programs import POSTCONF
+from mqpolicy.postfix.settings import (
+    SECTION_HEADER_CHECKS,
+    SECTION_MAIN,
+    SECTION_MASTER,
+    SECTION_TRANSPORT,
+    PostfixConfig,
     split_sections,
 )
 from mqpolicy.store.urls import check_store_url
@@ -339,7 +338,7 @@ def test_the_command_names_sockets_relative_to_the_queue_directory_it_is_given(
     assert "check_policy_service unix:/srv/q/mq/policy.sock" in outside
 
 
-@pytest.mark.skipif(not Path(POSTCONF).exists(), reason="postconf not installed")
+@pytest.mark.skipif(not Path(POSTCONF.path).exists(), reason="postconf not installed")
 def test_the_command_asks_postconf_for_the_queue_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -365,6 +364,47 @@ def test_the_command_asks_postconf_for_the_queue_directory(
     assert "queue_directory unknown" not in capsys.readouterr().err
     assert main([*args, "--queue-directory", "srv/q"]) == 2
     assert "--queue-directory must be absolute" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path(POSTCONF.path).exists(), reason="postconf not installed")
+def test_postfix_config_runs_the_postconf_mqpolicy_postconf_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``MQPOLICY_POSTCONF`` names the postconf that every part runs (docs/milter.md):
+    ``postfix-config`` too, to read a Postfix's settings and to ``--check`` it."""
+    path = tmp_path / "p.yaml"
+    path.write_text(lanes_listening_on('["unix:/srv/q/mq/policy.sock"]'))
+    postfix_dir = tmp_path / "postfix"
+    postfix_dir.mkdir()
+    (postfix_dir / "main.cf").write_text("queue_directory = /srv/q\n")
+    (postfix_dir / "master.cf").write_text("smtp inet n - n - - smtpd\n")
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "bin" / "postconf"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {POSTCONF.path} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("MQPOLICY_POSTCONF", str(wrapper))
+
+    # the queue directory asked of this postconf: the socket named relative to it
+    assert main(["postfix-config", "-c", str(path), "--section", "main.cf",
+                 "--config-directory", str(postfix_dir)]) == 0
+    assert "check_policy_service unix:mq/policy.sock" in capsys.readouterr().out
+    assert calls.read_text().splitlines() == [f"-c {postfix_dir} -xh queue_directory"]
+    # --check reads the installed settings with it: nothing of this policy there yet
+    calls.unlink()
+    assert main(["postfix-config", "-c", str(path), "--check", str(postfix_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "cannot read" not in captured.err
+    assert "missing   main.cf: smtpd_recipient_restrictions: add check_policy_service " \
+           "unix:mq/policy.sock" in captured.out
+    # the queue directory, then the settings, the services and the settings' effective values
+    assert [line.split()[2] for line in calls.read_text().splitlines()] == \
+           ["-xh", "-n", "-nx", "-M", "-P", "-x"]
+    # a postconf that is not there: the command says which one
+    missing = tmp_path / "nowhere" / "postconf"
+    monkeypatch.setenv("MQPOLICY_POSTCONF", str(missing))
+    assert main(["postfix-config", "-c", str(path), "--check", str(postfix_dir)]) == 2
+    assert str(missing) in capsys.readouterr().err
 
 
 def test_check_asks_to_replace_an_absolute_name_of_the_same_socket_never_to_add_one(
@@ -860,7 +900,7 @@ def test_the_command_takes_the_relay_host_or_says_it_is_unknown(
     assert r"/@partner\.example$/ mq-dest-partner:" in captured.out.splitlines()
 
 
-@pytest.mark.skipif(not Path(POSTCONF).exists(), reason="postconf not installed")
+@pytest.mark.skipif(not Path(POSTCONF.path).exists(), reason="postconf not installed")
 def test_the_transport_section_says_what_postconf_reports_of_the_relay_host(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

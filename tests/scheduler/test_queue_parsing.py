@@ -41,6 +41,14 @@ def test_postqueue_json_entries_and_counts() -> None:
     assert held.recipients == ("a@dest.test", "b@dest2.test")
     assert (held.arrival_time, held.size, held.sender) == (1795813715, 319, "hold@x.test")
     assert deferred.sender == ""
+    # why each recipient waits, once Postfix tried it
+    assert held.delay_reasons == ()
+    assert deferred.delay_reasons == ("421 4.7.0 Try again later",)
+    line = json.loads(POSTQUEUE_J.splitlines()[1])
+    line["recipients"].insert(0, {"address": "d@fresh.test"})  # not tried yet: ''
+    (both,) = parse_postqueue_json(json.dumps(line)).entries
+    assert both.recipients == ("d@fresh.test", "c@busy.test")
+    assert both.delay_reasons == ("", "421 4.7.0 Try again later")
     assert snapshot.counts == {"hold": 1, "deferred": 1}
     assert snapshot.problems == []
 

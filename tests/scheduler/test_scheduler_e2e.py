@@ -19,8 +19,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from mqpolicy.lab.postfix_instance import POSTSUPER, MailStack, poll
+from mqpolicy.lab.mail_stack import MailStack
+from mqpolicy.lab.readiness import poll
 from mqpolicy.lab.smtp_sink import SinkMessage
+from mqpolicy.postfix.programs import POSTSUPER
 from tests.support.postfix_fixture import (
     BASE_POLICY,
     ORDER,
@@ -209,7 +211,7 @@ scheduler:
     assert operator.queued
     stack.wait_queue(lambda q: any(m.queue_id == operator.queue_id
                                    and m.queue_name == "deferred" for m in q), 60)
-    stack.postfix.run(POSTSUPER, "-c", str(stack.postfix.config_dir), "-h", operator.queue_id)
+    stack.postfix.run(POSTSUPER.path, "-c", str(stack.postfix.config_dir), "-h", operator.queue_id)
     stack.sink.set_reply("busy.sched.test", None)
 
     for i in range(16):

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.lab.postfix_instance import accepts, free_port, make_message, poll, submit
+from mqpolicy.lab.processes import stop_process
+from mqpolicy.lab.readiness import accepts, free_port, poll
+from mqpolicy.lab.smtp_client import make_message, submit
 from mqpolicy.lab.smtp_sink import ThreadedSmtpSink
 from mqpolicy.policy.endpoints import Endpoint
 from mqpolicy.scheduler.sendmail_queue import parse_mailq
@@ -103,13 +105,7 @@ log:
         poll(lambda: not parse_mailq(sendmail.run("-bp", "-qQ"), "hold").entries, 10,
              "an empty quarantine")
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc, 20)
 
 
 def test_with_a_release_agent_the_quarantine_is_listed_and_released_by_it(

@@ -1,4 +1,4 @@
-"""Waiting on a condition inside an event loop, as ``mqpolicy.lab.postfix_instance.poll`` waits
+"""Waiting on a condition inside an event loop, as ``mqpolicy.lab.readiness.poll`` waits
 outside one: checked between short sleeps (the loop keeps running), with a generous bound
 that only a broken system reaches, whatever the machine's speed."""
 
@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from mqpolicy.lab.postfix_instance import READY_TIMEOUT_S
+from mqpolicy.lab.readiness import READY_TIMEOUT_S
 
 __all__ = ["READY_TIMEOUT_S", "poll_async"]
 

@@ -8,18 +8,9 @@ import textwrap
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.store.memory import MemoryStore
+from tests.support.lanes import LANES
 
-BASE = """\
-lanes:
-  - name: transactional
-    transport: mq-transactional
-  - name: normal
-  - name: bulk
-    transport: mq-bulk
-  - name: scheduled
-    transport: mq-bulk
-    hold: true
-default_lane: normal
+BASE = LANES + """\
 classify:
   - name: resets
     when: {sender: "noreply@app.example"}

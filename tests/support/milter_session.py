@@ -15,10 +15,8 @@ import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 import pytest
 from Milter.testctx import TestCtx as MilterTestCtx
 
-from mqpolicy.milter.service import (
-    DecisionGateway,
-    PolicyMilter,
-)
+from mqpolicy.milter.callbacks import PolicyMilter
+from mqpolicy.milter.gateway import DecisionGateway
 
 
 class RecordingCtx(MilterTestCtx):  # type: ignore[misc]

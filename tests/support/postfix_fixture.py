@@ -1,6 +1,6 @@
 """A private real Postfix for end-to-end tests: one per test session, never the system one.
 
-``mail_stack_session`` (session): a :class:`~mqpolicy.lab.postfix_instance.MailStack`: a
+``mail_stack_session`` (session): a :class:`~mqpolicy.lab.mail_stack.MailStack`: a
 private Postfix (own config, queue, data and log directories, fresh loopback ports), an
 SMTP sink behind it, and ``mqpolicy serve`` beside it. Postfix's mqpolicy settings are the
 output of the ``mqpolicy postfix-config`` command for the current policy file: no
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -31,14 +30,16 @@ from typing import Any
 
 import pytest
 
-from mqpolicy.lab.postfix_instance import POSTFIX, MailStack, QueuedMessage
-from mqpolicy.postfix.config_generator import (
+from mqpolicy.lab.mail_stack import MailStack
+from mqpolicy.postfix.programs import POSTCONF, POSTFIX
+from mqpolicy.postfix.settings import (
     HEADER_CHECKS_FILE,
     SECTION_HEADER_CHECKS,
     SECTION_MAIN,
     SECTION_MASTER,
     split_sections,
 )
+from mqpolicy.scheduler.mta_queue import QueueEntry
 
 # The lanes every end-to-end test uses: keeping them fixed means a policy swap never
 # changes Postfix's configuration (no Postfix reload between tests).
@@ -77,12 +78,12 @@ def unique_address(local: str, domain: str = "example.com") -> str:
 
 
 def _skip_reason() -> str | None:
-    if not os.access(POSTFIX, os.X_OK):
-        return f"{POSTFIX} not installed"
+    if not os.access(POSTFIX.path, os.X_OK):
+        return f"{POSTFIX.path} not installed"
     if os.geteuid() != 0:
         return "a private Postfix instance needs root"
-    if shutil.which("postconf") is None and not os.access("/usr/sbin/postconf", os.X_OK):
-        return "postconf not installed"
+    if not os.access(POSTCONF.path, os.X_OK):
+        return f"{POSTCONF.path} not installed"
     return None
 
 
@@ -251,5 +252,5 @@ def restart_serve(stack: MailStack, policy_text: str) -> None:
     stack.apply_policy(policy_text)
 
 
-def held(stack: MailStack) -> list[QueuedMessage]:
+def held(stack: MailStack) -> list[QueueEntry]:
     return [m for m in stack.postfix.queue() if m.queue_name == "hold"]

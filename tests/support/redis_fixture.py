@@ -25,7 +25,8 @@ from typing import Protocol, TypeVar
 import pytest
 import redis
 
-from mqpolicy.lab.postfix_instance import READY_TIMEOUT_S, accepts, free_port
+from mqpolicy.lab.processes import stop_process
+from mqpolicy.lab.readiness import READY_TIMEOUT_S, accepts, free_port
 from mqpolicy.policy.endpoints import Endpoint
 
 REDIS_SERVER_BIN = os.environ.get("MQPOLICY_TEST_REDIS_SERVER", "/usr/bin/redis-server")
@@ -125,17 +126,8 @@ class RedisServer:
     def stop(self) -> None:
         """Stop the server by its PID and wait for it (idempotent)."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        if proc is not None:
+            stop_process(proc, 5)
         self._paused = False
 
     def pause(self) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -31,7 +30,8 @@ from typing import TypeVar
 import pytest
 import redis
 
-from mqpolicy.lab.postfix_instance import READY_TIMEOUT_S, free_port
+from mqpolicy.lab.processes import stop_process
+from mqpolicy.lab.readiness import READY_TIMEOUT_S, free_port
 from tests.support.redis_fixture import REDIS_SERVER_BIN, _launcher, running_in_tmpdir
 
 REDIS_CLI_BIN = os.environ.get("MQPOLICY_TEST_REDIS_CLI", "/usr/bin/redis-cli")
@@ -118,16 +118,8 @@ class RedisProcess:
     def stop(self) -> None:
         """SIGTERM by PID and wait (SIGKILL after 5 s); idempotent."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        if proc is not None:
+            stop_process(proc, 5)
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)

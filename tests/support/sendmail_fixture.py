@@ -25,7 +25,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import tempfile
@@ -35,7 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from mqpolicy.lab.postfix_instance import free_port, poll, smtp_banner
+from mqpolicy.lab.processes import stop_process
+from mqpolicy.lab.readiness import free_port, poll, smtp_banner
 from mqpolicy.lab.smtp_sink import ThreadedSmtpSink
 from mqpolicy.scheduler.mta_queue import QueueEntry
 from mqpolicy.scheduler.sendmail_queue import parse_mailq
@@ -181,14 +181,8 @@ class SendmailInstance:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        if proc is not None:
+            stop_process(proc, 10)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,10 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mqpolicy.delegation.codec import encode_request
-from mqpolicy.lab.postfix_instance import READY_TIMEOUT_S, accepts, free_port, poll
+from mqpolicy.lab.processes import stop_process
+from mqpolicy.lab.readiness import READY_TIMEOUT_S, accepts, free_port, poll
 from mqpolicy.policy.endpoints import Endpoint
 
-__all__ = ["MqpolicyProcess", "ServeProcess", "free_port"]
+__all__ = ["MqpolicyProcess", "ServeProcess", "ask_policy", "free_port"]
 
 
 Address = str | tuple[str, int]  # a unix socket path, or (host, port)
@@ -92,14 +92,7 @@ class MqpolicyProcess:
     def stop(self, timeout: float = READY_TIMEOUT_S) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 class ServeProcess(MqpolicyProcess):
@@ -115,12 +108,18 @@ class ServeProcess(MqpolicyProcess):
 
     def ask(self, attrs: dict[str, str], timeout: float = 5.0) -> str:
         """One request on a fresh connection; the action text."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            sock.sendall(encode_request(attrs))
-            data = b""
-            while not data.endswith(b"\n\n"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise ConnectionError("closed before a reply")
-                data += chunk
-        return data.decode()[len("action="):-2]
+        return ask_policy(self.port, attrs, timeout)
+
+
+def ask_policy(port: int, attrs: dict[str, str], timeout: float = 5.0) -> str:
+    """One request to the policy server on 127.0.0.1:``port``, on a fresh connection; the
+    action text."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(encode_request(attrs))
+        data = b""
+        while not data.endswith(b"\n\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed before a reply")
+            data += chunk
+    return data.decode()[len("action="):-2]

@@ -1,13 +1,10 @@
-"""The milter front-end (pymilter): milter callbacks in, a Request out, a verdict applied.
+"""The milter's callbacks (pymilter): libmilter's calls in, a Request out, a verdict applied.
 
-Translates only; every decision is made by :class:`~mqpolicy.decision.service.DecisionService`,
-which lives on ONE asyncio loop (in ``serve`` the loop of the policy server too). libmilter
-runs the callbacks on its own threads. A decision that needs no I/O (the embedded memory
-store) is made right there on the callback's thread; any other (Redis, a destination
-found by MX) is handed to the loop and waited for at most ``milter.timeout`` (by default
-50 ms above the store deadline). A decision that misses that deadline, a loop that is gone
-and any exception in policy code become the configured ``on_error`` action, logged once per
-burst: a milter callback never raises into libmilter.
+Translates only: :class:`PolicyMilter` asks the
+:class:`~mqpolicy.milter.gateway.DecisionGateway` for every decision; one that does not come
+(deadline, loop gone, an error in policy code) is the configured ``on_error`` action, and a
+callback never raises into libmilter. libmilter calls one instance per MTA connection, from
+one thread at a time; :mod:`mqpolicy.milter.runner` runs libmilter.
 
 What the milter decides, per message:
 
@@ -41,60 +38,30 @@ the header); the MTA skips DATA, EOH and unknown
 commands, and HELO and the body when no rule, limit or schedule of the policy looks at the
 HELO name or the message size; it does not wait for replies to connect, HELO, MAIL, headers
 and body chunks.
-
-The milter binds its socket itself and hands it to libmilter as ``fd:N``: a unix socket
-gets its mode before anyone can connect, and a TCP socket gets ``TCP_NODELAY``. libmilter
-writes each reply (a header change, then the final answer) with its own ``writev``; without
-``TCP_NODELAY`` Nagle's algorithm holds the second write until the MTA acknowledges the
-first, which a waiting MTA does only when its delayed-ACK timer fires: ~40 ms per message
-that changes a header.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
-import functools
 import itertools
 import logging
 import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import Milter
 
-from mqpolicy.daemon.structured_log import LogBurst, connection_id_var, queue_id_var
-from mqpolicy.daemon.unix_sockets import OwnedSocket, bind_unix
+from mqpolicy.daemon.structured_log import connection_id_var, queue_id_var
 from mqpolicy.decision.engine import Action, Verdict, classify
 from mqpolicy.decision.hold_terms import held_until, unspent_budgets
-from mqpolicy.decision.service import DecisionService, wall_clock_ms
-from mqpolicy.metrics.registry import MetricsRegistry
-from mqpolicy.milter.scheduled_delivery import (
-    SCHEDULE_HEADERS,
-    requested_time,
-    schedule_hold_text,
-)
-from mqpolicy.policy.endpoints import MilterEndpoint
-from mqpolicy.policy.model import ErrorAction, Lane, MilterSettings, Policy, RcptLimits
+from mqpolicy.decision.service import wall_clock_ms
+from mqpolicy.milter.gateway import DecisionGateway, DecisionUnavailable
+from mqpolicy.milter.scheduled_delivery import SCHEDULE_HEADERS, requested_time, schedule_hold_text
+from mqpolicy.policy.model import ErrorAction, Lane, RcptLimits
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
-from mqpolicy.store.budget import StoreError
-from mqpolicy.store.hold_records import (
-    HoldRecord,
-    HoldRecordStore,
-    hold_destinations,
-    record_ttl_for,
-)
+from mqpolicy.store.hold_records import HoldRecord, hold_destinations
 
-__all__ = [
-    "DecisionGateway",
-    "DecisionUnavailable",
-    "MilterRunner",
-    "PolicyMilter",
-    "register_milter_metrics",
-]
+__all__ = ["PolicyMilter"]
 
 log = logging.getLogger("mqpolicy.milter")
 
@@ -105,170 +72,8 @@ MAX_RECIPIENTS = 10000  # recipients kept for conditions (all are counted)
 MAX_REPLY_TEXT = 400  # characters of an SMTP reply text
 
 ERROR_TEXT = "Policy service error, try again later"
-RECORD_WAIT_S = 2.0  # how long end of message waits for a hold record to be written
 _SCHEDULE_NAMES = {name.lower(): name for name in SCHEDULE_HEADERS}
 
-
-# ---------------------------------------------------------------- thread -> loop
-
-
-class DecisionUnavailable(Exception):
-    """No verdict in time (deadline, loop gone, or an error in policy code)."""
-
-
-@dataclass
-class MilterCounters:
-    """Monotonic counts (``messages_active`` and ``connections_active`` are gauges)."""
-
-    connections_active: int = 0
-    messages_active: int = 0
-    decisions: int = 0
-    failures: int = 0
-    timeouts: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    idle: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-    def add(self, name: str, delta: int = 1) -> None:
-        with self.lock:
-            value = getattr(self, name) + delta
-            setattr(self, name, value)
-            if name == "messages_active":
-                if not value:
-                    self.idle.set()
-                elif value == delta:  # from none to some
-                    self.idle.clear()
-
-
-class DecisionGateway:
-    """Decisions for libmilter's threads: made on the calling thread when they need no
-    I/O, else handed to the loop that owns the DecisionService and waited for."""
-
-    def __init__(
-        self,
-        service: DecisionService,
-        loop: asyncio.AbstractEventLoop,
-        settings: MilterSettings,
-        records: HoldRecordStore | None = None,
-    ) -> None:
-        self.service = service
-        self.loop = loop
-        self.settings = settings
-        self.records = records
-        self.counters = MilterCounters()
-        self._failure_log = LogBurst()
-
-    @property
-    def policy(self) -> Policy:
-        """The policy in force (swapped whole on reload; reading it is atomic)."""
-        return self.service.policy
-
-    def decide(self, request: Request) -> Verdict:
-        """The verdict, or :class:`DecisionUnavailable` after logging why.
-
-        Made here, on libmilter's thread, when it needs no I/O (the memory store:
-        :meth:`~mqpolicy.decision.service.DecisionService.decide_now`); else on the loop."""
-        try:
-            verdict = self.service.decide_now(request)
-        except Exception as exc:
-            self.failed(request.stage, f"{type(exc).__name__}: {exc}", exc)
-            raise DecisionUnavailable(str(exc)) from exc
-        if verdict is None:
-            verdict = self._decide_on_loop(request)
-        self.counters.add("decisions")
-        return verdict
-
-    def _decide_on_loop(self, request: Request) -> Verdict:
-        """Like ``asyncio.run_coroutine_threadsafe``, with one callback each way instead of
-        two: a thread hand-off is most of what such a decision costs the milter."""
-        future: concurrent.futures.Future[Verdict] = concurrent.futures.Future()
-        tasks: list[asyncio.Task[Verdict]] = []
-        try:
-            self.loop.call_soon_threadsafe(self._start, request, future, tasks)
-        except RuntimeError as exc:  # the loop is closed or gone
-            self.failed(request.stage, f"decision loop unavailable: {exc}")
-            raise DecisionUnavailable(str(exc)) from None
-        wait_s = self.settings.wait_s(self.service.policy.store.timeout_ms)
-        try:
-            verdict = future.result(timeout=wait_s)
-        except concurrent.futures.TimeoutError:
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self._cancel, tasks)
-            self.counters.add("timeouts")
-            self.failed(request.stage, f"no decision within {round(wait_s * 1000)} ms")
-            raise DecisionUnavailable("timeout") from None
-        except concurrent.futures.CancelledError:
-            self.failed(request.stage, "decision cancelled")
-            raise DecisionUnavailable("cancelled") from None
-        except Exception as exc:
-            self.failed(request.stage, f"{type(exc).__name__}: {exc}", exc)
-            raise DecisionUnavailable(str(exc)) from exc
-        return verdict
-
-    def put_record(self, record: HoldRecord) -> bool:
-        """Write a hold record on the loop; False (logged) when it could not be written."""
-        records = self.records
-        if records is None:
-            return False
-        policy = self.service.policy
-        ttl = record_ttl_for(policy)
-        try:
-            future = asyncio.run_coroutine_threadsafe(records.put(record, ttl), self.loop)
-        except RuntimeError as exc:
-            self.failed(STAGE_END_OF_MESSAGE, f"hold record: loop unavailable: {exc}")
-            return False
-        try:
-            future.result(timeout=max(RECORD_WAIT_S,
-                                      self.settings.wait_s(policy.store.timeout_ms)))
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            self.failed(STAGE_END_OF_MESSAGE, "hold record: no answer in time")
-            return False
-        except (StoreError, concurrent.futures.CancelledError) as exc:
-            self.failed(STAGE_END_OF_MESSAGE, f"hold record: {exc}")
-            return False
-        return True
-
-    def _start(self, request: Request, future: concurrent.futures.Future[Verdict],
-               tasks: list[asyncio.Task[Verdict]]) -> None:
-        """On the loop: run the decision, hand its outcome to the waiting thread."""
-        if not future.set_running_or_notify_cancel():
-            return
-        task = self.loop.create_task(self.service.decide(request))
-        tasks.append(task)
-
-        def done(task: asyncio.Task[Verdict]) -> None:
-            if future.done():  # the milter gave up already
-                return
-            if task.cancelled():
-                future.set_exception(concurrent.futures.CancelledError())
-            elif (exc := task.exception()) is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(task.result())
-
-        task.add_done_callback(done)
-
-    @staticmethod
-    def _cancel(tasks: list[asyncio.Task[Verdict]]) -> None:
-        for task in tasks:
-            task.cancel()
-
-    def failed(self, where: str, why: str, exc: BaseException | None = None) -> None:
-        """Count and log (once per burst) a failure that applies ``on_error``."""
-        self.counters.add("failures")
-        suppressed = self._failure_log.take()
-        if suppressed is None:
-            return
-        fields = {"stage": where, "error": why, "on_error": self.settings.on_error.value,
-                  "suppressed": suppressed}
-        log.warning("milter decision failed, applying on_error", extra={"fields": fields},
-                    exc_info=exc)
-
-
-# ---------------------------------------------------------------- the milter
 
 _F = TypeVar("_F", bound=Callable[..., int])
 # pymilter is untyped: give its decorator a type. @noreply callbacks answer nothing when the
@@ -725,178 +530,3 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             self._set_lane(msg, lane)
             self._strip_schedule_headers(msg)
         return CONTINUE
-
-
-# ---------------------------------------------------------------- running it
-
-
-def bind_milter_socket(endpoint: MilterEndpoint, mode: int, backlog: int = 128,
-                       ) -> tuple[socket.socket, OwnedSocket | None]:
-    """A listening socket for libmilter, and the socket file to remove at the end (ours;
-    None for TCP and for an inherited ``fd:N``): unix sockets get ``mode`` before
-    ``listen()``, TCP sockets (also inherited ones) get ``TCP_NODELAY``, which accepted
-    sockets inherit."""
-    if endpoint.kind == "fd":
-        sock = socket.socket(fileno=endpoint.fd)
-    elif endpoint.kind == "unix":
-        sock, owned = bind_unix(endpoint.path, mode)
-        try:
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            owned.remove()
-            raise
-        return sock, owned
-    else:
-        family = socket.AF_INET6 if endpoint.kind == "inet6" else socket.AF_INET
-        infos = socket.getaddrinfo(endpoint.host, endpoint.port, family, socket.SOCK_STREAM)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # before listen(): no connection can be accepted without it
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind(infos[0][4])
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        # An inherited socket: connections already queued keep what they had (systemd's
-        # NoDelay=true in the .socket unit covers those).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock, None
-
-
-def _describe(sock: socket.socket) -> str:
-    address = sock.getsockname()
-    if sock.family == socket.AF_UNIX:
-        return f"unix:{address}"
-    if sock.family == socket.AF_INET6:
-        return f"inet6:{address[1]}@[{address[0]}]"
-    return f"inet:{address[1]}@{address[0]}"
-
-
-class MilterRunner:
-    """Runs libmilter (``Milter.runmilter``) in a thread of its own, beside the asyncio loop
-    that owns the DecisionService and the signal handlers.
-
-    The loop stays in the main thread because SIGHUP must reload: libmilter turns SIGHUP,
-    SIGTERM and SIGINT into "stop" in a signal thread of its own, and a Python signal
-    handler only runs in the main thread. libmilter blocks those signals in the threads it
-    starts, so the kernel hands them to the main thread and its loop.
-    """
-
-    def __init__(
-        self,
-        service: DecisionService,
-        settings: MilterSettings,
-        loop: asyncio.AbstractEventLoop,
-        on_exit: Callable[[], None] | None = None,
-        records: HoldRecordStore | None = None,
-    ) -> None:
-        self.settings = settings
-        self.loop = loop
-        self.gateway = DecisionGateway(service, loop, settings, records)
-        self.endpoint = ""
-        self._on_exit = on_exit
-        self._thread: threading.Thread | None = None
-        self._wake: tuple[int, Any] | None = None  # family and address to wake the listener
-        self._unix: OwnedSocket | None = None  # the socket file to remove at the end
-        self._stopping = False
-        self.exit_error: BaseException | None = None
-        #: True when libmilter stopped by itself (not asked to by :meth:`stop`).
-        self.failed = False
-
-    def start(self) -> str:
-        """Bind, register with libmilter and start serving; OSError when it cannot bind."""
-        settings = self.settings
-        sock, self._unix = bind_milter_socket(settings.listen, settings.listen_mode)
-        self.endpoint = _describe(sock)
-        self._wake = (sock.family, sock.getsockname())
-        fd = sock.detach()  # libmilter owns and closes it from now on
-        # The one library global: libmilter creates every connection through it.
-        Milter.factory = functools.partial(PolicyMilter, self.gateway)
-        exception_policy = (Milter.TEMPFAIL if settings.on_error is ErrorAction.TEMPFAIL
-                            else Milter.CONTINUE)
-        Milter.set_exception_policy(exception_policy)
-        self._thread = threading.Thread(
-            target=self._run, args=(f"fd:{fd}",), name="libmilter", daemon=True
-        )
-        self._thread.start()
-        return self.endpoint
-
-    def _run(self, conn: str) -> None:
-        try:
-            Milter.runmilter(self.settings.name, conn, self.settings.mta_timeout_s,
-                             rmsock=False)
-        except BaseException as exc:
-            self.exit_error = exc
-        finally:
-            if not self._stopping:
-                self.failed = True
-                log.error("milter stopped unexpectedly",
-                          extra={"fields": {"error": repr(self.exit_error)}})
-                if self._on_exit is not None:
-                    with contextlib.suppress(RuntimeError):  # the loop is gone already
-                        self.loop.call_soon_threadsafe(self._on_exit)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    async def stop(self) -> None:
-        """Stop accepting, wait (at most ``drain_timeout``) for messages in flight, then
-        return. The loop must keep running meanwhile: those messages need decisions."""
-        self._stopping = True
-        loop = asyncio.get_running_loop()
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            # smfi_stop() waits for the listener, which holds its lock while it polls the
-            # socket for up to 5 s: connect until the listener has seen the stop flag.
-            stopper = loop.run_in_executor(None, Milter.stop)
-            for _ in range(500):
-                done, _ = await asyncio.wait({stopper}, timeout=0.02)
-                if done:
-                    break
-                await loop.run_in_executor(None, self._wake_listener)
-            await stopper
-            await loop.run_in_executor(None, thread.join, 10.0)
-        self._remove_socket()
-        counters = self.gateway.counters
-        if not await loop.run_in_executor(None, counters.idle.wait,
-                                          self.settings.drain_timeout_s):
-            log.warning("milter drain timeout: messages still in flight",
-                        extra={"fields": {"messages": counters.messages_active}})
-
-    def _wake_listener(self) -> None:
-        """libmilter looks at its stop flag only between accepts (or every 5 s): connect."""
-        if self._wake is None:
-            return
-        family, address = self._wake
-        if family in (socket.AF_INET, socket.AF_INET6) and address[0] in ("0.0.0.0", "::"):
-            address = ("127.0.0.1", address[1]) if family == socket.AF_INET else ("::1",
-                                                                                   *address[1:])
-        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            sock.connect(address)
-
-    def _remove_socket(self) -> None:
-        if self._unix is None:
-            return
-        owned, self._unix = self._unix, None
-        owned.remove()
-
-
-def register_milter_metrics(registry: MetricsRegistry, counters: MilterCounters) -> None:
-    registry.gauge("mqpolicy_milter_connections", "Open MTA connections to the milter",
-                   lambda: counters.connections_active)
-    registry.gauge("mqpolicy_milter_messages", "Messages the milter is in the middle of",
-                   lambda: counters.messages_active)
-    registry.counter("mqpolicy_milter_decisions_total", "Decisions the milter applied",
-                     lambda: counters.decisions)
-    registry.counter("mqpolicy_milter_failures_total",
-                     "Milter steps that applied milter.on_error (no decision, or an error)",
-                     lambda: counters.failures)
-    registry.counter("mqpolicy_milter_timeouts_total",
-                     "Milter decisions handed to the event loop that missed milter.timeout",
-                     lambda: counters.timeouts)
