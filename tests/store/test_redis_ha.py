@@ -843,15 +843,30 @@ def switch_under_load(harness: RedisSentinelHarness, how: str,
             # every answer within the store's deadline (give or take the loop's own delays)
             assert max(o.took for o in load.outcomes) < LOAD_TIMEOUT_MS / 1000 + 0.5
             assert resumed - named < 5, "decisions resumed long after the switch"
-            lost_lines = [r for r in caplog.records if r.getMessage() == "store lost its master"]
-            back_lines = [r for r in caplog.records
-                          if r.getMessage() == "store writes to its master again"]
-            assert len(lost_lines) == 1 and len(back_lines) == 1, caplog.text
-            back = back_lines[0].fields  # type: ignore[attr-defined]
-            assert back["master"] == f"127.0.0.1:{new.port}"
-            assert back["previous"] == f"127.0.0.1:{old.port}"
+            outage_lines = [r for r in caplog.records if r.getMessage() in (
+                "store lost its master", "store writes to its master again")]
+            told = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}"
+                              for r in outage_lines)
+            # Each loss logged once, each followed by the return of writes.
+            assert [r.getMessage() for r in outage_lines] == [
+                "store lost its master", "store writes to its master again",
+            ] * (len(outage_lines) // 2) and outage_lines, told
+            first_lost = outage_lines[0].fields  # type: ignore[attr-defined]
+            back = outage_lines[1].fields  # type: ignore[attr-defined]
+            assert first_lost["master"] == f"127.0.0.1:{old.port}", told
+            assert back["master"] == f"127.0.0.1:{new.port}", told
+            assert back["previous"] == f"127.0.0.1:{old.port}", told
+            # A later loss is one a sentinel announced: a sentinel that lost the election
+            # for the switch tries a failover of its own some 2 x failover-timeout later
+            # if the new configuration has not reached it by then (a second loss and
+            # return were seen once in CI on a loaded machine); writes stop while it
+            # runs and go back to the same master.
+            for lost, again in zip(outage_lines[2::2], outage_lines[3::2], strict=True):
+                assert lost.fields["why"].endswith("starts a failover"), told  # type: ignore[attr-defined]
+                assert again.fields["master"] == f"127.0.0.1:{new.port}", told  # type: ignore[attr-defined]
             if not timeouts:
-                assert back["decisions_on_store_error"] == len(failed)
+                assert sum(r.fields["decisions_on_store_error"]  # type: ignore[attr-defined]
+                           for r in outage_lines[1::2]) == len(failed), told
             print(
                 f"\nsentinel {how}: {len(failed)} decisions answered per on_store_error "
                 f"(slowest {slowest * 1000:.1f} ms) over "
