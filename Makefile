@@ -5,6 +5,8 @@
 #             low end
 # make test-latest  the same checks in .venv-latest, made anew with today's newest release
 #             of everything (pip install -U -e '.[test]', no lock): the high end
+# make test-loaded  the suite (pytest) while a busy loop per core keeps the machine loaded:
+#             no test may depend on the machine's speed
 # make lock   rewrite requirements/test.lock from pyproject.toml (uv pip compile, hashed,
 #             lowest direct versions; the dependencies' own dependencies at their newest)
 # make demo   a private Postfix + sink + mqpolicy, a realistic mix of mail, a report
@@ -17,7 +19,7 @@ CONFIG ?= conf/mqpolicy.yaml
 LOCK := requirements/test.lock
 UV_VERSION := 0.13.9
 
-.PHONY: run test test-latest lock bench bench-e2e bench-milter demo bootstrap bootstrap-latest
+.PHONY: run test test-loaded test-latest lock bench bench-e2e bench-milter demo bootstrap bootstrap-latest
 
 bootstrap:
 	@VENV=$(VENV) LOCK=$(LOCK) bash scripts/bootstrap.sh
@@ -53,6 +55,9 @@ endef
 
 test: bootstrap
 	$(run_checks)
+
+test-loaded: bootstrap
+	@bash scripts/test_under_load.sh $(VENV)
 
 test-latest: VENV = $(LATEST_VENV)
 test-latest: bootstrap-latest
