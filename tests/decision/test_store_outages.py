@@ -85,6 +85,48 @@ def test_two_outages_close_together_are_each_logged_with_their_counts(
         assert 0 <= up[1]["lasted_ms"] <= span_ms + 1
 
 
+def test_paused_redis_outages_pair_up_and_count_every_decision_made_without_it(
+        private_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis paused (SIGSTOP) twice: its decisions miss the deadline. A deadline can also
+    be missed by a loaded machine while Redis runs, which is an outage too: so the lines
+    are checked as pairs (each start followed by its end) whose counts add up to every
+    decision answered per on_store_error."""
+    caplog.set_level(logging.WARNING, logger="mqpolicy.store")
+    made_without = 0
+    sent = 0
+
+    async def decide_many(service: DecisionService, n: int) -> list[bool]:
+        nonlocal sent, made_without
+        requests = [Request(sender=f"s{sent + i}@example.com", recipient="r@example.net")
+                    for i in range(n)]
+        sent += n
+        verdicts = await asyncio.gather(*(service.decide(r) for r in requests))
+        made_without += sum(v.store_error for v in verdicts)
+        return [v.store_error for v in verdicts]
+
+    async def go() -> None:
+        store = RedisStore(private_redis.unix_url, timeout_ms=250)
+        service = DecisionService(parse_policy(POLICY.replace("10000", "250")), store,
+                                  error_log_interval_s=3600)
+        try:
+            while any(await decide_many(service, 1)):  # connected: answered by Redis
+                pass
+            for _ in range(2):
+                with private_redis.paused():
+                    assert all(await decide_many(service, 4))
+                while any(await decide_many(service, 1)):  # until Redis answers again
+                    pass
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    lines = store_lines(caplog)
+    assert len(lines) >= 4 and len(lines) % 2 == 0
+    assert [m for m, _ in lines[0::2]] == [DOWN] * (len(lines) // 2)
+    assert [m for m, _ in lines[1::2]] == [UP] * (len(lines) // 2)
+    assert sum(f["answered_on_store_error"] for _, f in lines[1::2]) == made_without >= 8
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
