@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from time import perf_counter_ns
 from typing import Any, Final, NamedTuple, cast
 
-from mqpolicy.daemon.structured_log import LogBurst
+from mqpolicy.daemon.outage_log import OutageLog
 from mqpolicy.decision.engine import (
     NO_LIMITS_EVALUATION,
     NO_RUNTIME,
@@ -98,7 +98,7 @@ class DecisionService:
         store: CounterStore,
         *,
         clock_ms: Callable[[], int] = wall_clock_ms,
-        error_log_interval_s: float = 10.0,
+        error_log_interval_s: float = 60.0,  # an outage's reminders
         deadline_ms: int | None = None,
         resolver: MxResolver | None = None,
     ) -> None:
@@ -126,7 +126,11 @@ class DecisionService:
         self.runtime: RuntimeState = NO_RUNTIME
         self.stats = DecisionStats()
         self._destinations = DestinationFinder(resolver)
-        self._error_log = LogBurst(error_log_interval_s)
+        self._outages = OutageLog(store_log, down="store unavailable, applying on_store_error",
+                                  still="store still unavailable",
+                                  up="store available again",
+                                  count_field="answered_on_store_error",
+                                  reminder_s=error_log_interval_s)
 
     def replace_policy(self, policy: Policy) -> None:
         """Swap the policy; decisions in flight finish with the one they started with."""
@@ -197,6 +201,8 @@ class DecisionService:
             store_started = perf_counter_ns()
             evaluation = yield plan
             store_ns = perf_counter_ns() - store_started
+            if evaluation is not None:
+                self._outages.succeeded()
         verdict = decide(plan, evaluation, policy)
         if account:
             self._account(plan.request, verdict, perf_counter_ns() - started, store_ns)
@@ -225,14 +231,11 @@ class DecisionService:
         return None
 
     def _store_failed(self, counter: str, why: str) -> None:
-        """Count (``store_errors`` or ``store_timeouts``) and log once per burst: the first
-        error, then a summary every interval."""
+        """Count (``store_errors`` or ``store_timeouts``); log an outage's start, its end
+        at the next answer (how many decisions followed on_store_error, how long)."""
         with self.stats_lock:
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        suppressed = self._error_log.take()
-        if suppressed is not None:
-            store_log.warning("store unavailable, applying on_store_error",
-                              extra={"fields": {"error": why, "suppressed": suppressed}})
+        self._outages.failed(why)
 
     def _account(self, request: Request, verdict: Verdict, decision_ns: int,
                  store_ns: int | None) -> None:

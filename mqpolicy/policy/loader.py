@@ -17,6 +17,9 @@ reader and the single values are :mod:`mqpolicy.policy.value_readers`; the secti
 
 from __future__ import annotations
 
+import os
+import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,14 @@ from mqpolicy.policy.settings_readers import (
     read_store,
 )
 from mqpolicy.policy.value_readers import ConfigIssue, Reader, StoreUrlCheck, file_mode
-from mqpolicy.policy.yaml_lines import LineLoader, LineMap
+from mqpolicy.policy.yaml_lines import LineLoader, YamlAliasError
+
+#: The largest policy file read (1 MiB): a large policy is a few dozen kilobytes, and the
+#: YAML parser takes seconds per MiB; anything past this is refused unread.
+MAX_POLICY_BYTES = 1024 * 1024
+
+#: How often a file that changes while it is read is read again before giving up.
+READ_ATTEMPTS = 5
 
 
 class ConfigError(Exception):
@@ -78,24 +88,80 @@ _TOP_KEYS = {
 
 def load_policy(path: str | Path, check_store_url: StoreUrlCheck) -> Policy:
     """Read and validate a policy file; raise :class:`ConfigError` listing every problem,
-    ``store.url`` parsed by ``check_store_url``."""
+    ``store.url`` parsed by ``check_store_url``. The file is read once
+    (:func:`read_policy_file`) and those bytes are parsed: a file replaced or rewritten
+    while it is read never mixes two versions."""
     source = str(path)
+    data = read_policy_file(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(source, 0, "", f"cannot read: {exc.strerror}")]) from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError([ConfigIssue(source, 0, "", "not UTF-8 text")]) from None
     return parse_policy(text, source, check_store_url)
+
+
+def read_policy_file(path: str | Path) -> bytes:
+    """The bytes of one version of the policy file, read through one open descriptor: the
+    size, times and inode before the read and after it must agree, else it is read again
+    (up to :data:`READ_ATTEMPTS` times) and finally refused. A file moved into place with
+    ``mv`` (a rename) is read whole, old or new; one written in place is read when it
+    stays still. Larger than :data:`MAX_POLICY_BYTES`: refused."""
+    source = str(path)
+
+    def refused(why: str) -> ConfigError:
+        return ConfigError([ConfigIssue(source, 0, "", why)])
+
+    for attempt in range(READ_ATTEMPTS):
+        if attempt:
+            time.sleep(0.02 * attempt)  # let the writer finish
+        try:
+            with open(path, "rb") as file:  # one descriptor: read and fstat the same file
+                before = os.fstat(file.fileno())
+                if stat.S_ISREG(before.st_mode) and before.st_size > MAX_POLICY_BYTES:
+                    raise refused(_too_large(before.st_size))
+                data = file.read(MAX_POLICY_BYTES + 1)
+                after = os.fstat(file.fileno())
+        except OSError as exc:
+            raise refused(f"cannot read: {exc.strerror or exc}") from None
+        if len(data) > MAX_POLICY_BYTES:
+            raise refused(_too_large(len(data)))
+        if not stat.S_ISREG(after.st_mode):  # a pipe or a device: no versions to compare
+            return data
+        if _version(before) == _version(after) and len(data) == after.st_size:
+            return data
+    raise refused(f"the file changed while it was read ({READ_ATTEMPTS} times): write the "
+                  "new version beside it and mv it into place")
+
+
+def _too_large(size: int) -> str:
+    return (f"the file is too large ({size} bytes; a policy file may have at most "
+            f"{MAX_POLICY_BYTES} bytes, 1 MiB)")
+
+
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is written: its identity, size and times."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+#: Why an empty policy is refused rather than taken as every default.
+EMPTY_POLICY = ("the policy is empty (no YAML in it: blank or only comments); a policy with no "
+                "lanes and no limits would let all mail pass. Write {} to run on every "
+                "default on purpose")
 
 
 def parse_policy(text: str, source: str = "<string>",
                  check_store_url: StoreUrlCheck | None = None) -> Policy:
     """A policy from its YAML text (``source`` names it in the issues). Without
     ``check_store_url``, ``store.url`` is taken as written: for policies made in code, whose
-    store is opened by the caller."""
+    store is opened by the caller. Text without YAML (empty, blank, only comments) is
+    refused: a truncated file must never empty the policy; ``{}`` is every default."""
+    if not text.strip():  # blank: tabs included, which YAML would call a syntax error
+        raise ConfigError([ConfigIssue(source, 0, "", EMPTY_POLICY)])
     try:
         data = yaml.load(text, Loader=LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except YamlAliasError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 0
+        raise ConfigError([ConfigIssue(source, line, "", f"YAML: {exc.problem}")]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
@@ -103,9 +169,12 @@ def parse_policy(text: str, source: str = "<string>",
         raise ConfigError([ConfigIssue(source, line, "", f"YAML syntax: {problem}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue(source, 0, "", f"YAML: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError([ConfigIssue(source, 0, "", "YAML: nested too deeply")]) from None
+    except ValueError as exc:  # a value YAML cannot hold, e.g. an integer of 5,000 digits
+        raise ConfigError([ConfigIssue(source, 0, "", f"YAML: {exc}")]) from None
     if data is None:
-        data = LineMap()
-        data.key_lines = {}
+        raise ConfigError([ConfigIssue(source, 0, "", EMPTY_POLICY)])
     reader = Reader(source, check_store_url)
     policy = _read_policy(reader, data)
     if reader.issues or policy is None:

@@ -1,5 +1,9 @@
 """YAML read with ``yaml.safe_load`` semantics, keeping the line of every mapping key and
-list item: what lets every problem of a policy file be reported with its line."""
+list item: what lets every problem of a policy file be reported with its line.
+
+Aliases (``*name``) are bounded before anything is built: an alias bomb ("billion laughs",
+a few lines that expand to billions of values) and an alias inside its own anchor are
+refused with :class:`YamlAliasError`."""
 
 from __future__ import annotations
 
@@ -18,8 +22,53 @@ class LineList(list[Any]):
     item_lines: list[int]
 
 
+#: How many values YAML aliases may repeat in all: far more than sharing a condition or a
+#: list between rules needs, far fewer than an alias bomb's billions.
+MAX_ALIAS_VALUES = 100_000
+
+
+class YamlAliasError(yaml.constructor.ConstructorError):
+    """Aliases that repeat too much (an alias bomb), or an alias inside its own anchor."""
+
+
 class LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line of every mapping key and list item."""
+    """SafeLoader that remembers the line of every mapping key and list item, and refuses
+    aliases that expand past :data:`MAX_ALIAS_VALUES` repeated values."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_aliases(node)
+        return super().construct_document(node)  # type: ignore[no-untyped-call]
+
+
+def _check_aliases(root: yaml.Node) -> None:
+    """Count the values the document has once its aliases are expanded, each node counted
+    once per place it appears; refuse more than :data:`MAX_ALIAS_VALUES` beyond its
+    distinct nodes, and a node that contains itself. Linear in the distinct nodes."""
+    expanded: dict[int, int] = {}  # id(node) -> values under it, itself included
+    open_nodes: set[int] = set()  # being counted: meeting one again is a cycle
+
+    def count(node: yaml.Node) -> int:
+        key = id(node)
+        if key in expanded:
+            return expanded[key]
+        if key in open_nodes:
+            raise YamlAliasError(None, None, "an alias inside its own anchor (a recursive "
+                                 "structure)", node.start_mark)
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(count(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(count(k) + count(v) for k, v in node.value)
+        open_nodes.discard(key)
+        expanded[key] = total
+        if total - len(expanded) > MAX_ALIAS_VALUES:
+            raise YamlAliasError(
+                None, None, f"aliases repeat more than {MAX_ALIAS_VALUES} values (an alias "
+                "bomb?): write the values out, or share fewer", node.start_mark)
+        return total
+
+    count(root)
 
 
 def _construct_mapping(loader: LineLoader, node: yaml.MappingNode) -> LineMap:

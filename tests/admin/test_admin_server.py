@@ -199,7 +199,7 @@ def test_the_client_asks_and_says_what_failed(sock_dir: Path) -> None:
                        "running") as gone:
         ask(policy)
     assert gone.value.exit_code == 1
-    no_admin = parse_policy("", "/etc/p.yaml")
+    no_admin = parse_policy("{}", "/etc/p.yaml")
     with pytest.raises(AdminUnavailable, match=r"set admin\.listen in /etc/p\.yaml") as unset:
         ask(no_admin)
     assert unset.value.exit_code == 2

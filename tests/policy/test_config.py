@@ -49,8 +49,8 @@ def test_example_policy_loads() -> None:
     assert policy.scheduler is not None
 
 
-def test_empty_file_gives_defaults() -> None:
-    policy = parse_policy("", "empty.yaml")
+def test_an_empty_mapping_gives_defaults() -> None:
+    policy = parse_policy("{}", "defaults.yaml")
     assert policy.store.url == "memory://"
     assert policy.store.timeout_ms == 50
     assert policy.store.on_store_error is StoreErrorMode.ACCEPT
@@ -192,7 +192,7 @@ def test_listen_mode_and_unix_endpoint() -> None:
 
 
 def test_admin_socket() -> None:
-    assert parse_policy("").admin is None
+    assert parse_policy("{}").admin is None
     admin = parse_policy('admin: {listen: "unix:/run/mqpolicy/admin.sock", mode: "0600"}\n').admin
     assert admin is not None
     assert admin.listen.path == "/run/mqpolicy/admin.sock" and admin.listen.mode == 0o600
