@@ -116,16 +116,19 @@ from mqpolicy.store.budget import (
 from mqpolicy.store.redis import (
     SCRIPT_NAME,
     CoalescingStore,
-    LuaScript,
     PendingDecision,
     decode_batch,
     encode_batch,
-    glob_escape,
     inspect_buckets,
+)
+from mqpolicy.store.redis_connection import (
+    LuaScript,
+    glob_escape,
+    parse_host_list,
+    split_credentials,
     split_store_url,
     unprefixed,
 )
-from mqpolicy.store.sentinel import parse_host_list, split_credentials
 
 CLUSTER_SCHEMES: Final = frozenset({"redis+cluster", "rediss+cluster"})
 CLUSTER_URL_FORM: Final = "redis+cluster://[user:password@]host[:port][,host[:port]...][/0]"

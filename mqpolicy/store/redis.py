@@ -34,11 +34,11 @@ shared with other jobs: wall figures vary up to 2x between runs, CPU figures les
 * batch size, client CPU per decision: 1 -> 154 us, 16 -> 21, 64 -> 10, 256 -> 6.6;
   redis-server CPU per decision (2 checks + a once key) ~13-16 us in batches of 8+.
   With redis-py's own asyncio packer a 256-decision call costs 7.3 ms of client CPU instead
-  of 1.7 ms, hence ``_HiredisPacking``.
+  of 1.7 ms, hence ``redis_connection.HiredisPacking``.
 * evaluate, concurrency 1 / 8 / 64: ~2.5-3k / 8-15k / 15-26k decisions/s.
 * open loop (decisions arriving independently) at 4,000/s offered: one batch in flight fell
   behind (3.7k/s done, p50 106 ms), two kept up (4.0k/s, p50 5.6 ms). That was before
-  ``_HiredisPacking``, when a batch cost the client ~30 us per decision; since then
+  ``redis_connection.HiredisPacking``, when a batch cost the client ~30 us per decision; since then
   (``--in-flight 1,2 --open 5000,10000,20000``) both keep up with 20,000/s offered (p99
   7.0 / 1.3 ms at 20,000/s, 1.4 / 0.9 ms at 10,000/s).
 * behind the policy server (``bench/policy_bench.py --stores redis-tcp --concurrency 8,64``,
@@ -52,16 +52,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Final
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
-import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -78,8 +75,18 @@ from mqpolicy.store.budget import (
     StoreError,
     StoreTimeout,
     parse_bucket,
+    validate_decision,
 )
-from mqpolicy.store.memory import validate_decision
+from mqpolicy.store.redis_connection import (
+    NO_ANSWER,
+    LuaScript,
+    describe_error,
+    glob_escape,
+    pack,
+    split_store_url,
+    unprefixed,
+    with_hiredis_packing,
+)
 
 SCRIPT_NAME: Final = "gcra_batch.lua"
 REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
@@ -96,26 +103,6 @@ _CERT_REQS: Final = frozenset({"none", "optional", "required"})
 _ERRORS: Final = (RedisError, OSError, TimeoutError)
 _CONSUME: Final = 1
 _BLOCKING: Final = 2
-
-
-def split_store_url(url: str, schemes: frozenset[str], forms: str) -> SplitResult:
-    """``urlsplit`` of a Redis store URL whose scheme is one of ``schemes`` (else ValueError
-    listing ``forms``), refusing what no Redis store URL can mean: no ``//`` after the scheme
-    (``unix:/path``, ``redis:host:6379``; the error says the form to write) and a fragment
-    (an unencoded ``#`` in a password would cut the URL there)."""
-    text = url.strip()
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if scheme not in schemes:
-        raise ValueError(f"store {url!r}: not a {' / '.join(sorted(schemes))} URL ({forms})")
-    rest = text[len(scheme) + 1:]
-    if not rest.startswith("//"):
-        # unix:/run/redis.sock -> unix:///run/redis.sock; redis:h:6379 -> redis://h:6379
-        slash = "/" if scheme == "unix" else ""
-        raise ValueError(f"store {url!r}: write {scheme}://{slash}{rest.lstrip('/')}")
-    if parts.fragment or text.endswith("#"):
-        raise ValueError(f"store {url!r}: '#' in a store URL must be written %23")
-    return parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,61 +190,6 @@ def parse_redis_url(url: str) -> RedisTarget:
                        db=int(db_text) if db_text is not None else 0, tls=scheme == "rediss")
 
 
-class _HiredisPacking:
-    """Connection mixin: pack commands in C with ``hiredis.pack_command``.
-
-    redis-py's asyncio packer re-joins its output buffer for every argument (quadratic up to
-    its 6 kB cut-off): for a 256-decision EVALSHA (~4,000 arguments) it costs ~8x as much
-    as hiredis, and more than everything else the client does for the batch.
-    """
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        name = args[0]
-        if isinstance(name, str | bytes):
-            words = name.split()  # "SCRIPT LOAD" goes out as two arguments
-            if len(words) > 1:
-                args = (*words, *args[1:])
-        return [_pack(*args)]
-
-
-def _pack(*words: Any) -> bytes:
-    """One command in the Redis protocol, packed in C."""
-    packed: bytes = hiredis.pack_command(words)
-    return packed
-
-
-def _with_hiredis_packing(connection_class: Any) -> Any:
-    return type(f"Packed{connection_class.__name__}", (_HiredisPacking, connection_class), {})
-
-
-def load_script(name: str = SCRIPT_NAME) -> str:
-    """A Lua source from package data (``lua/<name>``), by default the batch script."""
-    return resources.files("mqpolicy.store").joinpath("lua", name).read_text(encoding="utf-8")
-
-
-@dataclass(frozen=True, slots=True)
-class LuaScript:
-    """A Lua source and its SHA1, for ``EVALSHA`` (and ``SCRIPT LOAD`` after NOSCRIPT)."""
-
-    source: str
-    sha: str
-
-    @classmethod
-    def load(cls, name: str = SCRIPT_NAME) -> LuaScript:
-        source = load_script(name)
-        return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
-
-
-def glob_escape(text: str) -> str:
-    """``text`` matched literally in a Redis SCAN pattern."""
-    out = []
-    for ch in text:
-        if ch in "*?[]\\":
-            out.append("\\")
-        out.append(ch)
-    return "".join(out)
-
-
 @dataclass(slots=True)
 class PendingDecision:
     checks: Sequence[BudgetCheck]
@@ -266,9 +198,6 @@ class PendingDecision:
     once_ttl_ms: int
     future: asyncio.Future[Evaluation]
     deadline: float = math.inf  # loop time by which the decision is answered or failed
-
-
-_Pending = PendingDecision  # the name bench/store_bench.py imports
 
 
 class _BatchExpiry:
@@ -293,7 +222,7 @@ class _BatchExpiry:
         while index < len(batch) and batch[index].deadline <= now:
             future = batch[index].future
             if not future.done():
-                future.set_exception(StoreTimeout(_NO_ANSWER))
+                future.set_exception(StoreTimeout(NO_ANSWER))
             index += 1
         self._index = index
         self._handle = (self._loop.call_at(batch[index].deadline, self._expire)
@@ -367,7 +296,7 @@ class CoalescingStore:
                 if pending.future.done():  # a caller that gave up spends nothing
                     continue
                 if pending.deadline <= now:  # waited its whole deadline in the queue
-                    pending.future.set_exception(StoreTimeout(_NO_ANSWER))
+                    pending.future.set_exception(StoreTimeout(NO_ANSWER))
                     continue
                 batch.append(pending)
             if not batch:
@@ -474,8 +403,8 @@ class RedisStore(CoalescingStore):
                 decode_responses=False,
             )
         pool = self._client.connection_pool
-        pool.connection_class = _with_hiredis_packing(pool.connection_class)
-        self._script = LuaScript.load()
+        pool.connection_class = with_hiredis_packing(pool.connection_class)
+        self._script = LuaScript.load(SCRIPT_NAME)
 
     async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
         keys, args = self._encode(batch)
@@ -490,12 +419,12 @@ class RedisStore(CoalescingStore):
         pool: Any = self._client.connection_pool  # redis-py's pool is untyped
         conn = await pool.get_connection()
         try:
-            command = _pack("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            command = pack("EVALSHA", self._script.sha, len(keys), *keys, *args)
             await conn.send_packed_command(command, check_health=False)
             try:
                 return await conn.read_response()
             except NoScriptError:
-                load = _pack("SCRIPT", "LOAD", self._script.source)
+                load = pack("SCRIPT", "LOAD", self._script.source)
                 await conn.send_packed_command(load, check_health=False)
                 await conn.read_response()
                 await conn.send_packed_command(command, check_health=False)
@@ -576,7 +505,7 @@ def _encodable(key: str) -> None:
         key.encode()
     except UnicodeEncodeError:
         raise ValueError(f"store key {key!r} is not valid text (escape it first: "
-                         "mqpolicy.limit_keys.escape_key_part)") from None
+                         "mqpolicy.policy.keys.escape_key_part)") from None
 
 
 def encode_batch(
@@ -614,22 +543,6 @@ def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation]:
                          for i in range(2, end, 3)])
         evaluations.append(Evaluation(results, row[0] == 1, row[1] == 1))
     return evaluations
-
-
-def unprefixed(key: bytes | str, strip: int) -> str:
-    """A key as SCAN returns it, without the store's prefix of ``strip`` bytes."""
-    raw = key if isinstance(key, bytes) else key.encode()
-    return raw[strip:].decode("utf-8", "replace")
-
-
-_NO_ANSWER = "redis did not answer within the deadline"
-
-
-def describe_error(exc: BaseException) -> str:
-    """A Redis client's error as a StoreError's text."""
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return _NO_ANSWER
-    return f"redis: {type(exc).__name__}: {exc}"
 
 
 async def inspect_buckets(

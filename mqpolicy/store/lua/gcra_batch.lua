@@ -8,7 +8,7 @@ number is an integer below 2^53 (the checks are validated before they are sent),
 double here is exact. Products are
 formed only where they cannot pass the debt or the capacity (the refill's elapsed time is
 capped at the time to refill the debt); divisions are exact integer divisions (fmod).
-Rules: exactly mqpolicy.memory_store.MemoryStore.evaluate (see that module's docstring):
+Rules: exactly mqpolicy.store.memory.MemoryStore.evaluate (see that module's docstring):
 checks run in order and see what earlier checks of the same decision spent on the same key;
 a failing blocking check spends nothing for the whole decision; otherwise every passing
 consume check is spent; a present once key makes the decision a duplicate (nothing spent).
