@@ -305,7 +305,10 @@ class ClusterStore(CoalescingStore):
                     call.error = exc
                 else:
                     for (part, _), evaluation in zip(entries, evaluations, strict=True):
-                        part.result = evaluation
+                        if isinstance(evaluation, StoreError):
+                            part.error = evaluation  # this decision alone
+                        else:
+                            part.result = evaluation
             if call.error is not None:
                 for part, _ in entries:
                     part.error = call.error

@@ -101,6 +101,8 @@ _TLS_OPTIONS: Final = frozenset(
 )
 _CERT_REQS: Final = frozenset({"none", "optional", "required"})
 _ERRORS: Final = (RedisError, OSError, TimeoutError)
+_UNSENDABLE: Final = (TypeError, ValueError, OverflowError)
+"""What packing a command raises for an argument it cannot send (hiredis)."""
 _CONSUME: Final = 1
 _BLOCKING: Final = 2
 
@@ -406,20 +408,54 @@ class RedisStore(CoalescingStore):
         pool.connection_class = with_hiredis_packing(pool.connection_class)
         self._script = LuaScript.load(SCRIPT_NAME)
 
-    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
+    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation | StoreError]:
+        try:
+            command = self._command(batch)
+        except _UNSENDABLE:
+            return await self._run_sendable(batch)
+        return self._decode(batch, await self._call(command))
+
+    def _command(self, batch: list[PendingDecision]) -> bytes:
+        """The batch's ``EVALSHA``, packed (TypeError, ValueError: something in it cannot
+        be sent)."""
         keys, args = self._encode(batch)
-        reply = await self._evalsha(keys, args)
-        return self._decode(batch, reply)
+        return pack("EVALSHA", self._script.sha, len(keys), *keys, *args)
+
+    async def _run_sendable(
+        self, batch: list[PendingDecision]
+    ) -> list[Evaluation | StoreError]:
+        """A batch that cannot be packed whole: each decision that cannot be packed alone
+        fails (a StoreError: its limits follow ``on_store_error``), the others are sent
+        together."""
+        answers: list[Evaluation | StoreError | None] = []
+        sendable: list[PendingDecision] = []
+        for pending in batch:
+            try:
+                self._command([pending])
+            except _UNSENDABLE as exc:
+                answers.append(StoreError(f"redis store: a decision that cannot be sent "
+                                          f"({type(exc).__name__}: {exc})"))
+            else:
+                answers.append(None)
+                sendable.append(pending)
+        if len(sendable) == len(batch):
+            raise StoreError("redis store: the batch cannot be sent")
+        sent = iter(await self._run(sendable) if sendable else ())
+        return [answer if answer is not None else next(sent) for answer in answers]
 
     async def _evalsha(self, keys: list[str], args: list[int]) -> Any:
-        """``EVALSHA`` of the batch script on a pooled connection, past the client's
-        per-command layers (retries, which are off, and observability hooks: a third of
-        the client's CPU per call). A script cache lost on restart is reloaded once.
-        A connection left in doubt (an error, a cancelled read) is dropped by redis-py."""
+        """``EVALSHA`` of the batch script with these KEYS and ARGV (:meth:`_call`)."""
+        return await self._call(pack("EVALSHA", self._script.sha, len(keys), *keys, *args))
+
+    async def _call(self, command: bytes) -> Any:
+        """A packed ``EVALSHA`` of the batch script on a pooled connection, past the
+        client's per-command layers (retries, which are off, and observability hooks: a
+        third of the client's CPU per call). A script cache lost on restart is reloaded
+        once. A connection left in doubt (an error, a cancelled read) is dropped by
+        redis-py."""
         pool: Any = self._client.connection_pool  # redis-py's pool is untyped
         conn = await pool.get_connection()
         try:
-            command = pack("EVALSHA", self._script.sha, len(keys), *keys, *args)
             await conn.send_packed_command(command, check_health=False)
             try:
                 return await conn.read_response()
@@ -437,7 +473,7 @@ class RedisStore(CoalescingStore):
         return encode_batch(self._prefix, batch)
 
     @staticmethod
-    def _decode(batch: list[PendingDecision], reply: Any) -> list[Evaluation]:
+    def _decode(batch: list[PendingDecision], reply: Any) -> list[Evaluation | StoreError]:
         return decode_batch([len(p.checks) for p in batch], reply)
 
     # -- the rest of CounterStore ----------------------------------------------------------
@@ -488,24 +524,32 @@ class RedisStore(CoalescingStore):
                 await self._client.aclose()
 
 
+class StoreKeyError(StoreError, ValueError):
+    """A key Redis cannot be sent: a StoreError (the decision's limits follow their
+    ``on_store_error``) and a ValueError (the caller's mistake)."""
+
+
 def validate_key_text(checks: Sequence[BudgetCheck], once_key: str | None) -> None:
-    """ValueError for a key that is not text Redis can be sent (a lone surrogate, which
-    hiredis cannot encode to UTF-8 and which would fail the whole batch): raised to the one
-    caller before its decision joins a batch. The engine's keys never have one
+    """:class:`StoreKeyError` for a key that is not text Redis can be sent (not a str, or
+    a lone surrogate, which hiredis cannot encode to UTF-8): raised to the one caller
+    before its decision joins a batch. The engine's keys never are
     (:mod:`mqpolicy.policy.keys` escapes them)."""
     for check in checks:
-        if not check.key.isascii():
-            _encodable(check.key)
-    if once_key is not None and not once_key.isascii():
+        key = check.key
+        if type(key) is not str or not key.isascii():
+            _encodable(key)
+    if once_key is not None and (type(once_key) is not str or not once_key.isascii()):
         _encodable(once_key)
 
 
-def _encodable(key: str) -> None:
+def _encodable(key: object) -> None:
+    if not isinstance(key, str):
+        raise StoreKeyError(f"store key {key!r} is not text")
     try:
         key.encode()
     except UnicodeEncodeError:
-        raise ValueError(f"store key {key!r} is not valid text (escape it first: "
-                         "mqpolicy.policy.keys.escape_key_part)") from None
+        raise StoreKeyError(f"store key {key!r} is not valid text (escape it first: "
+                            "mqpolicy.policy.keys.escape_key_part)") from None
 
 
 def encode_batch(
@@ -529,13 +573,20 @@ def encode_batch(
     return list(index), args
 
 
-def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation]:
-    """The reply of ``gcra_batch.lua`` for decisions of ``check_counts`` checks each."""
+def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation | StoreError]:
+    """The reply of ``gcra_batch.lua`` for decisions of ``check_counts`` checks each: an
+    evaluation per decision, or the StoreError of a decision that raised in the script
+    (which wrote nothing of it)."""
     if not isinstance(reply, list) or len(reply) != len(check_counts):
         raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
-    evaluations = []
+    evaluations: list[Evaluation | StoreError] = []
     result = BudgetResult._make
     for n, row in zip(check_counts, reply, strict=True):
+        if isinstance(row, list) and row and row[0] == -1:
+            why = row[1].decode(errors="replace") if len(row) > 1 and isinstance(
+                row[1], bytes) else str(row[1:])
+            evaluations.append(StoreError(f"redis: {SCRIPT_NAME} failed this decision: {why}"))
+            continue
         end = 2 + 3 * n
         if not isinstance(row, list) or len(row) != end:
             raise ValueError(f"unexpected row from {SCRIPT_NAME}: {row!r:.200}")

@@ -601,7 +601,7 @@ class SentinelStore(RedisStore):
             raise StoreError("redis sentinel: the master was lost")
         return address
 
-    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
+    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation | StoreError]:
         tracker = self._tracker
         try:
             address = await self._on_master()

@@ -34,7 +34,9 @@ then, D times:
 
 Returns: an array of D arrays, one per decision, each of integers:
   committed, duplicate, then per check: allowed, remaining, retry_after_ms
-  (committed/duplicate/allowed are 1 or 0; retry_after_ms is -1 when cost > burst: never)
+  (committed/duplicate/allowed are 1 or 0; retry_after_ms is -1 when cost > burst: never);
+  a decision that raised (a key of another type) is {-1, error text}: it wrote nothing,
+  and the others ran.
   With -D, a committed row also ends with, per check, its bucket's debt before the decision
   and the bucket's time (for the cluster store's give-back, mqpolicy.store.cluster; the
   decision itself is the same).
@@ -105,7 +107,8 @@ local backlogs = count < 0
 if backlogs then
   count = -count
 end
-for d = 1, count do
+-- one decision, its fields from ARGV[pos] on: its row
+local function decide(pos)
   local now = tonumber(ARGV[pos])
   local n = tonumber(ARGV[pos + 1])
   local once = tonumber(ARGV[pos + 2])
@@ -213,6 +216,21 @@ for d = 1, count do
       end
     end
   end
+  return row
+end
+
+-- A decision that raises (a key of another type: WRONGTYPE) fails alone, with the row
+-- {-1, error}: it raises before it writes (every write of a decision follows its reads)
+-- and the decisions after it run as they would have.
+for d = 1, count do
+  local ok, row = pcall(decide, pos)
+  if not ok then
+    if type(row) == 'table' then
+      row = row.err
+    end
+    row = {-1, tostring(row)}
+  end
   out[d] = row
+  pos = pos + 4 + 6 * tonumber(ARGV[pos + 1])
 end
 return out
