@@ -120,6 +120,7 @@ from mqpolicy.store.redis import (
     decode_batch,
     encode_batch,
     inspect_buckets,
+    split_reply,
 )
 from mqpolicy.store.redis_connection import (
     LuaScript,
@@ -553,9 +554,7 @@ class ClusterStore(CoalescingStore):
 
 
 def _rows(reply: Any, count: int) -> list[Any]:
-    if not isinstance(reply, list) or len(reply) != count:
-        raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
-    return reply
+    return split_reply(reply, count)[0]
 
 
 def _split_backlogs(part: _Part, row: Any) -> Any:

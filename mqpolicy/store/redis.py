@@ -192,6 +192,50 @@ def parse_redis_url(url: str) -> RedisTarget:
                        db=int(db_text) if db_text is not None else 0, tls=scheme == "rediss")
 
 
+DEADLINE_MARGIN: Final = 0.1
+"""The part of ``timeout_ms`` before a decision's deadline after which Redis no longer
+runs it: its answer has that long to come back (the window in which a decision can be
+answered per ``on_store_error`` and counted all the same is a reply slower than this)."""
+CLOCK_KEEP_S: Final = 10.0
+"""How long the best estimate of Redis' clock is kept before a newer one replaces it."""
+_TOO_LATE: Final = "redis ran the batch after the decision's deadline: nothing counted"
+
+
+class RedisClock:
+    """Where one Redis server's clock (``TIME``, ms) stands against this loop's clock, for
+    the decisions' deadlines in the batch script (``gcra_batch.lua`` skips a decision past
+    its deadline by Redis' clock).
+
+    Every reply carries Redis' time ``R`` when the script ran, which was before the reply
+    was read at loop time ``t``: ``R - t`` is at most the true offset (short of it by the
+    reply's way back), so a deadline converted with it falls no later than the real one.
+    The highest such estimate of the last :data:`CLOCK_KEEP_S` s is kept (a Redis clock
+    stepped back by ``X`` makes deadlines up to ``X`` late until then); the first batch to
+    a server asks ``TIME`` first."""
+
+    __slots__ = ("_at", "client", "offset_ms")
+
+    def __init__(self, client: object) -> None:
+        self.client = client
+        self.offset_ms: float | None = None
+        self._at = -math.inf
+
+    def observe(self, redis_ms: int, loop_now_s: float) -> None:
+        estimate = redis_ms - loop_now_s * 1000
+        best = self.offset_ms
+        if best is None or estimate >= best or loop_now_s - self._at > CLOCK_KEEP_S:
+            self.offset_ms = estimate
+            self._at = loop_now_s
+
+    def deadline_ms(self, deadline_s: float) -> int:
+        """A loop-time deadline in Redis' clock (ms, rounded down); 0 (none) while the
+        offset is unknown."""
+        offset = self.offset_ms
+        if offset is None or deadline_s == math.inf:
+            return 0
+        return max(1, math.floor(deadline_s * 1000 + offset))
+
+
 @dataclass(slots=True)
 class PendingDecision:
     checks: Sequence[BudgetCheck]
@@ -407,19 +451,43 @@ class RedisStore(CoalescingStore):
         pool = self._client.connection_pool
         pool.connection_class = with_hiredis_packing(pool.connection_class)
         self._script = LuaScript.load(SCRIPT_NAME)
+        self._clock = RedisClock(self._client)
+        self._margin_s = self._timeout_s * DEADLINE_MARGIN
 
     async def _run(self, batch: list[PendingDecision]) -> list[Evaluation | StoreError]:
+        clock = self._clock
+        if clock.client is not self._client:  # a new server (Sentinel): its own clock
+            clock = self._clock = RedisClock(self._client)
+        loop = asyncio.get_running_loop()
+        if clock.offset_ms is None:
+            await self._read_clock(clock)
+        margin = self._margin_s
+        deadlines = [clock.deadline_ms(p.deadline - margin) for p in batch]
         try:
-            command = self._command(batch)
+            command = self._command(batch, deadlines)
         except _UNSENDABLE:
             return await self._run_sendable(batch)
-        return self._decode(batch, await self._call(command))
+        rows, redis_ms = split_reply(await self._call(command), len(batch))
+        clock.observe(redis_ms, loop.time())
+        return decode_batch([len(p.checks) for p in batch], rows)
 
-    def _command(self, batch: list[PendingDecision]) -> bytes:
+    def _command(self, batch: list[PendingDecision], deadlines: Sequence[int] = ()) -> bytes:
         """The batch's ``EVALSHA``, packed (TypeError, ValueError: something in it cannot
         be sent)."""
-        keys, args = self._encode(batch)
+        keys, args = self._encode(batch, deadlines)
         return pack("EVALSHA", self._script.sha, len(keys), *keys, *args)
+
+    async def _read_clock(self, clock: RedisClock) -> None:
+        """Ask Redis its clock (``TIME``), before the first batch to a server."""
+        pool: Any = self._client.connection_pool  # redis-py's pool is untyped
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(pack("TIME"), check_health=False)
+            seconds, micros = await conn.read_response()
+        finally:
+            await pool.release(conn)
+        clock.observe(int(seconds) * 1000 + int(micros) // 1000,
+                      asyncio.get_running_loop().time())
 
     async def _run_sendable(
         self, batch: list[PendingDecision]
@@ -468,13 +536,10 @@ class RedisStore(CoalescingStore):
         finally:
             await pool.release(conn)
 
-    def _encode(self, batch: list[PendingDecision]) -> tuple[list[str], list[int]]:
+    def _encode(self, batch: list[PendingDecision],
+                deadlines: Sequence[int] = ()) -> tuple[list[str], list[int]]:
         """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
-        return encode_batch(self._prefix, batch)
-
-    @staticmethod
-    def _decode(batch: list[PendingDecision], reply: Any) -> list[Evaluation | StoreError]:
-        return decode_batch([len(p.checks) for p in batch], reply)
+        return encode_batch(self._prefix, batch, deadlines)
 
     # -- the rest of CounterStore ----------------------------------------------------------
 
@@ -553,9 +618,10 @@ def _encodable(key: object) -> None:
 
 
 def encode_batch(
-    prefix: str, batch: Sequence[PendingDecision]
+    prefix: str, batch: Sequence[PendingDecision], deadlines: Sequence[int] = ()
 ) -> tuple[list[str], list[int]]:
-    """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
+    """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once; the
+    decisions' ``deadlines`` in Redis' clock (ms; none: 0 each, not checked)."""
     index: dict[str, int] = {}  # key -> its 1-based position in KEYS (insertion order)
     args: list[int] = [len(batch), CLOCK_STEP_ALLOWANCE_MS]
     extend = args.extend
@@ -570,7 +636,17 @@ def encode_batch(
             flags = (_CONSUME if c.consume else 0) | (_BLOCKING if c.blocking else 0)
             slot = index.get(key) or index.setdefault(key, len(index) + 1)
             extend((slot, c.refill, c.unit, c.burst, c.cost, flags))
+    extend(deadlines or [0] * len(batch))
     return list(index), args
+
+
+def split_reply(reply: Any, count: int) -> tuple[list[Any], int]:
+    """The rows of ``gcra_batch.lua``'s reply for ``count`` decisions, and the Redis clock
+    (ms) when it ran."""
+    if not isinstance(reply, list) or len(reply) != count + 1 or not isinstance(
+            reply[-1], int):
+        raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
+    return reply[:-1], reply[-1]
 
 
 def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation | StoreError]:
@@ -586,6 +662,9 @@ def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation | S
             why = row[1].decode(errors="replace") if len(row) > 1 and isinstance(
                 row[1], bytes) else str(row[1:])
             evaluations.append(StoreError(f"redis: {SCRIPT_NAME} failed this decision: {why}"))
+            continue
+        if isinstance(row, list) and row == [-2]:
+            evaluations.append(StoreTimeout(_TOO_LATE))
             continue
         end = 2 + 3 * n
         if not isinstance(row, list) or len(row) != end:

@@ -1,0 +1,159 @@
+"""Answered, then counted: never. A decision the Redis store could not get answered within
+its deadline has been answered per its limits' ``on_store_error`` (451, say); the batch
+that carried it may still be in Redis' socket when Redis resumes from a pause. The batch
+script skips every decision past its deadline by Redis' own clock, so what Redis counts
+after a pause is exactly what was admitted.
+
+Each test pauses a private redis-server (SIGSTOP) under concurrent load for longer than
+the store's deadline, resumes it, goes on a little, then compares each sender's budget
+spent with the decisions admitted for it. The clock of the decisions stands still (no
+refill): what a bucket lacks is exactly what was spent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from mqpolicy.decision.engine import store_key
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.codec import encode_request
+from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.delegation.server import PolicyServer
+from mqpolicy.policy.endpoints import Endpoint
+from mqpolicy.policy.loader import parse_policy
+from mqpolicy.store.budget import StoreError, budget_check
+from mqpolicy.store.redis import RedisStore
+from tests.support.async_poll import poll_async
+from tests.support.redis_fixture import RedisServer
+
+T0 = 1_760_000_000_000
+HOUR = 3_600_000
+BUDGET = 100_000
+# Deadlines generous enough that only the pause misses them on a loaded machine; the
+# pause outlasts a deadline at least once over.
+TIMEOUT_MS = 1500
+PAUSE_S = 4.0
+
+
+async def pause_under_load(server: RedisServer, answered: Counter[str]) -> None:
+    """With the load running: answers before, pause past the deadline, answers after."""
+    await poll_async(lambda: answered["admitted"] >= 50, "answers before the pause", 60)
+    with server.paused():
+        await asyncio.sleep(PAUSE_S)
+    after = answered["admitted"]
+    await poll_async(lambda: answered["admitted"] >= after + 50, "answers after the pause", 60)
+
+
+def test_a_paused_redis_counts_no_decision_it_was_too_late_for(
+        private_redis: RedisServer) -> None:
+    async def go() -> tuple[Counter[str], Counter[str], dict[str, int]]:
+        store = RedisStore(private_redis.unix_url, timeout_ms=TIMEOUT_MS)
+        admitted: Counter[str] = Counter()
+        answered: Counter[str] = Counter()
+        stop = asyncio.Event()
+
+        async def worker(n: int) -> None:
+            key = f"sender{n}"
+            check = budget_check(key, BUDGET, HOUR, BUDGET, 1)
+            while not stop.is_set():
+                try:
+                    evaluation = await store.evaluate([check], T0)
+                except StoreError:
+                    answered["refused"] += 1
+                else:
+                    assert evaluation.committed
+                    admitted[key] += 1
+                    answered["admitted"] += 1
+
+        try:
+            await store.ping()
+            workers = [asyncio.create_task(worker(n)) for n in range(32)]
+            try:
+                await pause_under_load(private_redis, answered)
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
+            states = await store.inspect([f"sender{n}" for n in range(32)], T0)
+            check = budget_check("x", BUDGET, HOUR, BUDGET, 1)
+            spent = {f"sender{n}": BUDGET - (s.free_units(check.refill, check.unit,
+                                                          check.burst, T0) if s else BUDGET)
+                     for n, s in enumerate(states)}
+            return admitted, answered, spent
+        finally:
+            await store.close()
+
+    admitted, answered, spent = asyncio.run(go())
+    assert answered["refused"] >= 32  # the pause outlasted every waiting decision's deadline
+    assert spent == {key: admitted[key] for key in spent}
+
+
+POLICY = f"""\
+store: {{timeout_ms: {TIMEOUT_MS}, on_store_error: defer}}
+lanes: [{{name: normal}}]
+default_lane: normal
+limits:
+  - {{name: per-sender, rate: {BUDGET}/1h, key: sender, count: messages}}
+"""
+
+
+def test_through_the_policy_server_refused_mail_spends_no_budget(
+        private_redis: RedisServer) -> None:
+    """32 connections, each a sender of its own sending message after message: during the
+    pause they are answered 451 at the deadline; afterwards each sender's budget has
+    spent exactly its DUNNO answers."""
+    policy = parse_policy(POLICY)
+    limit = policy.limits_by_name["per-sender"]
+
+    async def go() -> tuple[dict[str, Counter[str]], dict[str, int]]:
+        store = RedisStore(private_redis.unix_url, timeout_ms=TIMEOUT_MS)
+        service = DecisionService(policy, store, clock_ms=lambda: T0)
+        server = PolicyServer(PostfixPolicyHandler(service),
+                              [Endpoint(host="127.0.0.1", port=0)], idle_timeout_s=60)
+        answers: dict[str, Counter[str]] = {}
+        answered: Counter[str] = Counter()
+        stop = asyncio.Event()
+
+        async def client(port: int, c: int) -> None:
+            sender = f"sender{c}@example.com"
+            got = answers[sender] = Counter()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            m = 0
+            try:
+                while not stop.is_set():
+                    m += 1
+                    writer.write(encode_request({
+                        "request": "smtpd_access_policy", "protocol_state": "END-OF-MESSAGE",
+                        "sender": sender, "queue_id": f"Q{c:03d}M{m:06d}",
+                        "recipient_count": "1", "size": "100"}))
+                    await writer.drain()
+                    line = await asyncio.wait_for(reader.readuntil(b"\n\n"), 60)
+                    action = line.decode()[len("action="):-2]
+                    got[action.split(" ")[0]] += 1
+                    if action == "DUNNO":
+                        answered["admitted"] += 1
+            finally:
+                writer.close()
+
+        await server.start()
+        try:
+            port = server.bound_endpoints[0].port
+            clients = [asyncio.create_task(client(port, c)) for c in range(32)]
+            try:
+                await pause_under_load(private_redis, answered)
+            finally:
+                stop.set()
+                await asyncio.gather(*clients)
+            senders = sorted(answers)
+            states = await store.inspect([store_key(limit, s) for s in senders], T0)
+            spent = {s: BUDGET - (st.free_units(limit.refill, limit.unit, limit.burst, T0)
+                                  if st else BUDGET)
+                     for s, st in zip(senders, states, strict=True)}
+            return answers, spent
+        finally:
+            await server.drain()
+            await store.close()
+
+    answers, spent = asyncio.run(go())
+    assert sum(a["451"] for a in answers.values()) >= 32
+    assert {a for got in answers.values() for a in got} <= {"DUNNO", "451"}
+    assert spent == {s: got["DUNNO"] for s, got in answers.items()}
