@@ -616,6 +616,9 @@ class SentinelStore(RedisStore):
         except asyncio.CancelledError:  # the batch's deadline (or the store closing)
             tracker.timed_out(address, len(batch))
             raise
+        failed = sum(isinstance(e, StoreError) for e in evaluations)  # e.g. past deadline
+        if failed:
+            tracker.no_master(failed)
         tracker.answered(address)
         return evaluations
 
