@@ -12,9 +12,19 @@ without a timer per decision: a batch may run until the deadline of its youngest
 at its own deadline (one more timer for a batch of decisions with different deadlines, set
 at the start and moved from deadline to deadline), and a decision still queued
 at its deadline fails without being sent. So :meth:`CoalescingStore.evaluate` answers or
-raises within the deadline (``keeps_deadline``) and callers need no timer of their own. A
-decision that fails after its batch left may still have been counted by Redis (as with any
-timeout).
+raises within the deadline (``keeps_deadline``) and callers need no timer of their own.
+
+A decision that fails after its batch left is not counted afterwards: the batch carries
+each decision's deadline in Redis' own clock (:class:`RedisClock`: the loop's deadline less
+:data:`DEADLINE_MARGIN` of ``timeout_ms``, converted with an offset that is never above the
+true one), and the script skips a decision past it, so a Redis resumed from a pause (or
+reading a batch late) runs none of the decisions already answered per ``on_store_error``.
+What remains: a decision Redis ran before that point whose answer then took longer than
+the margin to be read (Redis stopped between running the script and writing its reply, the
+loop busy that long) is answered per ``on_store_error`` and counted; and for up to
+:data:`CLOCK_KEEP_S` after Redis' clock steps back by ``X``, deadlines are up to ``X`` late.
+One decision that cannot be sent or that the script raises on (a key of another type)
+fails alone; the others of its batch are answered.
 redis-py's own retries are off (a dead Redis must fail fast, the caller's
 ``on_store_error`` decides), and every Redis, socket or timeout error becomes
 :class:`~mqpolicy.store.budget.StoreError` (:class:`~mqpolicy.store.budget.StoreTimeout` for

@@ -12,7 +12,12 @@ refill): what a bucket lacks is exactly what was spent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 from mqpolicy.decision.engine import store_key
 from mqpolicy.decision.service import DecisionService
@@ -21,10 +26,12 @@ from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.delegation.server import PolicyServer
 from mqpolicy.policy.endpoints import Endpoint
 from mqpolicy.policy.loader import parse_policy
-from mqpolicy.store.budget import StoreError, budget_check
+from mqpolicy.store.budget import CounterStore, StoreError, budget_check
+from mqpolicy.store.cluster import ClusterStore
 from mqpolicy.store.redis import RedisStore
 from tests.support.async_poll import poll_async
 from tests.support.redis_fixture import RedisServer
+from tests.support.redis_ha_fixture import RedisClusterHarness
 
 T0 = 1_760_000_000_000
 HOUR = 3_600_000
@@ -35,19 +42,31 @@ TIMEOUT_MS = 1500
 PAUSE_S = 4.0
 
 
-async def pause_under_load(server: RedisServer, answered: Counter[str]) -> None:
+async def pause_under_load(pause: Callable[[], AbstractContextManager[None]],
+                           answered: Counter[str]) -> None:
     """With the load running: answers before, pause past the deadline, answers after."""
     await poll_async(lambda: answered["admitted"] >= 50, "answers before the pause", 60)
-    with server.paused():
+    with pause():
         await asyncio.sleep(PAUSE_S)
     after = answered["admitted"]
     await poll_async(lambda: answered["admitted"] >= after + 50, "answers after the pause", 60)
 
 
-def test_a_paused_redis_counts_no_decision_it_was_too_late_for(
-        private_redis: RedisServer) -> None:
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """SIGSTOP for the block, SIGCONT afterwards whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def spend_through_a_pause(store: CounterStore, pause: Callable[[], AbstractContextManager[None]],
+                          ) -> tuple[Counter[str], Counter[str], dict[str, int]]:
+    """32 callers, each on a bucket of its own, deciding one after the other through the
+    pause; what each admitted, how many were refused, what each bucket spent."""
     async def go() -> tuple[Counter[str], Counter[str], dict[str, int]]:
-        store = RedisStore(private_redis.unix_url, timeout_ms=TIMEOUT_MS)
         admitted: Counter[str] = Counter()
         answered: Counter[str] = Counter()
         stop = asyncio.Event()
@@ -69,7 +88,7 @@ def test_a_paused_redis_counts_no_decision_it_was_too_late_for(
             await store.ping()
             workers = [asyncio.create_task(worker(n)) for n in range(32)]
             try:
-                await pause_under_load(private_redis, answered)
+                await pause_under_load(pause, answered)
             finally:
                 stop.set()
                 await asyncio.gather(*workers)
@@ -82,8 +101,26 @@ def test_a_paused_redis_counts_no_decision_it_was_too_late_for(
         finally:
             await store.close()
 
-    admitted, answered, spent = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_a_paused_redis_counts_no_decision_it_was_too_late_for(
+        private_redis: RedisServer) -> None:
+    store = RedisStore(private_redis.unix_url, timeout_ms=TIMEOUT_MS)
+    admitted, answered, spent = spend_through_a_pause(store, private_redis.paused)
     assert answered["refused"] >= 32  # the pause outlasted every waiting decision's deadline
+    assert spent == {key: admitted[key] for key in spent}
+
+
+def test_a_paused_cluster_master_counts_no_decision_it_was_too_late_for(
+        redis_cluster_partial: RedisClusterHarness) -> None:
+    """The same on a Redis Cluster, every key on the paused master (a hash-tagged prefix):
+    each master's clock is its own."""
+    prefix = "{mq}:"
+    node = redis_cluster_partial.node_of_key(prefix + "sender0")
+    store = ClusterStore(redis_cluster_partial.url, timeout_ms=TIMEOUT_MS, key_prefix=prefix)
+    admitted, answered, spent = spend_through_a_pause(store, lambda: stopped(node.pid))
+    assert answered["refused"] >= 32
     assert spent == {key: admitted[key] for key in spent}
 
 
@@ -139,7 +176,7 @@ def test_through_the_policy_server_refused_mail_spends_no_budget(
             port = server.bound_endpoints[0].port
             clients = [asyncio.create_task(client(port, c)) for c in range(32)]
             try:
-                await pause_under_load(private_redis, answered)
+                await pause_under_load(private_redis.paused, answered)
             finally:
                 stop.set()
                 await asyncio.gather(*clients)
