@@ -432,6 +432,8 @@ class RedisHoldRecords:
                 return await make()
         except _ERRORS as exc:
             raise StoreError(describe_error(exc)) from exc
+        except UnicodeEncodeError as exc:  # a queue id that is not UTF-8: this one fails
+            raise StoreError(f"hold records: a queue id Redis cannot be sent ({exc})") from exc
 
     async def put(self, record: HoldRecord, ttl_ms: int = DEFAULT_RECORD_TTL_MS) -> None:
         _check_ttl(ttl_ms)

@@ -28,7 +28,7 @@ from mqpolicy.policy.endpoints import Endpoint
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.store.budget import CounterStore, StoreError, budget_check
 from mqpolicy.store.cluster import ClusterStore
-from mqpolicy.store.redis import RedisStore
+from mqpolicy.store.redis import CLOCK_KEEP_S, RedisClock, RedisStore
 from tests.support.async_poll import poll_async
 from tests.support.redis_fixture import RedisServer
 from tests.support.redis_ha_fixture import RedisClusterHarness
@@ -194,3 +194,26 @@ def test_through_the_policy_server_refused_mail_spends_no_budget(
     assert sum(a["451"] for a in answers.values()) >= 32
     assert {a for got in answers.values() for a in got} <= {"DUNNO", "451"}
     assert spent == {s: got["DUNNO"] for s, got in answers.items()}
+
+
+# ------------------------------------------------------------------ the clock, alone
+
+
+def test_a_deadline_in_redis_clock_is_never_later_than_the_real_one() -> None:
+    """Redis' clock is 5,000 ms ahead of the loop's. Each reply's time was taken before
+    the reply was read: the estimate falls short of the true offset by the reply's way
+    back, and the best (highest) estimate is kept."""
+    clock = RedisClock(client=None)
+    assert clock.deadline_ms(10.0) == 0  # unknown: no deadline sent
+    true_offset_ms = 5_000
+    # script ran at loop time 1.000 s, reply read at 1.004 s
+    clock.observe(1_000 + true_offset_ms, 1.004)
+    assert clock.deadline_ms(2.0) == 2_000 + true_offset_ms - 4
+    # a faster reply gives a better estimate; a slower one does not replace it
+    clock.observe(2_000 + true_offset_ms, 2.001)
+    clock.observe(3_000 + true_offset_ms, 3.050)
+    assert clock.deadline_ms(4.0) == 4_000 + true_offset_ms - 1
+    # an estimate kept longer than CLOCK_KEEP_S gives way to the next one
+    later = 3.0 + CLOCK_KEEP_S + 1
+    clock.observe(int(later * 1000) + true_offset_ms - 2_000, later + 0.002)  # stepped back
+    assert clock.deadline_ms(later + 1) == int((later + 1) * 1000) + true_offset_ms - 2_002

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from mqpolicy.decision.engine import store_key
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import encode_request
@@ -16,6 +18,7 @@ from mqpolicy.delegation.server import PolicyServer
 from mqpolicy.policy.endpoints import Endpoint
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.store.budget import Evaluation, StoreError, budget_check
+from mqpolicy.store.hold_records import HoldRecord, RedisHoldRecords
 from mqpolicy.store.redis import PendingDecision, RedisStore
 from tests.support.redis_fixture import RedisServer
 
@@ -172,3 +175,24 @@ def test_one_poisoned_sender_among_concurrent_clients_through_the_policy_server(
         assert got[:5] == ["DUNNO"] * 5, (c, got)
         assert all(a.startswith("450 4.7.1") for a in got[5:]), (c, got)
     assert free == [0] * 39
+
+
+def test_a_hold_record_of_a_queue_id_that_is_not_utf8_is_a_store_error(
+        redis_clean: RedisServer) -> None:
+    """The hold record of such a message cannot be written: a StoreError (the handler
+    answers 451 and logs it), not an exception out of the store."""
+    odd = b"4Xq\xff1".decode("utf-8", "surrogateescape")
+
+    async def go() -> None:
+        records = RedisHoldRecords(redis_clean.unix_url, timeout_ms=5000)
+        try:
+            with pytest.raises(StoreError, match="queue id"):
+                await records.put(HoldRecord(queue_id=odd, lane="bulk", not_before_ms=T0,
+                                             created_ms=T0, reason="r"))
+            await records.put(HoldRecord(queue_id="Q1", lane="bulk", not_before_ms=T0,
+                                         created_ms=T0, reason="r"))
+            assert await records.get("Q1") is not None
+        finally:
+            await records.close()
+
+    asyncio.run(go())
