@@ -42,14 +42,41 @@ TIMEOUT_MS = 1500
 PAUSE_S = 4.0
 
 
+class Load:
+    """Callers deciding one after the other while ``go`` is set: ``busy`` of them are
+    waiting for an answer; ``admitted`` answers were admissions."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.go.set()
+        self.stopped = False
+        self.busy = 0
+        self.admitted = 0
+
+    async def turn(self) -> bool:
+        """Wait for the next turn; False when the load is over."""
+        await self.go.wait()
+        return not self.stopped
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.go.set()
+
+
 async def pause_under_load(pause: Callable[[], AbstractContextManager[None]],
-                           answered: Counter[str]) -> None:
-    """With the load running: answers before, pause past the deadline, answers after."""
-    await poll_async(lambda: answered["admitted"] >= 50, "answers before the pause", 60)
+                           load: Load) -> None:
+    """Answers before; then, every caller between two decisions, Redis paused and the
+    callers let go again: their decisions go to the stopped Redis, past the deadline
+    (pausing between decisions leaves Redis no batch it has run and not yet answered:
+    those the pause catches are all sent after it); then Redis resumed, answers after."""
+    await poll_async(lambda: load.admitted >= 50, "answers before the pause", 60)
+    load.go.clear()
+    await poll_async(lambda: load.busy == 0, "every caller between two decisions", 60)
     with pause():
+        load.go.set()
         await asyncio.sleep(PAUSE_S)
-    after = answered["admitted"]
-    await poll_async(lambda: answered["admitted"] >= after + 50, "answers after the pause", 60)
+    after = load.admitted
+    await poll_async(lambda: load.admitted >= after + 50, "answers after the pause", 60)
 
 
 @contextlib.contextmanager
@@ -69,12 +96,13 @@ def spend_through_a_pause(store: CounterStore, pause: Callable[[], AbstractConte
     async def go() -> tuple[Counter[str], Counter[str], dict[str, int]]:
         admitted: Counter[str] = Counter()
         answered: Counter[str] = Counter()
-        stop = asyncio.Event()
+        load = Load()
 
         async def worker(n: int) -> None:
             key = f"sender{n}"
             check = budget_check(key, BUDGET, HOUR, BUDGET, 1)
-            while not stop.is_set():
+            while await load.turn():
+                load.busy += 1
                 try:
                     evaluation = await store.evaluate([check], T0)
                 except StoreError:
@@ -82,15 +110,17 @@ def spend_through_a_pause(store: CounterStore, pause: Callable[[], AbstractConte
                 else:
                     assert evaluation.committed
                     admitted[key] += 1
-                    answered["admitted"] += 1
+                    load.admitted += 1
+                finally:
+                    load.busy -= 1
 
         try:
             await store.ping()
             workers = [asyncio.create_task(worker(n)) for n in range(32)]
             try:
-                await pause_under_load(pause, answered)
+                await pause_under_load(pause, load)
             finally:
-                stop.set()
+                load.stop()
                 await asyncio.gather(*workers)
             states = await store.inspect([f"sender{n}" for n in range(32)], T0)
             check = budget_check("x", BUDGET, HOUR, BUDGET, 1)
@@ -147,8 +177,7 @@ def test_through_the_policy_server_refused_mail_spends_no_budget(
         server = PolicyServer(PostfixPolicyHandler(service),
                               [Endpoint(host="127.0.0.1", port=0)], idle_timeout_s=60)
         answers: dict[str, Counter[str]] = {}
-        answered: Counter[str] = Counter()
-        stop = asyncio.Event()
+        load = Load()
 
         async def client(port: int, c: int) -> None:
             sender = f"sender{c}@example.com"
@@ -156,18 +185,20 @@ def test_through_the_policy_server_refused_mail_spends_no_budget(
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             m = 0
             try:
-                while not stop.is_set():
+                while await load.turn():
                     m += 1
+                    load.busy += 1
                     writer.write(encode_request({
                         "request": "smtpd_access_policy", "protocol_state": "END-OF-MESSAGE",
                         "sender": sender, "queue_id": f"Q{c:03d}M{m:06d}",
                         "recipient_count": "1", "size": "100"}))
                     await writer.drain()
                     line = await asyncio.wait_for(reader.readuntil(b"\n\n"), 60)
+                    load.busy -= 1
                     action = line.decode()[len("action="):-2]
                     got[action.split(" ")[0]] += 1
                     if action == "DUNNO":
-                        answered["admitted"] += 1
+                        load.admitted += 1
             finally:
                 writer.close()
 
@@ -176,9 +207,9 @@ def test_through_the_policy_server_refused_mail_spends_no_budget(
             port = server.bound_endpoints[0].port
             clients = [asyncio.create_task(client(port, c)) for c in range(32)]
             try:
-                await pause_under_load(private_redis.paused, answered)
+                await pause_under_load(private_redis.paused, load)
             finally:
-                stop.set()
+                load.stop()
                 await asyncio.gather(*clients)
             senders = sorted(answers)
             states = await store.inspect([store_key(limit, s) for s in senders], T0)
