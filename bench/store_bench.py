@@ -40,7 +40,8 @@ from redis.asyncio import Redis
 
 from mqpolicy.lab.readiness import free_port
 from mqpolicy.store.budget import BudgetCheck, budget_check
-from mqpolicy.store.redis import RedisStore, _Pending, load_script
+from mqpolicy.store.redis import SCRIPT_NAME, PendingDecision, RedisStore
+from mqpolicy.store.redis_connection import load_script
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")
 HOUR = 3_600_000
@@ -96,7 +97,7 @@ async def per_call_cost(
         pool = client.connection_pool
         pool.connection_class = pool.connection_class.__mro__[2]
     try:
-        script = client.register_script(load_script())
+        script = client.register_script(load_script(SCRIPT_NAME))
         loop = asyncio.get_running_loop()
         counter = itertools.count()
         payloads = []
@@ -105,7 +106,7 @@ async def per_call_cost(
             for _ in range(batch):
                 checks, once = decision(next(counter))
                 pending.append(
-                    _Pending(
+                    PendingDecision(
                         checks, int(time.time() * 1000), once, 86_400_000, loop.create_future()
                     )
                 )

@@ -18,7 +18,7 @@ from mqpolicy.decision.counter_report import (
 from mqpolicy.decision.service import wall_clock_ms
 from mqpolicy.policy.model import Policy
 from mqpolicy.store.budget import StoreError
-from mqpolicy.store.urls import open_store
+from mqpolicy.store.opener import open_store
 
 
 async def cmd_counters(policy: Policy, args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from mqpolicy.delegation.explanation import (
 )
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
-from mqpolicy.store.urls import open_store
+from mqpolicy.store.opener import open_store
 
 
 def run_explain(policy: Policy, args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from mqpolicy.decision.runtime_state import make_resolver
 from mqpolicy.decision.service import wall_clock_ms
 from mqpolicy.feedback.follower import FeedbackService
 from mqpolicy.policy.model import Policy
-from mqpolicy.store.backoff_states import open_backoff_store
+from mqpolicy.store.opener import open_backoff_store
 
 
 async def cmd_feedback(policy: Policy, log_level: str | None) -> int:

@@ -17,7 +17,7 @@ from mqpolicy.scheduler.mta_queue import QueueCommandError
 from mqpolicy.scheduler.planner import QueueSummary
 from mqpolicy.scheduler.scheduler import open_mta_queue, queue_summary
 from mqpolicy.store.budget import StoreError
-from mqpolicy.store.hold_records import records_for
+from mqpolicy.store.opener import records_for
 
 __all__ = ["cmd_queue", "render_queue"]
 

@@ -23,9 +23,7 @@ from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.policy.model import Policy, SchedulerSettings
 from mqpolicy.scheduler.scheduler import Scheduler, open_mta_queue
-from mqpolicy.store.backoff_states import open_backoff_store
-from mqpolicy.store.hold_records import records_for
-from mqpolicy.store.urls import open_store
+from mqpolicy.store.opener import open_backoff_store, open_store, records_for
 
 __all__ = ["cmd_scheduler"]
 

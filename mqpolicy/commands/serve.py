@@ -50,9 +50,8 @@ from mqpolicy.policy.destinations import needs_mx
 from mqpolicy.policy.endpoints import EndpointSyntaxError, parse_endpoint
 from mqpolicy.policy.model import MetricsSettings, MilterSettings, Policy, SchedulerSettings
 from mqpolicy.scheduler.scheduler import Scheduler, open_mta_queue, register_scheduler_metrics
-from mqpolicy.store.backoff_states import open_backoff_store
-from mqpolicy.store.hold_records import HoldRecordStore, records_for, waiting_lanes
-from mqpolicy.store.urls import open_store
+from mqpolicy.store.hold_records import HoldRecordStore, waiting_lanes
+from mqpolicy.store.opener import open_backoff_store, open_store, records_for
 
 log = logging.getLogger("mqpolicy.main")
 

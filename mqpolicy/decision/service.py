@@ -19,10 +19,10 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Sequence, Sized
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter_ns
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, NamedTuple
 
 from mqpolicy.daemon.outage_log import OutageLog
 from mqpolicy.decision.engine import (
@@ -40,7 +40,17 @@ from mqpolicy.metrics.instruments import BusiestKeys, LatencyHistogram
 from mqpolicy.metrics.registry import Labels, MetricsRegistry
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, Request, domain_of
-from mqpolicy.store.budget import BudgetCheck, CounterStore, Evaluation, StoreError, StoreTimeout
+from mqpolicy.store.budget import (
+    BatchingStore,
+    BoundedStore,
+    BudgetCheck,
+    CounterStore,
+    DeadlineKeepingStore,
+    Evaluation,
+    InProcessStore,
+    StoreError,
+    StoreTimeout,
+)
 
 log = logging.getLogger("mqpolicy.decision")
 store_log = logging.getLogger("mqpolicy.store")
@@ -113,11 +123,10 @@ class DecisionService:
         # A store that answers without I/O (the memory store) cannot miss a deadline and
         # needs no coroutine: decide_now() uses it directly.
         self._evaluate_now: _EvaluateNow | None = (
-            getattr(store, "evaluate_now", None) if getattr(store, "in_process", False)
-            else None)
+            store.evaluate_now if isinstance(store, InProcessStore) and store.in_process else None)
         # A store that keeps the deadline itself (the Redis stores) needs no timer either.
         self._needs_deadline = (self._evaluate_now is None
-                                and not getattr(store, "keeps_deadline", False))
+                                and not isinstance(store, DeadlineKeepingStore))
         #: Held while ``stats`` changes (decisions come from the loop and from the milter's
         #: threads): readers that iterate its mappings hold it too.
         self.stats_lock = threading.Lock()
@@ -372,25 +381,24 @@ def register_decision_metrics(registry: MetricsRegistry, service: DecisionServic
 def register_store_metrics(registry: MetricsRegistry, store: CounterStore) -> None:
     """Batching counters of stores that have them (Redis); entries and evictions of the
     memory store."""
-    if hasattr(store, "evicted_full"):  # the memory store
+    if isinstance(store, BoundedStore):  # the memory store
         registry.gauge("mqpolicy_memory_store_entries",
                        "Buckets and once keys in the memory store (bound: store.max_entries)",
-                       lambda: len(cast("Sized", store)))
+                       lambda: len(store))
         registry.counter("mqpolicy_memory_store_evictions_total",
                          "Entries dropped to make room at store.max_entries, by kind: full "
                          "(a bucket with no debt) or once (a message's counted-once mark)",
-                         lambda: {("full",): int(getattr(store, "evicted_full", 0)),
-                                  ("once",): int(getattr(store, "evicted_once", 0))},
+                         lambda: {("full",): store.evicted_full,
+                                  ("once",): store.evicted_once},
                          labels=("kind",))
         registry.counter("mqpolicy_memory_store_refusals_total",
                          "Decisions refused because every entry left was a budget in use "
                          "(each limit followed its on_store_error)",
-                         lambda: int(getattr(store, "refused", 0)))
-    if hasattr(store, "batches_sent"):
+                         lambda: store.refused)
+    if isinstance(store, BatchingStore):
         registry.counter("mqpolicy_store_batches_total",
                          "Batches sent to the store (one script call each)",
-                         lambda: int(getattr(store, "batches_sent", 0)))
-    if hasattr(store, "decisions_sent"):
+                         lambda: store.batches_sent)
         registry.counter("mqpolicy_store_batched_decisions_total",
                          "Decisions sent to the store inside batches",
-                         lambda: int(getattr(store, "decisions_sent", 0)))
+                         lambda: store.decisions_sent)

@@ -15,15 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from mqpolicy.policy.backoff import BackoffState
 from mqpolicy.store.budget import StoreError
-from mqpolicy.store.cluster import parse_cluster_url
-from mqpolicy.store.redis import load_script, parse_redis_url
-from mqpolicy.store.sentinel import open_sentinel_master
-from mqpolicy.store.urls import check_store_url
+from mqpolicy.store.redis import parse_redis_url
+from mqpolicy.store.redis_connection import load_script
 
 T = TypeVar("T")
 Change = Callable[[BackoffState], tuple[BackoffState, T]]
@@ -141,25 +138,3 @@ def _decode(value: bytes | str | None) -> BackoffState | None:
         return BackoffState.from_dict(json.loads(value))
     except (ValueError, TypeError, KeyError):
         return None
-
-
-def open_backoff_store(url: str, *, key_prefix: str = "mqpolicy:") -> BackoffStore:
-    """The backoff store beside the counter store of the same URL: in memory, in one
-    Redis, on a Sentinel service's master. On a Redis Cluster the states live in the one
-    slot of ``<prefix>backoff`` (one key: no cross-slot operation), reached through a
-    cluster client, which follows that slot when it moves."""
-    url = url.strip()
-    kind = check_store_url(url)
-    if kind == "memory":
-        return MemoryBackoffStore()
-    if kind == "sentinel":
-        client, sentinel = open_sentinel_master(url, timeout_ms=500)
-        return RedisBackoffStore(client=client, key_prefix=key_prefix, closing=(sentinel,))
-    if kind == "cluster":
-        target = parse_cluster_url(url)
-        host, port = target.nodes[0]
-        cluster = RedisCluster(host=host, port=port, username=target.username,
-                               password=target.password, ssl=target.tls,
-                               socket_timeout=0.5, socket_connect_timeout=0.5)
-        return RedisBackoffStore(client=cluster, key_prefix=key_prefix)  # type: ignore[arg-type]
-    return RedisBackoffStore(url, key_prefix=key_prefix)

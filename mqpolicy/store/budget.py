@@ -51,10 +51,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from mqpolicy.policy.rates import (
     DEFAULT_ONCE_TTL_MS,
+    EXACT_LIMIT,
     bucket_scale,
     ceil_div,
 )
@@ -162,6 +163,37 @@ def budget_check(key: str, count: int, period_ms: int, burst: int, cost: int,
     return BudgetCheck(key, refill, unit, burst, cost, consume, blocking)
 
 
+def validate_decision(checks: Sequence[BudgetCheck], now_ms: int, once_ttl_ms: int) -> None:
+    """Reject arguments no bucket can hold or count exactly (both stores call this before
+    any I/O): integers, ``0 < refill <= EXACT_LIMIT``, ``unit > 0``, ``burst >= 0``,
+    ``burst * unit <= EXACT_LIMIT``, ``0 <= cost < 2**53``, ``0 <= now_ms < 2**53``,
+    ``0 < once_ttl_ms < 2**53``."""
+    if type(now_ms) is not int or not 0 <= now_ms < TIME_LIMIT:
+        raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
+    if type(once_ttl_ms) is not int or not 0 < once_ttl_ms < TIME_LIMIT:
+        raise ValueError(f"once_ttl_ms must be a positive integer below 2**53: {once_ttl_ms!r}")
+    for check in checks:  # the test of evaluate_now, for every decision sent to Redis
+        _, refill, unit, burst, cost, _, _ = check
+        if (type(refill) is not int or type(unit) is not int or type(burst) is not int
+                or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
+                or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
+                or not 0 <= cost < TIME_LIMIT):
+            refuse_check(check)  # says what is wrong
+
+
+def refuse_check(check: BudgetCheck) -> None:
+    """Raise ValueError saying what is wrong with a check that failed the fast test."""
+    _, refill, unit, burst, cost, _, _ = check
+    if not all(type(x) is int for x in (refill, unit, burst, cost)):
+        raise ValueError(f"refill, unit, burst and cost must be integers: {check!r}")
+    if not 0 < refill <= EXACT_LIMIT or unit <= 0:
+        raise ValueError(f"refill and unit must be positive (refill at most 2**52): {check!r}")
+    if burst < 0 or not 0 <= cost < TIME_LIMIT:
+        raise ValueError(f"burst and cost must not be negative (cost below 2**53): {check!r}")
+    if burst * unit > EXACT_LIMIT:
+        raise ValueError(f"burst * unit must be at most 2**52 to count exactly: {check!r}")
+
+
 # ---------------------------------------------------------------- stored form
 
 
@@ -185,7 +217,12 @@ def parse_bucket(value: bytes | str) -> tuple[int, int]:
 
 
 class CounterStore(Protocol):
-    """A place where budgets live. Implementations: memory, redis (sentinel, cluster)."""
+    """A place where budgets live: :class:`~mqpolicy.store.memory.MemoryStore` (in
+    process), :class:`~mqpolicy.store.redis.RedisStore` (one Redis),
+    :class:`~mqpolicy.store.sentinel.SentinelStore` (the master of a Sentinel service) and
+    :class:`~mqpolicy.store.cluster.ClusterStore` (a Redis Cluster). What some of them can
+    do besides is declared below: :class:`InProcessStore`, :class:`DeadlineKeepingStore`,
+    :class:`BatchingStore`, :class:`BoundedStore`."""
 
     async def evaluate(
         self,
@@ -214,3 +251,65 @@ class CounterStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+
+@runtime_checkable
+class InProcessStore(CounterStore, Protocol):
+    """A store that can answer without I/O (the memory store): when ``in_process`` is True
+    it cannot miss a deadline, and :meth:`evaluate_now` decides on the calling thread,
+    without a coroutine (a subclass that stands for a store behind a network says
+    False)."""
+
+    @property
+    def in_process(self) -> bool: ...
+
+    def evaluate_now(
+        self,
+        checks: Sequence[BudgetCheck],
+        now_ms: int,
+        once_key: str | None = None,
+        once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+    ) -> Evaluation:
+        """:meth:`CounterStore.evaluate`, answered at once on the calling thread."""
+        ...
+
+
+@runtime_checkable
+class DeadlineKeepingStore(CounterStore, Protocol):
+    """A store whose :meth:`~CounterStore.evaluate` answers or raises
+    :class:`StoreTimeout` within its own deadline (the Redis stores): callers need no
+    timer of their own. ``keeps_deadline`` is True."""
+
+    @property
+    def keeps_deadline(self) -> bool: ...
+
+
+@runtime_checkable
+class BatchingStore(CounterStore, Protocol):
+    """A store that sends decisions in batches (the Redis stores): how many batches and
+    decisions it has sent, for the metrics."""
+
+    @property
+    def batches_sent(self) -> int: ...
+
+    @property
+    def decisions_sent(self) -> int: ...
+
+
+@runtime_checkable
+class BoundedStore(CounterStore, Protocol):
+    """A store of at most a number of entries (the memory store): how many it holds, how
+    many it dropped to make room (buckets full again, once keys) and how many decisions it
+    refused for want of room."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def evicted_full(self) -> int: ...
+
+    @property
+    def evicted_once(self) -> int: ...
+
+    @property
+    def refused(self) -> int: ...

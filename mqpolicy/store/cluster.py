@@ -63,6 +63,9 @@ The guarantee
   of nothing there would (one Redis writes nothing for such a decision): the same as long
   as the callers' clock moves forward; a clock that then steps back finds that bucket as
   it was at the decision's time, refilled up to then (never more than it held then).
+* A decision past its deadline when a master runs its part is skipped there (as on one
+  Redis: :class:`~mqpolicy.store.redis.RedisClock`, one per master, from the second call
+  to that master on) and its other parts are given back.
 * When the give-back itself fails (store error, deadline, the process dies), those spends
   stay until the buckets refill by themselves: at most the decision's cost on each bucket,
   for at most cost x interval. ``refunds_failed`` counts it.
@@ -114,18 +117,24 @@ from mqpolicy.store.budget import (
     StoreError,
 )
 from mqpolicy.store.redis import (
+    DEADLINE_MARGIN,
     SCRIPT_NAME,
     CoalescingStore,
-    LuaScript,
     PendingDecision,
+    RedisClock,
     decode_batch,
     encode_batch,
-    glob_escape,
     inspect_buckets,
+    split_reply,
+)
+from mqpolicy.store.redis_connection import (
+    LuaScript,
+    glob_escape,
+    parse_host_list,
+    split_credentials,
     split_store_url,
     unprefixed,
 )
-from mqpolicy.store.sentinel import parse_host_list, split_credentials
 
 CLUSTER_SCHEMES: Final = frozenset({"redis+cluster", "rediss+cluster"})
 CLUSTER_URL_FORM: Final = "redis+cluster://[user:password@]host[:port][,host[:port]...][/0]"
@@ -188,6 +197,9 @@ class _SlotCall:
     args: list[int]
     reply: Any = None
     error: BaseException | None = None
+    deadlines: list[float] | None = None
+    """The loop-time deadlines of its decisions (a batch call: ARGV ends with them, in the
+    master's clock, filled in when the master is known)."""
 
 
 @dataclass(slots=True)
@@ -236,6 +248,7 @@ class ClusterStore(CoalescingStore):
         )
         self._batch_script = LuaScript.load(SCRIPT_NAME)
         self._refund_script = LuaScript.load(REFUND_SCRIPT_NAME)
+        self._clocks: dict[str, RedisClock] = {}  # per master (its name)
         self.slot_calls = 0
         """EVALSHAs of the batch script sent so far (one per slot per batch)."""
         self.split_decisions = 0
@@ -282,6 +295,7 @@ class ClusterStore(CoalescingStore):
                     pending.once_key if part.once else None,
                     pending.once_ttl_ms,
                     pending.future,
+                    pending.deadline,
                 )
                 by_slot.setdefault(slot, []).append((part, sub))
 
@@ -289,7 +303,8 @@ class ClusterStore(CoalescingStore):
         for slot, entries in by_slot.items():
             keys, args = encode_batch(prefix, [sub for _, sub in entries])
             args[0] = -len(entries)  # committed rows also carry each bucket's backlog
-            calls.append(_SlotCall(slot, keys, args))
+            calls.append(_SlotCall(slot, keys, args,
+                                   deadlines=[sub.deadline for _, sub in entries]))
         self.slot_calls += len(calls)
         await self._eval(self._batch_script, calls)
         for call, entries in zip(calls, by_slot.values(), strict=True):
@@ -302,7 +317,10 @@ class ClusterStore(CoalescingStore):
                     call.error = exc
                 else:
                     for (part, _), evaluation in zip(entries, evaluations, strict=True):
-                        part.result = evaluation
+                        if isinstance(evaluation, StoreError):
+                            part.error = evaluation  # this decision alone
+                        else:
+                            part.result = evaluation
             if call.error is not None:
                 for part, _ in entries:
                     part.error = call.error
@@ -452,9 +470,19 @@ class ClusterStore(CoalescingStore):
                 continue
             by_node.setdefault(node.name if node else "", []).append(call)
 
-        async def run(group: list[_SlotCall]) -> None:
+        loop = asyncio.get_running_loop()
+        margin = self._timeout_s * DEADLINE_MARGIN
+
+        async def run(name: str, group: list[_SlotCall]) -> None:
+            # each master's clock: the batch script skips a decision past its deadline
+            clock = self._clocks.get(name)
+            if clock is None:
+                clock = self._clocks[name] = RedisClock(name)
             pipe = self._client.pipeline(transaction=False)
             for call in group:
+                if call.deadlines:
+                    call.args[-len(call.deadlines):] = [
+                        clock.deadline_ms(d - margin) for d in call.deadlines]
                 pipe.execute_command("EVALSHA", script.sha, len(call.keys), *call.keys,
                                      *call.args)
             try:
@@ -468,8 +496,11 @@ class ClusterStore(CoalescingStore):
                     call.error = reply
                 else:
                     call.reply = reply
+                    if call.deadlines and isinstance(reply, list) and reply and isinstance(
+                            reply[-1], int):
+                        clock.observe(reply[-1], loop.time())
 
-        await asyncio.gather(*(run(group) for group in by_node.values()))
+        await asyncio.gather(*(run(name, group) for name, group in by_node.items()))
 
     async def _load(self, script: LuaScript, calls: list[_SlotCall]) -> None:
         nodes = {}
@@ -547,9 +578,7 @@ class ClusterStore(CoalescingStore):
 
 
 def _rows(reply: Any, count: int) -> list[Any]:
-    if not isinstance(reply, list) or len(reply) != count:
-        raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
-    return reply
+    return split_reply(reply, count)[0]
 
 
 def _split_backlogs(part: _Part, row: Any) -> Any:

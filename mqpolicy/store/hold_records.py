@@ -49,11 +49,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from mqpolicy.policy.model import Policy, SchedulerSettings
+from mqpolicy.policy.model import Policy
 from mqpolicy.store.budget import StoreError
-from mqpolicy.store.redis import describe_error, load_script, parse_redis_url
-from mqpolicy.store.sentinel import open_sentinel_master
-from mqpolicy.store.urls import check_store_url
+from mqpolicy.store.redis import parse_redis_url
+from mqpolicy.store.redis_connection import describe_error, load_script
 
 __all__ = [
     "DEFAULT_RECORD_TTL_MS",
@@ -67,7 +66,6 @@ __all__ = [
     "RecordState",
     "RedisHoldRecords",
     "lease_owner_token",
-    "open_hold_records",
     "record_ttl_ms",
     "waiting_lanes",
 ]
@@ -434,6 +432,8 @@ class RedisHoldRecords:
                 return await make()
         except _ERRORS as exc:
             raise StoreError(describe_error(exc)) from exc
+        except UnicodeEncodeError as exc:  # a queue id that is not UTF-8: this one fails
+            raise StoreError(f"hold records: a queue id Redis cannot be sent ({exc})") from exc
 
     async def put(self, record: HoldRecord, ttl_ms: int = DEFAULT_RECORD_TTL_MS) -> None:
         _check_ttl(ttl_ms)
@@ -533,25 +533,6 @@ class RedisHoldRecords:
 # ---------------------------------------------------------------- helpers
 
 
-def open_hold_records(url: str, *, key_prefix: str = "mqpolicy:", timeout_ms: int = 1000,
-                      instance: str = "default") -> HoldRecordStore:
-    """The record store beside the counter store of ``url`` (the ``store:`` setting):
-    memory, one Redis, or the master of a Sentinel service. ValueError for Redis Cluster
-    (not supported yet: the records' multi-key operations need one slot)."""
-    url = url.strip()
-    kind = check_store_url(url)
-    if kind == "memory":
-        return MemoryHoldRecords()
-    if kind == "redis":
-        return RedisHoldRecords(url, key_prefix=key_prefix, instance=instance,
-                                timeout_ms=timeout_ms)
-    if kind == "sentinel":
-        client, _ = open_sentinel_master(url, timeout_ms=timeout_ms, decode_responses=True)
-        return RedisHoldRecords(client=client,
-                                key_prefix=key_prefix, instance=instance, timeout_ms=timeout_ms)
-    raise ValueError(f"store {url!r}: hold records need memory://, one Redis or Sentinel")
-
-
 def _parse_json(queue_id: str, value: str) -> HoldRecord | BrokenRecord:
     try:
         fields = json.loads(value)
@@ -579,14 +560,6 @@ def _add(found: RecordSet, item: HoldRecord | BrokenRecord) -> None:
 def _check_ttl(ttl_ms: int) -> None:
     if ttl_ms <= 0:
         raise ValueError(f"ttl_ms must be positive: {ttl_ms}")
-
-
-def records_for(policy: Policy, *, timeout_ms: int) -> HoldRecordStore:
-    """The record store of a policy: its store URL and key prefix, and the scheduler's
-    ``instance`` (the MTA whose hold queue the records describe)."""
-    scheduler = policy.scheduler or SchedulerSettings()
-    return open_hold_records(policy.store.url, key_prefix=policy.store.key_prefix,
-                             timeout_ms=timeout_ms, instance=scheduler.instance)
 
 
 def record_ttl_for(policy: Policy) -> int:

@@ -1,6 +1,6 @@
 """The embedded counter store: budgets in a dict, for one process.
 
-Implements :class:`mqpolicy.budget.CounterStore` with exactly the rules and the integer
+Implements :class:`mqpolicy.store.budget.CounterStore` with exactly the rules and the integer
 arithmetic of ``lua/gcra_batch.lua``; one suite (``tests/store/test_stores.py``) runs against both,
 and ``tests/store/test_exact_budgets.py`` holds both to an oracle of its own.
 
@@ -29,7 +29,7 @@ else:
 
 * a bounded round-robin sweep (``_SWEEP_BATCH`` entries every ``_SWEEP_EVERY`` writes,
   every ``_SWEEP_EVERY_IDLE`` writes after a slice that found nothing to drop) drops
-  buckets full again :data:`~mqpolicy.budget.CLOCK_STEP_ALLOWANCE_MS` before the caller's
+  buckets full again :data:`~mqpolicy.store.budget.CLOCK_STEP_ALLOWANCE_MS` before the caller's
   ``now_ms`` (as Redis expires its keys by its own clock) and once keys past their expiry,
   so keys nobody reads again do not pile up. An entry that carries debt at the caller's
   time is never dropped: a clock that steps back finds every debt it left, and so does one
@@ -72,6 +72,8 @@ from mqpolicy.store.budget import (
     Evaluation,
     StoreError,
     free_units,
+    refuse_check,
+    validate_decision,
 )
 
 log = logging.getLogger("mqpolicy.store")
@@ -94,37 +96,6 @@ _BITS = 53
 _MASK = (1 << _BITS) - 1
 """A bucket's packed value: ``full_at << 106 | debt << 53 | at`` (debt and at < 2**53)."""
 _new = tuple.__new__  # positional NamedTuples without their keyword __new__
-
-
-def validate_decision(checks: Sequence[BudgetCheck], now_ms: int, once_ttl_ms: int) -> None:
-    """Reject arguments no bucket can hold or count exactly (both stores call this before
-    any I/O): integers, ``0 < refill <= EXACT_LIMIT``, ``unit > 0``, ``burst >= 0``,
-    ``burst * unit <= EXACT_LIMIT``, ``0 <= cost < 2**53``, ``0 <= now_ms < 2**53``,
-    ``0 < once_ttl_ms < 2**53``."""
-    if type(now_ms) is not int or not 0 <= now_ms < TIME_LIMIT:
-        raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
-    if type(once_ttl_ms) is not int or not 0 < once_ttl_ms < TIME_LIMIT:
-        raise ValueError(f"once_ttl_ms must be a positive integer below 2**53: {once_ttl_ms!r}")
-    for check in checks:  # the test of evaluate_now, for every decision sent to Redis
-        _, refill, unit, burst, cost, _, _ = check
-        if (type(refill) is not int or type(unit) is not int or type(burst) is not int
-                or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
-                or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
-                or not 0 <= cost < TIME_LIMIT):
-            _validate_check(check)  # says what is wrong
-
-
-def _validate_check(check: BudgetCheck) -> None:
-    """Raise ValueError saying what is wrong with a check that failed the fast test."""
-    _, refill, unit, burst, cost, _, _ = check
-    if not all(type(x) is int for x in (refill, unit, burst, cost)):
-        raise ValueError(f"refill, unit, burst and cost must be integers: {check!r}")
-    if not 0 < refill <= EXACT_LIMIT or unit <= 0:
-        raise ValueError(f"refill and unit must be positive (refill at most 2**52): {check!r}")
-    if burst < 0 or not 0 <= cost < TIME_LIMIT:
-        raise ValueError(f"burst and cost must not be negative (cost below 2**53): {check!r}")
-    if burst * unit > EXACT_LIMIT:
-        raise ValueError(f"burst * unit must be at most 2**52 to count exactly: {check!r}")
 
 
 _GLOB_SPECIAL = re.compile(r"[*?\[\\]")  # where a Redis glob stops being literal
@@ -249,8 +220,8 @@ class MemoryStore:
     ) -> Evaluation:
         """:meth:`evaluate` without a coroutine, for callers on any thread (the milter's).
 
-        The arithmetic of :mod:`mqpolicy.store.budget` (:func:`~mqpolicy.budget.debt_at`,
-        :func:`~mqpolicy.budget.free_units`) is written out inline: this runs for every
+        The arithmetic of :mod:`mqpolicy.store.budget` (:func:`~mqpolicy.store.budget.debt_at`,
+        :func:`~mqpolicy.store.budget.free_units`) is written out inline: this runs for every
         decision. Python's integers are exact at any size, so the refill is computed
         without the cap the Lua script needs; the results are the same."""
         if type(now_ms) is not int or not 0 <= now_ms < TIME_LIMIT:
@@ -278,7 +249,7 @@ class MemoryStore:
                         or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
                         or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
                         or not 0 <= cost < TIME_LIMIT):
-                    _validate_check(check)  # says what is wrong
+                    refuse_check(check)  # says what is wrong
                 state = seen.get(key)
                 if state is None:
                     packed = buckets.get(key)

@@ -12,9 +12,19 @@ without a timer per decision: a batch may run until the deadline of its youngest
 at its own deadline (one more timer for a batch of decisions with different deadlines, set
 at the start and moved from deadline to deadline), and a decision still queued
 at its deadline fails without being sent. So :meth:`CoalescingStore.evaluate` answers or
-raises within the deadline (``keeps_deadline``) and callers need no timer of their own. A
-decision that fails after its batch left may still have been counted by Redis (as with any
-timeout).
+raises within the deadline (``keeps_deadline``) and callers need no timer of their own.
+
+A decision that fails after its batch left is not counted afterwards: the batch carries
+each decision's deadline in Redis' own clock (:class:`RedisClock`: the loop's deadline less
+:data:`DEADLINE_MARGIN` of ``timeout_ms``, converted with an offset that is never above the
+true one), and the script skips a decision past it, so a Redis resumed from a pause (or
+reading a batch late) runs none of the decisions already answered per ``on_store_error``.
+What remains: a decision Redis ran before that point whose answer then took longer than
+the margin to be read (Redis stopped between running the script and writing its reply, the
+loop busy that long) is answered per ``on_store_error`` and counted; and for up to
+:data:`CLOCK_KEEP_S` after Redis' clock steps back by ``X``, deadlines are up to ``X`` late.
+One decision that cannot be sent or that the script raises on (a key of another type)
+fails alone; the others of its batch are answered.
 redis-py's own retries are off (a dead Redis must fail fast, the caller's
 ``on_store_error`` decides), and every Redis, socket or timeout error becomes
 :class:`~mqpolicy.store.budget.StoreError` (:class:`~mqpolicy.store.budget.StoreTimeout` for
@@ -34,11 +44,11 @@ shared with other jobs: wall figures vary up to 2x between runs, CPU figures les
 * batch size, client CPU per decision: 1 -> 154 us, 16 -> 21, 64 -> 10, 256 -> 6.6;
   redis-server CPU per decision (2 checks + a once key) ~13-16 us in batches of 8+.
   With redis-py's own asyncio packer a 256-decision call costs 7.3 ms of client CPU instead
-  of 1.7 ms, hence ``_HiredisPacking``.
+  of 1.7 ms, hence ``redis_connection.HiredisPacking``.
 * evaluate, concurrency 1 / 8 / 64: ~2.5-3k / 8-15k / 15-26k decisions/s.
 * open loop (decisions arriving independently) at 4,000/s offered: one batch in flight fell
   behind (3.7k/s done, p50 106 ms), two kept up (4.0k/s, p50 5.6 ms). That was before
-  ``_HiredisPacking``, when a batch cost the client ~30 us per decision; since then
+  ``redis_connection.HiredisPacking``, when a batch cost the client ~30 us per decision; since then
   (``--in-flight 1,2 --open 5000,10000,20000``) both keep up with 20,000/s offered (p99
   7.0 / 1.3 ms at 20,000/s, 1.4 / 0.9 ms at 10,000/s).
 * behind the policy server (``bench/policy_bench.py --stores redis-tcp --concurrency 8,64``,
@@ -52,16 +62,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Final
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
-import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -78,8 +85,18 @@ from mqpolicy.store.budget import (
     StoreError,
     StoreTimeout,
     parse_bucket,
+    validate_decision,
 )
-from mqpolicy.store.memory import validate_decision
+from mqpolicy.store.redis_connection import (
+    NO_ANSWER,
+    LuaScript,
+    describe_error,
+    glob_escape,
+    pack,
+    split_store_url,
+    unprefixed,
+    with_hiredis_packing,
+)
 
 SCRIPT_NAME: Final = "gcra_batch.lua"
 REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
@@ -94,28 +111,10 @@ _TLS_OPTIONS: Final = frozenset(
 )
 _CERT_REQS: Final = frozenset({"none", "optional", "required"})
 _ERRORS: Final = (RedisError, OSError, TimeoutError)
+_UNSENDABLE: Final = (TypeError, ValueError, OverflowError)
+"""What packing a command raises for an argument it cannot send (hiredis)."""
 _CONSUME: Final = 1
 _BLOCKING: Final = 2
-
-
-def split_store_url(url: str, schemes: frozenset[str], forms: str) -> SplitResult:
-    """``urlsplit`` of a Redis store URL whose scheme is one of ``schemes`` (else ValueError
-    listing ``forms``), refusing what no Redis store URL can mean: no ``//`` after the scheme
-    (``unix:/path``, ``redis:host:6379``; the error says the form to write) and a fragment
-    (an unencoded ``#`` in a password would cut the URL there)."""
-    text = url.strip()
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if scheme not in schemes:
-        raise ValueError(f"store {url!r}: not a {' / '.join(sorted(schemes))} URL ({forms})")
-    rest = text[len(scheme) + 1:]
-    if not rest.startswith("//"):
-        # unix:/run/redis.sock -> unix:///run/redis.sock; redis:h:6379 -> redis://h:6379
-        slash = "/" if scheme == "unix" else ""
-        raise ValueError(f"store {url!r}: write {scheme}://{slash}{rest.lstrip('/')}")
-    if parts.fragment or text.endswith("#"):
-        raise ValueError(f"store {url!r}: '#' in a store URL must be written %23")
-    return parts
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,59 +202,48 @@ def parse_redis_url(url: str) -> RedisTarget:
                        db=int(db_text) if db_text is not None else 0, tls=scheme == "rediss")
 
 
-class _HiredisPacking:
-    """Connection mixin: pack commands in C with ``hiredis.pack_command``.
-
-    redis-py's asyncio packer re-joins its output buffer for every argument (quadratic up to
-    its 6 kB cut-off): for a 256-decision EVALSHA (~4,000 arguments) it costs ~8x as much
-    as hiredis, and more than everything else the client does for the batch.
-    """
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        name = args[0]
-        if isinstance(name, str | bytes):
-            words = name.split()  # "SCRIPT LOAD" goes out as two arguments
-            if len(words) > 1:
-                args = (*words, *args[1:])
-        return [_pack(*args)]
+DEADLINE_MARGIN: Final = 0.1
+"""The part of ``timeout_ms`` before a decision's deadline after which Redis no longer
+runs it: its answer has that long to come back (the window in which a decision can be
+answered per ``on_store_error`` and counted all the same is a reply slower than this)."""
+CLOCK_KEEP_S: Final = 10.0
+"""How long the best estimate of Redis' clock is kept before a newer one replaces it."""
+_TOO_LATE: Final = "redis ran the batch after the decision's deadline: nothing counted"
 
 
-def _pack(*words: Any) -> bytes:
-    """One command in the Redis protocol, packed in C."""
-    packed: bytes = hiredis.pack_command(words)
-    return packed
+class RedisClock:
+    """Where one Redis server's clock (``TIME``, ms) stands against this loop's clock, for
+    the decisions' deadlines in the batch script (``gcra_batch.lua`` skips a decision past
+    its deadline by Redis' clock).
 
+    Every reply carries Redis' time ``R`` when the script ran, which was before the reply
+    was read at loop time ``t``: ``R - t`` is at most the true offset (short of it by the
+    reply's way back), so a deadline converted with it falls no later than the real one.
+    The highest such estimate of the last :data:`CLOCK_KEEP_S` s is kept (a Redis clock
+    stepped back by ``X`` makes deadlines up to ``X`` late until then); the first batch to
+    a server asks ``TIME`` first."""
 
-def _with_hiredis_packing(connection_class: Any) -> Any:
-    return type(f"Packed{connection_class.__name__}", (_HiredisPacking, connection_class), {})
+    __slots__ = ("_at", "client", "offset_ms")
 
+    def __init__(self, client: object) -> None:
+        self.client = client
+        self.offset_ms: float | None = None
+        self._at = -math.inf
 
-def load_script(name: str = SCRIPT_NAME) -> str:
-    """A Lua source from package data (``lua/<name>``), by default the batch script."""
-    return resources.files("mqpolicy.store").joinpath("lua", name).read_text(encoding="utf-8")
+    def observe(self, redis_ms: int, loop_now_s: float) -> None:
+        estimate = redis_ms - loop_now_s * 1000
+        best = self.offset_ms
+        if best is None or estimate >= best or loop_now_s - self._at > CLOCK_KEEP_S:
+            self.offset_ms = estimate
+            self._at = loop_now_s
 
-
-@dataclass(frozen=True, slots=True)
-class LuaScript:
-    """A Lua source and its SHA1, for ``EVALSHA`` (and ``SCRIPT LOAD`` after NOSCRIPT)."""
-
-    source: str
-    sha: str
-
-    @classmethod
-    def load(cls, name: str = SCRIPT_NAME) -> LuaScript:
-        source = load_script(name)
-        return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
-
-
-def glob_escape(text: str) -> str:
-    """``text`` matched literally in a Redis SCAN pattern."""
-    out = []
-    for ch in text:
-        if ch in "*?[]\\":
-            out.append("\\")
-        out.append(ch)
-    return "".join(out)
+    def deadline_ms(self, deadline_s: float) -> int:
+        """A loop-time deadline in Redis' clock (ms, rounded down); 0 (none) while the
+        offset is unknown."""
+        offset = self.offset_ms
+        if offset is None or deadline_s == math.inf:
+            return 0
+        return max(1, math.floor(deadline_s * 1000 + offset))
 
 
 @dataclass(slots=True)
@@ -266,9 +254,6 @@ class PendingDecision:
     once_ttl_ms: int
     future: asyncio.Future[Evaluation]
     deadline: float = math.inf  # loop time by which the decision is answered or failed
-
-
-_Pending = PendingDecision  # the name bench/store_bench.py imports
 
 
 class _BatchExpiry:
@@ -293,7 +278,7 @@ class _BatchExpiry:
         while index < len(batch) and batch[index].deadline <= now:
             future = batch[index].future
             if not future.done():
-                future.set_exception(StoreTimeout(_NO_ANSWER))
+                future.set_exception(StoreTimeout(NO_ANSWER))
             index += 1
         self._index = index
         self._handle = (self._loop.call_at(batch[index].deadline, self._expire)
@@ -367,7 +352,7 @@ class CoalescingStore:
                 if pending.future.done():  # a caller that gave up spends nothing
                     continue
                 if pending.deadline <= now:  # waited its whole deadline in the queue
-                    pending.future.set_exception(StoreTimeout(_NO_ANSWER))
+                    pending.future.set_exception(StoreTimeout(NO_ANSWER))
                     continue
                 batch.append(pending)
             if not batch:
@@ -474,28 +459,86 @@ class RedisStore(CoalescingStore):
                 decode_responses=False,
             )
         pool = self._client.connection_pool
-        pool.connection_class = _with_hiredis_packing(pool.connection_class)
-        self._script = LuaScript.load()
+        pool.connection_class = with_hiredis_packing(pool.connection_class)
+        self._script = LuaScript.load(SCRIPT_NAME)
+        self._clock = RedisClock(self._client)
+        self._margin_s = self._timeout_s * DEADLINE_MARGIN
 
-    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
-        keys, args = self._encode(batch)
-        reply = await self._evalsha(keys, args)
-        return self._decode(batch, reply)
+    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation | StoreError]:
+        clock = self._clock
+        if clock.client is not self._client:  # a new server (Sentinel): its own clock
+            clock = self._clock = RedisClock(self._client)
+        loop = asyncio.get_running_loop()
+        if clock.offset_ms is None:
+            await self._read_clock(clock)
+        margin = self._margin_s
+        deadlines = [clock.deadline_ms(p.deadline - margin) for p in batch]
+        try:
+            command = self._command(batch, deadlines)
+        except _UNSENDABLE:
+            return await self._run_sendable(batch)
+        rows, redis_ms = split_reply(await self._call(command), len(batch))
+        clock.observe(redis_ms, loop.time())
+        return decode_batch([len(p.checks) for p in batch], rows)
 
-    async def _evalsha(self, keys: list[str], args: list[int]) -> Any:
-        """``EVALSHA`` of the batch script on a pooled connection, past the client's
-        per-command layers (retries, which are off, and observability hooks: a third of
-        the client's CPU per call). A script cache lost on restart is reloaded once.
-        A connection left in doubt (an error, a cancelled read) is dropped by redis-py."""
+    def _command(self, batch: list[PendingDecision], deadlines: Sequence[int] = ()) -> bytes:
+        """The batch's ``EVALSHA``, packed (TypeError, ValueError: something in it cannot
+        be sent)."""
+        keys, args = self._encode(batch, deadlines)
+        return pack("EVALSHA", self._script.sha, len(keys), *keys, *args)
+
+    async def _read_clock(self, clock: RedisClock) -> None:
+        """Ask Redis its clock (``TIME``), before the first batch to a server."""
         pool: Any = self._client.connection_pool  # redis-py's pool is untyped
         conn = await pool.get_connection()
         try:
-            command = _pack("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            await conn.send_packed_command(pack("TIME"), check_health=False)
+            seconds, micros = await conn.read_response()
+        finally:
+            await pool.release(conn)
+        clock.observe(int(seconds) * 1000 + int(micros) // 1000,
+                      asyncio.get_running_loop().time())
+
+    async def _run_sendable(
+        self, batch: list[PendingDecision]
+    ) -> list[Evaluation | StoreError]:
+        """A batch that cannot be packed whole: each decision that cannot be packed alone
+        fails (a StoreError: its limits follow ``on_store_error``), the others are sent
+        together."""
+        answers: list[Evaluation | StoreError | None] = []
+        sendable: list[PendingDecision] = []
+        for pending in batch:
+            try:
+                self._command([pending])
+            except _UNSENDABLE as exc:
+                answers.append(StoreError(f"redis store: a decision that cannot be sent "
+                                          f"({type(exc).__name__}: {exc})"))
+            else:
+                answers.append(None)
+                sendable.append(pending)
+        if len(sendable) == len(batch):
+            raise StoreError("redis store: the batch cannot be sent")
+        sent = iter(await self._run(sendable) if sendable else ())
+        return [answer if answer is not None else next(sent) for answer in answers]
+
+    async def _evalsha(self, keys: list[str], args: list[int]) -> Any:
+        """``EVALSHA`` of the batch script with these KEYS and ARGV (:meth:`_call`)."""
+        return await self._call(pack("EVALSHA", self._script.sha, len(keys), *keys, *args))
+
+    async def _call(self, command: bytes) -> Any:
+        """A packed ``EVALSHA`` of the batch script on a pooled connection, past the
+        client's per-command layers (retries, which are off, and observability hooks: a
+        third of the client's CPU per call). A script cache lost on restart is reloaded
+        once. A connection left in doubt (an error, a cancelled read) is dropped by
+        redis-py."""
+        pool: Any = self._client.connection_pool  # redis-py's pool is untyped
+        conn = await pool.get_connection()
+        try:
             await conn.send_packed_command(command, check_health=False)
             try:
                 return await conn.read_response()
             except NoScriptError:
-                load = _pack("SCRIPT", "LOAD", self._script.source)
+                load = pack("SCRIPT", "LOAD", self._script.source)
                 await conn.send_packed_command(load, check_health=False)
                 await conn.read_response()
                 await conn.send_packed_command(command, check_health=False)
@@ -503,13 +546,10 @@ class RedisStore(CoalescingStore):
         finally:
             await pool.release(conn)
 
-    def _encode(self, batch: list[PendingDecision]) -> tuple[list[str], list[int]]:
+    def _encode(self, batch: list[PendingDecision],
+                deadlines: Sequence[int] = ()) -> tuple[list[str], list[int]]:
         """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
-        return encode_batch(self._prefix, batch)
-
-    @staticmethod
-    def _decode(batch: list[PendingDecision], reply: Any) -> list[Evaluation]:
-        return decode_batch([len(p.checks) for p in batch], reply)
+        return encode_batch(self._prefix, batch, deadlines)
 
     # -- the rest of CounterStore ----------------------------------------------------------
 
@@ -559,30 +599,39 @@ class RedisStore(CoalescingStore):
                 await self._client.aclose()
 
 
+class StoreKeyError(StoreError, ValueError):
+    """A key Redis cannot be sent: a StoreError (the decision's limits follow their
+    ``on_store_error``) and a ValueError (the caller's mistake)."""
+
+
 def validate_key_text(checks: Sequence[BudgetCheck], once_key: str | None) -> None:
-    """ValueError for a key that is not text Redis can be sent (a lone surrogate, which
-    hiredis cannot encode to UTF-8 and which would fail the whole batch): raised to the one
-    caller before its decision joins a batch. The engine's keys never have one
+    """:class:`StoreKeyError` for a key that is not text Redis can be sent (not a str, or
+    a lone surrogate, which hiredis cannot encode to UTF-8): raised to the one caller
+    before its decision joins a batch. The engine's keys never are
     (:mod:`mqpolicy.policy.keys` escapes them)."""
     for check in checks:
-        if not check.key.isascii():
-            _encodable(check.key)
-    if once_key is not None and not once_key.isascii():
+        key = check.key
+        if type(key) is not str or not key.isascii():
+            _encodable(key)
+    if once_key is not None and (type(once_key) is not str or not once_key.isascii()):
         _encodable(once_key)
 
 
-def _encodable(key: str) -> None:
+def _encodable(key: object) -> None:
+    if not isinstance(key, str):
+        raise StoreKeyError(f"store key {key!r} is not text")
     try:
         key.encode()
     except UnicodeEncodeError:
-        raise ValueError(f"store key {key!r} is not valid text (escape it first: "
-                         "mqpolicy.limit_keys.escape_key_part)") from None
+        raise StoreKeyError(f"store key {key!r} is not valid text (escape it first: "
+                            "mqpolicy.policy.keys.escape_key_part)") from None
 
 
 def encode_batch(
-    prefix: str, batch: Sequence[PendingDecision]
+    prefix: str, batch: Sequence[PendingDecision], deadlines: Sequence[int] = ()
 ) -> tuple[list[str], list[int]]:
-    """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once."""
+    """KEYS and ARGV of ``gcra_batch.lua`` (see its header); each key listed once; the
+    decisions' ``deadlines`` in Redis' clock (ms; none: 0 each, not checked)."""
     index: dict[str, int] = {}  # key -> its 1-based position in KEYS (insertion order)
     args: list[int] = [len(batch), CLOCK_STEP_ALLOWANCE_MS]
     extend = args.extend
@@ -597,16 +646,36 @@ def encode_batch(
             flags = (_CONSUME if c.consume else 0) | (_BLOCKING if c.blocking else 0)
             slot = index.get(key) or index.setdefault(key, len(index) + 1)
             extend((slot, c.refill, c.unit, c.burst, c.cost, flags))
+    extend(deadlines or [0] * len(batch))
     return list(index), args
 
 
-def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation]:
-    """The reply of ``gcra_batch.lua`` for decisions of ``check_counts`` checks each."""
+def split_reply(reply: Any, count: int) -> tuple[list[Any], int]:
+    """The rows of ``gcra_batch.lua``'s reply for ``count`` decisions, and the Redis clock
+    (ms) when it ran."""
+    if not isinstance(reply, list) or len(reply) != count + 1 or not isinstance(
+            reply[-1], int):
+        raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
+    return reply[:-1], reply[-1]
+
+
+def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation | StoreError]:
+    """The reply of ``gcra_batch.lua`` for decisions of ``check_counts`` checks each: an
+    evaluation per decision, or the StoreError of a decision that raised in the script
+    (which wrote nothing of it)."""
     if not isinstance(reply, list) or len(reply) != len(check_counts):
         raise ValueError(f"unexpected reply from {SCRIPT_NAME}: {reply!r:.200}")
-    evaluations = []
+    evaluations: list[Evaluation | StoreError] = []
     result = BudgetResult._make
     for n, row in zip(check_counts, reply, strict=True):
+        if isinstance(row, list) and row and row[0] == -1:
+            why = row[1].decode(errors="replace") if len(row) > 1 and isinstance(
+                row[1], bytes) else str(row[1:])
+            evaluations.append(StoreError(f"redis: {SCRIPT_NAME} failed this decision: {why}"))
+            continue
+        if isinstance(row, list) and row == [-2]:
+            evaluations.append(StoreTimeout(_TOO_LATE))
+            continue
         end = 2 + 3 * n
         if not isinstance(row, list) or len(row) != end:
             raise ValueError(f"unexpected row from {SCRIPT_NAME}: {row!r:.200}")
@@ -614,22 +683,6 @@ def decode_batch(check_counts: Sequence[int], reply: Any) -> list[Evaluation]:
                          for i in range(2, end, 3)])
         evaluations.append(Evaluation(results, row[0] == 1, row[1] == 1))
     return evaluations
-
-
-def unprefixed(key: bytes | str, strip: int) -> str:
-    """A key as SCAN returns it, without the store's prefix of ``strip`` bytes."""
-    raw = key if isinstance(key, bytes) else key.encode()
-    return raw[strip:].decode("utf-8", "replace")
-
-
-_NO_ANSWER = "redis did not answer within the deadline"
-
-
-def describe_error(exc: BaseException) -> str:
-    """A Redis client's error as a StoreError's text."""
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return _NO_ANSWER
-    return f"redis: {type(exc).__name__}: {exc}"
 
 
 async def inspect_buckets(

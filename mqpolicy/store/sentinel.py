@@ -54,7 +54,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote
@@ -65,14 +65,30 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from mqpolicy.store.budget import BucketState, Evaluation, StoreError
-from mqpolicy.store.redis import (
-    PendingDecision,
-    RedisStore,
-    _with_hiredis_packing,
+from mqpolicy.store.redis import PendingDecision, RedisStore
+from mqpolicy.store.redis_connection import (
+    parse_host_list,
+    split_credentials,
     split_store_url,
+    with_hiredis_packing,
+)
+from mqpolicy.store.sentinel_view import (
+    DEFAULT_FAILOVER_TIMEOUT_MS,
+    SENTINEL_EVENTS,
+    TRY_FAILOVER,
+    Address,
+    SentinelView,
+    address_text,
+    choose_master,
+    event_address,
+    event_service,
+    master_unwritable,
+    read_view,
+    reply_text,
+    server_fields,
 )
 
 log = logging.getLogger("mqpolicy.store")
@@ -86,41 +102,6 @@ _SENTINEL_OPTIONS: Final = frozenset({"sentinel_username", "sentinel_password"})
 # Sentinel's constructor has no annotations before redis-py 8.2 and has them since: called
 # through this name it type-checks the same way under both, with no ignore to go stale.
 _new_sentinel: Final[Callable[..., Sentinel]] = Sentinel
-
-
-def parse_host_list(hosts: str, default_port: int, url: str) -> tuple[tuple[str, int], ...]:
-    """``host[:port],host[:port],...`` (IPv6 in brackets) as (host, port) pairs."""
-    found: list[tuple[str, int]] = []
-    for item in hosts.split(","):
-        item = item.strip()
-        if not item:
-            raise ValueError(f"store {url!r}: empty host in {hosts!r}")
-        if item.startswith("["):
-            host, bracket, rest = item[1:].partition("]")
-            if not bracket or (rest and not rest.startswith(":")):
-                raise ValueError(f"store {url!r}: bad IPv6 address {item!r}")
-            port_text = rest[1:]
-        else:
-            host, _, port_text = item.partition(":")
-        if not host:
-            raise ValueError(f"store {url!r}: empty host in {item!r}")
-        try:
-            port = int(port_text) if port_text else default_port
-        except ValueError:
-            raise ValueError(f"store {url!r}: bad port in {item!r}") from None
-        if not 0 < port < 65536:
-            raise ValueError(f"store {url!r}: bad port in {item!r}")
-        found.append((host, port))
-    return tuple(found)
-
-
-def split_credentials(netloc: str) -> tuple[str | None, str | None, str]:
-    """``user:password@hosts`` as (user or None, password or None, hosts), percent-decoded."""
-    userinfo, at, hosts = netloc.rpartition("@")
-    if not at:
-        return None, None, netloc
-    user, colon, password = userinfo.partition(":")
-    return (unquote(user) or None, unquote(password) if colon else None, hosts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,18 +207,6 @@ def open_sentinel_master(
 
 # ------------------------------------------------------------------ following the master
 
-_TRY_FAILOVER: Final = "+try-failover"
-_EVENTS: Final = (
-    _TRY_FAILOVER,  # a sentinel starts a failover: SENTINEL FAILOVER, or the master is down
-    "+promoted-slave",  # the replica it chose answers as master (the switch is decided)
-    "+switch-master",  # this sentinel names the new master
-    "+convert-to-slave",  # a server that answers as master is told to be a replica
-    "-failover-abort-not-elected",
-    "-failover-abort-no-good-slave",
-    "-failover-abort-slave-timeout",
-)
-_PROMOTED_STATES: Final = frozenset({"reconf_slaves", "update_config"})
-_DEFAULT_FAILOVER_TIMEOUT_MS: Final = 180_000
 _ROUND_INTERVAL_S: Final = 0.05
 """Between two asks of the sentinels while no master is writable (sooner on an event)."""
 _RESUBSCRIBE_S: Final = 0.5
@@ -247,132 +216,6 @@ _LISTEN_PING_S: Final = 1.0
 _CLOSE_GRACE_S: Final = 1.0
 """A client left behind is closed this long after its batches' deadlines."""
 _ERRORS: Final = (RedisError, OSError, TimeoutError)
-
-Address = tuple[str, int]
-
-
-def _address_text(address: Address | None) -> str:
-    if address is None:
-        return "none"
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def event_service(channel: str, data: str) -> str | None:
-    """The service a sentinel event (``channel`` and its message) is about."""
-    words = data.split()
-    if channel == "+switch-master":  # <service> <old ip> <old port> <new ip> <new port>
-        return words[0] if words else None
-    if "@" in words:  # <type> <name> <ip> <port> @ <service> <master ip> <master port>
-        at = words.index("@")
-        return words[at + 1] if at + 1 < len(words) else None
-    if len(words) > 1 and words[0] == "master":  # master <service> <ip> <port>
-        return words[1]
-    return None
-
-
-def event_address(channel: str, data: str) -> Address | None:
-    """The server an event names: the new master for ``+switch-master``, otherwise the
-    instance the event is about."""
-    words = data.split()
-    at = (3, 4) if channel == "+switch-master" else (2, 3)
-    try:
-        return words[at[0]], int(words[at[1]])
-    except (IndexError, ValueError):
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class SentinelView:
-    """What one sentinel says of the service.
-
-    ``master``: the server it names as master, None when that one is down or while its
-    own failover has not promoted a replica yet; ``switching``: a failover it runs has not
-    had its replica promoted (the old master may stop being one at any moment);
-    ``config_epoch``: the epoch of the configuration it names (a later failover's is
-    higher)."""
-
-    config_epoch: int
-    master: Address | None
-    switching: bool = False
-    failover_timeout_ms: int = _DEFAULT_FAILOVER_TIMEOUT_MS
-
-
-def _flags(fields: Mapping[str, str]) -> set[str]:
-    return set(fields.get("flags", "").split(","))
-
-
-def read_view(
-    master: Mapping[str, str], replicas: Sequence[Mapping[str, str]] = ()
-) -> SentinelView:
-    """A sentinel's ``SENTINEL MASTER`` and ``SENTINEL REPLICAS`` answers as a view.
-
-    During a failover the sentinel running it still names the old master until the end
-    (``+switch-master``), but once it has seen its replica answer as master
-    (``failover-state`` ``reconf_slaves``, the configuration epoch already the
-    failover's) that replica is the master: the switch can no longer be undone."""
-    epoch = int(master.get("config-epoch") or 0)
-    failover_timeout = int(master.get("failover-timeout") or _DEFAULT_FAILOVER_TIMEOUT_MS)
-    flags = _flags(master)
-    if "failover_in_progress" in flags:
-        if master.get("failover-state") in _PROMOTED_STATES:
-            for replica in replicas:
-                if "promoted" in _flags(replica) and replica.get("role-reported") == "master":
-                    address = (replica["ip"], int(replica["port"]))
-                    return SentinelView(epoch, address, False, failover_timeout)
-        return SentinelView(epoch, None, True, failover_timeout)
-    if flags & {"s_down", "o_down"}:
-        return SentinelView(epoch, None, False, failover_timeout)
-    return SentinelView(epoch, (master["ip"], int(master["port"])), False, failover_timeout)
-
-
-def choose_master(
-    views: Sequence[SentinelView | None], awaited: Collection[int] = ()
-) -> Address | None:
-    """The master to write to, from every sentinel's view (None: a sentinel that did not
-    answer), or None when there is none to write to safely now.
-
-    The newest configuration wins (highest ``config_epoch``); none while a sentinel runs
-    a failover whose replica is not promoted yet and no newer configuration is known
-    (writes to the old master could be dropped by its resync), while the views of the
-    newest epoch disagree, or while a sentinel in ``awaited`` (one that announced a
-    failover) does not answer."""
-    if any(views[i] is None for i in awaited if i < len(views)):
-        return None
-    answered = [v for v in views if v is not None]
-    named = [v for v in answered if v.master is not None]
-    if not named:
-        return None
-    newest = max(v.config_epoch for v in named)
-    masters = {v.master for v in named if v.config_epoch == newest}
-    if len(masters) != 1 or any(v.switching and v.config_epoch >= newest for v in answered):
-        return None
-    return masters.pop()
-
-
-def _text(value: object) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _fields(reply: object) -> dict[str, str]:
-    """A Sentinel answer about one server (a map, or a flat list of pairs) as text."""
-    if isinstance(reply, Mapping):
-        return {_text(k): _text(v) for k, v in reply.items()}
-    if isinstance(reply, list | tuple):
-        return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply) - 1, 2)}
-    raise ValueError(f"unexpected sentinel answer: {reply!r:.200}")
-
-
-def master_unwritable(exc: BaseException) -> bool:
-    """An error that says the server is no longer the master to write to: READONLY (a
-    replica now), NOREPLICAS (min-replicas-to-write: its replicas have left it, as they
-    do in a switchover), or a connection that failed (not a mere timeout)."""
-    if isinstance(exc, ReadOnlyError):
-        return True
-    if isinstance(exc, ResponseError):
-        return str(exc).startswith("NOREPLICAS")
-    return isinstance(exc, RedisConnectionError | OSError) and not isinstance(exc, TimeoutError)
-
 
 class _NoMaster(Connection):
     """Stands for the master until the sentinels have named one: never connects."""
@@ -398,8 +241,9 @@ class MasterTracker:
       the replica is promoted). ``+try-failover`` stops writes at once; the events that
       follow, a reconnection to a sentinel and a batch that timed out make it ask again.
     * Asking: every sentinel at once (``SENTINEL MASTER`` and ``SENTINEL REPLICAS``, one
-      round trip each, the store's deadline), :func:`choose_master`, then ``ROLE`` on the
-      server chosen, which must answer ``master``.
+      round trip each, the store's deadline),
+      :func:`~mqpolicy.store.sentinel_view.choose_master`, then ``ROLE`` on the server
+      chosen, which must answer ``master``.
     * READONLY, NOREPLICAS or a failed connection from the master stop writes too; while
       there is none, decisions fail at once (:class:`StoreError`) and the sentinels are
       asked every ``_ROUND_INTERVAL_S`` (and on every event) until one is found.
@@ -468,8 +312,8 @@ class MasterTracker:
             return
         self._outage = None
         log.info("store writes to its master again", extra={"fields": {
-            "master": _address_text(address),
-            "previous": _address_text(outage.previous),
+            "master": address_text(address),
+            "previous": address_text(outage.previous),
             "without_master_s": round(asyncio.get_running_loop().time() - outage.since, 3),
             "decisions_on_store_error": outage.failed,
         }})
@@ -498,7 +342,7 @@ class MasterTracker:
         if self._outage is None:
             self._outage = _Outage(asyncio.get_running_loop().time(), previous)
             log.warning("store lost its master", extra={"fields": {
-                "master": _address_text(previous), "why": why}})
+                "master": address_text(previous), "why": why}})
         if self._resolver is None:  # its first ask no sooner than _ROUND_INTERVAL_S after
             self._resolver = self._spawn(self._resolve())  # the last (NOREPLICAS again)
 
@@ -563,7 +407,7 @@ class MasterTracker:
                 self.lose("a sentinel runs a failover")
                 return
             if chosen is not None and chosen != master:
-                self.lose(f"the sentinels name {_address_text(chosen)}")
+                self.lose(f"the sentinels name {address_text(chosen)}")
                 return
             role = await self._role(master)
             if role is not None and role != "master" and stops == self._stops:
@@ -577,7 +421,7 @@ class MasterTracker:
         self._last_round = loop.time()
         views = list(await asyncio.gather(*(self._view(s) for s in self._sentinels)))
         longest = max((v.failover_timeout_ms for v in views if v is not None),
-                      default=_DEFAULT_FAILOVER_TIMEOUT_MS) / 1000
+                      default=DEFAULT_FAILOVER_TIMEOUT_MS) / 1000
         for index, since in list(self._awaited.items()):
             view = views[index]
             # A failover it announced is over (promoted, aborted), or given up on.
@@ -593,7 +437,7 @@ class MasterTracker:
                 pipe.execute_command("SENTINEL", "MASTER", service)
                 pipe.execute_command("SENTINEL", "REPLICAS", service)
                 master, replicas = await pipe.execute()
-            return read_view(_fields(master), [_fields(r) for r in replicas])
+            return read_view(server_fields(master), [server_fields(r) for r in replicas])
         except (*_ERRORS, ValueError, KeyError):
             return None
 
@@ -604,7 +448,7 @@ class MasterTracker:
                 role = await self._client_for(address).role()
         except _ERRORS:
             return None
-        return _text(role[0]) if isinstance(role, list) and role else None
+        return reply_text(role[0]) if isinstance(role, list) and role else None
 
     def _client_for(self, address: Address) -> Redis:
         client = self._clients.get(address)
@@ -619,7 +463,7 @@ class MasterTracker:
                    "socket_timeout": None},
             )
             pool = client.connection_pool
-            pool.connection_class = _with_hiredis_packing(pool.connection_class)
+            pool.connection_class = with_hiredis_packing(pool.connection_class)
             self._clients[address] = client
         return client
 
@@ -629,7 +473,7 @@ class MasterTracker:
         for other in [a for a in self._clients if a != address]:
             self._spawn(self._close_later(self._clients.pop(other)))
         if self._master is None and self._outage is None:
-            log.info("store master", extra={"fields": {"master": _address_text(address)}})
+            log.info("store master", extra={"fields": {"master": address_text(address)}})
         self._master = address
 
     async def _close_later(self, client: Redis) -> None:
@@ -653,7 +497,7 @@ class MasterTracker:
             subscribed = False
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    await pubsub.subscribe(*_EVENTS)
+                    await pubsub.subscribe(*SENTINEL_EVENTS)
                 subscribed = True
                 self.listening += 1
                 self._check()  # events may have been missed while not subscribed
@@ -664,8 +508,8 @@ class MasterTracker:
                     if message is not None:
                         heard = now
                         if message["type"] == "message":
-                            self._on_event(index, _text(message["channel"]),
-                                           _text(message["data"]))
+                            self._on_event(index, reply_text(message["channel"]),
+                                           reply_text(message["data"]))
                     elif now - heard > 2 * _LISTEN_PING_S:
                         raise RedisConnectionError("the sentinel stopped answering")
                     elif now - heard >= _LISTEN_PING_S:
@@ -685,10 +529,10 @@ class MasterTracker:
             return
         master = self._master
         named = event_address(channel, data)
-        if channel == _TRY_FAILOVER:
+        if channel == TRY_FAILOVER:
             self._awaited[index] = asyncio.get_running_loop().time()
             host, port = self.target.sentinels[index]
-            self.lose(f"sentinel {_address_text((host, port))} starts a failover")
+            self.lose(f"sentinel {address_text((host, port))} starts a failover")
         elif master is not None and (
             (channel == "+convert-to-slave" and named == master)
             or (channel in ("+promoted-slave", "+switch-master") and named != master)
@@ -757,7 +601,7 @@ class SentinelStore(RedisStore):
             raise StoreError("redis sentinel: the master was lost")
         return address
 
-    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
+    async def _run(self, batch: list[PendingDecision]) -> list[Evaluation | StoreError]:
         tracker = self._tracker
         try:
             address = await self._on_master()
@@ -772,6 +616,9 @@ class SentinelStore(RedisStore):
         except asyncio.CancelledError:  # the batch's deadline (or the store closing)
             tracker.timed_out(address, len(batch))
             raise
+        failed = sum(isinstance(e, StoreError) for e in evaluations)  # e.g. past deadline
+        if failed:
+            tracker.no_master(failed)
         tracker.answered(address)
         return evaluations
 

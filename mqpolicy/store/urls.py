@@ -1,17 +1,19 @@
-"""Build a counter store from its URL (the ``store:`` setting), and check one without
-building it (``mqpolicy check``): both through :func:`check_store_url`, which parses a URL
-with the parser of its store family, the one that store's opening runs."""
+"""Store URLs (the ``store:`` setting), parsed once: :func:`parse_store_url` reads a URL
+with the parser of its store family (the one that store's opening runs) and says which
+store it names and where; :func:`check_store_url` is that check alone (``mqpolicy
+check``, the policy loader). :mod:`mqpolicy.store.opener` opens every store family from
+it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from mqpolicy.store.budget import CounterStore
-from mqpolicy.store.cluster import CLUSTER_SCHEMES, ClusterStore, parse_cluster_url
-from mqpolicy.store.memory import DEFAULT_MAX_ENTRIES, MemoryStore, parse_memory_url
-from mqpolicy.store.redis import REDIS_SCHEMES, RedisStore, parse_redis_url
-from mqpolicy.store.sentinel import SENTINEL_SCHEMES, SentinelStore, parse_sentinel_url
+from mqpolicy.store.cluster import CLUSTER_SCHEMES, ClusterTarget, parse_cluster_url
+from mqpolicy.store.memory import parse_memory_url
+from mqpolicy.store.redis import REDIS_SCHEMES, RedisTarget, parse_redis_url
+from mqpolicy.store.sentinel import SENTINEL_SCHEMES, SentinelTarget, parse_sentinel_url
 
 StoreKind = Literal["memory", "redis", "sentinel", "cluster"]
 
@@ -23,8 +25,21 @@ _KNOWN = (
 )
 
 
-def check_store_url(url: str) -> StoreKind:
-    """Which store ``url`` names, after parsing it as that store's opening does
+@dataclass(frozen=True, slots=True)
+class StoreLocation:
+    """What a store URL says: which store (``kind``), the URL (stripped), and the target
+    its family's parser read (one of ``redis``, ``sentinel``, ``cluster``; none for
+    ``memory://``)."""
+
+    kind: StoreKind
+    url: str
+    redis: RedisTarget | None = None
+    sentinel: SentinelTarget | None = None
+    cluster: ClusterTarget | None = None
+
+
+def parse_store_url(url: str) -> StoreLocation:
+    """``url`` parsed by its store family's parser
     (:func:`~mqpolicy.store.memory.parse_memory_url`,
     :func:`~mqpolicy.store.redis.parse_redis_url`,
     :func:`~mqpolicy.store.sentinel.parse_sentinel_url`,
@@ -34,16 +49,13 @@ def check_store_url(url: str) -> StoreKind:
     scheme = urlsplit(text).scheme.lower()
     if scheme == "memory":
         parse_memory_url(url)
-        return "memory"
+        return StoreLocation("memory", text)
     if scheme in REDIS_SCHEMES:
-        parse_redis_url(url)
-        return "redis"
+        return StoreLocation("redis", text, redis=parse_redis_url(url))
     if scheme in SENTINEL_SCHEMES:
-        parse_sentinel_url(url)
-        return "sentinel"
+        return StoreLocation("sentinel", text, sentinel=parse_sentinel_url(url))
     if scheme in CLUSTER_SCHEMES:
-        parse_cluster_url(url)
-        return "cluster"
+        return StoreLocation("cluster", text, cluster=parse_cluster_url(url))
     if scheme in _SHORT_SCHEMES:
         raise ValueError(
             f"store {url!r}: write {_SHORT_SCHEMES[scheme]}:// (or rediss+{scheme}:// for TLS)"
@@ -55,20 +67,8 @@ def check_store_url(url: str) -> StoreKind:
     )
 
 
-def open_store(url: str, *, timeout_ms: int = 50, key_prefix: str = "mqpolicy:",
-               max_entries: int = DEFAULT_MAX_ENTRIES) -> CounterStore:
-    """``memory://`` is the embedded store (of at most ``max_entries`` entries);
-    ``redis://``, ``rediss://`` and ``unix://`` are
-    one Redis (:class:`~mqpolicy.redis_store.RedisStore`); ``redis+sentinel://`` is the
-    master of a Sentinel-monitored service (:class:`~mqpolicy.sentinel_store.SentinelStore`)
-    and ``redis+cluster://`` a Redis Cluster (:class:`~mqpolicy.cluster_store.ClusterStore`);
-    ``rediss+`` for TLS. Raises ValueError otherwise (:func:`check_store_url`)."""
-    url = url.strip()
-    kind = check_store_url(url)
-    if kind == "memory":
-        return MemoryStore(key_prefix=key_prefix, max_entries=max_entries)
-    if kind == "redis":
-        return RedisStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
-    if kind == "sentinel":
-        return SentinelStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
-    return ClusterStore(url, timeout_ms=timeout_ms, key_prefix=key_prefix)
+def check_store_url(url: str) -> StoreKind:
+    """Which store ``url`` names, after parsing it as that store's opening does
+    (:func:`parse_store_url`); connects to nothing. ValueError saying what to write
+    instead."""
+    return parse_store_url(url).kind

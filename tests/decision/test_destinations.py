@@ -346,7 +346,7 @@ def test_feedback_section_errors() -> None:
 
 def _forty_updates(url: str) -> float:
     from mqpolicy.policy.backoff import BackoffSettings, on_slow_down
-    from mqpolicy.store.backoff_states import open_backoff_store
+    from mqpolicy.store.opener import open_backoff_store
 
     settings = BackoffSettings(decrease=0.9, cooldown_ms=0, min_factor=0.001)
 

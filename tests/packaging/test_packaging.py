@@ -78,8 +78,8 @@ def test_installed_wheel_runs_mqpolicy_check_on_its_example(wheel: Path, tmp_pat
     where = run([str(python), "-c", "import mqpolicy; print(mqpolicy.__file__)"], cwd=tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(site)
     run([str(python), "-c",
-         "from mqpolicy.store.redis import load_script; "
-         "assert 'KEYS' in load_script() and 'KEYS' in load_script('gcra_refund.lua')"],
+         "from mqpolicy.store.redis_connection import load_script; "
+         "assert 'KEYS' in load_script('gcra_batch.lua') and 'KEYS' in load_script('gcra_refund.lua')"],
         cwd=tmp_path)  # fmt: skip
 
     example = site / "mqpolicy" / "examples" / "mqpolicy.yaml"

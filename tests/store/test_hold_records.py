@@ -21,10 +21,10 @@ from mqpolicy.store.hold_records import (
     RecordState,
     RedisHoldRecords,
     hold_destinations,
-    open_hold_records,
     record_ttl_ms,
     waiting_lanes,
 )
+from mqpolicy.store.opener import open_hold_records
 from tests.support.redis_fixture import RedisServer
 from tests.support.redis_ha_fixture import RedisSentinelHarness
 

@@ -19,8 +19,8 @@ from mqpolicy.policy.rates import DEFAULT_ONCE_TTL_MS
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import BudgetCheck, StoreError, budget_check
 from mqpolicy.store.memory import MemoryStore
+from mqpolicy.store.opener import open_store
 from mqpolicy.store.redis import RedisStore
-from mqpolicy.store.urls import open_store
 from tests.support.redis_fixture import RedisServer
 
 T0 = 1_760_000_000_000

@@ -39,17 +39,16 @@ from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
 from mqpolicy.store.budget import BudgetCheck, BudgetResult, Evaluation, StoreError, budget_check
 from mqpolicy.store.cluster import ClusterStore, parse_cluster_url
-from mqpolicy.store.sentinel import (
-    SentinelStore,
+from mqpolicy.store.opener import open_store
+from mqpolicy.store.sentinel import SentinelStore, parse_sentinel_url
+from mqpolicy.store.sentinel_view import (
     SentinelView,
     choose_master,
     event_address,
     event_service,
     master_unwritable,
-    parse_sentinel_url,
     read_view,
 )
-from mqpolicy.store.urls import open_store
 from tests.support.budget_oracle import Oracle, RateCheck
 
 if TYPE_CHECKING:

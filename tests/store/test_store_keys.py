@@ -17,7 +17,7 @@ from mqpolicy.policy.keys import escape_key_part, join_key_parts
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
-from mqpolicy.store.budget import CounterStore, budget_check
+from mqpolicy.store.budget import CounterStore, StoreError, budget_check
 from mqpolicy.store.redis import RedisStore
 from tests.support.redis_fixture import RedisServer
 
@@ -188,8 +188,8 @@ limits:
 def test_redis_refuses_a_key_it_cannot_send_to_its_caller_alone(
         redis_clean: RedisServer) -> None:
     """The store's own guard, for a caller that bypasses the engine's escaping: the
-    decision with the bad key fails (ValueError) before it joins a batch; the decisions
-    made beside it are answered."""
+    decision with the bad key fails (a StoreError, so its limits follow on_store_error, and
+    a ValueError) before it joins a batch; the decisions made beside it are answered."""
     async def go() -> tuple[list[object], int]:
         store = RedisStore(redis_clean.unix_url, timeout_ms=5000)
         good = budget_check("k", 10, 1000, 10, 1)
@@ -205,6 +205,7 @@ def test_redis_refuses_a_key_it_cannot_send_to_its_caller_alone(
             await store.close()
 
     got, batches = asyncio.run(go())
-    assert [type(g).__name__ for g in got] == ["Evaluation", "ValueError", "ValueError",
-                                               "Evaluation"]
+    assert [type(g).__name__ for g in got] == ["Evaluation", "StoreKeyError",
+                                               "StoreKeyError", "Evaluation"]
+    assert all(isinstance(g, StoreError | ValueError) for g in got[1:3])
     assert batches == 1

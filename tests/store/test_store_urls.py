@@ -24,13 +24,12 @@ import pytest
 
 from mqpolicy.commands.check import cmd_check
 from mqpolicy.policy.loader import load_policy
-from mqpolicy.store.backoff_states import open_backoff_store
 from mqpolicy.store.cluster import ClusterStore
-from mqpolicy.store.hold_records import open_hold_records
 from mqpolicy.store.memory import MemoryStore
+from mqpolicy.store.opener import open_backoff_store, open_hold_records, open_store
 from mqpolicy.store.redis import RedisStore, parse_redis_url
 from mqpolicy.store.sentinel import SentinelStore
-from mqpolicy.store.urls import check_store_url, open_store
+from mqpolicy.store.urls import check_store_url
 
 
 class Listeners:

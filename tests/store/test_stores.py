@@ -31,8 +31,9 @@ from mqpolicy.store.budget import (
     budget_check,
 )
 from mqpolicy.store.memory import MemoryStore
-from mqpolicy.store.redis import CoalescingStore, PendingDecision, RedisStore, load_script
-from mqpolicy.store.urls import open_store
+from mqpolicy.store.opener import open_store
+from mqpolicy.store.redis import SCRIPT_NAME, CoalescingStore, PendingDecision, RedisStore
+from mqpolicy.store.redis_connection import load_script
 from tests.support.async_poll import poll_async
 from tests.support.budget_oracle import Oracle, RateCheck
 from tests.support.redis_fixture import RedisServer
@@ -919,7 +920,7 @@ def test_lost_script_cache_is_reloaded(redis_clean: RedisServer) -> None:
         check = unit_check("k", HOUR, 10, 1)
         assert (await store.evaluate([check], wall_ms())).results[0].remaining == 9
         with redis_clean.client() as client:
-            sha = client.script_load(load_script())
+            sha = client.script_load(load_script(SCRIPT_NAME))
             client.script_flush()
             assert client.script_exists(sha) == [False]
             got = await store.evaluate([check], wall_ms())

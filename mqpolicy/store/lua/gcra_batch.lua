@@ -8,7 +8,7 @@ number is an integer below 2^53 (the checks are validated before they are sent),
 double here is exact. Products are
 formed only where they cannot pass the debt or the capacity (the refill's elapsed time is
 capped at the time to refill the debt); divisions are exact integer divisions (fmod).
-Rules: exactly mqpolicy.memory_store.MemoryStore.evaluate (see that module's docstring):
+Rules: exactly mqpolicy.store.memory.MemoryStore.evaluate (see that module's docstring):
 checks run in order and see what earlier checks of the same decision spent on the same key;
 a failing blocking check spends nothing for the whole decision; otherwise every passing
 consume check is spent; a present once key makes the decision a duplicate (nothing spent).
@@ -31,10 +31,15 @@ then, D times:
     burst          units the bucket holds when full
     cost           units this check spends
     flags          1 = consume + 2 = blocking
+then, D times:
+  deadline_ms      the decision's deadline in this server's clock (TIME, ms); 0 for none
 
 Returns: an array of D arrays, one per decision, each of integers:
   committed, duplicate, then per check: allowed, remaining, retry_after_ms
-  (committed/duplicate/allowed are 1 or 0; retry_after_ms is -1 when cost > burst: never)
+  (committed/duplicate/allowed are 1 or 0; retry_after_ms is -1 when cost > burst: never);
+  a decision that raised (a key of another type) is {-1, error text}: it wrote nothing,
+  and the others ran; a decision past its deadline is {-2}: not run, nothing written.
+  Then one more element: this server's clock (TIME) when the script ran, in ms.
   With -D, a committed row also ends with, per check, its bucket's debt before the decision
   and the bucket's time (for the cluster store's give-back, mqpolicy.store.cluster; the
   decision itself is the same).
@@ -105,7 +110,8 @@ local backlogs = count < 0
 if backlogs then
   count = -count
 end
-for d = 1, count do
+-- one decision, its fields from ARGV[pos] on: its row
+local function decide(pos)
   local now = tonumber(ARGV[pos])
   local n = tonumber(ARGV[pos + 1])
   local once = tonumber(ARGV[pos + 2])
@@ -213,6 +219,36 @@ for d = 1, count do
       end
     end
   end
-  out[d] = row
+  return row
 end
+
+-- Deadlines: a decision not run by its deadline (in this server's clock) has been
+-- answered without the store, per its limits' on_store_error: it is skipped (row {-2}),
+-- so a Redis that was paused or slow never counts it afterwards.
+local clock = redis.call('TIME')
+local time_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local deadlines = #ARGV - count
+
+-- A decision that raises (a key of another type: WRONGTYPE) fails alone, with the row
+-- {-1, error}: it raises before it writes (every write of a decision follows its reads)
+-- and the decisions after it run as they would have.
+for d = 1, count do
+  local deadline = tonumber(ARGV[deadlines + d])
+  local row
+  if deadline > 0 and time_ms > deadline then
+    row = {-2}
+  else
+    local ok
+    ok, row = pcall(decide, pos)
+    if not ok then
+      if type(row) == 'table' then
+        row = row.err
+      end
+      row = {-1, tostring(row)}
+    end
+  end
+  out[d] = row
+  pos = pos + 4 + 6 * tonumber(ARGV[pos + 1])
+end
+out[count + 1] = time_ms
 return out
