@@ -163,7 +163,7 @@ SIDES = {"policy": ("postfix", "mqpolicy"),
          "milter-floor": ("postfix", "floor", "mqpolicy+milter")}
 FLOOR_MODES = ("plain", "header")
 MILTER_SOCKET = "mqpolicy/milter.sock"  # inside the queue directory, as the README shows
-MILTER_CONNECTION = re.compile(r"\bconn=m\d")  # a decision log line of the milter
+MILTER_CONNECTION = re.compile(r"\bconn=m[0-9a-f]+\b")  # a decision line of the milter
 
 
 def with_milter(text: str, socket_path: Path) -> str:
@@ -711,8 +711,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"msg/s delivered, {result.accepted_per_s:7.1f} msg/s accepted"
                               f"{cpu}", flush=True)
             sent = args.warmup + args.pairs * args.messages
-            time.sleep(0.2)  # the policy server writes its log lines every 50 ms
             checked = args.policy is None and args.policy_log_level in ("debug", "info")
+            time.sleep(0.2)  # the server writes its log lines every 50 ms
             for target in targets:
                 policy_server, milter = target.decisions()
                 if target.server is not None and checked and policy_server < sent:
