@@ -90,6 +90,8 @@ from bench_processes import (  # noqa: E402
     Processes,
     Started,
     cpu_seconds,
+    main_thread_cpu_seconds,
+    reaped_cpu_seconds,
     run_queue_seconds,
     sigterm_as_interrupt,
     wait_accepting,
@@ -162,17 +164,26 @@ limits:
 SIDES = {"policy": ("postfix", "mqpolicy"),
          "milter-floor": ("postfix", "floor", "mqpolicy+milter")}
 FLOOR_MODES = ("plain", "header")
+# Sides --also adds to --compare milter-floor, to see where the wiring's cost goes.
+EXTRA_SIDES = {
+    "floor+header": "the do-nothing milter adding one header per message",
+    "mqpolicy": "the policy server on both hooks, no milter",
+    "milter-only": "mqpolicy serve's milter alone (rcpt_limits: milter), the policy hooks "
+                   "left out of postfix-config's output",
+}
 MILTER_SOCKET = "mqpolicy/milter.sock"  # inside the queue directory, as the README shows
 MILTER_CONNECTION = re.compile(r"\bconn=m[0-9a-f]+\b")  # a decision line of the milter
 
 
-def with_milter(text: str, socket_path: Path) -> str:
-    """The policy text with a ``milter:`` section on ``socket_path`` (``rcpt_limits:
-    policy_server`` unless the file says otherwise: Postfix asks the policy server at RCPT)."""
+def with_milter(text: str, socket_path: Path, rcpt_limits: str | None = None) -> str:
+    """The policy text with a ``milter:`` section on ``socket_path`` (``rcpt_limits``, else
+    as the file says, else ``policy_server``: Postfix asks the policy server at RCPT)."""
     data = yaml.safe_load(text) or {}
     milter = dict(data.get("milter") or {})
     milter["listen"] = f"unix:{socket_path}"
     milter["listen_mode"] = "0666"  # smtpd and cleanup run as Postfix's mail_owner
+    if rcpt_limits is not None:
+        milter["rcpt_limits"] = rcpt_limits
     milter.setdefault("rcpt_limits", "policy_server")
     data["milter"] = milter
     return yaml.safe_dump(data, sort_keys=False)
@@ -214,9 +225,9 @@ def _sink_process(port: Any, count: Any, delays: Any,
 
 
 @contextlib.contextmanager
-def sink_process(expected: int = 0) -> Iterator[tuple[int, Any, Any]]:
+def sink_process(expected: int = 0) -> Iterator[tuple[int, Any, Any, int]]:
     """The sink in a process of its own: (port, arrivals, each arrival's delay in seconds
-    since its MAIL FROM, for the first ``expected`` arrivals)."""
+    since its MAIL FROM, for the first ``expected`` arrivals, its PID)."""
     ctx = multiprocessing.get_context("fork")
     port = ctx.Value("i", 0)
     count = ctx.Value("q", 0)
@@ -227,7 +238,7 @@ def sink_process(expected: int = 0) -> Iterator[tuple[int, Any, Any]]:
     try:
         if not ready.wait(10):
             raise RuntimeError("the SMTP sink did not start")
-        yield int(port.value), count, delays
+        yield int(port.value), count, delays, int(proc.pid or 0)
     finally:
         if proc.pid is not None and proc.is_alive():
             os.kill(proc.pid, signal.SIGTERM)
@@ -252,6 +263,8 @@ class Segment:
     policy_wait_s: float  # the policy server's time runnable but waiting for a CPU
     machine_busy: float = 0.0  # the machine's CPUs busy during the segment, 0..1
     load1: float = 0.0  # the 1-minute load average at the segment's start
+    # CPU seconds of each part during the segment (see Target.cpu_parts)
+    cpu: dict[str, float] = field(default_factory=dict)
     # per message: MAIL FROM to the 250 after DATA; MAIL FROM to the sink (seconds)
     accept_latencies: list[float] = field(default_factory=list, repr=False)
     deliver_latencies: list[float] = field(default_factory=list, repr=False)
@@ -331,10 +344,15 @@ class Target:
         self.instance.root.mkdir()
         self.instance.root.chmod(0o755)
 
+    @property
+    def with_milter(self) -> bool:
+        """Whether ``mqpolicy serve`` runs the milter on this side."""
+        return self.mode in ("mqpolicy+milter", "milter-only")
+
     def start(self) -> None:
-        if self.mode in ("mqpolicy", "mqpolicy+milter"):
+        if self.mode in ("mqpolicy", "mqpolicy+milter", "milter-only"):
             self._start_mqpolicy()
-        elif self.mode == "floor":
+        elif self.mode in ("floor", "floor+header"):
             self._start_floor()
         else:
             self.instance.write_config()
@@ -356,18 +374,19 @@ class Target:
         policy_file = self.root / "policy.yaml"
         text = self._policy_text()
         milter_socket = self.instance.queue_dir / MILTER_SOCKET
-        if self.mode == "mqpolicy+milter":
-            text = with_milter(text, milter_socket)
+        if self.with_milter:
+            text = with_milter(text, milter_socket,
+                               "milter" if self.mode == "milter-only" else None)
         policy_file.write_text(policy_with_listen(text, str(endpoint), "0666"))
         command = (sys.executable, "-m", "mqpolicy")
-        if self.mode == "mqpolicy+milter":
+        if self.with_milter:
             self._configure_with_milter(policy_file, command, f"unix:{milter_socket}")
         else:
             self.instance.configure_from(policy_file, command)
         self.server = PolicyServerProcess(policy_file, endpoint, self.root / "mqpolicy.log",
                                           (*scheduling_prefix(self.args), *command))
         self.server.start()
-        if self.mode == "mqpolicy+milter":
+        if self.with_milter:
             server = self.server
 
             def milter_ready() -> bool:
@@ -392,6 +411,10 @@ class Target:
         sections = split_sections(proc.stdout)
         if "smtpd_milters" not in sections[SECTION_MAIN]:
             raise RuntimeError(f"postfix-config printed no milter:\n{proc.stdout}")
+        if self.mode == "milter-only":
+            sections[SECTION_MAIN] = "\n".join(
+                line for line in sections[SECTION_MAIN].splitlines()
+                if "check_policy_service" not in line) + "\n"
         self.instance.write_config(sections[SECTION_MAIN], sections[SECTION_MASTER],
                                    {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
 
@@ -403,7 +426,8 @@ class Target:
         self.milter = self.procs.start(
             "floor", [*scheduling_prefix(self.args), sys.executable,
                       str(BENCH / "milter_floor.py"), f"unix:{socket_path}",
-                      self.args.floor_mode], cwd=BENCH.parent)
+                      "header" if self.mode == "floor+header" else self.args.floor_mode],
+            cwd=BENCH.parent)
         wait_accepting(self.milter, str(socket_path), timeout=60)
         socket_path.chmod(0o666)  # smtpd and cleanup run as Postfix's mail_owner
         address = f"unix:{socket_path.relative_to(self.instance.queue_dir)}"
@@ -421,6 +445,24 @@ class Target:
     def policy_cpu(self) -> float:
         pid = self.helper_pid
         return cpu_seconds(pid) if pid is not None else 0.0
+
+    def cpu_parts(self, sink_pid: int | None) -> dict[str, float]:
+        """CPU seconds so far: Postfix (the master, its workers and the workers it has
+        reaped), the process beside it (its main thread: the policy server's loop; its
+        other threads: the milter's callbacks and the log writer), the SMTP client (this
+        process) and the sink."""
+        parts = {"postfix": 0.0, "beside main thread": 0.0, "beside other threads": 0.0,
+                 "client": time.process_time(),
+                 "sink": cpu_seconds(sink_pid) if sink_pid else 0.0}
+        master = self.instance.master_pid
+        if master is not None:
+            parts["postfix"] = cpu_seconds(master) + reaped_cpu_seconds(master)
+        pid = self.helper_pid
+        if pid is not None:
+            main = main_thread_cpu_seconds(pid)
+            parts["beside main thread"] = main
+            parts["beside other threads"] = cpu_seconds(pid) - main
+        return parts
 
     def policy_wait(self) -> float:
         pid = self.helper_pid
@@ -476,9 +518,11 @@ def machine_cpu() -> tuple[int, int]:
 
 
 def segment(target: Target, pair: int, messages: int, args: argparse.Namespace,
-            sink_count: Any, tag: str = "bench", sink_delays: Any = None) -> Segment:
+            sink_count: Any, tag: str = "bench", sink_delays: Any = None,
+            sink_pid: int | None = None) -> Segment:
     """Send ``messages`` through ``target`` and wait until the sink has them all."""
     base = sink_count.value
+    parts_before = target.cpu_parts(sink_pid)
     cpu_before = target.policy_cpu()
     wait_before = target.policy_wait()
     load1 = os.getloadavg()[0]
@@ -493,6 +537,7 @@ def segment(target: Target, pair: int, messages: int, args: argparse.Namespace,
     policy_cpu_s = target.policy_cpu() - cpu_before
     policy_wait_s = target.policy_wait() - wait_before
     busy_after, total_after = machine_cpu()
+    parts = {k: v - parts_before[k] for k, v in target.cpu_parts(sink_pid).items()}
     machine_busy = (busy_after - busy_before) / max(1, total_after - total_before)
     arrived = base + messages - refused
     deliver_latencies = ([d for d in sink_delays[base:min(arrived, len(sink_delays))]
@@ -502,7 +547,8 @@ def segment(target: Target, pair: int, messages: int, args: argparse.Namespace,
     poll(lambda: not target.instance.queue(), args.timeout, "an empty queue",
          interval_s=0.05)
     return Segment(target.mode, pair, messages, accept_s, deliver_s, refused, policy_cpu_s,
-                   policy_wait_s, machine_busy, load1, accept_latencies, deliver_latencies)
+                   policy_wait_s, machine_busy, load1, parts, accept_latencies,
+                   deliver_latencies)
 
 
 # ---------------------------------------------------------------- main
@@ -518,6 +564,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="segment pairs, alternating which target goes first "
                              "(default 7); with --compare milter-floor, rounds of three "
                              "segments")
+    parser.add_argument("--also", default="", metavar="SIDE,...",
+                        help="with --compare milter-floor, more sides in each round: "
+                             + "; ".join(f"{k}: {v}" for k, v in EXTRA_SIDES.items()))
     parser.add_argument("--floor-mode", choices=FLOOR_MODES, default="plain",
                         help="with --compare milter-floor: the floor milter does nothing "
                              "(plain, default) or adds one header per message (header)")
@@ -551,6 +600,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.policy_nice and args.policy_scheduling != "other":
         parser.error("--policy-nice applies to --policy-scheduling other (a real-time "
                      "policy has no nice value)")
+    args.also = tuple(x for x in args.also.split(",") if x)
+    unknown = [x for x in args.also if x not in EXTRA_SIDES]
+    if unknown or (args.also and args.compare == "policy"):
+        parser.error(f"--also takes sides of --compare milter-floor: {', '.join(EXTRA_SIDES)}")
     if min(args.pairs, args.messages, args.sessions, args.per_connection) < 1:
         parser.error("--pairs, --messages, --sessions and --per-connection are at least 1")
     return args
@@ -603,6 +656,8 @@ def side_summary(mine: list[Segment]) -> dict[str, Any]:
         "beside_cpu_ms_per_message": 1000 * sum(r.policy_cpu_s for r in mine) / messages,
         "beside_cpu_wait_ms_per_message": 1000 * sum(r.policy_wait_s for r in mine) / messages,
         "machine_busy": statistics.fmean(r.machine_busy for r in mine),
+        "cpu_ms_per_message": {part: 1000 * sum(r.cpu.get(part, 0.0) for r in mine) / messages
+                               for part in mine[0].cpu},
         "refused": sum(r.refused for r in mine),
     }
 
@@ -611,7 +666,7 @@ def summarise_rounds(args: argparse.Namespace, segments: list[Segment],
                      sides: tuple[str, ...], loadavg_before: tuple[float, ...]) -> int:
     """The summary of ``--compare milter-floor``: each side's whole-run throughput and
     latencies, and the wiring's share of the floor's throughput (the target: 90 %)."""
-    base, floor, ours = sides
+    base, floor, ours = sides[:3]
     summary: dict[str, Any] = {
         "compare": args.compare, "sessions": args.sessions,
         "messages_per_segment": args.messages, "rounds": args.pairs, "cpus": os.cpu_count(),
@@ -635,6 +690,7 @@ def summarise_rounds(args: argparse.Namespace, segments: list[Segment],
     summary["ratio_per_round"] = per_round
     summary["ratio_median_of_rounds"] = statistics.median(per_round)
     summary["target_met"] = summary["ratio_overall"] >= 0.9
+    summary["ratio_to_floor"] = {mode: rate[mode] / rate[floor] for mode in sides}
     if args.json:
         summary["segments"] = [
             {k: v for k, v in asdict(r).items() if not k.endswith("_latencies")}
@@ -655,6 +711,12 @@ def summarise_rounds(args: argparse.Namespace, segments: list[Segment],
         cpu = f"{s['beside_cpu_ms_per_message']:.2f}" if mode != base else "-"
         print(f"  {mode:<16} {s['delivered_per_s']:7.1f} {acc:>22} {dlv:>23} {cpu:>17} "
               f"{100 * s['machine_busy']:8.0f}%")
+    parts = list(summary[base]["cpu_ms_per_message"])
+    print("  CPU per message (ms), whole run: " + ", ".join(parts) + ", total:")
+    for mode in sides:
+        cpu = summary[mode]["cpu_ms_per_message"]
+        print(f"  {mode:<16} " + " ".join(f"{cpu[part]:6.2f}" for part in parts)
+              + f"  = {sum(cpu.values()):.2f}")
     print(f"  {ours} / {floor}, per round: "
           f"{' '.join(f'{100 * r:.0f}%' for r in per_round)}")
     print(f"  whole run: {ours} keeps {100 * summary['ratio_overall']:.1f}% of the "
@@ -663,6 +725,9 @@ def summarise_rounds(args: argparse.Namespace, segments: list[Segment],
           f"{'met' if summary['target_met'] else 'NOT met'}")
     print(f"  the floor keeps {100 * summary['ratio_floor_to_postfix']:.1f}% of Postfix "
           f"alone, {ours} {100 * summary['ratio_ours_to_postfix']:.1f}%")
+    for mode in sides[3:]:
+        print(f"  {mode} keeps {100 * rate[mode] / rate[floor]:.1f}% of the floor's "
+              f"throughput, {100 * rate[mode] / rate[base]:.1f}% of Postfix alone")
     before = " ".join(f"{x:.2f}" for x in loadavg_before)
     after = " ".join(f"{x:.2f}" for x in summary["loadavg_after"])
     low, high = summary["load1_during"]
@@ -682,11 +747,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mqbench-", dir="/tmp"))
     workdir.chmod(0o755)
     targets: list[Target] = []
-    sides = SIDES[args.compare]
+    sides = SIDES[args.compare] + args.also
     loadavg_before = os.getloadavg()
     expected = (args.warmup + args.pairs * args.messages) * len(sides)
     try:
-        with sink_process(expected) as (sink_port, sink_count, sink_delays):
+        with sink_process(expected) as (sink_port, sink_count, sink_delays, sink_pid):
             for mode in sides:
                 target = Target(mode, workdir / mode.replace("+", "-"), sink_port, args)
                 targets.append(target)
@@ -696,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
             for pair in range(1, args.pairs + 1):
                 for target in round_order(targets, pair, args.compare):
                     result = segment(target, pair, args.messages, args, sink_count,
-                                     sink_delays=sink_delays)
+                                     sink_delays=sink_delays, sink_pid=sink_pid)
                     segments.append(result)
                     if not args.json and args.compare != "policy":
                         print_round_segment(result)
@@ -715,11 +780,12 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)  # the server writes its log lines every 50 ms
             for target in targets:
                 policy_server, milter = target.decisions()
-                if target.server is not None and checked and policy_server < sent:
+                hooks = target.mode in ("mqpolicy", "mqpolicy+milter")
+                if hooks and checked and policy_server < sent:
                     raise RuntimeError(f"the policy server of {target.mode} logged "
                                        f"{policy_server} END-OF-MESSAGE decisions for {sent} "
                                        "messages")
-                if target.mode == "mqpolicy+milter" and checked and milter < sent:
+                if target.with_milter and checked and milter < sent:
                     raise RuntimeError(f"the milter logged {milter} END-OF-MESSAGE "
                                        f"decisions for {sent} messages")
     finally:
