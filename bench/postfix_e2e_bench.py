@@ -170,7 +170,29 @@ EXTRA_SIDES = {
     "mqpolicy": "the policy server on both hooks, no milter",
     "milter-only": "mqpolicy serve's milter alone (rcpt_limits: milter), the policy hooks "
                    "left out of postfix-config's output",
+    "rcpt-hook+milter": "the policy server at RCPT only and the milter, the END-OF-MESSAGE "
+                        "hook left out of postfix-config's output",
 }
+# The policy hooks each milter side leaves out of postfix-config's output.
+HOOKS_LEFT_OUT = {
+    "mqpolicy+milter": (),
+    "milter-only": ("smtpd_recipient_restrictions", "smtpd_end_of_data_restrictions"),
+    "rcpt-hook+milter": ("smtpd_end_of_data_restrictions",),
+}
+
+
+def without_policy_hooks(main_cf: str, parameters: tuple[str, ...]) -> str:
+    """main.cf text without its ``check_policy_service`` entries in ``parameters``."""
+    kept, current = [], ""
+    for line in main_cf.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            current = line.split("=", 1)[0].strip()
+        if current in parameters and "check_policy_service" in line:
+            line = line.split("check_policy_service", 1)[0].rstrip()
+            if not line:
+                continue
+        kept.append(line)
+    return "\n".join(kept) + "\n"
 MILTER_SOCKET = "mqpolicy/milter.sock"  # inside the queue directory, as the README shows
 MILTER_CONNECTION = re.compile(r"\bconn=m[0-9a-f]+\b")  # a decision line of the milter
 
@@ -347,10 +369,10 @@ class Target:
     @property
     def with_milter(self) -> bool:
         """Whether ``mqpolicy serve`` runs the milter on this side."""
-        return self.mode in ("mqpolicy+milter", "milter-only")
+        return self.mode in HOOKS_LEFT_OUT
 
     def start(self) -> None:
-        if self.mode in ("mqpolicy", "mqpolicy+milter", "milter-only"):
+        if self.mode == "mqpolicy" or self.with_milter:
             self._start_mqpolicy()
         elif self.mode in ("floor", "floor+header"):
             self._start_floor()
@@ -411,10 +433,9 @@ class Target:
         sections = split_sections(proc.stdout)
         if "smtpd_milters" not in sections[SECTION_MAIN]:
             raise RuntimeError(f"postfix-config printed no milter:\n{proc.stdout}")
-        if self.mode == "milter-only":
-            sections[SECTION_MAIN] = "\n".join(
-                line for line in sections[SECTION_MAIN].splitlines()
-                if "check_policy_service" not in line) + "\n"
+        left_out = HOOKS_LEFT_OUT[self.mode]
+        if left_out:
+            sections[SECTION_MAIN] = without_policy_hooks(sections[SECTION_MAIN], left_out)
         self.instance.write_config(sections[SECTION_MAIN], sections[SECTION_MASTER],
                                    {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
 
