@@ -41,8 +41,14 @@ each side follows each other one as often):
 It reports each side's whole-run throughput (all its messages over all its time), the ratio
 of ``mqpolicy+milter`` to ``floor`` against the 90 % target, the latency of each message
 (from MAIL FROM to the 250 after DATA, and to its arrival at the sink) as percentiles, the
-CPU time of the milter and server processes per message, the machine's CPU use during each
-side's segments and the load average.
+CPU time per message of each part (Postfix with the workers it has reaped; the main thread
+of the process beside it, in ``mqpolicy serve`` the policy server's event loop; its other
+threads, the milter's callbacks on libmilter's threads and the log writer; the SMTP client;
+the sink), the machine's CPU use during each side's segments and the load average.
+``--also`` adds sides to each round, to see where the wiring's cost goes: ``floor+header``
+(the floor adding one header), ``mqpolicy`` (the policy hooks without the milter),
+``milter-only`` (the milter deciding RCPT and the end, the policy hooks left out of
+postfix-config's output), ``rcpt-hook+milter`` (the END-OF-MESSAGE hook left out).
 
 A message counts when the sink has received it (end to end: SMTP in, queue, SMTP out);
 the next segment starts once the queue is empty again.
@@ -52,7 +58,8 @@ stopped by its PID, also on error or Ctrl-C.
 
     python bench/postfix_e2e_bench.py                        # 7 pairs x 1000 messages
     python bench/postfix_e2e_bench.py --pairs 11 --messages 2000 --json
-    python bench/postfix_e2e_bench.py --compare milter-floor --pairs 10   # 10 rounds of 3
+    python bench/postfix_e2e_bench.py --compare milter-floor --pairs 30   # 30 rounds of 3
+    python bench/postfix_e2e_bench.py --compare milter-floor --also milter-only,rcpt-hook+milter
 
 Needs root (Postfix's master runs as root). Only loopback addresses are used.
 """
