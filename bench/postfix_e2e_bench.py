@@ -171,6 +171,8 @@ limits:
 SIDES = {"policy": ("postfix", "mqpolicy"),
          "milter-floor": ("postfix", "floor", "mqpolicy+milter")}
 FLOOR_MODES = ("plain", "header")
+MILTER_SOCKET = "mqpolicy/milter.sock"  # inside the queue directory, as the README shows
+MILTER_CONNECTION = re.compile(r"\bconn=m[0-9a-f]+\b")  # a decision line of the milter
 # Sides --also adds to --compare milter-floor, to see where the wiring's cost goes.
 EXTRA_SIDES = {
     "floor+header": "the do-nothing milter adding one header per message",
@@ -200,8 +202,6 @@ def without_policy_hooks(main_cf: str, parameters: tuple[str, ...]) -> str:
                 continue
         kept.append(line)
     return "\n".join(kept) + "\n"
-MILTER_SOCKET = "mqpolicy/milter.sock"  # inside the queue directory, as the README shows
-MILTER_CONNECTION = re.compile(r"\bconn=m[0-9a-f]+\b")  # a decision line of the milter
 
 
 def with_milter(text: str, socket_path: Path, rcpt_limits: str | None = None) -> str:

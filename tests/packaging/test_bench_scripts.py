@@ -165,3 +165,44 @@ def test_the_postfix_bench_compares_the_wiring_with_a_do_nothing_milter() -> Non
     assert result["ratio_floor_to_postfix"] == pytest.approx(rates["floor"] / rates["postfix"])
     assert result["target_met"] == (result["ratio_overall"] >= 0.9)
     assert len(result["loadavg_before"]) == len(result["loadavg_after"]) == 3
+
+
+def test_the_postfix_bench_leaves_out_only_the_policy_hooks_a_side_names(tmp_path: Path) -> None:
+    """``--also milter-only`` and ``rcpt-hook+milter`` are postfix-config's output for a
+    policy with a milter minus the named ``check_policy_service`` hooks, nothing else."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text('listen: ["unix:/var/spool/postfix/mqpolicy/policy.sock"]\n'
+                      "milter:\n  listen: unix:/var/spool/postfix/mqpolicy/milter.sock\n"
+                      "lanes:\n  - name: normal\n  - name: bulk\n    transport: mq-bulk\n"
+                      "default_lane: normal\n")
+    generated = subprocess.run(
+        [sys.executable, "-m", "mqpolicy", "postfix-config", "-c", str(policy), "--milter",
+         "unix:/var/spool/postfix/mqpolicy/milter.sock", "--queue-directory",
+         "/var/spool/postfix", "--relayhost", "", "--section", "main.cf"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    code = ("import json, sys; sys.path.insert(0, 'bench'); import postfix_e2e_bench as b; "
+            f"text = {generated!r}; "
+            "print(json.dumps({side: b.without_policy_hooks(text, hooks) "
+            "for side, hooks in b.HOOKS_LEFT_OUT.items()}))")
+    sides = json.loads(bench("-c", code))
+
+    def hooks(text: str) -> list[str]:
+        """The parameters holding a check_policy_service entry."""
+        found, current = [], ""
+        for line in text.splitlines():
+            if line[:1].strip() and not line.startswith("#"):
+                current = line.split("=", 1)[0].strip()
+            if "check_policy_service" in line:
+                found.append(current)
+        return found
+
+    both = ["smtpd_recipient_restrictions", "smtpd_end_of_data_restrictions"]
+    assert hooks(generated) == both
+    assert sides["mqpolicy+milter"].strip() == generated.strip()
+    assert hooks(sides["rcpt-hook+milter"]) == ["smtpd_recipient_restrictions"]
+    assert hooks(sides["milter-only"]) == []
+    for text in sides.values():  # everything else as generated: the milter, its settings
+        rest = [line for line in text.splitlines() if "check_policy_service" not in line]
+        assert rest == [line for line in generated.splitlines()
+                        if "check_policy_service" not in line]
+        assert "smtpd_milters = unix:mqpolicy/milter.sock" in text
