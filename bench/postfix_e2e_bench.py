@@ -666,6 +666,12 @@ def print_round_segment(r: Segment) -> None:
           f"{100 * r.machine_busy:3.0f}% busy, load {r.load1:.1f}", flush=True)
 
 
+def segment_json(r: Segment) -> dict[str, Any]:
+    """A segment for ``--json``: its figures, not each message's latency."""
+    return ({k: v for k, v in asdict(r).items() if not k.endswith("_latencies")}
+            | {"delivered_per_s": r.delivered_per_s, "accepted_per_s": r.accepted_per_s})
+
+
 def side_summary(mine: list[Segment]) -> dict[str, Any]:
     """One side over the whole run: all its messages over all its time, its latencies."""
     messages = sum(r.messages for r in mine)
@@ -720,10 +726,7 @@ def summarise_rounds(args: argparse.Namespace, segments: list[Segment],
     summary["target_met"] = summary["ratio_overall"] >= 0.9
     summary["ratio_to_floor"] = {mode: rate[mode] / rate[floor] for mode in sides}
     if args.json:
-        summary["segments"] = [
-            {k: v for k, v in asdict(r).items() if not k.endswith("_latencies")}
-            | {"delivered_per_s": r.delivered_per_s, "accepted_per_s": r.accepted_per_s}
-            for r in segments]
+        summary["segments"] = [segment_json(r) for r in segments]
         print(json.dumps(summary, indent=2))
         return 0
     print(f"\n{args.pairs} rounds of {args.messages}-message segments per side, "
@@ -870,9 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["policy_server_cpu_wait_ms_per_message"] = wait_ms
     summary["target_met"] = ratio >= 0.9
     if args.json:
-        summary["segments"] = [asdict(r) | {"delivered_per_s": r.delivered_per_s,
-                                            "accepted_per_s": r.accepted_per_s}
-                               for r in segments]
+        summary["segments"] = [segment_json(r) for r in segments]
         print(json.dumps(summary, indent=2))
     else:
         print(f"\n{args.pairs} pairs of {args.messages}-message segments, {args.sessions} parallel "
