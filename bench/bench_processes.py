@@ -79,6 +79,35 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def _stat_fields(path: str) -> list[str]:
+    """The fields of a ``/proc/.../stat`` file after the command name (state first)."""
+    with open(path) as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def reaped_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of the children ``pid`` has waited for (``cutime`` +
+    ``cstime``; 0 if gone): with :func:`cpu_seconds`, all the time of a master that
+    starts and reaps workers (Postfix's master: smtpd and cleanup exit after max_use)."""
+    try:
+        fields = _stat_fields(f"/proc/{pid}/stat")
+    except OSError:
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of the main thread of ``pid`` alone (0 if gone): in ``mqpolicy
+    serve``, the event loop (the policy server); its other threads are libmilter's (the
+    milter's callbacks) and the log writer."""
+    try:
+        fields = _stat_fields(f"/proc/{pid}/task/{pid}/stat")
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM by PID, wait, then SIGKILL."""
     if proc.poll() is not None:

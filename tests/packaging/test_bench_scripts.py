@@ -6,6 +6,7 @@ job, not the tests'."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from mqpolicy.postfix.programs import POSTFIX
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 NUMBER = r"\d+\.\d"
@@ -112,3 +115,94 @@ def test_the_load_generator_paces_to_the_rate_asked_for() -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def run_bounded(argv: list[str], timeout_s: float) -> str:
+    """Run a bench script that starts processes of its own; past ``timeout_s`` it gets
+    SIGTERM (it unwinds and stops everything it started, by PID), never SIGKILL first."""
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=BENCH.parent)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"{argv[0]} ran past {timeout_s} s:\n{err}")
+    assert proc.returncode == 0, err
+    return out
+
+
+@pytest.mark.e2e
+def test_the_postfix_bench_compares_the_wiring_with_a_do_nothing_milter() -> None:
+    """``postfix_e2e_bench.py --compare milter-floor``: three private Postfix instances
+    (alone, with a do-nothing milter, with both policy hooks and the milter) driven in
+    rounds that start one side later each time; each side's whole-run throughput is all
+    its messages over all its time. The bench itself fails when the policy server or the
+    milter did not decide every message."""
+    if not os.access(POSTFIX.path, os.X_OK):
+        pytest.skip(f"{POSTFIX.path} not installed")
+    if os.geteuid() != 0:
+        pytest.skip("a private Postfix instance needs root")
+    out = run_bounded([str(BENCH / "postfix_e2e_bench.py"), "--compare", "milter-floor",
+                       "--pairs", "2", "--messages", "24", "--warmup", "8", "--json"], 600)
+    result = json.loads(out)
+    sides = ("postfix", "floor", "mqpolicy+milter")
+    assert [s["mode"] for s in result["segments"]] == [
+        "postfix", "floor", "mqpolicy+milter", "floor", "mqpolicy+milter", "postfix"]
+    assert [s["pair"] for s in result["segments"]] == [1, 1, 1, 2, 2, 2]
+    for mode in sides:
+        side = result[mode]
+        mine = [s for s in result["segments"] if s["mode"] == mode]
+        assert side["messages"] == 48 and side["refused"] == 0, side
+        assert side["seconds"] == pytest.approx(sum(s["deliver_s"] for s in mine))
+        assert side["delivered_per_s"] == pytest.approx(48 / side["seconds"])
+        for latencies in (side["accept_ms"], side["deliver_ms"]):
+            assert 0 < latencies["p50"] <= latencies["p90"] <= latencies["p99"], side
+        # Postfix consulted the milter (the floor) and mqpolicy serve on every message
+        assert (side["beside_cpu_ms_per_message"] > 0) == (mode != "postfix"), side
+    rates = {mode: result[mode]["delivered_per_s"] for mode in sides}
+    assert result["ratio_overall"] == pytest.approx(rates["mqpolicy+milter"] / rates["floor"])
+    assert result["ratio_floor_to_postfix"] == pytest.approx(rates["floor"] / rates["postfix"])
+    assert result["target_met"] == (result["ratio_overall"] >= 0.9)
+    assert len(result["loadavg_before"]) == len(result["loadavg_after"]) == 3
+
+
+def test_the_postfix_bench_leaves_out_only_the_policy_hooks_a_side_names(tmp_path: Path) -> None:
+    """``--also milter-only`` and ``rcpt-hook+milter`` are postfix-config's output for a
+    policy with a milter minus the named ``check_policy_service`` hooks, nothing else."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text('listen: ["unix:/var/spool/postfix/mqpolicy/policy.sock"]\n'
+                      "milter:\n  listen: unix:/var/spool/postfix/mqpolicy/milter.sock\n"
+                      "lanes:\n  - name: normal\n  - name: bulk\n    transport: mq-bulk\n"
+                      "default_lane: normal\n")
+    generated = subprocess.run(
+        [sys.executable, "-m", "mqpolicy", "postfix-config", "-c", str(policy), "--milter",
+         "unix:/var/spool/postfix/mqpolicy/milter.sock", "--queue-directory",
+         "/var/spool/postfix", "--relayhost", "", "--section", "main.cf"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    code = ("import json, sys; sys.path.insert(0, 'bench'); import postfix_e2e_bench as b; "
+            f"text = {generated!r}; "
+            "print(json.dumps({side: b.without_policy_hooks(text, hooks) "
+            "for side, hooks in b.HOOKS_LEFT_OUT.items()}))")
+    sides = json.loads(bench("-c", code))
+
+    def hooks(text: str) -> list[str]:
+        """The parameters holding a check_policy_service entry."""
+        found, current = [], ""
+        for line in text.splitlines():
+            if line[:1].strip() and not line.startswith("#"):
+                current = line.split("=", 1)[0].strip()
+            if "check_policy_service" in line:
+                found.append(current)
+        return found
+
+    both = ["smtpd_recipient_restrictions", "smtpd_end_of_data_restrictions"]
+    assert hooks(generated) == both
+    assert sides["mqpolicy+milter"].strip() == generated.strip()
+    assert hooks(sides["rcpt-hook+milter"]) == ["smtpd_recipient_restrictions"]
+    assert hooks(sides["milter-only"]) == []
+    for text in sides.values():  # everything else as generated: the milter, its settings
+        rest = [line for line in text.splitlines() if "check_policy_service" not in line]
+        assert rest == [line for line in generated.splitlines()
+                        if "check_policy_service" not in line]
+        assert "smtpd_milters = unix:mqpolicy/milter.sock" in text
