@@ -27,7 +27,15 @@ from typing import NamedTuple
 
 from mqpolicy.policy.backoff import scale_budget
 from mqpolicy.policy.keys import escape_key_part, escape_surrogates, readable_key
-from mqpolicy.policy.model import ActionKind, Count, Lane, Limit, Policy, StoreErrorMode
+from mqpolicy.policy.model import (
+    ActionKind,
+    Count,
+    Lane,
+    Limit,
+    Oversize,
+    Policy,
+    StoreErrorMode,
+)
 from mqpolicy.policy.request import (
     STAGE_END_OF_MESSAGE,
     STAGE_RCPT,
@@ -108,6 +116,7 @@ class Verdict(NamedTuple):
     deciding: str | None = None  # name of the limit that decided, or "lane:<name>"
     store_error: bool = False
     duplicate: bool = False
+    oversize: bool = False  # the deciding limit's cost exceeds its burst: it never fits
 
     @property
     def demoted(self) -> bool:
@@ -272,7 +281,12 @@ def _counted(p: PlannedLimit) -> str:
 
 def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: int,
           remaining: int) -> str:
-    retry = "later" if retry_ms == NEVER else str(max(1, -(-retry_ms // 1000)))
+    if retry_ms > 0:
+        retry = str(max(1, -(-retry_ms // 1000)))
+    else:  # no retry time: "try again in {retry_after}s" says "try again later"
+        retry = "later"
+        template = (template.replace("in {retry_after}s", "{retry_after}")
+                    .replace("{retry_after}s", "{retry_after}"))
     return template.format(
         limit=limit.name if limit else "",
         key=readable_key(key),
@@ -290,7 +304,7 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
         return _store_failed(plan, policy)
 
     outcomes: list[LimitOutcome] = []
-    worst: tuple[int, int, PlannedLimit, BudgetResult] | None = None
+    worst: tuple[int, int, PlannedLimit, BudgetResult, ActionKind, bool] | None = None
     lane = classified
     duplicate = evaluation.duplicate
     may_spend = evaluation.committed and not duplicate
@@ -317,21 +331,30 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
             if target.priority > lane.priority:
                 lane = target
             continue
-        retry = result.retry_after_ms if result.retry_after_ms != NEVER else 1 << 62
-        rank = (_SEVERITY[limit.action], retry, planned, result)
+        kind = limit.action
+        never = result.retry_after_ms == NEVER
+        if never and kind is not ActionKind.REJECT:  # can never fit: no 4xx loop
+            kind = ActionKind.REJECT if limit.oversize is Oversize.REJECT else ActionKind.HOLD
+        rank = (_SEVERITY[kind], 1 << 62 if never else result.retry_after_ms, planned, result,
+                kind, never)
         if worst is None or rank[:2] > worst[:2]:
             worst = rank
 
     limits = tuple(outcomes)
     if worst is not None:
-        _, _, planned, result = worst
+        _, _, planned, result, kind, never = worst
         limit = planned.limit
-        action = Action(limit.action.value)
-        default: str = getattr(policy.messages, action.value)  # messages.defer, .hold, .reject
-        text = _fill(limit.message or default, limit, planned.key, lane,
-                     result.retry_after_ms, result.remaining)
+        action = Action(kind.value)
+        oversize = never and limit.action is not ActionKind.REJECT
+        if oversize and action is Action.REJECT:
+            text = oversize_text(limit, planned.check)
+        else:
+            default: str = getattr(policy.messages, action.value)  # messages.defer, ...
+            text = _fill(limit.message or default, limit, planned.key, lane,
+                         result.retry_after_ms, result.remaining)
         return Verdict(action, lane, classified, plan.rule, text, result.retry_after_ms,
-                       limits, deciding=limit.name, duplicate=evaluation.duplicate)
+                       limits, deciding=limit.name, duplicate=evaluation.duplicate,
+                       oversize=oversize)
     waiting = lane.name in plan.waiting_lanes and lane.priority > 0  # never the highest lane
     if waiting or lane.hold:
         # messages.hold names a limit; here none held the message: name what did
@@ -340,7 +363,13 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
                        deciding="load" if waiting else f"lane:{lane.name}",
                        duplicate=evaluation.duplicate)
     return _new(Verdict, (Action.ACCEPT, lane, classified, plan.rule, "", 0, limits, None,
-                          False, evaluation.duplicate))
+                          False, evaluation.duplicate, False))
+
+
+def oversize_text(limit: Limit, check: BudgetCheck) -> str:
+    """The permanent refusal of a message larger than a limit's burst."""
+    return (f"message exceeds limit {limit.name}: {check.cost} {limit.count.value}, "
+            f"at most {check.burst} at once")
 
 
 def _store_failed(plan: Plan, policy: Policy) -> Verdict:

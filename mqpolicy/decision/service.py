@@ -133,16 +133,17 @@ class DecisionService:
         self.policy = policy
 
     async def decide(self, request: Request, *, consume: bool = True,
-                     account: bool = True) -> Verdict:
+                     account: bool = True, logged: bool = True) -> Verdict:
         """The verdict on ``request``; ``consume=False`` spends nothing. ``account=False``
         (``explain``: someone asks, no mail waits): neither counted in the stats nor logged
-        as a decision."""
+        as a decision. ``logged=False``: counted, and logged by the caller (the milter
+        logs the action it took)."""
         if consume and account and self._evaluate_now is not None:
-            verdict = self.decide_now(request)
+            verdict = self.decide_now(request, logged=logged)
             if verdict is not None:
                 return verdict
         policy = self.policy
-        steps = self._steps(request, policy, consume, account)
+        steps = self._steps(request, policy, consume, account, logged)
         step = next(steps)
         if type(step) is _Destination:
             step = steps.send(await self.destination_of(step.domain, policy))
@@ -151,14 +152,14 @@ class DecisionService:
             step = steps.send(await self._evaluate(step, timeout_ms))
         return _verdict(steps, step)
 
-    def decide_now(self, request: Request) -> Verdict | None:
+    def decide_now(self, request: Request, *, logged: bool = True) -> Verdict | None:
         """The decision, made synchronously, when it needs no I/O: an in-process store
         and a destination found without DNS. None: use :meth:`decide`. Any thread."""
         evaluate_now = self._evaluate_now
         if evaluate_now is None:
             return None
         policy = self.policy
-        steps = self._steps(request, policy, True, True)
+        steps = self._steps(request, policy, True, True, logged)
         step = next(steps)
         if type(step) is _Destination:
             destination = self._destinations.find_now(step.domain, policy.destinations)
@@ -176,7 +177,8 @@ class DecisionService:
             step = steps.send(evaluation)
         return _verdict(steps, step)
 
-    def _steps(self, request: Request, policy: Policy, consume: bool, account: bool) -> _Steps:
+    def _steps(self, request: Request, policy: Policy, consume: bool, account: bool,
+               logged: bool = True) -> _Steps:
         """A decision, from the request to the verdict, whichever way its I/O is done: the
         one sequence :meth:`decide_now` and :meth:`decide` drive.
 
@@ -199,7 +201,8 @@ class DecisionService:
             store_ns = perf_counter_ns() - store_started
         verdict = decide(plan, evaluation, policy)
         if account:
-            self._account(plan.request, verdict, perf_counter_ns() - started, store_ns)
+            self._account(plan.request, verdict, perf_counter_ns() - started, store_ns,
+                          logged)
         yield verdict
 
     async def destination_of(self, domain: str, policy: Policy | None = None) -> str:
@@ -235,7 +238,7 @@ class DecisionService:
                               extra={"fields": {"error": why, "suppressed": suppressed}})
 
     def _account(self, request: Request, verdict: Verdict, decision_ns: int,
-                 store_ns: int | None) -> None:
+                 store_ns: int | None, logged: bool = True) -> None:
         stats = self.stats
         spoke = False  # a limit found spent
         with self.stats_lock:
@@ -258,7 +261,7 @@ class DecisionService:
             and request.stage != STAGE_END_OF_MESSAGE
         )
         level = logging.DEBUG if quiet else logging.INFO
-        if log.isEnabledFor(level):
+        if logged and log.isEnabledFor(level):
             log.log(level, "decision", extra={"fields": decision_fields(request, verdict)})
 
 
@@ -290,6 +293,8 @@ def decision_fields(request: Request, verdict: Verdict) -> dict[str, object]:
         fields["by"] = verdict.deciding
     if verdict.retry_after_ms > 0:
         fields["retry_after_s"] = round(verdict.retry_after_ms / 1000, 1)
+    if verdict.oversize:
+        fields["reason"] = "oversize"
     if verdict.store_error:
         fields["store_error"] = "yes"
     if verdict.duplicate:

@@ -54,7 +54,7 @@ import Milter
 from mqpolicy.daemon.structured_log import connection_id_var, queue_id_var
 from mqpolicy.decision.engine import Action, Verdict, classify
 from mqpolicy.decision.hold_terms import held_until, unspent_budgets
-from mqpolicy.decision.service import wall_clock_ms
+from mqpolicy.decision.service import decision_fields, wall_clock_ms
 from mqpolicy.milter.gateway import DecisionGateway, DecisionUnavailable
 from mqpolicy.milter.scheduled_delivery import SCHEDULE_HEADERS, requested_time, schedule_hold_text
 from mqpolicy.policy.model import ErrorAction, Lane, RcptLimits
@@ -64,6 +64,7 @@ from mqpolicy.store.hold_records import HoldRecord, hold_destinations
 __all__ = ["PolicyMilter"]
 
 log = logging.getLogger("mqpolicy.milter")
+decision_log = logging.getLogger("mqpolicy.decision")  # the decisions' line, as the service's
 
 # Bounds on what one message may make the milter keep (the MTA bounds the rest).
 MAX_HEADER_VALUE = 8192  # characters of one header value kept for classification
@@ -128,6 +129,8 @@ class _Message:
     hold: Verdict | None = None  # a hold decided at RCPT, applied at the end
     demoted_to: Lane | None = None  # the lowest lane a RCPT decision demoted to
     failed: str = ""  # a callback without a reply failed: apply on_error at the next reply
+    # the end-of-message decision, logged once its action is taken (see PolicyMilter.eom)
+    decided: tuple[Request, Verdict] | None = None
     # header changes and the quarantine, sent last (see PolicyMilter._send_changes):
     # (kind, header name, index, value or reason), kind "change" or "quarantine"
     changes: list[tuple[str, str, int, str]] = field(default_factory=list)
@@ -343,7 +346,10 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             except Exception as exc:
                 self.gateway.failed(STAGE_END_OF_MESSAGE, f"{type(exc).__name__}: {exc}", exc)
                 rc = self._on_error(msg)
-            return self._send_changes(msg, rc)
+            rc = self._send_changes(msg, rc)
+            if msg.decided is not None:
+                self._log_decision(msg, rc)
+            return rc
         finally:
             self._end()  # after the changes: a drain waits for them too
 
@@ -378,9 +384,10 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             return self._refuse(msg.refusal)
         request = self._request(msg, STAGE_END_OF_MESSAGE)
         try:
-            verdict = self.gateway.decide(request)
+            verdict = self.gateway.decide(request, logged=False)
         except DecisionUnavailable:
             return self._on_error(msg, request)
+        msg.decided = (request, verdict)
         action = verdict.action
         if action in (Action.DEFER, Action.REJECT):
             return self._refuse(verdict)
@@ -420,6 +427,25 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         # the reason is kept as given (Sendmail lists it with -bp -qQ): no '%' doubling
         msg.changes.append(("quarantine", "", 0, _one_line(text or "held by mqpolicy")))
         return CONTINUE
+
+    @staticmethod
+    def _log_decision(msg: _Message, rc: int) -> None:
+        """The end-of-message decision's log line, with the action taken: ``hold`` when
+        the message is quarantined (a limit, a lane, a RCPT hold or a schedule),
+        ``defer`` or ``reject`` when refused, else ``accept``."""
+        assert msg.decided is not None
+        request, verdict = msg.decided
+        if rc == TEMPFAIL:
+            taken = "defer"
+        elif rc == REJECT:
+            taken = "reject"
+        elif any(kind == "quarantine" for kind, _, _, _ in msg.changes):
+            taken = "hold"
+        else:
+            taken = "accept"
+        fields = decision_fields(request, verdict)
+        fields["action"] = taken
+        decision_log.info("decision", extra={"fields": fields})
 
     def _scheduled(self, msg: _Message, request: Request, now: int) -> tuple[int, str]:
         """(not-before time, the header that asked) when the message asked for a later

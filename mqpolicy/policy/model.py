@@ -35,6 +35,14 @@ class StoreErrorMode(Enum):
     DEFER = "defer"
 
 
+class Oversize(Enum):
+    """What a blocking limit (defer, hold) does with a message that can never fit: its
+    cost is larger than the limit's burst, so retrying cannot help."""
+
+    REJECT = "reject"  # 550 5.7.1 message exceeds limit NAME: ...
+    HOLD = "hold"  # the hold queue; released when the budget is full, spending the burst
+
+
 @dataclass(frozen=True, slots=True)
 class PostfixDelivery:
     """Postfix's queue manager settings for a lane's or a destination's transport
@@ -94,6 +102,7 @@ class Limit:
     on_store_error: StoreErrorMode
     destination: str | None = None  # the destination this limit budgets (backoff scales it)
     needs_headers: bool = False  # when/except look at headers: the milter's limit only
+    oversize: Oversize = Oversize.REJECT  # a message whose cost exceeds the burst
     # Derived once at load (decisions read them on every request):
     recipient_keyed: bool = field(init=False)
     blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
