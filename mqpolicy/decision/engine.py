@@ -75,6 +75,9 @@ class Plan(NamedTuple):
     limits: tuple[PlannedLimit, ...]
     once_key: str | None
     waiting_lanes: frozenset[str] = frozenset()  # lanes that wait for the MTA's queues
+    # the policy server's END-OF-MESSAGE decision in wiring B: it spends nothing and
+    # refuses only when sure (see make_plan); the milter decides lane, holds and spends
+    checks_only: bool = False
 
 
 class RuntimeState(NamedTuple):
@@ -229,10 +232,15 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         if budget is not None and (budget.lanes is None or lane.name in budget.lanes):
             limits = (*limits, budget)
     no_headers = request.headers is None
+    # Wiring B: the milter spends at its end of message, in the final lane; here only the
+    # limits that apply whatever the headers and the final lane say are checked.
+    checks_only = at_end and no_headers and policy.end_checks_only
     size = request.size
     for limit in limits:
         if no_headers and limit.needs_headers:
             continue  # the milter, which sees the headers, applies this limit
+        if checks_only and limit.lanes is not None:
+            continue  # the final lane is the milter's to know
         when = limit.when
         if when is not None and not when(request):
             continue
@@ -247,7 +255,7 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
             consume = spend_recipients
         elif at_end:
             cost = _message_cost(limit, request)
-            consume = True
+            consume = not checks_only
         else:
             cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
             consume = False
@@ -261,8 +269,9 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         check = _new(BudgetCheck, (bucket, limit.refill, unit, burst, cost, consume,
                                    limit.blocking))
         planned.append(_new(PlannedLimit, (limit, key, check, consume)))
-    once = once_key_for(request) if at_end and planned else None
-    return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes))
+    once = once_key_for(request) if at_end and planned and not checks_only else None
+    return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes,
+                       checks_only))
 
 
 _new = tuple.__new__
@@ -335,6 +344,8 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
         never = result.retry_after_ms == NEVER
         if never and kind is not ActionKind.REJECT:  # can never fit: no 4xx loop
             kind = ActionKind.REJECT if limit.oversize is Oversize.REJECT else ActionKind.HOLD
+        if plan.checks_only and kind is ActionKind.HOLD:
+            continue  # holding is the milter's: it writes the record and quarantines
         rank = (_SEVERITY[kind], 1 << 62 if never else result.retry_after_ms, planned, result,
                 kind, never)
         if worst is None or rank[:2] > worst[:2]:
@@ -356,7 +367,7 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
                        limits, deciding=limit.name, duplicate=evaluation.duplicate,
                        oversize=oversize)
     waiting = lane.name in plan.waiting_lanes and lane.priority > 0  # never the highest lane
-    if waiting or lane.hold:
+    if (waiting or lane.hold) and not plan.checks_only:
         # messages.hold names a limit; here none held the message: name what did
         text = (LOAD_HOLD_TEXT if waiting else LANE_HOLD_TEXT).format(lane=lane.name)
         return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,

@@ -127,9 +127,12 @@ class PostfixPolicyHandler:
 
     def _answer(self, request: Request, verdict: Verdict) -> str | Awaitable[str]:
         records = self.records
+        at_end = request.stage == STAGE_END_OF_MESSAGE
         if records is None:
+            if at_end and verdict.action is Action.ACCEPT and self.service.policy.end_checks_only:
+                return "DUNNO"  # wiring B: the milter gives the lane
             return postfix_action(verdict)
-        if request.stage != STAGE_END_OF_MESSAGE:
+        if not at_end:
             return self._before_end(request, verdict)
         return self._at_end(request, verdict, records)
 
@@ -157,6 +160,8 @@ class PostfixPolicyHandler:
         hold = verdict if verdict.action is Action.HOLD else (
             pending.verdict if pending is not None else None)
         if hold is None:
+            if self.service.policy.end_checks_only:
+                return "DUNNO"  # wiring B: the milter gives the lane (and holds)
             return postfix_action(verdict)
         if not request.queue_id:
             log.error("hold without a queue id: held without a record",

@@ -349,6 +349,9 @@ class Policy:
     # or at the HELO name (a condition or a key): the milter skips what none does.
     uses_size: bool = field(init=False)
     uses_helo: bool = field(init=False)
+    # Wiring B (both policy hooks and the milter, the milter spending at its end of
+    # message): the policy server's END-OF-MESSAGE decision only checks.
+    end_checks_only: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
@@ -366,6 +369,8 @@ class Policy:
         keys = self.condition_keys
         object.__setattr__(self, "uses_size", keys is None or "size" in keys or any(
             x.count is Count.BYTES for x in self.limits))
+        object.__setattr__(self, "end_checks_only", self.milter is not None
+                           and self.milter.rcpt_limits is RcptLimits.POLICY_SERVER)
         object.__setattr__(self, "uses_helo", keys is None or "helo_name" in keys or any(
             part.name == "helo_name" for x in self.limits for part in x.key))
 

@@ -11,6 +11,7 @@ import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 import pytest
 
 from mqpolicy.decision.service import DecisionService
+from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.milter.gateway import DecisionGateway
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.store.memory import MemoryStore
@@ -77,3 +78,145 @@ def test_log_line_says_reject_for_mail_that_can_never_fit(
     [line] = decision_lines(caplog)
     assert line["action"] == "reject"
     assert line["reason"] == "oversize"
+
+
+# ---------------------------------------------------------------- wiring B
+
+B_MILTER = """\
+milter:
+  listen: unix:/tmp/unused.sock
+  rcpt_limits: policy_server
+classify:
+  - name: lists
+    when: {bulk_signals: true}
+    lane: bulk
+"""
+
+
+class WiringB:
+    """Postfix's order in wiring B: the policy server's RCPT and END-OF-MESSAGE requests,
+    then the milter's callbacks for the same message (same queue id)."""
+
+    def __init__(self, loop: Loop, limits: str) -> None:
+        self.loop = loop
+        # a budget nobody exhausts, so that every END-OF-MESSAGE decision has a limit
+        everyone = "  - {name: everyone, rate: 1000/1h, key: client_address}\n"
+        self.gateway = gateway(loop, B_MILTER + textwrap.dedent(limits) + everyone)
+        self.handler = PostfixPolicyHandler(self.gateway.service)
+        self.session = Session(self.gateway)
+        self.session.connect()
+        self.count = 0
+
+    def send(self, recipients: list[str], headers: list[tuple[str, str]] | None = None,
+             sender: str = "a@example.com") -> tuple[str, int | None]:
+        """(the policy server's refusal at RCPT, else its END-OF-MESSAGE answer; the
+        milter's eom answer, None when Postfix refused the message before it)."""
+        self.count += 1
+        qid, instance = f"QB{self.count}", f"i.{self.count}"
+        common = {"request": "smtpd_access_policy", "sender": sender, "instance": instance,
+                  "client_address": "192.0.2.10"}
+        for i, rcpt in enumerate(recipients):
+            answer = self.loop.run(self.handler.handle(
+                {**common, "protocol_state": "RCPT", "recipient": rcpt,
+                 "queue_id": qid if i else ""}))
+            if answer != "DUNNO" and not answer.startswith("FILTER"):
+                return answer, None  # the one recipient refused: the message has none
+        end = self.loop.run(self.handler.handle(
+            {**common, "protocol_state": "END-OF-MESSAGE", "queue_id": qid,
+             "recipient_count": str(len(recipients)),
+             **({"recipient": recipients[0]} if len(recipients) == 1 else {})}))
+        if end != "DUNNO" and not end.startswith("FILTER") and not end.startswith("HOLD"):
+            return end, None
+        return end, self.session.message(sender, recipients, headers or [], queue_id=qid)
+
+
+def test_b_header_limit_counts_at_the_milter(loop: Loop) -> None:
+    b = WiringB(loop, """\
+        limits:
+          - name: urgent-cap
+            rate: 1/1h
+            key: sender
+            when: {header: {name: Subject, regex: urgent}}
+        """)
+    answers = [b.send(["x@d.example"], [("Subject", "urgent")]) for _ in range(3)]
+    assert answers == [("DUNNO", Milter.CONTINUE), ("DUNNO", Milter.TEMPFAIL),
+                       ("DUNNO", Milter.TEMPFAIL)]
+
+
+def test_b_lane_scoped_limit_counts_in_the_lane_the_message_leaves_in(loop: Loop) -> None:
+    b = WiringB(loop, """\
+        limits:
+          - name: normal-recipients
+            rate: 10/1h
+            key: sender
+            count: recipients
+            lanes: [normal]
+        """)
+    newsletter = [f"r{i}@d.example" for i in range(10)]
+    assert b.send(newsletter, [("List-Id", "<news.example>")]) == ("DUNNO", Milter.CONTINUE)
+    assert b.session.ctx.lanes()[-1] == "bulk"
+    # the newsletter left through bulk: the normal lane's budget is whole
+    assert b.send(newsletter) == ("DUNNO", Milter.CONTINUE)
+    assert b.session.ctx.lanes()[-1] == "normal"
+    end, milter = b.send(["one@d.example"])  # refused at RCPT already: checked there
+    assert end.startswith("450 4.7.1 ") and milter is None
+
+
+def test_b_lane_scoped_hold_limit_holds_at_the_milter(loop: Loop) -> None:
+    b = WiringB(loop, """\
+        limits:
+          - name: bulk-recipients
+            rate: 20/1h
+            key: sender
+            count: recipients
+            lanes: [bulk]
+            action: hold
+        """)
+    bulk = [("Precedence", "list")]
+    assert b.send([f"r{i}@d.example" for i in range(15)], bulk) == ("DUNNO", Milter.CONTINUE)
+    assert b.session.ctx.quarantined == []
+    assert b.send([f"s{i}@d.example" for i in range(15)], bulk) == ("DUNNO", Milter.CONTINUE)
+    assert b.session.ctx.quarantined == ["held by mqpolicy limit bulk-recipients"]
+
+
+def test_b_policy_server_refuses_when_sure_and_spends_nothing(loop: Loop) -> None:
+    b = WiringB(loop, """\
+        limits:
+          - name: per-sender
+            rate: 2/1h
+            key: sender
+        """)
+    assert b.send(["x@d.example"]) == ("DUNNO", Milter.CONTINUE)
+    assert b.send(["x@d.example"]) == ("DUNNO", Milter.CONTINUE)  # not a duplicate
+    end, milter = b.send(["x@d.example"])
+    assert end.startswith("450 4.7.1 ") and milter is None  # spent: 2 of 2, by the milter
+
+
+def test_b_policy_server_end_of_message_checks_without_spending(loop: Loop) -> None:
+    """A message whose recipients fit one by one at RCPT but not together: the policy
+    server's END-OF-MESSAGE refuses it (sure: the limit applies in every lane) and spends
+    nothing, so a smaller message fits after it."""
+    b = WiringB(loop, """\
+        limits:
+          - name: per-sender
+            rate: 5/1h
+            key: sender
+            count: recipients
+        """)
+    assert b.send([f"r{i}@d.example" for i in range(3)]) == ("DUNNO", Milter.CONTINUE)
+    end, milter = b.send([f"s{i}@d.example" for i in range(3)])
+    assert end.startswith("450 4.7.1 ") and milter is None
+    assert b.send([f"t{i}@d.example" for i in range(2)]) == ("DUNNO", Milter.CONTINUE)
+
+
+def test_b_message_that_can_never_fit_is_rejected_by_the_policy_server(loop: Loop) -> None:
+    b = WiringB(loop, """\
+        limits:
+          - name: per-sender
+            rate: 5/1h
+            key: sender
+            count: recipients
+        """)
+    end, milter = b.send([f"r{i}@d.example" for i in range(6)])
+    assert end == "550 5.7.1 message exceeds limit per-sender: 6 recipients, at most 5 at once"
+    assert milter is None
