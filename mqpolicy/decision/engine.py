@@ -78,6 +78,8 @@ class Plan(NamedTuple):
     # the policy server's END-OF-MESSAGE decision in wiring B: it spends nothing and
     # refuses only when sure (see make_plan); the milter decides lane, holds and spends
     checks_only: bool = False
+    # the message's ledger, where a RCPT decision's spends are recorded for a give-back
+    ledger_key: str | None = None
 
 
 class RuntimeState(NamedTuple):
@@ -166,6 +168,13 @@ def bounded_key(key: str) -> str:
     if len(key) <= _MAX_KEY_LENGTH:
         return key
     return "%sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
+
+
+def ledger_key(message: str) -> str:
+    """The store key of a message's ledger (see :mod:`mqpolicy.store.budget`): ``message``
+    is ``i:<instance>`` (the policy server's, or the milter's own transaction id) or
+    ``q:<queue id>`` (where wiring B's policy server leaves it for the milter)."""
+    return f"spent:{bounded_key(escape_key_part(message))}"
 
 
 def once_key_for(request: Request) -> str | None:
@@ -270,8 +279,11 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
                                    limit.blocking))
         planned.append(_new(PlannedLimit, (limit, key, check, consume)))
     once = once_key_for(request) if at_end and planned and not checks_only else None
+    ledger = (ledger_key("i:" + request.instance)
+              if at_rcpt and request.instance and not releasing
+              and any(p.spends for p in planned) else None)
     return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes,
-                       checks_only))
+                       checks_only, ledger))
 
 
 _new = tuple.__new__

@@ -132,6 +132,22 @@ class DecisionGateway:
             raise DecisionUnavailable(str(exc)) from exc
         return verdict
 
+    def give_back(self, ledger: str) -> None:
+        """Give back a message's ledger (``DecisionService.give_back``): on this thread
+        with the memory store, else on the loop, waited for like a decision."""
+        if self.service.give_back_now(ledger) is not None:
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(self.service.give_back(ledger), self.loop)
+        except RuntimeError as exc:
+            self.failed(STAGE_END_OF_MESSAGE, f"give-back: loop unavailable: {exc}")
+            return
+        try:
+            future.result(timeout=self.settings.wait_s(self.service.policy.store.timeout_ms))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            self.failed(STAGE_END_OF_MESSAGE, "give-back: no answer in time")
+
     def put_record(self, record: HoldRecord) -> bool:
         """Write a hold record on the loop; False (logged) when it could not be written."""
         records = self.records
