@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from collections.abc import Callable
 
 import Milter
 import Milter.test  # makes @noreply callbacks answer CONTINUE under test
@@ -14,12 +15,15 @@ from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.milter.gateway import DecisionGateway
 from mqpolicy.policy.loader import parse_policy
+from mqpolicy.store.budget import CounterStore
 from mqpolicy.store.memory import MemoryStore
 from tests.support.lanes import LANES
 from tests.support.milter_session import Loop, Session
 
+CONTINUE = Milter.CONTINUE
 
-def gateway(loop: Loop, extra: str, store: MemoryStore | None = None) -> DecisionGateway:
+
+def gateway(loop: Loop, extra: str, store: CounterStore | None = None) -> DecisionGateway:
     policy = parse_policy(LANES + textwrap.dedent(extra))
     service = DecisionService(policy, store if store is not None else MemoryStore())
     assert policy.milter is not None
@@ -97,11 +101,11 @@ class WiringB:
     """Postfix's order in wiring B: the policy server's RCPT and END-OF-MESSAGE requests,
     then the milter's callbacks for the same message (same queue id)."""
 
-    def __init__(self, loop: Loop, limits: str) -> None:
+    def __init__(self, loop: Loop, limits: str, store: CounterStore | None = None) -> None:
         self.loop = loop
         # a budget nobody exhausts, so that every END-OF-MESSAGE decision has a limit
         everyone = "  - {name: everyone, rate: 1000/1h, key: client_address}\n"
-        self.gateway = gateway(loop, B_MILTER + textwrap.dedent(limits) + everyone)
+        self.gateway = gateway(loop, B_MILTER + textwrap.dedent(limits) + everyone, store)
         self.handler = PostfixPolicyHandler(self.gateway.service)
         self.session = Session(self.gateway)
         self.session.connect()
@@ -220,3 +224,73 @@ def test_b_message_that_can_never_fit_is_rejected_by_the_policy_server(loop: Loo
     end, milter = b.send([f"r{i}@d.example" for i in range(6)])
     assert end == "550 5.7.1 message exceeds limit per-sender: 6 recipients, at most 5 at once"
     assert milter is None
+
+
+# ---------------------------------------------------------------- give-backs
+
+GIVE_BACK_LIMITS = """\
+limits:
+  - name: per-domain
+    rate: 5/1h
+    key: recipient_domain
+  - name: urgent-cap
+    rate: 1/1h
+    key: sender
+    when: {header: {name: Subject, regex: urgent}}
+"""
+
+
+def test_b_milter_gives_back_the_policy_servers_rcpt_spends(
+        loop: Loop, each_store: Callable[[], CounterStore]) -> None:
+    store = each_store()
+    try:
+        b = WiringB(loop, GIVE_BACK_LIMITS, store)
+        urgent = [("Subject", "urgent")]
+        assert b.send(["0@d.example"], urgent) == ("DUNNO", Milter.CONTINUE)  # 1 of 5
+        # refused by the milter at its end of message, after the policy server's RCPT
+        # decisions spent 3 of the domain's budget: given back
+        assert b.send(["1@d.example", "2@d.example", "3@d.example"], urgent) == (
+            "DUNNO", Milter.TEMPFAIL)
+        for i in range(4):
+            assert b.send([f"r{i}@d.example"]) == ("DUNNO", Milter.CONTINUE)
+        end, milter = b.send(["late@d.example"])
+        assert end.startswith("450 4.7.1 ") and milter is None
+    finally:
+        loop.run(store.close())
+
+
+def test_m_milter_gives_back_its_own_rcpt_spends(loop: Loop) -> None:
+    s = Session(gateway(loop, "milter: {listen: unix:/tmp/unused.sock}\n"
+                        + GIVE_BACK_LIMITS))
+    s.connect()
+    urgent = [("Subject", "urgent")]
+    assert s.message("a@example.com", ["0@d.example"], urgent, queue_id="M0") == CONTINUE
+    rc = s.message("a@example.com", ["1@d.example", "2@d.example"], urgent, queue_id="M1")
+    assert rc == Milter.TEMPFAIL
+    for i in range(4):
+        assert s.message("a@example.com", [f"r{i}@d.example"], queue_id=f"M{i + 2}") == CONTINUE
+    s.mail("a@example.com")
+    assert s.rcpt("late@d.example") == Milter.TEMPFAIL
+
+
+def test_m_a_recipient_the_milter_refused_is_not_counted(loop: Loop) -> None:
+    s = Session(gateway(loop, """\
+        milter: {listen: unix:/tmp/unused.sock}
+        limits:
+          - name: per-domain
+            rate: 2/1h
+            key: recipient_domain
+          - name: per-sender
+            rate: 3/1h
+            key: sender
+            count: recipients
+        """))
+    s.connect()
+    s.mail("a@example.com")
+    assert s.rcpt("1@d.example") == CONTINUE
+    assert s.rcpt("2@d.example") == CONTINUE
+    assert s.rcpt("3@d.example") == Milter.TEMPFAIL  # the domain's 2 are spent
+    s.body(b"x\r\n")
+    assert s.eom() == CONTINUE  # 2 recipients: 2 of the sender's 3 spent, not 3
+    assert s.message("a@example.com", ["x@e.example"], queue_id="R2") == CONTINUE
+    assert s.message("a@example.com", ["y@e.example"], queue_id="R3") == Milter.TEMPFAIL
