@@ -269,14 +269,15 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         if budget is not None and (budget.lanes is None or lane.name in budget.lanes):
             limits = (*limits, budget)
     no_headers = request.headers is None
-    # Wiring B: the milter spends at its end of message, in the final lane; here only the
-    # limits that apply whatever the headers and the final lane say are checked.
-    checks_only = at_end and no_headers and policy.end_checks_only
+    # Wiring B: the milter spends at its end of message, in the final lane; before it only
+    # the limits that apply whatever the headers and the final lane say are checked.
+    lane_unsure = no_headers and policy.end_checks_only and not releasing
+    checks_only = at_end and lane_unsure
     size = request.size
     for limit in limits:
         if no_headers and limit.needs_headers:
             continue  # the milter, which sees the headers, applies this limit
-        if checks_only and limit.lanes is not None:
+        if lane_unsure and limit.lanes is not None and limit.destination is None:
             continue  # the final lane is the milter's to know
         if limit.spent_at_end:
             if at_rcpt and not releasing:
