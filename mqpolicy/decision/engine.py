@@ -9,12 +9,20 @@ A decision has two steps around one store round trip::
 Counting rules (see README "How counting works"):
 
 * recipient-keyed limits (recipient, recipient_domain, destination) are spent per
-  recipient at RCPT;
+  recipient at RCPT (the plan names the message's ledger, for a give-back); those with
+  lanes or header conditions at the end of the message instead, one unit per recipient,
+  in the final lane;
 * every other limit is only *checked* before END-OF-MESSAGE (so an exhausted sender is
   deferred at RCPT already) and spent once per message at END-OF-MESSAGE, where the final
   recipient count and size are known; a ``once_key`` (queue id, else instance) keeps a
   message from being counted twice when several front-ends see it;
-* a decision that defers, holds or rejects spends nothing (all-or-nothing in the store).
+* wiring B (``Policy.end_checks_only``): the policy server's END-OF-MESSAGE plan only
+  checks (``Plan.checks_only``: no spend, no once key, no hold, nothing lane-scoped) and
+  the milter spends;
+* a decision that defers, holds or rejects spends nothing (all-or-nothing in the store);
+  a cost larger than a blocking limit's burst never fits: ``oversize`` rejects or holds;
+* a possible demotion plans the target lane's limits, counted only if the demote check
+  fails (:func:`_with_demotion`).
 """
 
 from __future__ import annotations
