@@ -7,9 +7,17 @@ back from ONE atomic operation (one Lua call on Redis, one step under a lock in 
 * if any *blocking* check fails, nothing is spent (all-or-nothing);
 * otherwise every check with ``consume`` that passed is spent; a failing non-blocking
   check (monitor, demote) is simply not spent;
+* a check with ``after`` counts only when the check it names failed (or passed): a
+  demotion's target-lane limits count only if the demote check failed, the first lane's
+  only if it passed, in the same atomic step;
 * with a ``once_key``: if the key already exists, the message was already counted and
   nothing is tested or spent (``duplicate``); otherwise the key is set when the decision
-  commits, so the next front-end that sees the same message does not count it again.
+  commits, so the next front-end that sees the same message does not count it again;
+* with a ``ledger_key`` (a message's RCPT decisions): when the decision commits, what it
+  spent on each bucket (:class:`Spend`) is added to the message's *ledger*, in the same
+  atomic step, kept as long as a once key. A message refused or held at its end has its
+  ledger *given back* (:meth:`CounterStore.give_back`, :func:`given_back`): every budget
+  is then what it would be had the message never come (up to refill with time).
 
 The arithmetic: exact integers
 ------------------------------
@@ -95,6 +103,10 @@ class BudgetCheck(NamedTuple):
     cost: int
     consume: bool = True
     blocking: bool = True
+    # 0: always counted. k > 0: counted only if check k-1 of the same decision (1-based k)
+    # failed; k < 0: only if check -k-1 passed (a demotion: the target lane's limits, the
+    # first lane's). A check not counted is allowed, spends nothing and blocks nothing.
+    after: int = 0
 
     @property
     def interval_ms(self) -> float:
@@ -114,6 +126,34 @@ class Evaluation(NamedTuple):
     results: tuple[BudgetResult, ...]
     committed: bool
     duplicate: bool = False
+
+
+class Spend(NamedTuple):
+    """What one committed decision took from one bucket, as a message's *ledger* keeps it
+    for a give-back (:func:`given_back`): ``amount`` tokens added to the bucket's debt,
+    on top of a debt of ``backlog`` tokens, at the bucket's time ``at_ms``."""
+
+    key: str
+    amount: int
+    backlog: int
+    at_ms: int
+    refill: int
+
+
+def given_back(spend: Spend, bucket_time_ms: int) -> int:
+    """The tokens of ``spend`` a bucket still holds at ``bucket_time_ms``: a bucket refills
+    its oldest debt first, so refill since the spend paid the ``backlog`` before it, then
+    the spend. Lowering the bucket's debt by this much leaves the bucket as it would be
+    had the spend never been made (later spends stay, as they came after it)."""
+    elapsed = bucket_time_ms - spend.at_ms
+    if elapsed <= 0:
+        return spend.amount
+    if elapsed >= ceil_div(spend.amount + spend.backlog, spend.refill):
+        return 0
+    refilled = spend.refill * elapsed
+    if refilled <= spend.backlog:
+        return spend.amount
+    return spend.amount - (refilled - spend.backlog)
 
 
 class BucketState(NamedTuple):
@@ -167,23 +207,25 @@ def validate_decision(checks: Sequence[BudgetCheck], now_ms: int, once_ttl_ms: i
     """Reject arguments no bucket can hold or count exactly (both stores call this before
     any I/O): integers, ``0 < refill <= EXACT_LIMIT``, ``unit > 0``, ``burst >= 0``,
     ``burst * unit <= EXACT_LIMIT``, ``0 <= cost < 2**53``, ``0 <= now_ms < 2**53``,
-    ``0 < once_ttl_ms < 2**53``."""
+    ``0 < once_ttl_ms < 2**53``; a check's ``after`` names an earlier check."""
     if type(now_ms) is not int or not 0 <= now_ms < TIME_LIMIT:
         raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
     if type(once_ttl_ms) is not int or not 0 < once_ttl_ms < TIME_LIMIT:
         raise ValueError(f"once_ttl_ms must be a positive integer below 2**53: {once_ttl_ms!r}")
-    for check in checks:  # the test of evaluate_now, for every decision sent to Redis
-        _, refill, unit, burst, cost, _, _ = check
+    for i, check in enumerate(checks):  # the test of evaluate_now, for every decision to Redis
+        _, refill, unit, burst, cost, _, _, after = check
         if (type(refill) is not int or type(unit) is not int or type(burst) is not int
                 or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
                 or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
                 or not 0 <= cost < TIME_LIMIT):
             refuse_check(check)  # says what is wrong
+        if after and not 0 < abs(after) <= i:
+            raise ValueError(f"after must name an earlier check: {check!r}")
 
 
 def refuse_check(check: BudgetCheck) -> None:
     """Raise ValueError saying what is wrong with a check that failed the fast test."""
-    _, refill, unit, burst, cost, _, _ = check
+    _, refill, unit, burst, cost, _, _, _ = check
     if not all(type(x) is int for x in (refill, unit, burst, cost)):
         raise ValueError(f"refill, unit, burst and cost must be integers: {check!r}")
     if not 0 < refill <= EXACT_LIMIT or unit <= 0:
@@ -230,12 +272,25 @@ class CounterStore(Protocol):
         now_ms: int,
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+        ledger_key: str | None = None,
     ) -> Evaluation:
-        """Test and spend atomically, as described in this module's docstring."""
+        """Test and spend atomically, as described in this module's docstring; with a
+        ``ledger_key``, a committed decision's spends are added to that ledger (kept
+        ``once_ttl_ms``) in the same step."""
         ...
 
     async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
         """The stored state of each key (None when absent or expired)."""
+        ...
+
+    async def give_back(self, ledger_key: str, now_ms: int) -> int:
+        """Give back every spend the ledger ``ledger_key`` holds (:func:`given_back`) and
+        delete it, atomically for the ledger (two callers never both give one back);
+        how many spends were given back."""
+        ...
+
+    async def move_ledger(self, ledger_key: str, to_key: str) -> None:
+        """Keep the ledger ``ledger_key`` under ``to_key`` (nothing when there is none)."""
         ...
 
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:
@@ -257,9 +312,9 @@ class CounterStore(Protocol):
 @runtime_checkable
 class InProcessStore(CounterStore, Protocol):
     """A store that can answer without I/O (the memory store): when ``in_process`` is True
-    it cannot miss a deadline, and :meth:`evaluate_now` decides on the calling thread,
-    without a coroutine (a subclass that stands for a store behind a network says
-    False)."""
+    it cannot miss a deadline, and :meth:`evaluate_now` decides (:meth:`give_back_now`
+    gives a ledger back) on the calling thread, without a coroutine (a subclass that
+    stands for a store behind a network says False)."""
 
     @property
     def in_process(self) -> bool: ...
@@ -272,6 +327,10 @@ class InProcessStore(CounterStore, Protocol):
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
     ) -> Evaluation:
         """:meth:`CounterStore.evaluate`, answered at once on the calling thread."""
+        ...
+
+    def give_back_now(self, ledger_key: str, now_ms: int) -> int:
+        """:meth:`CounterStore.give_back`, answered at once on the calling thread."""
         ...
 
 

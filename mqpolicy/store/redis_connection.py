@@ -6,12 +6,15 @@ text."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import hiredis
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 
 def split_store_url(url: str, schemes: frozenset[str], forms: str) -> SplitResult:
@@ -112,6 +115,13 @@ class LuaScript:
     def load(cls, name: str) -> LuaScript:
         source = load_script(name)
         return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+
+    async def run(self, client: Redis, keys: Sequence[str], args: Sequence[int]) -> Any:
+        """``EVALSHA``, with ``EVAL`` when the server lost its script cache."""
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
 
 
 def glob_escape(text: str) -> str:
