@@ -322,7 +322,7 @@ def give_back(wiring: Wiring) -> None:
     all accepted, and the domain's budget is then spent exactly."""
     run = Run.of("giveback")
     sender = f"g@{run.tag}.cells.test"
-    big = "x" * 72 + "\n"
+    big = "x" * 72 + "\r\n"  # Sendmail refuses bare line feeds
     first = wiring.send(run.helo, sender, run.rcpts(1), run.subject("big-1"), body=big * 42)
     assert first.queued, first.replies()
     refused = wiring.send(run.helo, sender, run.rcpts(2, 1), run.subject("big-2"),
