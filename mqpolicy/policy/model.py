@@ -35,6 +35,14 @@ class StoreErrorMode(Enum):
     DEFER = "defer"
 
 
+class Oversize(Enum):
+    """What a blocking limit (defer, hold) does with a message that can never fit: its
+    cost is larger than the limit's burst, so retrying cannot help."""
+
+    REJECT = "reject"  # 550 5.7.1 message exceeds limit NAME: ...
+    HOLD = "hold"  # the hold queue; released when the budget is full, spending the burst
+
+
 @dataclass(frozen=True, slots=True)
 class PostfixDelivery:
     """Postfix's queue manager settings for a lane's or a destination's transport
@@ -94,6 +102,7 @@ class Limit:
     on_store_error: StoreErrorMode
     destination: str | None = None  # the destination this limit budgets (backoff scales it)
     needs_headers: bool = False  # when/except look at headers: the milter's limit only
+    oversize: Oversize = Oversize.REJECT  # a message whose cost exceeds the burst
     # Derived once at load (decisions read them on every request):
     recipient_keyed: bool = field(init=False)
     blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
@@ -340,6 +349,9 @@ class Policy:
     # or at the HELO name (a condition or a key): the milter skips what none does.
     uses_size: bool = field(init=False)
     uses_helo: bool = field(init=False)
+    # Wiring B (both policy hooks and the milter, the milter spending at its end of
+    # message): the policy server's END-OF-MESSAGE decision only checks.
+    end_checks_only: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
@@ -357,6 +369,8 @@ class Policy:
         keys = self.condition_keys
         object.__setattr__(self, "uses_size", keys is None or "size" in keys or any(
             x.count is Count.BYTES for x in self.limits))
+        object.__setattr__(self, "end_checks_only", self.milter is not None
+                           and self.milter.rcpt_limits is RcptLimits.POLICY_SERVER)
         object.__setattr__(self, "uses_helo", keys is None or "helo_name" in keys or any(
             part.name == "helo_name" for x in self.limits for part in x.key))
 

@@ -531,6 +531,14 @@ class ClusterStore(CoalescingStore):
         except _ERRORS as exc:
             raise StoreError(_describe(exc)) from exc
 
+    async def give_back(self, ledger_key: str, now_ms: int) -> int:
+        """The cluster store keeps no ledger (a message's buckets lie in many slots): a
+        message refused at its end keeps its RCPT spends, which refill with time."""
+        return 0
+
+    async def move_ledger(self, ledger_key: str, to_key: str) -> None:
+        return None
+
     async def ping(self) -> None:
         """Every node of the cluster answers."""
         try:

@@ -70,8 +70,10 @@ from mqpolicy.store.budget import (
     BudgetCheck,
     BudgetResult,
     Evaluation,
+    Spend,
     StoreError,
     free_units,
+    given_back,
 )
 
 log = logging.getLogger("mqpolicy.store")
@@ -222,6 +224,11 @@ class MemoryStore:
         self.refused = 0
         """Decisions refused (StoreError) because every entry left was a bucket in debt."""
         self._bound_log = LogBurst(60.0)
+        # message ledgers (budget.Spend lists) with their expiry, outside max_entries: a
+        # ledger lives from a message's first RCPT to its end (store.once_ttl at most),
+        # one per message in flight; kept apart, the bound's evictions never lose one
+        self._ledgers: dict[str, tuple[int, list[Spend]]] = {}
+        self._ledger_line: deque[str] = deque()
         # Decisions may come from several threads (the milter's): one at a time.
         self._lock = threading.Lock()
 
@@ -237,8 +244,9 @@ class MemoryStore:
         now_ms: int,
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+        ledger_key: str | None = None,
     ) -> Evaluation:
-        return self.evaluate_now(checks, now_ms, once_key, once_ttl_ms)
+        return self.evaluate_now(checks, now_ms, once_key, once_ttl_ms, ledger_key)
 
     def evaluate_now(
         self,
@@ -246,6 +254,7 @@ class MemoryStore:
         now_ms: int,
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+        ledger_key: str | None = None,
     ) -> Evaluation:
         """:meth:`evaluate` without a coroutine, for callers on any thread (the milter's).
 
@@ -317,7 +326,73 @@ class MemoryStore:
             if blocked:
                 return Evaluation(tuple(results), committed=False)
             self._commit(checks, seen, spent, now_ms, once_key, once_ttl_ms)
+            if ledger_key is not None and spent:
+                self._add_to_ledger(ledger_key, checks, seen, spent, now_ms + once_ttl_ms)
             return _new(Evaluation, (tuple(results), True, False))
+
+    def _add_to_ledger(self, ledger_key: str, checks: Sequence[BudgetCheck],
+                       seen: dict[str, tuple[int, int, int]], spent: dict[str, int],
+                       expiry: int) -> None:
+        entries = [Spend(key, debt - before, before, at, checks[i].refill)
+                   for key, i in spent.items()
+                   for before, debt, at in (seen[key],) if debt > before]
+        if not entries:
+            return
+        ledgers = self._ledgers
+        known = ledgers.get(ledger_key)
+        if known is None:
+            self._ledger_line.append(ledger_key)
+            ledgers[ledger_key] = (expiry, entries)
+        else:
+            known[1].extend(entries)
+            ledgers[ledger_key] = (expiry, known[1])
+        line, now = self._ledger_line, self._now
+        while line:  # expired ledgers, oldest first, up to the first alive
+            held = ledgers.get(line[0])
+            if held is not None and held[0] > now:
+                break
+            key = line.popleft()
+            if held is not None:
+                del ledgers[key]
+
+    async def give_back(self, ledger_key: str, now_ms: int) -> int:
+        return self.give_back_now(ledger_key, now_ms)
+
+    def give_back_now(self, ledger_key: str, now_ms: int) -> int:
+        """:meth:`give_back` without a coroutine (the milter's threads)."""
+        with self._lock:
+            held = self._ledgers.pop(ledger_key, None)
+            if held is None or held[0] <= now_ms:
+                return 0
+            buckets = self._buckets
+            for spend in held[1]:
+                packed = buckets.get(spend.key)
+                if not packed:
+                    continue  # full already: nothing to give back
+                at, debt = packed & _MASK, packed >> _BITS & _MASK
+                time = max(at, now_ms)
+                if time > at and debt:
+                    debt = max(0, debt - spend.refill * (time - at))
+                debt -= min(debt, given_back(spend, time))
+                if debt:
+                    buckets[spend.key] = ((time - (-debt // spend.refill)) << 2 * _BITS
+                                          | debt << _BITS | time)
+                else:
+                    buckets[spend.key] = 0  # full: no bucket, left to the sweep
+            return len(held[1])
+
+    async def move_ledger(self, ledger_key: str, to_key: str) -> None:
+        with self._lock:
+            held = self._ledgers.pop(ledger_key, None)
+            if held is not None:
+                self._ledgers[to_key] = held
+                self._ledger_line.append(to_key)
+
+    def ledger(self, ledger_key: str) -> list[Spend]:
+        """The spends a ledger holds (tests and ``counters``)."""
+        with self._lock:
+            held = self._ledgers.get(ledger_key)
+            return list(held[1]) if held is not None else []
 
     @staticmethod
     def _settle(checks: Sequence[BudgetCheck], results: list[BudgetResult],
