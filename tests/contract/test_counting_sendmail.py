@@ -89,6 +89,12 @@ class SendmailWiring:
         (row,) = rows
         return int(row["remaining"])
 
+    def queue_id(self, sent: Submission) -> str:
+        return sendmail_queue_id(sent)
+
+    def serve_log(self) -> str:
+        return self.serve.log_text()
+
 
 @pytest.fixture(scope="module")
 def sendmail_wiring(milter_sendmail: MilterSendmail,  # noqa: F811
@@ -153,3 +159,13 @@ def test_a_message_that_can_never_fit_is_refused_for_good(
     sendmail_wiring: SendmailWiring,
 ) -> None:
     cells.never_fits(sendmail_wiring)
+
+
+def test_a_message_that_can_never_fit_waits_in_the_quarantine_when_so_configured(
+    sendmail_wiring: SendmailWiring,
+) -> None:
+    cells.never_fits_held(sendmail_wiring)
+
+
+def test_the_decision_log_says_what_was_done(sendmail_wiring: SendmailWiring) -> None:
+    cells.decision_log(sendmail_wiring)

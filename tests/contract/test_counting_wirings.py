@@ -100,33 +100,13 @@ def test_a_message_that_can_never_fit_is_refused_for_good(
     cells.never_fits(postfix_wiring)
 
 
+def test_a_message_that_can_never_fit_waits_in_the_hold_queue_when_so_configured(
+    postfix_wiring: PostfixWiring,  # noqa: F811
+) -> None:
+    cells.never_fits_held(postfix_wiring)
+
+
 def test_the_decision_log_says_what_was_done(
     postfix_wiring: PostfixWiring,  # noqa: F811
 ) -> None:
-    """A held message is logged ``action=hold`` (never ``action=accept ... duplicate=yes``);
-    one that can never fit ``action=reject`` with the reason oversize."""
-    wiring = postfix_wiring
-    run = cells.Run.of("hold")
-    sender, headers = f"news@{run.tag}.bulk.cells.test", None
-    for what in ("first", "second"):
-        sent = wiring.send(run.helo, sender, run.rcpts(10), run.subject(what), headers)
-        assert sent.queued, sent.replies()
-    wiring.wait_held(sent, run.subject("second"))
-    lines = wiring.logged(lambda line: "msg=decision" in line
-                          and f"qid={sent.queue_id} " in line
-                          and " action=hold " in f"{line} ",
-                          f"the decision that held {sent.queue_id}")
-    assert lines, f"no decision line with action=hold for {sent.queue_id}"
-    logged = [line for line in wiring.serve_log().splitlines()
-              if f"qid={sent.queue_id} " in line]
-    assert not any(" action=accept " in line and "duplicate=yes" in line for line in logged), \
-        logged
-
-    big = cells.Run.of("oversize")
-    sender = f"o@{big.tag}.cells.test"
-    too_many = wiring.send(big.helo, sender, big.rcpts(51), big.subject("too-many"))
-    assert not too_many.queued, too_many.replies()
-    refused = wiring.logged(lambda line: "msg=decision" in line and f"sender={sender} " in line
-                            and " action=reject " in f"{line} " and "oversize" in line,
-                            "the decision that refused the message that can never fit")
-    assert refused, [line for line in wiring.serve_log().splitlines() if sender in line]
+    cells.decision_log(postfix_wiring)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,20 +147,9 @@ class PostfixWiring:
 
         poll(held, TIMEOUT_S, f"{sent.queue_id} in the hold queue", interval_s=0.1)
 
-    def logged(self, predicate: Callable[[str], bool], what: str) -> list[str]:
-        """The lines of serve's log that ``predicate`` accepts, once there is one (its log
-        is written by a thread of its own: a line comes a moment after the decision)."""
-        found: list[str] = []
-
-        def seen() -> bool:
-            found[:] = [line for line in self.serve_log().splitlines() if predicate(line)]
-            return bool(found)
-
-        try:
-            poll(seen, 10.0, what, interval_s=0.05)
-        except TimeoutError:
-            return []
-        return found
+    def queue_id(self, sent: Submission) -> str:
+        assert sent.queue_id, sent.replies()
+        return sent.queue_id
 
     def held_records(self, destination: str) -> list[tuple[str, int]]:
         summary = admin_ask(self.admin, "queue")

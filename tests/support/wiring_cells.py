@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import smtplib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import yaml
 
+from mqpolicy.lab.readiness import poll
 from mqpolicy.lab.smtp_client import Reply, Submission, make_message, submit_on
 
 WITNESS = 1000  # the witnesses' budget: no cell spends it
@@ -112,6 +113,13 @@ limits:
     key: helo_name
     count: recipients
     when: {{helo_name: "*.oversize.cells.test"}}
+  - name: per-user-held
+    rate: 200/1h
+    burst: 50
+    key: helo_name
+    count: recipients
+    oversize: hold
+    when: {{helo_name: "*.bighold.cells.test"}}
 """
 
 
@@ -154,6 +162,12 @@ class Wiring(Protocol):
 
     def remaining(self, limit: str, key: str) -> int:
         """The budget left of ``limit`` for ``key`` (a full one when never used)."""
+
+    def queue_id(self, sent: Submission) -> str:
+        """The MTA's queue id of an accepted message."""
+
+    def serve_log(self) -> str:
+        """What ``mqpolicy serve`` logged so far."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +377,66 @@ def never_fits(wiring: Wiring) -> None:
     assert wiring.lane_left_in(run.subject("fits")) == "normal"
     budget(wiring, "per-user", run.helo, 0)
     witnesses(wiring, run, messages=1, recipients=50)
+
+
+def never_fits_held(wiring: Wiring) -> None:
+    """51 recipients against ``per-user-held``'s burst of 50 with ``oversize: hold``:
+    accepted (never a 4xx) into the hold queue with a hold record, nothing spent until the
+    scheduler releases it."""
+    run = Run.of("bighold")
+    sent = wiring.send(run.helo, f"o@{run.tag}.cells.test", run.rcpts(51),
+                       run.subject("too-many"))
+    assert not any(400 <= r.code < 500 for r in sent.replies()), sent.replies()
+    assert sent.queued and len(sent.accepted) == 51, sent.replies()
+    wiring.wait_held(sent, run.subject("too-many"))
+    assert wiring.held_records(run.domain) == [("normal", 1)]
+    budget(wiring, "per-user-held", run.helo, 50)
+    witnesses(wiring, run, messages=0, recipients=0)
+
+
+def logged(wiring: Wiring, wanted: Callable[[str], bool], what: str) -> list[str]:
+    """The decision lines of serve's log that ``wanted`` accepts, once there is one; []
+    when none comes (serve writes its log from a thread of its own: a line comes a moment
+    after its decision)."""
+    found: list[str] = []
+
+    def seen() -> bool:
+        found[:] = [line for line in wiring.serve_log().splitlines()
+                    if "msg=decision" in line and wanted(f"{line} ")]
+        return bool(found)
+
+    try:
+        poll(seen, 10.0, what, interval_s=0.05)
+    except TimeoutError:
+        return []
+    return found
+
+
+def decision_log(wiring: Wiring) -> None:
+    """The decision log says what was done: a held message ``action=hold`` (never
+    ``action=accept ... duplicate=yes``); one that can never fit ``action=reject`` with
+    the reason oversize."""
+    run = Run.of("hold")
+    sender = f"news@{run.tag}.bulk.cells.test"
+    first = wiring.send(run.helo, sender, run.rcpts(10), run.subject("first"))
+    assert first.queued, first.replies()
+    second = wiring.send(run.helo, sender, run.rcpts(10, 10), run.subject("second"))
+    wiring.wait_held(second, run.subject("second"))
+    qid = f"qid={wiring.queue_id(second)} "
+    assert logged(wiring, lambda line: qid in line and " action=hold " in line,
+                  f"the decision that held {qid}"), f"no decision line action=hold with {qid}"
+    about = [line for line in wiring.serve_log().splitlines() if qid in f"{line} "]
+    assert not any(" action=accept " in line and "duplicate=yes" in line for line in about), \
+        about
+
+    big = Run.of("oversize")
+    sender = f"o@{big.tag}.cells.test"
+    too_many = wiring.send(big.helo, sender, big.rcpts(51), big.subject("too-many"))
+    assert not too_many.queued, too_many.replies()
+    refused = logged(wiring, lambda line: f"sender={sender} " in line
+                     and " action=reject " in line and "oversize" in line,
+                     "the decision that refused the message that can never fit")
+    assert refused, [line for line in wiring.serve_log().splitlines() if sender in line]
 
 
 def _bulk_mail(run: Run, bulk_by: str) -> tuple[str, Mapping[str, str] | None]:
