@@ -14,6 +14,9 @@ hold queue, the budgets left). Three witness limits, with budgets no cell reache
 every cell's mail: messages and recipients per HELO name (spent once per message that
 leaves, in any wiring) and a destination budget per recipient domain (spent per recipient
 at RCPT, given back when the message is refused or held).
+
+Every rate refills a unit in minutes at the fastest, so that a budget read a little after
+a decision on a loaded machine is still what the decision left.
 """
 
 from __future__ import annotations
@@ -42,17 +45,17 @@ classify:
 limits:
   # witnesses: every cell's mail
   - name: cell-messages
-    rate: {WITNESS}/1h
+    rate: {WITNESS}/1w
     key: helo_name
     count: messages
     when: {{helo_name: "*.cells.test"}}
   - name: cell-recipients
-    rate: {WITNESS}/1h
+    rate: {WITNESS}/1w
     key: helo_name
     count: recipients
     when: {{helo_name: "*.cells.test"}}
   - name: cell-destination
-    rate: {WITNESS}/1h
+    rate: {WITNESS}/1w
     key: recipient_domain
     when: {{helo_name: "*.cells.test"}}
   # a header limit: one campaign message an hour
@@ -91,14 +94,14 @@ limits:
     action: hold
     when: {{helo_name: "*.demote.cells.test"}}
   - name: demoted-normal-recipients
-    rate: 100/1h
+    rate: 100/1d
     key: helo_name
     count: recipients
     lanes: [normal]
     when: {{helo_name: "*.demote.cells.test"}}
   # give-back: a bytes budget refuses at the end of data; a destination budget spent at RCPT
   - name: giveback-bytes
-    rate: 5000/1h
+    rate: 5000/1d
     key: helo_name
     count: bytes
     when: {{helo_name: "*.giveback.cells.test"}}
@@ -108,13 +111,13 @@ limits:
     when: {{helo_name: "*.giveback.cells.test"}}
   # never fits: 51 recipients against a burst of 50
   - name: per-user
-    rate: 200/1h
+    rate: 200/1d
     burst: 50
     key: helo_name
     count: recipients
     when: {{helo_name: "*.oversize.cells.test"}}
   - name: per-user-held
-    rate: 200/1h
+    rate: 200/1d
     burst: 50
     key: helo_name
     count: recipients
@@ -330,7 +333,7 @@ def demotion(wiring: Wiring) -> None:
 
 
 def give_back(wiring: Wiring) -> None:
-    """A message refused at the end of data (``giveback-bytes``: 5000 bytes/1h; the first
+    """A message refused at the end of data (``giveback-bytes``: 5000 bytes/1d; the first
     message takes about 3500) costs nothing: the RCPT spends of its 2 recipients on
     ``giveback-destination`` (5/1h) are given back, so a third message's 4 recipients are
     all accepted, and the domain's budget is then spent exactly."""
