@@ -64,11 +64,20 @@ limits:
     key: helo_name
     count: messages
     when: {{helo_name: "*.header.cells.test", header: {{name: X-Campaign, regex: spring}}}}
+  - name: header-destination
+    rate: 2/1h
+    key: recipient_domain
+    when: {{helo_name: "*.header.cells.test", header: {{name: X-Campaign, regex: spring}}}}
   # lane-scoped: recipients of the normal lane only
   - name: normal-recipients
     rate: 10/1h
     key: helo_name
     count: recipients
+    lanes: [normal]
+    when: {{helo_name: "*.lane.cells.test"}}
+  - name: normal-destination
+    rate: 10/1h
+    key: recipient_domain
     lanes: [normal]
     when: {{helo_name: "*.lane.cells.test"}}
   # lane-scoped, held: recipients of the bulk lane
@@ -134,7 +143,8 @@ def _bursts() -> dict[str, int]:
 
 
 BURSTS = _bursts()
-HEADER_CONDITIONED = ("bulk-by-headers", "header-once")  # what wiring P never matches
+# what wiring P never matches
+HEADER_CONDITIONED = ("bulk-by-headers", "header-once", "header-destination")
 
 LIST_HEADERS = {"List-Id": "<weekly.news.cells.test>", "Precedence": "list"}
 BULK_BY = ("envelope", "headers")  # how a cell's bulk mail is classified
@@ -238,7 +248,9 @@ def witnesses(wiring: Wiring, run: Run, *, messages: int, recipients: int) -> No
 
 def header_limit(wiring: Wiring) -> None:
     """``header-once`` (1/1h, ``when: {header: ...}``): exactly 1 of 3 campaign messages
-    passes where a milter sees the headers; without one the limit never matches."""
+    passes where a milter sees the headers; without one the limit never matches. The
+    recipient-keyed ``header-destination`` (2/1h, the same header condition) is spent at
+    the end of the message that passes, once per recipient, and by nothing else."""
     run = Run.of("header")
     sent = [wiring.send(run.helo, f"s@{run.tag}.cells.test", run.rcpts(1),
                         run.subject(f"campaign-{i}"), {"X-Campaign": "spring"})
@@ -250,18 +262,22 @@ def header_limit(wiring: Wiring) -> None:
             assert 400 <= reply.code < 500, later.replies()  # a budget refills: try later
         assert wiring.lane_left_in(run.subject("campaign-0")) == "normal"
         budget(wiring, "header-once", run.helo, 0)
+        budget(wiring, "header-destination", run.domain, 1)
         witnesses(wiring, run, messages=1, recipients=1)
     else:
         for i, each in enumerate(sent):
             assert each.queued, each.replies()
             assert wiring.lane_left_in(run.subject(f"campaign-{i}")) == "normal"
         budget(wiring, "header-once", run.helo, 1)  # never matched, never spent
+        budget(wiring, "header-destination", run.domain, 2)
         witnesses(wiring, run, messages=3, recipients=3)
 
 
 def lane_scoped_limit(wiring: Wiring, bulk_by: str) -> None:
     """``normal-recipients`` (10/1h, ``lanes: [normal]``) is not charged by a 10-recipient
-    newsletter that leaves in bulk: the next plain 10-recipient message passes. Bulk by
+    newsletter that leaves in bulk: the next plain 10-recipient message passes; nor is the
+    recipient-keyed ``normal-destination`` (10/1h per recipient domain, ``lanes:
+    [normal]``), spent at the end of the message in the lane it leaves in. Bulk by
     the envelope (a sender domain) in every wiring; by the headers (``List-Id``,
     ``Precedence: list``) only where a milter sees them: else the newsletter leaves in
     normal, is charged there, and the plain message is deferred."""
@@ -273,6 +289,7 @@ def lane_scoped_limit(wiring: Wiring, bulk_by: str) -> None:
     in_bulk = bulk_by == "envelope" or wiring.sees_headers
     assert wiring.lane_left_in(run.subject("newsletter")) == ("bulk" if in_bulk else "normal")
     budget(wiring, "normal-recipients", run.helo, 10 if in_bulk else 0)
+    budget(wiring, "normal-destination", run.domain, 10 if in_bulk else 0)
 
     plain = wiring.send(run.helo, f"plain@{run.tag}.cells.test", run.rcpts(10, 10),
                         run.subject("plain"))
@@ -285,6 +302,7 @@ def lane_scoped_limit(wiring: Wiring, bulk_by: str) -> None:
         assert all(400 <= reply.code < 500 for _, reply in plain.rcpts), plain.replies()
         witnesses(wiring, run, messages=1, recipients=10)
     budget(wiring, "normal-recipients", run.helo, 0)
+    budget(wiring, "normal-destination", run.domain, 0)
 
 
 def hold(wiring: Wiring, bulk_by: str) -> None:
