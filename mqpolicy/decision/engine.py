@@ -191,7 +191,10 @@ def not_applied_reason(limit: Limit, lane: Lane, request: Request) -> str | None
     """Why ``limit`` does not count this request in ``lane``; None when it does (when
     :func:`make_plan` plans it). The one list of these conditions: ``make_plan`` has them
     inlined for speed (a test holds the two together), ``explain`` says them."""
-    if limit.recipient_keyed and request.stage != STAGE_RCPT:
+    if limit.spent_at_end and request.stage == STAGE_RCPT:
+        return ("recipient-keyed with lanes or headers: spent per recipient at the end of "
+                "the message, in its final lane")
+    if limit.recipient_keyed and request.stage != STAGE_RCPT and not limit.spent_at_end:
         return "recipient-keyed: spent per recipient at RCPT"
     if limit.destination is not None and limit.destination != recipient_destination(request):
         return f"destination {limit.destination} only"
@@ -206,6 +209,28 @@ def not_applied_reason(limit: Limit, lane: Lane, request: Request) -> str | None
     if limit.key_of(request) is None:
         return f"request has no {limit.key_text}"
     return None
+
+
+def _per_recipient(limit: Limit, request: Request, consume: bool) -> list[PlannedLimit]:
+    """A recipient-keyed limit spent at the end of the message: one unit (the size, when
+    it counts bytes) per recipient of the message, one check per bucket."""
+    recipients = request.recipients or ((request.recipient,) if request.recipient else ())
+    costs: dict[str, int] = {}
+    each = max(1, request.size) if limit.count is Count.BYTES else 1
+    when, exempt = limit.when, limit.exempt
+    for recipient in recipients:
+        one = request._replace(recipient=recipient)
+        if (when is not None and not when(one)) or (exempt is not None and exempt(one)):
+            continue
+        key = limit.key_of(one)
+        if key is not None:
+            costs[key] = costs.get(key, 0) + each
+    return [
+        PlannedLimit(limit, key, BudgetCheck(store_key(limit, key), limit.refill, limit.unit,
+                                             limit.burst, cost, consume, limit.blocking),
+                     consume)
+        for key, cost in costs.items()
+    ]
 
 
 def _message_cost(limit: Limit, request: Request) -> int:
@@ -250,6 +275,12 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
             continue  # the milter, which sees the headers, applies this limit
         if checks_only and limit.lanes is not None:
             continue  # the final lane is the milter's to know
+        if limit.spent_at_end:
+            if at_rcpt and not releasing:
+                continue  # spent at the end, in the lane the message leaves in
+            if at_end:
+                planned.extend(_per_recipient(limit, request, spend_recipients))
+                continue
         when = limit.when
         if when is not None and not when(request):
             continue

@@ -52,6 +52,10 @@ MAX_PENDING_HOLDS = 50_000
 forgotten first: a client that never finishes its message must not grow the map)."""
 
 
+MAX_REMEMBERED_RECIPIENTS = 10_000
+"""Recipients of one message remembered for its END-OF-MESSAGE (as the milter keeps)."""
+
+
 def postfix_action(verdict: Verdict) -> str:
     """The ``action=`` value Postfix understands for a verdict."""
     action = verdict.action
@@ -104,6 +108,8 @@ class PostfixPolicyHandler:
         self.records = records
         self.clock_ms = clock_ms
         self._pending: OrderedDict[str, _PendingHold] = OrderedDict()
+        # instance -> the recipients accepted so far (Policy.recipients_at_end only)
+        self._recipients: OrderedDict[str, list[str]] = OrderedDict()
         self._max_pending = max_pending
         self.holds_recorded = 0
         self.record_failures = 0
@@ -121,10 +127,28 @@ class PostfixPolicyHandler:
         record to write); else an awaitable of it. The policy server calls this."""
         request = Request.from_policy_attributes(attrs)
         queue_id_var.set(request.queue_id)
+        remember = self.service.policy.recipients_at_end and request.instance
+        if remember and request.stage == STAGE_END_OF_MESSAGE and not request.recipients:
+            recipients = self._recipients.pop(request.instance, None)
+            if recipients:
+                request = request._replace(recipients=tuple(recipients))
         verdict = self.service.decide_now(request)
         if verdict is None:
             return self._decide_and_answer(request)
         return self._answer(request, verdict)
+
+    def _remember(self, request: Request, verdict: Verdict) -> None:
+        """A recipient accepted at RCPT, for the limits spent per recipient at the end of
+        the message (Postfix's END-OF-MESSAGE request lists none)."""
+        if verdict.action not in (Action.ACCEPT, Action.HOLD) or not request.recipient:
+            return
+        recipients = self._recipients.get(request.instance)
+        if recipients is None:
+            recipients = self._recipients[request.instance] = []
+            if len(self._recipients) > self._max_pending:
+                self._recipients.popitem(last=False)
+        if len(recipients) < MAX_REMEMBERED_RECIPIENTS:
+            recipients.append(request.recipient)
 
     async def _decide_and_answer(self, request: Request) -> str:
         answer = self._answer(request, await self.service.decide(request))
@@ -133,6 +157,8 @@ class PostfixPolicyHandler:
     def _answer(self, request: Request, verdict: Verdict) -> str | Awaitable[str]:
         records = self.records
         if request.stage != STAGE_END_OF_MESSAGE:
+            if request.instance and self.service.policy.recipients_at_end:
+                self._remember(request, verdict)
             if records is None:
                 return postfix_action(verdict)
             return self._before_end(request, verdict)

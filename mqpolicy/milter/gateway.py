@@ -137,8 +137,17 @@ class DecisionGateway:
         with the memory store, else on the loop, waited for like a decision."""
         if self.service.give_back_now(ledger) is not None:
             return
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def start() -> None:  # on the loop: the coroutine is made only if still wanted
+            if not future.set_running_or_notify_cancel():
+                return
+            task = self.loop.create_task(self.service.give_back(ledger))
+            task.add_done_callback(
+                lambda done: future.set_result(0 if done.cancelled() else done.result()))
+
         try:
-            future = asyncio.run_coroutine_threadsafe(self.service.give_back(ledger), self.loop)
+            self.loop.call_soon_threadsafe(start)
         except RuntimeError as exc:
             self.failed(STAGE_END_OF_MESSAGE, f"give-back: loop unavailable: {exc}")
             return

@@ -105,6 +105,9 @@ class Limit:
     oversize: Oversize = Oversize.REJECT  # a message whose cost exceeds the burst
     # Derived once at load (decisions read them on every request):
     recipient_keyed: bool = field(init=False)
+    # recipient-keyed, and lane-scoped or looking at headers: spent at the end of the
+    # message, per recipient, in the lane the message leaves in (not at RCPT)
+    spent_at_end: bool = field(init=False)
     blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
     rate_text: str = field(init=False)
     refill: int = field(init=False)  # the bucket's tokens per ms and per unit (bucket_scale)
@@ -121,6 +124,9 @@ class Limit:
     def __post_init__(self) -> None:
         derived = {
             "recipient_keyed": any(part.name in RECIPIENT_KEY_PARTS for part in self.key),
+            "spent_at_end": (any(part.name in RECIPIENT_KEY_PARTS for part in self.key)
+                             and self.destination is None
+                             and (self.lanes is not None or self.needs_headers)),
             "blocking": not self.monitor and self.action is not ActionKind.DEMOTE,
             "rate_text": str(self.rate),
             **dict(zip(("refill", "unit"),
@@ -352,6 +358,9 @@ class Policy:
     # Wiring B (both policy hooks and the milter, the milter spending at its end of
     # message): the policy server's END-OF-MESSAGE decision only checks.
     end_checks_only: bool = field(init=False)
+    # Some recipient-keyed limit is spent at the end of the message (Limit.spent_at_end):
+    # the policy server then remembers a message's recipients until its END-OF-MESSAGE.
+    recipients_at_end: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
@@ -362,13 +371,14 @@ class Policy:
         object.__setattr__(self, "limits_by_stage", {
             (lane.name, at_rcpt): tuple(
                 x for x in general
-                if (at_rcpt or not x.recipient_keyed)
+                if (at_rcpt or not x.recipient_keyed or x.spent_at_end)
                 and (x.lanes is None or lane.name in x.lanes))
             for lane in self.lanes for at_rcpt in (True, False)
         })
         keys = self.condition_keys
         object.__setattr__(self, "uses_size", keys is None or "size" in keys or any(
             x.count is Count.BYTES for x in self.limits))
+        object.__setattr__(self, "recipients_at_end", any(x.spent_at_end for x in self.limits))
         object.__setattr__(self, "end_checks_only", self.milter is not None
                            and self.milter.rcpt_limits is RcptLimits.POLICY_SERVER)
         object.__setattr__(self, "uses_helo", keys is None or "helo_name" in keys or any(

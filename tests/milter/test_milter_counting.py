@@ -294,3 +294,34 @@ def test_m_a_recipient_the_milter_refused_is_not_counted(loop: Loop) -> None:
     assert s.eom() == CONTINUE  # 2 recipients: 2 of the sender's 3 spent, not 3
     assert s.message("a@example.com", ["x@e.example"], queue_id="R2") == CONTINUE
     assert s.message("a@example.com", ["y@e.example"], queue_id="R3") == Milter.TEMPFAIL
+
+
+def test_m_lane_scoped_recipient_limit_counts_in_the_final_lane(loop: Loop) -> None:
+    """Rule 1: a recipient-keyed limit with lanes is spent at the end of the message, one
+    unit per recipient, in the lane the headers give."""
+    s = Session(gateway(loop, """\
+        milter: {listen: unix:/tmp/unused.sock}
+        classify:
+          - name: lists
+            when: {bulk_signals: true}
+            lane: bulk
+        limits:
+          - name: bulk-per-domain
+            rate: 3/1h
+            key: recipient_domain
+            count: recipients
+            lanes: [bulk]
+            action: hold
+        """))
+    s.connect()
+    lists = [("List-Id", "<l.example>")]
+    plain = [f"n{i}@d.example" for i in range(5)]
+    assert s.message("a@example.com", plain, queue_id="L1") == CONTINUE  # normal: not counted
+    assert s.message("a@example.com", ["1@d.example", "2@d.example"], lists,
+                     queue_id="L2") == CONTINUE
+    assert s.ctx.quarantined == []
+    assert s.message("a@example.com", ["3@d.example", "4@d.example"], lists,
+                     queue_id="L3") == CONTINUE
+    assert s.ctx.quarantined == ["held by mqpolicy limit bulk-per-domain"]
+    assert s.message("a@example.com", ["5@d.example"], lists, queue_id="L4") == CONTINUE
+    assert len(s.ctx.quarantined) == 1  # the held one spent nothing: 1 of 3 was left
