@@ -1,6 +1,6 @@
 """The counting contract (issue 16) through a real Postfix, one test per cell and wiring:
 P (the policy server only), M (the milter only), B (both hooks and the milter, what
-``mqpolicy postfix-config --milter`` prints) x {header limit, lane-scoped limit, hold,
+``mqpolicy postfix-config --milter`` prints; B2: the same as two processes on Redis) x {header limit, lane-scoped limit, hold,
 demotion, a refused message's give-back, a message that can never fit}.
 
 Each wiring is one private Postfix with ``mqpolicy serve`` running every cell's limits
@@ -29,12 +29,12 @@ pytestmark = pytest.mark.e2e
 def test_each_wiring_is_what_postfix_config_prints(
     postfix_wiring: PostfixWiring,  # noqa: F811
 ) -> None:
-    """P: both policy hooks, no milter; M: the milter, no policy hook; B: both."""
+    """P: both policy hooks, no milter; M: the milter, no policy hook; B and B2: both."""
     wiring = postfix_wiring
     settings = active_settings(wiring.main_cf)
     hooks = {name: settings.get(name, "") for name in POLICY_HOOKS}
     policy_hooked = all(v.startswith("check_policy_service ") for v in hooks.values())
-    assert policy_hooked == (wiring.name in ("P", "B")), hooks
+    assert policy_hooked == (wiring.name in ("P", "B", "B2")), hooks
     if wiring.name == "M":
         assert not any(hooks.values()), hooks
     milters = {name: settings.get(name, "") for name in ("smtpd_milters", "non_smtpd_milters")}

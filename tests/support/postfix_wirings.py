@@ -7,11 +7,14 @@ cells' policy (tests/support/wiring_cells.py):
   ``mqpolicy postfix-config --milter unix:SOCKET`` without its two ``check_policy_service``
   entries (smtpd_recipient_restrictions, smtpd_end_of_data_restrictions);
 * **B**: both hooks and the milter: ``milter: {rcpt_limits: policy_server}`` and the
-  output of ``mqpolicy postfix-config --milter unix:SOCKET`` as printed.
+  output of ``mqpolicy postfix-config --milter unix:SOCKET`` as printed;
+* **B2**: B as two processes on a Redis store of their own (``serve`` for the policy
+  hooks, ``mqpolicy milter`` for the milter), as ``contrib/systemd`` can run them: what
+  one front-end spends or gives back, the other sees only through the store.
 
 ``postfix_wiring`` (session, one parameter per wiring): one
 :class:`~mqpolicy.lab.mail_stack.MailStack` per wiring (a private Postfix, its SMTP sink
-and ``mqpolicy serve`` on the memory store with an admin socket), shared by every test of
+and ``mqpolicy serve`` with an admin socket), shared by every test of
 that wiring; pytest runs the tests of one wiring together and removes its stack before the
 next one starts. Budgets are read through serve's admin socket (``counters.show``), hold
 records through its ``queue`` operation; the lane a message left in is the transport
@@ -21,6 +24,7 @@ Postfix's delivery log names (and, with a milter, the ``X-MQ-Lane`` header the s
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,14 +47,17 @@ from mqpolicy.postfix.settings import (
 )
 from tests.support.postfix_fixture import (
     BASE_POLICY,
+    LANES,
     milter_postfix_config,
     milter_socket,
     new_stack,
 )
+from tests.support.redis_fixture import REDIS_SERVER_BIN, RedisServer, running_in_tmpdir
+from tests.support.serve_process import MqpolicyProcess
 from tests.support.wiring_cells import BURSTS, CELLS, send_with_helo
 
 TIMEOUT_S = 60.0  # generous: a loaded machine; each wait ends when it is met
-WIRINGS = ("P", "M", "B")
+WIRINGS = ("P", "M", "B", "B2")
 TRANSPORT_LANES = {"smtp": "normal", "mq-bulk": "bulk", "mq-transactional": "transactional"}
 POLICY_HOOKS = ("smtpd_recipient_restrictions", "smtpd_end_of_data_restrictions")
 
@@ -105,10 +112,11 @@ def active_settings(main_cf: str) -> dict[str, str]:
 class PostfixWiring:
     """One wiring: its stack, its policy and what the cells ask of it."""
 
-    def __init__(self, name: str, stack: MailStack, admin: Path) -> None:
+    def __init__(self, name: str, stack: MailStack, admin: Path, logs: Sequence[Path]) -> None:
         self.name = name
         self.stack = stack
         self.admin = admin
+        self.logs = tuple(logs)  # where mqpolicy logs its decisions
 
     @property
     def sees_headers(self) -> bool:
@@ -171,13 +179,18 @@ class PostfixWiring:
                               stdin=subprocess.DEVNULL)
 
     def serve_log(self) -> str:
-        return self.stack.server.log_file.read_text("utf-8", "replace")
+        return "".join(path.read_text("utf-8", "replace") for path in self.logs
+                       if path.exists())
 
 
-def wiring_policy(name: str, stack: MailStack, admin: Path) -> str:
-    """The cells' policy for a wiring: memory store, admin socket, the scheduler's view
-    of this Postfix (its passes an hour apart: nothing is released during the tests)."""
-    text = BASE_POLICY + f"""\
+def wiring_policy(name: str, stack: MailStack, admin: Path, *, store: str = "memory://",
+                  milter_at: Path | None = None) -> str:
+    """The cells' policy for a wiring: its store, an admin socket, the scheduler's view of
+    this Postfix (its passes an hour apart: nothing is released during the tests), and in
+    M and B the milter (on ``milter_at``, else the socket Postfix is given)."""
+    text = LANES + f"""\
+store: {{url: "{store}", timeout_ms: 2000, key_prefix: "cells:"}}
+log: {{format: kv, level: info}}
 admin: {{listen: "unix:{admin}", mode: "0600"}}
 scheduler:
   interval: 1h
@@ -188,7 +201,7 @@ scheduler:
         rcpt_limits = "milter" if name == "M" else "policy_server"
         text += f"""\
 milter:
-  listen: unix:{milter_socket(stack)}
+  listen: unix:{milter_at or milter_socket(stack)}
   listen_mode: "0666"
   rcpt_limits: {rcpt_limits}
 """
@@ -197,12 +210,31 @@ milter:
 
 @contextlib.contextmanager
 def wired_stack(name: str) -> Iterator[PostfixWiring]:
-    """A stack of its own in wiring ``name``, removed with all it started at the end."""
-    with new_stack(f"mqwire{name}-") as stack:
+    """A stack of its own in wiring ``name``, removed with all it started at the end.
+
+    ``B2`` is B as two processes sharing a Redis store of their own: ``serve`` answers the
+    policy hooks (its own milter listens where Postfix never connects) and ``mqpolicy
+    milter`` answers Postfix's milter connections, from the same policy."""
+    with contextlib.ExitStack() as resources:
+        stack = resources.enter_context(new_stack(f"mqwire{name}-"))
         stack.start(BASE_POLICY)  # Postfix exists from here on: its directories are known
         admin = stack.root / "admin.sock"
+        logs = [stack.server.log_file]
         stack.server.stop()  # admin, scheduler and milter are read at start
-        stack.apply_policy(wiring_policy(name, stack, admin))  # P: postfix-config as printed
+        if name == "B2":
+            if not os.access(REDIS_SERVER_BIN, os.X_OK):
+                pytest.skip(f"{REDIS_SERVER_BIN} not available")
+            redis = resources.enter_context(running_in_tmpdir("mqredis-", RedisServer))
+            stack.apply_policy(wiring_policy(name, stack, admin, store=redis.unix_url,
+                                             milter_at=stack.root / "unused-milter.sock"))
+            milter_file = stack.root / "milter-policy.yaml"
+            milter_file.write_text(wiring_policy(name, stack, admin, store=redis.unix_url))
+            milter = MqpolicyProcess("milter", milter_file, stack.root / "milter.log")
+            resources.callback(milter.stop)
+            milter.start(str(milter_socket(stack)), timeout=TIMEOUT_S)
+            logs.append(milter.log_path)
+        else:  # P: postfix-config as printed for a policy without a milter
+            stack.apply_policy(wiring_policy(name, stack, admin))
         if name != "P":
             text = milter_postfix_config(stack)
             sections = split_sections(text)
@@ -214,7 +246,7 @@ def wired_stack(name: str) -> Iterator[PostfixWiring]:
                                        {HEADER_CHECKS_FILE: sections[SECTION_HEADER_CHECKS]})
             stack.postfix.reload()
             stack.postfix_config = text
-        yield PostfixWiring(name, stack, admin)
+        yield PostfixWiring(name, stack, admin, logs)
 
 
 @pytest.fixture(scope="session", params=WIRINGS)
