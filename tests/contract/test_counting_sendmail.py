@@ -89,6 +89,9 @@ class SendmailWiring:
         (row,) = rows
         return int(row["remaining"])
 
+    def recipients_of(self, subject: str) -> tuple[str, ...]:
+        return self.sendmail.sink.wait_for_subject(subject, TIMEOUT_S).rcpt_tos
+
     def queue_id(self, sent: Submission) -> str:
         return sendmail_queue_id(sent)
 
@@ -125,6 +128,12 @@ scheduler:
     finally:
         serve.stop()
         sendmail.delete_all()
+
+
+def test_a_refused_recipient_is_deferred_alone_and_not_counted(
+    sendmail_wiring: SendmailWiring,
+) -> None:
+    cells.refused_recipient(sendmail_wiring)
 
 
 def test_a_header_limit_passes_one_of_three(sendmail_wiring: SendmailWiring) -> None:

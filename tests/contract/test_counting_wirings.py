@@ -45,6 +45,12 @@ def test_each_wiring_is_what_postfix_config_prints(
                            "non_smtpd_milters": "unix:mqpolicy/milter.sock"}, milters
 
 
+def test_a_refused_recipient_is_deferred_alone_and_not_counted(
+    postfix_wiring: PostfixWiring,  # noqa: F811
+) -> None:
+    cells.refused_recipient(postfix_wiring)
+
+
 def test_a_header_limit_passes_one_of_three(
     postfix_wiring: PostfixWiring,  # noqa: F811
 ) -> None:

@@ -155,6 +155,9 @@ class PostfixWiring:
 
         poll(held, TIMEOUT_S, f"{sent.queue_id} in the hold queue", interval_s=0.1)
 
+    def recipients_of(self, subject: str) -> tuple[str, ...]:
+        return self.stack.sink.wait_for_subject(subject, TIMEOUT_S).rcpt_tos
+
     def queue_id(self, sent: Submission) -> str:
         assert sent.queue_id, sent.replies()
         return sent.queue_id

@@ -58,6 +58,11 @@ limits:
     rate: {WITNESS}/1w
     key: recipient_domain
     when: {{helo_name: "*.cells.test"}}
+  # recipient-keyed, spent at RCPT: one message an hour per recipient
+  - name: per-recipient
+    rate: 1/1h
+    key: recipient
+    when: {{helo_name: "*.rcpt.cells.test"}}
   # a header limit: one campaign message an hour
   - name: header-once
     rate: 1/1h
@@ -179,6 +184,9 @@ class Wiring(Protocol):
     def queue_id(self, sent: Submission) -> str:
         """The MTA's queue id of an accepted message."""
 
+    def recipients_of(self, subject: str) -> tuple[str, ...]:
+        """The recipients the message with this subject was delivered to."""
+
     def serve_log(self) -> str:
         """What ``mqpolicy serve`` logged so far."""
 
@@ -244,6 +252,26 @@ def witnesses(wiring: Wiring, run: Run, *, messages: int, recipients: int) -> No
 
 
 # ---------------------------------------------------------------- the cells
+
+
+def refused_recipient(wiring: Wiring) -> None:
+    """``per-recipient`` (1/1h, key recipient) is spent at RCPT: a second message to the
+    same recipient and a new one defers only the first (4xx at its RCPT), goes to the new
+    one, and counts one recipient, not two."""
+    run = Run.of("rcpt")
+    sender = f"r@{run.tag}.cells.test"
+    old, new = run.rcpts(2)
+    first = wiring.send(run.helo, sender, [old], run.subject("first"))
+    assert first.queued, first.replies()
+    second = wiring.send(run.helo, sender, [old, new], run.subject("second"))
+    replies = dict(second.rcpts)
+    assert 400 <= replies[old].code < 500, second.replies()
+    assert replies[new].ok and second.queued, second.replies()
+    assert wiring.lane_left_in(run.subject("second")) == "normal"
+    assert wiring.recipients_of(run.subject("second")) == (new,)
+    budget(wiring, "per-recipient", old, 0)
+    budget(wiring, "per-recipient", new, 0)
+    witnesses(wiring, run, messages=2, recipients=2)
 
 
 def header_limit(wiring: Wiring) -> None:
