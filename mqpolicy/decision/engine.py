@@ -242,10 +242,13 @@ def _message_cost(limit: Limit, request: Request) -> int:
 
 
 def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTIME,
-              lane: Lane | None = None, *, releasing: bool = False) -> Plan:
+              lane: Lane | None = None, *, releasing: bool = False,
+              demotion: bool = True) -> Plan:
     """The checks of one decision. ``lane`` given: no classification (the scheduler
     plans a held message in the lane it was held in). ``releasing``: the scheduler lets a
-    held message go, which spends its recipient budgets whatever the lane."""
+    held message go, which spends its recipient budgets whatever the lane. ``demotion``:
+    at the end of a message, a demote limit's target lane is planned too (see
+    :func:`_with_demotion`)."""
     rule: str | None = None
     if lane is None:
         lane, rule = classify(request, policy)
@@ -307,8 +310,10 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         bucket = store_key(limit, key)
         # tuple.__new__: positional NamedTuples without their keyword __new__ (2x cheaper)
         check = _new(BudgetCheck, (bucket, limit.refill, unit, burst, cost, consume,
-                                   limit.blocking))
+                                   limit.blocking, 0))
         planned.append(_new(PlannedLimit, (limit, key, check, consume)))
+    if at_end and demotion and planned and not checks_only and policy.demotes:
+        planned = _with_demotion(request, policy, runtime, lane, planned)
     once = once_key_for(request) if at_end and planned and not checks_only else None
     ledger = (ledger_key("i:" + request.instance)
               if at_rcpt and request.instance and not releasing
@@ -318,6 +323,38 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
 
 
 _new = tuple.__new__
+
+
+def _with_demotion(request: Request, policy: Policy, runtime: RuntimeState, lane: Lane,
+                   planned: list[PlannedLimit]) -> list[PlannedLimit]:
+    """A message that a spent ``demote: L`` limit may move to lane L meets L's limits in
+    the same atomic decision: the limits scoped to L (and not to this lane) are added,
+    counted only if the demote check fails; the limits scoped to this lane (and not to L)
+    count only if it passes. With several demote limits that could apply, none of this:
+    the message counts in its first lane (README, "How counting works")."""
+    demotes = [i for i, p in enumerate(planned)
+               if p.limit.action is ActionKind.DEMOTE and not p.limit.monitor
+               and p.limit.demote_to is not None
+               and policy.lane(p.limit.demote_to).priority > lane.priority]
+    if len(demotes) != 1:
+        return planned
+    d = demotes[0]
+    target = policy.lane(planned[d].limit.demote_to or "")
+    out = [p if p.limit.lanes is None or target.name in p.limit.lanes
+           else p._replace(check=p.check._replace(after=-(d + 1)))
+           for p in planned]
+    for p in make_plan(request, policy, runtime, target, demotion=False).limits:
+        if p.limit.lanes is not None and lane.name not in p.limit.lanes:
+            out.append(p._replace(check=p.check._replace(after=d + 1)))
+    return out
+
+
+def counted_in_decision(planned: PlannedLimit, evaluation: Evaluation) -> bool:
+    """Whether a check counted in the decision (one with ``after`` may not have)."""
+    after = planned.check.after
+    if not after:
+        return True
+    return evaluation.results[abs(after) - 1].allowed is not (after > 0)
 
 
 # ---------------------------------------------------------------- decide
@@ -363,18 +400,20 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
     for planned, result in zip(plan.limits, evaluation.results, strict=True):
         limit = planned.limit
         allowed, remaining, retry_after_ms = result
+        counted = not planned.check.after or counted_in_decision(planned, evaluation)
         outcomes.append(_new(LimitOutcome, (
             limit.name,
             planned.key,
             allowed,
-            may_spend and allowed and planned.check.consume,
+            may_spend and allowed and planned.check.consume and counted,
             remaining,
             retry_after_ms,
             limit.action,
             limit.monitor,
             limit.rate_text,
-            "already counted" if duplicate else _counted(planned),
-            planned.check.cost if planned.check.consume else 0,
+            "already counted" if duplicate else (_counted(planned) if counted
+                                                 else "not in the final lane"),
+            planned.check.cost if planned.check.consume and counted else 0,
         )))
         if allowed or limit.monitor:
             continue

@@ -361,6 +361,8 @@ class Policy:
     # Some recipient-keyed limit is spent at the end of the message (Limit.spent_at_end):
     # the policy server then remembers a message's recipients until its END-OF-MESSAGE.
     recipients_at_end: bool = field(init=False)
+    # Some limit demotes: an end-of-message plan may add the target lane's limits.
+    demotes: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
@@ -379,6 +381,8 @@ class Policy:
         object.__setattr__(self, "uses_size", keys is None or "size" in keys or any(
             x.count is Count.BYTES for x in self.limits))
         object.__setattr__(self, "recipients_at_end", any(x.spent_at_end for x in self.limits))
+        object.__setattr__(self, "demotes", any(x.action is ActionKind.DEMOTE
+                                                for x in self.limits))
         object.__setattr__(self, "end_checks_only", self.milter is not None
                            and self.milter.rcpt_limits is RcptLimits.POLICY_SERVER)
         object.__setattr__(self, "uses_helo", keys is None or "helo_name" in keys or any(

@@ -7,6 +7,9 @@ back from ONE atomic operation (one Lua call on Redis, one step under a lock in 
 * if any *blocking* check fails, nothing is spent (all-or-nothing);
 * otherwise every check with ``consume`` that passed is spent; a failing non-blocking
   check (monitor, demote) is simply not spent;
+* a check with ``after`` counts only when the check it names failed (or passed): a
+  demotion's target-lane limits count only if the demote check failed, the first lane's
+  only if it passed, in the same atomic step;
 * with a ``once_key``: if the key already exists, the message was already counted and
   nothing is tested or spent (``duplicate``); otherwise the key is set when the decision
   commits, so the next front-end that sees the same message does not count it again;
@@ -99,6 +102,10 @@ class BudgetCheck(NamedTuple):
     cost: int
     consume: bool = True
     blocking: bool = True
+    # 0: always counted. k > 0: counted only if check k-1 of the same decision (1-based k)
+    # failed; k < 0: only if check -k-1 passed (a demotion: the target lane's limits, the
+    # first lane's). A check not counted is allowed, spends nothing and blocks nothing.
+    after: int = 0
 
     @property
     def interval_ms(self) -> float:

@@ -107,18 +107,20 @@ def validate_decision(checks: Sequence[BudgetCheck], now_ms: int, once_ttl_ms: i
         raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
     if type(once_ttl_ms) is not int or not 0 < once_ttl_ms < TIME_LIMIT:
         raise ValueError(f"once_ttl_ms must be a positive integer below 2**53: {once_ttl_ms!r}")
-    for check in checks:  # the test of evaluate_now, for every decision sent to Redis
-        _, refill, unit, burst, cost, _, _ = check
+    for i, check in enumerate(checks):  # evaluate_now's test, for every decision to Redis
+        _, refill, unit, burst, cost, _, _, after = check
         if (type(refill) is not int or type(unit) is not int or type(burst) is not int
                 or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
                 or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
                 or not 0 <= cost < TIME_LIMIT):
             _validate_check(check)  # says what is wrong
+        if after and not 0 < abs(after) <= i:
+            raise ValueError(f"after must name an earlier check: {check!r}")
 
 
 def _validate_check(check: BudgetCheck) -> None:
     """Raise ValueError saying what is wrong with a check that failed the fast test."""
-    _, refill, unit, burst, cost, _, _ = check
+    _, refill, unit, burst, cost, _, _, _ = check
     if not all(type(x) is int for x in (refill, unit, burst, cost)):
         raise ValueError(f"refill, unit, burst and cost must be integers: {check!r}")
     if not 0 < refill <= EXACT_LIMIT or unit <= 0:
@@ -282,12 +284,19 @@ class MemoryStore:
             spent: dict[str, int] = {}  # bucket -> index of its last spend
             blocked = repeated = False
             for check in checks:
-                key, refill, unit, burst, cost, consume, blocking = check
+                key, refill, unit, burst, cost, consume, blocking, after = check
                 if (type(refill) is not int or type(unit) is not int or type(burst) is not int
                         or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
                         or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
                         or not 0 <= cost < TIME_LIMIT):
                     _validate_check(check)  # says what is wrong
+                skipped = False
+                if after:  # counted only if the check it names failed (> 0) or passed
+                    if not 0 < abs(after) <= len(results):
+                        raise ValueError(f"after must name an earlier check: {check!r}")
+                    if results[abs(after) - 1].allowed is (after > 0):
+                        consume = blocking = False  # not counted: a peek, allowed below
+                        skipped = True
                 state = seen.get(key)
                 if state is None:
                     packed = buckets.get(key)
@@ -320,6 +329,8 @@ class MemoryStore:
                     results.append(_new(BudgetResult, (False, room // unit if room > 0 else 0,
                                                        wait)))
                     blocked = blocked or blocking
+                if skipped:
+                    results[-1] = _new(BudgetResult, (True, results[-1].remaining, 0))
                 seen[key] = (before, debt, at)
             if blocked or repeated:
                 self._settle(checks, results, seen, spent, blocked)

@@ -641,6 +641,8 @@ def encode_batch(
         for c in p.checks:
             key = prefix + c.key
             flags = (_CONSUME if c.consume else 0) | (_BLOCKING if c.blocking else 0)
+            if c.after:  # 4 * cond (gcra_batch.lua): 2 * j + 1 if check j failed, 2 * j passed
+                flags += 4 * (2 * c.after + 1 if c.after > 0 else -2 * c.after)
             slot = index.get(key) or index.setdefault(key, len(index) + 1)
             extend((slot, c.refill, c.unit, c.burst, c.cost, flags))
     return list(index), args

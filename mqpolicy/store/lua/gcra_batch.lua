@@ -31,7 +31,9 @@ then, D times:
     unit           tokens one unit of budget is
     burst          units the bucket holds when full
     cost           units this check spends
-    flags          1 = consume + 2 = blocking
+    flags          1 = consume + 2 = blocking + 4 * cond, cond = 2 * j + 1: counted only
+                   if check j (1-based) failed, 2 * j: only if it passed (a check not
+                   counted is allowed, spends and blocks nothing)
 
 Returns: an array of D arrays, one per decision, each of integers:
   committed, duplicate, then per check: allowed, remaining, retry_after_ms
@@ -146,6 +148,16 @@ for d = 1, count do
       local cost = tonumber(ARGV[pos + 4])
       local flags = tonumber(ARGV[pos + 5])
       pos = pos + 6
+      local cond = (flags - flags % 4) / 4
+      local consume = flags % 2 == 1
+      local blocking = flags % 4 >= 2
+      local skipped = false
+      if cond > 0 then
+        local j = (cond - cond % 2) / 2
+        if (allowed[j] == 0) ~= (cond % 2 == 1) then
+          consume, blocking, skipped = false, false, true
+        end
+      end
 
       local debt = debts[k]
       if debt == nil then
@@ -164,7 +176,7 @@ for d = 1, count do
         local need = cost * unit
         if need <= room then
           ok = 1
-          if flags % 2 == 1 then
+          if consume then
             debts[k] = debt + need
             room = room - need
             spender[k] = i
@@ -175,8 +187,11 @@ for d = 1, count do
           units_left = free_units(debt, unit, burst)
         end
       end
-      if ok == 0 and flags >= 2 then
+      if ok == 0 and blocking then
         blocked = true
+      end
+      if skipped then
+        ok, wait = 1, 0
       end
       keys[i], refills[i], units[i], bursts[i] = k, refill, unit, burst
       allowed[i], left[i], retry[i] = ok, units_left, wait
