@@ -1,7 +1,8 @@
 """The counting contract (issue 16) through a real Postfix, one test per cell and wiring:
 P (the policy server only), M (the milter only), B (both hooks and the milter, what
-``mqpolicy postfix-config --milter`` prints; B2: the same as two processes on Redis) x {header limit, lane-scoped limit, hold,
-demotion, a refused message's give-back, a message that can never fit}.
+``mqpolicy postfix-config --milter`` prints), B2 (B as two processes on Redis) x {a
+refused recipient, header limit, lane-scoped limit, hold, demotion, a refused message's
+give-back, a message that can never fit (refused, or held), the decision log}.
 
 Each wiring is one private Postfix with ``mqpolicy serve`` running every cell's limits
 (tests/support/postfix_wirings.py, tests/support/wiring_cells.py); each test uses a HELO

@@ -14,8 +14,8 @@ cells' policy (tests/support/wiring_cells.py):
 
 ``postfix_wiring`` (session, one parameter per wiring): one
 :class:`~mqpolicy.lab.mail_stack.MailStack` per wiring (a private Postfix, its SMTP sink
-and ``mqpolicy serve`` with an admin socket), shared by every test of
-that wiring; pytest runs the tests of one wiring together and removes its stack before the
+and ``mqpolicy serve`` with an admin socket), shared by every test of that wiring; pytest
+runs the tests of one wiring together and removes its stack before the
 next one starts. Budgets are read through serve's admin socket (``counters.show``), hold
 records through its ``queue`` operation; the lane a message left in is the transport
 Postfix's delivery log names (and, with a milter, the ``X-MQ-Lane`` header the sink got).
