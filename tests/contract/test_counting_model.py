@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import Milter
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from mqpolicy.decision.counter_report import counter_rows
@@ -307,9 +307,11 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[Callable[[], CounterS
     yield fresh
 
 
+@pytest.mark.timeout(900)  # only a failing run takes long: the shrinking to a minimal example
 @pytest.mark.parametrize("make_store", ["memory", "redis"], indirect=True)
 @pytest.mark.parametrize("wiring", ["P", "M", "B"])
-@settings(max_examples=30, deadline=None, derandomize=True,
+@settings(max_examples=30, deadline=None, derandomize=True, report_multiple_bugs=False,
+          phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_every_answer_and_budget_is_the_contracts(

@@ -4,7 +4,10 @@ the promise and nothing else: it imports nothing of mqpolicy.
 Budgets are token buckets in exact rational arithmetic (:class:`fractions.Fraction`): a
 budget of N admits N at one instant, refills COUNT every PERIOD continuously, and a clock
 that steps back neither refills nor drains. A bucket is its *debt* (units missing from
-full) at its time; no bucket is a full one.
+full) at its time; no bucket is a full one. Only a decision that spends from a bucket or
+gives back to it counts it up to the decision's time; a check or a read moves nothing. A
+refused message's give-back leaves every bucket as if the message had never come (its
+spends taken out of the bucket's history, later ones kept), counted up to the give-back.
 
 What is spent, where and when, per wiring (P: the policy server alone; M: the milter alone;
 B: the policy server's RCPT and END-OF-MESSAGE hooks and the milter, ``rcpt_limits:
@@ -116,14 +119,34 @@ class LimitSpec:
 
 @dataclass
 class Bucket:
-    debt: Fraction = Fraction(0)
-    at_ms: int = 0
+    """A bucket as its history: what each decision took (time, units, message), and the
+    writes of give-backs (0 units, no message). Its state is the history replayed without
+    the spends of messages that were refused: a refused message is as if it never came."""
 
-    def advance(self, refill: Fraction, now_ms: int) -> None:
-        """Refill up to ``now_ms``; a clock behind the bucket's time changes nothing."""
-        if now_ms > self.at_ms:
-            self.debt = max(Fraction(0), self.debt - refill * (now_ms - self.at_ms))
-            self.at_ms = now_ms
+    events: list[tuple[int, Fraction, str | None]] = field(default_factory=list)
+
+    def state(self, refill: Fraction, refused: set[str]) -> tuple[Fraction, int | None]:
+        """(debt, time) after the history: each event counts the bucket up to its time (a
+        clock behind the bucket's time refills nothing), then adds its units."""
+        debt, at = Fraction(0), None
+        for time, units, message in self.events:
+            if message is not None and message in refused:
+                continue
+            if at is None:
+                at = time
+            elif time > at:
+                debt = max(Fraction(0), debt - refill * (time - at))
+                at = time
+            debt += units
+        return debt, at
+
+    def debt_at(self, refill: Fraction, refused: set[str], now_ms: int) -> Fraction:
+        """The debt at ``now_ms``: refilled since the bucket's time, nothing refilled nor
+        taken by a clock behind it."""
+        debt, at = self.state(refill, refused)
+        if at is None or now_ms <= at:
+            return debt
+        return max(Fraction(0), debt - refill * (now_ms - at))
 
 
 @dataclass(frozen=True)
@@ -179,28 +202,44 @@ class CountingOracle:
     header_lanes: Mapping[str, str]  # a header present -> the lane (the milter's rules)
     lane_order: Sequence[str]  # first = highest priority
     buckets: dict[tuple[str, str], Bucket] = field(default_factory=dict)
+    refused_messages: set[str] = field(default_factory=set)  # their spends given back
     counted: set[str] = field(default_factory=set)  # queue ids counted once
     rcpt_spends: dict[str, list[Check]] = field(default_factory=dict)  # per message
 
     # ---------------------------------------------------------------- buckets
 
-    def _bucket(self, limit: LimitSpec, key: str, now_ms: int) -> Bucket:
-        bucket = self.buckets.setdefault((limit.name, key), Bucket(at_ms=now_ms))
-        bucket.advance(limit.refill_per_ms, now_ms)
-        return bucket
+    def _debt(self, limit: LimitSpec, key: str, now_ms: int) -> Fraction:
+        bucket = self.buckets.get((limit.name, key))
+        if bucket is None:
+            return Fraction(0)
+        return bucket.debt_at(limit.refill_per_ms, self.refused_messages, now_ms)
 
     def _fits(self, check: Check, now_ms: int) -> bool:
         limit, key, cost = check
-        return cost <= limit.burst - self._bucket(limit, key, now_ms).debt
+        return cost <= limit.burst - self._debt(limit, key, now_ms)
 
-    def _spend(self, check: Check, now_ms: int) -> None:
+    def _spend(self, check: Check, now_ms: int, message_id: str) -> None:
         limit, key, cost = check
-        self._bucket(limit, key, now_ms).debt += cost
+        bucket = self.buckets.setdefault((limit.name, key), Bucket())
+        bucket.events.append((now_ms, Fraction(cost), message_id))
 
-    def _give_back(self, check: Check, now_ms: int) -> None:
-        limit, key, cost = check
-        bucket = self._bucket(limit, key, now_ms)
-        bucket.debt = max(Fraction(0), bucket.debt - cost)
+    def _give_back(self, message_id: str, checks: Sequence[Check], now_ms: int) -> None:
+        """Everything ``message_id`` took is given back at ``now_ms``: each bucket it spent
+        from is as if the message never came, counted up to the give-back's time (or its
+        own, when the clock is behind it); one that is full again is no bucket."""
+        touched = {(limit.name, key): limit for limit, key, _ in checks}
+        times = {}
+        for (name, key), limit in touched.items():
+            _, at = self.buckets[(name, key)].state(limit.refill_per_ms,
+                                                    self.refused_messages)
+            times[(name, key)] = now_ms if at is None else max(at, now_ms)
+        self.refused_messages.add(message_id)
+        for (name, key), limit in touched.items():
+            bucket = self.buckets[(name, key)]
+            bucket.events.append((times[(name, key)], Fraction(0), None))
+            debt, _ = bucket.state(limit.refill_per_ms, self.refused_messages)
+            if not debt:  # full again: a full bucket is no bucket (it keeps no time)
+                del self.buckets[(name, key)]
 
     def remaining(self, now_ms: int) -> dict[tuple[str, str], int]:
         """Whole units left in every bucket that is not full, by (limit, key as shown)."""
@@ -208,8 +247,8 @@ class CountingOracle:
         left: dict[tuple[str, str], int] = {}
         for (name, key), bucket in self.buckets.items():
             limit = by_name[name]
-            bucket.advance(limit.refill_per_ms, now_ms)
-            units = limit.burst - bucket.debt
+            units = limit.burst - bucket.debt_at(limit.refill_per_ms, self.refused_messages,
+                                                 now_ms)
             if units < limit.burst:
                 left[(name, key)] = int(units // 1)
         return left
@@ -278,7 +317,7 @@ class CountingOracle:
         if failing:
             return max(failing, key=SEVERITY.__getitem__)
         for check in spends:
-            self._spend(check, now_ms)
+            self._spend(check, now_ms, message_id)
         self.rcpt_spends.setdefault(message_id, []).extend(spends)
         return "accept"
 
@@ -342,7 +381,7 @@ class CountingOracle:
             return outcome
         for check in checks:
             if check[0].blocking or self._fits(check, now_ms):  # a spent demote: not spent
-                self._spend(check, now_ms)
+                self._spend(check, now_ms, message_id)
         self.counted.add(queue_id)
         self.rcpt_spends.pop(message_id, None)
         return outcome
@@ -360,8 +399,9 @@ class CountingOracle:
 
     def refused(self, message_id: str, now_ms: int) -> None:
         """The message was refused (or abandoned): its RCPT spends are given back."""
-        for check in self.rcpt_spends.pop(message_id, []):
-            self._give_back(check, now_ms)
+        spends = self.rcpt_spends.pop(message_id, [])
+        if spends:
+            self._give_back(message_id, spends, now_ms)
 
     def forget(self, message_id: str) -> None:
         """The message ended with no end-of-message decision to make (no recipient left)."""
