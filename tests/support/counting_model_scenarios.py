@@ -1,0 +1,153 @@
+"""The policy and the random mail of the counting model test
+(tests/contract/test_counting_model.py): the limits as :class:`LimitSpec` (the oracle reads
+them, the policy file is written from them) and hypothesis strategies for sequences of
+messages with clock steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+from tests.support.counting_oracle import CountingOracle, LimitSpec, Message
+
+BULK = frozenset({"bulk"})
+
+LIMITS = (
+    # spent per recipient at RCPT by whoever decides RCPT
+    LimitSpec("per-domain", ("recipient_domain",), "recipients", 4, "1m", 4, "defer"),
+    LimitSpec("sender-to-domain", ("sender", "recipient_domain"), "recipients", 3, "1m", 3,
+              "defer"),
+    # checked at RCPT, spent once per message at the end
+    LimitSpec("sender-recipients", ("sender",), "recipients", 6, "1m", 6, "defer"),
+    LimitSpec("sender-bytes", ("sender",), "bytes", 1500, "1m", 1500, "defer"),
+    LimitSpec("sender-demote", ("sender",), "messages", 3, "1m", 3, "demote",
+              demote_to="bulk"),
+    # seen by the milter only
+    LimitSpec("campaigns", ("sender",), "messages", 2, "1m", 2, "defer", header="X-Campaign"),
+    # the bulk lane's (classified by List-Id, or demoted there)
+    LimitSpec("bulk-hold", ("sender",), "recipients", 5, "1m", 5, "hold", lanes=BULK),
+    LimitSpec("bulk-domain", ("recipient_domain",), "recipients", 3, "1m", 3, "defer",
+              lanes=BULK),
+)
+
+LANES = ("normal", "bulk")
+
+POLICY = """\
+store: {timeout_ms: 5000}
+lanes:
+  - name: normal
+  - name: bulk
+    transport: mq-bulk
+default_lane: normal
+classify:
+  - name: lists
+    when: {bulk_signals: true}
+    lane: bulk
+"""
+
+
+def policy_text(wiring: str) -> str:
+    """The policy file of a wiring: P has no ``milter:`` section; M and B have one, the
+    milter deciding RCPT (M) or Postfix's policy server (B)."""
+    text = POLICY + "limits:\n" + "".join(
+        "  " + line + "\n" for spec in LIMITS for line in spec.yaml().splitlines())
+    if wiring == "M":
+        text += "milter:\n  rcpt_limits: milter\n  timeout: 10s\n"
+    elif wiring == "B":
+        text += "milter:\n  rcpt_limits: policy_server\n  timeout: 10s\n"
+    return text
+
+
+def new_oracle() -> CountingOracle:
+    return CountingOracle(limits=LIMITS, default_lane="normal",
+                          header_lanes={"List-Id": "bulk"}, lane_order=LANES)
+
+
+# Keys that must never share a bucket: a `|` in a part (sender, domain), `%`, a raw byte
+# that is not UTF-8 (kept as a lone surrogate), and their escaped look-alikes.
+SENDERS = (
+    "alice@ex.com",
+    "alice@ex.com|victim.org",
+    "bob@ex.com",
+    "100%@ex.com",
+    "100%25@ex.com",
+    "\udcffuser@ex.com",
+    "%udcffuser@ex.com",
+    "",  # the null sender: no sender key
+)
+DOMAINS = ("victim.org", "target.net", "victim.org|target.net", "pct%.example", "b.example")
+LOCALS = ("ann", "joe", "sue", "max", "kim", "lee", "tom", "eve")
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the random mail may contain (all by default); turning one off shows which
+    part of the contract an implementation misses."""
+
+    headers: bool = True  # List-Id (the bulk lane) and X-Campaign (a header limit)
+    oversize: bool = True  # mail that can never fit: 7 recipients, bodies over 1500 bytes
+    clock_back: bool = True  # the clock stepping back
+    retries: bool = True  # END-OF-MESSAGE asked twice (P, B)
+    overlap: bool = True  # B: the next message's policy requests before this one's milter end
+
+
+ALL = Features()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One message after the clock moved by ``clock_step_ms`` (negative: a step back).
+
+    ``retry_end``: Postfix sends the END-OF-MESSAGE request again (P, B); ``overlap``
+    (B): the next message's policy requests come between this message's END-OF-MESSAGE
+    and its milter end of message (two connections at once)."""
+
+    clock_step_ms: int
+    message: Message
+    retry_end: bool = False
+    overlap: bool = False
+
+
+def _fits_always(pairs: list[tuple[str, str]]) -> bool:
+    """At most 3 recipients at one domain (the bulk lane's per-domain burst)."""
+    domains = [domain for _, domain in pairs]
+    return all(domains.count(d) <= 3 for d in domains)
+
+
+@st.composite
+def messages(draw: st.DrawFn, features: Features = ALL) -> Message:
+    sender = draw(st.sampled_from(SENDERS))
+    pairs = draw(st.lists(st.tuples(st.sampled_from(LOCALS), st.sampled_from(DOMAINS)),
+                          min_size=1, max_size=7 if features.oversize else 5, unique=True)
+                 .filter(lambda p: features.oversize or _fits_always(p)))
+    headers: list[tuple[str, bytes]] = [("Subject", b"hello")]
+    if features.headers and draw(st.booleans()):
+        headers.append(("List-Id", b"<news.ex.com>"))
+    if features.headers and draw(st.booleans()):
+        headers.append(("X-Campaign", draw(st.sampled_from([b"spring", b"r\xe9sum\xe9",
+                                                            b"\xff\xfe"]))))
+    largest = 1700 if features.oversize else 1400  # 1500 bytes: the burst of sender-bytes
+    body_size = draw(st.one_of(st.integers(0, 600), st.integers(1300, largest)))
+    return Message(sender, tuple(f"{local}@{domain}" for local, domain in pairs),
+                   tuple(headers), body_size)
+
+
+def clock_steps(features: Features) -> st.SearchStrategy[int]:
+    forward = st.one_of(st.just(0), st.integers(1, 45_000))  # refill 1/10 s .. whole budgets
+    if not features.clock_back:
+        return forward
+    return st.one_of(forward, st.integers(-30_000, -1))  # back (NTP)
+
+
+def steps(wiring: str, features: Features = ALL) -> st.SearchStrategy[list[Step]]:
+    retries = features.retries and wiring in ("P", "B")
+    overlap = features.overlap and wiring == "B"
+    step = st.builds(
+        Step,
+        clock_step_ms=clock_steps(features),
+        message=messages(features),
+        retry_end=st.booleans() if retries else st.just(False),
+        overlap=st.booleans() if overlap else st.just(False),
+    )
+    return st.lists(step, min_size=1, max_size=10)
