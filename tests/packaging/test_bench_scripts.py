@@ -158,8 +158,14 @@ def test_the_postfix_bench_compares_the_wiring_with_a_do_nothing_milter() -> Non
         assert side["delivered_per_s"] == pytest.approx(48 / side["seconds"])
         for latencies in (side["accept_ms"], side["deliver_ms"]):
             assert 0 < latencies["p50"] <= latencies["p90"] <= latencies["p99"], side
-        # Postfix consulted the milter (the floor) and mqpolicy serve on every message
-        assert (side["beside_cpu_ms_per_message"] > 0) == (mode != "postfix"), side
+        # The process beside Postfix ran during the segments (the floor milter's CPU over
+        # 48 messages can stay under one 10 ms clock tick, so its time waiting to run, read
+        # in nanoseconds, counts too); Postfix alone has none. That mqpolicy decided every
+        # message the bench checks itself (it fails otherwise).
+        ran = side["beside_cpu_ms_per_message"] + side["beside_cpu_wait_ms_per_message"]
+        assert (ran > 0) == (mode != "postfix"), side
+        if mode == "mqpolicy+milter":
+            assert side["beside_cpu_ms_per_message"] > 0, side
     rates = {mode: result[mode]["delivered_per_s"] for mode in sides}
     assert result["ratio_overall"] == pytest.approx(rates["mqpolicy+milter"] / rates["floor"])
     assert result["ratio_floor_to_postfix"] == pytest.approx(rates["floor"] / rates["postfix"])
