@@ -6,6 +6,7 @@ from typing import TextIO
 
 from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK
 from mqpolicy.policy.loader import ConfigError, load_policy
+from mqpolicy.policy.model import Policy
 from mqpolicy.store.urls import check_store_url
 
 
@@ -24,4 +25,18 @@ def cmd_check(path: str, out: TextIO) -> int:
         + (f", milter {milter.listen}" if milter else ""),
         file=out,
     )
+    for line in header_warnings(policy):
+        print(line, file=out)
     return EXIT_OK
+
+
+def header_warnings(policy: Policy) -> list[str]:
+    """Without a ``milter:`` section nothing sees the headers: every rule and limit with a
+    header condition never matches (the policy server skips them)."""
+    if policy.milter is not None:
+        return []
+    why = "looks at headers, which only the milter sees: it never matches without a milter"
+    return ([f"warning: classify rule {rule.name} {why}"
+             for rule in policy.classify if rule.needs_headers]
+            + [f"warning: limit {limit.name} {why}"
+               for limit in policy.limits if limit.needs_headers])

@@ -27,7 +27,15 @@ from typing import NamedTuple
 
 from mqpolicy.policy.backoff import scale_budget
 from mqpolicy.policy.keys import escape_key_part, escape_surrogates, readable_key
-from mqpolicy.policy.model import ActionKind, Count, Lane, Limit, Policy, StoreErrorMode
+from mqpolicy.policy.model import (
+    ActionKind,
+    Count,
+    Lane,
+    Limit,
+    Oversize,
+    Policy,
+    StoreErrorMode,
+)
 from mqpolicy.policy.request import (
     STAGE_END_OF_MESSAGE,
     STAGE_RCPT,
@@ -67,6 +75,11 @@ class Plan(NamedTuple):
     limits: tuple[PlannedLimit, ...]
     once_key: str | None
     waiting_lanes: frozenset[str] = frozenset()  # lanes that wait for the MTA's queues
+    # the policy server's END-OF-MESSAGE decision in wiring B: it spends nothing and
+    # refuses only when sure (see make_plan); the milter decides lane, holds and spends
+    checks_only: bool = False
+    # the message's ledger, where a RCPT decision's spends are recorded for a give-back
+    ledger_key: str | None = None
 
 
 class RuntimeState(NamedTuple):
@@ -108,6 +121,7 @@ class Verdict(NamedTuple):
     deciding: str | None = None  # name of the limit that decided, or "lane:<name>"
     store_error: bool = False
     duplicate: bool = False
+    oversize: bool = False  # the deciding limit's cost exceeds its burst: it never fits
 
     @property
     def demoted(self) -> bool:
@@ -156,6 +170,13 @@ def bounded_key(key: str) -> str:
     return "%sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
 
 
+def ledger_key(message: str) -> str:
+    """The store key of a message's ledger (see :mod:`mqpolicy.store.budget`): ``message``
+    is ``i:<instance>`` (the policy server's, or the milter's own transaction id) or
+    ``q:<queue id>`` (where wiring B's policy server leaves it for the milter)."""
+    return f"spent:{bounded_key(escape_key_part(message))}"
+
+
 def once_key_for(request: Request) -> str | None:
     """The key that records a message as counted: its queue id (else the instance),
     escaped as a key part (a queue id that is not UTF-8 is a valid Redis key too)."""
@@ -170,7 +191,10 @@ def not_applied_reason(limit: Limit, lane: Lane, request: Request) -> str | None
     """Why ``limit`` does not count this request in ``lane``; None when it does (when
     :func:`make_plan` plans it). The one list of these conditions: ``make_plan`` has them
     inlined for speed (a test holds the two together), ``explain`` says them."""
-    if limit.recipient_keyed and request.stage != STAGE_RCPT:
+    if limit.spent_at_end and request.stage == STAGE_RCPT:
+        return ("recipient-keyed with lanes or headers: spent per recipient at the end of "
+                "the message, in its final lane")
+    if limit.recipient_keyed and request.stage != STAGE_RCPT and not limit.spent_at_end:
         return "recipient-keyed: spent per recipient at RCPT"
     if limit.destination is not None and limit.destination != recipient_destination(request):
         return f"destination {limit.destination} only"
@@ -187,6 +211,28 @@ def not_applied_reason(limit: Limit, lane: Lane, request: Request) -> str | None
     return None
 
 
+def _per_recipient(limit: Limit, request: Request, consume: bool) -> list[PlannedLimit]:
+    """A recipient-keyed limit spent at the end of the message: one unit (the size, when
+    it counts bytes) per recipient of the message, one check per bucket."""
+    recipients = request.recipients or ((request.recipient,) if request.recipient else ())
+    costs: dict[str, int] = {}
+    each = max(1, request.size) if limit.count is Count.BYTES else 1
+    when, exempt = limit.when, limit.exempt
+    for recipient in recipients:
+        one = request._replace(recipient=recipient)
+        if (when is not None and not when(one)) or (exempt is not None and exempt(one)):
+            continue
+        key = limit.key_of(one)
+        if key is not None:
+            costs[key] = costs.get(key, 0) + each
+    return [
+        PlannedLimit(limit, key, BudgetCheck(store_key(limit, key), limit.refill, limit.unit,
+                                             limit.burst, cost, consume, limit.blocking),
+                     consume)
+        for key, cost in costs.items()
+    ]
+
+
 def _message_cost(limit: Limit, request: Request) -> int:
     if limit.count is Count.MESSAGES:
         return 1
@@ -196,10 +242,13 @@ def _message_cost(limit: Limit, request: Request) -> int:
 
 
 def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTIME,
-              lane: Lane | None = None, *, releasing: bool = False) -> Plan:
+              lane: Lane | None = None, *, releasing: bool = False,
+              demotion: bool = True) -> Plan:
     """The checks of one decision. ``lane`` given: no classification (the scheduler
     plans a held message in the lane it was held in). ``releasing``: the scheduler lets a
-    held message go, which spends its recipient budgets whatever the lane."""
+    held message go, which spends its recipient budgets whatever the lane. ``demotion``:
+    at the end of a message, a demote limit's target lane is planned too (see
+    :func:`_with_demotion`)."""
     rule: str | None = None
     if lane is None:
         lane, rule = classify(request, policy)
@@ -220,10 +269,21 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         if budget is not None and (budget.lanes is None or lane.name in budget.lanes):
             limits = (*limits, budget)
     no_headers = request.headers is None
+    # Wiring B: the milter spends at its end of message, in the final lane; here only the
+    # limits that apply whatever the headers and the final lane say are checked.
+    checks_only = at_end and no_headers and policy.end_checks_only
     size = request.size
     for limit in limits:
         if no_headers and limit.needs_headers:
             continue  # the milter, which sees the headers, applies this limit
+        if checks_only and limit.lanes is not None:
+            continue  # the final lane is the milter's to know
+        if limit.spent_at_end:
+            if at_rcpt and not releasing:
+                continue  # spent at the end, in the lane the message leaves in
+            if at_end:
+                planned.extend(_per_recipient(limit, request, spend_recipients))
+                continue
         when = limit.when
         if when is not None and not when(request):
             continue
@@ -238,7 +298,7 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
             consume = spend_recipients
         elif at_end:
             cost = _message_cost(limit, request)
-            consume = True
+            consume = not checks_only
         else:
             cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
             consume = False
@@ -250,13 +310,51 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         bucket = store_key(limit, key)
         # tuple.__new__: positional NamedTuples without their keyword __new__ (2x cheaper)
         check = _new(BudgetCheck, (bucket, limit.refill, unit, burst, cost, consume,
-                                   limit.blocking))
+                                   limit.blocking, 0))
         planned.append(_new(PlannedLimit, (limit, key, check, consume)))
-    once = once_key_for(request) if at_end and planned else None
-    return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes))
+    if at_end and demotion and planned and not checks_only and policy.demotes:
+        planned = _with_demotion(request, policy, runtime, lane, planned)
+    once = once_key_for(request) if at_end and planned and not checks_only else None
+    ledger = (ledger_key("i:" + request.instance)
+              if at_rcpt and request.instance and not releasing
+              and any(p.spends for p in planned) else None)
+    return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes,
+                       checks_only, ledger))
 
 
 _new = tuple.__new__
+
+
+def _with_demotion(request: Request, policy: Policy, runtime: RuntimeState, lane: Lane,
+                   planned: list[PlannedLimit]) -> list[PlannedLimit]:
+    """A message that a spent ``demote: L`` limit may move to lane L meets L's limits in
+    the same atomic decision: the limits scoped to L (and not to this lane) are added,
+    counted only if the demote check fails; the limits scoped to this lane (and not to L)
+    count only if it passes. With several demote limits that could apply, none of this:
+    the message counts in its first lane (README, "How counting works")."""
+    demotes = [i for i, p in enumerate(planned)
+               if p.limit.action is ActionKind.DEMOTE and not p.limit.monitor
+               and p.limit.demote_to is not None
+               and policy.lane(p.limit.demote_to).priority > lane.priority]
+    if len(demotes) != 1:
+        return planned
+    d = demotes[0]
+    target = policy.lane(planned[d].limit.demote_to or "")
+    out = [p if p.limit.lanes is None or target.name in p.limit.lanes
+           else p._replace(check=p.check._replace(after=-(d + 1)))
+           for p in planned]
+    for p in make_plan(request, policy, runtime, target, demotion=False).limits:
+        if p.limit.lanes is not None and lane.name not in p.limit.lanes:
+            out.append(p._replace(check=p.check._replace(after=d + 1)))
+    return out
+
+
+def counted_in_decision(planned: PlannedLimit, evaluation: Evaluation) -> bool:
+    """Whether a check counted in the decision (one with ``after`` may not have)."""
+    after = planned.check.after
+    if not after:
+        return True
+    return evaluation.results[abs(after) - 1].allowed is not (after > 0)
 
 
 # ---------------------------------------------------------------- decide
@@ -272,7 +370,12 @@ def _counted(p: PlannedLimit) -> str:
 
 def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: int,
           remaining: int) -> str:
-    retry = "later" if retry_ms == NEVER else str(max(1, -(-retry_ms // 1000)))
+    if retry_ms > 0:
+        retry = str(max(1, -(-retry_ms // 1000)))
+    else:  # no retry time: "try again in {retry_after}s" says "try again later"
+        retry = "later"
+        template = (template.replace("in {retry_after}s", "{retry_after}")
+                    .replace("{retry_after}s", "{retry_after}"))
     return template.format(
         limit=limit.name if limit else "",
         key=readable_key(key),
@@ -290,25 +393,27 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
         return _store_failed(plan, policy)
 
     outcomes: list[LimitOutcome] = []
-    worst: tuple[int, int, PlannedLimit, BudgetResult] | None = None
+    worst: tuple[int, int, PlannedLimit, BudgetResult, ActionKind, bool] | None = None
     lane = classified
     duplicate = evaluation.duplicate
     may_spend = evaluation.committed and not duplicate
     for planned, result in zip(plan.limits, evaluation.results, strict=True):
         limit = planned.limit
         allowed, remaining, retry_after_ms = result
+        counted = not planned.check.after or counted_in_decision(planned, evaluation)
         outcomes.append(_new(LimitOutcome, (
             limit.name,
             planned.key,
             allowed,
-            may_spend and allowed and planned.check.consume,
+            may_spend and allowed and planned.check.consume and counted,
             remaining,
             retry_after_ms,
             limit.action,
             limit.monitor,
             limit.rate_text,
-            "already counted" if duplicate else _counted(planned),
-            planned.check.cost if planned.check.consume else 0,
+            "already counted" if duplicate else (_counted(planned) if counted
+                                                 else "not in the final lane"),
+            planned.check.cost if planned.check.consume and counted else 0,
         )))
         if allowed or limit.monitor:
             continue
@@ -317,30 +422,47 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
             if target.priority > lane.priority:
                 lane = target
             continue
-        retry = result.retry_after_ms if result.retry_after_ms != NEVER else 1 << 62
-        rank = (_SEVERITY[limit.action], retry, planned, result)
+        kind = limit.action
+        never = result.retry_after_ms == NEVER
+        if never and kind is not ActionKind.REJECT:  # can never fit: no 4xx loop
+            kind = ActionKind.REJECT if limit.oversize is Oversize.REJECT else ActionKind.HOLD
+        if plan.checks_only and kind is ActionKind.HOLD:
+            continue  # holding is the milter's: it writes the record and quarantines
+        rank = (_SEVERITY[kind], 1 << 62 if never else result.retry_after_ms, planned, result,
+                kind, never)
         if worst is None or rank[:2] > worst[:2]:
             worst = rank
 
     limits = tuple(outcomes)
     if worst is not None:
-        _, _, planned, result = worst
+        _, _, planned, result, kind, never = worst
         limit = planned.limit
-        action = Action(limit.action.value)
-        default: str = getattr(policy.messages, action.value)  # messages.defer, .hold, .reject
-        text = _fill(limit.message or default, limit, planned.key, lane,
-                     result.retry_after_ms, result.remaining)
+        action = Action(kind.value)
+        oversize = never and limit.action is not ActionKind.REJECT
+        if oversize and action is Action.REJECT:
+            text = oversize_text(limit, planned.check)
+        else:
+            default: str = getattr(policy.messages, action.value)  # messages.defer, ...
+            text = _fill(limit.message or default, limit, planned.key, lane,
+                         result.retry_after_ms, result.remaining)
         return Verdict(action, lane, classified, plan.rule, text, result.retry_after_ms,
-                       limits, deciding=limit.name, duplicate=evaluation.duplicate)
+                       limits, deciding=limit.name, duplicate=evaluation.duplicate,
+                       oversize=oversize)
     waiting = lane.name in plan.waiting_lanes and lane.priority > 0  # never the highest lane
-    if waiting or lane.hold:
+    if (waiting or lane.hold) and not plan.checks_only:
         # messages.hold names a limit; here none held the message: name what did
         text = (LOAD_HOLD_TEXT if waiting else LANE_HOLD_TEXT).format(lane=lane.name)
         return Verdict(Action.HOLD, lane, classified, plan.rule, text, 0, limits,
                        deciding="load" if waiting else f"lane:{lane.name}",
                        duplicate=evaluation.duplicate)
     return _new(Verdict, (Action.ACCEPT, lane, classified, plan.rule, "", 0, limits, None,
-                          False, evaluation.duplicate))
+                          False, evaluation.duplicate, False))
+
+
+def oversize_text(limit: Limit, check: BudgetCheck) -> str:
+    """The permanent refusal of a message larger than a limit's burst."""
+    return (f"message exceeds limit {limit.name}: {check.cost} {limit.count.value}, "
+            f"at most {check.burst} at once")
 
 
 def _store_failed(plan: Plan, policy: Policy) -> Verdict:

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Sequence, Sized
+from collections.abc import Callable, Generator, Sized
 from dataclasses import dataclass, field
 from time import perf_counter_ns
 from typing import Any, Final, NamedTuple, cast
@@ -40,7 +40,7 @@ from mqpolicy.metrics.instruments import BusiestKeys, LatencyHistogram
 from mqpolicy.metrics.registry import Labels, MetricsRegistry
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, Request, domain_of
-from mqpolicy.store.budget import BudgetCheck, CounterStore, Evaluation, StoreError, StoreTimeout
+from mqpolicy.store.budget import CounterStore, Evaluation, StoreError, StoreTimeout
 
 log = logging.getLogger("mqpolicy.decision")
 store_log = logging.getLogger("mqpolicy.store")
@@ -51,7 +51,8 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-_EvaluateNow = Callable[[Sequence[BudgetCheck], int, str | None, int], Evaluation]
+# (checks, now_ms, once_key, once_ttl_ms[, ledger_key]) -> Evaluation
+_EvaluateNow = Callable[..., Evaluation]
 """``MemoryStore.evaluate_now``: a store's decision without I/O or coroutine."""
 
 
@@ -137,16 +138,17 @@ class DecisionService:
         self.policy = policy
 
     async def decide(self, request: Request, *, consume: bool = True,
-                     account: bool = True) -> Verdict:
+                     account: bool = True, logged: bool = True) -> Verdict:
         """The verdict on ``request``; ``consume=False`` spends nothing. ``account=False``
         (``explain``: someone asks, no mail waits): neither counted in the stats nor logged
-        as a decision."""
+        as a decision. ``logged=False``: counted, and logged by the caller (the milter
+        logs the action it took)."""
         if consume and account and self._evaluate_now is not None:
-            verdict = self.decide_now(request)
+            verdict = self.decide_now(request, logged=logged)
             if verdict is not None:
                 return verdict
         policy = self.policy
-        steps = self._steps(request, policy, consume, account)
+        steps = self._steps(request, policy, consume, account, logged)
         step = next(steps)
         if type(step) is _Destination:
             step = steps.send(await self.destination_of(step.domain, policy))
@@ -155,14 +157,14 @@ class DecisionService:
             step = steps.send(await self._evaluate(step, timeout_ms))
         return _verdict(steps, step)
 
-    def decide_now(self, request: Request) -> Verdict | None:
+    def decide_now(self, request: Request, *, logged: bool = True) -> Verdict | None:
         """The decision, made synchronously, when it needs no I/O: an in-process store
         and a destination found without DNS. None: use :meth:`decide`. Any thread."""
         evaluate_now = self._evaluate_now
         if evaluate_now is None:
             return None
         policy = self.policy
-        steps = self._steps(request, policy, True, True)
+        steps = self._steps(request, policy, True, True, logged)
         step = next(steps)
         if type(step) is _Destination:
             destination = self._destinations.find_now(step.domain, policy.destinations)
@@ -173,14 +175,15 @@ class DecisionService:
             try:
                 evaluation: Evaluation | None = evaluate_now(
                     [p.check for p in step.limits], self.clock_ms(), step.once_key,
-                    policy.store.once_ttl_ms)
+                    policy.store.once_ttl_ms, *((step.ledger_key,) if step.ledger_key else ()))
             except StoreError as exc:  # the memory store at its bound, every entry in use
                 self._store_failed("store_errors", str(exc))
                 evaluation = None
             step = steps.send(evaluation)
         return _verdict(steps, step)
 
-    def _steps(self, request: Request, policy: Policy, consume: bool, account: bool) -> _Steps:
+    def _steps(self, request: Request, policy: Policy, consume: bool, account: bool,
+               logged: bool = True) -> _Steps:
         """A decision, from the request to the verdict, whichever way its I/O is done: the
         one sequence :meth:`decide_now` and :meth:`decide` drive.
 
@@ -205,7 +208,8 @@ class DecisionService:
                 self._outages.succeeded()
         verdict = decide(plan, evaluation, policy)
         if account:
-            self._account(plan.request, verdict, perf_counter_ns() - started, store_ns)
+            self._account(plan.request, verdict, perf_counter_ns() - started, store_ns,
+                          logged)
         yield verdict
 
     async def destination_of(self, domain: str, policy: Policy | None = None) -> str:
@@ -217,7 +221,8 @@ class DecisionService:
         checks = [p.check for p in plan.limits]
         try:
             answer = self.store.evaluate(checks, self.clock_ms(), plan.once_key,
-                                         self.policy.store.once_ttl_ms)
+                                         self.policy.store.once_ttl_ms,
+                                         *((plan.ledger_key,) if plan.ledger_key else ()))
             if not self._needs_deadline:  # the store keeps it, or answers without I/O
                 return await answer
             async with asyncio.timeout(timeout_ms / 1000):
@@ -230,6 +235,35 @@ class DecisionService:
             self._store_failed("store_errors", str(exc))
         return None
 
+    async def give_back(self, ledger: str) -> int:
+        """Give back a message's ledger (:func:`~mqpolicy.decision.engine.ledger_key`): the
+        RCPT spends of a message refused or held at its end. A store error is counted and
+        logged; those spends then stay (they refill with time). How many were given."""
+        given = self.give_back_now(ledger)
+        if given is not None:
+            return given
+        try:
+            return await self.store.give_back(ledger, self.clock_ms())
+        except StoreError as exc:
+            self._store_failed("store_errors", f"give-back: {exc}")
+            return 0
+
+    def give_back_now(self, ledger: str) -> int | None:
+        """:meth:`give_back` on the calling thread when it needs no I/O (the memory
+        store); None: use :meth:`give_back`."""
+        give_back_now = getattr(self.store, "give_back_now", None)
+        if give_back_now is None or self._evaluate_now is None:
+            return None
+        return int(give_back_now(ledger, self.clock_ms()))
+
+    async def move_ledger(self, ledger: str, to: str) -> None:
+        """Keep a message's ledger under another key (wiring B: from the policy server's
+        instance to the queue id the milter knows)."""
+        try:
+            await self.store.move_ledger(ledger, to)
+        except StoreError as exc:
+            self._store_failed("store_errors", f"ledger: {exc}")
+
     def _store_failed(self, counter: str, why: str) -> None:
         """Count (``store_errors`` or ``store_timeouts``); log an outage's start, its end
         at the next answer (how many decisions followed on_store_error, how long)."""
@@ -238,7 +272,7 @@ class DecisionService:
         self._outages.failed(why)
 
     def _account(self, request: Request, verdict: Verdict, decision_ns: int,
-                 store_ns: int | None) -> None:
+                 store_ns: int | None, logged: bool = True) -> None:
         stats = self.stats
         spoke = False  # a limit found spent
         with self.stats_lock:
@@ -261,7 +295,7 @@ class DecisionService:
             and request.stage != STAGE_END_OF_MESSAGE
         )
         level = logging.DEBUG if quiet else logging.INFO
-        if log.isEnabledFor(level):
+        if logged and log.isEnabledFor(level):
             log.log(level, "decision", extra={"fields": decision_fields(request, verdict)})
 
 
@@ -293,6 +327,8 @@ def decision_fields(request: Request, verdict: Verdict) -> dict[str, object]:
         fields["by"] = verdict.deciding
     if verdict.retry_after_ms > 0:
         fields["retry_after_s"] = round(verdict.retry_after_ms / 1000, 1)
+    if verdict.oversize:
+        fields["reason"] = "oversize"
     if verdict.store_error:
         fields["store_error"] = "yes"
     if verdict.duplicate:
@@ -310,7 +346,7 @@ def decision_fields(request: Request, verdict: Verdict) -> dict[str, object]:
 def _dry(plan: Plan) -> Plan:
     """The same plan, spending nothing (``explain`` without ``--consume``)."""
     limits = tuple(p._replace(check=p.check._replace(consume=False)) for p in plan.limits)
-    return plan._replace(limits=limits, once_key=None)
+    return plan._replace(limits=limits, once_key=None, ledger_key=None)
 
 
 # ---------------------------------------------------------------- metrics

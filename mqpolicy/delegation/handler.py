@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mqpolicy.daemon.structured_log import queue_id_var
-from mqpolicy.decision.engine import Action, Verdict, store_error_text
+from mqpolicy.decision.engine import Action, Verdict, ledger_key, store_error_text
 from mqpolicy.decision.hold_terms import held_until, unspent_budgets
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
 from mqpolicy.policy.model import Lane
@@ -52,6 +52,10 @@ MAX_PENDING_HOLDS = 50_000
 forgotten first: a client that never finishes its message must not grow the map)."""
 
 
+MAX_REMEMBERED_RECIPIENTS = 10_000
+"""Recipients of one message remembered for its END-OF-MESSAGE (as the milter keeps)."""
+
+
 def postfix_action(verdict: Verdict) -> str:
     """The ``action=`` value Postfix understands for a verdict."""
     action = verdict.action
@@ -66,6 +70,11 @@ def postfix_action(verdict: Verdict) -> str:
     if action is Action.HOLD:
         return f"HOLD {verdict.text}"
     return f"550 5.7.1 {verdict.text}"
+
+
+def refused(answer: str) -> bool:
+    """Whether a Postfix action refuses (4xx, 5xx) or holds the message."""
+    return answer[:1] in ("4", "5") or answer.startswith("HOLD")
 
 
 def accepted_action(verdict: Verdict) -> str:
@@ -99,6 +108,8 @@ class PostfixPolicyHandler:
         self.records = records
         self.clock_ms = clock_ms
         self._pending: OrderedDict[str, _PendingHold] = OrderedDict()
+        # instance -> the recipients accepted so far (Policy.recipients_at_end only)
+        self._recipients: OrderedDict[str, list[str]] = OrderedDict()
         self._max_pending = max_pending
         self.holds_recorded = 0
         self.record_failures = 0
@@ -116,10 +127,28 @@ class PostfixPolicyHandler:
         record to write); else an awaitable of it. The policy server calls this."""
         request = Request.from_policy_attributes(attrs)
         queue_id_var.set(request.queue_id)
+        remember = self.service.policy.recipients_at_end and request.instance
+        if remember and request.stage == STAGE_END_OF_MESSAGE and not request.recipients:
+            recipients = self._recipients.pop(request.instance, None)
+            if recipients:
+                request = request._replace(recipients=tuple(recipients))
         verdict = self.service.decide_now(request)
         if verdict is None:
             return self._decide_and_answer(request)
         return self._answer(request, verdict)
+
+    def _remember(self, request: Request, verdict: Verdict) -> None:
+        """A recipient accepted at RCPT, for the limits spent per recipient at the end of
+        the message (Postfix's END-OF-MESSAGE request lists none)."""
+        if verdict.action not in (Action.ACCEPT, Action.HOLD) or not request.recipient:
+            return
+        recipients = self._recipients.get(request.instance)
+        if recipients is None:
+            recipients = self._recipients[request.instance] = []
+            if len(self._recipients) > self._max_pending:
+                self._recipients.popitem(last=False)
+        if len(recipients) < MAX_REMEMBERED_RECIPIENTS:
+            recipients.append(request.recipient)
 
     async def _decide_and_answer(self, request: Request) -> str:
         answer = self._answer(request, await self.service.decide(request))
@@ -127,11 +156,36 @@ class PostfixPolicyHandler:
 
     def _answer(self, request: Request, verdict: Verdict) -> str | Awaitable[str]:
         records = self.records
-        if records is None:
-            return postfix_action(verdict)
         if request.stage != STAGE_END_OF_MESSAGE:
+            if request.instance and self.service.policy.recipients_at_end:
+                self._remember(request, verdict)
+            if records is None:
+                return postfix_action(verdict)
             return self._before_end(request, verdict)
-        return self._at_end(request, verdict, records)
+        if records is None:
+            if verdict.action is Action.ACCEPT and self.service.policy.end_checks_only:
+                answer: str | Awaitable[str] = "DUNNO"  # wiring B: the milter gives the lane
+            else:
+                answer = postfix_action(verdict)
+        else:
+            answer = self._at_end(request, verdict, records)
+        if not request.instance or (isinstance(answer, str) and not refused(answer)
+                                    and not self.service.policy.end_checks_only):
+            return answer  # accepted: its RCPT spends stay, its ledger expires
+        return self._settle(request, answer)
+
+    async def _settle(self, request: Request, answer: str | Awaitable[str]) -> str:
+        """After the answer at END-OF-MESSAGE: a message refused or held gets its RCPT
+        spends back (held mail is spent when released); in wiring B an accepted one's
+        ledger is left under its queue id, for the milter to give back if it refuses."""
+        if not isinstance(answer, str):
+            answer = await answer
+        ledger = ledger_key("i:" + request.instance)
+        if refused(answer):
+            await self.service.give_back(ledger)
+        elif self.service.policy.end_checks_only and request.queue_id:
+            await self.service.move_ledger(ledger, ledger_key("q:" + request.queue_id))
+        return answer
 
     def _before_end(self, request: Request, verdict: Verdict) -> str:
         key = request.instance
@@ -157,6 +211,8 @@ class PostfixPolicyHandler:
         hold = verdict if verdict.action is Action.HOLD else (
             pending.verdict if pending is not None else None)
         if hold is None:
+            if self.service.policy.end_checks_only:
+                return "DUNNO"  # wiring B: the milter gives the lane (and holds)
             return postfix_action(verdict)
         if not request.queue_id:
             log.error("hold without a queue id: held without a record",

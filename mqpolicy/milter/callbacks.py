@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,9 +53,9 @@ from typing import Any, TypeVar
 import Milter
 
 from mqpolicy.daemon.structured_log import connection_id_var, queue_id_var
-from mqpolicy.decision.engine import Action, Verdict, classify
+from mqpolicy.decision.engine import Action, Verdict, classify, ledger_key
 from mqpolicy.decision.hold_terms import held_until, unspent_budgets
-from mqpolicy.decision.service import wall_clock_ms
+from mqpolicy.decision.service import decision_fields, wall_clock_ms
 from mqpolicy.milter.gateway import DecisionGateway, DecisionUnavailable
 from mqpolicy.milter.scheduled_delivery import SCHEDULE_HEADERS, requested_time, schedule_hold_text
 from mqpolicy.policy.model import ErrorAction, Lane, RcptLimits
@@ -64,6 +65,7 @@ from mqpolicy.store.hold_records import HoldRecord, hold_destinations
 __all__ = ["PolicyMilter"]
 
 log = logging.getLogger("mqpolicy.milter")
+decision_log = logging.getLogger("mqpolicy.decision")  # the decisions' line, as the service's
 
 # Bounds on what one message may make the milter keep (the MTA bounds the rest).
 MAX_HEADER_VALUE = 8192  # characters of one header value kept for classification
@@ -113,6 +115,7 @@ def _delete_headers(msg: _Message, name: str, count: int, down_to: int = 1) -> N
 class _Message:
     """What one transaction (MAIL FROM ... end of message) accumulates."""
 
+    instance: str = ""  # this transaction's id: its RCPT spends' ledger (see eom)
     sender: str = ""
     sasl_username: str = ""
     queue_id: str = ""
@@ -128,12 +131,17 @@ class _Message:
     hold: Verdict | None = None  # a hold decided at RCPT, applied at the end
     demoted_to: Lane | None = None  # the lowest lane a RCPT decision demoted to
     failed: str = ""  # a callback without a reply failed: apply on_error at the next reply
+    # the end-of-message decision, logged once its action is taken (see PolicyMilter.eom)
+    decided: tuple[Request, Verdict] | None = None
     # header changes and the quarantine, sent last (see PolicyMilter._send_changes):
     # (kind, header name, index, value or reason), kind "change" or "quarantine"
     changes: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
 _CONNECTION_IDS = itertools.count(1)  # next() on it is atomic under the GIL
+_TRANSACTION_IDS = itertools.count(1)
+# apart from every other milter process's (they may share one Redis store)
+_PROCESS_TAG = f"milter.{secrets.token_hex(6)}"
 
 
 class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
@@ -208,7 +216,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
     def _begin(self) -> _Message:
         if self.msg is not None:
             self.gateway.counters.add("messages_active", -1)
-        self.msg = _Message()
+        self.msg = _Message(instance=f"{_PROCESS_TAG}.{next(_TRANSACTION_IDS):x}")
         self.gateway.counters.add("messages_active")
         return self.msg
 
@@ -343,7 +351,12 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             except Exception as exc:
                 self.gateway.failed(STAGE_END_OF_MESSAGE, f"{type(exc).__name__}: {exc}", exc)
                 rc = self._on_error(msg)
-            return self._send_changes(msg, rc)
+            rc = self._send_changes(msg, rc)
+            if msg.decided is not None:
+                self._log_decision(msg, rc)
+            if rc != CONTINUE or any(kind == "quarantine" for kind, _, _, _ in msg.changes):
+                self._give_back(msg)
+            return rc
         finally:
             self._end()  # after the changes: a drain waits for them too
 
@@ -378,9 +391,10 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             return self._refuse(msg.refusal)
         request = self._request(msg, STAGE_END_OF_MESSAGE)
         try:
-            verdict = self.gateway.decide(request)
+            verdict = self.gateway.decide(request, logged=False)
         except DecisionUnavailable:
             return self._on_error(msg, request)
+        msg.decided = (request, verdict)
         action = verdict.action
         if action in (Action.DEFER, Action.REJECT):
             return self._refuse(verdict)
@@ -420,6 +434,37 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         # the reason is kept as given (Sendmail lists it with -bp -qQ): no '%' doubling
         msg.changes.append(("quarantine", "", 0, _one_line(text or "held by mqpolicy")))
         return CONTINUE
+
+    def _give_back(self, msg: _Message) -> None:
+        """A message refused or held at its end costs nothing: the RCPT spends made for it
+        are given back, the milter's own (its transaction's ledger) and, in wiring B, the
+        policy server's (left under the queue id by its END-OF-MESSAGE decision). Held
+        mail is spent when the scheduler releases it."""
+        try:
+            self.gateway.give_back(ledger_key("i:" + msg.instance))
+            if msg.queue_id and self.settings.rcpt_limits is RcptLimits.POLICY_SERVER:
+                self.gateway.give_back(ledger_key("q:" + msg.queue_id))
+        except Exception as exc:
+            self.gateway.failed(STAGE_END_OF_MESSAGE, f"give-back: {exc}", exc)
+
+    @staticmethod
+    def _log_decision(msg: _Message, rc: int) -> None:
+        """The end-of-message decision's log line, with the action taken: ``hold`` when
+        the message is quarantined (a limit, a lane, a RCPT hold or a schedule),
+        ``defer`` or ``reject`` when refused, else ``accept``."""
+        assert msg.decided is not None
+        request, verdict = msg.decided
+        if rc == TEMPFAIL:
+            taken = "defer"
+        elif rc == REJECT:
+            taken = "reject"
+        elif any(kind == "quarantine" for kind, _, _, _ in msg.changes):
+            taken = "hold"
+        else:
+            taken = "accept"
+        fields = decision_fields(request, verdict)
+        fields["action"] = taken
+        decision_log.info("decision", extra={"fields": fields})
 
     def _scheduled(self, msg: _Message, request: Request, now: int) -> tuple[int, str]:
         """(not-before time, the header that asked) when the message asked for a later
@@ -482,6 +527,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             recipient_count=msg.recipient_total if at_end else 0,
             size=msg.header_bytes + 2 + msg.body_bytes if at_end else 0,
             queue_id=msg.queue_id,
+            instance=msg.instance,
             protocol_name=self.protocol_name,
             recipients=tuple(msg.recipients) if at_end else (),
             headers=tuple(msg.headers) if at_end else None,

@@ -89,28 +89,29 @@ class DecisionGateway:
         """The policy in force (swapped whole on reload; reading it is atomic)."""
         return self.service.policy
 
-    def decide(self, request: Request) -> Verdict:
+    def decide(self, request: Request, *, logged: bool = True) -> Verdict:
         """The verdict, or :class:`DecisionUnavailable` after logging why.
 
         Made here, on libmilter's thread, when it needs no I/O (the memory store:
-        :meth:`~mqpolicy.decision.service.DecisionService.decide_now`); else on the loop."""
+        :meth:`~mqpolicy.decision.service.DecisionService.decide_now`); else on the loop.
+        ``logged=False``: the caller logs the decision (with the action it took)."""
         try:
-            verdict = self.service.decide_now(request)
+            verdict = self.service.decide_now(request, logged=logged)
         except Exception as exc:
             self.failed(request.stage, f"{type(exc).__name__}: {exc}", exc)
             raise DecisionUnavailable(str(exc)) from exc
         if verdict is None:
-            verdict = self._decide_on_loop(request)
+            verdict = self._decide_on_loop(request, logged)
         self.counters.add("decisions")
         return verdict
 
-    def _decide_on_loop(self, request: Request) -> Verdict:
+    def _decide_on_loop(self, request: Request, logged: bool = True) -> Verdict:
         """Like ``asyncio.run_coroutine_threadsafe``, with one callback each way instead of
         two: a thread hand-off is most of what such a decision costs the milter."""
         future: concurrent.futures.Future[Verdict] = concurrent.futures.Future()
         tasks: list[asyncio.Task[Verdict]] = []
         try:
-            self.loop.call_soon_threadsafe(self._start, request, future, tasks)
+            self.loop.call_soon_threadsafe(self._start, request, future, tasks, logged)
         except RuntimeError as exc:  # the loop is closed or gone
             self.failed(request.stage, f"decision loop unavailable: {exc}")
             raise DecisionUnavailable(str(exc)) from None
@@ -130,6 +131,31 @@ class DecisionGateway:
             self.failed(request.stage, f"{type(exc).__name__}: {exc}", exc)
             raise DecisionUnavailable(str(exc)) from exc
         return verdict
+
+    def give_back(self, ledger: str) -> None:
+        """Give back a message's ledger (``DecisionService.give_back``): on this thread
+        with the memory store, else on the loop, waited for like a decision."""
+        if self.service.give_back_now(ledger) is not None:
+            return
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def start() -> None:  # on the loop: the coroutine is made only if still wanted
+            if not future.set_running_or_notify_cancel():
+                return
+            task = self.loop.create_task(self.service.give_back(ledger))
+            task.add_done_callback(
+                lambda done: future.set_result(0 if done.cancelled() else done.result()))
+
+        try:
+            self.loop.call_soon_threadsafe(start)
+        except RuntimeError as exc:
+            self.failed(STAGE_END_OF_MESSAGE, f"give-back: loop unavailable: {exc}")
+            return
+        try:
+            future.result(timeout=self.settings.wait_s(self.service.policy.store.timeout_ms))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            self.failed(STAGE_END_OF_MESSAGE, "give-back: no answer in time")
 
     def put_record(self, record: HoldRecord) -> bool:
         """Write a hold record on the loop; False (logged) when it could not be written."""
@@ -156,11 +182,11 @@ class DecisionGateway:
         return True
 
     def _start(self, request: Request, future: concurrent.futures.Future[Verdict],
-               tasks: list[asyncio.Task[Verdict]]) -> None:
+               tasks: list[asyncio.Task[Verdict]], logged: bool = True) -> None:
         """On the loop: run the decision, hand its outcome to the waiting thread."""
         if not future.set_running_or_notify_cancel():
             return
-        task = self.loop.create_task(self.service.decide(request))
+        task = self.loop.create_task(self.service.decide(request, logged=logged))
         tasks.append(task)
 
         def done(task: asyncio.Task[Verdict]) -> None:

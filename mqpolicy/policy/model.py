@@ -35,6 +35,14 @@ class StoreErrorMode(Enum):
     DEFER = "defer"
 
 
+class Oversize(Enum):
+    """What a blocking limit (defer, hold) does with a message that can never fit: its
+    cost is larger than the limit's burst, so retrying cannot help."""
+
+    REJECT = "reject"  # 550 5.7.1 message exceeds limit NAME: ...
+    HOLD = "hold"  # the hold queue; released when the budget is full, spending the burst
+
+
 @dataclass(frozen=True, slots=True)
 class PostfixDelivery:
     """Postfix's queue manager settings for a lane's or a destination's transport
@@ -94,8 +102,12 @@ class Limit:
     on_store_error: StoreErrorMode
     destination: str | None = None  # the destination this limit budgets (backoff scales it)
     needs_headers: bool = False  # when/except look at headers: the milter's limit only
+    oversize: Oversize = Oversize.REJECT  # a message whose cost exceeds the burst
     # Derived once at load (decisions read them on every request):
     recipient_keyed: bool = field(init=False)
+    # recipient-keyed, and lane-scoped or looking at headers: spent at the end of the
+    # message, per recipient, in the lane the message leaves in (not at RCPT)
+    spent_at_end: bool = field(init=False)
     blocking: bool = field(init=False)  # a spent budget stops the decision (spends nothing)
     rate_text: str = field(init=False)
     refill: int = field(init=False)  # the bucket's tokens per ms and per unit (bucket_scale)
@@ -112,6 +124,9 @@ class Limit:
     def __post_init__(self) -> None:
         derived = {
             "recipient_keyed": any(part.name in RECIPIENT_KEY_PARTS for part in self.key),
+            "spent_at_end": (any(part.name in RECIPIENT_KEY_PARTS for part in self.key)
+                             and self.destination is None
+                             and (self.lanes is not None or self.needs_headers)),
             "blocking": not self.monitor and self.action is not ActionKind.DEMOTE,
             "rate_text": str(self.rate),
             **dict(zip(("refill", "unit"),
@@ -340,6 +355,14 @@ class Policy:
     # or at the HELO name (a condition or a key): the milter skips what none does.
     uses_size: bool = field(init=False)
     uses_helo: bool = field(init=False)
+    # Wiring B (both policy hooks and the milter, the milter spending at its end of
+    # message): the policy server's END-OF-MESSAGE decision only checks.
+    end_checks_only: bool = field(init=False)
+    # Some recipient-keyed limit is spent at the end of the message (Limit.spent_at_end):
+    # the policy server then remembers a message's recipients until its END-OF-MESSAGE.
+    recipients_at_end: bool = field(init=False)
+    # Some limit demotes: an end-of-message plan may add the target lane's limits.
+    demotes: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
@@ -350,13 +373,18 @@ class Policy:
         object.__setattr__(self, "limits_by_stage", {
             (lane.name, at_rcpt): tuple(
                 x for x in general
-                if (at_rcpt or not x.recipient_keyed)
+                if (at_rcpt or not x.recipient_keyed or x.spent_at_end)
                 and (x.lanes is None or lane.name in x.lanes))
             for lane in self.lanes for at_rcpt in (True, False)
         })
         keys = self.condition_keys
         object.__setattr__(self, "uses_size", keys is None or "size" in keys or any(
             x.count is Count.BYTES for x in self.limits))
+        object.__setattr__(self, "recipients_at_end", any(x.spent_at_end for x in self.limits))
+        object.__setattr__(self, "demotes", any(x.action is ActionKind.DEMOTE
+                                                for x in self.limits))
+        object.__setattr__(self, "end_checks_only", self.milter is not None
+                           and self.milter.rcpt_limits is RcptLimits.POLICY_SERVER)
         object.__setattr__(self, "uses_helo", keys is None or "helo_name" in keys or any(
             part.name == "helo_name" for x in self.limits for part in x.key))
 

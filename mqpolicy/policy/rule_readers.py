@@ -20,6 +20,7 @@ from mqpolicy.policy.model import (
     Destination,
     Lane,
     Limit,
+    Oversize,
     PostfixDelivery,
     StoreErrorMode,
     StoreSettings,
@@ -37,6 +38,7 @@ from mqpolicy.policy.value_readers import (
     boolean,
     items_of,
     kind_of,
+    oversize_mode,
     positive_int,
     read_condition,
     reply_template,
@@ -73,6 +75,7 @@ _LIMIT_KEYS = {
     "when",
     "except",
     "on_store_error",
+    "oversize",
 }
 
 
@@ -125,6 +128,7 @@ class _Budget:
     monitor: bool
     lanes: frozenset[str] | None
     on_store_error: StoreErrorMode
+    oversize: Oversize
 
 
 def _read_budget(r: Reader, container: Any, i: int, m: Mapping[str, Any], path: str,
@@ -162,14 +166,17 @@ def _read_budget(r: Reader, container: Any, i: int, m: Mapping[str, Any], path: 
     on_error = store.on_store_error
     if "on_store_error" in m:
         on_error = r.convert(m, "on_store_error", f"{path}.on_store_error", store_error_mode)
-    if rate is None or on_error is None:
+    oversize = Oversize.REJECT
+    if "oversize" in m:
+        oversize = r.convert(m, "oversize", f"{path}.oversize", oversize_mode)
+    if rate is None or on_error is None or oversize is None:
         return None
     inexact = exactness_problem(rate.count, rate.period_ms, burst or rate.count, str(rate))
     if inexact is not None:
         r.error(m, "burst" if burst else "rate", path, inexact)
         return None
     return _Budget(rate, burst or rate.count, action, demote_to, message, monitor, scope,
-                   on_error)
+                   on_error, oversize)
 
 
 def read_lanes(r: Reader, top: Mapping[str, Any]) -> Iterator[Lane]:
@@ -307,6 +314,7 @@ def read_limits(
             when=when,
             exempt=exempt,
             on_store_error=budget.on_store_error,
+            oversize=budget.oversize,
             needs_headers=uses_headers(m.get("when")) or uses_headers(m.get("except")),
         )
 
@@ -335,7 +343,8 @@ def _read_action(
 
 _DESTINATION_KEYS = frozenset(
     {"name", "domains", "mx", "rate", "burst", "action", "message", "lanes", "monitor",
-     "on_store_error", "concurrency", "initial_concurrency", "rate_delay", "recipient_limit"}
+     "on_store_error", "oversize", "concurrency", "initial_concurrency", "rate_delay",
+     "recipient_limit"}
 )
 
 
@@ -386,5 +395,6 @@ def read_destinations(
             demote_to=budget.demote_to, message=budget.message, monitor=budget.monitor,
             lanes=budget.lanes, when=None, exempt=None,
             on_store_error=budget.on_store_error, destination=name,
+            oversize=budget.oversize,
         )
         yield Destination(name=name, matcher=matcher, delivery=delivery), limit

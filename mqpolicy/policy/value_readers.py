@@ -19,7 +19,7 @@ from typing import Any
 
 from mqpolicy.policy.conditions import ConditionError, Predicate, compile_condition, condition_keys
 from mqpolicy.policy.endpoints import EndpointSyntaxError
-from mqpolicy.policy.model import StoreErrorMode
+from mqpolicy.policy.model import Oversize, StoreErrorMode
 from mqpolicy.policy.rates import RateSyntaxError, parse_duration_ms
 from mqpolicy.policy.yaml_lines import find_line, line_of
 
@@ -168,6 +168,11 @@ def reply_template(value: Any) -> str:
 
 def store_error_mode(value: Any) -> StoreErrorMode:
     mode: StoreErrorMode = enum_value(StoreErrorMode, value)
+    return mode
+
+
+def oversize_mode(value: Any) -> Oversize:
+    mode: Oversize = enum_value(Oversize, value)
     return mode
 
 

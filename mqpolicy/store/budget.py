@@ -7,9 +7,17 @@ back from ONE atomic operation (one Lua call on Redis, one step under a lock in 
 * if any *blocking* check fails, nothing is spent (all-or-nothing);
 * otherwise every check with ``consume`` that passed is spent; a failing non-blocking
   check (monitor, demote) is simply not spent;
+* a check with ``after`` counts only when the check it names failed (or passed): a
+  demotion's target-lane limits count only if the demote check failed, the first lane's
+  only if it passed, in the same atomic step;
 * with a ``once_key``: if the key already exists, the message was already counted and
   nothing is tested or spent (``duplicate``); otherwise the key is set when the decision
-  commits, so the next front-end that sees the same message does not count it again.
+  commits, so the next front-end that sees the same message does not count it again;
+* with a ``ledger_key`` (a message's RCPT decisions): when the decision commits, what it
+  spent on each bucket (:class:`Spend`) is added to the message's *ledger*, in the same
+  atomic step, kept as long as a once key. A message refused or held at its end has its
+  ledger *given back* (:meth:`CounterStore.give_back`, :func:`given_back`): every budget
+  is then what it would be had the message never come (up to refill with time).
 
 The arithmetic: exact integers
 ------------------------------
@@ -94,6 +102,10 @@ class BudgetCheck(NamedTuple):
     cost: int
     consume: bool = True
     blocking: bool = True
+    # 0: always counted. k > 0: counted only if check k-1 of the same decision (1-based k)
+    # failed; k < 0: only if check -k-1 passed (a demotion: the target lane's limits, the
+    # first lane's). A check not counted is allowed, spends nothing and blocks nothing.
+    after: int = 0
 
     @property
     def interval_ms(self) -> float:
@@ -113,6 +125,34 @@ class Evaluation(NamedTuple):
     results: tuple[BudgetResult, ...]
     committed: bool
     duplicate: bool = False
+
+
+class Spend(NamedTuple):
+    """What one committed decision took from one bucket, as a message's *ledger* keeps it
+    for a give-back (:func:`given_back`): ``amount`` tokens added to the bucket's debt,
+    on top of a debt of ``backlog`` tokens, at the bucket's time ``at_ms``."""
+
+    key: str
+    amount: int
+    backlog: int
+    at_ms: int
+    refill: int
+
+
+def given_back(spend: Spend, bucket_time_ms: int) -> int:
+    """The tokens of ``spend`` a bucket still holds at ``bucket_time_ms``: a bucket refills
+    its oldest debt first, so refill since the spend paid the ``backlog`` before it, then
+    the spend. Lowering the bucket's debt by this much leaves the bucket as it would be
+    had the spend never been made (later spends stay, as they came after it)."""
+    elapsed = bucket_time_ms - spend.at_ms
+    if elapsed <= 0:
+        return spend.amount
+    if elapsed >= ceil_div(spend.amount + spend.backlog, spend.refill):
+        return 0
+    refilled = spend.refill * elapsed
+    if refilled <= spend.backlog:
+        return spend.amount
+    return spend.amount - (refilled - spend.backlog)
 
 
 class BucketState(NamedTuple):
@@ -193,12 +233,25 @@ class CounterStore(Protocol):
         now_ms: int,
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+        ledger_key: str | None = None,
     ) -> Evaluation:
-        """Test and spend atomically, as described in this module's docstring."""
+        """Test and spend atomically, as described in this module's docstring; with a
+        ``ledger_key``, a committed decision's spends are added to that ledger (kept
+        ``once_ttl_ms``) in the same step."""
         ...
 
     async def inspect(self, keys: Sequence[str], now_ms: int) -> list[BucketState | None]:
         """The stored state of each key (None when absent or expired)."""
+        ...
+
+    async def give_back(self, ledger_key: str, now_ms: int) -> int:
+        """Give back every spend the ledger ``ledger_key`` holds (:func:`given_back`) and
+        delete it, atomically for the ledger (two callers never both give one back);
+        how many spends were given back."""
+        ...
+
+    async def move_ledger(self, ledger_key: str, to_key: str) -> None:
+        """Keep the ledger ``ledger_key`` under ``to_key`` (nothing when there is none)."""
         ...
 
     async def scan(self, pattern: str, count: int = 1000) -> list[str]:

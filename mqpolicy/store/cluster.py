@@ -109,6 +109,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from mqpolicy.store.budget import (
     CLOCK_STEP_ALLOWANCE_MS,
     BucketState,
+    BudgetCheck,
     BudgetResult,
     Evaluation,
     StoreError,
@@ -201,6 +202,27 @@ class _Refund:
     free: list[int] | None = None
 
 
+def _in_part(checks: Sequence[BudgetCheck], indexes: list[int]) -> list[BudgetCheck]:
+    """A part's checks, each ``after`` naming its check's place in the part. A check
+    whose condition lies in another slot cannot be conditional in one atomic step: one
+    counted only if that check failed (a demotion's target lane) is only looked at, one
+    counted only if it passed (the first lane's) is counted."""
+    place = {i: n for n, i in enumerate(indexes)}
+    out = []
+    for i in indexes:
+        check = checks[i]
+        if check.after:
+            where = place.get(abs(check.after) - 1)
+            if where is not None:
+                check = check._replace(after=(where + 1) * (1 if check.after > 0 else -1))
+            elif check.after > 0:
+                check = check._replace(after=0, consume=False, blocking=False)
+            else:
+                check = check._replace(after=0)
+        out.append(check)
+    return out
+
+
 class ClusterStore(CoalescingStore):
     """Budgets in a Redis Cluster (see the module docstring for the protocol and guarantee).
 
@@ -277,7 +299,7 @@ class ClusterStore(CoalescingStore):
                 self.split_decisions += 1
             for slot, part in groups.items():
                 sub = PendingDecision(
-                    [pending.checks[i] for i in part.checks],
+                    _in_part(pending.checks, part.checks),
                     pending.now_ms,
                     pending.once_key if part.once else None,
                     pending.once_ttl_ms,
@@ -530,6 +552,14 @@ class ClusterStore(CoalescingStore):
                 return sum(int(n) for n in await pipe.execute())
         except _ERRORS as exc:
             raise StoreError(_describe(exc)) from exc
+
+    async def give_back(self, ledger_key: str, now_ms: int) -> int:
+        """The cluster store keeps no ledger (a message's buckets lie in many slots): a
+        message refused at its end keeps its RCPT spends, which refill with time."""
+        return 0
+
+    async def move_ledger(self, ledger_key: str, to_key: str) -> None:
+        return None
 
     async def ping(self) -> None:
         """Every node of the cluster answers."""

@@ -70,8 +70,10 @@ from mqpolicy.store.budget import (
     BudgetCheck,
     BudgetResult,
     Evaluation,
+    Spend,
     StoreError,
     free_units,
+    given_back,
 )
 
 log = logging.getLogger("mqpolicy.store")
@@ -105,18 +107,20 @@ def validate_decision(checks: Sequence[BudgetCheck], now_ms: int, once_ttl_ms: i
         raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
     if type(once_ttl_ms) is not int or not 0 < once_ttl_ms < TIME_LIMIT:
         raise ValueError(f"once_ttl_ms must be a positive integer below 2**53: {once_ttl_ms!r}")
-    for check in checks:  # the test of evaluate_now, for every decision sent to Redis
-        _, refill, unit, burst, cost, _, _ = check
+    for i, check in enumerate(checks):  # evaluate_now's test, for every decision to Redis
+        _, refill, unit, burst, cost, _, _, after = check
         if (type(refill) is not int or type(unit) is not int or type(burst) is not int
                 or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
                 or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
                 or not 0 <= cost < TIME_LIMIT):
             _validate_check(check)  # says what is wrong
+        if after and not 0 < abs(after) <= i:
+            raise ValueError(f"after must name an earlier check: {check!r}")
 
 
 def _validate_check(check: BudgetCheck) -> None:
     """Raise ValueError saying what is wrong with a check that failed the fast test."""
-    _, refill, unit, burst, cost, _, _ = check
+    _, refill, unit, burst, cost, _, _, _ = check
     if not all(type(x) is int for x in (refill, unit, burst, cost)):
         raise ValueError(f"refill, unit, burst and cost must be integers: {check!r}")
     if not 0 < refill <= EXACT_LIMIT or unit <= 0:
@@ -222,6 +226,11 @@ class MemoryStore:
         self.refused = 0
         """Decisions refused (StoreError) because every entry left was a bucket in debt."""
         self._bound_log = LogBurst(60.0)
+        # message ledgers (budget.Spend lists) with their expiry, outside max_entries: a
+        # ledger lives from a message's first RCPT to its end (store.once_ttl at most),
+        # one per message in flight; kept apart, the bound's evictions never lose one
+        self._ledgers: dict[str, tuple[int, list[Spend]]] = {}
+        self._ledger_line: deque[str] = deque()
         # Decisions may come from several threads (the milter's): one at a time.
         self._lock = threading.Lock()
 
@@ -237,8 +246,9 @@ class MemoryStore:
         now_ms: int,
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+        ledger_key: str | None = None,
     ) -> Evaluation:
-        return self.evaluate_now(checks, now_ms, once_key, once_ttl_ms)
+        return self.evaluate_now(checks, now_ms, once_key, once_ttl_ms, ledger_key)
 
     def evaluate_now(
         self,
@@ -246,6 +256,7 @@ class MemoryStore:
         now_ms: int,
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+        ledger_key: str | None = None,
     ) -> Evaluation:
         """:meth:`evaluate` without a coroutine, for callers on any thread (the milter's).
 
@@ -273,12 +284,19 @@ class MemoryStore:
             spent: dict[str, int] = {}  # bucket -> index of its last spend
             blocked = repeated = False
             for check in checks:
-                key, refill, unit, burst, cost, consume, blocking = check
+                key, refill, unit, burst, cost, consume, blocking, after = check
                 if (type(refill) is not int or type(unit) is not int or type(burst) is not int
                         or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
                         or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
                         or not 0 <= cost < TIME_LIMIT):
                     _validate_check(check)  # says what is wrong
+                skipped = False
+                if after:  # counted only if the check it names failed (> 0) or passed
+                    if not 0 < abs(after) <= len(results):
+                        raise ValueError(f"after must name an earlier check: {check!r}")
+                    if results[abs(after) - 1].allowed is (after > 0):
+                        consume = blocking = False  # not counted: a peek, allowed below
+                        skipped = True
                 state = seen.get(key)
                 if state is None:
                     packed = buckets.get(key)
@@ -311,13 +329,81 @@ class MemoryStore:
                     results.append(_new(BudgetResult, (False, room // unit if room > 0 else 0,
                                                        wait)))
                     blocked = blocked or blocking
+                if skipped:
+                    results[-1] = _new(BudgetResult, (True, results[-1].remaining, 0))
                 seen[key] = (before, debt, at)
             if blocked or repeated:
                 self._settle(checks, results, seen, spent, blocked)
             if blocked:
                 return Evaluation(tuple(results), committed=False)
             self._commit(checks, seen, spent, now_ms, once_key, once_ttl_ms)
+            if ledger_key is not None and spent:
+                self._add_to_ledger(ledger_key, checks, seen, spent, now_ms + once_ttl_ms)
             return _new(Evaluation, (tuple(results), True, False))
+
+    def _add_to_ledger(self, ledger_key: str, checks: Sequence[BudgetCheck],
+                       seen: dict[str, tuple[int, int, int]], spent: dict[str, int],
+                       expiry: int) -> None:
+        entries = [Spend(key, debt - before, before, at, checks[i].refill)
+                   for key, i in spent.items()
+                   for before, debt, at in (seen[key],) if debt > before]
+        if not entries:
+            return
+        ledgers = self._ledgers
+        known = ledgers.get(ledger_key)
+        if known is None:
+            self._ledger_line.append(ledger_key)
+            ledgers[ledger_key] = (expiry, entries)
+        else:
+            known[1].extend(entries)
+            ledgers[ledger_key] = (expiry, known[1])
+        line, now = self._ledger_line, self._now
+        while line:  # expired ledgers, oldest first, up to the first alive
+            held = ledgers.get(line[0])
+            if held is not None and held[0] > now:
+                break
+            key = line.popleft()
+            if held is not None:
+                del ledgers[key]
+
+    async def give_back(self, ledger_key: str, now_ms: int) -> int:
+        return self.give_back_now(ledger_key, now_ms)
+
+    def give_back_now(self, ledger_key: str, now_ms: int) -> int:
+        """:meth:`give_back` without a coroutine (the milter's threads)."""
+        with self._lock:
+            held = self._ledgers.pop(ledger_key, None)
+            if held is None or held[0] <= now_ms:
+                return 0
+            buckets = self._buckets
+            for spend in held[1]:
+                packed = buckets.get(spend.key)
+                if not packed:
+                    continue  # full already: nothing to give back
+                at, debt = packed & _MASK, packed >> _BITS & _MASK
+                time = max(at, now_ms)
+                if time > at and debt:
+                    debt = max(0, debt - spend.refill * (time - at))
+                debt -= min(debt, given_back(spend, time))
+                if debt:
+                    buckets[spend.key] = ((time - (-debt // spend.refill)) << 2 * _BITS
+                                          | debt << _BITS | time)
+                else:
+                    buckets[spend.key] = 0  # full: no bucket, left to the sweep
+            return len(held[1])
+
+    async def move_ledger(self, ledger_key: str, to_key: str) -> None:
+        with self._lock:
+            held = self._ledgers.pop(ledger_key, None)
+            if held is not None:
+                self._ledgers[to_key] = held
+                self._ledger_line.append(to_key)
+
+    def ledger(self, ledger_key: str) -> list[Spend]:
+        """The spends a ledger holds (tests and ``counters``)."""
+        with self._lock:
+            held = self._ledgers.get(ledger_key)
+            return list(held[1]) if held is not None else []
 
     @staticmethod
     def _settle(checks: Sequence[BudgetCheck], results: list[BudgetResult],

@@ -66,7 +66,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from mqpolicy.policy.rates import DEFAULT_ONCE_TTL_MS
 from mqpolicy.store.budget import (
@@ -82,6 +82,7 @@ from mqpolicy.store.budget import (
 from mqpolicy.store.memory import validate_decision
 
 SCRIPT_NAME: Final = "gcra_batch.lua"
+GIVE_BACK_SCRIPT_NAME: Final = "gcra_give_back.lua"
 REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
 DEFAULT_REDIS_PORT: Final = 6379
 REDIS_URL_FORMS: Final = (
@@ -247,6 +248,13 @@ class LuaScript:
         source = load_script(name)
         return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
 
+    async def run(self, client: Redis, keys: Sequence[str], args: Sequence[int]) -> Any:
+        """``EVALSHA``, with ``EVAL`` when the server lost its script cache."""
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
 
 def glob_escape(text: str) -> str:
     """``text`` matched literally in a Redis SCAN pattern."""
@@ -266,6 +274,7 @@ class PendingDecision:
     once_ttl_ms: int
     future: asyncio.Future[Evaluation]
     deadline: float = math.inf  # loop time by which the decision is answered or failed
+    ledger_key: str | None = None  # where a committed decision's spends are added
 
 
 _Pending = PendingDecision  # the name bench/store_bench.py imports
@@ -338,9 +347,12 @@ class CoalescingStore:
         now_ms: int,
         once_key: str | None = None,
         once_ttl_ms: int = DEFAULT_ONCE_TTL_MS,
+        ledger_key: str | None = None,
     ) -> Evaluation:
         validate_decision(checks, now_ms, once_ttl_ms)
         validate_key_text(checks, once_key)
+        if ledger_key is not None:
+            validate_key_text((), ledger_key)
         if self._closed:
             raise StoreError("redis store is closed")
         if not checks and once_key is None:
@@ -348,7 +360,7 @@ class CoalescingStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Evaluation] = loop.create_future()
         self._queue.append(PendingDecision(checks, now_ms, once_key, once_ttl_ms, future,
-                                           loop.time() + self._timeout_s))
+                                           loop.time() + self._timeout_s, ledger_key))
         if not self._flush_scheduled and self._in_flight < self._max_in_flight:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -476,6 +488,7 @@ class RedisStore(CoalescingStore):
         pool = self._client.connection_pool
         pool.connection_class = _with_hiredis_packing(pool.connection_class)
         self._script = LuaScript.load()
+        self._give_back_script = LuaScript.load(GIVE_BACK_SCRIPT_NAME)
 
     async def _run(self, batch: list[PendingDecision]) -> list[Evaluation]:
         keys, args = self._encode(batch)
@@ -545,6 +558,34 @@ class RedisStore(CoalescingStore):
         except _ERRORS as exc:
             raise StoreError(describe_error(exc)) from exc
 
+    async def give_back(self, ledger_key: str, now_ms: int) -> int:
+        """Read and delete the ledger in one transaction (two callers never both get it),
+        then give its spends back in one call of ``lua/gcra_give_back.lua``."""
+        ledger = self._prefix + ledger_key
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._client.pipeline(transaction=True) as pipe:
+                    pipe.lrange(ledger, 0, -1)
+                    pipe.delete(ledger)
+                    entries, _ = await pipe.execute()
+                if not entries:
+                    return 0
+                keys, args = encode_give_back(entries, now_ms)
+                await self._give_back_script.run(self._client, keys, args)
+        except _ERRORS as exc:
+            raise StoreError(describe_error(exc)) from exc
+        return len(entries) // 5
+
+    async def move_ledger(self, ledger_key: str, to_key: str) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.rename(self._prefix + ledger_key, self._prefix + to_key)
+        except ResponseError as exc:
+            if "no such key" not in str(exc).lower():
+                raise StoreError(describe_error(exc)) from exc
+        except _ERRORS as exc:
+            raise StoreError(describe_error(exc)) from exc
+
     async def ping(self) -> None:
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -591,12 +632,31 @@ def encode_batch(
         if p.once_key is not None:
             key = prefix + p.once_key
             once = index.get(key) or index.setdefault(key, len(index) + 1)
-        extend((p.now_ms, len(p.checks), once, p.once_ttl_ms))
+        if p.ledger_key is None:
+            extend((p.now_ms, len(p.checks), once, p.once_ttl_ms))
+        else:  # -n: the ledger's KEYS index follows
+            key = prefix + p.ledger_key
+            ledger = index.get(key) or index.setdefault(key, len(index) + 1)
+            extend((p.now_ms, -len(p.checks), once, p.once_ttl_ms, ledger))
         for c in p.checks:
             key = prefix + c.key
             flags = (_CONSUME if c.consume else 0) | (_BLOCKING if c.blocking else 0)
+            if c.after:  # 4 * cond (gcra_batch.lua): 2 * j + 1 if check j failed, 2 * j passed
+                flags += 4 * (2 * c.after + 1 if c.after > 0 else -2 * c.after)
             slot = index.get(key) or index.setdefault(key, len(index) + 1)
             extend((slot, c.refill, c.unit, c.burst, c.cost, flags))
+    return list(index), args
+
+
+def encode_give_back(entries: Sequence[bytes], now_ms: int) -> tuple[list[str], list[int]]:
+    """KEYS and ARGV of ``gcra_give_back.lua`` for a ledger as ``gcra_batch.lua`` writes it
+    (five items per spend: bucket key, amount, backlog, time, refill)."""
+    index: dict[str, int] = {}
+    args: list[int] = [now_ms, CLOCK_STEP_ALLOWANCE_MS]
+    for i in range(0, len(entries) - 4, 5):
+        key = entries[i].decode("utf-8", "surrogateescape")
+        slot = index.get(key) or index.setdefault(key, len(index) + 1)
+        args += (slot, *(int(entries[i + j]) for j in range(1, 5)))
     return list(index), args
 
 

@@ -340,7 +340,8 @@ class BrokenStore(MemoryStore):
         self.mode = mode
 
     async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
-                       once_key: str | None = None, once_ttl_ms: int = 0) -> Evaluation:
+                       once_key: str | None = None, once_ttl_ms: int = 0,
+                       ledger_key: str | None = None) -> Evaluation:
         if self.mode == "error":
             raise StoreError("connection refused")
         await asyncio.sleep(60)  # 1,200 times the deadline: only a missing one gets here

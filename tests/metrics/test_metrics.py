@@ -383,7 +383,8 @@ class FailingStore(MemoryStore):
     in_process = False  # behaves like a store behind a network
 
     async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
-                       once_key: str | None = None, once_ttl_ms: int = 1) -> Evaluation:
+                       once_key: str | None = None, once_ttl_ms: int = 1,
+                       ledger_key: str | None = None) -> Evaluation:
         raise StoreError("connection refused")
 
 
@@ -391,7 +392,8 @@ class SilentStore(MemoryStore):
     in_process = False  # behaves like a store behind a network: the deadline applies
 
     async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
-                       once_key: str | None = None, once_ttl_ms: int = 1) -> Evaluation:
+                       once_key: str | None = None, once_ttl_ms: int = 1,
+                       ledger_key: str | None = None) -> Evaluation:
         await asyncio.sleep(10)
         raise AssertionError("the deadline should have expired")
 

@@ -397,21 +397,24 @@ class BlockingStore(NetworkStore):
         self.release = threading.Event()
 
     async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
-                       once_key: str | None = None, once_ttl_ms: int = 86_400_000) -> Evaluation:
+                       once_key: str | None = None, once_ttl_ms: int = 86_400_000,
+                       ledger_key: str | None = None) -> Evaluation:
         if self.blocking:
             self.release.wait(60)  # blocking the loop is the point
-        return await super().evaluate(checks, now_ms, once_key, once_ttl_ms)
+        return await super().evaluate(checks, now_ms, once_key, once_ttl_ms, ledger_key)
 
 
 class BrokenStore(MemoryStore):
     """A bug in policy code, on the milter's thread (evaluate_now) and on the loop."""
 
     def evaluate_now(self, checks: Sequence[BudgetCheck], now_ms: int,
-                     once_key: str | None = None, once_ttl_ms: int = 86_400_000) -> Evaluation:
+                     once_key: str | None = None, once_ttl_ms: int = 86_400_000,
+                     ledger_key: str | None = None) -> Evaluation:
         raise ZeroDivisionError("bug in policy code")
 
     async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
-                       once_key: str | None = None, once_ttl_ms: int = 86_400_000) -> Evaluation:
+                       once_key: str | None = None, once_ttl_ms: int = 86_400_000,
+                       ledger_key: str | None = None) -> Evaluation:
         raise ZeroDivisionError("bug in policy code")
 
 

@@ -21,16 +21,19 @@ ARGV[1]            D, the number of decisions; -D for the same plus backlogs (be
 ARGV[2]            allowance_ms: how long a bucket is kept after it is full again
 then, D times:
   now_ms           the caller's clock for this decision (ms)
-  n                number of checks
+  n                number of checks; -n when a ledger index follows once_ttl_ms
   once_index       KEYS index of the decision's once key, 0 for none
-  once_ttl_ms      lifetime of the once key (ms)
+  once_ttl_ms      lifetime of the once key (ms), and of the ledger
+  [ledger_index]   (with -n) KEYS index of the message's ledger (a list)
   then, n times:
     key_index      KEYS index of the bucket
     refill         tokens that come back per ms
     unit           tokens one unit of budget is
     burst          units the bucket holds when full
     cost           units this check spends
-    flags          1 = consume + 2 = blocking
+    flags          1 = consume + 2 = blocking + 4 * cond, cond = 2 * j + 1: counted only
+                   if check j (1-based) failed, 2 * j: only if it passed (a check not
+                   counted is allowed, spends and blocks nothing)
 
 Returns: an array of D arrays, one per decision, each of integers:
   committed, duplicate, then per check: allowed, remaining, retry_after_ms
@@ -41,8 +44,10 @@ Returns: an array of D arrays, one per decision, each of integers:
 
 Writes: each spent bucket is SET to its debt and time with PX (at_ms - now_ms) + the time
 to refill its debt + allowance_ms, or deleted when its debt is 0 (a full bucket is no key);
-the once key is SET to '1' with PX once_ttl_ms. Uncommitted and duplicate decisions write
-nothing.
+the once key is SET to '1' with PX once_ttl_ms; with a ledger, each spent bucket's
+key name, the tokens added, its debt before and its time, and its refill are RPUSHed to
+the ledger (gcra_give_back.lua gives them back), which gets PX once_ttl_ms. Uncommitted
+and duplicate decisions write nothing.
 ]]
 
 local fmod = math.fmod
@@ -111,6 +116,12 @@ for d = 1, count do
   local once = tonumber(ARGV[pos + 2])
   local once_ttl = ARGV[pos + 3]
   pos = pos + 4
+  local ledger = 0
+  if n < 0 then
+    n = -n
+    ledger = tonumber(ARGV[pos])
+    pos = pos + 1
+  end
   local row = {0, 0}
 
   if once > 0 and redis.call('EXISTS', KEYS[once]) == 1 then
@@ -137,6 +148,16 @@ for d = 1, count do
       local cost = tonumber(ARGV[pos + 4])
       local flags = tonumber(ARGV[pos + 5])
       pos = pos + 6
+      local cond = (flags - flags % 4) / 4
+      local consume = flags % 2 == 1
+      local blocking = flags % 4 >= 2
+      local skipped = false
+      if cond > 0 then
+        local j = (cond - cond % 2) / 2
+        if (allowed[j] == 0) ~= (cond % 2 == 1) then
+          consume, blocking, skipped = false, false, true
+        end
+      end
 
       local debt = debts[k]
       if debt == nil then
@@ -155,7 +176,7 @@ for d = 1, count do
         local need = cost * unit
         if need <= room then
           ok = 1
-          if flags % 2 == 1 then
+          if consume then
             debts[k] = debt + need
             room = room - need
             spender[k] = i
@@ -166,8 +187,11 @@ for d = 1, count do
           units_left = free_units(debt, unit, burst)
         end
       end
-      if ok == 0 and flags >= 2 then
+      if ok == 0 and blocking then
         blocked = true
+      end
+      if skipped then
+        ok, wait = 1, 0
       end
       keys[i], refills[i], units[i], bursts[i] = k, refill, unit, burst
       allowed[i], left[i], retry[i] = ok, units_left, wait
@@ -204,6 +228,21 @@ for d = 1, count do
       end
       if once > 0 then
         redis.call('SET', KEYS[once], '1', 'PX', once_ttl)
+      end
+      if ledger > 0 then
+        local wrote = false
+        for i = 1, n do
+          local k = keys[i]
+          if spender[k] == i and debts[k] > before[k] then
+            redis.call('RPUSH', KEYS[ledger], KEYS[k], format('%.0f', debts[k] - before[k]),
+                       format('%.0f', before[k]), format('%.0f', times[k]),
+                       format('%.0f', refills[i]))
+            wrote = true
+          end
+        end
+        if wrote then
+          redis.call('PEXPIRE', KEYS[ledger], once_ttl)
+        end
       end
       if backlogs then
         for i = 1, n do
