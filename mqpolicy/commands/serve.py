@@ -123,7 +123,8 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         mta_queue = (scheduler.queue if scheduler is not None
                      else open_mta_queue(policy.scheduler or SchedulerSettings()))
         admin = AdminServer(policy.admin.listen,
-                            AdminOperations(service, records, mta_queue).handlers())
+                            AdminOperations(service, records, mta_queue, backoff_store,
+                                            refresher.refresh).handlers())
     registry.gauge(DESTINATIONS_IN_BACKOFF, "Destinations whose budget is cut by backoff",
                    lambda: len(service.runtime.backoff))
     metrics = MetricsServer(registry, policy.metrics.listen) if policy.metrics.listen else None

@@ -1,13 +1,14 @@
 """Keeps a decision service's view of the shared runtime state fresh: destination backoff
-factors (and, with the scheduler, the lanes that wait for the MTA's queues). Read about
-once a second, so a decision never pays a store round trip for them."""
+factors, paused destinations and lanes (and, with the scheduler, the lanes that wait for
+the MTA's queues). Read about once a second, so a decision never pays a store round trip
+for them; a pause that runs out ends at the first read after its time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 
 from mqpolicy.decision.engine import RuntimeState
@@ -15,6 +16,7 @@ from mqpolicy.decision.mx_resolver import MxResolver
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.policy.destinations import needs_mx
 from mqpolicy.policy.model import Policy
+from mqpolicy.policy.pauses import active_pauses
 from mqpolicy.store.backoff_states import BackoffStore
 from mqpolicy.store.budget import StoreError
 
@@ -43,8 +45,21 @@ class RuntimeRefresher:
     async def refresh(self) -> None:
         current = self._service.runtime
         try:
-            factors = (MappingProxyType(await self._backoff.factors())
-                       if self._backoff is not None else current.backoff)
+            factors: Mapping[str, float]
+            paused_lanes: Mapping[str, str]
+            paused_destinations: Mapping[str, str]
+            if self._backoff is not None:
+                states = await self._backoff.states()
+                factors = MappingProxyType({name: state.factor for name, state in states.items()
+                                            if state.factor < 1.0})
+                lanes, destinations = active_pauses(await self._backoff.pauses(),
+                                                    self._service.clock_ms())
+                paused_lanes = MappingProxyType(lanes)
+                paused_destinations = MappingProxyType(destinations)
+            else:
+                factors = current.backoff
+                paused_lanes = current.paused_lanes
+                paused_destinations = current.paused_destinations
             waiting = (await self._waiting_lanes() if self._waiting_lanes is not None
                        else current.waiting_lanes)
         except StoreError as exc:
@@ -56,11 +71,29 @@ class RuntimeRefresher:
         if self._failing:
             log.info("runtime state readable again")
         self._failing = False
-        if dict(factors) != dict(current.backoff) or waiting != current.waiting_lanes:
-            self._service.runtime = RuntimeState(factors, waiting)
+        new = RuntimeState(factors, waiting, paused_lanes, paused_destinations)
+        if _differs(new, current):
+            _log_pauses(current, new)
+            self._service.runtime = new
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self.refresh()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval_s)
+
+
+def _differs(new: RuntimeState, old: RuntimeState) -> bool:
+    return (dict(new.backoff) != dict(old.backoff) or new.waiting_lanes != old.waiting_lanes
+            or dict(new.paused_lanes) != dict(old.paused_lanes)
+            or dict(new.paused_destinations) != dict(old.paused_destinations))
+
+
+def _log_pauses(old: RuntimeState, new: RuntimeState) -> None:
+    for kind, before, after in (("lane", old.paused_lanes, new.paused_lanes),
+                                ("destination", old.paused_destinations,
+                                 new.paused_destinations)):
+        for name in sorted(set(before) - set(after)):
+            log.info("pause ended", extra={"fields": {kind: name}})
+        for name in sorted(set(after) - set(before)):
+            log.info("paused", extra={"fields": {kind: name, "pause": after[name]}})

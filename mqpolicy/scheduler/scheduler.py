@@ -58,6 +58,7 @@ from mqpolicy.scheduler.planner import (
     Candidate,
     QueueSummary,
     ReleasePlan,
+    hold_paused_destinations,
     lanes_to_pause,
     load_exceeded,
     plan_releases,
@@ -280,15 +281,18 @@ class Scheduler:
 
         now_ms = self.clock_ms()
         paused = await self._load(policy, settings, snapshot)
+        runtime = self.service.runtime
         plan = plan_releases(snapshot.entries, records, now_ms=now_ms, lanes=policy.lanes,
-                             paused_lanes=paused,
+                             paused_lanes=paused | frozenset(runtime.paused_lanes),
                              grace_ms=record_grace_ms(settings.interval_ms))
         planned = time.perf_counter()
         report = PassReport(plan=plan, paused_lanes=paused, list_s=listed - started,
                             plan_s=planned - listed)
         self._account(plan, snapshot)
 
-        destinations = await self._destinations(policy, settings, plan)
+        destinations = await self._destinations(policy, settings, plan,
+                                                bool(runtime.paused_destinations))
+        hold_paused_destinations(plan, runtime.paused_destinations, destinations)
         chosen, retry_ms = await self._decide(policy, settings, plan, now_ms, report,
                                               destinations)
         decided = time.perf_counter()
@@ -349,13 +353,14 @@ class Scheduler:
             log.warning("unreadable queue listing line", extra={"fields": {"line": problem}})
 
     async def _destinations(self, policy: Policy, settings: SchedulerSettings,
-                            plan: ReleasePlan) -> dict[str, str]:
+                            plan: ReleasePlan, every: bool = False) -> dict[str, str]:
         """Destination groups of the due messages' recipient domains (as live decisions
-        resolve them; cached by the decision service's finder)."""
+        resolve them; cached by the decision service's finder): of those this pass may
+        release, or of ``every`` due message (a destination is paused)."""
         if not policy.destinations:
             return {}
         domains: dict[str, str] = {}
-        for candidate in plan.due[:settings.max_releases_per_pass * 4]:
+        for candidate in (plan.due if every else plan.due[:settings.max_releases_per_pass * 4]):
             for recipient in candidate.entry.recipients:
                 domain = domain_of(recipient)
                 if domain and domain not in domains:
