@@ -149,6 +149,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     reload_on_hangup(loop, lambda: _reload(service, path, log_level, reload_stats))
+    await refresher.refresh()  # backoff and pauses in force from the first decision on
     try:
         if metrics is not None:
             await metrics.start()
