@@ -9,12 +9,20 @@ A decision has two steps around one store round trip::
 Counting rules (see README "How counting works"):
 
 * recipient-keyed limits (recipient, recipient_domain, destination) are spent per
-  recipient at RCPT;
+  recipient at RCPT (the plan names the message's ledger, for a give-back); those with
+  lanes or header conditions at the end of the message instead, one unit per recipient,
+  in the final lane;
 * every other limit is only *checked* before END-OF-MESSAGE (so an exhausted sender is
   deferred at RCPT already) and spent once per message at END-OF-MESSAGE, where the final
   recipient count and size are known; a ``once_key`` (queue id, else instance) keeps a
   message from being counted twice when several front-ends see it;
-* a decision that defers, holds or rejects spends nothing (all-or-nothing in the store).
+* wiring B (``Policy.end_checks_only``): the policy server's END-OF-MESSAGE plan only
+  checks (``Plan.checks_only``: no spend, no once key, no hold, nothing lane-scoped) and
+  the milter spends;
+* a decision that defers, holds or rejects spends nothing (all-or-nothing in the store);
+  a cost larger than a blocking limit's burst never fits: ``oversize`` rejects or holds;
+* a possible demotion plans the target lane's limits, counted only if the demote check
+  fails (:func:`_with_demotion`).
 """
 
 from __future__ import annotations
@@ -277,14 +285,15 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         if budget is not None and (budget.lanes is None or lane.name in budget.lanes):
             limits = (*limits, budget)
     no_headers = request.headers is None
-    # Wiring B: the milter spends at its end of message, in the final lane; here only the
-    # limits that apply whatever the headers and the final lane say are checked.
-    checks_only = at_end and no_headers and policy.end_checks_only
+    # Wiring B: the milter spends at its end of message, in the final lane; before it only
+    # the limits that apply whatever the headers and the final lane say are checked.
+    lane_unsure = no_headers and policy.end_checks_only and not releasing
+    checks_only = at_end and lane_unsure
     size = request.size
     for limit in limits:
         if no_headers and limit.needs_headers:
             continue  # the milter, which sees the headers, applies this limit
-        if checks_only and limit.lanes is not None:
+        if lane_unsure and limit.lanes is not None and limit.destination is None:
             continue  # the final lane is the milter's to know
         if limit.spent_at_end:
             if at_rcpt and not releasing:

@@ -16,6 +16,11 @@ hold record can be written for the scheduler (:mod:`mqpolicy.store.hold_records`
   is a temporary failure (``451 4.3.0``, the ``store_error`` text): a message held without
   a record would never be released.
 
+Give-backs: a message refused or held at END-OF-MESSAGE gets back what its RCPT decisions
+spent (the ledger named by ``instance``); with a milter that decides the end
+(``Policy.end_checks_only``, wiring B) END-OF-MESSAGE only checks, answers ``DUNNO`` unless
+it refuses, and leaves the ledger under the queue id for the milter.
+
 Known limit: a message that END-OF-MESSAGE both moves to another lane (e.g. by recipient
 count) and holds leaves, once released, through the transport its RCPT answers chose
 (Postfix takes one action per answer); the record's lane (the END-OF-MESSAGE one) still
