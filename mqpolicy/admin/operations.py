@@ -15,7 +15,10 @@ Operations (arguments; result):
 * ``pause`` (``kind``: destination or lane, ``name``, ``for_ms`` and ``reason`` optional;
   the stored :class:`~mqpolicy.policy.pauses.Pause` as a dict), in effect at once;
 * ``resume`` (``kind``, ``name``; ``{"resumed": the pause that ended, or null}``);
-* ``pauses`` (none; ``{"pauses": [...]}``, every stored pause, with ``now_ms``).
+* ``pauses`` (none; ``{"pauses": [...]}``, every stored pause, with ``now_ms``);
+* ``destinations`` (none; ``{"now_ms", "destinations": [...]}``, the rows of
+  :class:`~mqpolicy.decision.destination_report.DestinationRow`);
+* ``destinations.reset`` (``name``; ``{"name", "old_factor"}``): ends a backoff.
 
 A new operation is a method here and one entry in :meth:`AdminOperations.handlers`.
 """
@@ -28,6 +31,7 @@ from typing import Any, TypeVar
 from mqpolicy.admin.codec import BadArguments, OperationFailed
 from mqpolicy.admin.server import AdminHandler
 from mqpolicy.decision.counter_report import counter_rows, reset_budgets
+from mqpolicy.decision.destination_report import destination_rows, reset_backoff
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import PolicyProtocolError
 from mqpolicy.delegation.explanation import explain, parse_request_text
@@ -71,6 +75,8 @@ class AdminOperations:
             "pause": self.pause,
             "resume": self.resume,
             "pauses": self.pauses,
+            "destinations": self.destinations,
+            "destinations.reset": self.destinations_reset,
         }
 
     async def counters_show(self, args: Mapping[str, Any]) -> object:
@@ -165,6 +171,31 @@ class AdminOperations:
         except StoreError as exc:
             raise OperationFailed(f"store error: {exc}") from None
         return {"now_ms": self.service.clock_ms(), "pauses": [p.to_dict() for p in stored]}
+
+    async def destinations(self, args: Mapping[str, Any]) -> object:
+        _only(args, set())
+        now = self.service.clock_ms()
+        try:
+            rows = await destination_rows(self.service.policy, self._pauses(), self.records,
+                                          self.service.destination_of, now)
+        except StoreError as exc:
+            raise OperationFailed(f"store error: {exc}") from None
+        return {"now_ms": now, "destinations": [row.as_json() for row in rows]}
+
+    async def destinations_reset(self, args: Mapping[str, Any]) -> object:
+        _only(args, {"name"})
+        name = _optional(args, "name", str)
+        names = [d.name for d in self.service.policy.destinations]
+        if name not in names:
+            raise BadArguments(f"no destination named {name!r} "
+                               f"(destinations: {', '.join(names) or 'none'})")
+        try:
+            old = await reset_backoff(self._pauses(), name, self.service.clock_ms())
+            if self.refresh is not None:
+                await self.refresh()
+        except StoreError as exc:
+            raise OperationFailed(f"store error: {exc}") from None
+        return {"name": name, "old_factor": old}
 
     def _pauses(self) -> BackoffStore:
         if self.backoff is None:

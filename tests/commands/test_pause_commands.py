@@ -5,7 +5,9 @@ runs them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.lab.readiness import poll
+from mqpolicy.policy.backoff import BackoffSettings, on_slow_down
+from mqpolicy.store.backoff_states import RedisBackoffStore
 from tests.support.mqpolicy_command import mq
 from tests.support.redis_fixture import RedisServer
 from tests.support.serve_process import ServeProcess, free_port
@@ -141,3 +145,52 @@ def test_a_pause_in_redis_outlives_a_restart_of_serve(redis_clean: RedisServer,
     with serving(tmp_path, sock_dir, redis_clean.tcp_url) as served:
         # the first answers come from the state read at start: still paused
         assert served.message("a@shop.example", "u@yahoo.test")[1].startswith("HOLD ")
+
+
+@pytest.mark.e2e
+def test_destinations_lists_pause_backoff_and_held_mail_reset_ends_a_backoff(
+        redis_clean: RedisServer, tmp_path: Path, sock_dir: Path) -> None:
+    with serving(tmp_path, sock_dir, redis_clean.tcp_url) as served:
+        async def back_off() -> None:
+            store = RedisBackoffStore(redis_clean.tcp_url, key_prefix="pausetest:")
+            await store.update("yahoo", lambda s: on_slow_down(
+                s, BackoffSettings(decrease=0.25), now_ms=1000, reason="yahoo-deferred",
+                destination="yahoo", evidence="... said: 421 4.7.0 [TSS04] ..."))
+            await store.close()
+
+        asyncio.run(back_off())
+        assert served.mq("pause", "destination", "yahoo", "--for", "1h").returncode == 0
+        held = served.wait_answer("a@shop.example", "u@yahoo.test", "HOLD")
+        done = served.mq("destinations", "--json")
+        assert done.returncode == 0, done.stderr
+        (yahoo,) = json.loads(done.stdout)["destinations"]
+        assert (yahoo["name"], yahoo["domains"], yahoo["rate"], yahoo["burst"]) == (
+            "yahoo", ["yahoo.test"], "100/1m", 100)
+        assert (yahoo["factor"], yahoo["effective_burst"]) == (0.25, 25)
+        assert (yahoo["paused"], yahoo["paused_by"], yahoo["held"]) == (True, "operator", 1)
+        assert yahoo["evidence"] == "... said: 421 4.7.0 [TSS04] ..."
+        assert held[1].startswith("HOLD ")
+        text = served.mq("destinations").stdout
+        assert "yahoo: yahoo.test\n  budget 100/1m, burst 100; backed off to 0.25 (burst 25)" \
+               ": yahoo-deferred\n  PAUSED until " in text
+        done = served.mq("destinations", "reset", "yahoo")
+        assert (done.returncode, done.stdout) == (
+            0, "destination yahoo: backoff ended (factor 0.25 -> 1)\n")
+        (yahoo,) = json.loads(served.mq("destinations", "--json").stdout)["destinations"]
+        assert (yahoo["factor"], yahoo["effective_burst"], yahoo["paused"]) == (1.0, 100, True)
+        done = served.mq("destinations", "reset", "google")
+        assert done.returncode == 2 and "no destination named 'google'" in done.stderr
+
+
+@pytest.mark.e2e
+def test_destinations_asks_a_memory_serve(tmp_path: Path, sock_dir: Path) -> None:
+    with serving(tmp_path, sock_dir, "memory://") as served:
+        assert served.mq("pause", "destination", "yahoo", "--reason", "TSS04").returncode == 0
+        assert served.message("a@shop.example", "u@yahoo.test")[1].startswith("HOLD ")
+        (yahoo,) = json.loads(served.mq("destinations", "--json").stdout)["destinations"]
+        assert (yahoo["paused"], yahoo["pause_reason"], yahoo["held"],
+                yahoo["paused_until_ms"]) == (True, "TSS04", 1, None)
+        assert "PAUSED until resumed by operator: TSS04\n  held 1, oldest " in served.mq(
+            "destinations").stdout
+        done = served.mq("destinations", "reset", "yahoo")
+        assert (done.returncode, done.stdout) == (0, "destination yahoo was not backed off\n")
