@@ -90,7 +90,8 @@ class AdminOperations:
         store = self.service.store
         try:
             rows = await counter_rows(store, limits, key, _DEFAULT_MAX_KEYS
-                                      if maximum is None else maximum, self.service.clock_ms())
+                                      if maximum is None else maximum, self.service.clock_ms(),
+                                      self.service.runtime.backoff)
         except StoreError as exc:
             raise OperationFailed(f"store error: {exc}") from None
         return {"rows": [row._asdict() for row in rows]}

@@ -22,7 +22,11 @@ from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from mqpolicy.commands.reload import reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
-from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
+from mqpolicy.decision.runtime_state import (
+    RuntimeRefresher,
+    make_resolver,
+    register_steering_metrics,
+)
 from mqpolicy.decision.service import (
     DecisionService,
     register_decision_metrics,
@@ -127,6 +131,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
                                             refresher.refresh).handlers())
     registry.gauge(DESTINATIONS_IN_BACKOFF, "Destinations whose budget is cut by backoff",
                    lambda: len(service.runtime.backoff))
+    register_steering_metrics(registry, service)
     metrics = MetricsServer(registry, policy.metrics.listen) if policy.metrics.listen else None
 
     async def close_the_rest() -> None:

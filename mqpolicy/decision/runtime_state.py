@@ -14,6 +14,12 @@ from types import MappingProxyType
 from mqpolicy.decision.engine import RuntimeState
 from mqpolicy.decision.mx_resolver import MxResolver
 from mqpolicy.decision.service import DecisionService
+from mqpolicy.metrics.registry import (
+    DESTINATION_BACKOFF_FACTOR,
+    DESTINATION_PAUSED,
+    LANE_PAUSED,
+    MetricsRegistry,
+)
 from mqpolicy.policy.destinations import needs_mx
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.pauses import active_pauses
@@ -81,6 +87,30 @@ class RuntimeRefresher:
             await self.refresh()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval_s)
+
+
+def register_steering_metrics(registry: MetricsRegistry, service: DecisionService) -> None:
+    """Backoff factors and pauses as this process applies them (its runtime state)."""
+    def factors() -> dict[tuple[str, ...], float]:
+        backoff = service.runtime.backoff
+        return {(d.name,): backoff.get(d.name, 1.0) for d in service.policy.destinations}
+
+    def paused_destinations() -> dict[tuple[str, ...], int]:
+        paused = service.runtime.paused_destinations
+        names = [d.name for d in service.policy.destinations]
+        return {(name,): int(name in paused) for name in [*names, *sorted(set(paused) -
+                                                                          set(names))]}
+
+    def paused_lanes() -> dict[tuple[str, ...], int]:
+        paused = service.runtime.paused_lanes
+        return {(lane.name,): int(lane.name in paused) for lane in service.policy.lanes}
+
+    registry.gauge(DESTINATION_BACKOFF_FACTOR, "Backoff factor of each destination's budget "
+                   "(1: not backed off)", factors, labels=("destination",))
+    registry.gauge(DESTINATION_PAUSED, "1 while a destination is paused (its mail held)",
+                   paused_destinations, labels=("destination",))
+    registry.gauge(LANE_PAUSED, "1 while a lane is paused (its mail held)", paused_lanes,
+                   labels=("lane",))
 
 
 def _differs(new: RuntimeState, old: RuntimeState) -> bool:
