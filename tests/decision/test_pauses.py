@@ -8,18 +8,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import Milter
+import Milter.test  # makes @noreply callbacks answer CONTINUE under test
 import pytest
 
 from mqpolicy.decision.engine import Action
 from mqpolicy.decision.runtime_state import RuntimeRefresher
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.handler import PostfixPolicyHandler
+from mqpolicy.milter.gateway import DecisionGateway
 from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.model import MilterSettings
 from mqpolicy.policy.pauses import new_pause, pause_target_problem
 from mqpolicy.policy.request import Request
 from mqpolicy.store.backoff_states import MemoryBackoffStore, RedisBackoffStore
-from mqpolicy.store.hold_records import MemoryHoldRecords
+from mqpolicy.store.hold_records import HoldRecord, MemoryHoldRecords
 from mqpolicy.store.memory import MemoryStore
+from tests.support.milter_session import Loop, Session
 from tests.support.redis_fixture import RedisServer
 
 POLICY = """\
@@ -220,3 +225,24 @@ def test_pauses_are_not_applied_to_the_scheduler_s_release_plan(kind: str) -> No
         assert [p.limit.name for p in released.limits] == ["destination:yahoo"]
 
     asyncio.run(main())
+
+
+def test_the_milter_quarantines_mail_for_a_paused_destination(loop: Loop) -> None:
+    service = DecisionService(parse_policy(POLICY), MemoryStore())
+    pauses = MemoryBackoffStore()
+    loop.run(pauses.set_pause(new_pause("destination", "yahoo", T0, None, "TSS04")))
+    loop.run(RuntimeRefresher(service, pauses).refresh())
+    records = MemoryHoldRecords()
+    session = Session(DecisionGateway(service, loop.loop, MilterSettings(), records))
+    session.connect()
+    assert session.message("a@shop.example", ["u@other.test", "u@yahoo.test"],
+                           [("Subject", "x")], queue_id="MQP00001") == Milter.CONTINUE
+    assert session.ctx.quarantined == ["held by mqpolicy: destination yahoo (TSS04) paused"]
+    record = loop.run(records.get("MQP00001"))
+    assert isinstance(record, HoldRecord)
+    assert (record.reason, record.destinations) == ("paused: destination yahoo (TSS04)",
+                                                    ("other.test", "yahoo.test"))
+    session.ctx.quarantined.clear()
+    assert session.message("a@shop.example", ["u@other.test"], [("Subject", "y")],
+                           queue_id="MQP00002") == Milter.CONTINUE
+    assert session.ctx.quarantined == []
