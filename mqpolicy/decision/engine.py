@@ -257,12 +257,12 @@ def _message_cost(limit: Limit, request: Request) -> int:
 
 def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTIME,
               lane: Lane | None = None, *, releasing: bool = False,
-              demotion: bool = True) -> Plan:
+              demotion: bool = True, only: tuple[Limit, ...] | None = None) -> Plan:
     """The checks of one decision. ``lane`` given: no classification (the scheduler
     plans a held message in the lane it was held in). ``releasing``: the scheduler lets a
     held message go, which spends its recipient budgets whatever the lane. ``demotion``:
     at the end of a message, a demote limit's target lane is planned too (see
-    :func:`_with_demotion`)."""
+    :func:`_with_demotion`); ``only``: these limits instead of the lane's."""
     rule: str | None = None
     if lane is None:
         lane, rule = classify(request, policy)
@@ -279,7 +279,7 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     # The limits of this lane and stage (see Policy.limits_by_stage); the tests below are
     # what not_applied_reason() says about the rest, inlined: this loop runs for every request (a
     # destination budget was found by the request's destination just above).
-    limits = policy.limits_by_stage[lane.name, at_rcpt]
+    limits = policy.limits_by_stage[lane.name, at_rcpt] if only is None else only
     if at_rcpt and policy.destination_limits and request.recipient:
         budget = policy.destination_limits.get(recipient_destination(request))
         if budget is not None and (budget.lanes is None or lane.name in budget.lanes):
@@ -362,21 +362,35 @@ def _with_demotion(request: Request, policy: Policy, runtime: RuntimeState, lane
     counted only if the demote check fails; the limits scoped to this lane (and not to L)
     count only if it passes. With several demote limits that could apply, none of this:
     the message counts in its first lane (README, "How counting works")."""
-    demotes = [i for i, p in enumerate(planned)
-               if p.limit.action is ActionKind.DEMOTE and not p.limit.monitor
-               and p.limit.demote_to is not None
-               and policy.lane(p.limit.demote_to).priority > lane.priority]
-    if len(demotes) != 1:
+    d = -1
+    for i, p in enumerate(planned):
+        demote_to = p.limit.demote_to
+        if (demote_to is not None and not p.limit.monitor
+                and policy.lanes_by_name[demote_to].priority > lane.priority):
+            if d >= 0:
+                return planned  # two could apply: the first lane
+            d = i
+    if d < 0:
         return planned
-    d = demotes[0]
-    target = policy.lane(planned[d].limit.demote_to or "")
-    out = [p if p.limit.lanes is None or target.name in p.limit.lanes
-           else p._replace(check=p.check._replace(after=-(d + 1)))
-           for p in planned]
-    for p in make_plan(request, policy, runtime, target, demotion=False).limits:
-        if p.limit.lanes is not None and lane.name not in p.limit.lanes:
-            out.append(p._replace(check=p.check._replace(after=d + 1)))
+    target = planned[d].limit.demote_to or ""
+    extras = policy.demotion_limits.get((lane.name, target), ())
+    out = planned
+    if any(p.limit.lanes is not None and target not in p.limit.lanes for p in planned):
+        first = -(d + 1)  # the first lane's own: counted only if the message stays
+        out = [p if p.limit.lanes is None or target in p.limit.lanes
+               else _new(PlannedLimit, (p.limit, p.key, _with_after(p.check, first), p.spends))
+               for p in planned]
+    if extras:
+        out = list(out)
+        for p in make_plan(request, policy, runtime, policy.lanes_by_name[target],
+                           demotion=False, only=extras).limits:
+            out.append(_new(PlannedLimit, (p.limit, p.key, _with_after(p.check, d + 1),
+                                           p.spends)))
     return out
+
+
+def _with_after(check: BudgetCheck, after: int) -> BudgetCheck:
+    return _new(BudgetCheck, (*check[:7], after))
 
 
 def counted_in_decision(planned: PlannedLimit, evaluation: Evaluation) -> bool:

@@ -341,3 +341,22 @@ def test_b_lane_scoped_limit_of_another_lane_never_refuses_at_rcpt(loop: Loop) -
     assert b.send(["y@d.example"], [("List-Id", "<l.example>")]) == ("DUNNO", Milter.CONTINUE)
     assert b.session.ctx.lanes()[-1] == "bulk"
     assert b.send(["z@d.example"]) == ("DUNNO", Milter.TEMPFAIL)  # normal: spent
+
+
+def test_b_policy_servers_end_of_message_writes_no_once_key_and_spends_nothing(
+        loop: Loop) -> None:
+    b = WiringB(loop, """\
+        limits:
+          - name: per-sender
+            rate: 2/1h
+            key: sender
+        """)
+    store = b.gateway.service.store
+    common = {"request": "smtpd_access_policy", "sender": "a@example.com",
+              "instance": "i.only", "client_address": "192.0.2.10"}
+    assert loop.run(b.handler.handle({**common, "protocol_state": "END-OF-MESSAGE",
+                                      "queue_id": "QONLY", "recipient_count": "1"})) == "DUNNO"
+    assert loop.run(store.scan("*")) == []  # no bucket spent, no once key
+    # the milter, after it, is no duplicate: it spends
+    assert b.session.message("a@example.com", ["x@d.example"], queue_id="QONLY") == CONTINUE
+    assert [k for k in loop.run(store.scan("*")) if k.startswith("seen:")] == ["seen:QONLY"]
