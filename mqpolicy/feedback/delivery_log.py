@@ -23,14 +23,17 @@ yes``) is reported as ``deferred``. Address-verification probes (``deliverable``
 ``undeliverable``) and everything else (smtpd, cleanup, qmgr queue lines, warnings,
 garbage) give None. The parser never raises on its input.
 
-Sendmail's lines (program ``sm-mta``, ``sendmail`` or ``sm-msp-queue``, either timestamp)::
+Sendmail's lines (program ``sendmail``, ``sm-mta`` or ``sm-msp-queue``, either timestamp)::
 
-    Nov 27 20:52:09 mta sm-mta[1234]: 5ARKq9Ab001234: to=<u@yahoo.com>, delay=00:00:01,
-        xdelay=00:00:01, mailer=esmtp, pri=120345, relay=mx.yahoo.com. [192.0.2.1],
-        dsn=4.0.0, stat=Deferred: 421 4.7.0 [TSS04] Messages from ... temporarily deferred
+    Dec  7 11:31:26 mta sendmail[19641]: 6B7BVQZu019632: to=<u@yahoo.com>, delay=00:00:00,
+        xdelay=00:00:00, mailer=esmtp, pri=30180, relay=mx.yahoo.com. [192.0.2.1],
+        dsn=4.7.0, reply=421 4.7.0 [TSS04] Messages from ... temporarily deferred ...,
+        stat=Deferred: Connection reset by mx.yahoo.com.
 
-``stat=Sent (...)`` is ``sent``; ``stat=Deferred[: reply]`` is ``deferred``; any other
-``stat`` is ``bounced`` when the DSN is 5.x.x (``deferred`` when 4.x.x), its text the reply.
+``stat=Sent (...)`` is ``sent``; ``stat=Deferred[: text]`` is ``deferred``; any other
+``stat`` is ``bounced`` when the DSN is 5.x.x (``deferred`` when 4.x.x). The remote reply
+is the ``reply=`` field (Sendmail 8.15 and later log it before ``stat=``, which may then
+say only what happened to the connection), else the ``stat`` text.
 A line with several recipients (``to=<a@x>,<b@x>``: one delivery to one host) is read as
 its first recipient's. Other Sendmail lines (``from=``, ``stat=queued``, milter and
 daemon messages) give None.
@@ -70,6 +73,7 @@ _SM_PROGRAM = (r"(?P<host>\S+) (?P<prog>sm-mta|sendmail|sm-msp-queue)"
 _SM_SYSLOG_HEADER = re.compile(_SYSLOG_HEADER.pattern[:-len(_PROGRAM)] + _SM_PROGRAM)
 _SM_ISO_HEADER = re.compile(_ISO_HEADER.pattern[:-len(_PROGRAM)] + _SM_PROGRAM)
 _SM_STAT = ", stat="
+_SM_REPLY_FIELD = ", reply="
 _SM_REPLY = re.compile(r"(?P<status>Sent|Deferred)(?:: (?P<reply>.*)| \((?P<sent>.*)\))?$", re.S)
 _FIELD = re.compile(r"(?P<name>[a-z_]{2,16})=")
 _STATUS_WORD = re.compile(r"(?P<status>[A-Za-z]+)")
@@ -246,8 +250,13 @@ def _parse_sendmail(line: str, reference: datetime | None) -> DeliveryEvent | No
     cut = rest.find(_SM_STAT)
     if cut < 0:
         return None
+    body = rest[:cut]
+    at = body.find(_SM_REPLY_FIELD)
+    remote = ""
+    if at >= 0:  # the reply may hold ", ": it runs to stat=
+        body, remote = body[:at], body[at + len(_SM_REPLY_FIELD):]
     fields: dict[str, str] = {}
-    for part in rest[:cut].split(", "):
+    for part in body.split(", "):
         name, equals, value = part.partition("=")
         if equals:
             fields.setdefault(name, value)
@@ -259,12 +268,13 @@ def _parse_sendmail(line: str, reference: datetime | None) -> DeliveryEvent | No
     stat = rest[cut + len(_SM_STAT):]
     known = _SM_REPLY.match(stat)
     if known is not None:
-        status = "sent" if known["status"] == "Sent" else "deferred"
-        reply = known["reply"] or known["sent"] or ""
+        sent = known["status"] == "Sent"
+        status = "sent" if sent else "deferred"
+        reply = (known["sent"] or "") if sent else (remote or known["reply"] or "")
     elif dsn.startswith("5."):
-        status, reply = "bounced", stat
+        status, reply = "bounced", remote or stat
     elif dsn.startswith("4."):
-        status, reply = "deferred", stat
+        status, reply = "deferred", remote or stat
     else:
         return None  # queued, quarantined, ...: not a delivery result
     code = _REPLY_CODE.match(reply)
@@ -282,7 +292,7 @@ def _parse_sendmail(line: str, reference: datetime | None) -> DeliveryEvent | No
         reply=reply,
         reply_code=int(code["code"]) if code and status != "sent" else None,
         relay=relay,
-        detail=stat,
+        detail=f"{remote} ({stat})" if remote else stat,
         host=header["host"],
         pid=int(pid) if pid else None,
         line=line,

@@ -152,7 +152,7 @@ class FeedbackService:
             return None  # old evidence (a log read again): its pause would be over
         evidence = event.line or text
         pause = Pause("destination", destination, at_ms, at_ms + rule.for_ms,
-                      reason=one_line(f"{found.group(0)} in the delivery log"),
+                      reason=one_line(found.group(0)),  # what the reply said; by: the rule
                       by=f"rule:{rule.match.pattern}", evidence=evidence[:MAX_EVIDENCE])
         try:
             if any(p.kind == "destination" and p.name == destination and p.active(now)

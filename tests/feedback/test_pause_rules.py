@@ -84,7 +84,7 @@ def test_a_matching_result_pauses_its_destination_for_the_rule_s_time(
             "destination", "google", AT_MS, AT_MS + 7_200_000)
         assert pause.by == "rule:4\\.7\\.28"
         assert pause.evidence == GMAIL
-        assert pause.reason == "4.7.28 in the delivery log"
+        assert pause.reason == "4.7.28"  # the matched text; by names the rule
         logged = [r for r in caplog.records if r.getMessage() == "destination paused by rule"]
         assert len(logged) == 1
         assert logged[0].fields["evidence"] == GMAIL  # type: ignore[attr-defined]

@@ -1,8 +1,10 @@
-"""Sendmail's delivery log read as Postfix's is: ``stat=Sent``, ``stat=Deferred: <reply>``,
-bounces by their 5.x.x DSN; backoff and pause-by-rule from those lines.
+"""Sendmail's delivery log read as Postfix's is: ``stat=Sent``, ``stat=Deferred``, bounces
+by their 5.x.x DSN, the remote reply from ``reply=`` (else the ``stat`` text); backoff and
+pause-by-rule from those lines.
 
-The lines follow Sendmail 8.17's log format (``to=..., delay=..., xdelay=..., mailer=...,
-pri=..., relay=HOST. [IP], dsn=X.Y.Z, stat=...``), with the providers' reply texts."""
+CAPTURED_* are verbatim from Sendmail 8.17.1.9 relaying to a local sink that answered
+Yahoo's text (tests/feedback/test_sendmail_feedback_e2e.py catches them); the others follow
+the same format with other providers' replies."""
 
 from __future__ import annotations
 
@@ -37,6 +39,21 @@ UNKNOWN = (HEAD + "to=<nobody@gmail.test>, delay=00:00:01, xdelay=00:00:01, mail
 REFUSED = (HEAD + "to=<x@down.test>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, "
            "pri=30000, relay=mx.down.test., dsn=4.0.0, "
            "stat=Deferred: Connection refused by mx.down.test.")
+CAPTURED_RESET = (
+    "Dec  7 11:31:26 mta.sendmail.test sendmail[19641]: 6B7BVQZu019632: to=<u@yahoo.sm.test>, "
+    "delay=00:00:00, xdelay=00:00:00, mailer=relay, pri=30180, relay=[127.0.0.1] [127.0.0.1], "
+    "dsn=4.7.0, reply=421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to "
+    "unexpected volume or user complaints - 4.16.55.1; see "
+    "https://postmaster.yahooinc.com/error-codes, stat=Deferred: Connection reset by "
+    "[127.0.0.1]")
+CAPTURED_RETRY = (
+    "Dec  7 11:32:26 mta.sendmail.test sendmail[20904]: 6B7BVQZu019632: to=<u@yahoo.sm.test>, "
+    "delay=00:01:00, xdelay=00:00:00, mailer=relay, pri=120180, relay=[127.0.0.1] [127.0.0.1], "
+    "dsn=4.7.0, reply=421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to "
+    "unexpected volume or user complaints - 4.16.55.1; see "
+    "https://postmaster.yahooinc.com/error-codes, stat=Deferred: 421 4.7.0 [TSS04] Messages "
+    "from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints - "
+    "4.16.55.1; see https://postmaster.yahooinc.com/error-codes")
 REFERENCE = datetime(2026, 11, 28, tzinfo=UTC)
 
 
@@ -59,6 +76,14 @@ def test_sendmail_results_are_read() -> None:
     assert bounced is not None and (bounced.status, bounced.dsn) == ("bounced", "5.1.1")
     refused = parse_delivery_line(REFUSED, reference=REFERENCE)
     assert refused is not None and (refused.status, refused.reply_code) == ("deferred", None)
+    for line in (CAPTURED_RESET, CAPTURED_RETRY):
+        captured = parse_delivery_line(line, reference=datetime(2026, 12, 8, tzinfo=UTC))
+        assert captured is not None
+        assert (captured.status, captured.recipient, captured.dsn, captured.reply_code,
+                captured.service, captured.host) == (
+            "deferred", "u@yahoo.sm.test", "4.7.0", 421, "sendmail", "mta.sendmail.test")
+        assert captured.reply.startswith("421 4.7.0 [TSS04] Messages from 192.0.2.1")
+        assert captured.reply.endswith("error-codes")
     iso = parse_delivery_line(YAHOO.replace("Nov 27 20:52:09", "2026-11-27T20:52:09+00:00"))
     assert iso is not None and iso.timestamp == deferred.timestamp
 
@@ -70,6 +95,8 @@ def test_sendmail_results_are_read() -> None:
     HEAD + "Milter (mqpolicy): quarantine: held by mqpolicy lane scheduled",
     "Nov 27 20:52:09 mta sm-mta[11211]: starting daemon (8.17.1.9): SMTP+queueing@00:10:00",
     HEAD + "to=<u@yahoo.test>, delay=00:00:00, mailer=esmtp, pri=30000, stat=",
+    "Dec  7 11:31:26 mta.sendmail.test sendmail[19632]: 6B7BVQZu019632: Milter (mqpolicy) "
+    "change (add): header: X-MQ-Lane: normal",
 ])
 def test_other_sendmail_lines_are_skipped(line: str) -> None:
     assert parse_delivery_line(line, reference=REFERENCE) is None
@@ -82,6 +109,7 @@ def test_slow_down_signs_in_sendmail_lines() -> None:
         return slow_down_reason(event)
 
     assert reason(YAHOO) == "yahoo-deferred"
+    assert reason(CAPTURED_RESET) == "yahoo-deferred"  # the reply, not the reset
     assert reason(GMAIL) == "gmail-unusual-rate"
     assert reason(SENT) is None
     assert reason(UNKNOWN) is None
