@@ -6,6 +6,7 @@ session's base policy afterwards (the ``stack`` fixture)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -13,6 +14,8 @@ import pytest
 
 from mqpolicy.lab.mail_stack import MailStack
 from mqpolicy.lab.readiness import poll
+from mqpolicy.policy.pauses import Pause
+from mqpolicy.store.backoff_states import RedisBackoffStore
 from tests.support.mqpolicy_command import mq
 from tests.support.postfix_fixture import ORDER, held, lanes, restart_serve
 from tests.support.redis_fixture import RedisServer
@@ -34,10 +37,10 @@ SENDERS = {"transactional": "a@t.pause.test", "normal": "a@n.pause.test",
            "bulk": "a@b.pause.test"}
 
 
-def policy(stack: MailStack, server: RedisServer) -> str:
+def policy(stack: MailStack, server: RedisServer, body: str = BODY) -> str:
     # a store deadline a loaded machine meets: these tests are about pauses, not deadlines
     return (f"store:\n  url: {server.unix_url}\n  timeout_ms: 5000\n  key_prefix: \"pe2e:\"\n"
-            "log:\n  format: json\n  level: info\n" + lanes((), {}) + BODY
+            "log:\n  format: json\n  level: info\n" + lanes((), {}) + body
             + f"  postfix_config_dir: {stack.postfix.config_dir}\n")
 
 
@@ -71,6 +74,14 @@ def serve_sees(stack: MailStack, message: str, before: int) -> None:
     """Until serve has logged ``message`` more than ``before`` times (it reads pauses
     every second)."""
     poll(lambda: len(serve_log(stack, message)) > before, 30, f"serve to log {message!r}")
+
+
+async def stored_pauses(server: RedisServer) -> list[Pause]:
+    store = RedisBackoffStore(server.unix_url, key_prefix="pe2e:")
+    try:
+        return await store.pauses()
+    finally:
+        await store.close()
 
 
 def released(scheduler_log: str) -> list[object]:
@@ -120,10 +131,14 @@ def test_a_paused_destination_holds_its_mail_others_flow_resume_releases_in_lane
 def test_a_pause_for_a_while_ends_by_itself(
     stack: MailStack, scheduler: MqpolicyProcess, redis_clean: RedisServer,
 ) -> None:
-    restart_serve(stack, policy(stack, redis_clean))
+    # no destinations at all: the scheduler still reads the pauses
+    no_destinations = BODY.replace(BODY[BODY.index("destinations:"):BODY.index("scheduler:")], "")
+    restart_serve(stack, policy(stack, redis_clean, no_destinations))
     scheduler.start()
     paused, ended = len(serve_log(stack, "paused")), len(serve_log(stack, "pause ended"))
     operator(stack, "pause", "lane", "normal", "--for", "4s")
+    (pause,) = asyncio.run(stored_pauses(redis_clean))
+    assert pause.until_ms is not None
     serve_sees(stack, "paused", paused)
     sent = stack.send(SENDERS["normal"], ["u@any.pause.test"], "later")
     assert sent.queued, sent.replies()
@@ -134,3 +149,8 @@ def test_a_pause_for_a_while_ends_by_itself(
     serve_sees(stack, "pause ended", ended)
     holds = [h["reason"] for h in serve_log(stack, "held") if h["qid"] == sent.queue_id]
     assert holds == ["paused: lane normal"]
+    # released by the scheduler once the pause was over, not before
+    poll(lambda: any(r["qid"] == sent.queue_id for r in logged(scheduler.log_text(), "released")),
+         30, "the release logged")
+    (release,) = [r for r in logged(scheduler.log_text(), "released") if r["qid"] == sent.queue_id]
+    assert float(release["ts"]) * 1000 >= pause.until_ms
