@@ -131,7 +131,8 @@ class AdminOperations:
         if self.records is None:
             raise OperationFailed("this server keeps no hold records")
         try:
-            summary = await queue_summary(self.service.policy, self.records, self.mta_queue)
+            summary = await queue_summary(self.service.policy, self.records, self.mta_queue,
+                                          self.service.runtime, self.service.destination_of)
         except (StoreError, QueueCommandError) as exc:
             raise OperationFailed(str(exc)) from None
         return summary.as_json()

@@ -365,6 +365,7 @@ class QueueSummary:
     unknown_lanes: list[str]
     queues: dict[str, int]  # the MTA's queue sizes
     waiting_lanes: list[str]  # waiting for the MTA's queues
+    paused: list[str] = field(default_factory=list)  # "destination google (why)", "lane bulk"
 
     @property
     def held(self) -> int:
@@ -381,6 +382,7 @@ class QueueSummary:
             "unknown_lanes": self.unknown_lanes,
             "queues": self.queues,
             "waiting_lanes": self.waiting_lanes,
+            "paused": self.paused,
         }
 
     @classmethod
@@ -400,6 +402,7 @@ class QueueSummary:
             unknown_lanes=[str(lane) for lane in data["unknown_lanes"]],
             queues={str(k): int(v) for k, v in data["queues"].items()},
             waiting_lanes=[str(lane) for lane in data["waiting_lanes"]],
+            paused=[str(p) for p in data.get("paused", ())],
         )
 
 

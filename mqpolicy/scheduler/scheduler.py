@@ -44,9 +44,10 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from mqpolicy.decision.engine import NO_RUNTIME, RuntimeState
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
 from mqpolicy.metrics.instruments import LatencyHistogram
 from mqpolicy.metrics.registry import HELD_MESSAGES, RELEASES, MetricsRegistry
@@ -550,15 +551,31 @@ def open_mta_queue(settings: SchedulerSettings, *, through_agent: bool = True) -
                       direct if settings.mta is MtaKind.POSTFIX else None)
 
 
-async def queue_summary(policy: Policy, records: HoldRecordStore,
-                        queue: MtaQueue) -> QueueSummary:
+async def queue_summary(policy: Policy, records: HoldRecordStore, queue: MtaQueue,
+                        runtime: RuntimeState = NO_RUNTIME,
+                        destination_of: Callable[[str], Awaitable[str]] | None = None,
+                        ) -> QueueSummary:
     """What ``mqpolicy queue`` shows: the records joined with the MTA's hold queue, per
-    lane and destination (StoreError, QueueCommandError)."""
+    lane and destination (StoreError, QueueCommandError). ``runtime``: the pauses, whose
+    held mail is counted as paused (``destination_of``: a recipient domain's destination,
+    as decisions find it)."""
     settings = policy.scheduler or SchedulerSettings()
     record_set = await records.load()
     paused = await records.get_waiting_lanes()
     snapshot = await queue.snapshot()
     now = wall_clock_ms()
     plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
-                         paused_lanes=paused, grace_ms=record_grace_ms(settings.interval_ms))
-    return summarize(plan, now, snapshot.counts, paused)
+                         paused_lanes=paused | frozenset(runtime.paused_lanes),
+                         grace_ms=record_grace_ms(settings.interval_ms))
+    if runtime.paused_destinations:
+        found: dict[str, str] = {}
+        for candidate in plan.due:
+            for domain in {domain_of(r) for r in candidate.entry.recipients} - set(found):
+                found[domain] = (await destination_of(domain) if destination_of is not None
+                                 else domain)
+        hold_paused_destinations(plan, runtime.paused_destinations, found)
+    summary = summarize(plan, now, snapshot.counts, paused)
+    summary.paused = [*(f"lane {d}" for _, d in sorted(runtime.paused_lanes.items())),
+                      *(f"destination {d}"
+                        for _, d in sorted(runtime.paused_destinations.items()))]
+    return summary

@@ -117,6 +117,12 @@ def test_a_paused_destination_holds_its_mail_others_flow_resume_releases_in_lane
          "the scheduler's first pass")
     assert len(stack.sink.messages()) == 1
     assert len(held(stack)) == 4
+    queue = json.loads(operator(stack, "queue", "--json"))
+    assert queue["paused"] == ["destination slow (421 4.7.28)"]
+    assert {g["lane"]: (g["held"], g["paused"], g["due"]) for g in queue["lanes"]} == {
+        "transactional": (2, 2, 0), "normal": (1, 1, 0), "bulk": (1, 1, 0)}
+    assert "paused (held, not released): destination slow (421 4.7.28)" in operator(
+        stack, "queue")
 
     assert "resumed destination slow (paused by operator: 421 4.7.28)" in operator(
         stack, "resume", "destination", "slow")
