@@ -267,7 +267,8 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     if lane is None:
         lane, rule = classify(request, policy)
     backoff = runtime.backoff
-    paused = "" if releasing else _paused(request, lane, runtime)
+    paused = ("" if releasing or not (runtime.paused_lanes or runtime.paused_destinations)
+              else _paused(request, lane, runtime))
     # Mail that will wait in the hold queue (a hold lane, a lane waiting for the MTA's
     # queues, a pause) spends its recipient budgets when it is released, not now: else twice.
     spend_recipients = releasing or not (lane.hold or lane.name in runtime.waiting_lanes
