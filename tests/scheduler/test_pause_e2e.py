@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -46,7 +47,9 @@ def policy(stack: MailStack, server: RedisServer, body: str = BODY) -> str:
 
 @pytest.fixture
 def scheduler(stack: MailStack) -> Iterator[MqpolicyProcess]:
-    process = MqpolicyProcess("scheduler", stack.policy_file, stack.root / "scheduler.log")
+    # a log of its own (the stack's root lives all session, other tests log there too)
+    log = stack.root / f"pause-scheduler-{uuid.uuid4().hex[:8]}.log"
+    process = MqpolicyProcess("scheduler", stack.policy_file, log)
     try:
         yield process
     finally:
