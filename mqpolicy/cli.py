@@ -18,10 +18,12 @@ from mqpolicy import __version__
 from mqpolicy.commands.check import cmd_check
 from mqpolicy.commands.counters import cmd_counters
 from mqpolicy.commands.demo import add_demo_arguments, run_demo
+from mqpolicy.commands.destinations import add_destinations_arguments, cmd_destinations
 from mqpolicy.commands.exit_codes import EXIT_FAILURE
 from mqpolicy.commands.explain import run_explain
 from mqpolicy.commands.feedback import cmd_feedback
 from mqpolicy.commands.milter import run_milter
+from mqpolicy.commands.pause import add_pause_arguments, cmd_pause
 from mqpolicy.commands.postfix_config import add_arguments as add_postfix_config_arguments
 from mqpolicy.commands.postfix_config import cmd_postfix_config
 from mqpolicy.commands.queue import cmd_queue
@@ -111,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(queue)
     queue.add_argument("--json", action="store_true", help="print JSON")
 
+    destinations = sub.add_parser(
+        "destinations", help="every destination: patterns, budget, backoff, pause, evidence, "
+        "held mail; `reset NAME` ends a backoff")
+    _config_arg(destinations)
+    add_destinations_arguments(destinations)
+
+    pause = sub.add_parser("pause", help="hold the mail of a destination or a lane "
+                           "(accepted, never refused) until resumed or --for runs out")
+    _config_arg(pause)
+    resume = sub.add_parser("resume", help="end a pause: the scheduler releases the held "
+                            "mail, highest lane first")
+    _config_arg(resume)
+    add_pause_arguments(pause, resume)
+
     demo = sub.add_parser("demo", help="run a private Postfix with mqpolicy and send a mix")
     add_demo_arguments(demo)
 
@@ -162,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(cmd_scheduler(policy, Path(args.config), args.log_level))
     if command == "queue":
         return asyncio.run(cmd_queue(policy, args.json, sys.stdout))
+    if command == "destinations":
+        return asyncio.run(cmd_destinations(policy, args, sys.stdout))
+    if command in ("pause", "resume"):
+        return asyncio.run(cmd_pause(policy, args, sys.stdout))
     if command == "feedback":
         return asyncio.run(cmd_feedback(policy, args.log_level))
     if command == "release-agent":

@@ -18,7 +18,7 @@ from mqpolicy.decision.counter_report import (
 from mqpolicy.decision.service import wall_clock_ms
 from mqpolicy.policy.model import Policy
 from mqpolicy.store.budget import StoreError
-from mqpolicy.store.opener import open_store
+from mqpolicy.store.opener import open_backoff_store, open_store
 
 
 async def cmd_counters(policy: Policy, args: argparse.Namespace) -> int:
@@ -43,7 +43,8 @@ async def cmd_counters(policy: Policy, args: argparse.Namespace) -> int:
             print(f"reset {removed} budget(s) of {args.limit}")
         else:
             chosen = [limits[wanted]] if wanted else list(policy.limits)
-            rows = await counter_rows(store, chosen, key, args.max, wall_clock_ms())
+            rows = await counter_rows(store, chosen, key, args.max, wall_clock_ms(),
+                                      await _factors(policy))
             print(render_counter_rows(rows))
     except StoreError as exc:
         print(f"mqpolicy counters: store error: {exc}", file=sys.stderr)
@@ -51,6 +52,15 @@ async def cmd_counters(policy: Policy, args: argparse.Namespace) -> int:
     finally:
         await store.close()
     return EXIT_OK
+
+
+async def _factors(policy: Policy) -> dict[str, float]:
+    """The destinations' backoff factors, as the servers read them."""
+    backoff = open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
+    try:
+        return await backoff.factors()
+    finally:
+        await backoff.close()
 
 
 async def _counters_in_server(policy: Policy, args: argparse.Namespace,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mqpolicy.admin.client import AdminError, AdminUnavailable, ask_server
 from mqpolicy.commands.exit_codes import EXIT_OK, EXIT_USAGE
-from mqpolicy.decision.runtime_state import make_resolver
+from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.delegation.codec import PolicyProtocolError
 from mqpolicy.delegation.explanation import (
@@ -22,7 +22,8 @@ from mqpolicy.delegation.explanation import (
 )
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
-from mqpolicy.store.opener import open_store
+from mqpolicy.store.hold_records import waiting_lanes
+from mqpolicy.store.opener import open_backoff_store, open_store, records_for
 
 
 def run_explain(policy: Policy, args: argparse.Namespace) -> int:
@@ -74,10 +75,18 @@ async def _explain_here(policy: Policy, attrs: dict[str, str], consume: bool,
     store = open_store(policy.store.url, timeout_ms=deadline_ms,
                        key_prefix=policy.store.key_prefix)
     resolver = make_resolver(policy)
+    backoff = open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
+    records = None if policy.store.in_process else records_for(policy, timeout_ms=deadline_ms)
     try:
         service = DecisionService(policy, store, deadline_ms=deadline_ms, resolver=resolver)
+        # backoff factors, pauses and waiting lanes as the servers read them
+        await RuntimeRefresher(service, backoff, (lambda: waiting_lanes(records))
+                               if records is not None else None).refresh()
         return await explain(service, Request.from_policy_attributes(attrs), consume, note)
     finally:
         await store.close()
+        await backoff.close()
+        if records is not None:
+            await records.close()
         if resolver is not None:
             await resolver.aclose()

@@ -12,12 +12,17 @@ from typing import TextIO
 
 from mqpolicy.admin.client import AdminError, ask_server
 from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from mqpolicy.decision.engine import RuntimeState
+from mqpolicy.decision.mx_resolver import DestinationFinder
+from mqpolicy.decision.runtime_state import make_resolver
+from mqpolicy.decision.service import wall_clock_ms
 from mqpolicy.policy.model import Policy, SchedulerSettings
+from mqpolicy.policy.pauses import active_pauses
 from mqpolicy.scheduler.mta_queue import QueueCommandError
 from mqpolicy.scheduler.planner import QueueSummary
 from mqpolicy.scheduler.scheduler import open_mta_queue, queue_summary
 from mqpolicy.store.budget import StoreError
-from mqpolicy.store.opener import records_for
+from mqpolicy.store.opener import open_backoff_store, records_for
 
 __all__ = ["cmd_queue", "render_queue"]
 
@@ -35,14 +40,25 @@ async def cmd_queue(policy: Policy, as_json: bool, out: TextIO) -> int:
         except ValueError as exc:
             print(f"mqpolicy queue: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        backoff = open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
+        finder = DestinationFinder(make_resolver(policy))
         try:
-            summary = await queue_summary(policy, records,
-                                          open_mta_queue(policy.scheduler or SchedulerSettings()))
+            try:
+                lanes, destinations = active_pauses(await backoff.pauses(), wall_clock_ms())
+            except StoreError:  # the records' read below says what the store did
+                lanes, destinations = {}, {}
+            summary = await queue_summary(
+                policy, records, open_mta_queue(policy.scheduler or SchedulerSettings()),
+                RuntimeState(paused_lanes=lanes, paused_destinations=destinations),
+                lambda domain: finder.find(domain, policy.destinations))
         except (StoreError, QueueCommandError) as exc:
             print(f"mqpolicy queue: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         finally:
             await records.close()
+            await backoff.close()
+            if finder.resolver is not None:
+                await finder.resolver.aclose()
     if as_json:
         print(json.dumps(summary.as_json(), indent=2), file=out)
     else:
@@ -76,6 +92,8 @@ def render_queue(summary: QueueSummary) -> str:
     if summary.queues:
         lines.append("MTA queues: " + ", ".join(f"{k} {v}"
                                                 for k, v in sorted(summary.queues.items())))
+    if summary.paused:
+        lines.append("paused (held, not released): " + ", ".join(summary.paused))
     if summary.waiting_lanes:
         lines.append("lanes waiting for the queues to drain: "
                      + ", ".join(summary.waiting_lanes))

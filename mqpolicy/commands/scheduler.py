@@ -59,8 +59,8 @@ async def _run_scheduler(policy: Policy, path: Path, log_level: str | None) -> i
     store = open_store(policy.store.url, timeout_ms=max(1000, policy.store.timeout_ms),
                        key_prefix=policy.store.key_prefix)
     service = DecisionService(policy, store, resolver=make_resolver(policy))
-    backoff_store = (open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
-                     if policy.destinations else None)
+    # backoff factors and pauses (a lane or a domain is paused without any destinations)
+    backoff_store = open_backoff_store(policy.store.url, key_prefix=policy.store.key_prefix)
     scheduler = Scheduler(service, records, open_mta_queue(settings))
     refresher = RuntimeRefresher(service, backoff_store)
     stop = asyncio.Event()
@@ -77,8 +77,7 @@ async def _run_scheduler(policy: Policy, path: Path, log_level: str | None) -> i
         sd_notify("STOPPING=1")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        if backoff_store is not None:
-            await backoff_store.close()
+        await backoff_store.close()
         if service.resolver is not None:
             await service.resolver.aclose()
         await records.close()

@@ -22,7 +22,11 @@ from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from mqpolicy.commands.reload import reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
-from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
+from mqpolicy.decision.runtime_state import (
+    RuntimeRefresher,
+    make_resolver,
+    register_steering_metrics,
+)
 from mqpolicy.decision.service import (
     DecisionService,
     register_decision_metrics,
@@ -122,9 +126,11 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
         mta_queue = (scheduler.queue if scheduler is not None
                      else open_mta_queue(policy.scheduler or SchedulerSettings()))
         admin = AdminServer(policy.admin.listen,
-                            AdminOperations(service, records, mta_queue).handlers())
+                            AdminOperations(service, records, mta_queue, backoff_store,
+                                            refresher.refresh).handlers())
     registry.gauge(DESTINATIONS_IN_BACKOFF, "Destinations whose budget is cut by backoff",
                    lambda: len(service.runtime.backoff))
+    register_steering_metrics(registry, service)
     metrics = MetricsServer(registry, policy.metrics.listen) if policy.metrics.listen else None
 
     async def close_the_rest() -> None:
@@ -147,6 +153,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     reload_on_hangup(loop, lambda: _reload(service, path, log_level, reload_stats))
+    await refresher.refresh()  # backoff and pauses in force from the first decision on
     try:
         if metrics is not None:
             await metrics.start()

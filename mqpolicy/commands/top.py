@@ -33,7 +33,13 @@ from typing import Final, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from mqpolicy.metrics.registry import DESTINATIONS_IN_BACKOFF, HELD_MESSAGES, RELEASES
+from mqpolicy.metrics.registry import (
+    DESTINATION_PAUSED,
+    DESTINATIONS_IN_BACKOFF,
+    HELD_MESSAGES,
+    LANE_PAUSED,
+    RELEASES,
+)
 from mqpolicy.policy.loader import ConfigError, load_policy
 from mqpolicy.store.urls import check_store_url
 
@@ -420,6 +426,7 @@ def render(prev: Snapshot | None, cur: Snapshot, source: str, *,
     backoff = cur.total(DESTINATIONS_IN_BACKOFF)
     lines.append(f"HOLD QUEUE {hold_total} | DESTINATIONS IN BACKOFF "
                  f"{'n/a' if backoff is None else _num(backoff, 0)}")
+    lines.extend(_paused_lines(cur))
     lines.extend(_section_lines(cur))
     lines.append("")
 
@@ -435,6 +442,17 @@ def render(prev: Snapshot | None, cur: Snapshot, source: str, *,
         if not busiest:
             lines.append("  (no limit hit yet)")
     return lines
+
+
+def _paused_lines(cur: Snapshot) -> list[str]:
+    """``PAUSED destinations: a, b | lanes: c`` while something is paused."""
+    parts = []
+    for title, name, label in (("destinations", DESTINATION_PAUSED, "destination"),
+                               ("lanes", LANE_PAUSED, "lane")):
+        paused = sorted(k[0] for k, v in cur.by(name, label).items() if v >= 1)
+        if paused:
+            parts.append(f"{title}: {', '.join(clean(p, 40) for p in paused)}")
+    return [f"PAUSED {' | '.join(parts)}"] if parts else []
 
 
 def _section_lines(cur: Snapshot, rows: int = 5) -> list[str]:

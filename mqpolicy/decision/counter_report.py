@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mqpolicy.decision.engine import store_key
+from mqpolicy.policy.backoff import scale_budget
 from mqpolicy.policy.model import Limit
 from mqpolicy.store.budget import CounterStore
 
@@ -34,12 +36,21 @@ class CounterRow(NamedTuple):
                    int(row["burst"]), full_in)
 
 
+_NO_BACKOFF: Mapping[str, float] = MappingProxyType({})
+
+
 async def counter_rows(store: CounterStore, limits: Sequence[Limit], key: str | None,
-                       maximum: int, now_ms: int) -> list[CounterRow]:
+                       maximum: int, now_ms: int,
+                       backoff: Mapping[str, float] = _NO_BACKOFF) -> list[CounterRow]:
     """The buckets of ``limits`` in use (at most ``maximum`` per limit), or the one bucket
-    of ``key`` of each (also when unused)."""
+    of ``key`` of each (also when unused). A destination's budget is shown as decisions
+    apply it now: scaled by its ``backoff`` factor (smaller burst, slower refill)."""
     rows: list[CounterRow] = []
     for limit in limits:
+        unit, burst = limit.unit, limit.burst
+        factor = backoff.get(limit.destination, 1.0) if limit.destination else 1.0
+        if factor < 1.0:
+            unit, burst = scale_budget(unit, burst, factor)
         keys = ([store_key(limit, key.lower())] if key
                 else await store.scan(store_key(limit, "*"), count=maximum))
         states = await store.inspect(keys, now_ms)
@@ -47,13 +58,12 @@ async def counter_rows(store: CounterStore, limits: Sequence[Limit], key: str | 
         for k, state in zip(keys, states, strict=True):
             if state is None:
                 if key:
-                    rows.append(CounterRow(limit.name, k[len(prefix):], limit.burst,
-                                           limit.burst, None))
+                    rows.append(CounterRow(limit.name, k[len(prefix):], burst, burst, None))
                 continue
             full_in_ms = state.full_at_ms(limit.refill, now_ms) - now_ms
             rows.append(CounterRow(limit.name, k[len(prefix):],
-                                   state.free_units(limit.refill, limit.unit, limit.burst, now_ms),
-                                   limit.burst, math.ceil(full_in_ms / 1000)))
+                                   state.free_units(limit.refill, unit, burst, now_ms),
+                                   burst, math.ceil(full_in_ms / 1000)))
     return rows
 
 

@@ -64,6 +64,7 @@ class Action(Enum):
 # as the quarantine reason); a limit's hold says its message or ``messages.hold``.
 LANE_HOLD_TEXT = "held by mqpolicy lane {lane}"
 LOAD_HOLD_TEXT = "held by mqpolicy load: lane {lane} waits for the MTA's queues"
+PAUSE_HOLD_TEXT = "held by mqpolicy: {paused} paused"
 
 _SEVERITY = {ActionKind.REJECT: 3, ActionKind.DEFER: 2, ActionKind.HOLD: 1}
 _MAX_KEY_LENGTH = 200
@@ -88,6 +89,8 @@ class Plan(NamedTuple):
     checks_only: bool = False
     # the message's ledger, where a RCPT decision's spends are recorded for a give-back
     ledger_key: str | None = None
+    # a paused lane or recipient destination: "lane bulk (why)", "destination google"
+    paused: str = ""
 
 
 class RuntimeState(NamedTuple):
@@ -97,6 +100,9 @@ class RuntimeState(NamedTuple):
 
     backoff: Mapping[str, float] = MappingProxyType({})
     waiting_lanes: frozenset[str] = frozenset()
+    # paused by an operator or a feedback rule (see policy/pauses.py): name -> description
+    paused_lanes: Mapping[str, str] = MappingProxyType({})
+    paused_destinations: Mapping[str, str] = MappingProxyType({})
 
 
 NO_RUNTIME = RuntimeState()
@@ -261,9 +267,12 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     if lane is None:
         lane, rule = classify(request, policy)
     backoff = runtime.backoff
+    paused = ("" if releasing or not (runtime.paused_lanes or runtime.paused_destinations)
+              else _paused(request, lane, runtime))
     # Mail that will wait in the hold queue (a hold lane, a lane waiting for the MTA's
-    # queues) spends its recipient budgets when it is released, not now: else twice.
-    spend_recipients = releasing or not (lane.hold or lane.name in runtime.waiting_lanes)
+    # queues, a pause) spends its recipient budgets when it is released, not now: else twice.
+    spend_recipients = releasing or not (lane.hold or lane.name in runtime.waiting_lanes
+                                         or paused)
     stage = request.stage
     at_end = stage == STAGE_END_OF_MESSAGE
     at_rcpt = stage == STAGE_RCPT
@@ -303,6 +312,8 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         if key is None:
             continue
         if limit.recipient_keyed:  # only at RCPT (limits_by_stage; destinations too)
+            if paused:
+                continue  # paused mail is held, never refused: checked at its release
             cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
             consume = spend_recipients
         elif at_end:
@@ -328,10 +339,21 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
               if at_rcpt and request.instance and not releasing
               and any(p.spends for p in planned) else None)
     return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes,
-                       checks_only, ledger))
+                       checks_only, ledger, paused))
 
 
 _new = tuple.__new__
+
+
+def _paused(request: Request, lane: Lane, runtime: RuntimeState) -> str:
+    """What pauses this request: its lane, else its recipient's destination ("")."""
+    if runtime.paused_lanes and lane.name in runtime.paused_lanes:
+        return f"lane {runtime.paused_lanes[lane.name]}"
+    if runtime.paused_destinations and request.recipient:
+        described = runtime.paused_destinations.get(recipient_destination(request))
+        if described is not None:
+            return f"destination {described}"
+    return ""
 
 
 def _with_demotion(request: Request, policy: Policy, runtime: RuntimeState, lane: Lane,
@@ -471,6 +493,10 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
         return Verdict(action, lane, classified, plan.rule, text, result.retry_after_ms,
                        limits, deciding=limit.name, duplicate=evaluation.duplicate,
                        oversize=oversize)
+    if plan.paused and not plan.checks_only:
+        return Verdict(Action.HOLD, lane, classified, plan.rule,
+                       PAUSE_HOLD_TEXT.format(paused=plan.paused), 0, limits,
+                       deciding=f"paused: {plan.paused}", duplicate=evaluation.duplicate)
     waiting = lane.name in plan.waiting_lanes and lane.priority > 0  # never the highest lane
     if (waiting or lane.hold) and not plan.checks_only:
         # messages.hold names a limit; here none held the message: name what did
@@ -503,7 +529,7 @@ def _store_failed(plan: Plan, policy: Policy) -> Verdict:
         if not p.limit.monitor and p.limit.on_store_error is StoreErrorMode.DEFER
     ]
     lane = plan.lane
-    if lane.hold or (lane.name in plan.waiting_lanes and lane.priority > 0):
+    if lane.hold or plan.paused or (lane.name in plan.waiting_lanes and lane.priority > 0):
         # mail that must wait is never sent on because the store is away: the client
         # retries (accepting it would deliver it at once, holding it needs the store)
         return Verdict(Action.DEFER, lane, lane, plan.rule, store_error_text(policy, lane), 0,

@@ -68,7 +68,8 @@ class Explanation:
             limits=verdict.limits,
             not_applied=tuple(
                 (limit.name, not_applied_reason(limit, verdict.classified_lane, request)
-                 or "not applicable")
+                 or (_PAUSED if (verdict.deciding or "").startswith("paused: ")
+                     else "not applicable"))
                 for limit in policy.limits if limit.name not in consulted),
             note=note,
         )
@@ -114,6 +115,9 @@ class Explanation:
             not_applied=tuple((str(n["name"]), str(n["why"])) for n in data["not_applied"]),
             note=_optional_str(data.get("note")),
         )
+
+
+_PAUSED = "paused: checked and spent when the held message is released"
 
 
 def _optional_str(value: Any) -> str | None:

@@ -1,4 +1,5 @@
-"""Postfix delivery results from its log, and which of them mean "slow down". Pure.
+"""Postfix and Sendmail delivery results from their logs, and which of them mean "slow
+down". Pure.
 
 :func:`parse_delivery_line` turns one log line into a :class:`DeliveryEvent` or None.
 Accepted line formats (the header up to ``QUEUEID: ``):
@@ -21,6 +22,21 @@ event with status ``expired`` and no recipient. ``status=SOFTBOUNCE`` (``soft_bo
 yes``) is reported as ``deferred``. Address-verification probes (``deliverable``,
 ``undeliverable``) and everything else (smtpd, cleanup, qmgr queue lines, warnings,
 garbage) give None. The parser never raises on its input.
+
+Sendmail's lines (program ``sendmail``, ``sm-mta`` or ``sm-msp-queue``, either timestamp)::
+
+    Dec  7 11:31:26 mta sendmail[19641]: 6B7BVQZu019632: to=<u@yahoo.com>, delay=00:00:00,
+        xdelay=00:00:00, mailer=esmtp, pri=30180, relay=mx.yahoo.com. [192.0.2.1],
+        dsn=4.7.0, reply=421 4.7.0 [TSS04] Messages from ... temporarily deferred ...,
+        stat=Deferred: Connection reset by mx.yahoo.com.
+
+``stat=Sent (...)`` is ``sent``; ``stat=Deferred[: text]`` is ``deferred``; any other
+``stat`` is ``bounced`` when the DSN is 5.x.x (``deferred`` when 4.x.x). The remote reply
+is the ``reply=`` field (Sendmail 8.15 and later log it before ``stat=``, which may then
+say only what happened to the connection), else the ``stat`` text.
+A line with several recipients (``to=<a@x>,<b@x>``: one delivery to one host) is read as
+its first recipient's. Other Sendmail lines (``from=``, ``stat=queued``, milter and
+daemon messages) give None.
 
 :func:`slow_down_reason` says whether a result is a receiver asking us to slow down.
 """
@@ -52,6 +68,13 @@ _ISO_HEADER = re.compile(
     r"(?P<ts>\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?) " + _PROGRAM
 )
 _QUEUE_ID = re.compile(r"(?P<qid>[0-9A-Za-z]{5,20}): ")
+_SM_PROGRAM = (r"(?P<host>\S+) (?P<prog>sm-mta|sendmail|sm-msp-queue)"
+               r"(?:\[(?P<pid>\d{1,10})\])?: ")
+_SM_SYSLOG_HEADER = re.compile(_SYSLOG_HEADER.pattern[:-len(_PROGRAM)] + _SM_PROGRAM)
+_SM_ISO_HEADER = re.compile(_ISO_HEADER.pattern[:-len(_PROGRAM)] + _SM_PROGRAM)
+_SM_STAT = ", stat="
+_SM_REPLY_FIELD = ", reply="
+_SM_REPLY = re.compile(r"(?P<status>Sent|Deferred)(?:: (?P<reply>.*)| \((?P<sent>.*)\))?$", re.S)
 _FIELD = re.compile(r"(?P<name>[a-z_]{2,16})=")
 _STATUS_WORD = re.compile(r"(?P<status>[A-Za-z]+)")
 _RELAY_HOST = re.compile(r"(?P<host>[^\[\s]+)(?:\[[^\]]*\](?::\d+)?)?")
@@ -167,7 +190,7 @@ def _parse(line: str, reference: datetime | None) -> DeliveryEvent | None:
     else:
         header = _ISO_HEADER.match(line)
         if header is None:
-            return None
+            return _parse_sendmail(line, reference)
         timestamp = datetime.fromisoformat(header["ts"])
         if timestamp.tzinfo is None and reference is not None:
             timestamp = timestamp.replace(tzinfo=reference.tzinfo)
@@ -202,6 +225,74 @@ def _parse(line: str, reference: datetime | None) -> DeliveryEvent | None:
         orig_recipient=fields.get("orig_to", ""),
         relay=relay,
         detail=detail,
+        host=header["host"],
+        pid=int(pid) if pid else None,
+        line=line,
+    )
+
+
+def _parse_sendmail(line: str, reference: datetime | None) -> DeliveryEvent | None:
+    """A Sendmail delivery line (see the module's docstring), else None."""
+    header = _SM_SYSLOG_HEADER.match(line)
+    if header is not None:
+        timestamp = _syslog_time(header, reference)
+    else:
+        header = _SM_ISO_HEADER.match(line)
+        if header is None:
+            return None
+        timestamp = datetime.fromisoformat(header["ts"])
+        if timestamp.tzinfo is None and reference is not None:
+            timestamp = timestamp.replace(tzinfo=reference.tzinfo)
+    qid = _QUEUE_ID.match(line, header.end())
+    if qid is None or not line.startswith("to=", qid.end()):
+        return None
+    rest = line[qid.end():]
+    cut = rest.find(_SM_STAT)
+    if cut < 0:
+        return None
+    body = rest[:cut]
+    at = body.find(_SM_REPLY_FIELD)
+    remote = ""
+    if at >= 0:  # the reply may hold ", ": it runs to stat=
+        body, remote = body[:at], body[at + len(_SM_REPLY_FIELD):]
+    fields: dict[str, str] = {}
+    for part in body.split(", "):
+        name, equals, value = part.partition("=")
+        if equals:
+            fields.setdefault(name, value)
+    first = fields.get("to", "").split(",")[0].strip()
+    recipient = first[1:-1] if first.startswith("<") and first.endswith(">") else first
+    if not recipient:
+        return None
+    dsn = fields.get("dsn", "") if _DSN.fullmatch(fields.get("dsn", "")) else ""
+    stat = rest[cut + len(_SM_STAT):]
+    known = _SM_REPLY.match(stat)
+    if known is not None:
+        sent = known["status"] == "Sent"
+        status = "sent" if sent else "deferred"
+        reply = (known["sent"] or "") if sent else (remote or known["reply"] or "")
+    elif dsn.startswith("5."):
+        status, reply = "bounced", remote or stat
+    elif dsn.startswith("4."):
+        status, reply = "deferred", remote or stat
+    else:
+        return None  # queued, quarantined, ...: not a delivery result
+    code = _REPLY_CODE.match(reply)
+    relay = fields.get("relay", "")
+    pid = header["pid"]
+    return DeliveryEvent(
+        timestamp=timestamp,
+        service=header["prog"],
+        queue_id=qid["qid"],
+        recipient=recipient,
+        domain=domain_of(recipient),
+        relay_host=_relay_host(relay).rstrip("."),
+        status=status,
+        dsn=dsn,
+        reply=reply,
+        reply_code=int(code["code"]) if code and status != "sent" else None,
+        relay=relay,
+        detail=f"{remote} ({stat})" if remote else stat,
         host=header["host"],
         pid=int(pid) if pid else None,
         line=line,

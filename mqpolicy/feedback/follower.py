@@ -5,6 +5,12 @@ rollup of :class:`~mqpolicy.decision.service.DecisionService`.
 
 Only configured ``destinations`` are backed off: their budget is what a factor scales.
 A slow-down from an unconfigured domain is logged at debug level and changes nothing.
+
+Beside backoff, ``feedback.rules`` pause a configured destination when a deferred or
+bounced result's DSN or reply matches (``{match: "TSS04|4\\.7\\.28", action: pause,
+for: 2h}``): from the time of that line, for ``for``. A destination already paused (by an
+operator or a rule) is left as it is: further matches do not extend the pause, so mail
+retried from the MTA's deferred queue cannot keep it paused for ever.
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ from mqpolicy.feedback.delivery_log import DeliveryEvent, compile_patterns, pars
 from mqpolicy.feedback.delivery_log import slow_down_reason as classify_reply
 from mqpolicy.feedback.log_follower import LogFollower
 from mqpolicy.policy.backoff import (
+    MAX_EVIDENCE,
     BackoffChange,
     BackoffSettings,
     BackoffState,
     on_slow_down,
     on_success,
 )
-from mqpolicy.policy.model import FeedbackSettings, Policy
+from mqpolicy.policy.model import FeedbackRule, FeedbackSettings, Policy
+from mqpolicy.policy.pauses import Pause, one_line
 from mqpolicy.store.backoff_states import BackoffStore
 from mqpolicy.store.budget import StoreError
 
@@ -46,6 +54,7 @@ class FeedbackStats:
     slow_downs: int = 0
     changes: int = 0
     store_errors: int = 0
+    pauses: int = 0  # destinations paused by a rule
 
 
 class FeedbackService:
@@ -97,6 +106,8 @@ class FeedbackService:
                           extra={"fields": {"destination": destination, "evidence": line}})
             return None
         at_ms = _event_ms(event, self._clock_ms())
+        if settings.rules and event.status != "sent":
+            await self.pause_by_rule(destination, event, settings.rules, at_ms)
         reason = _reason(event, settings)
         if reason is not None:
             self.stats.slow_downs += 1
@@ -121,6 +132,45 @@ class FeedbackService:
             log.log(level, "destination backed off" if change.kind == "decrease"
                     else "destination recovering", extra={"fields": change.log_fields()})
         return change
+
+    async def pause_by_rule(self, destination: str, event: DeliveryEvent,
+                            rules: tuple[FeedbackRule, ...], at_ms: int) -> Pause | None:
+        """Pause ``destination`` by the first rule ``event`` matches; the pause, or None
+        (no rule matched, the evidence is older than the rule's ``for``, the destination
+        is paused already, or the store failed)."""
+        text = f"{event.dsn} {event.detail or event.reply}"
+        for rule in rules:
+            if rule.destination is not None and rule.destination != destination:
+                continue
+            found = rule.match.search(text)
+            if found is not None:
+                break
+        else:
+            return None
+        now = self._clock_ms()
+        if at_ms + rule.for_ms <= now:
+            return None  # old evidence (a log read again): its pause would be over
+        evidence = event.line or text
+        pause = Pause("destination", destination, at_ms, at_ms + rule.for_ms,
+                      reason=one_line(found.group(0)),  # what the reply said; by: the rule
+                      by=f"rule:{rule.match.pattern}", evidence=evidence[:MAX_EVIDENCE])
+        try:
+            if any(p.kind == "destination" and p.name == destination and p.active(now)
+                   for p in await self._store.pauses()):
+                return None
+            await self._store.set_pause(pause)
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            log.warning("pause store unavailable, rule not applied",
+                        extra={"fields": {"destination": destination, "error": str(exc)}})
+            return None
+        self.stats.pauses += 1
+        if self._on_change is not None:
+            await self._on_change()
+        log.warning("destination paused by rule", extra={"fields": {
+            "destination": destination, "rule": rule.match.pattern,
+            "for_s": rule.for_ms // 1000, "until_ms": pause.until_ms, "evidence": evidence}})
+        return pause
 
     async def _update(self, destination: str, step: Step) -> BackoffChange | None:
         try:

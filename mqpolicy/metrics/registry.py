@@ -47,8 +47,9 @@ Names must start with ``mqpolicy_`` and carry a unit suffix where there is a uni
 ``read`` callback runs on the loop at every scrape: keep it cheap and non-blocking. A
 callback that raises or returns malformed data loses its own metric for that scrape
 (logged, counted in ``mqpolicy_metrics_collect_errors_total``); the rest is served.
-``mqpolicy top`` knows the names :data:`HELD_MESSAGES`, :data:`RELEASES` and
-:data:`DESTINATIONS_IN_BACKOFF` and shows them once they exist ("n/a" until then).
+``mqpolicy top`` knows the names :data:`HELD_MESSAGES`, :data:`RELEASES`,
+:data:`DESTINATIONS_IN_BACKOFF`, :data:`DESTINATION_PAUSED` and :data:`LANE_PAUSED` and shows
+them once they exist ("n/a" until then).
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ from mqpolicy.metrics.instruments import HistogramSnapshot
 
 __all__ = [
     "DESTINATIONS_IN_BACKOFF",
+    "DESTINATION_BACKOFF_FACTOR",
+    "DESTINATION_PAUSED",
     "HELD_MESSAGES",
+    "LANE_PAUSED",
     "RELEASES",
     "MetricsRegistry",
     "ReloadStats",
@@ -81,6 +85,12 @@ HELD_MESSAGES: Final = "mqpolicy_held_messages"
 RELEASES: Final = "mqpolicy_releases_total"
 #: Gauge: destinations currently backed off (registered by the feedback reader).
 DESTINATIONS_IN_BACKOFF: Final = "mqpolicy_destinations_in_backoff"
+#: Gauge ``{destination}``: the backoff factor of every configured destination (1: none).
+DESTINATION_BACKOFF_FACTOR: Final = "mqpolicy_destination_backoff_factor"
+#: Gauge ``{destination}``: 1 while paused (configured destinations, and paused others).
+DESTINATION_PAUSED: Final = "mqpolicy_destination_paused"
+#: Gauge ``{lane}``: 1 while paused.
+LANE_PAUSED: Final = "mqpolicy_lane_paused"
 
 
 Labels: TypeAlias = tuple[str, ...]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -286,6 +287,18 @@ class DnsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedbackRule:
+    """``{match: REGEX, action: pause, for: 2h, destination: NAME}``: a delivery result
+    (deferred or bounced) whose DSN or reply matches pauses its destination (only
+    ``destination``, or every configured one) for ``for_ms``."""
+
+    match: re.Pattern[str]  # case-insensitive
+    for_ms: int
+    destination: str | None = None
+    action: str = "pause"
+
+
+@dataclass(frozen=True, slots=True)
 class FeedbackSettings:
     """``mqpolicy feedback``: follow the MTA's delivery log and back destinations off."""
 
@@ -294,6 +307,7 @@ class FeedbackSettings:
     poll_interval_ms: int = 1000
     slow_down_patterns: tuple[str, ...] = ()
     backoff: BackoffSettings = field(default_factory=BackoffSettings)
+    rules: tuple[FeedbackRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from mqpolicy.policy.model import (
     AdminSettings,
     DnsSettings,
     ErrorAction,
+    FeedbackRule,
     FeedbackSettings,
     LoadThresholds,
     LogSettings,
@@ -362,7 +363,8 @@ _BACKOFF_KEYS = {"decrease", "min_factor", "cooldown", "recover_step", "recover_
 def read_feedback(r: Reader, top: Mapping[str, Any]) -> FeedbackSettings:
     d = FeedbackSettings()
     m = r.mapping(top, "feedback", "feedback",
-                  {"log", "state_file", "poll_interval", "slow_down_patterns", "backoff"})
+                  {"log", "state_file", "poll_interval", "slow_down_patterns", "backoff",
+                   "rules"})
     if m is None:
         return d
     log_path = r.optional(m, "log", "feedback", _absolute_path)
@@ -410,7 +412,58 @@ def read_feedback(r: Reader, top: Mapping[str, Any]) -> FeedbackSettings:
         poll_interval_ms=poll or d.poll_interval_ms,
         slow_down_patterns=patterns,
         backoff=backoff,
+        rules=_feedback_rules(r, m, top) if "rules" in m else (),
     )
+
+
+_RULE_KEYS = {"match", "action", "for", "destination"}
+_RULE_ACTIONS = ("pause",)
+
+
+def _feedback_rules(r: Reader, m: Mapping[str, Any],
+                    top: Mapping[str, Any]) -> tuple[FeedbackRule, ...]:
+    """``feedback.rules``: each a regex ``match``, ``action: pause``, a ``for`` duration
+    and optionally a configured ``destination``."""
+    items = m["rules"]
+    if not isinstance(items, list):
+        r.error(m, "rules", "feedback.rules", f"expected a list, got {kind_of(items)}")
+        return ()
+    raw_destinations = top.get("destinations")
+    names = {str(d.get("name")) for d in raw_destinations if isinstance(d, Mapping)} \
+        if isinstance(raw_destinations, list) else set()
+    rules = []
+    for i, _ in enumerate(items):
+        path = f"feedback.rules[{i}]"
+        rule = r.mapping(items, i, path, _RULE_KEYS)
+        if rule is None:
+            continue
+        missing = [key for key in ("match", "action", "for") if key not in rule]
+        for key in missing:
+            r.error(items, i, path, f"missing {key}")
+        if missing:
+            continue
+        pattern = None
+        match = rule["match"]
+        if not isinstance(match, str) or not match:
+            r.error(rule, "match", f"{path}.match", "expected a regex")
+        else:
+            try:
+                pattern = re.compile(match, re.IGNORECASE)
+            except re.error as exc:
+                r.error(rule, "match", f"{path}.match", f"bad regex {match!r}: {exc}")
+        if rule["action"] not in _RULE_ACTIONS:
+            r.error(rule, "action", f"{path}.action",
+                    f"expected one of {', '.join(_RULE_ACTIONS)}, got {rule['action']!r}")
+        for_ms = r.convert(rule, "for", f"{path}.for", positive_duration)
+        destination = rule.get("destination")
+        if destination is not None and destination not in names:
+            r.error(rule, "destination", f"{path}.destination",
+                    f"no destination named {destination!r}"
+                    f" (destinations: {', '.join(sorted(names)) or 'none'})")
+            destination = None
+        if pattern is not None and for_ms is not None and rule["action"] in _RULE_ACTIONS:
+            rules.append(FeedbackRule(pattern, for_ms, destination))
+    return tuple(rules)
 
 
 def read_messages(r: Reader, top: Mapping[str, Any]) -> Messages:

@@ -59,6 +59,7 @@ __all__ = [
     "QueueSummary",
     "ReleasePlan",
     "held_spend_checks",
+    "hold_paused_destinations",
     "lane_release_check",
     "lanes_to_pause",
     "load_exceeded",
@@ -94,7 +95,8 @@ class ReleasePlan:
 
     due: list[Candidate] = field(default_factory=list)  # in release order
     waiting: list[Candidate] = field(default_factory=list)  # not before a later time
-    paused: list[Candidate] = field(default_factory=list)  # due, their lane waits for load
+    # due, but their lane waits for load or is paused, or a recipient's destination is paused
+    paused: list[Candidate] = field(default_factory=list)
     resume: list[Candidate] = field(default_factory=list)  # interrupted releases: finish
     finished: list[str] = field(default_factory=list)  # records of completed releases
     stale: list[str] = field(default_factory=list)  # records whose message is not on hold
@@ -182,6 +184,25 @@ def plan_releases(
     plan.paused.sort(key=_order)
     plan.waiting.sort(key=lambda c: (c.record.not_before_ms, *_order(c)))
     return plan
+
+
+def hold_paused_destinations(plan: ReleasePlan, paused: Mapping[str, str],
+                             destinations: Mapping[str, str]) -> None:
+    """Move the due messages with a recipient at a paused destination to ``plan.paused``:
+    a message is never split, so it waits while any of its destinations is paused.
+    ``destinations`` maps recipient domains to their destination group (a domain that is
+    not there is its own destination)."""
+    if not paused:
+        return
+    due: list[Candidate] = []
+    for candidate in plan.due:
+        domains = (domain_of(r) for r in candidate.entry.recipients)
+        if any(destinations.get(d, d) in paused for d in domains):
+            plan.paused.append(candidate)
+        else:
+            due.append(candidate)
+    plan.due = due
+    plan.paused.sort(key=_order)
 
 
 # ---------------------------------------------------------------- budgets
@@ -344,6 +365,7 @@ class QueueSummary:
     unknown_lanes: list[str]
     queues: dict[str, int]  # the MTA's queue sizes
     waiting_lanes: list[str]  # waiting for the MTA's queues
+    paused: list[str] = field(default_factory=list)  # "destination google (why)", "lane bulk"
 
     @property
     def held(self) -> int:
@@ -360,6 +382,7 @@ class QueueSummary:
             "unknown_lanes": self.unknown_lanes,
             "queues": self.queues,
             "waiting_lanes": self.waiting_lanes,
+            "paused": self.paused,
         }
 
     @classmethod
@@ -379,6 +402,7 @@ class QueueSummary:
             unknown_lanes=[str(lane) for lane in data["unknown_lanes"]],
             queues={str(k): int(v) for k, v in data["queues"].items()},
             waiting_lanes=[str(lane) for lane in data["waiting_lanes"]],
+            paused=[str(p) for p in data.get("paused", ())],
         )
 
 

@@ -44,9 +44,10 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from mqpolicy.decision.engine import NO_RUNTIME, RuntimeState
 from mqpolicy.decision.service import DecisionService, wall_clock_ms
 from mqpolicy.metrics.instruments import LatencyHistogram
 from mqpolicy.metrics.registry import HELD_MESSAGES, RELEASES, MetricsRegistry
@@ -58,6 +59,7 @@ from mqpolicy.scheduler.planner import (
     Candidate,
     QueueSummary,
     ReleasePlan,
+    hold_paused_destinations,
     lanes_to_pause,
     load_exceeded,
     plan_releases,
@@ -280,15 +282,18 @@ class Scheduler:
 
         now_ms = self.clock_ms()
         paused = await self._load(policy, settings, snapshot)
+        runtime = self.service.runtime
         plan = plan_releases(snapshot.entries, records, now_ms=now_ms, lanes=policy.lanes,
-                             paused_lanes=paused,
+                             paused_lanes=paused | frozenset(runtime.paused_lanes),
                              grace_ms=record_grace_ms(settings.interval_ms))
         planned = time.perf_counter()
         report = PassReport(plan=plan, paused_lanes=paused, list_s=listed - started,
                             plan_s=planned - listed)
         self._account(plan, snapshot)
 
-        destinations = await self._destinations(policy, settings, plan)
+        destinations = await self._destinations(policy, settings, plan,
+                                                bool(runtime.paused_destinations))
+        hold_paused_destinations(plan, runtime.paused_destinations, destinations)
         chosen, retry_ms = await self._decide(policy, settings, plan, now_ms, report,
                                               destinations)
         decided = time.perf_counter()
@@ -349,13 +354,14 @@ class Scheduler:
             log.warning("unreadable queue listing line", extra={"fields": {"line": problem}})
 
     async def _destinations(self, policy: Policy, settings: SchedulerSettings,
-                            plan: ReleasePlan) -> dict[str, str]:
+                            plan: ReleasePlan, every: bool = False) -> dict[str, str]:
         """Destination groups of the due messages' recipient domains (as live decisions
-        resolve them; cached by the decision service's finder)."""
+        resolve them; cached by the decision service's finder): of those this pass may
+        release, or of ``every`` due message (a destination is paused)."""
         if not policy.destinations:
             return {}
         domains: dict[str, str] = {}
-        for candidate in plan.due[:settings.max_releases_per_pass * 4]:
+        for candidate in (plan.due if every else plan.due[:settings.max_releases_per_pass * 4]):
             for recipient in candidate.entry.recipients:
                 domain = domain_of(recipient)
                 if domain and domain not in domains:
@@ -545,15 +551,31 @@ def open_mta_queue(settings: SchedulerSettings, *, through_agent: bool = True) -
                       direct if settings.mta is MtaKind.POSTFIX else None)
 
 
-async def queue_summary(policy: Policy, records: HoldRecordStore,
-                        queue: MtaQueue) -> QueueSummary:
+async def queue_summary(policy: Policy, records: HoldRecordStore, queue: MtaQueue,
+                        runtime: RuntimeState = NO_RUNTIME,
+                        destination_of: Callable[[str], Awaitable[str]] | None = None,
+                        ) -> QueueSummary:
     """What ``mqpolicy queue`` shows: the records joined with the MTA's hold queue, per
-    lane and destination (StoreError, QueueCommandError)."""
+    lane and destination (StoreError, QueueCommandError). ``runtime``: the pauses, whose
+    held mail is counted as paused (``destination_of``: a recipient domain's destination,
+    as decisions find it)."""
     settings = policy.scheduler or SchedulerSettings()
     record_set = await records.load()
     paused = await records.get_waiting_lanes()
     snapshot = await queue.snapshot()
     now = wall_clock_ms()
     plan = plan_releases(snapshot.entries, record_set, now_ms=now, lanes=policy.lanes,
-                         paused_lanes=paused, grace_ms=record_grace_ms(settings.interval_ms))
-    return summarize(plan, now, snapshot.counts, paused)
+                         paused_lanes=paused | frozenset(runtime.paused_lanes),
+                         grace_ms=record_grace_ms(settings.interval_ms))
+    if runtime.paused_destinations:
+        found: dict[str, str] = {}
+        for candidate in plan.due:
+            for domain in {domain_of(r) for r in candidate.entry.recipients} - set(found):
+                found[domain] = (await destination_of(domain) if destination_of is not None
+                                 else domain)
+        hold_paused_destinations(plan, runtime.paused_destinations, found)
+    summary = summarize(plan, now, snapshot.counts, paused)
+    summary.paused = [*(f"lane {d}" for _, d in sorted(runtime.paused_lanes.items())),
+                      *(f"destination {d}"
+                        for _, d in sorted(runtime.paused_destinations.items()))]
+    return summary

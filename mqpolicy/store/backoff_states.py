@@ -1,9 +1,15 @@
-"""Where destination backoff states live: in memory (one process) or in Redis (shared).
+"""Where destination backoff states and pauses live: in memory (one process) or in Redis
+(shared).
 
 Every policy server, milter and scheduler reads the factors (``factors()``, about once a
 second); the feedback process changes them with ``update(destination, change)``, which
 is atomic: in Redis an optimistic transaction (WATCH / MULTI / EXEC, retried), so two
 feedback processes (two MTA hosts) never lose each other's updates.
+
+Pauses of destinations and lanes (:mod:`mqpolicy.policy.pauses`) live beside them, in the
+hash ``<prefix>pauses`` (field ``destination:<name>`` or ``lane:<name>``, a JSON value):
+written by ``mqpolicy pause`` / ``resume`` and by feedback rules, read with the factors.
+A pause that ran out stays until it is overwritten or resumed; readers ask ``active()``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisClusterException, RedisError
 
 from mqpolicy.policy.backoff import BackoffState
+from mqpolicy.policy.pauses import Pause, pause_field
 from mqpolicy.store.budget import StoreError
 from mqpolicy.store.redis import parse_redis_url
 from mqpolicy.store.redis_connection import load_script
@@ -26,11 +33,13 @@ T = TypeVar("T")
 Change = Callable[[BackoffState], tuple[BackoffState, T]]
 
 _KEY = "backoff"
+_PAUSES_KEY = "pauses"
 _CAS_SCRIPT = load_script("backoff_cas.lua")
 # a Redis Cluster client raises its own errors besides redis-py's
 _ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 _TTL_MS = 30 * 86_400_000  # a safety net: states are rewritten on every change
 _RETRIES = 20
+_PAUSE_TTL_MS = 366 * 86_400_000  # a safety net, renewed by every pause: a year at most
 
 
 class BackoffStore(Protocol):
@@ -42,6 +51,18 @@ class BackoffStore(Protocol):
 
     async def update(self, destination: str, change: Change[T]) -> T:
         """Apply ``change`` to the destination's state atomically; return what it returns."""
+        ...
+
+    async def pauses(self) -> list[Pause]:
+        """Every stored pause, also those that ran out (see ``Pause.active``)."""
+        ...
+
+    async def set_pause(self, pause: Pause) -> None:
+        """Store ``pause``, replacing one of the same destination or lane."""
+        ...
+
+    async def clear_pause(self, kind: str, name: str) -> Pause | None:
+        """End a pause; the one that was stored (None: none was)."""
         ...
 
     async def close(self) -> None: ...
@@ -56,6 +77,7 @@ class MemoryBackoffStore:
 
     def __init__(self) -> None:
         self._states: dict[str, BackoffState] = {}
+        self._pauses: dict[str, Pause] = {}
 
     async def factors(self) -> dict[str, float]:
         return _backed_off(self._states)
@@ -67,6 +89,15 @@ class MemoryBackoffStore:
         new, result = change(self._states.get(destination, BackoffState()))
         self._states[destination] = new
         return result
+
+    async def pauses(self) -> list[Pause]:
+        return list(self._pauses.values())
+
+    async def set_pause(self, pause: Pause) -> None:
+        self._pauses[pause.field] = pause
+
+    async def clear_pause(self, kind: str, name: str) -> Pause | None:
+        return self._pauses.pop(pause_field(kind, name), None)
 
     async def close(self) -> None:
         return None
@@ -85,6 +116,7 @@ class RedisBackoffStore:
                                                        socket_connect_timeout=timeout)
         self._closing = closing
         self._key = key_prefix + _KEY
+        self._pauses_key = key_prefix + _PAUSES_KEY
         # one update at a time from this process: WATCH retries are for other processes
         self._updating = asyncio.Lock()
 
@@ -122,6 +154,42 @@ class RedisBackoffStore:
         except _ERRORS as exc:
             raise StoreError(f"backoff update of {destination}: {exc}") from exc
         raise StoreError(f"backoff update of {destination}: too much contention")
+
+    async def pauses(self) -> list[Pause]:
+        try:
+            raw = await self._client.hgetall(self._pauses_key)
+        except _ERRORS as exc:
+            raise StoreError(f"pauses: {exc}") from exc
+        pauses = []
+        for value in raw.values():
+            try:
+                pauses.append(Pause.from_dict(json.loads(value)))
+            except (ValueError, TypeError, KeyError):
+                continue  # not a pause: never pauses anything
+        return pauses
+
+    async def set_pause(self, pause: Pause) -> None:
+        try:
+            # single commands: a cluster client runs no MULTI
+            await self._client.hset(self._pauses_key, pause.field,
+                                    json.dumps(pause.to_dict()))
+            await self._client.pexpire(self._pauses_key, _PAUSE_TTL_MS)
+        except _ERRORS as exc:
+            raise StoreError(f"pause of {pause.kind} {pause.name}: {exc}") from exc
+
+    async def clear_pause(self, kind: str, name: str) -> Pause | None:
+        field = pause_field(kind, name)
+        try:
+            raw = await self._client.hget(self._pauses_key, field)
+            await self._client.hdel(self._pauses_key, field)
+        except _ERRORS as exc:
+            raise StoreError(f"resume of {kind} {name}: {exc}") from exc
+        if raw is None:
+            return None
+        try:
+            return Pause.from_dict(json.loads(raw))
+        except (ValueError, TypeError, KeyError):
+            return None
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -244,7 +244,8 @@ def test_malformed_admin_requests_get_error_answers_and_everything_goes_on(
         assert answer(b'{"op": "shutdown", "id": 1}\n') == {
             "id": 1, "ok": False, "error": "unknown_operation",
             "message": "no operation 'shutdown' (operations: counters.reset, counters.show, "
-                       "explain, queue)"}
+                       "destinations, destinations.reset, explain, pause, pauses, queue, "
+                       "resume)"}
         assert answer(b'{"op": "counters.show", "args": {"x": 1' + b" " * 70_000 + b"}}\n"
                       )["error"] == "too_large"
         assert answer(encode_request("counters.show", {"limit": "nope"}))["error"] == \
