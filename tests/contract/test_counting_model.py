@@ -237,6 +237,7 @@ class Wiring:
         assert action == expected.action, (
             f"{where}: {action}, the contract says {expected.action}"
             + (f" (can never fit: {expected.oversize})" if expected.oversize else ""))
+        assert "laters" not in text, f"{where}: {text!r}"
         if lane is not None and action in ("accept", "hold"):
             assert lane == expected.lane, f"{where}: lane {lane}, the contract says " \
                 f"{expected.lane}"

@@ -76,7 +76,8 @@ SENDERS = (
     "%udcffuser@ex.com",
     "",  # the null sender: no sender key
 )
-DOMAINS = ("victim.org", "target.net", "victim.org|target.net", "pct%.example", "b.example")
+DOMAINS = ("victim.org", "target.net", "victim.org|target.net", "pct%.example",
+           "caf\udce9.example")
 LOCALS = ("ann", "joe", "sue", "max", "kim", "lee", "tom", "eve")
 
 
