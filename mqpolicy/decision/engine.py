@@ -9,12 +9,20 @@ A decision has two steps around one store round trip::
 Counting rules (see README "How counting works"):
 
 * recipient-keyed limits (recipient, recipient_domain, destination) are spent per
-  recipient at RCPT;
+  recipient at RCPT (the plan names the message's ledger, for a give-back); those with
+  lanes or header conditions at the end of the message instead, one unit per recipient,
+  in the final lane;
 * every other limit is only *checked* before END-OF-MESSAGE (so an exhausted sender is
   deferred at RCPT already) and spent once per message at END-OF-MESSAGE, where the final
   recipient count and size are known; a ``once_key`` (queue id, else instance) keeps a
   message from being counted twice when several front-ends see it;
-* a decision that defers, holds or rejects spends nothing (all-or-nothing in the store).
+* wiring B (``Policy.end_checks_only``): the policy server's END-OF-MESSAGE plan only
+  checks (``Plan.checks_only``: no spend, no once key, no hold, nothing lane-scoped) and
+  the milter spends;
+* a decision that defers, holds or rejects spends nothing (all-or-nothing in the store);
+  a cost larger than a blocking limit's burst never fits: ``oversize`` rejects or holds;
+* a possible demotion plans the target lane's limits, counted only if the demote check
+  fails (:func:`_with_demotion`).
 """
 
 from __future__ import annotations
@@ -243,12 +251,12 @@ def _message_cost(limit: Limit, request: Request) -> int:
 
 def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTIME,
               lane: Lane | None = None, *, releasing: bool = False,
-              demotion: bool = True) -> Plan:
+              demotion: bool = True, only: tuple[Limit, ...] | None = None) -> Plan:
     """The checks of one decision. ``lane`` given: no classification (the scheduler
     plans a held message in the lane it was held in). ``releasing``: the scheduler lets a
     held message go, which spends its recipient budgets whatever the lane. ``demotion``:
     at the end of a message, a demote limit's target lane is planned too (see
-    :func:`_with_demotion`)."""
+    :func:`_with_demotion`); ``only``: these limits instead of the lane's."""
     rule: str | None = None
     if lane is None:
         lane, rule = classify(request, policy)
@@ -263,20 +271,21 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     # The limits of this lane and stage (see Policy.limits_by_stage); the tests below are
     # what not_applied_reason() says about the rest, inlined: this loop runs for every request (a
     # destination budget was found by the request's destination just above).
-    limits = policy.limits_by_stage[lane.name, at_rcpt]
+    limits = policy.limits_by_stage[lane.name, at_rcpt] if only is None else only
     if at_rcpt and policy.destination_limits and request.recipient:
         budget = policy.destination_limits.get(recipient_destination(request))
         if budget is not None and (budget.lanes is None or lane.name in budget.lanes):
             limits = (*limits, budget)
     no_headers = request.headers is None
-    # Wiring B: the milter spends at its end of message, in the final lane; here only the
-    # limits that apply whatever the headers and the final lane say are checked.
-    checks_only = at_end and no_headers and policy.end_checks_only
+    # Wiring B: the milter spends at its end of message, in the final lane; before it only
+    # the limits that apply whatever the headers and the final lane say are checked.
+    lane_unsure = no_headers and policy.end_checks_only and not releasing
+    checks_only = at_end and lane_unsure
     size = request.size
     for limit in limits:
         if no_headers and limit.needs_headers:
             continue  # the milter, which sees the headers, applies this limit
-        if checks_only and limit.lanes is not None:
+        if lane_unsure and limit.lanes is not None and limit.destination is None:
             continue  # the final lane is the milter's to know
         if limit.spent_at_end:
             if at_rcpt and not releasing:
@@ -332,21 +341,35 @@ def _with_demotion(request: Request, policy: Policy, runtime: RuntimeState, lane
     counted only if the demote check fails; the limits scoped to this lane (and not to L)
     count only if it passes. With several demote limits that could apply, none of this:
     the message counts in its first lane (README, "How counting works")."""
-    demotes = [i for i, p in enumerate(planned)
-               if p.limit.action is ActionKind.DEMOTE and not p.limit.monitor
-               and p.limit.demote_to is not None
-               and policy.lane(p.limit.demote_to).priority > lane.priority]
-    if len(demotes) != 1:
+    d = -1
+    for i, p in enumerate(planned):
+        demote_to = p.limit.demote_to
+        if (demote_to is not None and not p.limit.monitor
+                and policy.lanes_by_name[demote_to].priority > lane.priority):
+            if d >= 0:
+                return planned  # two could apply: the first lane
+            d = i
+    if d < 0:
         return planned
-    d = demotes[0]
-    target = policy.lane(planned[d].limit.demote_to or "")
-    out = [p if p.limit.lanes is None or target.name in p.limit.lanes
-           else p._replace(check=p.check._replace(after=-(d + 1)))
-           for p in planned]
-    for p in make_plan(request, policy, runtime, target, demotion=False).limits:
-        if p.limit.lanes is not None and lane.name not in p.limit.lanes:
-            out.append(p._replace(check=p.check._replace(after=d + 1)))
+    target = planned[d].limit.demote_to or ""
+    extras = policy.demotion_limits.get((lane.name, target), ())
+    out = planned
+    if any(p.limit.lanes is not None and target not in p.limit.lanes for p in planned):
+        first = -(d + 1)  # the first lane's own: counted only if the message stays
+        out = [p if p.limit.lanes is None or target in p.limit.lanes
+               else _new(PlannedLimit, (p.limit, p.key, _with_after(p.check, first), p.spends))
+               for p in planned]
+    if extras:
+        out = list(out)
+        for p in make_plan(request, policy, runtime, policy.lanes_by_name[target],
+                           demotion=False, only=extras).limits:
+            out.append(_new(PlannedLimit, (p.limit, p.key, _with_after(p.check, d + 1),
+                                           p.spends)))
     return out
+
+
+def _with_after(check: BudgetCheck, after: int) -> BudgetCheck:
+    return _new(BudgetCheck, (*check[:7], after))
 
 
 def counted_in_decision(planned: PlannedLimit, evaluation: Evaluation) -> bool:

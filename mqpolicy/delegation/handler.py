@@ -16,6 +16,11 @@ hold record can be written for the scheduler (:mod:`mqpolicy.store.hold_records`
   is a temporary failure (``451 4.3.0``, the ``store_error`` text): a message held without
   a record would never be released.
 
+Give-backs: a message refused or held at END-OF-MESSAGE gets back what its RCPT decisions
+spent (the ledger named by ``instance``); with a milter that decides the end
+(``Policy.end_checks_only``, wiring B) END-OF-MESSAGE only checks, answers ``DUNNO`` unless
+it refuses, and leaves the ledger under the queue id for the milter.
+
 Known limit: a message that END-OF-MESSAGE both moves to another lane (e.g. by recipient
 count) and holds leaves, once released, through the transport its RCPT answers chose
 (Postfix takes one action per answer); the record's lane (the END-OF-MESSAGE one) still
@@ -54,6 +59,8 @@ forgotten first: a client that never finishes its message must not grow the map)
 
 MAX_REMEMBERED_RECIPIENTS = 10_000
 """Recipients of one message remembered for its END-OF-MESSAGE (as the milter keeps)."""
+MAX_REMEMBERED_IN_ALL = 1_000_000
+"""Recipients remembered for all messages in flight (about 100 MB at most)."""
 
 
 def postfix_action(verdict: Verdict) -> str:
@@ -110,6 +117,7 @@ class PostfixPolicyHandler:
         self._pending: OrderedDict[str, _PendingHold] = OrderedDict()
         # instance -> the recipients accepted so far (Policy.recipients_at_end only)
         self._recipients: OrderedDict[str, list[str]] = OrderedDict()
+        self._remembered = 0  # recipients in it
         self._max_pending = max_pending
         self.holds_recorded = 0
         self.record_failures = 0
@@ -117,6 +125,11 @@ class PostfixPolicyHandler:
     @property
     def pending_holds(self) -> int:
         return len(self._pending)
+
+    @property
+    def remembered_recipients(self) -> int:
+        """Recipients remembered for messages whose END-OF-MESSAGE has not come."""
+        return self._remembered
 
     async def handle(self, attrs: dict[str, str]) -> str:
         answer = self.handle_now(attrs)
@@ -131,6 +144,7 @@ class PostfixPolicyHandler:
         if remember and request.stage == STAGE_END_OF_MESSAGE and not request.recipients:
             recipients = self._recipients.pop(request.instance, None)
             if recipients:
+                self._remembered -= len(recipients)
                 request = request._replace(recipients=tuple(recipients))
         verdict = self.service.decide_now(request)
         if verdict is None:
@@ -142,13 +156,17 @@ class PostfixPolicyHandler:
         the message (Postfix's END-OF-MESSAGE request lists none)."""
         if verdict.action not in (Action.ACCEPT, Action.HOLD) or not request.recipient:
             return
-        recipients = self._recipients.get(request.instance)
+        remembered = self._recipients
+        recipients = remembered.get(request.instance)
         if recipients is None:
-            recipients = self._recipients[request.instance] = []
-            if len(self._recipients) > self._max_pending:
-                self._recipients.popitem(last=False)
+            recipients = remembered[request.instance] = []
         if len(recipients) < MAX_REMEMBERED_RECIPIENTS:
             recipients.append(request.recipient)
+            self._remembered += 1
+        # transactions that never reach END-OF-MESSAGE are forgotten, oldest first
+        while (len(remembered) > self._max_pending
+               or self._remembered > MAX_REMEMBERED_IN_ALL) and len(remembered) > 1:
+            self._remembered -= len(remembered.popitem(last=False)[1])
 
     async def _decide_and_answer(self, request: Request) -> str:
         answer = self._answer(request, await self.service.decide(request))

@@ -15,8 +15,11 @@ What the milter decides, per message:
   SMTP mail, so the milter only remembers the recipient (locally submitted mail, which
   never meets the policy server, is still decided here).
 * END-OF-MESSAGE: classification with headers and envelope (all recipients, size), message
-  limits spent once per queue id (the once key the policy server uses at END-OF-MESSAGE, so
-  a message both see is counted once); the message leaves with one ``X-MQ-Lane: <lane>``,
+  limits (and recipient-keyed ones with lanes or header conditions, per recipient) spent in
+  the final lane once per queue id (the once key; with ``rcpt_limits: policy_server`` the
+  policy server's END-OF-MESSAGE only checks); a message refused or held here gets its RCPT
+  spends back (the transaction's ledger, and the policy server's under the queue id); the
+  decision's log line says the action taken; the message leaves with one ``X-MQ-Lane: <lane>``,
   ours, whatever lane headers the client sent; hold -> a hold record is written for the
   scheduler (not before the deciding limit's budget admits the message, with the budgets
   the held decision did not spend, for the release to spend), then

@@ -361,8 +361,10 @@ class Policy:
     # Some recipient-keyed limit is spent at the end of the message (Limit.spent_at_end):
     # the policy server then remembers a message's recipients until its END-OF-MESSAGE.
     recipients_at_end: bool = field(init=False)
-    # Some limit demotes: an end-of-message plan may add the target lane's limits.
+    # Some limit demotes: an end-of-message plan may add the target lane's limits:
+    # (lane, demote target) -> the end-of-message limits scoped to the target, not the lane.
     demotes: bool = field(init=False)
+    demotion_limits: Mapping[tuple[str, str], tuple[Limit, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
@@ -383,6 +385,13 @@ class Policy:
         object.__setattr__(self, "recipients_at_end", any(x.spent_at_end for x in self.limits))
         object.__setattr__(self, "demotes", any(x.action is ActionKind.DEMOTE
                                                 for x in self.limits))
+        by_stage = self.limits_by_stage
+        object.__setattr__(self, "demotion_limits", {
+            (lane.name, x.demote_to): tuple(
+                y for y in by_stage[x.demote_to, False]
+                if y.lanes is not None and lane.name not in y.lanes)
+            for lane in self.lanes for x in self.limits
+            if x.demote_to is not None and x.demote_to in self.lanes_by_name})
         object.__setattr__(self, "end_checks_only", self.milter is not None
                            and self.milter.rcpt_limits is RcptLimits.POLICY_SERVER)
         object.__setattr__(self, "uses_helo", keys is None or "helo_name" in keys or any(

@@ -52,3 +52,21 @@ def test_lane_scoped_recipient_limit_is_spent_per_recipient_at_the_end() -> None
     assert answers[:2] == [FILTER, FILTER]  # not spent at RCPT
     assert answers[2].startswith("450 4.7.1 Rate limit bulk-per-domain reached for d.example")
     assert message(handler, bulk, ["5@d.example"]) == [FILTER] * 2  # the last of 3
+
+
+def test_recipients_of_unfinished_messages_are_bounded() -> None:
+    service = DecisionService(parse_policy(POLICY), MemoryStore(), clock_ms=Clock())
+    handler = PostfixPolicyHandler(service, max_pending=2)
+
+    async def go() -> None:
+        for n in range(5):  # five transactions that never reach END-OF-MESSAGE
+            for i in range(3):
+                await handler.handle({"request": "smtpd_access_policy",
+                                      "protocol_state": "RCPT", "sender": "a@example.com",
+                                      "recipient": f"{i}@d.example", "instance": f"u.{n}"})
+        assert handler.remembered_recipients == 6  # the last two, 3 each
+        await handler.handle({"request": "smtpd_access_policy",
+                              "protocol_state": "END-OF-MESSAGE", "sender": "a@example.com",
+                              "instance": "u.4", "queue_id": "U4", "recipient_count": "3"})
+        assert handler.remembered_recipients == 3
+    asyncio.run(go())

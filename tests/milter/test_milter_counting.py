@@ -162,8 +162,8 @@ def test_b_lane_scoped_limit_counts_in_the_lane_the_message_leaves_in(loop: Loop
     # the newsletter left through bulk: the normal lane's budget is whole
     assert b.send(newsletter) == ("DUNNO", Milter.CONTINUE)
     assert b.session.ctx.lanes()[-1] == "normal"
-    end, milter = b.send(["one@d.example"])  # refused at RCPT already: checked there
-    assert end.startswith("450 4.7.1 ") and milter is None
+    # the lane is the milter's to know: it refuses at its end of message
+    assert b.send(["one@d.example"]) == ("DUNNO", Milter.TEMPFAIL)
 
 
 def test_b_lane_scoped_hold_limit_holds_at_the_milter(loop: Loop) -> None:
@@ -325,3 +325,38 @@ def test_m_lane_scoped_recipient_limit_counts_in_the_final_lane(loop: Loop) -> N
     assert s.ctx.quarantined == ["held by mqpolicy limit bulk-per-domain"]
     assert s.message("a@example.com", ["5@d.example"], lists, queue_id="L4") == CONTINUE
     assert len(s.ctx.quarantined) == 1  # the held one spent nothing: 1 of 3 was left
+
+
+def test_b_lane_scoped_limit_of_another_lane_never_refuses_at_rcpt(loop: Loop) -> None:
+    """Before the milter's end of message the lane is a guess: a limit of the normal lane,
+    spent by plain mail, does not refuse a newsletter that leaves through bulk."""
+    b = WiringB(loop, """\
+        limits:
+          - name: normal-messages
+            rate: 1/1h
+            key: sender
+            lanes: [normal]
+        """)
+    assert b.send(["x@d.example"]) == ("DUNNO", Milter.CONTINUE)
+    assert b.send(["y@d.example"], [("List-Id", "<l.example>")]) == ("DUNNO", Milter.CONTINUE)
+    assert b.session.ctx.lanes()[-1] == "bulk"
+    assert b.send(["z@d.example"]) == ("DUNNO", Milter.TEMPFAIL)  # normal: spent
+
+
+def test_b_policy_servers_end_of_message_writes_no_once_key_and_spends_nothing(
+        loop: Loop) -> None:
+    b = WiringB(loop, """\
+        limits:
+          - name: per-sender
+            rate: 2/1h
+            key: sender
+        """)
+    store = b.gateway.service.store
+    common = {"request": "smtpd_access_policy", "sender": "a@example.com",
+              "instance": "i.only", "client_address": "192.0.2.10"}
+    assert loop.run(b.handler.handle({**common, "protocol_state": "END-OF-MESSAGE",
+                                      "queue_id": "QONLY", "recipient_count": "1"})) == "DUNNO"
+    assert loop.run(store.scan("*")) == []  # no bucket spent, no once key
+    # the milter, after it, is no duplicate: it spends
+    assert b.session.message("a@example.com", ["x@d.example"], queue_id="QONLY") == CONTINUE
+    assert [k for k in loop.run(store.scan("*")) if k.startswith("seen:")] == ["seen:QONLY"]

@@ -471,3 +471,49 @@ def test_records_of_messages_gone_are_cleaned_after_the_grace() -> None:
         assert len(rig.records) == 0
 
     run(main)
+
+
+OVERSIZE = """\
+lanes:
+  - name: normal
+default_lane: normal
+limits:
+  - name: per-sender
+    rate: 3/1m
+    key: sender
+    count: recipients
+    oversize: hold
+scheduler:
+  interval: 1s
+  lock_ttl: 10s
+"""
+
+
+def test_mail_that_can_never_fit_is_held_and_released_when_the_budget_is_full() -> None:
+    """``oversize: hold``: 5 recipients against a burst of 3 are held (never a 4xx), and
+    released once the budget is full again, the release spending the whole burst."""
+    async def main() -> None:
+        rig = Rig(OVERSIZE)
+        handler = PostfixPolicyHandler(rig.service, rig.records, clock_ms=rig.clock)
+        sender = "big@x.example"
+
+        def end_of_message(qid: str, count: int) -> dict[str, str]:
+            return {"request": "smtpd_access_policy", "protocol_state": "END-OF-MESSAGE",
+                    "sender": sender, "queue_id": qid, "instance": qid.lower(),
+                    "recipient_count": str(count), "client_address": "192.0.2.1"}
+
+        assert await handler.handle(end_of_message("SMALL1", 1)) == "DUNNO"  # 1 of 3
+        assert (await handler.handle(end_of_message("BIG01", 5))).startswith("HOLD ")
+        rig.queue.hold("BIG01", *(f"r{i}@d.example" for i in range(5)), sender=sender)
+        released_at = None
+        while rig.clock.now <= T0 + 60_000 and released_at is None:
+            if await rig.pass_():
+                released_at = rig.clock.now - T0
+            rig.clock.now += 1000
+        assert released_at == 20_000  # the one unit spent came back: full again
+        live = Request(stage="END-OF-MESSAGE", sender=sender, recipient_count=1,
+                       queue_id="LIVE0001")
+        verdict = await rig.service.decide(live, consume=False)
+        assert verdict.action.value == "defer"  # the release spent the whole burst
+
+    run(main)
