@@ -152,3 +152,67 @@ def steps(wiring: str, features: Features = ALL) -> st.SearchStrategy[list[Step]
         overlap=st.booleans() if overlap else st.just(False),
     )
     return st.lists(step, min_size=1, max_size=10)
+
+
+# ---------------------------------------------------------------- named scenarios
+
+_PLAIN = (("Subject", b"hello"),)
+_LIST = (("Subject", b"hello"), ("List-Id", b"<news.ex.com>"))
+
+
+def _message(sender: str, recipients: tuple[str, ...], headers: tuple[tuple[str, bytes], ...]
+             = _PLAIN, body_size: int = 0) -> Message:
+    return Message(sender, recipients, headers, body_size)
+
+
+SCENARIOS: dict[str, tuple[str, list[Step]]] = {
+    # B: a newsletter the milter refuses (6 recipients, the bulk lane's hold limit takes 5
+    # at most) ends after another message's RCPT at the same domain: the give-back leaves
+    # the domain's budget as if the newsletter never came (the other message's unit stays)
+    "give-back-under-a-later-spend": ("B", [
+        Step(0, _message("alice@ex.com", (
+            "ann@victim.org", "ann@target.net", "ann@victim.org|target.net",
+            "joe@victim.org", "joe@target.net", "sue@victim.org"), _LIST), overlap=True),
+        Step(1, _message("alice@ex.com|victim.org", ("ann@victim.org",))),
+        Step(1, _message("alice@ex.com", ("ann@victim.org",))),
+        Step(14_998, _message("alice@ex.com", ("ann@victim.org",))),
+    ]),
+    # B: the refused newsletter's RCPT spends have all refilled when the milter refuses it
+    # 45 s later; the give-back counts the buckets up to then (full), and a clock that then
+    # steps back 7 s must find them full, as the memory store does
+    "give-back-after-full-refill-then-clock-back": ("B", [
+        Step(0, _message("bob@ex.com", (
+            "a@target.net", "b@target.net", "c@target.net",
+            "a@victim.org", "b@victim.org", "c@victim.org"), _LIST), overlap=True),
+        Step(45_000, _message("alice@ex.com", ("x@pct%.example",))),
+        Step(-7_000, _message("alice@ex.com", ("y@pct%.example",))),
+    ]),
+    # B: a message the milter defers (bytes) after the clock stepped back 21 s: the
+    # give-back of its RCPT spends does not turn the buckets' clock back
+    "give-back-then-clock-back": ("B", [
+        Step(0, _message("100%@ex.com", ("ann@target.net",), _LIST, 529)),
+        Step(0, _message("alice@ex.com", ("ann@victim.org",), _PLAIN, 1301), overlap=True),
+        Step(0, _message("alice@ex.com", ("tom@victim.org|target.net",), _PLAIN, 226),
+             retry_end=True, overlap=True),
+        Step(-21_253, _message("alice@ex.com", ("ann@victim.org|target.net",))),
+    ]),
+    # keys that only differ by a `|` moved between their parts, or by an escape's look-alike
+    "keys-never-shared": ("P", [
+        Step(0, _message("alice@ex.com|victim.org", ("ann@target.net",))),
+        Step(0, _message("alice@ex.com", ("ann@victim.org|target.net",))),
+        Step(0, _message("100%@ex.com", ("ann@target.net",))),
+        Step(0, _message("100%25@ex.com", ("ann@target.net",))),
+        Step(0, _message("\udcffuser@ex.com", ("ann@caf\udce9.example",))),
+        Step(0, _message("%udcffuser@ex.com", ("ann@caf\udce9.example",))),
+    ]),
+    # demoted to bulk by its fourth message in a minute (FILTER mq-bulk:), a sender's mail
+    # counts in the bulk lane's limits (its per-sender recipients and per-domain budgets
+    # there); the fifth is deferred by the sender's recipients budget, spent by all five
+    "demoted-mail-counts-in-the-target-lane": ("P", [
+        Step(0, _message("bob@ex.com", ("ann@target.net", "joe@target.net"))),
+        Step(0, _message("bob@ex.com", ("ann@victim.org",))),
+        Step(0, _message("bob@ex.com", ("joe@victim.org",))),
+        Step(0, _message("bob@ex.com", ("sue@victim.org", "max@pct%.example"))),
+        Step(0, _message("bob@ex.com", ("kim@pct%.example",))),
+    ]),
+}

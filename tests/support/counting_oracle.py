@@ -230,7 +230,8 @@ class CountingOracle:
         """Everything ``message_id`` took is given back at ``now_ms``: each bucket it spent
         from is as if the message never came, counted up to the give-back's time (or its
         own, when the clock is behind it); one that is full again is no bucket."""
-        touched = {(limit.name, key): limit for limit, key, _ in checks}
+        touched = {(limit.name, key): limit for limit, key, _ in checks
+                   if (limit.name, key) in self.buckets}  # else full already: nothing to give
         times = {}
         for (name, key), limit in touched.items():
             _, at = self.buckets[(name, key)].state(limit.refill_per_ms,
