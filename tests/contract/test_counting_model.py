@@ -39,7 +39,13 @@ from mqpolicy.policy.model import MilterSettings
 from mqpolicy.store.budget import CounterStore
 from mqpolicy.store.memory import MemoryStore
 from mqpolicy.store.redis import RedisStore
-from tests.support.counting_model_scenarios import Step, new_oracle, policy_text, steps
+from tests.support.counting_model_scenarios import (
+    SCENARIOS,
+    Step,
+    new_oracle,
+    policy_text,
+    steps,
+)
 from tests.support.counting_oracle import CountingOracle, Message, Outcome
 from tests.support.milter_session import Loop, Session
 from tests.support.redis_fixture import RedisServer
@@ -237,6 +243,7 @@ class Wiring:
         assert action == expected.action, (
             f"{where}: {action}, the contract says {expected.action}"
             + (f" (can never fit: {expected.oversize})" if expected.oversize else ""))
+        assert "laters" not in text, f"{where}: {text!r}"
         if lane is not None and action in ("accept", "hold"):
             assert lane == expected.lane, f"{where}: lane {lane}, the contract says " \
                 f"{expected.lane}"
@@ -318,6 +325,22 @@ def test_every_answer_and_budget_is_the_contracts(
         wiring: str, make_store: Callable[[], CounterStore], loop: Loop,
         data: st.DataObject) -> None:
     scenario = data.draw(steps(wiring), label="messages")
+    w = Wiring(wiring, make_store(), loop)
+    try:
+        run(w, scenario)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nwhat happened ({wiring}):\n" + "\n".join(w.log)) from None
+    finally:
+        loop.run(w.store.close())
+
+
+@pytest.mark.parametrize("make_store", ["memory", "redis"], indirect=True)
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_named_scenarios_are_the_contracts(
+        name: str, make_store: Callable[[], CounterStore], loop: Loop) -> None:
+    """Sequences found by the model, or written for one rule of the contract, replayed as
+    they are on every run."""
+    wiring, scenario = SCENARIOS[name]
     w = Wiring(wiring, make_store(), loop)
     try:
         run(w, scenario)

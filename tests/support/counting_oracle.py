@@ -121,7 +121,9 @@ class LimitSpec:
 class Bucket:
     """A bucket as its history: what each decision took (time, units, message), and the
     writes of give-backs (0 units, no message). Its state is the history replayed without
-    the spends of messages that were refused: a refused message is as if it never came."""
+    the units of messages that were refused: a refused message is as if it never came,
+    except for the time its decisions moved the bucket to (a clock behind it refills
+    nothing, before and after the give-back)."""
 
     events: list[tuple[int, Fraction, str | None]] = field(default_factory=list)
 
@@ -129,9 +131,10 @@ class Bucket:
         """(debt, time) after the history: each event counts the bucket up to its time (a
         clock behind the bucket's time refills nothing), then adds its units."""
         debt, at = Fraction(0), None
-        for time, units, message in self.events:
-            if message is not None and message in refused:
-                continue
+        for time, spent, message in self.events:
+            # a refused message's spends are taken back, not the time they moved the
+            # bucket to: a give-back never turns a bucket's clock back
+            units = Fraction(0) if message is not None and message in refused else spent
             if at is None:
                 at = time
             elif time > at:
@@ -227,7 +230,8 @@ class CountingOracle:
         """Everything ``message_id`` took is given back at ``now_ms``: each bucket it spent
         from is as if the message never came, counted up to the give-back's time (or its
         own, when the clock is behind it); one that is full again is no bucket."""
-        touched = {(limit.name, key): limit for limit, key, _ in checks}
+        touched = {(limit.name, key): limit for limit, key, _ in checks
+                   if (limit.name, key) in self.buckets}  # else full already: nothing to give
         times = {}
         for (name, key), limit in touched.items():
             _, at = self.buckets[(name, key)].state(limit.refill_per_ms,
