@@ -24,8 +24,8 @@ then, per spend:
 
 Returns: the number of spends given back.
 
-Writes: each bucket given back is SET to its debt and time ('<dd') with PX as gcra_batch.lua
-sets it, or deleted when its debt is 0 (a full bucket).
+Writes: each bucket given back, or counted up to now_ms, is SET to its debt and time ('<dd')
+with PX as gcra_batch.lua sets it, or deleted when its debt is 0 (a full bucket).
 ]]
 
 local fmod = math.fmod
@@ -78,7 +78,9 @@ while pos + 4 <= #ARGV do
     if give > debt then
       give = debt
     end
-    if give > 0 then
+    -- the bucket is counted up to the give-back's time even when nothing is given back
+    -- (as the memory store counts it): a clock that steps back afterwards sees it there
+    if give > 0 or time > at then
       debt = debt - give
       if debt > 0 then
         local ttl = (time - now) + div_ceil(debt, refill) + allowance
