@@ -39,8 +39,9 @@ from bench_processes import Processes, sigterm_as_interrupt, wait_accepting
 from redis.asyncio import Redis
 
 from mqpolicy.lab.readiness import free_port
+from mqpolicy.store.batch_script import SCRIPT_NAME, PendingDecision
 from mqpolicy.store.budget import BudgetCheck, budget_check
-from mqpolicy.store.redis import SCRIPT_NAME, PendingDecision, RedisStore
+from mqpolicy.store.redis import RedisStore
 from mqpolicy.store.redis_connection import load_script
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")

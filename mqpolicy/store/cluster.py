@@ -109,6 +109,15 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from mqpolicy.store.batch_script import (
+    DEADLINE_MARGIN,
+    SCRIPT_NAME,
+    PendingDecision,
+    RedisClock,
+    decode_batch,
+    encode_batch,
+    split_reply,
+)
 from mqpolicy.store.budget import (
     CLOCK_STEP_ALLOWANCE_MS,
     BucketState,
@@ -117,17 +126,7 @@ from mqpolicy.store.budget import (
     Evaluation,
     StoreError,
 )
-from mqpolicy.store.redis import (
-    DEADLINE_MARGIN,
-    SCRIPT_NAME,
-    CoalescingStore,
-    PendingDecision,
-    RedisClock,
-    decode_batch,
-    encode_batch,
-    inspect_buckets,
-    split_reply,
-)
+from mqpolicy.store.redis import CoalescingStore, inspect_buckets
 from mqpolicy.store.redis_connection import (
     LuaScript,
     glob_escape,

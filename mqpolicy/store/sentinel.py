@@ -67,8 +67,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from mqpolicy.store.batch_script import PendingDecision
 from mqpolicy.store.budget import BucketState, Evaluation, StoreError
-from mqpolicy.store.redis import PendingDecision, RedisStore
+from mqpolicy.store.redis import RedisStore
 from mqpolicy.store.redis_connection import (
     parse_host_list,
     split_credentials,

@@ -26,9 +26,10 @@ from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.delegation.server import PolicyServer
 from mqpolicy.policy.endpoints import Endpoint
 from mqpolicy.policy.loader import parse_policy
+from mqpolicy.store.batch_script import CLOCK_KEEP_S, RedisClock
 from mqpolicy.store.budget import CounterStore, StoreError, budget_check
 from mqpolicy.store.cluster import ClusterStore
-from mqpolicy.store.redis import CLOCK_KEEP_S, RedisClock, RedisStore
+from mqpolicy.store.redis import RedisStore
 from tests.support.async_poll import poll_async
 from tests.support.redis_fixture import RedisServer
 from tests.support.redis_ha_fixture import RedisClusterHarness

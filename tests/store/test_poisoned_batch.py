@@ -17,9 +17,10 @@ from mqpolicy.delegation.handler import PostfixPolicyHandler
 from mqpolicy.delegation.server import PolicyServer
 from mqpolicy.policy.endpoints import Endpoint
 from mqpolicy.policy.loader import parse_policy
+from mqpolicy.store.batch_script import PendingDecision
 from mqpolicy.store.budget import Evaluation, StoreError, budget_check
 from mqpolicy.store.hold_records import HoldRecord, RedisHoldRecords
-from mqpolicy.store.redis import PendingDecision, RedisStore
+from mqpolicy.store.redis import RedisStore
 from tests.support.redis_fixture import RedisServer
 
 T0 = 1_760_000_000_000

@@ -19,6 +19,7 @@ from typing import TypeVar
 import pytest
 
 from mqpolicy.policy.rates import DEFAULT_ONCE_TTL_MS
+from mqpolicy.store.batch_script import SCRIPT_NAME, PendingDecision
 from mqpolicy.store.budget import (
     CLOCK_STEP_ALLOWANCE_MS,
     NEVER,
@@ -32,7 +33,7 @@ from mqpolicy.store.budget import (
 )
 from mqpolicy.store.memory import MemoryStore
 from mqpolicy.store.opener import open_store
-from mqpolicy.store.redis import SCRIPT_NAME, CoalescingStore, PendingDecision, RedisStore
+from mqpolicy.store.redis import CoalescingStore, RedisStore
 from mqpolicy.store.redis_connection import load_script
 from tests.support.async_poll import poll_async
 from tests.support.budget_oracle import Oracle, RateCheck
