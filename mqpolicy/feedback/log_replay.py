@@ -1,0 +1,496 @@
+"""Replay a Postfix log through a policy: what it would have decided over that mail.
+
+:class:`MailLog` rebuilds messages from log lines (read by
+:func:`~mqpolicy.feedback.delivery_log.read_log_line`): smtpd's client and
+``sasl_username``, qmgr's sender, size and recipient count, each recipient from its
+delivery results (``orig_to`` when Postfix logged one: what the client sent), and the
+RCPT attempts smtpd refused (``NOQUEUE: reject: RCPT ...``), each one attempt of one
+recipient. A refused attempt that is retried (the same sender and recipient logged again
+within ``maximal_queue_lifetime``) is one mail: the retries are merged into the first.
+
+:func:`replay` feeds, in log time, the decisions Postfix would have asked for (one RCPT
+per recipient, then END-OF-MESSAGE with the recipients accepted) to the real decision
+service on a private memory store whose clock is the simulation's. Mail deferred by the
+policy is tried again as a Postfix client does: after ``clamp(age, minimal_backoff_time,
+maximal_backoff_time)``, until accepted, refused, held, or older than
+``maximal_queue_lifetime`` (then it counts as expired). No real waiting.
+
+What a log does not carry is not replayed: headers (rules and limits that read them
+skip as at the policy server), the size a client announced (the queued size is used),
+DNS (destinations match by domain), the live backoff factors and pauses.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from mqpolicy.decision.engine import Action, Verdict
+from mqpolicy.decision.engine import ledger_key as make_ledger_key
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.feedback.delivery_log import (
+    OTHER,
+    UNPARSABLE,
+    DeliveryEvent,
+    MessageLine,
+    read_log_line,
+)
+from mqpolicy.policy.model import Policy
+from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
+from mqpolicy.store.memory import MemoryStore
+
+# Postfix's defaults (postconf -d)
+MINIMAL_BACKOFF_S = 300
+MAXIMAL_BACKOFF_S = 4000
+MAXIMAL_QUEUE_LIFETIME_S = 5 * 86400
+
+OUTCOMES = ("accepted", "held", "rejected", "expired")
+COLUMNS = (*OUTCOMES, "deferred", "demoted")
+"""What a lane's tally counts: every recipient ends in one of OUTCOMES; "deferred" counts
+those deferred at least once (however they ended), "demoted" those let in a lower lane."""
+SAMPLES_KEPT = 5
+BUSIEST_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    """A Postfix client's retry schedule, in seconds (``postconf`` names)."""
+
+    minimal_backoff_time: int = MINIMAL_BACKOFF_S
+    maximal_backoff_time: int = MAXIMAL_BACKOFF_S
+    maximal_queue_lifetime: int = MAXIMAL_QUEUE_LIFETIME_S
+
+    def next_try_ms(self, first_ms: int, now_ms: int) -> int | None:
+        """When a mail first tried at ``first_ms`` and deferred at ``now_ms`` is tried
+        again; None when it is too old to be tried again (it expires)."""
+        if now_ms - first_ms >= self.maximal_queue_lifetime * 1000:
+            return None
+        age = now_ms - first_ms
+        backoff = min(max(age, self.minimal_backoff_time * 1000),
+                      self.maximal_backoff_time * 1000)
+        return now_ms + backoff
+
+
+@dataclass
+class Mail:
+    """One message as the log shows it arriving."""
+
+    arrival_ms: int
+    queue_id: str = ""
+    client_name: str = ""
+    client_address: str = ""
+    sasl_username: str = ""
+    sender: str = ""
+    size: int = 0
+    nrcpt: int = 0
+    # recipient -> what the log says happened to it (sent, deferred, bounced, refused, ...)
+    recipients: dict[str, str] = field(default_factory=dict)
+    refused_code: int = 0  # a NOQUEUE refusal: its SMTP code
+    held: bool = False
+
+
+@dataclass
+class InputSummary:
+    lines: int = 0
+    other: int = 0
+    unparsable: int = 0
+    unparsable_samples: list[str] = field(default_factory=list)
+    no_time: int = 0  # lines without a usable timestamp
+    retries_merged: int = 0
+    first: datetime | None = None
+    last: datetime | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "lines": self.lines, "other": self.other, "unparsable": self.unparsable,
+            "unparsable_samples": list(self.unparsable_samples), "no_time": self.no_time,
+            "retries_merged": self.retries_merged,
+            "first": self.first.isoformat() if self.first else None,
+            "last": self.last.isoformat() if self.last else None,
+        }
+
+
+class MailLog:
+    """Messages rebuilt from log lines fed in any order (several files, interleaved
+    hosts); :meth:`mails` gives them in arrival order. Never raises on a line."""
+
+    def __init__(self, reference: datetime | None = None) -> None:
+        self.reference = reference
+        self.summary = InputSummary()
+        self._mails: dict[tuple[str, str], Mail] = {}
+        self._attempts: list[Mail] = []  # NOQUEUE refusals: one attempt each
+
+    def feed(self, line: str, reference: datetime | None = None) -> None:
+        summary = self.summary
+        summary.lines += 1
+        read = read_log_line(line, reference=reference or self.reference)
+        if read is UNPARSABLE or read is OTHER or isinstance(read, str):
+            if read == UNPARSABLE:
+                summary.unparsable += 1
+                if len(summary.unparsable_samples) < SAMPLES_KEPT:
+                    summary.unparsable_samples.append(str(line)[:200].rstrip("\r\n"))
+            else:
+                summary.other += 1
+            return
+        if read.timestamp is None:
+            summary.no_time += 1
+            return
+        ts = read.timestamp
+        if summary.first is None or ts < summary.first:
+            summary.first = ts
+        if summary.last is None or ts > summary.last:
+            summary.last = ts
+        ms = int(ts.timestamp() * 1000)
+        if isinstance(read, DeliveryEvent):
+            self._delivery(read, ms)
+        else:
+            self._message_line(read, ms)
+
+    def _mail(self, host: str, queue_id: str, ms: int) -> Mail:
+        key = (host, queue_id)
+        mail = self._mails.get(key)
+        if mail is None:
+            mail = self._mails[key] = Mail(ms, queue_id)
+        elif ms < mail.arrival_ms:
+            mail.arrival_ms = ms
+        return mail
+
+    def _delivery(self, event: DeliveryEvent, ms: int) -> None:
+        if not event.recipient:
+            return  # a message's expiry: no recipient
+        mail = self._mail(event.host, event.queue_id, ms)
+        mail.recipients[event.orig_recipient or event.recipient] = event.status
+
+    def _message_line(self, line: MessageLine, ms: int) -> None:
+        if line.kind == "refused" and line.queue_id == "NOQUEUE":
+            if line.action in ("reject", "milter-reject") and line.recipient:
+                self._attempts.append(Mail(ms, "", line.client_name, line.client_address,
+                                           "", line.sender, 0, 0,
+                                           {line.recipient: f"refused {line.code}"},
+                                           refused_code=line.code))
+            return
+        mail = self._mail(line.host, line.queue_id, ms)
+        if line.kind == "client":
+            mail.client_name, mail.client_address = line.client_name, line.client_address
+            mail.sasl_username = line.sasl_username
+        elif line.kind == "queued":
+            mail.sender, mail.size, mail.nrcpt = line.sender, line.size, line.nrcpt
+        elif line.action.endswith("hold"):
+            mail.held = True
+        elif line.recipient:
+            mail.client_name = mail.client_name or line.client_name
+            mail.client_address = mail.client_address or line.client_address
+            mail.sender = mail.sender or line.sender
+            mail.recipients[line.recipient] = f"refused {line.code}"
+
+    def mails(self, schedule: RetrySchedule) -> list[Mail]:
+        """Every mail in arrival order, retries of refused attempts merged into them."""
+        mails = [m for m in self._mails.values() if m.recipients]
+        mails.extend(self._attempts)
+        mails.sort(key=lambda m: m.arrival_ms)
+        lifetime_ms = schedule.maximal_queue_lifetime * 1000
+        waiting: dict[tuple[str, str], int] = {}  # a temporarily refused (sender, rcpt)
+        kept: list[Mail] = []
+        for mail in mails:
+            sender = mail.sender.lower()
+            for rcpt in list(mail.recipients):
+                pair = (sender, rcpt.lower())
+                first = waiting.get(pair)
+                if first is not None and mail.arrival_ms - first <= lifetime_ms:
+                    del mail.recipients[rcpt]  # a retry: the first attempt replays it
+                    self.summary.retries_merged += 1
+                    if mail.refused_code == 0:
+                        del waiting[pair]  # it got in at last
+                elif mail.refused_code and 400 <= mail.refused_code < 500:
+                    waiting[pair] = mail.arrival_ms
+            if mail.recipients:
+                kept.append(mail)
+        return kept
+
+
+# ---------------------------------------------------------------- the replay
+
+
+@dataclass
+class Tally:
+    messages: Counter[str] = field(default_factory=Counter)
+    recipients: Counter[str] = field(default_factory=Counter)
+    waits_s: list[float] = field(default_factory=list)  # deferred, then let in
+
+    def wait_summary(self) -> dict[str, float]:
+        """The waits of the recipients deferred, then let in: count, mean, p50, p95, max."""
+        waits = sorted(self.waits_s)
+        if not waits:
+            return {"count": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
+        def at(q: float) -> float:  # nearest rank
+            return round(waits[max(0, -(-int(q * 100) * len(waits) // 100) - 1)], 1)
+        return {"count": len(waits), "mean": round(sum(waits) / len(waits), 1),
+                "p50": at(0.5), "p95": at(0.95), "max": round(waits[-1], 1)}
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "messages": {k: self.messages[k] for k in COLUMNS},
+            "recipients": {k: self.recipients[k] for k in COLUMNS},
+            "wait_s": self.wait_summary(),
+        }
+
+
+@dataclass
+class LimitTally:
+    action: str
+    decisions: int = 0  # decisions that found it spent
+    first_tries: int = 0  # of which on a mail's first try (what a live run decided)
+    rcpt: int = 0
+    end_of_message: int = 0
+    recipients: int = 0  # recipients in those decisions
+    decided: int = 0  # decisions it decided (the worst limit)
+
+    def as_json(self) -> dict[str, object]:
+        return {"action": self.action, "decisions": self.decisions,
+                "first_tries": self.first_tries, "rcpt": self.rcpt,
+                "end_of_message": self.end_of_message, "recipients": self.recipients,
+                "decided": self.decided}
+
+
+@dataclass
+class ReplayReport:
+    policy: str
+    schedule: RetrySchedule
+    input: InputSummary
+    mails: int = 0
+    recipients: int = 0
+    decisions: int = 0
+    lanes: dict[str, Tally] = field(default_factory=dict)
+    limits: dict[str, LimitTally] = field(default_factory=dict)
+    keys: Counter[tuple[str, str]] = field(default_factory=Counter)
+    logged: Counter[str] = field(default_factory=Counter)  # what the log says happened
+
+    def lane(self, name: str) -> Tally:
+        tally = self.lanes.get(name)
+        if tally is None:
+            tally = self.lanes[name] = Tally()
+        return tally
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "policy": self.policy,
+            "retry": {"minimal_backoff_time": self.schedule.minimal_backoff_time,
+                      "maximal_backoff_time": self.schedule.maximal_backoff_time,
+                      "maximal_queue_lifetime": self.schedule.maximal_queue_lifetime},
+            "input": self.input.as_json(),
+            "mails": self.mails, "recipients": self.recipients, "decisions": self.decisions,
+            "logged": dict(sorted(self.logged.items())),
+            "lanes": {name: t.as_json() for name, t in self.lanes.items()},
+            "limits": {name: t.as_json() for name, t in sorted(self.limits.items())},
+            "busiest_keys": [{"limit": limit, "key": key, "hits": n}
+                             for (limit, key), n in self.keys.most_common(BUSIEST_SHOWN)],
+        }
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_ms = 0
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+@dataclass
+class _Try:
+    """One mail's recipients still trying."""
+
+    mail: Mail
+    recipients: list[str]
+    first_ms: int
+    tries: int = 0
+    deferred: set[str] = field(default_factory=set)
+    mail_lane: str = ""  # the lane of its last decision
+
+
+def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
+           schedule: RetrySchedule | None = None, summary: InputSummary | None = None,
+           progress: Callable[[int, int], None] | None = None) -> ReplayReport:
+    """The policy's decisions over ``mails`` (in arrival order), simulated in log time."""
+    schedule = schedule or RetrySchedule()
+    report = ReplayReport(name, schedule, summary or InputSummary())
+    for lane in policy.lanes:
+        report.lane(lane.name)
+    clock = _Clock()
+    service = DecisionService(policy, MemoryStore(), clock_ms=clock)
+    queue: list[tuple[int, int, _Try]] = []
+    seq = 0
+    for mail in mails:
+        report.mails += 1
+        report.recipients += len(mail.recipients)
+        for status in mail.recipients.values():
+            report.logged[status.split(" ")[0]] += 1
+        if mail.held:
+            report.logged["held messages"] += 1
+        queue.append((mail.arrival_ms, seq, _Try(mail, list(mail.recipients),
+                                                 mail.arrival_ms)))
+        seq += 1
+    heapq.heapify(queue)
+    total = len(queue)
+    done = 0
+    end_headers: tuple[tuple[str, str], ...] | None = () if policy.end_checks_only else None
+    while queue:
+        now_ms, _, attempt = heapq.heappop(queue)
+        clock.now_ms = now_ms
+        again = _try(service, report, attempt, seq, end_headers)
+        seq += 1
+        if again:
+            later = schedule.next_try_ms(attempt.first_ms, now_ms)
+            if later is None:
+                _finish(report, attempt, again, "expired", attempt.mail_lane, now_ms)
+            else:
+                attempt.recipients = again
+                heapq.heappush(queue, (later, seq, attempt))
+                continue
+        done += 1
+        if progress is not None and done % 50_000 == 0:
+            progress(done, total)
+    report.decisions = sum(service.stats.decisions.values())
+    return report
+
+
+def _hits(report: ReplayReport, verdict: Verdict, stage: str, recipients: int,
+          first: bool) -> None:
+    for o in verdict.limits:
+        if o.allowed:
+            continue
+        tally = report.limits.get(o.name)
+        if tally is None:
+            tally = report.limits[o.name] = LimitTally(
+                "monitor" if o.monitor else o.action.value)
+        tally.decisions += 1
+        tally.first_tries += first
+        if stage == STAGE_RCPT:
+            tally.rcpt += 1
+        else:
+            tally.end_of_message += 1
+        tally.recipients += recipients
+        tally.decided += verdict.deciding == o.name
+        report.keys[(o.name, o.key)] += 1
+
+
+def _decide(service: DecisionService, request: Request) -> Verdict:
+    verdict = service.decide_now(request, logged=False)
+    if verdict is None:  # only a resolver makes it None: the replay has none
+        raise RuntimeError("the replay's decisions need no I/O")
+    return verdict
+
+
+def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int,
+         end_headers: tuple[tuple[str, str], ...] | None) -> list[str]:
+    """One try of a mail's recipients; the recipients to try again later."""
+    mail = attempt.mail
+    first = attempt.tries == 0
+    attempt.tries += 1
+    instance = f"replay{seq:x}"
+    base = Request(stage=STAGE_RCPT, client_address=mail.client_address,
+                   client_name=mail.client_name, reverse_client_name=mail.client_name,
+                   sasl_username=mail.sasl_username, sender=mail.sender, size=mail.size,
+                   instance=instance)
+    accepted: list[str] = []
+    later: list[str] = []
+    held_at_rcpt = False
+    lane = ""
+    for rcpt in attempt.recipients:
+        verdict = _decide(service, base._replace(recipient=rcpt))
+        _hits(report, verdict, STAGE_RCPT, 1, first)
+        lane = verdict.lane.name
+        action = verdict.action
+        if action is Action.ACCEPT or action is Action.HOLD:
+            accepted.append(rcpt)
+            held_at_rcpt |= action is Action.HOLD
+        elif action is Action.DEFER:
+            later.append(rcpt)
+        else:
+            _finish(report, attempt, [rcpt], "rejected", lane, service.clock_ms())
+    attempt.mail_lane = lane
+    if not accepted:
+        attempt.deferred.update(later)
+        return later
+    unknown = max(0, mail.nrcpt - len(mail.recipients))  # queued, never seen delivered
+    queue_id = f"{mail.queue_id or 'NOQUEUE'}.{attempt.tries}"
+    verdict = _decide(service, base._replace(
+        stage=STAGE_END_OF_MESSAGE, queue_id=queue_id, recipients=tuple(accepted),
+        recipient_count=len(accepted) + unknown, headers=end_headers))
+    _hits(report, verdict, STAGE_END_OF_MESSAGE, len(accepted), first)
+    lane = verdict.lane.name
+    attempt.mail_lane = lane
+    action = verdict.action
+    now_ms = service.clock_ms()
+    if action is not Action.ACCEPT:
+        service.give_back_now(make_ledger_key("i:" + instance))
+    if action is Action.DEFER:
+        later = accepted + later
+    elif action is Action.REJECT:
+        _finish(report, attempt, accepted, "rejected", lane, now_ms)
+    else:
+        held = action is Action.HOLD or held_at_rcpt
+        _finish(report, attempt, accepted, "held" if held else "accepted", lane, now_ms,
+                demoted=verdict.demoted)
+    attempt.deferred.update(later)
+    return later
+
+
+def _finish(report: ReplayReport, attempt: _Try, recipients: list[str], outcome: str,
+            lane: str, now_ms: int, *, demoted: bool = False) -> None:
+    tally = report.lane(lane or "?")
+    deferred = [r for r in recipients if r in attempt.deferred]
+    tally.recipients[outcome] += len(recipients)
+    tally.messages[outcome] += 1
+    if deferred:
+        tally.recipients["deferred"] += len(deferred)
+        tally.messages["deferred"] += 1
+        if outcome in ("accepted", "held"):
+            tally.waits_s.extend([(now_ms - attempt.first_ms) / 1000] * len(deferred))
+    if demoted:
+        tally.recipients["demoted"] += len(recipients)
+        tally.messages["demoted"] += 1
+
+
+# ---------------------------------------------------------------- compare
+
+
+def compare(a: ReplayReport, b: ReplayReport) -> dict[str, object]:
+    """What changes from ``a`` to ``b`` (b - a), per lane, per limit, and the keys whose
+    hits change most."""
+    lanes: dict[str, object] = {}
+    for name in sorted(set(a.lanes) | set(b.lanes)):
+        lanes[name] = _diff(a.lanes[name].as_json() if name in a.lanes else {},
+                            b.lanes[name].as_json() if name in b.lanes else {})
+    limits: dict[str, object] = {}
+    for name in sorted(set(a.limits) | set(b.limits)):
+        before = a.limits[name].as_json() if name in a.limits else {}
+        after = b.limits[name].as_json() if name in b.limits else {}
+        row: dict[str, object] = {"action": after.get("action") or before.get("action")}
+        row.update({k: {"a": before.get(k, 0), "b": after.get(k, 0)}
+                    for k in ("decisions", "first_tries", "rcpt", "end_of_message",
+                              "recipients", "decided")})
+        limits[name] = row
+    changed = Counter({k: b.keys[k] - a.keys[k] for k in set(a.keys) | set(b.keys)})
+    most = sorted(changed.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:BUSIEST_SHOWN]
+    return {
+        "a": a.policy, "b": b.policy,
+        "lanes": lanes, "limits": limits,
+        "keys_most_affected": [{"limit": limit, "key": key, "a": a.keys[(limit, key)],
+                                "b": b.keys[(limit, key)], "change": n}
+                               for (limit, key), n in most if n],
+    }
+
+
+def _diff(a: object, b: object) -> object:
+    if isinstance(a, dict) or isinstance(b, dict):
+        ad = a if isinstance(a, dict) else {}
+        bd = b if isinstance(b, dict) else {}
+        return {k: _diff(ad.get(k, 0), bd.get(k, 0)) for k in dict.fromkeys([*ad, *bd])}
+    return {"a": a, "b": b}
+
+
+__all__ = ["InputSummary", "Mail", "MailLog", "ReplayReport", "RetrySchedule", "compare",
+           "replay"]
