@@ -131,7 +131,7 @@ class MailLog:
             if read == UNPARSABLE:
                 summary.unparsable += 1
                 if len(summary.unparsable_samples) < SAMPLES_KEPT:
-                    summary.unparsable_samples.append(str(line)[:200].rstrip("\r\n"))
+                    summary.unparsable_samples.append(_printable(str(line)[:200]))
             else:
                 summary.other += 1
             return
@@ -209,6 +209,14 @@ class MailLog:
             if mail.recipients:
                 kept.append(mail)
         return kept
+
+
+def _printable(line: str) -> str:
+    """A line as it can be printed: undecodable bytes (read with surrogateescape) and
+    control characters as escapes."""
+    raw = line.rstrip("\r\n").encode("utf-8", "surrogateescape")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ---------------------------------------------------------------- the replay
