@@ -90,6 +90,7 @@ class Mail:
     recipients: dict[str, str] = field(default_factory=dict)
     refused_code: int = 0  # a NOQUEUE refusal: its SMTP code
     held: bool = False
+    order: int = 0  # its first line's number: log order among mail of the same second
 
 
 @dataclass
@@ -153,7 +154,7 @@ class MailLog:
         key = (host, queue_id)
         mail = self._mails.get(key)
         if mail is None:
-            mail = self._mails[key] = Mail(ms, queue_id)
+            mail = self._mails[key] = Mail(ms, queue_id, order=self.summary.lines)
         elif ms < mail.arrival_ms:
             mail.arrival_ms = ms
         return mail
@@ -170,7 +171,8 @@ class MailLog:
                 self._attempts.append(Mail(ms, "", line.client_name, line.client_address,
                                            "", line.sender, 0, 0,
                                            {line.recipient: f"refused {line.code}"},
-                                           refused_code=line.code))
+                                           refused_code=line.code,
+                                           order=self.summary.lines))
             return
         mail = self._mail(line.host, line.queue_id, ms)
         if line.kind == "client":
@@ -190,7 +192,7 @@ class MailLog:
         """Every mail in arrival order, retries of refused attempts merged into them."""
         mails = [m for m in self._mails.values() if m.recipients]
         mails.extend(self._attempts)
-        mails.sort(key=lambda m: m.arrival_ms)
+        mails.sort(key=lambda m: (m.arrival_ms, m.order))
         lifetime_ms = schedule.maximal_queue_lifetime * 1000
         waiting: dict[tuple[str, str], int] = {}  # a temporarily refused (sender, rcpt)
         kept: list[Mail] = []
