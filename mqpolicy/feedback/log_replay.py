@@ -13,7 +13,10 @@ per recipient, then END-OF-MESSAGE with the recipients accepted) to the real dec
 service on a private memory store whose clock is the simulation's. Mail deferred by the
 policy is tried again as a Postfix client does: after ``clamp(age, minimal_backoff_time,
 maximal_backoff_time)``, until accepted, refused, held, or older than
-``maximal_queue_lifetime`` (then it counts as expired). No real waiting.
+``maximal_queue_lifetime`` (then it counts as expired). No real waiting. A try before the
+deciding limit's retry time is not made (its bucket only refills with time): it counts as
+deferred by the limits still spent from the last try made, so per-limit counts on retries
+can miss a limit that other mail spent in between; first tries and outcomes are exact.
 
 What a log does not carry is not replayed: headers (rules and limits that read them
 skip as at the policy server), the size a client announced (the queued size is used),
@@ -273,6 +276,7 @@ class ReplayReport:
     mails: int = 0
     recipients: int = 0
     decisions: int = 0
+    retries_skipped: int = 0  # tries before the deciding limits' retry time: not made
     lanes: dict[str, Tally] = field(default_factory=dict)
     limits: dict[str, LimitTally] = field(default_factory=dict)
     keys: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -292,6 +296,7 @@ class ReplayReport:
                       "maximal_queue_lifetime": self.schedule.maximal_queue_lifetime},
             "input": self.input.as_json(),
             "mails": self.mails, "recipients": self.recipients, "decisions": self.decisions,
+            "retries_skipped": self.retries_skipped,
             "logged": dict(sorted(self.logged.items())),
             "lanes": {name: t.as_json() for name, t in self.lanes.items()},
             "limits": {name: t.as_json() for name, t in sorted(self.limits.items())},
@@ -318,12 +323,22 @@ class _Try:
     tries: int = 0
     deferred: set[str] = field(default_factory=set)
     mail_lane: str = ""  # the lane of its last decision
+    not_before_ms: int = -1  # no try before this gets in: the deciding limits' retry time
+    # the limits found spent when it was last deferred:
+    # (limit, key, stage, recipients, spent until ms, deciding)
+    deferred_by: list[tuple[str, str, str, int, int, bool]] = field(default_factory=list)
 
 
 def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
            schedule: RetrySchedule | None = None, summary: InputSummary | None = None,
-           progress: Callable[[int, int], None] | None = None) -> ReplayReport:
-    """The policy's decisions over ``mails`` (in arrival order), simulated in log time."""
+           progress: Callable[[int, int], None] | None = None,
+           skip_spent_tries: bool = True) -> ReplayReport:
+    """The policy's decisions over ``mails`` (in arrival order), simulated in log time.
+
+    ``skip_spent_tries``: a deferred mail's tries before its deciding limit's retry time
+    are counted as deferred by it without being made (the bucket only refills with time;
+    a give-back of a refused message's spends could free it sooner, which the skip misses).
+    """
     schedule = schedule or RetrySchedule()
     report = ReplayReport(name, schedule, summary or InputSummary())
     for lane in policy.lanes:
@@ -353,6 +368,12 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
         seq += 1
         if again:
             later = schedule.next_try_ms(attempt.first_ms, now_ms)
+            # A try before the deciding limits' retry time finds them still spent (their
+            # buckets only refill with time): counted as deferred by them, not decided.
+            while (skip_spent_tries and later is not None
+                   and later < attempt.not_before_ms):
+                _skipped(report, attempt, later)
+                later = schedule.next_try_ms(attempt.first_ms, later)
             if later is None:
                 _finish(report, attempt, again, "expired", attempt.mail_lane, now_ms)
             else:
@@ -364,6 +385,41 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
             progress(done, total)
     report.decisions = sum(service.stats.decisions.values())
     return report
+
+
+def _skipped(report: ReplayReport, attempt: _Try, at_ms: int) -> None:
+    """A try the simulation need not make: its deciding limits are still spent. The
+    limits of the last try still spent at ``at_ms`` are counted as found spent again."""
+    report.retries_skipped += 1
+    for name, key, stage, recipients, until_ms, deciding in attempt.deferred_by:
+        if until_ms <= at_ms:
+            continue
+        tally = report.limits[name]
+        tally.decisions += 1
+        tally.decided += deciding
+        if stage == STAGE_RCPT:
+            tally.rcpt += 1
+        else:
+            tally.end_of_message += 1
+        tally.recipients += recipients
+        report.keys[(name, key)] += 1
+
+
+def _deferred_by(attempt: _Try, verdict: Verdict, stage: str, recipients: int,
+                 now_ms: int) -> None:
+    """Note the limits found spent in a deferred (part of a) try, and until when the
+    deciding one stays spent: no try before that can get in."""
+    until = now_ms  # no limit to wait for (the store's failure): try on schedule
+    for o in verdict.limits:
+        if o.allowed:
+            continue
+        deciding = o.name == verdict.deciding
+        attempt.deferred_by.append((o.name, o.key, stage, recipients,
+                                    now_ms + max(0, o.retry_after_ms), deciding))
+        if deciding:
+            until = now_ms + max(0, verdict.retry_after_ms)
+    attempt.not_before_ms = (until if attempt.not_before_ms < 0
+                             else min(attempt.not_before_ms, until))
 
 
 def _hits(report: ReplayReport, verdict: Verdict, stage: str, recipients: int,
@@ -408,6 +464,9 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
     later: list[str] = []
     held_at_rcpt = False
     lane = ""
+    now_ms = service.clock_ms()
+    attempt.deferred_by = []
+    attempt.not_before_ms = -1
     for rcpt in attempt.recipients:
         verdict = _decide(service, base._replace(recipient=rcpt))
         _hits(report, verdict, STAGE_RCPT, 1, first)
@@ -418,8 +477,9 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
             held_at_rcpt |= action is Action.HOLD
         elif action is Action.DEFER:
             later.append(rcpt)
+            _deferred_by(attempt, verdict, STAGE_RCPT, 1, now_ms)
         else:
-            _finish(report, attempt, [rcpt], "rejected", lane, service.clock_ms())
+            _finish(report, attempt, [rcpt], "rejected", lane, now_ms)
     attempt.mail_lane = lane
     if not accepted:
         attempt.deferred.update(later)
@@ -433,11 +493,11 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
     lane = verdict.lane.name
     attempt.mail_lane = lane
     action = verdict.action
-    now_ms = service.clock_ms()
     if action is not Action.ACCEPT:
         service.give_back_now(make_ledger_key("i:" + instance))
     if action is Action.DEFER:
         later = accepted + later
+        _deferred_by(attempt, verdict, STAGE_END_OF_MESSAGE, len(accepted), now_ms)
     elif action is Action.REJECT:
         _finish(report, attempt, accepted, "rejected", lane, now_ms)
     else:
