@@ -110,9 +110,9 @@ def cmd_replay(policy: Policy, args: argparse.Namespace, out: IO[str], err: IO[s
     def replayed(done: int, total: int) -> None:
         progress(f"replayed {done:,} of {total:,} mails")
     report = replay(policy, mails, name=args.config, schedule=schedule, summary=log.summary,
-                    progress=replayed)
+                    progress=replayed, results=log.results)
     other_report = (replay(other, mails, name=args.compare, schedule=schedule,
-                           summary=log.summary, progress=replayed)
+                           summary=log.summary, progress=replayed, results=log.results)
                     if other is not None else None)
     progress(f"done: {log.summary.lines:,} lines in {time.monotonic() - started:.1f}s\n")
     if args.json:
@@ -179,6 +179,11 @@ def render_report(report: ReplayReport) -> str:
     if busiest:
         lines += ["", "busiest keys (decisions that found them spent):"]
         lines += [f"  {b['hits']:>8}  {b['limit']}  {b['key']}" for b in busiest]
+    if report.destinations:
+        lines += ["", "destinations feedback would have slowed (from the delivery results):"]
+        lines += [f"  {name}: {t.slow_downs} slow-downs, {t.backoffs} backoffs (lowest "
+                  f"factor {t.lowest_factor:g}), {t.pauses} pauses; first: {t.reason}"
+                  for name, t in sorted(report.destinations.items())]
     lines += ["", "the log says: " + ", ".join(f"{k} {v}" for k, v in
                                                  sorted(report.logged.items()))]
     lines.append(_input_line(report))

@@ -33,15 +33,19 @@ from datetime import datetime
 
 from mqpolicy.decision.engine import Action, Verdict
 from mqpolicy.decision.engine import ledger_key as make_ledger_key
+from mqpolicy.decision.mx_resolver import DestinationFinder
 from mqpolicy.decision.service import DecisionService
 from mqpolicy.feedback.delivery_log import (
     OTHER,
     UNPARSABLE,
     DeliveryEvent,
     MessageLine,
+    compile_patterns,
     read_log_line,
+    slow_down_reason,
 )
-from mqpolicy.policy.model import Policy
+from mqpolicy.policy.backoff import BackoffState, on_slow_down, on_success
+from mqpolicy.policy.model import FeedbackSettings, Policy
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
 from mqpolicy.store.memory import MemoryStore
 
@@ -126,6 +130,8 @@ class MailLog:
         self.summary = InputSummary()
         self._mails: dict[tuple[str, str], Mail] = {}
         self._attempts: list[Mail] = []  # NOQUEUE refusals: one attempt each
+        #: delivery results for feedback: (ms, domain, event; None for a success)
+        self.results: list[tuple[int, str, DeliveryEvent | None]] = []
 
     def feed(self, line: str, reference: datetime | None = None) -> None:
         summary = self.summary
@@ -167,6 +173,9 @@ class MailLog:
             return  # a message's expiry: no recipient
         mail = self._mail(event.host, event.queue_id, ms)
         mail.recipients[event.orig_recipient or event.recipient] = event.status
+        if not event.suspended and event.status in ("sent", "deferred", "bounced"):
+            self.results.append((ms, event.domain,
+                                 None if event.status == "sent" else event))
 
     def _message_line(self, line: MessageLine, ms: int) -> None:
         if line.kind == "refused" and line.queue_id == "NOQUEUE":
@@ -269,6 +278,73 @@ class LimitTally:
 
 
 @dataclass
+class DestinationTally:
+    """What feedback would have done to one configured destination over the log."""
+
+    slow_downs: int = 0  # results that mean "slow down"
+    backoffs: int = 0  # decreases of its budget's factor
+    lowest_factor: float = 1.0
+    pauses: int = 0  # pauses by a feedback rule
+    reason: str = ""  # of the first slow-down or pause
+    evidence: str = ""
+
+    def as_json(self) -> dict[str, object]:
+        return {"slow_downs": self.slow_downs, "backoffs": self.backoffs,
+                "lowest_factor": round(self.lowest_factor, 3), "pauses": self.pauses,
+                "reason": self.reason, "evidence": self.evidence}
+
+
+def feedback_replay(policy: Policy, results: Iterable[tuple[int, str, DeliveryEvent | None]]
+                    ) -> dict[str, DestinationTally]:
+    """Feedback's backoff and pause rules over the log's delivery results, in log time,
+    for the policy's configured destinations (as ``mqpolicy feedback`` handles a line)."""
+    if not policy.destinations:
+        return {}
+    settings = policy.feedback or FeedbackSettings()
+    patterns = compile_patterns(settings.slow_down_patterns)
+    finder = DestinationFinder(None)
+    names = {d.name for d in policy.destinations}
+    states: dict[str, BackoffState] = {}
+    paused_until: dict[str, int] = {}
+    tallies: dict[str, DestinationTally] = {}
+    for ms, domain, event in sorted(results, key=lambda r: r[0]):
+        destination = finder.find_now(domain, policy.destinations) or domain
+        if destination not in names:
+            continue
+        state = states.get(destination, BackoffState())
+        if event is None:
+            if state.backed_off:
+                states[destination], _ = on_success(state, settings.backoff, ms)
+            continue
+        tally = tallies.setdefault(destination, DestinationTally())
+        text = f"{event.dsn} {event.detail or event.reply}"
+        for rule in settings.rules:
+            if rule.destination is not None and rule.destination != destination:
+                continue
+            found = rule.match.search(text)
+            if found is None:
+                continue
+            if paused_until.get(destination, 0) <= ms:
+                paused_until[destination] = ms + rule.for_ms
+                tally.pauses += 1
+                tally.reason = tally.reason or f"rule:{rule.match.pattern}"
+                tally.evidence = tally.evidence or event.line[:300]
+            break
+        reason = slow_down_reason(event, patterns)
+        if reason is None:
+            continue
+        tally.slow_downs += 1
+        tally.reason = tally.reason or reason
+        tally.evidence = tally.evidence or event.line[:300]
+        state, change = on_slow_down(state, settings.backoff, ms, reason)
+        states[destination] = state
+        if change is not None and change.kind == "decrease":
+            tally.backoffs += 1
+            tally.lowest_factor = min(tally.lowest_factor, change.new_factor)
+    return {name: t for name, t in tallies.items() if t.slow_downs or t.pauses}
+
+
+@dataclass
 class ReplayReport:
     policy: str
     schedule: RetrySchedule
@@ -281,6 +357,7 @@ class ReplayReport:
     limits: dict[str, LimitTally] = field(default_factory=dict)
     keys: Counter[tuple[str, str]] = field(default_factory=Counter)
     logged: Counter[str] = field(default_factory=Counter)  # what the log says happened
+    destinations: dict[str, DestinationTally] = field(default_factory=dict)
 
     def lane(self, name: str) -> Tally:
         tally = self.lanes.get(name)
@@ -302,6 +379,8 @@ class ReplayReport:
             "limits": {name: t.as_json() for name, t in sorted(self.limits.items())},
             "busiest_keys": [{"limit": limit, "key": key, "hits": n}
                              for (limit, key), n in self.keys.most_common(BUSIEST_SHOWN)],
+            "destinations": {name: t.as_json()
+                             for name, t in sorted(self.destinations.items())},
         }
 
 
@@ -330,6 +409,7 @@ class _Try:
 
 
 def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
+           results: Iterable[tuple[int, str, DeliveryEvent | None]] = (),
            schedule: RetrySchedule | None = None, summary: InputSummary | None = None,
            progress: Callable[[int, int], None] | None = None,
            skip_spent_tries: bool = True) -> ReplayReport:
@@ -384,6 +464,7 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
         if progress is not None and done % 50_000 == 0:
             progress(done, total)
     report.decisions = sum(service.stats.decisions.values())
+    report.destinations = feedback_replay(policy, results)
     return report
 
 

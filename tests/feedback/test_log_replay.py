@@ -13,7 +13,7 @@ import random
 from mqpolicy.feedback.log_replay import MailLog, ReplayReport, RetrySchedule, replay
 from mqpolicy.policy.loader import parse_policy
 from tests.support.lanes import LANES
-from tests.support.postfix_log_writer import REFERENCE, PostfixLog
+from tests.support.postfix_log_writer import REFERENCE, PostfixLog, stamp
 
 CLASSIFY = """\
 classify:
@@ -196,3 +196,36 @@ def test_tries_skipped_before_the_retry_time_change_nothing_but_the_work() -> No
         # that became spent in between (by other mail) is missed: at most a few
         assert 0 <= limit["decisions"] - skipped["limits"][name]["decisions"] <= 0.05 * (
             limit["decisions"])
+
+
+def test_destinations_feedback_would_have_backed_off_or_paused() -> None:
+    log = PostfixLog()
+    for i in range(3):
+        log.message(i * 120, "alice@a.example", [f"x{i}@gmail.com"])
+    qid = log.message(400, "alice@a.example", ["y@gmail.com"], status="deferred")
+    log.lines.append(
+        f"{stamp(400)} mta postfix/smtp[368]: {qid}: to=<y@gmail.com>, relay=gmail-smtp-in."
+        "l.google.com[142.250.1.26]:25, delay=0.3, delays=0/0/0.1/0.2, dsn=4.7.28, "
+        "status=deferred (host gmail-smtp-in.l.google.com[142.250.1.26] said: 421-4.7.28 "
+        "Our system has detected an unusual rate of unsolicited mail (in reply to end of "
+        "DATA command))")
+    log.message(500, "alice@a.example", ["z@calm.example"], status="deferred")  # refused
+    text = policy() + """\
+destinations:
+  - {name: google, domains: [gmail.com], rate: 100/1m}
+  - {name: calm, domains: [calm.example], rate: 100/1m}
+feedback:
+  backoff: {decrease: 0.5}
+  rules:
+    - {match: "4\\\\.7\\\\.28", action: pause, for: 2h, destination: google}
+"""
+    mail_log = MailLog(REFERENCE)
+    for line in log.lines:
+        mail_log.feed(line)
+    report = replay(parse_policy(text), mail_log.mails(RetrySchedule()),
+                    results=mail_log.results)
+    assert set(report.destinations) == {"google"}  # a refused connection asks nothing
+    google = report.destinations["google"]
+    assert (google.slow_downs, google.backoffs, google.lowest_factor, google.pauses) == (
+        1, 1, 0.5, 1)
+    assert google.reason == "rule:4\\.7\\.28"
