@@ -153,7 +153,8 @@ def render_report(report: ReplayReport) -> str:
         f"({s.first.isoformat() if s.first else '-'} .. "
         f"{s.last.isoformat() if s.last else '-'})",
         f"{report.mails:,} mails, {report.recipients:,} recipients, "
-        f"{report.decisions:,} decisions; retries as Postfix: "
+        f"{report.decisions:,} decisions ({report.retries_skipped:,} retries counted, "
+        f"not made: their limits had no room); retries as Postfix: "
         f"{report.schedule.minimal_backoff_time}s..{report.schedule.maximal_backoff_time}s, "
         f"expire after {report.schedule.maximal_queue_lifetime}s",
         "",
@@ -166,19 +167,21 @@ def render_report(report: ReplayReport) -> str:
     lines.append("(messages/recipients)")
     lines.append("")
     if report.limits:
-        lines.append(f"{'limit':<24}{'action':>10}{'spent in':>10}{'first try':>11}"
-                     f"{'RCPT':>8}{'END':>8}{'recipients':>12}{'decided':>9}")
+        lines.append("limits found spent on the mail's first tries (what a live server "
+                     "answers), and the retries each deferred:")
+        lines.append(f"{'limit':<24}{'action':>10}{'first try':>11}{'RCPT':>8}{'END':>8}"
+                     f"{'recipients':>12}{'decided':>9}{'retries':>9}")
         for name, lim in sorted(report.limits.items()):
-            lines.append(f"{name:<24}{lim.action:>10}{lim.decisions:>10}{lim.first_tries:>11}"
-                         f"{lim.rcpt:>8}{lim.end_of_message:>8}{lim.recipients:>12}"
-                         f"{lim.decided:>9}")
+            lines.append(f"{name:<24}{lim.action:>10}{lim.first_tries:>11}{lim.rcpt:>8}"
+                         f"{lim.end_of_message:>8}{lim.recipients:>12}{lim.decided:>9}"
+                         f"{lim.retries:>9}")
     else:
         lines.append("no limit was found spent")
     busiest = doc["busiest_keys"]
     assert isinstance(busiest, list)
     if busiest:
-        lines += ["", "busiest keys (decisions that found them spent):"]
-        lines += [f"  {b['hits']:>8}  {b['limit']}  {b['key']}" for b in busiest]
+        lines += ["", "busiest keys (first tries that found them spent):"]
+        lines += [f"  {b['first_tries']:>8}  {b['limit']}  {b['key']}" for b in busiest]
     if report.destinations:
         lines += ["", "destinations feedback would have slowed (from the delivery results):"]
         lines += [f"  {name}: {t.slow_downs} slow-downs, {t.backoffs} backoffs (lowest "
@@ -214,18 +217,18 @@ def render_compare(a: ReplayReport, b: ReplayReport) -> str:
                 continue
             mark = " *" if (ma, ra) != (mb, rb) else ""
             lines.append(f"{name:<16}{c:<12}{ma:>9} -> {mb:<9}{ra:>9} -> {rb:<9}{mark}")
-    lines += ["", f"{'limit':<24}{'action':>10}   spent in A -> B   first try A -> B"]
+    lines += ["", f"{'limit':<24}{'action':>10}  first try A -> B     retries A -> B"]
     limits = diff["limits"]
     assert isinstance(limits, dict)
     for name, row in limits.items():
-        dec, first = row["decisions"], row["first_tries"]
-        mark = " *" if dec["a"] != dec["b"] else ""
-        lines.append(f"{name:<24}{row['action']!s:>10}   {dec['a']:>7} -> {dec['b']:<7}"
-                     f"{first['a']:>7} -> {first['b']:<7}{mark}")
+        first, retries = row["first_tries"], row["retries"]
+        mark = " *" if (first["a"], retries["a"]) != (first["b"], retries["b"]) else ""
+        lines.append(f"{name:<24}{row['action']!s:>10}  {first['a']:>7} -> {first['b']:<7}"
+                     f"{retries['a']:>7} -> {retries['b']:<7}{mark}")
     keys = diff["keys_most_affected"]
     assert isinstance(keys, list)
     if keys:
-        lines += ["", "keys most affected (decisions that found them spent, A -> B):"]
+        lines += ["", "keys most affected (first tries that found them spent, A -> B):"]
         lines += [f"  {k['change']:>+8}  {k['limit']}  {k['key']}  ({k['a']} -> {k['b']})"
                   for k in keys]
     lines += ["", _input_line(a)]

@@ -13,10 +13,11 @@ per recipient, then END-OF-MESSAGE with the recipients accepted) to the real dec
 service on a private memory store whose clock is the simulation's. Mail deferred by the
 policy is tried again as a Postfix client does: after ``clamp(age, minimal_backoff_time,
 maximal_backoff_time)``, until accepted, refused, held, or older than
-``maximal_queue_lifetime`` (then it counts as expired). No real waiting. A try before the
-deciding limit's retry time is not made (its bucket only refills with time): it counts as
-deferred by the limits still spent from the last try made, so per-limit counts on retries
-can miss a limit that other mail spent in between; first tries and outcomes are exact.
+``maximal_queue_lifetime`` (then it counts as expired). No real waiting. Before a
+retry, the buckets of the limits the last try planned are looked at (nothing spent): when
+each deferred part would be deferred again (the worst limit without room defers, as the
+engine weighs them), the try is not made, only counted; the tries a mail waits through
+cost one look each instead of a decision.
 
 What a log does not carry is not replayed: headers (rules and limits that read them
 skip as at the policy server), the size a client announced (the queued size is used),
@@ -30,8 +31,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
-from mqpolicy.decision.engine import Action, Verdict
+from mqpolicy.decision.engine import Action, Verdict, store_key
 from mqpolicy.decision.engine import ledger_key as make_ledger_key
 from mqpolicy.decision.mx_resolver import DestinationFinder
 from mqpolicy.decision.service import DecisionService
@@ -45,8 +47,9 @@ from mqpolicy.feedback.delivery_log import (
     slow_down_reason,
 )
 from mqpolicy.policy.backoff import BackoffState, on_slow_down, on_success
-from mqpolicy.policy.model import FeedbackSettings, Policy
+from mqpolicy.policy.model import FeedbackSettings, Limit, Policy
 from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
+from mqpolicy.store.budget import BudgetCheck
 from mqpolicy.store.memory import MemoryStore
 
 # Postfix's defaults (postconf -d)
@@ -262,19 +265,24 @@ class Tally:
 
 @dataclass
 class LimitTally:
+    """What one limit did. ``first_tries`` and the counts after it are about the mail's
+    first tries, the decisions a live server made over this log (found spent in a
+    decision: ``rcpt`` or ``end_of_message``; ``recipients`` in those decisions;
+    ``decided``: it gave the answer). ``retries``: later tries it deferred (the simulated
+    clients' retries, made or not: see the module's docstring)."""
+
     action: str
-    decisions: int = 0  # decisions that found it spent
-    first_tries: int = 0  # of which on a mail's first try (what a live run decided)
+    first_tries: int = 0
     rcpt: int = 0
     end_of_message: int = 0
-    recipients: int = 0  # recipients in those decisions
-    decided: int = 0  # decisions it decided (the worst limit)
+    recipients: int = 0
+    decided: int = 0
+    retries: int = 0
 
     def as_json(self) -> dict[str, object]:
-        return {"action": self.action, "decisions": self.decisions,
-                "first_tries": self.first_tries, "rcpt": self.rcpt,
+        return {"action": self.action, "first_tries": self.first_tries, "rcpt": self.rcpt,
                 "end_of_message": self.end_of_message, "recipients": self.recipients,
-                "decided": self.decided}
+                "decided": self.decided, "retries": self.retries}
 
 
 @dataclass
@@ -352,10 +360,10 @@ class ReplayReport:
     mails: int = 0
     recipients: int = 0
     decisions: int = 0
-    retries_skipped: int = 0  # tries before the deciding limits' retry time: not made
+    retries_skipped: int = 0  # tries whose deciding limits still had no room: not made
     lanes: dict[str, Tally] = field(default_factory=dict)
     limits: dict[str, LimitTally] = field(default_factory=dict)
-    keys: Counter[tuple[str, str]] = field(default_factory=Counter)
+    keys: Counter[tuple[str, str]] = field(default_factory=Counter)  # found spent, 1st tries
     logged: Counter[str] = field(default_factory=Counter)  # what the log says happened
     destinations: dict[str, DestinationTally] = field(default_factory=dict)
 
@@ -377,7 +385,7 @@ class ReplayReport:
             "logged": dict(sorted(self.logged.items())),
             "lanes": {name: t.as_json() for name, t in self.lanes.items()},
             "limits": {name: t.as_json() for name, t in sorted(self.limits.items())},
-            "busiest_keys": [{"limit": limit, "key": key, "hits": n}
+            "busiest_keys": [{"limit": limit, "key": key, "first_tries": n}
                              for (limit, key), n in self.keys.most_common(BUSIEST_SHOWN)],
             "destinations": {name: t.as_json()
                              for name, t in sorted(self.destinations.items())},
@@ -402,10 +410,9 @@ class _Try:
     tries: int = 0
     deferred: set[str] = field(default_factory=set)
     mail_lane: str = ""  # the lane of its last decision
-    not_before_ms: int = -1  # no try before this gets in: the deciding limits' retry time
-    # the limits found spent when it was last deferred:
-    # (limit, key, stage, recipients, spent until ms, deciding)
-    deferred_by: list[tuple[str, str, str, int, int, bool]] = field(default_factory=list)
+    # the limits found spent when it was last deferred, looked at before the next try
+    peeks: list[_Peek] = field(default_factory=list)
+    skippable: bool = True  # every part of the last deferral was decided by a limit
 
 
 def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
@@ -415,9 +422,8 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
            skip_spent_tries: bool = True) -> ReplayReport:
     """The policy's decisions over ``mails`` (in arrival order), simulated in log time.
 
-    ``skip_spent_tries``: a deferred mail's tries before its deciding limit's retry time
-    are counted as deferred by it without being made (the bucket only refills with time;
-    a give-back of a refused message's spends could free it sooner, which the skip misses).
+    ``skip_spent_tries``: a retry whose deciding limits still have no room is counted,
+    not made (see the module's docstring); False makes every try.
     """
     schedule = schedule or RetrySchedule()
     report = ReplayReport(name, schedule, summary or InputSummary())
@@ -441,19 +447,20 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
     total = len(queue)
     done = 0
     end_headers: tuple[tuple[str, str], ...] | None = () if policy.end_checks_only else None
+    limits: dict[str, Limit] = {lim.name: lim for lim in policy.limits}
+    limits.update({lim.name: lim for lim in policy.destination_limits.values()})
+    store = service.store
+    assert isinstance(store, MemoryStore)
     while queue:
         now_ms, _, attempt = heapq.heappop(queue)
         clock.now_ms = now_ms
-        again = _try(service, report, attempt, seq, end_headers)
+        if skip_spent_tries and _skip(report, attempt, store, now_ms):
+            again = attempt.recipients
+        else:
+            again = _try(service, report, attempt, seq, end_headers, limits)
         seq += 1
         if again:
             later = schedule.next_try_ms(attempt.first_ms, now_ms)
-            # A try before the deciding limits' retry time finds them still spent (their
-            # buckets only refill with time): counted as deferred by them, not decided.
-            while (skip_spent_tries and later is not None
-                   and later < attempt.not_before_ms):
-                _skipped(report, attempt, later)
-                later = schedule.next_try_ms(attempt.first_ms, later)
             if later is None:
                 _finish(report, attempt, again, "expired", attempt.mail_lane, now_ms)
             else:
@@ -468,39 +475,63 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
     return report
 
 
-def _skipped(report: ReplayReport, attempt: _Try, at_ms: int) -> None:
-    """A try the simulation need not make: its deciding limits are still spent. The
-    limits of the last try still spent at ``at_ms`` are counted as found spent again."""
+class _Peek(NamedTuple):
+    """A limit that refuses or holds, planned in a deferred part of a try, looked at again
+    (nothing spent) before the next try."""
+
+    part: int  # the deferred part of the try (a recipient at RCPT, or the message's end)
+    name: str
+    rank: int  # the engine's severity of its action: reject 3, defer 2, hold 1
+    check: BudgetCheck
+
+
+_RANK = {"reject": 3, "defer": 2, "hold": 1}
+_DEFER_RANK = 2
+
+
+def _skip(report: ReplayReport, attempt: _Try, store: MemoryStore, now_ms: int) -> bool:
+    """Whether the try due now can be left unmade: every part of the last try would be
+    deferred again. The limits that part planned are looked at as the engine weighs them
+    (severity, then the longest wait): when the worst one without room defers, the part
+    is deferred by it, and counted so."""
+    peeks = attempt.peeks
+    if not peeks:
+        return False
+    results = store.evaluate_now([p.check for p in peeks], now_ms).results
+    worst: dict[int, tuple[int, int, str]] = {}
+    for p, r in zip(peeks, results, strict=True):
+        worst.setdefault(p.part, (0, 0, ""))
+        if not r.allowed and (p.rank, r.retry_after_ms) > worst[p.part][:2]:
+            worst[p.part] = (p.rank, r.retry_after_ms, p.name)
+    if any(rank != _DEFER_RANK for rank, _, _ in worst.values()):
+        return False  # a part gets in, or is refused or held: make the try
     report.retries_skipped += 1
-    for name, key, stage, recipients, until_ms, deciding in attempt.deferred_by:
-        if until_ms <= at_ms:
-            continue
-        tally = report.limits[name]
-        tally.decisions += 1
-        tally.decided += deciding
-        if stage == STAGE_RCPT:
-            tally.rcpt += 1
-        else:
-            tally.end_of_message += 1
-        tally.recipients += recipients
-        report.keys[(name, key)] += 1
+    for _, _, name in worst.values():
+        report.limits[name].retries += 1
+    return True
 
 
-def _deferred_by(attempt: _Try, verdict: Verdict, stage: str, recipients: int,
-                 now_ms: int) -> None:
-    """Note the limits found spent in a deferred (part of a) try, and until when the
-    deciding one stays spent: no try before that can get in."""
-    until = now_ms  # no limit to wait for (the store's failure): try on schedule
+def _deferred_by(attempt: _Try, verdict: Verdict, limits: dict[str, Limit]) -> None:
+    """Note the limits a deferred part of a try planned, to look at before the next. A
+    deferral no known limit decided (the store's failure) makes no try skippable."""
+    part = len({p.part for p in attempt.peeks})
+    peeks: list[_Peek] = []
+    decided = False
     for o in verdict.limits:
-        if o.allowed:
+        limit = limits.get(o.name)
+        rank = _RANK.get(o.action.value, 0)
+        if o.monitor or limit is None or not rank:
             continue
-        deciding = o.name == verdict.deciding
-        attempt.deferred_by.append((o.name, o.key, stage, recipients,
-                                    now_ms + max(0, o.retry_after_ms), deciding))
-        if deciding:
-            until = now_ms + max(0, verdict.retry_after_ms)
-    attempt.not_before_ms = (until if attempt.not_before_ms < 0
-                             else min(attempt.not_before_ms, until))
+        decided |= o.name == verdict.deciding
+        # its cost in that decision (at least one: a peek at RCPT counts nothing)
+        peeks.append(_Peek(part, o.name, rank, BudgetCheck(
+            store_key(limit, o.key), limit.refill, limit.unit, limit.burst, max(1, o.cost),
+            consume=False, blocking=limit.blocking)))
+    if decided and attempt.skippable:
+        attempt.peeks.extend(peeks)
+    else:
+        attempt.skippable = False
+        attempt.peeks = []
 
 
 def _hits(report: ReplayReport, verdict: Verdict, stage: str, recipients: int,
@@ -512,8 +543,10 @@ def _hits(report: ReplayReport, verdict: Verdict, stage: str, recipients: int,
         if tally is None:
             tally = report.limits[o.name] = LimitTally(
                 "monitor" if o.monitor else o.action.value)
-        tally.decisions += 1
-        tally.first_tries += first
+        if not first:
+            tally.retries += verdict.deciding == o.name
+            continue
+        tally.first_tries += 1
         if stage == STAGE_RCPT:
             tally.rcpt += 1
         else:
@@ -531,7 +564,8 @@ def _decide(service: DecisionService, request: Request) -> Verdict:
 
 
 def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int,
-         end_headers: tuple[tuple[str, str], ...] | None) -> list[str]:
+         end_headers: tuple[tuple[str, str], ...] | None,
+         limits: dict[str, Limit]) -> list[str]:
     """One try of a mail's recipients; the recipients to try again later."""
     mail = attempt.mail
     first = attempt.tries == 0
@@ -546,8 +580,8 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
     held_at_rcpt = False
     lane = ""
     now_ms = service.clock_ms()
-    attempt.deferred_by = []
-    attempt.not_before_ms = -1
+    attempt.peeks = []
+    attempt.skippable = True
     for rcpt in attempt.recipients:
         verdict = _decide(service, base._replace(recipient=rcpt))
         _hits(report, verdict, STAGE_RCPT, 1, first)
@@ -558,7 +592,7 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
             held_at_rcpt |= action is Action.HOLD
         elif action is Action.DEFER:
             later.append(rcpt)
-            _deferred_by(attempt, verdict, STAGE_RCPT, 1, now_ms)
+            _deferred_by(attempt, verdict, limits)
         else:
             _finish(report, attempt, [rcpt], "rejected", lane, now_ms)
     attempt.mail_lane = lane
@@ -578,7 +612,7 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
         service.give_back_now(make_ledger_key("i:" + instance))
     if action is Action.DEFER:
         later = accepted + later
-        _deferred_by(attempt, verdict, STAGE_END_OF_MESSAGE, len(accepted), now_ms)
+        _deferred_by(attempt, verdict, limits)
     elif action is Action.REJECT:
         _finish(report, attempt, accepted, "rejected", lane, now_ms)
     else:
@@ -610,7 +644,7 @@ def _finish(report: ReplayReport, attempt: _Try, recipients: list[str], outcome:
 
 def compare(a: ReplayReport, b: ReplayReport) -> dict[str, object]:
     """What changes from ``a`` to ``b`` (b - a), per lane, per limit, and the keys whose
-    hits change most."""
+    first-try hits change most."""
     lanes: dict[str, object] = {}
     for name in sorted(set(a.lanes) | set(b.lanes)):
         lanes[name] = _diff(a.lanes[name].as_json() if name in a.lanes else {},
@@ -621,8 +655,8 @@ def compare(a: ReplayReport, b: ReplayReport) -> dict[str, object]:
         after = b.limits[name].as_json() if name in b.limits else {}
         row: dict[str, object] = {"action": after.get("action") or before.get("action")}
         row.update({k: {"a": before.get(k, 0), "b": after.get(k, 0)}
-                    for k in ("decisions", "first_tries", "rcpt", "end_of_message",
-                              "recipients", "decided")})
+                    for k in ("first_tries", "rcpt", "end_of_message", "recipients",
+                              "decided", "retries")})
         limits[name] = row
     changed = Counter({k: b.keys[k] - a.keys[k] for k in set(a.keys) | set(b.keys)})
     most = sorted(changed.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:BUSIEST_SHOWN]

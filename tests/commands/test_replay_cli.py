@@ -79,7 +79,7 @@ def test_compare_with_a_tighter_limit_shows_exactly_the_difference(tmp_path: Pat
     assert normal["wait_s"]["max"] == {"a": 0.0, "b": 2400.0}
     assert diff["limits"]["per-sender"]["first_tries"] == {"a": 0, "b": 2}
     assert diff["keys_most_affected"] == [
-        {"limit": "per-sender", "key": "alice@a.example", "a": 0, "b": 7, "change": 7}]
+        {"limit": "per-sender", "key": "alice@a.example", "a": 0, "b": 2, "change": 2}]
 
     table = mq("replay", "-c", loose, "--compare", tight, dated(log))
     assert table.returncode == 0, table.stderr
