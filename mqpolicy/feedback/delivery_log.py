@@ -43,6 +43,7 @@ daemon messages) give None.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -370,15 +371,19 @@ def _address_end(line: str, start: int) -> int:
 def _syslog_time(header: re.Match[str], reference: datetime | None) -> datetime | None:
     if reference is None:
         return None
-    month = _MONTHS[header["mon"].lower()]
-    frac = header["frac"] or "0"
+    return _syslog_datetime(header["mon"], header["day"], header["clock"], header["min"],
+                            header["sec"], header["frac"] or "0", reference)
+
+
+@functools.lru_cache(maxsize=1024)  # a log's lines come many to the second
+def _syslog_datetime(mon: str, day: str, hour: str, minute: str, sec: str, frac: str,
+                     reference: datetime) -> datetime | None:
+    month = _MONTHS[mon.lower()]
     micro = int(frac[:6].ljust(6, "0"))
     for year in (reference.year + 1, reference.year, reference.year - 1, reference.year - 4):
         try:
-            candidate = datetime(
-                year, month, int(header["day"]), int(header["clock"]), int(header["min"]),
-                int(header["sec"]), micro, tzinfo=reference.tzinfo,
-            )
+            candidate = datetime(year, month, int(day), int(hour), int(minute), int(sec),
+                                 micro, tzinfo=reference.tzinfo)
         except ValueError:  # Feb 29 in a year without one
             continue
         if candidate <= reference + timedelta(days=7):
