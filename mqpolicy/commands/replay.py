@@ -32,6 +32,8 @@ from mqpolicy.feedback.log_replay import (
 )
 from mqpolicy.policy.loader import ConfigError, load_policy
 from mqpolicy.policy.model import Policy
+from mqpolicy.policy.rates import RateSyntaxError, parse_duration_ms
+from mqpolicy.postfix.postconf import read_parameters
 from mqpolicy.store.urls import check_store_url
 
 PROGRESS_EVERY = 200_000
@@ -43,13 +45,15 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", metavar="OTHER_POLICY",
                         help="also replay this policy and show what changes")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--minimal-backoff-time", type=int, default=MINIMAL_BACKOFF_S,
+    parser.add_argument("--postconf", metavar="CONFIG_DIR",
+                        help="read the three retry times below from this Postfix's "
+                        "configuration (postconf -c CONFIG_DIR); options given win")
+    parser.add_argument("--minimal-backoff-time", type=int, default=None,
                         metavar="S", help="a deferred client's first wait "
                         f"(Postfix's default {MINIMAL_BACKOFF_S}s)")
-    parser.add_argument("--maximal-backoff-time", type=int, default=MAXIMAL_BACKOFF_S,
+    parser.add_argument("--maximal-backoff-time", type=int, default=None,
                         metavar="S", help=f"its longest wait (default {MAXIMAL_BACKOFF_S}s)")
-    parser.add_argument("--maximal-queue-lifetime", type=int,
-                        default=MAXIMAL_QUEUE_LIFETIME_S, metavar="S",
+    parser.add_argument("--maximal-queue-lifetime", type=int, default=None, metavar="S",
                         help="deferred mail older than this expires "
                         f"(default {MAXIMAL_QUEUE_LIFETIME_S}s)")
     parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
@@ -79,6 +83,32 @@ def _reference(path: str) -> datetime:
     return datetime.fromtimestamp(mtime).astimezone()
 
 
+_POSTFIX_TIMES = {  # name: (default unit, Postfix's default in seconds)
+    "minimal_backoff_time": ("s", MINIMAL_BACKOFF_S),
+    "maximal_backoff_time": ("s", MAXIMAL_BACKOFF_S),
+    "maximal_queue_lifetime": ("d", MAXIMAL_QUEUE_LIFETIME_S),
+}
+
+
+def retry_schedule(args: argparse.Namespace) -> RetrySchedule:
+    """The retry times: the options given, else ``--postconf``'s Postfix, else Postfix's
+    defaults. OSError when postconf fails, ValueError for a value it cannot read."""
+    seconds = {name: default for name, (_, default) in _POSTFIX_TIMES.items()}
+    if args.postconf:
+        found = read_parameters(args.postconf, *_POSTFIX_TIMES)
+        for name, (unit, _) in _POSTFIX_TIMES.items():
+            if found.get(name):
+                try:
+                    seconds[name] = parse_duration_ms(found[name], default_unit=unit) // 1000
+                except RateSyntaxError as exc:
+                    raise ValueError(f"{name} = {found[name]}: {exc}") from None
+    for name in _POSTFIX_TIMES:
+        given = getattr(args, name)
+        if given is not None:
+            seconds[name] = given
+    return RetrySchedule(**seconds)
+
+
 def cmd_replay(policy: Policy, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     other: Policy | None = None
     if args.compare:
@@ -87,8 +117,11 @@ def cmd_replay(policy: Policy, args: argparse.Namespace, out: IO[str], err: IO[s
         except ConfigError as exc:
             print(f"mqpolicy replay: invalid policy file {args.compare}:\n{exc}", file=err)
             return EXIT_FAILURE
-    schedule = RetrySchedule(args.minimal_backoff_time, args.maximal_backoff_time,
-                             args.maximal_queue_lifetime)
+    try:
+        schedule = retry_schedule(args)
+    except (OSError, ValueError) as exc:
+        print(f"mqpolicy replay: {exc}", file=err)
+        return EXIT_USAGE
     if min(schedule.minimal_backoff_time, schedule.maximal_backoff_time,
            schedule.maximal_queue_lifetime) <= 0:
         print("mqpolicy replay: the retry times must be positive", file=err)

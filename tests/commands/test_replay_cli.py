@@ -8,6 +8,9 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
+from mqpolicy.postfix.programs import POSTCONF
 from tests.support.lanes import LANES
 from tests.support.mqpolicy_command import mq
 from tests.support.postfix_log_writer import REFERENCE, PostfixLog
@@ -110,3 +113,22 @@ def test_a_missing_file_is_an_error_that_names_it(tmp_path: Path) -> None:
     done = mq("replay", "-c", policy, str(tmp_path / "nope"))
     assert done.returncode != 0
     assert "nope" in done.stderr
+
+
+def test_retry_times_from_postconf_and_options(tmp_path: Path) -> None:
+    if not os.access(POSTCONF.path, os.X_OK):
+        pytest.skip(f"{POSTCONF.path} not installed")
+    config = tmp_path / "postfix"
+    config.mkdir()
+    (config / "main.cf").write_text("minimal_backoff_time = 10m\n"
+                                    "maximal_queue_lifetime = 2\n", "utf-8")  # days
+    (config / "master.cf").write_text("", "utf-8")
+    log = tmp_path / "maillog"
+    log.write_text(the_mix().text(), "utf-8")
+    policy = write_policy(tmp_path, "p.yaml", "3/1h", 3)
+    done = mq("replay", "-c", policy, "--postconf", str(config), "--maximal-backoff-time",
+              "1000", "--json", "--quiet", dated(log))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["retry"] == {
+        "minimal_backoff_time": 600, "maximal_backoff_time": 1000,
+        "maximal_queue_lifetime": 2 * 86400}
