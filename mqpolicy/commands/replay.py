@@ -230,7 +230,8 @@ def _input_line(report: ReplayReport) -> str:
     s = report.input
     text = (f"input: {s.lines:,} lines, {s.other:,} without message facts, "
             f"{s.unparsable:,} unparsable, {s.no_time:,} without a time, "
-            f"{s.retries_merged:,} retries merged")
+            f"{s.retries_merged:,} retries merged; mail without smtpd's client line "
+            f"{s.no_intake:,}, without qmgr's sender line {s.no_sender:,}")
     for sample in s.unparsable_samples:
         text += f"\n  unparsable: {sample}"
     return text

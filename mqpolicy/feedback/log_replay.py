@@ -101,6 +101,8 @@ class Mail:
     refused_code: int = 0  # a NOQUEUE refusal: its SMTP code
     held: bool = False
     order: int = 0  # its first line's number: log order among mail of the same second
+    intake: bool = False  # smtpd's client= line seen (else: local submission, or cut off)
+    queued: bool = False  # qmgr's from= line seen (else the sender and size are unknown)
 
 
 @dataclass
@@ -111,6 +113,8 @@ class InputSummary:
     unparsable_samples: list[str] = field(default_factory=list)
     no_time: int = 0  # lines without a usable timestamp
     retries_merged: int = 0
+    no_intake: int = 0  # queued mail without smtpd's client= line: replayed as from no client
+    no_sender: int = 0  # queued mail without qmgr's from= line: replayed with sender <>
     first: datetime | None = None
     last: datetime | None = None
 
@@ -118,7 +122,8 @@ class InputSummary:
         return {
             "lines": self.lines, "other": self.other, "unparsable": self.unparsable,
             "unparsable_samples": list(self.unparsable_samples), "no_time": self.no_time,
-            "retries_merged": self.retries_merged,
+            "retries_merged": self.retries_merged, "no_intake": self.no_intake,
+            "no_sender": self.no_sender,
             "first": self.first.isoformat() if self.first else None,
             "last": self.last.isoformat() if self.last else None,
         }
@@ -193,8 +198,10 @@ class MailLog:
         if line.kind == "client":
             mail.client_name, mail.client_address = line.client_name, line.client_address
             mail.sasl_username = line.sasl_username
+            mail.intake = True
         elif line.kind == "queued":
             mail.sender, mail.size, mail.nrcpt = line.sender, line.size, line.nrcpt
+            mail.queued = True
         elif line.action.endswith("hold"):
             mail.held = True
         elif line.recipient:
@@ -206,6 +213,8 @@ class MailLog:
     def mails(self, schedule: RetrySchedule) -> list[Mail]:
         """Every mail in arrival order, retries of refused attempts merged into them."""
         mails = [m for m in self._mails.values() if m.recipients]
+        self.summary.no_intake = sum(not m.intake for m in mails)
+        self.summary.no_sender = sum(not m.queued for m in mails)
         mails.extend(self._attempts)
         mails.sort(key=lambda m: (m.arrival_ms, m.order))
         lifetime_ms = schedule.maximal_queue_lifetime * 1000

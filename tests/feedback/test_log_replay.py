@@ -63,6 +63,20 @@ def test_messages_are_rebuilt_from_smtpd_qmgr_and_delivery_lines() -> None:
     assert (mail.sender, mail.size, mail.nrcpt) == ("alice@a.example", 4321, 2)
     assert mail.recipients == {"x@b.example": "sent", "y@c.example": "sent"}
     assert mail_log.summary.unparsable == 0
+    assert (mail_log.summary.no_intake, mail_log.summary.no_sender) == (0, 0)
+
+
+def test_mail_seen_only_by_its_deliveries_is_counted_as_incomplete() -> None:
+    log = PostfixLog()
+    log.message(0, "alice@a.example", ["x@b.example"])
+    mail_log = MailLog(REFERENCE)
+    for line in log.lines:
+        if " postfix/smtp[" in line:  # the log begins after the mail came in
+            mail_log.feed(line)
+    [mail] = mail_log.mails(RetrySchedule())
+    assert (mail.sender, mail.client_address, mail.recipients) == (
+        "", "", {"x@b.example": "sent"})
+    assert (mail_log.summary.no_intake, mail_log.summary.no_sender) == (1, 1)
 
 
 def test_a_sender_over_its_rate_waits_as_postfix_would_retry() -> None:
