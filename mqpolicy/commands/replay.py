@@ -222,6 +222,9 @@ def render_report(report: ReplayReport) -> str:
                   for name, t in sorted(report.destinations.items())]
     lines += ["", "the log says: " + ", ".join(f"{k} {v}" for k, v in
                                                  sorted(report.logged.items()))]
+    if report.logged_lanes:
+        lines.append("delivered by each lane's transport (recipients, last attempt): "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(report.logged_lanes.items())))
     lines.append(_input_line(report))
     return "\n".join(lines)
 

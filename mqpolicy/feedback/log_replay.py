@@ -101,6 +101,8 @@ class Mail:
     refused_code: int = 0  # a NOQUEUE refusal: its SMTP code
     held: bool = False
     order: int = 0  # its first line's number: log order among mail of the same second
+    # recipient -> the transport its delivery line names (postfix/mq-bulk/smtp: mq-bulk)
+    transports: dict[str, str] = field(default_factory=dict)
     intake: bool = False  # smtpd's client= line seen (else: local submission, or cut off)
     queued: bool = False  # qmgr's from= line seen (else the sender and size are unknown)
 
@@ -180,7 +182,10 @@ class MailLog:
         if not event.recipient:
             return  # a message's expiry: no recipient
         mail = self._mail(event.host, event.queue_id, ms)
-        mail.recipients[event.orig_recipient or event.recipient] = event.status
+        rcpt = event.orig_recipient or event.recipient
+        mail.recipients[rcpt] = event.status
+        if event.program in ("smtp", "lmtp"):
+            mail.transports[rcpt] = event.transport
         if not event.suspended and event.status in ("sent", "deferred", "bounced"):
             self.results.append((ms, event.domain,
                                  None if event.status == "sent" else event))
@@ -374,6 +379,8 @@ class ReplayReport:
     limits: dict[str, LimitTally] = field(default_factory=dict)
     keys: Counter[tuple[str, str]] = field(default_factory=Counter)  # found spent, 1st tries
     logged: Counter[str] = field(default_factory=Counter)  # what the log says happened
+    # recipients by the lane whose transport delivered them (lanes sharing one: "a|b")
+    logged_lanes: Counter[str] = field(default_factory=Counter)
     destinations: dict[str, DestinationTally] = field(default_factory=dict)
 
     def lane(self, name: str) -> Tally:
@@ -392,6 +399,7 @@ class ReplayReport:
             "mails": self.mails, "recipients": self.recipients, "decisions": self.decisions,
             "retries_skipped": self.retries_skipped,
             "logged": dict(sorted(self.logged.items())),
+            "logged_lanes": dict(sorted(self.logged_lanes.items())),
             "lanes": {name: t.as_json() for name, t in self.lanes.items()},
             "limits": {name: t.as_json() for name, t in sorted(self.limits.items())},
             "busiest_keys": [{"limit": limit, "key": key, "first_tries": n}
@@ -442,11 +450,17 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
     service = DecisionService(policy, MemoryStore(), clock_ms=clock)
     queue: list[tuple[int, int, _Try]] = []
     seq = 0
+    by_transport: dict[str, list[str]] = {}
+    for lane in policy.lanes:
+        by_transport.setdefault(lane.transport, []).append(lane.name)
+    lanes_of = {t: "|".join(names) for t, names in by_transport.items()}
     for mail in mails:
         report.mails += 1
         report.recipients += len(mail.recipients)
         for status in mail.recipients.values():
             report.logged[status.split(" ")[0]] += 1
+        for transport in mail.transports.values():
+            report.logged_lanes[lanes_of.get(transport, f"transport {transport}")] += 1
         if mail.held:
             report.logged["held messages"] += 1
         queue.append((mail.arrival_ms, seq, _Try(mail, list(mail.recipients),

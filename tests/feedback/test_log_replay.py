@@ -236,3 +236,15 @@ feedback:
     assert (google.slow_downs, google.backoffs, google.lowest_factor, google.pauses) == (
         1, 1, 0.5, 1)
     assert google.reason == "rule:4\\.7\\.28"
+
+
+def test_the_lane_each_recipient_was_delivered_in_is_read_from_its_transport() -> None:
+    log = PostfixLog()
+    log.message(0, "app@a.example", ["x@b.example"], transport="mq-transactional")
+    log.message(1, "news@a.example", ["y@b.example", "z@b.example"], transport="mq-bulk")
+    log.message(2, "bob@a.example", ["w@b.example"])
+    log.message(3, "bob@a.example", ["v@b.example"], transport="other-relay")
+    report = run(policy(), log)
+    # bulk and scheduled share mq-bulk: the log cannot tell them apart
+    assert report.logged_lanes == {"transactional": 1, "bulk|scheduled": 2, "normal": 1,
+                                   "transport other-relay": 1}

@@ -74,6 +74,7 @@ limits:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["logged"] == {"refused": 2, "sent": 5}
+    assert report["logged_lanes"] == {"normal": 5}  # Postfix's smtp: the normal lane
     assert report["input"]["unparsable"] == 0
     hits = report["limits"][limit]
     assert hits["first_tries"] == len(live_deferred)  # the live run's refusals
