@@ -22,6 +22,10 @@ cost one look each instead of a decision.
 What a log does not carry is not replayed: headers (rules and limits that read them
 skip as at the policy server), the size a client announced (the queued size is used),
 DNS (destinations match by domain), the live backoff factors and pauses.
+
+Beside the decisions: the lane that delivered each recipient, read from its transport in
+the log (:attr:`ReplayReport.logged_lanes`), and what feedback would have done to the
+configured destinations from the log's delivery results (:func:`feedback_replay`).
 """
 
 from __future__ import annotations
@@ -409,6 +413,9 @@ class ReplayReport:
         }
 
 
+_UNBOUNDED = 1 << 40
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now_ms = 0
@@ -447,7 +454,10 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
     for lane in policy.lanes:
         report.lane(lane.name)
     clock = _Clock()
-    service = DecisionService(policy, MemoryStore(), clock_ms=clock)
+    # private, and bounded only by memory: an eviction would change what the log's mail
+    # found (a live server's bound is its own operators' choice)
+    store = MemoryStore(max_entries=_UNBOUNDED)
+    service = DecisionService(policy, store, clock_ms=clock)
     queue: list[tuple[int, int, _Try]] = []
     seq = 0
     by_transport: dict[str, list[str]] = {}
@@ -472,8 +482,6 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
     end_headers: tuple[tuple[str, str], ...] | None = () if policy.end_checks_only else None
     limits: dict[str, Limit] = {lim.name: lim for lim in policy.limits}
     limits.update({lim.name: lim for lim in policy.destination_limits.values()})
-    store = service.store
-    assert isinstance(store, MemoryStore)
     while queue:
         now_ms, _, attempt = heapq.heappop(queue)
         clock.now_ms = now_ms
