@@ -28,6 +28,7 @@ from mqpolicy.commands.postfix_config import add_arguments as add_postfix_config
 from mqpolicy.commands.postfix_config import cmd_postfix_config
 from mqpolicy.commands.queue import cmd_queue
 from mqpolicy.commands.release_agent import cmd_release_agent
+from mqpolicy.commands.replay import add_replay_arguments, cmd_replay
 from mqpolicy.commands.scheduler import cmd_scheduler
 from mqpolicy.commands.serve import run_serve
 from mqpolicy.commands.top import add_top_arguments, run_top
@@ -127,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(resume)
     add_pause_arguments(pause, resume)
 
+    replay = sub.add_parser("replay", help="run the policy over a Postfix log: what it "
+                            "would have accepted, deferred, held, rejected (--compare another)")
+    _config_arg(replay)
+    add_replay_arguments(replay)
+
     demo = sub.add_parser("demo", help="run a private Postfix with mqpolicy and send a mix")
     add_demo_arguments(demo)
 
@@ -172,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_explain(policy, args)
     if command == "postfix-config":
         return cmd_postfix_config(policy, args)
+    if command == "replay":
+        return cmd_replay(policy, args, sys.stdout, sys.stderr)
     if command == "demo":
         return run_demo(policy, Path(args.config), args)
     if command == "scheduler":

@@ -43,6 +43,7 @@ daemon messages) give None.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -370,15 +371,19 @@ def _address_end(line: str, start: int) -> int:
 def _syslog_time(header: re.Match[str], reference: datetime | None) -> datetime | None:
     if reference is None:
         return None
-    month = _MONTHS[header["mon"].lower()]
-    frac = header["frac"] or "0"
+    return _syslog_datetime(header["mon"], header["day"], header["clock"], header["min"],
+                            header["sec"], header["frac"] or "0", reference)
+
+
+@functools.lru_cache(maxsize=1024)  # a log's lines come many to the second
+def _syslog_datetime(mon: str, day: str, hour: str, minute: str, sec: str, frac: str,
+                     reference: datetime) -> datetime | None:
+    month = _MONTHS[mon.lower()]
     micro = int(frac[:6].ljust(6, "0"))
     for year in (reference.year + 1, reference.year, reference.year - 1, reference.year - 4):
         try:
-            candidate = datetime(
-                year, month, int(header["day"]), int(header["clock"]), int(header["min"]),
-                int(header["sec"]), micro, tzinfo=reference.tzinfo,
-            )
+            candidate = datetime(year, month, int(day), int(hour), int(minute), int(sec),
+                                 micro, tzinfo=reference.tzinfo)
         except ValueError:  # Feb 29 in a year without one
             continue
         if candidate <= reference + timedelta(days=7):
@@ -409,6 +414,125 @@ def collapse_reply(reply: str, code: int | None) -> str:
         return reply
     pattern = re.compile(rf"(?:^|(?<=\s)){code}[ -](?:[245]\.\d{{1,3}}\.\d{{1,3}}\s+)?")
     return " ".join(pattern.sub(" ", reply).split())
+
+
+# ---------------------------------------------------------------- message facts
+
+MESSAGE_LINE_KINDS = frozenset({"client", "queued", "refused"})
+_CLIENT = re.compile(
+    r"client=(?P<name>[^\[\s,]*)\[(?P<addr>[^\]\s]*)\](?::\d{1,5})?(?P<rest>(?:, .*)?)$")
+_SASL_USER = re.compile(r", sasl_username=(?P<user>[^,]*)")
+_QUEUED = re.compile(
+    r"from=<(?P<sender>.*)>, size=(?P<size>\d{1,15}), nrcpt=(?P<nrcpt>\d{1,9}) \(queue active\)$")
+_REFUSED = re.compile(
+    r"(?P<act>reject|hold|milter-reject|milter-hold|discard|milter-discard): "
+    r"(?P<stage>[A-Z][A-Z-]{2,20}) from (?P<name>[^\[\s]*)\[(?P<addr>[^\]\s]*)\](?::\d{1,5})?: "
+    r"(?P<text>.*?); from=<(?P<sender>.*?)> to=<(?P<rcpt>.*?)>(?: proto=\S+)?(?: helo=<.*>)?$")
+
+
+_REFUSALS = frozenset({"reject", "hold", "discard", "milter-reject", "milter-hold",
+                       "milter-discard"})
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLine:
+    """A line with facts of a message as it came in (Postfix), for rebuilding it.
+
+    ``kind`` is ``client`` (smtpd's ``QID: client=NAME[ADDR][, sasl_method=M,
+    sasl_username=U]``), ``queued`` (qmgr's ``QID: from=<S>, size=N, nrcpt=N (queue
+    active)``) or ``refused`` (smtpd's or cleanup's ``QID|NOQUEUE: reject|hold|discard|
+    milter-reject|milter-hold: STAGE from NAME[ADDR]: TEXT; from=<S> to=<R> ...``:
+    ``action`` is the word before the colon, ``code`` the SMTP code TEXT starts with, 0
+    when it has none).
+    """
+
+    kind: str
+    timestamp: datetime | None
+    host: str
+    queue_id: str
+    client_name: str = ""
+    client_address: str = ""
+    sasl_username: str = ""
+    sender: str = ""
+    size: int = 0
+    nrcpt: int = 0
+    recipient: str = ""
+    stage: str = ""
+    action: str = ""
+    code: int = 0
+    text: str = ""
+
+
+UNPARSABLE = "unparsable"
+"""What :func:`read_log_line` says of a line with no log header it knows, or a delivery or
+message line it cannot read whole."""
+OTHER = "other"
+"""What :func:`read_log_line` says of a well-formed log line that carries no message facts
+(connect, disconnect, message-id, removed, warnings, other programs)."""
+
+
+def read_log_line(line: str, *, reference: datetime | None = None
+                  ) -> DeliveryEvent | MessageLine | str:
+    """A delivery result, a message's facts, else why the line gives neither
+    (:data:`UNPARSABLE` or :data:`OTHER`). Never raises."""
+    if not isinstance(line, str):
+        return UNPARSABLE
+    line = line.rstrip("\r\n")
+    if len(line) > _MAX_LINE:
+        return UNPARSABLE
+    try:
+        if "status=" in line:
+            event = _parse(line, reference)
+            if event is not None:
+                return event
+        return _parse_message_line(line, reference)
+    except (ValueError, OverflowError, IndexError):
+        return UNPARSABLE
+
+
+def _parse_message_line(line: str, reference: datetime | None) -> MessageLine | str:
+    header = _SYSLOG_HEADER.match(line)
+    if header is not None:
+        timestamp = _syslog_time(header, reference)
+    else:
+        header = _ISO_HEADER.match(line)
+        if header is None:
+            if _SM_SYSLOG_HEADER.match(line) or _SM_ISO_HEADER.match(line):
+                return OTHER  # Sendmail: its deliveries are read, its intake is not
+            return UNPARSABLE
+        timestamp = datetime.fromisoformat(header["ts"])
+        if timestamp.tzinfo is None and reference is not None:
+            timestamp = timestamp.replace(tzinfo=reference.tzinfo)
+    qid = _QUEUE_ID.match(line, header.end())
+    if qid is None:
+        return OTHER
+    body = line[qid.end():]
+    queue_id = qid["qid"]
+    host = header["host"]
+    if body.startswith("client="):
+        m = _CLIENT.match(body)
+        if m is None:
+            return UNPARSABLE
+        user = _SASL_USER.search(m["rest"])
+        return MessageLine("client", timestamp, host, queue_id, client_name=m["name"],
+                           client_address=m["addr"], sasl_username=user["user"] if user else "")
+    if body.startswith("from=<") and body.endswith("(queue active)"):
+        m = _QUEUED.match(body)
+        if m is None:
+            return UNPARSABLE
+        return MessageLine("queued", timestamp, host, queue_id, sender=m["sender"],
+                           size=int(m["size"]), nrcpt=int(m["nrcpt"]))
+    if "from=<" in body and " to=<" in body and ": " in body[:16]:
+        m = _REFUSED.match(body)
+        if m is None:
+            refusal = body.split(":", 1)[0] in _REFUSALS
+            return UNPARSABLE if refusal else OTHER
+        code = _REPLY_CODE.match(m["text"])
+        return MessageLine("refused", timestamp, host, queue_id, client_name=m["name"],
+                           client_address=m["addr"], sender=m["sender"], recipient=m["rcpt"],
+                           stage=m["stage"], action=m["act"],
+                           code=int(code["code"]) if code else 0, text=m["text"])
+    return OTHER
 
 
 # ---------------------------------------------------------------- slow down
