@@ -78,7 +78,9 @@ def run(command: str, policy: Path, notify: NotifySocket, *, listens_on: Endpoin
             before = time.monotonic_ns() // 1000
             process.signal(signal.SIGHUP)
             reloading = notify.next()
-            assert reloading.get("RELOADING") == "1", reloading
+            if reloading.get("RELOADING") != "1":  # say why, with the whole log
+                process.stop()
+                pytest.fail(f"SIGHUP gave {reloading}, not RELOADING: {process.log_text()}")
             assert before <= int(reloading["MONOTONIC_USEC"]) <= time.monotonic_ns() // 1000
             assert notify.next() == {"READY": "1"}
             process.wait_logged("policy reloaded")
