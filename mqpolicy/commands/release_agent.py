@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mqpolicy import __version__
 from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from mqpolicy.commands.reload import reload_on_hangup, reload_policy
+from mqpolicy.commands.reload import RELOAD_SIGNALS, reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
 from mqpolicy.policy.endpoints import Endpoint, parse_endpoint
@@ -80,7 +80,7 @@ async def _run(policy: Policy, path: Path, endpoint: Endpoint, log_level: str | 
     sd_notify(f"READY=1\nSTATUS=releasing for {agent.queue.instance} on {endpoint}")
     await stop.wait()
     sd_notify("STOPPING=1")
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, *RELOAD_SIGNALS):
         loop.remove_signal_handler(sig)
     await server.close()
     log.info("release agent stopped")

@@ -17,11 +17,21 @@ from mqpolicy.store.urls import check_store_url
 
 log = logging.getLogger("mqpolicy.main")
 
+RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+"""Either reads the policy file again (SIGUSR1 where the milter runs: see
+:func:`reload_on_hangup`)."""
+
 
 def reload_on_hangup(loop: asyncio.AbstractEventLoop,
                      reload: Callable[[], Awaitable[object]]) -> None:
-    """Run ``reload`` on every SIGHUP, one at a time in the order the signals came: a reload
-    that read the file before an edit never lands after one that read it after."""
+    """Run ``reload`` on every SIGHUP or SIGUSR1, one at a time in the order the signals
+    came: a reload that read the file before an edit never lands after one that read it
+    after.
+
+    SIGUSR1 is the reload signal of the units that run the milter: libmilter's own signal
+    thread waits for SIGHUP (with SIGTERM and SIGINT) and stops the milter when it gets
+    one, and on a loaded machine the kernel sometimes hands it a SIGHUP meant for us (seen
+    once in about twelve starts with a busy loop on each core). It never waits for SIGUSR1."""
     lock = asyncio.Lock()  # first come, first served
     running: set[asyncio.Task[None]] = set()  # kept referenced until done
 
@@ -34,7 +44,8 @@ def reload_on_hangup(loop: asyncio.AbstractEventLoop,
         running.add(task)
         task.add_done_callback(running.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    for sig in RELOAD_SIGNALS:
+        loop.add_signal_handler(sig, on_hup)
 
 
 async def reload_policy(path: Path, log_level: str | None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mqpolicy import __version__
 from mqpolicy.commands.exit_codes import EXIT_OK, EXIT_USAGE
-from mqpolicy.commands.reload import reload_on_hangup, reload_policy
+from mqpolicy.commands.reload import RELOAD_SIGNALS, reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
 from mqpolicy.decision.runtime_state import RuntimeRefresher, make_resolver
@@ -75,7 +75,7 @@ async def _run_scheduler(policy: Policy, path: Path, log_level: str | None) -> i
         await asyncio.gather(refresher.run(stop), scheduler.run(stop))
     finally:
         sd_notify("STOPPING=1")
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, *RELOAD_SIGNALS):
             loop.remove_signal_handler(sig)
         await backoff_store.close()
         if service.resolver is not None:

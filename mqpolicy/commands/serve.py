@@ -19,7 +19,7 @@ from mqpolicy import __version__
 from mqpolicy.admin.operations import AdminOperations
 from mqpolicy.admin.server import AdminServer
 from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from mqpolicy.commands.reload import reload_on_hangup, reload_policy
+from mqpolicy.commands.reload import RELOAD_SIGNALS, reload_on_hangup, reload_policy
 from mqpolicy.daemon.sd_notify import sd_notify
 from mqpolicy.daemon.structured_log import configure_logging
 from mqpolicy.decision.runtime_state import (
@@ -165,7 +165,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
             runner.start()
     except OSError as exc:
         log.error("cannot listen", extra={"fields": {"error": str(exc)}})
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, *RELOAD_SIGNALS):
             loop.remove_signal_handler(sig)
         server.close()
         await server.wait_closed()
@@ -184,7 +184,7 @@ async def _serve(policy: Policy, path: Path, log_level: str | None,
     await stop.wait()
     sd_notify("STOPPING=1")
     log.info("stopping: draining connections")
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, *RELOAD_SIGNALS):
         loop.remove_signal_handler(sig)
     await asyncio.gather(server.drain(), *([runner.stop()] if runner else []))
     await asyncio.gather(*background, return_exceptions=True)

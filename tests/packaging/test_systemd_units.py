@@ -129,3 +129,20 @@ def test_drop_in_verifies_cleanly(drop_in: Path, tmp_path: Path) -> None:
     typo = verify_with_drop_in(tmp_path / "typo", drop_in,
                                lambda text: text.replace("ReadWritePaths=", "ReadWritePath=", 1))
     assert "ReadWritePath" in typo.stdout + typo.stderr  # the drop-in was read
+
+
+def test_units_that_run_the_milter_reload_with_sigusr1() -> None:
+    """``serve`` (which runs the milter when the policy has a ``milter:`` section) and
+    ``milter`` reload with SIGUSR1: libmilter's own signal thread may take a SIGHUP and
+    stop the milter. The other units keep SIGHUP."""
+    checked = 0
+    for unit in units():
+        text = unit.read_text()
+        start = re.search(r"^ExecStart=\S+ (\S+)", text, re.MULTILINE)
+        reload = re.search(r"^ExecReload=(.*)$", text, re.MULTILINE)
+        if start is None or reload is None:
+            continue
+        expected = "-USR1" if start.group(1) in ("serve", "milter") else "-HUP"
+        assert reload.group(1).split()[1] == expected, (unit.name, reload.group(1))
+        checked += start.group(1) in ("serve", "milter")
+    assert checked == 3  # mqpolicy.service, mqpolicy@.service, mqpolicy-milter.service
