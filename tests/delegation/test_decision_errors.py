@@ -7,7 +7,6 @@ decision service and the engine are the real ones; only the bug is planted."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import pytest
 
@@ -18,11 +17,15 @@ from mqpolicy.policy.conditions import Predicate
 from mqpolicy.policy.loader import parse_policy
 from mqpolicy.policy.model import Policy
 from mqpolicy.policy.request import Request
-from mqpolicy.store.budget import BudgetCheck, CounterStore, Evaluation
+from mqpolicy.store.budget import CounterStore
 from mqpolicy.store.memory import MemoryStore
-from mqpolicy.store.redis import RedisStore
 from tests.support.bounded_run import run
 from tests.support.lanes import RESETS_LANES
+from tests.support.planted_bugs import (
+    MemoryStoreWithABug,
+    PolicyBug,
+    RedisStoreWithABug,
+)
 from tests.support.policy_client import Client, serving
 from tests.support.redis_fixture import RedisServer
 
@@ -32,34 +35,6 @@ POLICY = "store: {timeout_ms: 10000}\n" + RESETS_LANES + """\
 limits:
   - {name: per-sender, rate: 2/1h, key: sender, count: messages}
 """
-
-
-class PolicyBug(Exception):
-    """No store error: a bug, which on_store_error does not cover."""
-
-
-def planted(checks: Sequence[BudgetCheck]) -> None:
-    if any("bug@" in check.key for check in checks):
-        raise PolicyBug("a bug in the store's evaluation")
-
-
-class MemoryStoreWithABug(MemoryStore):
-    """The memory store, answering on the loop's thread (evaluate_now), with a bug."""
-
-    def evaluate_now(self, checks: Sequence[BudgetCheck], now_ms: int,
-                     once_key: str | None = None, once_ttl_ms: int = 86_400_000) -> Evaluation:
-        planted(checks)
-        return super().evaluate_now(checks, now_ms, once_key, once_ttl_ms)
-
-
-class RedisStoreWithABug(RedisStore):
-    """The Redis store (a coroutine, awaited by the server), with a bug."""
-
-    async def evaluate(self, checks: Sequence[BudgetCheck], now_ms: int,
-                       once_key: str | None = None, once_ttl_ms: int = 86_400_000,
-                       ) -> Evaluation:
-        planted(checks)
-        return await super().evaluate(checks, now_ms, once_key, once_ttl_ms)
 
 
 def eom(sender: str, n: int) -> dict[str, str]:
