@@ -184,17 +184,27 @@ def parse_delivery_lines(
             yield event
 
 
-def _parse(line: str, reference: datetime | None) -> DeliveryEvent | None:
+def _postfix_header(line: str, reference: datetime | None
+                    ) -> tuple[re.Match[str], datetime | None] | None:
+    """A Postfix line's header (syslog, or ``maillog_file``'s ISO time) and its time; None
+    for a line with neither."""
     header = _SYSLOG_HEADER.match(line)
     if header is not None:
-        timestamp = _syslog_time(header, reference)
-    else:
-        header = _ISO_HEADER.match(line)
-        if header is None:
-            return _parse_sendmail(line, reference)
-        timestamp = datetime.fromisoformat(header["ts"])
-        if timestamp.tzinfo is None and reference is not None:
-            timestamp = timestamp.replace(tzinfo=reference.tzinfo)
+        return header, _syslog_time(header, reference)
+    header = _ISO_HEADER.match(line)
+    if header is None:
+        return None
+    timestamp = datetime.fromisoformat(header["ts"])
+    if timestamp.tzinfo is None and reference is not None:
+        timestamp = timestamp.replace(tzinfo=reference.tzinfo)
+    return header, timestamp
+
+
+def _parse(line: str, reference: datetime | None) -> DeliveryEvent | None:
+    found = _postfix_header(line, reference)
+    if found is None:
+        return _parse_sendmail(line, reference)
+    header, timestamp = found
     qid = _QUEUE_ID.match(line, header.end())
     if qid is None:
         return None
@@ -491,18 +501,12 @@ def read_log_line(line: str, *, reference: datetime | None = None
 
 
 def _parse_message_line(line: str, reference: datetime | None) -> MessageLine | str:
-    header = _SYSLOG_HEADER.match(line)
-    if header is not None:
-        timestamp = _syslog_time(header, reference)
-    else:
-        header = _ISO_HEADER.match(line)
-        if header is None:
-            if _SM_SYSLOG_HEADER.match(line) or _SM_ISO_HEADER.match(line):
-                return OTHER  # Sendmail: its deliveries are read, its intake is not
-            return UNPARSABLE
-        timestamp = datetime.fromisoformat(header["ts"])
-        if timestamp.tzinfo is None and reference is not None:
-            timestamp = timestamp.replace(tzinfo=reference.tzinfo)
+    found = _postfix_header(line, reference)
+    if found is None:
+        if _SM_SYSLOG_HEADER.match(line) or _SM_ISO_HEADER.match(line):
+            return OTHER  # Sendmail: its deliveries are read, its intake is not
+        return UNPARSABLE
+    header, timestamp = found
     qid = _QUEUE_ID.match(line, header.end())
     if qid is None:
         return OTHER
