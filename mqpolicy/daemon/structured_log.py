@@ -8,6 +8,7 @@ line a request causes can be found again.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import re
@@ -62,10 +63,22 @@ def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> 
     return formatter.formatException(record.exc_info) if record.exc_info else ""
 
 
+def utc_timestamp(created: float) -> str:
+    """``2026-12-07T13:15:19.123Z``: a record's time as a ``ts`` field writes it."""
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return f"{_utc_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)  # many lines to the second
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        parts = [f"level={record.levelname.lower()} logger={record.name} "
-                 f"msg={_kv_value(record.getMessage())}"]
+        parts = [f"ts={utc_timestamp(record.created)} level={record.levelname.lower()} "
+                 f"logger={record.name} msg={_kv_value(record.getMessage())}"]
         parts.extend(f"{k}={_kv_value(v)}" for k, v in _record_fields(record).items())
         exc = _exception_text(self, record)
         if exc:
@@ -131,7 +144,8 @@ class _BatchingHandler(logging.Handler):
             try:
                 lines.append(self._formatter.format(record))
             except Exception:
-                lines.append(f"level=error logger=mqpolicy.log msg=unformattable {record.msg!r}")
+                lines.append(f"ts={utc_timestamp(record.created)} level=error "
+                             f"logger=mqpolicy.log msg=unformattable {record.msg!r}")
         try:
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()

@@ -15,6 +15,7 @@ answer the two that need I/O (the recipient's destination, the store's evaluatio
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -296,19 +297,25 @@ class DecisionService:
             stats.decision_latency.observe(decision_ns)
             if store_ns is not None:
                 stats.store_latency.observe(store_ns)
+        facts = self.policy.logged_headers  # log.decisions: all
         quiet = (
-            verdict.action is _ACCEPT
+            facts is None
+            and verdict.action is _ACCEPT
             and not spoke
             and not verdict.store_error
             and request.stage != STAGE_END_OF_MESSAGE
         )
         level = logging.DEBUG if quiet else logging.INFO
         if logged and log.isEnabledFor(level):
-            log.log(level, "decision", extra={"fields": decision_fields(request, verdict)})
+            log.log(level, "decision",
+                    extra={"fields": decision_fields(request, verdict, facts)})
 
 
-def decision_fields(request: Request, verdict: Verdict) -> dict[str, object]:
-    """The fields of a decision's log line."""
+def decision_fields(request: Request, verdict: Verdict,
+                    facts: frozenset[str] | None = None) -> dict[str, object]:
+    """The fields of a decision's log line. ``facts`` (``log.decisions: all``, the
+    policy's :attr:`~mqpolicy.policy.model.Policy.logged_headers`): also every other fact a
+    policy can read, and those headers, so that ``mqpolicy replay`` can decide it again."""
     fields: dict[str, object] = {
         "stage": request.stage,
         "action": verdict.action.value,
@@ -348,7 +355,33 @@ def decision_fields(request: Request, verdict: Verdict) -> dict[str, object]:
     ]
     if hits:
         fields["limits"] = ",".join(hits)
+    if facts is not None:
+        _add_facts(fields, request, facts)
     return fields
+
+
+HEADER_VALUE_KEPT: Final = 256
+"""The characters of a header's value a decision's line keeps (``log.decisions: all``)."""
+
+
+def _add_facts(fields: dict[str, object], request: Request, headers: frozenset[str]) -> None:
+    """The facts ``decision_fields`` leaves out, when the policy logs every decision;
+    ``headers`` (the kept ones, as ``[[name, value], ...]`` in JSON) only when the
+    front-end knew them (the milter), empty when none of ``headers`` was there."""
+    if request.size:
+        fields["size"] = request.size
+    if request.client_name:
+        fields["client_name"] = request.client_name
+    if request.reverse_client_name and request.reverse_client_name != request.client_name:
+        fields["reverse_client_name"] = request.reverse_client_name
+    if request.helo_name:
+        fields["helo"] = request.helo_name
+    if request.protocol_name:
+        fields["proto"] = request.protocol_name
+    if request.headers is not None:
+        fields["headers"] = json.dumps(
+            [[name, value[:HEADER_VALUE_KEPT]] for name, value in request.headers
+             if name.lower() in headers], ensure_ascii=False)
 
 
 def _dry(plan: Plan) -> Plan:

@@ -381,13 +381,13 @@ def _address_end(line: str, start: int) -> int:
 def _syslog_time(header: re.Match[str], reference: datetime | None) -> datetime | None:
     if reference is None:
         return None
-    return _syslog_datetime(header["mon"], header["day"], header["clock"], header["min"],
-                            header["sec"], header["frac"] or "0", reference)
+    return syslog_datetime(header["mon"], header["day"], header["clock"], header["min"],
+                           header["sec"], header["frac"] or "0", reference)
 
 
 @functools.lru_cache(maxsize=1024)  # a log's lines come many to the second
-def _syslog_datetime(mon: str, day: str, hour: str, minute: str, sec: str, frac: str,
-                     reference: datetime) -> datetime | None:
+def syslog_datetime(mon: str, day: str, hour: str, minute: str, sec: str, frac: str,
+                    reference: datetime) -> datetime | None:
     month = _MONTHS[mon.lower()]
     micro = int(frac[:6].ljust(6, "0"))
     for year in (reference.year + 1, reference.year, reference.year - 1, reference.year - 4):

@@ -34,13 +34,20 @@ import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 from mqpolicy.decision.engine import Action, Verdict, store_key
 from mqpolicy.decision.engine import ledger_key as make_ledger_key
 from mqpolicy.decision.mx_resolver import DestinationFinder
 from mqpolicy.decision.service import DecisionService
+from mqpolicy.feedback.decision_log import (
+    REFUSED_CODES,
+    DecisionMessages,
+    NotADecision,
+    is_decision_line,
+    read_decision_line,
+)
 from mqpolicy.feedback.delivery_log import (
     OTHER,
     UNPARSABLE,
@@ -109,6 +116,12 @@ class Mail:
     transports: dict[str, str] = field(default_factory=dict)
     intake: bool = False  # smtpd's client= line seen (else: local submission, or cut off)
     queued: bool = False  # qmgr's from= line seen (else the sender and size are unknown)
+    # from mqpolicy's decision log: what Postfix's log does not carry
+    helo_name: str = ""
+    protocol_name: str = ""
+    reverse_client_name: str = ""
+    headers: tuple[tuple[str, str], ...] | None = None  # None: not known (the milter's)
+    logged_lane: str = ""  # the lane the live policy chose
 
 
 @dataclass
@@ -121,6 +134,10 @@ class InputSummary:
     retries_merged: int = 0
     no_intake: int = 0  # queued mail without smtpd's client= line: replayed as from no client
     no_sender: int = 0  # queued mail without qmgr's from= line: replayed with sender <>
+    decision_lines: int = 0  # mqpolicy's decision lines (then the mail replayed is theirs)
+    unreadable_decisions: int = 0  # lines that say they are decisions, but cannot be read
+    no_rcpt_decisions: int = 0  # messages with an end-of-message decision and no RCPT one
+    mail_log_messages_ignored: int = 0  # Postfix's messages, when decision lines give them
     first: datetime | None = None
     last: datetime | None = None
 
@@ -129,7 +146,10 @@ class InputSummary:
             "lines": self.lines, "other": self.other, "unparsable": self.unparsable,
             "unparsable_samples": list(self.unparsable_samples), "no_time": self.no_time,
             "retries_merged": self.retries_merged, "no_intake": self.no_intake,
-            "no_sender": self.no_sender,
+            "no_sender": self.no_sender, "decision_lines": self.decision_lines,
+            "unreadable_decisions": self.unreadable_decisions,
+            "no_rcpt_decisions": self.no_rcpt_decisions,
+            "mail_log_messages_ignored": self.mail_log_messages_ignored,
             "first": self.first.isoformat() if self.first else None,
             "last": self.last.isoformat() if self.last else None,
         }
@@ -146,13 +166,16 @@ class MailLog:
         self._attempts: list[Mail] = []  # NOQUEUE refusals: one attempt each
         #: delivery results for feedback: (ms, domain, event; None for a success)
         self.results: list[tuple[int, str, DeliveryEvent | None]] = []
+        self._decisions = DecisionMessages()  # mqpolicy's own decision lines
 
     def feed(self, line: str, reference: datetime | None = None) -> None:
         summary = self.summary
         summary.lines += 1
         read = read_log_line(line, reference=reference or self.reference)
         if read is UNPARSABLE or read is OTHER or isinstance(read, str):
-            if read == UNPARSABLE:
+            if is_decision_line(line):
+                self._decision(line, reference or self.reference)
+            elif read == UNPARSABLE:
                 summary.unparsable += 1
                 if len(summary.unparsable_samples) < SAMPLES_KEPT:
                     summary.unparsable_samples.append(_printable(str(line)[:200]))
@@ -172,6 +195,23 @@ class MailLog:
             self._delivery(read, ms)
         else:
             self._message_line(read, ms)
+
+    def _decision(self, line: str, reference: datetime | None) -> None:
+        summary = self.summary
+        try:
+            decision = read_decision_line(line, reference)
+        except NotADecision:
+            summary.unreadable_decisions += 1
+            if len(summary.unparsable_samples) < SAMPLES_KEPT:
+                summary.unparsable_samples.append(_printable(str(line)[:200]))
+            return
+        summary.decision_lines += 1
+        ts = datetime.fromtimestamp(decision.ms / 1000, UTC)
+        if summary.first is None or ts < summary.first:
+            summary.first = ts
+        if summary.last is None or ts > summary.last:
+            summary.last = ts
+        self._decisions.add(decision, summary.lines)
 
     def _mail(self, host: str, queue_id: str, ms: int) -> Mail:
         key = (host, queue_id)
@@ -220,11 +260,18 @@ class MailLog:
             mail.recipients[line.recipient] = f"refused {line.code}"
 
     def mails(self, schedule: RetrySchedule) -> list[Mail]:
-        """Every mail in arrival order, retries of refused attempts merged into them."""
-        mails = [m for m in self._mails.values() if m.recipients]
-        self.summary.no_intake = sum(not m.intake for m in mails)
-        self.summary.no_sender = sum(not m.queued for m in mails)
-        mails.extend(self._attempts)
+        """Every mail in arrival order, retries of refused attempts merged into them.
+        When the input held mqpolicy's decision lines, the mail is theirs (Postfix's log
+        beside them gives only delivery results)."""
+        if self._decisions.lines:
+            mails = self._logged_mails()
+            self.summary.mail_log_messages_ignored = (
+                sum(bool(m.recipients) for m in self._mails.values()) + len(self._attempts))
+        else:
+            mails = [m for m in self._mails.values() if m.recipients]
+            self.summary.no_intake = sum(not m.intake for m in mails)
+            self.summary.no_sender = sum(not m.queued for m in mails)
+            mails.extend(self._attempts)
         mails.sort(key=lambda m: (m.arrival_ms, m.order))
         lifetime_ms = schedule.maximal_queue_lifetime * 1000
         waiting: dict[tuple[str, str], int] = {}  # a temporarily refused (sender, rcpt)
@@ -244,6 +291,33 @@ class MailLog:
             if mail.recipients:
                 kept.append(mail)
         return kept
+
+
+    def _logged_mails(self) -> list[Mail]:
+        """The mail of the decision lines: one per transaction with recipients."""
+        mails: list[Mail] = []
+        for message in self._decisions.messages():
+            if not message.rcpts:
+                self.summary.no_rcpt_decisions += 1
+                continue
+            first = message.rcpts[0]
+            end = message.end
+            recipients = message.recipients
+            refused = [d.action for d in message.rcpts if d.action in REFUSED_CODES]
+            code = (REFUSED_CODES["defer" if "defer" in refused else "reject"]
+                    if len(refused) == len(message.rcpts) else 0)
+            mails.append(Mail(
+                message.first_ms, message.queue_id, first.client_name, first.client_address,
+                first.sasl_username, first.sender,
+                size=end.size if end and end.size else first.size,
+                nrcpt=end.recipient_count if end else 0, recipients=recipients,
+                refused_code=code, held=end is not None and end.action == "hold",
+                order=message.order, intake=True, queued=end is not None,
+                helo_name=first.helo_name, protocol_name=first.protocol_name,
+                reverse_client_name=first.reverse_client_name,
+                headers=end.headers if end else None,
+                logged_lane=end.lane if end else ""))
+        return mails
 
 
 def _printable(line: str) -> str:
@@ -471,6 +545,9 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
             report.logged[status.split(" ")[0]] += 1
         for transport in mail.transports.values():
             report.logged_lanes[lanes_of.get(transport, f"transport {transport}")] += 1
+        if mail.logged_lane:  # the live policy's lane, from its decision log
+            report.logged_lanes[mail.logged_lane] += sum(
+                status in ("accepted", "held") for status in mail.recipients.values())
         if mail.held:
             report.logged["held messages"] += 1
         queue.append((mail.arrival_ms, seq, _Try(mail, list(mail.recipients),
@@ -603,9 +680,11 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
     attempt.tries += 1
     instance = f"replay{seq:x}"
     base = Request(stage=STAGE_RCPT, client_address=mail.client_address,
-                   client_name=mail.client_name, reverse_client_name=mail.client_name,
-                   sasl_username=mail.sasl_username, sender=mail.sender, size=mail.size,
-                   instance=instance)
+                   client_name=mail.client_name,
+                   reverse_client_name=mail.reverse_client_name or mail.client_name,
+                   helo_name=mail.helo_name, sasl_username=mail.sasl_username,
+                   sender=mail.sender, size=mail.size, instance=instance,
+                   protocol_name=mail.protocol_name)
     accepted: list[str] = []
     later: list[str] = []
     held_at_rcpt = False
@@ -634,7 +713,8 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
     queue_id = f"{mail.queue_id or 'NOQUEUE'}.{attempt.tries}"
     verdict = _decide(service, base._replace(
         stage=STAGE_END_OF_MESSAGE, queue_id=queue_id, recipients=tuple(accepted),
-        recipient_count=len(accepted) + unknown, headers=end_headers))
+        recipient_count=len(accepted) + unknown,
+        headers=end_headers if mail.headers is None else mail.headers))
     _hits(report, verdict, STAGE_END_OF_MESSAGE, len(accepted), first)
     lane = verdict.lane.name
     attempt.mail_lane = lane

@@ -450,8 +450,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
         except Exception as exc:
             self.gateway.failed(STAGE_END_OF_MESSAGE, f"give-back: {exc}", exc)
 
-    @staticmethod
-    def _log_decision(msg: _Message, rc: int) -> None:
+    def _log_decision(self, msg: _Message, rc: int) -> None:
         """The end-of-message decision's log line, with the action taken: ``hold`` when
         the message is quarantined (a limit, a lane, a RCPT hold or a schedule),
         ``defer`` or ``reject`` when refused, else ``accept``."""
@@ -465,7 +464,7 @@ class PolicyMilter(Milter.Base):  # type: ignore[misc]  # pymilter is untyped
             taken = "hold"
         else:
             taken = "accept"
-        fields = decision_fields(request, verdict)
+        fields = decision_fields(request, verdict, self.gateway.policy.logged_headers)
         fields["action"] = taken
         decision_log.info("decision", extra={"fields": fields})
 

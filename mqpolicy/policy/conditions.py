@@ -529,6 +529,34 @@ def condition_keys(spec: Any) -> frozenset[str]:
     return frozenset()
 
 
+SIGNAL_HEADERS = frozenset({"precedence", "auto-submitted", *_BULK_PRESENT, "x-priority",
+                            *_PRIORITY_WORDS})
+"""The headers ``bulk_signals`` and ``priority`` read (lower case)."""
+
+
+def header_names(spec: Any) -> frozenset[str]:
+    """The headers (lower case) a condition (as written in YAML) reads, also under
+    ``any``/``all``/``not``: what a decision's log line keeps for ``mqpolicy replay``."""
+    if isinstance(spec, list):
+        return frozenset().union(*(header_names(item) for item in spec))
+    if not isinstance(spec, Mapping):
+        return frozenset()
+    names: set[str] = set()
+    for key, value in spec.items():
+        if key in ("any", "all", "not"):
+            names |= header_names(value)
+        elif key == "header_present":
+            names.update(str(n).lower() for n in (value if isinstance(value, list)
+                                                    else [value]))
+        elif key == "header":
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+                    names.add(item["name"].lower())
+        elif key in ("bulk_signals", "priority"):
+            names |= SIGNAL_HEADERS
+    return frozenset(names)
+
+
 def uses_headers(spec: Any) -> bool:
     """Whether a condition looks at headers anywhere. Without headers (the policy server)
     its answer is unknown, so such rules and limits are left to the milter, which sees

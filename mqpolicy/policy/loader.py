@@ -251,4 +251,5 @@ def _read_policy(r: Reader, data: Any) -> Policy | None:
         limits=limits,
         messages=messages,
         condition_keys=r.condition_keys,
+        header_names=r.header_names,
     )

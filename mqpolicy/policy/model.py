@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from mqpolicy.policy.backoff import BackoffSettings
-from mqpolicy.policy.conditions import Predicate
+from mqpolicy.policy.conditions import SIGNAL_HEADERS, Predicate
 from mqpolicy.policy.destinations import DestinationMatcher
 from mqpolicy.policy.endpoints import Endpoint, MilterEndpoint
 from mqpolicy.policy.keys import RECIPIENT_KEY_PARTS, KeyFunction, KeyPart, key_function
@@ -330,6 +330,10 @@ class AdminSettings:
 class LogSettings:
     format: str = "kv"
     level: str = "info"
+    # "notable": decisions that refuse, hold, find a limit spent or end a message are
+    # logged at info, the others at debug; "all": every decision at info, with every fact
+    # a policy can read (what ``mqpolicy replay`` reads back)
+    decisions: str = "notable"
 
 
 _DEFAULT_LANES = (Lane(name="normal", transport="smtp", priority=0),)
@@ -357,6 +361,8 @@ class Policy:
     # The condition keys of every rule, limit and schedule (None: not known, e.g. a Policy
     # built in code: then it may use anything).
     condition_keys: frozenset[str] | None = None
+    # The headers (lower case) those conditions read.
+    header_names: frozenset[str] = frozenset()
     # Derived: lanes and limits by name (the engine, the scheduler), and the destination
     # budgets found by the request's destination name in one lookup.
     lanes_by_name: Mapping[str, Lane] = field(init=False)
@@ -379,6 +385,9 @@ class Policy:
     # (lane, demote target) -> the end-of-message limits scoped to the target, not the lane.
     demotes: bool = field(init=False)
     demotion_limits: Mapping[tuple[str, str], tuple[Limit, ...]] = field(init=False)
+    # log.decisions is "all": the headers (lower case) a decision's line keeps, those the
+    # conditions read and those of bulk_signals and priority; None: lines keep no facts
+    logged_headers: frozenset[str] | None = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lanes_by_name", {lane.name: lane for lane in self.lanes})
@@ -410,6 +419,8 @@ class Policy:
                            and self.milter.rcpt_limits is RcptLimits.POLICY_SERVER)
         object.__setattr__(self, "uses_helo", keys is None or "helo_name" in keys or any(
             part.name == "helo_name" for x in self.limits for part in x.key))
+        object.__setattr__(self, "logged_headers", SIGNAL_HEADERS | self.header_names
+                           if self.log.decisions == "all" else None)
 
     def lane(self, name: str) -> Lane:
         return self.lanes_by_name[name]

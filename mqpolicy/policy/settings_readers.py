@@ -125,11 +125,11 @@ def _store_url(r: Reader, value: Any) -> str:
 
 
 def read_log(r: Reader, top: Mapping[str, Any]) -> LogSettings:
-    m = r.mapping(top, "log", "log", {"format", "level"})
+    m = r.mapping(top, "log", "log", {"format", "level", "decisions"})
     d = LogSettings()
     if m is None:
         return d
-    fmt, level = d.format, d.level
+    fmt, level, decisions = d.format, d.level, d.decisions
     if "format" in m:
         if m["format"] in ("kv", "json"):
             fmt = m["format"]
@@ -141,7 +141,13 @@ def read_log(r: Reader, top: Mapping[str, Any]) -> LogSettings:
             level = lv
         else:
             r.error(m, "level", "log.level", "expected debug, info, warning or error")
-    return LogSettings(format=fmt, level=level)
+    if "decisions" in m:
+        if m["decisions"] in ("notable", "all"):
+            decisions = m["decisions"]
+        else:
+            r.error(m, "decisions", "log.decisions",
+                    f"expected notable or all, got {m['decisions']!r}")
+    return LogSettings(format=fmt, level=level, decisions=decisions)
 
 
 def read_metrics(r: Reader, top: Mapping[str, Any]) -> MetricsSettings:

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from mqpolicy.policy.conditions import ConditionError, Predicate, compile_condition, condition_keys
+from mqpolicy.policy.conditions import (
+    ConditionError,
+    Predicate,
+    compile_condition,
+    condition_keys,
+    header_names,
+)
 from mqpolicy.policy.endpoints import EndpointSyntaxError
 from mqpolicy.policy.model import Oversize, StoreErrorMode
 from mqpolicy.policy.rates import RateSyntaxError, parse_duration_ms
@@ -53,6 +59,7 @@ class Reader:
         self.check_store_url = check_store_url
         self.issues: list[ConfigIssue] = []
         self.condition_keys: frozenset[str] = frozenset()  # of every condition read
+        self.header_names: frozenset[str] = frozenset()  # the headers they read
 
     def error(self, container: Any, key: Any, path: str, message: str) -> None:
         self.issues.append(ConfigIssue(self.source, line_of(container, key), path, message))
@@ -204,6 +211,7 @@ def positive_duration(value: Any) -> int:
 
 def read_condition(r: Reader, m: Mapping[str, Any], key: str, path: str) -> Predicate | None:
     r.condition_keys |= condition_keys(m[key])
+    r.header_names |= header_names(m[key])
     try:
         return compile_condition(m[key], f"{path}.{key}")
     except ConditionError as exc:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
+import time
+from datetime import datetime
 
 from mqpolicy.daemon.structured_log import configure_logging, connection_id_var, queue_id_var
 
@@ -13,6 +16,7 @@ def test_kv_lines_carry_context_and_fields() -> None:
     out = io.StringIO()
     handler = configure_logging("kv", "info", out)
     log = logging.getLogger("mqpolicy.test")
+    before = time.time()
     token = connection_id_var.set("c7")
     qtoken = queue_id_var.set("4ABC")
     try:
@@ -22,9 +26,15 @@ def test_kv_lines_carry_context_and_fields() -> None:
         connection_id_var.reset(token)
         queue_id_var.reset(qtoken)
     handler.stop()
+    after = time.time()
     (line,) = out.getvalue().splitlines()
-    assert line == ('level=info logger=mqpolicy.test msg=decision conn=c7 qid=4ABC '
+    ts, rest = line.split(" ", 1)
+    assert rest == ('level=info logger=mqpolicy.test msg=decision conn=c7 qid=4ABC '
                     'action=defer rcpt="a b@x"')
+    # the record's time, UTC, to the millisecond
+    assert re.fullmatch(r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts), ts
+    logged = datetime.fromisoformat(ts[3:]).timestamp()
+    assert before - 0.001 <= logged <= after
 
 
 def test_json_lines_and_exceptions() -> None:
