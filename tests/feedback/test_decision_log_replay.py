@@ -1,0 +1,352 @@
+"""Replay from mqpolicy's own decision log (``log.decisions: all``): the lines the decision
+service writes carry what a Postfix log does not (the headers the policy reads, the lane it
+chose), and ``replay`` reads them back, key=value or JSON, bare or behind a syslog or
+journal prefix, the lines of one transaction put together in any order.
+
+The "live run" is the real decision service on a simulated clock, its log captured through
+the real log handler; expected figures come from the policy's promise (a rate ``N/1h``
+with ``burst: N`` lets N through at once)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mqpolicy.daemon.structured_log import configure_logging
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.feedback.decision_log import (
+    DecisionMessages,
+    NotADecision,
+    is_decision_line,
+    read_decision_line,
+)
+from mqpolicy.feedback.log_replay import MailLog, ReplayReport, RetrySchedule, replay
+from mqpolicy.policy.loader import ConfigError, parse_policy
+from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, Request
+from mqpolicy.store.memory import MemoryStore
+from tests.support.lanes import LANES
+from tests.support.postfix_log_writer import PostfixLog
+
+START_MS = int(datetime(2026, 12, 6, 9, 0, tzinfo=UTC).timestamp() * 1000)
+REFERENCE = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+POLICY = LANES + """\
+log:
+  decisions: all
+classify:
+  - name: lists
+    when: {bulk_signals: true}
+    lane: bulk
+  - name: campaigns
+    when: {header: {name: X-Campaign, regex: spring}}
+    lane: bulk
+limits:
+  - {name: per-sender, rate: 3/1h, burst: 3, key: sender, action: defer}
+  - {name: bulk-per-sender, rate: 2/1h, burst: 2, key: sender, lanes: [bulk], action: defer}
+"""
+
+LIST_HEADERS = (("Subject", "news #1"), ("List-Id", "<news.a.example>"))
+CAMPAIGN_HEADERS = (("Subject", "sale"), ("X-Campaign", "spring-2026"))
+PLAIN_HEADERS = (("Subject", "lunch?"),)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_ms = START_MS
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+@contextmanager
+def captured_log(fmt: str, clock: _Clock) -> Iterator[io.StringIO]:
+    """The ``mqpolicy`` loggers into a string, each record stamped with the simulated
+    clock's time (as a live server's records carry the time they were made)."""
+    out = io.StringIO()
+    handler = configure_logging(fmt, "info", out)
+
+    def stamp(record: logging.LogRecord) -> bool:
+        record.created = clock.now_ms / 1000
+        return True
+
+    handler.addFilter(stamp)
+    try:
+        yield out
+    finally:
+        handler.stop()
+        logging.getLogger("mqpolicy").removeHandler(handler)
+
+
+def live_run(fmt: str = "kv", policy_text: str = POLICY) -> tuple[list[str], dict[str, int]]:
+    """A live run's decision log: what a policy server (RCPT, without headers) and the
+    milter (its end of message, with headers) decide, a minute between messages.
+
+    alice: 5 plain messages (per-sender lets 3 in); carol: 3 list messages (bulk, where
+    bulk-per-sender lets 2 in); dave: one campaign (bulk by X-Campaign); erin: one plain."""
+    policy = parse_policy(policy_text)
+    clock = _Clock()
+    service = DecisionService(policy, MemoryStore(), clock_ms=clock)
+    sends = ([("alice@a.example", PLAIN_HEADERS)] * 5 + [("carol@c.example", LIST_HEADERS)] * 3
+             + [("dave@d.example", CAMPAIGN_HEADERS), ("erin@e.example", PLAIN_HEADERS)])
+    outcome: dict[str, int] = {}
+    with captured_log(fmt, clock) as out:
+        for n, (sender, headers) in enumerate(sends):
+            clock.now_ms = START_MS + n * 60_000
+            rcpt = f"r{n}@b.example"
+            base = Request(client_address="192.0.2.7", client_name="app.example",
+                           helo_name="app.example", sender=sender, size=2000,
+                           instance=f"inst{n}")
+            verdict = service.decide_now(base._replace(recipient=rcpt))
+            assert verdict is not None
+            if verdict.action.value != "accept":
+                outcome[f"rcpt {verdict.action.value}"] = outcome.get(
+                    f"rcpt {verdict.action.value}", 0) + 1
+                continue
+            end = service.decide_now(base._replace(
+                stage=STAGE_END_OF_MESSAGE, queue_id=f"Q{n:04X}", recipient_count=1,
+                recipients=(rcpt,), headers=headers))
+            assert end is not None
+            key = f"end {end.action.value} {end.lane.name}"
+            outcome[key] = outcome.get(key, 0) + 1
+    return out.getvalue().splitlines(), outcome
+
+
+def replayed(lines: list[str], policy_text: str = POLICY) -> ReplayReport:
+    mail_log = MailLog(REFERENCE)
+    for line in lines:
+        mail_log.feed(line)
+    schedule = RetrySchedule()
+    return replay(parse_policy(policy_text), mail_log.mails(schedule), name="p",
+                  schedule=schedule, summary=mail_log.summary)
+
+
+def test_the_live_run_is_what_the_policy_promises() -> None:
+    _, outcome = live_run()
+    assert outcome == {"rcpt defer": 2, "end accept normal": 4, "end accept bulk": 3,
+                       "end defer bulk": 1}
+
+
+def test_every_decision_is_logged_with_the_facts_and_only_the_headers_the_policy_reads(
+) -> None:
+    lines, _ = live_run()
+    decisions = [line for line in lines if " msg=decision " in line]
+    # every RCPT (10) and every end of message (8) is logged, quiet accepts too
+    assert len(decisions) == 18
+    assert all(line.startswith("ts=2026-12-06T09:") for line in decisions)
+    first = read_decision_line(decisions[0])
+    assert (first.stage, first.action, first.sender, first.recipient, first.size,
+            first.helo_name, first.client_name, first.client_address) == (
+        "RCPT", "accept", "alice@a.example", "r0@b.example", 2000, "app.example",
+        "app.example", "192.0.2.7")
+    assert first.headers is None  # a RCPT decision has no headers
+    ends = [read_decision_line(x) for x in decisions if "stage=END-OF-MESSAGE" in x]
+    kept = {name for end in ends for name, _ in end.headers or ()}
+    assert kept == {"List-Id", "X-Campaign"}  # read by the conditions; Subject is not
+    assert "lunch?" not in "\n".join(lines)
+
+
+def test_notable_logs_only_what_changed_something_at_info() -> None:
+    lines, _ = live_run(policy_text=POLICY.replace("decisions: all", "decisions: notable"))
+    decisions = [line for line in lines if " msg=decision " in line]
+    # the 2 deferred RCPTs and the 8 ends; the quiet RCPT accepts go to debug
+    assert len(decisions) == 10
+    assert all("headers=" not in line and "helo=" not in line for line in decisions)
+
+
+def test_log_decisions_takes_notable_or_all() -> None:
+    with pytest.raises(ConfigError, match="log.decisions: expected notable or all"):
+        parse_policy(LANES + "log:\n  decisions: everything\n")
+    assert parse_policy(LANES).log.decisions == "notable"
+
+
+@pytest.mark.parametrize("fmt", ["kv", "json"])
+def test_replay_of_the_decision_log_finds_the_lanes_the_headers_chose(fmt: str) -> None:
+    lines, _ = live_run(fmt)
+    report = replayed(lines)
+    assert report.input.decision_lines == 18
+    assert report.input.unreadable_decisions == report.input.unparsable == 0
+    # the live run's lanes, read from its decisions...
+    assert report.logged_lanes == {"normal": 4, "bulk": 3}
+    assert report.logged == {"accepted": 7, "refused": 2, "deferred": 1}
+    # ...and the replay's: every message gets in at last, in the lane its headers chose
+    assert report.lanes["bulk"].messages["accepted"] == 4  # carol's 3, dave's 1
+    assert report.lanes["normal"].messages["accepted"] == 6  # alice's 5, erin's 1
+    # what the live run answered at the first try
+    per_sender = report.limits["per-sender"]
+    assert (per_sender.first_tries, per_sender.rcpt) == (2, 2)
+    bulk = report.limits["bulk-per-sender"]
+    assert (bulk.first_tries, bulk.end_of_message) == (1, 1)
+    assert report.keys[("bulk-per-sender", "carol@c.example")] == 1
+
+
+def test_a_postfix_log_alone_cannot_see_the_headers() -> None:
+    """The same mail from Postfix's log: no headers, so no bulk lane and no bulk limit:
+    what the decision log adds."""
+    log = PostfixLog()
+    for n, sender in enumerate(["alice@a.example"] * 5 + ["carol@c.example"] * 3):
+        log.message(n * 60, sender, [f"r{n}@b.example"])
+    report = replayed(log.lines)
+    assert report.lanes["bulk"].messages["accepted"] == 0
+    assert "bulk-per-sender" not in report.limits
+
+
+def test_syslog_and_journal_prefixes_give_the_time() -> None:
+    lines, _ = live_run()
+    decisions = [line for line in lines if " msg=decision " in line]
+    bare = [line.split(" ", 1)[1] for line in decisions]  # without ts=
+    syslog = [f"{_syslog_time(line)} mta mqpolicy[812]: {rest}"
+              for line, rest in zip(decisions, bare, strict=True)]
+    journal = [f"{line[3:22]}+0000 mta mqpolicy[812]: {rest}"  # journalctl -o short-iso
+               for line, rest in zip(decisions, bare, strict=True)]
+    expected = replayed(lines).as_json()
+    for prefixed in (syslog, journal):
+        report = replayed(prefixed)
+        assert report.input.decision_lines == 18
+        assert report.as_json()["lanes"] == expected["lanes"]
+        assert report.as_json()["limits"] == expected["limits"]
+    assert read_decision_line(syslog[0], REFERENCE).ms == START_MS
+
+
+def _syslog_time(line: str) -> str:
+    when = datetime.fromisoformat(line[3:27])
+    return f"{when:%b} {when.day:>2} {when:%H:%M:%S}"
+
+
+def test_a_line_without_a_time_or_cut_is_counted_never_fatal() -> None:
+    lines, _ = live_run()
+    decision = next(line for line in lines if " msg=decision " in line)
+    bad = [decision.split(" ", 1)[1],  # no ts, no prefix
+           decision[:decision.index(" msg=decision") + 20] + ' user="unterminated',
+           decision.replace("stage=RCPT", "stage=DATA")]
+    mail_log = MailLog(REFERENCE)
+    for line in bad:
+        mail_log.feed(line)
+    assert mail_log.summary.unreadable_decisions == 3
+    assert len(mail_log.summary.unparsable_samples) == 3
+    assert mail_log.mails(RetrySchedule()) == []
+
+
+# ---------------------------------------------------------------- wiring B's lines
+
+def _b_lines() -> list[str]:
+    """One message in wiring B: the policy server's RCPTs (its instance; the first without
+    a queue id), its END-OF-MESSAGE (check only, no headers), and the milter's end of
+    message (its own instance, the queue id, the headers, the lane it chose)."""
+    head = "level=info logger=mqpolicy.decision msg=decision"
+    return [
+        f"ts=2026-12-06T09:00:00.100Z {head} stage=RCPT action=accept lane=normal "
+        "instance=pf.1 sender=carol@c.example rcpt=x@b.example client=192.0.2.7",
+        f"ts=2026-12-06T09:00:00.200Z {head} stage=RCPT action=accept lane=normal "
+        "qid=4F1A2B instance=pf.1 sender=carol@c.example rcpt=y@b.example client=192.0.2.7",
+        f"ts=2026-12-06T09:00:00.300Z {head} stage=RCPT action=defer lane=normal "
+        "qid=4F1A2B instance=pf.1 sender=carol@c.example rcpt=z@b.example client=192.0.2.7 "
+        "by=per-domain limits=per-domain:defer:b.example",
+        f"ts=2026-12-06T09:00:01.000Z {head} stage=END-OF-MESSAGE action=accept "
+        "lane=normal qid=4F1A2B instance=pf.1 sender=carol@c.example nrcpt=2 size=5120",
+        f"ts=2026-12-06T09:00:00.900Z {head} stage=END-OF-MESSAGE action=hold lane=bulk "
+        "qid=4F1A2B instance=milter.7 sender=carol@c.example nrcpt=2 size=5120 "
+        'headers="[[\\"List-Id\\", \\"<news.c.example>\\"]]"',
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.permutations(_b_lines()))
+def test_the_lines_of_one_transaction_are_one_mail_in_any_order(lines: list[str]) -> None:
+    messages = DecisionMessages()
+    for order, line in enumerate(lines):
+        messages.add(read_decision_line(line), order)
+    [message] = messages.messages()
+    assert message.queue_id == "4F1A2B"
+    assert message.end is not None
+    # the milter's end counts: it saw the headers and chose the lane
+    assert (message.end.instance, message.end.lane, message.end.action) == (
+        "milter.7", "bulk", "hold")
+    assert message.recipients == {"x@b.example": "held", "y@b.example": "held",
+                                  "z@b.example": "refused defer"}
+    assert message.first_ms == START_MS + 100
+
+
+def test_an_end_without_rcpt_decisions_is_counted() -> None:
+    mail_log = MailLog(REFERENCE)
+    mail_log.feed(_b_lines()[4])  # the log starts after the RCPTs
+    assert mail_log.mails(RetrySchedule()) == []
+    assert mail_log.summary.no_rcpt_decisions == 1
+
+
+def test_beside_a_postfix_log_the_decisions_give_the_mail() -> None:
+    lines, _ = live_run()
+    log = PostfixLog()
+    log.message(0, "zoe@z.example", ["q@b.example"])
+    report = replayed(lines + log.lines)
+    assert report.mails == 10  # the decision log's; Postfix's message is not counted twice
+    assert report.input.mail_log_messages_ignored == 1
+
+
+# ---------------------------------------------------------------- hostile lines
+
+def _real() -> list[str]:
+    lines, _ = live_run()
+    json_lines, _ = live_run("json")
+    return lines[:8] + json_lines[:8] + _b_lines()
+
+
+REAL = _real()
+
+
+@st.composite
+def mangled(draw: st.DrawFn) -> str:
+    line = draw(st.sampled_from(REAL))
+    how = draw(st.sampled_from(["keep", "cut", "insert", "delete", "replace", "garbage"]))
+    if how == "garbage":
+        return draw(st.text(max_size=300)) + draw(st.sampled_from(
+            [" msg=decision", '"msg": "decision"', ""]))
+    if how == "keep":
+        return line
+    at = draw(st.integers(0, len(line)))
+    if how == "cut":
+        return line[:at]
+    if how == "delete":
+        return line[:at] + line[at + draw(st.integers(1, 20)):]
+    chunk = draw(st.text(min_size=1, max_size=12))
+    if how == "insert":
+        return line[:at] + chunk + line[at:]
+    return line[:at] + chunk + line[at + len(chunk):]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(mangled(), max_size=40))
+def test_mangled_decision_lines_never_crash_and_are_counted(lines: list[str]) -> None:
+    mail_log = MailLog(REFERENCE)
+    readable = 0
+    for line in lines:
+        if is_decision_line(line):
+            try:
+                read_decision_line(line, REFERENCE)
+                readable += 1
+            except NotADecision:
+                pass
+        mail_log.feed(line)
+    s = mail_log.summary
+    assert s.lines == len(lines)
+    assert s.decision_lines == readable
+    assert s.decision_lines + s.unreadable_decisions == sum(map(is_decision_line, lines))
+    report = replay(parse_policy(POLICY), mail_log.mails(RetrySchedule()))
+    assert report.recipients == sum(t.recipients[o] for t in report.lanes.values()
+                                    for o in ("accepted", "held", "rejected", "expired"))
+
+
+def test_shuffled_files_give_the_same_replay() -> None:
+    lines, _ = live_run()
+    shuffled = list(lines)
+    random.Random(7).shuffle(shuffled)
+    assert (json.dumps(replayed(shuffled).as_json()["lanes"])
+            == json.dumps(replayed(lines).as_json()["lanes"]))
