@@ -70,6 +70,7 @@ store:
 log:
   format: kv
   level: {log_level}
+  decisions: {log_decisions}
 
 lanes:
   - name: transactional
@@ -267,7 +268,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             }[store]
             port = free_port()
             policy = workdir / f"policy-{store}.yaml"
-            text = POLICY_TEMPLATE.format(port=port, store_url=url, log_level=args.log_level)
+            text = POLICY_TEMPLATE.format(port=port, store_url=url, log_level=args.log_level,
+                                          log_decisions=args.log_decisions)
             shared = store != "memory"
             copies = args.serve_processes if shared else 1
             if copies > 1:
@@ -400,6 +402,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default: as fast as answered)")
     p.add_argument("--log-level", default="warning",
                    help="log.level of the policy file (default warning)")
+    p.add_argument("--log-decisions", default="notable", choices=("notable", "all"),
+                   help="log.decisions of the policy file (all: every decision at info, "
+                   "with --log-level info to write them)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--json", dest="json_out", metavar="FILE",
                    help="also write every result to FILE as JSON")

@@ -41,7 +41,8 @@ PROGRESS_EVERY = 200_000
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("maillog", nargs="+", help="Postfix log files (syslog or "
-                        "maillog_file; .gz and rotated files too; - = stdin)")
+                        "maillog_file) or mqpolicy's own log (log.decisions: all); .gz "
+                        "and rotated files too; - = stdin")
     parser.add_argument("--compare", metavar="OTHER_POLICY",
                         help="also replay this policy and show what changes")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -223,8 +224,10 @@ def render_report(report: ReplayReport) -> str:
     lines += ["", "the log says: " + ", ".join(f"{k} {v}" for k, v in
                                                  sorted(report.logged.items()))]
     if report.logged_lanes:
-        lines.append("delivered by each lane's transport (recipients, last attempt): "
-                     + ", ".join(f"{k} {v}" for k, v in sorted(report.logged_lanes.items())))
+        what = ("the live policy's lanes (recipients let in)" if report.input.decision_lines
+                else "delivered by each lane's transport (recipients, last attempt)")
+        lines.append(f"{what}: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(report.logged_lanes.items())))
     lines.append(_input_line(report))
     return "\n".join(lines)
 
@@ -235,6 +238,11 @@ def _input_line(report: ReplayReport) -> str:
             f"{s.unparsable:,} unparsable, {s.no_time:,} without a time, "
             f"{s.retries_merged:,} retries merged; mail without smtpd's client line "
             f"{s.no_intake:,}, without qmgr's sender line {s.no_sender:,}")
+    if s.decision_lines or s.unreadable_decisions:
+        text += (f"\nmqpolicy's decisions: {s.decision_lines:,} lines, "
+                 f"{s.unreadable_decisions:,} unreadable, {s.no_rcpt_decisions:,} message "
+                 f"ends without RCPT lines (log.decisions: notable?); Postfix's messages "
+                 f"left to them: {s.mail_log_messages_ignored:,}")
     for sample in s.unparsable_samples:
         text += f"\n  unparsable: {sample}"
     return text

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from mqpolicy.postfix.programs import POSTCONF
+from tests.support.decision_log_writer import POLICY as DECISION_POLICY
+from tests.support.decision_log_writer import live_run
 from tests.support.lanes import LANES
 from tests.support.mqpolicy_command import mq
 from tests.support.postfix_log_writer import REFERENCE, PostfixLog
@@ -132,3 +134,29 @@ def test_retry_times_from_postconf_and_options(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["retry"] == {
         "minimal_backoff_time": 600, "maximal_backoff_time": 1000,
         "maximal_queue_lifetime": 2 * 86400}
+
+
+def test_a_decision_log_replays_with_its_lanes_beside_the_replay(tmp_path: Path) -> None:
+    lines, _ = live_run()
+    log = tmp_path / "mqpolicy.log.1.gz"
+    with gzip.open(log, "wt", encoding="utf-8") as out:
+        out.write("\n".join(lines) + "\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(DECISION_POLICY, "utf-8")
+    done = mq("replay", "-c", str(policy), "--quiet", str(log))
+    assert done.returncode == 0, done.stderr
+    table = done.stdout
+    assert "the live policy's lanes (recipients let in): bulk 3, normal 4" in table
+    assert "mqpolicy's decisions: 18 lines, 0 unreadable" in table
+    # a tighter bulk limit: compare says what it changes
+    tighter = tmp_path / "tighter.yaml"
+    tighter.write_text(DECISION_POLICY.replace("rate: 2/1h, burst: 2", "rate: 1/1h, burst: 1"),
+                       "utf-8")
+    done = mq("replay", "-c", str(policy), "--compare", str(tighter), "--json", "--quiet",
+              str(log))
+    assert done.returncode == 0, done.stderr
+    diff = json.loads(done.stdout)["compare"]
+    # carol's 2nd list message waits too (her 3rd did already), nothing else changes
+    assert diff["limits"]["bulk-per-sender"]["first_tries"] == {"a": 1, "b": 2}
+    assert diff["limits"]["per-sender"]["first_tries"] == {"a": 2, "b": 2}
+    assert diff["lanes"]["bulk"]["messages"]["deferred"] == {"a": 1, "b": 2}
