@@ -70,7 +70,6 @@ store:
 log:
   format: kv
   level: {log_level}
-  decisions: {log_decisions}
 
 lanes:
   - name: transactional
@@ -268,8 +267,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             }[store]
             port = free_port()
             policy = workdir / f"policy-{store}.yaml"
-            text = POLICY_TEMPLATE.format(port=port, store_url=url, log_level=args.log_level,
-                                          log_decisions=args.log_decisions)
+            text = POLICY_TEMPLATE.format(port=port, store_url=url, log_level=args.log_level)
+            text = text.replace("\nlog:\n", f"\nlog:\n  decisions: {args.log_decisions}\n", 1)
             shared = store != "memory"
             copies = args.serve_processes if shared else 1
             if copies > 1:

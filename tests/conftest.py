@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mqpolicy.daemon.structured_log import connection_id_var, queue_id_var
 from mqpolicy.store.budget import CounterStore
 from mqpolicy.store.memory import MemoryStore
 from mqpolicy.store.redis import RedisStore
@@ -32,18 +33,24 @@ def sock_dir() -> Iterator[Path]:
 
 @pytest.fixture(autouse=True)
 def mqpolicy_logger_kept() -> Iterator[None]:
-    """Each test leaves the ``mqpolicy`` logger as it found it. A test that configures
-    logging as the commands do (``configure_logging``: a handler of its own, no propagation)
-    would otherwise keep every later test's records from pytest's ``caplog``, which listens
-    at the root logger: what a test sees must not depend on which tests ran before it."""
+    """Each test leaves the ``mqpolicy`` logger and the log lines' request context as it
+    found them. A test that configures logging as the commands do (``configure_logging``:
+    a handler of its own, no propagation) would otherwise keep every later test's records
+    from pytest's ``caplog``, which listens at the root logger: what a test sees must not
+    depend on which tests ran before it."""
     logger = logging.getLogger("mqpolicy")
     handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    # the request context of log lines: a milter callback called from a test's own thread
+    # sets them there, and every later line of that thread would carry them
+    queue_id, connection_id = queue_id_var.set(""), connection_id_var.set("")
     try:
         yield
     finally:
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
+        queue_id_var.reset(queue_id)
+        connection_id_var.reset(connection_id)
 
 
 @pytest.fixture(params=["memory", "redis"])

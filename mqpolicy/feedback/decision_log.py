@@ -18,8 +18,10 @@ milter's, which spends and decides the lane) is the message's.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -234,16 +236,21 @@ class DecisionMessages:
         with no RCPT decision (a log cut off, or not ``log.decisions: all``) is a message
         of its own, without recipients."""
         by_instance = self._by_instance
-        by_queue_id = {m.queue_id: m for m in by_instance.values() if m.queue_id}
         for _, end in self._ends:  # an end names the queue id its RCPTs may not have
             message = by_instance.get(end.instance)
             if message is not None and end.queue_id and not message.queue_id:
                 message.queue_id = end.queue_id
-                by_queue_id.setdefault(end.queue_id, message)
+        # Postfix reuses a queue id once its message is gone: the transaction it names is
+        # the last one to have begun before the end
+        by_queue_id: dict[str, list[LoggedMessage]] = {}
+        for message in sorted(by_instance.values(), key=lambda m: (m.first_ms, m.order)):
+            if message.queue_id:
+                by_queue_id.setdefault(message.queue_id, []).append(message)
         found = list(by_instance.values())
         alone: dict[str, LoggedMessage] = {}
         for order, end in sorted(self._ends, key=lambda e: e[0]):
-            message = by_instance.get(end.instance) or by_queue_id.get(end.queue_id)
+            message = by_instance.get(end.instance) or _began_last(
+                by_queue_id.get(end.queue_id, ()), end.ms)
             if message is None:
                 key = end.queue_id or end.instance or f"#{order}"
                 message = alone.get(key)
@@ -254,6 +261,15 @@ class DecisionMessages:
             if _better_end(end, message.end):
                 message.end = end
         return found
+
+
+def _began_last(messages: Sequence[LoggedMessage], ms: int) -> LoggedMessage | None:
+    """Of the transactions with one queue id (in time order), the last to begin by ``ms``
+    (the first, when all began later: clocks of two hosts)."""
+    if not messages:
+        return None
+    at = bisect.bisect_right([m.first_ms for m in messages], ms)
+    return messages[max(0, at - 1)]
 
 
 def _better_end(new: DecisionLine, old: DecisionLine | None) -> bool:

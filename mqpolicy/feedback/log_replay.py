@@ -710,7 +710,9 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
         attempt.deferred.update(later)
         return later
     unknown = max(0, mail.nrcpt - len(mail.recipients))  # queued, never seen delivered
-    queue_id = f"{mail.queue_id or 'NOQUEUE'}.{attempt.tries}"
+    # each try is a transaction of its own (a client sends a deferred message again): a
+    # queue id of its own, whatever the log's (Postfix reuses queue ids over a day)
+    queue_id = f"{mail.queue_id or 'NOQUEUE'}.{seq:x}"
     verdict = _decide(service, base._replace(
         stage=STAGE_END_OF_MESSAGE, queue_id=queue_id, recipients=tuple(accepted),
         recipient_count=len(accepted) + unknown,

@@ -260,3 +260,42 @@ def test_shuffled_files_give_the_same_replay() -> None:
     random.Random(7).shuffle(shuffled)
     assert (json.dumps(replayed(shuffled).as_json()["lanes"])
             == json.dumps(replayed(lines).as_json()["lanes"]))
+
+
+def _b_message(minute: int, instance: str, milter: str, rcpt: str) -> list[str]:
+    """Wiring B's lines of one list message from carol, queue id 4F1A2B, at 09:``minute``."""
+    head = "level=info logger=mqpolicy.decision msg=decision"
+    ts = f"2026-12-06T09:{minute:02d}:00"
+    return [
+        f"{ts}.100Z {head} stage=RCPT action=accept lane=normal instance={instance} "
+        f"sender=carol@c.example rcpt={rcpt} client=192.0.2.7",
+        f"{ts}.800Z {head} stage=END-OF-MESSAGE action=accept lane=normal qid=4F1A2B "
+        f"instance={instance} sender=carol@c.example nrcpt=1 size=5120",
+        f"{ts}.900Z {head} stage=END-OF-MESSAGE action=accept lane=bulk qid=4F1A2B "
+        f"instance={milter} sender=carol@c.example nrcpt=1 size=5120 "
+        'headers="[[\\"List-Id\\", \\"<news.c.example>\\"]]"',
+    ]
+
+
+def test_a_queue_id_postfix_used_again_names_two_messages() -> None:
+    """Postfix reuses a queue id once its message is gone: two transactions five minutes
+    apart with one queue id are two mails, each with its own milter end, and the replay counts
+    each (a queue id of its own per try: the second is no duplicate of the first)."""
+    lines = [f"ts={line}" for line in (_b_message(0, "pf.1", "milter.1", "x@b.example")
+                                       + _b_message(5, "pf.2", "milter.2", "y@b.example"))]
+    messages = DecisionMessages()
+    for order, line in enumerate(reversed(lines)):
+        messages.add(read_decision_line(line), order)
+    found = sorted(messages.messages(), key=lambda m: m.first_ms)
+    assert [(m.rcpts[0].recipient, m.end.instance if m.end else "") for m in found] == [
+        ("x@b.example", "milter.1"), ("y@b.example", "milter.2")]
+    once_a_day = LANES + """\
+classify:
+  - {name: lists, when: {bulk_signals: true}, lane: bulk}
+limits:
+  - {name: bulk-daily, rate: 1/1d, burst: 1, key: sender, count: messages, lanes: [bulk],
+     action: defer}
+"""
+    report = replayed(lines, once_a_day)
+    assert report.limits["bulk-daily"].first_tries == 1  # the second message, at 09:05
+    assert report.lanes["bulk"].messages["deferred"] == 1

@@ -51,7 +51,10 @@ class SimulatedClock:
 @contextmanager
 def captured_log(fmt: str, clock: SimulatedClock) -> Iterator[io.StringIO]:
     """The ``mqpolicy`` loggers into a string, each record stamped with the simulated
-    clock's time (as a live server's records carry the time they were made)."""
+    clock's time (as a live server's records carry the time they were made). The logger
+    is left as it was found (handlers, level, propagation): this runs at collection too."""
+    logger = logging.getLogger("mqpolicy")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
     out = io.StringIO()
     handler = configure_logging(fmt, "info", out)
 
@@ -64,7 +67,9 @@ def captured_log(fmt: str, clock: SimulatedClock) -> Iterator[io.StringIO]:
         yield out
     finally:
         handler.stop()
-        logging.getLogger("mqpolicy").removeHandler(handler)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def live_run(fmt: str = "kv", policy_text: str = POLICY) -> tuple[list[str], dict[str, int]]:
