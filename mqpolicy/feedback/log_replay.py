@@ -37,10 +37,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-from mqpolicy.decision.engine import Action, Verdict, store_key
+from mqpolicy.decision.engine import (
+    NO_LIMITS_EVALUATION,
+    NO_RUNTIME,
+    Action,
+    Verdict,
+    decide,
+    make_plan,
+    store_key,
+)
 from mqpolicy.decision.engine import ledger_key as make_ledger_key
 from mqpolicy.decision.mx_resolver import DestinationFinder
-from mqpolicy.decision.service import DecisionService
 from mqpolicy.feedback.decision_log import (
     REFUSED_CODES,
     DecisionMessages,
@@ -59,8 +66,8 @@ from mqpolicy.feedback.delivery_log import (
 )
 from mqpolicy.policy.backoff import BackoffState, on_slow_down, on_success
 from mqpolicy.policy.model import FeedbackSettings, Limit, Policy
-from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
-from mqpolicy.store.budget import BudgetCheck
+from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
+from mqpolicy.store.budget import BudgetCheck, Evaluation, StoreError
 from mqpolicy.store.memory import MemoryStore
 
 # Postfix's defaults (postconf -d)
@@ -490,12 +497,45 @@ class ReplayReport:
 _UNBOUNDED = 1 << 40
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now_ms = 0
+class _Decider:
+    """The decision service's synchronous steps (:meth:`DecisionService.decide_now`
+    without a resolver, on the replay's private memory store): the recipient's
+    destination, :func:`~mqpolicy.decision.engine.make_plan`, the store's evaluation of
+    the plan's checks, :func:`~mqpolicy.decision.engine.decide`. Without what the replay
+    has no use for: the service's stats, latency timers, lock and decision log; the
+    decisions are counted here. A test holds its verdicts to the service's."""
 
-    def __call__(self) -> int:
-        return self.now_ms
+    def __init__(self, policy: Policy, store: MemoryStore) -> None:
+        self.policy = policy
+        self.store = store
+        self.decisions = 0
+        self._finder = DestinationFinder(None)
+        self._once_ttl_ms = policy.store.once_ttl_ms
+
+    def destination(self, recipient: str) -> str:
+        """The destination the service gives a recipient's request ('' when the policy
+        has none: the request's own domain)."""
+        destinations = self.policy.destinations
+        if not destinations or not recipient:
+            return ""
+        return self._finder.find_now(domain_of(recipient), destinations) or ""
+
+    def __call__(self, request: Request, now_ms: int) -> Verdict:
+        policy = self.policy
+        if policy.destinations and request.recipient and not request.destination:
+            request = request._replace(destination=self.destination(request.recipient))
+        plan = make_plan(request, policy, NO_RUNTIME)
+        evaluation: Evaluation | None = NO_LIMITS_EVALUATION
+        if plan.limits:
+            ledger = plan.ledger_key
+            try:
+                evaluation = self.store.evaluate_now(
+                    [p.check for p in plan.limits], now_ms, plan.once_key, self._once_ttl_ms,
+                    *((ledger,) if ledger else ()))
+            except StoreError:  # at its bound, every entry in use: not with this one's
+                evaluation = None
+        self.decisions += 1
+        return decide(plan, evaluation, policy)
 
 
 @dataclass
@@ -511,6 +551,8 @@ class _Try:
     # the limits found spent when it was last deferred, looked at before the next try
     peeks: list[_Peek] = field(default_factory=list)
     skippable: bool = True  # every part of the last deferral was decided by a limit
+    # the peeks as _skip looks at them (made at the first look after a try)
+    looks: tuple[list[BudgetCheck], list[list[tuple[int, int, str]]]] | None = None
 
 
 def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
@@ -527,58 +569,71 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
     report = ReplayReport(name, schedule, summary or InputSummary())
     for lane in policy.lanes:
         report.lane(lane.name)
-    clock = _Clock()
     # private, and bounded only by memory: an eviction would change what the log's mail
     # found (a live server's bound is its own operators' choice)
     store = MemoryStore(max_entries=_UNBOUNDED)
-    service = DecisionService(policy, store, clock_ms=clock)
-    queue: list[tuple[int, int, _Try]] = []
-    seq = 0
+    decider = _Decider(policy, store)
     by_transport: dict[str, list[str]] = {}
     for lane in policy.lanes:
         by_transport.setdefault(lane.transport, []).append(lane.name)
     lanes_of = {t: "|".join(names) for t, names in by_transport.items()}
+    logged, logged_lanes = report.logged, report.logged_lanes
+    # The mail in arrival order (the order given when it is so: a stable sort), then the
+    # retries, in a heap ordered by (time, seq): a mail's first try comes before the
+    # retries due at the same time, as in one heap of both where each mail's seq is its
+    # place in this list and a retry's is larger.
+    arrivals: list[tuple[int, _Try]] = []
     for mail in mails:
         report.mails += 1
         report.recipients += len(mail.recipients)
         for status in mail.recipients.values():
-            report.logged[status.split(" ")[0]] += 1
+            logged[status.split(" ")[0]] += 1
         for transport in mail.transports.values():
-            report.logged_lanes[lanes_of.get(transport, f"transport {transport}")] += 1
+            logged_lanes[lanes_of.get(transport, f"transport {transport}")] += 1
         if mail.logged_lane:  # the live policy's lane, from its decision log
-            report.logged_lanes[mail.logged_lane] += sum(
+            logged_lanes[mail.logged_lane] += sum(
                 status in ("accepted", "held") for status in mail.recipients.values())
         if mail.held:
-            report.logged["held messages"] += 1
-        queue.append((mail.arrival_ms, seq, _Try(mail, list(mail.recipients),
-                                                 mail.arrival_ms)))
-        seq += 1
-    heapq.heapify(queue)
-    total = len(queue)
+            logged["held messages"] += 1
+        arrivals.append((mail.arrival_ms, _Try(mail, list(mail.recipients),
+                                               mail.arrival_ms)))
+    if any(arrivals[i][0] > arrivals[i + 1][0] for i in range(len(arrivals) - 1)):
+        arrivals.sort(key=lambda a: a[0])
+    total = len(arrivals)
+    seq = total
+    retries: list[tuple[int, int, _Try]] = []
     done = 0
     end_headers: tuple[tuple[str, str], ...] | None = () if policy.end_checks_only else None
     limits: dict[str, Limit] = {lim.name: lim for lim in policy.limits}
     limits.update({lim.name: lim for lim in policy.destination_limits.values()})
-    while queue:
-        now_ms, _, attempt = heapq.heappop(queue)
-        clock.now_ms = now_ms
+    next_arrival = 0
+    heappop, heappush, next_try_ms = heapq.heappop, heapq.heappush, schedule.next_try_ms
+    while True:
+        if next_arrival < total and (not retries
+                                     or arrivals[next_arrival][0] <= retries[0][0]):
+            now_ms, attempt = arrivals[next_arrival]
+            next_arrival += 1
+        elif retries:
+            now_ms, _, attempt = heappop(retries)
+        else:
+            break
         if skip_spent_tries and _skip(report, attempt, store, now_ms):
             again = attempt.recipients
         else:
-            again = _try(service, report, attempt, seq, end_headers, limits)
+            again = _try(decider, report, attempt, seq, now_ms, end_headers, limits)
         seq += 1
         if again:
-            later = schedule.next_try_ms(attempt.first_ms, now_ms)
+            later = next_try_ms(attempt.first_ms, now_ms)
             if later is None:
                 _finish(report, attempt, again, "expired", attempt.mail_lane, now_ms)
             else:
                 attempt.recipients = again
-                heapq.heappush(queue, (later, seq, attempt))
+                heappush(retries, (later, seq, attempt))
                 continue
         done += 1
         if progress is not None and done % 50_000 == 0:
             progress(done, total)
-    report.decisions = sum(service.stats.decisions.values())
+    report.decisions = decider.decisions
     report.destinations = feedback_replay(policy, results)
     return report
 
@@ -602,21 +657,40 @@ def _skip(report: ReplayReport, attempt: _Try, store: MemoryStore, now_ms: int) 
     deferred again. The limits that part planned are looked at as the engine weighs them
     (severity, then the longest wait): when the worst one without room defers, the part
     is deferred by it, and counted so."""
-    peeks = attempt.peeks
-    if not peeks:
-        return False
-    results = store.evaluate_now([p.check for p in peeks], now_ms).results
-    worst: dict[int, tuple[int, int, str]] = {}
-    for p, r in zip(peeks, results, strict=True):
-        worst.setdefault(p.part, (0, 0, ""))
-        if not r.allowed and (p.rank, r.retry_after_ms) > worst[p.part][:2]:
-            worst[p.part] = (p.rank, r.retry_after_ms, p.name)
-    if any(rank != _DEFER_RANK for rank, _, _ in worst.values()):
-        return False  # a part gets in, or is refused or held: make the try
+    looks = attempt.looks
+    if looks is None:
+        if not attempt.peeks:
+            return False
+        looks = attempt.looks = _looks(attempt.peeks)
+    checks, parts = looks
+    results = store.evaluate_now(checks, now_ms).results
+    deciding: list[str] = []
+    for part in parts:
+        worst_rank = worst_wait = 0
+        worst = ""
+        for i, rank, name in part:
+            allowed, _, wait = results[i]
+            if not allowed and (rank, wait) > (worst_rank, worst_wait):
+                worst_rank, worst_wait, worst = rank, wait, name
+        if worst_rank != _DEFER_RANK:
+            return False  # a part gets in, or is refused or held: make the try
+        deciding.append(worst)
     report.retries_skipped += 1
-    for _, _, name in worst.values():
+    for name in deciding:
         report.limits[name].retries += 1
     return True
+
+
+def _looks(peeks: list[_Peek]) -> tuple[list[BudgetCheck], list[list[tuple[int, int, str]]]]:
+    """What :func:`_skip` looks at: each check once (a look spends nothing: the same
+    check finds the same), and per part, in order, each of its limits once, as (its
+    check's place, rank, name)."""
+    where: dict[BudgetCheck, int] = {}
+    parts: dict[int, dict[int, tuple[int, int, str]]] = {}
+    for p in peeks:
+        i = where.setdefault(p.check, len(where))
+        parts.setdefault(p.part, {}).setdefault(i, (i, p.rank, p.name))
+    return list(where), [list(part.values()) for part in parts.values()]
 
 
 def _deferred_by(attempt: _Try, verdict: Verdict, limits: dict[str, Limit]) -> None:
@@ -635,6 +709,7 @@ def _deferred_by(attempt: _Try, verdict: Verdict, limits: dict[str, Limit]) -> N
         peeks.append(_Peek(part, o.name, rank, BudgetCheck(
             store_key(limit, o.key), limit.refill, limit.unit, limit.burst, max(1, o.cost),
             consume=False, blocking=limit.blocking)))
+    attempt.looks = None
     if decided and attempt.skippable:
         attempt.peeks.extend(peeks)
     else:
@@ -664,14 +739,7 @@ def _hits(report: ReplayReport, verdict: Verdict, stage: str, recipients: int,
         report.keys[(o.name, o.key)] += 1
 
 
-def _decide(service: DecisionService, request: Request) -> Verdict:
-    verdict = service.decide_now(request, logged=False)
-    if verdict is None:  # only a resolver makes it None: the replay has none
-        raise RuntimeError("the replay's decisions need no I/O")
-    return verdict
-
-
-def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int,
+def _try(decide_now: _Decider, report: ReplayReport, attempt: _Try, seq: int, now_ms: int,
          end_headers: tuple[tuple[str, str], ...] | None,
          limits: dict[str, Limit]) -> list[str]:
     """One try of a mail's recipients; the recipients to try again later."""
@@ -689,11 +757,13 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
     later: list[str] = []
     held_at_rcpt = False
     lane = ""
-    now_ms = service.clock_ms()
     attempt.peeks = []
+    attempt.looks = None
     attempt.skippable = True
+    destination = decide_now.destination
     for rcpt in attempt.recipients:
-        verdict = _decide(service, base._replace(recipient=rcpt))
+        verdict = decide_now(base._replace(recipient=rcpt, destination=destination(rcpt)),
+                             now_ms)
         _hits(report, verdict, STAGE_RCPT, 1, first)
         lane = verdict.lane.name
         action = verdict.action
@@ -713,16 +783,16 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
     # each try is a transaction of its own (a client sends a deferred message again): a
     # queue id of its own, whatever the log's (Postfix reuses queue ids over a day)
     queue_id = f"{mail.queue_id or 'NOQUEUE'}.{seq:x}"
-    verdict = _decide(service, base._replace(
+    verdict = decide_now(base._replace(
         stage=STAGE_END_OF_MESSAGE, queue_id=queue_id, recipients=tuple(accepted),
         recipient_count=len(accepted) + unknown,
-        headers=end_headers if mail.headers is None else mail.headers))
+        headers=end_headers if mail.headers is None else mail.headers), now_ms)
     _hits(report, verdict, STAGE_END_OF_MESSAGE, len(accepted), first)
     lane = verdict.lane.name
     attempt.mail_lane = lane
     action = verdict.action
     if action is not Action.ACCEPT:
-        service.give_back_now(make_ledger_key("i:" + instance))
+        decide_now.store.give_back_now(make_ledger_key("i:" + instance), now_ms)
     if action is Action.DEFER:
         later = accepted + later
         _deferred_by(attempt, verdict, limits)

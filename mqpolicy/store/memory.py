@@ -304,7 +304,7 @@ class MemoryStore:
             if blocked or repeated:
                 self._settle(checks, results, seen, spent, blocked)
             if blocked:
-                return Evaluation(tuple(results), committed=False)
+                return _new(Evaluation, (tuple(results), False, False))
             self._commit(checks, seen, spent, now_ms, once_key, once_ttl_ms)
             if ledger_key is not None and spent:
                 self._add_to_ledger(ledger_key, checks, seen, spent, now_ms + once_ttl_ms)
@@ -389,8 +389,9 @@ class MemoryStore:
                 continue
             else:
                 debt = after
-            results[i] = results[i]._replace(
-                remaining=free_units(debt, check.unit, check.burst))
+            allowed, _, retry_after_ms = results[i]
+            results[i] = _new(BudgetResult, (allowed, free_units(debt, check.unit, check.burst),
+                                             retry_after_ms))
 
     def _commit(self, checks: Sequence[BudgetCheck], seen: dict[str, tuple[int, int, int]],
                 spent: dict[str, int], now_ms: int, once_key: str | None,
