@@ -9,8 +9,9 @@ recipient. A refused attempt that is retried (the same sender and recipient logg
 within ``maximal_queue_lifetime``) is one mail: the retries are merged into the first.
 
 :func:`replay` feeds, in log time, the decisions Postfix would have asked for (one RCPT
-per recipient, then END-OF-MESSAGE with the recipients accepted) to the real decision
-service on a private memory store whose clock is the simulation's. Mail deferred by the
+per recipient, then END-OF-MESSAGE with the recipients accepted) to the real engine,
+through the decision service's steps, on a private memory store whose clock is the
+simulation's. Mail deferred by the
 policy is tried again as a Postfix client does: after ``clamp(age, minimal_backoff_time,
 maximal_backoff_time)``, until accepted, refused, held, or older than
 ``maximal_queue_lifetime`` (then it counts as expired). No real waiting. Before a
