@@ -175,6 +175,8 @@ class MailLog:
         #: delivery results for feedback: (ms, domain, event; None for a success)
         self.results: list[tuple[int, str, DeliveryEvent | None]] = []
         self._decisions = DecisionMessages()  # mqpolicy's own decision lines
+        self._last_time: datetime | None = None  # the last line's time, and in ms
+        self._last_ms = 0
 
     def feed(self, line: str, reference: datetime | None = None) -> None:
         summary = self.summary
@@ -194,11 +196,15 @@ class MailLog:
             summary.no_time += 1
             return
         ts = read.timestamp
-        if summary.first is None or ts < summary.first:
-            summary.first = ts
-        if summary.last is None or ts > summary.last:
-            summary.last = ts
-        ms = int(ts.timestamp() * 1000)
+        if ts is self._last_time:  # a line of the same second: the same (cached) datetime
+            ms = self._last_ms
+        else:
+            if summary.first is None or ts < summary.first:
+                summary.first = ts
+            if summary.last is None or ts > summary.last:
+                summary.last = ts
+            ms = self._last_ms = int(ts.timestamp() * 1000)
+            self._last_time = ts
         if isinstance(read, DeliveryEvent):
             self._delivery(read, ms)
         else:
