@@ -71,6 +71,8 @@ from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, d
 from mqpolicy.store.budget import BudgetCheck, Evaluation, StoreError
 from mqpolicy.store.memory import MemoryStore
 
+_new = tuple.__new__  # positional NamedTuples without their keyword __new__ (2x cheaper)
+
 # Postfix's defaults (postconf -d)
 MINIMAL_BACKOFF_S = 300
 MAXIMAL_BACKOFF_S = 4000
@@ -608,7 +610,10 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
         arrivals.sort(key=lambda a: a[0])
     total = len(arrivals)
     seq = total
-    retries: list[tuple[int, int, _Try]] = []
+    # the retries due, a heap of (time, seq) each as one integer (cheaper to compare than
+    # a tuple), and the mail each one is
+    due: list[int] = []
+    waiting: dict[int, _Try] = {}
     done = 0
     end_headers: tuple[tuple[str, str], ...] | None = () if policy.end_checks_only else None
     limits: dict[str, Limit] = {lim.name: lim for lim in policy.limits}
@@ -616,12 +621,14 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
     next_arrival = 0
     heappop, heappush, next_try_ms = heapq.heappop, heapq.heappush, schedule.next_try_ms
     while True:
-        if next_arrival < total and (not retries
-                                     or arrivals[next_arrival][0] <= retries[0][0]):
+        if next_arrival < total and (not due
+                                     or arrivals[next_arrival][0] <= due[0] >> _SEQ_BITS):
             now_ms, attempt = arrivals[next_arrival]
             next_arrival += 1
-        elif retries:
-            now_ms, _, attempt = heappop(retries)
+        elif due:
+            key = heappop(due)
+            attempt = waiting.pop(key)
+            now_ms = key >> _SEQ_BITS
         else:
             break
         if skip_spent_tries and _skip(report, attempt, store, now_ms):
@@ -635,7 +642,9 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
                 _finish(report, attempt, again, "expired", attempt.mail_lane, now_ms)
             else:
                 attempt.recipients = again
-                heappush(retries, (later, seq, attempt))
+                key = later << _SEQ_BITS | seq
+                waiting[key] = attempt
+                heappush(due, key)
                 continue
         done += 1
         if progress is not None and done % 50_000 == 0:
@@ -643,6 +652,9 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
     report.decisions = decider.decisions
     report.destinations = feedback_replay(policy, results)
     return report
+
+
+_SEQ_BITS = 48  # a retry's seq below 2**48: more tries than any replay makes
 
 
 class _Peek(NamedTuple):
@@ -670,13 +682,13 @@ def _skip(report: ReplayReport, attempt: _Try, store: MemoryStore, now_ms: int) 
             return False
         looks = attempt.looks = _looks(attempt.peeks)
     checks, parts = looks
-    results = store.evaluate_now(checks, now_ms).results
+    results = store.look_now(checks, now_ms)
     deciding: list[str] = []
     for part in parts:
         worst_rank = worst_wait = 0
         worst = ""
         for i, rank, name in part:
-            allowed, _, wait = results[i]
+            allowed, wait = results[i]
             if not allowed and (rank, wait) > (worst_rank, worst_wait):
                 worst_rank, worst_wait, worst = rank, wait, name
         if worst_rank != _DEFER_RANK:
@@ -703,19 +715,21 @@ def _looks(peeks: list[_Peek]) -> tuple[list[BudgetCheck], list[list[tuple[int, 
 def _deferred_by(attempt: _Try, verdict: Verdict, limits: dict[str, Limit]) -> None:
     """Note the limits a deferred part of a try planned, to look at before the next. A
     deferral no known limit decided (the store's failure) makes no try skippable."""
-    part = len({p.part for p in attempt.peeks})
+    part = attempt.peeks[-1].part + 1 if attempt.peeks else 0  # parts come one by one
     peeks: list[_Peek] = []
     decided = False
     for o in verdict.limits:
         limit = limits.get(o.name)
-        rank = _RANK.get(o.action.value, 0)
+        rank = _RANK.get(o.action._value_, 0)  # _value_: a plain attribute, value is not
         if o.monitor or limit is None or not rank:
             continue
         decided |= o.name == verdict.deciding
-        # its cost in that decision (at least one: a peek at RCPT counts nothing)
-        peeks.append(_Peek(part, o.name, rank, BudgetCheck(
-            store_key(limit, o.key), limit.refill, limit.unit, limit.burst, max(1, o.cost),
-            consume=False, blocking=limit.blocking)))
+        # its cost in that decision (at least one: a peek at RCPT counts nothing), looked
+        # at without spending (consume False, after 0)
+        cost = o.cost if o.cost > 1 else 1
+        peeks.append(_new(_Peek, (part, o.name, rank, _new(BudgetCheck, (
+            store_key(limit, o.key), limit.refill, limit.unit, limit.burst, cost, False,
+            limit.blocking, 0)))))
     attempt.looks = None
     if decided and attempt.skippable:
         attempt.peeks.extend(peeks)
@@ -746,6 +760,11 @@ def _hits(report: ReplayReport, verdict: Verdict, stage: str, recipients: int,
         report.keys[(o.name, o.key)] += 1
 
 
+_RECIPIENT = Request._fields.index("recipient")
+_DESTINATION = Request._fields.index("destination")
+assert _RECIPIENT < _DESTINATION
+
+
 def _try(decide_now: _Decider, report: ReplayReport, attempt: _Try, seq: int, now_ms: int,
          end_headers: tuple[tuple[str, str], ...] | None,
          limits: dict[str, Limit]) -> list[str]:
@@ -768,8 +787,12 @@ def _try(decide_now: _Decider, report: ReplayReport, attempt: _Try, seq: int, no
     attempt.looks = None
     attempt.skippable = True
     destination = decide_now.destination
+    # each recipient's request: the base with its recipient and destination (as _replace
+    # would make it, at a third of the cost)
+    head, middle, tail = base[:_RECIPIENT], base[_RECIPIENT + 1:_DESTINATION], \
+        base[_DESTINATION + 1:]
     for rcpt in attempt.recipients:
-        verdict = decide_now(base._replace(recipient=rcpt, destination=destination(rcpt)),
+        verdict = decide_now(_new(Request, (*head, rcpt, *middle, destination(rcpt), *tail)),
                              now_ms)
         _hits(report, verdict, STAGE_RCPT, 1, first)
         lane = verdict.lane.name

@@ -310,6 +310,45 @@ class MemoryStore:
                 self._add_to_ledger(ledger_key, checks, seen, spent, now_ms + once_ttl_ms)
             return _new(Evaluation, (tuple(results), True, False))
 
+    def look_now(self, checks: Sequence[BudgetCheck], now_ms: int) -> list[tuple[bool, int]]:
+        """What each check finds now, alone and spending nothing: ``allowed`` and
+        ``retry_after_ms`` as :meth:`evaluate_now` answers them for checks that spend
+        nothing (``consume`` false, no ``after``). Writes nothing; any thread.
+
+        ``mqpolicy replay`` looks so at the buckets that deferred a mail before its next
+        try: the arithmetic of :meth:`evaluate_now`, without a decision's bookkeeping."""
+        if type(now_ms) is not int or not 0 <= now_ms < TIME_LIMIT:
+            raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
+        found: list[tuple[bool, int]] = []
+        with self._lock:
+            self._now = now_ms
+            buckets = self._buckets
+            for check in checks:
+                key, refill, unit, burst, cost = check[:5]
+                if (type(refill) is not int or type(unit) is not int or type(burst) is not int
+                        or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
+                        or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
+                        or not 0 <= cost < TIME_LIMIT):
+                    refuse_check(check)  # says what is wrong
+                packed = buckets.get(key)
+                if packed is None:
+                    debt, at = 0, now_ms
+                else:
+                    at = packed & _MASK
+                    debt = packed >> _BITS & _MASK
+                    if now_ms > at:
+                        if debt:
+                            debt = max(debt - refill * (now_ms - at), 0)
+                        at = now_ms
+                room = burst * unit - debt
+                if cost > burst:
+                    found.append((False, NEVER))
+                elif cost * unit <= room:
+                    found.append((True, 0))
+                else:
+                    found.append((False, at - now_ms - (room - cost * unit) // refill))
+        return found
+
     def _add_to_ledger(self, ledger_key: str, checks: Sequence[BudgetCheck],
                        seen: dict[str, tuple[int, int, int]], spent: dict[str, int],
                        expiry: int) -> None:
