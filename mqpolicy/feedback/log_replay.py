@@ -520,14 +520,18 @@ class _Decider:
         self.decisions = 0
         self._finder = DestinationFinder(None)
         self._once_ttl_ms = policy.store.once_ttl_ms
+        self._destinations: dict[str, str] = {}  # recipient -> destination, as found
 
     def destination(self, recipient: str) -> str:
         """The destination the service gives a recipient's request ('' when the policy
         has none: the request's own domain)."""
-        destinations = self.policy.destinations
-        if not destinations or not recipient:
-            return ""
-        return self._finder.find_now(domain_of(recipient), destinations) or ""
+        found = self._destinations.get(recipient)
+        if found is None:
+            destinations = self.policy.destinations
+            found = self._destinations[recipient] = (
+                self._finder.find_now(domain_of(recipient), destinations) or ""
+                if destinations and recipient else "")
+        return found
 
     def __call__(self, request: Request, now_ms: int) -> Verdict:
         policy = self.policy
@@ -685,12 +689,17 @@ def _skip(report: ReplayReport, attempt: _Try, store: MemoryStore, now_ms: int) 
     results = store.look_now(checks, now_ms)
     deciding: list[str] = []
     for part in parts:
-        worst_rank = worst_wait = 0
-        worst = ""
-        for i, rank, name in part:
-            allowed, wait = results[i]
-            if not allowed and (rank, wait) > (worst_rank, worst_wait):
-                worst_rank, worst_wait, worst = rank, wait, name
+        if len(part) == 1:  # one limit: it decides the part when it has no room
+            [(i, worst_rank, worst)] = part
+            if results[i][0]:
+                return False  # the part gets in: make the try
+        else:
+            worst_rank = worst_wait = 0
+            worst = ""
+            for i, rank, name in part:
+                allowed, wait = results[i]
+                if not allowed and (rank, wait) > (worst_rank, worst_wait):
+                    worst_rank, worst_wait, worst = rank, wait, name
         if worst_rank != _DEFER_RANK:
             return False  # a part gets in, or is refused or held: make the try
         deciding.append(worst)
