@@ -565,7 +565,7 @@ class _Try:
     peeks: list[_Peek] = field(default_factory=list)
     skippable: bool = True  # every part of the last deferral was decided by a limit
     # the peeks as _skip looks at them (made at the first look after a try)
-    looks: tuple[list[BudgetCheck], list[list[tuple[int, int, str]]]] | None = None
+    looks: _Looks | None = None
 
 
 def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
@@ -684,9 +684,15 @@ def _skip(report: ReplayReport, attempt: _Try, store: MemoryStore, now_ms: int) 
     if looks is None:
         if not attempt.peeks:
             return False
-        looks = attempt.looks = _looks(attempt.peeks)
-    checks, parts = looks
+        looks = attempt.looks = _looks(attempt.peeks, report)
+    checks, parts, alone = looks
     results = store.look_now(checks, now_ms)
+    if alone is not None:  # the usual: one deferring limit, the only one of every part
+        if results[0][0]:
+            return False  # it has room: make the try
+        report.retries_skipped += 1
+        alone[0].retries += alone[1]
+        return True
     deciding: list[str] = []
     for part in parts:
         if len(part) == 1:  # one limit: it decides the part when it has no room
@@ -709,16 +715,27 @@ def _skip(report: ReplayReport, attempt: _Try, store: MemoryStore, now_ms: int) 
     return True
 
 
-def _looks(peeks: list[_Peek]) -> tuple[list[BudgetCheck], list[list[tuple[int, int, str]]]]:
+_Looks = tuple[list[BudgetCheck], list[list[tuple[int, int, str]]],
+               tuple[LimitTally, int] | None]
+
+
+def _looks(peeks: list[_Peek], report: ReplayReport) -> _Looks:
     """What :func:`_skip` looks at: each check once (a look spends nothing: the same
     check finds the same), and per part, in order, each of its limits once, as (its
-    check's place, rank, name)."""
+    check's place, rank, name). Last, when one deferring check is the only limit of every
+    part: its limit's tally and the number of parts (the retries a skip counts to it)."""
     where: dict[BudgetCheck, int] = {}
     parts: dict[int, dict[int, tuple[int, int, str]]] = {}
     for p in peeks:
         i = where.setdefault(p.check, len(where))
         parts.setdefault(p.part, {}).setdefault(i, (i, p.rank, p.name))
-    return list(where), [list(part.values()) for part in parts.values()]
+    by_part = [list(part.values()) for part in parts.values()]
+    alone = None
+    if len(where) == 1 and all(len(part) == 1 for part in by_part):
+        _, rank, name = by_part[0][0]
+        if rank == _DEFER_RANK:
+            alone = (report.limits[name], len(by_part))
+    return list(where), by_part, alone
 
 
 def _deferred_by(attempt: _Try, verdict: Verdict, limits: dict[str, Limit]) -> None:
