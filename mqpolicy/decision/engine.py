@@ -72,6 +72,7 @@ PAUSE_HOLD_TEXT = "held by mqpolicy: {paused} paused"
 # by the value of an ActionKind (a string: cheaper to hash than an Enum member)
 _SEVERITY = {ActionKind.REJECT.value: 3, ActionKind.DEFER.value: 2, ActionKind.HOLD.value: 1}
 _MAX_KEY_LENGTH = 200
+_BYTES = Count.BYTES  # read once: an Enum's member costs a lookup each time
 
 
 class PlannedLimit(NamedTuple):
@@ -164,8 +165,8 @@ def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
         if rule.needs_headers and no_headers:
             continue
         if rule.when(request):
-            return policy.lane(rule.lane), rule.name
-    return policy.lane(policy.default_lane), None
+            return policy.lanes_by_name[rule.lane], rule.name
+    return policy.lanes_by_name[policy.default_lane], None
 
 
 # ---------------------------------------------------------------- keys
@@ -318,20 +319,22 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         if limit.recipient_keyed:  # only at RCPT (limits_by_stage; destinations too)
             if paused:
                 continue  # paused mail is held, never refused: checked at its release
-            cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
+            cost = (size if size > 1 else 1) if limit.count is _BYTES else 1
             consume = spend_recipients
         elif at_end:
             cost = _message_cost(limit, request)
             consume = not checks_only
         else:
-            cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
+            cost = (size if size > 1 else 1) if limit.count is _BYTES else 1
             consume = False
         unit, burst = limit.unit, limit.burst
         if backoff and limit.destination is not None:
             factor = backoff.get(limit.destination, 1.0)
             if factor < 1.0:  # same bucket key: a factor change never resets the bucket
                 unit, burst = scale_budget(unit, burst, factor)
-        bucket = store_key(limit, key)
+        # store_key(limit, key), its usual case inlined
+        bucket = (limit.bucket_prefix + key if key.isascii() and len(key) <= _MAX_KEY_LENGTH
+                  else store_key(limit, key))
         # tuple.__new__: positional NamedTuples without their keyword __new__ (2x cheaper)
         check = _new(BudgetCheck, (bucket, limit.refill, unit, burst, cost, consume,
                                    limit.blocking, 0))
@@ -339,9 +342,12 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     if at_end and demotion and planned and not checks_only and policy.demotes:
         planned = _with_demotion(request, policy, runtime, lane, planned)
     once = once_key_for(request) if at_end and planned and not checks_only else None
-    ledger = (ledger_key("i:" + request.instance)
-              if at_rcpt and request.instance and not releasing
-              and any(p.spends for p in planned) else None)
+    ledger = None
+    if at_rcpt and request.instance and not releasing:
+        for p in planned:  # a loop: cheaper than any() over a generator
+            if p.spends:
+                ledger = ledger_key("i:" + request.instance)
+                break
     return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes,
                        checks_only, ledger, paused))
 

@@ -786,6 +786,8 @@ def _hits(report: ReplayReport, verdict: Verdict, stage: str, recipients: int,
         report.keys[(o.name, o.key)] += 1
 
 
+# read once: an Enum's member costs a lookup each time
+_ACCEPT, _HOLD, _DEFER, _REJECT = Action.ACCEPT, Action.HOLD, Action.DEFER, Action.REJECT
 _RECIPIENT = Request._fields.index("recipient")
 _DESTINATION = Request._fields.index("destination")
 assert _RECIPIENT < _DESTINATION
@@ -823,10 +825,10 @@ def _try(decide_now: _Decider, report: ReplayReport, attempt: _Try, seq: int, no
         _hits(report, verdict, STAGE_RCPT, 1, first)
         lane = verdict.lane.name
         action = verdict.action
-        if action is Action.ACCEPT or action is Action.HOLD:
+        if action is _ACCEPT or action is _HOLD:
             accepted.append(rcpt)
-            held_at_rcpt |= action is Action.HOLD
-        elif action is Action.DEFER:
+            held_at_rcpt |= action is _HOLD
+        elif action is _DEFER:
             later.append(rcpt)
             _deferred_by(attempt, verdict, limits)
         else:
@@ -847,15 +849,15 @@ def _try(decide_now: _Decider, report: ReplayReport, attempt: _Try, seq: int, no
     lane = verdict.lane.name
     attempt.mail_lane = lane
     action = verdict.action
-    if action is not Action.ACCEPT:
+    if action is not _ACCEPT:
         decide_now.store.give_back_now(make_ledger_key("i:" + instance), now_ms)
-    if action is Action.DEFER:
+    if action is _DEFER:
         later = accepted + later
         _deferred_by(attempt, verdict, limits)
-    elif action is Action.REJECT:
+    elif action is _REJECT:
         _finish(report, attempt, accepted, "rejected", lane, now_ms)
     else:
-        held = action is Action.HOLD or held_at_rcpt
+        held = action is _HOLD or held_at_rcpt
         _finish(report, attempt, accepted, "held" if held else "accepted", lane, now_ms,
                 demoted=verdict.demoted)
     attempt.deferred.update(later)

@@ -436,6 +436,8 @@ class MemoryStore:
                 spent: dict[str, int], now_ms: int, once_key: str | None,
                 once_ttl_ms: int) -> None:
         """Write what a committed decision spent, and its once key, making room first."""
+        if not spent and once_key is None:
+            return  # nothing to write (a check at RCPT): the usual case
         buckets, once = self._buckets, self._once
         new = [key for key in spent if key not in buckets and seen[key][1]]
         new_once = once_key is not None and once_key not in once
