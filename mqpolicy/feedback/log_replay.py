@@ -520,18 +520,14 @@ class _Decider:
         self.decisions = 0
         self._finder = DestinationFinder(None)
         self._once_ttl_ms = policy.store.once_ttl_ms
-        self._destinations: dict[str, str] = {}  # recipient -> destination, as found
 
     def destination(self, recipient: str) -> str:
         """The destination the service gives a recipient's request ('' when the policy
         has none: the request's own domain)."""
-        found = self._destinations.get(recipient)
-        if found is None:
-            destinations = self.policy.destinations
-            found = self._destinations[recipient] = (
-                self._finder.find_now(domain_of(recipient), destinations) or ""
-                if destinations and recipient else "")
-        return found
+        destinations = self.policy.destinations
+        if not destinations or not recipient:
+            return ""
+        return self._finder.find_now(domain_of(recipient), destinations) or ""
 
     def __call__(self, request: Request, now_ms: int) -> Verdict:
         policy = self.policy
@@ -551,7 +547,7 @@ class _Decider:
         return decide(plan, evaluation, policy)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a retry reads a few of them, long after the last time
 class _Try:
     """One mail's recipients still trying."""
 
