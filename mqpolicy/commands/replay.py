@@ -9,11 +9,13 @@ read are counted and shown, never fatal.
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import IO
@@ -37,6 +39,9 @@ from mqpolicy.postfix.postconf import read_parameters
 from mqpolicy.store.urls import check_store_url
 
 PROGRESS_EVERY = 200_000
+FULL_COLLECTION_EVERY = 1000
+"""While replaying: a full collection after this many of the middle generation (Python's
+default is 10)."""
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +115,23 @@ def retry_schedule(args: argparse.Namespace) -> RetrySchedule:
     return RetrySchedule(**seconds)
 
 
+@contextmanager
+def fewer_full_collections() -> Iterator[None]:
+    """The garbage collector with full collections a hundred times rarer, then as it was.
+
+    Reading a day of log and replaying it makes millions of objects that live to the end
+    (the mail, the budgets, the tallies) and almost no reference cycles: with the default
+    thresholds the collector walks them all again every few hundred thousand allocations,
+    a sixth of a replay's time. The young generations are still collected as usual."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(thresholds[0], thresholds[1], max(thresholds[2], FULL_COLLECTION_EVERY))
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+@fewer_full_collections()
 def cmd_replay(policy: Policy, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     other: Policy | None = None
     if args.compare:

@@ -60,14 +60,19 @@ class Action(Enum):
     REJECT = "reject"
 
 
+_ACTIONS = {action.value: action for action in Action}  # by value, without Action(value)
+
+
 # What a hold that no limit decided says (Postfix logs it with the HOLD, Sendmail lists it
 # as the quarantine reason); a limit's hold says its message or ``messages.hold``.
 LANE_HOLD_TEXT = "held by mqpolicy lane {lane}"
 LOAD_HOLD_TEXT = "held by mqpolicy load: lane {lane} waits for the MTA's queues"
 PAUSE_HOLD_TEXT = "held by mqpolicy: {paused} paused"
 
-_SEVERITY = {ActionKind.REJECT: 3, ActionKind.DEFER: 2, ActionKind.HOLD: 1}
+# by the value of an ActionKind (a string: cheaper to hash than an Enum member)
+_SEVERITY = {ActionKind.REJECT.value: 3, ActionKind.DEFER.value: 2, ActionKind.HOLD.value: 1}
 _MAX_KEY_LENGTH = 200
+_BYTES = Count.BYTES  # read once: an Enum's member costs a lookup each time
 
 
 class PlannedLimit(NamedTuple):
@@ -160,8 +165,8 @@ def classify(request: Request, policy: Policy) -> tuple[Lane, str | None]:
         if rule.needs_headers and no_headers:
             continue
         if rule.when(request):
-            return policy.lane(rule.lane), rule.name
-    return policy.lane(policy.default_lane), None
+            return policy.lanes_by_name[rule.lane], rule.name
+    return policy.lanes_by_name[policy.default_lane], None
 
 
 # ---------------------------------------------------------------- keys
@@ -314,20 +319,22 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
         if limit.recipient_keyed:  # only at RCPT (limits_by_stage; destinations too)
             if paused:
                 continue  # paused mail is held, never refused: checked at its release
-            cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
+            cost = (size if size > 1 else 1) if limit.count is _BYTES else 1
             consume = spend_recipients
         elif at_end:
             cost = _message_cost(limit, request)
             consume = not checks_only
         else:
-            cost = (size if size > 1 else 1) if limit.count is Count.BYTES else 1
+            cost = (size if size > 1 else 1) if limit.count is _BYTES else 1
             consume = False
         unit, burst = limit.unit, limit.burst
         if backoff and limit.destination is not None:
             factor = backoff.get(limit.destination, 1.0)
             if factor < 1.0:  # same bucket key: a factor change never resets the bucket
                 unit, burst = scale_budget(unit, burst, factor)
-        bucket = store_key(limit, key)
+        # store_key(limit, key), its usual case inlined
+        bucket = (limit.bucket_prefix + key if key.isascii() and len(key) <= _MAX_KEY_LENGTH
+                  else store_key(limit, key))
         # tuple.__new__: positional NamedTuples without their keyword __new__ (2x cheaper)
         check = _new(BudgetCheck, (bucket, limit.refill, unit, burst, cost, consume,
                                    limit.blocking, 0))
@@ -335,9 +342,12 @@ def make_plan(request: Request, policy: Policy, runtime: RuntimeState = NO_RUNTI
     if at_end and demotion and planned and not checks_only and policy.demotes:
         planned = _with_demotion(request, policy, runtime, lane, planned)
     once = once_key_for(request) if at_end and planned and not checks_only else None
-    ledger = (ledger_key("i:" + request.instance)
-              if at_rcpt and request.instance and not releasing
-              and any(p.spends for p in planned) else None)
+    ledger = None
+    if at_rcpt and request.instance and not releasing:
+        for p in planned:  # a loop: cheaper than any() over a generator
+            if p.spends:
+                ledger = ledger_key("i:" + request.instance)
+                break
     return _new(Plan, (request, lane, rule, tuple(planned), once, runtime.waiting_lanes,
                        checks_only, ledger, paused))
 
@@ -405,14 +415,6 @@ def counted_in_decision(planned: PlannedLimit, evaluation: Evaluation) -> bool:
 # ---------------------------------------------------------------- decide
 
 
-def _counted(p: PlannedLimit) -> str:
-    if not p.spends:
-        return "checked"
-    if p.check.cost == 1:
-        return p.limit.counted_one
-    return f"{p.check.cost} {p.limit.count.value}"
-
-
 def _fill(template: str, limit: Limit | None, key: str, lane: Lane, retry_ms: int,
           remaining: int) -> str:
     if retry_ms > 0:
@@ -443,22 +445,33 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
     duplicate = evaluation.duplicate
     may_spend = evaluation.committed and not duplicate
     for planned, result in zip(plan.limits, evaluation.results, strict=True):
-        limit = planned.limit
+        limit, key, check, spends = planned
         allowed, remaining, retry_after_ms = result
-        counted = not planned.check.after or counted_in_decision(planned, evaluation)
+        cost, consume, after = check.cost, check.consume, check.after
+        counted = not after or counted_in_decision(planned, evaluation)
+        # what the check counted (LimitOutcome.counted)
+        if duplicate:
+            what = "already counted"
+        elif not counted:
+            what = "not in the final lane"
+        elif not spends:
+            what = "checked"
+        elif cost == 1:
+            what = limit.counted_one
+        else:
+            what = f"{cost} {limit.count.value}"
         outcomes.append(_new(LimitOutcome, (
             limit.name,
-            planned.key,
+            key,
             allowed,
-            may_spend and allowed and planned.check.consume and counted,
+            may_spend and allowed and consume and counted,
             remaining,
             retry_after_ms,
             limit.action,
             limit.monitor,
             limit.rate_text,
-            "already counted" if duplicate else (_counted(planned) if counted
-                                                 else "not in the final lane"),
-            planned.check.cost if planned.check.consume and counted else 0,
+            what,
+            cost if consume and counted else 0,
         )))
         if allowed or limit.monitor:
             continue
@@ -468,12 +481,12 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
                 lane = target
             continue
         kind = limit.action
-        never = result.retry_after_ms == NEVER
+        never = retry_after_ms == NEVER
         if never and kind is not ActionKind.REJECT:  # can never fit: no 4xx loop
             kind = ActionKind.REJECT if limit.oversize is Oversize.REJECT else ActionKind.HOLD
         if plan.checks_only and kind is ActionKind.HOLD:
             continue  # holding is the milter's: it writes the record and quarantines
-        rank = (_SEVERITY[kind], 1 << 62 if never else result.retry_after_ms, planned, result,
+        rank = (_SEVERITY[kind._value_], 1 << 62 if never else retry_after_ms, planned, result,
                 kind, never)
         if worst is None or rank[:2] > worst[:2]:
             worst = rank
@@ -482,17 +495,16 @@ def decide(plan: Plan, evaluation: Evaluation | None, policy: Policy) -> Verdict
     if worst is not None:
         _, _, planned, result, kind, never = worst
         limit = planned.limit
-        action = Action(kind.value)
+        action = _ACTIONS[kind._value_]  # _value_: a plain attribute, value is not
         oversize = never and limit.action is not ActionKind.REJECT
         if oversize and action is Action.REJECT:
             text = oversize_text(limit, planned.check)
         else:
-            default: str = getattr(policy.messages, action.value)  # messages.defer, ...
+            default: str = getattr(policy.messages, kind._value_)  # messages.defer, ...
             text = _fill(limit.message or default, limit, planned.key, lane,
                          result.retry_after_ms, result.remaining)
-        return Verdict(action, lane, classified, plan.rule, text, result.retry_after_ms,
-                       limits, deciding=limit.name, duplicate=evaluation.duplicate,
-                       oversize=oversize)
+        return _new(Verdict, (action, lane, classified, plan.rule, text, result.retry_after_ms,
+                              limits, limit.name, False, evaluation.duplicate, oversize))
     if plan.paused and not plan.checks_only:
         return Verdict(Action.HOLD, lane, classified, plan.rule,
                        PAUSE_HOLD_TEXT.format(paused=plan.paused), 0, limits,

@@ -61,10 +61,12 @@ _MONTHS = {
     )
 }
 _PROGRAM = r"(?P<host>\S+) (?P<prog>[^\s\[\]:/]+(?:/[^\s\[\]:/]+)+)(?:\[(?P<pid>\d{1,10})\])?: "
-_SYSLOG_HEADER = re.compile(
+_SYSLOG_STAMP = (
     r"(?P<mon>(?i:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)) {1,2}(?P<day>\d{1,2}) "
-    r"(?P<clock>\d\d):(?P<min>\d\d):(?P<sec>\d\d)(?:\.(?P<frac>\d{1,9}))? " + _PROGRAM
+    r"(?P<clock>\d\d):(?P<min>\d\d):(?P<sec>\d\d)(?:\.(?P<frac>\d{1,9}))?"
 )
+_STAMP = re.compile(_SYSLOG_STAMP)
+_SYSLOG_HEADER = re.compile(f"(?P<stamp>{_SYSLOG_STAMP}) " + _PROGRAM)
 _ISO_HEADER = re.compile(
     r"(?P<ts>\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?) " + _PROGRAM
 )
@@ -360,6 +362,9 @@ def _fields(line: str, pos: int) -> tuple[dict[str, str], str, str] | None:
 
 def _address_end(line: str, start: int) -> int:
     """Index of the ``>`` closing the address opened at ``start`` (quotes respected)."""
+    end = line.find(">", start + 1)
+    if end >= 0 and line.find('"', start + 1, end) < 0:
+        return end  # no quoted part before the first ">": that one (the usual address)
     quoted = False
     i = start + 1
     n = len(line)
@@ -381,8 +386,18 @@ def _address_end(line: str, start: int) -> int:
 def _syslog_time(header: re.Match[str], reference: datetime | None) -> datetime | None:
     if reference is None:
         return None
-    return syslog_datetime(header["mon"], header["day"], header["clock"], header["min"],
-                           header["sec"], header["frac"] or "0", reference)
+    return _stamp_datetime(header["stamp"], reference)
+
+
+@functools.lru_cache(maxsize=1024)  # a log's lines come many to the second
+def _stamp_datetime(stamp: str, reference: datetime) -> datetime | None:
+    """:func:`syslog_datetime` of a header's time, by its text (one key to hash, where
+    the parts are six)."""
+    parts = _STAMP.fullmatch(stamp)
+    if parts is None:
+        return None
+    return syslog_datetime(parts["mon"], parts["day"], parts["clock"], parts["min"],
+                           parts["sec"], parts["frac"] or "0", reference)
 
 
 @functools.lru_cache(maxsize=1024)  # a log's lines come many to the second
@@ -412,7 +427,8 @@ def _relay_host(relay: str) -> str:
 def _reply(detail: str) -> tuple[str, int | None]:
     remote = _REMOTE.search(detail)
     reply = detail[remote.end():] if remote is not None else detail
-    reply = _IN_REPLY_TO.sub("", reply)
+    if reply.endswith(")"):  # else no "(in reply to ...)" to drop
+        reply = _IN_REPLY_TO.sub("", reply)
     code = _REPLY_CODE.match(reply)
     return reply, int(code["code"]) if code else None
 

@@ -9,8 +9,9 @@ recipient. A refused attempt that is retried (the same sender and recipient logg
 within ``maximal_queue_lifetime``) is one mail: the retries are merged into the first.
 
 :func:`replay` feeds, in log time, the decisions Postfix would have asked for (one RCPT
-per recipient, then END-OF-MESSAGE with the recipients accepted) to the real decision
-service on a private memory store whose clock is the simulation's. Mail deferred by the
+per recipient, then END-OF-MESSAGE with the recipients accepted) to the real engine,
+through the decision service's steps, on a private memory store whose clock is the
+simulation's. Mail deferred by the
 policy is tried again as a Postfix client does: after ``clamp(age, minimal_backoff_time,
 maximal_backoff_time)``, until accepted, refused, held, or older than
 ``maximal_queue_lifetime`` (then it counts as expired). No real waiting. Before a
@@ -37,10 +38,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-from mqpolicy.decision.engine import Action, Verdict, store_key
+from mqpolicy.decision.engine import (
+    NO_LIMITS_EVALUATION,
+    NO_RUNTIME,
+    Action,
+    Verdict,
+    decide,
+    make_plan,
+    store_key,
+)
 from mqpolicy.decision.engine import ledger_key as make_ledger_key
 from mqpolicy.decision.mx_resolver import DestinationFinder
-from mqpolicy.decision.service import DecisionService
 from mqpolicy.feedback.decision_log import (
     REFUSED_CODES,
     DecisionMessages,
@@ -59,9 +67,11 @@ from mqpolicy.feedback.delivery_log import (
 )
 from mqpolicy.policy.backoff import BackoffState, on_slow_down, on_success
 from mqpolicy.policy.model import FeedbackSettings, Limit, Policy
-from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
-from mqpolicy.store.budget import BudgetCheck
+from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request, domain_of
+from mqpolicy.store.budget import BudgetCheck, Evaluation, StoreError
 from mqpolicy.store.memory import MemoryStore
+
+_new = tuple.__new__  # positional NamedTuples without their keyword __new__ (2x cheaper)
 
 # Postfix's defaults (postconf -d)
 MINIMAL_BACKOFF_S = 300
@@ -167,6 +177,8 @@ class MailLog:
         #: delivery results for feedback: (ms, domain, event; None for a success)
         self.results: list[tuple[int, str, DeliveryEvent | None]] = []
         self._decisions = DecisionMessages()  # mqpolicy's own decision lines
+        self._last_time: datetime | None = None  # the last line's time, and in ms
+        self._last_ms = 0
 
     def feed(self, line: str, reference: datetime | None = None) -> None:
         summary = self.summary
@@ -186,11 +198,15 @@ class MailLog:
             summary.no_time += 1
             return
         ts = read.timestamp
-        if summary.first is None or ts < summary.first:
-            summary.first = ts
-        if summary.last is None or ts > summary.last:
-            summary.last = ts
-        ms = int(ts.timestamp() * 1000)
+        if ts is self._last_time:  # a line of the same second: the same (cached) datetime
+            ms = self._last_ms
+        else:
+            if summary.first is None or ts < summary.first:
+                summary.first = ts
+            if summary.last is None or ts > summary.last:
+                summary.last = ts
+            ms = self._last_ms = int(ts.timestamp() * 1000)
+            self._last_time = ts
         if isinstance(read, DeliveryEvent):
             self._delivery(read, ms)
         else:
@@ -490,15 +506,48 @@ class ReplayReport:
 _UNBOUNDED = 1 << 40
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now_ms = 0
+class _Decider:
+    """The decision service's synchronous steps (:meth:`DecisionService.decide_now`
+    without a resolver, on the replay's private memory store): the recipient's
+    destination, :func:`~mqpolicy.decision.engine.make_plan`, the store's evaluation of
+    the plan's checks, :func:`~mqpolicy.decision.engine.decide`. Without what the replay
+    has no use for: the service's stats, latency timers, lock and decision log; the
+    decisions are counted here. A test holds its verdicts to the service's."""
 
-    def __call__(self) -> int:
-        return self.now_ms
+    def __init__(self, policy: Policy, store: MemoryStore) -> None:
+        self.policy = policy
+        self.store = store
+        self.decisions = 0
+        self._finder = DestinationFinder(None)
+        self._once_ttl_ms = policy.store.once_ttl_ms
+
+    def destination(self, recipient: str) -> str:
+        """The destination the service gives a recipient's request ('' when the policy
+        has none: the request's own domain)."""
+        destinations = self.policy.destinations
+        if not destinations or not recipient:
+            return ""
+        return self._finder.find_now(domain_of(recipient), destinations) or ""
+
+    def __call__(self, request: Request, now_ms: int) -> Verdict:
+        policy = self.policy
+        if policy.destinations and request.recipient and not request.destination:
+            request = request._replace(destination=self.destination(request.recipient))
+        plan = make_plan(request, policy, NO_RUNTIME)
+        evaluation: Evaluation | None = NO_LIMITS_EVALUATION
+        if plan.limits:
+            ledger = plan.ledger_key
+            try:
+                evaluation = self.store.evaluate_now(
+                    [p.check for p in plan.limits], now_ms, plan.once_key, self._once_ttl_ms,
+                    *((ledger,) if ledger else ()))
+            except StoreError:  # at its bound, every entry in use: not with this one's
+                evaluation = None
+        self.decisions += 1
+        return decide(plan, evaluation, policy)
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a retry reads a few of them, long after the last time
 class _Try:
     """One mail's recipients still trying."""
 
@@ -511,6 +560,8 @@ class _Try:
     # the limits found spent when it was last deferred, looked at before the next try
     peeks: list[_Peek] = field(default_factory=list)
     skippable: bool = True  # every part of the last deferral was decided by a limit
+    # the peeks as _skip looks at them (made at the first look after a try)
+    looks: _Looks | None = None
 
 
 def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
@@ -527,60 +578,83 @@ def replay(policy: Policy, mails: Iterable[Mail], *, name: str = "",
     report = ReplayReport(name, schedule, summary or InputSummary())
     for lane in policy.lanes:
         report.lane(lane.name)
-    clock = _Clock()
     # private, and bounded only by memory: an eviction would change what the log's mail
     # found (a live server's bound is its own operators' choice)
     store = MemoryStore(max_entries=_UNBOUNDED)
-    service = DecisionService(policy, store, clock_ms=clock)
-    queue: list[tuple[int, int, _Try]] = []
-    seq = 0
+    decider = _Decider(policy, store)
     by_transport: dict[str, list[str]] = {}
     for lane in policy.lanes:
         by_transport.setdefault(lane.transport, []).append(lane.name)
     lanes_of = {t: "|".join(names) for t, names in by_transport.items()}
+    logged, logged_lanes = report.logged, report.logged_lanes
+    # The mail in arrival order (the order given when it is so: a stable sort), then the
+    # retries, in a heap ordered by (time, seq): a mail's first try comes before the
+    # retries due at the same time, as in one heap of both where each mail's seq is its
+    # place in this list and a retry's is larger.
+    arrivals: list[tuple[int, _Try]] = []
     for mail in mails:
         report.mails += 1
         report.recipients += len(mail.recipients)
         for status in mail.recipients.values():
-            report.logged[status.split(" ")[0]] += 1
+            logged[status.split(" ")[0]] += 1
         for transport in mail.transports.values():
-            report.logged_lanes[lanes_of.get(transport, f"transport {transport}")] += 1
+            logged_lanes[lanes_of.get(transport, f"transport {transport}")] += 1
         if mail.logged_lane:  # the live policy's lane, from its decision log
-            report.logged_lanes[mail.logged_lane] += sum(
+            logged_lanes[mail.logged_lane] += sum(
                 status in ("accepted", "held") for status in mail.recipients.values())
         if mail.held:
-            report.logged["held messages"] += 1
-        queue.append((mail.arrival_ms, seq, _Try(mail, list(mail.recipients),
-                                                 mail.arrival_ms)))
-        seq += 1
-    heapq.heapify(queue)
-    total = len(queue)
+            logged["held messages"] += 1
+        arrivals.append((mail.arrival_ms, _Try(mail, list(mail.recipients),
+                                               mail.arrival_ms)))
+    if any(arrivals[i][0] > arrivals[i + 1][0] for i in range(len(arrivals) - 1)):
+        arrivals.sort(key=lambda a: a[0])
+    total = len(arrivals)
+    seq = total
+    # the retries due, a heap of (time, seq) each as one integer (cheaper to compare than
+    # a tuple), and the mail each one is
+    due: list[int] = []
+    waiting: dict[int, _Try] = {}
     done = 0
     end_headers: tuple[tuple[str, str], ...] | None = () if policy.end_checks_only else None
     limits: dict[str, Limit] = {lim.name: lim for lim in policy.limits}
     limits.update({lim.name: lim for lim in policy.destination_limits.values()})
-    while queue:
-        now_ms, _, attempt = heapq.heappop(queue)
-        clock.now_ms = now_ms
+    next_arrival = 0
+    heappop, heappush, next_try_ms = heapq.heappop, heapq.heappush, schedule.next_try_ms
+    while True:
+        if next_arrival < total and (not due
+                                     or arrivals[next_arrival][0] <= due[0] >> _SEQ_BITS):
+            now_ms, attempt = arrivals[next_arrival]
+            next_arrival += 1
+        elif due:
+            key = heappop(due)
+            attempt = waiting.pop(key)
+            now_ms = key >> _SEQ_BITS
+        else:
+            break
         if skip_spent_tries and _skip(report, attempt, store, now_ms):
             again = attempt.recipients
         else:
-            again = _try(service, report, attempt, seq, end_headers, limits)
+            again = _try(decider, report, attempt, seq, now_ms, end_headers, limits)
         seq += 1
         if again:
-            later = schedule.next_try_ms(attempt.first_ms, now_ms)
+            later = next_try_ms(attempt.first_ms, now_ms)
             if later is None:
                 _finish(report, attempt, again, "expired", attempt.mail_lane, now_ms)
             else:
                 attempt.recipients = again
-                heapq.heappush(queue, (later, seq, attempt))
+                key = later << _SEQ_BITS | seq
+                waiting[key] = attempt
+                heappush(due, key)
                 continue
         done += 1
         if progress is not None and done % 50_000 == 0:
             progress(done, total)
-    report.decisions = sum(service.stats.decisions.values())
+    report.decisions = decider.decisions
     report.destinations = feedback_replay(policy, results)
     return report
+
+
+_SEQ_BITS = 48  # a retry's seq below 2**48: more tries than any replay makes
 
 
 class _Peek(NamedTuple):
@@ -602,39 +676,83 @@ def _skip(report: ReplayReport, attempt: _Try, store: MemoryStore, now_ms: int) 
     deferred again. The limits that part planned are looked at as the engine weighs them
     (severity, then the longest wait): when the worst one without room defers, the part
     is deferred by it, and counted so."""
-    peeks = attempt.peeks
-    if not peeks:
-        return False
-    results = store.evaluate_now([p.check for p in peeks], now_ms).results
-    worst: dict[int, tuple[int, int, str]] = {}
-    for p, r in zip(peeks, results, strict=True):
-        worst.setdefault(p.part, (0, 0, ""))
-        if not r.allowed and (p.rank, r.retry_after_ms) > worst[p.part][:2]:
-            worst[p.part] = (p.rank, r.retry_after_ms, p.name)
-    if any(rank != _DEFER_RANK for rank, _, _ in worst.values()):
-        return False  # a part gets in, or is refused or held: make the try
+    looks = attempt.looks
+    if looks is None:
+        if not attempt.peeks:
+            return False
+        looks = attempt.looks = _looks(attempt.peeks, report)
+    checks, parts, alone = looks
+    results = store.look_now(checks, now_ms)
+    if alone is not None:  # the usual: one deferring limit, the only one of every part
+        if results[0][0]:
+            return False  # it has room: make the try
+        report.retries_skipped += 1
+        alone[0].retries += alone[1]
+        return True
+    deciding: list[str] = []
+    for part in parts:
+        if len(part) == 1:  # one limit: it decides the part when it has no room
+            [(i, worst_rank, worst)] = part
+            if results[i][0]:
+                return False  # the part gets in: make the try
+        else:
+            worst_rank = worst_wait = 0
+            worst = ""
+            for i, rank, name in part:
+                allowed, wait = results[i]
+                if not allowed and (rank, wait) > (worst_rank, worst_wait):
+                    worst_rank, worst_wait, worst = rank, wait, name
+        if worst_rank != _DEFER_RANK:
+            return False  # a part gets in, or is refused or held: make the try
+        deciding.append(worst)
     report.retries_skipped += 1
-    for _, _, name in worst.values():
+    for name in deciding:
         report.limits[name].retries += 1
     return True
+
+
+_Looks = tuple[list[BudgetCheck], list[list[tuple[int, int, str]]],
+               tuple[LimitTally, int] | None]
+
+
+def _looks(peeks: list[_Peek], report: ReplayReport) -> _Looks:
+    """What :func:`_skip` looks at: each check once (a look spends nothing: the same
+    check finds the same), and per part, in order, each of its limits once, as (its
+    check's place, rank, name). Last, when one deferring check is the only limit of every
+    part: its limit's tally and the number of parts (the retries a skip counts to it)."""
+    where: dict[BudgetCheck, int] = {}
+    parts: dict[int, dict[int, tuple[int, int, str]]] = {}
+    for p in peeks:
+        i = where.setdefault(p.check, len(where))
+        parts.setdefault(p.part, {}).setdefault(i, (i, p.rank, p.name))
+    by_part = [list(part.values()) for part in parts.values()]
+    alone = None
+    if len(where) == 1 and all(len(part) == 1 for part in by_part):
+        _, rank, name = by_part[0][0]
+        if rank == _DEFER_RANK:
+            alone = (report.limits[name], len(by_part))
+    return list(where), by_part, alone
 
 
 def _deferred_by(attempt: _Try, verdict: Verdict, limits: dict[str, Limit]) -> None:
     """Note the limits a deferred part of a try planned, to look at before the next. A
     deferral no known limit decided (the store's failure) makes no try skippable."""
-    part = len({p.part for p in attempt.peeks})
+    part = attempt.peeks[-1].part + 1 if attempt.peeks else 0  # parts come one by one
     peeks: list[_Peek] = []
     decided = False
     for o in verdict.limits:
         limit = limits.get(o.name)
-        rank = _RANK.get(o.action.value, 0)
+        rank = _RANK.get(o.action._value_, 0)  # _value_: a plain attribute, value is not
         if o.monitor or limit is None or not rank:
             continue
         decided |= o.name == verdict.deciding
-        # its cost in that decision (at least one: a peek at RCPT counts nothing)
-        peeks.append(_Peek(part, o.name, rank, BudgetCheck(
-            store_key(limit, o.key), limit.refill, limit.unit, limit.burst, max(1, o.cost),
-            consume=False, blocking=limit.blocking)))
+        # its cost in that decision (at least one: a peek at RCPT counts nothing), looked
+        # at without spending (consume False, after 0)
+        cost = o.cost if o.cost > 1 else 1
+        peeks.append(_new(_Peek, (part, o.name, rank, _new(BudgetCheck, (
+            store_key(limit, o.key), limit.refill, limit.unit, limit.burst, cost, False,
+            limit.blocking, 0)))))
+    attempt.looks = None
     if decided and attempt.skippable:
         attempt.peeks.extend(peeks)
     else:
@@ -664,14 +782,14 @@ def _hits(report: ReplayReport, verdict: Verdict, stage: str, recipients: int,
         report.keys[(o.name, o.key)] += 1
 
 
-def _decide(service: DecisionService, request: Request) -> Verdict:
-    verdict = service.decide_now(request, logged=False)
-    if verdict is None:  # only a resolver makes it None: the replay has none
-        raise RuntimeError("the replay's decisions need no I/O")
-    return verdict
+# read once: an Enum's member costs a lookup each time
+_ACCEPT, _HOLD, _DEFER, _REJECT = Action.ACCEPT, Action.HOLD, Action.DEFER, Action.REJECT
+_RECIPIENT = Request._fields.index("recipient")
+_DESTINATION = Request._fields.index("destination")
+assert _RECIPIENT < _DESTINATION
 
 
-def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int,
+def _try(decide_now: _Decider, report: ReplayReport, attempt: _Try, seq: int, now_ms: int,
          end_headers: tuple[tuple[str, str], ...] | None,
          limits: dict[str, Limit]) -> list[str]:
     """One try of a mail's recipients; the recipients to try again later."""
@@ -689,18 +807,24 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
     later: list[str] = []
     held_at_rcpt = False
     lane = ""
-    now_ms = service.clock_ms()
     attempt.peeks = []
+    attempt.looks = None
     attempt.skippable = True
+    destination = decide_now.destination
+    # each recipient's request: the base with its recipient and destination (as _replace
+    # would make it, at a third of the cost)
+    head, middle, tail = base[:_RECIPIENT], base[_RECIPIENT + 1:_DESTINATION], \
+        base[_DESTINATION + 1:]
     for rcpt in attempt.recipients:
-        verdict = _decide(service, base._replace(recipient=rcpt))
+        verdict = decide_now(_new(Request, (*head, rcpt, *middle, destination(rcpt), *tail)),
+                             now_ms)
         _hits(report, verdict, STAGE_RCPT, 1, first)
         lane = verdict.lane.name
         action = verdict.action
-        if action is Action.ACCEPT or action is Action.HOLD:
+        if action is _ACCEPT or action is _HOLD:
             accepted.append(rcpt)
-            held_at_rcpt |= action is Action.HOLD
-        elif action is Action.DEFER:
+            held_at_rcpt |= action is _HOLD
+        elif action is _DEFER:
             later.append(rcpt)
             _deferred_by(attempt, verdict, limits)
         else:
@@ -713,23 +837,23 @@ def _try(service: DecisionService, report: ReplayReport, attempt: _Try, seq: int
     # each try is a transaction of its own (a client sends a deferred message again): a
     # queue id of its own, whatever the log's (Postfix reuses queue ids over a day)
     queue_id = f"{mail.queue_id or 'NOQUEUE'}.{seq:x}"
-    verdict = _decide(service, base._replace(
+    verdict = decide_now(base._replace(
         stage=STAGE_END_OF_MESSAGE, queue_id=queue_id, recipients=tuple(accepted),
         recipient_count=len(accepted) + unknown,
-        headers=end_headers if mail.headers is None else mail.headers))
+        headers=end_headers if mail.headers is None else mail.headers), now_ms)
     _hits(report, verdict, STAGE_END_OF_MESSAGE, len(accepted), first)
     lane = verdict.lane.name
     attempt.mail_lane = lane
     action = verdict.action
-    if action is not Action.ACCEPT:
-        service.give_back_now(make_ledger_key("i:" + instance))
-    if action is Action.DEFER:
+    if action is not _ACCEPT:
+        decide_now.store.give_back_now(make_ledger_key("i:" + instance), now_ms)
+    if action is _DEFER:
         later = accepted + later
         _deferred_by(attempt, verdict, limits)
-    elif action is Action.REJECT:
+    elif action is _REJECT:
         _finish(report, attempt, accepted, "rejected", lane, now_ms)
     else:
-        held = action is Action.HOLD or held_at_rcpt
+        held = action is _HOLD or held_at_rcpt
         _finish(report, attempt, accepted, "held" if held else "accepted", lane, now_ms,
                 demoted=verdict.demoted)
     attempt.deferred.update(later)

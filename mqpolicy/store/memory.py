@@ -304,11 +304,50 @@ class MemoryStore:
             if blocked or repeated:
                 self._settle(checks, results, seen, spent, blocked)
             if blocked:
-                return Evaluation(tuple(results), committed=False)
+                return _new(Evaluation, (tuple(results), False, False))
             self._commit(checks, seen, spent, now_ms, once_key, once_ttl_ms)
             if ledger_key is not None and spent:
                 self._add_to_ledger(ledger_key, checks, seen, spent, now_ms + once_ttl_ms)
             return _new(Evaluation, (tuple(results), True, False))
+
+    def look_now(self, checks: Sequence[BudgetCheck], now_ms: int) -> list[tuple[bool, int]]:
+        """What each check finds now, alone and spending nothing: ``allowed`` and
+        ``retry_after_ms`` as :meth:`evaluate_now` answers them for checks that spend
+        nothing (``consume`` false, no ``after``). Writes nothing; any thread.
+
+        ``mqpolicy replay`` looks so at the buckets that deferred a mail before its next
+        try: the arithmetic of :meth:`evaluate_now`, without a decision's bookkeeping."""
+        if type(now_ms) is not int or not 0 <= now_ms < TIME_LIMIT:
+            raise ValueError(f"now_ms must be an integer in [0, 2**53): {now_ms!r}")
+        found: list[tuple[bool, int]] = []
+        with self._lock:
+            self._now = now_ms
+            buckets = self._buckets
+            for check in checks:
+                key, refill, unit, burst, cost = check[:5]
+                if (type(refill) is not int or type(unit) is not int or type(burst) is not int
+                        or type(cost) is not int or not 0 < refill <= EXACT_LIMIT
+                        or unit <= 0 or burst < 0 or burst * unit > EXACT_LIMIT
+                        or not 0 <= cost < TIME_LIMIT):
+                    refuse_check(check)  # says what is wrong
+                packed = buckets.get(key)
+                if packed is None:
+                    debt, at = 0, now_ms
+                else:
+                    at = packed & _MASK
+                    debt = packed >> _BITS & _MASK
+                    if now_ms > at:
+                        if debt:
+                            debt = max(debt - refill * (now_ms - at), 0)
+                        at = now_ms
+                room = burst * unit - debt
+                if cost > burst:
+                    found.append((False, NEVER))
+                elif cost * unit <= room:
+                    found.append((True, 0))
+                else:
+                    found.append((False, at - now_ms - (room - cost * unit) // refill))
+        return found
 
     def _add_to_ledger(self, ledger_key: str, checks: Sequence[BudgetCheck],
                        seen: dict[str, tuple[int, int, int]], spent: dict[str, int],
@@ -389,13 +428,16 @@ class MemoryStore:
                 continue
             else:
                 debt = after
-            results[i] = results[i]._replace(
-                remaining=free_units(debt, check.unit, check.burst))
+            allowed, _, retry_after_ms = results[i]
+            results[i] = _new(BudgetResult, (allowed, free_units(debt, check.unit, check.burst),
+                                             retry_after_ms))
 
     def _commit(self, checks: Sequence[BudgetCheck], seen: dict[str, tuple[int, int, int]],
                 spent: dict[str, int], now_ms: int, once_key: str | None,
                 once_ttl_ms: int) -> None:
         """Write what a committed decision spent, and its once key, making room first."""
+        if not spent and once_key is None:
+            return  # nothing to write (a check at RCPT): the usual case
         buckets, once = self._buckets, self._once
         new = [key for key in spent if key not in buckets and seen[key][1]]
         new_once = once_key is not None and once_key not in once

@@ -3,6 +3,7 @@ order, the table and ``--json``, ``--compare`` with a tighter limit, lines it ca
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mqpolicy.commands.replay import fewer_full_collections
 from mqpolicy.postfix.programs import POSTCONF
 from tests.support.decision_log_writer import POLICY as DECISION_POLICY
 from tests.support.decision_log_writer import live_run
@@ -160,3 +162,20 @@ def test_a_decision_log_replays_with_its_lanes_beside_the_replay(tmp_path: Path)
     assert diff["limits"]["bulk-per-sender"]["first_tries"] == {"a": 1, "b": 2}
     assert diff["limits"]["per-sender"]["first_tries"] == {"a": 2, "b": 2}
     assert diff["lanes"]["bulk"]["messages"]["deferred"] == {"a": 1, "b": 2}
+
+
+def test_the_collector_runs_full_collections_rarely_while_replaying_then_as_before() -> None:
+    before = gc.get_threshold()
+    seen: list[tuple[int, int, int]] = []
+
+    @fewer_full_collections()
+    def failing_replay() -> None:
+        seen.append(gc.get_threshold())
+        raise RuntimeError("a replay that fails")
+
+    with pytest.raises(RuntimeError):
+        failing_replay()
+    [during] = seen
+    assert during[:2] == before[:2]  # the young generations as usual
+    assert during[2] >= 100 * 10  # full collections a hundred times rarer than by default
+    assert gc.get_threshold() == before

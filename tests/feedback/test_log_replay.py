@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import random
 
-from mqpolicy.feedback.log_replay import MailLog, ReplayReport, RetrySchedule, replay
+from mqpolicy.decision.service import DecisionService
+from mqpolicy.feedback.log_replay import MailLog, ReplayReport, RetrySchedule, _Decider, replay
 from mqpolicy.policy.loader import parse_policy
+from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
+from mqpolicy.store.memory import MemoryStore
 from tests.support.lanes import LANES
 from tests.support.postfix_log_writer import REFERENCE, PostfixLog, stamp
 
@@ -248,3 +251,41 @@ def test_the_lane_each_recipient_was_delivered_in_is_read_from_its_transport() -
     # bulk and scheduled share mq-bulk: the log cannot tell them apart
     assert report.logged_lanes == {"transactional": 1, "bulk|scheduled": 2, "normal": 1,
                                    "transport other-relay": 1}
+
+
+def test_the_replay_decides_as_the_decision_service_does() -> None:
+    """The replay's own way through the engine and the memory store gives the verdict the
+    policy server's service gives, decision after decision, with the same budgets."""
+    text = policy("""\
+  - {name: per-sender, rate: 40/1h, burst: 6, key: sender, action: defer}
+  - {name: per-domain, rate: 20/1h, burst: 2, key: recipient_domain, action: defer}
+  - {name: per-rcpt, rate: 2/1d, burst: 2, key: recipient, action: reject}
+  - {name: big, rate: 6/1h, burst: 3, key: sender, count: recipients, action: {demote: bulk}}
+  - {name: bytes, rate: 50000/1h, key: client_address, count: bytes, action: hold,
+     oversize: hold}
+""") + """\
+destinations:
+  - {name: google, domains: [gmail.com, "*.google.com"], rate: 1/1m, burst: 1}
+  - {name: calm, domains: [calm.example], rate: 1/1m, action: hold}
+"""
+    parsed = parse_policy(text)
+    clock = [1_800_000_000_000]
+    service = DecisionService(parsed, MemoryStore(), clock_ms=lambda: clock[0])
+    decider = _Decider(parsed, MemoryStore())
+    rnd = random.Random(11)
+    domains = ["gmail.com", "mx.google.com", "calm.example", "b.example", "c.example"]
+    for n in range(400):
+        clock[0] += rnd.randrange(0, 40_000)
+        sender = f"s{rnd.randrange(4)}@a.example"
+        base = Request(stage=STAGE_RCPT, client_address=f"192.0.2.{rnd.randrange(3)}",
+                       sender=sender, size=rnd.choice((500, 4000, 12000)),
+                       sasl_username=rnd.choice(("", "scheduler")), instance=f"i{n}")
+        rcpts = [f"r{rnd.randrange(12)}@{rnd.choice(domains)}"
+                 for _ in range(rnd.choice((1, 2, 3)))]
+        for rcpt in rcpts:
+            request = base._replace(recipient=rcpt)
+            assert decider(request, clock[0]) == service.decide_now(request)
+        end = base._replace(stage=STAGE_END_OF_MESSAGE, queue_id=f"Q{n}",
+                            recipients=tuple(rcpts), recipient_count=len(rcpts))
+        assert decider(end, clock[0]) == service.decide_now(end)
+    assert decider.decisions == sum(service.stats.decisions.values())
