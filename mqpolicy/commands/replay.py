@@ -9,18 +9,21 @@ read are counted and shown, never fatal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import gzip
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 from mqpolicy.commands.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from mqpolicy.feedback.decision_log import NotADecision, is_decision_line, read_decision_line
+from mqpolicy.feedback.delivery_log import read_log_line
 from mqpolicy.feedback.log_replay import (
     COLUMNS,
     MAXIMAL_BACKOFF_S,
@@ -78,6 +81,44 @@ def read_lines(path: str) -> Iterator[str]:
     else:
         with open(path, encoding="utf-8", errors="surrogateescape") as plain:
             yield from plain
+
+
+FIRST_LINES_LOOKED_AT = 1000
+
+
+def in_time_order(paths: Sequence[str]) -> list[str]:
+    """The files by the time of their first dated line (rotated files come newest first
+    on a command line: ``mail.log mail.log.1 mail.log.2.gz``); a file with no dated line
+    among its first lines, stdin, and a file that cannot be read (reading it says why)
+    keep their place after the others. In time order a queue id Postfix gave again after
+    its message was removed is read as a new message."""
+    dated: list[tuple[datetime, int, str]] = []
+    undated: list[str] = []
+    for n, path in enumerate(paths):
+        try:
+            first = None if path == "-" else _first_time(path)
+        except (OSError, EOFError):  # gzip.BadGzipFile is an OSError
+            first = None
+        if first is None:
+            undated.append(path)
+        else:
+            dated.append((first, n, path))
+    return [path for _, _, path in sorted(dated)] + undated
+
+
+def _first_time(path: str) -> datetime | None:
+    reference = _reference(path)
+    for n, line in enumerate(read_lines(path)):
+        if n >= FIRST_LINES_LOOKED_AT:
+            return None
+        read = read_log_line(line, reference=reference)
+        if not isinstance(read, str) and read.timestamp is not None:
+            return read.timestamp
+        if is_decision_line(line):
+            with contextlib.suppress(NotADecision):
+                return datetime.fromtimestamp(
+                    read_decision_line(line, reference).ms / 1000, UTC)
+    return None
 
 
 def _reference(path: str) -> datetime:
@@ -152,7 +193,7 @@ def cmd_replay(policy: Policy, args: argparse.Namespace, out: IO[str], err: IO[s
     progress = (lambda text: None) if args.quiet else _progress(err)
     log = MailLog()
     started = time.monotonic()
-    for path in args.maillog:
+    for path in in_time_order(args.maillog):
         reference = _reference(path)
         try:
             for line in read_lines(path):

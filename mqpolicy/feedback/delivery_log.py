@@ -444,7 +444,7 @@ def collapse_reply(reply: str, code: int | None) -> str:
 
 # ---------------------------------------------------------------- message facts
 
-MESSAGE_LINE_KINDS = frozenset({"client", "queued", "refused"})
+MESSAGE_LINE_KINDS = frozenset({"client", "queued", "removed", "refused"})
 _CLIENT = re.compile(
     r"client=(?P<name>[^\[\s,]*)\[(?P<addr>[^\]\s]*)\](?::\d{1,5})?(?P<rest>(?:, .*)?)$")
 _SASL_USER = re.compile(r", sasl_username=(?P<user>[^,]*)")
@@ -466,8 +466,10 @@ class MessageLine:
 
     ``kind`` is ``client`` (smtpd's ``QID: client=NAME[ADDR][, sasl_method=M,
     sasl_username=U]``), ``queued`` (qmgr's ``QID: from=<S>, size=N, nrcpt=N (queue
-    active)``) or ``refused`` (smtpd's or cleanup's ``QID|NOQUEUE: reject|hold|discard|
-    milter-reject|milter-hold: STAGE from NAME[ADDR]: TEXT; from=<S> to=<R> ...``:
+    active)``), ``removed`` (qmgr's ``QID: removed``: the queue file is gone, and Postfix may
+    give its id to a later message) or ``refused`` (smtpd's or cleanup's ``QID|NOQUEUE:
+    reject|hold|discard|milter-reject|milter-hold: STAGE from NAME[ADDR]: TEXT; from=<S>
+    to=<R> ...``:
     ``action`` is the word before the colon, ``code`` the SMTP code TEXT starts with, 0
     when it has none).
     """
@@ -542,6 +544,8 @@ def _parse_message_line(line: str, reference: datetime | None) -> MessageLine | 
             return UNPARSABLE
         return MessageLine("queued", timestamp, host, queue_id, sender=m["sender"],
                            size=int(m["size"]), nrcpt=int(m["nrcpt"]))
+    if body == "removed":
+        return MessageLine("removed", timestamp, host, queue_id)
     if "from=<" in body and " to=<" in body and ": " in body[:16]:
         m = _REFUSED.match(body)
         if m is None:

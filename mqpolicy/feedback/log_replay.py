@@ -177,6 +177,9 @@ class MailLog:
         #: delivery results for feedback: (ms, domain, event; None for a success)
         self.results: list[tuple[int, str, DeliveryEvent | None]] = []
         self._decisions = DecisionMessages()  # mqpolicy's own decision lines
+        # a queue id's last message removed (qmgr): when; the earlier messages of reused ids
+        self._removed: dict[tuple[str, str], int] = {}
+        self._reused: list[Mail] = []
         self._last_time: datetime | None = None  # the last line's time, and in ms
         self._last_ms = 0
 
@@ -229,9 +232,19 @@ class MailLog:
             summary.last = ts
         self._decisions.add(decision, summary.lines)
 
-    def _mail(self, host: str, queue_id: str, ms: int) -> Mail:
+    def _mail(self, host: str, queue_id: str, ms: int, starts: bool = False) -> Mail:
+        """The mail a line of ``queue_id`` belongs to. A line that ``starts`` a message
+        (smtpd's client=, qmgr's from=) later than the id's last message was removed
+        starts a new mail: Postfix gives the id of a removed queue file to later messages
+        (never within the second: a short id holds the microseconds it was made at)."""
         key = (host, queue_id)
         mail = self._mails.get(key)
+        if mail is not None and starts:
+            removed = self._removed.get(key)
+            if removed is not None and ms > removed:
+                self._reused.append(mail)
+                del self._removed[key]
+                mail = None
         if mail is None:
             mail = self._mails[key] = Mail(ms, queue_id, order=self.summary.lines)
         elif ms < mail.arrival_ms:
@@ -259,7 +272,13 @@ class MailLog:
                                            refused_code=line.code,
                                            order=self.summary.lines))
             return
-        mail = self._mail(line.host, line.queue_id, ms)
+        if line.kind == "removed":
+            key = (line.host, line.queue_id)
+            if key in self._mails:
+                self._removed[key] = ms
+            return
+        mail = self._mail(line.host, line.queue_id, ms,
+                          starts=line.kind in ("client", "queued"))
         if line.kind == "client":
             mail.client_name, mail.client_address = line.client_name, line.client_address
             mail.sasl_username = line.sasl_username
@@ -282,9 +301,10 @@ class MailLog:
         if self._decisions.lines:
             mails = self._logged_mails()
             self.summary.mail_log_messages_ignored = (
-                sum(bool(m.recipients) for m in self._mails.values()) + len(self._attempts))
+                sum(bool(m.recipients) for m in (*self._reused, *self._mails.values()))
+                + len(self._attempts))
         else:
-            mails = [m for m in self._mails.values() if m.recipients]
+            mails = [m for m in (*self._reused, *self._mails.values()) if m.recipients]
             self.summary.no_intake = sum(not m.intake for m in mails)
             self.summary.no_sender = sum(not m.queued for m in mails)
             mails.extend(self._attempts)

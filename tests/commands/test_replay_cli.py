@@ -179,3 +179,25 @@ def test_the_collector_runs_full_collections_rarely_while_replaying_then_as_befo
     assert during[:2] == before[:2]  # the young generations as usual
     assert during[2] >= 100 * 10  # full collections a hundred times rarer than by default
     assert gc.get_threshold() == before
+
+
+def test_rotated_files_named_newest_first_are_read_in_time_order(tmp_path: Path) -> None:
+    """``mail.log mail.log.1.gz`` (as a shell lists them): a queue id Postfix gave again
+    after the rotation is still two messages, read in time order."""
+    log = PostfixLog()
+    qid = log.message(0, "alice@a.example", ["x@b.example"])
+    older_lines = list(log.lines)
+    log.lines.clear()
+    log.message(3600, "bob@a.example", ["y@c.example"], queue_id=qid)
+    newer = tmp_path / "mail.log"
+    newer.write_text(log.text(), "utf-8")
+    older = tmp_path / "mail.log.1.gz"
+    with gzip.open(older, "wt", encoding="utf-8") as out:
+        out.write("\n".join(older_lines) + "\n")
+    policy = write_policy(tmp_path, "p.yaml", "3/1h", 3)
+    done = mq("replay", "-c", policy, "--json", "--quiet", dated(newer), dated(older))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["mails"] == 2
+    assert report["busiest_keys"] == []
+    assert report["lanes"]["normal"]["recipients"]["accepted"] == 2

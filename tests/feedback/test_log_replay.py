@@ -289,3 +289,38 @@ destinations:
                             recipients=tuple(rcpts), recipient_count=len(rcpts))
         assert decider(end, clock[0]) == service.decide_now(end)
     assert decider.decisions == sum(service.stats.decisions.values())
+
+
+def test_a_queue_id_given_again_after_its_message_was_removed_is_a_new_message() -> None:
+    """Postfix gives a removed queue file's id to a later message (short queue ids): the
+    two are two mails, each with its own sender, client and recipients."""
+    log = PostfixLog()
+    qid = log.message(0, "alice@a.example", ["x@b.example"], client="one.example[192.0.2.1]")
+    log.message(600, "bob@a.example", ["y@c.example", "z@c.example"],
+                client="two.example[192.0.2.2]", queue_id=qid)
+    mail_log = MailLog(REFERENCE)
+    for line in log.lines:
+        mail_log.feed(line)
+    mails = mail_log.mails(RetrySchedule())
+    assert [(m.queue_id, m.sender, m.client_address, sorted(m.recipients), m.nrcpt)
+            for m in mails] == [
+        (qid, "alice@a.example", "192.0.2.1", ["x@b.example"], 1),
+        (qid, "bob@a.example", "192.0.2.2", ["y@c.example", "z@c.example"], 2)]
+    report = run(policy(PER_SENDER_3), log)
+    assert report.mails == 2
+    assert report.lanes["normal"].recipients["accepted"] == 3
+
+
+def test_a_deferred_message_is_one_mail_however_often_qmgr_takes_it() -> None:
+    """qmgr logs from= each time a deferred message enters the active queue: still one
+    mail (only a removal ends a queue id's message)."""
+    log = PostfixLog()
+    qid = log.message(0, "alice@a.example", ["x@b.example"], status="deferred")
+    again = [line.replace(stamp(0), stamp(300)) for line in log.lines
+             if " postfix/qmgr[" in line or " postfix/smtp[" in line]
+    log.lines += [*again, f"{stamp(300)} mta postfix/qmgr[328]: {qid}: removed"]
+    mail_log = MailLog(REFERENCE)
+    for line in log.lines:
+        mail_log.feed(line)
+    [mail] = mail_log.mails(RetrySchedule())
+    assert (mail.sender, mail.recipients) == ("alice@a.example", {"x@b.example": "deferred"})

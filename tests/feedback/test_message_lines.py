@@ -35,7 +35,7 @@ def test_smtpd_client_line_with_sasl_login() -> None:
 def test_captured_intake_lines() -> None:
     reads = [read_log_line(line, reference=REFERENCE) for line in CAPTURED_OTHER]
     kinds = [r.kind if isinstance(r, MessageLine) else r for r in reads]
-    assert kinds == [OTHER, OTHER, OTHER, "client", OTHER, "queued", OTHER, OTHER, OTHER,
+    assert kinds == [OTHER, OTHER, OTHER, "client", OTHER, "queued", "removed", OTHER, OTHER,
                      OTHER]
     queued = reads[5]
     assert isinstance(queued, MessageLine)

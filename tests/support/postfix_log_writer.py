@@ -20,7 +20,7 @@ def stamp(at_s: int) -> str:
 
 @dataclass
 class PostfixLog:
-    """Lines appended message by message; queue ids made up, unique."""
+    """Lines appended message by message; queue ids made up, unique unless given."""
 
     host: str = "mta"
     lines: list[str] = field(default_factory=list)
@@ -28,10 +28,12 @@ class PostfixLog:
 
     def message(self, at_s: int, sender: str, recipients: list[str], *,
                 client: str = "mail.example[192.0.2.1]", sasl_username: str = "",
-                size: int = 1200, status: str = "sent", transport: str = "smtp") -> str:
-        """A message received at ``at_s`` and delivered to each recipient; its queue id."""
+                size: int = 1200, status: str = "sent", transport: str = "smtp",
+                queue_id: str = "") -> str:
+        """A message received at ``at_s`` and delivered to each recipient; its queue id
+        (``queue_id``: one used before, as Postfix reuses short queue ids)."""
         self._next += 1
-        qid = f"{self._next:X}B1C2"
+        qid = queue_id or f"{self._next:X}B1C2"
         ts, h = stamp(at_s), self.host
         intake = f"{ts} {h} postfix/smtpd[331]: {qid}: client={client}"
         if sasl_username:
