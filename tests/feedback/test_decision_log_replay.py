@@ -27,6 +27,7 @@ from mqpolicy.feedback.log_replay import MailLog, ReplayReport, RetrySchedule, r
 from mqpolicy.policy.loader import ConfigError, parse_policy
 from tests.support.decision_log_writer import POLICY, REFERENCE, START_MS, live_run
 from tests.support.lanes import LANES
+from tests.support.mangled_lines import mangled
 from tests.support.postfix_log_writer import PostfixLog
 
 
@@ -212,28 +213,8 @@ def _real() -> list[str]:
 REAL = _real()
 
 
-@st.composite
-def mangled(draw: st.DrawFn) -> str:
-    line = draw(st.sampled_from(REAL))
-    how = draw(st.sampled_from(["keep", "cut", "insert", "delete", "replace", "garbage"]))
-    if how == "garbage":
-        return draw(st.text(max_size=300)) + draw(st.sampled_from(
-            [" msg=decision", '"msg": "decision"', ""]))
-    if how == "keep":
-        return line
-    at = draw(st.integers(0, len(line)))
-    if how == "cut":
-        return line[:at]
-    if how == "delete":
-        return line[:at] + line[at + draw(st.integers(1, 20)):]
-    chunk = draw(st.text(min_size=1, max_size=12))
-    if how == "insert":
-        return line[:at] + chunk + line[at:]
-    return line[:at] + chunk + line[at + len(chunk):]
-
-
 @settings(max_examples=300, deadline=None)
-@given(st.lists(mangled(), max_size=40))
+@given(st.lists(mangled(REAL, [" msg=decision", '"msg": "decision"', ""]), max_size=40))
 def test_mangled_decision_lines_never_crash_and_are_counted(lines: list[str]) -> None:
     mail_log = MailLog(REFERENCE)
     readable = 0

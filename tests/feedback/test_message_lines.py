@@ -18,6 +18,7 @@ from mqpolicy.feedback.log_replay import MailLog, RetrySchedule, replay
 from mqpolicy.policy.loader import parse_policy
 from tests.support.captured_maillog import CAPTURED, CAPTURED_OTHER
 from tests.support.lanes import LANES
+from tests.support.mangled_lines import mangled
 from tests.support.postfix_log_writer import REFERENCE, PostfixLog
 
 
@@ -75,27 +76,8 @@ def _real_lines() -> list[str]:
 REAL = _real_lines()
 
 
-@st.composite
-def mangled(draw: st.DrawFn) -> str:
-    line = draw(st.sampled_from(REAL))
-    how = draw(st.sampled_from(["keep", "cut", "insert", "delete", "replace", "garbage"]))
-    if how == "garbage":
-        return draw(st.text(max_size=300))
-    if how == "keep":
-        return line
-    at = draw(st.integers(0, len(line)))
-    if how == "cut":
-        return line[:at]
-    if how == "delete":
-        return line[:at] + line[at + draw(st.integers(1, 20)):]
-    chunk = draw(st.text(min_size=1, max_size=12))
-    if how == "insert":
-        return line[:at] + chunk + line[at:]
-    return line[:at] + chunk + line[at + len(chunk):]
-
-
 @settings(max_examples=300, deadline=None)
-@given(st.lists(mangled(), max_size=60))
+@given(st.lists(mangled(REAL), max_size=60))
 def test_mangled_and_interleaved_lines_never_crash_and_are_counted(lines: list[str]) -> None:
     mail_log = MailLog(REFERENCE)
     facts = 0
