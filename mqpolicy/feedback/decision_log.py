@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from mqpolicy.feedback.delivery_log import syslog_datetime
-from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT
+from mqpolicy.policy.request import STAGE_END_OF_MESSAGE, STAGE_RCPT, Request
 
 _KV_MARK = " msg=decision"
 _JSON_MARK = '"msg": "decision"'
@@ -49,26 +49,14 @@ class NotADecision(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class DecisionLine:
-    """One logged decision."""
+    """One logged decision: the request as the line gives it back (what a policy can read
+    of it; ``headers`` None where the front-end had none, the policy server), and what the
+    live policy decided."""
 
     ms: int  # its time, ms since the epoch
-    stage: str
     action: str  # accept, defer, hold, reject (the milter's: the action it took)
     lane: str
-    instance: str = ""
-    queue_id: str = ""
-    sender: str = ""
-    recipient: str = ""
-    recipient_count: int = 0
-    size: int = 0
-    client_address: str = ""
-    client_name: str = ""
-    reverse_client_name: str = ""
-    sasl_username: str = ""
-    helo_name: str = ""
-    protocol_name: str = ""
-    # the headers the line kept; None: the front-end had none (the policy server)
-    headers: tuple[tuple[str, str], ...] | None = None
+    request: Request
     demoted_from: str = ""
 
 
@@ -116,18 +104,17 @@ def read_decision_line(line: str, reference: datetime | None = None) -> Decision
     if action not in ("accept", "defer", "hold", "reject"):
         raise NotADecision(f"action {action!r}")
     sender = str(fields.get("sender", ""))
-    return DecisionLine(
-        ms=ms, stage=stage, action=action, lane=str(fields.get("lane", "")),
-        instance=str(fields.get("instance", "")), queue_id=str(fields.get("qid", "")),
-        sender="" if sender == "<>" else sender, recipient=str(fields.get("rcpt", "")),
-        recipient_count=_count(fields, "nrcpt"), size=_count(fields, "size"),
-        client_address=str(fields.get("client", "")),
+    request = Request(
+        stage=stage, client_address=str(fields.get("client", "")),
         client_name=str(fields.get("client_name", "")),
         reverse_client_name=str(fields.get("reverse_client_name", "")),
-        sasl_username=str(fields.get("user", "")), helo_name=str(fields.get("helo", "")),
-        protocol_name=str(fields.get("proto", "")), headers=_headers(fields.get("headers")),
-        demoted_from=str(fields.get("demoted_from", "")),
-    )
+        helo_name=str(fields.get("helo", "")), sasl_username=str(fields.get("user", "")),
+        sender="" if sender == "<>" else sender, recipient=str(fields.get("rcpt", "")),
+        recipient_count=_count(fields, "nrcpt"), size=_count(fields, "size"),
+        queue_id=str(fields.get("qid", "")), instance=str(fields.get("instance", "")),
+        protocol_name=str(fields.get("proto", "")), headers=_headers(fields.get("headers")))
+    return DecisionLine(ms, action, str(fields.get("lane", "")), request,
+                        str(fields.get("demoted_from", "")))
 
 
 def _time_ms(ts: Any, prefix: str, reference: datetime | None) -> int:
@@ -200,9 +187,9 @@ class LoggedMessage:
         statuses: dict[str, str] = {}
         for d in self.rcpts:
             if d.action in REFUSED_CODES:
-                statuses[d.recipient] = f"refused {d.action}"
+                statuses[d.request.recipient] = f"refused {d.action}"
             else:
-                statuses[d.recipient] = "held" if d.action == "hold" else at_end
+                statuses[d.request.recipient] = "held" if d.action == "hold" else at_end
         return statuses
 
 
@@ -217,17 +204,18 @@ class DecisionMessages:
 
     def add(self, decision: DecisionLine, order: int) -> None:
         self.lines += 1
-        if decision.stage == STAGE_END_OF_MESSAGE:
+        request = decision.request
+        if request.stage == STAGE_END_OF_MESSAGE:
             self._ends.append((order, decision))  # joined at the end
             return
-        key = decision.instance or f"#{order}"
+        key = request.instance or f"#{order}"
         message = self._by_instance.get(key)
         if message is None:
             message = self._by_instance[key] = LoggedMessage(decision.ms, order)
         elif decision.ms < message.first_ms:
             message.first_ms, message.order = decision.ms, order
-        if decision.queue_id:
-            message.queue_id = decision.queue_id
+        if request.queue_id:
+            message.queue_id = request.queue_id
         message.rcpts.append(decision)
 
     def messages(self) -> list[LoggedMessage]:
@@ -237,9 +225,9 @@ class DecisionMessages:
         of its own, without recipients."""
         by_instance = self._by_instance
         for _, end in self._ends:  # an end names the queue id its RCPTs may not have
-            message = by_instance.get(end.instance)
-            if message is not None and end.queue_id and not message.queue_id:
-                message.queue_id = end.queue_id
+            message = by_instance.get(end.request.instance)
+            if message is not None and end.request.queue_id and not message.queue_id:
+                message.queue_id = end.request.queue_id
         # Postfix reuses a queue id once its message is gone: the transaction it names is
         # the last one to have begun before the end
         by_queue_id: dict[str, list[LoggedMessage]] = {}
@@ -249,14 +237,14 @@ class DecisionMessages:
         found = list(by_instance.values())
         alone: dict[str, LoggedMessage] = {}
         for order, end in sorted(self._ends, key=lambda e: e[0]):
-            message = by_instance.get(end.instance) or _began_last(
-                by_queue_id.get(end.queue_id, ()), end.ms)
+            queue_id, instance = end.request.queue_id, end.request.instance
+            message = by_instance.get(instance) or _began_last(
+                by_queue_id.get(queue_id, ()), end.ms)
             if message is None:
-                key = end.queue_id or end.instance or f"#{order}"
+                key = queue_id or instance or f"#{order}"
                 message = alone.get(key)
                 if message is None:
-                    message = alone[key] = LoggedMessage(end.ms, order,
-                                                         queue_id=end.queue_id)
+                    message = alone[key] = LoggedMessage(end.ms, order, queue_id=queue_id)
                     found.append(message)
             if _better_end(end, message.end):
                 message.end = end
@@ -277,8 +265,8 @@ def _better_end(new: DecisionLine, old: DecisionLine | None) -> bool:
     headers (the milter's), else the later."""
     if old is None:
         return True
-    if (new.headers is None) != (old.headers is None):
-        return new.headers is not None
+    if (new.request.headers is None) != (old.request.headers is None):
+        return new.request.headers is not None
     return new.ms >= old.ms
 
 

@@ -336,22 +336,22 @@ class MailLog:
             if not message.rcpts:
                 self.summary.no_rcpt_decisions += 1
                 continue
-            first = message.rcpts[0]
+            first = message.rcpts[0].request
             end = message.end
-            recipients = message.recipients
+            last = end.request if end else None
             refused = [d.action for d in message.rcpts if d.action in REFUSED_CODES]
             code = (REFUSED_CODES["defer" if "defer" in refused else "reject"]
                     if len(refused) == len(message.rcpts) else 0)
             mails.append(Mail(
                 message.first_ms, message.queue_id, first.client_name, first.client_address,
                 first.sasl_username, first.sender,
-                size=end.size if end and end.size else first.size,
-                nrcpt=end.recipient_count if end else 0, recipients=recipients,
+                size=last.size if last and last.size else first.size,
+                nrcpt=last.recipient_count if last else 0, recipients=message.recipients,
                 refused_code=code, held=end is not None and end.action == "hold",
                 order=message.order, intake=True, queued=end is not None,
                 helo_name=first.helo_name, protocol_name=first.protocol_name,
                 reverse_client_name=first.reverse_client_name,
-                headers=end.headers if end else None,
+                headers=last.headers if last else None,
                 logged_lane=end.lane if end else ""))
         return mails
 

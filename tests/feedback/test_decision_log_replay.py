@@ -54,13 +54,14 @@ def test_every_decision_is_logged_with_the_facts_and_only_the_headers_the_policy
     assert len(decisions) == 18
     assert all(line.startswith("ts=2026-12-06T09:") for line in decisions)
     first = read_decision_line(decisions[0])
-    assert (first.stage, first.action, first.sender, first.recipient, first.size,
-            first.helo_name, first.client_name, first.client_address) == (
+    request = first.request
+    assert (request.stage, first.action, request.sender, request.recipient, request.size,
+            request.helo_name, request.client_name, request.client_address) == (
         "RCPT", "accept", "alice@a.example", "r0@b.example", 2000, "app.example",
         "app.example", "192.0.2.7")
-    assert first.headers is None  # a RCPT decision has no headers
+    assert request.headers is None  # a RCPT decision has no headers
     ends = [read_decision_line(x) for x in decisions if "stage=END-OF-MESSAGE" in x]
-    kept = {name for end in ends for name, _ in end.headers or ()}
+    kept = {name for end in ends for name, _ in end.request.headers or ()}
     assert kept == {"List-Id", "X-Campaign"}  # read by the conditions; Subject is not
     assert "lunch?" not in "\n".join(lines)
 
@@ -179,7 +180,7 @@ def test_the_lines_of_one_transaction_are_one_mail_in_any_order(lines: list[str]
     assert message.queue_id == "4F1A2B"
     assert message.end is not None
     # the milter's end counts: it saw the headers and chose the lane
-    assert (message.end.instance, message.end.lane, message.end.action) == (
+    assert (message.end.request.instance, message.end.lane, message.end.action) == (
         "milter.7", "bulk", "hold")
     assert message.recipients == {"x@b.example": "held", "y@b.example": "held",
                                   "z@b.example": "refused defer"}
@@ -268,7 +269,8 @@ def test_a_queue_id_postfix_used_again_names_two_messages() -> None:
     for order, line in enumerate(reversed(lines)):
         messages.add(read_decision_line(line), order)
     found = sorted(messages.messages(), key=lambda m: m.first_ms)
-    assert [(m.rcpts[0].recipient, m.end.instance if m.end else "") for m in found] == [
+    assert [(m.rcpts[0].request.recipient, m.end.request.instance if m.end else "")
+            for m in found] == [
         ("x@b.example", "milter.1"), ("y@b.example", "milter.2")]
     once_a_day = LANES + """\
 classify:
