@@ -84,6 +84,22 @@ class PolicyServerProcess:
 
         poll(finished, timeout_s, "mqpolicy to reload its policy")
 
+    def wait_logged(self, *needles: str, timeout_s: float = 60.0) -> str:
+        """The first line of the log holding every needle, once there is one; raises
+        TimeoutError when none comes in ``timeout_s``."""
+        found: list[str] = []
+
+        def logged() -> bool:
+            try:
+                text = self.log_file.read_text("utf-8", "replace")
+            except FileNotFoundError:
+                return False
+            found[:] = [line for line in text.splitlines() if all(n in line for n in needles)]
+            return bool(found)
+
+        poll(logged, timeout_s, f"a log line with {needles!r}")
+        return found[0]
+
     def log_tail(self, lines: int = 20) -> str:
         return log_tail(self.log_file, lines)
 

@@ -3,7 +3,6 @@ answers 421 gets a smaller budget at SMTP time, others keep theirs, and it recov
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -12,20 +11,6 @@ from mqpolicy.lab.mail_stack import MailStack
 from tests.support.postfix_fixture import policy, unique_address
 
 pytestmark = pytest.mark.e2e
-
-TIMEOUT_S = 60.0  # generous: a loaded machine; each wait ends when it is met
-
-
-def wait_logged(stack: MailStack, *needles: str) -> str:
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        for line in stack.server.log_file.read_text("utf-8", "replace").splitlines():
-            if all(n in line for n in needles):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needles} not logged")
-        time.sleep(0.05)
-
 
 def accepted(stack: MailStack, recipients: list[str]) -> list[bool]:
     sent = stack.send(unique_address("fb"), recipients, "feedback")
@@ -47,12 +32,12 @@ feedback:
   backoff: {{decrease: 0.5, cooldown: 0s, recover_after: 1, recover_interval: 0s,
             recover_step: 0.5}}
 """))
-    wait_logged(mail_stack, "following the delivery log", str(maillog))
+    mail_stack.server.wait_logged("following the delivery log", str(maillog))
     mail_stack.sink.set_reply(busy, "421 4.7.0 Try again later")
 
     # one recipient of six: Postfix tries, the receiver answers 421, the log says so
     assert accepted(mail_stack, [f"first@{busy}"]) == [True]
-    line = wait_logged(mail_stack, "destination backed off", "destination=busy")
+    line = mail_stack.server.wait_logged("destination backed off", "destination=busy")
     assert "new_factor=0.5" in line
     assert "421 4.7.0 Try again later" in line  # the evidence
 
@@ -66,7 +51,7 @@ feedback:
     # (recover_step 0.5), the budget comes back whole
     mail_stack.sink.set_reply(busy, None)
     mail_stack.postfix.flush()
-    line = wait_logged(mail_stack, "destination recovering", "destination=busy",
+    line = mail_stack.server.wait_logged("destination recovering", "destination=busy",
                        "new_factor=1.0")
     assert "status=sent" in line
     assert accepted(mail_stack, [f"again@{busy}"]) == [True]

@@ -3,7 +3,6 @@ destination; the next mail to it is accepted and held, other destinations flow."
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -14,17 +13,6 @@ from tests.support.postfix_fixture import held, policy, unique_address
 pytestmark = pytest.mark.e2e
 
 TIMEOUT_S = 60.0  # generous: a loaded machine; each wait ends when it is met
-
-
-def wait_logged(stack: MailStack, *needles: str) -> str:
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        for line in stack.server.log_file.read_text("utf-8", "replace").splitlines():
-            if all(n in line for n in needles):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needles} not logged")
-        time.sleep(0.05)
 
 
 def test_a_sink_answering_4_7_28_pauses_its_destination_by_rule(stack: MailStack) -> None:
@@ -45,12 +33,13 @@ feedback:
   rules:
     - {{match: "4\\\\.7\\\\.28", action: pause, for: 1h}}
 """))
-    wait_logged(stack, "following the delivery log", str(maillog))
+    stack.server.wait_logged("following the delivery log", str(maillog))
     stack.sink.set_reply(hit, "421 4.7.28 Our system has detected an unusual rate")
     try:
         first = stack.send(unique_address("rule"), [f"first@{hit}"], "first")
         assert first.queued, first.replies()
-        line = wait_logged(stack, "destination paused by rule", f"destination=rulehit{tag}")
+        line = stack.server.wait_logged("destination paused by rule",
+                                        f"destination=rulehit{tag}")
         assert "421 4.7.28 Our system has detected an unusual rate" in line  # the evidence
         assert f"to=<first@{hit}>" in line
         # the pause is in force: accepted, never refused, and held
